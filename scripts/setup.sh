@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one setup command: system packages, the jail user, the guest kernel, the workspace and the guest
+# initramfs. Idempotent; a second run takes seconds (packages present, kernel cached by hash, cargo
+# incremental).
+#
+#   scripts/setup.sh
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+step_start=0
+step() { step_start=$(date +%s); echo "==> $*"; }
+done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
+
+# Debian packages (bookworm). qemu-system-x86: the VMM; linux-source-6.1 + build tools: the guest
+# kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
+packages=(
+  qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod
+  busybox-static e2fsprogs erofs-utils iproute2 procps
+)
+step "system packages"
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "    installed: ${missing[*]}"
+else
+  echo "    all present"
+fi
+done_step
+
+step "jail user aloft-vm (QEMU drops to it)"
+if ! id aloft-vm >/dev/null 2>&1; then
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin aloft-vm
+  getent group kvm >/dev/null && $sudo_cmd usermod -aG kvm aloft-vm
+  echo "    created"
+else
+  echo "    present"
+fi
+done_step
+
+step "guest kernel"
+scripts/build-kernel.sh "$root/target/guest/vmlinux"
+done_step
+
+step "workspace build"
+cargo build --workspace --all-targets --all-features --quiet
+done_step
+
+step "guest initramfs (static aloft-init)"
+cargo xtask guest
+done_step
