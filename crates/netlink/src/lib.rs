@@ -1,0 +1,286 @@
+//! `aloft-netlink`: a small synchronous rtnetlink client over a raw `AF_NETLINK`/`NETLINK_ROUTE`
+//! socket — look up a link, set it up/down, set its MTU, add addresses and default routes, delete a
+//! link.
+//!
+//! Used in the guest by `aloft-init` (a static, single-threaded PID 1) and on the host by the
+//! networking code. Blocking calls on the caller's thread; no async runtime, no netlink crates, no
+//! other aloft crate: it depends on `libc` and `thiserror` only.
+//!
+//! Every request asks for an ACK and checks the kernel's answer, so each method either did what it
+//! says or returns a [`NetlinkError`] naming the operation, the interface and the address.
+//!
+//! Message encoding lives in [`msg`] as pure functions (unit tested without a socket); the only
+//! unsafe code is the socket plumbing in `sock`.
+
+#![warn(missing_docs)]
+
+pub mod msg;
+mod sock;
+
+use std::io;
+use std::net::IpAddr;
+
+use msg::Reply;
+
+/// A failed netlink operation. Messages name what was attempted (`add address 10.0.0.2/30 to eth0`);
+/// the source is the kernel's errno.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The netlink socket could not be opened or bound.
+    #[error("open rtnetlink socket")]
+    Open {
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The interface name is empty, too long or contains a NUL.
+    #[error("invalid interface name {name:?}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// No such interface, or the lookup failed.
+    #[error("look up interface {name}")]
+    Lookup {
+        /// Interface name.
+        name: String,
+        /// The OS error (`ENODEV` when it does not exist).
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the link up or down failed.
+    #[error("set {name} {}", if *up { "up" } else { "down" })]
+    SetState {
+        /// Interface name.
+        name: String,
+        /// The state asked for.
+        up: bool,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the MTU failed.
+    #[error("set mtu {mtu} on {name}")]
+    SetMtu {
+        /// Interface name.
+        name: String,
+        /// The MTU asked for.
+        mtu: u32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Adding an address failed.
+    #[error("add address {addr}/{prefix_len} to {name}")]
+    AddAddress {
+        /// Interface name.
+        name: String,
+        /// The address.
+        addr: IpAddr,
+        /// Its prefix length.
+        prefix_len: u8,
+        /// The OS error (`EEXIST` when it is already there).
+        #[source]
+        source: io::Error,
+    },
+    /// Adding a default route failed.
+    #[error("add default route via {gateway} on {name}")]
+    AddRoute {
+        /// Interface name.
+        name: String,
+        /// The gateway.
+        gateway: IpAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Deleting a link failed.
+    #[error("delete link {name}")]
+    DeleteLink {
+        /// Interface name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open rtnetlink socket. Requests are sent one at a time and each waits for its ACK.
+#[derive(Debug)]
+pub struct Netlink {
+    sock: sock::Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    /// Opens and binds a `NETLINK_ROUTE` socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let sock = sock::Socket::open().map_err(|source| NetlinkError::Open { source })?;
+        Ok(Self { sock, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends `req` (built with sequence number `seq`) and reads replies until the kernel's
+    /// `NLMSG_ERROR` for it. Returns the link index if a `RTM_NEWLINK` came back first.
+    fn transact(&mut self, seq: u32, req: &[u8]) -> io::Result<Option<i32>> {
+        self.sock.send(req)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut link = None;
+        loop {
+            let n = self.sock.recv(&mut buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "netlink socket closed",
+                ));
+            }
+            for reply in msg::parse_replies(&buf[..n]) {
+                match reply {
+                    Reply::Link { seq: s, index } if s == seq => link = Some(index),
+                    Reply::Ack { seq: s, errno } if s == seq => {
+                        return if errno == 0 {
+                            Ok(link)
+                        } else {
+                            Err(io::Error::from_raw_os_error(errno))
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn check_name(name: &str) -> Result<(), NetlinkError> {
+        if name.is_empty() || name.len() > msg::MAX_IFNAME_LEN || name.contains('\0') {
+            return Err(NetlinkError::InvalidName {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The interface index of `name`.
+    pub fn link_index(&mut self, name: &str) -> Result<i32, NetlinkError> {
+        Self::check_name(name)?;
+        let seq = self.next_seq();
+        let lookup = |source| NetlinkError::Lookup {
+            name: name.to_owned(),
+            source,
+        };
+        match self.transact(seq, &msg::get_link(seq, name)) {
+            Ok(Some(index)) => Ok(index),
+            Ok(None) => Err(lookup(io::Error::from_raw_os_error(libc::ENODEV))),
+            Err(e) => Err(lookup(e)),
+        }
+    }
+
+    /// Sets `name` up (`true`) or down.
+    pub fn set_link_up(&mut self, name: &str, up: bool) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::set_link_up(seq, index, up))
+            .map(drop)
+            .map_err(|source| NetlinkError::SetState {
+                name: name.to_owned(),
+                up,
+                source,
+            })
+    }
+
+    /// Sets the MTU of `name`.
+    pub fn set_mtu(&mut self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::set_link_mtu(seq, index, mtu))
+            .map(drop)
+            .map_err(|source| NetlinkError::SetMtu {
+                name: name.to_owned(),
+                mtu,
+                source,
+            })
+    }
+
+    /// Adds `addr/prefix_len` to `name`. IPv6 addresses skip duplicate address detection
+    /// (`IFA_F_NODAD`) so they are usable at once.
+    pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix_len: u8) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        let flags = if addr.is_ipv6() { msg::IFA_F_NODAD } else { 0 };
+        self.transact(seq, &msg::add_addr(seq, index, addr, prefix_len, flags))
+            .map(drop)
+            .map_err(|source| NetlinkError::AddAddress {
+                name: name.to_owned(),
+                addr,
+                prefix_len,
+                source,
+            })
+    }
+
+    /// Adds a default route (IPv4 or IPv6, after the gateway's family) via `gateway` out of `name`.
+    pub fn add_default_route(&mut self, name: &str, gateway: IpAddr) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::add_default_route(seq, index, gateway))
+            .map(drop)
+            .map_err(|source| NetlinkError::AddRoute {
+                name: name.to_owned(),
+                gateway,
+                source,
+            })
+    }
+
+    /// Deletes the link `name` (a tap, veth, bridge…).
+    pub fn delete_link(&mut self, name: &str) -> Result<(), NetlinkError> {
+        Self::check_name(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::del_link(seq, name))
+            .map(drop)
+            .map_err(|source| NetlinkError::DeleteLink {
+                name: name.to_owned(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_name_operation_interface_and_address() {
+        let e = NetlinkError::AddAddress {
+            name: "eth0".into(),
+            addr: "10.0.0.2".parse().unwrap(),
+            prefix_len: 30,
+            source: io::Error::from_raw_os_error(libc::EEXIST),
+        };
+        assert_eq!(e.to_string(), "add address 10.0.0.2/30 to eth0");
+        let e = NetlinkError::SetState {
+            name: "lo".into(),
+            up: true,
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        assert_eq!(e.to_string(), "set lo up");
+        let e = NetlinkError::AddRoute {
+            name: "eth0".into(),
+            gateway: "fdaa::1".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::ENETUNREACH),
+        };
+        assert_eq!(e.to_string(), "add default route via fdaa::1 on eth0");
+    }
+
+    #[test]
+    fn bad_names_are_rejected_before_any_syscall() {
+        for bad in ["", "a-name-that-is-too-long", "et\0h"] {
+            assert!(matches!(
+                Netlink::check_name(bad),
+                Err(NetlinkError::InvalidName { .. })
+            ));
+        }
+        assert!(Netlink::check_name("eth0").is_ok());
+    }
+}
