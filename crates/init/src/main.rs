@@ -1,1 +1,98 @@
-fn main() {}
+//! `aloft-init`: PID 1 of every aloft guest.
+//!
+//! Boots the guest from the initramfs: mounts `/proc`, `/sys`, `/dev`, reads the run config
+//! (`/aloft/run.json`), assembles the overlay root (read-only image + writable layer) and switches
+//! into it, sets hostname, `/etc/hosts`, DNS, network and files, then starts the workload as the
+//! image's user, forwards its output and serves exec/ps/signal/stop requests over the virtio-serial
+//! channel, reaps every process, reports the exit and powers off.
+//!
+//! Static binary, one thread, no async runtime: poll(2) over a signalfd, the channel and pipes.
+//! Depends only on `aloft-guest-proto` (the contract with the host), `aloft-netlink`, `libc` and
+//! `serde_json` — never on host-side crates, tokio or NSS (users come from `/etc/passwd` directly).
+//! Never panics on bad input: every failure is a message reported to the host and the console.
+
+mod boot;
+mod channel;
+mod console;
+mod procs;
+mod spawn;
+mod spec;
+mod supervisor;
+mod sys;
+mod users;
+
+use aloft_guest_proto::{CONSOLE_HELLO, PROBE_CMDLINE_FLAG, RUN_CONFIG_PATH, RunConfig};
+
+use crate::channel::Channel;
+use crate::supervisor::{Supervisor, Workload};
+
+fn main() {
+    console::line(CONSOLE_HELLO);
+    let _ = boot::mount_proc();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == PROBE_CMDLINE_FLAG) {
+        loop {
+            let _ = sys::power_off();
+        }
+    }
+    boot::mount_sys_dev();
+    // Block the signals before any child exists so none is lost; the signalfd reports them.
+    let sigfd = match sys::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR]) {
+        Ok(fd) => fd,
+        Err(e) => {
+            console::line(&format!(
+                "{}signalfd: {e}",
+                aloft_guest_proto::CONSOLE_ERROR_MARKER
+            ));
+            loop {
+                let _ = sys::power_off();
+            }
+        }
+    };
+    let ch = Channel::open();
+    let cfg = match read_config() {
+        Ok(cfg) => cfg,
+        Err(message) => Supervisor::new(ch, sigfd).fail(&message),
+    };
+    let prepared = prepare(&cfg);
+    let sup = Supervisor::new(ch, sigfd);
+    match prepared {
+        Ok(workload) => sup.run(workload),
+        Err(message) => sup.fail(&message),
+    }
+}
+
+fn read_config() -> Result<RunConfig, String> {
+    let text =
+        std::fs::read(RUN_CONFIG_PATH).map_err(|e| format!("read run config {RUN_CONFIG_PATH}: {e}"))?;
+    serde_json::from_slice(&text).map_err(|e| format!("parse run config {RUN_CONFIG_PATH}: {e}"))
+}
+
+/// Every boot step up to a validated workload launch.
+fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
+    boot::switch_root(&cfg.root)?;
+    boot::mount_runtime_fs();
+    boot::identity(cfg)?;
+    boot::network(cfg.network.as_ref())?;
+    boot::write_files(&cfg.files)?;
+    let user_spec = cfg
+        .user
+        .clone()
+        .or_else(|| cfg.image.user.clone())
+        .unwrap_or_default();
+    let user = spawn::lookup_user(&user_spec)?;
+    let env = spec::build_env(cfg, user.home.as_deref());
+    let argv = spec::workload_argv(cfg)?;
+    let workdir = cfg
+        .working_dir
+        .clone()
+        .or_else(|| cfg.image.working_dir.clone())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "/".to_owned());
+    let launch = spawn::prepare(argv, env, &user, &workdir)?;
+    Ok(Workload {
+        launch,
+        user_spec,
+        stop_signal: spec::stop_signal(cfg),
+    })
+}

@@ -1,0 +1,583 @@
+//! The main loop once the workload runs: one thread, poll(2) over the signalfd, the channel and
+//! every child's pipes. Reaps all children, serves the host's requests, streams output, and
+//! powers the machine off when the workload ends.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use aloft_guest_proto::{
+    CONSOLE_ERROR_MARKER, CONSOLE_EXIT_MARKER, DataStream, ExecExit, ExecRequest, Frame, GuestStatus,
+    WorkloadExit, WorkloadState,
+};
+
+use crate::channel::{CHUNK, Channel};
+use crate::spawn::{self, Launch, Spawned};
+use crate::sys::{self, Ended};
+use crate::{console, procs, spec};
+
+/// Stop timeout when init itself gets SIGTERM/SIGINT/SIGPWR.
+const SIGNAL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the channel's connection is re-checked while no host is connected.
+const RECONNECT_POLL_MS: i32 = 50;
+
+/// Milliseconds since boot (`/proc/uptime`).
+pub(crate) fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse::<f64>().ok()))
+        .map_or(0, |secs| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "uptime is small and positive"
+            )]
+            let ms = (secs * 1000.0) as u64;
+            ms
+        })
+}
+
+/// The kernel's OOM-kill counter (`oom_kill` in `/proc/vmstat`).
+pub(crate) fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// What to run as the workload, and the defaults exec sessions inherit.
+#[derive(Debug)]
+pub(crate) struct Workload {
+    pub(crate) launch: Launch,
+    pub(crate) user_spec: String,
+    pub(crate) stop_signal: i32,
+}
+
+/// Output pipes of a process; `None` once at EOF.
+#[derive(Debug, Default)]
+struct Pipes {
+    stdout: Option<File>,
+    stderr: Option<File>,
+}
+
+impl Pipes {
+    fn closed(&self) -> bool {
+        self.stdout.is_none() && self.stderr.is_none()
+    }
+
+    fn get(&mut self, stream: DataStream) -> &mut Option<File> {
+        match stream {
+            DataStream::Stdout => &mut self.stdout,
+            DataStream::Stderr => &mut self.stderr,
+        }
+    }
+
+    /// Reads one chunk from `stream`: `Some(data)`, or `None` when nothing is waiting. EOF closes it.
+    fn read_chunk(&mut self, stream: DataStream) -> Option<Vec<u8>> {
+        let slot = self.get(stream);
+        let file = slot.as_mut()?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => {
+                    *slot = None;
+                    return None;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Some(buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(_) => {
+                    *slot = None;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    pid: i32,
+    pipes: Pipes,
+    stdin: Option<File>,
+    stdin_buf: Vec<u8>,
+    close_stdin: bool,
+    exit: Option<ExecExit>,
+}
+
+impl Session {
+    /// Writes buffered stdin without blocking; closes it when asked and drained.
+    fn pump_stdin(&mut self) {
+        if let Some(f) = &mut self.stdin {
+            while !self.stdin_buf.is_empty() {
+                match f.write(&self.stdin_buf) {
+                    Ok(n) => {
+                        self.stdin_buf.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => {
+                        // EPIPE: the process closed its stdin.
+                        self.stdin = None;
+                        self.stdin_buf.clear();
+                        return;
+                    }
+                }
+            }
+        }
+        if self.close_stdin && self.stdin_buf.is_empty() {
+            self.stdin = None;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Signals,
+    Channel,
+    Workload(DataStream),
+    SessionOut(u32, DataStream),
+    SessionIn(u32),
+}
+
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    ch: Channel,
+    sigfd: OwnedFd,
+    state: WorkloadState,
+    workload: Option<Workload>,
+    pid: i32,
+    pipes: Pipes,
+    ended: Option<Ended>,
+    requested_stop: bool,
+    kill_at: Option<Instant>,
+    oom_at_start: u64,
+    sessions: BTreeMap<u32, Session>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(ch: Channel, sigfd: OwnedFd) -> Self {
+        Self {
+            ch,
+            sigfd,
+            state: WorkloadState::Starting,
+            workload: None,
+            pid: 0,
+            pipes: Pipes::default(),
+            ended: None,
+            requested_stop: false,
+            kill_at: None,
+            oom_at_start: 0,
+            sessions: BTreeMap::new(),
+        }
+    }
+
+    fn status(&self) -> Frame {
+        Frame::Status(GuestStatus {
+            workload: self.state.clone(),
+            uptime_ms: uptime_ms(),
+            dropped_log_bytes: self.ch.dropped_log_bytes,
+        })
+    }
+
+    fn set_state(&mut self, state: WorkloadState) {
+        self.state = state;
+        let status = self.status();
+        self.ch.send(&status);
+        self.ch.flush();
+    }
+
+    /// The workload could not be started: tell the host (waiting briefly for one), print the
+    /// error marker, power off.
+    pub(crate) fn fail(mut self, message: &str) -> ! {
+        self.set_state(WorkloadState::Failed {
+            message: message.to_owned(),
+        });
+        self.drain_channel(true);
+        console::line(&format!("{CONSOLE_ERROR_MARKER}{message}"));
+        self.power_off()
+    }
+
+    /// Starts the workload and runs the loop until it ends; then reports and powers off.
+    pub(crate) fn run(mut self, workload: Workload) -> ! {
+        self.oom_at_start = oom_kills();
+        match spawn::spawn(&workload.launch, false) {
+            Ok(Spawned {
+                pid, stdout, stderr, ..
+            }) => {
+                self.pid = pid;
+                self.pipes = Pipes {
+                    stdout: Some(stdout),
+                    stderr: Some(stderr),
+                };
+                self.workload = Some(workload);
+                self.set_state(WorkloadState::Running { pid });
+            }
+            Err(message) => self.fail(&message),
+        }
+        loop {
+            self.turn();
+            if let Some(ended) = self.ended {
+                self.finish(ended);
+            }
+        }
+    }
+
+    /// One poll round.
+    fn turn(&mut self) {
+        self.ch.refresh();
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut srcs: Vec<Source> = Vec::new();
+        let mut add = |fd: RawFd, events: i16, src: Source| {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            srcs.push(src);
+        };
+        add(self.sigfd.as_raw_fd(), libc::POLLIN, Source::Signals);
+        if let Some((fd, ev)) = self.ch.poll_fd() {
+            add(fd, ev, Source::Channel);
+        }
+        if self.ch.accepts_output() {
+            for stream in [DataStream::Stdout, DataStream::Stderr] {
+                if let Some(f) = self.pipes.get(stream) {
+                    add(f.as_raw_fd(), libc::POLLIN, Source::Workload(stream));
+                }
+            }
+            for (&chan, s) in &mut self.sessions {
+                for stream in [DataStream::Stdout, DataStream::Stderr] {
+                    if let Some(f) = s.pipes.get(stream) {
+                        add(f.as_raw_fd(), libc::POLLIN, Source::SessionOut(chan, stream));
+                    }
+                }
+            }
+        }
+        for (&chan, s) in &self.sessions {
+            if let (Some(f), false) = (&s.stdin, s.stdin_buf.is_empty()) {
+                add(f.as_raw_fd(), libc::POLLOUT, Source::SessionIn(chan));
+            }
+        }
+        let mut timeout = -1;
+        if self.ch.exists() && !self.ch.connected() {
+            timeout = RECONNECT_POLL_MS;
+        }
+        if let Some(at) = self.kill_at {
+            let left =
+                i32::try_from(at.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i32::MAX);
+            timeout = if timeout < 0 { left } else { timeout.min(left) };
+        }
+        if let Err(e) = sys::poll(&mut fds, timeout) {
+            console::diag(&format!("poll: {e}"));
+            std::thread::sleep(Duration::from_millis(10));
+            return;
+        }
+        for (pfd, src) in fds.iter().zip(srcs) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            match src {
+                Source::Signals => self.on_signals(),
+                Source::Channel => {
+                    for frame in self.ch.read_frames() {
+                        self.on_frame(frame);
+                    }
+                }
+                Source::Workload(stream) => {
+                    if let Some(data) = self.pipes.read_chunk(stream) {
+                        self.ch.log(stream, &data);
+                    }
+                }
+                Source::SessionOut(chan, stream) => self.read_session(chan, stream),
+                Source::SessionIn(chan) => {
+                    if let Some(s) = self.sessions.get_mut(&chan) {
+                        s.pump_stdin();
+                    }
+                }
+            }
+        }
+        if let Some(at) = self.kill_at
+            && Instant::now() >= at
+            && self.ended.is_none()
+        {
+            let _ = sys::kill(self.pid, libc::SIGKILL);
+            self.kill_at = None;
+        }
+        self.finish_sessions();
+        self.ch.flush();
+    }
+
+    fn read_session(&mut self, chan: u32, stream: DataStream) {
+        let Some(s) = self.sessions.get_mut(&chan) else {
+            return;
+        };
+        if let Some(data) = s.pipes.read_chunk(stream) {
+            self.ch.send(&Frame::ExecOutput { chan, stream, data });
+        }
+    }
+
+    /// Sends `ExecExited` for sessions whose process was reaped and whose output hit EOF.
+    fn finish_sessions(&mut self) {
+        let done: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.exit.is_some() && s.pipes.closed())
+            .map(|(&c, _)| c)
+            .collect();
+        for chan in done {
+            if let Some(exit) = self.sessions.remove(&chan).and_then(|s| s.exit) {
+                self.ch.send(&Frame::ExecExited { chan, exit });
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        for signo in sys::read_signals(self.sigfd.as_fd()) {
+            match signo {
+                libc::SIGCHLD => self.reap(),
+                libc::SIGTERM | libc::SIGINT | libc::SIGPWR => self.stop(None, SIGNAL_STOP_TIMEOUT),
+                _ => {}
+            }
+        }
+        // A SIGCHLD can be merged with others or arrive while a signal is being read: reap anyway.
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        while let Some((pid, how)) = sys::reap_one() {
+            if pid == self.pid && self.ended.is_none() {
+                self.ended = Some(how);
+            } else if let Some(s) = self
+                .sessions
+                .values_mut()
+                .find(|s| s.pid == pid && s.exit.is_none())
+            {
+                s.exit = Some(match how {
+                    Ended::Code(c) => ExecExit {
+                        exit_code: Some(c),
+                        signal: None,
+                    },
+                    Ended::Signal(sig) => ExecExit {
+                        exit_code: None,
+                        signal: Some(sig),
+                    },
+                });
+            }
+        }
+    }
+
+    fn stop(&mut self, signal: Option<i32>, timeout: Duration) {
+        if !matches!(self.state, WorkloadState::Running { .. }) || self.ended.is_some() {
+            return;
+        }
+        let sig = signal.unwrap_or_else(|| self.workload.as_ref().map_or(libc::SIGINT, |w| w.stop_signal));
+        self.requested_stop = true;
+        if let Err(e) = sys::kill(self.pid, sig) {
+            console::diag(&format!("stop: signal {sig} to {}: {e}", self.pid));
+        }
+        let at = Instant::now() + timeout;
+        self.kill_at = Some(self.kill_at.map_or(at, |old| old.min(at)));
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Hello => {
+                let status = self.status();
+                self.ch.hello(&status);
+            }
+            Frame::Exec { chan, req } => self.exec(chan, req),
+            Frame::Stdin { chan, data } => {
+                if let Some(s) = self.sessions.get_mut(&chan) {
+                    if data.is_empty() {
+                        s.close_stdin = true;
+                    } else if s.stdin.is_some() {
+                        s.stdin_buf.extend_from_slice(&data);
+                    }
+                    s.pump_stdin();
+                } else {
+                    self.error(chan, format!("no such session: {chan}"));
+                }
+            }
+            Frame::Signal { chan: 0, signal } => {
+                if matches!(self.state, WorkloadState::Running { .. }) && self.ended.is_none() {
+                    if let Err(e) = sys::kill(self.pid, signal) {
+                        self.error(0, format!("signal {signal} to the workload: {e}"));
+                    }
+                } else {
+                    self.error(0, "the workload is not running".to_owned());
+                }
+            }
+            Frame::Signal { chan, signal } => match self.sessions.get(&chan) {
+                Some(s) if s.exit.is_none() => {
+                    if let Err(e) = sys::kill(s.pid, signal) {
+                        self.error(chan, format!("signal {signal} to session {chan}: {e}"));
+                    }
+                }
+                _ => self.error(chan, format!("no such session: {chan}")),
+            },
+            Frame::Stop { signal, timeout_ms } => self.stop(signal, Duration::from_millis(timeout_ms)),
+            Frame::ListProcesses { chan } => {
+                let processes = procs::list_processes();
+                self.ch.send(&Frame::Processes { chan, processes });
+            }
+            Frame::SetTime { unix_nanos } => {
+                if let Err(e) = sys::set_realtime(unix_nanos) {
+                    console::diag(&format!("set time: {e}"));
+                }
+            }
+            other => self.error(0, format!("unexpected frame from the host: {other:?}")),
+        }
+    }
+
+    fn error(&mut self, chan: u32, message: String) {
+        self.ch.send(&Frame::Error { chan, message });
+    }
+
+    fn exec(&mut self, chan: u32, req: ExecRequest) {
+        if chan == 0 || self.sessions.contains_key(&chan) {
+            return self.error(chan, format!("session {chan} already exists"));
+        }
+        let Some(w) = &self.workload else {
+            return self.error(chan, "the workload is not running".to_owned());
+        };
+        let user_spec = req.user.as_deref().unwrap_or(&w.user_spec);
+        let workdir = req.working_dir.as_deref().unwrap_or(&w.launch.cred.workdir);
+        let mut env = w.launch.env.clone();
+        for (k, v) in &req.env {
+            spec::set_env(&mut env, k, v);
+        }
+        let started = spawn::lookup_user(user_spec)
+            .and_then(|user| spawn::prepare(req.argv, env, &user, workdir))
+            .and_then(|launch| spawn::spawn(&launch, req.stdin));
+        match started {
+            Ok(p) => {
+                self.ch.send(&Frame::ExecStarted { chan, pid: p.pid });
+                self.sessions.insert(
+                    chan,
+                    Session {
+                        pid: p.pid,
+                        pipes: Pipes {
+                            stdout: Some(p.stdout),
+                            stderr: Some(p.stderr),
+                        },
+                        stdin: p.stdin,
+                        stdin_buf: Vec::new(),
+                        close_stdin: false,
+                        exit: None,
+                    },
+                );
+            }
+            Err(message) => self.error(chan, message),
+        }
+    }
+
+    /// The workload ended: report, stop everything else, power off.
+    fn finish(&mut self, ended: Ended) -> ! {
+        // Whatever it wrote before exiting is in the pipes: forward it before the exit.
+        for stream in [DataStream::Stdout, DataStream::Stderr] {
+            while let Some(data) = self.pipes.read_chunk(stream) {
+                self.ch.log(stream, &data);
+            }
+        }
+        self.pipes = Pipes::default();
+        let (exit_code, signal) = match ended {
+            Ended::Code(c) => (Some(c), None),
+            Ended::Signal(s) => (None, Some(s)),
+        };
+        let exit = WorkloadExit {
+            exit_code,
+            signal,
+            oom_killed: signal == Some(libc::SIGKILL) && oom_kills() > self.oom_at_start,
+            requested_stop: self.requested_stop,
+        };
+        self.set_state(WorkloadState::Exited { exit });
+        let json = serde_json::to_string(&exit).unwrap_or_default();
+        console::line(&format!("{CONSOLE_EXIT_MARKER}{json}"));
+        self.kill_everything();
+        sys::sync();
+        self.drain_channel(false);
+        self.power_off()
+    }
+
+    /// SIGTERM to every process, up to a second to go, then SIGKILL.
+    fn kill_everything(&mut self) {
+        if sys::kill(-1, libc::SIGTERM).is_err() {
+            return; // nobody left
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            while sys::reap_one().is_some() {}
+            if sys::kill(-1, 0).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = sys::kill(-1, libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(20));
+        while sys::reap_one().is_some() {}
+    }
+
+    /// Flushes the outgoing queue for up to ~2 s. With `wait_for_host`, also waits that long for a
+    /// host to connect and say hello (the failure path: the host should learn why).
+    fn drain_channel(&mut self, wait_for_host: bool) {
+        if !self.ch.exists() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            self.ch.refresh();
+            if self.ch.connected() {
+                for frame in self.ch.read_frames() {
+                    match frame {
+                        Frame::Hello => {
+                            let status = self.status();
+                            self.ch.hello(&status);
+                        }
+                        Frame::Exec { chan, .. } | Frame::ListProcesses { chan } => {
+                            self.error(chan, "the machine is shutting down".to_owned());
+                        }
+                        _ => {}
+                    }
+                }
+                self.ch.flush();
+            }
+            let done = if self.ch.said_hello() {
+                !self.ch.has_pending()
+            } else {
+                !wait_for_host && !self.ch.connected()
+            };
+            if done || Instant::now() >= deadline {
+                return;
+            }
+            let mut pfd: Vec<libc::pollfd> = self
+                .ch
+                .poll_fd()
+                .map(|(fd, events)| libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                })
+                .into_iter()
+                .collect();
+            let _ = sys::poll(&mut pfd, RECONNECT_POLL_MS);
+        }
+    }
+
+    fn power_off(&mut self) -> ! {
+        sys::sync();
+        loop {
+            let e = sys::power_off();
+            console::diag(&format!("power off: {e}"));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Thin wrappers over the syscalls init needs that std does not offer. This is the only module
+//! with unsafe code; everything else calls these safe functions.
+#![expect(
+    unsafe_code,
+    reason = "PID 1 needs raw syscalls: mount, reboot, signalfd, poll, waitpid, kill"
+)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+fn cstr(s: impl AsRef<OsStr>) -> io::Result<CString> {
+    CString::new(s.as_ref().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// mount(2). `data` is the comma-separated option string.
+pub(crate) fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = cstr(source)?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call, or null where
+    // mount(2) accepts null (fstype for MS_MOVE, data).
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref().map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+        )
+    })
+    .map(drop)
+}
+
+/// mknod(2) for a character device.
+pub(crate) fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let path = cstr(path)?;
+    // SAFETY: `path` is a valid C string; makedev/mknod take plain integers.
+    check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) }).map(drop)
+}
+
+pub(crate) fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
+}
+
+pub(crate) fn sync() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// Powers the machine off. Only returns if the kernel refused (not PID 1, no privilege).
+pub(crate) fn power_off() -> io::Error {
+    // SAFETY: reboot(2) with a constant command; on success it does not return.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    io::Error::last_os_error()
+}
+
+/// Blocks `signals` for the process and returns a non-blocking signalfd that reports them.
+pub(crate) fn signalfd(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for all these calls.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        for &s in signals {
+            libc::sigaddset(&raw mut set, s);
+        }
+        check(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &raw const set,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = check(unsafe { libc::signalfd(-1, &raw const set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Signal numbers waiting on a signalfd (empty when none).
+pub(crate) fn read_signals(fd: BorrowedFd<'_>) -> Vec<i32> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is valid for writes of `size` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut info).cast(), size) };
+        if usize::try_from(n).ok() != Some(size) {
+            return out;
+        }
+        out.push(i32::try_from(info.ssi_signo).unwrap_or(0));
+    }
+}
+
+/// poll(2) on `fds`; EINTR counts as "nothing ready".
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(usize::try_from(rc).unwrap_or(0))
+}
+
+/// How a child ended, from its wait status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Reaps one exited child without blocking: `Some((pid, how))`, or `None` when none is waiting.
+pub(crate) fn reap_one() -> Option<(i32, Ended)> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out pointer.
+    let pid = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
+    if pid <= 0 {
+        return None;
+    }
+    let how = if libc::WIFSIGNALED(status) {
+        Ended::Signal(libc::WTERMSIG(status))
+    } else {
+        Ended::Code(libc::WEXITSTATUS(status))
+    };
+    Some((pid, how))
+}
+
+/// kill(2); `pid` -1 means every process but init.
+pub(crate) fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) takes plain integers.
+    check(unsafe { libc::kill(pid, signal) }).map(drop)
+}
+
+pub(crate) fn set_realtime(unix_nanos: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(unix_nanos / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::try_from(unix_nanos % 1_000_000_000).unwrap_or(0),
+    };
+    // SAFETY: `ts` is a valid timespec.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &raw const ts) }).map(drop)
+}
+
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL take plain integers.
+    unsafe {
+        let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
+        check(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Clock ticks per second (`/proc/PID/stat` times are in these).
+pub(crate) fn clock_ticks() -> u64 {
+    // SAFETY: sysconf takes a constant name.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// Identity and place the child takes on between fork and exec.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) workdir: String,
+}
+
+/// Makes `cmd` start a new session, drop to `cred` and chdir to its working directory in the child
+/// (after fork, before exec; std reports any failure as the spawn error). std itself resets the
+/// signal mask and SIGPIPE; other signals are not ignored by init, so their dispositions are default.
+pub(crate) fn prepare_child(cmd: &mut Command, cred: &Credentials) -> io::Result<()> {
+    let dir = cstr(&cred.workdir)?;
+    let groups: Vec<libc::gid_t> = cred.groups.clone();
+    let (uid, gid) = (cred.uid, cred.gid);
+    let hook = move || -> io::Result<()> {
+        // SAFETY: runs in the forked child of a single-threaded parent; only async-signal-safe
+        // syscalls on data prepared before fork (no allocation).
+        unsafe {
+            check(libc::setsid())?;
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+            check(libc::chdir(dir.as_ptr()))?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes async-signal-safe syscalls (see above).
+    unsafe { cmd.pre_exec(hook) };
+    Ok(())
+}
