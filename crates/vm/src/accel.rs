@@ -1,0 +1,189 @@
+//! Choosing the accelerator: KVM only when a real guest boots on it, TCG otherwise.
+//!
+//! `/dev/kvm` existing proves little: on the team's dev machines it is a software PVM layer on which
+//! ordinary guests die in the instruction emulator. So the probe boots our kernel and initramfs with
+//! [`aloft_guest_proto::PROBE_CMDLINE_FLAG`] under `-accel kvm` and waits ~5 s for init's
+//! [`aloft_guest_proto::CONSOLE_HELLO`]. The answer is cached per kernel (path + mtime) and host boot
+//! (`/proc/sys/kernel/random/boot_id`) in `$ALOFT_CACHE/accel.json` (default
+//! `~/.cache/aloft/accel.json`). `ALOFT_ACCEL=kvm|tcg` overrides everything.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::spec::Accel;
+use crate::spec::AccelChoice;
+
+/// How long the probe guest gets to print its hello line.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The accelerator for `kernel` + `initrd` on this host (see the module docs). Never fails: anything
+/// unexpected means TCG.
+pub fn probe(kernel: &Path, initrd: &Path) -> Accel {
+    if let Some(a) = env_override() {
+        return a;
+    }
+    let key = cache_key(kernel);
+    let cache = cache_file();
+    if let (Some(key), Some(cache)) = (&key, &cache)
+        && let Some(a) = read_cache(cache, key)
+    {
+        return a;
+    }
+    let a = probe_uncached(kernel, initrd);
+    if let (Some(key), Some(cache)) = (key, cache) {
+        write_cache(&cache, key, a);
+    }
+    a
+}
+
+/// Resolves a spec's choice.
+pub fn resolve(choice: AccelChoice, kernel: &Path, initrd: &Path) -> Accel {
+    match choice {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => probe(kernel, initrd),
+    }
+}
+
+fn env_override() -> Option<Accel> {
+    match std::env::var("ALOFT_ACCEL").ok()?.to_ascii_lowercase().as_str() {
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        _ => None,
+    }
+}
+
+fn cache_file() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("ALOFT_CACHE") {
+        return Some(PathBuf::from(dir).join("accel.json"));
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache/aloft/accel.json"))
+}
+
+/// `kernel path | mtime ns | boot id`.
+fn cache_key(kernel: &Path) -> Option<String> {
+    let mtime = std::fs::metadata(kernel).ok()?.modified().ok()?;
+    let ns = mtime.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(format!("{}|{ns}|{}", kernel.display(), boot_id.trim()))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheEntry {
+    key: String,
+    accel: Accel,
+}
+
+fn read_cache(path: &Path, key: &str) -> Option<Accel> {
+    let entries: Vec<CacheEntry> = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    entries.into_iter().find(|e| e.key == key).map(|e| e.accel)
+}
+
+fn write_cache(path: &Path, key: String, accel: Accel) {
+    let mut entries: Vec<CacheEntry> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    entries.retain(|e| e.key != key);
+    entries.push(CacheEntry { key, accel });
+    // Keep the file small: the last few kernels are enough.
+    let excess = entries.len().saturating_sub(16);
+    entries.drain(..excess);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(json) = serde_json::to_vec_pretty(&entries) {
+        let _ = std::fs::write(path, json);
+    }
+}
+
+fn probe_uncached(kernel: &Path, initrd: &Path) -> Accel {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Accel::Tcg;
+    }
+    if boots_with(kernel, initrd, Accel::Kvm, PROBE_TIMEOUT) {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
+/// Boots the probe guest under `accel` and says whether init's hello appeared within `timeout`.
+pub(crate) fn boots_with(kernel: &Path, initrd: &Path, accel: Accel, timeout: Duration) -> bool {
+    let argv = crate::argv::probe_argv(kernel, initrd, accel);
+    let Ok(mut child) = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).split(b'\n') {
+                let Ok(line) = line else { break };
+                if String::from_utf8_lossy(&line).contains(aloft_guest_proto::CONSOLE_HELLO) {
+                    let _ = tx.send(());
+                    break;
+                }
+            }
+        });
+    }
+    let ok = rx.recv_timeout(timeout).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_round_trips_and_is_keyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub/accel.json");
+        assert_eq!(read_cache(&f, "k1"), None);
+        write_cache(&f, "k1".into(), Accel::Tcg);
+        write_cache(&f, "k2".into(), Accel::Kvm);
+        write_cache(&f, "k1".into(), Accel::Kvm);
+        assert_eq!(read_cache(&f, "k1"), Some(Accel::Kvm));
+        assert_eq!(read_cache(&f, "k2"), Some(Accel::Kvm));
+        assert_eq!(read_cache(&f, "k3"), None);
+    }
+
+    #[test]
+    fn cache_key_changes_with_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, b"x").unwrap();
+        let a = cache_key(&k).unwrap();
+        assert!(a.contains("vmlinux|"));
+        assert_eq!(cache_key(&dir.path().join("missing")), None);
+    }
+
+    #[test]
+    fn missing_kernel_probes_as_tcg() {
+        // No QEMU boot can succeed without a kernel: whatever /dev/kvm says, the answer is TCG.
+        assert!(!boots_with(
+            Path::new("/nonexistent/vmlinux"),
+            Path::new("/nonexistent/initrd"),
+            Accel::Kvm,
+            Duration::from_secs(2)
+        ));
+    }
+}

@@ -1,0 +1,340 @@
+//! The QEMU command line, as a pure function of the spec and the accelerator.
+//!
+//! QEMU 7.2 quirks that shaped it (measured on the dev machines):
+//! * `-daemonize` is not used: with `-sandbox …,spawn=deny` the daemonizing fork happens after the
+//!   seccomp filter is installed and QEMU dies with SIGSYS. The driver detaches QEMU itself (own
+//!   session, stdio to `qemu.log`).
+//! * `elevateprivileges=deny` (and `=children`) kill QEMU when `-runas` drops to the jail user, for the
+//!   same reason. After `-runas` QEMU has no way back to root anyway, and `spawn=deny` stops it from
+//!   executing set-uid programs, so leaving it at its default loses nothing.
+
+use std::path::Path;
+
+use crate::spec::{Accel, RunPaths, VmSpec};
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Kernel arguments always given.
+const BASE_CMDLINE: &str = "console=ttyS0 quiet pci=off reboot=k panic=-1";
+
+/// Needed on `microvm` under TCG: without them the boot hangs in TSC calibration.
+const TCG_CMDLINE: &str = "tsc_early_khz=2000000 tsc=reliable";
+
+/// How QEMU starts its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Boot {
+    /// A cold boot.
+    Cold,
+    /// Wait for a migration stream (`-incoming defer`, then QMP `migrate-incoming`).
+    Incoming,
+}
+
+/// QEMU's option syntax splits on commas; a literal comma is written twice.
+fn esc(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// The kernel command line for `spec`.
+pub(crate) fn kernel_cmdline(spec: &VmSpec, accel: Accel) -> String {
+    let mut parts = vec![BASE_CMDLINE.to_owned()];
+    if accel == Accel::Tcg {
+        parts.push(TCG_CMDLINE.to_owned());
+    }
+    parts.extend(spec.cmdline_extra.iter().cloned());
+    parts.join(" ")
+}
+
+/// Accelerator and CPU arguments.
+pub(crate) fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        // tb-size: TCG's translated-code cache, 64 MiB instead of QEMU's default of 1 GiB, so the
+        // memory limit of a jailed VM can stay close to the guest's memory.
+        Accel::Tcg => ["-accel", "tcg,tb-size=64", "-cpu", "max"],
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+    }
+}
+
+/// The full argv (program first) for `spec`. `console_append` keeps the console log of a previous
+/// run (resume).
+pub(crate) fn qemu_argv(spec: &VmSpec, accel: Accel, boot: Boot) -> Vec<String> {
+    let paths = RunPaths::new(&spec.run_dir);
+    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), "microvm".into()];
+    a.extend(accel_args(accel).iter().map(|s| (*s).to_owned()));
+    let push = |a: &mut Vec<String>, items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    push(
+        &mut a,
+        &[
+            "-m",
+            &spec.memory_mib.to_string(),
+            "-smp",
+            &spec.vcpus.to_string(),
+        ],
+    );
+    push(
+        &mut a,
+        &[
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-display",
+            "none",
+            "-no-reboot",
+        ],
+    );
+    push(&mut a, &["-kernel", &spec.kernel.to_string_lossy()]);
+    push(&mut a, &["-initrd", &paths.initrd().to_string_lossy()]);
+    push(&mut a, &["-append", &kernel_cmdline(spec, accel)]);
+    let append = if boot == Boot::Incoming { "on" } else { "off" };
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!("file,id=con0,path={},append={append}", esc(&paths.console())),
+            "-serial",
+            "chardev:con0",
+        ],
+    );
+    for (i, d) in spec.disks.iter().enumerate() {
+        let ro = if d.read_only { ",readonly=on" } else { "" };
+        push(
+            &mut a,
+            &[
+                "-drive",
+                &format!(
+                    "id=d{i},file={},format={},if=none{ro}",
+                    esc(&d.path),
+                    d.format.as_str()
+                ),
+                "-device",
+                &format!("virtio-blk-device,drive=d{i}"),
+            ],
+        );
+    }
+    if let Some(net) = &spec.net {
+        push(
+            &mut a,
+            &[
+                "-netdev",
+                &format!("tap,id=n0,ifname={},script=no,downscript=no,vhost=off", net.tap),
+                "-device",
+                &format!("virtio-net-device,netdev=n0,mac={}", net.mac),
+            ],
+        );
+    }
+    push(
+        &mut a,
+        &[
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &format!("socket,id=ch0,path={},server=on,wait=off", esc(&paths.channel())),
+            "-device",
+            &format!(
+                "virtserialport,chardev=ch0,name={}",
+                aloft_guest_proto::CHANNEL_NAME
+            ),
+        ],
+    );
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!("socket,id=qmp,path={},server=on,wait=off", esc(&paths.qmp())),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ],
+    );
+    push(&mut a, &["-pidfile", &paths.pidfile().to_string_lossy()]);
+    if let Some(jail) = &spec.jail {
+        push(
+            &mut a,
+            &[
+                "-runas",
+                &jail.user,
+                "-sandbox",
+                "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+            ],
+        );
+    }
+    if boot == Boot::Incoming {
+        push(&mut a, &["-incoming", "defer"]);
+    }
+    a
+}
+
+/// The argv of the accelerator probe: boot `kernel` + `initrd` with [`aloft_guest_proto::PROBE_CMDLINE_FLAG`],
+/// console on stdout.
+pub(crate) fn probe_argv(kernel: &Path, initrd: &Path, accel: Accel) -> Vec<String> {
+    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), "microvm".into()];
+    a.extend(accel_args(accel).iter().map(|s| (*s).to_owned()));
+    let mut cmdline = format!("{BASE_CMDLINE} {}", aloft_guest_proto::PROBE_CMDLINE_FLAG);
+    if accel == Accel::Tcg {
+        cmdline = format!("{cmdline} {TCG_CMDLINE}");
+    }
+    for s in [
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &kernel.to_string_lossy(),
+        "-initrd",
+        &initrd.to_string_lossy(),
+        "-append",
+        &cmdline,
+    ] {
+        a.push(s.to_owned());
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskSpec, JailSpec, NetSpec};
+
+    fn spec() -> VmSpec {
+        VmSpec::new(
+            "m1",
+            "/g/vmlinux".into(),
+            "/g/initramfs.cpio".into(),
+            "/run/aloft/m1".into(),
+        )
+    }
+
+    fn joined(a: &[String]) -> String {
+        a.join(" ")
+    }
+
+    fn pair(a: &[String], flag: &str) -> Vec<String> {
+        a.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_minimal() {
+        let a = qemu_argv(&spec(), Accel::Tcg, Boot::Cold);
+        assert_eq!(a[0], "qemu-system-x86_64");
+        let j = joined(&a);
+        assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel tcg,tb-size=64 -cpu max -m 256 -smp 1"));
+        assert_eq!(
+            pair(&a, "-append"),
+            ["console=ttyS0 quiet pci=off reboot=k panic=-1 tsc_early_khz=2000000 tsc=reliable"]
+        );
+        assert_eq!(pair(&a, "-kernel"), ["/g/vmlinux"]);
+        assert_eq!(
+            pair(&a, "-initrd"),
+            ["/run/aloft/m1/initrd.cpio"],
+            "the composed initrd, not the base"
+        );
+        assert!(j.contains(
+            "-chardev file,id=con0,path=/run/aloft/m1/console.log,append=off -serial chardev:con0"
+        ));
+        assert!(j.contains(
+            "-device virtio-serial-device -chardev socket,id=ch0,path=/run/aloft/m1/channel.sock,server=on,wait=off \
+             -device virtserialport,chardev=ch0,name=aloft.0"
+        ));
+        assert!(j.contains("-chardev socket,id=qmp,path=/run/aloft/m1/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control"));
+        assert!(j.contains("-no-reboot"));
+        assert_eq!(pair(&a, "-pidfile"), ["/run/aloft/m1/qemu.pid"]);
+        for absent in [
+            "-daemonize",
+            "-runas",
+            "-sandbox",
+            "-incoming",
+            "-drive",
+            "-netdev",
+        ] {
+            assert!(!a.iter().any(|x| x == absent), "{absent} in {j}");
+        }
+    }
+
+    #[test]
+    fn kvm_has_no_tsc_flags() {
+        let mut s = spec();
+        s.cmdline_extra = vec!["loglevel=3".into()];
+        s.vcpus = 2;
+        s.memory_mib = 512;
+        let a = qemu_argv(&s, Accel::Kvm, Boot::Cold);
+        let j = joined(&a);
+        assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 512 -smp 2"));
+        assert_eq!(
+            pair(&a, "-append"),
+            ["console=ttyS0 quiet pci=off reboot=k panic=-1 loglevel=3"]
+        );
+    }
+
+    #[test]
+    fn disks_in_order_with_readonly_and_escaped_commas() {
+        let mut s = spec();
+        s.disks = vec![
+            DiskSpec::raw("/img/base.ext4", true),
+            DiskSpec {
+                path: "/img/a,b.qcow2".into(),
+                read_only: false,
+                format: crate::DiskFormat::Qcow2,
+            },
+        ];
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold);
+        assert_eq!(
+            pair(&a, "-drive"),
+            [
+                "id=d0,file=/img/base.ext4,format=raw,if=none,readonly=on",
+                "id=d1,file=/img/a,,b.qcow2,format=qcow2,if=none"
+            ]
+        );
+        assert_eq!(
+            pair(&a, "-device")[..2],
+            ["virtio-blk-device,drive=d0", "virtio-blk-device,drive=d1"]
+        );
+    }
+
+    #[test]
+    fn net_and_jail_and_incoming() {
+        let mut s = spec();
+        s.net = Some(NetSpec {
+            tap: "tap-m1".into(),
+            mac: "52:54:00:12:34:56".into(),
+        });
+        s.jail = Some(JailSpec {
+            user: "aloft-vm".into(),
+            cgroup_parent: "aloft".into(),
+        });
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming);
+        assert_eq!(
+            pair(&a, "-netdev"),
+            ["tap,id=n0,ifname=tap-m1,script=no,downscript=no,vhost=off"]
+        );
+        assert!(
+            pair(&a, "-device").contains(&"virtio-net-device,netdev=n0,mac=52:54:00:12:34:56".to_owned())
+        );
+        assert_eq!(pair(&a, "-runas"), ["aloft-vm"]);
+        assert_eq!(
+            pair(&a, "-sandbox"),
+            ["on,obsolete=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert_eq!(pair(&a, "-incoming"), ["defer"]);
+        assert!(
+            joined(&a).contains("console.log,append=on"),
+            "resume keeps the console log"
+        );
+    }
+
+    #[test]
+    fn probe_boots_with_the_probe_flag() {
+        let a = probe_argv(Path::new("/k"), Path::new("/i"), Accel::Kvm);
+        let j = joined(&a);
+        assert!(j.contains("-accel kvm -cpu host"));
+        assert!(j.contains("aloft.probe=1"));
+        assert!(j.contains("-serial stdio"));
+    }
+}

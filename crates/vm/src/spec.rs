@@ -1,0 +1,315 @@
+//! What the caller asks for: [`VmSpec`] and its parts, plus validation done before anything starts.
+
+use std::path::{Path, PathBuf};
+
+use aloft_guest_proto::RunConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::VmError;
+
+/// Smallest guest memory accepted: below it our kernel + init do not boot reliably.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+/// Most vCPUs accepted (the guest kernel is built with `NR_CPUS=64`).
+pub const MAX_VCPUS: u32 = 64;
+
+/// Everything needed to run one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Machine id or test name: used in cgroup names and messages (`[A-Za-z0-9_.-]`, ≤ 64 bytes).
+    pub name: String,
+    /// Uncompressed `vmlinux` (PVH direct boot).
+    pub kernel: PathBuf,
+    /// Base initramfs holding `aloft-init` ([`crate::initramfs::write_base`]).
+    pub initrd: PathBuf,
+    /// Extra kernel arguments, appended after ours.
+    pub cmdline_extra: Vec<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// In order: `/dev/vda`, `/dev/vdb`, …
+    pub disks: Vec<DiskSpec>,
+    /// The tap must already exist (created by the caller).
+    pub net: Option<NetSpec>,
+    /// This VM's private directory, owned by the caller: `qemu.pid`, `qmp.sock`, `channel.sock`,
+    /// `console.log`, `qemu.log` (QEMU's own stderr), `initrd.cpio` (composed), `state.json`.
+    pub run_dir: PathBuf,
+    pub run_config: RunConfig,
+    pub accel: AccelChoice,
+    /// Run QEMU as an unprivileged user, sandboxed and in its own cgroup.
+    pub jail: Option<JailSpec>,
+}
+
+impl VmSpec {
+    /// A spec with 1 vCPU, 256 MiB, no disks, no network, auto accelerator, no jail.
+    pub fn new(name: impl Into<String>, kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            kernel,
+            initrd,
+            cmdline_extra: Vec::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            disks: Vec::new(),
+            net: None,
+            run_dir,
+            run_config: RunConfig::default(),
+            accel: AccelChoice::Auto,
+            jail: None,
+        }
+    }
+
+    /// Checks everything that can be checked before launching QEMU.
+    pub fn validate(&self) -> Result<(), VmError> {
+        let invalid = |reason: String| Err(VmError::InvalidSpec { reason });
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || self.name.starts_with('.')
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return invalid(format!(
+                "name {:?}: use 1 to 64 characters from [A-Za-z0-9_.-], not starting with a dot",
+                self.name
+            ));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(VmError::MemoryTooSmall {
+                memory_mib: self.memory_mib,
+                min_mib: MIN_MEMORY_MIB,
+            });
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return invalid(format!("{} vcpus: use 1 to {MAX_VCPUS}", self.vcpus));
+        }
+        if !self.kernel.is_file() {
+            return Err(VmError::KernelNotFound {
+                path: self.kernel.clone(),
+            });
+        }
+        if !self.initrd.is_file() {
+            return Err(VmError::InitrdNotFound {
+                path: self.initrd.clone(),
+            });
+        }
+        for d in &self.disks {
+            if !d.path.exists() {
+                return Err(VmError::DiskNotFound { path: d.path.clone() });
+            }
+        }
+        if let Some(net) = &self.net {
+            if net.tap.is_empty()
+                || net.tap.len() > 15
+                || !net
+                    .tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return invalid(format!("tap name {:?}: 1 to 15 of [A-Za-z0-9_-]", net.tap));
+            }
+            if !valid_mac(&net.mac) {
+                return invalid(format!(
+                    "mac {:?}: expected six hex pairs such as 52:54:00:12:34:56",
+                    net.mac
+                ));
+            }
+        }
+        // sun_path holds 108 bytes including the NUL.
+        let sock = self.run_dir.join("channel.sock");
+        if sock.as_os_str().len() > 100 {
+            return invalid(format!(
+                "run dir {} is too long for unix sockets (keep it under ~85 bytes)",
+                self.run_dir.display()
+            ));
+        }
+        if let Some(jail) = &self.jail {
+            if !user_exists(&jail.user) {
+                return Err(VmError::JailUserMissing {
+                    user: jail.user.clone(),
+                });
+            }
+            if jail.cgroup_parent.is_empty()
+                || jail
+                    .cgroup_parent
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+            {
+                return invalid(format!(
+                    "cgroup parent {:?}: a relative path such as \"aloft\"",
+                    jail.cgroup_parent
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Whether `user` is in `/etc/passwd` (the jail user is a local system user).
+pub(crate) fn user_exists(user: &str) -> bool {
+    std::fs::read_to_string("/etc/passwd")
+        .map(|s| s.lines().any(|l| l.split(':').next() == Some(user)))
+        .unwrap_or(false)
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub format: DiskFormat,
+}
+
+impl DiskSpec {
+    /// A raw disk.
+    pub fn raw(path: impl Into<PathBuf>, read_only: bool) -> Self {
+        Self {
+            path: path.into(),
+            read_only,
+            format: DiskFormat::Raw,
+        }
+    }
+}
+
+/// Image format of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A tap device the caller created, and the guest's MAC on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// Jail settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// Unprivileged user QEMU runs as after opening its files (`aloft-vm`).
+    pub user: String,
+    /// Cgroup (relative to each hierarchy's root) under which `<parent>/<name>` is made (`aloft`).
+    pub cgroup_parent: String,
+}
+
+/// Which accelerator to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Probe ([`crate::accel::probe`], cached).
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator a VM actually runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The files in a run dir.
+#[derive(Debug, Clone)]
+pub(crate) struct RunPaths {
+    pub(crate) dir: PathBuf,
+}
+
+impl RunPaths {
+    pub(crate) fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_owned() }
+    }
+    pub(crate) fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub(crate) fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub(crate) fn channel(&self) -> PathBuf {
+        self.dir.join("channel.sock")
+    }
+    pub(crate) fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub(crate) fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub(crate) fn initrd(&self) -> PathBuf {
+        self.dir.join("initrd.cpio")
+    }
+    pub(crate) fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_validation() {
+        assert!(valid_mac("52:54:00:12:34:56"));
+        assert!(!valid_mac("52:54:00:12:34"));
+        assert!(!valid_mac("52:54:00:12:34:5g"));
+    }
+
+    #[test]
+    fn small_memory_is_rejected_first() {
+        let mut s = VmSpec::new("t", "/nonexistent".into(), "/nonexistent".into(), "/tmp/x".into());
+        s.memory_mib = 32;
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().contains("at least 64 MiB"), "{e}");
+        s.memory_mib = 128;
+        let e = s.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kernel not found: /nonexistent: run scripts/setup.sh"
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let mut s = VmSpec::new("../x", "/k".into(), "/i".into(), "/tmp/x".into());
+        assert!(matches!(s.validate(), Err(VmError::InvalidSpec { .. })));
+        s.name = "ok-name_1.2".into();
+        assert!(matches!(s.validate(), Err(VmError::KernelNotFound { .. })));
+    }
+}

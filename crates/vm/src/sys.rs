@@ -1,0 +1,93 @@
+//! The few raw system calls the driver needs: detaching QEMU into its own session and cgroup between
+//! fork and exec, passing a file descriptor over the QMP socket, sending signals.
+#![expect(
+    unsafe_code,
+    reason = "pre_exec hook, sendmsg with SCM_RIGHTS and kill have no safe std API"
+)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Makes `cmd`'s child start a new session (so it outlives us and our terminal) and join the cgroups
+/// whose `cgroup.procs` files are `join` (opened for writing by the caller) before exec.
+pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: setsid has no memory-safety preconditions and is async-signal-safe, as required
+        // between fork and exec.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for f in &join {
+            // SAFETY: `f` is an open file owned by this closure; the buffer is a valid 1-byte
+            // static. write(2) is async-signal-safe. "0" means "the writing process".
+            let n = unsafe { libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls async-signal-safe functions (setsid, write) and does not
+    // allocate (io::Error::last_os_error builds an error from errno without allocating).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Sends `data` with `fd` attached (SCM_RIGHTS) on `stream`.
+pub(crate) fn send_with_fd(stream: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let fd_len = std::mem::size_of::<libc::c_int>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(u32::try_from(fd_len).unwrap_or(4)) } as usize;
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` writable, aligned bytes, enough for one cmsghdr with
+    // one int (CMSG_SPACE); CMSG_FIRSTHDR returns a pointer inside it; CMSG_DATA points at its
+    // payload, which has room for the int. sendmsg only reads `data` through the iovec.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("no room for the control message"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(u32::try_from(fd_len).unwrap_or(4)) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), raw);
+        libc::sendmsg(stream.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL)
+    };
+    let sent = usize::try_from(sent).map_err(|_| io::Error::last_os_error())?;
+    if sent < data.len() {
+        // The fd went with the first byte; the rest of the command is ordinary data.
+        use std::io::Write;
+        let mut s = stream;
+        s.write_all(&data[sent..])?;
+    }
+    Ok(())
+}
+
+/// Sends `signal` to process `pid`.
+pub(crate) fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill has no memory-safety preconditions; pid > 0 targets exactly one process.
+    if unsafe { libc::kill(pid, signal) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
