@@ -150,7 +150,7 @@ fn process(
     })
 }
 
-/// Every process in the guest, by pid.
+/// Every user-space process in the guest, by pid.
 pub(crate) fn list_processes() -> Vec<ProcessInfo> {
     let passwd = parse_passwd(&fs::read_to_string("/etc/passwd").unwrap_or_default());
     let sockets = listening_sockets();
@@ -163,8 +163,11 @@ pub(crate) fn list_processes() -> Vec<ProcessInfo> {
         })
         .unwrap_or_default();
     pids.sort_unstable();
+    // Kernel threads (kthreadd, pid 2, and its children) are not the user's business.
     pids.into_iter()
+        .filter(|&pid| pid != 2)
         .filter_map(|pid| process(pid, &passwd, &sockets, tck))
+        .filter(|p| p.ppid != 2)
         .collect()
 }
 

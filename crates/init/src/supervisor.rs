@@ -455,8 +455,15 @@ impl Supervisor {
         for (k, v) in &req.env {
             spec::set_env(&mut env, k, v);
         }
+        let other_user = req.user.is_some();
         let started = spawn::lookup_user(user_spec)
-            .and_then(|user| spawn::prepare(req.argv, env, &user, workdir))
+            .and_then(|user| {
+                // Another user than the workload's gets its own HOME unless the request sets one.
+                if other_user && !req.env.iter().any(|(k, _)| k == "HOME") {
+                    spec::set_env(&mut env, "HOME", user.home.as_deref().unwrap_or("/"));
+                }
+                spawn::prepare(req.argv, env, &user, workdir)
+            })
             .and_then(|launch| spawn::spawn(&launch, req.stdin));
         match started {
             Ok(p) => {
@@ -510,13 +517,17 @@ impl Supervisor {
 
     /// SIGTERM to every process, up to a second to go, then SIGKILL.
     fn kill_everything(&mut self) {
-        if sys::kill(-1, libc::SIGTERM).is_err() {
-            return; // nobody left
+        // kill(-1) also "reaches" kernel threads, so it cannot tell whether anyone is left; every
+        // user process is init's child or becomes one when its parent dies, so ask waitid instead.
+        while sys::reap_one().is_some() {}
+        if sys::no_children() {
+            return;
         }
+        let _ = sys::kill(-1, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(1);
         while Instant::now() < deadline {
             while sys::reap_one().is_some() {}
-            if sys::kill(-1, 0).is_err() {
+            if sys::no_children() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -150,6 +150,22 @@ pub(crate) fn reap_one() -> Option<(i32, Ended)> {
     Some((pid, how))
 }
 
+/// Whether init has no children left at all (waitid reports ECHILD).
+pub(crate) fn no_children() -> bool {
+    // SAFETY: siginfo_t is plain data, and a valid out pointer for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid out pointer; WNOWAIT leaves any zombie to be reaped later.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &raw mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
+}
+
 /// kill(2); `pid` -1 means every process but init.
 pub(crate) fn kill(pid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: kill(2) takes plain integers.
@@ -191,8 +207,8 @@ pub(crate) struct Credentials {
 }
 
 /// Makes `cmd` start a new session, drop to `cred` and chdir to its working directory in the child
-/// (after fork, before exec; std reports any failure as the spawn error). std itself resets the
-/// signal mask and SIGPIPE; other signals are not ignored by init, so their dispositions are default.
+/// (after fork, before exec; std reports any failure as the spawn error), with an empty signal
+/// mask and default signal dispositions.
 pub(crate) fn prepare_child(cmd: &mut Command, cred: &Credentials) -> io::Result<()> {
     let dir = cstr(&cred.workdir)?;
     let groups: Vec<libc::gid_t> = cred.groups.clone();
@@ -201,6 +217,20 @@ pub(crate) fn prepare_child(cmd: &mut Command, cred: &Credentials) -> io::Result
         // SAFETY: runs in the forked child of a single-threaded parent; only async-signal-safe
         // syscalls on data prepared before fork (no allocation).
         unsafe {
+            // Init blocks the signals it reads from its signalfd and std ignores SIGPIPE; the
+            // child starts with an empty mask and default dispositions.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut empty);
+            check(libc::sigprocmask(
+                libc::SIG_SETMASK,
+                &raw const empty,
+                std::ptr::null_mut(),
+            ))?;
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             check(libc::setsid())?;
             check(libc::setgroups(groups.len(), groups.as_ptr()))?;
             check(libc::setgid(gid))?;
