@@ -67,6 +67,10 @@ impl Channel {
                 .map_err(|e| console::diag(&format!("open channel {dev}: {e}")))
                 .ok()
         });
+        Self::with_file(file)
+    }
+
+    fn with_file(file: Option<File>) -> Self {
         Self {
             file,
             connected: false,
@@ -242,5 +246,54 @@ impl Channel {
                 Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_bounded_while_no_host_listens_and_oldest_dropped() {
+        let mut ch = Channel::with_file(None);
+        ch.log(DataStream::Stdout, b"first\n");
+        let big = vec![b'x'; 100 * 1024];
+        for _ in 0..3 {
+            ch.log(DataStream::Stderr, &big);
+        }
+        assert_eq!(ch.dropped_log_bytes, 6 + 100 * 1024);
+        assert_eq!(ch.log_bytes, 200 * 1024);
+        assert!(ch.logs.iter().all(|(s, _)| *s == DataStream::Stderr));
+    }
+
+    #[test]
+    fn hello_queues_status_then_buffered_logs_in_chunks() {
+        let mut ch = Channel::with_file(None);
+        ch.log(DataStream::Stdout, &vec![b'a'; CHUNK + 10]);
+        ch.connected = true;
+        let status = Frame::Hello; // any frame stands in for the status here
+        ch.hello(&status);
+        let frames: Vec<Frame> = ch
+            .out
+            .iter()
+            .map(|b| {
+                let mut d = aloft_guest_proto::Decoder::new();
+                d.push(b);
+                d.next_frame().unwrap().unwrap()
+            })
+            .collect();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], Frame::Hello);
+        assert!(matches!(&frames[1], Frame::Log { data, .. } if data.len() == CHUNK));
+        assert!(matches!(&frames[2], Frame::Log { data, .. } if data.len() == 10));
+        assert_eq!(ch.log_bytes, 0);
+        assert!(!ch.accepts_output() || ch.out_bytes < OUT_HIGH_WATER);
+    }
+
+    #[test]
+    fn nothing_is_queued_without_a_host() {
+        let mut ch = Channel::with_file(None);
+        ch.send(&Frame::Hello);
+        assert!(!ch.has_pending());
     }
 }

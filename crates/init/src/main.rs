@@ -36,6 +36,9 @@ fn main() {
         }
     }
     boot::mount_sys_dev();
+    if sys::ensure_console_fds() {
+        console::line(CONSOLE_HELLO);
+    }
     // Block the signals before any child exists so none is lost; the signalfd reports them.
     let sigfd = match sys::signalfd(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR]) {
         Ok(fd) => fd,

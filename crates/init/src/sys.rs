@@ -57,6 +57,28 @@ pub(crate) fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::R
     check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) }).map(drop)
 }
 
+/// Points fds 0, 1 and 2 at `/dev/console` when the kernel could not (no `/dev/console` in the
+/// initramfs). Returns whether it had to.
+pub(crate) fn ensure_console_fds() -> bool {
+    // SAFETY: F_GETFD on a descriptor number only queries it.
+    if unsafe { libc::fcntl(1, libc::F_GETFD) } >= 0 {
+        return false;
+    }
+    let Ok(console) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    else {
+        return false;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which are closed (checked above) and owned
+        // by nobody in this process.
+        unsafe { libc::dup2(console.as_raw_fd(), fd) };
+    }
+    true
+}
+
 pub(crate) fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
