@@ -121,7 +121,7 @@ fn probe_uncached(kernel: &Path, initrd: &Path) -> Accel {
 
 /// Boots the probe guest under `accel` and says whether init's hello appeared within `timeout`.
 pub(crate) fn boots_with(kernel: &Path, initrd: &Path, accel: Accel, timeout: Duration) -> bool {
-    let argv = crate::argv::probe_argv(kernel, initrd, accel);
+    let argv = crate::argv::probe_argv(kernel, initrd, accel, crate::argv::host_tsc_khz());
     let Ok(mut child) = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())

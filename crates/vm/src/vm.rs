@@ -269,7 +269,7 @@ impl Vm {
         }
         let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
         initramfs::compose(&spec.initrd, &spec.run_config, &paths.initrd())?;
-        let argv = qemu_argv(&spec, accel, boot);
+        let argv = qemu_argv(&spec, accel, boot, crate::argv::host_tsc_khz());
 
         let mut guard = LaunchGuard {
             child: None,

@@ -1,0 +1,346 @@
+//! Real-VM tests: boot the busybox guest and check the workload's life cycle end to end.
+
+mod common;
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    use aloft_guest_proto::{ExecRequest, NetConfig};
+    use aloft_vm::{JailSpec, NetSpec, QemuStatus, Vm};
+
+    use crate::common::{BOOT_TIMEOUT, Tap, TestVm, collect_stdout};
+
+    fn sh(cmd: &str) -> ExecRequest {
+        ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+            ..ExecRequest::default()
+        }
+    }
+
+    /// Waits until the workload printed `line` (its signal handlers are set up by then).
+    fn wait_for_line(rx: &std::sync::mpsc::Receiver<aloft_vm::LogChunk>, line: &str) {
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains(line) {
+            let c = rx.recv_timeout(BOOT_TIMEOUT).expect("workload output");
+            seen.extend_from_slice(&c.data);
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn echo_hi_logs_and_exits_zero() {
+        let t = TestVm::new("echo", &["/bin/sh", "-c", "echo hi"]);
+        let vm = t.start();
+        let logs = vm.logs();
+        let pid = vm.wait_started(BOOT_TIMEOUT).unwrap();
+        assert!(pid >= 0);
+        let exit = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+        assert_eq!(collect_stdout(&logs, Duration::from_secs(1)), "hi\n");
+        let w = exit.workload.expect("workload exit reported");
+        assert_eq!(w.exit_code, Some(0));
+        assert!(matches!(exit.qemu_status, QemuStatus::Exited { .. }), "{exit:?}");
+        t.assert_no_qemu();
+        // The run dir keeps what the caller needs and nothing live; attach reports the exit.
+        assert!(!t.run_dir().join("qmp.sock").exists());
+        let again = Vm::attach(&t.run_dir())
+            .unwrap()
+            .wait_exit(Duration::ZERO)
+            .unwrap();
+        assert_eq!(again.workload, Some(w));
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn exit_code_is_reported() {
+        let t = TestVm::new("exit3", &["/bin/sh", "-c", "exit 3"]);
+        let vm = t.start();
+        let exit = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+        assert_eq!(exit.workload.unwrap().exit_code, Some(3));
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn killing_signal_is_reported() {
+        let t = TestVm::new("kill9", &["/bin/sh", "-c", "kill -9 $$"]);
+        let vm = t.start();
+        let exit = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+        let w = exit.workload.unwrap();
+        assert_eq!((w.exit_code, w.signal), (None, Some(9)), "{w:?}");
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn env_user_and_workdir_are_honoured() {
+        let mut t = TestVm::new("ident", &["/bin/sh", "-c", "id -u; pwd; echo $FOO"]);
+        t.spec.run_config.user = Some("app".into());
+        t.spec.run_config.working_dir = Some("/tmp".into());
+        t.spec.run_config.env.insert("FOO".into(), "bar baz".into());
+        let vm = t.start();
+        let logs = vm.logs();
+        let exit = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+        assert_eq!(exit.workload.unwrap().exit_code, Some(0));
+        assert_eq!(
+            collect_stdout(&logs, Duration::from_secs(1)),
+            "1000\n/tmp\nbar baz\n"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn exec_and_ps_while_running() {
+        let t = TestVm::new("exec", &["/bin/sleep", "1000"]);
+        let vm = t.start();
+        let pid = vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let out = vm
+            .exec(sh("echo out; echo err >&2; exit 4"), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.exit.exit_code, Some(4));
+        let ps = vm.ps().unwrap();
+        assert!(ps.iter().any(|p| p.pid == pid && p.command == "sleep"), "{ps:?}");
+        let missing = vm.exec(
+            ExecRequest {
+                argv: vec!["/nope".into()],
+                ..ExecRequest::default()
+            },
+            Duration::from_secs(30),
+        );
+        assert!(missing.is_err(), "{missing:?}");
+        let exit = vm.kill().unwrap();
+        assert_eq!(exit.qemu_status, QemuStatus::Killed);
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn graceful_stop_within_timeout() {
+        let t = TestVm::new(
+            "stopok",
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'echo bye; exit 0' TERM; echo ready; while true; do sleep 0.1; done",
+            ],
+        );
+        let vm = t.start();
+        let logs = vm.logs();
+        wait_for_line(&logs, "ready");
+        let t0 = Instant::now();
+        let exit = vm.stop(Some(libc::SIGTERM), Duration::from_secs(20)).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+        let w = exit.workload.unwrap();
+        assert_eq!(w.exit_code, Some(0), "{exit:?}");
+        assert!(w.requested_stop);
+        assert!(matches!(exit.qemu_status, QemuStatus::Exited { .. }), "{exit:?}");
+        assert!(collect_stdout(&logs, Duration::from_millis(200)).contains("bye"));
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn stop_kills_a_workload_that_ignores_the_signal() {
+        let t = TestVm::new(
+            "stopkill",
+            &[
+                "/bin/sh",
+                "-c",
+                "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+            ],
+        );
+        let vm = t.start();
+        wait_for_line(&vm.logs(), "ready");
+        let t0 = Instant::now();
+        let exit = vm.stop(Some(libc::SIGTERM), Duration::from_secs(2)).unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_secs(2),
+            "{:?} {exit:?}",
+            t0.elapsed()
+        );
+        let w = exit.workload.unwrap();
+        assert_eq!(w.signal, Some(9), "{exit:?}");
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn reattach_after_the_handle_is_dropped() {
+        let t = TestVm::new("attach", &["/bin/sleep", "1000"]);
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let qemu = vm.pid();
+        drop(vm);
+        assert!(
+            std::path::Path::new(&format!("/proc/{qemu}")).exists(),
+            "qemu outlives the handle"
+        );
+        let vm = Vm::attach(&t.run_dir()).unwrap();
+        assert_eq!(vm.pid(), qemu);
+        assert!(vm.wait_started(BOOT_TIMEOUT).unwrap() > 0);
+        let out = vm.exec(sh("echo again"), Duration::from_secs(30)).unwrap();
+        assert_eq!(out.stdout, b"again\n");
+        let exit = vm.stop(None, Duration::from_secs(10)).unwrap();
+        assert!(exit.workload.is_some(), "{exit:?}");
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn suspend_and_resume_keep_memory() {
+        let t = TestVm::new("snap", &["/bin/sleep", "1000"]);
+        let vm = t.start();
+        let pid = vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let token = format!("token-{}", std::process::id());
+        let out = vm
+            .exec(
+                sh(&format!("echo {token} > /dev/shm/token")),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(out.exit.exit_code, Some(0));
+        let snap = t.dir.path().join("snap.bin");
+        let t0 = Instant::now();
+        vm.suspend(&snap).unwrap();
+        let suspend_time = t0.elapsed();
+        t.assert_no_qemu();
+        let size = std::fs::metadata(&snap).unwrap().len();
+        drop(vm);
+        let t0 = Instant::now();
+        let vm = Vm::resume(t.spec.clone(), &snap).unwrap();
+        let resume_time = t0.elapsed();
+        let out = vm
+            .exec(sh("cat /dev/shm/token"), Duration::from_secs(30))
+            .unwrap();
+        let exec_time = t0.elapsed();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), token);
+        assert_eq!(
+            vm.wait_started(Duration::from_secs(5)).unwrap(),
+            pid,
+            "same workload"
+        );
+        eprintln!(
+            "snapshot {size} bytes in {suspend_time:?}; resume {resume_time:?}, first exec answered at {exec_time:?}"
+        );
+        // The guest clock was set on resume: guest date is close to the host's.
+        let out = vm.exec(sh("date +%s"), Duration::from_secs(30)).unwrap();
+        let guest: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(guest.abs_diff(host) <= 5, "guest {guest} host {host}");
+        vm.kill().unwrap();
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn host_reaches_a_server_in_the_guest() {
+        let tap = Tap::new();
+        let mut t = TestVm::new("net", &["/bin/httpd", "-f", "-p", "8080", "-h", "/var/www"]);
+        t.spec.net = Some(NetSpec {
+            tap: tap.name.clone(),
+            mac: "52:54:00:12:34:56".into(),
+        });
+        t.spec.run_config.network = Some(NetConfig {
+            addresses: vec![format!("{}/30", tap.guest_ip).parse().unwrap()],
+            gateways: vec![tap.host_ip.parse().unwrap()],
+            mtu: None,
+        });
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let addr: std::net::SocketAddr = format!("{}:8080", tap.guest_ip).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let body = loop {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                let mut resp = String::new();
+                s.read_to_string(&mut resp)?;
+                Ok(resp)
+            })();
+            match attempt {
+                Ok(r) => break r,
+                Err(e) if Instant::now() > deadline => panic!("no http answer: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        assert!(body.contains("hello from the guest"), "{body}");
+        let ps = vm.ps().unwrap();
+        assert!(
+            ps.iter()
+                .any(|p| p.listen_sockets.iter().any(|l| l.address.ends_with(":8080"))),
+            "{ps:?}"
+        );
+        vm.kill().unwrap();
+        t.assert_no_qemu();
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn jailed_vm_runs_unprivileged_in_its_cgroup() {
+        let mut t = TestVm::new("jail", &["/bin/sleep", "1000"]);
+        t.spec.jail = Some(JailSpec {
+            user: "nobody".into(),
+            cgroup_parent: "aloft-test".into(),
+        });
+        t.spec.memory_mib = 128;
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid())).unwrap();
+        let leaf = format!("/aloft-test/{}", t.spec.name);
+        assert!(cgroups.contains(&leaf), "{cgroups}");
+        let v1 = std::path::Path::new("/sys/fs/cgroup/memory").join(leaf.trim_start_matches('/'));
+        let v2 = std::path::Path::new("/sys/fs/cgroup").join(leaf.trim_start_matches('/'));
+        if v1.exists() {
+            let limit = std::fs::read_to_string(v1.join("memory.limit_in_bytes")).unwrap();
+            assert_eq!(limit.trim(), ((128 + 160) * 1024 * 1024).to_string());
+        }
+        let out = vm.exec(sh("echo jailed"), Duration::from_secs(30)).unwrap();
+        assert_eq!(out.stdout, b"jailed\n");
+        vm.stop(None, Duration::from_secs(5)).unwrap();
+        t.assert_no_qemu();
+        assert!(!v1.exists() && !v2.exists(), "cgroup removed");
+    }
+}
