@@ -3,7 +3,6 @@
 
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -73,16 +72,14 @@ fn nonblocking(fd: impl Into<OwnedFd>) -> Result<File, String> {
 /// Forks and execs `launch` in a new session, stdin from `/dev/null` (or a pipe), stdout and
 /// stderr to pipes. An exec failure in the child comes back as the error.
 pub(crate) fn spawn(launch: &Launch, stdin_pipe: bool) -> Result<Spawned, String> {
+    // Program, argv and env are passed to execve by the pre-exec hook; std only sets up the pipes.
     let mut cmd = Command::new(&launch.program);
-    cmd.arg0(&launch.argv[0])
-        .args(&launch.argv[1..])
-        .env_clear()
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if stdin_pipe { Stdio::piped() } else { Stdio::null() })
+    cmd.stdin(if stdin_pipe { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
-    sys::prepare_child(&mut cmd, &launch.cred).map_err(exec_err)?;
+    sys::prepare_child(&mut cmd, &launch.cred, &launch.program, &launch.argv, &launch.env)
+        .map_err(exec_err)?;
     let mut child = cmd.spawn().map_err(exec_err)?;
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let stdin = child.stdin.take().map(nonblocking).transpose()?;

@@ -228,16 +228,38 @@ pub(crate) struct Credentials {
     pub(crate) workdir: String,
 }
 
-/// Makes `cmd` start a new session, drop to `cred` and chdir to its working directory in the child
-/// (after fork, before exec; std reports any failure as the spawn error), with an empty signal
-/// mask and default signal dispositions.
-pub(crate) fn prepare_child(cmd: &mut Command, cred: &Credentials) -> io::Result<()> {
+/// Makes `cmd` start a new session, drop to `cred`, chdir to its working directory and execve
+/// `program` with exactly `argv` and `env` in the child (after fork; std reports any failure as the
+/// spawn error). The child starts with an empty signal mask and default signal dispositions.
+///
+/// execve is called here rather than by std because std uses execvp, which runs a file without a
+/// `#!` line through `/bin/sh` on ENOEXEC; a workload with a bad binary must fail with
+/// "Exec format error" instead, as under Docker.
+pub(crate) fn prepare_child(
+    cmd: &mut Command,
+    cred: &Credentials,
+    program: &std::path::Path,
+    argv: &[String],
+    env: &[(String, String)],
+) -> io::Result<()> {
     let dir = cstr(&cred.workdir)?;
+    let path = cstr(program)?;
+    let argv: Vec<CString> = argv.iter().map(cstr).collect::<io::Result<_>>()?;
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}")))
+        .collect::<io::Result<_>>()?;
     let groups: Vec<libc::gid_t> = cred.groups.clone();
     let (uid, gid) = (cred.uid, cred.gid);
     let hook = move || -> io::Result<()> {
-        // SAFETY: runs in the forked child of a single-threaded parent; only async-signal-safe
-        // syscalls on data prepared before fork (no allocation).
+        // Init is single-threaded, so allocating in the forked child cannot deadlock on a lock
+        // held by another thread.
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+        // SAFETY: runs in the forked child; every pointer refers to a NUL-terminated string owned
+        // by this closure, and the pointer arrays are NULL-terminated.
         unsafe {
             // Init blocks the signals it reads from its signalfd and std ignores SIGPIPE; the
             // child starts with an empty mask and default dispositions.
@@ -258,10 +280,11 @@ pub(crate) fn prepare_child(cmd: &mut Command, cred: &Credentials) -> io::Result
             check(libc::setgid(gid))?;
             check(libc::setuid(uid))?;
             check(libc::chdir(dir.as_ptr()))?;
+            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
         }
-        Ok(())
+        Err(io::Error::last_os_error())
     };
-    // SAFETY: the hook only makes async-signal-safe syscalls (see above).
+    // SAFETY: the hook only makes syscalls on data it owns, in a child of a single-threaded parent.
     unsafe { cmd.pre_exec(hook) };
     Ok(())
 }
