@@ -22,7 +22,9 @@ const BACKLOG_BYTES: usize = 1 << 20;
 /// A chunk of workload output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogChunk {
+    /// Which output stream.
     pub stream: DataStream,
+    /// The bytes, as the workload wrote them.
     pub data: Vec<u8>,
 }
 

@@ -20,7 +20,8 @@ pub(crate) struct ConsoleFacts {
     pub(crate) error: Option<String>,
     /// The kernel panicked or ran out of memory before init reported anything.
     pub(crate) boot_failure: bool,
-    /// The last few non-empty lines, joined with " | " (for error messages).
+    /// The last few non-empty lines, joined with " | " (for error messages); when the kernel
+    /// failed, its first failure line ("Kernel panic - not syncing: …") comes first.
     pub(crate) tail: String,
 }
 
@@ -35,6 +36,7 @@ const FAILURE_SIGNS: [&str; 4] = [
 pub(crate) fn scan(text: &str) -> ConsoleFacts {
     let mut f = ConsoleFacts::default();
     let mut lines: Vec<&str> = Vec::new();
+    let mut failure_line = None;
     for raw in text.lines() {
         let line = raw.trim_end_matches('\r');
         if line.contains(CONSOLE_HELLO) {
@@ -48,8 +50,9 @@ pub(crate) fn scan(text: &str) -> ConsoleFacts {
         if let Some(i) = line.find(CONSOLE_ERROR_MARKER) {
             f.error = Some(line[i + CONSOLE_ERROR_MARKER.len()..].trim().to_owned());
         }
-        if FAILURE_SIGNS.iter().any(|s| line.contains(s)) {
+        if FAILURE_SIGNS.iter().any(|s| line.contains(s)) && !f.boot_failure {
             f.boot_failure = true;
+            failure_line = Some(line.trim());
         }
         if !line.trim().is_empty() {
             lines.push(line.trim());
@@ -57,6 +60,11 @@ pub(crate) fn scan(text: &str) -> ConsoleFacts {
     }
     let start = lines.len().saturating_sub(8);
     f.tail = lines[start..].join(" | ");
+    if let Some(l) = failure_line
+        && !lines[start..].contains(&l)
+    {
+        f.tail = format!("{l} | … | {}", f.tail);
+    }
     f
 }
 
@@ -121,5 +129,12 @@ mod tests {
         assert!(!f.hello);
         assert_eq!(f.tail.matches(" | ").count(), 7);
         assert!(f.tail.contains("deadlocked on memory"));
+        // A panic followed by a long backtrace still names the panic first.
+        for i in 0..20 {
+            log.push_str(&format!("[ 0.6] trace {i}\n"));
+        }
+        let f = scan(&log);
+        assert!(f.tail.starts_with("Kernel panic - not syncing"), "{}", f.tail);
+        assert!(f.tail.ends_with("trace 19"), "{}", f.tail);
     }
 }

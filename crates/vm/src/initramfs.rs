@@ -12,23 +12,29 @@ use aloft_guest_proto::{RUN_CONFIG_PATH, RunConfig};
 
 /// Why an initramfs could not be written.
 #[derive(Debug, thiserror::Error)]
+#[expect(missing_docs, reason = "fields are named for what the #[error] message says")]
 pub enum InitramfsError {
+    /// An input file could not be read.
     #[error("read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The output could not be written.
     #[error("write {}", path.display())]
     Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The base image is not a newc archive.
     #[error("{} is not a newc cpio archive: rebuild it (cargo xtask guest)", path.display())]
     NotCpio { path: PathBuf },
+    /// A file exceeds cpio's 4 GiB entry size.
     #[error("{name} is too large for a cpio entry")]
     TooLarge { name: String },
+    /// The run config could not be serialized.
     #[error("serialize the run config")]
     RunConfig(#[source] serde_json::Error),
 }

@@ -18,6 +18,8 @@
 //! Must not depend on tokio or any control-plane crate (api, store, agent, control): only
 //! `aloft-guest-proto` and the standard library plus libc/serde/thiserror.
 
+#![warn(missing_docs)]
+
 mod argv;
 mod cgroup;
 mod channel;

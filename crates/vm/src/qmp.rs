@@ -13,17 +13,22 @@ use serde_json::{Value, json};
 
 /// Why a QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
+#[expect(missing_docs, reason = "fields are named for what the #[error] message says")]
 pub enum QmpError {
+    /// Socket I/O failed.
     #[error("{op}")]
     Io {
         op: &'static str,
         #[source]
         source: std::io::Error,
     },
+    /// QEMU sent something that is not QMP.
     #[error("unexpected message from qemu: {line}")]
     Protocol { line: String },
+    /// QEMU closed the connection.
     #[error("qemu closed the monitor connection")]
     Closed,
+    /// QEMU answered with an error.
     #[error("{command}: {class}: {desc}")]
     Command {
         command: String,

@@ -24,7 +24,9 @@ pub struct VmSpec {
     pub initrd: PathBuf,
     /// Extra kernel arguments, appended after ours.
     pub cmdline_extra: Vec<String>,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
     pub vcpus: u32,
+    /// Guest memory in MiB (at least [`MIN_MEMORY_MIB`]).
     pub memory_mib: u32,
     /// In order: `/dev/vda`, `/dev/vdb`, …
     pub disks: Vec<DiskSpec>,
@@ -33,7 +35,9 @@ pub struct VmSpec {
     /// This VM's private directory, owned by the caller: `qemu.pid`, `qmp.sock`, `channel.sock`,
     /// `console.log`, `qemu.log` (QEMU's own stderr), `initrd.cpio` (composed), `state.json`.
     pub run_dir: PathBuf,
+    /// What init runs, written into the composed initramfs.
     pub run_config: RunConfig,
+    /// Which accelerator; [`AccelChoice::Auto`] probes (cached).
     pub accel: AccelChoice,
     /// Run QEMU as an unprivileged user, sandboxed and in its own cgroup.
     pub jail: Option<JailSpec>,
@@ -163,8 +167,11 @@ pub(crate) fn user_exists(user: &str) -> bool {
 /// One virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
+    /// Image file (or block device).
     pub path: PathBuf,
+    /// Attach read-only (`readonly=on`).
     pub read_only: bool,
+    /// Image format.
     pub format: DiskFormat,
 }
 
@@ -183,7 +190,9 @@ impl DiskSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
+    /// Raw image.
     Raw,
+    /// qcow2 image (e.g. a copy-on-write overlay over a base).
     Qcow2,
 }
 
@@ -200,7 +209,9 @@ impl DiskFormat {
 /// A tap device the caller created, and the guest's MAC on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSpec {
+    /// Tap device name (≤ 15 characters).
     pub tap: String,
+    /// The guest NIC's MAC, `52:54:00:xx:xx:xx`.
     pub mac: String,
 }
 
@@ -220,7 +231,9 @@ pub enum AccelChoice {
     /// Probe ([`crate::accel::probe`], cached).
     #[default]
     Auto,
+    /// KVM without probing.
     Kvm,
+    /// TCG (emulation) without probing.
     Tcg,
 }
 
@@ -228,11 +241,14 @@ pub enum AccelChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
+    /// Hardware virtualization (`-accel kvm -cpu host`).
     Kvm,
+    /// QEMU's emulator (`-accel tcg -cpu max`).
     Tcg,
 }
 
 impl Accel {
+    /// `kvm` or `tcg`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Kvm => "kvm",

@@ -39,8 +39,11 @@ const SNAPSHOT_FD_NAME: &str = "aloft-snap";
 /// Output of [`Vm::exec`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOutput {
+    /// How the command ended.
     pub exit: ExecExit,
+    /// Everything it wrote to stdout.
     pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
     pub stderr: Vec<u8>,
 }
 
@@ -50,6 +53,7 @@ pub struct ExecOutput {
 pub enum QemuStatus {
     /// QEMU exited by itself (guest powered off, guest panic with `-no-reboot`, or a QEMU error).
     /// `code`/`signal` are known only when this process was QEMU's parent.
+    #[expect(missing_docs, reason = "QEMU's exit code or killing signal")]
     Exited { code: Option<i32>, signal: Option<i32> },
     /// The driver killed it (stop timeout, [`Vm::kill`]).
     Killed,
@@ -64,6 +68,7 @@ pub struct VmExit {
     pub workload: Option<WorkloadExit>,
     /// Init could not start the workload: its message.
     pub failed: Option<String>,
+    /// How QEMU itself ended.
     pub qemu_status: QemuStatus,
 }
 
@@ -507,7 +512,13 @@ impl Vm {
             return e.clone();
         }
         let (status, raw) = {
-            let g = self.shared.lock();
+            // QEMU is gone: let the reader drain what the guest sent last (final logs, the exit
+            // status) until it sees the connection close.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            let mut g = self.shared.lock();
+            while g.connected && Instant::now() < deadline {
+                g = self.shared.wait(g, Duration::from_millis(20));
+            }
             (g.status.clone(), g.qemu_exit)
         };
         let facts = self.console_facts();
@@ -603,8 +614,6 @@ impl Vm {
                 }
             }
             if self.finished_exit().is_some() || !self.is_alive() || self.shared.lock().qemu_exit.is_some() {
-                // Let the reader drain what the guest sent before it went away.
-                std::thread::sleep(Duration::from_millis(50));
                 let exit = self.finish(QemuStatus::Exited {
                     code: None,
                     signal: None,

@@ -157,4 +157,21 @@ mod tests {
         );
         t.assert_no_qemu();
     }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn kernel_panic_during_boot_is_reported_with_console_lines() {
+        let mut t = TestVm::new("panic", &["/bin/true"]);
+        t.spec.cmdline_extra = vec!["rdinit=/nonexistent".into()];
+        let vm = t.start();
+        let e = vm.wait_started(BOOT_TIMEOUT).unwrap_err();
+        assert!(matches!(e, VmError::GuestBootFailed { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.starts_with("guest kernel failed to boot: "), "{msg}");
+        assert!(msg.contains("Kernel panic"), "{msg}");
+        t.assert_no_qemu();
+    }
 }

@@ -1,0 +1,223 @@
+//! Boot a root filesystem in a microVM and run one command in it.
+//!
+//! ```text
+//! cargo run -p aloft-vm --example boot -- --rootfs DIR_OR_EXT4_IMAGE [--memory 256] [--vcpus 1] \
+//!     [--user U] [--env K=V]... [--workdir D] [--accel auto|kvm|tcg] -- /bin/sh -c 'echo hi'
+//! ```
+//!
+//! A directory is packed into a temporary ext4 image first (`mkfs.ext4 -d`). The workload's output
+//! is streamed to stdout/stderr and the example exits with the workload's exit code (128 + signal
+//! when a signal ended it). Ctrl-C stops the VM gracefully. Everything temporary is removed.
+//! Kernel and initramfs come from `$ALOFT_GUEST_DIR` or `<workspace>/target/guest`.
+#![expect(
+    unsafe_code,
+    reason = "blocking SIGINT/SIGTERM and waiting for them with sigwait"
+)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aloft_guest_proto::{DataStream, RootConfig, RunConfig};
+use aloft_vm::{AccelChoice, DiskSpec, Vm, VmError, VmSpec};
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Root filesystem: a directory (packed into ext4) or an ext4 image.
+    #[arg(long)]
+    rootfs: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    workdir: Option<String>,
+    /// `KEY=VALUE`, repeatable.
+    #[arg(long = "env")]
+    env: Vec<String>,
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// The command.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("ALOFT_GUEST_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"),
+        PathBuf::from,
+    )
+}
+
+fn mkfs(args: &[&str], extra: &[&Path], size: &str) -> anyhow::Result<()> {
+    let out = Command::new("mkfs.ext4")
+        .args(args)
+        .args(extra)
+        .arg(size)
+        .output()
+        .context("run mkfs.ext4")?;
+    if !out.status.success() {
+        bail!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it spawns afterwards).
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; pthread_sigmask only changes this
+    // thread's mask.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sigset = block_signals();
+    let tmp = tempfile::Builder::new().prefix("aloft-boot-").tempdir()?;
+    let rootfs = if args.rootfs.is_dir() {
+        let img = tmp.path().join("rootfs.ext4");
+        // Size: the tree plus room for ext4's metadata.
+        let du = Command::new("du").arg("-sm").arg(&args.rootfs).output()?;
+        let mb: u64 = String::from_utf8_lossy(&du.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(64);
+        mkfs(
+            &["-q", "-F", "-E", "root_owner=0:0", "-d"],
+            &[&args.rootfs, &img],
+            &format!("{}M", mb * 3 / 2 + 64),
+        )?;
+        img
+    } else {
+        args.rootfs.clone()
+    };
+    let rw = tmp.path().join("rw.img");
+    mkfs(
+        &[
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+        ],
+        &[&rw],
+        "256M",
+    )?;
+    let kernel = guest_dir().join("vmlinux");
+    let mut initrd = guest_dir().join("initramfs.cpio");
+    if !initrd.is_file() {
+        let init = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/x86_64-unknown-linux-gnu/guest/aloft-init");
+        if init.is_file() {
+            let out = tmp.path().join("initramfs.cpio");
+            aloft_vm::initramfs::write_base(&init, &out)?;
+            initrd = out;
+        }
+    }
+    let mut spec = VmSpec::new(
+        format!("boot-{}", std::process::id()),
+        kernel,
+        initrd,
+        tmp.path().join("run"),
+    );
+    spec.memory_mib = args.memory;
+    spec.vcpus = args.vcpus;
+    spec.accel = match args.accel.as_str() {
+        "kvm" => AccelChoice::Kvm,
+        "tcg" => AccelChoice::Tcg,
+        _ => AccelChoice::Auto,
+    };
+    spec.disks = vec![DiskSpec::raw(&rootfs, true), DiskSpec::raw(&rw, false)];
+    let mut env = std::collections::BTreeMap::new();
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').context("--env takes KEY=VALUE")?;
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    spec.run_config = RunConfig {
+        hostname: "boot".into(),
+        exec: Some(args.command.clone()),
+        user: args.user.clone(),
+        working_dir: args.workdir.clone(),
+        env,
+        root: RootConfig {
+            device: Some("/dev/vda".into()),
+            fstype: "ext4".into(),
+            writable_device: Some("/dev/vdb".into()),
+        },
+        ..RunConfig::default()
+    };
+
+    let t0 = Instant::now();
+    let vm = Arc::new(Vm::start(spec)?);
+    let logs = vm.logs();
+    let printer = std::thread::spawn(move || {
+        for chunk in logs {
+            let _ = match chunk.stream {
+                DataStream::Stdout => std::io::stdout().write_all(&chunk.data),
+                DataStream::Stderr => std::io::stderr().write_all(&chunk.data),
+            };
+        }
+    });
+    {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `sigset` is an initialised set; `sig` is a valid out pointer.
+            if unsafe { libc::sigwait(&raw const sigset, &raw mut sig) } == 0 {
+                eprintln!("boot: signal {sig}, stopping the vm");
+                let _ = vm.stop(None, Duration::from_secs(5));
+            }
+        });
+    }
+    let code = match vm.wait_started(Duration::from_secs(120)) {
+        Ok(pid) => {
+            eprintln!(
+                "boot: workload pid {pid} started {:.2?} after launch (qemu pid {}, {})",
+                t0.elapsed(),
+                vm.pid(),
+                vm.accel()
+            );
+            let exit = vm.wait_exit(Duration::from_secs(365 * 24 * 3600))?;
+            match (exit.workload, exit.failed) {
+                (Some(w), _) => w.exit_code.or(w.signal.map(|s| 128 + s)).unwrap_or(1),
+                (None, Some(msg)) => {
+                    eprintln!("boot: {msg}");
+                    1
+                }
+                (None, None) => {
+                    eprintln!("boot: vm ended without a workload status: {:?}", exit.qemu_status);
+                    1
+                }
+            }
+        }
+        Err(e) => {
+            let _ = vm.kill();
+            if let VmError::WorkloadFailed { .. } = e {
+                eprintln!("boot: {e}");
+                127
+            } else {
+                return Err(e.into());
+            }
+        }
+    };
+    let _ = vm.kill();
+    drop(vm);
+    let _ = printer.join();
+    drop(tmp);
+    std::process::exit(code);
+}
