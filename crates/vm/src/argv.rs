@@ -86,9 +86,25 @@ pub(crate) fn accel_args(accel: Accel) -> [&'static str; 4] {
     }
 }
 
+/// Descriptors of one disk opened by the driver (jailed VMs): QEMU gets them as an fd set and
+/// never opens the image by path. A writable disk needs both: after an incoming migration QEMU
+/// reopens its images when the VM is activated, by then as the jail user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DiskFds {
+    pub(crate) read_only: i32,
+    pub(crate) read_write: Option<i32>,
+}
+
 /// The full argv (program first) for `spec`; `tsc_khz` is the host's TSC rate (used under TCG, see
 /// [`host_tsc_khz`]). An incoming (resume) boot appends to the console log of the earlier run.
-pub(crate) fn qemu_argv(spec: &VmSpec, accel: Accel, boot: Boot, tsc_khz: u64) -> Vec<String> {
+/// `disk_fds` is empty (QEMU opens disks by path) or has one entry per disk.
+pub(crate) fn qemu_argv(
+    spec: &VmSpec,
+    accel: Accel,
+    boot: Boot,
+    tsc_khz: u64,
+    disk_fds: &[DiskFds],
+) -> Vec<String> {
     let paths = RunPaths::new(&spec.run_dir);
     let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), "microvm".into()];
     a.extend(accel_args(accel).iter().map(|s| (*s).to_owned()));
@@ -128,15 +144,32 @@ pub(crate) fn qemu_argv(spec: &VmSpec, accel: Accel, boot: Boot, tsc_khz: u64) -
     );
     for (i, d) in spec.disks.iter().enumerate() {
         let ro = if d.read_only { ",readonly=on" } else { "" };
+        let file = match disk_fds.get(i) {
+            Some(fds) => {
+                let set = i + 1;
+                let path = esc(&d.path);
+                push(
+                    &mut a,
+                    &[
+                        "-add-fd",
+                        &format!("fd={},set={set},opaque=rdonly:{path}", fds.read_only),
+                    ],
+                );
+                if let Some(rw) = fds.read_write {
+                    push(
+                        &mut a,
+                        &["-add-fd", &format!("fd={rw},set={set},opaque=rdwr:{path}")],
+                    );
+                }
+                format!("/dev/fdset/{set}")
+            }
+            None => esc(&d.path),
+        };
         push(
             &mut a,
             &[
                 "-drive",
-                &format!(
-                    "id=d{i},file={},format={},if=none{ro}",
-                    esc(&d.path),
-                    d.format.as_str()
-                ),
+                &format!("id=d{i},file={file},format={},if=none{ro}", d.format.as_str()),
                 "-device",
                 &format!("virtio-blk-device,drive=d{i}"),
             ],
@@ -253,7 +286,7 @@ mod tests {
 
     #[test]
     fn tcg_minimal() {
-        let a = qemu_argv(&spec(), Accel::Tcg, Boot::Cold, 2_445_404);
+        let a = qemu_argv(&spec(), Accel::Tcg, Boot::Cold, 2_445_404, &[]);
         assert_eq!(a[0], "qemu-system-x86_64");
         let j = joined(&a);
         assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel tcg,tb-size=64 -cpu max -m 256 -smp 1"));
@@ -295,7 +328,7 @@ mod tests {
         s.cmdline_extra = vec!["loglevel=3".into()];
         s.vcpus = 2;
         s.memory_mib = 512;
-        let a = qemu_argv(&s, Accel::Kvm, Boot::Cold, 2_445_404);
+        let a = qemu_argv(&s, Accel::Kvm, Boot::Cold, 2_445_404, &[]);
         let j = joined(&a);
         assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 512 -smp 2"));
         assert_eq!(
@@ -315,7 +348,7 @@ mod tests {
                 format: crate::DiskFormat::Qcow2,
             },
         ];
-        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000);
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &[]);
         assert_eq!(
             pair(&a, "-drive"),
             [
@@ -340,7 +373,7 @@ mod tests {
             user: "aloft-vm".into(),
             cgroup_parent: "aloft".into(),
         });
-        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 2_000_000);
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 2_000_000, &[]);
         assert_eq!(
             pair(&a, "-netdev"),
             ["tap,id=n0,ifname=tap-m1,script=no,downscript=no,vhost=off"]
@@ -357,6 +390,41 @@ mod tests {
         assert!(
             joined(&a).contains("console.log,append=on"),
             "resume keeps the console log"
+        );
+    }
+
+    #[test]
+    fn jailed_disks_are_fd_sets() {
+        let mut s = spec();
+        s.disks = vec![
+            DiskSpec::raw("/img/base.ext4", true),
+            DiskSpec::raw("/img/rw.img", false),
+        ];
+        let fds = [
+            DiskFds {
+                read_only: 7,
+                read_write: None,
+            },
+            DiskFds {
+                read_only: 8,
+                read_write: Some(9),
+            },
+        ];
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &fds);
+        assert_eq!(
+            pair(&a, "-add-fd"),
+            [
+                "fd=7,set=1,opaque=rdonly:/img/base.ext4",
+                "fd=8,set=2,opaque=rdonly:/img/rw.img",
+                "fd=9,set=2,opaque=rdwr:/img/rw.img"
+            ]
+        );
+        assert_eq!(
+            pair(&a, "-drive"),
+            [
+                "id=d0,file=/dev/fdset/1,format=raw,if=none,readonly=on",
+                "id=d1,file=/dev/fdset/2,format=raw,if=none"
+            ]
         );
     }
 

@@ -7,15 +7,23 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// Makes `cmd`'s child start a new session (so it outlives us and our terminal) and join the cgroups
-/// whose `cgroup.procs` files are `join` (opened for writing by the caller) before exec.
-pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>) {
+/// Makes `cmd`'s child start a new session (so it outlives us and our terminal), join the cgroups
+/// whose `cgroup.procs` files are `join` (opened for writing by the caller) and inherit `inherit`
+/// (same numbers; close-on-exec is cleared in the child only) before exec.
+pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>, inherit: Vec<OwnedFd>) {
     let hook = move || -> io::Result<()> {
+        for fd in &inherit {
+            // SAFETY: `fd` is open and owned by this closure; fcntl(F_SETFD) is async-signal-safe
+            // and only changes this (child) process's descriptor flags.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         // SAFETY: setsid has no memory-safety preconditions and is async-signal-safe, as required
         // between fork and exec.
         if unsafe { libc::setsid() } < 0 {
@@ -31,7 +39,7 @@ pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>) {
         }
         Ok(())
     };
-    // SAFETY: the hook only calls async-signal-safe functions (setsid, write) and does not
+    // SAFETY: the hook only calls async-signal-safe functions (fcntl, setsid, write) and does not
     // allocate (io::Error::last_os_error builds an error from errno without allocating).
     unsafe {
         cmd.pre_exec(hook);

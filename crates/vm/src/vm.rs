@@ -1,7 +1,7 @@
 //! [`Vm`]: launching, reattaching to and controlling one QEMU `microvm`.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use aloft_guest_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::argv::{Boot, qemu_argv};
+use crate::argv::{Boot, DiskFds, qemu_argv};
 use crate::cgroup::{self, Cgroup, Layout};
 use crate::channel::{self, LogChunk, RawExit, Shared};
 use crate::console;
@@ -274,7 +274,30 @@ impl Vm {
         }
         let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
         initramfs::compose(&spec.initrd, &spec.run_config, &paths.initrd())?;
-        let argv = qemu_argv(&spec, accel, boot, crate::argv::host_tsc_khz());
+        // Jailed: open the disks here and hand QEMU descriptors (see `DiskFds`).
+        let mut inherit = Vec::new();
+        let mut disk_fds = Vec::new();
+        if spec.jail.is_some() {
+            for d in &spec.disks {
+                let open = |write: bool| {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(&d.path)
+                        .map(std::os::fd::OwnedFd::from)
+                        .map_err(|e| VmError::io("open disk", &d.path, e))
+                };
+                let ro = open(false)?;
+                let rw = if d.read_only { None } else { Some(open(true)?) };
+                disk_fds.push(DiskFds {
+                    read_only: ro.as_raw_fd(),
+                    read_write: rw.as_ref().map(AsRawFd::as_raw_fd),
+                });
+                inherit.push(ro);
+                inherit.extend(rw);
+            }
+        }
+        let argv = qemu_argv(&spec, accel, boot, crate::argv::host_tsc_khz(), &disk_fds);
 
         let mut guard = LaunchGuard {
             child: None,
@@ -313,11 +336,13 @@ impl Vm {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .current_dir("/");
-        sys::detach_into(&mut cmd, join);
+        sys::detach_into(&mut cmd, join, inherit);
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
             program: argv[0].clone(),
             source,
         })?;
+        // Closes our copies of the disk and cgroup descriptors.
+        drop(cmd);
         let pid = i32::try_from(child.id()).unwrap_or(-1);
         guard.child = Some(child);
         let start_time = proc::start_time(pid).unwrap_or(0);
