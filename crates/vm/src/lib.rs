@@ -43,3 +43,13 @@ pub use spec::{
     Accel, AccelChoice, DiskFormat, DiskSpec, JailSpec, MAX_VCPUS, MIN_MEMORY_MIB, NetSpec, VmSpec,
 };
 pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vm_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<crate::Vm>();
+        check::<crate::VmError>();
+    }
+}

@@ -464,6 +464,11 @@ impl Vm {
         let mut g = self.shared.lock();
         while !g.connected {
             if g.qemu_exit.is_some() || Instant::now() > deadline {
+                drop(g);
+                let facts = self.console_facts();
+                if facts.boot_failure {
+                    return Err(VmError::GuestBootFailed { console: facts.tail });
+                }
                 return Err(VmError::Channel {
                     op: "connect",
                     source: std::io::Error::new(std::io::ErrorKind::TimedOut, "channel.sock did not accept"),
@@ -935,6 +940,11 @@ impl Vm {
     /// The serial console log (kernel messages and init's markers).
     pub fn console_log(&self) -> PathBuf {
         self.paths.console()
+    }
+
+    /// Whether this process still has the host↔guest channel connected.
+    pub fn channel_connected(&self) -> bool {
+        self.shared.lock().connected
     }
 
     /// The accelerator this VM runs with.
