@@ -705,8 +705,14 @@ impl Vm {
 
     /// Runs a command in the guest and collects its output. On timeout the command is killed
     /// (SIGKILL) and [`VmError::Timeout`] returned. Init's refusal (e.g. missing program) is
-    /// [`VmError::ExecFailed`].
+    /// [`VmError::ExecFailed`]. Interactive stdin (`req.stdin = true`) is not supported yet and is
+    /// refused; the command's stdin is `/dev/null`.
     pub fn exec(&self, req: ExecRequest, timeout: Duration) -> Result<ExecOutput, VmError> {
+        if req.stdin {
+            return Err(VmError::ExecFailed {
+                message: "exec with stdin is not supported by the vm driver yet".into(),
+            });
+        }
         self.ensure_running()?;
         let chan = self.next_chan();
         let rx = self.shared.register(chan);
