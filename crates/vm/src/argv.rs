@@ -368,6 +368,7 @@ mod tests {
         s.net = Some(NetSpec {
             tap: "tap-m1".into(),
             mac: "52:54:00:12:34:56".into(),
+            netns: None,
         });
         s.jail = Some(JailSpec {
             user: "aloft-vm".into(),

@@ -213,6 +213,10 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest NIC's MAC, `52:54:00:xx:xx:xx`.
     pub mac: String,
+    /// Network namespace holding the tap (`/run/netns/NAME`); QEMU joins it before exec. `None`:
+    /// the tap is in the caller's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 /// Jail settings.

@@ -15,8 +15,16 @@ use std::process::Command;
 /// Makes `cmd`'s child start a new session (so it outlives us and our terminal), join the cgroups
 /// whose `cgroup.procs` files are `join` (opened for writing by the caller) and inherit `inherit`
 /// (same numbers; close-on-exec is cleared in the child only) before exec.
-pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>, inherit: Vec<OwnedFd>) {
+/// With `netns` (an open `/run/netns/NAME`), the child also joins that network namespace.
+pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>, inherit: Vec<OwnedFd>, netns: Option<File>) {
     let hook = move || -> io::Result<()> {
+        if let Some(ns) = &netns {
+            // SAFETY: `ns` is an open namespace file owned by this closure; setns(2) is a plain
+            // syscall, safe between fork and exec, and only affects this (child) process.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         for fd in &inherit {
             // SAFETY: `fd` is open and owned by this closure; fcntl(F_SETFD) is async-signal-safe
             // and only changes this (child) process's descriptor flags.
@@ -39,7 +47,7 @@ pub(crate) fn detach_into(cmd: &mut Command, join: Vec<File>, inherit: Vec<Owned
         }
         Ok(())
     };
-    // SAFETY: the hook only calls async-signal-safe functions (fcntl, setsid, write) and does not
+    // SAFETY: the hook only calls async-signal-safe functions (setns, fcntl, setsid, write) and does not
     // allocate (io::Error::last_os_error builds an error from errno without allocating).
     unsafe {
         cmd.pre_exec(hook);

@@ -336,7 +336,11 @@ impl Vm {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .current_dir("/");
-        sys::detach_into(&mut cmd, join, inherit);
+        let netns = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
+            Some(path) => Some(File::open(path).map_err(|e| VmError::io("open network namespace", path.clone(), e))?),
+            None => None,
+        };
+        sys::detach_into(&mut cmd, join, inherit, netns);
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
             program: argv[0].clone(),
             source,

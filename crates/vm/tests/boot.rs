@@ -292,6 +292,7 @@ mod tests {
         t.spec.net = Some(NetSpec {
             tap: tap.name.clone(),
             mac: "52:54:00:12:34:56".into(),
+            netns: None,
         });
         t.spec.run_config.network = Some(NetConfig {
             addresses: vec![format!("{}/30", tap.guest_ip).parse().unwrap()],

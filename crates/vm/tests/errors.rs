@@ -82,6 +82,7 @@ mod tests {
         t.spec.net = Some(aloft_vm::NetSpec {
             tap: "aloftnotap0".into(),
             mac: "52:54:00:00:00:01".into(),
+            netns: None,
         });
         // QEMU creates a missing tap when run as root; make it fail by using a bogus disk format.
         t.spec.disks[0].format = aloft_vm::DiskFormat::Qcow2;

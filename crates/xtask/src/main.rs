@@ -1,1 +1,84 @@
-fn main() {}
+//! `cargo xtask`: project automation that is code rather than shell.
+//!
+//! * `cargo xtask guest` — builds the static `aloft-init` and the base initramfs
+//!   (`target/guest/initramfs.cpio`) that every machine boots.
+//! * `cargo xtask bench NAME` — runs a benchmark; prints a table and, as its last line, one JSON
+//!   object `{"bench":NAME,"metrics":{…}}`.
+//!
+//! Nothing in the product depends on this crate.
+
+mod bench_boot;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "aloft project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the static aloft-init and the base initramfs into target/guest/.
+    Guest,
+    /// Run a benchmark (`boot`).
+    Bench {
+        name: String,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Guest => guest(),
+        Cmd::Bench { name, runs } => match name.as_str() {
+            "boot" => bench_boot::run(runs),
+            other => bail!("unknown benchmark {other:?}; available: boot"),
+        },
+    }
+}
+
+/// Where `scripts/setup.sh` and the tests expect the guest artifacts.
+fn guest_dir() -> PathBuf {
+    aloft_testkit::workspace_root().join("target").join("guest")
+}
+
+fn guest() -> anyhow::Result<()> {
+    let root = aloft_testkit::workspace_root();
+    let target = "x86_64-unknown-linux-gnu";
+    // A static binary: the guest root filesystem is the user's image, whose libc we cannot rely on.
+    // RUSTFLAGS with an explicit --target applies to the init binary only, not to build scripts.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--quiet", "-p", "aloft-init", "--profile", "guest-init", "--target", target])
+        .status()
+        .context("run cargo build for aloft-init")?;
+    if !status.success() {
+        bail!("building aloft-init failed");
+    }
+    let init = root.join("target").join(target).join("guest-init").join("aloft-init");
+    let bytes = std::fs::read(&init).with_context(|| format!("read {}", init.display()))?;
+    if bytes.windows(b"/lib64/ld-linux".len()).any(|w| w == b"/lib64/ld-linux") {
+        bail!("{} is dynamically linked; the guest needs a static binary", init.display());
+    }
+    let out = guest_dir().join("initramfs.cpio");
+    std::fs::create_dir_all(guest_dir())?;
+    aloft_vm::initramfs::write_base(&init, &out).with_context(|| format!("write {}", out.display()))?;
+    println!(
+        "guest: {} ({} KiB), {} ({} KiB)",
+        init.display(),
+        bytes.len() / 1024,
+        out.display(),
+        std::fs::metadata(&out)?.len() / 1024
+    );
+    Ok(())
+}

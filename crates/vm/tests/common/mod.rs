@@ -36,14 +36,14 @@ pub(crate) fn kernel() -> PathBuf {
 }
 
 /// The base initramfs: `<guest dir>/initramfs.cpio`, else one written from the statically built
-/// init (`cargo build -p aloft-init --profile guest --target x86_64-unknown-linux-gnu`).
+/// init (`cargo build -p aloft-init --profile guest-init --target x86_64-unknown-linux-gnu`).
 pub(crate) fn initrd() -> PathBuf {
     static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let i = guest_dir().join("initramfs.cpio");
     if i.is_file() {
         return i;
     }
-    let init = workspace().join("target/x86_64-unknown-linux-gnu/guest/aloft-init");
+    let init = workspace().join("target/x86_64-unknown-linux-gnu/guest-init/aloft-init");
     assert!(
         init.is_file(),
         "guest initramfs {} is missing and no static init at {}: run scripts/setup.sh",

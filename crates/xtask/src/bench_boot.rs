@@ -1,0 +1,213 @@
+//! `cargo xtask bench boot`: how fast a machine starts, answers, resumes, and what it costs idle.
+//!
+//! Baseline in the same run: plain QEMU booting our kernel and base initramfs to init's first console
+//! line (`raw_qemu_boot_ms`), so the noise of a shared machine cancels out of what aloft adds
+//! (`machine_start_ms - raw_qemu_boot_ms`).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aloft_guest_proto::{CONSOLE_HELLO, NetConfig, PROBE_CMDLINE_FLAG, RootConfig, RunConfig};
+use aloft_testkit::{GuestArtifacts, NetNs};
+use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Vm, VmSpec, accel::Accel};
+use anyhow::{Context, bail};
+
+use crate::stats::{median, min};
+
+const MEMORY_MIB: u32 = 128;
+const PORT: u16 = 8080;
+
+pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
+    let runs = runs.max(1);
+    let guest = aloft_testkit::guest_artifacts()?;
+    let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
+    eprintln!("bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU");
+    let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
+    let rootfs = aloft_testkit::busybox_rootfs(&aloft_testkit::cache_dir())?;
+
+    let mut raw = Vec::new();
+    for _ in 0..runs {
+        raw.push(raw_qemu_boot(&guest, accel)?);
+    }
+
+    let mut start = Vec::new();
+    let mut port = Vec::new();
+    let mut resume = Vec::new();
+    let mut rss = Vec::new();
+    for i in 0..runs {
+        let m = machine_run(&guest, accel, &rootfs, &work.path().join(format!("m{i}")))?;
+        start.push(m.start_ms);
+        port.push(m.port_ms);
+        resume.push(m.resume_ms);
+        rss.push(m.idle_rss_mib);
+    }
+
+    let rows: [(&str, &[f64], &str, &str); 5] = [
+        ("raw_qemu_boot_ms", &raw, "ms", "baseline: plain QEMU, our kernel+initrd, to init's first line"),
+        ("machine_start_ms", &start, "ms", "VmSpec → workload started (target ≤ 1200 under TCG)"),
+        ("port_ready_ms", &port, "ms", "VmSpec → guest TCP port accepts through the tap"),
+        ("resume_ms", &resume, "ms", "suspended → port answers again (target ≤ 350)"),
+        ("idle_rss_mib", &rss, "MiB", "host RSS of an idle 128 MiB machine (target ≤ 60)"),
+    ];
+    println!("{:<18} {:>10} {:>10}  {:<5} {}", "metric", "median", "min", "unit", "what");
+    let mut metrics = serde_json::Map::new();
+    for (name, samples, unit, what) in rows {
+        let med = median(samples).unwrap_or(f64::NAN);
+        let lo = min(samples).unwrap_or(f64::NAN);
+        println!("{name:<18} {med:>10.1} {lo:>10.1}  {unit:<5} {what}");
+        metrics.insert(name.to_owned(), serde_json::json!({ "value": round1(med), "unit": unit }));
+    }
+    let added = median(&start).unwrap_or(f64::NAN) - median(&raw).unwrap_or(f64::NAN);
+    println!("aloft adds {added:.1} ms to a bare boot (target ≤ 150)");
+    println!("{}", serde_json::json!({ "bench": "boot", "metrics": metrics }));
+    Ok(())
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// Plain QEMU, our kernel and base initramfs, `aloft.probe=1`: time to init's hello line.
+fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
+    let (accel_args, cpu, extra) = match accel {
+        Accel::Kvm => ("kvm", "host", ""),
+        Accel::Tcg => ("tcg", "max", " tsc_early_khz=2000000 tsc=reliable"),
+    };
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-accel", accel_args, "-cpu", cpu, "-smp", "1"])
+        .args(["-m", &MEMORY_MIB.to_string(), "-nodefaults", "-no-user-config", "-nographic"])
+        .args(["-serial", "stdio", "-no-reboot", "-kernel"])
+        .arg(&guest.kernel)
+        .arg("-initrd")
+        .arg(&guest.initrd)
+        .args(["-append", &format!("console=ttyS0 quiet pci=off reboot=k panic=-1{extra} {PROBE_CMDLINE_FLAG}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn qemu-system-x86_64")?;
+    let mut out = child.stdout.take().context("qemu stdout")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let found = loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break None;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(CONSOLE_HELLO.len()).any(|w| w == CONSOLE_HELLO.as_bytes()) {
+            break Some(t0.elapsed());
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    match found {
+        Some(d) => Ok(d.as_secs_f64() * 1000.0),
+        None => bail!("raw boot never printed {CONSOLE_HELLO:?}; console: {}", String::from_utf8_lossy(&seen)),
+    }
+}
+
+struct MachineRun {
+    start_ms: f64,
+    port_ms: f64,
+    resume_ms: f64,
+    idle_rss_mib: f64,
+}
+
+fn machine_run(guest: &GuestArtifacts, accel: Accel, rootfs: &Path, dir: &Path) -> anyhow::Result<MachineRun> {
+    std::fs::create_dir_all(dir)?;
+    let rw = dir.join("rw.ext4");
+    aloft_testkit::writable_disk(&rw, 64)?;
+    let ns = NetNs::new()?;
+    let run_config = RunConfig {
+        hostname: "bench".into(),
+        cmd: Some(vec!["/bin/httpd".into(), "-f".into(), "-p".into(), PORT.to_string(), "-h".into(), "/".into()]),
+        root: RootConfig {
+            device: Some("/dev/vda".into()),
+            fstype: "ext4".into(),
+            writable_device: Some("/dev/vdb".into()),
+        },
+        network: Some(NetConfig {
+            addresses: vec![format!("{}/{}", ns.guest_ip, ns.prefix_len).parse()?],
+            gateways: vec![ns.host_ip.into()],
+            mtu: None,
+        }),
+        ..RunConfig::default()
+    };
+    let spec = VmSpec {
+        name: format!("bench-{}", std::process::id()),
+        kernel: guest.kernel.clone(),
+        initrd: guest.initrd.clone(),
+        cmdline_extra: Vec::new(),
+        vcpus: 1,
+        memory_mib: MEMORY_MIB,
+        disks: vec![
+            DiskSpec { path: rootfs.to_path_buf(), read_only: true, format: DiskFormat::Raw },
+            DiskSpec { path: rw, read_only: false, format: DiskFormat::Raw },
+        ],
+        net: Some(NetSpec { tap: ns.tap.clone(), mac: "52:54:00:12:34:56".into(), netns: Some(ns.path()) }),
+        run_dir: dir.join("run"),
+        run_config,
+        accel: match accel {
+            Accel::Kvm => AccelChoice::Kvm,
+            Accel::Tcg => AccelChoice::Tcg,
+        },
+        jail: None,
+    };
+
+    let t0 = Instant::now();
+    let vm = Vm::start(spec.clone())?;
+    let result = (|| -> anyhow::Result<MachineRun> {
+        vm.wait_started(Duration::from_secs(30))?;
+        let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        wait_port(&ns, Duration::from_secs(30))?;
+        let port_ms = t0.elapsed().as_secs_f64() * 1000.0;
+
+        std::thread::sleep(Duration::from_secs(3));
+        let idle_rss_mib = rss_mib(vm.pid())?;
+
+        let snapshot = dir.join("snapshot.bin");
+        vm.suspend(&snapshot)?;
+        let t1 = Instant::now();
+        let resumed = Vm::resume(spec.clone(), &snapshot)?;
+        let port_again = wait_port(&ns, Duration::from_secs(30));
+        let resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        let _ = resumed.kill();
+        port_again?;
+        Ok(MachineRun { start_ms, port_ms, resume_ms, idle_rss_mib })
+    })();
+    let _ = vm.kill();
+    result
+}
+
+/// Polls until the guest's port accepts a connection.
+fn wait_port(ns: &NetNs, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ns.connect_tcp(PORT, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("guest port {PORT} did not accept within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Resident set of a process in MiB (`VmRSS`).
+fn rss_mib(pid: i32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS missing")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
