@@ -40,7 +40,13 @@ impl NetNs {
         };
         let ip = |args: &[&str]| run(Command::new("ip").args(["-n", &ns.name]).args(args));
         ip(&["tuntap", "add", "dev", &ns.tap, "mode", "tap"])?;
-        ip(&["addr", "add", &format!("{}/{}", ns.host_ip, ns.prefix_len), "dev", &ns.tap])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/{}", ns.host_ip, ns.prefix_len),
+            "dev",
+            &ns.tap,
+        ])?;
         ip(&["link", "set", &ns.tap, "up"])?;
         ip(&["link", "set", "lo", "up"])?;
         Ok(ns)

@@ -17,7 +17,9 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Fixture
 /// Writes a busybox root tree into `dir`: `/bin/busybox` with every applet linked in `/bin`, users
 /// `root`, `app` (1000) and `nobody` (65534), `/tmp` (1777), empty `/etc/hosts` and friends.
 pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
-    for d in ["bin", "sbin", "etc", "tmp", "root", "home/app", "proc", "sys", "dev", "run", "var"] {
+    for d in [
+        "bin", "sbin", "etc", "tmp", "root", "home/app", "proc", "sys", "dev", "run", "var",
+    ] {
         fs::create_dir_all(dir.join(d)).map_err(io("create directory", &dir.join(d)))?;
     }
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(io("chmod", dir))?;
@@ -42,7 +44,10 @@ pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
             "etc/passwd",
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
         ),
-        ("etc/group", "root:x:0:\napp:x:1000:\nextra:x:2000:app\nnogroup:x:65534:\n"),
+        (
+            "etc/group",
+            "root:x:0:\napp:x:1000:\nextra:x:2000:app\nnogroup:x:65534:\n",
+        ),
         ("etc/hosts", ""),
         ("etc/resolv.conf", ""),
         ("etc/hostname", ""),
@@ -66,7 +71,14 @@ pub fn ext4_from_dir(dir: &Path, image: &Path, size_mib: u32) -> Result<(), Fixt
 /// tables, so the guest spends no time on either.
 pub fn writable_disk(image: &Path, size_mib: u32) -> Result<(), FixtureError> {
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+        ])
         .arg(image)
         .arg(format!("{size_mib}M")))
 }
@@ -100,7 +112,14 @@ mod tests {
     fn busybox_tree_has_shell_and_users() {
         let dir = tempfile::tempdir().unwrap();
         busybox_tree(dir.path()).unwrap();
-        assert!(dir.path().join("bin/sh").symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(
+            dir.path()
+                .join("bin/sh")
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         let passwd = fs::read_to_string(dir.path().join("etc/passwd")).unwrap();
         assert!(passwd.contains("app:x:1000:1000"));
     }

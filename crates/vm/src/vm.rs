@@ -337,7 +337,9 @@ impl Vm {
             .stderr(Stdio::from(log2))
             .current_dir("/");
         let netns = match spec.net.as_ref().and_then(|n| n.netns.as_ref()) {
-            Some(path) => Some(File::open(path).map_err(|e| VmError::io("open network namespace", path.clone(), e))?),
+            Some(path) => {
+                Some(File::open(path).map_err(|e| VmError::io("open network namespace", path.clone(), e))?)
+            }
             None => None,
         };
         sys::detach_into(&mut cmd, join, inherit, netns);

@@ -45,19 +45,50 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
     }
 
     let rows: [(&str, &[f64], &str, &str); 5] = [
-        ("raw_qemu_boot_ms", &raw, "ms", "baseline: plain QEMU, our kernel+initrd, to init's first line"),
-        ("machine_start_ms", &start, "ms", "VmSpec → workload started (target ≤ 1200 under TCG)"),
-        ("port_ready_ms", &port, "ms", "VmSpec → guest TCP port accepts through the tap"),
-        ("resume_ms", &resume, "ms", "suspended → port answers again (target ≤ 350)"),
-        ("idle_rss_mib", &rss, "MiB", "host RSS of an idle 128 MiB machine (target ≤ 60)"),
+        (
+            "raw_qemu_boot_ms",
+            &raw,
+            "ms",
+            "baseline: plain QEMU, our kernel+initrd, to init's first line",
+        ),
+        (
+            "machine_start_ms",
+            &start,
+            "ms",
+            "VmSpec → workload started (target ≤ 1200 under TCG)",
+        ),
+        (
+            "port_ready_ms",
+            &port,
+            "ms",
+            "VmSpec → guest TCP port accepts through the tap",
+        ),
+        (
+            "resume_ms",
+            &resume,
+            "ms",
+            "suspended → port answers again (target ≤ 350)",
+        ),
+        (
+            "idle_rss_mib",
+            &rss,
+            "MiB",
+            "host RSS of an idle 128 MiB machine (target ≤ 60)",
+        ),
     ];
-    println!("{:<18} {:>10} {:>10}  {:<5} {}", "metric", "median", "min", "unit", "what");
+    println!(
+        "{:<18} {:>10} {:>10}  {:<5} what",
+        "metric", "median", "min", "unit"
+    );
     let mut metrics = serde_json::Map::new();
     for (name, samples, unit, what) in rows {
         let med = median(samples).unwrap_or(f64::NAN);
         let lo = min(samples).unwrap_or(f64::NAN);
         println!("{name:<18} {med:>10.1} {lo:>10.1}  {unit:<5} {what}");
-        metrics.insert(name.to_owned(), serde_json::json!({ "value": round1(med), "unit": unit }));
+        metrics.insert(
+            name.to_owned(),
+            serde_json::json!({ "value": round1(med), "unit": unit }),
+        );
     }
     let added = median(&start).unwrap_or(f64::NAN) - median(&raw).unwrap_or(f64::NAN);
     println!("aloft adds {added:.1} ms to a bare boot (target ≤ 150)");
@@ -78,12 +109,21 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm", "-accel", accel_args, "-cpu", cpu, "-smp", "1"])
-        .args(["-m", &MEMORY_MIB.to_string(), "-nodefaults", "-no-user-config", "-nographic"])
+        .args([
+            "-m",
+            &MEMORY_MIB.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+        ])
         .args(["-serial", "stdio", "-no-reboot", "-kernel"])
         .arg(&guest.kernel)
         .arg("-initrd")
         .arg(&guest.initrd)
-        .args(["-append", &format!("console=ttyS0 quiet pci=off reboot=k panic=-1{extra} {PROBE_CMDLINE_FLAG}")])
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet pci=off reboot=k panic=-1{extra} {PROBE_CMDLINE_FLAG}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -98,7 +138,10 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
             break None;
         }
         seen.extend_from_slice(&buf[..n]);
-        if seen.windows(CONSOLE_HELLO.len()).any(|w| w == CONSOLE_HELLO.as_bytes()) {
+        if seen
+            .windows(CONSOLE_HELLO.len())
+            .any(|w| w == CONSOLE_HELLO.as_bytes())
+        {
             break Some(t0.elapsed());
         }
         if t0.elapsed() > Duration::from_secs(30) {
@@ -109,7 +152,10 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
     let _ = child.wait();
     match found {
         Some(d) => Ok(d.as_secs_f64() * 1000.0),
-        None => bail!("raw boot never printed {CONSOLE_HELLO:?}; console: {}", String::from_utf8_lossy(&seen)),
+        None => bail!(
+            "raw boot never printed {CONSOLE_HELLO:?}; console: {}",
+            String::from_utf8_lossy(&seen)
+        ),
     }
 }
 
@@ -120,14 +166,26 @@ struct MachineRun {
     idle_rss_mib: f64,
 }
 
-fn machine_run(guest: &GuestArtifacts, accel: Accel, rootfs: &Path, dir: &Path) -> anyhow::Result<MachineRun> {
+fn machine_run(
+    guest: &GuestArtifacts,
+    accel: Accel,
+    rootfs: &Path,
+    dir: &Path,
+) -> anyhow::Result<MachineRun> {
     std::fs::create_dir_all(dir)?;
     let rw = dir.join("rw.ext4");
     aloft_testkit::writable_disk(&rw, 64)?;
     let ns = NetNs::new()?;
     let run_config = RunConfig {
         hostname: "bench".into(),
-        cmd: Some(vec!["/bin/httpd".into(), "-f".into(), "-p".into(), PORT.to_string(), "-h".into(), "/".into()]),
+        cmd: Some(vec![
+            "/bin/httpd".into(),
+            "-f".into(),
+            "-p".into(),
+            PORT.to_string(),
+            "-h".into(),
+            "/".into(),
+        ]),
         root: RootConfig {
             device: Some("/dev/vda".into()),
             fstype: "ext4".into(),
@@ -148,10 +206,22 @@ fn machine_run(guest: &GuestArtifacts, accel: Accel, rootfs: &Path, dir: &Path) 
         vcpus: 1,
         memory_mib: MEMORY_MIB,
         disks: vec![
-            DiskSpec { path: rootfs.to_path_buf(), read_only: true, format: DiskFormat::Raw },
-            DiskSpec { path: rw, read_only: false, format: DiskFormat::Raw },
+            DiskSpec {
+                path: rootfs.to_path_buf(),
+                read_only: true,
+                format: DiskFormat::Raw,
+            },
+            DiskSpec {
+                path: rw,
+                read_only: false,
+                format: DiskFormat::Raw,
+            },
         ],
-        net: Some(NetSpec { tap: ns.tap.clone(), mac: "52:54:00:12:34:56".into(), netns: Some(ns.path()) }),
+        net: Some(NetSpec {
+            tap: ns.tap.clone(),
+            mac: "52:54:00:12:34:56".into(),
+            netns: Some(ns.path()),
+        }),
         run_dir: dir.join("run"),
         run_config,
         accel: match accel {
@@ -180,7 +250,12 @@ fn machine_run(guest: &GuestArtifacts, accel: Accel, rootfs: &Path, dir: &Path) 
         let resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
         let _ = resumed.kill();
         port_again?;
-        Ok(MachineRun { start_ms, port_ms, resume_ms, idle_rss_mib })
+        Ok(MachineRun {
+            start_ms,
+            port_ms,
+            resume_ms,
+            idle_rss_mib,
+        })
     })();
     let _ = vm.kill();
     result

@@ -59,16 +59,35 @@ fn guest() -> anyhow::Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "--quiet", "-p", "aloft-init", "--profile", "guest-init", "--target", target])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "aloft-init",
+            "--profile",
+            "guest-init",
+            "--target",
+            target,
+        ])
         .status()
         .context("run cargo build for aloft-init")?;
     if !status.success() {
         bail!("building aloft-init failed");
     }
-    let init = root.join("target").join(target).join("guest-init").join("aloft-init");
+    let init = root
+        .join("target")
+        .join(target)
+        .join("guest-init")
+        .join("aloft-init");
     let bytes = std::fs::read(&init).with_context(|| format!("read {}", init.display()))?;
-    if bytes.windows(b"/lib64/ld-linux".len()).any(|w| w == b"/lib64/ld-linux") {
-        bail!("{} is dynamically linked; the guest needs a static binary", init.display());
+    if bytes
+        .windows(b"/lib64/ld-linux".len())
+        .any(|w| w == b"/lib64/ld-linux")
+    {
+        bail!(
+            "{} is dynamically linked; the guest needs a static binary",
+            init.display()
+        );
     }
     let out = guest_dir().join("initramfs.cpio");
     std::fs::create_dir_all(guest_dir())?;
