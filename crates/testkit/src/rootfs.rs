@@ -15,10 +15,11 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Fixture
 }
 
 /// Writes a busybox root tree into `dir`: `/bin/busybox` with every applet linked in `/bin`, users
-/// `root`, `app` (1000) and `nobody` (65534), `/tmp` (1777), empty `/etc/hosts` and friends.
+/// `root`, `app` (1000, owning `/home/app`) and `nobody` (65534), `/tmp` (1777), empty `/etc/hosts`
+/// and friends, and `/var/www/index.html` ("hello from the guest") for HTTP tests.
 pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
     for d in [
-        "bin", "sbin", "etc", "tmp", "root", "home/app", "proc", "sys", "dev", "run", "var",
+        "bin", "sbin", "etc", "tmp", "root", "home/app", "proc", "sys", "dev", "run", "var/www",
     ] {
         fs::create_dir_all(dir.join(d)).map_err(io("create directory", &dir.join(d)))?;
     }
@@ -39,7 +40,9 @@ pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
             symlink("busybox", &link).map_err(io("symlink applet", &link))?;
         }
     }
-    let files: [(&str, &str); 5] = [
+    std::os::unix::fs::chown(dir.join("home/app"), Some(1000), Some(1000))
+        .map_err(io("chown", &dir.join("home/app")))?;
+    let files: [(&str, &str); 6] = [
         (
             "etc/passwd",
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
@@ -51,6 +54,7 @@ pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
         ("etc/hosts", ""),
         ("etc/resolv.conf", ""),
         ("etc/hostname", ""),
+        ("var/www/index.html", "hello from the guest\n"),
     ];
     for (name, contents) in files {
         fs::write(dir.join(name), contents).map_err(io("write", &dir.join(name)))?;
@@ -86,7 +90,8 @@ pub fn writable_disk(image: &Path, size_mib: u32) -> Result<(), FixtureError> {
 /// A busybox ext4 root image, built once and cached in `cache_dir` (safe to call from parallel test
 /// processes: the image is built under a unique name and renamed into place).
 pub fn busybox_rootfs(cache_dir: &Path) -> Result<PathBuf, FixtureError> {
-    let image = cache_dir.join("busybox-rootfs.ext4");
+    // Bump the version when the tree changes, so stale cached images are not reused.
+    let image = cache_dir.join("busybox-rootfs-v2.ext4");
     if image.is_file() {
         return Ok(image);
     }

@@ -15,14 +15,14 @@
 )]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aloft_guest_proto::{DataStream, RootConfig, RunConfig};
 use aloft_vm::{AccelChoice, DiskSpec, Vm, VmError, VmSpec};
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -48,26 +48,6 @@ struct Args {
     command: Vec<String>,
 }
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("ALOFT_GUEST_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"),
-        PathBuf::from,
-    )
-}
-
-fn mkfs(args: &[&str], extra: &[&Path], size: &str) -> anyhow::Result<()> {
-    let out = Command::new("mkfs.ext4")
-        .args(args)
-        .args(extra)
-        .arg(size)
-        .output()
-        .context("run mkfs.ext4")?;
-    if !out.status.success() {
-        bail!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it spawns afterwards).
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use.
@@ -91,44 +71,19 @@ fn main() -> anyhow::Result<()> {
         let img = tmp.path().join("rootfs.ext4");
         // Size: the tree plus room for ext4's metadata.
         let du = Command::new("du").arg("-sm").arg(&args.rootfs).output()?;
-        let mb: u64 = String::from_utf8_lossy(&du.stdout)
+        let mib: u32 = String::from_utf8_lossy(&du.stdout)
             .split_whitespace()
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(64);
-        mkfs(
-            &["-q", "-F", "-E", "root_owner=0:0", "-d"],
-            &[&args.rootfs, &img],
-            &format!("{}M", mb * 3 / 2 + 64),
-        )?;
+        aloft_testkit::ext4_from_dir(&args.rootfs, &img, mib * 3 / 2 + 64)?;
         img
     } else {
         args.rootfs.clone()
     };
     let rw = tmp.path().join("rw.img");
-    mkfs(
-        &[
-            "-q",
-            "-F",
-            "-O",
-            "^has_journal",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-        ],
-        &[&rw],
-        "256M",
-    )?;
-    let kernel = guest_dir().join("vmlinux");
-    let mut initrd = guest_dir().join("initramfs.cpio");
-    if !initrd.is_file() {
-        let init = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../target/x86_64-unknown-linux-gnu/guest/aloft-init");
-        if init.is_file() {
-            let out = tmp.path().join("initramfs.cpio");
-            aloft_vm::initramfs::write_base(&init, &out)?;
-            initrd = out;
-        }
-    }
+    aloft_testkit::writable_disk(&rw, 256)?;
+    let aloft_testkit::GuestArtifacts { kernel, initrd } = aloft_testkit::guest_artifacts()?;
     let mut spec = VmSpec::new(
         format!("boot-{}", std::process::id()),
         kernel,

@@ -10,7 +10,7 @@ mod tests {
     use aloft_guest_proto::{ExecRequest, NetConfig};
     use aloft_vm::{JailSpec, NetSpec, QemuStatus, Vm};
 
-    use crate::common::{BOOT_TIMEOUT, Tap, TestVm, collect_stdout};
+    use crate::common::{BOOT_TIMEOUT, TestVm, collect_stdout};
 
     fn sh(cmd: &str) -> ExecRequest {
         ExecRequest {
@@ -287,25 +287,24 @@ mod tests {
         ignore = "boots a real guest; enable feature vm-tests"
     )]
     fn host_reaches_a_server_in_the_guest() {
-        let tap = Tap::new();
+        let ns = aloft_testkit::NetNs::new().unwrap();
         let mut t = TestVm::new("net", &["/bin/httpd", "-f", "-p", "8080", "-h", "/var/www"]);
         t.spec.net = Some(NetSpec {
-            tap: tap.name.clone(),
+            tap: ns.tap.clone(),
             mac: "52:54:00:12:34:56".into(),
-            netns: None,
+            netns: Some(ns.path()),
         });
         t.spec.run_config.network = Some(NetConfig {
-            addresses: vec![format!("{}/30", tap.guest_ip).parse().unwrap()],
-            gateways: vec![tap.host_ip.parse().unwrap()],
+            addresses: vec![format!("{}/{}", ns.guest_ip, ns.prefix_len).parse().unwrap()],
+            gateways: vec![ns.host_ip.into()],
             mtu: None,
         });
         let vm = t.start();
         vm.wait_started(BOOT_TIMEOUT).unwrap();
-        let addr: std::net::SocketAddr = format!("{}:8080", tap.guest_ip).parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let body = loop {
             let attempt = (|| -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                let mut s = ns.connect_tcp(8080, Duration::from_secs(2))?;
                 s.set_read_timeout(Some(Duration::from_secs(5)))?;
                 s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
                 let mut resp = String::new();

@@ -1,5 +1,5 @@
-//! Fixtures for the real-VM tests: guest kernel and initramfs, a busybox root filesystem, writable
-//! disks, run dirs, taps; and guards that leave nothing behind.
+//! Fixtures for the real-VM tests on top of `aloft-testkit`: a test VM's run dir and spec, and a
+//! guard that leaves no QEMU behind.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 #![allow(
     clippy::unwrap_used,
@@ -16,127 +16,26 @@ use aloft_vm::{AccelChoice, DiskSpec, Vm, VmSpec};
 
 pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `$ALOFT_GUEST_DIR`, else `<workspace>/target/guest`.
-pub(crate) fn guest_dir() -> PathBuf {
-    std::env::var_os("ALOFT_GUEST_DIR").map_or_else(|| workspace().join("target/guest"), PathBuf::from)
-}
-
+/// The guest kernel (`target/guest/vmlinux` or `$ALOFT_GUEST_DIR`).
 pub(crate) fn kernel() -> PathBuf {
-    let k = guest_dir().join("vmlinux");
-    assert!(
-        k.is_file(),
-        "guest kernel {} is missing: run scripts/setup.sh (or set ALOFT_GUEST_DIR)",
-        k.display()
-    );
-    k
+    aloft_testkit::guest_artifacts().unwrap().kernel
 }
 
-/// The base initramfs: `<guest dir>/initramfs.cpio`, else one written from the statically built
-/// init (`cargo build -p aloft-init --profile guest-init --target x86_64-unknown-linux-gnu`).
+/// The base initramfs next to the kernel.
 pub(crate) fn initrd() -> PathBuf {
-    static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let i = guest_dir().join("initramfs.cpio");
-    if i.is_file() {
-        return i;
-    }
-    let init = workspace().join("target/x86_64-unknown-linux-gnu/guest-init/aloft-init");
-    assert!(
-        init.is_file(),
-        "guest initramfs {} is missing and no static init at {}: run scripts/setup.sh",
-        i.display(),
-        init.display()
-    );
-    BUILT
-        .get_or_init(|| {
-            let d = tempfile::tempdir().unwrap();
-            let out = d.path().join("initramfs.cpio");
-            aloft_vm::initramfs::write_base(&init, &out).unwrap();
-            (d, out)
-        })
-        .1
-        .clone()
+    aloft_testkit::guest_artifacts().unwrap().initrd
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A busybox tree: /bin/busybox + applet links, /etc/passwd (root, app 1000, nobody), /etc/group.
-pub(crate) fn busybox_tree(dir: &Path) {
-    for d in [
-        "bin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "home/app", "var/www",
-    ] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
-        }
-    }
-    std::fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n\
-         nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("etc/group"),
-        "root:x:0:\napp:x:1000:\nnogroup:x:65534:\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("var/www/index.html"), "hello from the guest\n").unwrap();
-    run(Command::new("chmod").arg("1777").arg(dir.join("tmp")));
-    run(Command::new("chown").arg("1000:1000").arg(dir.join("home/app")));
-}
-
-/// `mkfs.ext4 -d` of `tree` into `img`.
-pub(crate) fn ext4_from_dir(tree: &Path, img: &Path, size: &str) {
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
-        .arg(tree)
-        .arg(img)
-        .arg(size));
-}
-
-/// The busybox root filesystem image, built once per test process.
+/// The busybox root filesystem image, built once and cached under `target/testkit`.
 pub(crate) fn rootfs() -> PathBuf {
-    static IMG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    IMG.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        let tree = d.path().join("tree");
-        busybox_tree(&tree);
-        let img = d.path().join("rootfs.ext4");
-        ext4_from_dir(&tree, &img, "64M");
-        (d, img)
-    })
-    .1
-    .clone()
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| aloft_testkit::busybox_rootfs(&aloft_testkit::cache_dir()).unwrap())
+        .clone()
 }
 
 /// A fresh sparse writable ext4 disk.
 pub(crate) fn rw_disk(img: &Path) {
-    run(Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-O",
-            "^has_journal",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-        ])
-        .arg(img)
-        .arg("64M"));
+    aloft_testkit::writable_disk(img, 64).unwrap();
 }
 
 /// A test VM's run dir and spec; the guard kills any VM started from it on drop and checks that
@@ -216,37 +115,4 @@ pub(crate) fn collect_stdout(
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A tap in the host namespace with `172.30.<n>.1/30`, deleted on drop.
-pub(crate) struct Tap {
-    pub(crate) name: String,
-    pub(crate) host_ip: String,
-    pub(crate) guest_ip: String,
-}
-
-impl Tap {
-    pub(crate) fn new() -> Self {
-        let pid = std::process::id();
-        let name = format!("alt{pid}");
-        let n = pid % 250 + 1;
-        let host_ip = format!("172.30.{n}.1");
-        let guest_ip = format!("172.30.{n}.2");
-        let _ = Command::new("ip").args(["link", "del", &name]).output();
-        run(Command::new("ip").args(["tuntap", "add", "dev", &name, "mode", "tap"]));
-        let tap = Self {
-            name,
-            host_ip,
-            guest_ip,
-        };
-        run(Command::new("ip").args(["addr", "add", &format!("{}/30", tap.host_ip), "dev", &tap.name]));
-        run(Command::new("ip").args(["link", "set", &tap.name, "up"]));
-        tap
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
-    }
 }
