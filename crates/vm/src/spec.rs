@@ -62,6 +62,27 @@ impl VmSpec {
         }
     }
 
+    /// The spec with every host path made absolute against the current directory: QEMU runs in
+    /// `/`, and a reattaching process may run elsewhere.
+    pub(crate) fn with_absolute_paths(mut self) -> Result<Self, VmError> {
+        let abs = |p: &mut PathBuf| -> Result<(), VmError> {
+            if p.is_relative() {
+                *p = std::path::absolute(&*p).map_err(|e| VmError::io("resolve path", p.clone(), e))?;
+            }
+            Ok(())
+        };
+        abs(&mut self.kernel)?;
+        abs(&mut self.initrd)?;
+        abs(&mut self.run_dir)?;
+        for d in &mut self.disks {
+            abs(&mut d.path)?;
+        }
+        if let Some(ns) = self.net.as_mut().and_then(|n| n.netns.as_mut()) {
+            abs(ns)?;
+        }
+        Ok(self)
+    }
+
     /// Checks everything that can be checked before launching QEMU.
     pub fn validate(&self) -> Result<(), VmError> {
         let invalid = |reason: String| Err(VmError::InvalidSpec { reason });
@@ -323,6 +344,18 @@ mod tests {
             e.to_string(),
             "kernel not found: /nonexistent: run scripts/setup.sh"
         );
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let mut s = VmSpec::new("t", "k/vmlinux".into(), "/abs/initrd".into(), "run".into());
+        s.disks = vec![DiskSpec::raw("rootfs.ext4", true)];
+        let s = s.with_absolute_paths().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(s.kernel, cwd.join("k/vmlinux"));
+        assert_eq!(s.initrd, Path::new("/abs/initrd"));
+        assert_eq!(s.run_dir, cwd.join("run"));
+        assert_eq!(s.disks[0].path, cwd.join("rootfs.ext4"));
     }
 
     #[test]

@@ -177,6 +177,7 @@ impl Vm {
     ///
     /// Returns once QEMU's monitor answers, i.e. QEMU is set up and the guest is booting.
     pub fn start(spec: VmSpec) -> Result<Vm, VmError> {
+        let spec = spec.with_absolute_paths()?;
         spec.validate()?;
         Self::launch(spec, Boot::Cold)
     }
@@ -184,6 +185,7 @@ impl Vm {
     /// A new QEMU from `snapshot` (written by [`Vm::suspend`] with the same spec), running again;
     /// then the guest's wall clock is set ([`Frame::SetTime`]). The same tap and MAC must be used.
     pub fn resume(spec: VmSpec, snapshot: &Path) -> Result<Vm, VmError> {
+        let spec = spec.with_absolute_paths()?;
         spec.validate()?;
         if !snapshot.is_file() {
             return Err(VmError::SnapshotNotFound {
