@@ -45,3 +45,8 @@ pub const CONSOLE_HELLO: &str = "aloft-init: hello";
 /// Kernel command line flag that makes init print [`CONSOLE_HELLO`] and power off at once (the
 /// accelerator probe and the raw boot baseline).
 pub const PROBE_CMDLINE_FLAG: &str = "aloft.probe=1";
+
+/// Kernel command line flag that makes init print each boot step on the console with the
+/// milliseconds since the kernel started (`aloft-init: +812.4ms root mounted`): where a slow start
+/// goes.
+pub const TRACE_CMDLINE_FLAG: &str = "aloft.trace=1";

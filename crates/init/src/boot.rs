@@ -65,9 +65,11 @@ pub(crate) fn switch_root(root: &RootConfig) -> Result<(), String> {
             "unsupported root filesystem type {fstype:?} (ext4, erofs or squashfs)"
         ));
     }
+    crate::console::trace("root device found");
     let _ = fs::create_dir_all(LOWER);
     sys::mount(device, LOWER, Some(fstype), libc::MS_RDONLY, None)
         .map_err(|e| format!("mount root {device} ({fstype}) read-only: {e}"))?;
+    crate::console::trace("lower mounted");
     let _ = fs::create_dir_all(RW);
     match &root.writable_device {
         Some(wdev) => {
@@ -80,6 +82,7 @@ pub(crate) fn switch_root(root: &RootConfig) -> Result<(), String> {
         None => sys::mount("tmpfs", RW, Some("tmpfs"), 0, Some("mode=0755"))
             .map_err(|e| format!("mount tmpfs for the writable layer: {e}"))?,
     }
+    crate::console::trace("rw mounted");
     for d in ["upper", "work"] {
         fs::create_dir_all(format!("{RW}/{d}")).map_err(|e| format!("create {RW}/{d}: {e}"))?;
     }
@@ -87,6 +90,7 @@ pub(crate) fn switch_root(root: &RootConfig) -> Result<(), String> {
     let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
     sys::mount("overlay", NEWROOT, Some("overlay"), 0, Some(&opts))
         .map_err(|e| format!("mount overlay root: {e}"))?;
+    crate::console::trace("overlay mounted");
     for d in ["/proc", "/sys", "/dev"] {
         let target = format!("{NEWROOT}{d}");
         let _ = fs::create_dir_all(&target);

@@ -2,6 +2,24 @@
 //! Kept few: serial output is slow under emulation.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static TRACE: AtomicBool = AtomicBool::new(false);
+
+/// Turns boot-step tracing on (the kernel command line had `aloft.trace=1`).
+pub(crate) fn enable_trace() {
+    TRACE.store(true, Ordering::Relaxed);
+}
+
+/// With tracing on, a line `aloft-init: +<ms since kernel start>ms <step>`.
+pub(crate) fn trace(step: &str) {
+    if TRACE.load(Ordering::Relaxed) {
+        line(&format!(
+            "aloft-init: +{:.1}ms {step}",
+            crate::sys::boot_clock_ms()
+        ));
+    }
+}
 
 /// One line, flushed; errors ignored (there is nowhere else to report them).
 pub(crate) fn line(s: &str) {

@@ -21,7 +21,7 @@ mod supervisor;
 mod sys;
 mod users;
 
-use aloft_guest_proto::{CONSOLE_HELLO, PROBE_CMDLINE_FLAG, RUN_CONFIG_PATH, RunConfig};
+use aloft_guest_proto::{CONSOLE_HELLO, PROBE_CMDLINE_FLAG, RUN_CONFIG_PATH, RunConfig, TRACE_CMDLINE_FLAG};
 
 use crate::channel::Channel;
 use crate::supervisor::{Supervisor, Workload};
@@ -35,6 +35,10 @@ fn main() {
             let _ = sys::power_off();
         }
     }
+    if cmdline.split_whitespace().any(|w| w == TRACE_CMDLINE_FLAG) {
+        console::enable_trace();
+    }
+    console::trace("init running");
     boot::mount_sys_dev();
     if sys::ensure_console_fds() {
         console::line(CONSOLE_HELLO);
@@ -53,6 +57,7 @@ fn main() {
         }
     };
     let ch = Channel::open();
+    console::trace("channel opened");
     let cfg = match read_config() {
         Ok(cfg) => cfg,
         Err(message) => Supervisor::new(ch, sigfd).fail(&message),
@@ -73,10 +78,14 @@ fn read_config() -> Result<RunConfig, String> {
 
 /// Every boot step up to a validated workload launch.
 fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
+    console::trace("run config read");
     boot::switch_root(&cfg.root)?;
+    console::trace("root mounted");
     boot::mount_runtime_fs();
     boot::identity(cfg)?;
+    console::trace("identity set");
     boot::network(cfg.network.as_ref())?;
+    console::trace("network up");
     boot::write_files(&cfg.files)?;
     let user_spec = cfg
         .user

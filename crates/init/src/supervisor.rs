@@ -219,7 +219,9 @@ impl Supervisor {
                     stderr: Some(stderr),
                 };
                 self.workload = Some(workload);
+                console::trace("workload spawned");
                 self.set_state(WorkloadState::Running { pid });
+                console::trace("host told");
             }
             Err(message) => self.fail(&message),
         }

@@ -24,6 +24,19 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
+pub(crate) fn boot_clock_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec owned by this frame.
+    let _ = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    #[expect(clippy::cast_precision_loss, reason = "uptime in ms fits an f64 exactly")]
+    let ms = ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6;
+    ms
+}
+
 /// mount(2). `data` is the comma-separated option string.
 pub(crate) fn mount(
     source: &str,

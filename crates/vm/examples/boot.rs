@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run -p aloft-vm --example boot -- --rootfs DIR_OR_EXT4_IMAGE [--memory 256] [--vcpus 1] \
-//!     [--user U] [--env K=V]... [--workdir D] [--accel auto|kvm|tcg] -- /bin/sh -c 'echo hi'
+//!     [--user U] [--env K=V]... [--workdir D] [--accel auto|kvm|tcg] [--kernel-arg W]... \
+//!     [--console] -- /bin/sh -c 'echo hi'
 //! ```
+//!
+//! `--kernel-arg aloft.trace=1 --console` shows where the boot time went.
 //!
 //! A directory is packed into a temporary ext4 image first (`mkfs.ext4 -d`). The workload's output
 //! is streamed to stdout/stderr and the example exits with the workload's exit code (128 + signal
@@ -43,6 +46,12 @@ struct Args {
     env: Vec<String>,
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Extra kernel command line word, repeatable (`aloft.trace=1` times init's boot steps).
+    #[arg(long = "kernel-arg")]
+    kernel_args: Vec<String>,
+    /// Print the guest's serial console when the VM is gone.
+    #[arg(long)]
+    console: bool,
     /// The command.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -91,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         tmp.path().join("run"),
     );
     spec.memory_mib = args.memory;
+    spec.cmdline_extra.clone_from(&args.kernel_args);
     spec.vcpus = args.vcpus;
     spec.accel = match args.accel.as_str() {
         "kvm" => AccelChoice::Kvm,
@@ -171,6 +181,12 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let _ = vm.kill();
+    if args.console {
+        eprint!(
+            "{}",
+            std::fs::read_to_string(vm.console_log()).unwrap_or_default()
+        );
+    }
     drop(vm);
     let _ = printer.join();
     drop(tmp);
