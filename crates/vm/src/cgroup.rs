@@ -15,10 +15,11 @@ use crate::spec::Accel;
 const MIB: u64 = 1024 * 1024;
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// QEMU's own memory on top of the guest's: TCG's 64 MiB translation cache plus QEMU itself.
+/// QEMU's own memory on top of the guest's: TCG's translation cache plus QEMU itself (binary,
+/// libraries, the kernel image it keeps for reset, device buffers, migration).
 pub(crate) fn overhead_mib(accel: Accel) -> u64 {
     match accel {
-        Accel::Tcg => 160,
+        Accel::Tcg => crate::argv::TCG_TB_SIZE_MIB + 96,
         Accel::Kvm => 64,
     }
 }
@@ -203,7 +204,7 @@ mod tests {
     #[test]
     fn limits_add_overhead_and_scale_cpu() {
         let l = limits(256, 2, Accel::Tcg);
-        assert_eq!(l.memory_bytes, (256 + 160) * MIB);
+        assert_eq!(l.memory_bytes, (256 + 112) * MIB);
         assert_eq!(l.cpu_quota_us, 200_000);
         assert_eq!(l.cpu_period_us, 100_000);
         assert_eq!(limits(256, 1, Accel::Kvm).memory_bytes, (256 + 64) * MIB);
@@ -222,7 +223,7 @@ mod tests {
                 Step::Mkdir("/cg/memory/aloft/m1".into()),
                 Step::Write(
                     "/cg/memory/aloft/m1/memory.limit_in_bytes".into(),
-                    "301989888".into()
+                    "251658240".into()
                 ),
                 Step::Mkdir("/cg/cpu/aloft/m1".into()),
                 Step::Write("/cg/cpu/aloft/m1/cpu.cfs_period_us".into(), "100000".into()),

@@ -352,7 +352,7 @@ mod tests {
         let v2 = std::path::Path::new("/sys/fs/cgroup").join(leaf.trim_start_matches('/'));
         if v1.exists() {
             let limit = std::fs::read_to_string(v1.join("memory.limit_in_bytes")).unwrap();
-            assert_eq!(limit.trim(), ((128 + 160) * 1024 * 1024).to_string());
+            assert_eq!(limit.trim(), ((128 + 112) * 1024 * 1024).to_string());
         }
         let out = vm.exec(sh("echo jailed"), Duration::from_secs(30)).unwrap();
         assert_eq!(out.stdout, b"jailed\n");
