@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aloft_guest_proto::{CONSOLE_HELLO, NetConfig, PROBE_CMDLINE_FLAG, RootConfig, RunConfig};
+use aloft_guest_proto::{
+    CONSOLE_HELLO, NetConfig, PROBE_CMDLINE_FLAG, RootConfig, RunConfig, TRACE_CMDLINE_FLAG,
+};
 use aloft_testkit::{GuestArtifacts, NetNs};
 use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Vm, VmSpec, accel::Accel};
 use anyhow::{Context, bail};
@@ -19,7 +21,7 @@ use crate::stats::{median, min};
 const MEMORY_MIB: u32 = 128;
 const PORT: u16 = 8080;
 
-pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
+pub(crate) fn run(runs: usize, trace: bool) -> anyhow::Result<()> {
     let runs = runs.max(1);
     let guest = aloft_testkit::guest_artifacts()?;
     let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
@@ -27,24 +29,30 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
     let rootfs = aloft_testkit::busybox_rootfs(&aloft_testkit::cache_dir())?;
 
+    // Baseline and machine alternate, so drift in the machine's load hits both alike.
     let mut raw = Vec::new();
-    for _ in 0..runs {
-        raw.push(raw_qemu_boot(&guest, accel)?);
-    }
-
     let mut start = Vec::new();
     let mut port = Vec::new();
     let mut resume = Vec::new();
     let mut rss = Vec::new();
+    let mut anon = Vec::new();
+    let mut qemu_up = Vec::new();
+    let mut hello = Vec::new();
+    let mut last_trace = String::new();
     for i in 0..runs {
-        let m = machine_run(&guest, accel, &rootfs, &work.path().join(format!("m{i}")))?;
+        raw.push(raw_qemu_boot(&guest, accel)?);
+        let m = machine_run(&guest, accel, &rootfs, &work.path().join(format!("m{i}")), trace)?;
+        last_trace.clone_from(&m.trace);
         start.push(m.start_ms);
         port.push(m.port_ms);
         resume.push(m.resume_ms);
         rss.push(m.idle_rss_mib);
+        anon.push(m.idle_anon_mib);
+        qemu_up.push(m.qemu_up_ms);
+        hello.push(m.hello_ms);
     }
 
-    let rows: [(&str, &[f64], &str, &str); 5] = [
+    let rows: [(&str, &[f64], &str, &str); 6] = [
         (
             "raw_qemu_boot_ms",
             &raw,
@@ -75,6 +83,12 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
             "MiB",
             "host RSS of an idle 128 MiB machine (target ≤ 60)",
         ),
+        (
+            "idle_anon_mib",
+            &anon,
+            "MiB",
+            "of which private (RssAnon): what each further machine costs",
+        ),
     ];
     println!(
         "{:<18} {:>10} {:>10}  {:<5} what",
@@ -91,7 +105,32 @@ pub(crate) fn run(runs: usize) -> anyhow::Result<()> {
         );
     }
     let added = median(&start).unwrap_or(f64::NAN) - median(&raw).unwrap_or(f64::NAN);
-    println!("aloft adds {added:.1} ms to a bare boot (target ≤ 150)");
+    println!("aloft adds {added:.1} ms to a bare boot (target ≤ 150); where a machine's start goes:");
+    for (name, samples, what) in [
+        (
+            "  qemu_up_ms",
+            &qemu_up,
+            "Vm::start returned: QEMU launched, monitor answers",
+        ),
+        (
+            "  init_hello_ms",
+            &hello,
+            "init's first console line (compare raw_qemu_boot_ms)",
+        ),
+        (
+            "  machine_start_ms",
+            &start,
+            "root mounted, network up, workload exec'd, host told",
+        ),
+    ] {
+        let med = median(samples).unwrap_or(f64::NAN);
+        let lo = min(samples).unwrap_or(f64::NAN);
+        println!("{name:<18} {med:>10.1} {lo:>10.1}  ms    {what}");
+    }
+    if trace {
+        println!("init's boot steps in the last run (ms since the kernel started):");
+        print!("{last_trace}");
+    }
     println!("{}", serde_json::json!({ "bench": "boot", "metrics": metrics }));
     Ok(())
 }
@@ -160,10 +199,15 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
 }
 
 struct MachineRun {
+    qemu_up_ms: f64,
+    hello_ms: f64,
     start_ms: f64,
     port_ms: f64,
     resume_ms: f64,
     idle_rss_mib: f64,
+    idle_anon_mib: f64,
+    /// init's `aloft.trace=1` lines, when tracing.
+    trace: String,
 }
 
 fn machine_run(
@@ -171,6 +215,7 @@ fn machine_run(
     accel: Accel,
     rootfs: &Path,
     dir: &Path,
+    trace: bool,
 ) -> anyhow::Result<MachineRun> {
     std::fs::create_dir_all(dir)?;
     let rw = dir.join("rw.ext4");
@@ -202,7 +247,11 @@ fn machine_run(
         name: format!("bench-{}", std::process::id()),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
-        cmdline_extra: Vec::new(),
+        cmdline_extra: if trace {
+            vec![TRACE_CMDLINE_FLAG.to_owned()]
+        } else {
+            Vec::new()
+        },
         vcpus: 1,
         memory_mib: MEMORY_MIB,
         disks: vec![
@@ -231,16 +280,24 @@ fn machine_run(
         jail: None,
     };
 
+    let console = spec.run_dir.join("console.log");
     let t0 = Instant::now();
+    let hello = std::thread::spawn(move || wait_console_hello(&console, t0));
     let vm = Vm::start(spec.clone())?;
+    let qemu_up_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let result = (|| -> anyhow::Result<MachineRun> {
         vm.wait_started(Duration::from_secs(30))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let hello_ms = hello
+            .join()
+            .map_err(|_| anyhow::anyhow!("console watcher panicked"))?
+            .context("init's hello line never reached the console log")?;
         wait_port(&ns, Duration::from_secs(30))?;
         let port_ms = t0.elapsed().as_secs_f64() * 1000.0;
 
         std::thread::sleep(Duration::from_secs(3));
-        let idle_rss_mib = rss_mib(vm.pid())?;
+        let idle_rss_mib = rss_mib(vm.pid(), "VmRSS")?;
+        let idle_anon_mib = rss_mib(vm.pid(), "RssAnon")?;
 
         let snapshot = dir.join("snapshot.bin");
         vm.suspend(&snapshot)?;
@@ -251,14 +308,38 @@ fn machine_run(
         let _ = resumed.kill();
         port_again?;
         Ok(MachineRun {
+            qemu_up_ms,
+            hello_ms,
             start_ms,
             port_ms,
             resume_ms,
             idle_rss_mib,
+            idle_anon_mib,
+            trace: std::fs::read_to_string(vm.console_log())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("aloft-init: +"))
+                .map(|l| format!("  {}\n", &l["aloft-init: ".len()..]))
+                .collect(),
         })
     })();
     let _ = vm.kill();
     result
+}
+
+/// Milliseconds from `t0` until init's hello line is in the console log (polled every
+/// millisecond), or `None` after 30 s.
+fn wait_console_hello(console: &Path, t0: Instant) -> Option<f64> {
+    while t0.elapsed() < Duration::from_secs(30) {
+        if std::fs::read(console).is_ok_and(|c| {
+            c.windows(CONSOLE_HELLO.len())
+                .any(|w| w == CONSOLE_HELLO.as_bytes())
+        }) {
+            return Some(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 /// Polls until the guest's port accepts a connection.
@@ -275,14 +356,14 @@ fn wait_port(ns: &NetNs, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// Resident set of a process in MiB (`VmRSS`).
-fn rss_mib(pid: i32) -> anyhow::Result<f64> {
+/// A resident-set field of `/proc/PID/status` (`VmRSS`, `RssAnon`) in MiB.
+fn rss_mib(pid: i32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS missing")?
+        .with_context(|| format!("{field} missing from /proc/{pid}/status"))?
         .parse()?;
     Ok(kib / 1024.0)
 }

@@ -33,14 +33,18 @@ enum Cmd {
         /// Runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Boot machines with `aloft.trace=1` and print init's step timings of the last run
+        /// (adds a few console writes to every start).
+        #[arg(long)]
+        trace: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Guest => guest(),
-        Cmd::Bench { name, runs } => match name.as_str() {
-            "boot" => bench_boot::run(runs),
+        Cmd::Bench { name, runs, trace } => match name.as_str() {
+            "boot" => bench_boot::run(runs, trace),
             other => bail!("unknown benchmark {other:?}; available: boot"),
         },
     }
