@@ -14,9 +14,12 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 
 # Debian packages (bookworm). qemu-system-x86: the VMM; linux-source-6.1 + build tools: the guest
 # kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
+# docker-registry: the embedded OCI registry (and the tests' one); skopeo, umoci: interop tests and
+# the image benchmark's baseline.
 packages=(
-  qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod
+  qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps
+  docker-registry skopeo umoci
 )
 step "system packages"
 missing=()
@@ -28,6 +31,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   echo "    installed: ${missing[*]}"
+  # The Debian package enables a system-wide registry on :5000; aloft (and the tests) start their
+  # own on loopback, so a systemd host gets that one stopped and disabled.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    $sudo_cmd systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 else
   echo "    all present"
 fi

@@ -1,15 +1,18 @@
 //! Fixtures shared by aloft's tests and benchmarks: where the guest kernel and initramfs are, busybox
 //! root filesystems built from Debian's `busybox-static`, and throwaway network namespaces with a
-//! tap device, so guests are reached without touching the host's own network.
+//! tap device, so guests are reached without touching the host's own network, and a real OCI
+//! registry (Debian's `docker-registry`) on loopback.
 //!
 //! Only tests, examples and `xtask` depend on this crate; no production crate may.
 
 mod netns;
+mod registry;
 mod rootfs;
 
 use std::path::{Path, PathBuf};
 
 pub use netns::NetNs;
+pub use registry::Registry;
 pub use rootfs::{busybox_rootfs, busybox_tree, ext4_from_dir, writable_disk};
 
 /// What went wrong preparing a fixture; messages say how to fix the machine.
@@ -17,6 +20,8 @@ pub use rootfs::{busybox_rootfs, busybox_tree, ext4_from_dir, writable_disk};
 pub enum FixtureError {
     #[error("guest artifact not found: {path}: run scripts/setup.sh (or set ALOFT_GUEST_DIR)")]
     MissingArtifact { path: PathBuf },
+    #[error("{path} not found: run scripts/setup.sh (it installs the Debian package {package})")]
+    MissingTool { path: PathBuf, package: &'static str },
     #[error("{what}: {path}")]
     Io {
         what: &'static str,

@@ -1,0 +1,235 @@
+//! A real OCI registry for tests and benchmarks: Debian's `docker-registry` (CNCF distribution)
+//! on 127.0.0.1 with a free port and filesystem storage in a temporary directory.
+//!
+//! The fixture owns exactly one process: it kills and reaps that child on drop (by its handle,
+//! never by name), and removes the storage.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::FixtureError;
+
+/// Where Debian installs the registry (package `docker-registry`, installed by `scripts/setup.sh`).
+pub(crate) const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+/// How long the registry may take to answer `/v2/`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `docker-registry` on loopback.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry with storage in a fresh temporary directory and waits until `/v2/`
+    /// answers. Fails (loudly) when the binary is missing: `scripts/setup.sh` installs it.
+    pub fn start() -> Result<Self, FixtureError> {
+        if !Path::new(REGISTRY_BIN).is_file() {
+            return Err(FixtureError::MissingTool {
+                path: PathBuf::from(REGISTRY_BIN),
+                package: "docker-registry",
+            });
+        }
+        let dir = std::env::temp_dir().join(format!("aloft-registry-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(dir.join("storage")).map_err(|source| FixtureError::Io {
+            what: "create registry directory",
+            path: dir.clone(),
+            source,
+        })?;
+        // The port is found by binding :0 and released before the registry binds it; another
+        // process may take it in between, so a registry that dies at start is retried.
+        let mut last = None;
+        for _ in 0..5 {
+            match Self::start_in(&dir) {
+                Ok(registry) => return Ok(registry),
+                Err(e) => last = Some(e),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(last.unwrap_or_else(|| FixtureError::Command {
+            command: REGISTRY_BIN.to_owned(),
+            stderr: "did not start".to_owned(),
+        }))
+    }
+
+    fn start_in(dir: &Path) -> Result<Self, FixtureError> {
+        let addr = free_port()?;
+        let config = dir.join("config.yml");
+        let storage = dir.join("storage");
+        let yaml = format!(
+            "version: 0.1\n\
+             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}\n",
+            storage.display()
+        );
+        std::fs::write(&config, yaml).map_err(|source| FixtureError::Io {
+            what: "write registry config",
+            path: config.clone(),
+            source,
+        })?;
+        let log_path = dir.join("registry.log");
+        let log = std::fs::File::create(&log_path).map_err(|source| FixtureError::Io {
+            what: "create registry log",
+            path: log_path.clone(),
+            source,
+        })?;
+        let log_err = log.try_clone().map_err(|source| FixtureError::Io {
+            what: "clone registry log",
+            path: log_path.clone(),
+            source,
+        })?;
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .env_remove("REGISTRY_HTTP_ADDR")
+            .spawn()
+            .map_err(|source| FixtureError::Io {
+                what: "spawn",
+                path: PathBuf::from(REGISTRY_BIN),
+                source,
+            })?;
+        let mut registry = Self {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(FixtureError::Command {
+                    command: format!("{REGISTRY_BIN} serve {}", config.display()),
+                    stderr: format!("exited with {status}: {}", log.trim()),
+                });
+            }
+            if v2_answers(addr) {
+                return Ok(registry);
+            }
+            if Instant::now() > deadline {
+                let _ = registry.child.kill();
+                let _ = registry.child.wait();
+                return Err(FixtureError::Command {
+                    command: format!("{REGISTRY_BIN} serve {}", config.display()),
+                    stderr: format!("/v2/ did not answer within {READY_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:PORT`: the registry part of image references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The socket address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The storage root (distribution's filesystem driver layout under `docker/registry/v2`).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.join("storage")
+    }
+
+    /// Where the registry keeps the bytes of blob `sha256:<hex>` (tests corrupt it on purpose).
+    pub fn blob_data_path(&self, hex: &str) -> PathBuf {
+        let prefix = hex.get(..2).unwrap_or(hex);
+        self.storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(prefix)
+            .join(hex)
+            .join("data")
+    }
+
+    /// The registry's own log (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
+    }
+
+    /// The process id of the registry this fixture started.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Exactly the child we spawned, through its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A loopback address with a port nobody listens on right now.
+fn free_port() -> Result<SocketAddr, FixtureError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| FixtureError::Io {
+        what: "bind a free port",
+        path: PathBuf::from("127.0.0.1:0"),
+        source,
+    })?;
+    listener.local_addr().map_err(|source| FixtureError::Io {
+        what: "read the bound address",
+        path: PathBuf::from("127.0.0.1:0"),
+        source,
+    })
+}
+
+/// Whether `GET /v2/` answers with HTTP 200.
+fn v2_answers(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream
+        .write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_answers_and_stops() {
+        let registry = Registry::start().expect("docker-registry starts (scripts/setup.sh)");
+        assert!(v2_answers(registry.addr()));
+        let pid = registry.pid();
+        let addr = registry.addr();
+        let dir = registry.storage_dir();
+        assert!(dir.is_dir());
+        drop(registry);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || {
+                // A zombie would still be listed; wait() reaped it, so only pid reuse remains.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                !stat.contains("docker-registry")
+            }
+        );
+        assert!(!v2_answers(addr));
+        assert!(!dir.exists());
+    }
+}
