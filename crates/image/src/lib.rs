@@ -17,6 +17,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 pub mod registry;
+pub mod unpack;
 
 pub use blobs::{BlobError, BlobStore};
 pub use digest::Digest;
