@@ -76,6 +76,90 @@ pub struct ImageConfig {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// `ExposedPorts`, sorted and without duplicates (informational: the machine config's services
+    /// decide what is reachable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<ExposedPort>,
+    /// `Labels`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A port an image declares, `PORT/PROTO` (`8080/tcp`, `53/udp`); serialized as that string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExposedPort {
+    /// 1–65535.
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// The transport of an [`ExposedPort`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl PortProtocol {
+    /// `tcp`, `udp` or `sctp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
+/// Why a string is not a `PORT[/PROTO]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid exposed port {input:?}: expected PORT/PROTO with PORT 1-65535 and PROTO tcp, udp or sctp")]
+pub struct ParseExposedPortError {
+    pub input: String,
+}
+
+impl FromStr for ExposedPort {
+    type Err = ParseExposedPortError;
+
+    /// `PORT/PROTO`, or a bare `PORT` (TCP, as Docker reads it); the protocol is case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseExposedPortError { input: s.to_owned() };
+        let (port, proto) = s.trim().split_once('/').unwrap_or((s.trim(), "tcp"));
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let port: u16 = port.parse().map_err(|_| err())?;
+        if port == 0 {
+            return Err(err());
+        }
+        let protocol = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => PortProtocol::Tcp,
+            "udp" => PortProtocol::Udp,
+            "sctp" => PortProtocol::Sctp,
+            _ => return Err(err()),
+        };
+        Ok(Self { port, protocol })
+    }
+}
+
+impl fmt::Display for ExposedPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol.as_str())
+    }
+}
+
+impl Serialize for ExposedPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExposedPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Platform facts exported to the workload as `FLY_*` variables and their `ALOFT_*` twins.
@@ -290,6 +374,59 @@ mod tests {
         let back: RunConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
         assert!(serde_json::from_str::<RunConfig>(r#"{"hostname":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn exposed_ports_parse_print_and_reject() {
+        let p: ExposedPort = "8080/tcp".parse().unwrap();
+        assert_eq!((p.port, p.protocol), (8080, PortProtocol::Tcp));
+        assert_eq!("53/UDP".parse::<ExposedPort>().unwrap().to_string(), "53/udp");
+        assert_eq!("443".parse::<ExposedPort>().unwrap().to_string(), "443/tcp");
+        assert_eq!(
+            "9/sctp".parse::<ExposedPort>().unwrap().protocol,
+            PortProtocol::Sctp
+        );
+        for bad in [
+            "",
+            "/tcp",
+            "0/tcp",
+            "65536/tcp",
+            "http",
+            "80/icmp",
+            "80-90/tcp",
+            "+80/tcp",
+            "80/tcp/x",
+        ] {
+            assert!(bad.parse::<ExposedPort>().is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn image_config_without_ports_and_labels_parses_and_omits_them() {
+        // A run config written before exposed_ports and labels existed still parses.
+        let old = r#"{"hostname":"m","image":{"entrypoint":["/bin/sh"],"cmd":[],"env":["A=1"]}}"#;
+        let cfg: RunConfig = serde_json::from_str(old).unwrap();
+        assert!(cfg.image.exposed_ports.is_empty() && cfg.image.labels.is_empty());
+        let json = serde_json::to_string(&cfg.image).unwrap();
+        assert!(
+            !json.contains("exposed_ports") && !json.contains("labels"),
+            "{json}"
+        );
+
+        let mut image = ImageConfig {
+            exposed_ports: vec!["53/udp".parse().unwrap(), "8080/tcp".parse().unwrap()],
+            ..ImageConfig::default()
+        };
+        image
+            .labels
+            .insert("org.opencontainers.image.title".into(), "web".into());
+        let json = serde_json::to_string(&image).unwrap();
+        assert!(
+            json.contains(r#""exposed_ports":["53/udp","8080/tcp"]"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ImageConfig>(&json).unwrap(), image);
+        assert!(serde_json::from_str::<ImageConfig>(r#"{"exposed_ports":["x/tcp"]}"#).is_err());
     }
 
     #[test]
