@@ -14,8 +14,11 @@ pub struct MachineId(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {kind} id {input:?}: {expected}")]
 pub struct ParseIdError {
+    /// Which id (`machine`, …).
     pub kind: &'static str,
+    /// The text that failed to parse.
     pub input: String,
+    /// What a valid id looks like.
     pub expected: &'static str,
 }
 
@@ -33,6 +36,7 @@ impl MachineId {
         Self(s)
     }
 
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
