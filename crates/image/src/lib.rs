@@ -5,7 +5,8 @@
 //! ever touching a byte outside it (layers come from strangers), and builds one read-only base root
 //! filesystem per image digest that every machine of that image shares.
 //!
-//! Host-side only. Must not depend on the VM driver, the guest, the store or the control plane; the
+//! Host-side only. Must not depend on the VM driver, the guest (`aloft-guest-proto`, the host↔guest
+//! contract, is fine: [`runconfig`] produces its image section), the store or the control plane; the
 //! agent wires it to them.
 
 pub mod blobs;
@@ -17,6 +18,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 pub mod registry;
+pub mod runconfig;
 pub mod unpack;
 
 pub use blobs::{BlobError, BlobStore};
@@ -28,3 +30,4 @@ pub use pull::{Layer, PulledImage, Puller};
 pub use push::Pusher;
 pub use reference::Reference;
 pub use registry::{Credentials, Limits, RegistryConfig, RegistryError, RetryPolicy};
+pub use runconfig::{GuestConfig, RunConfigWarning, guest_image_config};
