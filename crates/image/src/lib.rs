@@ -11,6 +11,7 @@
 
 pub mod blobs;
 pub mod digest;
+pub mod gc;
 pub mod images;
 pub mod manifest;
 pub mod progress;
@@ -18,6 +19,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 pub mod registry;
+pub mod rootfs;
 pub mod runconfig;
 pub mod unpack;
 
@@ -29,5 +31,6 @@ pub use progress::{Progress, PullEvent};
 pub use pull::{Layer, PulledImage, Puller};
 pub use push::Pusher;
 pub use reference::Reference;
+pub use rootfs::{Base, RootfsFormat, RootfsStore, WritableDisks};
 pub use registry::{Credentials, Limits, RegistryConfig, RegistryError, RetryPolicy};
 pub use runconfig::{GuestConfig, RunConfigWarning, guest_image_config};
