@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the aloft guest kernel (an uncompressed vmlinux booted directly through PVH) from Debian's
-# linux-source-6.1 and kernel/microvm.config, cached by the hash of everything that goes into it.
+# linux-source-6.1, kernel/patches/*.patch and kernel/microvm.config, cached by the hash of everything
+# that goes into it.
 #
 #   scripts/build-kernel.sh [OUT]   (default OUT: target/guest/vmlinux)
 #
@@ -12,7 +13,8 @@ cache="${ALOFT_CACHE:-$HOME/.cache/aloft}/kernel"
 src_tar=/usr/src/linux-source-6.1.tar.xz
 [ -f "$src_tar" ] || { echo "missing $src_tar: install the Debian package linux-source-6.1 (scripts/setup.sh does)" >&2; exit 1; }
 src_ver="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
-hash="$( { echo "$src_ver"; cat "$root/kernel/microvm.config" "$0"; } | sha256sum | cut -c1-16)"
+patches=("$root"/kernel/patches/*.patch)
+hash="$( { echo "$src_ver"; cat "$root/kernel/microvm.config" "${patches[@]}" "$0"; } | sha256sum | cut -c1-16)"
 dir="$cache/$hash"
 mkdir -p "$(dirname "$out")"
 if [ -f "$dir/vmlinux" ]; then
@@ -20,11 +22,14 @@ if [ -f "$dir/vmlinux" ]; then
   cp -f "$dir/vmlinux" "$out"
   exit 0
 fi
-echo "kernel: building linux-source $src_ver with kernel/microvm.config (hash $hash); ~20 min on 2 cores"
+echo "kernel: building linux-source $src_ver with kernel/microvm.config (hash $hash); ~10 min on 2 cores"
 work="$cache/build-$hash"
 rm -rf "$work" && mkdir -p "$work"
 tar -C "$work" -xf "$src_tar"
 cd "$work/linux-source-6.1"
+for p in "${patches[@]}"; do
+  patch -s -p1 < "$p" || { echo "kernel: patch $p does not apply to linux-source $src_ver" >&2; exit 1; }
+done
 make -s tinyconfig
 scripts/kconfig/merge_config.sh -m .config "$root/kernel/microvm.config" >/dev/null
 make -s olddefconfig
