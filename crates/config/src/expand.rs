@@ -1,0 +1,473 @@
+//! Expansion: one `MachineConfig` per process group, as flyctl's `ToMachineConfig` builds it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aloft_api::{
+    DEFAULT_GPU_VM_SIZE, DEFAULT_VM_SIZE, DnsConfig, File, GuestPreset, MachineConfig, MachineGuest,
+    MachineInit, MachineMetrics, MachineMount, MachinePort, MachineRestart, MachineService, RestartPolicy,
+    StopConfig,
+};
+
+use crate::diag::{Diagnostic, Diagnostics, ExpandError, Origin};
+use crate::schema::{AppConfig, Compute, FileSource, HttpService, Service};
+use crate::validate::applies;
+
+/// Metadata key: the platform version of machines managed by deploys.
+pub const METADATA_PLATFORM_VERSION: &str = "fly_platform_version";
+/// Metadata key: the machine's process group.
+pub const METADATA_PROCESS_GROUP: &str = "fly_process_group";
+/// The process group of release command machines.
+pub const RELEASE_COMMAND_GROUP: &str = "fly_app_release_command";
+
+/// What to do with `[[mounts]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MountPolicy {
+    /// Refuse: aloft has no volumes yet, so a config with mounts can't be deployed.
+    #[default]
+    Refuse,
+    /// Describe the mounts (volume name and path, no volume id), as flyctl does before the
+    /// deploy assigns volumes. For `config show` and tests.
+    Describe,
+}
+
+/// Reads the `local_path` of `[[files]]` entries.
+pub trait ReadFile {
+    /// The content of `path` (as written in the config; relative to the config's directory).
+    fn read(&self, path: &str) -> io::Result<Vec<u8>>;
+}
+
+/// Reads `[[files]]` from disk, relative to the config file's directory.
+#[derive(Debug, Clone)]
+pub struct DiskFiles {
+    /// Directory relative paths start from.
+    pub base: PathBuf,
+}
+
+impl DiskFiles {
+    /// Files relative to the directory holding `config_path`.
+    pub fn next_to(config_path: &Path) -> Self {
+        Self {
+            base: config_path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        }
+    }
+}
+
+impl ReadFile for DiskFiles {
+    fn read(&self, path: &str) -> io::Result<Vec<u8>> {
+        std::fs::read(self.base.join(path))
+    }
+}
+
+/// Options of [`AppConfig::expand`].
+#[derive(Clone, Copy)]
+pub struct ExpandOptions<'a> {
+    /// The image to run (`--image` or the build's result); `[build] image` when `None`.
+    pub image: Option<&'a str>,
+    /// What to do with `[[mounts]]`.
+    pub mounts: MountPolicy,
+    /// Where `[[files]] local_path` content comes from.
+    pub files: &'a dyn ReadFile,
+}
+
+impl std::fmt::Debug for ExpandOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpandOptions")
+            .field("image", &self.image)
+            .field("mounts", &self.mounts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The machine config of one process group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessGroupConfig {
+    /// Group name.
+    pub group: String,
+    /// What every machine of the group runs.
+    pub config: MachineConfig,
+}
+
+impl AppConfig {
+    /// One machine config per process group, in group-name order.
+    pub fn expand(&self, opts: &ExpandOptions<'_>) -> Result<Vec<ProcessGroupConfig>, ExpandError> {
+        let mut errors = Vec::new();
+        let mut out = Vec::new();
+        for group in self.process_groups() {
+            let config = self.expand_group(&group, opts, &mut errors);
+            out.push(ProcessGroupConfig { group, config });
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            errors.sort_by_key(|d: &Diagnostic| (d.origin.line, d.origin.column));
+            errors.dedup();
+            Err(ExpandError::Invalid(Diagnostics {
+                path: self.path.clone(),
+                items: errors,
+            }))
+        }
+    }
+
+    fn expand_group(
+        &self,
+        group: &str,
+        opts: &ExpandOptions<'_>,
+        errors: &mut Vec<Diagnostic>,
+    ) -> MachineConfig {
+        let default = self.default_group();
+        let matches = |processes: &[String]| applies(processes, group, &default);
+        let mut mc = MachineConfig {
+            image: opts
+                .image
+                .map(str::to_owned)
+                .or_else(|| self.build.as_ref().and_then(|b| b.image.clone())),
+            ..MachineConfig::default()
+        };
+
+        // Init: the group's command, else [experimental] cmd; entrypoint and exec from
+        // [experimental]; swap.
+        let mut init = MachineInit {
+            swap_size_mb: self.swap_size_mb,
+            ..MachineInit::default()
+        };
+        if let Some(cmd) = self.processes.get(group).filter(|c| !c.trim().is_empty()) {
+            // Validated at load time; a command that doesn't split was reported there.
+            init.cmd = shlex::split(cmd).unwrap_or_default();
+        }
+        if let Some(e) = &self.experimental {
+            if init.cmd.is_empty() {
+                init.cmd.clone_from(&e.cmd);
+            }
+            init.entrypoint.clone_from(&e.entrypoint);
+            init.exec.clone_from(&e.exec);
+        }
+        if init != MachineInit::default() {
+            mc.init = Some(init);
+        }
+
+        mc.metadata = BTreeMap::from([
+            (METADATA_PLATFORM_VERSION.to_owned(), "v2".to_owned()),
+            (METADATA_PROCESS_GROUP.to_owned(), group.to_owned()),
+        ]);
+
+        // Services: [http_service] first, then [[services]].
+        if let Some(h) = self.http_service.as_ref().filter(|h| matches(&h.processes)) {
+            mc.services.push(http_service(h));
+        }
+        for s in self.services.iter().filter(|s| matches(&s.processes)) {
+            mc.services.push(service(s));
+        }
+
+        // Top-level checks; a check without a port takes the http_service's.
+        let http_port = self
+            .http_service
+            .as_ref()
+            .filter(|h| matches(&h.processes))
+            .map(|h| h.internal_port);
+        for (name, c) in self.checks.iter().filter(|(_, c)| matches(&c.processes)) {
+            let mut check = c.check.clone();
+            if check.port.is_none() {
+                match http_port {
+                    Some(port) => check.port = Some(port),
+                    None => errors.push(Diagnostic {
+                        origin: c.origin.clone(),
+                        message: format!("check {name:?} has no `port` and process group {group:?} has no [http_service] to take it from; set `port`"),
+                    }),
+                }
+            }
+            mc.checks.insert(name.clone(), check);
+        }
+
+        // Env: [env], then the group and primary region.
+        mc.env.clone_from(&self.env);
+        mc.env.insert("FLY_PROCESS_GROUP".to_owned(), group.to_owned());
+        if let Some(region) = &self.primary_region {
+            mc.env.insert("PRIMARY_REGION".to_owned(), region.clone());
+        }
+
+        mc.statics.clone_from(&self.statics);
+
+        for m in self.mounts.iter().filter(|m| matches(&m.processes)) {
+            match opts.mounts {
+                MountPolicy::Refuse => errors.push(Diagnostic {
+                    origin: m.origin.clone(),
+                    message: format!(
+                        "volumes are not supported by aloft yet, so volume {:?} can't be mounted at {:?}; remove this mount to deploy without it (files written there will not survive a restart)",
+                        m.source, m.destination
+                    ),
+                }),
+                MountPolicy::Describe => mc.mounts.push(MachineMount {
+                    name: Some(m.source.clone()),
+                    path: Some(m.destination.clone()),
+                    size_gb: m
+                        .initial_size_gb
+                        .and_then(|g| u32::try_from(g).ok()),
+                    extend_threshold_percent: m.auto_extend_size_threshold,
+                    add_size_gb: m
+                        .auto_extend_size_increment_gb
+                        .and_then(|g| u32::try_from(g).ok()),
+                    size_gb_limit: m
+                        .auto_extend_size_limit_gb
+                        .and_then(|g| u32::try_from(g).ok()),
+                    ..MachineMount::default()
+                }),
+            }
+        }
+
+        if self.kill_signal.is_some() || self.kill_timeout.is_some() {
+            mc.stop_config = Some(StopConfig {
+                signal: self.kill_signal,
+                timeout: self.kill_timeout,
+            });
+        }
+
+        for f in self.files.iter().filter(|f| matches(&f.processes)) {
+            let mut file = File {
+                guest_path: Some(f.guest_path.clone()),
+                mode: f.mode,
+                ..File::default()
+            };
+            match &f.source {
+                FileSource::RawValue(v) => file.raw_value = Some(base64(v.as_bytes())),
+                FileSource::SecretName(s) => file.secret_name = Some(s.clone()),
+                FileSource::LocalPath(p) => match opts.files.read(p) {
+                    Ok(bytes) => file.raw_value = Some(base64(&bytes)),
+                    Err(e) => errors.push(Diagnostic {
+                        origin: Origin {
+                            key: format!("{}.local_path", f.origin.key),
+                            ..f.origin.clone()
+                        },
+                        message: format!(
+                            "can't read local_path {p:?}: {e}; paths are relative to the config file"
+                        ),
+                    }),
+                },
+            }
+            mc.files.push(file);
+        }
+
+        // Metrics: the first matching section.
+        if let Some(m) = self.metrics.iter().find(|m| matches(&m.processes)) {
+            mc.metrics = Some(MachineMetrics {
+                port: m.port,
+                path: m.path.clone(),
+                https: m.https,
+            });
+        }
+
+        // Guest: the most specific [[vm]] (one naming the group beats one naming none).
+        let vm = self
+            .vm
+            .iter()
+            .rfind(|v| v.processes.iter().any(|p| p == group))
+            .or_else(|| self.vm.iter().rfind(|v| v.processes.is_empty()));
+        if let Some(vm) = vm {
+            match self.guest(vm) {
+                Ok(g) => mc.guest = Some(g),
+                Err(message) => errors.push(Diagnostic {
+                    origin: vm.origin.clone(),
+                    message,
+                }),
+            }
+        }
+
+        // Restart: the most specific [[restart]], like [[vm]].
+        let restart = self
+            .restart
+            .iter()
+            .rfind(|r| r.processes.iter().any(|p| p == group))
+            .or_else(|| self.restart.iter().rfind(|r| r.processes.is_empty()));
+        if let Some(r) = restart {
+            mc.restart = Some(MachineRestart {
+                policy: Some(r.policy),
+                max_retries: r.retries,
+                gpu_bid_price: None,
+            });
+        }
+        mc
+    }
+
+    /// The guest of a `[[vm]]`: the preset (`size`, or the default), then `memory`, then the
+    /// explicit fields, each overriding the previous.
+    pub fn guest(&self, vm: &Compute) -> Result<MachineGuest, String> {
+        let size = vm.size.as_deref().unwrap_or(if vm.gpu_kind.is_some() {
+            DEFAULT_GPU_VM_SIZE
+        } else {
+            DEFAULT_VM_SIZE
+        });
+        let preset = GuestPreset::find(size).ok_or_else(|| format!("unknown VM size {size:?}"))?;
+        let mut g = preset.to_guest();
+        if let Some(id) = &self.host_dedication_id {
+            g.host_dedication_id = Some(id.clone());
+        }
+        if let Some(mb) = vm.memory {
+            g.memory_mb = Some(mb);
+        }
+        macro_rules! over {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &vm.$field {
+                    g.$field = Some(v.clone());
+                }
+            )*};
+        }
+        over!(
+            memory_mb,
+            cpus,
+            cpu_kind,
+            gpus,
+            gpu_kind,
+            host_dedication_id,
+            persist_rootfs,
+            max_memory_mb
+        );
+        if !vm.kernel_args.is_empty() {
+            g.kernel_args.clone_from(&vm.kernel_args);
+        }
+        g.check().map_err(|e| e.to_string())?;
+        Ok(g)
+    }
+
+    /// The config of the ephemeral machine that runs `[deploy] release_command`, or `None`
+    /// without one: the command replaces CMD, no services, no volumes, no restart, destroyed
+    /// when done, env `RELEASE_COMMAND=1`.
+    pub fn release_command_config(&self, image: Option<&str>) -> Option<MachineConfig> {
+        let command = self.deploy.as_ref()?.release_command.as_deref()?;
+        let mut env = self.env.clone();
+        env.insert("RELEASE_COMMAND".to_owned(), "1".to_owned());
+        env.insert("FLY_PROCESS_GROUP".to_owned(), RELEASE_COMMAND_GROUP.to_owned());
+        if let Some(region) = &self.primary_region {
+            env.insert("PRIMARY_REGION".to_owned(), region.clone());
+        }
+        let guest = self
+            .deploy
+            .as_ref()
+            .and_then(|d| d.release_command_vm.as_ref())
+            .and_then(|vm| self.guest(vm).ok());
+        Some(MachineConfig {
+            image: image
+                .map(str::to_owned)
+                .or_else(|| self.build.as_ref().and_then(|b| b.image.clone())),
+            init: Some(MachineInit {
+                cmd: shlex::split(command).unwrap_or_default(),
+                entrypoint: self
+                    .experimental
+                    .as_ref()
+                    .map(|e| e.entrypoint.clone())
+                    .unwrap_or_default(),
+                swap_size_mb: self.swap_size_mb,
+                ..MachineInit::default()
+            }),
+            restart: Some(MachineRestart {
+                policy: Some(RestartPolicy::No),
+                ..MachineRestart::default()
+            }),
+            auto_destroy: Some(true),
+            dns: Some(DnsConfig {
+                skip_registration: Some(true),
+                ..DnsConfig::default()
+            }),
+            metadata: BTreeMap::from([
+                (METADATA_PLATFORM_VERSION.to_owned(), "v2".to_owned()),
+                (
+                    METADATA_PROCESS_GROUP.to_owned(),
+                    RELEASE_COMMAND_GROUP.to_owned(),
+                ),
+            ]),
+            env,
+            guest,
+            stop_config: (self.kill_signal.is_some() || self.kill_timeout.is_some()).then_some(StopConfig {
+                signal: self.kill_signal,
+                timeout: self.kill_timeout,
+            }),
+            ..MachineConfig::default()
+        })
+    }
+}
+
+/// `[http_service]` → one tcp service with port 80 (http, force_https) and 443 (http + tls).
+fn http_service(h: &HttpService) -> MachineService {
+    MachineService {
+        protocol: Some("tcp".to_owned()),
+        internal_port: Some(h.internal_port),
+        autostop: h.auto_stop_machines,
+        autostart: h.auto_start_machines,
+        min_machines_running: h.min_machines_running,
+        concurrency: h.concurrency.clone(),
+        checks: h.checks.clone(),
+        ports: vec![
+            MachinePort {
+                port: Some(80),
+                handlers: vec!["http".to_owned()],
+                force_https: h.force_https,
+                http_options: h.http_options.clone(),
+                ..MachinePort::default()
+            },
+            MachinePort {
+                port: Some(443),
+                handlers: vec!["http".to_owned(), "tls".to_owned()],
+                http_options: h.http_options.clone(),
+                tls_options: h.tls_options.clone(),
+                ..MachinePort::default()
+            },
+        ],
+        ..MachineService::default()
+    }
+}
+
+fn service(s: &Service) -> MachineService {
+    MachineService {
+        protocol: Some(s.protocol.clone()),
+        internal_port: Some(s.internal_port),
+        autostop: s.auto_stop_machines,
+        autostart: s.auto_start_machines,
+        min_machines_running: s.min_machines_running,
+        concurrency: s.concurrency.clone(),
+        ports: s.ports.clone(),
+        checks: s.tcp_checks.iter().chain(&s.http_checks).cloned().collect(),
+        ..MachineService::default()
+    }
+}
+
+/// Standard base64 with padding (what the API's `raw_value` holds).
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, output) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), output);
+        }
+    }
+}
