@@ -10,6 +10,7 @@
 //! agent wires it to them.
 
 pub mod blobs;
+pub mod bootstrap;
 pub mod digest;
 pub mod gc;
 pub mod images;
@@ -31,6 +32,6 @@ pub use progress::{Progress, PullEvent};
 pub use pull::{Layer, PulledImage, Puller};
 pub use push::Pusher;
 pub use reference::Reference;
-pub use rootfs::{Base, RootfsFormat, RootfsStore, WritableDisks};
 pub use registry::{Credentials, Limits, RegistryConfig, RegistryError, RetryPolicy};
+pub use rootfs::{Base, RootfsFormat, RootfsStore, WritableDisks};
 pub use runconfig::{GuestConfig, RunConfigWarning, guest_image_config};

@@ -1,48 +1,36 @@
 //! Busybox root filesystems and writable disks.
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{FixtureError, run};
-
-const BUSYBOX: &str = "/bin/busybox";
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FixtureError {
     let path = path.to_path_buf();
     move |source| FixtureError::Io { what, path, source }
 }
 
-/// Writes a busybox root tree into `dir`: `/bin/busybox` with every applet linked in `/bin`, users
-/// `root`, `app` (1000, owning `/home/app`) and `nobody` (65534), `/tmp` (1777), empty `/etc/hosts`
-/// and friends, and `/var/www/index.html` ("hello from the guest") for HTTP tests.
+/// Writes a busybox root tree into `dir`: the base image's tree ([`aloft_image::bootstrap::busybox_tree`]:
+/// `/bin/busybox` with every applet linked in `/bin`, `/tmp` (1777), empty `/etc/hosts` and friends)
+/// plus what tests rely on: users `root`, `app` (1000, owning `/home/app`) and `nobody` (65534), a group
+/// `extra` with `app` in it, and `/var/www/index.html` ("hello from the guest") for HTTP tests.
 pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
-    for d in [
-        "bin", "sbin", "etc", "tmp", "root", "home/app", "proc", "sys", "dev", "run", "var/www",
-    ] {
+    aloft_image::bootstrap::busybox_tree(dir).map_err(|e| match e {
+        aloft_image::bootstrap::BootstrapError::MissingTool { path, package } => {
+            FixtureError::MissingTool { path, package }
+        }
+        other => FixtureError::Command {
+            command: "aloft_image::bootstrap::busybox_tree".to_owned(),
+            stderr: other.to_string(),
+        },
+    })?;
+    for d in ["home/app", "var/www"] {
         fs::create_dir_all(dir.join(d)).map_err(io("create directory", &dir.join(d)))?;
-    }
-    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(io("chmod", dir))?;
-    let bb = dir.join("bin/busybox");
-    fs::copy(BUSYBOX, &bb).map_err(io("copy busybox (install busybox-static)", Path::new(BUSYBOX)))?;
-    let list = Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .map_err(io("run busybox --list", Path::new(BUSYBOX)))?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let link = dir.join("bin").join(applet);
-        if !link.exists() {
-            symlink("busybox", &link).map_err(io("symlink applet", &link))?;
-        }
     }
     std::os::unix::fs::chown(dir.join("home/app"), Some(1000), Some(1000))
         .map_err(io("chown", &dir.join("home/app")))?;
-    let files: [(&str, &str); 6] = [
+    let files: [(&str, &str); 3] = [
         (
             "etc/passwd",
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
@@ -51,9 +39,6 @@ pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
             "etc/group",
             "root:x:0:\napp:x:1000:\nextra:x:2000:app\nnogroup:x:65534:\n",
         ),
-        ("etc/hosts", ""),
-        ("etc/resolv.conf", ""),
-        ("etc/hostname", ""),
         ("var/www/index.html", "hello from the guest\n"),
     ];
     for (name, contents) in files {
