@@ -106,6 +106,42 @@ mod tests {
         not(feature = "vm-tests"),
         ignore = "boots a real guest; enable feature vm-tests"
     )]
+    fn hostname_hosts_and_resolv_conf_are_written() {
+        let mut t = TestVm::new(
+            "etc_files",
+            &[
+                "/bin/sh",
+                "-c",
+                "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf; stat -c '%a %u' /etc; \
+                 test -s /etc/passwd && echo passwd kept",
+            ],
+        );
+        t.spec.run_config.runtime.private_ip = "fdaa::5".into();
+        t.spec.run_config.dns.nameservers = vec!["fdaa::3".parse().unwrap()];
+        t.spec.run_config.dns.search = vec!["internal".into()];
+        t.spec.run_config.etc_hosts = vec![aloft_guest_proto::EtcHost {
+            ip: "10.1.2.3".parse().unwrap(),
+            names: vec!["db".into(), "db.internal".into()],
+        }];
+        let vm = t.start();
+        let logs = vm.logs();
+        let exit = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+        assert_eq!(exit.workload.unwrap().exit_code, Some(0));
+        assert_eq!(
+            collect_stdout(&logs, Duration::from_secs(1)),
+            "etc-files\netc-files\n\
+             127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+             fdaa::5\tetc-files\n10.1.2.3\tdb db.internal\n\
+             nameserver fdaa::3\nsearch internal\n\
+             755 0\npasswd kept\n"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
     fn exec_and_ps_while_running() {
         let t = TestVm::new("exec", &["/bin/sleep", "1000"]);
         let vm = t.start();
