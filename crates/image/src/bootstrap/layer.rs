@@ -454,9 +454,11 @@ mod tests {
     #[test]
     fn device_numbers_decode_like_glibc() {
         assert_eq!(dev_numbers(0x0103), (1, 3));
-        // major 259, minor 300: the high bits of both live above the classic 16.
-        let rdev = ((259u64 & 0xfff) << 8) | ((259u64 & !0xfff) << 32) | (300 & 0xff) | ((300 & !0xff) << 12);
-        assert_eq!(dev_numbers(rdev), (259, 300));
+        // major 4100 and minor 300 need the bits above the classic 8+8.
+        let (major, minor) = (4100u64, 300u64);
+        let rdev =
+            ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12);
+        assert_eq!(dev_numbers(rdev), (4100, 300));
     }
 
     fn nix_is_root() -> bool {
