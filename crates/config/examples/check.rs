@@ -21,6 +21,12 @@ fn main() {
                 continue;
             }
         };
+        if std::env::var_os("SHOW_TOML").is_some() {
+            match loaded.config.to_toml() {
+                Ok(t) => println!("{t}"),
+                Err(e) => println!("{e}"),
+            }
+        }
         if !loaded.warnings.is_empty() {
             println!("{}", loaded.warnings());
         }

@@ -93,6 +93,9 @@ pub enum ConfigError {
     /// The file is TOML but not a valid app config.
     #[error("{0}")]
     Invalid(Diagnostics),
+    /// The config could not be written out as TOML.
+    #[error("render the config as TOML")]
+    Render(#[source] toml::ser::Error),
 }
 
 /// Why a config could not be turned into machine configs.

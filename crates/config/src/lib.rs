@@ -32,6 +32,14 @@ pub use schema::{
 };
 pub use validate::DEFAULT_GROUP;
 
+impl AppConfig {
+    /// The config as `aloft.toml` text: normalised (one spelling per key, tables for list
+    /// sections, durations as strings), and parsing it again gives the same config.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(ConfigError::Render)
+    }
+}
+
 /// The file names looked for, in order.
 pub const CONFIG_NAMES: [&str; 2] = ["aloft.toml", "fly.toml"];
 

@@ -254,7 +254,7 @@ pub struct Mount {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<String>,
     /// Size of a volume the deploy creates, GB.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "initial_size", skip_serializing_if = "Option::is_none")]
     pub initial_size_gb: Option<u64>,
     /// Days snapshots are kept (1–60).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -266,10 +266,13 @@ pub struct Mount {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_extend_size_threshold: Option<u32>,
     /// GB added per extension (1–100).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "auto_extend_size_increment",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub auto_extend_size_increment_gb: Option<u64>,
     /// Auto-extension limit, GB (1–500).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "auto_extend_size_limit", skip_serializing_if = "Option::is_none")]
     pub auto_extend_size_limit_gb: Option<u64>,
     /// Where it is.
     #[serde(skip)]

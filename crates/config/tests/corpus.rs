@@ -364,3 +364,41 @@ mod tests {
         assert!(!m.init.unwrap().cmd.is_empty());
     }
 }
+
+#[cfg(test)]
+mod round_trip {
+    use std::path::Path;
+
+    /// `config show` output is itself a valid config that means the same thing.
+    #[test]
+    fn normalised_toml_parses_back_to_the_same_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let Ok(first) = aloft_config::load(&path) else {
+                continue;
+            };
+            let text = first.config.to_toml().unwrap();
+            let second = aloft_config::parse(&text, Path::new("shown.toml"))
+                .unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()));
+            assert!(
+                second.warnings.is_empty(),
+                "{}: {:?}\n{text}",
+                path.display(),
+                second.warnings
+            );
+            assert_eq!(
+                serde_json::to_value(&first.config).unwrap(),
+                serde_json::to_value(&second.config).unwrap(),
+                "{}\n{text}",
+                path.display()
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, 39);
+    }
+}
