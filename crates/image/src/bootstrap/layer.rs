@@ -251,8 +251,8 @@ impl Writer<'_> {
 
 /// Linux's encoding of a device number (glibc's `gnu_dev_major`/`gnu_dev_minor`).
 fn dev_numbers(rdev: u64) -> (u32, u32) {
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & 0xffff_f000);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00);
     (
         u32::try_from(major).unwrap_or(u32::MAX),
         u32::try_from(minor).unwrap_or(u32::MAX),
