@@ -274,3 +274,30 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::Duration;
+
+    proptest! {
+        #[test]
+        fn display_parses_back(nanos in 0u64..=u64::MAX / 4) {
+            let d = Duration(std::time::Duration::from_nanos(nanos));
+            prop_assert_eq!(d.to_string().parse::<Duration>().unwrap(), d);
+        }
+
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,24}") {
+            let _ = s.parse::<Duration>();
+        }
+
+        #[test]
+        fn unit_sequences_parse(parts in proptest::collection::vec((0u32..10_000, 0usize..6), 1..5)) {
+            let units = ["ns", "us", "ms", "s", "m", "h"];
+            let text: String = parts.iter().map(|(n, u)| format!("{n}{}", units[*u])).collect();
+            prop_assert!(text.parse::<Duration>().is_ok(), "{}", text);
+        }
+    }
+}

@@ -402,3 +402,90 @@ mod round_trip {
         assert_eq!(checked, 39);
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    fn corpus() -> Vec<String> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus");
+        let mut texts: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        texts.sort();
+        texts
+    }
+
+    fn expand_all(text: &str) {
+        struct NoFiles;
+        impl aloft_config::ReadFile for NoFiles {
+            fn read(&self, _: &str) -> std::io::Result<Vec<u8>> {
+                Err(std::io::ErrorKind::NotFound.into())
+            }
+        }
+        if let Ok(loaded) = aloft_config::parse(text, Path::new("fuzz.toml")) {
+            let opts = aloft_config::ExpandOptions {
+                image: None,
+                mounts: aloft_config::MountPolicy::Describe,
+                files: &NoFiles,
+            };
+            let _ = loaded.config.expand(&opts);
+            let _ = loaded.config.to_toml();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Bad input gets an error, never a panic: corpus files with a span of bytes replaced.
+        #[test]
+        fn mangled_corpus_files_never_panic(
+            file in 0usize..39,
+            at in 0usize..4096,
+            len in 0usize..16,
+            junk in "[\\[\\]=\"'{},.0-9a-z_ \\n#-]{0,12}",
+        ) {
+            let texts = corpus();
+            let text = &texts[file % texts.len()];
+            let mut start = at.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let mut end = (start + len).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mangled = format!("{}{}{}", &text[..start], junk, &text[end..]);
+            expand_all(&mangled);
+        }
+
+        /// Values of every type in every known key: errors, no panics.
+        #[test]
+        fn odd_values_never_panic(
+            key in prop::sample::select(vec![
+                "kill_timeout", "kill_signal", "swap_size_mb", "http_service.internal_port",
+                "http_service.auto_stop_machines", "vm.memory", "vm.size", "vm.cpus",
+                "mounts.initial_size", "deploy.max_unavailable", "checks.a.interval",
+                "services.ports", "processes.web", "env.X", "restart.policy",
+            ]),
+            value in prop::sample::select(vec![
+                "1", "-1", "0", "1.5", "1e300", "nan", "inf", "\"\"", "\"x\"", "\"10s\"",
+                "\"-5s\"", "true", "[]", "[1, \"a\"]", "{}", "{ a = 1 }", "1979-05-27T07:32:00Z",
+                "99999999999999999999", "\"99999999999999999999gb\"",
+            ]),
+        ) {
+            let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+            let text = if table.is_empty() {
+                format!("{leaf} = {value}\n")
+            } else {
+                format!("[{table}]\n{leaf} = {value}\n")
+            };
+            expand_all(&text);
+        }
+    }
+}
