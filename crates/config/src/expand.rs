@@ -258,12 +258,7 @@ impl AppConfig {
         }
 
         // Guest: the most specific [[vm]] (one naming the group beats one naming none).
-        let vm = self
-            .vm
-            .iter()
-            .rfind(|v| v.processes.iter().any(|p| p == group))
-            .or_else(|| self.vm.iter().rfind(|v| v.processes.is_empty()));
-        if let Some(vm) = vm {
+        if let Some(vm) = most_specific(&self.vm, group, |v| &v.processes) {
             match self.guest(vm) {
                 Ok(g) => mc.guest = Some(g),
                 Err(message) => errors.push(Diagnostic {
@@ -274,12 +269,7 @@ impl AppConfig {
         }
 
         // Restart: the most specific [[restart]], like [[vm]].
-        let restart = self
-            .restart
-            .iter()
-            .rfind(|r| r.processes.iter().any(|p| p == group))
-            .or_else(|| self.restart.iter().rfind(|r| r.processes.is_empty()));
-        if let Some(r) = restart {
+        if let Some(r) = most_specific(&self.restart, group, |r| &r.processes) {
             mc.restart = Some(MachineRestart {
                 policy: Some(r.policy),
                 max_retries: r.retries,
@@ -386,6 +376,14 @@ impl AppConfig {
     }
 }
 
+/// The last section naming `group` in its `processes`, else the last naming no group.
+fn most_specific<'a, T>(items: &'a [T], group: &str, processes: impl Fn(&T) -> &[String]) -> Option<&'a T> {
+    items
+        .iter()
+        .rfind(|x| processes(x).iter().any(|p| p == group))
+        .or_else(|| items.iter().rfind(|x| processes(x).is_empty()))
+}
+
 /// `[http_service]` → one tcp service with port 80 (http, force_https) and 443 (http + tls).
 fn http_service(h: &HttpService) -> MachineService {
     MachineService {
@@ -455,6 +453,118 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoFiles;
+
+    impl ReadFile for NoFiles {
+        fn read(&self, path: &str) -> io::Result<Vec<u8>> {
+            Err(io::Error::new(io::ErrorKind::NotFound, path.to_owned()))
+        }
+    }
+
+    fn groups(text: &str) -> BTreeMap<String, MachineConfig> {
+        let loaded = crate::parse(text, Path::new("t.toml")).unwrap();
+        let opts = ExpandOptions {
+            image: Some("img"),
+            mounts: MountPolicy::Refuse,
+            files: &NoFiles,
+        };
+        loaded
+            .config
+            .expand(&opts)
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.group, g.config))
+            .collect()
+    }
+
+    const TWO_GROUPS: &str = r#"
+        app = "demo"
+        [processes]
+        web = "bin/web --port 8080"
+        worker = "bin/worker"
+        [http_service]
+        internal_port = 8080
+        processes = ["web"]
+        [checks.alive]
+        type = "http"
+        path = "/health"
+        processes = ["web"]
+        [[vm]]
+        size = "shared-cpu-2x"
+        [[vm]]
+        memory = "2gb"
+        cpu_kind = "performance"
+        cpus = 1
+        processes = ["worker"]
+        [[restart]]
+        policy = "always"
+        [[restart]]
+        policy = "never"
+        processes = ["worker"]
+        [[metrics]]
+        port = 9091
+        [[statics]]
+        guest_path = "/app/public"
+        url_prefix = "/"
+        [[files]]
+        guest_path = "/etc/motd"
+        raw_value = "hello"
+        processes = ["worker"]
+    "#;
+
+    #[test]
+    fn sections_go_to_the_groups_they_name() {
+        let g = groups(TWO_GROUPS);
+        let (web, worker) = (&g["web"], &g["worker"]);
+        assert_eq!(web.init.as_ref().unwrap().cmd, ["bin/web", "--port", "8080"]);
+        assert_eq!(worker.init.as_ref().unwrap().cmd, ["bin/worker"]);
+        assert_eq!(web.services.len(), 1);
+        assert!(worker.services.is_empty());
+        // A check without a port takes the group's http_service port.
+        assert_eq!(web.checks["alive"].port, Some(8080));
+        assert!(worker.checks.is_empty());
+        // [[vm]] and [[restart]] without processes apply to groups no other section names.
+        let wg = web.guest.as_ref().unwrap();
+        assert_eq!((wg.cpus, wg.memory_mb), (Some(2), Some(512)));
+        let kg = worker.guest.as_ref().unwrap();
+        assert_eq!(
+            (kg.cpu_kind.as_deref(), kg.cpus, kg.memory_mb),
+            (Some("performance"), Some(1), Some(2048))
+        );
+        assert_eq!(web.restart.as_ref().unwrap().policy, Some(RestartPolicy::Always));
+        assert_eq!(worker.restart.as_ref().unwrap().policy, Some(RestartPolicy::No));
+        // [[metrics]] without processes: the default group only ("web": no "app" group, first name).
+        assert_eq!(web.metrics.as_ref().unwrap().port, Some(9091));
+        assert!(worker.metrics.is_none());
+        // [[statics]] everywhere; [[files]] where named, content base64.
+        assert_eq!(web.statics.len(), 1);
+        assert_eq!(worker.statics.len(), 1);
+        assert!(web.files.is_empty());
+        assert_eq!(worker.files[0].raw_value.as_deref(), Some("aGVsbG8="));
+        assert_eq!(web.image.as_deref(), Some("img"));
+    }
+
+    #[test]
+    fn experimental_commands_and_defaults() {
+        let g = groups(
+            "[experimental]\ncmd = \"bundle exec puma -C 'config/puma.rb'\"\nentrypoint = [\"/tini\", \"--\"]\n",
+        );
+        let init = g["app"].init.clone().unwrap();
+        assert_eq!(init.cmd, ["bundle", "exec", "puma", "-C", "config/puma.rb"]);
+        assert_eq!(init.entrypoint, ["/tini", "--"]);
+        assert!(g["app"].guest.is_none(), "no [[vm]]: the server's default size");
+        assert!(g["app"].stop_config.is_none());
+    }
+
+    #[test]
+    fn gpu_kind_alone_picks_the_gpu_default_size() {
+        let g = groups("[[vm]]\ngpu_kind = \"a10\"\n");
+        let guest = g["app"].guest.clone().unwrap();
+        assert_eq!(guest.cpu_kind.as_deref(), Some("performance"));
+        assert_eq!(guest.cpus, Some(8));
+        assert_eq!(guest.gpu_kind.as_deref(), Some("a10"));
+    }
 
     #[test]
     fn base64_matches_rfc4648() {
