@@ -1,0 +1,63 @@
+//! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft images …`),
+//! each subcommand in its own file with the same shape (clap args struct, `run(ctx, args)`), and
+//! errors that say what to do next.
+//!
+//! **Temporary deviation from the architecture:** the CLI must only talk to the platform through
+//! `aloft-client` → `aloft-api` (`cli → client → api`). Until `aloftd` exists (issue 4), `aloft
+//! images` links `aloft-image` and works on the local data directory (`--data-dir`) and registry
+//! (`--registry`) directly. When the agent's host API lands, these commands move onto it and
+//! this crate drops its `aloft-image` dependency. Nothing else may be linked directly: no `vm`,
+//! no store, no control plane.
+//!
+//! Threading: one current-thread tokio runtime per invocation; blocking file work goes through
+//! `spawn_blocking` inside `aloft-image`.
+
+mod context;
+mod errors;
+mod images;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::context::{Context, GlobalArgs};
+
+/// aloft: run apps as microVMs on your own machines.
+#[derive(Debug, Parser)]
+#[command(name = "aloft", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Command groups, one module each.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage images: list, pull, remove, bootstrap base images.
+    #[command(subcommand)]
+    Images(images::ImagesCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let ctx = Context::new(cli.global)?;
+        match cli.command {
+            Command::Images(cmd) => images::run(&ctx, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => errors::report(&e),
+    }
+}

@@ -1,0 +1,281 @@
+//! Transfer progress on stderr: one line redrawn in place (`\r`) when stderr is a terminal, plain
+//! lines otherwise (logs, CI, tests). Hand-rolled: no progress-bar dependency.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aloft_image::{Digest, Progress, PullEvent};
+
+/// Longest redrawn line (a terminal narrower than this wraps it; fine).
+const MAX_LINE: usize = 160;
+/// Fastest redraw rate.
+const REDRAW: Duration = Duration::from_millis(100);
+
+/// Shows a pull's or push's events. Share it through [`Display::progress`].
+#[derive(Debug)]
+pub(crate) struct Display {
+    tty: bool,
+    /// What the transfer is called in messages (`pull`, `push`).
+    verb: &'static str,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Blobs in order of first appearance.
+    blobs: Vec<Blob>,
+    last_draw: Option<Instant>,
+    drawn: bool,
+}
+
+#[derive(Debug)]
+struct Blob {
+    digest: Digest,
+    transferred: u64,
+    size: u64,
+    done: bool,
+}
+
+impl Display {
+    /// A display for stderr (redrawing when it is a terminal).
+    pub(crate) fn new(verb: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            tty: std::io::stderr().is_terminal(),
+            verb,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// A progress sink feeding this display.
+    pub(crate) fn progress(self: &Arc<Self>) -> Progress {
+        let me = Arc::clone(self);
+        Progress::new(move |event| me.event(event))
+    }
+
+    /// A status line (a build step); redraws in place on a terminal for `I: …` chatter.
+    pub(crate) fn status(&self, line: &str) {
+        let mut state = self.lock();
+        if self.tty && line.starts_with("I: ") {
+            draw(&mut state, &format!("  {line}"));
+        } else {
+            self.line(&mut state, line);
+        }
+    }
+
+    /// Ends the redrawn line, if any.
+    pub(crate) fn finish(&self) {
+        let mut state = self.lock();
+        if state.drawn {
+            eprintln!();
+            state.drawn = false;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while drawing leaves nothing inconsistent worth refusing to print over.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Prints a full line, above the redrawn one.
+    fn line(&self, state: &mut State, text: &str) {
+        if state.drawn {
+            eprint!("\r\x1b[2K");
+            state.drawn = false;
+        }
+        eprintln!("{text}");
+    }
+
+    fn event(&self, event: PullEvent) {
+        let mut state = self.lock();
+        match event {
+            PullEvent::Resolved {
+                reference,
+                digest,
+                layers,
+                total_bytes,
+            } => {
+                let text = format!(
+                    "{}ing {reference} ({}, {layers} layer{}, {})",
+                    self.verb,
+                    short(&digest),
+                    if layers == 1 { "" } else { "s" },
+                    bytes(total_bytes)
+                );
+                self.line(&mut state, &text);
+            }
+            PullEvent::BlobCached { digest, size } => {
+                let blob = blob(&mut state, &digest, size);
+                blob.transferred = size;
+                blob.done = true;
+                if !self.tty {
+                    let where_ = if self.verb == "push" {
+                        "in the registry"
+                    } else {
+                        "cached"
+                    };
+                    self.line(
+                        &mut state,
+                        &format!("  {} {} already {where_}", short(&digest), bytes(size)),
+                    );
+                }
+            }
+            PullEvent::BlobProgress {
+                digest,
+                transferred,
+                size,
+            } => {
+                blob(&mut state, &digest, size).transferred = transferred;
+            }
+            PullEvent::BlobDone { digest, size } => {
+                let blob = blob(&mut state, &digest, size);
+                blob.transferred = size;
+                blob.done = true;
+                if !self.tty {
+                    self.line(&mut state, &format!("  {} {} done", short(&digest), bytes(size)));
+                }
+            }
+            PullEvent::Retrying {
+                what,
+                attempt,
+                delay,
+                error,
+            } => {
+                // The innermost cause ("Connection refused (os error 111)") says enough here.
+                let cause = error.rsplit(": ").next().unwrap_or(&error);
+                let text = format!(
+                    "  {what}: attempt {attempt} failed ({cause}); retrying in {:.1}s",
+                    delay.as_secs_f64()
+                );
+                self.line(&mut state, &text);
+            }
+            PullEvent::Done { digest } => {
+                if state.drawn {
+                    redraw(&mut state, true);
+                    eprintln!();
+                    state.drawn = false;
+                }
+                if !self.tty {
+                    self.line(&mut state, &format!("  {} complete", short(&digest)));
+                }
+                state.blobs.clear();
+            }
+        }
+        if self.tty {
+            redraw(&mut state, false);
+        }
+    }
+}
+
+/// The entry for `digest`, added when new.
+fn blob<'a>(state: &'a mut State, digest: &Digest, size: u64) -> &'a mut Blob {
+    let index = match state.blobs.iter().position(|b| &b.digest == digest) {
+        Some(i) => i,
+        None => {
+            state.blobs.push(Blob {
+                digest: digest.clone(),
+                transferred: 0,
+                size,
+                done: false,
+            });
+            state.blobs.len() - 1
+        }
+    };
+    &mut state.blobs[index]
+}
+
+/// Redraws the per-blob line (at most every [`REDRAW`] unless `force`).
+fn redraw(state: &mut State, force: bool) {
+    if state.blobs.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    if !force && state.last_draw.is_some_and(|t| now.duration_since(t) < REDRAW) {
+        return;
+    }
+    state.last_draw = Some(now);
+    let (mut sent, mut total) = (0u64, 0u64);
+    let mut parts = Vec::new();
+    for b in &state.blobs {
+        sent = sent.saturating_add(b.transferred);
+        total = total.saturating_add(b.size);
+        let what = if b.done {
+            "done".to_owned()
+        } else {
+            format!("{}/{}", bytes(b.transferred), bytes(b.size))
+        };
+        parts.push(format!("{} {what}", short(&b.digest)));
+    }
+    let line = format!("  {} of {} | {}", bytes(sent), bytes(total), parts.join("  "));
+    draw(state, &line);
+}
+
+fn draw(state: &mut State, line: &str) {
+    let line: String = line.chars().take(MAX_LINE).collect();
+    eprint!("\r\x1b[2K{line}");
+    let _ = std::io::stderr().flush();
+    state.drawn = true;
+}
+
+/// The first 12 hex digits of a digest.
+pub(crate) fn short(digest: &Digest) -> String {
+    digest.hex().chars().take(12).collect()
+}
+
+/// Bytes in binary units, one decimal.
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[expect(clippy::cast_precision_loss, reason = "a display value")]
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(30 << 20), "30.0 MiB");
+    }
+
+    #[test]
+    fn events_update_blobs_in_order() {
+        let display = Display::new("pull");
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        display.event(PullEvent::BlobProgress {
+            digest: a.clone(),
+            transferred: 5,
+            size: 10,
+        });
+        display.event(PullEvent::BlobCached {
+            digest: b.clone(),
+            size: 3,
+        });
+        display.event(PullEvent::BlobDone {
+            digest: a.clone(),
+            size: 10,
+        });
+        let state = display.lock();
+        let blobs: Vec<_> = state
+            .blobs
+            .iter()
+            .map(|b| (b.digest.clone(), b.transferred, b.done))
+            .collect();
+        assert_eq!(blobs, vec![(a, 10, true), (b, 3, true)]);
+    }
+}
