@@ -15,11 +15,11 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # Debian packages (bookworm). qemu-system-x86: the VMM; linux-source-6.1 + build tools: the guest
 # kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
 # docker-registry: the embedded OCI registry (and the tests' one); skopeo, umoci: interop tests and
-# the image benchmark's baseline.
+# the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps
-  docker-registry skopeo umoci
+  docker-registry skopeo umoci debootstrap
 )
 step "system packages"
 missing=()
