@@ -12,6 +12,7 @@
 //! Threading: one current-thread tokio runtime per invocation; blocking file work goes through
 //! `spawn_blocking` inside `aloft-image`.
 
+mod config;
 mod context;
 mod errors;
 mod images;
@@ -39,6 +40,9 @@ enum Command {
     /// Manage images: list, pull, remove, bootstrap base images.
     #[command(subcommand)]
     Images(images::ImagesCommand),
+    /// Check and print the app config (aloft.toml, else fly.toml).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         let ctx = Context::new(cli.global)?;
         match cli.command {
             Command::Images(cmd) => images::run(&ctx, cmd).await,
+            Command::Config(cmd) => config::run(cmd),
         }
     });
     match result {
