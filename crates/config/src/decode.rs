@@ -251,6 +251,8 @@ impl<'s> Ctx<'s> {
     /// A duration: a Go duration string (`"10s"`, `"1m30s"`) or an integer in `unit`.
     pub(crate) fn duration(&mut self, node: &Node, path: &str, unit: IntUnit) -> Option<Duration> {
         match &node.value {
+            // flyctl treats an empty duration as unset.
+            Value::Str(s) if s.trim().is_empty() => None,
             Value::Str(s) => match s.parse::<Duration>() {
                 Ok(d) => Some(d),
                 // A bare number in a string: same unit as an integer.

@@ -454,6 +454,7 @@ const TOP_KEYS: &[&str] = &[
 /// Decodes a whole document.
 pub(crate) fn decode_app(ctx: &mut Ctx<'_>, root: &Node) -> AppConfig {
     let mut cfg = AppConfig::default();
+    let mut moved = MovedFromExperimental::default();
     let Some(entries) = ctx.table(root, "") else {
         return cfg;
     };
@@ -541,7 +542,9 @@ pub(crate) fn decode_app(ctx: &mut Ctx<'_>, root: &Node) -> AppConfig {
                     }
                 }
             }
-            "experimental" => cfg.experimental = decode_experimental(ctx, value, p),
+            "experimental" => {
+                cfg.experimental = decode_experimental(ctx, value, p, &mut moved);
+            }
             "machine_checks" => ctx.legacy(
                 key,
                 p,
@@ -549,6 +552,17 @@ pub(crate) fn decode_app(ctx: &mut Ctx<'_>, root: &Node) -> AppConfig {
             ),
             _ => ctx.unknown(key, p, TOP_KEYS),
         }
+    }
+    if cfg.kill_timeout.is_none() {
+        cfg.kill_timeout = moved.kill_timeout;
+    }
+    if let Some(m) = moved.metrics
+        && cfg.metrics.is_empty()
+    {
+        if m.port.is_none() {
+            ctx.error_at(&m.origin, "metrics_path needs metrics_port");
+        }
+        cfg.metrics.push(m);
     }
     cfg
 }
@@ -703,6 +717,41 @@ fn decode_processes(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> BTreeMap<Stri
     match &node.value {
         // Legacy `processes = []` (what the old GraphQL API returned): no process groups.
         Value::Array(items) if items.is_empty() => {}
+        // Legacy list form: `[[processes]] name = "web" command = "bin/web"`.
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let p = index(path, i);
+                let Some(entries) = ctx.table(item, &p) else {
+                    continue;
+                };
+                let mut name = None;
+                let mut command = String::new();
+                for (k, v) in entries {
+                    let kp = join(&p, &k.name);
+                    match k.name.as_str() {
+                        "name" => name = ctx.string(v, &kp),
+                        "command" => {
+                            if let Some(c) = ctx.string(v, &kp) {
+                                ctx.split_command(&c, &v.span, &kp);
+                                command = c;
+                            }
+                        }
+                        _ => ctx.unknown(k, &kp, &["name", "command"]),
+                    }
+                }
+                match name {
+                    Some(n) if valid_group_name(&n) => {
+                        out.insert(n, command);
+                    }
+                    Some(_) => ctx.error(
+                        &item.span,
+                        &p,
+                        "process group names use lowercase letters, digits, '-' and '_'",
+                    ),
+                    None => ctx.error(&item.span, &p, "a process in a list needs a `name`"),
+                }
+            }
+        }
         _ => {
             let Some(entries) = ctx.table(node, path) else {
                 return out;
@@ -1904,7 +1953,20 @@ const EXPERIMENTAL_KEYS: &[&str] = &[
     "machine_config",
 ];
 
-fn decode_experimental(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Experimental> {
+/// Keys of `[experimental]` that flyctl moves elsewhere (`kill_timeout`, `metrics_port`,
+/// `metrics_path`).
+#[derive(Debug, Default)]
+struct MovedFromExperimental {
+    kill_timeout: Option<Duration>,
+    metrics: Option<Metrics>,
+}
+
+fn decode_experimental(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    moved: &mut MovedFromExperimental,
+) -> Option<Experimental> {
     let entries = ctx.table(node, path)?;
     let mut e = Experimental::default();
     for (key, value) in entries {
@@ -1920,7 +1982,24 @@ fn decode_experimental(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Exp
             "attached" | "machine_config" => {
                 e.other.insert(key.name.clone(), value.to_toml());
             }
-            "allowed_public_ports" | "private_network" | "metrics_port" | "metrics_path" => {
+            "use_zstd" => {
+                ctx.bool(value, &p);
+                e.other.insert(key.name.clone(), value.to_toml());
+            }
+            // Old homes of top-level settings, moved where flyctl moves them.
+            "kill_timeout" => moved.kill_timeout = ctx.duration(value, &p, IntUnit::Seconds),
+            "metrics_port" | "metrics_path" => {
+                let m = moved.metrics.get_or_insert_with(|| Metrics {
+                    origin: ctx.origin(&key.span, &p),
+                    ..Metrics::default()
+                });
+                if key.name == "metrics_port" {
+                    m.port = decode_port(ctx, value, &p);
+                } else {
+                    m.path = ctx.string(value, &p);
+                }
+            }
+            "allowed_public_ports" | "private_network" => {
                 ctx.legacy(key, &p, "a setting of Fly's old Nomad platform");
             }
             _ => ctx.unknown(key, &p, EXPERIMENTAL_KEYS),
@@ -1945,6 +2024,63 @@ mod tests {
         assert_eq!(parse_size("10", GB, false), Ok(10));
         assert!(parse_size("lots", MIB, true).is_err());
         assert!(parse_size("5 parsecs", MIB, true).is_err());
+    }
+
+    #[test]
+    fn legacy_shapes_are_read_like_flyctl() {
+        let text = r#"
+            kill_timeout = ""
+            [experimental]
+            kill_timeout = 30
+            metrics_port = 9091
+            metrics_path = "/metrics"
+            [[processes]]
+            name = "web"
+            command = "bin/web"
+            [[processes]]
+            name = "worker"
+            [env]
+            PORT = 8080
+            [[services]]
+            concurrency = "20,25"
+            processes = ["web"]
+            [[services.ports]]
+            port = 80
+            [[services.http_checks]]
+            interval = 10000
+            headers = [{ name = "Host", value = "example.com" }]
+        "#;
+        let loaded = crate::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let cfg = &loaded.config;
+        assert_eq!(cfg.kill_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(cfg.metrics[0].port, Some(9091));
+        assert_eq!(cfg.metrics[0].path.as_deref(), Some("/metrics"));
+        assert_eq!(cfg.processes["web"], "bin/web");
+        assert_eq!(cfg.processes["worker"], "");
+        assert_eq!(cfg.env["PORT"], "8080");
+        let s = &cfg.services[0];
+        let c = s.concurrency.as_ref().unwrap();
+        assert_eq!(
+            (c.r#type.as_deref(), c.soft_limit, c.hard_limit),
+            (Some("requests"), Some(20), Some(25))
+        );
+        assert_eq!(s.http_checks[0].interval, Some(Duration::from_secs(10)));
+        assert_eq!(s.http_checks[0].headers[0].name.as_deref(), Some("Host"));
+        assert_eq!(s.http_checks[0].headers[0].values, ["example.com"]);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion() {
+        let loaded = crate::parse(
+            "[http_service]\ninternal_prot = 80\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.warnings[0].to_string(),
+            "2:1: http_service.internal_prot: unknown key, ignored (did you mean `internal_port`?)"
+        );
     }
 
     #[test]
