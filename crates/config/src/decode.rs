@@ -25,9 +25,15 @@ pub(crate) enum IntUnit {
     Millis,
 }
 
+/// `path.key`, with the key quoted as TOML would need it (`env."A=B"`).
 pub(crate) fn join(path: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let key = if bare { key.to_owned() } else { format!("{key:?}") };
     if path.is_empty() {
-        key.to_owned()
+        key
     } else {
         format!("{path}.{key}")
     }
@@ -410,5 +416,7 @@ mod tests {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(join("", "app"), "app");
         assert_eq!(join("vm", "size"), "vm.size");
+        assert_eq!(join("env", "A=B"), "env.\"A=B\"");
+        assert_eq!(join("build", "build-target"), "build.build-target");
     }
 }

@@ -550,11 +550,24 @@ pub(crate) fn decode_app(ctx: &mut Ctx<'_>, root: &Node) -> AppConfig {
                 p,
                 "deploy-time machine checks are not supported by aloft yet",
             ),
+            "machine_config" | "container" => {
+                ctx.legacy(key, p, "multi-container machines are not supported by aloft yet")
+            }
             _ => ctx.unknown(key, p, TOP_KEYS),
         }
     }
-    if cfg.kill_timeout.is_none() {
-        cfg.kill_timeout = moved.kill_timeout;
+    if cfg.kill_timeout.is_none()
+        && let Some(d) = moved.kill_timeout
+    {
+        if d.get().as_secs() > MAX_KILL_TIMEOUT_SECS
+            && let Some(origin) = cfg.origins.get("experimental")
+        {
+            ctx.error_at(
+                origin,
+                format!("kill_timeout {d} is longer than the {MAX_KILL_TIMEOUT_SECS}s maximum; lower it"),
+            );
+        }
+        cfg.kill_timeout = Some(d);
     }
     if let Some(m) = moved.metrics
         && cfg.metrics.is_empty()
@@ -697,7 +710,19 @@ fn decode_env(ctx: &mut Ctx<'_>, node: &Node, path: &str, env: &mut BTreeMap<Str
             };
             for (key, value) in entries {
                 let p = join(path, &key.name);
+                if key.name.is_empty() || key.name.contains(['=', '\0']) {
+                    ctx.error(
+                        &key.span,
+                        &p,
+                        "an environment variable name must be non-empty, without '=' or NUL",
+                    );
+                    continue;
+                }
                 if let Some(v) = ctx.string_lenient(value, &p) {
+                    if v.contains('\0') {
+                        ctx.error(&value.span, &p, "an environment value can't contain NUL");
+                        continue;
+                    }
                     if key.name.starts_with("FLY_") {
                         ctx.warn(
                             &key.span,
