@@ -143,10 +143,12 @@ fn validate(path: &Path, loaded: &Loaded) -> anyhow::Result<String> {
         let checks = c.checks.len() + c.services.iter().map(|s| s.checks.len()).sum::<usize>();
         parts.push(count(checks, "check"));
         if let Some(guest) = &c.guest {
+            let cpus = guest.cpus.unwrap_or(1);
             parts.push(format!(
-                "{} x{} cpu, {} MB",
+                "{} {} cpu{}, {} MB",
+                cpus,
                 guest.cpu_kind.as_deref().unwrap_or("shared"),
-                guest.cpus.unwrap_or(1),
+                if cpus == 1 { "" } else { "s" },
                 guest.memory_mb.unwrap_or(256)
             ));
         }
@@ -200,11 +202,11 @@ mod tests {
         assert!(lines[0].ends_with("fly.toml is valid"), "{report}");
         assert_eq!(
             lines[1],
-            "  app: cmd \"bin/web\", 1 service, 0 checks, shared x1 cpu, 512 MB"
+            "  app: cmd \"bin/web\", 1 service, 0 checks, 1 shared cpu, 512 MB"
         );
         assert_eq!(
             lines[2],
-            "  worker: cmd \"bin/worker\", 0 services, 0 checks, shared x1 cpu, 512 MB"
+            "  worker: cmd \"bin/worker\", 0 services, 0 checks, 1 shared cpu, 512 MB"
         );
     }
 
