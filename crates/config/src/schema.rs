@@ -970,6 +970,17 @@ fn decode_service(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Service>
             _ => ctx.unknown(key, &p, SERVICE_KEYS),
         }
     }
+    if s.protocol == "udp"
+        && s.ports
+            .iter()
+            .any(|p| !p.handlers.is_empty() || p.force_https.is_some_and(|f| f))
+    {
+        ctx.error(
+            &node.span,
+            path,
+            "a udp service takes no handlers and no force_https; remove them or use protocol = \"tcp\"",
+        );
+    }
     Some(s)
 }
 
