@@ -6,7 +6,11 @@
 //! debian-bookworm-minbase-v1.tar.gz     the layer
 //! debian-bookworm-minbase-v1.json       {"digest":"sha256:…","diff_id":"sha256:…","size":N,"entries":N}
 //! .work-XXXXXX/                         a build in progress (private, deleted afterwards)
+//! .lock                                 held (flock) by the one build running
 //! ```
+//!
+//! A build left behind by a killed process is deleted by the next build (under the lock, and only
+//! if nothing is mounted beneath it).
 //!
 //! A cached layer is used only when its bytes hash to the recorded digest. Bump the version in the
 //! name when the tree or the layer format changes.
@@ -106,6 +110,26 @@ fn cached_or_built(dir: &Path, options: &BootstrapOptions) -> Result<(LayerBlob,
     }
     check_host()?;
     fs::create_dir_all(dir).map_err(BootstrapError::io("create directory", dir))?;
+    // One build per cache directory at a time: a concurrent caller waits here, then takes the
+    // layer the first one stored. The lock goes with the file handle, however this ends.
+    let lock_path = dir.join(".lock");
+    let lock = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(BootstrapError::io("open", &lock_path))?;
+    lock.lock().map_err(BootstrapError::io("lock", &lock_path))?;
+    if !options.rebuild
+        && let Some(blob) = load_cached(&layer_path, &record_path)
+    {
+        options.say(&format!(
+            "using the debian layer just built: {}",
+            layer_path.display()
+        ));
+        return Ok((blob, true));
+    }
+    remove_stale_work_dirs(dir, options);
     let mut work = WorkDir::create(dir)?;
     let built = build(&work.path, options);
     let stored = built.and_then(|blob| store(&blob, &layer_path, &record_path));
@@ -113,6 +137,29 @@ fn cached_or_built(dir: &Path, options: &BootstrapOptions) -> Result<(LayerBlob,
     let blob = stored?;
     cleaned?;
     Ok((blob, false))
+}
+
+/// Removes build directories that an interrupted build left behind (the caller holds the lock,
+/// so none is in use). One with a mount beneath it stays, and is reported.
+fn remove_stale_work_dirs(dir: &Path, options: &BootstrapOptions) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let stale = entry.file_name().to_string_lossy().starts_with(".work-")
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if stale {
+            let mut work = WorkDir {
+                path: entry.path(),
+                removed: false,
+            };
+            match work.remove() {
+                Ok(()) => options.say(&format!(
+                    "removed an interrupted build: {}",
+                    entry.path().display()
+                )),
+                Err(e) => options.say(&format!("kept an interrupted build: {e}")),
+            }
+        }
+    }
 }
 
 fn check_host() -> Result<(), BootstrapError> {
@@ -404,6 +451,29 @@ mod tests {
         let path = work.path.clone();
         work.remove().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn interrupted_builds_are_removed_but_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = WorkDir::create(dir.path()).unwrap();
+        let stale_path = stale.path.clone();
+        std::mem::forget(stale); // as if the process had been killed
+        fs::create_dir_all(stale_path.join("rootfs/usr")).unwrap();
+        fs::write(dir.path().join(format!("{CACHE_NAME}.json")), "{}").unwrap();
+        fs::create_dir(dir.path().join("other")).unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&lines);
+        let options = BootstrapOptions {
+            status: Some(std::sync::Arc::new(move |l: &str| {
+                seen.lock().unwrap().push(l.to_owned())
+            })),
+            ..BootstrapOptions::default()
+        };
+        remove_stale_work_dirs(dir.path(), &options);
+        assert!(!stale_path.exists());
+        assert!(dir.path().join("other").is_dir() && dir.path().join(format!("{CACHE_NAME}.json")).is_file());
+        assert_eq!(lines.lock().unwrap().len(), 1);
     }
 
     #[test]
