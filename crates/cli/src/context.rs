@@ -14,7 +14,7 @@ pub(crate) struct GlobalArgs {
     /// Local data directory (image cache, embedded registry) [default: ~/.local/share/aloft].
     #[arg(long, global = true, env = "ALOFT_DATA_DIR", value_name = "DIR")]
     pub(crate) data_dir: Option<PathBuf>,
-    /// The platform's registry, HOST[:PORT]; names without a registry resolve against it.
+    /// The platform's registry, HOST or HOST:PORT; names without a registry resolve against it.
     #[arg(
         long,
         global = true,

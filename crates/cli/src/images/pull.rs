@@ -10,7 +10,7 @@ use crate::progress::{Display, bytes};
 
 #[derive(Debug, Args)]
 pub(crate) struct PullArgs {
-    /// The image: NAME[:TAG], NAME@sha256:…, or REGISTRY/NAME[:TAG] for another registry.
+    /// The image: NAME, NAME:TAG, NAME@sha256:…, or REGISTRY/NAME:TAG for another registry.
     #[arg(value_name = "REF")]
     reference: String,
     /// Print the pulled image as JSON on stdout (progress stays on stderr).

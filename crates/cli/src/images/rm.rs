@@ -8,7 +8,7 @@ use crate::errors::{EXIT_NOT_FOUND, UserError};
 
 #[derive(Debug, Args)]
 pub(crate) struct RmArgs {
-    /// The image, as listed by `aloft images list` (NAME[:TAG] or NAME@DIGEST).
+    /// The image, as listed by `aloft images list` (NAME, NAME:TAG or NAME@DIGEST).
     #[arg(value_name = "REF")]
     reference: String,
 }
