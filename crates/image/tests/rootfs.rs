@@ -204,7 +204,8 @@ mod tests {
         fs::read_dir(dir).map_or(0, Iterator::count)
     }
 
-    /// Nothing but finished bases in `<cache>/rootfs`: staging and tmp are empty.
+    /// Nothing but finished bases in `<cache>/rootfs`: staging and tmp are empty, and no build
+    /// directory of this process is left in memory (`/dev/shm`).
     fn assert_no_partial(cache: &Path) {
         let rootfs = cache.join("rootfs");
         assert_eq!(entries(&rootfs.join("staging")), 0, "staging left behind");
@@ -213,6 +214,16 @@ mod tests {
             0,
             "temporary filesystem left behind"
         );
+        let ours = format!(".{}.", std::process::id());
+        let in_memory = fs::read_dir("/dev/shm").map_or(0, |d| {
+            d.flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.starts_with("aloft-rootfs-") && name.contains(&ours)
+                })
+                .count()
+        });
+        assert_eq!(in_memory, 0, "staging left behind in /dev/shm");
     }
 
     fn output(cmd: &mut Command) -> Result<String> {
@@ -288,7 +299,9 @@ mod tests {
         let registry = Registry::start()?;
         let cache = private_cache();
         let (_, pulled) = push_and_pull(&registry, cache.path(), "apps/layered:v1", &layered_image()).await?;
-        let store = RootfsStore::open(cache.path(), RootfsFormat::Ext4, UnpackLimits::default())?;
+        // Staged on disk here; the other tests stage in memory (the default when it fits).
+        let store = RootfsStore::open(cache.path(), RootfsFormat::Ext4, UnpackLimits::default())?
+            .with_memory_staging(None);
         let (base, stats) = store.build(&pulled)?;
         assert!(!stats.reused);
         assert_eq!(

@@ -7,12 +7,14 @@
 //! <root>/rootfs/<hex>.<fstype>          a finished base (0444), named by the image manifest digest
 //! <root>/rootfs/locks/<hex>.lock        one lock file per digest (flock), never removed
 //! <root>/rootfs/staging/<hex>.<pid>.<n>/root   layers being unpacked (the build dir is 0700)
+//! /dev/shm/aloft-rootfs-<hex>.<pid>.<n>/root     the same, in memory, when the image fits
 //! <root>/rootfs/tmp/<hex>.<pid>.<n>.<fstype>   a filesystem being made
 //! ```
 //!
 //! [`RootfsStore::build`] takes the digest's lock (so concurrent builders of one image, in this
 //! process or another, wait for the first and then reuse its result), unpacks the layers in order
-//! with the safe [`Unpacker`] into a fresh private staging directory, checking each layer blob's
+//! with the safe [`Unpacker`] into a fresh private staging directory (in memory when the image fits,
+//! see [`RootfsStore::with_memory_staging`]; on disk otherwise), checking each layer blob's
 //! digest again as it is read, makes the filesystem into a temporary file (`mkfs.ext4 -d` or
 //! `mkfs.erofs`, see [`RootfsFormat`]), fsyncs it, renames it into place and fsyncs the directory.
 //! Whatever fails (a corrupt or missing blob, a hostile layer, the size or entry limit, `mkfs`), the
@@ -37,6 +39,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::blobs::BlobStore;
 use crate::digest::{Digest, Sha256};
+use crate::manifest::Compression;
 use crate::pull::{Layer, PulledImage};
 use crate::unpack::{UnpackError, UnpackLimits, Unpacker};
 
@@ -44,6 +47,18 @@ pub use disk::{CloneMethod, DiskError, WritableDisks};
 pub use mkfs::RootfsFormat;
 
 static BUILD_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Where layers are unpacked by default when the image fits (see [`RootfsStore::with_memory_staging`]).
+const DEFAULT_MEMORY_STAGING: &str = "/dev/shm";
+
+/// Name prefix of build directories in the memory staging directory.
+const MEMORY_PREFIX: &str = "aloft-rootfs-";
+
+/// Largest estimated unpacked image staged in memory.
+pub const MEMORY_STAGING_MAX: u64 = 4 << 30;
+
+/// `statfs` type of tmpfs.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
 
 /// Why a base root filesystem could not be built, found or removed.
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +130,10 @@ pub struct BuildStats {
     pub reused: bool,
     /// Milliseconds spent unpacking layers into the staging directory.
     pub unpack_ms: u64,
-    /// Milliseconds spent making the filesystem (including fsync and rename).
+    /// Milliseconds spent making the filesystem.
     pub mkfs_ms: u64,
+    /// Milliseconds spent making it durable (fsync, rename, directory fsync).
+    pub sync_ms: u64,
     /// Files, directories and links in the staged tree.
     pub entries: u64,
 }
@@ -131,6 +148,7 @@ pub struct RootfsStore {
     blobs: BlobStore,
     format: RootfsFormat,
     limits: UnpackLimits,
+    memory: Option<PathBuf>,
 }
 
 impl RootfsStore {
@@ -150,6 +168,7 @@ impl RootfsStore {
             })?,
             format,
             limits,
+            memory: Some(PathBuf::from(DEFAULT_MEMORY_STAGING)),
         };
         for d in [&store.dir, &store.locks, &store.staging, &store.tmp] {
             fs::DirBuilder::new()
@@ -162,6 +181,15 @@ impl RootfsStore {
         }
         store.remove_orphans();
         Ok(store)
+    }
+
+    /// Unpacks layers in `dir` (a tmpfs) when an image fits there, or never with `None`. The
+    /// default is `/dev/shm`: staging in memory spares the disk a write and a read of every file,
+    /// which is most of the build time on a small host. Only the finished base goes to disk.
+    pub fn with_memory_staging(mut self, dir: Option<PathBuf>) -> Self {
+        self.memory = dir;
+        self.remove_orphans();
+        self
     }
 
     /// The format new bases are built in.
@@ -221,19 +249,23 @@ impl RootfsStore {
         }
         let n = BUILD_COUNTER.fetch_add(1, Ordering::Relaxed);
         let unique = format!("{}.{}.{n}", image.digest.hex(), std::process::id());
-        let build_dir = Scratch::dir(self.staging.join(&unique));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&build_dir.0)
-            .map_err(io_err("create staging directory", &build_dir.0))?;
-        let root = build_dir.0.join("root");
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&root)
-            .map_err(io_err("create staging directory", &root))?;
 
         let started = Instant::now();
-        self.unpack_all(image, &root)?;
+        let mut staged = None;
+        if let Some(memory) = self.memory_staging(image) {
+            // Unpacking into memory may run out of room when the layers compress better than
+            // estimated: then once more on disk.
+            match self.stage(image, &memory.join(format!("{MEMORY_PREFIX}{unique}"))) {
+                Ok(dir) => staged = Some(dir),
+                Err(e) if is_no_space(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let build_dir = match staged {
+            Some(dir) => dir,
+            None => self.stage(image, &self.staging.join(&unique))?,
+        };
+        let root = build_dir.0.join("root");
         let unpack_ms = millis(started);
 
         let started = Instant::now();
@@ -241,6 +273,8 @@ impl RootfsStore {
         let entries = mkfs::make(self.format, &image.digest, &root, &tmp.0)?;
         // The staged tree is no longer needed: free the space before the fsync.
         drop(build_dir);
+        let mkfs_ms = millis(started);
+        let started = Instant::now();
         let file = File::open(&tmp.0).map_err(io_err("open", &tmp.0))?;
         file.sync_all().map_err(io_err("fsync", &tmp.0))?;
         fs::set_permissions(&tmp.0, fs::Permissions::from_mode(0o444)).map_err(io_err("chmod", &tmp.0))?;
@@ -249,7 +283,7 @@ impl RootfsStore {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("fsync", &self.dir))?;
-        let mkfs_ms = millis(started);
+        let sync_ms = millis(started);
         let base =
             base_at(image.digest.clone(), path.clone(), self.format).ok_or_else(|| RootfsError::Io {
                 what: "stat the new base",
@@ -262,6 +296,7 @@ impl RootfsStore {
                 reused: false,
                 unpack_ms,
                 mkfs_ms,
+                sync_ms,
                 entries,
             },
         ))
@@ -286,6 +321,46 @@ impl RootfsStore {
                 source,
             }),
         }
+    }
+
+    /// Where to unpack `image` in memory, if anywhere: a tmpfs directory when the image's estimated
+    /// unpacked size (compressed layers × 4, plain ones × 1) fits in half its free space and in
+    /// [`MEMORY_STAGING_MAX`].
+    fn memory_staging(&self, image: &PulledImage) -> Option<PathBuf> {
+        let dir = self.memory.as_ref()?;
+        let estimate = image
+            .layers
+            .iter()
+            .map(|l| match l.compression {
+                Compression::None => l.size,
+                _ => l.size.saturating_mul(4),
+            })
+            .fold(0u64, u64::saturating_add)
+            .min(self.limits.max_bytes);
+        let fs = rustix::fs::statfs(dir.as_path()).ok()?;
+        #[expect(clippy::cast_sign_loss, reason = "f_type is a magic number")]
+        let tmpfs = fs.f_type as u64 == TMPFS_MAGIC;
+        let vfs = rustix::fs::statvfs(dir.as_path()).ok()?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        (tmpfs && estimate <= (free / 2).min(MEMORY_STAGING_MAX)).then(|| dir.clone())
+    }
+
+    /// Makes the private build directory `dir` and unpacks every layer into `dir/root`.
+    fn stage(&self, image: &PulledImage, dir: &Path) -> Result<Scratch, RootfsError> {
+        // `mkdir` fails on anything already there (a planted symlink included), and 0700 keeps
+        // other users out of the staged tree; the unpacker checks both again.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("create staging directory", dir))?;
+        let build_dir = Scratch::dir(dir.to_owned());
+        let root = dir.join("root");
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&root)
+            .map_err(io_err("create staging directory", &root))?;
+        self.unpack_all(image, &root)?;
+        Ok(build_dir)
     }
 
     /// Takes the digest's lock: blocking, or `None` when `wait` is false and it is held.
@@ -376,13 +451,25 @@ impl RootfsStore {
 
     /// Removes staging directories and temporary files whose builder process is gone.
     fn remove_orphans(&self) {
-        for dir in [&self.staging, &self.tmp] {
+        let dirs = [Some(&self.staging), Some(&self.tmp), self.memory.as_ref()];
+        for dir in dirs.into_iter().flatten() {
             let Ok(entries) = fs::read_dir(dir) else {
                 continue;
             };
+            let shared = Some(dir) == self.memory.as_ref();
             for entry in entries.flatten() {
                 let name = entry.file_name();
-                let Some(pid) = name.to_str().and_then(|n| n.split('.').nth(1)) else {
+                let Some(name) = name.to_str() else { continue };
+                // In a shared tmpfs, only our own build directories.
+                let name = match name.strip_prefix(MEMORY_PREFIX) {
+                    Some(rest) => rest,
+                    None if shared => continue,
+                    None => name,
+                };
+                if shared && !same_owner_dir(&entry.path(), &self.dir) {
+                    continue;
+                }
+                let Some(pid) = name.split('.').nth(1) else {
                     continue;
                 };
                 let Ok(pid) = pid.parse::<u32>() else { continue };
@@ -399,6 +486,29 @@ impl RootfsStore {
             }
         }
     }
+}
+
+/// Whether `path` is a directory (not a symlink) owned by the owner of `ours`.
+fn same_owner_dir(path: &Path, ours: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = fs::metadata(ours) else {
+        return false;
+    };
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == me.uid())
+}
+
+/// Whether the build failed because its staging filesystem is full.
+fn is_no_space(e: &RootfsError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn reused() -> BuildStats {
