@@ -21,12 +21,22 @@ pub(crate) struct Display {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
 struct State {
+    /// Where everything goes (stderr, or a buffer in tests).
+    out: Box<dyn Write + Send>,
     /// Blobs in order of first appearance.
     blobs: Vec<Blob>,
     last_draw: Option<Instant>,
     drawn: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("blobs", &self.blobs)
+            .field("drawn", &self.drawn)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -40,10 +50,20 @@ struct Blob {
 impl Display {
     /// A display for stderr (redrawing when it is a terminal).
     pub(crate) fn new(verb: &'static str) -> Arc<Self> {
+        Self::with_output(verb, std::io::stderr().is_terminal(), Box::new(std::io::stderr()))
+    }
+
+    /// A display writing to `out`, redrawing lines when `tty`.
+    fn with_output(verb: &'static str, tty: bool, out: Box<dyn Write + Send>) -> Arc<Self> {
         Arc::new(Self {
-            tty: std::io::stderr().is_terminal(),
+            tty,
             verb,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                out,
+                blobs: Vec::new(),
+                last_draw: None,
+                drawn: false,
+            }),
         })
     }
 
@@ -67,7 +87,7 @@ impl Display {
     pub(crate) fn finish(&self) {
         let mut state = self.lock();
         if state.drawn {
-            eprintln!();
+            let _ = writeln!(state.out);
             state.drawn = false;
         }
     }
@@ -82,14 +102,16 @@ impl Display {
     /// Prints a full line, above the redrawn one.
     fn line(&self, state: &mut State, text: &str) {
         if state.drawn {
-            eprint!("\r\x1b[2K");
+            let _ = write!(state.out, "\r\x1b[2K");
             state.drawn = false;
         }
-        eprintln!("{text}");
+        let _ = writeln!(state.out, "{text}");
     }
 
     fn event(&self, event: PullEvent) {
         let mut state = self.lock();
+        // Byte progress redraws at most every REDRAW; every other event shows at once.
+        let force = !matches!(event, PullEvent::BlobProgress { .. });
         match event {
             PullEvent::Resolved {
                 reference,
@@ -152,9 +174,10 @@ impl Display {
                 self.line(&mut state, &text);
             }
             PullEvent::Done { digest } => {
-                if state.drawn {
+                if self.tty && !state.blobs.is_empty() {
+                    // The final state of every blob stays on screen.
                     redraw(&mut state, true);
-                    eprintln!();
+                    let _ = writeln!(state.out);
                     state.drawn = false;
                 }
                 if !self.tty {
@@ -164,7 +187,7 @@ impl Display {
             }
         }
         if self.tty {
-            redraw(&mut state, false);
+            redraw(&mut state, force);
         }
     }
 }
@@ -214,8 +237,8 @@ fn redraw(state: &mut State, force: bool) {
 
 fn draw(state: &mut State, line: &str) {
     let line: String = line.chars().take(MAX_LINE).collect();
-    eprint!("\r\x1b[2K{line}");
-    let _ = std::io::stderr().flush();
+    let _ = write!(state.out, "\r\x1b[2K{line}");
+    let _ = state.out.flush();
     state.drawn = true;
 }
 
@@ -251,6 +274,95 @@ mod tests {
         assert_eq!(bytes(1023), "1023 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(30 << 20), "30.0 MiB");
+    }
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pull_events(display: &Display) {
+        let (layer, config) = (Digest::of(b"layer"), Digest::of(b"config"));
+        display.event(PullEvent::Resolved {
+            reference: "127.0.0.1:5000/busybox:latest".into(),
+            digest: Digest::of(b"manifest"),
+            layers: 1,
+            total_bytes: 2 << 20,
+        });
+        display.event(PullEvent::BlobCached {
+            digest: config,
+            size: 500,
+        });
+        // Byte progress is throttled: let the redraw interval pass.
+        std::thread::sleep(REDRAW + Duration::from_millis(20));
+        display.event(PullEvent::BlobProgress {
+            digest: layer.clone(),
+            transferred: 1 << 20,
+            size: 2 << 20,
+        });
+        display.event(PullEvent::Retrying {
+            what: "blob".into(),
+            attempt: 1,
+            delay: Duration::from_millis(500),
+            error: "error sending request: Connection reset by peer".into(),
+        });
+        display.event(PullEvent::BlobDone {
+            digest: layer,
+            size: 2 << 20,
+        });
+        display.event(PullEvent::Done {
+            digest: Digest::of(b"manifest"),
+        });
+        display.finish();
+    }
+
+    #[test]
+    fn terminal_output_redraws_one_line_with_per_layer_bytes() {
+        let buf = Buffer::default();
+        let display = Display::with_output("pull", true, Box::new(buf.clone()));
+        pull_events(&display);
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            out.starts_with("pulling 127.0.0.1:5000/busybox:latest ("),
+            "{out:?}"
+        );
+        assert!(out.contains("\r\x1b[2K  500 B of 500 B"), "{out:?}");
+        let layer = short(&Digest::of(b"layer"));
+        assert!(out.contains(&format!("{layer} 1.0 MiB/2.0 MiB")), "{out:?}");
+        assert!(
+            out.contains("attempt 1 failed (Connection reset by peer); retrying in 0.5s\n"),
+            "{out:?}"
+        );
+        assert!(
+            out.ends_with(&format!(
+                "2.0 MiB of 2.0 MiB | {} done  {layer} done\n",
+                short(&Digest::of(b"config"))
+            )),
+            "the final state stays, on its own line: {out:?}"
+        );
+    }
+
+    #[test]
+    fn plain_output_has_one_line_per_step_and_no_redraws() {
+        let buf = Buffer::default();
+        let display = Display::with_output("pull", false, Box::new(buf.clone()));
+        pull_events(&display);
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!out.contains('\r'), "{out:?}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert!(lines[1].ends_with("500 B already cached"), "{out}");
+        assert!(lines[3].ends_with("2.0 MiB done"), "{out}");
+        assert!(lines[4].ends_with("complete"), "{out}");
     }
 
     #[test]
