@@ -76,6 +76,9 @@ fn resolve(args: &ConfigFileArgs) -> anyhow::Result<PathBuf> {
         return Ok(path.clone());
     }
     let cwd = std::env::current_dir()?;
+    if aloft_config::CONFIG_NAMES.iter().all(|n| cwd.join(n).is_file()) {
+        eprintln!("warning: both aloft.toml and fly.toml are here; using aloft.toml");
+    }
     aloft_config::find(&cwd).map_err(|e| {
         UserError {
             message: e.to_string(),
@@ -258,6 +261,21 @@ mod tests {
         assert_eq!(machines["app"]["services"][0]["internal_port"], 3000);
         assert_eq!(machines["worker"]["env"]["FLY_PROCESS_GROUP"], "worker");
         assert_eq!(machines["worker"]["guest"]["memory_mb"], 512);
+    }
+
+    #[test]
+    fn aloft_toml_wins_over_fly_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "fly.toml", "app = 'fly'\n");
+        assert_eq!(
+            aloft_config::find(dir.path()).unwrap(),
+            dir.path().join("fly.toml")
+        );
+        write(dir.path(), "aloft.toml", "app = 'aloft'\n");
+        assert_eq!(
+            aloft_config::find(dir.path()).unwrap(),
+            dir.path().join("aloft.toml")
+        );
     }
 
     #[test]
