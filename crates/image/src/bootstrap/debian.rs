@@ -239,7 +239,8 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
     let writer2 = writer
         .try_clone()
         .map_err(BootstrapError::io("create pipe", rootfs))?;
-    let mut child = Command::new(UNSHARE)
+    let mut command = Command::new(UNSHARE);
+    command
         .args(["--mount", "--propagation", "private", "--", DEBOOTSTRAP])
         .args(["--variant=minbase", SUITE])
         .arg(rootfs)
@@ -248,7 +249,16 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(writer)
-        .stderr(writer2)
+        .stderr(writer2);
+    // debootstrap downloads with wget, which knows `http_proxy` but not apt's configuration: hand
+    // it apt's proxy, so the mirror is reached the way apt reaches it.
+    if std::env::var_os("http_proxy").is_none()
+        && let Some(proxy) = apt_http_proxy()
+    {
+        options.say(&format!("using apt's HTTP proxy {proxy}"));
+        command.env("http_proxy", proxy);
+    }
+    let mut child = command
         .spawn()
         .map_err(BootstrapError::io("run", Path::new(DEBOOTSTRAP)))?;
     // The Command (and its copies of the pipe's write end) is gone: EOF comes when debootstrap
@@ -281,6 +291,24 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
         mirror: mirror.to_owned(),
         output: output.join("\n"),
     })
+}
+
+/// apt's `Acquire::http::Proxy`, if set (`apt-config shell` prints `P='http://proxy:3128/'`).
+fn apt_http_proxy() -> Option<String> {
+    let out = Command::new("apt-config")
+        .args(["shell", "P", "Acquire::http::Proxy"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_apt_shell(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The value of `P='…'` in `apt-config shell` output; `None` when unset, empty or `DIRECT`.
+fn parse_apt_shell(out: &str) -> Option<String> {
+    let value = out.lines().find_map(|l| l.trim().strip_prefix("P="))?;
+    let value = value.trim_matches('\'').trim();
+    (!value.is_empty() && !value.eq_ignore_ascii_case("DIRECT") && !value.contains('\''))
+        .then(|| value.to_owned())
 }
 
 /// Moves the built layer into the cache: record first, then the layer (a layer without a
@@ -395,6 +423,17 @@ fn parse_mount_points(info: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apt_proxy_is_read_from_apt_config_shell_output() {
+        assert_eq!(
+            parse_apt_shell("P='http://proxy.example:3128/'\n").as_deref(),
+            Some("http://proxy.example:3128/")
+        );
+        assert_eq!(parse_apt_shell(""), None);
+        assert_eq!(parse_apt_shell("P=''\n"), None);
+        assert_eq!(parse_apt_shell("P='DIRECT'\n"), None);
+    }
 
     #[test]
     fn mount_points_are_decoded() {
