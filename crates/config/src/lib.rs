@@ -6,6 +6,21 @@
 //! [`AppConfig::expand`] turns the config into one Machines API `MachineConfig` per process group.
 //! Unknown keys are warnings, never errors.
 //!
+//! ```
+//! use std::path::Path;
+//! use aloft_config::{DiskFiles, ExpandOptions, MountPolicy};
+//!
+//! let text = "app = 'demo'\n[http_service]\ninternal_port = '3000'\nauto_stop_machines = true\n";
+//! let loaded = aloft_config::parse(text, Path::new("fly.toml")).expect("valid");
+//! let files = DiskFiles::next_to(Path::new("fly.toml"));
+//! let opts = ExpandOptions { image: Some("registry.local/demo:1"), mounts: MountPolicy::Refuse, files: &files };
+//! let groups = loaded.config.expand(&opts).expect("expands");
+//! let service = &groups[0].config.services[0];
+//! assert_eq!(groups[0].group, "app");
+//! assert_eq!(service.internal_port, Some(3000));
+//! assert_eq!(service.ports.len(), 2); // 80 (http) and 443 (http + tls)
+//! ```
+//!
 //! Depends on `aloft-api` for the wire types and on nothing else of aloft; it must not depend on
 //! the client, the server or any runtime. The only I/O is reading the config file and, during
 //! expansion, `[[files]] local_path` through [`ReadFile`]. Synchronous, no threads.
