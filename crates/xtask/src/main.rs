@@ -8,6 +8,7 @@
 //! Nothing in the product depends on this crate.
 
 mod bench_boot;
+mod bench_image;
 mod stats;
 
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ struct Cli {
 enum Cmd {
     /// Build the static aloft-init and the base initramfs into target/guest/.
     Guest,
-    /// Run a benchmark (`boot`).
+    /// Run a benchmark (`boot`, `image`).
     Bench {
         name: String,
         /// Runs per measurement (the median is reported).
@@ -37,15 +38,37 @@ enum Cmd {
         /// (adds a few console writes to every start).
         #[arg(long)]
         trace: bool,
+        /// `image` only: the image pushed to the local registry (`debian` or `busybox`).
+        #[arg(long, default_value = "debian")]
+        image: String,
+        /// `image` only: the base rootfs format (`ext4`, `erofs`, `erofs-lz4`); default: the store's.
+        #[arg(long)]
+        format: Option<aloft_image::RootfsFormat>,
+        /// `image` only: also compare the base formats (build, size, in-guest mount and read).
+        #[arg(long)]
+        formats: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Guest => guest(),
-        Cmd::Bench { name, runs, trace } => match name.as_str() {
+        Cmd::Bench {
+            name,
+            runs,
+            trace,
+            image,
+            format,
+            formats,
+        } => match name.as_str() {
             "boot" => bench_boot::run(runs, trace),
-            other => bail!("unknown benchmark {other:?}; available: boot"),
+            "image" => bench_image::run(&bench_image::ImageBench {
+                runs,
+                image,
+                format: format.unwrap_or_default(),
+                formats,
+            }),
+            other => bail!("unknown benchmark {other:?}; available: boot, image"),
         },
     }
 }
