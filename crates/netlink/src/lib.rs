@@ -1,6 +1,6 @@
 //! `aloft-netlink`: a small synchronous rtnetlink client over a raw `AF_NETLINK`/`NETLINK_ROUTE`
-//! socket — look up a link, set it up/down, set its MTU, add addresses and default routes, delete a
-//! link.
+//! socket — look up and list links, create simple links (dummy, bridge), set them up/down, set
+//! their MTU, add addresses, default routes and prefix routes, delete a link.
 //!
 //! Used in the guest by `aloft-init` (a static, single-threaded PID 1) and on the host by the
 //! networking code. Blocking calls on the caller's thread; no async runtime, no netlink crates, no
@@ -94,6 +94,37 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
+    /// Listing the namespace's links failed.
+    #[error("list network interfaces")]
+    ListLinks {
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating a link failed.
+    #[error("create {kind} link {name}")]
+    CreateLink {
+        /// Interface name.
+        name: String,
+        /// Link kind (`dummy`, `bridge`).
+        kind: String,
+        /// The OS error (`EEXIST` when the name is taken).
+        #[source]
+        source: io::Error,
+    },
+    /// Adding a route to a prefix failed.
+    #[error("add route to {dst}/{prefix_len} on {name}")]
+    AddPrefixRoute {
+        /// Interface name.
+        name: String,
+        /// Destination prefix.
+        dst: IpAddr,
+        /// Its length.
+        prefix_len: u8,
+        /// The OS error (`EEXIST` when it is already there).
+        #[source]
+        source: io::Error,
+    },
     /// Deleting a link failed.
     #[error("delete link {name}")]
     DeleteLink {
@@ -103,6 +134,15 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
+}
+
+/// A network interface as listed by [`Netlink::links`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: i32,
+    /// Interface name.
+    pub name: String,
 }
 
 /// An open rtnetlink socket. Requests are sent one at a time and each waits for its ACK.
@@ -140,13 +180,43 @@ impl Netlink {
             }
             for reply in msg::parse_replies(&buf[..n]) {
                 match reply {
-                    Reply::Link { seq: s, index } if s == seq => link = Some(index),
+                    Reply::Link { seq: s, index, .. } if s == seq => link = Some(index),
                     Reply::Ack { seq: s, errno } if s == seq => {
                         return if errno == 0 {
                             Ok(link)
                         } else {
                             Err(io::Error::from_raw_os_error(errno))
                         };
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends the dump request `req` and collects every link until `NLMSG_DONE`.
+    fn dump(&mut self, seq: u32, req: &[u8]) -> io::Result<Vec<Link>> {
+        self.sock.send(req)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut links = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "netlink socket closed",
+                ));
+            }
+            for reply in msg::parse_replies(&buf[..n]) {
+                match reply {
+                    Reply::Link {
+                        seq: s,
+                        index,
+                        name: Some(name),
+                    } if s == seq => links.push(Link { index, name }),
+                    Reply::Done { seq: s } if s == seq => return Ok(links),
+                    Reply::Ack { seq: s, errno } if s == seq && errno != 0 => {
+                        return Err(io::Error::from_raw_os_error(errno));
                     }
                     _ => {}
                 }
@@ -176,6 +246,57 @@ impl Netlink {
             Ok(None) => Err(lookup(io::Error::from_raw_os_error(libc::ENODEV))),
             Err(e) => Err(lookup(e)),
         }
+    }
+
+    /// The interface index of `name`, or `None` when there is no such interface.
+    pub fn find_link(&mut self, name: &str) -> Result<Option<i32>, NetlinkError> {
+        match self.link_index(name) {
+            Ok(index) => Ok(Some(index)),
+            Err(NetlinkError::Lookup { source, .. }) if source.raw_os_error() == Some(libc::ENODEV) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every link in the socket's network namespace.
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let seq = self.next_seq();
+        self.dump(seq, &msg::dump_links(seq))
+            .map_err(|source| NetlinkError::ListLinks { source })
+    }
+
+    /// Creates a link of `kind` that needs no other attribute (`"dummy"`, `"bridge"`), down.
+    pub fn create_link(&mut self, name: &str, kind: &str) -> Result<(), NetlinkError> {
+        Self::check_name(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::new_link(seq, name, kind))
+            .map(drop)
+            .map_err(|source| NetlinkError::CreateLink {
+                name: name.to_owned(),
+                kind: kind.to_owned(),
+                source,
+            })
+    }
+
+    /// Adds a route to `dst/prefix_len` out of `name`: via `gateway`, or on the link without one.
+    pub fn add_route(
+        &mut self,
+        name: &str,
+        dst: IpAddr,
+        prefix_len: u8,
+        gateway: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::add_route(seq, index, dst, prefix_len, gateway))
+            .map(drop)
+            .map_err(|source| NetlinkError::AddPrefixRoute {
+                name: name.to_owned(),
+                dst,
+                prefix_len,
+                source,
+            })
     }
 
     /// Sets `name` up (`true`) or down.

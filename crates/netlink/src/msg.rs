@@ -9,6 +9,7 @@ use std::net::IpAddr;
 pub(crate) const NLMSG_HDRLEN: usize = 16;
 
 pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
 
 pub(crate) const RTM_NEWLINK: u16 = 16;
 pub(crate) const RTM_DELLINK: u16 = 17;
@@ -18,11 +19,17 @@ pub(crate) const RTM_NEWROUTE: u16 = 24;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+/// `NLM_F_ROOT | NLM_F_MATCH`: return every object.
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// Flag for attributes that contain attributes.
+const NLA_F_NESTED: u16 = 0x8000;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
@@ -30,11 +37,13 @@ const IFA_FLAGS: u16 = 8;
 /// `IFA_F_NODAD`: skip duplicate address detection so an IPv6 address is usable at once.
 pub const IFA_F_NODAD: u32 = 0x02;
 
+const RTA_DST: u16 = 1;
 const RTA_GATEWAY: u16 = 5;
 const RTA_OIF: u16 = 4;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_BOOT: u8 = 3;
 const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
 
 const IFF_UP: u32 = 0x1;
@@ -80,6 +89,17 @@ impl Builder {
         self
     }
 
+    /// An attribute holding the attributes `inner` adds (`NLA_F_NESTED`).
+    fn nested(&mut self, ty: u16, inner: impl FnOnce(&mut Self)) -> &mut Self {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        inner(self);
+        let len = u16::try_from(self.buf.len() - start).unwrap_or(u16::MAX);
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self.buf[start + 2..start + 4].copy_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self
+    }
+
     fn finish(&mut self) -> Vec<u8> {
         let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -122,6 +142,27 @@ pub fn get_link(seq: u32, name: &str) -> Vec<u8> {
     Builder::new(RTM_GETLINK, 0, seq)
         .bytes(&ifinfomsg(0, 0, 0))
         .attr(IFLA_IFNAME, &name_attr(name))
+        .finish()
+}
+
+/// `RTM_GETLINK` dump: every link of the namespace.
+pub fn dump_links(seq: u32) -> Vec<u8> {
+    Builder::new(RTM_GETLINK, NLM_F_DUMP, seq)
+        .bytes(&ifinfomsg(0, 0, 0))
+        .finish()
+}
+
+/// `RTM_NEWLINK` creating a link of `kind` (`"dummy"`, `"bridge"`: kinds that need no other
+/// attribute) named `name`. Fails with `EEXIST` when the name is taken.
+pub fn new_link(seq: u32, name: &str, kind: &str) -> Vec<u8> {
+    let mut kind_z = kind.as_bytes().to_vec();
+    kind_z.push(0);
+    Builder::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq)
+        .bytes(&ifinfomsg(0, 0, 0))
+        .attr(IFLA_IFNAME, &name_attr(name))
+        .nested(IFLA_LINKINFO, |b| {
+            b.attr(IFLA_INFO_KIND, &kind_z);
+        })
         .finish()
 }
 
@@ -186,6 +227,29 @@ pub fn add_default_route(seq: u32, index: i32, gateway: IpAddr) -> Vec<u8> {
         .finish()
 }
 
+/// `RTM_NEWROUTE`: a route to `dst/prefix_len` out of link `index`, via `gateway` or, without
+/// one, directly on the link (scope link). The family is `dst`'s; a gateway of the other family
+/// is the kernel's to reject.
+pub fn add_route(seq: u32, index: i32, dst: IpAddr, prefix_len: u8, gateway: Option<IpAddr>) -> Vec<u8> {
+    let mut m = [0u8; 12];
+    m[0] = family(&dst);
+    m[1] = prefix_len;
+    m[4] = RT_TABLE_MAIN;
+    m[5] = RTPROT_BOOT;
+    m[6] = if gateway.is_some() {
+        RT_SCOPE_UNIVERSE
+    } else {
+        RT_SCOPE_LINK
+    };
+    m[7] = RTN_UNICAST;
+    let mut b = Builder::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, seq);
+    b.bytes(&m).attr(RTA_DST, &addr_bytes(&dst));
+    if let Some(gw) = gateway {
+        b.attr(RTA_GATEWAY, &addr_bytes(&gw));
+    }
+    b.attr(RTA_OIF, &index.to_ne_bytes()).finish()
+}
+
 /// One message of a reply, as far as this crate cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -196,12 +260,19 @@ pub enum Reply {
         /// 0 for success, else the positive errno.
         errno: i32,
     },
-    /// `RTM_NEWLINK` (answer to a GETLINK) with the link's index.
+    /// `RTM_NEWLINK` (answer to a GETLINK) with the link's index and name.
     Link {
         /// Sequence number of the request.
         seq: u32,
         /// The link's interface index.
         index: i32,
+        /// `IFLA_IFNAME`, when present and UTF-8.
+        name: Option<String>,
+    },
+    /// `NLMSG_DONE`: the end of a dump.
+    Done {
+        /// Sequence number of the request.
+        seq: u32,
     },
     /// Anything else (`NLMSG_DONE`, other types).
     Other {
@@ -232,13 +303,33 @@ pub fn parse_replies(mut buf: &[u8]) -> Vec<Reply> {
             RTM_NEWLINK if body.len() >= 16 => Reply::Link {
                 seq,
                 index: i32::from_ne_bytes([body[4], body[5], body[6], body[7]]),
+                name: link_name(&body[16..]),
             },
+            NLMSG_DONE => Reply::Done { seq },
             _ => Reply::Other { seq },
         };
         out.push(reply);
         buf = &buf[align4(len).min(buf.len())..];
     }
     out
+}
+
+/// `IFLA_IFNAME` among a link message's attributes.
+fn link_name(mut attrs: &[u8]) -> Option<String> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let ty = u16::from_ne_bytes([attrs[2], attrs[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if ty == IFLA_IFNAME {
+            let payload = &attrs[4..len];
+            let end = payload.iter().position(|&b| b == 0).unwrap_or(payload.len());
+            return String::from_utf8(payload[..end].to_vec()).ok();
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    None
 }
 
 #[cfg(test)]
@@ -353,6 +444,65 @@ mod tests {
         assert_eq!(attrs(&m6, 28)[0].1.len(), 16);
     }
 
+    #[test]
+    fn dump_and_new_link() {
+        let d = dump_links(4);
+        assert_eq!(u16_at(&d, 4), RTM_GETLINK);
+        assert_eq!(u16_at(&d, 6), NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP);
+        assert_eq!(d.len(), 32);
+        let n = new_link(5, "aloft-dns", "dummy");
+        assert_eq!(u16_at(&n, 4), RTM_NEWLINK);
+        assert_eq!(
+            u16_at(&n, 6),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        );
+        let a = attrs(&n, 32);
+        assert_eq!(a[0], (IFLA_IFNAME, b"aloft-dns\0".to_vec()));
+        assert_eq!(a[1].0, IFLA_LINKINFO | NLA_F_NESTED);
+        assert_eq!(attrs(&a[1].1, 0), vec![(IFLA_INFO_KIND, b"dummy\0".to_vec())]);
+        assert_eq!(u32_at(&n, 0) as usize, n.len());
+    }
+
+    #[test]
+    fn prefix_routes_on_link_and_via_gateway() {
+        let m = add_route(3, 7, "fdaa:0:1:0:2:0:5::".parse().unwrap(), 112, None);
+        assert_eq!(u16_at(&m, 4), RTM_NEWROUTE);
+        assert_eq!(
+            &m[16..24],
+            &[
+                AF_INET6,
+                112,
+                0,
+                0,
+                RT_TABLE_MAIN,
+                RTPROT_BOOT,
+                RT_SCOPE_LINK,
+                RTN_UNICAST
+            ]
+        );
+        let a = attrs(&m, 28);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].0, RTA_DST);
+        assert_eq!(a[1], (RTA_OIF, 7i32.to_ne_bytes().to_vec()));
+        let v4 = add_route(
+            3,
+            7,
+            "10.1.0.0".parse().unwrap(),
+            16,
+            Some("10.0.0.1".parse().unwrap()),
+        );
+        assert_eq!(&v4[16..18], &[AF_INET, 16]);
+        assert_eq!(v4[22], RT_SCOPE_UNIVERSE);
+        assert_eq!(
+            attrs(&v4, 28),
+            vec![
+                (RTA_DST, vec![10, 1, 0, 0]),
+                (RTA_GATEWAY, vec![10, 0, 0, 1]),
+                (RTA_OIF, 7i32.to_ne_bytes().to_vec())
+            ]
+        );
+    }
+
     fn reply(ty: u16, seq: u32, body: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(&u32::try_from(NLMSG_HDRLEN + body.len()).unwrap().to_ne_bytes());
@@ -367,22 +517,38 @@ mod tests {
 
     #[test]
     fn parses_acks_errors_and_links() {
-        let mut dgram = reply(RTM_NEWLINK, 3, &ifinfomsg(12, 0, 0));
+        let mut link = ifinfomsg(12, 0, 0).to_vec();
+        link.extend_from_slice(&9u16.to_ne_bytes());
+        link.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
+        link.extend_from_slice(b"tap0\0\0\0\0");
+        let mut dgram = reply(RTM_NEWLINK, 3, &link);
         let mut err = (-libc::EEXIST).to_ne_bytes().to_vec();
         err.extend_from_slice(&[0; 16]);
         dgram.extend(reply(NLMSG_ERROR, 3, &err));
         dgram.extend(reply(NLMSG_ERROR, 4, &[0; 20]));
-        dgram.extend(reply(3, 5, &[0; 4]));
+        dgram.extend(reply(NLMSG_DONE, 5, &[0; 4]));
+        dgram.extend(reply(RTM_NEWLINK, 6, &ifinfomsg(13, 0, 0)));
+        dgram.extend(reply(99, 7, &[0; 4]));
         assert_eq!(
             parse_replies(&dgram),
             vec![
-                Reply::Link { seq: 3, index: 12 },
+                Reply::Link {
+                    seq: 3,
+                    index: 12,
+                    name: Some("tap0".into())
+                },
                 Reply::Ack {
                     seq: 3,
                     errno: libc::EEXIST
                 },
                 Reply::Ack { seq: 4, errno: 0 },
-                Reply::Other { seq: 5 },
+                Reply::Done { seq: 5 },
+                Reply::Link {
+                    seq: 6,
+                    index: 13,
+                    name: None
+                },
+                Reply::Other { seq: 7 },
             ]
         );
     }

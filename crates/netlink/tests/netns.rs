@@ -64,4 +64,56 @@ mod tests {
             nl.set_link_up("lo", false).unwrap();
         });
     }
+
+    #[test]
+    fn creates_lists_routes_and_deletes_links() {
+        in_fresh_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            assert_eq!(nl.find_link("link7").unwrap(), None);
+            nl.create_link("link7", "bridge").unwrap();
+            let index = nl.find_link("link7").unwrap().unwrap();
+            let links = nl.links().unwrap();
+            assert!(links.iter().any(|l| l.name == "lo" && l.index == 1), "{links:?}");
+            assert!(
+                links.iter().any(|l| l.name == "link7" && l.index == index),
+                "{links:?}"
+            );
+            let dup = nl.create_link("link7", "bridge").unwrap_err();
+            assert_eq!(dup.to_string(), "create bridge link link7");
+
+            nl.set_link_up("link7", true).unwrap();
+            nl.add_route("link7", "10.8.0.0".parse().unwrap(), 16, None)
+                .unwrap();
+            nl.add_route("link7", "fd00:8::".parse().unwrap(), 64, None)
+                .unwrap();
+            nl.add_address("link7", "10.7.0.1".parse().unwrap(), 24).unwrap();
+            nl.add_route(
+                "link7",
+                "10.6.0.0".parse().unwrap(),
+                24,
+                Some("10.7.0.2".parse().unwrap()),
+            )
+            .unwrap();
+            let routes = std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
+            // 10.8.0.0/16 and 10.6.0.0/24 (via 10.7.0.2), little-endian hex as the kernel prints them
+            assert!(routes.contains("link7\t0000080A\t00000000"), "{routes}");
+            assert!(routes.contains("link7\t0000060A\t0200070A"), "{routes}");
+            let v6 = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap();
+            assert!(
+                v6.lines()
+                    .any(|l| l.starts_with("fd000008000000000000000000000000 40") && l.ends_with("link7")),
+                "{v6}"
+            );
+            let again = nl
+                .add_route("link7", "10.8.0.0".parse().unwrap(), 16, None)
+                .unwrap_err();
+            assert_eq!(again.to_string(), "add route to 10.8.0.0/16 on link7");
+
+            nl.create_link("br7", "bridge").unwrap();
+            nl.delete_link("link7").unwrap();
+            nl.delete_link("br7").unwrap();
+            assert_eq!(nl.find_link("link7").unwrap(), None);
+            assert_eq!(nl.links().unwrap().len(), 1, "only lo is left");
+        });
+    }
 }
