@@ -235,10 +235,6 @@ fn build(work: &Path, options: &BootstrapOptions) -> Result<LayerBlob, Bootstrap
 /// `unshare --mount debootstrap …`: the mounts debootstrap makes live in a namespace that dies
 /// with it.
 fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Result<(), BootstrapError> {
-    let (reader, writer) = std::io::pipe().map_err(BootstrapError::io("create pipe", rootfs))?;
-    let writer2 = writer
-        .try_clone()
-        .map_err(BootstrapError::io("create pipe", rootfs))?;
     let mut command = Command::new(UNSHARE);
     command
         .args(["--mount", "--propagation", "private", "--", DEBOOTSTRAP])
@@ -246,10 +242,7 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
         .arg(rootfs)
         .arg(mirror)
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(writer2);
+        .env("LC_ALL", "C");
     // debootstrap downloads with wget, which knows `http_proxy` but not apt's configuration: hand
     // it apt's proxy, so the mirror is reached the way apt reaches it.
     if std::env::var_os("http_proxy").is_none()
@@ -258,23 +251,7 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
         options.say(&format!("using apt's HTTP proxy {proxy}"));
         command.env("http_proxy", proxy);
     }
-    let mut child = command
-        .spawn()
-        .map_err(BootstrapError::io("run", Path::new(DEBOOTSTRAP)))?;
-    // The Command (and its copies of the pipe's write end) is gone: EOF comes when debootstrap
-    // and everything it started have exited.
-    let mut tail = VecDeque::with_capacity(TAIL_LINES);
-    for line in BufReader::new(reader).lines() {
-        let Ok(line) = line else { break };
-        options.say(&line);
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    let status = child
-        .wait()
-        .map_err(BootstrapError::io("wait for", Path::new(DEBOOTSTRAP)))?;
+    let (status, tail) = run_logged(command, options)?;
     if status.success() {
         return Ok(());
     }
@@ -291,6 +268,36 @@ fn debootstrap(rootfs: &Path, mirror: &str, options: &BootstrapOptions) -> Resul
         mirror: mirror.to_owned(),
         output: output.join("\n"),
     })
+}
+
+/// Runs `command` with stdin closed and stdout and stderr, merged, passed line by line to the
+/// status callback; returns its exit status and its last [`TAIL_LINES`] lines. Returns once the
+/// command and everything it started have closed the output.
+fn run_logged(
+    mut command: Command,
+    options: &BootstrapOptions,
+) -> Result<(std::process::ExitStatus, VecDeque<String>), BootstrapError> {
+    let program = PathBuf::from(command.get_program());
+    let (reader, writer) = std::io::pipe().map_err(BootstrapError::io("create a pipe for", &program))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(BootstrapError::io("create a pipe for", &program))?;
+    command.stdin(Stdio::null()).stdout(writer).stderr(writer2);
+    let mut child = command.spawn().map_err(BootstrapError::io("run", &program))?;
+    // The Command holds our copies of the pipe's write end: until they are gone the read below
+    // never sees EOF.
+    drop(command);
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        options.say(&line);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    let status = child.wait().map_err(BootstrapError::io("wait for", &program))?;
+    Ok((status, tail))
 }
 
 /// apt's `Acquire::http::Proxy`, if set (`apt-config shell` prints `P='http://proxy:3128/'`).
@@ -433,6 +440,38 @@ mod tests {
         assert_eq!(parse_apt_shell(""), None);
         assert_eq!(parse_apt_shell("P=''\n"), None);
         assert_eq!(parse_apt_shell("P='DIRECT'\n"), None);
+    }
+
+    #[test]
+    fn logged_commands_end_with_their_process_and_keep_the_tail() {
+        // Run on a thread so a read that never ends fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = std::sync::Arc::clone(&lines);
+            let options = BootstrapOptions {
+                status: Some(std::sync::Arc::new(move |l: &str| {
+                    seen.lock().unwrap().push(l.to_owned())
+                })),
+                ..BootstrapOptions::default()
+            };
+            let mut command = Command::new("sh");
+            command.args([
+                "-c",
+                "for i in $(seq 1 40); do echo out $i; done; echo err >&2; exit 3",
+            ]);
+            let result = run_logged(command, &options).map(|(status, tail)| (status.code(), tail));
+            let _ = tx.send((result, lines.lock().unwrap().len()));
+        });
+        let (result, seen) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("run_logged returns once the command exits");
+        let (code, tail) = result.unwrap();
+        assert_eq!(code, Some(3));
+        assert_eq!(seen, 41, "every line reaches the status callback");
+        assert_eq!(tail.len(), TAIL_LINES);
+        assert_eq!(tail.back().map(String::as_str), Some("err"));
+        assert_eq!(tail.front().map(String::as_str), Some("out 17"));
     }
 
     #[test]
