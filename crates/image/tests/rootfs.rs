@@ -387,6 +387,13 @@ mod tests {
             assert_eq!(fs::read_to_string(out.join("var/opq/c"))?, "upper\n");
             fs::remove_dir_all(&out)?;
         }
+        // Both formats are listed (whatever the store's own), and removing the digest frees both.
+        let store = RootfsStore::open(cache.path(), RootfsFormat::Ext4, UnpackLimits::default())?;
+        let listed = store.list()?;
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        let freed = store.remove(&pulled.digest)?.context("something to remove")?;
+        assert_eq!(freed, listed.iter().map(|b| b.disk_bytes).sum::<u64>());
+        assert!(store.list()?.is_empty());
         Ok(())
     }
 

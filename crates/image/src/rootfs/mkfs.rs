@@ -24,6 +24,9 @@ pub enum RootfsFormat {
 }
 
 impl RootfsFormat {
+    /// Every format.
+    pub const ALL: [Self; 3] = [Self::Ext4, Self::Erofs, Self::ErofsLz4];
+
     /// The `fstype` the guest mounts it as (`RootConfig::fstype`).
     pub fn fstype(self) -> &'static str {
         match self {

@@ -215,20 +215,21 @@ impl RootfsStore {
         base_at(digest.clone(), path, self.format)
     }
 
-    /// Every finished base in this store's format, in no particular order.
+    /// Every finished base, in every format (a store whose format changed still sees, and its
+    /// garbage collector still removes, the old ones), in no particular order.
     pub fn list(&self) -> Result<Vec<Base>, RootfsError> {
         let entries = fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))?;
-        let suffix = format!(".{}", self.format.extension());
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(&suffix)) else {
-                continue;
-            };
-            let Ok(digest) = Digest::from_hex(hex) else {
-                continue;
-            };
-            if let Some(base) = base_at(digest, entry.path(), self.format) {
+            let Some(name) = name.to_str() else { continue };
+            let parsed = RootfsFormat::ALL.into_iter().find_map(|format| {
+                let hex = name.strip_suffix(format.extension())?.strip_suffix('.')?;
+                Some((Digest::from_hex(hex).ok()?, format))
+            });
+            if let Some((digest, format)) = parsed
+                && let Some(base) = base_at(digest, entry.path(), format)
+            {
                 out.push(base);
             }
         }
@@ -254,10 +255,10 @@ impl RootfsStore {
         let mut staged = None;
         if let Some(memory) = self.memory_staging(image) {
             // Unpacking into memory may run out of room when the layers compress better than
-            // estimated: then once more on disk.
+            // estimated, or find its name taken in the shared tmpfs: then once more on disk.
             match self.stage(image, &memory.join(format!("{MEMORY_PREFIX}{unique}"))) {
                 Ok(dir) => staged = Some(dir),
-                Err(e) if is_no_space(&e) => {}
+                Err(e) if memory_unusable(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -302,25 +303,31 @@ impl RootfsStore {
         ))
     }
 
-    /// Removes the base of `digest` unless a build of it holds its lock. Returns the bytes freed, or
-    /// `None` when it was absent or busy.
+    /// Removes the bases of `digest` (in every format) unless a build of it holds its lock.
+    /// Returns the bytes freed, or `None` when there was none or it was busy.
     pub fn remove(&self, digest: &Digest) -> Result<Option<u64>, RootfsError> {
         let Some(_lock) = self.lock(digest, false)? else {
             return Ok(None);
         };
-        let path = self.path(digest);
-        let Some(base) = base_at(digest.clone(), path.clone(), self.format) else {
-            return Ok(None);
-        };
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(Some(base.disk_bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(RootfsError::Io {
-                what: "remove",
-                path,
-                source,
-            }),
+        let mut freed = None;
+        for format in RootfsFormat::ALL {
+            let path = self.dir.join(format!("{}.{}", digest.hex(), format.extension()));
+            let Some(base) = base_at(digest.clone(), path.clone(), format) else {
+                continue;
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => freed = Some(freed.unwrap_or(0) + base.disk_bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(RootfsError::Io {
+                        what: "remove",
+                        path,
+                        source,
+                    });
+                }
+            }
         }
+        Ok(freed)
     }
 
     /// Where to unpack `image` in memory, if anywhere: a tmpfs directory when the image's estimated
@@ -497,12 +504,15 @@ fn same_owner_dir(path: &Path, ours: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.uid() == me.uid())
 }
 
-/// Whether the build failed because its staging filesystem is full.
-fn is_no_space(e: &RootfsError) -> bool {
+/// Whether a build in memory failed for want of room, or because its directory name was taken.
+fn memory_unusable(e: &RootfsError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            && matches!(
+                io.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EEXIST)
+            )
         {
             return true;
         }
