@@ -10,6 +10,9 @@
 //!   filesystem, `mkfs.ext4 -d`.
 //! * `second_disk_ms`: `WritableDisks::create` of a 1 GiB writable disk once its template exists.
 //!
+//! Record numbers from a release build (`cargo run --release -p xtask -- bench image`): in a debug
+//! build, hashing and gunzip dominate aloft's time while the baseline's tools are optimised anyway.
+//!
 //! `--formats` also compares ext4, erofs and erofs+lz4 bases of the same image: build time, size,
 //! and under QEMU (TCG here) the machine's start (which includes mounting the root) and the time
 //! the guest takes to read every file of the root once.
@@ -49,6 +52,13 @@ pub(crate) struct ImageBench {
 
 pub(crate) fn run(args: &ImageBench) -> anyhow::Result<()> {
     let runs = args.runs.max(1);
+    if cfg!(debug_assertions) {
+        // Hashing and gunzip in an unoptimised build take most of aloft's time; the baseline's
+        // tools are optimised Go binaries either way.
+        eprintln!(
+            "bench image: WARNING: debug build; record numbers from `cargo run --release -p xtask -- bench image`"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
