@@ -1,19 +1,49 @@
 //! Wire types shared by aloft's API server, its client and the CLI: the Fly Machines API shapes.
 //!
-//! Today: identifiers, durations, `MachineConfig` with everything it contains, and Fly's VM size
-//! presets. Field names, optionality and enum spellings follow Fly's OpenAPI spec
-//! (`fly.MachineConfig` and friends); unknown fields are ignored on input, as Fly's own API does.
+//! Identifiers, durations, `MachineConfig` with everything it contains, Fly's VM size presets, the
+//! `Machine` object with its events and versions, machine states and the transitions lifecycle
+//! verbs may take ([`Verb::transition`], the source of the API's 412s), request and response
+//! bodies of the machine, lease and app endpoints, query parameters, and Fly's error body
+//! ([`ApiError`]). Field names, optionality and enum spellings follow Fly's OpenAPI spec; unknown
+//! fields are ignored on input, as Fly's own API does, and the quirks of Fly's clients (fly-go,
+//! flyctl) are accepted.
 //!
 //! This crate must stay free of I/O and of every other aloft crate, so that clients never pull in
 //! the server. No threads, no async.
 
 #![warn(missing_docs)]
 
+mod app;
 mod duration;
+mod error;
 mod guest;
 mod ids;
+mod lease;
+mod machine;
 mod machine_config;
+mod requests;
 mod serde_util;
+mod signal;
+mod state;
+
+pub use app::{
+    App, AppOrganizationInfo, CreateAppRequest, CreateDeployTokenRequest, ListAppsQuery, ListAppsResponse,
+    TokenResponse, validate_app_name,
+};
+pub use error::{ApiError, ErrorResponse, ErrorStatus};
+pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};
+pub use machine::{
+    CheckState, CheckStatus, ContainerStatus, EventSource, ExitEvent, HostStatus, ImageRef, Machine,
+    MachineEvent, MachineEventRequest, MachineVersion, MonitorEvent,
+};
+pub use requests::{
+    CreateMachineRequest, DestroyQuery, EventsQuery, ExecRequest, ExecResponse, ListMachinesQuery,
+    ListenSocket, MetadataValueResponse, OkResponse, ProcessStat, RestartQuery, StartResponse, StopRequest,
+    UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitQuery, WaitResponse,
+    WaitState, validate_machine_name,
+};
+pub use signal::{Signal, SignalRequest};
+pub use state::{MachineState, ParseStateError, StateClass, StateError, Transition, Verb};
 
 pub use duration::{Duration, ParseDurationError};
 pub use guest::{
