@@ -584,7 +584,7 @@ mod tests {
                 != Some(0)
         );
         let started = Instant::now();
-        disks.create(&disk, 64)?;
+        disks.reset(&disk, 64)?;
         let elapsed = started.elapsed();
         output(Command::new("e2fsck").arg("-fn").arg(&disk))?;
         // The SPECIFICATION promise (≤ 50 ms) is measured by `cargo xtask bench image`; here only a

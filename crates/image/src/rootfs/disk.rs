@@ -140,6 +140,14 @@ impl WritableDisks {
     }
 }
 
+impl WritableDisks {
+    /// Resets a stopped machine's writable disk: the same as [`create`](Self::create), spelled for
+    /// the caller that throws a writable layer away.
+    pub fn reset(&self, disk: &Path, size_mib: u64) -> Result<CloneMethod, DiskError> {
+        self.create(disk, size_mib)
+    }
+}
+
 fn make_template(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])

@@ -219,6 +219,26 @@ mod tests {
     }
 
     #[test]
+    fn mkfs_failure_is_reported_with_its_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("f"), b"x").unwrap();
+        let image = Digest::of(b"image");
+        for format in RootfsFormat::ALL {
+            // The output's directory does not exist: every mkfs fails.
+            let out = dir.path().join("missing").join("base.img");
+            let err = make(format, &image, &root, &out).unwrap_err();
+            let RootfsError::Mkfs { program, detail, .. } = &err else {
+                panic!("{err:?}");
+            };
+            assert_eq!(*program, format.program());
+            assert!(detail.contains("failed"), "{detail}");
+            assert!(!out.exists());
+        }
+    }
+
+    #[test]
     fn formats_parse() {
         assert_eq!("erofs-lz4".parse::<RootfsFormat>(), Ok(RootfsFormat::ErofsLz4));
         assert!("xfs".parse::<RootfsFormat>().is_err());
