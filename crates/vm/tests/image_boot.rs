@@ -105,7 +105,7 @@ mod tests {
         );
 
         // Reset on stop: the writable layer is a fresh empty filesystem again.
-        disks.create(&rw, 64).unwrap();
+        disks.reset(&rw, 64).unwrap();
         let check = std::process::Command::new("debugfs")
             .args(["-R", "ls -l /"])
             .arg(&rw)
