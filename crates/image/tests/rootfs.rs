@@ -299,10 +299,15 @@ mod tests {
         let registry = Registry::start()?;
         let cache = private_cache();
         let (_, pulled) = push_and_pull(&registry, cache.path(), "apps/layered:v1", &layered_image()).await?;
-        // Staged on disk here; the other tests stage in memory (the default when it fits).
+        // Staged on disk here; the other tests stage in memory (the default when it fits). A
+        // "memory" directory that is not a tmpfs is not used.
+        let not_tmpfs = cache.path().join("not-tmpfs");
+        fs::create_dir(&not_tmpfs)?;
         let store = RootfsStore::open(cache.path(), RootfsFormat::Ext4, UnpackLimits::default())?
-            .with_memory_staging(None);
+            .with_memory_staging(Some(not_tmpfs.clone()));
         let (base, stats) = store.build(&pulled)?;
+        assert!(!stats.staged_in_memory);
+        assert_eq!(entries(&not_tmpfs), 0);
         assert!(!stats.reused);
         assert_eq!(
             base.path,
@@ -360,7 +365,13 @@ mod tests {
         let (_, pulled) = push_and_pull(&registry, cache.path(), "apps/layered:v1", &layered_image()).await?;
         for format in [RootfsFormat::Erofs, RootfsFormat::ErofsLz4] {
             let store = RootfsStore::open(cache.path(), format, UnpackLimits::default())?;
-            let (base, _) = store.build(&pulled)?;
+            let (base, stats) = store.build(&pulled)?;
+            // /dev/shm is a tmpfs on our machines and CI; elsewhere the disk path is taken.
+            let shm_is_tmpfs = Command::new("stat")
+                .args(["-f", "-c", "%T", "/dev/shm"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs");
+            assert_eq!(stats.staged_in_memory, shm_is_tmpfs);
             assert_no_partial(cache.path());
             let out = cache.path().join(format!("extract-{}", format.extension()));
             // Extracted as root with --preserve, into a directory of our private cache.

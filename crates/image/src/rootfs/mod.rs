@@ -128,6 +128,8 @@ pub struct Base {
 pub struct BuildStats {
     /// Whether the base was already there (built by an earlier or concurrent builder).
     pub reused: bool,
+    /// Whether the layers were staged in memory (see [`RootfsStore::with_memory_staging`]).
+    pub staged_in_memory: bool,
     /// Milliseconds spent unpacking layers into the staging directory.
     pub unpack_ms: u64,
     /// Milliseconds spent making the filesystem.
@@ -262,6 +264,7 @@ impl RootfsStore {
                 Err(e) => return Err(e),
             }
         }
+        let staged_in_memory = staged.is_some();
         let build_dir = match staged {
             Some(dir) => dir,
             None => self.stage(image, &self.staging.join(&unique))?,
@@ -295,6 +298,7 @@ impl RootfsStore {
             base,
             BuildStats {
                 reused: false,
+                staged_in_memory,
                 unpack_ms,
                 mkfs_ms,
                 sync_ms,
