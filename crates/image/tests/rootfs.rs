@@ -477,9 +477,12 @@ mod tests {
                 })
             })
             .collect();
+        // Every builder has finished before any result is looked at, so a failure does not leave
+        // builders writing into the cache while the test deletes it.
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let mut built = 0;
-        for h in handles {
-            let (base, stats) = h.join().unwrap()?;
+        for result in results {
+            let (base, stats) = result?;
             assert!(base.path.is_file());
             built += usize::from(!stats.reused);
         }
