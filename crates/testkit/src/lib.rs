@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use netns::NetNs;
 pub use registry::Registry;
-pub use rootfs::{busybox_rootfs, busybox_tree, ext4_from_dir, writable_disk};
+pub use rootfs::{busybox_erofs, busybox_rootfs, busybox_tree, erofs_from_dir, ext4_from_dir, writable_disk};
 
 /// What went wrong preparing a fixture; messages say how to fix the machine.
 #[derive(Debug, thiserror::Error)]

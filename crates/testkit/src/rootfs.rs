@@ -47,13 +47,19 @@ pub fn busybox_tree(dir: &Path) -> Result<(), FixtureError> {
     Ok(())
 }
 
-/// Packs `dir` into an ext4 image of `size_mib` (sparse), owned as in the tree.
+/// Packs `dir` into an ext4 image of `size_mib` (sparse), owned as in the tree. No journal: the
+/// image is mounted read-only, as aloft's bases are.
 pub fn ext4_from_dir(dir: &Path, image: &Path, size_mib: u32) -> Result<(), FixtureError> {
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .args(["-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0", "-d"])
         .arg(dir)
         .arg(image)
         .arg(format!("{size_mib}M")))
+}
+
+/// Packs `dir` into an uncompressed erofs image (the format of aloft's image bases, ADR 0004).
+pub fn erofs_from_dir(dir: &Path, image: &Path) -> Result<(), FixtureError> {
+    run(Command::new("mkfs.erofs").arg("--quiet").arg(image).arg(dir))
 }
 
 /// An empty, sparse ext4 disk for a guest's writable layer: no journal and fully initialised inode
@@ -75,16 +81,32 @@ pub fn writable_disk(image: &Path, size_mib: u32) -> Result<(), FixtureError> {
 /// A busybox ext4 root image, built once and cached in `cache_dir` (safe to call from parallel test
 /// processes: the image is built under a unique name and renamed into place).
 pub fn busybox_rootfs(cache_dir: &Path) -> Result<PathBuf, FixtureError> {
-    // Bump the version when the tree changes, so stale cached images are not reused.
-    let image = cache_dir.join("busybox-rootfs-v2.ext4");
+    // Bump the version when the tree or the format changes, so stale cached images are not reused.
+    cached_busybox(cache_dir, "busybox-rootfs-v3.ext4", |tree, image| {
+        ext4_from_dir(tree, image, 32)
+    })
+}
+
+/// The same busybox tree as an erofs image, as aloft builds image bases; cached like
+/// [`busybox_rootfs`].
+pub fn busybox_erofs(cache_dir: &Path) -> Result<PathBuf, FixtureError> {
+    cached_busybox(cache_dir, "busybox-rootfs-v3.erofs", erofs_from_dir)
+}
+
+fn cached_busybox(
+    cache_dir: &Path,
+    name: &str,
+    make: impl FnOnce(&Path, &Path) -> Result<(), FixtureError>,
+) -> Result<PathBuf, FixtureError> {
+    let image = cache_dir.join(name);
     if image.is_file() {
         return Ok(image);
     }
     fs::create_dir_all(cache_dir).map_err(io("create directory", cache_dir))?;
     let unique = format!("{}-{:?}", std::process::id(), std::thread::current().id());
     let tree = cache_dir.join(format!("busybox-tree-{unique}"));
-    let tmp = cache_dir.join(format!("busybox-rootfs-{unique}.ext4"));
-    let built = busybox_tree(&tree).and_then(|()| ext4_from_dir(&tree, &tmp, 32));
+    let tmp = cache_dir.join(format!("{name}.{unique}.tmp"));
+    let built = busybox_tree(&tree).and_then(|()| make(&tree, &tmp));
     let _ = fs::remove_dir_all(&tree);
     if let Err(e) = built {
         let _ = fs::remove_file(&tmp);

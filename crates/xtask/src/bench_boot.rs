@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use aloft_guest_proto::{
     CONSOLE_HELLO, NetConfig, PROBE_CMDLINE_FLAG, RootConfig, RunConfig, TRACE_CMDLINE_FLAG,
 };
+use aloft_image::RootfsFormat;
 use aloft_testkit::{GuestArtifacts, NetNs};
 use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Vm, VmSpec, accel::Accel};
 use anyhow::{Context, bail};
@@ -21,13 +22,21 @@ use crate::stats::{median, min};
 const MEMORY_MIB: u32 = 128;
 const PORT: u16 = 8080;
 
-pub(crate) fn run(runs: usize, trace: bool) -> anyhow::Result<()> {
+pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Result<()> {
     let runs = runs.max(1);
     let guest = aloft_testkit::guest_artifacts()?;
     let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
-    eprintln!("bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU");
+    let cache = aloft_testkit::cache_dir();
+    let rootfs = match format {
+        RootfsFormat::Ext4 => aloft_testkit::busybox_rootfs(&cache)?,
+        RootfsFormat::Erofs => aloft_testkit::busybox_erofs(&cache)?,
+        RootfsFormat::ErofsLz4 => bail!("bench boot: --format ext4 or erofs"),
+    };
+    let fstype = format.fstype();
+    eprintln!(
+        "bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}"
+    );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
-    let rootfs = aloft_testkit::busybox_rootfs(&aloft_testkit::cache_dir())?;
 
     // Baseline and machine alternate, so drift in the machine's load hits both alike.
     let mut raw = Vec::new();
@@ -41,7 +50,8 @@ pub(crate) fn run(runs: usize, trace: bool) -> anyhow::Result<()> {
     let mut last_trace = String::new();
     for i in 0..runs {
         raw.push(raw_qemu_boot(&guest, accel)?);
-        let m = machine_run(&guest, accel, &rootfs, &work.path().join(format!("m{i}")), trace)?;
+        let dir = work.path().join(format!("m{i}"));
+        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, trace)?;
         last_trace.clone_from(&m.trace);
         start.push(m.start_ms);
         port.push(m.port_ms);
@@ -214,6 +224,7 @@ fn machine_run(
     guest: &GuestArtifacts,
     accel: Accel,
     rootfs: &Path,
+    fstype: &str,
     dir: &Path,
     trace: bool,
 ) -> anyhow::Result<MachineRun> {
@@ -233,7 +244,7 @@ fn machine_run(
         ]),
         root: RootConfig {
             device: Some("/dev/vda".into()),
-            fstype: "ext4".into(),
+            fstype: fstype.into(),
             writable_device: Some("/dev/vdb".into()),
         },
         network: Some(NetConfig {

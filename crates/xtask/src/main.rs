@@ -41,7 +41,8 @@ enum Cmd {
         /// `image` only: the image pushed to the local registry (`debian` or `busybox`).
         #[arg(long, default_value = "debian")]
         image: String,
-        /// `image` only: the base rootfs format (`ext4`, `erofs`, `erofs-lz4`); default: the store's.
+        /// The base rootfs format (`ext4`, `erofs`, `erofs-lz4`; `boot`: `ext4` or `erofs`);
+        /// default: the image store's.
         #[arg(long)]
         format: Option<aloft_image::RootfsFormat>,
         /// `image` only: also compare the base formats (build, size, in-guest mount and read).
@@ -61,7 +62,7 @@ fn main() -> anyhow::Result<()> {
             format,
             formats,
         } => match name.as_str() {
-            "boot" => bench_boot::run(runs, trace),
+            "boot" => bench_boot::run(runs, trace, format.unwrap_or_default()),
             "image" => bench_image::run(&bench_image::ImageBench {
                 runs,
                 image,
