@@ -110,11 +110,33 @@ mod tests {
             "{table}"
         );
 
+        // What a cached image needs survives garbage collection, whatever the budget.
+        let gc = ["images", "gc", "--grace", "0", "--json"];
+        let kept = json(&aloft(d, &host, &gc)?)?;
+        assert_eq!(kept["freed"], 0, "{kept}");
+        assert_eq!(kept["over_budget"], true, "{kept}");
+        assert!(Path::new(&base).is_file(), "gc kept the base of a cached image");
+
         let removed = ok(&aloft(d, &host, &["images", "rm", "busybox"])?)?;
         assert!(
             removed.contains(&format!("removed {host}/busybox:latest")),
             "{removed}"
         );
+        // Its blobs (manifest, config, layer) are garbage now; a second pass finds nothing.
+        let collected = json(&aloft(d, &host, &gc)?)?;
+        let kinds: Vec<_> = collected["removed"]
+            .as_array()
+            .context("removed is an array")?
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(kinds, ["blob", "blob", "blob"], "{collected}");
+        assert!(collected["freed"].as_u64() > Some(0), "{collected}");
+        assert_eq!(collected["used_after"], 0, "{collected}");
+        assert_eq!(json(&aloft(d, &host, &gc)?)?["freed"], 0);
+        let bad = aloft(d, &host, &["images", "gc", "--budget", "lots"])?;
+        assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+        assert!(stderr(&bad).contains("invalid size"), "{}", stderr(&bad));
         assert!(!Path::new(&base).exists(), "the base goes with the image");
         assert_eq!(
             json(&aloft(d, &host, &["images", "list", "--json"])?)?,

@@ -1,6 +1,7 @@
 //! `aloft images …`: the local image cache and the registry's base images.
 
 mod bootstrap;
+mod gc;
 mod list;
 mod pull;
 mod rm;
@@ -25,6 +26,9 @@ pub(crate) enum ImagesCommand {
     /// Build base images on this host and push them into the registry: busybox (from
     /// busybox-static) and debian:bookworm (debootstrap; needs root and Debian's mirror).
     Bootstrap(bootstrap::BootstrapArgs),
+    /// Remove cached blobs and base root filesystems no cached image needs, least recently used
+    /// first, until the cache fits a budget.
+    Gc(gc::GcArgs),
 }
 
 pub(crate) async fn run(ctx: &Context, cmd: ImagesCommand) -> anyhow::Result<()> {
@@ -33,5 +37,6 @@ pub(crate) async fn run(ctx: &Context, cmd: ImagesCommand) -> anyhow::Result<()>
         ImagesCommand::Pull(args) => pull::run(ctx, &args).await,
         ImagesCommand::Rm(args) => rm::run(ctx, &args).await,
         ImagesCommand::Bootstrap(args) => bootstrap::run(ctx, &args).await,
+        ImagesCommand::Gc(args) => gc::run(ctx, &args).await,
     }
 }
