@@ -18,7 +18,7 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
-  busybox-static e2fsprogs erofs-utils iproute2 procps nftables
+  busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
   docker-registry skopeo umoci debootstrap
 )
 step "system packages"

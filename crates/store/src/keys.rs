@@ -1,0 +1,106 @@
+//! The key layout of the control plane. Every key starts with `/`; a record's key ends in its
+//! id, so a prefix ending in `/` lists a collection.
+//!
+//! | prefix | record |
+//! |---|---|
+//! | `/apps/{app}` | `aloft_api::App` |
+//! | `/machines/{app}/{machine_id}` | [`crate::MachineRecord`] |
+//! | `/events/{app}/{machine_id}/{event_id}` | `aloft_api::MachineEvent` (ULIDs sort by time) |
+//! | `/machine-leases/{app}/{machine_id}` | `aloft_api::Lease`, attached to a store lease |
+//! | `/tokens/{token_id}` | [`crate::TokenRecord`] |
+//! | `/releases/…`, `/secrets/…` | reserved for their future owners |
+
+use crate::StoreError;
+
+/// Apps.
+pub const APPS: &str = "/apps/";
+/// Machines, by app.
+pub const MACHINES: &str = "/machines/";
+/// Machine events, by app and machine.
+pub const EVENTS: &str = "/events/";
+/// Machine leases, by app and machine.
+pub const MACHINE_LEASES: &str = "/machine-leases/";
+/// API tokens.
+pub const TOKENS: &str = "/tokens/";
+/// Reserved: releases.
+pub const RELEASES: &str = "/releases/";
+/// Reserved: secrets.
+pub const SECRETS: &str = "/secrets/";
+
+/// Checks one path segment of a key: non-empty, no `/`, no control characters, at most 200 bytes.
+pub fn segment(s: &str) -> Result<&str, StoreError> {
+    let reason = if s.is_empty() {
+        "a key segment is empty"
+    } else if s.contains('/') {
+        "a key segment contains '/'"
+    } else if s.len() > 200 {
+        "a key segment is longer than 200 bytes"
+    } else if s.chars().any(char::is_control) {
+        "a key segment contains a control character"
+    } else {
+        return Ok(s);
+    };
+    Err(StoreError::InvalidKey {
+        key: s.to_owned(),
+        reason,
+    })
+}
+
+/// `/apps/{app}`.
+pub fn app(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{APPS}{}", segment(app)?))
+}
+
+/// `/machines/{app}/`.
+pub fn machines(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{MACHINES}{}/", segment(app)?))
+}
+
+/// `/machines/{app}/{id}`.
+pub fn machine(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{}{}", machines(app)?, segment(id)?))
+}
+
+/// `/events/{app}/{id}/`.
+pub fn events(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{EVENTS}{}/{}/", segment(app)?, segment(id)?))
+}
+
+/// `/events/{app}/{id}/{event_id}`.
+pub fn event(app: &str, id: &str, event_id: &str) -> Result<String, StoreError> {
+    Ok(format!("{}{}", events(app, id)?, segment(event_id)?))
+}
+
+/// `/machine-leases/{app}/{id}`.
+pub fn machine_lease(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{MACHINE_LEASES}{}/{}", segment(app)?, segment(id)?))
+}
+
+/// `/tokens/{id}`.
+pub fn token(id: &str) -> Result<String, StoreError> {
+    Ok(format!("{TOKENS}{}", segment(id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        assert_eq!(
+            machine("web", "3d8d413b29d089").unwrap(),
+            "/machines/web/3d8d413b29d089"
+        );
+        assert_eq!(event("web", "m", "01H").unwrap(), "/events/web/m/01H");
+        assert_eq!(machine_lease("web", "m").unwrap(), "/machine-leases/web/m");
+        assert!(machine("web", "../x").is_err());
+        assert!(app("").is_err());
+        assert!(token("a\nb").is_err());
+        // An app's collection prefix does not select another app whose name extends it.
+        assert!(
+            !machine("webby", "m")
+                .unwrap()
+                .starts_with(&machines("web").unwrap())
+        );
+    }
+}

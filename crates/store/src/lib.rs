@@ -1,0 +1,38 @@
+//! Control-plane state behind the [`Store`] trait.
+//!
+//! The model is etcd's: a key space where every change has a revision, writes are
+//! compare-and-swap transactions ([`Txn`]), changes can be watched from a revision
+//! ([`Store::watch`]) and leases expire and take their keys along ([`Store::grant_lease`]).
+//! [`SqliteStore`] implements it on one SQLite file for the embedded single-host aloftd; an etcd
+//! implementation for clusters fits the same trait. On top, [`ControlStore`] keeps the typed
+//! records of the control plane (apps, machines as the control plane sees them, machine events,
+//! machine leases, tokens) under the layout of [`keys`]; later users (releases, secrets) take
+//! their own prefixes of the same key space.
+//!
+//! Threading: the API is synchronous and thread-safe; async callers wrap calls in
+//! `spawn_blocking` and can await watchers directly. Design notes: `docs/adr/0006-store.md`.
+//!
+//! Depends on `aloft-api` for the wire types it stores and on no other aloft crate; it must not
+//! depend on the VM, image or network crates, nor on an async runtime.
+
+#![warn(missing_docs)]
+
+mod clock;
+mod control;
+mod error;
+pub mod keys;
+mod sqlite;
+mod store;
+mod types;
+mod watch;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use control::{ControlError, ControlStore, MachineLeaseRequest, MachineRecord, TokenRecord, Versioned};
+pub use error::{StoreError, WatchError};
+pub use sqlite::{Durability, SqliteOptions, SqliteStore};
+pub use store::{Store, validate_key};
+pub use types::{
+    CmpOp, Compare, EventKind, Expect, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions,
+    Revision, Target, Txn, TxnResponse, WatchBatch, WatchEvent,
+};
+pub use watch::{SendOutcome, WatchSender, Watcher};

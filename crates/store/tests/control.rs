@@ -1,0 +1,255 @@
+//! The typed control-plane records over SqliteStore.
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use aloft_api::{App, Machine, MachineEvent, MachineId, MachineState};
+    use aloft_store::{
+        ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord, ManualClock, SqliteOptions,
+        SqliteStore, StoreError, TokenRecord,
+    };
+
+    fn control(dir: &tempfile::TempDir) -> (ControlStore, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let store = SqliteStore::open_with(
+            dir.path().join("control.db"),
+            SqliteOptions {
+                clock: clock.clone(),
+                reaper_interval: None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (ControlStore::new(Arc::new(store)), clock)
+    }
+
+    fn app(name: &str) -> App {
+        App {
+            id: name.into(),
+            name: name.into(),
+            network: "default".into(),
+            status: "pending".into(),
+            ..Default::default()
+        }
+    }
+
+    fn machine(app: &str, id: &str) -> MachineRecord {
+        MachineRecord {
+            app: app.into(),
+            host: "local".into(),
+            machine: serde_json::from_value(serde_json::json!({
+                "id": id, "name": format!("m-{id}"), "state": "created", "region": "local",
+                "instance_id": "01HBZ8QEXHS0YR4R1N6S1XGEE2", "config": {"image": "busybox"}
+            }))
+            .unwrap(),
+        }
+    }
+
+    const M1: &str = "3d8d413b29d089";
+    const M2: &str = "0e286039f42e86";
+
+    #[test]
+    fn apps_are_unique_and_deleting_one_takes_its_machines() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        c.create_app(&app("web")).unwrap();
+        c.create_app(&app("webby")).unwrap();
+        let dup = c.create_app(&app("web")).unwrap_err();
+        assert!(matches!(dup, ControlError::AppExists { .. }));
+        assert_eq!(dup.to_api().status(), 422);
+        let names: Vec<_> = c.list_apps().unwrap().into_iter().map(|a| a.value.name).collect();
+        assert_eq!(names, ["web", "webby"]);
+
+        c.create_machine(&machine("web", M1)).unwrap();
+        c.create_machine(&machine("webby", M2)).unwrap();
+        c.append_event("web", M1, &event("01HBZ8QRZ3SMDZBT8KWTJKBFGN", "launch"))
+            .unwrap();
+        assert!(c.delete_app("web").unwrap());
+        assert!(!c.delete_app("web").unwrap());
+        assert!(c.get_app("web").unwrap().is_none());
+        assert!(c.get_machine("web", M1).unwrap().is_none());
+        assert!(c.list_events("web", M1, 10).unwrap().is_empty());
+        assert_eq!(
+            c.list_machines("webby").unwrap().len(),
+            1,
+            "the other app is untouched"
+        );
+    }
+
+    #[test]
+    fn machine_updates_are_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        let rec = machine("web", M1);
+        let r1 = c.create_machine(&rec).unwrap();
+        assert!(matches!(
+            c.create_machine(&rec).unwrap_err(),
+            ControlError::MachineExists { .. }
+        ));
+        let got = c.get_machine("web", M1).unwrap().unwrap();
+        assert_eq!(got.revision, r1);
+        assert_eq!(got.value, rec);
+
+        let mut started = got.value.clone();
+        started.machine.state = MachineState::Started;
+        let r2 = c.put_machine(&started, Expect::Revision(got.revision)).unwrap();
+        // A writer that read before the update loses.
+        let mut stale = got.value;
+        stale.machine.state = MachineState::Stopped;
+        let err = c.put_machine(&stale, Expect::Revision(r1)).unwrap_err();
+        assert!(
+            matches!(err, ControlError::Store(StoreError::Conflict { .. })),
+            "{err}"
+        );
+        assert_eq!(err.to_api().status(), 409);
+        assert_eq!(
+            c.get_machine("web", M1).unwrap().unwrap().value.machine.state,
+            MachineState::Started
+        );
+        c.create_machine(&machine("web", M2)).unwrap();
+        let ids: Vec<MachineId> = c
+            .list_machines("web")
+            .unwrap()
+            .into_iter()
+            .map(|m| m.value.machine.id)
+            .collect();
+        assert_eq!(ids.iter().map(MachineId::as_str).collect::<Vec<_>>(), [M2, M1]);
+        assert!(c.delete_machine("web", M1).unwrap());
+        assert!(c.get_machine("web", M1).unwrap().is_none());
+        assert!(r2 > r1);
+    }
+
+    fn event(id: &str, kind: &str) -> MachineEvent {
+        MachineEvent {
+            id: id.into(),
+            kind: kind.into(),
+            status: "created".into(),
+            source: None,
+            timestamp: 1,
+            request: None,
+        }
+    }
+
+    #[test]
+    fn events_list_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        for (i, id) in [
+            "01HBZ8QEY7Y1V2CNPD8Q5FG6EV",
+            "01HBZ8QRZ3SMDZBT8KWTJKBFGN",
+            "01HBZ9AAAAAAAAAAAAAAAAAAAA",
+        ]
+        .iter()
+        .enumerate()
+        {
+            c.append_event("web", M1, &event(id, &format!("e{i}"))).unwrap();
+        }
+        let kinds: Vec<_> = c
+            .list_events("web", M1, 2)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["e2", "e1"]);
+        assert!(matches!(
+            c.append_event("web", M1, &event("../x", "bad")),
+            Err(ControlError::Store(StoreError::InvalidKey { .. }))
+        ));
+    }
+
+    fn lease_req(nonce: &str, owner: &str, ttl_secs: u64) -> MachineLeaseRequest {
+        MachineLeaseRequest {
+            nonce: nonce.into(),
+            owner: owner.into(),
+            description: "deploy".into(),
+            ttl: Duration::from_secs(ttl_secs),
+            version: "01HBZ8QEXHS0YR4R1N6S1XGEE2".into(),
+        }
+    }
+
+    #[test]
+    fn machine_leases_follow_fly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, clock) = control(&dir);
+        let l = c.acquire_lease("web", M1, &lease_req("n1", "alice", 13)).unwrap();
+        assert_eq!(l.expires_at, 1_700_000_013);
+        c.check_lease("web", M1, Some("n1")).unwrap();
+        // Held by someone else: 409 with flyctl's text.
+        let held = c
+            .acquire_lease("web", M1, &lease_req("n2", "bob", 13))
+            .unwrap_err();
+        assert!(matches!(&held, ControlError::LeaseHeld { owner, .. } if owner == "alice"));
+        let api = held.to_api();
+        assert_eq!(api.status(), 409);
+        assert!(api.message().contains("lease currently held by alice"));
+        assert!(c.check_lease("web", M1, None).is_err());
+        assert!(c.check_lease("web", M1, Some("wrong")).is_err());
+        assert!(matches!(
+            c.release_lease("web", M1, "wrong"),
+            Err(ControlError::LeaseHeld { .. })
+        ));
+
+        // Refresh moves the expiry; the old store lease ending does not take the record along.
+        clock.advance(Duration::from_secs(10));
+        let r = c.refresh_lease("web", M1, "n1", Duration::from_secs(13)).unwrap();
+        assert_eq!(r.expires_at, 1_700_000_023);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(c.get_lease("web", M1).unwrap().unwrap().nonce, "n1");
+
+        // Expiry frees the machine without anyone releasing.
+        clock.advance(Duration::from_secs(4));
+        assert!(c.get_lease("web", M1).unwrap().is_none());
+        c.check_lease("web", M1, None).unwrap();
+        assert!(matches!(
+            c.refresh_lease("web", M1, "n1", Duration::from_secs(5)),
+            Err(ControlError::LeaseNotFound { .. })
+        ));
+        let b = c.acquire_lease("web", M1, &lease_req("n2", "bob", 30)).unwrap();
+        c.release_lease("web", M1, &b.nonce).unwrap();
+        let not_found = c.release_lease("web", M1, &b.nonce).unwrap_err();
+        assert_eq!(not_found.to_api().status(), 404);
+        // Nothing leaks: every store lease granted along the way has ended.
+        c.store().expire_leases().unwrap();
+    }
+
+    #[test]
+    fn tokens_store_only_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        let t = TokenRecord {
+            id: "tok_1".into(),
+            name: "admin".into(),
+            org_slug: "personal".into(),
+            scope: "org".into(),
+            secret_sha256: "ab".repeat(32),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at_ms: None,
+        };
+        c.create_token(&t).unwrap();
+        assert!(matches!(
+            c.create_token(&t),
+            Err(ControlError::TokenExists { .. })
+        ));
+        assert_eq!(c.get_token("tok_1").unwrap(), Some(t.clone()));
+        assert_eq!(c.list_tokens().unwrap(), [t]);
+        assert!(c.delete_token("tok_1").unwrap());
+        assert!(c.get_token("tok_1").unwrap().is_none());
+    }
+
+    #[test]
+    fn undecodable_records_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        c.store().put("/apps/broken", b"{not json".to_vec()).unwrap();
+        let err = c.get_app("broken").unwrap_err();
+        assert!(
+            matches!(err, ControlError::Store(StoreError::Decode { .. })),
+            "{err}"
+        );
+        assert_eq!(err.to_api().status(), 500);
+        let m: Result<Machine, _> = serde_json::from_str("{}");
+        assert!(m.is_err());
+    }
+}
