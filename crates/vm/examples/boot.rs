@@ -1,14 +1,15 @@
 //! Boot a root filesystem in a microVM and run one command in it.
 //!
 //! ```text
-//! cargo run -p aloft-vm --example boot -- --rootfs DIR_OR_EXT4_IMAGE [--memory 256] [--vcpus 1] \
+//! cargo run -p aloft-vm --example boot -- --rootfs DIR_OR_IMAGE [--memory 256] [--vcpus 1] \
 //!     [--user U] [--env K=V]... [--workdir D] [--accel auto|kvm|tcg] [--kernel-arg W]... \
 //!     [--console] -- /bin/sh -c 'echo hi'
 //! ```
 //!
 //! `--kernel-arg aloft.trace=1 --console` shows where the boot time went.
 //!
-//! A directory is packed into a temporary ext4 image first (`mkfs.ext4 -d`). The workload's output
+//! A directory is packed into a temporary erofs image first (`mkfs.erofs`, as image bases are); an
+//! image file may be ext4 or erofs. The workload's output
 //! is streamed to stdout/stderr and the example exits with the workload's exit code (128 + signal
 //! when a signal ended it). Ctrl-C stops the VM gracefully. Everything temporary is removed.
 //! Kernel and initramfs come from `$ALOFT_GUEST_DIR` or `<workspace>/target/guest`.
@@ -19,7 +20,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Root filesystem: a directory (packed into ext4) or an ext4 image.
+    /// Root filesystem: a directory (packed into erofs) or an ext4 or erofs image.
     #[arg(long)]
     rootfs: PathBuf,
     #[arg(long, default_value_t = 256)]
@@ -72,23 +72,38 @@ fn block_signals() -> libc::sigset_t {
     set
 }
 
+/// `ext4` or `erofs`, from the image's superblock magic.
+fn fstype_of(image: &std::path::Path) -> anyhow::Result<&'static str> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image).with_context(|| format!("open {}", image.display()))?;
+    let mut sb = [0u8; 64];
+    f.seek(SeekFrom::Start(1024))?;
+    f.read_exact(&mut sb)
+        .with_context(|| format!("{} is too small to be a filesystem image", image.display()))?;
+    if sb[..4] == 0xE0F5_E1E2u32.to_le_bytes() {
+        Ok("erofs")
+    } else if sb[56..58] == 0xEF53u16.to_le_bytes() {
+        Ok("ext4")
+    } else {
+        anyhow::bail!(
+            "{} is neither an ext4 nor an erofs image (give a directory to pack one)",
+            image.display()
+        )
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sigset = block_signals();
     let tmp = tempfile::Builder::new().prefix("aloft-boot-").tempdir()?;
-    let rootfs = if args.rootfs.is_dir() {
-        let img = tmp.path().join("rootfs.ext4");
-        // Size: the tree plus room for ext4's metadata.
-        let du = Command::new("du").arg("-sm").arg(&args.rootfs).output()?;
-        let mib: u32 = String::from_utf8_lossy(&du.stdout)
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(64);
-        aloft_testkit::ext4_from_dir(&args.rootfs, &img, mib * 3 / 2 + 64)?;
-        img
+    let (rootfs, fstype) = if args.rootfs.is_dir() {
+        // Packed as aloft packs image bases (erofs, ADR 0004).
+        let img = tmp.path().join("rootfs.erofs");
+        aloft_testkit::erofs_from_dir(&args.rootfs, &img)?;
+        (img, "erofs")
     } else {
-        args.rootfs.clone()
+        let fstype = fstype_of(&args.rootfs)?;
+        (args.rootfs.clone(), fstype)
     };
     let rw = tmp.path().join("rw.img");
     aloft_testkit::writable_disk(&rw, 256)?;
@@ -121,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         env,
         root: RootConfig {
             device: Some("/dev/vda".into()),
-            fstype: "ext4".into(),
+            fstype: fstype.into(),
             writable_device: Some("/dev/vdb".into()),
         },
         ..RunConfig::default()
