@@ -77,6 +77,26 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Connects to any `addr` from inside the namespace (a guest's 6PN address, another tap's
+    /// guest). The returned stream keeps working in any thread.
+    pub fn connect_tcp_to(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = File::open(&path)?;
+            // SAFETY: setns on a valid namespace fd only changes this short-lived thread's network
+            // namespace; the thread ends right after connecting.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
