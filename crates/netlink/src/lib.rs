@@ -164,12 +164,14 @@ impl Netlink {
         self.seq
     }
 
-    /// Sends `req` (built with sequence number `seq`) and reads replies until the kernel's
-    /// `NLMSG_ERROR` for it. Returns the link index if a `RTM_NEWLINK` came back first.
-    fn transact(&mut self, seq: u32, req: &[u8]) -> io::Result<Option<i32>> {
+    /// Sends `req` and feeds every reply to `on_reply` until it returns a result.
+    fn exchange<T>(
+        &mut self,
+        req: &[u8],
+        mut on_reply: impl FnMut(Reply) -> Option<io::Result<T>>,
+    ) -> io::Result<T> {
         self.sock.send(req)?;
-        let mut buf = vec![0u8; 32 * 1024];
-        let mut link = None;
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = self.sock.recv(&mut buf)?;
             if n == 0 {
@@ -179,49 +181,50 @@ impl Netlink {
                 ));
             }
             for reply in msg::parse_replies(&buf[..n]) {
-                match reply {
-                    Reply::Link { seq: s, index, .. } if s == seq => link = Some(index),
-                    Reply::Ack { seq: s, errno } if s == seq => {
-                        return if errno == 0 {
-                            Ok(link)
-                        } else {
-                            Err(io::Error::from_raw_os_error(errno))
-                        };
-                    }
-                    _ => {}
+                if let Some(done) = on_reply(reply) {
+                    return done;
                 }
             }
         }
     }
 
+    /// Sends `req` (built with sequence number `seq`) and reads replies until the kernel's
+    /// `NLMSG_ERROR` for it. Returns the link index if a `RTM_NEWLINK` came back first.
+    fn transact(&mut self, seq: u32, req: &[u8]) -> io::Result<Option<i32>> {
+        let mut link = None;
+        self.exchange(req, |reply| match reply {
+            Reply::Link { seq: s, index, .. } if s == seq => {
+                link = Some(index);
+                None
+            }
+            Reply::Ack { seq: s, errno } if s == seq => Some(if errno == 0 {
+                Ok(link)
+            } else {
+                Err(io::Error::from_raw_os_error(errno))
+            }),
+            _ => None,
+        })
+    }
+
     /// Sends the dump request `req` and collects every link until `NLMSG_DONE`.
     fn dump(&mut self, seq: u32, req: &[u8]) -> io::Result<Vec<Link>> {
-        self.sock.send(req)?;
-        let mut buf = vec![0u8; 64 * 1024];
         let mut links = Vec::new();
-        loop {
-            let n = self.sock.recv(&mut buf)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "netlink socket closed",
-                ));
+        self.exchange(req, |reply| match reply {
+            Reply::Link {
+                seq: s,
+                index,
+                name: Some(name),
+            } if s == seq => {
+                links.push(Link { index, name });
+                None
             }
-            for reply in msg::parse_replies(&buf[..n]) {
-                match reply {
-                    Reply::Link {
-                        seq: s,
-                        index,
-                        name: Some(name),
-                    } if s == seq => links.push(Link { index, name }),
-                    Reply::Done { seq: s } if s == seq => return Ok(links),
-                    Reply::Ack { seq: s, errno } if s == seq && errno != 0 => {
-                        return Err(io::Error::from_raw_os_error(errno));
-                    }
-                    _ => {}
-                }
+            Reply::Done { seq: s } if s == seq => Some(Ok(())),
+            Reply::Ack { seq: s, errno } if s == seq && errno != 0 => {
+                Some(Err(io::Error::from_raw_os_error(errno)))
             }
-        }
+            _ => None,
+        })?;
+        Ok(links)
     }
 
     fn check_name(name: &str) -> Result<(), NetlinkError> {
