@@ -9,6 +9,24 @@
 //! machine leases, tokens) under the layout of [`keys`]; later users (releases, secrets) take
 //! their own prefixes of the same key space.
 //!
+//! ```
+//! use aloft_store::{Expect, SqliteStore, Store, StoreError};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = SqliteStore::open(dir.path().join("control.db"))?;
+//! let mut changes = store.watch("/apps/", None)?;
+//! let created = store.put_if("/apps/web", b"{}".to_vec(), Expect::Absent, None)?;
+//! // A second creator loses the race with a conflict, not a silent overwrite.
+//! let lost = store.put_if("/apps/web", b"{}".to_vec(), Expect::Absent, None);
+//! assert!(matches!(lost, Err(StoreError::Conflict { .. })));
+//! // Updates compare the revision they read.
+//! let updated = store.put_if("/apps/web", b"{\"v\":2}".to_vec(), Expect::Revision(created), None)?;
+//! assert_eq!(changes.recv()?.revision, created);
+//! assert_eq!(changes.recv()?.revision, updated);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Threading: the API is synchronous and thread-safe; async callers wrap calls in
 //! `spawn_blocking` and can await watchers directly. Design notes: `docs/adr/0006-store.md`.
 //!

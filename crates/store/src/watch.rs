@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use crate::{Revision, WatchBatch, WatchError};
@@ -15,6 +15,8 @@ pub struct WatchSender {
     from: Revision,
     tx: flume::Sender<WatchBatch>,
     lagged: Arc<AtomicBool>,
+    /// The revision that did not fit, once lagged.
+    resume_at: Arc<AtomicI64>,
 }
 
 /// Whether a watcher still listens after [`WatchSender::send`].
@@ -64,6 +66,7 @@ impl WatchSender {
         }) {
             Ok(()) => SendOutcome::Live,
             Err(flume::TrySendError::Full(_)) => {
+                self.resume_at.store(batch.revision.0, Ordering::SeqCst);
                 self.lagged.store(true, Ordering::SeqCst);
                 SendOutcome::Gone
             }
@@ -82,6 +85,7 @@ pub struct Watcher {
     history: VecDeque<WatchBatch>,
     rx: flume::Receiver<WatchBatch>,
     lagged: Arc<AtomicBool>,
+    resume_at: Arc<AtomicI64>,
     next_revision: Revision,
 }
 
@@ -107,11 +111,13 @@ impl Watcher {
     ) -> (Self, WatchSender) {
         let (tx, rx) = flume::bounded(capacity.max(1));
         let lagged = Arc::new(AtomicBool::new(false));
+        let resume_at = Arc::new(AtomicI64::new(0));
         (
             Self {
                 history: history.into(),
                 rx,
                 lagged: lagged.clone(),
+                resume_at: resume_at.clone(),
                 next_revision: start,
             },
             WatchSender {
@@ -119,6 +125,7 @@ impl Watcher {
                 from: Revision::ZERO,
                 tx,
                 lagged,
+                resume_at,
             },
         )
     }
@@ -135,8 +142,10 @@ impl Watcher {
 
     fn ended(&self) -> WatchError {
         if self.lagged.load(Ordering::SeqCst) {
+            // Everything before the revision that did not fit was delivered or not selected.
+            let at = Revision(self.resume_at.load(Ordering::SeqCst));
             WatchError::Lagged {
-                resume_from: self.next_revision,
+                resume_from: self.next_revision.max(at),
             }
         } else {
             WatchError::Closed {

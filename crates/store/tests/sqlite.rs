@@ -279,9 +279,11 @@ mod tests {
             },
         )
         .unwrap();
-        let mut w = s.watch("/", None).unwrap();
+        let mut w = s.watch("/k", None).unwrap();
         for i in 0..10u8 {
             s.put("/k", vec![i]).unwrap();
+            // Changes the watcher does not select do not count against it.
+            s.put("/other", vec![i]).unwrap();
         }
         let mut seen = Vec::new();
         let resume = loop {
@@ -291,12 +293,13 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert_eq!(seen, [1, 2, 3]);
-        assert_eq!(resume, Revision(4));
-        let mut again = s.watch("/", Some(resume)).unwrap();
-        for expect in 4..=10 {
+        assert_eq!(seen, [1, 3, 5]);
+        assert_eq!(resume, Revision(7), "the first revision that did not fit");
+        let mut again = s.watch("/k", Some(resume)).unwrap();
+        for expect in (7..=19).step_by(2) {
             assert_eq!(again.recv().unwrap().revision.0, expect);
         }
+        assert_eq!(again.try_recv().unwrap(), None);
     }
 
     #[test]
@@ -388,33 +391,92 @@ mod tests {
     }
 
     #[test]
-    fn leases_expire_in_the_background_and_across_reopen() {
+    fn leases_expire_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open_with(
+            dir.path().join("store.db"),
+            SqliteOptions {
+                reaper_interval: Some(Duration::from_millis(20)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let l = s.grant_lease(Duration::from_secs(1)).unwrap();
+        s.put_if("/bg", vec![], Expect::Any, Some(l.id)).unwrap();
+        let mut w = s.watch("/bg", None).unwrap();
+        // Nobody calls the store: the reaper ends the lease and the watcher hears of it.
+        let b = w
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("expiry event");
+        assert_eq!(b.events[0].kind, EventKind::Delete);
+    }
+
+    #[test]
+    fn leases_outlive_a_restart_and_expire_while_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(5_000));
+        let options = SqliteOptions {
+            clock: clock.clone(),
+            reaper_interval: None,
+            ..Default::default()
+        };
         let path = dir.path().join("store.db");
-        {
-            let s = SqliteStore::open_with(
-                &path,
-                SqliteOptions {
-                    reaper_interval: Some(Duration::from_millis(20)),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let l = s.grant_lease(Duration::from_millis(100)).unwrap();
-            s.put_if("/bg", vec![], Expect::Any, Some(l.id)).unwrap();
-            let mut w = s.watch("/bg", None).unwrap();
-            // Nobody calls the store: the reaper ends the lease and the watcher hears of it.
-            let b = w
-                .recv_timeout(Duration::from_secs(5))
-                .unwrap()
-                .expect("expiry event");
-            assert_eq!(b.events[0].kind, EventKind::Delete);
-            let l2 = s.grant_lease(Duration::from_millis(200)).unwrap();
-            s.put_if("/persisted", vec![], Expect::Any, Some(l2.id)).unwrap();
+        let (short, long) = {
+            let s = SqliteStore::open_with(&path, options.clone()).unwrap();
+            let short = s.grant_lease(Duration::from_secs(10)).unwrap();
+            let long = s.grant_lease(Duration::from_secs(60)).unwrap();
+            s.put_if("/short", vec![], Expect::Any, Some(short.id)).unwrap();
+            s.put_if("/long", vec![], Expect::Any, Some(long.id)).unwrap();
+            (short, long)
+        };
+        clock.advance(Duration::from_secs(30));
+        let s = SqliteStore::open_with(&path, options).unwrap();
+        assert_eq!(s.get("/short").unwrap(), None, "expired while closed");
+        assert!(s.get("/long").unwrap().is_some());
+        assert!(matches!(
+            s.keep_alive(short.id),
+            Err(StoreError::LeaseNotFound { .. })
+        ));
+        s.keep_alive(long.id).unwrap();
+        // Lease ids are never reused.
+        assert!(s.grant_lease(Duration::from_secs(1)).unwrap().id > long.id);
+    }
+
+    #[test]
+    fn a_watcher_sees_concurrent_writers_in_one_order_without_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(&dir));
+        let mut w = s.watch("/", Some(Revision(1))).unwrap();
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                thread::spawn(move || {
+                    for i in 0..50 {
+                        s.put(&format!("/t{t}/{i}"), vec![t]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
         }
-        thread::sleep(Duration::from_millis(300));
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.get("/persisted").unwrap(), None, "expired while closed");
+        let mut revisions = Vec::new();
+        while let Some(b) = w.try_recv().unwrap() {
+            assert_eq!(b.events.len(), 1);
+            assert_eq!(b.events[0].kv.mod_revision, b.revision);
+            revisions.push(b.revision.0);
+        }
+        assert_eq!(revisions, (1..=200).collect::<Vec<_>>());
+        // Each writer's own puts appear in the order it made them.
+        for t in 0..4 {
+            let mut replay = s.watch(&format!("/t{t}/"), Some(Revision(1))).unwrap();
+            let keys: Vec<String> = std::iter::from_fn(|| replay.try_recv().unwrap())
+                .map(|b| b.events[0].kv.key.clone())
+                .collect();
+            let want: Vec<String> = (0..50).map(|i| format!("/t{t}/{i}")).collect();
+            assert_eq!(keys, want);
+        }
     }
 
     #[test]
