@@ -1,5 +1,7 @@
 //! Expansion: one `MachineConfig` per process group, as flyctl's `ToMachineConfig` builds it.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -230,10 +232,10 @@ impl AppConfig {
                 ..File::default()
             };
             match &f.source {
-                FileSource::RawValue(v) => file.raw_value = Some(base64(v.as_bytes())),
+                FileSource::RawValue(v) => file.raw_value = Some(BASE64.encode(v.as_bytes())),
                 FileSource::SecretName(s) => file.secret_name = Some(s.clone()),
                 FileSource::LocalPath(p) => match opts.files.read(p) {
-                    Ok(bytes) => file.raw_value = Some(base64(&bytes)),
+                    Ok(bytes) => file.raw_value = Some(BASE64.encode(&bytes)),
                     Err(e) => errors.push(Diagnostic {
                         origin: Origin {
                             key: format!("{}.local_path", f.origin.key),
@@ -428,28 +430,6 @@ fn service(s: &Service) -> MachineService {
     }
 }
 
-/// Standard base64 with padding (what the API's `raw_value` holds).
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,20 +544,5 @@ mod tests {
         assert_eq!(guest.cpu_kind.as_deref(), Some("performance"));
         assert_eq!(guest.cpus, Some(8));
         assert_eq!(guest.gpu_kind.as_deref(), Some("a10"));
-    }
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        for (input, output) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), output);
-        }
     }
 }
