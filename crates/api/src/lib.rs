@@ -3,8 +3,8 @@
 //! Identifiers, durations, `MachineConfig` with everything it contains, Fly's VM size presets, the
 //! `Machine` object with its events and versions, machine states and the transitions lifecycle
 //! verbs may take ([`Verb::transition`], the source of the API's 412s), request and response
-//! bodies of the machine, lease and app endpoints, query parameters, and Fly's error body
-//! ([`ApiError`]). Field names, optionality and enum spellings follow Fly's OpenAPI spec; unknown
+//! bodies of the machine, lease and app endpoints, query parameters, the `Authorization` header
+//! forms ([`parse_authorization`]) and Fly's error body ([`ApiError`]). Field names, optionality and enum spellings follow Fly's OpenAPI spec; unknown
 //! fields are ignored on input, as Fly's own API does, and the quirks of Fly's clients (fly-go,
 //! flyctl) are accepted.
 //!
@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod app;
+mod auth;
 mod duration;
 mod error;
 mod guest;
@@ -24,12 +25,15 @@ mod machine_config;
 mod requests;
 mod serde_util;
 mod signal;
+#[cfg(test)]
+mod spec_tests;
 mod state;
 
 pub use app::{
     App, AppOrganizationInfo, CreateAppRequest, CreateDeployTokenRequest, ListAppsQuery, ListAppsResponse,
     TokenResponse, validate_app_name,
 };
+pub use auth::parse_authorization;
 pub use error::{ApiError, ErrorResponse, ErrorStatus};
 pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};
 pub use machine::{
