@@ -4,9 +4,9 @@
 //! `Machine` object with its events and versions, machine states and the transitions lifecycle
 //! verbs may take ([`Verb::transition`], the source of the API's 412s), request and response
 //! bodies of the machine, lease and app endpoints, query parameters, the `Authorization` header
-//! forms ([`parse_authorization`]) and Fly's error body ([`ApiError`]). Field names, optionality and enum spellings follow Fly's OpenAPI spec; unknown
-//! fields are ignored on input, as Fly's own API does, and the quirks of Fly's clients (fly-go,
-//! flyctl) are accepted.
+//! forms ([`parse_authorization`]) and Fly's error body ([`ApiError`]). Field names, optionality
+//! and enum spellings follow Fly's OpenAPI spec; unknown fields are ignored on input, as Fly's own
+//! API does, and the quirks of Fly's clients (fly-go, flyctl) are accepted.
 //!
 //! This crate must stay free of I/O and of every other aloft crate, so that clients never pull in
 //! the server. No threads, no async.
