@@ -6,6 +6,7 @@
 //! the only nftables table is `inet aloft`. Names are checked before every change.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use aloft_netlink::{Netlink, NetlinkError};
 
@@ -37,13 +38,15 @@ impl ReconcileReport {
     }
 }
 
-/// The host side of machines' networks in one network namespace.
+/// The host side of machines' networks in one network namespace. Clones share one lock: changes
+/// made through them happen one at a time (a reconcile never races a create).
 #[derive(Debug, Clone)]
 pub struct HostNet {
     plan: Plan,
     ns: Namespace,
     tap_owner: Option<u32>,
     forwarding: bool,
+    lock: Arc<Mutex<()>>,
 }
 
 impl HostNet {
@@ -54,6 +57,7 @@ impl HostNet {
             ns: Namespace::Current,
             tap_owner: None,
             forwarding: true,
+            lock: Arc::default(),
         }
     }
 
@@ -87,6 +91,11 @@ impl HostNet {
     /// Prepares the host once per start (idempotent): the `inet aloft` table with its sets and
     /// rules, the service link with the DNS address and the host's 6PN address, forwarding.
     pub fn setup(&self) -> Result<(), NetError> {
+        let _guard = self.lock();
+        self.setup_locked()
+    }
+
+    fn setup_locked(&self) -> Result<(), NetError> {
         self.nft().apply(&nft::base_script(&self.plan))?;
         let dns = self.plan.dns();
         let host_addr = self.plan.host_address();
@@ -113,7 +122,13 @@ impl HostNet {
     /// Creates machine `m`'s tap and its addresses, route and nftables elements. Fails if the tap
     /// exists; on any failure removes what it made.
     pub fn add_machine(&self, m: &MachineNet) -> Result<(), NetError> {
+        let _guard = self.lock();
+        self.add_machine_locked(m)
+    }
+
+    fn add_machine_locked(&self, m: &MachineNet) -> Result<(), NetError> {
         check_tap_name(&m.tap)?;
+        m.validate()?;
         let exists = self
             .netlink(|nl| nl.find_link(&m.tap))
             .map_err(|source| NetError::Configure {
@@ -136,7 +151,7 @@ impl HostNet {
             .configure_tap(m, false)
             .and_then(|()| self.nft().apply(&nft::add_script(&nft::machine_elements(m))));
         if let Err(e) = rest {
-            let _ = self.remove_machine(&m.tap);
+            let _ = self.remove_machine_locked(&m.tap);
             return Err(e);
         }
         Ok(())
@@ -145,6 +160,11 @@ impl HostNet {
     /// Removes the tap `tap` and its nftables elements. Idempotent: what is already gone is no
     /// error. Refuses names that are not aloft's taps.
     pub fn remove_machine(&self, tap: &str) -> Result<(), NetError> {
+        let _guard = self.lock();
+        self.remove_machine_locked(tap)
+    }
+
+    fn remove_machine_locked(&self, tap: &str) -> Result<(), NetError> {
         check_tap_name(tap)?;
         let nft = self.nft();
         let mine: Vec<Elem> = nft.elements()?.into_iter().filter(|e| e.tap == tap).collect();
@@ -164,25 +184,21 @@ impl HostNet {
     /// re-adds missing addresses, routes and elements on taps that exist (a tap a running QEMU
     /// holds is never recreated). Interfaces not named `aloft-m*` are left alone.
     pub fn reconcile(&self, expected: &[MachineNet]) -> Result<ReconcileReport, NetError> {
+        let _guard = self.lock();
+        let mut want_taps = BTreeSet::new();
         for m in expected {
             check_tap_name(&m.tap)?;
+            m.validate()?;
+            if !want_taps.insert(m.tap.as_str()) {
+                return Err(NetError::DuplicateTap { name: m.tap.clone() });
+            }
         }
-        self.setup()?;
+        self.setup_locked()?;
         let mut report = ReconcileReport::default();
-        let want_taps: BTreeSet<&str> = expected.iter().map(|m| m.tap.as_str()).collect();
-        let present: Vec<String> = self
-            .netlink(|nl| nl.links())
-            .map_err(|source| NetError::Configure {
-                name: format!("{TAP_PREFIX}*"),
-                source,
-            })?
-            .into_iter()
-            .map(|l| l.name)
-            .filter(|n| is_tap_name(n))
-            .collect();
+        let present = self.taps_locked()?;
         for name in &present {
             if !want_taps.contains(name.as_str()) {
-                self.remove_machine(name)?;
+                self.remove_machine_locked(name)?;
                 report.removed_taps.push(name.clone());
             }
         }
@@ -202,7 +218,7 @@ impl HostNet {
                 nft.apply(&nft::add_script(&missing))?;
                 report.added_elements += missing.len();
             } else {
-                self.add_machine(m)?;
+                self.add_machine_locked(m)?;
                 report.created_taps.push(m.tap.clone());
             }
         }
@@ -212,6 +228,7 @@ impl HostNet {
     /// Removes everything aloft made in this namespace: every `aloft-m*` tap, the service link
     /// and the `inet aloft` table (uninstall, and tests). Forwarding is left as it is.
     pub fn remove_all(&self) -> Result<(), NetError> {
+        let _guard = self.lock();
         let nft = self.nft();
         if nft.list_table()?.is_some() {
             nft.apply(&format!("delete table {}\n", nft::TABLE))?;
@@ -232,6 +249,11 @@ impl HostNet {
 
     /// The `aloft-m*` taps now present.
     pub fn taps(&self) -> Result<Vec<String>, NetError> {
+        let _guard = self.lock();
+        self.taps_locked()
+    }
+
+    fn taps_locked(&self) -> Result<Vec<String>, NetError> {
         Ok(self
             .netlink(|nl| nl.links())
             .map_err(|source| NetError::Configure {
@@ -259,6 +281,10 @@ impl HostNet {
             name: m.tap.clone(),
             source,
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn nft(&self) -> Nft {

@@ -44,6 +44,15 @@ pub enum NetError {
         /// The tap.
         name: String,
     },
+    /// Two expected machines share a tap.
+    #[error("two machines are given tap {name}: each needs its own slot")]
+    DuplicateTap {
+        /// The tap.
+        name: String,
+    },
+    /// A machine network that does not hang together.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     /// Creating the tap through `/dev/net/tun` failed.
     #[error("create tap {name} (needs root or CAP_NET_ADMIN and /dev/net/tun)")]
     CreateTap {

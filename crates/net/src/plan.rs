@@ -89,6 +89,16 @@ pub enum PlanError {
         /// The largest slot of the pool.
         max_slot: u32,
     },
+    /// A (persisted) machine network whose parts do not agree.
+    #[error(
+        "network of the machine in slot {slot} is inconsistent ({reason}): recompute it with Plan::machine"
+    )]
+    Inconsistent {
+        /// Its slot.
+        slot: u32,
+        /// What disagrees.
+        reason: &'static str,
+    },
     /// Persisted allocator state that does not fit this plan.
     #[error(
         "allocator state holds slot {slot} (owner {owner}) outside 1..={max_slot}: the ipv4 pool shrank; use the old pool or free those machines"
@@ -293,6 +303,25 @@ pub fn platform_prefix() -> IpNet {
     org_prefix(0)
 }
 
+/// Whether `addr` is inside `net` (same family, same leading `prefix_len` bits).
+pub fn contains(net: &IpNet, addr: IpAddr) -> bool {
+    match (net.addr, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = prefix_mask4(net.prefix_len);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = if net.prefix_len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(net.prefix_len.min(128)))
+            };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
 fn split(v: u32) -> [u16; 2] {
     let [a, b, c, d] = v.to_be_bytes();
     [u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d])]
@@ -340,6 +369,51 @@ pub struct MachineNet {
 }
 
 impl MachineNet {
+    /// Checks that the parts agree (the tap is the slot's, the 6PN address is in its `/112`, the
+    /// `/112` in the org's `/48`, the IPv4 pair one `/31`, …): a persisted value may be stale or
+    /// edited, and the host acts on it.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let bad = |reason| {
+            Err(PlanError::Inconsistent {
+                slot: self.slot,
+                reason,
+            })
+        };
+        if self.org == 0 {
+            return Err(PlanError::ReservedOrg);
+        }
+        if self.tap != format!("{TAP_PREFIX}{}", self.slot) || self.tap.len() > 15 {
+            return bad("tap name is not aloft-m<slot>");
+        }
+        if self.ip6_prefix.prefix_len != MACHINE_PREFIX_LEN || !contains(&self.ip6_prefix, self.ip6.into()) {
+            return bad("6PN address outside its /112");
+        }
+        if self.org_prefix != org_prefix(self.org) || !contains(&self.org_prefix, self.ip6_prefix.addr) {
+            return bad("the /112 is not in the organization's /48");
+        }
+        if self.gateway6 != GATEWAY6 {
+            return bad("IPv6 gateway is not fe80::1");
+        }
+        if u32::from(self.ip4) & !1 != u32::from(self.gateway4) || self.ip4 == self.gateway4 {
+            return bad("IPv4 address and gateway are not the two halves of one /31");
+        }
+        if !contains(&platform_prefix(), self.dns.into()) {
+            return bad("nameserver outside fdaa::/48");
+        }
+        if !(1280..=9000).contains(&self.mtu) {
+            return bad("mtu outside 1280 to 9000");
+        }
+        let octets: Vec<&str> = self.mac.split(':').collect();
+        if octets.len() != 6
+            || !octets
+                .iter()
+                .all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok())
+        {
+            return bad("mac is not six hex pairs");
+        }
+        Ok(())
+    }
+
     /// eth0's configuration for `aloft-init`: the 6PN address in its `/112`, the IPv4 in its `/31`,
     /// both gateways, the MTU.
     pub fn net_config(&self) -> NetConfig {
@@ -578,6 +652,51 @@ mod tests {
         c.mtu = 1500;
         c.ipv4_pool = "10.20.30.0/30".parse().unwrap();
         assert_eq!(Plan::new(&c).unwrap().max_slot(), 1);
+    }
+
+    #[test]
+    fn machine_nets_from_the_plan_validate_and_edited_ones_do_not() {
+        let p = plan(9);
+        let m = p.machine(3, 17).unwrap();
+        m.validate().unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: MachineNet = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
+        type Edit = fn(&mut MachineNet);
+        let edits: [(&str, Edit); 8] = [
+            ("tap", |m| m.tap = "eth0".into()),
+            ("6PN", |m| m.ip6 = "fdaa:0:3:0:9:0:18:2".parse().unwrap()),
+            ("/48", |m| m.org = 4),
+            ("/48", |m| m.org_prefix = org_prefix(4)),
+            ("fe80::1", |m| m.gateway6 = "fe80::2".parse().unwrap()),
+            ("/31", |m| m.gateway4 = Ipv4Addr::new(172, 19, 0, 1)),
+            ("mtu", |m| m.mtu = 100),
+            ("mac", |m| m.mac = "52:54:00:zz:00:01".into()),
+        ];
+        for (what, edit) in edits {
+            let mut bad = m.clone();
+            edit(&mut bad);
+            let e = bad.validate().unwrap_err();
+            assert!(e.to_string().contains(what), "{what}: {e}");
+        }
+        let mut zero = m.clone();
+        zero.org = 0;
+        assert_eq!(zero.validate().unwrap_err(), PlanError::ReservedOrg);
+    }
+
+    #[test]
+    fn prefix_containment() {
+        let n: IpNet = "fdaa:0:1::/48".parse().unwrap();
+        assert!(contains(&n, "fdaa:0:1:ffff::1".parse().unwrap()));
+        assert!(!contains(&n, "fdaa:0:2::1".parse().unwrap()));
+        assert!(!contains(&n, "10.0.0.1".parse().unwrap()));
+        let v4: IpNet = "172.19.0.0/16".parse().unwrap();
+        assert!(contains(&v4, "172.19.200.1".parse().unwrap()));
+        assert!(!contains(&v4, "172.20.0.1".parse().unwrap()));
+        assert!(contains(
+            &"0.0.0.0/0".parse().unwrap(),
+            "1.2.3.4".parse().unwrap()
+        ));
     }
 
     #[test]

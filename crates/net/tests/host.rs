@@ -321,6 +321,16 @@ mod tests {
         m.tap = "tap0".into();
         assert!(matches!(net.add_machine(&m), Err(NetError::NotAloftName { .. })));
         assert!(matches!(net.reconcile(&[m]), Err(NetError::NotAloftName { .. })));
+        // Persisted values that do not hang together, or two machines on one tap: refused before
+        // anything changes.
+        let mut edited = plan.machine(1, 2).unwrap();
+        edited.ip6 = "fdaa:0:9::2".parse().unwrap();
+        let e = net.add_machine(&edited).unwrap_err();
+        assert!(e.to_string().contains("inconsistent"), "{e}");
+        let ok = plan.machine(1, 2).unwrap();
+        let e = net.reconcile(&[ok.clone(), ok]).unwrap_err();
+        assert!(matches!(e, NetError::DuplicateTap { .. }), "{e}");
+        assert!(net.taps().unwrap().is_empty());
         assert!(links(&ns).contains(&"tap0".to_owned()));
         assert!(addrs(&ns, "tap0").contains(&"172.30.0.1/30".to_owned()));
         net.remove_all().unwrap();
