@@ -266,6 +266,21 @@ mod tests {
         let mut w = s.watch("/c", Some(Revision(4))).unwrap();
         assert_eq!(w.recv().unwrap().revision, Revision(4));
         assert_eq!(s.get("/c").unwrap().unwrap().value, [4]);
+        // Compacting never goes backwards, is clamped to the present, and survives a reopen.
+        s.compact(Revision(2)).unwrap();
+        s.compact(Revision(100)).unwrap();
+        drop((w, s));
+        let s = open(&dir);
+        assert!(matches!(
+            s.watch("/c", Some(Revision(5))),
+            Err(StoreError::Compacted {
+                compacted: Revision(6),
+                ..
+            })
+        ));
+        let mut w = s.watch("/c", Some(Revision(6))).unwrap();
+        s.put("/c", vec![5]).unwrap();
+        assert_eq!(w.recv().unwrap().revision, Revision(6));
     }
 
     #[test]

@@ -838,15 +838,22 @@ impl Store for SqliteStore {
     }
 
     fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        let conn = lock(&self.inner.writer);
-        let (current, compacted) = current_revision(&conn).map_err(self.inner.err("compact history"))?;
+        let mut conn = lock(&self.inner.writer);
+        let err = || self.inner.err("compact history");
+        // The log trim and the new lower bound commit together: a watch never gets a history
+        // with a silent hole.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err())?;
+        let (current, compacted) = current_revision(&tx).map_err(err())?;
         let target = revision.min(current.next());
         if target <= compacted {
             return Ok(());
         }
-        conn.execute("DELETE FROM changes WHERE revision < ?1", [target.0])
-            .and_then(|_| conn.execute("UPDATE meta SET compact_revision = ?1 WHERE id = 1", [target.0]))
-            .map_err(self.inner.err("compact history"))?;
+        tx.execute("DELETE FROM changes WHERE revision < ?1", [target.0])
+            .and_then(|_| tx.execute("UPDATE meta SET compact_revision = ?1 WHERE id = 1", [target.0]))
+            .and_then(|_| tx.commit())
+            .map_err(err())?;
         Ok(())
     }
 }
