@@ -215,6 +215,10 @@ impl Verb {
     /// `update` ends in `started` only from `started`; a machine that was not started stays
     /// stopped (Fly's rule). The caller applies `skip_launch` (ends `stopped`) itself. Verbs that
     /// change no state (`signal`, `exec`, `ps`, `cordon`, `uncordon`) end where they began.
+    /// Beyond the reference's table, a `failed` machine may be started, updated or destroyed
+    /// (it is persistent, and nothing else gets it out). A verb whose result is the current
+    /// state (`start` on `started`, `stop` on `stopped`) is refused here; a server that prefers
+    /// to answer such calls as no-ops checks for that before asking.
     pub fn transition(self, from: MachineState) -> Result<Transition, StateError> {
         use MachineState as S;
         let go = |via: Option<S>, to: S| Ok(Transition { via, to });
