@@ -210,19 +210,46 @@ impl HostNet {
         report.removed_elements = stray.len();
         for m in expected {
             if present.contains(&m.tap) {
-                self.configure_tap(m, true)?;
-                let missing: Vec<Elem> = nft::machine_elements(m)
-                    .into_iter()
-                    .filter(|e| !have_elems.contains(e))
-                    .collect();
-                nft.apply(&nft::add_script(&missing))?;
-                report.added_elements += missing.len();
+                report.added_elements += self.repair_locked(m, &have_elems)?;
             } else {
                 self.add_machine_locked(m)?;
                 report.created_taps.push(m.tap.clone());
             }
         }
         Ok(report)
+    }
+
+    /// Makes machine `m`'s network exist as planned: creates it when its tap is missing (returns
+    /// `true`), otherwise repairs the tap in place — addresses, route, elements — and removes
+    /// elements of that tap that belong to another machine (an older org, say). Idempotent.
+    pub fn ensure_machine(&self, m: &MachineNet) -> Result<bool, NetError> {
+        let _guard = self.lock();
+        check_tap_name(&m.tap)?;
+        m.validate()?;
+        if self.taps_locked()?.contains(&m.tap) {
+            let nft = self.nft();
+            let want = nft::machine_elements(m);
+            let have: BTreeSet<Elem> = nft.elements()?.into_iter().filter(|e| e.tap == m.tap).collect();
+            let stale: Vec<Elem> = have.iter().filter(|e| !want.contains(e)).cloned().collect();
+            nft.apply(&nft::delete_script(&stale))?;
+            self.repair_locked(m, &have)?;
+            Ok(false)
+        } else {
+            self.add_machine_locked(m)?;
+            Ok(true)
+        }
+    }
+
+    /// Re-adds what is missing on `m`'s existing tap; `have` holds the elements present. Returns
+    /// how many elements were added.
+    fn repair_locked(&self, m: &MachineNet, have: &BTreeSet<Elem>) -> Result<usize, NetError> {
+        self.configure_tap(m, true)?;
+        let missing: Vec<Elem> = nft::machine_elements(m)
+            .into_iter()
+            .filter(|e| !have.contains(e))
+            .collect();
+        self.nft().apply(&nft::add_script(&missing))?;
+        Ok(missing.len())
     }
 
     /// Removes everything aloft made in this namespace: every `aloft-m*` tap, the service link
@@ -451,6 +478,53 @@ mod tests {
             f
         }
 
+        /// A TCP SYN from `src` to `dst`:`dport` over IPv6.
+        fn syn6(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+            let mut tcp = [0u8; 20];
+            tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+            tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = 0x02;
+            tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+            // Checksum over the pseudo header (addresses, length, next header) and the segment.
+            let mut sum: u32 = 20 + 6;
+            for w in src
+                .octets()
+                .chunks(2)
+                .chain(dst.octets().chunks(2))
+                .chain(tcp.chunks(2))
+            {
+                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            tcp[16..18].copy_from_slice(&(!u16::try_from(sum).unwrap()).to_be_bytes());
+            let mut f = eth(dst_mac, src_mac, 0x86dd);
+            f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+            f.extend_from_slice(&src.octets());
+            f.extend_from_slice(&dst.octets());
+            f.extend_from_slice(&tcp);
+            f
+        }
+
+        /// The first IPv4 frame out of `tap` addressed to `dst`, within `wait`.
+        fn ipv4_to(tap: &mut File, dst: Ipv4Addr, wait: Duration) -> Option<Vec<u8>> {
+            let deadline = Instant::now() + wait;
+            let mut buf = [0u8; 2048];
+            while Instant::now() < deadline {
+                match tap.read(&mut buf) {
+                    Ok(n) if n >= 34 && buf[12..14] == [8, 0] && buf[30..34] == dst.octets() => {
+                        return Some(buf[..n].to_vec());
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            None
+        }
+
         fn drain(tap: &mut File) {
             let mut buf = [0u8; 2048];
             while tap.read(&mut buf).is_ok() {}
@@ -497,12 +571,28 @@ mod tests {
             for m in [&a, &b, &c] {
                 net.add_machine(m).unwrap();
             }
-            // tap0 (the fixture's, addressed 172.30.0.1/30) stands in for the uplink.
-            let o = Command::new("ip")
-                .args(["-n", &ns.name, "route", "add", "10.99.0.0/24", "dev", "tap0"])
-                .status()
-                .unwrap();
-            assert!(o.success());
+            // tap0 (the fixture's, addressed 172.30.0.1/30) stands in for the uplink: routes to an
+            // "internet" behind it, and a known neighbour there so forwarded packets go straight out.
+            for args in [
+                &["route", "add", "10.99.0.0/24", "dev", "tap0"][..],
+                &["-6", "route", "add", "2001:db8::/64", "dev", "tap0"],
+                &[
+                    "neigh",
+                    "add",
+                    "10.99.0.5",
+                    "lladdr",
+                    "02:00:00:00:00:99",
+                    "dev",
+                    "tap0",
+                ],
+            ] {
+                let o = Command::new("ip")
+                    .args(["-n", &ns.name])
+                    .args(args)
+                    .status()
+                    .unwrap();
+                assert!(o.success(), "{args:?}");
+            }
             let names = ["aloft-m1", "aloft-m2", "aloft-m3", "tap0"];
             let mut taps: Vec<File> = Namespace::Path(ns.path())
                 .run(|| names.iter().map(|n| crate::tap::attach(n).unwrap()).collect())
@@ -520,6 +610,14 @@ mod tests {
             let gw_c = host_mac(&ns, &c.tap);
             let quiet = Duration::from_millis(700);
 
+            // A guest reaches the host for DNS only: a SYN to another port gets no answer (the host
+            // would look the guest up to send its RST).
+            let dns = plan.dns();
+            tc.write_all(&syn6(gw_c, c_mac, c.ip6, dns, 22)).unwrap();
+            assert!(
+                !seen(tc, &octets(c.ip6.into()), quiet),
+                "a guest reached a host port"
+            );
             // Org 1 → org 2: dropped.
             ta.write_all(&frame6(gw_a, a_mac, a.ip6, c.ip6)).unwrap();
             assert!(!seen(tc, &octets(c.ip6.into()), quiet), "org 1 reached org 2");
@@ -543,13 +641,17 @@ mod tests {
                 seen(tb, &octets(b.ip6.into()), Duration::from_secs(3)),
                 "same org blocked"
             );
-            // IPv4 egress: forwarded to the uplink (the host ARPs for the destination there).
+            // DNS on the host: answered (no server here: a RST, after looking the guest up).
+            tc.write_all(&syn6(gw_c, c_mac, c.ip6, dns, 53)).unwrap();
+            assert!(
+                seen(tc, &octets(c.ip6.into()), Duration::from_secs(3)),
+                "dns on the host is unreachable"
+            );
+            // IPv4 egress: forwarded to the uplink, masqueraded behind its address.
             let dest = Ipv4Addr::new(10, 99, 0, 5);
             ta.write_all(&frame4(gw_a, a_mac, a.ip4, dest)).unwrap();
-            assert!(
-                seen(uplink, &dest.octets(), Duration::from_secs(3)),
-                "no ipv4 egress"
-            );
+            let out = ipv4_to(uplink, dest, Duration::from_secs(3)).expect("no ipv4 egress");
+            assert_eq!(out[26..30], [172, 30, 0, 1], "source not masqueraded: {out:?}");
             drop(taps);
             net.remove_all().unwrap();
         }

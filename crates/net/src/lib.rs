@@ -7,6 +7,8 @@
 //!   service link holding the internal DNS address, forwarding, and aloft's nftables table
 //!   `inet aloft` (organization isolation, anti-spoofing, IPv4 egress masquerade); teardown and
 //!   `reconcile` after a crash. See `docs/adr/0007-host-networking.md`.
+//! - [`HostNetworks`]: machine id → network for the agent (attach, detach, reconcile), its
+//!   [`NetState`] saved to a file before the host is changed.
 //!
 //! It touches only interfaces named `aloft-m<slot>` and `aloft-svc` and the table `inet aloft`.
 //!
@@ -22,11 +24,13 @@ mod host;
 mod nft;
 mod ns;
 pub mod plan;
+mod registry;
 mod tap;
 
 pub use host::{HostNet, ReconcileReport, SERVICE_LINK, is_tap_name};
 pub use ns::Namespace;
 pub use plan::{MachineNet, Plan, PlanConfig, PlanError, SlotAllocator, SlotState};
+pub use registry::{HostNetworks, NetState};
 
 /// A failed host networking operation. Messages name the interface or command; the source says
 /// why.
@@ -43,6 +47,35 @@ pub enum NetError {
     TapExists {
         /// The tap.
         name: String,
+    },
+    /// The machine's network is in another organization.
+    #[error("machine {machine} has its network in org {has}, not {asked}: detach it first")]
+    OrgMismatch {
+        /// The machine.
+        machine: String,
+        /// Its org.
+        has: u32,
+        /// The org asked for.
+        asked: u32,
+    },
+    /// Saving or reading the network state file failed.
+    #[error("network state {path}")]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The network state file is not valid.
+    #[error(
+        "network state {path} is not valid ({reason}): restore it from a backup, or remove it and run reconcile (machines lose their networks)"
+    )]
+    StateParse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// Two expected machines share a tap.
     #[error("two machines are given tap {name}: each needs its own slot")]

@@ -6,7 +6,7 @@
 mod tests {
     use std::process::Command;
 
-    use aloft_net::{HostNet, MachineNet, Namespace, NetError, Plan, PlanConfig};
+    use aloft_net::{HostNet, HostNetworks, MachineNet, Namespace, NetError, Plan, PlanConfig};
     use aloft_testkit::NetNs;
     use serde_json::Value;
 
@@ -335,5 +335,105 @@ mod tests {
         assert!(addrs(&ns, "tap0").contains(&"172.30.0.1/30".to_owned()));
         net.remove_all().unwrap();
         assert!(links(&ns).contains(&"tap0".to_owned()));
+    }
+
+    #[test]
+    fn host_networks_attach_detach_persist_and_repair() {
+        if !is_root() {
+            return;
+        }
+        let (ns, plan, net) = setup(5);
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("net.json");
+        let nets = HostNetworks::open(net.clone(), &state).unwrap();
+        let a = nets.attach("m-a", 1).unwrap();
+        assert_eq!(nets.attach("m-a", 1).unwrap(), a, "idempotent");
+        let b = nets.attach("m-b", 2).unwrap();
+        assert_ne!(a.slot, b.slot);
+        assert_eq!(a, plan.machine(1, a.slot).unwrap());
+        assert!(matches!(nets.attach("m-a", 2), Err(NetError::OrgMismatch { .. })));
+        assert_eq!(nets.attached(), ["m-a", "m-b"]);
+        assert_eq!(elements_of(&ns, &a).len(), 4);
+
+        // A crash left m-a's tap half configured: attach repairs it in place.
+        out(Command::new("ip").args(["-n", &ns.name, "addr", "flush", "dev", &a.tap]));
+        nft(
+            &ns,
+            &[
+                "delete",
+                "element",
+                "inet",
+                "aloft",
+                "reach6",
+                &format!("{{ \"{}\" . {} }}", a.tap, a.org_prefix),
+            ],
+        );
+        assert_eq!(nets.attach("m-a", 1).unwrap(), a);
+        assert!(addrs(&ns, &a.tap).contains(&format!("{}/31", a.gateway4)));
+        assert_eq!(elements_of(&ns, &a).len(), 4);
+
+        // A new process reads the same state; detach frees the slot and removes the tap.
+        drop(nets);
+        let nets = HostNetworks::open(net.clone(), &state).unwrap();
+        assert_eq!(nets.get("m-b"), Some(b.clone()));
+        nets.detach("m-b").unwrap();
+        nets.detach("m-b").unwrap();
+        assert!(!links(&ns).contains(&b.tap));
+        assert!(elements_of(&ns, &b).is_empty());
+        assert!(!nets.state().slots.used.contains_key(&b.slot));
+
+        // Reconcile from the state file: the tap deleted behind its back comes back, strays go.
+        out(Command::new("ip").args(["-n", &ns.name, "link", "del", &a.tap]));
+        out(Command::new("ip").args(["-n", &ns.name, "tuntap", "add", "dev", "aloft-m42", "mode", "tap"]));
+        let r = nets.reconcile().unwrap();
+        assert_eq!(r.created_taps, vec![a.tap.clone()]);
+        assert_eq!(r.removed_taps, ["aloft-m42"]);
+        assert_eq!(net.taps().unwrap(), vec![a.tap.clone()]);
+    }
+
+    #[test]
+    fn host_networks_leave_nothing_when_the_pool_is_exhausted_or_creation_fails() {
+        if !is_root() {
+            return;
+        }
+        let ns = NetNs::new().unwrap();
+        let mut config = PlanConfig::new(6);
+        config.ipv4_pool = "10.77.0.0/30".parse().unwrap();
+        let plan = Plan::new(&config).unwrap();
+        let net = HostNet::new(plan.clone()).with_namespace(Namespace::Path(ns.path()));
+        net.setup().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let nets = HostNetworks::open(net.clone(), dir.path().join("net.json")).unwrap();
+        // Someone else's route to the only slot's prefix: creation fails and is rolled back.
+        let only = plan.machine(1, 1).unwrap();
+        out(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "-6",
+            "route",
+            "add",
+            &only.ip6_prefix.to_string(),
+            "dev",
+            "tap0",
+        ]));
+        assert!(matches!(nets.attach("m1", 1), Err(NetError::Configure { .. })));
+        assert!(nets.attached().is_empty());
+        assert!(nets.state().slots.used.is_empty());
+        assert!(net.taps().unwrap().is_empty());
+        out(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "-6",
+            "route",
+            "del",
+            &only.ip6_prefix.to_string(),
+            "dev",
+            "tap0",
+        ]));
+        nets.attach("m1", 1).unwrap();
+        let e = nets.attach("m2", 1).unwrap_err();
+        assert!(e.to_string().contains("no free network slot"), "{e}");
+        assert_eq!(nets.attached(), ["m1"]);
+        assert_eq!(net.taps().unwrap(), ["aloft-m1"]);
     }
 }
