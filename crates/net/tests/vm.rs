@@ -10,7 +10,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use aloft_guest_proto::{ExecRequest, RootConfig, RunConfig};
-    use aloft_net::{HostNet, MachineNet, Namespace, Plan, PlanConfig};
+    use aloft_net::{HostNet, HostNetworks, MachineNet, Namespace, Plan, PlanConfig};
     use aloft_testkit::NetNs;
     use aloft_vm::{AccelChoice, DiskSpec, NetSpec, Vm, VmSpec};
 
@@ -124,17 +124,17 @@ mod tests {
     fn guests_reach_their_org_and_not_another() {
         let ns = NetNs::new().unwrap();
         let plan = Plan::new(&PlanConfig::new(1)).unwrap();
-        let net = HostNet::new(plan.clone())
+        let net = HostNet::new(plan)
             .with_namespace(Namespace::Path(ns.path()))
             .with_tap_owner("aloft-vm")
             .unwrap();
-        net.setup().unwrap();
-        let server = plan.machine(1, 1).unwrap();
-        let friend = plan.machine(1, 2).unwrap();
-        let stranger = plan.machine(2, 3).unwrap();
-        for m in [&server, &friend, &stranger] {
-            net.add_machine(m).unwrap();
-        }
+        // As the agent does: machine id → network, state in a file, reconcile at start.
+        let dir = tempfile::tempdir().unwrap();
+        let nets = HostNetworks::open(net.clone(), dir.path().join("net.json")).unwrap();
+        assert!(nets.reconcile().unwrap().is_clean());
+        let server = nets.attach("server", 1).unwrap();
+        let friend = nets.attach("friend", 1).unwrap();
+        let stranger = nets.attach("stranger", 2).unwrap();
 
         let srv = Guest::start(
             &ns,
@@ -184,7 +184,11 @@ mod tests {
         assert_eq!(code, Some(0), "stranger's own network: {out}");
 
         drop((srv, friend_vm, stranger_vm));
-        net.remove_all().unwrap();
+        for id in ["server", "friend", "stranger"] {
+            nets.detach(id).unwrap();
+        }
         assert!(net.taps().unwrap().is_empty());
+        assert!(nets.attached().is_empty());
+        net.remove_all().unwrap();
     }
 }
