@@ -25,8 +25,12 @@ pub enum ErrorStatus {
     /// Any error but a capacity one.
     #[default]
     Unknown,
-    /// No host has room for the machine.
+    /// No host in the region has room for the machine.
     InsufficientCapacity,
+    /// The host holding the machine's volume has no room (fly-go suggests forking the volume).
+    VolumePlacementCapacity,
+    /// An app name is taken (app names are global).
+    NameTaken,
 }
 
 /// An API error: an HTTP status code and the body that goes with it.
@@ -71,6 +75,18 @@ impl ApiError {
         Self::new(404, format!("{what} not found"))
     }
 
+    /// 404 for an unknown app, worded exactly `app not found`: fly-go's app-name probe compares
+    /// the text.
+    pub fn app_not_found() -> Self {
+        Self::new(404, "app not found")
+    }
+
+    /// 403 for an app that exists in an organization the caller cannot see, worded exactly
+    /// `unauthorized`: fly-go's app-name probe reads it as "taken".
+    pub fn app_in_other_org() -> Self {
+        Self::forbidden("unauthorized")
+    }
+
     /// 408: a `wait` that timed out (clients read it as "not yet").
     pub fn request_timeout(message: impl Into<String>) -> Self {
         Self::new(408, message)
@@ -97,6 +113,16 @@ impl ApiError {
     /// 422: a request that parses but cannot be carried out (e.g. an app name already taken).
     pub fn unprocessable(message: impl Into<String>) -> Self {
         Self::new(422, message)
+    }
+
+    /// 422 with `status: name_taken` for an app name in use; the text keeps the legacy phrase
+    /// `Name has already been taken` that older clients match.
+    pub fn name_taken(name: &str) -> Self {
+        let mut e = Self::unprocessable(format!(
+            "Name has already been taken: app {name:?} exists; app names are unique across the platform, pick another"
+        ));
+        e.body.status = ErrorStatus::NameTaken;
+        e
     }
 
     /// 422 with `status: insufficient_capacity`: no host has room.
@@ -160,6 +186,9 @@ mod tests {
             (ApiError::unprocessable("x"), 422),
             (ApiError::insufficient_capacity("x"), 422),
             (ApiError::internal(), 500),
+            (ApiError::app_not_found(), 404),
+            (ApiError::app_in_other_org(), 403),
+            (ApiError::name_taken("web"), 422),
         ];
         for (e, code) in cases {
             assert_eq!(e.status(), code, "{e}");
@@ -173,6 +202,21 @@ mod tests {
                 .message()
                 .contains("lease currently held by alice")
         );
+    }
+
+    #[test]
+    fn texts_fly_go_matches_on_are_exact() {
+        assert_eq!(ApiError::app_not_found().message(), "app not found");
+        assert_eq!(ApiError::app_in_other_org().message(), "unauthorized");
+        let taken = ApiError::name_taken("web");
+        assert!(taken.message().contains("Name has already been taken"));
+        assert_eq!(
+            serde_json::to_value(taken.body()).unwrap()["status"],
+            json!("name_taken")
+        );
+        let vol: ErrorResponse =
+            serde_json::from_value(json!({"error": "x", "status": "volume_placement_capacity"})).unwrap();
+        assert_eq!(vol.status, ErrorStatus::VolumePlacementCapacity);
     }
 
     #[test]

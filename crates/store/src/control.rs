@@ -109,11 +109,11 @@ pub enum ControlError {
 }
 
 impl ControlError {
-    /// The API error a handler answers with: 422 for taken names, 409 for leases and
+    /// The API error a handler answers with: 422 `name_taken` for app names, 409 for leases and
     /// concurrent changes, 404 for a missing lease, 500 (safe message) for the rest.
     pub fn to_api(&self) -> ApiError {
         match self {
-            Self::AppExists { .. } => ApiError::unprocessable(self.to_string()),
+            Self::AppExists { name } => ApiError::name_taken(name),
             Self::MachineExists { .. } | Self::TokenExists { .. } => ApiError::conflict(self.to_string()),
             Self::LeaseHeld { owner, expires_at } => ApiError::lease_held(owner, *expires_at),
             Self::LeaseNotFound { id } => ApiError::not_found(format!("lease on machine {id}")),

@@ -59,6 +59,7 @@ mod tests {
         let dup = c.create_app(&app("web")).unwrap_err();
         assert!(matches!(dup, ControlError::AppExists { .. }));
         assert_eq!(dup.to_api().status(), 422);
+        assert_eq!(dup.to_api().body().status, aloft_api::ErrorStatus::NameTaken);
         let names: Vec<_> = c.list_apps().unwrap().into_iter().map(|a| a.value.name).collect();
         assert_eq!(names, ["web", "webby"]);
 
