@@ -1,6 +1,7 @@
 //! `aloft-netlink`: a small synchronous rtnetlink client over a raw `AF_NETLINK`/`NETLINK_ROUTE`
-//! socket — look up and list links, create simple links (dummy, bridge), set them up/down, set
-//! their MTU, add addresses, default routes and prefix routes, delete a link.
+//! socket — look up and list links, create simple links (dummy, bridge) and veth pairs, move a
+//! link into another network namespace, set links up/down, set their MTU, add addresses, default
+//! routes and prefix routes, delete a link.
 //!
 //! Used in the guest by `aloft-init` (a static, single-threaded PID 1) and on the host by the
 //! networking code. Blocking calls on the caller's thread; no async runtime, no netlink crates, no
@@ -19,6 +20,7 @@ mod sock;
 
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 
 use msg::Reply;
 
@@ -109,6 +111,15 @@ pub enum NetlinkError {
         /// Link kind (`dummy`, `bridge`).
         kind: String,
         /// The OS error (`EEXIST` when the name is taken).
+        #[source]
+        source: io::Error,
+    },
+    /// Moving a link into another network namespace failed.
+    #[error("move link {name} into another network namespace")]
+    MoveLink {
+        /// Interface name.
+        name: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
@@ -280,6 +291,36 @@ impl Netlink {
                 kind: kind.to_owned(),
                 source,
             })
+    }
+
+    /// Creates the veth pair `name` ↔ `peer`, both down, in this namespace.
+    pub fn create_veth(&mut self, name: &str, peer: &str) -> Result<(), NetlinkError> {
+        Self::check_name(name)?;
+        Self::check_name(peer)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::new_veth(seq, name, peer))
+            .map(drop)
+            .map_err(|source| NetlinkError::CreateLink {
+                name: name.to_owned(),
+                kind: "veth".to_owned(),
+                source,
+            })
+    }
+
+    /// Moves link `name` into the network namespace `ns` (an open `/run/netns/NAME` or
+    /// `/proc/PID/ns/net`). It arrives there down, without addresses.
+    pub fn move_to_netns(&mut self, name: &str, ns: impl AsFd) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let move_err = |source| NetlinkError::MoveLink {
+            name: name.to_owned(),
+            source,
+        };
+        let fd = u32::try_from(ns.as_fd().as_raw_fd())
+            .map_err(|_| move_err(io::Error::from_raw_os_error(libc::EBADF)))?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::set_link_netns(seq, index, fd))
+            .map(drop)
+            .map_err(move_err)
     }
 
     /// Adds a route to `dst/prefix_len` out of `name`: via `gateway`, or on the link without one.

@@ -27,7 +27,10 @@ const NLM_F_CREATE: u16 = 0x400;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_FD: u16 = 28;
 const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
 /// Flag for attributes that contain attributes.
 const NLA_F_NESTED: u16 = 0x8000;
 
@@ -163,6 +166,30 @@ pub fn new_link(seq: u32, name: &str, kind: &str) -> Vec<u8> {
         .nested(IFLA_LINKINFO, |b| {
             b.attr(IFLA_INFO_KIND, &kind_z);
         })
+        .finish()
+}
+
+/// `RTM_NEWLINK` creating a veth pair: `name` here and its peer `peer` (both in this namespace).
+pub fn new_veth(seq: u32, name: &str, peer: &str) -> Vec<u8> {
+    Builder::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, seq)
+        .bytes(&ifinfomsg(0, 0, 0))
+        .attr(IFLA_IFNAME, &name_attr(name))
+        .nested(IFLA_LINKINFO, |b| {
+            b.attr(IFLA_INFO_KIND, b"veth\0").nested(IFLA_INFO_DATA, |b| {
+                // The peer is a whole link description: an ifinfomsg, then its attributes.
+                b.nested(VETH_INFO_PEER, |b| {
+                    b.bytes(&ifinfomsg(0, 0, 0)).attr(IFLA_IFNAME, &name_attr(peer));
+                });
+            });
+        })
+        .finish()
+}
+
+/// `RTM_NEWLINK` moving link `index` into the network namespace open as descriptor `ns_fd`.
+pub fn set_link_netns(seq: u32, index: i32, ns_fd: u32) -> Vec<u8> {
+    Builder::new(RTM_NEWLINK, 0, seq)
+        .bytes(&ifinfomsg(index, 0, 0))
+        .attr(IFLA_NET_NS_FD, &ns_fd.to_ne_bytes())
         .finish()
 }
 
@@ -461,6 +488,27 @@ mod tests {
         assert_eq!(a[1].0, IFLA_LINKINFO | NLA_F_NESTED);
         assert_eq!(attrs(&a[1].1, 0), vec![(IFLA_INFO_KIND, b"dummy\0".to_vec())]);
         assert_eq!(u32_at(&n, 0) as usize, n.len());
+    }
+
+    #[test]
+    fn veth_peer_and_netns_move() {
+        let m = new_veth(2, "ve0", "ve1");
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        let top = attrs(&m, 32);
+        assert_eq!(top[0], (IFLA_IFNAME, b"ve0\0".to_vec()));
+        let info = attrs(&top[1].1, 0);
+        assert_eq!(info[0], (IFLA_INFO_KIND, b"veth\0".to_vec()));
+        assert_eq!(info[1].0, IFLA_INFO_DATA | NLA_F_NESTED);
+        let data = attrs(&info[1].1, 0);
+        assert_eq!(data[0].0, VETH_INFO_PEER | NLA_F_NESTED);
+        let peer = &data[0].1;
+        assert_eq!(peer[..16], ifinfomsg(0, 0, 0));
+        assert_eq!(attrs(peer, 16), vec![(IFLA_IFNAME, b"ve1\0".to_vec())]);
+
+        let n = set_link_netns(3, 9, 5);
+        assert_eq!(u16_at(&n, 6), NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(u32_at(&n, 20), 9);
+        assert_eq!(attrs(&n, 32), vec![(IFLA_NET_NS_FD, 5u32.to_ne_bytes().to_vec())]);
     }
 
     #[test]

@@ -116,4 +116,51 @@ mod tests {
             assert_eq!(nl.links().unwrap().len(), 1, "only lo is left");
         });
     }
+
+    #[test]
+    fn veth_pair_and_a_move_into_another_namespace() {
+        in_fresh_netns(|| {
+            // A second namespace, held open by its descriptor.
+            let other = std::thread::spawn(|| {
+                // SAFETY: as in_fresh_netns: this short-lived thread alone enters the namespace.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0);
+                std::fs::File::open("/proc/thread-self/ns/net").unwrap()
+            })
+            .join()
+            .unwrap();
+            let mut nl = Netlink::open().unwrap();
+            nl.create_veth("ve0", "ve1").unwrap();
+            let names: Vec<String> = nl.links().unwrap().into_iter().map(|l| l.name).collect();
+            assert!(
+                names.contains(&"ve0".into()) && names.contains(&"ve1".into()),
+                "{names:?}"
+            );
+            let dup = nl.create_veth("ve0", "ve9").unwrap_err();
+            assert_eq!(dup.to_string(), "create veth link ve0");
+
+            nl.move_to_netns("ve1", &other).unwrap();
+            assert_eq!(nl.find_link("ve1").unwrap(), None);
+            assert!(nl.find_link("ve0").unwrap().is_some());
+            let there = std::thread::spawn(move || {
+                // SAFETY: setns on an open namespace descriptor, in a thread that ends right after.
+                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&other), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0);
+                let mut nl = Netlink::open().unwrap();
+                nl.links()
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| l.name)
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap();
+            assert!(there.contains(&"ve1".into()), "{there:?}");
+            let e = nl
+                .move_to_netns("nosuch", std::fs::File::open("/proc/self/ns/net").unwrap())
+                .unwrap_err();
+            assert_eq!(e.to_string(), "look up interface nosuch");
+            nl.delete_link("ve0").unwrap();
+        });
+    }
 }
