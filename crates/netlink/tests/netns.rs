@@ -142,6 +142,7 @@ mod tests {
             nl.move_to_netns("ve1", &other).unwrap();
             assert_eq!(nl.find_link("ve1").unwrap(), None);
             assert!(nl.find_link("ve0").unwrap().is_some());
+            let other_again = other.try_clone().unwrap();
             let there = std::thread::spawn(move || {
                 // SAFETY: setns on an open namespace descriptor, in a thread that ends right after.
                 let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&other), libc::CLONE_NEWNET) };
@@ -156,9 +157,7 @@ mod tests {
             .join()
             .unwrap();
             assert!(there.contains(&"ve1".into()), "{there:?}");
-            let e = nl
-                .move_to_netns("nosuch", std::fs::File::open("/proc/self/ns/net").unwrap())
-                .unwrap_err();
+            let e = nl.move_to_netns("nosuch", &other_again).unwrap_err();
             assert_eq!(e.to_string(), "look up interface nosuch");
             nl.delete_link("ve0").unwrap();
         });
