@@ -1,0 +1,250 @@
+//! `aloftd`, the aloft daemon: one binary whose roles (control API now; agent and edge later)
+//! run together on a host.
+//!
+//! With no flags it is the embedded single-host setup: state in SQLite under `/var/lib/aloft`,
+//! the Fly-compatible API on `127.0.0.1:4280`, region `local`. The first start mints an admin
+//! token for organization `personal`, prints it once and writes the `aloft` CLI's config
+//! (`$XDG_CONFIG_HOME/aloft/config.toml`, else `~/.config/aloft/config.toml`, mode 0600) so the
+//! CLI works at once. SIGTERM or SIGINT stops it gracefully: no new connections, in-flight
+//! requests finish (up to `--shutdown-timeout`), then the store is closed.
+//!
+//! This crate only wires roles together: the API lives in `aloft-control`, state in
+//! `aloft-store`. Anything with logic of its own belongs in one of those crates, not here.
+//! Threading: a multi-threaded tokio runtime; blocking store calls use its blocking pool.
+
+mod cli_config;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_control::{ApiConfig, ApiState, NewToken};
+use aloft_store::{ControlStore, SqliteStore, Store};
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The organization the first admin token acts for.
+const BOOTSTRAP_ORG: &str = "personal";
+
+/// The aloft daemon: the Fly-compatible Machines API and (later) this host's machines.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where aloftd keeps its state (the control store `control.db`, …).
+    #[arg(
+        long,
+        env = "ALOFT_DATA_DIR",
+        default_value = "/var/lib/aloft",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+    /// Address the API listens on (port 0 picks a free one).
+    #[arg(
+        long,
+        env = "ALOFT_LISTEN",
+        default_value = "127.0.0.1:4280",
+        value_name = "ADDR:PORT"
+    )]
+    listen: SocketAddr,
+    /// This host's region (a label: lowercase letters, digits, hyphens).
+    #[arg(long, env = "ALOFT_REGION", default_value = "local")]
+    region: String,
+    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    shutdown_timeout: u64,
+    /// Don't write one line per request to stderr.
+    #[arg(long)]
+    no_access_log: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aloftd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_region(region: &str) -> anyhow::Result<()> {
+    let ok = (1..=63).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        bail!(
+            "invalid --region {region:?}: use 1 to 63 lowercase letters, digits and hyphens (e.g. \"local\", \"ams\")"
+        );
+    }
+    Ok(())
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| {
+            format!(
+                "create the data directory {}; run as a user who may, or pick another with --data-dir",
+                dir.display()
+            )
+        })
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    check_region(&args.region)?;
+    create_data_dir(&args.data_dir)?;
+    let db = args.data_dir.join("control.db");
+    let store = SqliteStore::open(&db).with_context(|| format!("open the control store {}", db.display()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("aloftd")
+        .build()
+        .context("start the tokio runtime")?;
+    let result = runtime.block_on(serve(args, Arc::clone(&store)));
+    // Blocking store calls of requests cut off by the shutdown deadline get a moment to end.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    // The last handle: SQLite checkpoints and closes, the store's lock file is released.
+    drop(store);
+    result?;
+    eprintln!("aloftd: stopped");
+    Ok(())
+}
+
+/// On the first start (no token in the store): mints the admin token, writes the CLI's config
+/// and prints the token. Later starts change nothing.
+fn bootstrap(control: &ControlStore, api_url: &str) -> anyhow::Result<()> {
+    if !control.list_tokens().context("read the tokens")?.is_empty() {
+        return Ok(());
+    }
+    let new = NewToken::generate(BOOTSTRAP_ORG, "admin")?;
+    // The config first: a crash before the record is stored leaves a token that does not work
+    // yet, and the next start mints another and overwrites it.
+    let written = cli_config::path().and_then(|path| {
+        cli_config::write(&path, api_url, &new.token)?;
+        Ok(path)
+    });
+    control
+        .create_token(&new.record)
+        .context("store the admin token")?;
+    println!(
+        "aloftd: created an admin token for organization {BOOTSTRAP_ORG:?}. It is shown only this once:\n\n    {}\n",
+        new.token
+    );
+    match written {
+        Ok(path) => println!(
+            "aloftd: wrote it with the API URL {api_url} to {}; the aloft CLI uses it from there",
+            path.display()
+        ),
+        Err(e) => eprintln!(
+            "aloftd: warning: could not write the aloft CLI's config ({e:#}); \
+             set ALOFT_API_URL={api_url} and ALOFT_API_TOKEN to the token above instead"
+        ),
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT, with the signal's name.
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn serve(args: &Args, store: Arc<dyn Store>) -> anyhow::Result<()> {
+    let stop = stop_signal();
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "listen on {}; is another aloftd running? Pick another address with --listen",
+            args.listen
+        )
+    })?;
+    let addr = listener.local_addr().context("read the listening address")?;
+    let api_url = format!("http://{addr}");
+    let control = ControlStore::new(Arc::clone(&store));
+    let url = api_url.clone();
+    tokio::task::spawn_blocking(move || bootstrap(&control, &url))
+        .await
+        .context("first-start setup did not finish")??;
+    let state = ApiState::new(
+        store,
+        ApiConfig {
+            region: args.region.clone(),
+            access_log: !args.no_access_log,
+        },
+    );
+    eprintln!(
+        "aloftd: listening on {api_url} (region {}, data {})",
+        args.region,
+        args.data_dir.display()
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        axum::serve(listener, aloft_control::router(state))
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        signal = stop => {
+            eprintln!("aloftd: {}: stopping; finishing requests in flight", signal?);
+        }
+        ended = &mut server => {
+            ended.context("the API server task failed")?.context("serve the API")?;
+            bail!("the API server stopped by itself");
+        }
+    }
+    let _ = stop_tx.send(());
+    let deadline = Duration::from_secs(args.shutdown_timeout);
+    match tokio::time::timeout(deadline, &mut server).await {
+        Ok(ended) => ended
+            .context("the API server task failed")?
+            .context("serve the API")?,
+        Err(_) => {
+            server.abort();
+            eprintln!(
+                "aloftd: requests still running after {}s were cut off",
+                args.shutdown_timeout
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_labels() {
+        for ok in ["local", "ams", "eu-west-1"] {
+            check_region(ok).unwrap();
+        }
+        for bad in ["", "AMS", "a b", "x/y", &"a".repeat(64)] {
+            assert!(check_region(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_setup() {
+        let args = Args::try_parse_from(["aloftd"]).unwrap();
+        assert_eq!(args.listen, "127.0.0.1:4280".parse().unwrap());
+        assert_eq!(args.region, "local");
+        if std::env::var_os("ALOFT_DATA_DIR").is_none() {
+            assert_eq!(args.data_dir, Path::new("/var/lib/aloft"));
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The real `aloftd` binary on a free port with a temporary data directory and CLI config
+//! directory: the first start writes the CLI's config, apps are created, listed and deleted over
+//! HTTP with that token, SIGTERM stops it with exit code 0 within a second, and a restart keeps
+//! both the token and the apps.
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use reqwest::StatusCode;
+    use rustix::process::{Pid, Signal, kill_process};
+    use serde_json::{Value, json};
+
+    /// A running aloftd and what it printed so far.
+    struct Daemon {
+        child: Child,
+        stdout: Arc<Mutex<String>>,
+        stderr: Arc<Mutex<String>>,
+        readers: Vec<JoinHandle<()>>,
+    }
+
+    fn drain(mut from: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    }
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        data: PathBuf,
+        config_home: PathBuf,
+        home: PathBuf,
+    }
+
+    impl Env {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (data, config_home, home) = (
+                dir.path().join("data"),
+                dir.path().join("config"),
+                dir.path().join("home"),
+            );
+            std::fs::create_dir(&home).unwrap();
+            Self {
+                _dir: dir,
+                data,
+                config_home,
+                home,
+            }
+        }
+
+        fn config_path(&self) -> PathBuf {
+            self.config_home.join("aloft").join("config.toml")
+        }
+
+        /// Starts aloftd on `port`, pointed only at this test's directories.
+        fn start(&self, port: u16) -> Daemon {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
+                .arg("--data-dir")
+                .arg(&self.data)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .env("XDG_CONFIG_HOME", &self.config_home)
+                .env("HOME", &self.home)
+                .env_remove("ALOFT_DATA_DIR")
+                .env_remove("ALOFT_LISTEN")
+                .env_remove("ALOFT_REGION")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdout = Arc::new(Mutex::new(String::new()));
+            let stderr = Arc::new(Mutex::new(String::new()));
+            let readers = vec![
+                drain(child.stdout.take().unwrap(), stdout.clone()),
+                drain(child.stderr.take().unwrap(), stderr.clone()),
+            ];
+            Daemon {
+                child,
+                stdout,
+                stderr,
+                readers,
+            }
+        }
+    }
+
+    impl Daemon {
+        /// Waits until it says it is listening (after the first-start setup) and the port answers.
+        fn wait_ready(&mut self, port: u16) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if self.stderr().contains("aloftd: listening on")
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                {
+                    return;
+                }
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    panic!("aloftd exited with {status} before listening:\n{}", self.stderr());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "aloftd did not listen in time:\n{}",
+                    self.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// Waits for it to exit, at most `limit`; returns its status and how long that took.
+        fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+            let start = Instant::now();
+            while start.elapsed() < limit {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return Some((status, start.elapsed()));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        }
+
+        fn terminate(&self) {
+            let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
+            kill_process(pid, Signal::TERM).unwrap();
+        }
+
+        fn finish(mut self) -> (String, String) {
+            for r in self.readers.drain(..) {
+                r.join().unwrap();
+            }
+            (self.stdout(), self.stderr())
+        }
+
+        fn stdout(&self) -> String {
+            self.stdout.lock().unwrap().clone()
+        }
+
+        fn stderr(&self) -> String {
+            self.stderr.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            // Only the child this test started, and only if a failed assertion left it running.
+            if self.child.try_wait().ok().flatten().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn read_config(path: &Path) -> (String, String) {
+        let table: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+        (
+            table["api_url"].as_str().unwrap().to_owned(),
+            table["token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// An HTTP client for one aloftd, with or without a token.
+    struct Client {
+        http: reqwest::Client,
+        base: String,
+        token: Option<String>,
+    }
+
+    impl Client {
+        fn new(base: &str, token: Option<&str>) -> Self {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Self {
+                http: reqwest::Client::builder().no_proxy().build().unwrap(),
+                base: base.to_owned(),
+                token: token.map(str::to_owned),
+            }
+        }
+
+        async fn call(
+            &self,
+            method: reqwest::Method,
+            path: &str,
+            body: Option<Value>,
+        ) -> (StatusCode, Value) {
+            let mut req = self.http.request(method, format!("{}{path}", self.base));
+            if let Some(token) = &self.token {
+                req = req.header("authorization", format!("Bearer {token}"));
+            }
+            if let Some(body) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&body).unwrap());
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let bytes = resp.bytes().await.unwrap();
+            let value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            (status, value)
+        }
+
+        async fn get(&self, path: &str) -> (StatusCode, Value) {
+            self.call(reqwest::Method::GET, path, None).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_start_serves_apps_stops_on_sigterm_and_restarts_with_the_same_token() {
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+
+        // The first start wrote the CLI config, owner-only, and printed the same token.
+        let (api_url, token) = read_config(&env.config_path());
+        assert_eq!(api_url, format!("http://127.0.0.1:{port}"));
+        assert!(token.starts_with("aloft_"), "{token}");
+        let mode = std::fs::metadata(env.config_path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            daemon.stdout().contains(&token),
+            "token not printed:\n{}",
+            daemon.stdout()
+        );
+        assert!(
+            !env.home.join(".config").exists(),
+            "wrote under HOME despite XDG_CONFIG_HOME"
+        );
+
+        let anonymous = Client::new(&api_url, None);
+        let (s, body) = anonymous.get("/v1/apps?org_slug=personal").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("Authorization"));
+        let api = Client::new(&api_url, Some(&token));
+        for name in ["keep-me", "drop-me"] {
+            let body = json!({"name": name, "org_slug": "personal"});
+            let (s, body) = api
+                .call(reqwest::Method::POST, "/v1/apps?wait=true", Some(body))
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{body}");
+            assert_eq!(body["name"], name);
+        }
+        let (s, list) = api.get("/v1/apps?org_slug=personal").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(list["total_apps"], 2, "{list}");
+        let (s, _) = api.call(reqwest::Method::DELETE, "/v1/apps/drop-me", None).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+
+        // A second aloftd on the same data directory refuses to start.
+        let other_port = free_port();
+        let mut second = env.start(other_port);
+        let (status, _) = second
+            .wait_exit(Duration::from_secs(20))
+            .expect("a second aloftd on the same data dir kept running");
+        assert!(!status.success());
+        let (_, second_err) = second.finish();
+        assert!(second_err.contains("in use by another process"), "{second_err}");
+
+        // SIGTERM: exit code 0 within a second, with the keep-alive connection still open.
+        daemon.terminate();
+        let (status, took) = daemon
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("aloftd ignored SIGTERM:\n{}", daemon.stderr()));
+        assert!(status.success(), "{status}:\n{}", daemon.stderr());
+        assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+        let (_, stderr) = daemon.finish();
+        assert!(stderr.contains("SIGTERM"), "{stderr}");
+        assert!(
+            stderr.contains("POST /v1/apps 201"),
+            "no access log line:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains(&token["aloft_".len() + 17..]),
+            "the token's secret reached the log"
+        );
+
+        // The restart mints nothing and rewrites nothing; the token and the kept app are there.
+        let config_before = std::fs::read_to_string(env.config_path()).unwrap();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let api = Client::new(&api_url, Some(&token));
+        let (s, app) = api.get("/v1/apps/keep-me").await;
+        assert_eq!(s, StatusCode::OK, "{app}");
+        assert_eq!(app["organization"]["slug"], "personal");
+        assert_eq!(api.get("/v1/apps/drop-me").await.0, StatusCode::NOT_FOUND);
+        let (_, list) = api.get("/v1/apps?org_slug=personal").await;
+        assert_eq!(list["total_apps"], 1, "{list}");
+        assert_eq!(std::fs::read_to_string(env.config_path()).unwrap(), config_before);
+        daemon.terminate();
+        let (status, _) = daemon
+            .wait_exit(Duration::from_secs(5))
+            .expect("aloftd ignored SIGTERM");
+        assert!(status.success());
+        let (stdout, _) = daemon.finish();
+        assert!(!stdout.contains("aloft_"), "a restart printed a token:\n{stdout}");
+    }
+}

@@ -1,0 +1,183 @@
+//! `/v1/apps`: create, list, show and destroy apps.
+//!
+//! App names are one namespace across organizations (as on Fly): a name held by another
+//! organization is "taken" on create and 403 on read, so clients can tell taken from free.
+
+use aloft_api::{
+    ApiError, App, AppOrganizationInfo, CreateAppRequest, ListAppsQuery, ListAppsResponse, validate_app_name,
+};
+use aloft_store::{ControlError, ControlStore};
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+
+use crate::auth::Caller;
+use crate::error::blocking;
+use crate::extract::{AppName, JsonBody};
+use crate::ids::random;
+use crate::{ApiState, HttpError};
+
+/// The network of an app created without one.
+const DEFAULT_NETWORK: &str = "default";
+/// The status of an app that has never been deployed.
+const STATUS_PENDING: &str = "pending";
+
+/// Machines of `app` that still exist (not destroyed, replaced or migrated).
+fn machine_count(control: &ControlStore, app: &str) -> Result<u64, ControlError> {
+    let machines = control.list_machines(app)?;
+    let live = machines
+        .iter()
+        .filter(|m| !m.value.machine.state.is_terminal())
+        .count();
+    Ok(u64::try_from(live).unwrap_or(u64::MAX))
+}
+
+/// The app as the API shows it: the stored record with its live machine count.
+fn with_counts(control: &ControlStore, mut app: App) -> Result<App, ControlError> {
+    app.machine_count = machine_count(control, &app.name)?;
+    Ok(app)
+}
+
+/// `GET /v1/apps?org_slug=…[&app_role=…]` → `{total_apps, apps}`.
+pub(crate) async fn list(
+    State(state): State<ApiState>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<ListAppsResponse>, HttpError> {
+    let query = query.unwrap_or_default();
+    let query = ListAppsQuery::from_query(form_urlencoded::parse(query.as_bytes()))?;
+    caller.require_org(&query.org_slug)?;
+    let control = state.control().clone();
+    let apps = blocking(move || {
+        let mut apps = Vec::new();
+        for app in control.list_apps()? {
+            let app = app.value;
+            let role_matches = query.app_role.as_ref().is_none_or(|r| *r == app.app_role);
+            if app.organization.slug == query.org_slug && role_matches {
+                apps.push(with_counts(&control, app)?);
+            }
+        }
+        Ok(apps)
+    })
+    .await?;
+    Ok(Json(ListAppsResponse {
+        total_apps: u64::try_from(apps.len()).unwrap_or(u64::MAX),
+        apps,
+    }))
+}
+
+/// Checks a network name: like an app name, a DNS label.
+fn network_name(network: Option<&str>) -> Result<String, ApiError> {
+    let network = network.map(str::trim).unwrap_or_default();
+    if network.is_empty() {
+        return Ok(DEFAULT_NETWORK.to_owned());
+    }
+    validate_app_name(network).map_err(|_| {
+        ApiError::bad_request(format!(
+            "invalid network {network:?}: use 1 to 63 lowercase letters, digits and hyphens, \
+             not starting or ending with a hyphen (or leave it out for \"{DEFAULT_NETWORK}\")"
+        ))
+    })?;
+    Ok(network.to_owned())
+}
+
+/// A numeric id that fits the 32-bit signed integer fly-go decodes it into.
+fn numeric_id() -> Result<u64, HttpError> {
+    let bytes = random::<4>().map_err(|e| HttpError::internal(format!("read random bytes: {e}")))?;
+    Ok(u64::from(u32::from_le_bytes(bytes) & 0x7fff_ffff).max(1))
+}
+
+/// `POST /v1/apps` (`?wait=true` from fly-go is accepted and means nothing here: the app exists
+/// when the answer comes) → 201 with the app.
+pub(crate) async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(mut req): JsonBody<CreateAppRequest>,
+) -> Result<(StatusCode, Json<App>), HttpError> {
+    if req.name.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "name is required: give the app a name, e.g. {\"name\": \"my-app\"}",
+        )
+        .into());
+    }
+    if req.org_slug.trim().is_empty() {
+        req.org_slug.clone_from(&caller.org_slug);
+    }
+    req.validate()?;
+    let network = network_name(req.network.as_deref())?;
+    caller.require_org(&req.org_slug)?;
+    let app = App {
+        id: req.name.clone(),
+        name: req.name.clone(),
+        internal_numeric_id: numeric_id()?,
+        machine_count: 0,
+        volume_count: 0,
+        network,
+        status: STATUS_PENDING.to_owned(),
+        organization: AppOrganizationInfo {
+            name: req.org_slug.clone(),
+            slug: req.org_slug.clone(),
+            internal_numeric_id: 0,
+        },
+        cname_target: String::new(),
+        app_role: req.app_role_id.clone().unwrap_or_default(),
+    };
+    let control = state.control().clone();
+    let stored = app.clone();
+    // A taken name is 422 `name_taken` (ControlError::to_api).
+    blocking(move || Ok(control.create_app(&stored).map(drop)?)).await?;
+    Ok((StatusCode::CREATED, Json(app)))
+}
+
+/// The app `name` if the caller may see it: 404 if there is none, 403 if another organization
+/// holds it (both worded exactly as fly-go's app-name probe expects).
+fn visible_app(control: &ControlStore, caller: &Caller, name: &str) -> Result<App, HttpError> {
+    let app = control.get_app(name)?.ok_or_else(ApiError::app_not_found)?.value;
+    if app.organization.slug != caller.org_slug {
+        return Err(ApiError::app_in_other_org().into());
+    }
+    Ok(app)
+}
+
+/// `GET /v1/apps/{app_name}` → the app.
+pub(crate) async fn show(
+    State(state): State<ApiState>,
+    caller: Caller,
+    AppName(name): AppName,
+) -> Result<Json<App>, HttpError> {
+    let control = state.control().clone();
+    let app = blocking(move || {
+        let app = visible_app(&control, &caller, &name)?;
+        Ok(with_counts(&control, app)?)
+    })
+    .await?;
+    Ok(Json(app))
+}
+
+/// `DELETE /v1/apps/{app_name}` → 202. Until machines can be destroyed through the agent, an
+/// app that still has machines is refused (409) rather than leaving their VMs behind.
+pub(crate) async fn destroy(
+    State(state): State<ApiState>,
+    caller: Caller,
+    AppName(name): AppName,
+) -> Result<StatusCode, HttpError> {
+    let control = state.control().clone();
+    blocking(move || {
+        visible_app(&control, &caller, &name)?;
+        let live = machine_count(&control, &name)?;
+        if live > 0 {
+            return Err(ApiError::conflict(format!(
+                "app {name:?} still has {live} machine(s): destroy them first \
+                 (aloft machine destroy --force), then the app"
+            ))
+            .into());
+        }
+        if control.delete_app(&name)? {
+            Ok(())
+        } else {
+            Err(ApiError::app_not_found().into())
+        }
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED)
+}

@@ -1,0 +1,117 @@
+//! aloft's control-plane API: the Fly Machines API served over HTTP.
+//!
+//! [`router`] builds the axum [`Router`] that serves Fly's paths under `/v1` with Fly's JSON
+//! shapes and status codes (`docs/api-compat.md` lists which operations exist so far). Around
+//! every route sit two layers: an access log that gives each request a `fly-request-id`
+//! (`<ULID>-<region>`) and writes one line per request to stderr, and token authentication
+//! (`Authorization: Bearer <token>` or `FlyV1 <token>`; tokens are org-scoped and stored hashed,
+//! see [`create_token`]). Every error, including unknown routes, malformed JSON and missing
+//! tokens, answers with Fly's `{"error": "...", "status": "..."}` body ([`HttpError`]).
+//!
+//! Threading: handlers run on the caller's tokio runtime; every call into the synchronous
+//! [`aloft_store::Store`] goes through `spawn_blocking`, so SQLite never blocks the reactor.
+//! Design notes: `docs/adr/0009-api-server.md`.
+//!
+//! Depends on `aloft-api` (wire types) and `aloft-store` (state). It must never link the VM,
+//! image, network or agent crates: machines will be reached through the agent's interface, not
+//! its implementation.
+
+#![warn(missing_docs)]
+
+mod apps;
+mod auth;
+mod error;
+mod extract;
+mod ids;
+mod log;
+
+use std::sync::Arc;
+
+use aloft_store::{ControlStore, Store};
+use axum::Router;
+use axum::http::{Method, Uri};
+use axum::middleware::from_fn_with_state;
+use axum::routing::get;
+
+pub use auth::{Caller, NewToken, TOKEN_PREFIX, TokenError, create_token};
+pub use error::HttpError;
+pub use extract::JsonBody;
+
+/// Settings of the API server.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// This server's region, the suffix of every `fly-request-id`.
+    pub region: String,
+    /// Write one line per request to stderr.
+    pub access_log: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            region: "local".to_owned(),
+            access_log: true,
+        }
+    }
+}
+
+/// What every handler shares: the control store and the server's settings. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    control: ControlStore,
+    config: ApiConfig,
+}
+
+impl ApiState {
+    /// State over `store` (usually an `Arc<SqliteStore>`).
+    pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                control: ControlStore::new(store),
+                config,
+            }),
+        }
+    }
+
+    /// The typed control-plane records.
+    pub fn control(&self) -> &ControlStore {
+        &self.inner.control
+    }
+
+    /// The server's settings.
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+}
+
+/// The API server's routes with authentication and the access log, ready for `axum::serve`.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/apps", get(apps::list).post(apps::create))
+        .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), auth::require_token))
+        .layer(from_fn_with_state(state.clone(), log::access_log))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> HttpError {
+    aloft_api::ApiError::new(
+        404,
+        format!(
+            "no route for {method} {}: aloft does not serve it (docs/api-compat.md lists the endpoints it does)",
+            uri.path()
+        ),
+    )
+    .into()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> HttpError {
+    aloft_api::ApiError::new(405, format!("method {method} is not allowed on {}", uri.path())).into()
+}
