@@ -60,24 +60,9 @@ impl NetNs {
     /// Connects to `port` on the guest from inside the namespace. The returned stream keeps
     /// working in any thread.
     pub fn connect_tcp(&self, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
-        let path = self.path();
-        let addr = SocketAddr::from((self.guest_ip, port));
-        std::thread::spawn(move || {
-            let ns = File::open(&path)?;
-            // SAFETY: setns on a valid namespace fd only changes this short-lived thread's network
-            // namespace; the thread ends right after connecting.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            TcpStream::connect_timeout(&addr, timeout)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+        self.connect_tcp_to(SocketAddr::from((self.guest_ip, port)), timeout)
     }
-}
 
-impl NetNs {
     /// Connects to any `addr` from inside the namespace (a guest's 6PN address, another tap's
     /// guest). The returned stream keeps working in any thread.
     pub fn connect_tcp_to(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
