@@ -20,6 +20,7 @@
 
 mod apps;
 mod auth;
+mod compat;
 mod error;
 mod extract;
 mod ids;
@@ -91,9 +92,10 @@ impl ApiState {
 
 /// The API server's routes with authentication and the access log, ready for `axum::serve`.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let served = Router::new()
         .route("/v1/apps", get(apps::list).post(apps::create))
-        .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy))
+        .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy));
+    compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), auth::require_token))
