@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
     use std::net::TcpStream;
     use std::os::unix::fs::PermissionsExt as _;
     use std::path::{Path, PathBuf};
@@ -67,7 +68,13 @@ mod tests {
 
         /// Starts aloftd on `port`, pointed only at this test's directories.
         fn start(&self, port: u16) -> Daemon {
+            self.start_with(port, &[])
+        }
+
+        /// … with more flags.
+        fn start_with(&self, port: u16, flags: &[&str]) -> Daemon {
             let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
+                .args(flags)
                 .arg("--data-dir")
                 .arg(&self.data)
                 .arg("--listen")
@@ -315,5 +322,76 @@ mod tests {
         assert!(status.success());
         let (stdout, _) = daemon.finish();
         assert!(!stdout.contains("aloft_"), "a restart printed a token:\n{stdout}");
+    }
+
+    /// Starts `POST /v1/apps` with `body` but sends only its first 10 bytes: the handler is left
+    /// waiting for the rest.
+    fn half_sent_create(port: u16, token: &str, body: &[u8]) -> TcpStream {
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            conn,
+            "POST /v1/apps HTTP/1.1\r\nHost: aloftd\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        conn.write_all(&body[..10]).unwrap();
+        conn
+    }
+
+    #[test]
+    fn requests_still_running_after_the_shutdown_timeout_are_cut_off() {
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start_with(port, &["--shutdown-timeout", "1"]);
+        daemon.wait_ready(port);
+        let (_, token) = read_config(&env.config_path());
+        let _conn = half_sent_create(port, &token, br#"{"name": "never-finished"}"#);
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.terminate();
+        let (status, took) = daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("aloftd waited for a hung request past its shutdown timeout");
+        assert!(status.success(), "{status}:\n{}", daemon.stderr());
+        assert!(
+            took >= Duration::from_millis(900),
+            "stopped after {took:?}, before the timeout"
+        );
+        assert!(took < Duration::from_secs(4), "stopped after {took:?}");
+        let (_, stderr) = daemon.finish();
+        assert!(stderr.contains("cut off"), "{stderr}");
+    }
+
+    #[test]
+    fn sigterm_lets_a_request_in_flight_finish() {
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let (_, token) = read_config(&env.config_path());
+
+        let body = br#"{"name": "in-flight", "org_slug": "personal"}"#;
+        let mut conn = half_sent_create(port, &token, body);
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.terminate();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            daemon.child.try_wait().unwrap().is_none(),
+            "aloftd exited with a request in flight:\n{}",
+            daemon.stderr()
+        );
+        // New connections are no longer accepted.
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+
+        conn.write_all(&body[10..]).unwrap();
+        let mut response = String::new();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 201"), "{response}");
+        assert!(response.contains("\"in-flight\""), "{response}");
+        let (status, _) = daemon
+            .wait_exit(Duration::from_secs(5))
+            .expect("aloftd kept running after its last request");
+        assert!(status.success(), "{status}:\n{}", daemon.stderr());
     }
 }
