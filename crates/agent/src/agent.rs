@@ -1,0 +1,1609 @@
+//! [`Agent`]: the lifecycle verbs, the executor that runs their steps (persisting each before it
+//! acts), the monitors that apply restart policies, `wait`, and recovery on open.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aloft_api::{
+    EventSource, Machine, MachineConfig, MachineEvent, MachineEventRequest, MachineId, MachineState,
+    MachineVersion, ProcessStat, Signal, StateError, Verb, WaitState,
+};
+
+use crate::db::Db;
+use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus};
+use crate::error::AgentError;
+use crate::ids::{new_machine_id, now_ms, ulid};
+use crate::model::{
+    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord,
+    exit_request,
+};
+use crate::plan::{self, ExitDecision, Identity, RestartBackoff};
+
+/// Stops an agent as if it were killed: once tripped, the agent writes nothing more and its threads
+/// stop at their next step. Tests hand one to [`crate::FakeDriver`] to "crash" at a chosen step;
+/// dropping an [`Agent`] trips its own.
+#[derive(Debug, Clone, Default)]
+pub struct Killswitch(Arc<AtomicBool>);
+
+impl Killswitch {
+    /// An untripped switch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Halts the agent using this switch.
+    pub fn trip(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was tripped.
+    pub fn is_tripped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How an agent runs. [`AgentConfig::new`] has production defaults; tests shorten the waits.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The agent's SQLite database (created if missing).
+    pub db_path: PathBuf,
+    /// Attempts per step for failures the driver calls retryable.
+    pub step_attempts: u32,
+    /// Wait between attempts.
+    pub retry_delay: Duration,
+    /// How long a boot may take until the workload runs.
+    pub boot_timeout: Duration,
+    /// Stop timeout when neither the request nor `stop_config` gives one (Fly's 5 s).
+    pub stop_timeout: Duration,
+    /// Writable disk size when the config has no `rootfs.size_gb`, MiB.
+    pub disk_mib: u64,
+    /// Restart policy backoff.
+    pub restart: RestartBackoff,
+    /// How often monitors and long waits look at the halt flag.
+    pub poll: Duration,
+    /// Halts this agent when tripped (tests); `None`: a private one.
+    pub killswitch: Option<Killswitch>,
+}
+
+impl AgentConfig {
+    /// Production defaults with the database at `db_path`.
+    pub fn new(db_path: impl Into<PathBuf>) -> Self {
+        Self {
+            db_path: db_path.into(),
+            step_attempts: 3,
+            retry_delay: Duration::from_millis(500),
+            boot_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(5),
+            disk_mib: 1024,
+            restart: RestartBackoff::default(),
+            poll: Duration::from_millis(250),
+            killswitch: None,
+        }
+    }
+}
+
+/// A machine to create.
+#[derive(Debug, Clone, Default)]
+pub struct CreateMachine {
+    /// Its id; generated when `None`. A control plane that picks ids can retry a create safely:
+    /// the second one fails with [`AgentError::AlreadyExists`].
+    pub id: Option<MachineId>,
+    /// The app.
+    pub app: String,
+    /// Its name; the id when `None`.
+    pub name: Option<String>,
+    /// Its region.
+    pub region: String,
+    /// The organization number (its private network).
+    pub org: u32,
+    /// The config.
+    pub config: MachineConfig,
+    /// Create without booting (state `created`).
+    pub skip_launch: bool,
+}
+
+/// A stop's parameters (`POST …/stop`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopOptions {
+    /// First signal; `stop_config.signal`, else the image's, else SIGINT.
+    pub signal: Option<Signal>,
+    /// Wait before killing; `stop_config.timeout`, else [`AgentConfig::stop_timeout`].
+    pub timeout: Option<Duration>,
+}
+
+/// An update (`POST …/{id}`): the whole new config.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateMachine {
+    /// The new config (full replacement).
+    pub config: MachineConfig,
+    /// Leave it stopped afterwards.
+    pub skip_launch: bool,
+    /// Fail with [`AgentError::StaleVersion`] unless the machine is at this version.
+    pub current_version: Option<String>,
+}
+
+/// What `wait` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitOutcome {
+    /// The state that ended the wait.
+    pub state: MachineState,
+    /// The machine's version.
+    pub version: String,
+    /// The event that recorded the state (empty if none).
+    pub event_id: String,
+}
+
+/// An operation the agent accepted. Its steps run in the background; [`OpHandle::wait`] blocks
+/// until it finishes.
+#[derive(Debug, Clone)]
+pub struct OpHandle {
+    inner: Arc<Inner>,
+    /// The machine.
+    pub machine: MachineId,
+    /// The operation's id.
+    pub op_id: String,
+    /// What it does.
+    pub kind: OpKind,
+    /// The machine's state when it was accepted (`StartResponse.previous_state`).
+    pub previous_state: MachineState,
+}
+
+impl OpHandle {
+    /// Waits until the operation finished and returns the machine as it left it, or why it did
+    /// not do what was asked ([`AgentError::OperationFailed`]), [`AgentError::WaitTimeout`], or
+    /// [`AgentError::Halted`] if the agent stopped first.
+    pub fn wait(&self, timeout: Duration) -> Result<MachineRecord, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.inner.generation();
+            if let Some(op) = self.inner.db.op(&self.op_id)? {
+                match op.status {
+                    OpStatus::Done => return self.inner.record(&self.machine),
+                    OpStatus::Failed | OpStatus::Cancelled => {
+                        let rec = self.inner.record(&self.machine)?;
+                        return Err(AgentError::OperationFailed {
+                            machine: self.machine.clone(),
+                            operation: op.kind.as_str(),
+                            state: rec.state,
+                            message: op.error.unwrap_or_else(|| "cancelled".to_owned()),
+                            user_error: op.scratch.error.as_deref().is_some_and(is_user_error),
+                        });
+                    }
+                    OpStatus::Running | OpStatus::Undoing => {}
+                }
+            }
+            if self.inner.halted() {
+                return Err(AgentError::Halted);
+            }
+            if !self.inner.is_live(&self.op_id) && self.inner.db.op(&self.op_id)?.is_none() {
+                // A destroy accepted while another operation ran, which ended without starting it.
+                let rec = self.inner.record(&self.machine)?;
+                if rec.state == MachineState::Destroyed {
+                    return Ok(rec);
+                }
+            }
+            if Instant::now() >= deadline {
+                let rec = self.inner.record(&self.machine)?;
+                return Err(AgentError::WaitTimeout {
+                    machine: self.machine.clone(),
+                    wanted: format!("the end of {} operation {}", self.kind.as_str(), self.op_id),
+                    timeout,
+                    state: rec.state,
+                });
+            }
+            self.inner.wait_change(seen, deadline);
+        }
+    }
+}
+
+const USER_ERROR_PREFIX: &str = "image ";
+
+fn is_user_error(message: &str) -> bool {
+    message.starts_with(USER_ERROR_PREFIX) || message.starts_with("invalid machine config")
+}
+
+/// The per-host agent. See the crate docs.
+///
+/// Dropping it halts it as if it were killed (operations stop at their next step and resume when
+/// the agent is opened again; VMs keep running); [`Agent::shutdown`] lets operations finish first.
+#[derive(Debug)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Running {
+    op_id: String,
+    kind: OpKind,
+    cancel: Arc<AtomicBool>,
+    /// A forced destroy asked for while this operation ran: its op id and source.
+    pending_destroy: Option<(String, EventSource)>,
+}
+
+#[derive(Debug, Default)]
+struct Live {
+    running: HashMap<MachineId, Running>,
+    monitors: HashMap<MachineId, String>,
+    threads: Vec<JoinHandle<()>>,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Db,
+    driver: Arc<dyn Driver>,
+    config: AgentConfig,
+    halted: Arc<AtomicBool>,
+    closing: AtomicBool,
+    live: Mutex<Live>,
+    changed: Condvar,
+}
+
+/// Why a step did not complete.
+enum StepError {
+    /// The driver failed for good.
+    Failed(DriverError),
+    /// The agent's own bookkeeping failed (database, halt): stop executing.
+    Agent(AgentError),
+}
+
+impl From<AgentError> for StepError {
+    fn from(e: AgentError) -> Self {
+        Self::Agent(e)
+    }
+}
+
+/// What a successful step changes in the records.
+enum Effect {
+    None,
+    Image(crate::driver::ImageInfo),
+    Base(crate::driver::BaseInfo),
+    Disk(PathBuf),
+    Net(crate::driver::NetInfo),
+    SpecWritten,
+    Booted,
+    Exited(Option<ExitInfo>),
+    Suspended,
+    SnapshotGone,
+    DiskGone,
+    NetGone,
+}
+
+impl Agent {
+    /// Opens (or creates) the agent's database and **recovers**: operations that were in flight
+    /// resume from their first unfinished step (or continue their rollback); started machines are
+    /// reattached and watched again, and an exit that happened meanwhile goes through the restart
+    /// policy; anything the driver holds for machines that do not exist (or are destroyed) is
+    /// removed.
+    pub fn open(config: AgentConfig, driver: Arc<dyn Driver>) -> Result<Agent, AgentError> {
+        let halted = config
+            .killswitch
+            .as_ref()
+            .map_or_else(|| Arc::new(AtomicBool::new(false)), |k| k.0.clone());
+        if let Some(parent) = config.db_path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|source| AgentError::Io {
+                op: "create the agent's directory",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let db = Db::open(&config.db_path, halted.clone())?;
+        let inner = Arc::new(Inner {
+            db,
+            driver,
+            config,
+            halted,
+            closing: AtomicBool::new(false),
+            live: Mutex::new(Live::default()),
+            changed: Condvar::new(),
+        });
+        inner.recover()?;
+        Ok(Agent { inner })
+    }
+
+    /// Accepts a create: the machine is recorded (state `creating`) before anything is made.
+    pub fn create(&self, req: CreateMachine) -> Result<OpHandle, AgentError> {
+        self.inner.create(req)
+    }
+
+    /// Starts a created, stopped, failed or suspended machine.
+    pub fn start(&self, id: &MachineId) -> Result<OpHandle, AgentError> {
+        self.inner
+            .submit(id, Verb::Start, OpKind::Start, EventSource::User, |_, p| Ok(p))
+    }
+
+    /// Stops a started machine (or discards a suspended one's snapshot).
+    pub fn stop(&self, id: &MachineId, opts: StopOptions) -> Result<OpHandle, AgentError> {
+        self.inner
+            .submit(id, Verb::Stop, OpKind::Stop, EventSource::User, |rec, mut p| {
+                let (signal, timeout) = self.inner.stop_params(&rec.config, opts);
+                p.signal = signal;
+                p.timeout_ms = Some(timeout);
+                Ok(p)
+            })
+    }
+
+    /// Suspends a started machine (falls back to a stop when the snapshot fails).
+    pub fn suspend(&self, id: &MachineId) -> Result<OpHandle, AgentError> {
+        self.inner.submit(
+            id,
+            Verb::Suspend,
+            OpKind::Suspend,
+            EventSource::User,
+            |rec, mut p| {
+                let (signal, timeout) = self.inner.stop_params(&rec.config, StopOptions::default());
+                p.signal = signal;
+                p.timeout_ms = Some(timeout);
+                Ok(p)
+            },
+        )
+    }
+
+    /// Stops and starts a started machine.
+    pub fn restart(&self, id: &MachineId, opts: StopOptions) -> Result<OpHandle, AgentError> {
+        self.inner.submit(
+            id,
+            Verb::Restart,
+            OpKind::Restart,
+            EventSource::User,
+            |rec, mut p| {
+                let (signal, timeout) = self.inner.stop_params(&rec.config, opts);
+                p.signal = signal;
+                p.timeout_ms = Some(timeout);
+                Ok(p)
+            },
+        )
+    }
+
+    /// Gives the machine a new config and version; the old version becomes `replaced`. A started
+    /// machine boots the new version (unless `skip_launch`); any other stays stopped.
+    pub fn update(&self, id: &MachineId, req: &UpdateMachine) -> Result<OpHandle, AgentError> {
+        plan::validate(&req.config)?;
+        let skip = req.skip_launch;
+        self.inner.submit_with(
+            id,
+            Verb::Update,
+            OpKind::Update,
+            EventSource::User,
+            skip,
+            |rec, mut p| {
+                if let Some(expected) = &req.current_version
+                    && *expected != rec.version
+                {
+                    return Err(AgentError::StaleVersion {
+                        machine: rec.id.clone(),
+                        expected: expected.clone(),
+                        current: rec.version.clone(),
+                    });
+                }
+                let (signal, timeout) = self.inner.stop_params(&rec.config, StopOptions::default());
+                p.signal = signal;
+                p.timeout_ms = Some(timeout);
+                p.new_version = Some(ulid());
+                p.new_config = Some(req.config.clone());
+                Ok(p)
+            },
+        )
+    }
+
+    /// Destroys a machine; a started one (or one in the middle of an operation, which is
+    /// cancelled at its next step) only with `force`.
+    pub fn destroy(&self, id: &MachineId, force: bool) -> Result<OpHandle, AgentError> {
+        self.inner.destroy(id, force, EventSource::User)
+    }
+
+    /// Sends `signal` to a started machine's workload (the restart policy sees the exit if it
+    /// ends).
+    pub fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), AgentError> {
+        self.inner.direct(id, Verb::Signal)?;
+        self.inner
+            .driver
+            .signal(id, signal)
+            .map_err(|source| AgentError::Driver {
+                machine: id.clone(),
+                source,
+            })
+    }
+
+    /// `SIGKILL` to the workload (fly-go's kill).
+    pub fn kill(&self, id: &MachineId) -> Result<(), AgentError> {
+        self.signal(id, Signal::SIGKILL)
+    }
+
+    /// Runs a command in a started machine.
+    pub fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResult, AgentError> {
+        if argv.is_empty() {
+            return Err(AgentError::InvalidConfig {
+                reason: "exec needs a command".into(),
+            });
+        }
+        self.inner.direct(id, Verb::Exec)?;
+        self.inner
+            .driver
+            .exec(id, argv, timeout)
+            .map_err(|source| AgentError::Driver {
+                machine: id.clone(),
+                source,
+            })
+    }
+
+    /// The processes of a started machine.
+    pub fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, AgentError> {
+        self.inner.direct(id, Verb::Ps)?;
+        self.inner.driver.ps(id).map_err(|source| AgentError::Driver {
+            machine: id.clone(),
+            source,
+        })
+    }
+
+    /// One machine's record.
+    pub fn get(&self, id: &MachineId) -> Result<MachineRecord, AgentError> {
+        self.inner.record(id)
+    }
+
+    /// One machine as the API shows it, with its 20 newest events.
+    pub fn machine(&self, id: &MachineId) -> Result<Machine, AgentError> {
+        let rec = self.inner.record(id)?;
+        Ok(rec.to_api(self.inner.db.events(id, 20)?))
+    }
+
+    /// Every machine on this host, destroyed ones included, oldest first.
+    pub fn list(&self) -> Result<Vec<MachineRecord>, AgentError> {
+        self.inner.db.machines()
+    }
+
+    /// A machine's events, newest first, at most `limit`.
+    pub fn events(&self, id: &MachineId, limit: usize) -> Result<Vec<MachineEvent>, AgentError> {
+        self.inner.record(id)?;
+        self.inner.db.events(id, limit)
+    }
+
+    /// A machine's versions, newest first.
+    pub fn versions(&self, id: &MachineId) -> Result<Vec<MachineVersion>, AgentError> {
+        self.inner.record(id)?;
+        let mut v: Vec<MachineVersion> = self
+            .inner
+            .db
+            .versions(id)?
+            .into_iter()
+            .map(|(version, user_config, _)| MachineVersion { version, user_config })
+            .collect();
+        v.reverse();
+        Ok(v)
+    }
+
+    /// A machine's operations, oldest first, with their steps.
+    pub fn operations(&self, id: &MachineId) -> Result<Vec<(OpRecord, Vec<StepRecord>)>, AgentError> {
+        self.inner
+            .db
+            .ops(id)?
+            .into_iter()
+            .map(|op| {
+                let steps = self.inner.db.steps(&op.id)?;
+                Ok((op, steps))
+            })
+            .collect()
+    }
+
+    /// Waits until the machine is in one of `states` (`GET …/wait`). With `version`, only that
+    /// version counts (an old, replaced version is `replaced`, which satisfies `stopped`,
+    /// `destroyed` and `settled`). With `from_event_id`, only states recorded by later events count.
+    pub fn wait(
+        &self,
+        id: &MachineId,
+        states: &[WaitState],
+        version: Option<&str>,
+        from_event_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, AgentError> {
+        self.inner.wait(id, states, version, from_event_id, timeout)
+    }
+
+    /// Graceful shutdown: no new operations; those in flight get until `deadline` to finish (the
+    /// rest resume on the next open); monitors stop; VMs keep running.
+    pub fn shutdown(self, deadline: Duration) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        let end = Instant::now() + deadline;
+        loop {
+            let seen = self.inner.generation();
+            if self.inner.lock().running.is_empty() || Instant::now() >= end {
+                break;
+            }
+            self.inner.wait_change(seen, end);
+        }
+        // Drop halts and joins what is left.
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.inner.halted.store(true, Ordering::SeqCst);
+        self.inner.notify();
+        let threads = std::mem::take(&mut self.inner.lock().threads);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Live> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
+    }
+
+    fn stopping(&self) -> bool {
+        self.halted() || self.closing.load(Ordering::SeqCst)
+    }
+
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    fn is_live(&self, op_id: &str) -> bool {
+        self.lock().running.values().any(|r| r.op_id == op_id)
+    }
+
+    fn notify(&self) {
+        let mut live = self.lock();
+        live.generation = live.generation.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// Blocks until something changed after `seen`, the agent halts, or `deadline`.
+    fn wait_change(&self, seen: u64, deadline: Instant) {
+        let mut live = self.lock();
+        while live.generation == seen && !self.halted() {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            let (g, _) = self
+                .changed
+                .wait_timeout(live, (deadline - now).min(self.config.poll))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            live = g;
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, live: &mut Live, f: impl FnOnce(Arc<Inner>) + Send + 'static) {
+        live.threads.retain(|t| !t.is_finished());
+        let me = self.clone();
+        live.threads.push(std::thread::spawn(move || f(me)));
+    }
+
+    fn record(&self, id: &MachineId) -> Result<MachineRecord, AgentError> {
+        self.db.machine(id)?.ok_or_else(|| AgentError::NotFound {
+            machine: id.to_string(),
+        })
+    }
+
+    fn stop_params(&self, config: &MachineConfig, opts: StopOptions) -> (Option<Signal>, u64) {
+        let sc = config.stop_config.clone().unwrap_or_default();
+        let signal = opts.signal.or(sc.signal.map(Signal::from));
+        let timeout = opts
+            .timeout
+            .or(sc.timeout.map(|d| d.0))
+            .unwrap_or(self.config.stop_timeout);
+        (signal, u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Checks a verb that changes no state (signal, exec, ps) against the machine's state.
+    fn direct(&self, id: &MachineId, verb: Verb) -> Result<MachineRecord, AgentError> {
+        let rec = self.record(id)?;
+        verb.transition(rec.state)?;
+        if let Some(op_id) = &rec.op_id {
+            return Err(self.busy(id, op_id));
+        }
+        Ok(rec)
+    }
+
+    fn busy(&self, id: &MachineId, op_id: &str) -> AgentError {
+        let operation = self.lock().running.get(id).map_or("an", |r| r.kind.as_str());
+        AgentError::Busy {
+            machine: id.clone(),
+            operation,
+            op_id: op_id.to_owned(),
+        }
+    }
+
+    fn event(
+        kind: &str,
+        status: MachineState,
+        source: EventSource,
+        request: Option<MachineEventRequest>,
+    ) -> MachineEvent {
+        MachineEvent {
+            id: ulid(),
+            kind: kind.to_owned(),
+            status: status.as_str().to_owned(),
+            source: Some(source),
+            timestamp: now_ms(),
+            request,
+        }
+    }
+
+    fn new_op(id: &MachineId, kind: OpKind, source: EventSource, params: OpParams) -> OpRecord {
+        OpRecord {
+            id: ulid(),
+            machine: id.clone(),
+            kind,
+            source,
+            status: OpStatus::Running,
+            params,
+            scratch: Scratch::default(),
+            error: None,
+            created_at: now_ms(),
+            finished_at: None,
+        }
+    }
+
+    fn base_params(kind: OpKind, from: MachineState, skip_launch: bool) -> OpParams {
+        let (plan, target) = plan::plan(kind, from, skip_launch);
+        OpParams {
+            plan,
+            from,
+            target,
+            signal: None,
+            timeout_ms: None,
+            force: false,
+            new_version: None,
+            new_config: None,
+            backoff_ms: 0,
+            undo: None,
+        }
+    }
+
+    fn create(self: &Arc<Self>, req: CreateMachine) -> Result<OpHandle, AgentError> {
+        plan::validate(&req.config)?;
+        let id = req.id.clone().unwrap_or_else(new_machine_id);
+        let mut live = self.lock();
+        if self.stopping() {
+            return Err(AgentError::Halted);
+        }
+        if self.db.machine(&id)?.is_some() {
+            return Err(AgentError::AlreadyExists { machine: id });
+        }
+        let version = ulid();
+        let params = OpParams {
+            new_version: Some(version.clone()),
+            new_config: Some(req.config.clone()),
+            ..Self::base_params(OpKind::Create, MachineState::Creating, req.skip_launch)
+        };
+        let op = Self::new_op(&id, OpKind::Create, EventSource::User, params);
+        let now = now_ms();
+        let rec = MachineRecord {
+            id: id.clone(),
+            app: req.app,
+            name: req.name.unwrap_or_else(|| id.to_string()),
+            region: req.region,
+            org: req.org,
+            state: MachineState::Creating,
+            version: version.clone(),
+            config: req.config,
+            resources: Resources::default(),
+            restart_count: 0,
+            op_id: Some(op.id.clone()),
+            created_at: now,
+            updated_at: now,
+        };
+        self.db.write(|tx| {
+            tx.insert_machine(&rec)?;
+            tx.insert_version(&id, &version, &rec.config, now)?;
+            tx.insert_op(&op)
+        })?;
+        Ok(self.launch(&mut live, &op, MachineState::Creating))
+    }
+
+    /// Registers `op` as running and starts its executor.
+    fn launch(self: &Arc<Self>, live: &mut Live, op: &OpRecord, previous: MachineState) -> OpHandle {
+        // The operation owns the VM now: a monitor of the instance before it is stale.
+        live.monitors.remove(&op.machine);
+        live.running.insert(
+            op.machine.clone(),
+            Running {
+                op_id: op.id.clone(),
+                kind: op.kind,
+                cancel: Arc::new(AtomicBool::new(false)),
+                pending_destroy: None,
+            },
+        );
+        live.generation = live.generation.wrapping_add(1);
+        self.changed.notify_all();
+        let (machine, op_id) = (op.machine.clone(), op.id.clone());
+        self.spawn(live, move |me| me.run(&machine, op_id));
+        OpHandle {
+            inner: self.clone(),
+            machine: op.machine.clone(),
+            op_id: op.id.clone(),
+            kind: op.kind,
+            previous_state: previous,
+        }
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        id: &MachineId,
+        verb: Verb,
+        kind: OpKind,
+        source: EventSource,
+        build: impl FnOnce(&MachineRecord, OpParams) -> Result<OpParams, AgentError>,
+    ) -> Result<OpHandle, AgentError> {
+        self.submit_with(id, verb, kind, source, false, build)
+    }
+
+    fn submit_with(
+        self: &Arc<Self>,
+        id: &MachineId,
+        verb: Verb,
+        kind: OpKind,
+        source: EventSource,
+        skip_launch: bool,
+        build: impl FnOnce(&MachineRecord, OpParams) -> Result<OpParams, AgentError>,
+    ) -> Result<OpHandle, AgentError> {
+        let mut live = self.lock();
+        if self.stopping() {
+            return Err(AgentError::Halted);
+        }
+        let mut rec = self.record(id)?;
+        if let Some(op_id) = &rec.op_id {
+            // A transient state names the operation better than "busy" (the API's 412).
+            verb.transition(rec.state)?;
+            let operation = live.running.get(id).map_or("an", |r| r.kind.as_str());
+            return Err(AgentError::Busy {
+                machine: id.clone(),
+                operation,
+                op_id: op_id.clone(),
+            });
+        }
+        let transition = verb.transition(rec.state)?;
+        let from = rec.state;
+        let params = build(&rec, Self::base_params(kind, from, skip_launch))?;
+        let op = Self::new_op(id, kind, source, params);
+        rec.state = transition.via.unwrap_or(rec.state);
+        rec.op_id = Some(op.id.clone());
+        rec.updated_at = now_ms();
+        self.db.write(|tx| {
+            tx.insert_op(&op)?;
+            tx.update_machine(&rec)
+        })?;
+        Ok(self.launch(&mut live, &op, from))
+    }
+
+    fn destroy(
+        self: &Arc<Self>,
+        id: &MachineId,
+        force: bool,
+        source: EventSource,
+    ) -> Result<OpHandle, AgentError> {
+        let mut live = self.lock();
+        if self.stopping() {
+            return Err(AgentError::Halted);
+        }
+        let rec = self.record(id)?;
+        let verb = Verb::Destroy { force };
+        if let Some(running) = live.running.get_mut(id) {
+            verb.transition(rec.state)?;
+            if running.kind == OpKind::Destroy {
+                return Err(AgentError::State(StateError {
+                    verb,
+                    state: MachineState::Destroying,
+                }));
+            }
+            if let Some((op_id, _)) = &running.pending_destroy {
+                return Err(AgentError::Busy {
+                    machine: id.clone(),
+                    operation: "destroy",
+                    op_id: op_id.clone(),
+                });
+            }
+            let op_id = ulid();
+            running.pending_destroy = Some((op_id.clone(), source));
+            running.cancel.store(true, Ordering::SeqCst);
+            return Ok(OpHandle {
+                inner: self.clone(),
+                machine: id.clone(),
+                op_id,
+                kind: OpKind::Destroy,
+                previous_state: rec.state,
+            });
+        }
+        drop(live);
+        self.submit(id, verb, OpKind::Destroy, source, |_, mut p| {
+            p.force = force;
+            Ok(p)
+        })
+    }
+
+    /// Runs operation `op_id` of `machine` (and any destroy chained after it) to its end.
+    fn run(self: &Arc<Self>, machine: &MachineId, op_id: String) {
+        let mut op_id = op_id;
+        loop {
+            match self.execute(&op_id) {
+                Ok(Some(next)) => op_id = next,
+                Ok(None) => break,
+                Err(_) => {
+                    // Halted (the operation resumes on the next open), or the database failed: the
+                    // record still names the operation, so the machine stays busy until then.
+                    let mut live = self.lock();
+                    if live.running.get(machine).is_some_and(|r| r.op_id == op_id) {
+                        live.running.remove(machine);
+                    }
+                    drop(live);
+                    self.notify();
+                    return;
+                }
+            }
+        }
+        self.after_op(machine);
+    }
+
+    /// Called with the live lock held right after an operation's last record was written: hands
+    /// over to a destroy asked for meanwhile (its id), or lets the machine go (`None`).
+    fn hand_over(
+        &self,
+        live: &mut Live,
+        machine: &MachineId,
+        op_id: &str,
+    ) -> Result<Option<String>, AgentError> {
+        let pending = live
+            .running
+            .get(machine)
+            .filter(|r| r.op_id == op_id)
+            .and_then(|r| r.pending_destroy.clone());
+        if let Some((pid, src)) = pending
+            && let Some(next) = self.chain_destroy(machine, op_id, pid, src)?
+        {
+            if let Some(r) = live.running.get_mut(machine) {
+                r.op_id.clone_from(&next);
+                r.kind = OpKind::Destroy;
+                r.pending_destroy = None;
+                r.cancel.store(false, Ordering::SeqCst);
+            }
+            return Ok(Some(next));
+        }
+        if live.running.get(machine).is_some_and(|r| r.op_id == op_id) {
+            live.running.remove(machine);
+        }
+        Ok(None)
+    }
+
+    /// After the last operation: watch a started machine's VM.
+    fn after_op(self: &Arc<Self>, machine: &MachineId) {
+        let Ok(Some(rec)) = self.db.machine(machine) else {
+            return;
+        };
+        if rec.state == MachineState::Started && rec.op_id.is_none() {
+            let token = ulid();
+            let mut live = self.lock();
+            if self.stopping() || live.running.contains_key(machine) {
+                return;
+            }
+            live.monitors.insert(machine.clone(), token.clone());
+            let m = machine.clone();
+            self.spawn(&mut live, move |me| me.monitor(&m, &token));
+        }
+    }
+
+    /// Records a destroy that was asked for while `prev` ran and has just finished (or been
+    /// cancelled); returns its id, or `None` when the machine is destroyed already.
+    fn chain_destroy(
+        &self,
+        machine: &MachineId,
+        prev: &str,
+        op_id: String,
+        source: EventSource,
+    ) -> Result<Option<String>, AgentError> {
+        let mut rec = self.record(machine)?;
+        if rec.state == MachineState::Destroyed {
+            return Ok(None);
+        }
+        let mut params = Self::base_params(OpKind::Destroy, rec.state, false);
+        params.force = true;
+        let mut op = Self::new_op(machine, OpKind::Destroy, source, params);
+        op.id = op_id;
+        let prev = self
+            .db
+            .op(prev)?
+            .filter(|p| matches!(p.status, OpStatus::Running | OpStatus::Undoing))
+            .map(|mut p| {
+                p.status = OpStatus::Cancelled;
+                p.error = Some("cancelled by a forced destroy".into());
+                p.finished_at = Some(now_ms());
+                p
+            });
+        self.db.write(|tx| {
+            if let Some(p) = &prev {
+                tx.update_op(p)?;
+            }
+            tx.insert_op(&op)?;
+            rec.state = MachineState::Destroying;
+            rec.op_id = Some(op.id.clone());
+            rec.updated_at = now_ms();
+            tx.update_machine(&rec)
+        })?;
+        Ok(Some(op.id))
+    }
+
+    fn cancelled(&self, machine: &MachineId) -> bool {
+        self.lock()
+            .running
+            .get(machine)
+            .is_some_and(|r| r.cancel.load(Ordering::SeqCst))
+    }
+
+    /// Runs an operation's remaining steps. `Ok(Some(id))`: a cancelled operation handed over to
+    /// destroy `id`; `Ok(None)`: finished.
+    fn execute(self: &Arc<Self>, op_id: &str) -> Result<Option<String>, AgentError> {
+        let Some(mut op) = self.db.op(op_id)? else {
+            return Ok(None);
+        };
+        let done: Vec<(Phase, usize)> = self
+            .db
+            .steps(op_id)?
+            .into_iter()
+            .filter(|s| s.status == "done")
+            .map(|s| (s.phase, s.idx))
+            .collect();
+        if op.status == OpStatus::Running {
+            for idx in 0..op.params.plan.len() {
+                if done.contains(&(Phase::Do, idx)) {
+                    continue;
+                }
+                if self.cancelled(&op.machine) {
+                    return self.cancel(&op);
+                }
+                match self.run_step(&mut op, Phase::Do, idx) {
+                    Ok(()) => {}
+                    Err(StepError::Agent(e)) => return Err(e),
+                    Err(StepError::Failed(e)) => {
+                        let failed = op.params.plan[idx];
+                        self.begin_undo(&mut op, failed, &e)?;
+                        break;
+                    }
+                }
+            }
+            if op.status == OpStatus::Running {
+                return self.finish(&op, None);
+            }
+        }
+        if op.status == OpStatus::Undoing {
+            let (steps, mut end) = op
+                .params
+                .undo
+                .clone()
+                .map_or((Vec::new(), MachineState::Failed), |u| (u.steps, u.end));
+            for (idx, step) in steps.iter().enumerate() {
+                if done.contains(&(Phase::Undo, idx)) {
+                    continue;
+                }
+                match self.run_step(&mut op, Phase::Undo, idx) {
+                    Ok(()) => {}
+                    Err(StepError::Agent(e)) => return Err(e),
+                    Err(StepError::Failed(e)) => {
+                        // The fallback failed too: make sure nothing runs, and leave it failed.
+                        let _ = self.driver.kill_vm(&op.machine);
+                        let msg = op.scratch.error.clone().unwrap_or_default();
+                        op.scratch.error = Some(format!("{msg}; then {}: {e}", step.as_str()));
+                        end = MachineState::Failed;
+                        break;
+                    }
+                }
+            }
+            return self.finish(&op, Some(end));
+        }
+        Ok(None)
+    }
+
+    fn cancel(&self, op: &OpRecord) -> Result<Option<String>, AgentError> {
+        let mut live = self.lock();
+        let next = self.hand_over(&mut live, &op.machine, &op.id)?;
+        live.generation = live.generation.wrapping_add(1);
+        self.changed.notify_all();
+        Ok(next)
+    }
+
+    fn begin_undo(&self, op: &mut OpRecord, failed: Step, e: &DriverError) -> Result<(), AgentError> {
+        let undo = plan::undo(op.kind, op.params.from, failed);
+        let end = undo.end;
+        let message = e.to_string();
+        op.status = OpStatus::Undoing;
+        op.params.undo = Some(undo);
+        op.scratch.error = Some(message);
+        let mut rec = self.record(&op.machine)?;
+        rec.state = plan::undo_state(op.kind, end, rec.state);
+        rec.updated_at = now_ms();
+        self.db.write(|tx| {
+            tx.update_op(op)?;
+            tx.update_machine(&rec)
+        })?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Records the end of an operation: `end` is `None` when every step succeeded.
+    fn finish(&self, op: &OpRecord, end: Option<MachineState>) -> Result<Option<String>, AgentError> {
+        let mut op = op.clone();
+        let mut rec = self.record(&op.machine)?;
+        let now = now_ms();
+        let success = end.is_none();
+        let state = end.unwrap_or(op.params.target);
+        // A fallback that still got the machine where it was asked to go (a snapshot that did not
+        // resume, booted cold) is a success; the event keeps the error.
+        let fallback = op.params.undo.as_ref().is_some_and(|u| u.fallback);
+        op.status = if success || (fallback && state == op.params.target) {
+            OpStatus::Done
+        } else {
+            OpStatus::Failed
+        };
+        op.finished_at = Some(now);
+        if !success {
+            let message = op.scratch.error.clone().unwrap_or_else(|| "failed".into());
+            op.error = Some(message);
+        }
+        let mut request = match (&op.scratch.exit, op.kind) {
+            (Some(exit), OpKind::Stop | OpKind::Suspend | OpKind::Destroy) => {
+                Some(exit_request(exit, false, rec.restart_count))
+            }
+            _ => None,
+        };
+        if let Some(err) = &op.error {
+            let r = request.get_or_insert_with(MachineEventRequest::default);
+            r.extra
+                .insert("error".to_owned(), serde_json::Value::String(err.clone()));
+        }
+        if state == MachineState::Started && op.source == EventSource::User {
+            rec.restart_count = 0;
+        }
+        rec.state = state;
+        rec.op_id = None;
+        rec.updated_at = now;
+        let event = Self::event(op.kind.event_type(), state, op.source, request);
+        // Under the live lock, so that no verb sees the machine settled while it is still
+        // registered as busy, and a pending destroy is chained without a gap.
+        let mut live = self.lock();
+        self.db.write(|tx| {
+            tx.update_op(&op)?;
+            tx.update_machine(&rec)?;
+            tx.insert_event(&rec.id, &event)
+        })?;
+        let next = self.hand_over(&mut live, &op.machine, &op.id);
+        live.generation = live.generation.wrapping_add(1);
+        self.changed.notify_all();
+        next
+    }
+
+    /// Runs one step: persisted as started, performed, persisted with its outcome (and effects);
+    /// retryable failures are tried again up to `step_attempts` times.
+    fn run_step(&self, op: &mut OpRecord, phase: Phase, idx: usize) -> Result<(), StepError> {
+        let step = match phase {
+            Phase::Do => op.params.plan[idx],
+            Phase::Undo => op.params.undo.as_ref().map_or(Step::KillVm, |u| u.steps[idx]),
+        };
+        let attempts = self.config.step_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.db
+                .write(|tx| tx.step_started(&op.id, phase, idx, step, now_ms()))?;
+            match self.perform(op, step) {
+                Ok(effect) => {
+                    let mut rec = self.record(&op.machine)?;
+                    self.apply(op, &mut rec, effect);
+                    rec.updated_at = now_ms();
+                    let commit_version = step == Step::WriteSpec && op.kind == OpKind::Update;
+                    let old_version = rec.version.clone();
+                    if commit_version
+                        && let (Some(v), Some(c)) = (&op.params.new_version, &op.params.new_config)
+                        && rec.version != *v
+                    {
+                        rec.version.clone_from(v);
+                        rec.config = c.clone();
+                        rec.resources.image.clone_from(&op.scratch.image);
+                        rec.resources.base.clone_from(&op.scratch.base);
+                    }
+                    self.db.write(|tx| {
+                        tx.step_finished(&op.id, phase, idx, None, now_ms())?;
+                        if commit_version && old_version != rec.version {
+                            let now = now_ms();
+                            tx.insert_version(&rec.id, &rec.version, &rec.config, now)?;
+                            tx.replace_version(&rec.id, &old_version, now)?;
+                            let mut extra = MachineEventRequest::default();
+                            extra.extra.insert(
+                                "previous_version".into(),
+                                serde_json::Value::String(old_version.clone()),
+                            );
+                            tx.insert_event(
+                                &rec.id,
+                                &Self::event("update", MachineState::Replaced, op.source, Some(extra)),
+                            )?;
+                        }
+                        tx.update_op(op)?;
+                        tx.update_machine(&rec)
+                    })?;
+                    self.notify();
+                    return Ok(());
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.db
+                        .write(|tx| tx.step_finished(&op.id, phase, idx, Some(&msg), now_ms()))?;
+                    if self.halted() {
+                        return Err(StepError::Agent(AgentError::Halted));
+                    }
+                    if e.retryable() && attempt < attempts && !self.cancelled(&op.machine) {
+                        std::thread::sleep(self.config.retry_delay);
+                        continue;
+                    }
+                    return Err(StepError::Failed(e));
+                }
+            }
+        }
+    }
+
+    fn apply(&self, op: &mut OpRecord, rec: &mut MachineRecord, effect: Effect) {
+        let r = &mut rec.resources;
+        match effect {
+            Effect::None | Effect::SpecWritten => {}
+            Effect::Image(i) => {
+                if op.kind == OpKind::Create {
+                    r.image = Some(i.clone());
+                }
+                op.scratch.image = Some(i);
+            }
+            Effect::Base(b) => {
+                if op.kind == OpKind::Create {
+                    r.base = Some(b.clone());
+                }
+                op.scratch.base = Some(b);
+            }
+            Effect::Disk(p) => r.disk = Some(p),
+            Effect::Net(n) => r.net = Some(n),
+            Effect::Booted => {
+                r.started_at = Some(now_ms());
+                r.snapshot = false;
+            }
+            Effect::Exited(exit) => {
+                if let Some(e) = &exit {
+                    r.last_exit = Some(e.clone());
+                    op.scratch.exit = Some(e.clone());
+                }
+                r.started_at = None;
+            }
+            Effect::Suspended => {
+                r.snapshot = true;
+                r.started_at = None;
+            }
+            Effect::SnapshotGone => r.snapshot = false,
+            Effect::DiskGone => r.disk = None,
+            Effect::NetGone => r.net = None,
+        }
+    }
+
+    fn driver_failed(op: crate::driver::DriverOp, message: String) -> DriverError {
+        DriverError::Failed {
+            op,
+            message,
+            retryable: false,
+        }
+    }
+
+    /// Does one step against the driver.
+    fn perform(&self, op: &OpRecord, step: Step) -> Result<Effect, DriverError> {
+        use crate::driver::DriverOp;
+        let id = &op.machine;
+        let d = &*self.driver;
+        let timeout = Duration::from_millis(op.params.timeout_ms.unwrap_or(5_000));
+        let rec = self
+            .record(id)
+            .map_err(|e| Self::driver_failed(DriverOp::WriteSpec, e.to_string()))?;
+        let config = op.params.new_config.as_ref().unwrap_or(&rec.config);
+        match step {
+            Step::Backoff => {
+                let wait = Duration::from_millis(op.params.backoff_ms);
+                let end = Instant::now() + wait;
+                while Instant::now() < end && !self.halted() && !self.cancelled(id) {
+                    std::thread::sleep((end - Instant::now()).min(self.config.poll));
+                }
+                Ok(Effect::None)
+            }
+            Step::PullImage => {
+                let image = config.image.clone().unwrap_or_default();
+                d.pull_image(&image).map(Effect::Image)
+            }
+            Step::BuildBase => {
+                let image =
+                    op.scratch.image.as_ref().ok_or_else(|| {
+                        Self::driver_failed(DriverOp::BuildBase, "no image was pulled".into())
+                    })?;
+                d.build_base(image).map(Effect::Base)
+            }
+            Step::MakeDisk | Step::ResetDisk => d
+                .create_disk(id, plan::disk_mib(config, self.config.disk_mib))
+                .map(Effect::Disk),
+            Step::AttachNetwork => d.attach_network(id, rec.org).map(Effect::Net),
+            Step::WriteSpec => {
+                let spec = self.launch_spec(op, &rec)?;
+                d.write_spec(id, &spec).map(|()| Effect::SpecWritten)
+            }
+            Step::StartVm => d.start_vm(id).map(|()| Effect::Booted),
+            Step::ResumeVm => d.resume_vm(id).map(|()| Effect::Booted),
+            Step::WaitStarted => {
+                // In slices, so that a halted agent does not sit in a long boot.
+                let end = Instant::now() + self.config.boot_timeout;
+                loop {
+                    let left = end.saturating_duration_since(Instant::now());
+                    match d.wait_started(id, left.min(Duration::from_secs(1))) {
+                        Ok(()) => return Ok(Effect::None),
+                        Err(DriverError::Failed {
+                            op: DriverOp::WaitStarted,
+                            retryable: true,
+                            message,
+                        }) => {
+                            if left.is_zero() || self.halted() {
+                                // The boot timeout is the whole budget: no retries on top of it.
+                                return Err(DriverError::Failed {
+                                    op: DriverOp::WaitStarted,
+                                    message,
+                                    retryable: false,
+                                });
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Step::StopVm => {
+                let signal = op.params.signal;
+                match d.stop_vm(id, signal, timeout) {
+                    Ok(exit) => Ok(Effect::Exited(exit)),
+                    // A stop that fails ends in a kill.
+                    Err(_) => d.kill_vm(id).map(Effect::Exited),
+                }
+            }
+            Step::KillVm => d.kill_vm(id).map(Effect::Exited),
+            Step::SuspendVm => d.suspend_vm(id).map(|()| Effect::Suspended),
+            Step::DiscardSnapshot => d.discard_snapshot(id).map(|()| Effect::SnapshotGone),
+            Step::RemoveMachineDir => d.remove_machine_dir(id).map(|()| Effect::None),
+            Step::RemoveDisk => d.remove_disk(id).map(|()| Effect::DiskGone),
+            Step::DetachNetwork => d.detach_network(id).map(|()| Effect::NetGone),
+        }
+    }
+
+    fn launch_spec(&self, op: &OpRecord, rec: &MachineRecord) -> Result<LaunchSpec, DriverError> {
+        use crate::driver::DriverOp;
+        let bad = |m: String| Self::driver_failed(DriverOp::WriteSpec, m);
+        let new = matches!(op.kind, OpKind::Create | OpKind::Update);
+        let (config, version, image, base) = if new {
+            (
+                op.params.new_config.as_ref().unwrap_or(&rec.config),
+                op.params.new_version.as_deref().unwrap_or(&rec.version),
+                op.scratch.image.as_ref().or(rec.resources.image.as_ref()),
+                op.scratch.base.as_ref().or(rec.resources.base.as_ref()),
+            )
+        } else {
+            (
+                &rec.config,
+                rec.version.as_str(),
+                rec.resources.image.as_ref(),
+                rec.resources.base.as_ref(),
+            )
+        };
+        let image = image.ok_or_else(|| bad("the machine has no pulled image".into()))?;
+        let base = base.ok_or_else(|| bad("the machine has no base root filesystem".into()))?;
+        let disk = rec
+            .resources
+            .disk
+            .clone()
+            .ok_or_else(|| bad("the machine has no writable disk".into()))?;
+        let net = rec.resources.net.clone().unwrap_or_default();
+        let who = Identity {
+            id: rec.id.as_str(),
+            app: &rec.app,
+            region: &rec.region,
+            version,
+        };
+        let run_config = plan::run_config(who, config, image, base, &net).map_err(|e| bad(e.to_string()))?;
+        let (vcpus, memory_mib) = plan::guest_size(config).map_err(|e| bad(e.to_string()))?;
+        Ok(LaunchSpec {
+            vcpus,
+            memory_mib,
+            base: base.clone(),
+            disk,
+            net,
+            kernel_args: plan::kernel_args(config),
+            run_config,
+        })
+    }
+
+    /// Watches a started machine's VM until it ends, then applies the restart policy. `token`
+    /// identifies this instance: a monitor whose machine was started again since is stale.
+    fn monitor(self: &Arc<Self>, id: &MachineId, token: &str) {
+        loop {
+            if self.stopping() {
+                return;
+            }
+            match self.driver.wait_exit(id, self.config.poll) {
+                Ok(None) => {}
+                Ok(Some(exit)) => {
+                    let _ = self.on_exit(id, Some(token), &exit);
+                    return;
+                }
+                Err(DriverError::NotRunning { .. }) => {
+                    let _ = self.on_exit(
+                        id,
+                        Some(token),
+                        &ExitInfo {
+                            exited_at: now_ms(),
+                            ..ExitInfo::default()
+                        },
+                    );
+                    return;
+                }
+                Err(_) => std::thread::sleep(self.config.poll),
+            }
+        }
+    }
+
+    /// A started machine's VM ended without being asked: record the exit and apply the restart
+    /// policy, all in one transaction (an exit is never half-handled).
+    fn on_exit(
+        self: &Arc<Self>,
+        id: &MachineId,
+        token: Option<&str>,
+        exit: &ExitInfo,
+    ) -> Result<(), AgentError> {
+        let mut live = self.lock();
+        if self.halted() || live.running.contains_key(id) {
+            return Ok(());
+        }
+        if let Some(t) = token
+            && live.monitors.get(id).map(String::as_str) != Some(t)
+        {
+            return Ok(());
+        }
+        live.monitors.remove(id);
+        let mut rec = self.record(id)?;
+        if rec.state != MachineState::Started || rec.op_id.is_some() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let window = i64::try_from(self.config.restart.window.as_millis()).unwrap_or(i64::MAX);
+        if rec
+            .resources
+            .started_at
+            .is_some_and(|s| now.saturating_sub(s) >= window)
+        {
+            rec.restart_count = 0;
+        }
+        let decision = plan::on_exit(&rec.config, exit, rec.restart_count, &self.config.restart);
+        let restarting = matches!(decision, ExitDecision::Restart { .. });
+        rec.resources.last_exit = Some(exit.clone());
+        rec.resources.started_at = None;
+        let exit_ev = Self::event(
+            "exit",
+            MachineState::Stopped,
+            EventSource::Flyd,
+            Some(exit_request(exit, restarting, rec.restart_count)),
+        );
+        let op = match decision {
+            ExitDecision::Restart { backoff, count } => {
+                rec.restart_count = count;
+                let mut p = Self::base_params(OpKind::Start, MachineState::Started, false);
+                p.backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+                rec.state = MachineState::Starting;
+                Some(Self::new_op(id, OpKind::Start, EventSource::Flyd, p))
+            }
+            ExitDecision::Destroy => {
+                let mut p = Self::base_params(OpKind::Destroy, MachineState::Stopped, false);
+                p.force = true;
+                rec.state = MachineState::Destroying;
+                Some(Self::new_op(id, OpKind::Destroy, EventSource::Flyd, p))
+            }
+            ExitDecision::Stop => {
+                rec.state = MachineState::Stopped;
+                None
+            }
+        };
+        rec.op_id = op.as_ref().map(|o| o.id.clone());
+        rec.updated_at = now;
+        self.db.write(|tx| {
+            tx.insert_event(id, &exit_ev)?;
+            if let Some(op) = &op {
+                tx.insert_op(op)?;
+            }
+            tx.update_machine(&rec)
+        })?;
+        match op {
+            Some(op) => {
+                self.launch(&mut live, &op, MachineState::Started);
+            }
+            None => {
+                live.generation = live.generation.wrapping_add(1);
+                self.changed.notify_all();
+            }
+        }
+        Ok(())
+    }
+
+    fn wait(
+        &self,
+        id: &MachineId,
+        states: &[WaitState],
+        version: Option<&str>,
+        from_event_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, AgentError> {
+        let states = if states.is_empty() {
+            &[WaitState::Started][..]
+        } else {
+            states
+        };
+        let matches = |s: MachineState| states.iter().any(|w| w.matches(s));
+        let deadline = Instant::now() + timeout;
+        let from_seq = match from_event_id {
+            Some(e) => Some(
+                self.db
+                    .event_seq(id, e)?
+                    .ok_or_else(|| AgentError::UnknownEvent {
+                        machine: id.clone(),
+                        event_id: e.to_owned(),
+                    })?,
+            ),
+            None => None,
+        };
+        loop {
+            let seen = self.generation();
+            let rec = self.record(id)?;
+            if let Some(v) = version
+                && v != rec.version
+            {
+                let versions = self.db.versions(id)?;
+                let Some((_, _, replaced)) = versions.iter().find(|(ver, _, _)| ver == v) else {
+                    return Err(AgentError::UnknownVersion {
+                        machine: id.clone(),
+                        version: v.to_owned(),
+                    });
+                };
+                let satisfied = *replaced
+                    && states
+                        .iter()
+                        .any(|w| matches!(w, WaitState::Stopped | WaitState::Destroyed | WaitState::Settled));
+                if satisfied {
+                    return Ok(WaitOutcome {
+                        state: MachineState::Replaced,
+                        version: v.to_owned(),
+                        event_id: String::new(),
+                    });
+                }
+            } else if let Some(seq) = from_seq {
+                for (_, ev) in self.db.events_after(id, seq)? {
+                    if let Ok(s) = ev.status.parse::<MachineState>()
+                        && matches(s)
+                    {
+                        return Ok(WaitOutcome {
+                            state: s,
+                            version: rec.version,
+                            event_id: ev.id,
+                        });
+                    }
+                }
+            } else if matches(rec.state) {
+                let event_id = self.db.events(id, 1)?.pop().map(|e| e.id).unwrap_or_default();
+                return Ok(WaitOutcome {
+                    state: rec.state,
+                    version: rec.version,
+                    event_id,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(AgentError::WaitTimeout {
+                    machine: id.clone(),
+                    wanted: states
+                        .iter()
+                        .map(|w| format!("{w:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                    timeout,
+                    state: rec.state,
+                });
+            }
+            if self.halted() {
+                return Err(AgentError::Halted);
+            }
+            self.wait_change(seen, deadline);
+        }
+    }
+
+    /// See [`Agent::open`].
+    fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
+        let machines = self.db.machines()?;
+        let mut exited = Vec::new();
+        {
+            let mut live = self.lock();
+            for rec in &machines {
+                if let Some(op_id) = &rec.op_id {
+                    match self.db.op(op_id)? {
+                        Some(op) if matches!(op.status, OpStatus::Running | OpStatus::Undoing) => {
+                            self.launch(&mut live, &op, op.params.from);
+                            continue;
+                        }
+                        _ => {
+                            // The operation finished but the machine still names it: the finish
+                            // transaction writes both, so this is a database edited by hand.
+                            let mut fixed = rec.clone();
+                            fixed.op_id = None;
+                            if !fixed.state.is_settled() {
+                                fixed.state = MachineState::Failed;
+                            }
+                            self.db.write(|tx| tx.update_machine(&fixed))?;
+                        }
+                    }
+                }
+                match rec.state {
+                    MachineState::Started => match self.driver.vm_status(&rec.id) {
+                        Ok(VmStatus::Running) => {
+                            let token = ulid();
+                            live.monitors.insert(rec.id.clone(), token.clone());
+                            let m = rec.id.clone();
+                            self.spawn(&mut live, move |me| me.monitor(&m, &token));
+                        }
+                        Ok(VmStatus::Exited(exit)) => exited.push((rec.id.clone(), exit)),
+                        Ok(VmStatus::Absent | VmStatus::Suspended) | Err(_) => exited.push((
+                            rec.id.clone(),
+                            ExitInfo {
+                                exited_at: now_ms(),
+                                failed: Some("the vm was gone when the agent restarted".into()),
+                                ..ExitInfo::default()
+                            },
+                        )),
+                    },
+                    MachineState::Created | MachineState::Stopped | MachineState::Failed => {
+                        if matches!(self.driver.vm_status(&rec.id), Ok(VmStatus::Running)) {
+                            let _ = self.driver.kill_vm(&rec.id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (id, exit) in exited {
+            self.on_exit(&id, None, &exit)?;
+        }
+        self.sweep(&machines);
+        Ok(())
+    }
+
+    /// Removes what the driver holds for machines with no record, or a destroyed one.
+    fn sweep(&self, machines: &[MachineRecord]) {
+        let Ok(residue) = self.driver.residue() else {
+            return;
+        };
+        for id in residue {
+            let known = machines
+                .iter()
+                .find(|m| m.id == id)
+                .is_some_and(|m| !m.state.is_terminal());
+            if known {
+                continue;
+            }
+            let d = &*self.driver;
+            let _ = d.kill_vm(&id);
+            let _ = d.discard_snapshot(&id);
+            let _ = d.remove_machine_dir(&id);
+            let _ = d.remove_disk(&id);
+            let _ = d.detach_network(&id);
+        }
+    }
+}

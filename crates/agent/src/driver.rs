@@ -1,0 +1,354 @@
+//! The seam between the lifecycle state machine and the world: [`Driver`] (images, disks, network,
+//! VMs) and [`Network`] (a machine's tap and addresses), with the plain data they exchange.
+//!
+//! Every method is keyed by machine id, blocks the calling thread, and is **idempotent**: the agent
+//! may call it again after a crash with the same arguments (a step whose outcome was not recorded
+//! is performed again), so "already done" must succeed, and "already gone" must succeed for
+//! removals.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aloft_api::{MachineId, ProcessStat, Signal};
+use aloft_guest_proto::{DnsConfig, EtcHost, ImageConfig, NetConfig, RunConfig};
+use serde::{Deserialize, Serialize};
+
+/// A pulled image, as the agent records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// What the config asked for (`busybox:latest`).
+    pub requested: String,
+    /// The reference pinned to its manifest digest (`host/busybox@sha256:…`).
+    pub pinned: String,
+    /// Registry host.
+    pub registry: String,
+    /// Repository path.
+    pub repository: String,
+    /// Tag, if the request had one.
+    pub tag: String,
+    /// Manifest digest, `sha256:…`.
+    pub digest: String,
+    /// What init receives as the run config's image section.
+    pub config: ImageConfig,
+}
+
+/// An image's read-only base root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseInfo {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest's filesystem type for it (`erofs`, `ext4`).
+    pub fstype: String,
+}
+
+/// A machine's network as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// Host tap device; `None`: the machine has no network interface (loopback only).
+    pub tap: Option<String>,
+    /// The guest NIC's MAC.
+    pub mac: Option<String>,
+    /// Network namespace holding the tap, if not the agent's.
+    pub netns: Option<PathBuf>,
+    /// The private (6PN) address reported as `Machine.private_ip`; empty without a network.
+    pub private_ip: String,
+    /// eth0's addresses and routes.
+    pub net_config: Option<NetConfig>,
+    /// `/etc/resolv.conf`.
+    pub dns: DnsConfig,
+    /// Extra `/etc/hosts` lines.
+    pub etc_hosts: Vec<EtcHost>,
+}
+
+/// Everything needed to boot one version of a machine; written by [`Driver::write_spec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// The read-only base (`/dev/vda`).
+    pub base: BaseInfo,
+    /// The writable disk (`/dev/vdb`).
+    pub disk: PathBuf,
+    /// The network.
+    pub net: NetInfo,
+    /// Extra guest kernel arguments (`guest.kernel_args`, `init.kernel_args`).
+    pub kernel_args: Vec<String>,
+    /// What init runs.
+    pub run_config: RunConfig,
+}
+
+/// How a machine's VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// The workload's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the workload.
+    pub signal: Option<i32>,
+    /// Killed by the guest's out-of-memory killer.
+    pub oom_killed: bool,
+    /// The end was asked for (stop, restart, destroy).
+    pub requested_stop: bool,
+    /// Init could not start the workload: its message.
+    pub failed: Option<String>,
+    /// Unix milliseconds.
+    pub exited_at: i64,
+}
+
+impl ExitInfo {
+    /// Whether the restart policy `on-failure` counts this as a failure: anything but exit code 0.
+    pub fn is_failure(&self) -> bool {
+        self.exit_code != Some(0) || self.signal.is_some() || self.oom_killed || self.failed.is_some()
+    }
+}
+
+/// What the driver knows about a machine's VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStatus {
+    /// QEMU runs (the workload may be starting, running, or have just exited).
+    Running,
+    /// The VM ended; how.
+    Exited(ExitInfo),
+    /// The VM suspended itself into its snapshot.
+    Suspended,
+    /// Nothing is known: never started, or its run directory is gone.
+    Absent,
+}
+
+/// Output of [`Driver::exec`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecResult {
+    /// Exit code.
+    pub exit_code: i32,
+    /// Signal that ended it (0 if none).
+    pub exit_signal: i32,
+    /// Its stdout.
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// Which driver operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[expect(missing_docs, reason = "one variant per Driver method, named after it")]
+pub enum DriverOp {
+    PullImage,
+    BuildBase,
+    CreateDisk,
+    RemoveDisk,
+    AttachNetwork,
+    DetachNetwork,
+    WriteSpec,
+    StartVm,
+    WaitStarted,
+    StopVm,
+    KillVm,
+    SuspendVm,
+    ResumeVm,
+    DiscardSnapshot,
+    VmStatus,
+    WaitExit,
+    Signal,
+    Exec,
+    Ps,
+    RemoveMachineDir,
+    Residue,
+}
+
+impl DriverOp {
+    /// Snake-case name, as in step records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PullImage => "pull_image",
+            Self::BuildBase => "build_base",
+            Self::CreateDisk => "create_disk",
+            Self::RemoveDisk => "remove_disk",
+            Self::AttachNetwork => "attach_network",
+            Self::DetachNetwork => "detach_network",
+            Self::WriteSpec => "write_spec",
+            Self::StartVm => "start_vm",
+            Self::WaitStarted => "wait_started",
+            Self::StopVm => "stop_vm",
+            Self::KillVm => "kill_vm",
+            Self::SuspendVm => "suspend_vm",
+            Self::ResumeVm => "resume_vm",
+            Self::DiscardSnapshot => "discard_snapshot",
+            Self::VmStatus => "vm_status",
+            Self::WaitExit => "wait_exit",
+            Self::Signal => "signal",
+            Self::Exec => "exec",
+            Self::Ps => "ps",
+            Self::RemoveMachineDir => "remove_machine_dir",
+            Self::Residue => "residue",
+        }
+    }
+}
+
+impl fmt::Display for DriverOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed driver operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The operation failed; `retryable` says whether trying again may help (network, timeouts).
+    #[error("{op}: {message}")]
+    Failed {
+        /// What was being done.
+        op: DriverOp,
+        /// What went wrong, with the underlying error's chain.
+        message: String,
+        /// Whether a retry may succeed.
+        retryable: bool,
+    },
+    /// The image does not exist or may not be pulled: a retry will not help.
+    #[error("image {image}: {message}")]
+    Image {
+        /// The reference.
+        image: String,
+        /// Why.
+        message: String,
+    },
+    /// Init could not start the workload (its message, e.g. "executable not found").
+    #[error("workload failed to start: {message}")]
+    WorkloadFailed {
+        /// Init's message.
+        message: String,
+    },
+    /// The operation needs a running VM and there is none.
+    #[error("{op}: the machine is not running")]
+    NotRunning {
+        /// What was being done.
+        op: DriverOp,
+    },
+}
+
+impl DriverError {
+    /// A failure with the full chain of `e` as its message.
+    pub fn failed(op: DriverOp, e: &(dyn std::error::Error + 'static), retryable: bool) -> Self {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Self::Failed {
+            op,
+            message,
+            retryable,
+        }
+    }
+
+    /// Whether trying the same step again may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Failed { retryable: true, .. })
+    }
+}
+
+/// Everything on this host a machine's lifecycle touches. See the module doc: blocking,
+/// idempotent, keyed by machine id. Implementations: [`crate::VmDriver`] (real) and
+/// [`crate::FakeDriver`] (in memory).
+pub trait Driver: Send + Sync + fmt::Debug {
+    /// Resolves and caches `image` (a reference as the user wrote it). Idempotent.
+    fn pull_image(&self, image: &str) -> Result<ImageInfo, DriverError>;
+    /// The read-only base of a pulled image, built once per digest. Idempotent.
+    fn build_base(&self, image: &ImageInfo) -> Result<BaseInfo, DriverError>;
+    /// Creates the machine's writable disk, or resets it to empty if it exists.
+    fn create_disk(&self, id: &MachineId, size_mib: u64) -> Result<PathBuf, DriverError>;
+    /// Removes the writable disk; succeeds if there is none.
+    fn remove_disk(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Gives the machine its network (tap, addresses) in organization `org`; the same answer for
+    /// the same machine every time.
+    fn attach_network(&self, id: &MachineId, org: u32) -> Result<NetInfo, DriverError>;
+    /// Removes the machine's network; succeeds if there is none.
+    fn detach_network(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Writes what [`Driver::start_vm`] boots, replacing an earlier spec.
+    fn write_spec(&self, id: &MachineId, spec: &LaunchSpec) -> Result<(), DriverError>;
+    /// Boots the machine from its written spec; a VM already running from it is adopted.
+    fn start_vm(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Waits until init reports the workload started (or it already ran and exited).
+    fn wait_started(&self, id: &MachineId, timeout: Duration) -> Result<(), DriverError>;
+    /// Graceful stop: `signal` (or the spec's), `timeout`, then kill. `None` if it was not running.
+    fn stop_vm(
+        &self,
+        id: &MachineId,
+        signal: Option<Signal>,
+        timeout: Duration,
+    ) -> Result<Option<ExitInfo>, DriverError>;
+    /// Kills the VM. `None` if it was not running.
+    fn kill_vm(&self, id: &MachineId) -> Result<Option<ExitInfo>, DriverError>;
+    /// Suspends the VM into the machine's snapshot; QEMU exits. Already suspended: success.
+    fn suspend_vm(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Boots the VM again from its snapshot (same spec). A VM already running is adopted.
+    fn resume_vm(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Removes the machine's snapshot; succeeds if there is none.
+    fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// What the VM is doing; reattaches to a VM this process has not seen yet.
+    fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError>;
+    /// Waits up to `timeout` for the VM to end; `None` while it still runs.
+    fn wait_exit(&self, id: &MachineId, timeout: Duration) -> Result<Option<ExitInfo>, DriverError>;
+    /// Sends `signal` to the workload.
+    fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), DriverError>;
+    /// Runs a command in the guest.
+    fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResult, DriverError>;
+    /// The guest's processes.
+    fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError>;
+    /// Removes everything else the machine has on the host (run directory, spec, logs); kills a
+    /// VM still running from it first. Succeeds if there is nothing.
+    fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError>;
+    /// Every machine id that has anything on this host (VM, disk, network, directory): what
+    /// recovery compares with its records to find orphans.
+    fn residue(&self) -> Result<Vec<MachineId>, DriverError>;
+}
+
+/// A failed network operation (returned by [`Network`] implementations).
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The network backend failed.
+    #[error("{op} for machine {machine}: {message}")]
+    Failed {
+        /// `attach` or `detach`.
+        op: &'static str,
+        /// The machine.
+        machine: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A machine's host-side network: taps, addresses, firewall. The real implementation wraps
+/// `aloft-net` (`HostNet` and its slot allocator); [`NoNetwork`] gives machines loopback only.
+/// Same rules as [`Driver`]: blocking, idempotent, keyed by machine id.
+pub trait Network: Send + Sync + fmt::Debug {
+    /// Creates (or finds) the machine's network in organization `org`.
+    fn attach(&self, id: &MachineId, org: u32) -> Result<NetInfo, NetworkError>;
+    /// Removes it; succeeds if there is none.
+    fn detach(&self, id: &MachineId) -> Result<(), NetworkError>;
+    /// Machines that have a network here (for the orphan sweep).
+    fn attached(&self) -> Result<Vec<MachineId>, NetworkError>;
+}
+
+/// No network at all: machines get loopback only and no private address. The default until a host
+/// network is configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoNetwork;
+
+impl Network for NoNetwork {
+    fn attach(&self, _id: &MachineId, _org: u32) -> Result<NetInfo, NetworkError> {
+        Ok(NetInfo::default())
+    }
+
+    fn detach(&self, _id: &MachineId) -> Result<(), NetworkError> {
+        Ok(())
+    }
+
+    fn attached(&self) -> Result<Vec<MachineId>, NetworkError> {
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,206 @@
+//! [`AgentError`]: what the agent's public calls return, and how the API maps each to an HTTP
+//! status ([`AgentError::to_api`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aloft_api::{ApiError, MachineId, MachineState, StateError};
+
+use crate::driver::DriverError;
+
+/// Why an agent call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No machine with this id on this host (404).
+    #[error("machine {machine} not found on this host")]
+    NotFound {
+        /// The id asked for.
+        machine: String,
+    },
+    /// A create named an id that exists (409).
+    #[error("machine {machine} already exists: choose another id or omit it")]
+    AlreadyExists {
+        /// The id.
+        machine: MachineId,
+    },
+    /// The verb is not allowed in the machine's state (412); the message names the state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Another operation is running on the machine (409).
+    #[error(
+        "machine {machine} is busy: {operation} operation {op_id} is in progress; wait for the machine to settle and retry"
+    )]
+    Busy {
+        /// The machine.
+        machine: MachineId,
+        /// The running operation's kind.
+        operation: &'static str,
+        /// Its id.
+        op_id: String,
+    },
+    /// An update's `current_version` is not the machine's version (412).
+    #[error(
+        "machine {machine} is at version {current}, not {expected}: fetch the machine again and retry with its version"
+    )]
+    StaleVersion {
+        /// The machine.
+        machine: MachineId,
+        /// What the caller expected.
+        expected: String,
+        /// What it is.
+        current: String,
+    },
+    /// `wait` named a version this machine never had (404).
+    #[error("machine {machine} has no version {version}")]
+    UnknownVersion {
+        /// The machine.
+        machine: MachineId,
+        /// The version asked for.
+        version: String,
+    },
+    /// `wait` named an event this machine does not have (400).
+    #[error("machine {machine} has no event {event_id}: pass an event id from this machine's events")]
+    UnknownEvent {
+        /// The machine.
+        machine: MachineId,
+        /// The event id asked for.
+        event_id: String,
+    },
+    /// The config cannot be run (400).
+    #[error("invalid machine config: {reason}")]
+    InvalidConfig {
+        /// What to change.
+        reason: String,
+    },
+    /// `wait` timed out (408: "not yet").
+    #[error("machine {machine} did not reach {wanted} within {timeout:?}; it is {state}")]
+    WaitTimeout {
+        /// The machine.
+        machine: MachineId,
+        /// The states waited for.
+        wanted: String,
+        /// How long.
+        timeout: Duration,
+        /// The state it is in.
+        state: MachineState,
+    },
+    /// An operation finished without doing what was asked (see `state` for where the machine
+    /// ended; the machine's events say more).
+    #[error("{operation} of machine {machine} failed, machine is now {state}: {message}")]
+    OperationFailed {
+        /// The machine.
+        machine: MachineId,
+        /// The operation's kind.
+        operation: &'static str,
+        /// Where the machine ended.
+        state: MachineState,
+        /// What went wrong.
+        message: String,
+        /// The user's input is at fault (e.g. an image that does not exist): 422, not 500.
+        user_error: bool,
+    },
+    /// A driver call made directly for the caller (signal, exec, ps) failed.
+    #[error("machine {machine}")]
+    Driver {
+        /// The machine.
+        machine: MachineId,
+        /// What failed.
+        #[source]
+        source: DriverError,
+    },
+    /// The agent's database failed.
+    #[error("agent database: {op}")]
+    Database {
+        /// What was being done.
+        op: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A record in the agent's database does not parse.
+    #[error("agent database: corrupt {what}; restore the database from a backup or remove the machine")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This agent instance stopped (shut down, or halted as if killed); reopen the agent.
+    #[error("the agent stopped before the operation finished; it resumes when the agent is opened again")]
+    Halted,
+}
+
+impl AgentError {
+    pub(crate) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
+        move |source| Self::Database { op, source }
+    }
+
+    /// The API error for this failure: status code and a message safe to show.
+    pub fn to_api(&self) -> ApiError {
+        match self {
+            Self::NotFound { machine } => ApiError::not_found(format_args!("machine {machine}")),
+            Self::AlreadyExists { .. } | Self::Busy { .. } => ApiError::conflict(self.to_string()),
+            Self::State(e) => ApiError::from(*e),
+            Self::StaleVersion { .. } => ApiError::precondition_failed(self.to_string()),
+            Self::UnknownVersion { .. } => ApiError::not_found(format_args!("{self}")),
+            Self::UnknownEvent { .. } | Self::InvalidConfig { .. } => ApiError::bad_request(self.to_string()),
+            Self::WaitTimeout { .. } => ApiError::request_timeout(self.to_string()),
+            Self::OperationFailed { user_error: true, .. } => ApiError::unprocessable(self.to_string()),
+            Self::Driver {
+                source: DriverError::NotRunning { .. },
+                ..
+            } => ApiError::precondition_failed(self.to_string()),
+            Self::Halted => ApiError::new(503, self.to_string()),
+            Self::OperationFailed { .. }
+            | Self::Driver { .. }
+            | Self::Database { .. }
+            | Self::Corrupt { .. }
+            | Self::Io { .. } => ApiError::internal(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aloft_api::Verb;
+
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_api() {
+        let id: MachineId = "3d8d413b29d089".parse().unwrap();
+        let e = AgentError::State(StateError {
+            verb: Verb::Start,
+            state: MachineState::Replacing,
+        });
+        assert_eq!(e.to_api().status(), 412);
+        assert!(e.to_string().contains("replacing"), "{e}");
+        let busy = AgentError::Busy {
+            machine: id.clone(),
+            operation: "stop",
+            op_id: "01X".into(),
+        };
+        assert_eq!(busy.to_api().status(), 409);
+        assert_eq!(
+            AgentError::NotFound {
+                machine: id.to_string()
+            }
+            .to_api()
+            .status(),
+            404
+        );
+        assert_eq!(AgentError::Halted.to_api().status(), 503);
+    }
+}

@@ -1,0 +1,621 @@
+//! [`FakeDriver`]: an in-memory, deterministic [`Driver`] for tests (the agent's own and the API
+//! server's handler tests). Every call is recorded; failures can be injected at any operation,
+//! once, a number of times or always, and a [`Killswitch`] can be tripped just before or just
+//! after an operation acts, which "kills" the agent at that step boundary.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aloft_api::{MachineId, ProcessStat, Signal};
+use aloft_guest_proto::ImageConfig;
+
+use crate::agent::Killswitch;
+use crate::driver::{
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, VmStatus,
+};
+use crate::ids::now_ms;
+
+/// A fake VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeVm {
+    /// QEMU "runs"; `boot` counts boots of this machine.
+    Running {
+        /// Which boot of the machine this is (1 for the first).
+        boot: u64,
+    },
+    /// It ended.
+    Exited(ExitInfo),
+    /// It suspended into its snapshot.
+    Suspended,
+}
+
+/// When a crash fault trips its switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPhase {
+    /// Before the operation acts (the agent recorded the step as started, nothing happened).
+    Before,
+    /// After it acted (the world changed, the agent did not record it).
+    After,
+}
+
+#[derive(Debug, Clone)]
+enum FaultKind {
+    Fail { retryable: bool },
+    Crash { phase: CrashPhase, switch: Killswitch },
+    WorkloadFailed,
+}
+
+#[derive(Debug, Clone)]
+struct Fault {
+    op: DriverOp,
+    /// `None`: always.
+    remaining: Option<u32>,
+    kind: FaultKind,
+}
+
+/// Everything the fake holds; tests read it through [`FakeDriver::world`].
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    /// Images pulled.
+    pub images: BTreeSet<String>,
+    /// Bases built (by digest).
+    pub bases: BTreeSet<String>,
+    /// Writable disks, with how many times each was (re)made.
+    pub disks: BTreeMap<MachineId, u64>,
+    /// Networks.
+    pub nets: BTreeMap<MachineId, NetInfo>,
+    /// Written launch specs.
+    pub specs: BTreeMap<MachineId, LaunchSpec>,
+    /// VMs.
+    pub vms: BTreeMap<MachineId, FakeVm>,
+    /// Snapshots.
+    pub snapshots: BTreeSet<MachineId>,
+    /// Machine directories.
+    pub dirs: BTreeSet<MachineId>,
+    /// Every call, in order: (operation, machine or image).
+    pub calls: Vec<(DriverOp, String)>,
+    /// Boots per machine.
+    pub boots: BTreeMap<MachineId, u64>,
+    faults: Vec<Fault>,
+    missing_images: BTreeSet<String>,
+    exit_on_start: Option<ExitInfo>,
+    next_slot: u32,
+    blocked: BTreeSet<DriverOp>,
+}
+
+impl World {
+    /// Every machine id the world holds anything for.
+    pub fn residue(&self) -> BTreeSet<MachineId> {
+        let mut out = BTreeSet::new();
+        out.extend(self.disks.keys().cloned());
+        out.extend(self.nets.keys().cloned());
+        out.extend(self.specs.keys().cloned());
+        out.extend(self.snapshots.iter().cloned());
+        out.extend(self.dirs.iter().cloned());
+        out.extend(
+            self.vms
+                .iter()
+                .filter(|(_, v)| matches!(v, FakeVm::Running { .. }))
+                .map(|(k, _)| k.clone()),
+        );
+        out
+    }
+
+    /// Whether machine `id` has a running VM.
+    pub fn running(&self, id: &MachineId) -> bool {
+        matches!(self.vms.get(id), Some(FakeVm::Running { .. }))
+    }
+}
+
+/// The in-memory driver. Cheap to clone; clones share the world, so a test keeps one to inspect
+/// and program it while the agent uses another (and a reopened agent finds the same world).
+#[derive(Debug, Clone, Default)]
+pub struct FakeDriver {
+    world: Arc<(Mutex<World>, Condvar)>,
+}
+
+fn fake_digest(image: &str) -> String {
+    // FNV-1a, spread over 64 hex digits: stable and distinct per name.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in image.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("sha256:{h:016x}{h:016x}{h:016x}{h:016x}")
+}
+
+impl FakeDriver {
+    /// An empty world: every image exists, every operation succeeds, workloads run until stopped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.world
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A copy of the world now.
+    pub fn world(&self) -> World {
+        self.lock().clone()
+    }
+
+    fn fault(&self, op: DriverOp, remaining: Option<u32>, kind: FaultKind) {
+        self.lock().faults.push(Fault { op, remaining, kind });
+    }
+
+    /// `op` fails the next `times` calls (retryable: the agent tries again).
+    pub fn fail(&self, op: DriverOp, times: u32) {
+        self.fault(op, Some(times), FaultKind::Fail { retryable: true });
+    }
+
+    /// `op` fails every time, not retryable.
+    pub fn fail_always(&self, op: DriverOp) {
+        self.fault(op, None, FaultKind::Fail { retryable: false });
+    }
+
+    /// The next call of `op` trips `switch` before or after acting.
+    pub fn crash_at(&self, op: DriverOp, phase: CrashPhase, switch: &Killswitch) {
+        self.fault(
+            op,
+            Some(1),
+            FaultKind::Crash {
+                phase,
+                switch: switch.clone(),
+            },
+        );
+    }
+
+    /// The next `wait_started` reports that init could not start the workload.
+    pub fn workload_fails_to_start(&self) {
+        self.fault(DriverOp::WaitStarted, Some(1), FaultKind::WorkloadFailed);
+    }
+
+    /// Calls of `op` wait (after being recorded in `calls`) until [`FakeDriver::unblock`].
+    pub fn block(&self, op: DriverOp) {
+        self.lock().blocked.insert(op);
+    }
+
+    /// Lets blocked calls of `op` go on.
+    pub fn unblock(&self, op: DriverOp) {
+        self.lock().blocked.remove(&op);
+        self.world.1.notify_all();
+    }
+
+    /// Waits until `op` was called for `what` at least `n` times (tests synchronise on it).
+    pub fn wait_for_call(&self, op: DriverOp, what: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut w = self.lock();
+        loop {
+            if w.calls.iter().filter(|(o, m)| *o == op && m == what).count() >= n {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let (g, _) = self
+                .world
+                .1
+                .wait_timeout(w, (deadline - now).min(Duration::from_millis(10)))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w = g;
+        }
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// Pulls of `image` fail as "not found".
+    pub fn missing_image(&self, image: &str) {
+        self.lock().missing_images.insert(image.to_owned());
+    }
+
+    /// Every VM started from now on exits at once with `exit` (a crash loop); `None`: they run.
+    pub fn exit_on_start(&self, exit: Option<ExitInfo>) {
+        self.lock().exit_on_start = exit;
+    }
+
+    /// The workload of a running VM ends with `exit` (as if it crashed or finished).
+    pub fn exit_workload(&self, id: &MachineId, exit: ExitInfo) {
+        let mut w = self.lock();
+        if w.running(id) {
+            w.vms.insert(id.clone(), FakeVm::Exited(exit));
+        }
+        drop(w);
+        self.world.1.notify_all();
+    }
+
+    /// Records the call, applies faults, runs `f`, and applies an after-crash.
+    fn act<T>(
+        &self,
+        op: DriverOp,
+        what: &str,
+        f: impl FnOnce(&mut World) -> Result<T, DriverError>,
+    ) -> Result<T, DriverError> {
+        let mut w = self.lock();
+        w.calls.push((op, what.to_owned()));
+        self.world.1.notify_all();
+        // A test that fails while a call is blocked must not hang: give up after a while.
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while w.blocked.contains(&op) {
+            if Instant::now() >= give_up {
+                return Err(DriverError::Failed {
+                    op,
+                    message: "blocked for too long".into(),
+                    retryable: false,
+                });
+            }
+            w = self
+                .world
+                .1
+                .wait_timeout(w, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        let mut after = None;
+        if let Some(i) = w.faults.iter().position(|f| f.op == op) {
+            let fault = w.faults[i].clone();
+            match &mut w.faults[i].remaining {
+                Some(1) => {
+                    w.faults.remove(i);
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+            match fault.kind {
+                FaultKind::Fail { retryable } => {
+                    return Err(DriverError::Failed {
+                        op,
+                        message: "injected failure".into(),
+                        retryable,
+                    });
+                }
+                FaultKind::WorkloadFailed => {
+                    return Err(DriverError::WorkloadFailed {
+                        message: "injected: executable not found".into(),
+                    });
+                }
+                FaultKind::Crash {
+                    phase: CrashPhase::Before,
+                    switch,
+                } => {
+                    switch.trip();
+                    return Err(DriverError::Failed {
+                        op,
+                        message: "injected crash".into(),
+                        retryable: false,
+                    });
+                }
+                FaultKind::Crash {
+                    phase: CrashPhase::After,
+                    switch,
+                } => after = Some(switch),
+            }
+        }
+        let out = f(&mut w);
+        drop(w);
+        self.world.1.notify_all();
+        if let Some(s) = after {
+            s.trip();
+        }
+        out
+    }
+
+    fn stop_exit(signal: Option<i32>) -> ExitInfo {
+        ExitInfo {
+            exit_code: if signal.is_some() { None } else { Some(0) },
+            signal,
+            requested_stop: true,
+            exited_at: now_ms(),
+            ..ExitInfo::default()
+        }
+    }
+}
+
+impl Driver for FakeDriver {
+    fn pull_image(&self, image: &str) -> Result<ImageInfo, DriverError> {
+        self.act(DriverOp::PullImage, image, |w| {
+            if w.missing_images.contains(image) {
+                return Err(DriverError::Image {
+                    image: image.to_owned(),
+                    message: "not found in the registry".into(),
+                });
+            }
+            w.images.insert(image.to_owned());
+            let digest = fake_digest(image);
+            let (repository, tag) = image.split_once(':').unwrap_or((image, "latest"));
+            Ok(ImageInfo {
+                requested: image.to_owned(),
+                pinned: format!("fake.registry/{repository}@{digest}"),
+                registry: "fake.registry".into(),
+                repository: repository.to_owned(),
+                tag: tag.to_owned(),
+                digest,
+                config: ImageConfig {
+                    cmd: vec!["/bin/sh".into()],
+                    ..ImageConfig::default()
+                },
+            })
+        })
+    }
+
+    fn build_base(&self, image: &ImageInfo) -> Result<BaseInfo, DriverError> {
+        self.act(DriverOp::BuildBase, &image.digest, |w| {
+            w.bases.insert(image.digest.clone());
+            Ok(BaseInfo {
+                path: PathBuf::from(format!("/fake/rootfs/{}.erofs", image.digest)),
+                fstype: "erofs".into(),
+            })
+        })
+    }
+
+    fn create_disk(&self, id: &MachineId, _size_mib: u64) -> Result<PathBuf, DriverError> {
+        self.act(DriverOp::CreateDisk, id.as_str(), |w| {
+            *w.disks.entry(id.clone()).or_insert(0) += 1;
+            Ok(PathBuf::from(format!("/fake/machines/{id}/rw.img")))
+        })
+    }
+
+    fn remove_disk(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::RemoveDisk, id.as_str(), |w| {
+            w.disks.remove(id);
+            Ok(())
+        })
+    }
+
+    fn attach_network(&self, id: &MachineId, _org: u32) -> Result<NetInfo, DriverError> {
+        self.act(DriverOp::AttachNetwork, id.as_str(), |w| {
+            if let Some(n) = w.nets.get(id) {
+                return Ok(n.clone());
+            }
+            w.next_slot += 1;
+            let slot = w.next_slot;
+            let n = NetInfo {
+                tap: Some(format!("aloft-m{slot}")),
+                mac: Some(format!("52:54:00:00:00:{:02x}", slot % 256)),
+                private_ip: format!("fdaa:0:1:0:1:0:{slot:x}:2"),
+                ..NetInfo::default()
+            };
+            w.nets.insert(id.clone(), n.clone());
+            Ok(n)
+        })
+    }
+
+    fn detach_network(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::DetachNetwork, id.as_str(), |w| {
+            w.nets.remove(id);
+            Ok(())
+        })
+    }
+
+    fn write_spec(&self, id: &MachineId, spec: &LaunchSpec) -> Result<(), DriverError> {
+        self.act(DriverOp::WriteSpec, id.as_str(), |w| {
+            w.dirs.insert(id.clone());
+            w.specs.insert(id.clone(), spec.clone());
+            Ok(())
+        })
+    }
+
+    fn start_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::StartVm, id.as_str(), |w| {
+            if !w.specs.contains_key(id) {
+                return Err(DriverError::Failed {
+                    op: DriverOp::StartVm,
+                    message: "no spec written".into(),
+                    retryable: false,
+                });
+            }
+            if w.running(id) {
+                return Ok(());
+            }
+            let boot = {
+                let b = w.boots.entry(id.clone()).or_insert(0);
+                *b += 1;
+                *b
+            };
+            let vm = match &w.exit_on_start {
+                Some(exit) => FakeVm::Exited(ExitInfo {
+                    exited_at: now_ms(),
+                    ..exit.clone()
+                }),
+                None => FakeVm::Running { boot },
+            };
+            w.vms.insert(id.clone(), vm);
+            Ok(())
+        })
+    }
+
+    fn wait_started(&self, id: &MachineId, _timeout: Duration) -> Result<(), DriverError> {
+        self.act(DriverOp::WaitStarted, id.as_str(), |w| match w.vms.get(id) {
+            Some(FakeVm::Running { .. }) => Ok(()),
+            Some(FakeVm::Exited(e)) => match &e.failed {
+                Some(message) => Err(DriverError::WorkloadFailed {
+                    message: message.clone(),
+                }),
+                None => Ok(()),
+            },
+            _ => Err(DriverError::NotRunning {
+                op: DriverOp::WaitStarted,
+            }),
+        })
+    }
+
+    fn stop_vm(
+        &self,
+        id: &MachineId,
+        signal: Option<Signal>,
+        _timeout: Duration,
+    ) -> Result<Option<ExitInfo>, DriverError> {
+        self.act(DriverOp::StopVm, id.as_str(), |w| match w.vms.get(id).cloned() {
+            Some(FakeVm::Running { .. }) => {
+                let exit = Self::stop_exit(signal.map(Signal::number));
+                w.vms.insert(id.clone(), FakeVm::Exited(exit.clone()));
+                Ok(Some(exit))
+            }
+            Some(FakeVm::Exited(e)) => Ok(Some(e)),
+            _ => Ok(None),
+        })
+    }
+
+    fn kill_vm(&self, id: &MachineId) -> Result<Option<ExitInfo>, DriverError> {
+        self.act(DriverOp::KillVm, id.as_str(), |w| match w.vms.get(id).cloned() {
+            Some(FakeVm::Running { .. }) => {
+                let exit = Self::stop_exit(Some(9));
+                w.vms.insert(id.clone(), FakeVm::Exited(exit.clone()));
+                Ok(Some(exit))
+            }
+            Some(FakeVm::Exited(e)) => Ok(Some(e)),
+            _ => Ok(None),
+        })
+    }
+
+    fn suspend_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::SuspendVm, id.as_str(), |w| match w.vms.get(id) {
+            Some(FakeVm::Running { .. }) => {
+                w.vms.insert(id.clone(), FakeVm::Suspended);
+                w.snapshots.insert(id.clone());
+                Ok(())
+            }
+            Some(FakeVm::Suspended) => Ok(()),
+            _ => Err(DriverError::NotRunning {
+                op: DriverOp::SuspendVm,
+            }),
+        })
+    }
+
+    fn resume_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::ResumeVm, id.as_str(), |w| {
+            if w.running(id) {
+                return Ok(());
+            }
+            if !w.snapshots.contains(id) {
+                return Err(DriverError::Failed {
+                    op: DriverOp::ResumeVm,
+                    message: "no snapshot".into(),
+                    retryable: false,
+                });
+            }
+            let boot = w.boots.get(id).copied().unwrap_or(0);
+            w.vms.insert(id.clone(), FakeVm::Running { boot });
+            Ok(())
+        })
+    }
+
+    fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::DiscardSnapshot, id.as_str(), |w| {
+            w.snapshots.remove(id);
+            if w.vms.get(id) == Some(&FakeVm::Suspended) {
+                w.vms.remove(id);
+            }
+            Ok(())
+        })
+    }
+
+    fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError> {
+        self.act(DriverOp::VmStatus, id.as_str(), |w| {
+            Ok(match w.vms.get(id) {
+                Some(FakeVm::Running { .. }) => VmStatus::Running,
+                Some(FakeVm::Exited(e)) => VmStatus::Exited(e.clone()),
+                Some(FakeVm::Suspended) => VmStatus::Suspended,
+                None => VmStatus::Absent,
+            })
+        })
+    }
+
+    fn wait_exit(&self, id: &MachineId, timeout: Duration) -> Result<Option<ExitInfo>, DriverError> {
+        // Not recorded in `calls`: monitors poll it.
+        let deadline = Instant::now() + timeout;
+        let mut w = self.lock();
+        loop {
+            match w.vms.get(id) {
+                Some(FakeVm::Running { .. }) => {}
+                Some(FakeVm::Exited(e)) => return Ok(Some(e.clone())),
+                _ => {
+                    return Err(DriverError::NotRunning {
+                        op: DriverOp::WaitExit,
+                    });
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let (g, _) = self
+                .world
+                .1
+                .wait_timeout(w, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w = g;
+        }
+    }
+
+    fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), DriverError> {
+        self.act(DriverOp::Signal, id.as_str(), |w| {
+            if !w.running(id) {
+                return Err(DriverError::NotRunning { op: DriverOp::Signal });
+            }
+            // The fake workload dies of the signals that end a shell.
+            if matches!(signal, Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT) {
+                w.vms.insert(
+                    id.clone(),
+                    FakeVm::Exited(ExitInfo {
+                        signal: Some(signal.number()),
+                        exited_at: now_ms(),
+                        ..ExitInfo::default()
+                    }),
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn exec(&self, id: &MachineId, argv: &[String], _timeout: Duration) -> Result<ExecResult, DriverError> {
+        self.act(DriverOp::Exec, id.as_str(), |w| {
+            if !w.running(id) {
+                return Err(DriverError::NotRunning { op: DriverOp::Exec });
+            }
+            Ok(ExecResult {
+                stdout: format!("{}\n", argv.join(" ")).into_bytes(),
+                ..ExecResult::default()
+            })
+        })
+    }
+
+    fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
+        self.act(DriverOp::Ps, id.as_str(), |w| {
+            if !w.running(id) {
+                return Err(DriverError::NotRunning { op: DriverOp::Ps });
+            }
+            Ok(vec![ProcessStat {
+                pid: 1,
+                command: "/bin/sh".into(),
+                cpu: 0,
+                rss: 0,
+                rtime: 0,
+                stime: 0,
+                directory: "/".into(),
+                listen_sockets: Vec::new(),
+            }])
+        })
+    }
+
+    fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.act(DriverOp::RemoveMachineDir, id.as_str(), |w| {
+            w.vms.remove(id);
+            w.specs.remove(id);
+            w.dirs.remove(id);
+            Ok(())
+        })
+    }
+
+    fn residue(&self) -> Result<Vec<MachineId>, DriverError> {
+        self.act(DriverOp::Residue, "", |w| Ok(w.residue().into_iter().collect()))
+    }
+}

@@ -1,0 +1,54 @@
+//! The per-host agent: the source of truth for the machines on this host (as Fly's flyd is).
+//!
+//! Every lifecycle verb — create, start, stop, suspend, restart, update, destroy — is an
+//! **operation**: a plan of idempotent [`Step`]s fixed when the verb is accepted. Each step is
+//! recorded in the agent's own SQLite database *before* it acts and again with its outcome, so an
+//! agent killed at any point ([`Agent::open`] again) resumes every operation at its first
+//! unfinished step, or continues its rollback; reattaches to the QEMU processes that kept running;
+//! applies the restart policy to exits that happened while it was away; and removes whatever the
+//! host holds for machines that do not exist. See `docs/adr/0008-agent-lifecycle.md`.
+//!
+//! - [`Agent`]: the verbs (what the Machines API server calls), `wait`, events, versions.
+//! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
+//!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait) and [`FakeDriver`]
+//!   (in memory, with injectable failures and crash points).
+//! - States and allowed transitions are `aloft-api`'s ([`aloft_api::Verb::transition`]): a verb
+//!   not allowed in the current state is [`AgentError::State`] (412), a second verb while an
+//!   operation runs is refused by the same rule, or [`AgentError::Busy`] (409).
+//!
+//! Threading model: synchronous. Each operation runs on its own thread (one at a time per
+//! machine, many machines in parallel), each started machine has a monitor thread waiting for its
+//! VM to exit; calls block the caller (an async server wraps them in `spawn_blocking`).
+//!
+//! Must not depend on the control plane (`aloft-store`, leases, apps, tokens) or on HTTP: the API
+//! server calls the agent, never the other way round.
+
+#![warn(missing_docs)]
+
+mod agent;
+mod db;
+mod driver;
+mod error;
+mod fake;
+mod ids;
+mod model;
+mod plan;
+mod vmdriver;
+
+pub use agent::{
+    Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
+};
+pub use driver::{
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, Network,
+    NetworkError, NoNetwork, VmStatus,
+};
+pub use error::AgentError;
+pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
+pub use model::{
+    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord, Undo,
+};
+pub use plan::{DEFAULT_MAX_RETRIES, RestartBackoff};
+pub use vmdriver::{VmDriver, VmDriverConfig};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,483 @@
+//! Pure decisions: which steps a verb takes from a state, what runs when a step fails for good,
+//! what the restart policy does with an exit, and what init is given to boot a version. No I/O.
+
+use std::time::Duration;
+
+use aloft_api::{GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy};
+use aloft_guest_proto::{FileSpec, RootConfig, RunConfig, RuntimeEnv};
+
+use crate::driver::{BaseInfo, ExitInfo, ImageInfo, NetInfo};
+use crate::error::AgentError;
+use crate::ids::base64_decode;
+use crate::model::{OpKind, Step, Undo};
+
+/// The steps of `kind` from `from`, and the state they end in.
+pub(crate) fn plan(kind: OpKind, from: MachineState, skip_launch: bool) -> (Vec<Step>, MachineState) {
+    use MachineState as S;
+    use Step::*;
+    match (kind, from) {
+        (OpKind::Create, _) => {
+            let mut steps = vec![PullImage, BuildBase, MakeDisk, AttachNetwork, WriteSpec];
+            if skip_launch {
+                (steps, S::Created)
+            } else {
+                steps.extend([StartVm, WaitStarted]);
+                (steps, S::Started)
+            }
+        }
+        (OpKind::Start, S::Suspended) => (vec![ResumeVm, DiscardSnapshot, WaitStarted], S::Started),
+        (OpKind::Start, S::Created) => (vec![AttachNetwork, WriteSpec, StartVm, WaitStarted], S::Started),
+        // A restart-policy restart (from `started`, the VM just exited) keeps the writable layer.
+        (OpKind::Start, S::Started) => (
+            vec![Backoff, KillVm, AttachNetwork, WriteSpec, StartVm, WaitStarted],
+            S::Started,
+        ),
+        (OpKind::Start, _) => (
+            vec![KillVm, AttachNetwork, ResetDisk, WriteSpec, StartVm, WaitStarted],
+            S::Started,
+        ),
+        (OpKind::Stop, S::Suspended) => (vec![DiscardSnapshot], S::Stopped),
+        (OpKind::Stop, _) => (vec![StopVm], S::Stopped),
+        (OpKind::Suspend, _) => (vec![SuspendVm], S::Suspended),
+        (OpKind::Restart, _) => (
+            vec![StopVm, ResetDisk, WriteSpec, StartVm, WaitStarted],
+            S::Started,
+        ),
+        (OpKind::Update, S::Started) => {
+            let mut steps = vec![PullImage, BuildBase, StopVm, ResetDisk, WriteSpec];
+            if skip_launch {
+                (steps, S::Stopped)
+            } else {
+                steps.extend([StartVm, WaitStarted]);
+                (steps, S::Started)
+            }
+        }
+        (OpKind::Update, _) => (
+            vec![
+                PullImage,
+                BuildBase,
+                KillVm,
+                DiscardSnapshot,
+                ResetDisk,
+                WriteSpec,
+            ],
+            S::Stopped,
+        ),
+        (OpKind::Destroy, _) => (
+            vec![
+                KillVm,
+                DiscardSnapshot,
+                RemoveMachineDir,
+                RemoveDisk,
+                DetachNetwork,
+            ],
+            S::Destroyed,
+        ),
+    }
+}
+
+/// What runs after step `failed` of `kind` (from `from`) failed for good, and where the machine
+/// ends: a rollback (create before boot, update before the old VM stopped), a fallback (suspend
+/// stops instead, a snapshot that does not resume boots cold), or just making sure no VM is left
+/// half-started (`failed`).
+pub(crate) fn undo(kind: OpKind, from: MachineState, failed: Step) -> Undo {
+    use MachineState as S;
+    use Step::*;
+    let (steps, end) = match (kind, failed) {
+        (OpKind::Create, StartVm | WaitStarted) => (vec![KillVm], S::Failed),
+        (OpKind::Create, _) => (
+            vec![KillVm, RemoveMachineDir, RemoveDisk, DetachNetwork],
+            S::Destroyed,
+        ),
+        (OpKind::Update, PullImage | BuildBase) => (Vec::new(), from),
+        (OpKind::Suspend, _) => (vec![StopVm], S::Stopped),
+        (OpKind::Start, ResumeVm) if from == S::Suspended => {
+            return Undo {
+                steps: vec![KillVm, DiscardSnapshot, WriteSpec, StartVm, WaitStarted],
+                end: S::Started,
+                fallback: true,
+            };
+        }
+        (OpKind::Destroy, _) => (Vec::new(), S::Failed),
+        _ => (vec![KillVm], S::Failed),
+    };
+    Undo {
+        steps,
+        end,
+        fallback: false,
+    }
+}
+
+/// The state shown while an undo plan runs.
+pub(crate) fn undo_state(kind: OpKind, end: MachineState, current: MachineState) -> MachineState {
+    match (kind, end) {
+        (OpKind::Create, MachineState::Destroyed) => MachineState::LaunchFailed,
+        (OpKind::Suspend, MachineState::Stopped) => MachineState::Stopping,
+        _ => current,
+    }
+}
+
+/// Restart-policy knobs ([`crate::AgentConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartBackoff {
+    /// Wait before the first restart; doubles per restart.
+    pub initial: Duration,
+    /// Longest wait.
+    pub max: Duration,
+    /// An instance that ran this long before exiting starts the count afresh.
+    pub window: Duration,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Fly's default `max_retries` for `on-failure`.
+pub const DEFAULT_MAX_RETRIES: u32 = 10;
+
+/// What to do after the workload exited on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExitDecision {
+    /// Start it again after `backoff`; this is restart number `count`.
+    Restart { backoff: Duration, count: u32 },
+    /// Destroy it (`auto_destroy`).
+    Destroy,
+    /// Leave it stopped.
+    Stop,
+}
+
+/// The restart policy applied to `exit`, given the restarts so far (`restarts`, already reset by
+/// the caller when the instance outlived the window).
+pub(crate) fn on_exit(
+    config: &MachineConfig,
+    exit: &ExitInfo,
+    restarts: u32,
+    backoff: &RestartBackoff,
+) -> ExitDecision {
+    let restart = config.restart.clone().unwrap_or_default();
+    let policy = restart.policy.unwrap_or(RestartPolicy::OnFailure);
+    let wants = match policy {
+        RestartPolicy::No => false,
+        RestartPolicy::Always => restart.max_retries.is_none_or(|max| restarts < max),
+        RestartPolicy::OnFailure | RestartPolicy::SpotPrice => {
+            exit.is_failure() && restarts < restart.max_retries.unwrap_or(DEFAULT_MAX_RETRIES)
+        }
+    };
+    if wants {
+        let factor = 1u32.checked_shl(restarts.min(20)).unwrap_or(u32::MAX);
+        let wait = backoff.initial.saturating_mul(factor).min(backoff.max);
+        ExitDecision::Restart {
+            backoff: wait,
+            count: restarts + 1,
+        }
+    } else if config.auto_destroy == Some(true) {
+        ExitDecision::Destroy
+    } else {
+        ExitDecision::Stop
+    }
+}
+
+/// The guest size a config asks for: (vcpus, memory MiB).
+pub(crate) fn guest_size(config: &MachineConfig) -> Result<(u32, u32), AgentError> {
+    let preset = match &config.size {
+        Some(name) => Some(GuestPreset::find(name).ok_or_else(|| AgentError::InvalidConfig {
+            reason: format!("unknown size {name:?}; use a preset such as shared-cpu-1x or give guest.cpus and guest.memory_mb"),
+        })?),
+        None => None,
+    };
+    let guest = match (&config.guest, preset) {
+        (Some(g), _) => g.clone(),
+        (None, Some(p)) => p.to_guest(),
+        (None, None) => MachineGuest::default(),
+    };
+    guest.check().map_err(|e| AgentError::InvalidConfig {
+        reason: e.to_string(),
+    })?;
+    Ok((guest.cpus.unwrap_or(1), guest.memory_mb.unwrap_or(256)))
+}
+
+/// The writable disk size, MiB.
+pub(crate) fn disk_mib(config: &MachineConfig, default: u64) -> u64 {
+    config
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.size_gb)
+        .map_or(default, |gb| u64::from(gb) * 1024)
+}
+
+/// Checks a config before anything is recorded: what would make every boot fail is refused.
+pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
+    let invalid = |reason: &str| {
+        Err(AgentError::InvalidConfig {
+            reason: reason.to_owned(),
+        })
+    };
+    match config.image.as_deref().map(str::trim) {
+        None | Some("") => {
+            return invalid(
+                "image is required: set config.image to an image reference such as busybox:latest",
+            );
+        }
+        Some(_) => {}
+    }
+    guest_size(config)?;
+    files(config)?;
+    if !config.containers.is_empty() {
+        return invalid(
+            "multi-container machines (config.containers) are not supported yet: use config.image",
+        );
+    }
+    if !config.mounts.is_empty() {
+        return invalid("volumes (config.mounts) are not supported by this agent yet: remove config.mounts");
+    }
+    Ok(())
+}
+
+fn files(config: &MachineConfig) -> Result<Vec<FileSpec>, AgentError> {
+    config
+        .files
+        .iter()
+        .map(|f| {
+            let path = f.guest_path.clone().unwrap_or_default();
+            if !path.starts_with('/') {
+                return Err(AgentError::InvalidConfig {
+                    reason: format!("files: guest_path {path:?} must be an absolute path"),
+                });
+            }
+            let contents = match (&f.raw_value, &f.secret_name, &f.image_config) {
+                (Some(raw), _, _) => base64_decode(raw).ok_or_else(|| AgentError::InvalidConfig {
+                    reason: format!("files: raw_value of {path} is not base64"),
+                })?,
+                (None, Some(_), _) => {
+                    return Err(AgentError::InvalidConfig {
+                        reason: format!(
+                            "files: {path} names a secret; the control plane must resolve secret_name into raw_value before it reaches the agent"
+                        ),
+                    });
+                }
+                _ => {
+                    return Err(AgentError::InvalidConfig {
+                        reason: format!("files: {path} needs raw_value"),
+                    });
+                }
+            };
+            Ok(FileSpec {
+                guest_path: path,
+                contents,
+                mode: f.mode,
+            })
+        })
+        .collect()
+}
+
+/// Facts about the machine init exports as `FLY_*`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) app: &'a str,
+    pub(crate) region: &'a str,
+    pub(crate) version: &'a str,
+}
+
+/// The run config init boots `config` with.
+pub(crate) fn run_config(
+    who: Identity<'_>,
+    config: &MachineConfig,
+    image: &ImageInfo,
+    base: &BaseInfo,
+    net: &NetInfo,
+) -> Result<RunConfig, AgentError> {
+    let (_, memory_mb) = guest_size(config)?;
+    let init = config.init.clone().unwrap_or_default();
+    let some = |v: Vec<String>| if v.is_empty() { None } else { Some(v) };
+    let hostname = config
+        .dns
+        .as_ref()
+        .and_then(|d| d.hostname.clone())
+        .unwrap_or_else(|| who.id.to_owned());
+    Ok(RunConfig {
+        hostname,
+        image: image.config.clone(),
+        exec: some(init.exec),
+        entrypoint: some(init.entrypoint),
+        cmd: some(init.cmd),
+        user: None,
+        working_dir: None,
+        env: config.env.clone(),
+        runtime: RuntimeEnv {
+            app_name: who.app.to_owned(),
+            machine_id: who.id.to_owned(),
+            region: who.region.to_owned(),
+            private_ip: net.private_ip.clone(),
+            process_group: config
+                .metadata
+                .get("fly_process_group")
+                .or_else(|| config.metadata.get("process_group"))
+                .cloned()
+                .unwrap_or_default(),
+            image_ref: image.pinned.clone(),
+            machine_version: who.version.to_owned(),
+            vm_memory_mb: memory_mb,
+            primary_region: config.env.get("PRIMARY_REGION").cloned().unwrap_or_default(),
+        },
+        root: RootConfig {
+            device: Some("/dev/vda".into()),
+            fstype: base.fstype.clone(),
+            writable_device: Some("/dev/vdb".into()),
+        },
+        network: net.net_config.clone(),
+        dns: net.dns.clone(),
+        etc_hosts: net.etc_hosts.clone(),
+        files: files(config)?,
+        stop_signal: config
+            .stop_config
+            .as_ref()
+            .and_then(|s| s.signal)
+            .map(|s| s.as_str().to_owned()),
+    })
+}
+
+/// Guest kernel arguments from the config.
+pub(crate) fn kernel_args(config: &MachineConfig) -> Vec<String> {
+    let mut args = config
+        .guest
+        .as_ref()
+        .map(|g| g.kernel_args.clone())
+        .unwrap_or_default();
+    if let Some(init) = &config.init {
+        args.extend(init.kernel_args.iter().cloned());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use aloft_api::{MachineRestart, Verb};
+
+    use super::*;
+
+    fn exit(code: i32) -> ExitInfo {
+        ExitInfo {
+            exit_code: Some(code),
+            ..ExitInfo::default()
+        }
+    }
+
+    fn cfg(policy: Option<RestartPolicy>, max: Option<u32>) -> MachineConfig {
+        MachineConfig {
+            image: Some("busybox".into()),
+            restart: Some(MachineRestart {
+                policy,
+                max_retries: max,
+                gpu_bid_price: None,
+            }),
+            ..MachineConfig::default()
+        }
+    }
+
+    #[test]
+    fn restart_policies_decide() {
+        let b = RestartBackoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            window: Duration::from_secs(60),
+        };
+        assert_eq!(
+            on_exit(&cfg(Some(RestartPolicy::No), None), &exit(1), 0, &b),
+            ExitDecision::Stop
+        );
+        assert_eq!(
+            on_exit(&cfg(Some(RestartPolicy::Always), None), &exit(0), 0, &b),
+            ExitDecision::Restart {
+                backoff: Duration::from_millis(100),
+                count: 1
+            }
+        );
+        assert_eq!(
+            on_exit(&cfg(Some(RestartPolicy::OnFailure), None), &exit(0), 0, &b),
+            ExitDecision::Stop
+        );
+        assert_eq!(
+            on_exit(&cfg(Some(RestartPolicy::OnFailure), Some(2)), &exit(3), 1, &b),
+            ExitDecision::Restart {
+                backoff: Duration::from_millis(200),
+                count: 2
+            }
+        );
+        assert_eq!(
+            on_exit(&cfg(Some(RestartPolicy::OnFailure), Some(2)), &exit(3), 2, &b),
+            ExitDecision::Stop
+        );
+        // Default: on-failure with 10 retries; backoff is capped.
+        assert_eq!(
+            on_exit(&cfg(None, None), &exit(1), 9, &b),
+            ExitDecision::Restart {
+                backoff: Duration::from_secs(1),
+                count: 10
+            }
+        );
+        assert_eq!(on_exit(&cfg(None, None), &exit(1), 10, &b), ExitDecision::Stop);
+        let mut auto = cfg(Some(RestartPolicy::No), None);
+        auto.auto_destroy = Some(true);
+        assert_eq!(on_exit(&auto, &exit(0), 0, &b), ExitDecision::Destroy);
+        let killed = ExitInfo {
+            signal: Some(9),
+            ..ExitInfo::default()
+        };
+        assert!(matches!(
+            on_exit(&cfg(Some(RestartPolicy::OnFailure), None), &killed, 0, &b),
+            ExitDecision::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn plans_end_where_the_api_says() {
+        use MachineState as S;
+        for (kind, verb, from) in [
+            (OpKind::Start, Verb::Start, S::Stopped),
+            (OpKind::Start, Verb::Start, S::Created),
+            (OpKind::Start, Verb::Start, S::Suspended),
+            (OpKind::Start, Verb::Start, S::Failed),
+            (OpKind::Stop, Verb::Stop, S::Started),
+            (OpKind::Stop, Verb::Stop, S::Suspended),
+            (OpKind::Suspend, Verb::Suspend, S::Started),
+            (OpKind::Restart, Verb::Restart, S::Started),
+            (OpKind::Update, Verb::Update, S::Started),
+            (OpKind::Update, Verb::Update, S::Stopped),
+            (OpKind::Destroy, Verb::Destroy { force: false }, S::Stopped),
+            (OpKind::Destroy, Verb::Destroy { force: true }, S::Started),
+        ] {
+            let (_, target) = plan(kind, from, false);
+            assert_eq!(verb.transition(from).unwrap().to, target, "{kind:?} from {from}");
+        }
+    }
+
+    #[test]
+    fn configs_are_validated() {
+        let mut c = MachineConfig::default();
+        assert!(
+            validate(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("image is required")
+        );
+        c.image = Some("busybox".into());
+        validate(&c).unwrap();
+        c.size = Some("shared-cpu-3x".into());
+        assert!(validate(&c).unwrap_err().to_string().contains("unknown size"));
+        c.size = Some("shared-cpu-2x".into());
+        assert_eq!(guest_size(&c).unwrap(), (2, 512));
+        c.files = vec![aloft_api::File {
+            guest_path: Some("etc/x".into()),
+            raw_value: Some("aGk=".into()),
+            ..aloft_api::File::default()
+        }];
+        assert!(validate(&c).unwrap_err().to_string().contains("absolute"));
+    }
+}

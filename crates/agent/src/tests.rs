@@ -1,0 +1,1150 @@
+//! Fast tests with the fake driver: every verb's transitions, illegal verbs, failures and crashes
+//! injected at every step, recovery, restart policies, concurrency and `wait`.
+
+use std::time::Duration;
+
+use aloft_api::{
+    MachineConfig, MachineId, MachineRestart, MachineState, RestartPolicy, Signal, StopConfig, StopSignal,
+    Verb, WaitState,
+};
+
+use crate::{
+    Agent, AgentConfig, AgentError, CrashPhase, CreateMachine, DriverOp, ExitInfo, FakeDriver, Killswitch,
+    OpStatus, RestartBackoff, StopOptions, UpdateMachine,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+struct Harness {
+    dir: tempfile::TempDir,
+    fake: FakeDriver,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            fake: FakeDriver::new(),
+        }
+    }
+
+    fn config(&self, killswitch: Option<Killswitch>) -> AgentConfig {
+        AgentConfig {
+            step_attempts: 3,
+            retry_delay: Duration::from_millis(1),
+            boot_timeout: Duration::from_secs(2),
+            stop_timeout: Duration::from_millis(100),
+            restart: RestartBackoff {
+                initial: Duration::from_millis(2),
+                max: Duration::from_millis(16),
+                window: Duration::from_secs(600),
+            },
+            poll: Duration::from_millis(10),
+            killswitch,
+            ..AgentConfig::new(self.dir.path().join("agent.db"))
+        }
+    }
+
+    fn open(&self) -> Agent {
+        Agent::open(self.config(None), std::sync::Arc::new(self.fake.clone())).unwrap()
+    }
+
+    fn open_with(&self, switch: &Killswitch) -> Agent {
+        Agent::open(
+            self.config(Some(switch.clone())),
+            std::sync::Arc::new(self.fake.clone()),
+        )
+        .unwrap()
+    }
+}
+
+fn config(image: &str) -> MachineConfig {
+    MachineConfig {
+        image: Some(image.into()),
+        ..MachineConfig::default()
+    }
+}
+
+fn with_policy(policy: RestartPolicy, max: Option<u32>) -> MachineConfig {
+    MachineConfig {
+        restart: Some(MachineRestart {
+            policy: Some(policy),
+            max_retries: max,
+            gpu_bid_price: None,
+        }),
+        ..config("busybox")
+    }
+}
+
+fn create_req(config: MachineConfig, skip_launch: bool) -> CreateMachine {
+    CreateMachine {
+        app: "app1".into(),
+        region: "local".into(),
+        org: 1,
+        config,
+        skip_launch,
+        ..CreateMachine::default()
+    }
+}
+
+fn create(agent: &Agent, skip_launch: bool) -> MachineId {
+    let h = agent.create(create_req(config("busybox"), skip_launch)).unwrap();
+    h.wait(T).unwrap();
+    h.machine
+}
+
+fn state(agent: &Agent, id: &MachineId) -> MachineState {
+    agent.get(id).unwrap().state
+}
+
+fn settle(agent: &Agent, id: &MachineId) -> MachineState {
+    agent
+        .wait(id, &[WaitState::Settled], None, None, T)
+        .unwrap()
+        .state
+}
+
+/// The world matches the records: a started machine runs, no other does, live machines have their
+/// disk, network and spec, destroyed ones and unknown ids have nothing.
+fn assert_consistent(agent: &Agent, fake: &FakeDriver) {
+    let world = fake.world();
+    let machines = agent.list().unwrap();
+    for m in &machines {
+        assert!(m.op_id.is_none(), "{} still has operation {:?}", m.id, m.op_id);
+        assert!(m.state.is_settled(), "{} is {}", m.id, m.state);
+        assert_eq!(
+            world.running(&m.id),
+            m.state == MachineState::Started,
+            "{} is {} but running={}",
+            m.id,
+            m.state,
+            world.running(&m.id)
+        );
+        if m.state == MachineState::Destroyed {
+            assert!(
+                !world.residue().contains(&m.id),
+                "destroyed {} left {world:?}",
+                m.id
+            );
+        } else if m.state != MachineState::Failed {
+            assert!(world.disks.contains_key(&m.id), "{} has no disk", m.id);
+            assert!(world.nets.contains_key(&m.id), "{} has no network", m.id);
+            assert!(world.specs.contains_key(&m.id), "{} has no spec", m.id);
+        }
+        for (op, _) in agent.operations(&m.id).unwrap() {
+            assert!(
+                !matches!(op.status, OpStatus::Running | OpStatus::Undoing),
+                "{} operation {} is {:?}",
+                m.id,
+                op.id,
+                op.status
+            );
+        }
+    }
+    for id in world.residue() {
+        assert!(machines.iter().any(|m| m.id == id), "orphan {id} in {world:?}");
+    }
+}
+
+#[test]
+fn every_verb_walks_its_transitions() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    assert_eq!(state(&agent, &id), MachineState::Started);
+    let m = agent.machine(&id).unwrap();
+    assert_eq!(m.events[0].kind, "launch");
+    assert_eq!(m.events[0].status, "started");
+    assert!(m.private_ip.starts_with("fdaa:"), "{}", m.private_ip);
+    assert_eq!(m.image_ref.unwrap().repository, "busybox");
+    assert!(h.fake.world().running(&id));
+
+    let stop = agent
+        .stop(
+            &id,
+            StopOptions {
+                signal: Some(Signal::SIGTERM),
+                timeout: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(stop.previous_state, MachineState::Started);
+    assert_eq!(stop.wait(T).unwrap().state, MachineState::Stopped);
+    let ev = &agent.events(&id, 1).unwrap()[0];
+    assert_eq!((ev.kind.as_str(), ev.status.as_str()), ("stop", "stopped"));
+    let exit = ev.request.as_ref().unwrap().exit_event.as_ref().unwrap();
+    assert!(exit.requested_stop);
+    assert_eq!(exit.guest_signal, 15);
+    assert!(!h.fake.world().running(&id));
+
+    // Start from stopped resets the writable disk.
+    assert_eq!(
+        agent.start(&id).unwrap().wait(T).unwrap().state,
+        MachineState::Started
+    );
+    assert_eq!(h.fake.world().disks[&id], 2);
+
+    assert_eq!(
+        agent.suspend(&id).unwrap().wait(T).unwrap().state,
+        MachineState::Suspended
+    );
+    assert!(h.fake.world().snapshots.contains(&id));
+    // Start from suspended resumes, without a disk reset.
+    let start = agent.start(&id).unwrap();
+    assert_eq!(start.previous_state, MachineState::Suspended);
+    assert_eq!(start.wait(T).unwrap().state, MachineState::Started);
+    assert_eq!(h.fake.world().disks[&id], 2);
+    assert!(!h.fake.world().snapshots.contains(&id));
+
+    // Stop a suspended machine: the snapshot goes.
+    agent.suspend(&id).unwrap().wait(T).unwrap();
+    assert_eq!(
+        agent
+            .stop(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap()
+            .state,
+        MachineState::Stopped
+    );
+    assert!(!h.fake.world().snapshots.contains(&id));
+    agent.start(&id).unwrap().wait(T).unwrap();
+
+    let boots = h.fake.world().boots[&id];
+    assert_eq!(
+        agent
+            .restart(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap()
+            .state,
+        MachineState::Started
+    );
+    assert_eq!(h.fake.world().boots[&id], boots + 1);
+
+    // Update: a new version, the old one replaced.
+    let v1 = agent.get(&id).unwrap().version;
+    let rec = agent
+        .update(
+            &id,
+            &UpdateMachine {
+                config: config("busybox:v2"),
+                current_version: Some(v1.clone()),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(rec.state, MachineState::Started);
+    assert_ne!(rec.version, v1);
+    assert_eq!(rec.config.image.as_deref(), Some("busybox:v2"));
+    assert_eq!(rec.resources.image.as_ref().unwrap().tag, "v2");
+    let versions = agent.versions(&id).unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].version, rec.version);
+    let old = agent
+        .wait(&id, &[WaitState::Stopped], Some(&v1), None, Duration::ZERO)
+        .unwrap();
+    assert_eq!(old.state, MachineState::Replaced);
+    // A stale version is refused (412).
+    let stale = agent
+        .update(
+            &id,
+            &UpdateMachine {
+                config: config("busybox"),
+                current_version: Some(v1),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(stale.to_api().status(), 412, "{stale}");
+
+    // Update of a stopped machine leaves it stopped.
+    agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+    let rec = agent
+        .update(
+            &id,
+            &UpdateMachine {
+                config: config("busybox:v3"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(rec.state, MachineState::Stopped);
+    assert!(!h.fake.world().running(&id));
+
+    // Update of a started machine with skip_launch leaves it stopped too.
+    agent.start(&id).unwrap().wait(T).unwrap();
+    let rec = agent
+        .update(
+            &id,
+            &UpdateMachine {
+                config: config("busybox:v4"),
+                skip_launch: true,
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(rec.state, MachineState::Stopped);
+
+    agent.start(&id).unwrap().wait(T).unwrap();
+    let e = agent.destroy(&id, false).unwrap_err();
+    assert_eq!(e.to_api().status(), 412);
+    assert!(e.to_string().contains("started"), "{e}");
+    assert_eq!(
+        agent.destroy(&id, true).unwrap().wait(T).unwrap().state,
+        MachineState::Destroyed
+    );
+    assert!(h.fake.world().residue().is_empty());
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn skip_launch_creates_and_start_boots() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, true);
+    assert_eq!(state(&agent, &id), MachineState::Created);
+    assert!(!h.fake.world().running(&id));
+    assert_eq!(agent.events(&id, 1).unwrap()[0].status, "created");
+    agent.start(&id).unwrap().wait(T).unwrap();
+    assert!(h.fake.world().running(&id));
+    // From created, the fresh disk is not made again.
+    assert_eq!(h.fake.world().disks[&id], 1);
+    assert_consistent(&agent, &h.fake);
+}
+
+/// A machine brought into `target` (a persistent or terminal state).
+fn machine_in(agent: &Agent, fake: &FakeDriver, target: MachineState) -> MachineId {
+    let id = create(agent, target == MachineState::Created);
+    match target {
+        MachineState::Created | MachineState::Started => {}
+        MachineState::Stopped => {
+            agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+        }
+        MachineState::Suspended => {
+            agent.suspend(&id).unwrap().wait(T).unwrap();
+        }
+        MachineState::Failed => {
+            agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+            fake.workload_fails_to_start();
+            agent.start(&id).unwrap().wait(T).unwrap_err();
+        }
+        MachineState::Destroyed => {
+            agent.destroy(&id, true).unwrap().wait(T).unwrap();
+        }
+        other => panic!("no recipe for {other}"),
+    }
+    assert_eq!(state(agent, &id), target);
+    id
+}
+
+#[test]
+fn illegal_verbs_are_refused_naming_the_state() {
+    let h = Harness::new();
+    let agent = h.open();
+    type Call<'a> = &'a dyn Fn(&Agent, &MachineId) -> Result<(), AgentError>;
+    let verbs: [(Verb, Call<'_>); 10] = [
+        (Verb::Start, &|a, id| a.start(id).map(drop)),
+        (Verb::Stop, &|a, id| a.stop(id, StopOptions::default()).map(drop)),
+        (Verb::Suspend, &|a, id| a.suspend(id).map(drop)),
+        (Verb::Restart, &|a, id| {
+            a.restart(id, StopOptions::default()).map(drop)
+        }),
+        (Verb::Update, &|a, id| {
+            a.update(
+                id,
+                &UpdateMachine {
+                    config: config("busybox"),
+                    ..UpdateMachine::default()
+                },
+            )
+            .map(drop)
+        }),
+        (Verb::Destroy { force: false }, &|a, id| {
+            a.destroy(id, false).map(drop)
+        }),
+        (Verb::Destroy { force: true }, &|a, id| {
+            a.destroy(id, true).map(drop)
+        }),
+        (Verb::Signal, &|a, id| a.signal(id, Signal::SIGUSR1)),
+        (Verb::Exec, &|a, id| a.exec(id, &["true".into()], T).map(drop)),
+        (Verb::Ps, &|a, id| a.ps(id).map(drop)),
+    ];
+    let states = [
+        MachineState::Created,
+        MachineState::Started,
+        MachineState::Stopped,
+        MachineState::Suspended,
+        MachineState::Failed,
+        MachineState::Destroyed,
+    ];
+    for from in states {
+        for (verb, call) in &verbs {
+            let id = machine_in(&agent, &h.fake, from);
+            let res = call(&agent, &id);
+            if verb.can(from) {
+                res.unwrap_or_else(|e| panic!("{verb} from {from}: {e}"));
+                settle(&agent, &id);
+            } else {
+                let e = res.expect_err(&format!("{verb} from {from} must be refused"));
+                assert!(matches!(e, AgentError::State(_)), "{verb} from {from}: {e:?}");
+                assert_eq!(e.to_api().status(), 412, "{verb} from {from}");
+                assert!(e.to_string().contains(from.as_str()), "{e}");
+                assert_eq!(state(&agent, &id), from, "a refused verb changes nothing");
+            }
+        }
+    }
+    // Transient states: a machine whose start is blocked is `starting`.
+    let id = machine_in(&agent, &h.fake, MachineState::Stopped);
+    h.fake.block(DriverOp::StartVm);
+    let start = agent.start(&id).unwrap();
+    assert!(h.fake.wait_for_call(DriverOp::StartVm, id.as_str(), 2, T));
+    assert_eq!(state(&agent, &id), MachineState::Starting);
+    for (verb, call) in &verbs {
+        if matches!(verb, Verb::Destroy { force: true }) {
+            continue;
+        }
+        let e = call(&agent, &id).expect_err(&format!("{verb} while starting"));
+        assert_eq!(e.to_api().status(), 412, "{verb}: {e}");
+        assert!(e.to_string().contains("starting"), "{e}");
+    }
+    h.fake.unblock(DriverOp::StartVm);
+    start.wait(T).unwrap();
+    assert!(matches!(
+        agent.start(&"00000000000000".parse().unwrap()),
+        Err(AgentError::NotFound { .. })
+    ));
+    assert_consistent(&agent, &h.fake);
+}
+
+const CREATE_OPS: [DriverOp; 7] = [
+    DriverOp::PullImage,
+    DriverOp::BuildBase,
+    DriverOp::CreateDisk,
+    DriverOp::AttachNetwork,
+    DriverOp::WriteSpec,
+    DriverOp::StartVm,
+    DriverOp::WaitStarted,
+];
+
+#[test]
+fn create_survives_a_transient_failure_at_every_step() {
+    for op in CREATE_OPS {
+        let h = Harness::new();
+        let agent = h.open();
+        h.fake.fail(op, 2);
+        let handle = agent.create(create_req(config("busybox"), false)).unwrap();
+        let rec = handle.wait(T).unwrap_or_else(|e| panic!("{op}: {e}"));
+        assert_eq!(rec.state, MachineState::Started, "{op}");
+        let (_, steps) = agent.operations(&rec.id).unwrap().pop().unwrap();
+        // wait_started retries within its boot timeout; every other step is attempted again.
+        let retried = op == DriverOp::WaitStarted || steps.iter().any(|s| s.attempts == 3);
+        assert!(retried, "{op}: {steps:?}");
+        assert_consistent(&agent, &h.fake);
+    }
+}
+
+#[test]
+fn create_rolls_back_or_fails_cleanly_at_every_step() {
+    for op in CREATE_OPS {
+        let h = Harness::new();
+        let agent = h.open();
+        h.fake.fail_always(op);
+        let handle = agent.create(create_req(config("busybox"), false)).unwrap();
+        let e = handle.wait(T).unwrap_err();
+        let AgentError::OperationFailed { state, .. } = &e else {
+            panic!("{op}: {e:?}")
+        };
+        let booting = matches!(op, DriverOp::StartVm | DriverOp::WaitStarted);
+        let expected = if booting {
+            MachineState::Failed
+        } else {
+            MachineState::Destroyed
+        };
+        assert_eq!(*state, expected, "{op}: {e}");
+        let world = h.fake.world();
+        assert!(!world.running(&handle.machine), "{op}");
+        if !booting {
+            assert!(world.residue().is_empty(), "{op}: rollback left {world:?}");
+            let ev = &agent.events(&handle.machine, 1).unwrap()[0];
+            assert_eq!((ev.kind.as_str(), ev.status.as_str()), ("launch", "destroyed"));
+            assert!(ev.request.as_ref().unwrap().extra.contains_key("error"));
+        }
+        h.fake.clear_faults();
+        if booting {
+            // A failed machine can be started again, or destroyed.
+            agent.start(&handle.machine).unwrap().wait(T).unwrap();
+            agent.destroy(&handle.machine, true).unwrap().wait(T).unwrap();
+        }
+        assert_consistent(&agent, &h.fake);
+        assert!(h.fake.world().residue().is_empty(), "{op}");
+    }
+}
+
+#[test]
+fn a_missing_image_is_the_users_fault() {
+    let h = Harness::new();
+    let agent = h.open();
+    h.fake.missing_image("nope:latest");
+    let e = agent
+        .create(create_req(config("nope:latest"), false))
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert_eq!(e.to_api().status(), 422, "{e}");
+    assert!(e.to_string().contains("nope:latest"), "{e}");
+    // An update to a missing image rolls back: same version, still running.
+    let id = create(&agent, false);
+    let v = agent.get(&id).unwrap().version;
+    let e = agent
+        .update(
+            &id,
+            &UpdateMachine {
+                config: config("nope:latest"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AgentError::OperationFailed {
+                state: MachineState::Started,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let rec = agent.get(&id).unwrap();
+    assert_eq!(rec.version, v);
+    assert_eq!(agent.versions(&id).unwrap().len(), 1);
+    assert!(h.fake.world().running(&id));
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn invalid_configs_are_refused_before_anything_is_recorded() {
+    let h = Harness::new();
+    let agent = h.open();
+    let e = agent
+        .create(create_req(MachineConfig::default(), false))
+        .unwrap_err();
+    assert_eq!(e.to_api().status(), 400);
+    let mut c = config("busybox");
+    c.guest = Some(aloft_api::MachineGuest {
+        cpus: Some(1),
+        memory_mb: Some(100_000),
+        ..aloft_api::MachineGuest::default()
+    });
+    let e = agent.create(create_req(c, false)).unwrap_err();
+    assert!(e.to_string().contains("memory"), "{e}");
+    assert!(agent.list().unwrap().is_empty());
+    let id = create(&agent, true);
+    let again = CreateMachine {
+        id: Some(id.clone()),
+        ..create_req(config("busybox"), false)
+    };
+    assert_eq!(agent.create(again).unwrap_err().to_api().status(), 409);
+}
+
+#[test]
+fn stop_survives_failures() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    h.fake.fail(DriverOp::StopVm, 1);
+    assert_eq!(
+        agent
+            .stop(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap()
+            .state,
+        MachineState::Stopped
+    );
+    agent.start(&id).unwrap().wait(T).unwrap();
+    // A stop that keeps failing ends in a kill.
+    h.fake.fail_always(DriverOp::StopVm);
+    assert_eq!(
+        agent
+            .stop(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap()
+            .state,
+        MachineState::Stopped
+    );
+    assert!(!h.fake.world().running(&id));
+    h.fake.clear_faults();
+    agent.start(&id).unwrap().wait(T).unwrap();
+    // Neither stop nor kill works: failed, and destroy (retried once the fault clears) cleans up.
+    h.fake.fail_always(DriverOp::StopVm);
+    h.fake.fail_always(DriverOp::KillVm);
+    let e = agent
+        .stop(&id, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AgentError::OperationFailed {
+                state: MachineState::Failed,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    h.fake.clear_faults();
+    agent.destroy(&id, true).unwrap().wait(T).unwrap();
+    assert_consistent(&agent, &h.fake);
+}
+
+const DESTROY_OPS: [DriverOp; 5] = [
+    DriverOp::KillVm,
+    DriverOp::DiscardSnapshot,
+    DriverOp::RemoveMachineDir,
+    DriverOp::RemoveDisk,
+    DriverOp::DetachNetwork,
+];
+
+#[test]
+fn destroy_completes_through_failures_at_every_step() {
+    for op in DESTROY_OPS {
+        let h = Harness::new();
+        let agent = h.open();
+        let id = create(&agent, false);
+        h.fake.fail(op, 2);
+        assert_eq!(
+            agent.destroy(&id, true).unwrap().wait(T).unwrap().state,
+            MachineState::Destroyed,
+            "{op}"
+        );
+        assert_consistent(&agent, &h.fake);
+
+        let id = create(&agent, false);
+        h.fake.fail_always(op);
+        let e = agent.destroy(&id, true).unwrap().wait(T).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::OperationFailed {
+                    state: MachineState::Failed,
+                    ..
+                }
+            ),
+            "{op}: {e:?}"
+        );
+        h.fake.clear_faults();
+        agent.destroy(&id, false).unwrap().wait(T).unwrap();
+        assert_consistent(&agent, &h.fake);
+        assert!(h.fake.world().residue().is_empty(), "{op}");
+    }
+}
+
+#[test]
+fn suspend_falls_back_to_stop_and_resume_to_a_cold_boot() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    h.fake.fail_always(DriverOp::SuspendVm);
+    let e = agent.suspend(&id).unwrap().wait(T).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AgentError::OperationFailed {
+                state: MachineState::Stopped,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    h.fake.clear_faults();
+    agent.start(&id).unwrap().wait(T).unwrap();
+    agent.suspend(&id).unwrap().wait(T).unwrap();
+    let disks = h.fake.world().disks[&id];
+    h.fake.fail_always(DriverOp::ResumeVm);
+    let rec = agent.start(&id).unwrap().wait(T).unwrap();
+    assert_eq!(rec.state, MachineState::Started);
+    // Cold boot without a rootfs reset; the error is in the event.
+    assert_eq!(h.fake.world().disks[&id], disks);
+    assert!(!h.fake.world().snapshots.contains(&id));
+    let ev = &agent.events(&id, 1).unwrap()[0];
+    assert!(ev.request.as_ref().unwrap().extra.contains_key("error"));
+    h.fake.clear_faults();
+    assert_consistent(&agent, &h.fake);
+}
+
+type VerbCall<'a> = &'a dyn Fn(&Agent, Option<&MachineId>) -> Result<crate::OpHandle, AgentError>;
+
+/// Runs `verb` on a machine prepared by `setup`, crashing at `op`/`phase`; reopens and checks the
+/// machine settles where the verb goes and nothing is orphaned.
+fn crash_case(
+    setup: MachineState,
+    verb: VerbCall<'_>,
+    op: DriverOp,
+    phase: CrashPhase,
+    expect: MachineState,
+) {
+    let h = Harness::new();
+    let id = {
+        let agent = h.open();
+        (setup != MachineState::Creating).then(|| machine_in(&agent, &h.fake, setup))
+    };
+    let switch = Killswitch::new();
+    let crashed_id = {
+        let agent = h.open_with(&switch);
+        h.fake.crash_at(op, phase, &switch);
+        let handle = verb(&agent, id.as_ref()).unwrap();
+        let res = handle.wait(T);
+        let tripped = switch.is_tripped();
+        h.fake.clear_faults();
+        assert!(
+            !tripped || matches!(res, Err(AgentError::Halted)),
+            "{op} {phase:?}: {res:?}"
+        );
+        handle.machine
+        // The agent is dropped here, as if killed.
+    };
+    let agent = h.open();
+    let settled = settle(&agent, &crashed_id);
+    assert_eq!(settled, expect, "{setup} → crash at {op} {phase:?}");
+    assert_consistent(&agent, &h.fake);
+    // Still controllable.
+    if settled != MachineState::Destroyed {
+        agent.destroy(&crashed_id, true).unwrap().wait(T).unwrap();
+    }
+    assert_consistent(&agent, &h.fake);
+    assert!(h.fake.world().residue().is_empty());
+}
+
+#[test]
+fn crashes_at_every_step_boundary_recover() {
+    type Verb<'a> = VerbCall<'a>;
+    let create: Verb<'_> = &|a, _| a.create(create_req(config("busybox"), false));
+    let stop: Verb<'_> = &|a, id| a.stop(id.unwrap(), StopOptions::default());
+    let start: Verb<'_> = &|a, id| a.start(id.unwrap());
+    let restart: Verb<'_> = &|a, id| a.restart(id.unwrap(), StopOptions::default());
+    let suspend: Verb<'_> = &|a, id| a.suspend(id.unwrap());
+    let destroy: Verb<'_> = &|a, id| a.destroy(id.unwrap(), true);
+    let update: Verb<'_> = &|a, id| {
+        a.update(
+            id.unwrap(),
+            &UpdateMachine {
+                config: config("busybox:v2"),
+                ..UpdateMachine::default()
+            },
+        )
+    };
+    use DriverOp as D;
+    use MachineState as S;
+    let cases: Vec<(S, Verb<'_>, Vec<D>, S)> = vec![
+        (S::Creating, create, CREATE_OPS.to_vec(), S::Started),
+        (S::Started, stop, vec![D::StopVm], S::Stopped),
+        (
+            S::Stopped,
+            start,
+            vec![
+                D::KillVm,
+                D::AttachNetwork,
+                D::CreateDisk,
+                D::WriteSpec,
+                D::StartVm,
+                D::WaitStarted,
+            ],
+            S::Started,
+        ),
+        (
+            S::Suspended,
+            start,
+            vec![D::ResumeVm, D::DiscardSnapshot, D::WaitStarted],
+            S::Started,
+        ),
+        (
+            S::Started,
+            restart,
+            vec![D::StopVm, D::CreateDisk, D::WriteSpec, D::StartVm, D::WaitStarted],
+            S::Started,
+        ),
+        (S::Started, suspend, vec![D::SuspendVm], S::Suspended),
+        (
+            S::Started,
+            update,
+            vec![
+                D::PullImage,
+                D::BuildBase,
+                D::StopVm,
+                D::CreateDisk,
+                D::WriteSpec,
+                D::StartVm,
+                D::WaitStarted,
+            ],
+            S::Started,
+        ),
+        (S::Started, destroy, DESTROY_OPS.to_vec(), S::Destroyed),
+    ];
+    for (setup, verb, ops, expect) in cases {
+        for op in ops {
+            for phase in [CrashPhase::Before, CrashPhase::After] {
+                crash_case(setup, verb, op, phase, expect);
+            }
+        }
+    }
+}
+
+#[test]
+fn orphans_are_removed_on_open() {
+    let h = Harness::new();
+    let agent = h.open();
+    let keep = create(&agent, false);
+    drop(agent);
+    // Things a machine the database never heard of left behind.
+    let stray: MachineId = "0123456789abcd".parse().unwrap();
+    use crate::Driver;
+    h.fake.create_disk(&stray, 64).unwrap();
+    h.fake.attach_network(&stray, 1).unwrap();
+    let agent = h.open();
+    let world = h.fake.world();
+    assert!(!world.residue().contains(&stray), "{world:?}");
+    assert!(world.running(&keep));
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn a_reopened_agent_reattaches_and_sees_exits() {
+    let h = Harness::new();
+    let id = {
+        let agent = h.open();
+        let a = create(&agent, false);
+        let b = agent
+            .create(create_req(with_policy(RestartPolicy::No, None), false))
+            .unwrap();
+        b.wait(T).unwrap();
+        (a, b.machine)
+    };
+    let (a, b) = id;
+    // b's workload exits while no agent runs.
+    h.fake.exit_workload(
+        &b,
+        ExitInfo {
+            exit_code: Some(1),
+            ..ExitInfo::default()
+        },
+    );
+    let agent = h.open();
+    assert_eq!(
+        agent
+            .wait(&b, &[WaitState::Stopped], None, None, T)
+            .unwrap()
+            .state,
+        MachineState::Stopped
+    );
+    let ev = &agent.events(&b, 1).unwrap()[0];
+    assert_eq!((ev.kind.as_str(), ev.status.as_str()), ("exit", "stopped"));
+    assert_eq!(
+        ev.request
+            .as_ref()
+            .unwrap()
+            .exit_event
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        1
+    );
+    // a was reattached: its monitor sees an exit now (default policy: on-failure restarts it).
+    assert_eq!(state(&agent, &a), MachineState::Started);
+    let boots = h.fake.world().boots[&a];
+    h.fake.exit_workload(
+        &a,
+        ExitInfo {
+            exit_code: Some(2),
+            ..ExitInfo::default()
+        },
+    );
+    assert!(h.fake.wait_for_call(DriverOp::StartVm, a.as_str(), 2, T));
+    let w = agent.wait(&a, &[WaitState::Started], None, None, T).unwrap();
+    assert_eq!(w.state, MachineState::Started);
+    settle(&agent, &a);
+    assert_eq!(h.fake.world().boots[&a], boots + 1);
+    assert_eq!(agent.get(&a).unwrap().restart_count, 1);
+    // And is controllable.
+    agent.stop(&a, StopOptions::default()).unwrap().wait(T).unwrap();
+    assert_consistent(&agent, &h.fake);
+}
+
+fn crash_loop(config: MachineConfig, exit_code: i32) -> (Agent, Harness, MachineId) {
+    let h = Harness::new();
+    h.fake.exit_on_start(Some(ExitInfo {
+        exit_code: Some(exit_code),
+        ..ExitInfo::default()
+    }));
+    let agent = h.open();
+    let handle = agent.create(create_req(config, false)).unwrap();
+    handle.wait(T).unwrap();
+    let id = handle.machine;
+    (agent, h, id)
+}
+
+fn wait_settled_in(agent: &Agent, id: &MachineId, want: MachineState) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let rec = agent.get(id).unwrap();
+        if rec.state == want && rec.op_id.is_none() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} is {} not {want}",
+            rec.state
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn restart_policy_no_stops_after_the_first_exit() {
+    let (agent, h, id) = crash_loop(with_policy(RestartPolicy::No, None), 1);
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    assert_eq!(h.fake.world().boots[&id], 1);
+    let ev = &agent.events(&id, 1).unwrap()[0];
+    let exit = ev.request.as_ref().unwrap().exit_event.as_ref().unwrap();
+    assert!(!exit.restarting);
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn restart_policy_on_failure_gives_up_after_max_retries() {
+    let (agent, h, id) = crash_loop(with_policy(RestartPolicy::OnFailure, Some(3)), 1);
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    // Give a (wrong) extra restart a chance to show up.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.fake.world().boots[&id], 4);
+    let rec = agent.get(&id).unwrap();
+    assert_eq!(rec.state, MachineState::Stopped);
+    assert_eq!(rec.restart_count, 3);
+    let exits: Vec<_> = agent
+        .events(&id, 50)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "exit")
+        .collect();
+    assert_eq!(exits.len(), 4);
+    let restarting: Vec<bool> = exits
+        .iter()
+        .map(|e| {
+            e.request
+                .as_ref()
+                .unwrap()
+                .exit_event
+                .as_ref()
+                .unwrap()
+                .restarting
+        })
+        .collect();
+    assert_eq!(restarting, [false, true, true, true], "newest first");
+    // Backoff doubles per restart (2, 4, 8 ms here).
+    let backoffs: Vec<u64> = agent
+        .operations(&id)
+        .unwrap()
+        .into_iter()
+        .filter(|(op, _)| op.source == aloft_api::EventSource::Flyd)
+        .map(|(op, _)| op.params.backoff_ms)
+        .collect();
+    assert_eq!(backoffs, [2, 4, 8]);
+    // A clean exit under on-failure is not restarted.
+    let (agent, h, id) = crash_loop(with_policy(RestartPolicy::OnFailure, None), 0);
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    assert_eq!(h.fake.world().boots[&id], 1);
+    // A user start counts afresh.
+    h.fake.exit_on_start(None);
+    agent.start(&id).unwrap().wait(T).unwrap();
+    assert_eq!(agent.get(&id).unwrap().restart_count, 0);
+}
+
+#[test]
+fn restart_policy_always_restarts_clean_exits() {
+    let (agent, h, id) = crash_loop(with_policy(RestartPolicy::Always, Some(2)), 0);
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.fake.world().boots[&id], 3);
+    // Without max_retries it keeps going until someone destroys it.
+    let (agent, h, id) = crash_loop(with_policy(RestartPolicy::Always, None), 0);
+    assert!(h.fake.wait_for_call(DriverOp::StartVm, id.as_str(), 6, T));
+    let destroy = agent.destroy(&id, true).unwrap();
+    destroy.wait(T).unwrap();
+    assert_eq!(state(&agent, &id), MachineState::Destroyed);
+    let boots = h.fake.world().boots[&id];
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.fake.world().boots[&id], boots, "no restart after destroy");
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn default_policy_is_on_failure_with_ten_retries_and_auto_destroy_destroys() {
+    let (agent, h, id) = crash_loop(config("busybox"), 3);
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    assert_eq!(h.fake.world().boots[&id], 11);
+    let mut c = with_policy(RestartPolicy::No, None);
+    c.auto_destroy = Some(true);
+    let (agent, h, id) = crash_loop(c, 0);
+    wait_settled_in(&agent, &id, MachineState::Destroyed);
+    assert!(h.fake.world().residue().is_empty());
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn kill_and_signals_reach_the_workload() {
+    let h = Harness::new();
+    let agent = h.open();
+    let mut c = with_policy(RestartPolicy::No, None);
+    c.stop_config = Some(StopConfig {
+        signal: Some(StopSignal::SIGUSR1),
+        timeout: None,
+    });
+    let handle = agent.create(create_req(c, false)).unwrap();
+    handle.wait(T).unwrap();
+    let id = handle.machine;
+    let spec = &h.fake.world().specs[&id];
+    assert_eq!(spec.run_config.stop_signal.as_deref(), Some("SIGUSR1"));
+    assert_eq!(spec.run_config.runtime.machine_id, id.as_str());
+    assert_eq!(spec.run_config.runtime.app_name, "app1");
+    assert_eq!(spec.run_config.root.fstype, "erofs");
+    let out = agent.exec(&id, &["echo".into(), "hi".into()], T).unwrap();
+    assert_eq!(out.stdout, b"echo hi\n");
+    assert_eq!(agent.ps(&id).unwrap().len(), 1);
+    agent.signal(&id, Signal::SIGUSR2).unwrap();
+    assert_eq!(state(&agent, &id), MachineState::Started);
+    agent.kill(&id).unwrap();
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    let ev = &agent.events(&id, 1).unwrap()[0];
+    assert_eq!(
+        ev.request
+            .as_ref()
+            .unwrap()
+            .exit_event
+            .as_ref()
+            .unwrap()
+            .guest_signal,
+        9
+    );
+    let e = agent.kill(&id).unwrap_err();
+    assert_eq!(e.to_api().status(), 412, "{e}");
+}
+
+#[test]
+fn machines_run_in_parallel_and_force_destroy_cancels() {
+    let h = Harness::new();
+    let agent = h.open();
+    let a = machine_in(&agent, &h.fake, MachineState::Stopped);
+    h.fake.block(DriverOp::StartVm);
+    let start = agent.start(&a).unwrap();
+    assert!(h.fake.wait_for_call(DriverOp::StartVm, a.as_str(), 2, T));
+    // Another machine's operations go on while a's start is stuck.
+    let b = machine_in(&agent, &h.fake, MachineState::Created);
+    h.fake.unblock(DriverOp::StartVm);
+    start.wait(T).unwrap();
+    agent.stop(&a, StopOptions::default()).unwrap().wait(T).unwrap();
+
+    h.fake.block(DriverOp::StartVm);
+    let start = agent.start(&a).unwrap();
+    assert!(h.fake.wait_for_call(DriverOp::StartVm, a.as_str(), 3, T));
+    let destroy = agent.destroy(&a, true).unwrap();
+    // Only one destroy.
+    assert_eq!(agent.destroy(&a, true).unwrap_err().to_api().status(), 409);
+    h.fake.unblock(DriverOp::StartVm);
+    let e = start.wait(T).unwrap_err();
+    assert!(matches!(e, AgentError::OperationFailed { .. }), "{e:?}");
+    assert_eq!(destroy.wait(T).unwrap().state, MachineState::Destroyed);
+    agent.start(&b).unwrap().wait(T).unwrap();
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn wait_answers_states_versions_and_events() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    let w = agent.wait(&id, &[WaitState::Started], None, None, T).unwrap();
+    assert_eq!(w.state, MachineState::Started);
+    assert!(!w.event_id.is_empty());
+    let e = agent
+        .wait(&id, &[WaitState::Stopped], None, None, Duration::from_millis(30))
+        .unwrap_err();
+    assert_eq!(e.to_api().status(), 408, "{e}");
+    // A waiter is woken by the change it waits for.
+    let from = w.event_id.clone();
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| agent.wait(&id, &[WaitState::Stopped], None, None, T));
+        std::thread::sleep(Duration::from_millis(20));
+        agent.stop(&id, StopOptions::default()).unwrap();
+        assert_eq!(waiter.join().unwrap().unwrap().state, MachineState::Stopped);
+    });
+    // from_event_id: the start that happened after `from` counts even once the machine moved on.
+    agent.start(&id).unwrap().wait(T).unwrap();
+    agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+    let w = agent
+        .wait(&id, &[WaitState::Started], None, Some(&from), Duration::ZERO)
+        .unwrap();
+    assert_eq!(w.state, MachineState::Started);
+    assert_ne!(w.event_id, from);
+    assert_eq!(
+        agent
+            .wait(
+                &id,
+                &[WaitState::Started],
+                None,
+                Some("01NOTANEVENT0000000000000"),
+                T
+            )
+            .unwrap_err()
+            .to_api()
+            .status(),
+        400
+    );
+    assert_eq!(
+        agent
+            .wait(
+                &id,
+                &[WaitState::Started],
+                Some("01NOTAVERSION000000000000"),
+                None,
+                T
+            )
+            .unwrap_err()
+            .to_api()
+            .status(),
+        404
+    );
+    // settled
+    assert_eq!(
+        agent
+            .wait(&id, &[WaitState::Settled], None, None, T)
+            .unwrap()
+            .state,
+        MachineState::Stopped
+    );
+}
+
+#[test]
+fn graceful_shutdown_finishes_operations_and_leaves_vms_running() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    let other = machine_in(&agent, &h.fake, MachineState::Stopped);
+    let handle = agent.start(&other).unwrap();
+    agent.shutdown(T);
+    assert!(matches!(handle.wait(T), Ok(_) | Err(AgentError::Halted)));
+    assert!(h.fake.world().running(&id));
+    let agent = h.open();
+    assert_eq!(state(&agent, &id), MachineState::Started);
+    assert_eq!(settle(&agent, &other), MachineState::Started);
+    assert_consistent(&agent, &h.fake);
+}

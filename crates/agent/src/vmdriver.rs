@@ -1,0 +1,609 @@
+//! [`VmDriver`]: the real [`Driver`]: images through `aloft-image` (pull into the blob cache, one
+//! read-only base per digest, per-machine writable disks), VMs through `aloft-vm`, networking
+//! through a [`Network`].
+//!
+//! Layout under [`VmDriverConfig::data_dir`]:
+//!
+//! | path | what |
+//! |---|---|
+//! | `machines/<id>/vm.json` | the `VmSpec` the next boot uses (written by `write_spec`) |
+//! | `machines/<id>/run/` | the VM's run directory (`aloft-vm`'s `state.json`, sockets, console) |
+//! | `machines/<id>/snapshot` | the memory snapshot of a suspended machine |
+//! | `disks/<id>.img` | the writable disk |
+//!
+//! Image caches (blobs, bases, disk templates) live under [`VmDriverConfig::cache_dir`].
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal};
+use aloft_image::unpack::UnpackLimits;
+use aloft_image::{
+    Progress, PulledImage, Puller, Reference, RegistryConfig, RegistryError, RootfsFormat, RootfsStore,
+    WritableDisks,
+};
+use aloft_vm::{AccelChoice, DiskSpec, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec};
+
+use crate::driver::{
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, Network,
+    NoNetwork, VmStatus,
+};
+use crate::ids::now_ms;
+
+/// How the real driver runs.
+#[derive(Debug, Clone)]
+pub struct VmDriverConfig {
+    /// Machines' directories and disks.
+    pub data_dir: PathBuf,
+    /// The image cache (blobs, records, bases, disk templates).
+    pub cache_dir: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The base initramfs (init).
+    pub initrd: PathBuf,
+    /// Registry access.
+    pub registry: RegistryConfig,
+    /// Where names without a registry resolve (`127.0.0.1:5000`); Docker Hub when `None`.
+    pub default_registry: Option<String>,
+    /// Base format.
+    pub rootfs_format: RootfsFormat,
+    /// Limits for unpacking an image.
+    pub unpack_limits: UnpackLimits,
+    /// Run QEMU jailed (own user, cgroup, sandbox).
+    pub jail: Option<JailSpec>,
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// Machines' networks.
+    pub network: Arc<dyn Network>,
+}
+
+impl VmDriverConfig {
+    /// Defaults: erofs bases, no jail, probed accelerator, no network.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        cache_dir: impl Into<PathBuf>,
+        kernel: PathBuf,
+        initrd: PathBuf,
+    ) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            cache_dir: cache_dir.into(),
+            kernel,
+            initrd,
+            registry: RegistryConfig::default(),
+            default_registry: None,
+            rootfs_format: RootfsFormat::default(),
+            unpack_limits: UnpackLimits::default(),
+            jail: None,
+            accel: AccelChoice::Auto,
+            network: Arc::new(NoNetwork),
+        }
+    }
+}
+
+/// The real driver. See the module doc.
+#[derive(Debug)]
+pub struct VmDriver {
+    config: VmDriverConfig,
+    puller: Puller,
+    rootfs: RootfsStore,
+    disks: WritableDisks,
+    rt: tokio::runtime::Runtime,
+    vms: Mutex<HashMap<MachineId, Arc<Vm>>>,
+}
+
+fn io_failed(op: DriverOp, what: &str, path: &Path, e: &std::io::Error) -> DriverError {
+    DriverError::Failed {
+        op,
+        message: format!("{what} {}: {e}", path.display()),
+        retryable: false,
+    }
+}
+
+fn vm_failed(op: DriverOp, e: &VmError) -> DriverError {
+    match e {
+        VmError::WorkloadFailed { message } => DriverError::WorkloadFailed {
+            message: message.clone(),
+        },
+        VmError::NotRunning { .. } => DriverError::NotRunning { op },
+        VmError::Timeout { .. } | VmError::Qmp { .. } | VmError::Channel { .. } => {
+            DriverError::failed(op, e, true)
+        }
+        _ => DriverError::failed(op, e, false),
+    }
+}
+
+fn image_failed(op: DriverOp, image: &str, e: &RegistryError) -> DriverError {
+    match e {
+        RegistryError::NotFound { .. }
+        | RegistryError::Unauthorized { .. }
+        | RegistryError::NoPlatform { .. }
+        | RegistryError::WrongPlatform { .. }
+        | RegistryError::Reference(_)
+        | RegistryError::UnsupportedMediaType { .. }
+        | RegistryError::ManifestTooLarge { .. } => {
+            let DriverError::Failed { message, .. } = DriverError::failed(op, e, false) else {
+                return DriverError::failed(op, e, false);
+            };
+            DriverError::Image {
+                image: image.to_owned(),
+                message,
+            }
+        }
+        RegistryError::Unreachable { .. } | RegistryError::Truncated { .. } => {
+            DriverError::failed(op, e, true)
+        }
+        _ => DriverError::failed(op, e, false),
+    }
+}
+
+fn exit_info(exit: &VmExit, requested: bool) -> ExitInfo {
+    let w = exit.workload.unwrap_or_default();
+    ExitInfo {
+        exit_code: w.exit_code,
+        signal: w.signal,
+        oom_killed: w.oom_killed,
+        requested_stop: requested || w.requested_stop || exit.qemu_status == QemuStatus::Killed,
+        failed: exit.failed.clone(),
+        exited_at: now_ms(),
+    }
+}
+
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+fn remove_file(path: &Path) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+impl VmDriver {
+    /// Opens the caches and directories.
+    pub fn new(config: VmDriverConfig) -> Result<Self, DriverError> {
+        for d in [
+            config.data_dir.clone(),
+            config.data_dir.join("machines"),
+            config.data_dir.join("disks"),
+            config.cache_dir.clone(),
+        ] {
+            private_dir(&d).map_err(|e| io_failed(DriverOp::Residue, "create", &d, &e))?;
+        }
+        let puller = Puller::new(&config.cache_dir, config.registry.clone())
+            .map_err(|e| DriverError::failed(DriverOp::PullImage, &e, false))?;
+        let rootfs = RootfsStore::open(
+            &config.cache_dir,
+            config.rootfs_format,
+            config.unpack_limits.clone(),
+        )
+        .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
+        let disks = WritableDisks::open(&config.cache_dir)
+            .map_err(|e| DriverError::failed(DriverOp::CreateDisk, &e, false))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DriverError::failed(DriverOp::PullImage, &e, false))?;
+        Ok(Self {
+            config,
+            puller,
+            rootfs,
+            disks,
+            rt,
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn machine_dir(&self, id: &MachineId) -> PathBuf {
+        self.config.data_dir.join("machines").join(id.as_str())
+    }
+
+    fn run_dir(&self, id: &MachineId) -> PathBuf {
+        self.machine_dir(id).join("run")
+    }
+
+    fn disk_path(&self, id: &MachineId) -> PathBuf {
+        self.config.data_dir.join("disks").join(format!("{id}.img"))
+    }
+
+    fn snapshot(&self, id: &MachineId) -> PathBuf {
+        self.machine_dir(id).join("snapshot")
+    }
+
+    fn spec_path(&self, id: &MachineId) -> PathBuf {
+        self.machine_dir(id).join("vm.json")
+    }
+
+    fn reference(&self, image: &str) -> Result<Reference, DriverError> {
+        let parsed = match &self.config.default_registry {
+            Some(reg) => Reference::parse_with_default_registry(image, reg),
+            None => Reference::parse(image),
+        };
+        parsed.map_err(|e| DriverError::Image {
+            image: image.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    fn pull(&self, reference: &Reference, image: &str) -> Result<PulledImage, DriverError> {
+        self.rt
+            .block_on(self.puller.pull(reference, &Progress::none()))
+            .map_err(|e| image_failed(DriverOp::PullImage, image, &e))
+    }
+
+    fn lock_vms(&self) -> std::sync::MutexGuard<'_, HashMap<MachineId, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The machine's VM handle: cached, or reattached from its run dir; `None` when it never ran.
+    fn vm(&self, id: &MachineId) -> Option<Arc<Vm>> {
+        if let Some(vm) = self.lock_vms().get(id) {
+            return Some(vm.clone());
+        }
+        let run = self.run_dir(id);
+        if !run.join("state.json").exists() {
+            return None;
+        }
+        let vm = Arc::new(Vm::attach(&run).ok()?);
+        self.lock_vms().insert(id.clone(), vm.clone());
+        Some(vm)
+    }
+
+    fn running(vm: &Vm) -> bool {
+        matches!(vm.wait_exit(Duration::ZERO), Err(VmError::Timeout { .. }))
+    }
+
+    fn forget(&self, id: &MachineId) {
+        self.lock_vms().remove(id);
+    }
+
+    fn read_spec(&self, id: &MachineId, op: DriverOp) -> Result<VmSpec, DriverError> {
+        let path = self.spec_path(id);
+        let bytes = fs::read(&path).map_err(|e| io_failed(op, "read", &path, &e))?;
+        serde_json::from_slice(&bytes).map_err(|e| DriverError::failed(op, &e, false))
+    }
+
+    /// Kills QEMU processes that run from this machine's run dir but that no state.json names
+    /// (a crash between spawning QEMU and recording it). Only ever our own QEMUs: the run dir is
+    /// this driver's.
+    fn kill_strays(&self, id: &MachineId) {
+        for pid in aloft_vm::processes_mentioning(&self.run_dir(id)) {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    fn convert_ps(p: aloft_guest_proto::ProcessInfo) -> ProcessStat {
+        ProcessStat {
+            pid: u32::try_from(p.pid).unwrap_or(0),
+            command: if p.cmdline.is_empty() {
+                p.command
+            } else {
+                p.cmdline.join(" ")
+            },
+            cpu: p.cpu_ms,
+            rss: p.rss_kib.saturating_mul(1024),
+            rtime: p.cpu_ms,
+            stime: 0,
+            directory: p.directory,
+            listen_sockets: p
+                .listen_sockets
+                .into_iter()
+                .map(|s| ListenSocket {
+                    proto: s.proto,
+                    address: s.address,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Driver for VmDriver {
+    fn pull_image(&self, image: &str) -> Result<ImageInfo, DriverError> {
+        let reference = self.reference(image)?;
+        let pulled = self.pull(&reference, image)?;
+        let pinned = reference.with_digest(pulled.digest.clone());
+        Ok(ImageInfo {
+            requested: image.to_owned(),
+            pinned: pinned.to_string(),
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            tag: reference.tag().unwrap_or_default().to_owned(),
+            digest: pulled.digest.to_string(),
+            config: aloft_image::guest_image_config(&pulled.config).image,
+        })
+    }
+
+    fn build_base(&self, image: &ImageInfo) -> Result<BaseInfo, DriverError> {
+        let digest = image
+            .digest
+            .parse::<aloft_image::Digest>()
+            .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
+        if let Some(base) = self.rootfs.get(&digest) {
+            return Ok(BaseInfo {
+                path: base.path,
+                fstype: base.format.fstype().to_owned(),
+            });
+        }
+        // Pinned to the digest, the pull is answered from the cache when the blobs are there.
+        let pinned = Reference::parse(&image.pinned)
+            .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
+        let pulled = self.pull(&pinned, &image.requested)?;
+        let (base, _) = self
+            .rootfs
+            .build(&pulled)
+            .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
+        Ok(BaseInfo {
+            path: base.path,
+            fstype: base.format.fstype().to_owned(),
+        })
+    }
+
+    fn create_disk(&self, id: &MachineId, size_mib: u64) -> Result<PathBuf, DriverError> {
+        let path = self.disk_path(id);
+        self.disks
+            .create(&path, size_mib)
+            .map_err(|e| DriverError::failed(DriverOp::CreateDisk, &e, false))?;
+        Ok(path)
+    }
+
+    fn remove_disk(&self, id: &MachineId) -> Result<(), DriverError> {
+        let path = self.disk_path(id);
+        remove_file(&path).map_err(|e| io_failed(DriverOp::RemoveDisk, "remove", &path, &e))
+    }
+
+    fn attach_network(&self, id: &MachineId, org: u32) -> Result<NetInfo, DriverError> {
+        self.config
+            .network
+            .attach(id, org)
+            .map_err(|e| DriverError::failed(DriverOp::AttachNetwork, &e, true))
+    }
+
+    fn detach_network(&self, id: &MachineId) -> Result<(), DriverError> {
+        self.config
+            .network
+            .detach(id)
+            .map_err(|e| DriverError::failed(DriverOp::DetachNetwork, &e, true))
+    }
+
+    fn write_spec(&self, id: &MachineId, spec: &LaunchSpec) -> Result<(), DriverError> {
+        let dir = self.machine_dir(id);
+        private_dir(&dir).map_err(|e| io_failed(DriverOp::WriteSpec, "create", &dir, &e))?;
+        let mut vm = VmSpec::new(
+            id.as_str(),
+            self.config.kernel.clone(),
+            self.config.initrd.clone(),
+            self.run_dir(id),
+        );
+        vm.cmdline_extra.clone_from(&spec.kernel_args);
+        vm.vcpus = spec.vcpus;
+        vm.memory_mib = spec.memory_mib;
+        vm.disks = vec![
+            DiskSpec::raw(&spec.base.path, true),
+            DiskSpec::raw(&spec.disk, false),
+        ];
+        vm.net = match (&spec.net.tap, &spec.net.mac) {
+            (Some(tap), Some(mac)) => Some(NetSpec {
+                tap: tap.clone(),
+                mac: mac.clone(),
+                netns: spec.net.netns.clone(),
+            }),
+            _ => None,
+        };
+        vm.run_config = spec.run_config.clone();
+        vm.accel = self.config.accel;
+        vm.jail.clone_from(&self.config.jail);
+        let json = serde_json::to_vec_pretty(&vm)
+            .map_err(|e| DriverError::failed(DriverOp::WriteSpec, &e, false))?;
+        let path = self.spec_path(id);
+        let tmp = dir.join("vm.json.tmp");
+        fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&json)?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| io_failed(DriverOp::WriteSpec, "write", &path, &e))
+    }
+
+    fn start_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        if let Some(vm) = self.vm(id) {
+            if Self::running(&vm) {
+                return Ok(());
+            }
+            self.forget(id);
+        }
+        self.kill_strays(id);
+        let spec = self.read_spec(id, DriverOp::StartVm)?;
+        let vm = Vm::start(spec).map_err(|e| vm_failed(DriverOp::StartVm, &e))?;
+        self.lock_vms().insert(id.clone(), Arc::new(vm));
+        Ok(())
+    }
+
+    fn wait_started(&self, id: &MachineId, timeout: Duration) -> Result<(), DriverError> {
+        let vm = self.vm(id).ok_or(DriverError::NotRunning {
+            op: DriverOp::WaitStarted,
+        })?;
+        vm.wait_started(timeout)
+            .map(|_| ())
+            .map_err(|e| vm_failed(DriverOp::WaitStarted, &e))
+    }
+
+    fn stop_vm(
+        &self,
+        id: &MachineId,
+        signal: Option<Signal>,
+        timeout: Duration,
+    ) -> Result<Option<ExitInfo>, DriverError> {
+        let Some(vm) = self.vm(id) else {
+            return Ok(None);
+        };
+        let exit = vm
+            .stop(signal.map(Signal::number), timeout)
+            .map_err(|e| vm_failed(DriverOp::StopVm, &e))?;
+        self.forget(id);
+        Ok(Some(exit_info(&exit, true)))
+    }
+
+    fn kill_vm(&self, id: &MachineId) -> Result<Option<ExitInfo>, DriverError> {
+        let Some(vm) = self.vm(id) else {
+            self.kill_strays(id);
+            return Ok(None);
+        };
+        let exit = vm.kill().map_err(|e| vm_failed(DriverOp::KillVm, &e))?;
+        self.forget(id);
+        Ok(Some(exit_info(&exit, true)))
+    }
+
+    fn suspend_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        let snapshot = self.snapshot(id);
+        let vm = self.vm(id).ok_or(DriverError::NotRunning {
+            op: DriverOp::SuspendVm,
+        })?;
+        if !Self::running(&vm) && snapshot.exists() {
+            return Ok(());
+        }
+        vm.suspend(&snapshot)
+            .map_err(|e| vm_failed(DriverOp::SuspendVm, &e))?;
+        self.forget(id);
+        Ok(())
+    }
+
+    fn resume_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+        if let Some(vm) = self.vm(id) {
+            if Self::running(&vm) {
+                return Ok(());
+            }
+            self.forget(id);
+        }
+        let spec = self.read_spec(id, DriverOp::ResumeVm)?;
+        let vm = Vm::resume(spec, &self.snapshot(id)).map_err(|e| vm_failed(DriverOp::ResumeVm, &e))?;
+        self.lock_vms().insert(id.clone(), Arc::new(vm));
+        Ok(())
+    }
+
+    fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError> {
+        let path = self.snapshot(id);
+        remove_file(&path).map_err(|e| io_failed(DriverOp::DiscardSnapshot, "remove", &path, &e))
+    }
+
+    fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError> {
+        let Some(vm) = self.vm(id) else {
+            return Ok(if self.snapshot(id).exists() {
+                VmStatus::Suspended
+            } else {
+                VmStatus::Absent
+            });
+        };
+        Ok(match vm.wait_exit(Duration::ZERO) {
+            Err(VmError::Timeout { .. }) => VmStatus::Running,
+            Ok(exit) if exit.qemu_status == QemuStatus::Suspended => VmStatus::Suspended,
+            Ok(exit) => VmStatus::Exited(exit_info(&exit, false)),
+            Err(e) => return Err(vm_failed(DriverOp::VmStatus, &e)),
+        })
+    }
+
+    fn wait_exit(&self, id: &MachineId, timeout: Duration) -> Result<Option<ExitInfo>, DriverError> {
+        let vm = self.vm(id).ok_or(DriverError::NotRunning {
+            op: DriverOp::WaitExit,
+        })?;
+        match vm.wait_exit(timeout) {
+            Ok(exit) => Ok(Some(exit_info(&exit, false))),
+            Err(VmError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(vm_failed(DriverOp::WaitExit, &e)),
+        }
+    }
+
+    fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), DriverError> {
+        let vm = self
+            .vm(id)
+            .ok_or(DriverError::NotRunning { op: DriverOp::Signal })?;
+        vm.signal(signal.number())
+            .map_err(|e| vm_failed(DriverOp::Signal, &e))
+    }
+
+    fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResult, DriverError> {
+        let vm = self
+            .vm(id)
+            .ok_or(DriverError::NotRunning { op: DriverOp::Exec })?;
+        let out = vm
+            .exec(
+                aloft_guest_proto::ExecRequest {
+                    argv: argv.to_vec(),
+                    ..aloft_guest_proto::ExecRequest::default()
+                },
+                timeout,
+            )
+            .map_err(|e| vm_failed(DriverOp::Exec, &e))?;
+        Ok(ExecResult {
+            exit_code: out.exit.exit_code.unwrap_or(0),
+            exit_signal: out.exit.signal.unwrap_or(0),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+
+    fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
+        let vm = self.vm(id).ok_or(DriverError::NotRunning { op: DriverOp::Ps })?;
+        Ok(vm
+            .ps()
+            .map_err(|e| vm_failed(DriverOp::Ps, &e))?
+            .into_iter()
+            .map(Self::convert_ps)
+            .collect())
+    }
+
+    fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError> {
+        if let Some(vm) = self.vm(id) {
+            let _ = vm.kill();
+        }
+        self.forget(id);
+        self.kill_strays(id);
+        let dir = self.machine_dir(id);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_failed(DriverOp::RemoveMachineDir, "remove", &dir, &e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn residue(&self) -> Result<Vec<MachineId>, DriverError> {
+        let mut out = Vec::new();
+        let machines = self.config.data_dir.join("machines");
+        let disks = self.config.data_dir.join("disks");
+        for (dir, suffix) in [(&machines, ""), (&disks, ".img")] {
+            let entries = fs::read_dir(dir).map_err(|e| io_failed(DriverOp::Residue, "list", dir, &e))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str().and_then(|n| n.strip_suffix(suffix)) else {
+                    continue;
+                };
+                if let Ok(id) = name.parse::<MachineId>()
+                    && !out.contains(&id)
+                {
+                    out.push(id);
+                }
+            }
+        }
+        for id in self
+            .config
+            .network
+            .attached()
+            .map_err(|e| DriverError::failed(DriverOp::Residue, &e, false))?
+        {
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+}
