@@ -1,0 +1,289 @@
+//! Real-VM tests of the agent with [`VmDriver`]: a busybox image pushed to a test registry is
+//! created as a machine, started, stopped, started again and destroyed with nothing left behind;
+//! and an agent killed with SIGKILL while its machine runs is reopened and finds the machine
+//! running and controllable.
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use aloft_agent::{
+        Agent, AgentConfig, CreateMachine, MachineRecord, StopOptions, VmDriver, VmDriverConfig,
+    };
+    use aloft_api::{MachineConfig, MachineInit, MachineState, StopConfig, StopSignal, WaitState};
+    use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
+    use aloft_image::{Reference, RegistryConfig};
+    use aloft_testkit::Registry;
+
+    const BOOT: Duration = Duration::from_secs(120);
+    const CHILD_ENV: &str = "ALOFT_AGENT_TEST_CHILD_DIR";
+    const REGISTRY_ENV: &str = "ALOFT_AGENT_TEST_REGISTRY";
+
+    /// Paths under one private temporary directory.
+    fn data(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        (dir.join("data"), dir.join("cache"), dir.join("agent.db"))
+    }
+
+    fn open_agent(dir: &Path, registry_host: &str) -> Agent {
+        let (data, cache, db) = data(dir);
+        let artifacts = aloft_testkit::guest_artifacts().unwrap();
+        let mut cfg = VmDriverConfig::new(data, cache, artifacts.kernel, artifacts.initrd);
+        cfg.registry = RegistryConfig {
+            insecure: vec![registry_host.to_owned()],
+            ..RegistryConfig::default()
+        };
+        cfg.default_registry = Some(registry_host.to_owned());
+        let driver = VmDriver::new(cfg).unwrap();
+        let config = AgentConfig {
+            boot_timeout: BOOT,
+            stop_timeout: Duration::from_secs(5),
+            retry_delay: Duration::from_millis(200),
+            ..AgentConfig::new(db)
+        };
+        Agent::open(config, Arc::new(driver)).unwrap()
+    }
+
+    /// A test registry holding `busybox:latest`.
+    fn registry() -> Registry {
+        let registry = Registry::start().unwrap();
+        let host = registry.host();
+        let config = RegistryConfig {
+            insecure: vec![host.clone()],
+            ..RegistryConfig::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let target = Reference::parse(&format!("{host}/busybox:latest")).unwrap();
+        rt.block_on(bootstrap_busybox(&config, &target, &BootstrapOptions::default()))
+            .unwrap();
+        registry
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("aloft-agent-vm-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    fn machine_config() -> MachineConfig {
+        MachineConfig {
+            image: Some("busybox:latest".into()),
+            init: Some(MachineInit {
+                exec: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo up > /tmp/up.new && mv /tmp/up.new /tmp/up; while true; do sleep 1; done".into(),
+                ],
+                ..MachineInit::default()
+            }),
+            stop_config: Some(StopConfig {
+                signal: Some(StopSignal::SIGKILL),
+                timeout: None,
+            }),
+            ..MachineConfig::default()
+        }
+    }
+
+    fn create(agent: &Agent) -> MachineRecord {
+        let handle = agent
+            .create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 1,
+                config: machine_config(),
+                ..CreateMachine::default()
+            })
+            .unwrap();
+        handle.wait(BOOT).unwrap()
+    }
+
+    /// What `cat /tmp/up` prints in the guest once the workload wrote it (the workload may still
+    /// be getting there when the machine is reported started).
+    fn exec_cat_up(agent: &Agent, rec: &MachineRecord) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let argv = ["/bin/cat".to_owned(), "/tmp/up".to_owned()];
+        loop {
+            match agent.exec(&rec.id, &argv, Duration::from_secs(30)) {
+                Ok(out) if out.exit_code == 0 => return String::from_utf8_lossy(&out.stdout).into_owned(),
+                Ok(out) => assert!(
+                    Instant::now() < deadline,
+                    "cat /tmp/up: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(e) => assert!(Instant::now() < deadline, "exec in {}: {e:?}", rec.id),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// No QEMU runs from the directory, and no machine directory or disk is left.
+    fn assert_nothing_left(dir: &Path) {
+        let (data, _, _) = data(dir);
+        let left = aloft_vm::processes_mentioning(&data);
+        assert!(left.is_empty(), "processes left behind: {left:?}");
+        for sub in ["machines", "disks"] {
+            let entries: Vec<_> = std::fs::read_dir(data.join(sub)).unwrap().flatten().collect();
+            assert!(entries.is_empty(), "{sub} left: {entries:?}");
+        }
+    }
+
+    /// Kills whatever QEMU still runs from the directory (only ever the ones this test started).
+    struct Cleanup<'a>(&'a Path, Option<Child>);
+
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if let Some(child) = &mut self.1 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            for pid in aloft_vm::processes_mentioning(&data(self.0).0) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn busybox_machine_lives_and_leaves_nothing_behind() {
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let agent = open_agent(dir.path(), &registry.host());
+        let rec = create(&agent);
+        assert_eq!(rec.state, MachineState::Started);
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        let m = agent.machine(&rec.id).unwrap();
+        assert_eq!(m.image_ref.as_ref().unwrap().repository, "busybox");
+        assert!(m.image_ref.unwrap().digest.starts_with("sha256:"));
+
+        let stopped = agent
+            .stop(&rec.id, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        assert_eq!(stopped.state, MachineState::Stopped);
+        let left = aloft_vm::processes_mentioning(&data(dir.path()).0);
+        assert!(left.is_empty(), "a stopped machine has no qemu: {left:?}");
+
+        let started = agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
+        assert_eq!(started.state, MachineState::Started);
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+
+        let e = agent.destroy(&rec.id, false).unwrap_err();
+        assert_eq!(e.to_api().status(), 412, "{e}");
+        let gone = agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
+        assert_eq!(gone.state, MachineState::Destroyed);
+        assert_nothing_left(dir.path());
+        drop(agent);
+    }
+
+    /// Not a test on its own: the child process of `a_killed_agent_reattaches_its_machine`. It
+    /// creates a machine, says so in `<dir>/ready` and waits to be killed.
+    #[test]
+    #[ignore = "run as a child process by a_killed_agent_reattaches_its_machine"]
+    fn agent_child() {
+        let (Ok(dir), Ok(host)) = (std::env::var(CHILD_ENV), std::env::var(REGISTRY_ENV)) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let agent = open_agent(&dir, &host);
+        let rec = create(&agent);
+        std::fs::write(dir.join("ready"), rec.id.as_str()).unwrap();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn a_killed_agent_reattaches_its_machine() {
+        let registry = registry();
+        let dir = tempdir();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::agent_child", "--ignored", "--nocapture"])
+            .env(CHILD_ENV, dir.path())
+            .env(REGISTRY_ENV, registry.host())
+            .spawn()
+            .unwrap();
+        let mut cleanup = Cleanup(dir.path(), Some(child));
+        let ready = dir.path().join("ready");
+        let deadline = Instant::now() + BOOT;
+        while !ready.exists() {
+            let child = cleanup.1.as_mut().unwrap();
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the child agent exited early"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the child agent did not start its machine"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let id = std::fs::read_to_string(&ready).unwrap().parse().unwrap();
+        // SIGKILL: no shutdown of any kind.
+        let mut child = cleanup.1.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let run_dir = data(dir.path())
+            .0
+            .join("machines")
+            .join(format!("{id}"))
+            .join("run");
+        assert!(
+            !aloft_vm::processes_mentioning(&run_dir).is_empty(),
+            "the machine's qemu outlives its agent"
+        );
+
+        let agent = open_agent(dir.path(), &registry.host());
+        let rec = agent.get(&id).unwrap();
+        assert_eq!(rec.state, MachineState::Started);
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        // The monitor was reattached: a workload killed now is seen and the machine restarts
+        // under the default policy (on-failure).
+        let boots_before = agent.events(&id, 50).unwrap().len();
+        agent.kill(&id).unwrap();
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let rec = agent.get(&id).unwrap();
+            let events = agent.events(&id, 50).unwrap();
+            if rec.state == MachineState::Started && rec.op_id.is_none() && events.len() >= boots_before + 2 {
+                assert!(events.iter().any(|e| e.kind == "exit"), "{events:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no restart after kill: {rec:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        let stopped = agent
+            .stop(&id, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        assert_eq!(stopped.state, MachineState::Stopped);
+        agent
+            .wait(&id, &[WaitState::Stopped], None, None, Duration::ZERO)
+            .unwrap();
+        agent.destroy(&id, false).unwrap().wait(BOOT).unwrap();
+        assert_nothing_left(dir.path());
+        drop(agent);
+        drop(cleanup);
+    }
+}
