@@ -10,8 +10,9 @@
 //!
 //! - [`Agent`]: the verbs (what the Machines API server calls), `wait`, events, versions.
 //! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
-//!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait) and [`FakeDriver`]
-//!   (in memory, with injectable failures and crash points).
+//!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
+//!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
+//!   crash points).
 //! - States and allowed transitions are `aloft-api`'s ([`aloft_api::Verb::transition`]): a verb
 //!   not allowed in the current state is [`AgentError::State`] (412), a second verb while an
 //!   operation runs is refused by the same rule, or [`AgentError::Busy`] (409).
@@ -30,6 +31,7 @@ mod db;
 mod driver;
 mod error;
 mod fake;
+mod hostnet;
 mod ids;
 mod model;
 mod plan;
@@ -44,6 +46,7 @@ pub use driver::{
 };
 pub use error::AgentError;
 pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
+pub use hostnet::HostNetwork;
 pub use model::{
     MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord, Undo,
 };
