@@ -1148,3 +1148,76 @@ fn graceful_shutdown_finishes_operations_and_leaves_vms_running() {
     assert_eq!(settle(&agent, &other), MachineState::Started);
     assert_consistent(&agent, &h.fake);
 }
+
+#[test]
+fn crashes_during_a_rollback_recover() {
+    for op in [
+        DriverOp::KillVm,
+        DriverOp::RemoveMachineDir,
+        DriverOp::RemoveDisk,
+        DriverOp::DetachNetwork,
+    ] {
+        for phase in [CrashPhase::Before, CrashPhase::After] {
+            let h = Harness::new();
+            let switch = Killswitch::new();
+            let id = {
+                let agent = h.open_with(&switch);
+                // The create fails at write_spec for good, so its rollback runs; it crashes there.
+                h.fake.fail_always(DriverOp::WriteSpec);
+                h.fake.crash_at(op, phase, &switch);
+                let handle = agent.create(create_req(config("busybox"), false)).unwrap();
+                assert!(
+                    matches!(handle.wait(T), Err(AgentError::Halted)),
+                    "{op} {phase:?}"
+                );
+                assert_eq!(state(&agent, &handle.machine), MachineState::LaunchFailed);
+                handle.machine
+            };
+            h.fake.clear_faults();
+            let agent = h.open();
+            assert_eq!(settle(&agent, &id), MachineState::Destroyed, "{op} {phase:?}");
+            assert_consistent(&agent, &h.fake);
+            assert!(h.fake.world().residue().is_empty(), "{op} {phase:?}");
+        }
+    }
+}
+
+#[test]
+fn crashes_during_a_policy_restart_recover() {
+    for op in [
+        DriverOp::KillVm,
+        DriverOp::AttachNetwork,
+        DriverOp::WriteSpec,
+        DriverOp::StartVm,
+        DriverOp::WaitStarted,
+    ] {
+        for phase in [CrashPhase::Before, CrashPhase::After] {
+            let h = Harness::new();
+            let switch = Killswitch::new();
+            let id = {
+                let agent = h.open_with(&switch);
+                let id = create(&agent, false);
+                // The workload crashes; on-failure restarts it; the agent dies on the way.
+                h.fake.crash_at(op, phase, &switch);
+                h.fake.exit_workload(
+                    &id,
+                    ExitInfo {
+                        exit_code: Some(1),
+                        ..ExitInfo::default()
+                    },
+                );
+                let deadline = std::time::Instant::now() + T;
+                while !switch.is_tripped() {
+                    assert!(std::time::Instant::now() < deadline, "{op} {phase:?}: no restart");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                id
+            };
+            h.fake.clear_faults();
+            let agent = h.open();
+            wait_settled_in(&agent, &id, MachineState::Started);
+            assert_eq!(agent.get(&id).unwrap().restart_count, 1, "{op} {phase:?}");
+            assert_consistent(&agent, &h.fake);
+        }
+    }
+}

@@ -13,12 +13,18 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr};
+
     use aloft_agent::{
-        Agent, AgentConfig, CreateMachine, MachineRecord, StopOptions, VmDriver, VmDriverConfig,
+        Agent, AgentConfig, CreateMachine, HostNetwork, MachineRecord, Network, NoNetwork, StopOptions,
+        VmDriver, VmDriverConfig,
     };
     use aloft_api::{MachineConfig, MachineInit, MachineState, StopConfig, StopSignal, WaitState};
     use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
     use aloft_image::{Reference, RegistryConfig};
+    use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
+    use aloft_testkit::NetNs;
     use aloft_testkit::Registry;
 
     const BOOT: Duration = Duration::from_secs(120);
@@ -31,6 +37,10 @@ mod tests {
     }
 
     fn open_agent(dir: &Path, registry_host: &str) -> Agent {
+        open_agent_with(dir, registry_host, Arc::new(NoNetwork))
+    }
+
+    fn open_agent_with(dir: &Path, registry_host: &str, network: Arc<dyn Network>) -> Agent {
         let (data, cache, db) = data(dir);
         let artifacts = aloft_testkit::guest_artifacts().unwrap();
         let mut cfg = VmDriverConfig::new(data, cache, artifacts.kernel, artifacts.initrd);
@@ -39,6 +49,7 @@ mod tests {
             ..RegistryConfig::default()
         };
         cfg.default_registry = Some(registry_host.to_owned());
+        cfg.network = network;
         let driver = VmDriver::new(cfg).unwrap();
         let config = AgentConfig {
             boot_timeout: BOOT,
@@ -285,5 +296,93 @@ mod tests {
         assert_nothing_left(dir.path());
         drop(agent);
         drop(cleanup);
+    }
+
+    /// GET / from inside `ns` to `addr`, retrying until the server answers.
+    fn http_get(ns: &NetNs, addr: SocketAddr) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut s = ns.connect_tcp_to(addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                let mut resp = String::new();
+                s.read_to_string(&mut resp)?;
+                Ok(resp)
+            })();
+            match attempt {
+                Ok(r) if !r.is_empty() => return r,
+                Ok(_) => {}
+                Err(e) => assert!(Instant::now() < deadline, "no http answer from {addr}: {e}"),
+            }
+            assert!(Instant::now() < deadline, "empty http answers from {addr}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn a_machine_on_the_host_network_serves_on_its_addresses() {
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let ns = NetNs::new().unwrap();
+        let host = || {
+            HostNet::new(Plan::new(&PlanConfig::new(1)).unwrap()).with_namespace(Namespace::Path(ns.path()))
+        };
+        let network = HostNetwork::open(host(), &dir.path().join("net.json"), Some(ns.path())).unwrap();
+        let agent = open_agent_with(dir.path(), &registry.host(), Arc::new(network));
+        let mut config = machine_config();
+        config.init = Some(MachineInit {
+            exec: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "mkdir -p /tmp/www && echo \"hello from $FLY_MACHINE_ID at $FLY_PRIVATE_IP\" > /tmp/www/index.html \
+                 && exec /bin/httpd -f -p 8080 -h /tmp/www"
+                    .into(),
+            ],
+            ..MachineInit::default()
+        });
+        let rec = agent
+            .create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 3,
+                config,
+                ..CreateMachine::default()
+            })
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        let net = rec.resources.net.clone().unwrap();
+        assert!(net.private_ip.starts_with("fdaa:0:3:"), "{}", net.private_ip);
+        assert_eq!(agent.machine(&rec.id).unwrap().private_ip, net.private_ip);
+        let tap = net.tap.clone().unwrap();
+        assert_eq!(host().taps().unwrap(), [tap]);
+        let ip4 = net
+            .net_config
+            .as_ref()
+            .unwrap()
+            .addresses
+            .iter()
+            .find(|a| a.addr.is_ipv4())
+            .unwrap()
+            .addr;
+        let ip6: IpAddr = net.private_ip.parse().unwrap();
+        for addr in [ip4, ip6] {
+            let page = http_get(&ns, SocketAddr::new(addr, 8080));
+            assert!(
+                page.contains(&format!("hello from {} at {}", rec.id, net.private_ip)),
+                "{page}"
+            );
+        }
+        agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
+        assert!(host().taps().unwrap().is_empty(), "the tap goes with the machine");
+        assert_nothing_left(dir.path());
+        drop(agent);
+        host().remove_all().unwrap();
     }
 }
