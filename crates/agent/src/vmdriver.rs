@@ -444,6 +444,7 @@ impl Driver for VmDriver {
         timeout: Duration,
     ) -> Result<Option<ExitInfo>, DriverError> {
         let Some(vm) = self.vm(id) else {
+            self.kill_strays(id);
             return Ok(None);
         };
         let exit = vm
