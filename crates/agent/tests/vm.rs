@@ -7,25 +7,27 @@
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr};
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use std::io::{Read, Write};
-    use std::net::{IpAddr, SocketAddr};
-
     use aloft_agent::{
-        Agent, AgentConfig, CreateMachine, HostNetwork, MachineRecord, Network, NoNetwork, StopOptions,
-        VmDriver, VmDriverConfig,
+        Agent, AgentConfig, AgentError, BaseInfo, CrashPhase, CreateMachine, Driver, DriverError, DriverOp,
+        ExecResult, ExitInfo, HostNetwork, ImageInfo, Killswitch, LaunchSpec, MachineRecord, NetInfo,
+        Network, NoNetwork, StopOptions, VmDriver, VmDriverConfig, VmStatus,
     };
-    use aloft_api::{MachineConfig, MachineInit, MachineState, StopConfig, StopSignal, WaitState};
+    use aloft_api::{
+        MachineConfig, MachineId, MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal,
+        WaitState,
+    };
     use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
     use aloft_image::{Reference, RegistryConfig};
     use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
-    use aloft_testkit::NetNs;
-    use aloft_testkit::Registry;
+    use aloft_testkit::{NetNs, Registry};
 
     const BOOT: Duration = Duration::from_secs(120);
     const CHILD_ENV: &str = "ALOFT_AGENT_TEST_CHILD_DIR";
@@ -41,7 +43,22 @@ mod tests {
     }
 
     fn open_agent_with(dir: &Path, registry_host: &str, network: Arc<dyn Network>) -> Agent {
-        let (data, cache, db) = data(dir);
+        open_agent_on(dir, Arc::new(driver(dir, registry_host, network)), None)
+    }
+
+    fn open_agent_on(dir: &Path, driver: Arc<dyn Driver>, killswitch: Option<Killswitch>) -> Agent {
+        let config = AgentConfig {
+            boot_timeout: BOOT,
+            stop_timeout: Duration::from_secs(5),
+            retry_delay: Duration::from_millis(200),
+            killswitch,
+            ..AgentConfig::new(data(dir).2)
+        };
+        Agent::open(config, driver).unwrap()
+    }
+
+    fn driver(dir: &Path, registry_host: &str, network: Arc<dyn Network>) -> VmDriver {
+        let (data, cache, _) = data(dir);
         let artifacts = aloft_testkit::guest_artifacts().unwrap();
         let mut cfg = VmDriverConfig::new(data, cache, artifacts.kernel, artifacts.initrd);
         cfg.registry = RegistryConfig {
@@ -50,14 +67,7 @@ mod tests {
         };
         cfg.default_registry = Some(registry_host.to_owned());
         cfg.network = network;
-        let driver = VmDriver::new(cfg).unwrap();
-        let config = AgentConfig {
-            boot_timeout: BOOT,
-            stop_timeout: Duration::from_secs(5),
-            retry_delay: Duration::from_millis(200),
-            ..AgentConfig::new(db)
-        };
-        Agent::open(config, Arc::new(driver)).unwrap()
+        VmDriver::new(cfg).unwrap()
     }
 
     /// A test registry holding `busybox:latest`.
@@ -384,5 +394,234 @@ mod tests {
         assert_nothing_left(dir.path());
         drop(agent);
         host().remove_all().unwrap();
+    }
+
+    /// The real driver, tripping `switch` just before or after `op` acts (once): the agent using
+    /// it is "killed" at that step boundary, with real QEMU processes, disks and files.
+    #[derive(Debug)]
+    struct Crashing {
+        inner: VmDriver,
+        op: DriverOp,
+        phase: CrashPhase,
+        switch: Killswitch,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Crashing {
+        fn around<T>(
+            &self,
+            op: DriverOp,
+            f: impl FnOnce() -> Result<T, DriverError>,
+        ) -> Result<T, DriverError> {
+            let hit = op == self.op && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+            if hit && self.phase == CrashPhase::Before {
+                self.switch.trip();
+                return Err(DriverError::Failed {
+                    op,
+                    message: "crash".into(),
+                    retryable: false,
+                });
+            }
+            let out = f();
+            if hit {
+                self.switch.trip();
+            }
+            out
+        }
+    }
+
+    impl Driver for Crashing {
+        fn pull_image(&self, image: &str) -> Result<ImageInfo, DriverError> {
+            self.around(DriverOp::PullImage, || self.inner.pull_image(image))
+        }
+        fn build_base(&self, image: &ImageInfo) -> Result<BaseInfo, DriverError> {
+            self.around(DriverOp::BuildBase, || self.inner.build_base(image))
+        }
+        fn create_disk(&self, id: &MachineId, size_mib: u64) -> Result<PathBuf, DriverError> {
+            self.around(DriverOp::CreateDisk, || self.inner.create_disk(id, size_mib))
+        }
+        fn remove_disk(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::RemoveDisk, || self.inner.remove_disk(id))
+        }
+        fn attach_network(&self, id: &MachineId, org: u32) -> Result<NetInfo, DriverError> {
+            self.around(DriverOp::AttachNetwork, || self.inner.attach_network(id, org))
+        }
+        fn detach_network(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::DetachNetwork, || self.inner.detach_network(id))
+        }
+        fn write_spec(&self, id: &MachineId, spec: &LaunchSpec) -> Result<(), DriverError> {
+            self.around(DriverOp::WriteSpec, || self.inner.write_spec(id, spec))
+        }
+        fn start_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::StartVm, || self.inner.start_vm(id))
+        }
+        fn wait_started(&self, id: &MachineId, timeout: Duration) -> Result<(), DriverError> {
+            self.around(DriverOp::WaitStarted, || self.inner.wait_started(id, timeout))
+        }
+        fn stop_vm(
+            &self,
+            id: &MachineId,
+            signal: Option<Signal>,
+            timeout: Duration,
+        ) -> Result<Option<ExitInfo>, DriverError> {
+            self.around(DriverOp::StopVm, || self.inner.stop_vm(id, signal, timeout))
+        }
+        fn kill_vm(&self, id: &MachineId) -> Result<Option<ExitInfo>, DriverError> {
+            self.around(DriverOp::KillVm, || self.inner.kill_vm(id))
+        }
+        fn suspend_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::SuspendVm, || self.inner.suspend_vm(id))
+        }
+        fn resume_vm(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::ResumeVm, || self.inner.resume_vm(id))
+        }
+        fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::DiscardSnapshot, || self.inner.discard_snapshot(id))
+        }
+        fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError> {
+            self.inner.vm_status(id)
+        }
+        fn wait_exit(&self, id: &MachineId, timeout: Duration) -> Result<Option<ExitInfo>, DriverError> {
+            self.inner.wait_exit(id, timeout)
+        }
+        fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), DriverError> {
+            self.inner.signal(id, signal)
+        }
+        fn exec(
+            &self,
+            id: &MachineId,
+            argv: &[String],
+            timeout: Duration,
+        ) -> Result<ExecResult, DriverError> {
+            self.inner.exec(id, argv, timeout)
+        }
+        fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
+            self.inner.ps(id)
+        }
+        fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError> {
+            self.around(DriverOp::RemoveMachineDir, || self.inner.remove_machine_dir(id))
+        }
+        fn residue(&self) -> Result<Vec<MachineId>, DriverError> {
+            self.inner.residue()
+        }
+    }
+
+    type VerbFn = dyn Fn(&Agent, Option<&MachineId>) -> Result<aloft_agent::OpHandle, AgentError>;
+
+    /// Runs `verb` with an agent that dies at `op`/`phase`, reopens a plain one, and checks the
+    /// machine ends in `expect` with its QEMU running exactly when it is started.
+    fn real_crash(
+        dir: &Path,
+        host: &str,
+        id: Option<&MachineId>,
+        verb: &VerbFn,
+        (op, phase): (DriverOp, CrashPhase),
+        expect: MachineState,
+    ) -> MachineId {
+        let switch = Killswitch::new();
+        let crashing = Crashing {
+            inner: driver(dir, host, Arc::new(NoNetwork)),
+            op,
+            phase,
+            switch: switch.clone(),
+            armed: std::sync::atomic::AtomicBool::new(true),
+        };
+        let id = {
+            let agent = open_agent_on(dir, Arc::new(crashing), Some(switch.clone()));
+            let handle = verb(&agent, id).unwrap();
+            let res = handle.wait(BOOT);
+            assert!(switch.is_tripped(), "{op} {phase:?} was never reached: {res:?}");
+            assert!(matches!(res, Err(AgentError::Halted)), "{op} {phase:?}: {res:?}");
+            handle.machine
+        };
+        let agent = open_agent(dir, host);
+        let w = agent.wait(&id, &[WaitState::Settled], None, None, BOOT).unwrap();
+        assert_eq!(w.state, expect, "{op} {phase:?}");
+        let run_dir = data(dir).0.join("machines").join(id.as_str()).join("run");
+        let qemus = aloft_vm::processes_mentioning(&run_dir);
+        assert_eq!(
+            qemus.len(),
+            usize::from(expect == MachineState::Started),
+            "{op} {phase:?}: qemu processes {qemus:?}"
+        );
+        if expect == MachineState::Started {
+            assert_eq!(exec_cat_up(&agent, &agent.get(&id).unwrap()), "up\n");
+        }
+        id
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots real guests; enable feature vm-tests"
+    )]
+    fn agents_killed_at_step_boundaries_of_create_stop_and_destroy_recover() {
+        let registry = registry();
+        let host = registry.host();
+        let create = |a: &Agent, _: Option<&MachineId>| {
+            a.create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 1,
+                config: machine_config(),
+                ..CreateMachine::default()
+            })
+        };
+        let stop = |a: &Agent, id: Option<&MachineId>| a.stop(id.unwrap(), StopOptions::default());
+        let destroy = |a: &Agent, id: Option<&MachineId>| a.destroy(id.unwrap(), true);
+        use CrashPhase::{After, Before};
+        use DriverOp as D;
+        for op in [
+            D::PullImage,
+            D::BuildBase,
+            D::CreateDisk,
+            D::AttachNetwork,
+            D::WriteSpec,
+            D::StartVm,
+            D::WaitStarted,
+        ] {
+            for phase in [Before, After] {
+                let dir = tempdir();
+                let _cleanup = Cleanup(dir.path(), None);
+                let id = real_crash(
+                    dir.path(),
+                    &host,
+                    None,
+                    &create,
+                    (op, phase),
+                    MachineState::Started,
+                );
+                // Then stop and destroy, each killed at its own boundaries on the way.
+                let stop_at = if phase == Before {
+                    (D::StopVm, Before)
+                } else {
+                    (D::StopVm, After)
+                };
+                real_crash(
+                    dir.path(),
+                    &host,
+                    Some(&id),
+                    &stop,
+                    stop_at,
+                    MachineState::Stopped,
+                );
+                let destroy_at = [
+                    D::KillVm,
+                    D::DiscardSnapshot,
+                    D::RemoveMachineDir,
+                    D::RemoveDisk,
+                    D::DetachNetwork,
+                ][(op as usize) % 5];
+                real_crash(
+                    dir.path(),
+                    &host,
+                    Some(&id),
+                    &destroy,
+                    (destroy_at, phase),
+                    MachineState::Destroyed,
+                );
+                assert_nothing_left(dir.path());
+            }
+        }
     }
 }
