@@ -1221,3 +1221,13 @@ fn crashes_during_a_policy_restart_recover() {
         }
     }
 }
+
+#[test]
+fn agent_and_handles_can_be_shared_across_threads() {
+    fn check<T: Send + Sync>() {}
+    check::<Agent>();
+    check::<crate::OpHandle>();
+    check::<AgentError>();
+    check::<crate::VmDriver>();
+    check::<crate::HostNetwork>();
+}

@@ -204,6 +204,71 @@ mod tests {
         assert_eq!(started.state, MachineState::Started);
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
 
+        // Suspend writes a snapshot and QEMU exits; start resumes the same guest (its /tmp too).
+        let suspended = agent.suspend(&rec.id).unwrap().wait(BOOT).unwrap();
+        assert_eq!(suspended.state, MachineState::Suspended);
+        let machine_dir = data(dir.path()).0.join("machines").join(rec.id.as_str());
+        assert!(machine_dir.join("snapshot").is_file());
+        assert!(aloft_vm::processes_mentioning(&data(dir.path()).0).is_empty());
+        agent
+            .exec(&rec.id, &["/bin/true".into()], Duration::from_secs(5))
+            .unwrap_err();
+        let resumed = agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
+        assert_eq!(resumed.state, MachineState::Started);
+        assert!(!machine_dir.join("snapshot").exists());
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+
+        let restarted = agent
+            .restart(&rec.id, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        assert_eq!(restarted.state, MachineState::Started);
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+
+        // Update: a new version with a new env, booted; the old version is replaced.
+        let mut config = machine_config();
+        config.env.insert("GREETING".into(), "v2".into());
+        let updated = agent
+            .update(
+                &rec.id,
+                &aloft_agent::UpdateMachine {
+                    config,
+                    current_version: Some(rec.version.clone()),
+                    ..aloft_agent::UpdateMachine::default()
+                },
+            )
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        assert_eq!(updated.state, MachineState::Started);
+        assert_ne!(updated.version, rec.version);
+        let out = agent
+            .exec(
+                &rec.id,
+                &[
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo $GREETING $FLY_MACHINE_VERSION".into(),
+                ],
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("v2 {}\n", updated.version)
+        );
+        let old = agent
+            .wait(
+                &rec.id,
+                &[WaitState::Stopped],
+                Some(&rec.version),
+                None,
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(old.state, MachineState::Replaced);
+
         let e = agent.destroy(&rec.id, false).unwrap_err();
         assert_eq!(e.to_api().status(), 412, "{e}");
         let gone = agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
