@@ -689,4 +689,85 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots real guests; enable feature vm-tests"
+    )]
+    fn crash_loops_follow_the_restart_policy() {
+        use aloft_api::{MachineRestart, RestartPolicy};
+        let registry = registry();
+        let host = registry.host();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let config = AgentConfig {
+            boot_timeout: BOOT,
+            restart: aloft_agent::RestartBackoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                window: Duration::from_secs(600),
+            },
+            ..AgentConfig::new(data(dir.path()).2)
+        };
+        let agent = Agent::open(config, Arc::new(driver(dir.path(), &host, Arc::new(NoNetwork)))).unwrap();
+        // (policy, max_retries, exit code, boots expected)
+        let cases = [
+            (RestartPolicy::No, None, 3, 1),
+            (RestartPolicy::OnFailure, Some(2), 3, 3),
+            (RestartPolicy::OnFailure, Some(2), 0, 1),
+            (RestartPolicy::Always, Some(1), 0, 2),
+        ];
+        for (policy, max_retries, code, boots) in cases {
+            let mut config = machine_config();
+            config.init = Some(MachineInit {
+                exec: vec!["/bin/sh".into(), "-c".into(), format!("exit {code}")],
+                ..MachineInit::default()
+            });
+            config.restart = Some(MachineRestart {
+                policy: Some(policy),
+                max_retries,
+                gpu_bid_price: None,
+            });
+            let id = agent
+                .create(CreateMachine {
+                    app: "agent-test".into(),
+                    region: "local".into(),
+                    org: 1,
+                    config,
+                    ..CreateMachine::default()
+                })
+                .unwrap()
+                .machine;
+            let deadline = Instant::now() + BOOT;
+            let exits = loop {
+                let rec = agent.get(&id).unwrap();
+                let exits: Vec<_> = agent
+                    .events(&id, 50)
+                    .unwrap()
+                    .into_iter()
+                    .filter(|e| e.kind == "exit")
+                    .collect();
+                if rec.state == MachineState::Stopped && rec.op_id.is_none() {
+                    break exits;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{policy:?}: still {} after {} exits",
+                    rec.state,
+                    exits.len()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(exits.len(), boots, "{policy:?} {max_retries:?} exit {code}");
+            for e in &exits {
+                let exit = e.request.as_ref().unwrap().exit_event.as_ref().unwrap();
+                assert_eq!(exit.exit_code, code, "{e:?}");
+                assert!(!exit.requested_stop, "{e:?}");
+            }
+            assert!(aloft_vm::processes_mentioning(&data(dir.path()).0).is_empty());
+            agent.destroy(&id, false).unwrap().wait(BOOT).unwrap();
+        }
+        assert_nothing_left(dir.path());
+    }
 }
