@@ -170,7 +170,7 @@ impl OpHandle {
                             operation: op.kind.as_str(),
                             state: rec.state,
                             message: op.error.unwrap_or_else(|| "cancelled".to_owned()),
-                            user_error: op.scratch.error.as_deref().is_some_and(is_user_error),
+                            user_error: op.scratch.user_error,
                         });
                     }
                     OpStatus::Running | OpStatus::Undoing => {}
@@ -198,12 +198,6 @@ impl OpHandle {
             self.inner.wait_change(seen, deadline);
         }
     }
-}
-
-const USER_ERROR_PREFIX: &str = "image ";
-
-fn is_user_error(message: &str) -> bool {
-    message.starts_with(USER_ERROR_PREFIX) || message.starts_with("invalid machine config")
 }
 
 /// The per-host agent. See the crate docs.
@@ -1021,6 +1015,7 @@ impl Inner {
         op.status = OpStatus::Undoing;
         op.params.undo = Some(undo);
         op.scratch.error = Some(message);
+        op.scratch.user_error = matches!(e, DriverError::Image { .. } | DriverError::WorkloadFailed { .. });
         let mut rec = self.record(&op.machine)?;
         rec.state = plan::undo_state(op.kind, end, rec.state);
         rec.updated_at = now_ms();

@@ -291,6 +291,9 @@ pub struct Scratch {
     pub exit: Option<ExitInfo>,
     /// The error that made the operation undo.
     pub error: Option<String>,
+    /// That error is the user's input (an image that does not exist, a program not in it).
+    #[serde(default)]
+    pub user_error: bool,
 }
 
 /// An operation as recorded.
