@@ -1092,7 +1092,8 @@ impl Inner {
             attempt += 1;
             self.db
                 .write(|tx| tx.step_started(&op.id, phase, idx, step, now_ms()))?;
-            match self.perform(op, step) {
+            let before = self.record(&op.machine)?;
+            match self.perform(op, step, &before) {
                 Ok(effect) => {
                     let mut rec = self.record(&op.machine)?;
                     self.apply(op, &mut rec, effect);
@@ -1194,15 +1195,12 @@ impl Inner {
         }
     }
 
-    /// Does one step against the driver.
-    fn perform(&self, op: &OpRecord, step: Step) -> Result<Effect, DriverError> {
+    /// Does one step against the driver; `rec` is the machine as recorded before it.
+    fn perform(&self, op: &OpRecord, step: Step, rec: &MachineRecord) -> Result<Effect, DriverError> {
         use crate::driver::DriverOp;
         let id = &op.machine;
         let d = &*self.driver;
         let timeout = Duration::from_millis(op.params.timeout_ms.unwrap_or(5_000));
-        let rec = self
-            .record(id)
-            .map_err(|e| Self::driver_failed(DriverOp::WriteSpec, e.to_string()))?;
         let config = op.params.new_config.as_ref().unwrap_or(&rec.config);
         match step {
             Step::Backoff => {
@@ -1229,7 +1227,7 @@ impl Inner {
                 .map(Effect::Disk),
             Step::AttachNetwork => d.attach_network(id, rec.org).map(Effect::Net),
             Step::WriteSpec => {
-                let spec = self.launch_spec(op, &rec)?;
+                let spec = self.launch_spec(op, rec)?;
                 d.write_spec(id, &spec).map(|()| Effect::SpecWritten)
             }
             Step::StartVm => d.start_vm(id).map(|()| Effect::Booted),
