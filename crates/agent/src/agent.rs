@@ -763,7 +763,10 @@ impl Inner {
         }
         let transition = verb.transition(rec.state)?;
         let from = rec.state;
-        let params = build(&rec, Self::base_params(kind, from, skip_launch))?;
+        let mut params = build(&rec, Self::base_params(kind, from, skip_launch))?;
+        if plan::keeps_rootfs(kind, &rec.config) {
+            params.plan.retain(|s| *s != Step::ResetDisk);
+        }
         let op = Self::new_op(id, kind, source, params);
         rec.state = transition.via.unwrap_or(rec.state);
         rec.op_id = Some(op.id.clone());

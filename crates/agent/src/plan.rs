@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use aloft_api::{GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy};
+use aloft_api::{GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy, RootfsPersist};
 use aloft_guest_proto::{FileSpec, RootConfig, RunConfig, RuntimeEnv};
 
 use crate::driver::{BaseInfo, ExitInfo, ImageInfo, NetInfo};
@@ -74,6 +74,22 @@ pub(crate) fn plan(kind: OpKind, from: MachineState, skip_launch: bool) -> (Vec<
             S::Destroyed,
         ),
     }
+}
+
+/// Whether `kind` keeps the writable layer under `config`'s `rootfs.persist` (or the deprecated
+/// `guest.persist_rootfs`): `always` keeps it across starts, `restart` across restarts.
+pub(crate) fn keeps_rootfs(kind: OpKind, config: &MachineConfig) -> bool {
+    let persist = config
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.persist)
+        .or_else(|| config.guest.as_ref().and_then(|g| g.persist_rootfs))
+        .unwrap_or(RootfsPersist::Never);
+    matches!(
+        (kind, persist),
+        (OpKind::Start, RootfsPersist::Always)
+            | (OpKind::Restart, RootfsPersist::Always | RootfsPersist::Restart)
+    )
 }
 
 /// What runs after step `failed` of `kind` (from `from`) failed for good, and where the machine

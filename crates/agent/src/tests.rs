@@ -1231,3 +1231,34 @@ fn agent_and_handles_can_be_shared_across_threads() {
     check::<crate::VmDriver>();
     check::<crate::HostNetwork>();
 }
+
+#[test]
+fn rootfs_persist_keeps_the_writable_layer() {
+    let h = Harness::new();
+    let agent = h.open();
+    for (persist, start_resets, restart_resets) in [
+        (aloft_api::RootfsPersist::Never, true, true),
+        (aloft_api::RootfsPersist::Restart, true, false),
+        (aloft_api::RootfsPersist::Always, false, false),
+    ] {
+        let mut c = config("busybox");
+        c.rootfs = Some(aloft_api::MachineRootfs {
+            persist: Some(persist),
+            size_gb: None,
+        });
+        let handle = agent.create(create_req(c, false)).unwrap();
+        handle.wait(T).unwrap();
+        let id = handle.machine;
+        let disks = || h.fake.world().disks[&id];
+        agent
+            .restart(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap();
+        assert_eq!(disks(), 1 + u64::from(restart_resets), "{persist:?} restart");
+        let before = disks();
+        agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+        agent.start(&id).unwrap().wait(T).unwrap();
+        assert_eq!(disks(), before + u64::from(start_resets), "{persist:?} start");
+    }
+}
