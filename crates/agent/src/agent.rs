@@ -392,6 +392,46 @@ impl Agent {
         self.inner.destroy(id, force, EventSource::User)
     }
 
+    /// Changes `config.metadata` (`PUT`/`PATCH …/metadata`): null or empty values delete keys. No
+    /// new version and no reboot: metadata is read by the platform, not the guest. A stale
+    /// `machine_version` is [`AgentError::StaleVersion`] (412); refused while an operation runs
+    /// (it may be installing another config) and on a destroyed machine.
+    pub fn update_metadata(
+        &self,
+        id: &MachineId,
+        req: &aloft_api::UpdateMetadataRequest,
+    ) -> Result<MachineRecord, AgentError> {
+        let live = self.inner.lock();
+        let mut rec = self.inner.record(id)?;
+        if rec.state.is_terminal() {
+            return Err(AgentError::NotFound {
+                machine: id.to_string(),
+            });
+        }
+        if let Some(op_id) = &rec.op_id {
+            return Err(AgentError::Busy {
+                machine: id.clone(),
+                operation: live.running.get(id).map_or("an", |r| r.kind.as_str()),
+                op_id: op_id.clone(),
+            });
+        }
+        if let Some(expected) = &req.machine_version
+            && *expected != rec.version
+        {
+            return Err(AgentError::StaleVersion {
+                machine: id.clone(),
+                expected: expected.clone(),
+                current: rec.version.clone(),
+            });
+        }
+        req.apply(&mut rec.config.metadata);
+        rec.updated_at = now_ms();
+        self.inner.db.write(|tx| tx.update_machine(&rec))?;
+        drop(live);
+        self.inner.notify();
+        Ok(rec)
+    }
+
     /// Sends `signal` to a started machine's workload (the restart policy sees the exit if it
     /// ends).
     pub fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), AgentError> {

@@ -1262,3 +1262,41 @@ fn rootfs_persist_keeps_the_writable_layer() {
         assert_eq!(disks(), before + u64::from(start_resets), "{persist:?} start");
     }
 }
+
+#[test]
+fn metadata_changes_without_a_new_version() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    let v = agent.get(&id).unwrap().version;
+    let mut req = aloft_api::UpdateMetadataRequest {
+        machine_version: Some(v.clone()),
+        ..aloft_api::UpdateMetadataRequest::default()
+    };
+    req.metadata
+        .insert("fly_process_group".into(), Some("web".into()));
+    let rec = agent.update_metadata(&id, &req).unwrap();
+    assert_eq!(rec.config.metadata["fly_process_group"], "web");
+    assert_eq!(rec.version, v);
+    assert_eq!(h.fake.world().boots[&id], 1, "no reboot");
+    req.metadata.insert("fly_process_group".into(), None);
+    req.machine_version = Some("01STALE0000000000000000000".into());
+    assert_eq!(
+        agent.update_metadata(&id, &req).unwrap_err().to_api().status(),
+        412
+    );
+    req.machine_version = None;
+    assert!(
+        agent
+            .update_metadata(&id, &req)
+            .unwrap()
+            .config
+            .metadata
+            .is_empty()
+    );
+    agent.destroy(&id, true).unwrap().wait(T).unwrap();
+    assert_eq!(
+        agent.update_metadata(&id, &req).unwrap_err().to_api().status(),
+        404
+    );
+}
