@@ -18,7 +18,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal};
@@ -60,6 +60,8 @@ pub struct VmDriverConfig {
     pub accel: AccelChoice,
     /// Machines' networks.
     pub network: Arc<dyn Network>,
+    /// Base builds at once (each may stage up to 4 GiB in memory, ADR 0004); others wait.
+    pub max_concurrent_builds: usize,
 }
 
 impl VmDriverConfig {
@@ -82,6 +84,7 @@ impl VmDriverConfig {
             jail: None,
             accel: AccelChoice::Auto,
             network: Arc::new(NoNetwork),
+            max_concurrent_builds: 2,
         }
     }
 }
@@ -95,6 +98,18 @@ pub struct VmDriver {
     disks: WritableDisks,
     rt: tokio::runtime::Runtime,
     vms: Mutex<HashMap<MachineId, Arc<Vm>>>,
+    builds: (Mutex<usize>, Condvar),
+}
+
+/// One of [`VmDriverConfig::max_concurrent_builds`] build slots, given back on drop.
+struct BuildSlot<'a>(&'a (Mutex<usize>, Condvar));
+
+impl Drop for BuildSlot<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        self.0.1.notify_one();
+    }
 }
 
 fn io_failed(op: DriverOp, what: &str, path: &Path, e: &std::io::Error) -> DriverError {
@@ -197,7 +212,18 @@ impl VmDriver {
             disks,
             rt,
             vms: Mutex::new(HashMap::new()),
+            builds: (Mutex::new(0), Condvar::new()),
         })
+    }
+
+    fn build_slot(&self) -> BuildSlot<'_> {
+        let (count, cond) = &self.builds;
+        let mut n = count.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n >= self.config.max_concurrent_builds.max(1) {
+            n = cond.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        BuildSlot(&self.builds)
     }
 
     fn machine_dir(&self, id: &MachineId) -> PathBuf {
@@ -337,6 +363,7 @@ impl Driver for VmDriver {
         let pinned = Reference::parse(&image.pinned)
             .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
         let pulled = self.pull(&pinned, &image.requested)?;
+        let _slot = self.build_slot();
         let (base, _) = self
             .rootfs
             .build(&pulled)
