@@ -58,6 +58,10 @@ mod tests {
     }
 
     fn driver(dir: &Path, registry_host: &str, network: Arc<dyn Network>) -> VmDriver {
+        VmDriver::new(driver_config(dir, registry_host, network)).unwrap()
+    }
+
+    fn driver_config(dir: &Path, registry_host: &str, network: Arc<dyn Network>) -> VmDriverConfig {
         let (data, cache, _) = data(dir);
         let artifacts = aloft_testkit::guest_artifacts().unwrap();
         let mut cfg = VmDriverConfig::new(data, cache, artifacts.kernel, artifacts.initrd);
@@ -67,7 +71,7 @@ mod tests {
         };
         cfg.default_registry = Some(registry_host.to_owned());
         cfg.network = network;
-        VmDriver::new(cfg).unwrap()
+        cfg
     }
 
     /// A test registry holding `busybox:latest`.
@@ -768,6 +772,40 @@ mod tests {
             assert!(aloft_vm::processes_mentioning(&data(dir.path()).0).is_empty());
             agent.destroy(&id, false).unwrap().wait(BOOT).unwrap();
         }
+        assert_nothing_left(dir.path());
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn a_jailed_machine_lives_and_leaves_nothing_behind() {
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let mut cfg = driver_config(dir.path(), &registry.host(), Arc::new(NoNetwork));
+        cfg.jail = Some(aloft_vm::JailSpec {
+            user: "aloft-vm".into(),
+            cgroup_parent: "aloft-agent-test".into(),
+        });
+        let agent = open_agent_on(dir.path(), Arc::new(VmDriver::new(cfg).unwrap()), None);
+        let rec = create(&agent);
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        let pid = aloft_vm::processes_mentioning(&data(dir.path()).0)[0];
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
+        assert!(!uid.contains("\t0\t"), "qemu runs as root: {uid}");
+        agent.suspend(&rec.id).unwrap().wait(BOOT).unwrap();
+        agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
+        assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        agent
+            .stop(&rec.id, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
+        agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
         assert_nothing_left(dir.path());
     }
 }
