@@ -207,6 +207,8 @@ impl OpHandle {
 #[derive(Debug)]
 pub struct Agent {
     inner: Arc<Inner>,
+    /// `<db>.lock`, held with `flock` while this agent lives: one agent per database.
+    _lock: std::fs::File,
 }
 
 #[derive(Debug)]
@@ -267,6 +269,29 @@ enum Effect {
     NetGone,
 }
 
+/// Takes `<db>.lock` (`flock`, released by the kernel when the process dies).
+fn lock_db(db: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let io = |source| AgentError::Io {
+        op: "lock",
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AgentError::Locked { path: db.to_owned() }),
+        Err(e) => Err(io(e.into())),
+    }
+}
+
 impl Agent {
     /// Opens (or creates) the agent's database and **recovers**: operations that were in flight
     /// resume from their first unfinished step (or continue their rollback); started machines are
@@ -287,6 +312,7 @@ impl Agent {
                 source,
             })?;
         }
+        let lock = lock_db(&config.db_path)?;
         let db = Db::open(&config.db_path, halted.clone())?;
         let inner = Arc::new(Inner {
             db,
@@ -297,8 +323,9 @@ impl Agent {
             live: Mutex::new(Live::default()),
             changed: Condvar::new(),
         });
-        inner.recover()?;
-        Ok(Agent { inner })
+        let agent = Agent { inner, _lock: lock };
+        agent.inner.recover()?;
+        Ok(agent)
     }
 
     /// Accepts a create: the machine is recorded (state `creating`) before anything is made.

@@ -137,6 +137,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent has this database open.
+    #[error("another agent uses {}: stop it first (one agent per database)", path.display())]
+    Locked {
+        /// The database.
+        path: PathBuf,
+    },
     /// This agent instance stopped (shut down, or halted as if killed); reopen the agent.
     #[error("the agent stopped before the operation finished; it resumes when the agent is opened again")]
     Halted,
@@ -162,7 +168,7 @@ impl AgentError {
                 source: DriverError::NotRunning { .. },
                 ..
             } => ApiError::precondition_failed(self.to_string()),
-            Self::Halted => ApiError::new(503, self.to_string()),
+            Self::Halted | Self::Locked { .. } => ApiError::new(503, self.to_string()),
             Self::OperationFailed { .. }
             | Self::Driver { .. }
             | Self::Database { .. }

@@ -1300,3 +1300,13 @@ fn metadata_changes_without_a_new_version() {
         404
     );
 }
+
+#[test]
+fn one_agent_per_database() {
+    let h = Harness::new();
+    let agent = h.open();
+    let e = Agent::open(h.config(None), std::sync::Arc::new(h.fake.clone())).unwrap_err();
+    assert!(matches!(e, AgentError::Locked { .. }), "{e:?}");
+    drop(agent);
+    drop(h.open());
+}
