@@ -200,6 +200,9 @@ impl OpHandle {
     }
 }
 
+/// Events and finished operations kept per machine (the API shows at most 50 events).
+const HISTORY: usize = 200;
+
 /// The per-host agent. See the crate docs.
 ///
 /// Dropping it halts it as if it were killed (operations stop at their next step and resume when
@@ -1141,7 +1144,8 @@ impl Inner {
         self.db.write(|tx| {
             tx.update_op(&op)?;
             tx.update_machine(&rec)?;
-            tx.insert_event(&rec.id, &event)
+            tx.insert_event(&rec.id, &event)?;
+            tx.prune(&rec.id, HISTORY)
         })?;
         let next = self.hand_over(&mut live, &op.machine, &op.id);
         live.generation = live.generation.wrapping_add(1);

@@ -385,7 +385,36 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Appends an event; returns its id.
+    /// Keeps the newest `keep` events and finished operations (with their steps) of `machine`;
+    /// older ones go, so a machine restarting for months does not grow the database forever.
+    pub(crate) fn prune(&self, machine: &MachineId, keep: usize) -> Result<(), AgentError> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        self.tx
+            .execute(
+                "DELETE FROM events WHERE machine_id = ?1 AND seq NOT IN
+                   (SELECT seq FROM events WHERE machine_id = ?1 ORDER BY seq DESC LIMIT ?2)",
+                params![machine.as_str(), keep],
+            )
+            .map_err(AgentError::db("prune events"))?;
+        self.tx
+            .execute(
+                "DELETE FROM steps WHERE op_id IN
+                   (SELECT id FROM operations WHERE machine_id = ?1 AND status NOT IN ('running', 'undoing')
+                    AND id NOT IN (SELECT id FROM operations WHERE machine_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2))",
+                params![machine.as_str(), keep],
+            )
+            .map_err(AgentError::db("prune steps"))?;
+        self.tx
+            .execute(
+                "DELETE FROM operations WHERE machine_id = ?1 AND status NOT IN ('running', 'undoing')
+                   AND id NOT IN (SELECT id FROM operations WHERE machine_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2)",
+                params![machine.as_str(), keep],
+            )
+            .map_err(AgentError::db("prune operations"))?;
+        Ok(())
+    }
+
+    /// Appends an event.
     pub(crate) fn insert_event(&self, id: &MachineId, event: &MachineEvent) -> Result<(), AgentError> {
         self.tx
             .execute(

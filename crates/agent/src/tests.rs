@@ -1310,3 +1310,34 @@ fn one_agent_per_database() {
     drop(agent);
     drop(h.open());
 }
+
+#[test]
+fn history_is_bounded() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = create(&agent, false);
+    for _ in 0..110 {
+        agent
+            .restart(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap();
+    }
+    let ops = agent.operations(&id).unwrap();
+    assert_eq!(ops.len(), 111, "under the limit nothing goes");
+    for _ in 0..100 {
+        agent
+            .restart(&id, StopOptions::default())
+            .unwrap()
+            .wait(T)
+            .unwrap();
+    }
+    let ops = agent.operations(&id).unwrap();
+    assert_eq!(ops.len(), 200);
+    assert!(
+        ops.iter()
+            .all(|(op, steps)| op.kind == crate::OpKind::Restart && steps.len() == 5)
+    );
+    assert_eq!(agent.events(&id, 1000).unwrap().len(), 200);
+    assert_consistent(&agent, &h.fake);
+}
