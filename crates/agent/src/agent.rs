@@ -67,6 +67,24 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// Halts this agent when tripped (tests); `None`: a private one.
     pub killswitch: Option<Killswitch>,
+    /// The host's memory and vCPUs: a machine asking for more is refused (422
+    /// `insufficient_capacity`). Detected from `/proc/meminfo` and the CPU count by
+    /// [`AgentConfig::new`].
+    pub host_memory_mb: u32,
+    /// See `host_memory_mb`.
+    pub host_cpus: u32,
+}
+
+/// `MemTotal` of `/proc/meminfo`, MiB (`u32::MAX` when unreadable: no limit).
+fn host_memory_mb() -> u32 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u32::MAX, |kib| u32::try_from(kib / 1024).unwrap_or(u32::MAX))
 }
 
 impl AgentConfig {
@@ -82,6 +100,9 @@ impl AgentConfig {
             restart: RestartBackoff::default(),
             poll: Duration::from_millis(250),
             killswitch: None,
+            host_memory_mb: host_memory_mb(),
+            host_cpus: std::thread::available_parallelism()
+                .map_or(u32::MAX, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         }
     }
 }
@@ -389,6 +410,7 @@ impl Agent {
     /// machine boots the new version (unless `skip_launch`); any other stays stopped.
     pub fn update(&self, id: &MachineId, req: &UpdateMachine) -> Result<OpHandle, AgentError> {
         plan::validate(&req.config)?;
+        self.inner.check_capacity(&req.config)?;
         let skip = req.skip_launch;
         self.inner.submit_with(
             id,
@@ -729,8 +751,29 @@ impl Inner {
         }
     }
 
+    /// Refuses a config bigger than the host.
+    fn check_capacity(&self, config: &MachineConfig) -> Result<(), AgentError> {
+        let (cpus, memory_mb) = plan::guest_size(config)?;
+        if memory_mb > self.config.host_memory_mb {
+            return Err(AgentError::InsufficientCapacity {
+                what: "memory",
+                asked: format!("{memory_mb} MiB"),
+                host: format!("{} MiB", self.config.host_memory_mb),
+            });
+        }
+        if cpus > self.config.host_cpus {
+            return Err(AgentError::InsufficientCapacity {
+                what: "cpus",
+                asked: cpus.to_string(),
+                host: self.config.host_cpus.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn create(self: &Arc<Self>, req: CreateMachine) -> Result<OpHandle, AgentError> {
         plan::validate(&req.config)?;
+        self.check_capacity(&req.config)?;
         let id = req.id.clone().unwrap_or_else(new_machine_id);
         let mut live = self.lock();
         if self.stopping() {

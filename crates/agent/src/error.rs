@@ -72,6 +72,18 @@ pub enum AgentError {
         /// What to change.
         reason: String,
     },
+    /// The machine is bigger than this host (422 `insufficient_capacity`).
+    #[error(
+        "{what} of {asked} is more than this host has ({host}): ask for a smaller guest (guest.cpus, guest.memory_mb)"
+    )]
+    InsufficientCapacity {
+        /// `memory` or `cpus`.
+        what: &'static str,
+        /// Asked for, with unit.
+        asked: String,
+        /// The host's, with unit.
+        host: String,
+    },
     /// `wait` timed out (408: "not yet").
     #[error("machine {machine} did not reach {wanted} within {timeout:?}; it is {state}")]
     WaitTimeout {
@@ -163,6 +175,7 @@ impl AgentError {
             Self::UnknownVersion { .. } => ApiError::not_found(format_args!("{self}")),
             Self::UnknownEvent { .. } | Self::InvalidConfig { .. } => ApiError::bad_request(self.to_string()),
             Self::WaitTimeout { .. } => ApiError::request_timeout(self.to_string()),
+            Self::InsufficientCapacity { .. } => ApiError::insufficient_capacity(self.to_string()),
             Self::OperationFailed { user_error: true, .. } => ApiError::unprocessable(self.to_string()),
             Self::Driver {
                 source: DriverError::NotRunning { .. },

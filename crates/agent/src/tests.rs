@@ -1341,3 +1341,43 @@ fn history_is_bounded() {
     assert_eq!(agent.events(&id, 1000).unwrap().len(), 200);
     assert_consistent(&agent, &h.fake);
 }
+
+#[test]
+fn machines_bigger_than_the_host_are_refused() {
+    let h = Harness::new();
+    let agent = Agent::open(
+        AgentConfig {
+            host_memory_mb: 1024,
+            host_cpus: 2,
+            ..h.config(None)
+        },
+        std::sync::Arc::new(h.fake.clone()),
+    )
+    .unwrap();
+    let mut c = config("busybox");
+    c.size = Some("shared-cpu-4x".into());
+    let e = agent.create(create_req(c.clone(), false)).unwrap_err();
+    let api = e.to_api();
+    assert_eq!(api.status(), 422, "{e}");
+    assert_eq!(api.body().status, aloft_api::ErrorStatus::InsufficientCapacity);
+    assert!(e.to_string().contains("cpus"), "{e}");
+    c.size = Some("performance-1x".into());
+    let e = agent.create(create_req(c.clone(), false)).unwrap_err();
+    assert!(e.to_string().contains("2048 MiB"), "{e}");
+    let id = create(&agent, false);
+    assert_eq!(
+        agent
+            .update(
+                &id,
+                &UpdateMachine {
+                    config: c,
+                    ..UpdateMachine::default()
+                }
+            )
+            .unwrap_err()
+            .to_api()
+            .status(),
+        422
+    );
+    assert!(agent.list().unwrap().len() == 1);
+}
