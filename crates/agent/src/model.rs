@@ -10,7 +10,7 @@ use aloft_api::{
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{BaseInfo, ExitInfo, ImageInfo, NetInfo};
-use crate::ids::rfc3339;
+use aloft_api::rfc3339;
 
 /// One machine on this host as the agent records it.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,7 +8,6 @@ use aloft_guest_proto::{FileSpec, RootConfig, RunConfig, RuntimeEnv};
 
 use crate::driver::{BaseInfo, ExitInfo, ImageInfo, NetInfo};
 use crate::error::AgentError;
-use crate::ids::base64_decode;
 use crate::model::{OpKind, Step, Undo};
 
 /// The steps of `kind` from `from`, and the state they end in.
@@ -267,9 +266,14 @@ fn files(config: &MachineConfig) -> Result<Vec<FileSpec>, AgentError> {
                 });
             }
             let contents = match (&f.raw_value, &f.secret_name, &f.image_config) {
-                (Some(raw), _, _) => base64_decode(raw).ok_or_else(|| AgentError::InvalidConfig {
-                    reason: format!("files: raw_value of {path} is not base64"),
-                })?,
+                (Some(_), _, _) => match f.decoded_raw_value() {
+                    Some(Ok(bytes)) => bytes,
+                    _ => {
+                        return Err(AgentError::InvalidConfig {
+                            reason: format!("files: raw_value of {path} is not base64"),
+                        });
+                    }
+                },
                 (None, Some(_), _) => {
                     return Err(AgentError::InvalidConfig {
                         reason: format!(

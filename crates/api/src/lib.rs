@@ -28,6 +28,8 @@ mod signal;
 #[cfg(test)]
 mod spec_tests;
 mod state;
+mod time;
+mod ulid;
 
 pub use app::{
     App, AppOrganizationInfo, CreateAppRequest, CreateDeployTokenRequest, ListAppsQuery, ListAppsResponse,
@@ -48,6 +50,8 @@ pub use requests::{
 };
 pub use signal::{Signal, SignalRequest};
 pub use state::{MachineState, ParseStateError, StateClass, StateError, Transition, Verb};
+pub use time::rfc3339;
+pub use ulid::UlidGenerator;
 
 pub use duration::{Duration, ParseDurationError};
 pub use guest::{

@@ -289,6 +289,27 @@ pub struct File {
     pub secret_name: Option<String>,
 }
 
+impl File {
+    /// `raw_value` decoded: standard or URL-safe base64, padded or not, line breaks ignored (what
+    /// Fly's clients send). `None` when there is no `raw_value`, `Some(Err(_))` when it is not base64.
+    pub fn decoded_raw_value(&self) -> Option<Result<Vec<u8>, base64::DecodeError>> {
+        use base64::Engine as _;
+        use base64::alphabet;
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        const LENIENT: GeneralPurposeConfig =
+            GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+        const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+        const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+        let raw = self.raw_value.as_deref()?;
+        let compact: String = raw.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        Some(
+            STANDARD
+                .decode(&compact)
+                .or_else(|e| URL_SAFE.decode(&compact).map_err(|_| e)),
+        )
+    }
+}
+
 /// CPU, memory and GPU of a machine (`fly.MachineGuest`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MachineGuest {
@@ -1182,6 +1203,21 @@ pub struct TcpHealthcheck {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn raw_values_decode_from_both_alphabets_with_or_without_padding() {
+        let file = |v: &str| File {
+            raw_value: Some(v.to_owned()),
+            ..File::default()
+        };
+        assert_eq!(file("aGVsbG8=").decoded_raw_value().unwrap().unwrap(), b"hello");
+        assert_eq!(file("aGVs\nbG8").decoded_raw_value().unwrap().unwrap(), b"hello");
+        assert_eq!(file("-_8").decoded_raw_value().unwrap().unwrap(), [0xfb, 0xff]);
+        assert_eq!(file("+/8=").decoded_raw_value().unwrap().unwrap(), [0xfb, 0xff]);
+        assert!(file("a*b").decoded_raw_value().unwrap().is_err());
+        assert!(File::default().decoded_raw_value().is_none());
+    }
+
     use serde_json::{Value, json};
 
     use super::*;

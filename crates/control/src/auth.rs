@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use crate::error::blocking;
-use crate::ids::{hex, now_ms, random, rfc3339};
+use aloft_api::rfc3339;
+
+use crate::ids::{hex, now_ms, random};
 use crate::{ApiState, HttpError};
 
 /// What every aloft token starts with.

@@ -15,7 +15,9 @@ use axum::response::Response;
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::LogDetail;
-use crate::ids::{now_ms, rfc3339, ulid};
+use aloft_api::rfc3339;
+
+use crate::ids::{now_ms, ulid};
 
 /// The response header carrying the request id (Fly's name; fly-go puts it in its errors).
 pub(crate) const REQUEST_ID_HEADER: &str = "fly-request-id";
