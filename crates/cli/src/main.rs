@@ -12,6 +12,7 @@
 //! Threading: one current-thread tokio runtime per invocation; blocking file work goes through
 //! `spawn_blocking` inside `aloft-image`.
 
+mod apps;
 mod config;
 mod context;
 mod errors;
@@ -40,6 +41,9 @@ enum Command {
     /// Manage images: list, pull, remove, bootstrap base images.
     #[command(subcommand)]
     Images(images::ImagesCommand),
+    /// Manage apps: create, list, destroy.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
     /// Check and print the app config (aloft.toml, else fly.toml).
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Images(cmd) => images::run(&ctx, cmd).await,
             Command::Config(cmd) => config::run(cmd),
+            Command::Apps(cmd) => apps::run(&ctx, cmd).await,
         }
     });
     match result {
