@@ -4,7 +4,7 @@
 //! the API's app objects with `--json`), `destroy` asks before it destroys unless `--yes` and
 //! refuses without a terminal to ask on.
 
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::io::{IsTerminal as _, Write as _};
 
 use aloft_api::{App, CreateAppRequest};
 use aloft_client::ClientError;
@@ -125,7 +125,17 @@ pub(crate) async fn run(ctx: &Context, cmd: AppsCommand) -> anyhow::Result<()> {
 /// Asks on the terminal; without one, refuses (a script must say `--yes`).
 fn confirm(name: &str) -> anyhow::Result<bool> {
     let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
+    let terminal = stdin.is_terminal();
+    confirm_with(name, terminal, &mut stdin.lock(), &mut std::io::stderr())
+}
+
+fn confirm_with(
+    name: &str,
+    terminal: bool,
+    input: &mut dyn std::io::BufRead,
+    output: &mut dyn std::io::Write,
+) -> anyhow::Result<bool> {
+    if !terminal {
         return Err(UserError {
             message: format!("not destroying app {name} without confirmation: no terminal to ask on"),
             hint: Some(format!("aloft apps destroy {name} --yes")),
@@ -133,15 +143,14 @@ fn confirm(name: &str) -> anyhow::Result<bool> {
         }
         .into());
     }
-    let mut stderr = std::io::stderr();
     write!(
-        stderr,
+        output,
         "Destroying app {name} destroys its machines and volumes too; this cannot be undone.\n\
          Destroy app {name}? [y/N] "
     )?;
-    stderr.flush()?;
+    output.flush()?;
     let mut answer = String::new();
-    stdin.lock().read_line(&mut answer)?;
+    input.read_line(&mut answer)?;
     Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }
 
@@ -232,6 +241,25 @@ fn table(apps: &[App]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destroy_asks_and_only_yes_confirms() {
+        for (answer, expected) in [
+            ("y\n", true),
+            ("YES\n", true),
+            ("n\n", false),
+            ("\n", false),
+            ("", false),
+        ] {
+            let mut output = Vec::new();
+            let confirmed = confirm_with("web", true, &mut answer.as_bytes(), &mut output).unwrap();
+            assert_eq!(confirmed, expected, "{answer:?}");
+            let prompt = String::from_utf8(output).unwrap();
+            assert!(prompt.ends_with("Destroy app web? [y/N] "), "{prompt}");
+        }
+        let e = confirm_with("web", false, &mut "y\n".as_bytes(), &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("without confirmation"), "{e}");
+    }
 
     #[test]
     fn the_table_is_aligned_with_dashes_for_unknowns() {
