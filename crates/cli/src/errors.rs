@@ -1,7 +1,7 @@
 //! Turning errors into what a user reads, and exit codes.
 //!
-//! Exit codes: 1 any failure, 2 bad usage (clap), 3 the image (or local record) does not exist,
-//! 4 the registry cannot be reached.
+//! Exit codes: 1 any failure, 2 bad usage (clap), 3 the image, app or local record does not exist,
+//! 4 the registry or aloftd cannot be reached.
 
 use std::fmt;
 use std::process::ExitCode;

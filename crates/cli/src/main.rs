@@ -1,12 +1,13 @@
-//! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft images …`),
+//! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft apps …`,
+//! `aloft images …`, `aloft config …`),
 //! each subcommand in its own file with the same shape (clap args struct, `run(ctx, args)`), and
 //! errors that say what to do next.
 //!
-//! **Temporary deviation from the architecture:** the CLI must only talk to the platform through
-//! `aloft-client` → `aloft-api` (`cli → client → api`). Until `aloftd` exists (issue 4), `aloft
-//! images` links `aloft-image` and works on the local data directory (`--data-dir`) and registry
-//! (`--registry`) directly. When the agent's host API lands, these commands move onto it and
-//! this crate drops its `aloft-image` dependency. Nothing else may be linked directly: no `vm`,
+//! The CLI talks to the platform through `aloft-client` → `aloft-api` (`cli → client → api`), as
+//! `aloft apps` does. **Temporary deviation:** until `aloftd` serves images through the agent's
+//! host API, `aloft images` links `aloft-image` and works on the local data directory
+//! (`--data-dir`) and registry (`--registry`) directly; when that API lands, these commands move
+//! onto it and this crate drops its `aloft-image` dependency. Nothing else may be linked directly: no `vm`,
 //! no store, no control plane.
 //!
 //! Threading: one current-thread tokio runtime per invocation; blocking file work goes through
