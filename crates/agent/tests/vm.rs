@@ -7,7 +7,6 @@
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
-    use std::io::{Read, Write};
     use std::net::{IpAddr, SocketAddr};
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
@@ -24,8 +23,7 @@ mod tests {
         MachineConfig, MachineId, MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal,
         WaitState,
     };
-    use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
-    use aloft_image::{Reference, RegistryConfig};
+    use aloft_image::RegistryConfig;
     use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
     use aloft_testkit::{NetNs, Registry};
 
@@ -77,18 +75,7 @@ mod tests {
     /// A test registry holding `busybox:latest`.
     fn registry() -> Registry {
         let registry = Registry::start().unwrap();
-        let host = registry.host();
-        let config = RegistryConfig {
-            insecure: vec![host.clone()],
-            ..RegistryConfig::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let target = Reference::parse(&format!("{host}/busybox:latest")).unwrap();
-        rt.block_on(bootstrap_busybox(&config, &target, &BootstrapOptions::default()))
-            .unwrap();
+        registry.push_busybox().unwrap();
         registry
     }
 
@@ -377,22 +364,15 @@ mod tests {
         drop(cleanup);
     }
 
-    /// GET / from inside `ns` to `addr`, retrying until the server answers.
+    /// GET / from inside `ns` to `addr`, retrying until the server answers with something.
     fn http_get(ns: &NetNs, addr: SocketAddr) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let attempt = (|| -> std::io::Result<String> {
-                let mut s = ns.connect_tcp_to(addr, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
-                let mut resp = String::new();
-                s.read_to_string(&mut resp)?;
-                Ok(resp)
-            })();
-            match attempt {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ns.http_get(addr, left) {
                 Ok(r) if !r.is_empty() => return r,
                 Ok(_) => {}
-                Err(e) => assert!(Instant::now() < deadline, "no http answer from {addr}: {e}"),
+                Err(e) => panic!("no http answer from {addr}: {e}"),
             }
             assert!(Instant::now() < deadline, "empty http answers from {addr}");
             std::thread::sleep(Duration::from_millis(200));

@@ -4,10 +4,9 @@
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
     use std::net::SocketAddr;
     use std::path::PathBuf;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use aloft_guest_proto::{ExecRequest, RootConfig, RunConfig};
     use aloft_net::{HostNet, HostNetworks, MachineNet, Namespace, Plan, PlanConfig};
@@ -96,24 +95,10 @@ mod tests {
         }
     }
 
-    /// GET /index.html from inside `ns` to `addr`, retrying until `deadline`.
+    /// GET /index.html from inside `ns` to `addr`, retrying for 30 s.
     fn http_get(ns: &NetNs, addr: SocketAddr) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let attempt = (|| -> std::io::Result<String> {
-                let mut s = ns.connect_tcp_to(addr, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
-                let mut resp = String::new();
-                s.read_to_string(&mut resp)?;
-                Ok(resp)
-            })();
-            match attempt {
-                Ok(r) => return r,
-                Err(e) if Instant::now() > deadline => panic!("no http answer from {addr}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+        ns.http_get(addr, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no http answer from {addr}: {e}"))
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum FixtureError {
     },
     #[error("command failed: {command}: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("push a base image into the test registry")]
+    Bootstrap(#[source] aloft_image::bootstrap::BootstrapError),
 }
 
 /// The guest kernel and base initramfs a test boots.

@@ -3,12 +3,13 @@
 #![expect(unsafe_code, reason = "setns(2) to connect from inside the test namespace")]
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{FixtureError, run};
 
@@ -79,6 +80,27 @@ impl NetNs {
         })
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+    }
+    /// `GET /index.html` over HTTP/1.0 from inside the namespace to `addr`, retrying refused,
+    /// reset or timed-out attempts every 200 ms until `timeout`; the whole response (possibly
+    /// empty), or the last error once `timeout` has passed.
+    pub fn http_get(&self, addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut s = self.connect_tcp_to(addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                let mut resp = String::new();
+                s.read_to_string(&mut resp)?;
+                Ok(resp)
+            })();
+            match attempt {
+                Ok(r) => return Ok(r),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 }
 

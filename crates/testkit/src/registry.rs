@@ -58,6 +58,40 @@ impl Registry {
         }))
     }
 
+    /// How aloft's registry client reaches this registry (plain HTTP on loopback).
+    pub fn client_config(&self) -> aloft_image::RegistryConfig {
+        aloft_image::RegistryConfig {
+            insecure: vec![self.host()],
+            ..aloft_image::RegistryConfig::default()
+        }
+    }
+
+    /// Pushes the busybox base image (`aloft images bootstrap busybox`) as `HOST/busybox:latest`.
+    pub fn push_busybox(&self) -> Result<aloft_image::bootstrap::Bootstrapped, FixtureError> {
+        use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
+        let target =
+            aloft_image::Reference::parse(&format!("{}/busybox:latest", self.host())).map_err(|e| {
+                FixtureError::Command {
+                    command: "push busybox".to_owned(),
+                    stderr: e.to_string(),
+                }
+            })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| FixtureError::Io {
+                what: "start a tokio runtime to push busybox",
+                path: PathBuf::new(),
+                source,
+            })?;
+        rt.block_on(bootstrap_busybox(
+            &self.client_config(),
+            &target,
+            &BootstrapOptions::default(),
+        ))
+        .map_err(FixtureError::Bootstrap)
+    }
+
     fn start_in(dir: &Path) -> Result<Self, FixtureError> {
         let addr = free_port()?;
         let config = dir.join("config.yml");

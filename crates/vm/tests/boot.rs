@@ -4,7 +4,6 @@ mod common;
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
     use std::time::{Duration, Instant};
 
     use aloft_guest_proto::{ExecRequest, NetConfig};
@@ -337,22 +336,12 @@ mod tests {
         });
         let vm = t.start();
         vm.wait_started(BOOT_TIMEOUT).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let body = loop {
-            let attempt = (|| -> std::io::Result<String> {
-                let mut s = ns.connect_tcp(8080, Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
-                let mut resp = String::new();
-                s.read_to_string(&mut resp)?;
-                Ok(resp)
-            })();
-            match attempt {
-                Ok(r) => break r,
-                Err(e) if Instant::now() > deadline => panic!("no http answer: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        };
+        let body = ns
+            .http_get(
+                std::net::SocketAddr::from((ns.guest_ip, 8080)),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("no http answer: {e}"));
         assert!(body.contains("hello from the guest"), "{body}");
         let ps = vm.ps().unwrap();
         assert!(

@@ -10,11 +10,8 @@ mod tests {
     use std::time::Duration;
 
     use aloft_guest_proto::{RootConfig, RunConfig};
-    use aloft_image::bootstrap::{BootstrapOptions, bootstrap_busybox};
     use aloft_image::unpack::UnpackLimits;
-    use aloft_image::{
-        Digest, Progress, Puller, Reference, RegistryConfig, RootfsFormat, RootfsStore, WritableDisks,
-    };
+    use aloft_image::{Digest, Progress, Puller, Reference, RootfsFormat, RootfsStore, WritableDisks};
     use aloft_testkit::Registry;
     use aloft_vm::{AccelChoice, DiskSpec, Vm, VmSpec};
 
@@ -27,18 +24,12 @@ mod tests {
     )]
     fn pulled_busybox_image_boots_from_its_base_rootfs() {
         let registry = Registry::start().unwrap();
-        let host = registry.host();
-        let config = RegistryConfig {
-            insecure: vec![host.clone()],
-            ..RegistryConfig::default()
-        };
+        let config = registry.client_config();
+        let pushed = registry.push_busybox().unwrap();
+        let target = Reference::parse(&format!("{}/busybox:latest", registry.host())).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        let target = Reference::parse(&format!("{host}/busybox:latest")).unwrap();
-        let pushed = rt
-            .block_on(bootstrap_busybox(&config, &target, &BootstrapOptions::default()))
             .unwrap();
 
         let dir = tempfile::Builder::new()
