@@ -126,7 +126,7 @@ impl Client {
             return Err(ClientError::InvalidToken);
         }
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config()?)
+            .tls_backend_preconfigured(aloft_tls::client_config().map_err(ClientError::Tls)?)
             .no_proxy()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
@@ -257,24 +257,6 @@ fn encode(s: &str) -> String {
         }
     }
     out
-}
-
-/// rustls with the ring provider and the platform's trust store. A host without CA certificates
-/// can still use plain-HTTP URLs; HTTPS then fails at the handshake.
-fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(ClientError::Tls)?;
-    Ok(match rustls_platform_verifier::Verifier::new(provider) {
-        Ok(verifier) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth(),
-        Err(_) => builder
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-    })
 }
 
 #[cfg(test)]

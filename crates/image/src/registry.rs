@@ -410,24 +410,7 @@ impl fmt::Debug for Client {
 impl Client {
     pub(crate) fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
         let build = |proxy: bool| -> Result<reqwest::Client, RegistryError> {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| RegistryError::Client(Box::new(e)))?;
-            // A host without CA certificates can still use plain-HTTP registries; HTTPS then
-            // fails at the handshake, saying why.
-            let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
-                match rustls_platform_verifier::Verifier::new(provider.clone()) {
-                    Ok(verifier) => Arc::new(verifier),
-                    Err(e) => Arc::new(NoTrustStore {
-                        reason: e.to_string(),
-                        schemes: provider.signature_verification_algorithms.supported_schemes(),
-                    }),
-                };
-            let tls = builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth();
+            let tls = aloft_tls::client_config().map_err(|e| RegistryError::Client(Box::new(e)))?;
             let mut builder = reqwest::Client::builder()
                 .tls_backend_preconfigured(tls)
                 .connect_timeout(config.connect_timeout)
@@ -1068,55 +1051,6 @@ impl Client {
         )
         .await?;
         Ok(digest)
-    }
-}
-
-/// Stands in for the platform verifier when the host's trust store cannot be loaded: every
-/// certificate is refused with the reason.
-#[derive(Debug)]
-struct NoTrustStore {
-    reason: String,
-    schemes: Vec<rustls::SignatureScheme>,
-}
-
-impl NoTrustStore {
-    fn refuse(&self) -> rustls::Error {
-        rustls::Error::General(format!("cannot verify TLS certificates: {}", self.reason))
-    }
-}
-
-impl rustls::client::danger::ServerCertVerifier for NoTrustStore {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Err(self.refuse())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(self.refuse())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(self.refuse())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.schemes.clone()
     }
 }
 
