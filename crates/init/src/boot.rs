@@ -52,30 +52,10 @@ const LOWER: &str = "/run/aloft/lower";
 const RW: &str = "/run/aloft/rw";
 const NEWROOT: &str = "/newroot";
 
-/// The `/etc` files init writes for every machine: `(name in /etc, contents)`.
-pub(crate) fn etc_files(cfg: &RunConfig) -> Vec<(&'static str, String)> {
-    let mut files = Vec::with_capacity(3);
-    if !cfg.hostname.is_empty() {
-        files.push(("hostname", format!("{}\n", cfg.hostname)));
-    }
-    files.push(("hosts", spec::hosts_file(cfg)));
-    if let Some(resolv) = spec::resolv_conf(cfg) {
-        files.push(("resolv.conf", resolv));
-    }
-    files
-}
-
 /// Mounts the read-only base and the writable layer, overlays them at `/newroot`, moves `/proc`,
 /// `/sys`, `/dev` into it and makes it `/`. Does nothing when there is no root device.
-///
-/// `etc` (see [`etc_files`]) is written straight into the writable layer's `etc/` before the
-/// overlay exists, which spares the overlay a copy-up of `/etc` and of each file. Returns whether
-/// that happened; when it did not (no root device, an image whose `/etc` is not a directory, a
-/// reused disk with something odd at `upper/etc`), [`identity`] writes them through the overlay.
-pub(crate) fn switch_root(root: &RootConfig, etc: &[(&str, String)]) -> Result<bool, String> {
-    let Some(device) = &root.device else {
-        return Ok(false);
-    };
+pub(crate) fn switch_root(root: &RootConfig) -> Result<(), String> {
+    let Some(device) = &root.device else { return Ok(()) };
     if !wait_for(device, Duration::from_secs(2)) {
         return Err(format!("root device {device} not found"));
     }
@@ -106,7 +86,6 @@ pub(crate) fn switch_root(root: &RootConfig, etc: &[(&str, String)]) -> Result<b
     for d in ["upper", "work"] {
         fs::create_dir_all(format!("{RW}/{d}")).map_err(|e| format!("create {RW}/{d}: {e}"))?;
     }
-    let seeded = seed_upper_etc(etc);
     let _ = fs::create_dir_all(NEWROOT);
     let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
     sys::mount("overlay", NEWROOT, Some("overlay"), 0, Some(&opts))
@@ -122,48 +101,7 @@ pub(crate) fn switch_root(root: &RootConfig, etc: &[(&str, String)]) -> Result<b
     sys::mount(".", "/", None, libc::MS_MOVE, None).map_err(|e| format!("move the new root to /: {e}"))?;
     std::os::unix::fs::chroot(".").map_err(|e| format!("chroot into the new root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    Ok(seeded)
-}
-
-/// Writes `etc` into `upper/etc`, creating that directory with the owner and mode of the image's
-/// `/etc` (the merged directory shows the upper one's attributes). False, with nothing that matters
-/// changed, when that cannot be done simply.
-fn seed_upper_etc(etc: &[(&str, String)]) -> bool {
-    let lower = format!("{LOWER}/etc");
-    let upper = format!("{RW}/upper/etc");
-    let Ok(lower_meta) = fs::symlink_metadata(&lower) else {
-        return false;
-    };
-    if !lower_meta.is_dir() {
-        return false;
-    }
-    match fs::symlink_metadata(&upper) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return false,
-        Err(_) => {
-            use std::os::unix::fs::MetadataExt;
-            if fs::create_dir(&upper).is_err() {
-                return false;
-            }
-            let owned = std::os::unix::fs::chown(&upper, Some(lower_meta.uid()), Some(lower_meta.gid()));
-            let moded = fs::set_permissions(&upper, fs::Permissions::from_mode(lower_meta.mode() & 0o7777));
-            if owned.is_err() || moded.is_err() {
-                let _ = fs::remove_dir(&upper);
-                return false;
-            }
-        }
-    }
-    for (name, contents) in etc {
-        let path = format!("{upper}/{name}");
-        // A whiteout, symlink or directory left by an earlier life of this disk: the file replaces it.
-        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) && fs::remove_file(&path).is_err() {
-            return false;
-        }
-        if write_file(&path, contents.as_bytes(), 0o644).is_err() {
-            return false;
-        }
-    }
-    true
+    Ok(())
 }
 
 /// devpts, /dev/shm, /run and cgroup2 in the final root (best effort: an image without a mount
@@ -219,26 +157,21 @@ fn write_file(path: &str, contents: &[u8], mode: u32) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
-/// Hostname, and `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf` unless [`switch_root`] already
-/// wrote them into the writable layer.
-pub(crate) fn identity(cfg: &RunConfig, etc: &[(&str, String)], seeded: bool) -> Result<(), String> {
+/// Hostname, `/etc/hosts`, `/etc/resolv.conf`.
+pub(crate) fn identity(cfg: &RunConfig) -> Result<(), String> {
     if !cfg.hostname.is_empty() {
         sys::sethostname(&cfg.hostname).map_err(|e| format!("set hostname {:?}: {e}", cfg.hostname))?;
+        let _ = write_file("/etc/hostname", format!("{}\n", cfg.hostname).as_bytes(), 0o644);
     }
-    if seeded {
-        return Ok(());
-    }
-    for (name, contents) in etc {
-        let path = format!("/etc/{name}");
+    write_file("/etc/hosts", spec::hosts_file(cfg).as_bytes(), 0o644)
+        .map_err(|e| format!("write /etc/hosts: {e}"))?;
+    if let Some(resolv) = spec::resolv_conf(cfg) {
         // The image may ship resolv.conf as a symlink (systemd-resolved); replace it.
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            let _ = fs::remove_file(&path);
+        if fs::symlink_metadata("/etc/resolv.conf").is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = fs::remove_file("/etc/resolv.conf");
         }
-        let written = write_file(&path, contents.as_bytes(), 0o644);
-        // The hostname file is a courtesy; hosts and resolv.conf are not.
-        if *name != "hostname" {
-            written.map_err(|e| format!("write {path}: {e}"))?;
-        }
+        write_file("/etc/resolv.conf", resolv.as_bytes(), 0o644)
+            .map_err(|e| format!("write /etc/resolv.conf: {e}"))?;
     }
     Ok(())
 }

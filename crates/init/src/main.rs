@@ -79,11 +79,10 @@ fn read_config() -> Result<RunConfig, String> {
 /// Every boot step up to a validated workload launch.
 fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
     console::trace("run config read");
-    let etc = boot::etc_files(cfg);
-    let seeded = boot::switch_root(&cfg.root, &etc)?;
+    boot::switch_root(&cfg.root)?;
     console::trace("root mounted");
     boot::mount_runtime_fs();
-    boot::identity(cfg, &etc, seeded)?;
+    boot::identity(cfg)?;
     console::trace("identity set");
     boot::network(cfg.network.as_ref())?;
     console::trace("network up");
