@@ -122,7 +122,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     if !value.is_finite() || value < 0.0 {
         return Err(format!("invalid size {s:?}: it must be zero or more"));
     }
-    let bytes = value * f64::from(1u32 << (shift / 2)) * f64::from(1u32 << (shift - shift / 2));
+    let bytes = value * 2f64.powi(shift);
     if bytes >= 2f64.powi(63) {
         return Err(format!("size {s:?} is too large"));
     }
