@@ -4,7 +4,8 @@
 //! `Machine` object with its events and versions, machine states and the transitions lifecycle
 //! verbs may take ([`Verb::transition`], the source of the API's 412s), request and response
 //! bodies of the machine, lease and app endpoints, query parameters, the `Authorization` header
-//! forms ([`parse_authorization`]) and Fly's error body ([`ApiError`]). Field names, optionality
+//! forms ([`parse_authorization`]), Fly's error body ([`ApiError`]), and [`MachineHost`], the
+//! interface through which the control plane reaches a host's agent. Field names, optionality
 //! and enum spellings follow Fly's OpenAPI spec; unknown fields are ignored on input, as Fly's own
 //! API does, and the quirks of Fly's clients (fly-go, flyctl) are accepted.
 //!
@@ -18,6 +19,7 @@ mod auth;
 mod duration;
 mod error;
 mod guest;
+mod host;
 mod ids;
 mod lease;
 mod machine;
@@ -57,6 +59,10 @@ pub use duration::{Duration, ParseDurationError};
 pub use guest::{
     CPU_KIND_PERFORMANCE, CPU_KIND_SHARED, DEFAULT_GPU_VM_SIZE, DEFAULT_VM_SIZE, GUEST_PRESETS, GuestError,
     GuestPreset, memory_range_mb,
+};
+pub use host::{
+    HostCreate, HostStop, HostUpdate, HostWait, LogEntry, LogEvent, LogFollower, LogMeta, LogStream,
+    MachineHost,
 };
 pub use ids::{MachineId, ParseIdError};
 pub use machine_config::{

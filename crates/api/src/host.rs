@@ -1,0 +1,175 @@
+//! The interface between the control plane and one host's agent: [`MachineHost`].
+//!
+//! The control plane (the Machines API server) authenticates, checks leases and placement, and
+//! then asks the agent that owns a machine to act. It reaches agents only through this trait, so
+//! that the server never links the VM side: in the embedded single-host setup the agent itself
+//! implements it in-process; in a cluster a client speaking to the remote agent will. Every
+//! method blocks (the server calls it from a blocking thread) and answers with the Machines
+//! API's types and errors ([`ApiError`], with Fly's status codes).
+//!
+//! Verbs return once the agent has **accepted** the operation (recorded it durably); callers that
+//! want the outcome wait for a state with [`MachineHost::wait`], as Fly's clients do.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ApiError, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId, MachineState, MachineVersion,
+    ProcessStat, Signal, UpdateMetadataRequest, WaitResponse, WaitState,
+};
+
+/// A machine to create on a host.
+#[derive(Debug, Clone)]
+pub struct HostCreate {
+    /// The id, chosen by the control plane (so a retried create cannot make two machines).
+    pub id: MachineId,
+    /// The app.
+    pub app: String,
+    /// Its name (the id when the user gave none).
+    pub name: String,
+    /// Its region.
+    pub region: String,
+    /// The organization's network number.
+    pub org: u32,
+    /// The config.
+    pub config: MachineConfig,
+    /// Create without booting (state `created`).
+    pub skip_launch: bool,
+}
+
+/// A new config for a machine (`POST …/{id}`).
+#[derive(Debug, Clone)]
+pub struct HostUpdate {
+    /// The whole new config.
+    pub config: MachineConfig,
+    /// Leave it stopped afterwards.
+    pub skip_launch: bool,
+    /// Refuse (412) unless the machine is at this version.
+    pub current_version: Option<String>,
+}
+
+/// How to stop (or restart) a machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostStop {
+    /// First signal; the config's `stop_config.signal`, else the image's, else SIGINT.
+    pub signal: Option<Signal>,
+    /// Wait before killing; the config's `stop_config.timeout`, else the host's default.
+    pub timeout: Option<Duration>,
+}
+
+/// A `wait` on a host.
+#[derive(Debug, Clone)]
+pub struct HostWait {
+    /// Any of these ends the wait.
+    pub states: Vec<WaitState>,
+    /// Only this version counts.
+    pub version: Option<String>,
+    /// Only events after this one count.
+    pub from_event_id: Option<String>,
+    /// Give up after this long (408).
+    pub timeout: Duration,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// The workload's stdout.
+    Stdout,
+    /// The workload's stderr.
+    Stderr,
+    /// A line the platform wrote about the machine (boot, exit, restart).
+    Platform,
+}
+
+/// Who wrote a log line (Fly's `meta.event.provider`: `app` for the workload, `runner` for the
+/// platform).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEvent {
+    /// `app` or `runner`.
+    pub provider: String,
+}
+
+/// A log line's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMeta {
+    /// Who wrote it.
+    pub event: LogEvent,
+    /// Which stream.
+    pub stream: LogStream,
+}
+
+/// One line of a machine's output, as `GET /v1/apps/{app}/logs` sends it (one JSON object per
+/// line). The fields are those of Fly's log entries (`timestamp`, `message`, `level`, `instance`,
+/// `region`, `meta.event.provider`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// RFC 3339 with milliseconds, UTC.
+    pub timestamp: String,
+    /// The line, without its newline (invalid UTF-8 replaced).
+    pub message: String,
+    /// `info` for stdout and the platform, `error` for stderr.
+    pub level: String,
+    /// The machine's id.
+    pub instance: String,
+    /// The machine's region.
+    pub region: String,
+    /// Stream and provider.
+    pub meta: LogMeta,
+    /// Position in the machine's log (increasing; a client resumes after it).
+    pub seq: u64,
+}
+
+/// New lines of one machine's log as they are written ([`MachineHost::follow_logs`]).
+pub trait LogFollower: Send {
+    /// The next line, waiting up to `timeout`: `Ok(None)` when none came in time. Lines come in
+    /// order, none twice; if the follower fell too far behind, lines are skipped (not buffered
+    /// without bound).
+    fn next(&mut self, timeout: Duration) -> Result<Option<LogEntry>, ApiError>;
+}
+
+/// One host's machines, as the control plane reaches them. See the module docs.
+pub trait MachineHost: Send + Sync + fmt::Debug {
+    /// Creates a machine; returns once its image is resolved and its disk made (state
+    /// `created`, `starting` or later), or at once with the recorded machine if that takes longer
+    /// than the host is willing to hold the request. A create that fails for the user's fault (an
+    /// image that does not exist) is a 422 naming why.
+    fn create(&self, req: HostCreate) -> Result<Machine, ApiError>;
+    /// One machine with its newest events.
+    fn get(&self, id: &MachineId) -> Result<Machine, ApiError>;
+    /// Every machine of `app` on this host, destroyed ones included, oldest first, without
+    /// events (the list view).
+    fn list(&self, app: &str) -> Result<Vec<Machine>, ApiError>;
+    /// Starts a created, stopped, failed or suspended machine; returns the state it was in.
+    fn start(&self, id: &MachineId) -> Result<MachineState, ApiError>;
+    /// Stops a started machine (or drops a suspended one's snapshot).
+    fn stop(&self, id: &MachineId, how: HostStop) -> Result<(), ApiError>;
+    /// Suspends a started machine.
+    fn suspend(&self, id: &MachineId) -> Result<(), ApiError>;
+    /// Stops and starts a started machine.
+    fn restart(&self, id: &MachineId, how: HostStop) -> Result<(), ApiError>;
+    /// A new config and version; returns the machine as recorded.
+    fn update(&self, id: &MachineId, req: HostUpdate) -> Result<Machine, ApiError>;
+    /// Destroys a machine (a started one only with `force`).
+    fn destroy(&self, id: &MachineId, force: bool) -> Result<(), ApiError>;
+    /// Sends a signal to the workload.
+    fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), ApiError>;
+    /// Runs a command in a started machine.
+    fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResponse, ApiError>;
+    /// The processes of a started machine.
+    fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, ApiError>;
+    /// Events, newest first, at most `limit`.
+    fn events(&self, id: &MachineId, limit: usize) -> Result<Vec<MachineEvent>, ApiError>;
+    /// Versions, newest first.
+    fn versions(&self, id: &MachineId) -> Result<Vec<MachineVersion>, ApiError>;
+    /// Blocks until the machine is in one of the states (408 on timeout).
+    fn wait(&self, id: &MachineId, wait: &HostWait) -> Result<WaitResponse, ApiError>;
+    /// Changes `config.metadata` without a new version; returns the machine.
+    fn update_metadata(&self, id: &MachineId, req: &UpdateMetadataRequest) -> Result<Machine, ApiError>;
+    /// The last `lines` lines of a machine's log, oldest first.
+    fn log_tail(&self, id: &MachineId, lines: usize) -> Result<Vec<LogEntry>, ApiError>;
+    /// Lines written from now on (after `after_seq`, when given: a client that resumes).
+    fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<Box<dyn LogFollower>, ApiError>;
+}
