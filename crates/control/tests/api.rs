@@ -122,6 +122,7 @@ mod tests {
             app: app.into(),
             host: "local".into(),
             machine,
+            cordoned: false,
         }
     }
 

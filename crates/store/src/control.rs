@@ -27,8 +27,13 @@ pub struct MachineRecord {
     pub app: String,
     /// The agent (host) that owns it and answers for its lifecycle.
     pub host: String,
-    /// The machine as last published by its agent.
+    /// The machine as its agent answered the create. The agent stays authoritative for its
+    /// state and config: read those from the agent, not from here.
     pub machine: Machine,
+    /// Kept out of the proxy's pool (`POST …/cordon`, or created with
+    /// `skip_service_registration`).
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// An API token. The secret itself is never stored, only its SHA-256.
@@ -150,6 +155,14 @@ fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<Versioned<T>, StoreError
         value,
         revision: kv.mod_revision,
     })
+}
+
+fn parse_network(kv: &KeyValue) -> Result<u32, ControlError> {
+    let text = String::from_utf8_lossy(&kv.value);
+    Ok(text.trim().parse::<u32>().map_err(|e| StoreError::Decode {
+        key: kv.key.clone(),
+        source: serde::de::Error::custom(format!("not a network number: {e}")),
+    })?)
 }
 
 fn unix_secs(ms: i64) -> i64 {
@@ -420,6 +433,38 @@ impl ControlStore {
         let (_, _, store_lease) = self.held_lease(app, id, nonce)?;
         self.store.revoke_lease(store_lease)?;
         Ok(())
+    }
+
+    /// The private network number of organization `slug` (its 6PN prefix), allocated on first
+    /// use: numbers start at 1 (0 is the platform's) and are never reused, so two organizations
+    /// never share a network.
+    pub fn org_network(&self, slug: &str) -> Result<u32, ControlError> {
+        let key = keys::org_network(slug)?;
+        loop {
+            if let Some(kv) = self.store.get(&key)? {
+                return parse_network(&kv);
+            }
+            let next = self.store.get(keys::ORG_NETWORKS_NEXT)?;
+            let (number, expect) = match &next {
+                Some(kv) => (parse_network(kv)?, Expect::Revision(kv.mod_revision)),
+                None => (1, Expect::Absent),
+            };
+            let following = number.checked_add(1).ok_or_else(|| StoreError::Decode {
+                key: keys::ORG_NETWORKS_NEXT.to_owned(),
+                source: serde::de::Error::custom("all organization network numbers are taken"),
+            })?;
+            let resp = self.store.txn(
+                Txn::new()
+                    .expect(keys::ORG_NETWORKS_NEXT, expect)
+                    .expect(&key, Expect::Absent)
+                    .then(Op::put(keys::ORG_NETWORKS_NEXT, following.to_string()))
+                    .then(Op::put(key.clone(), number.to_string())),
+            )?;
+            if resp.succeeded {
+                return Ok(number);
+            }
+            // Another request allocated at the same time: look again.
+        }
     }
 
     /// Records a new token; [`ControlError::TokenExists`] if the id is taken.

@@ -8,6 +8,8 @@
 //! | `/events/{app}/{machine_id}/{event_id}` | `aloft_api::MachineEvent` (ULIDs sort by time) |
 //! | `/machine-leases/{app}/{machine_id}` | `aloft_api::Lease`, attached to a store lease |
 //! | `/tokens/{token_id}` | [`crate::TokenRecord`] |
+//! | `/org-networks/{org_slug}` | the organization's private network number (decimal) |
+//! | `/org-networks-next` | the next unallocated network number (decimal) |
 //! | `/releases/…`, `/secrets/…` | reserved for their future owners |
 
 use crate::StoreError;
@@ -22,6 +24,10 @@ pub const EVENTS: &str = "/events/";
 pub const MACHINE_LEASES: &str = "/machine-leases/";
 /// API tokens.
 pub const TOKENS: &str = "/tokens/";
+/// Organizations' private network numbers, by slug.
+pub const ORG_NETWORKS: &str = "/org-networks/";
+/// The next organization network number to hand out.
+pub const ORG_NETWORKS_NEXT: &str = "/org-networks-next";
 /// Reserved: releases.
 pub const RELEASES: &str = "/releases/";
 /// Reserved: secrets.
@@ -74,6 +80,11 @@ pub fn event(app: &str, id: &str, event_id: &str) -> Result<String, StoreError> 
 /// `/machine-leases/{app}/{id}`.
 pub fn machine_lease(app: &str, id: &str) -> Result<String, StoreError> {
     Ok(format!("{MACHINE_LEASES}{}/{}", segment(app)?, segment(id)?))
+}
+
+/// `/org-networks/{slug}`.
+pub fn org_network(slug: &str) -> Result<String, StoreError> {
+    Ok(format!("{ORG_NETWORKS}{}", segment(slug)?))
 }
 
 /// `/tokens/{id}`.

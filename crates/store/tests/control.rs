@@ -44,7 +44,21 @@ mod tests {
                 "instance_id": "01HBZ8QEXHS0YR4R1N6S1XGEE2", "config": {"image": "busybox"}
             }))
             .unwrap(),
+            cordoned: false,
         }
+    }
+
+    #[test]
+    fn organizations_get_distinct_network_numbers_that_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        let a = c.org_network("personal").unwrap();
+        let b = c.org_network("acme").unwrap();
+        assert_eq!(a, 1, "numbers start at 1 (0 is the platform's)");
+        assert_eq!(b, 2);
+        assert_eq!(c.org_network("personal").unwrap(), a);
+        assert_eq!(c.org_network("acme").unwrap(), b);
+        assert!(c.org_network("bad/slug").is_err());
     }
 
     const M1: &str = "3d8d413b29d089";
