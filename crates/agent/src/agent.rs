@@ -591,6 +591,29 @@ impl Agent {
         self.inner.wait(id, states, version, from_event_id, timeout)
     }
 
+    /// Blocks until the machine's record satisfies `done` (checked at once and after every change
+    /// the agent makes), for at most `timeout`; returns the record as it was last seen either way
+    /// (the caller looks at it to tell which).
+    pub fn wait_until(
+        &self,
+        id: &MachineId,
+        timeout: Duration,
+        done: impl Fn(&MachineRecord) -> bool,
+    ) -> Result<MachineRecord, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.inner.generation();
+            let rec = self.inner.record(id)?;
+            if done(&rec) || Instant::now() >= deadline {
+                return Ok(rec);
+            }
+            if self.inner.halted() {
+                return Err(AgentError::Halted);
+            }
+            self.inner.wait_change(seen, deadline);
+        }
+    }
+
     /// Graceful shutdown: no new operations; those in flight get until `deadline` to finish (the
     /// rest resume on the next open); monitors stop; VMs keep running.
     pub fn shutdown(self, deadline: Duration) {

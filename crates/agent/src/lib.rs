@@ -31,6 +31,7 @@ mod db;
 mod driver;
 mod error;
 mod fake;
+mod host;
 mod hostnet;
 mod ids;
 mod model;

@@ -1,0 +1,179 @@
+//! The agent as the control plane reaches it: `impl aloft_api::MachineHost for Agent`, the
+//! in-process implementation used by the embedded single-host setup. It maps the agent's verbs
+//! and errors onto the Machines API's (`AgentError::to_api`); nothing here decides anything.
+
+use std::time::Duration;
+
+use aloft_api::{
+    ApiError, ExecResponse, HostCreate, HostStop, HostUpdate, HostWait, LogEntry, LogFollower, Machine,
+    MachineEvent, MachineHost, MachineId, MachineState, MachineVersion, ProcessStat, Signal,
+    UpdateMetadataRequest, WaitResponse,
+};
+
+use crate::agent::{Agent, CreateMachine, StopOptions, UpdateMachine};
+use crate::error::AgentError;
+
+/// How long a create may hold its request while the image is resolved and the disk made; after
+/// that the machine is returned as recorded (`creating`) and the client waits for a state.
+const CREATE_HOLD: Duration = Duration::from_secs(50);
+
+/// How long a create that ended badly may take to report why (its rollback is short).
+const CREATE_FAILURE_REPORT: Duration = Duration::from_secs(10);
+
+#[expect(clippy::needless_pass_by_value, reason = "used as `map_err(api)`")]
+fn api(e: AgentError) -> ApiError {
+    e.to_api()
+}
+
+impl MachineHost for Agent {
+    fn create(&self, req: HostCreate) -> Result<Machine, ApiError> {
+        let id = req.id.clone();
+        let op = self
+            .create(CreateMachine {
+                id: Some(req.id),
+                app: req.app,
+                name: Some(req.name),
+                region: req.region,
+                org: req.org,
+                config: req.config,
+                skip_launch: req.skip_launch,
+            })
+            .map_err(api)?;
+        let rec = self
+            .wait_until(&id, CREATE_HOLD, |r| r.state != MachineState::Creating)
+            .map_err(api)?;
+        if matches!(
+            rec.state,
+            MachineState::Destroyed
+                | MachineState::Destroying
+                | MachineState::LaunchFailed
+                | MachineState::Failed
+        ) {
+            // The create failed: its operation says why (422 when the user's input is at fault).
+            op.wait(CREATE_FAILURE_REPORT).map_err(api)?;
+        }
+        self.machine(&id).map_err(api)
+    }
+
+    fn get(&self, id: &MachineId) -> Result<Machine, ApiError> {
+        self.machine(id).map_err(api)
+    }
+
+    fn list(&self, app: &str) -> Result<Vec<Machine>, ApiError> {
+        Ok(self
+            .list()
+            .map_err(api)?
+            .into_iter()
+            .filter(|r| r.app == app)
+            .map(|r| r.to_api(Vec::new()))
+            .collect())
+    }
+
+    fn start(&self, id: &MachineId) -> Result<MachineState, ApiError> {
+        Ok(self.start(id).map_err(api)?.previous_state)
+    }
+
+    fn stop(&self, id: &MachineId, how: HostStop) -> Result<(), ApiError> {
+        let opts = StopOptions {
+            signal: how.signal,
+            timeout: how.timeout,
+        };
+        self.stop(id, opts).map(drop).map_err(api)
+    }
+
+    fn suspend(&self, id: &MachineId) -> Result<(), ApiError> {
+        self.suspend(id).map(drop).map_err(api)
+    }
+
+    fn restart(&self, id: &MachineId, how: HostStop) -> Result<(), ApiError> {
+        let opts = StopOptions {
+            signal: how.signal,
+            timeout: how.timeout,
+        };
+        self.restart(id, opts).map(drop).map_err(api)
+    }
+
+    fn update(&self, id: &MachineId, req: HostUpdate) -> Result<Machine, ApiError> {
+        self.update(
+            id,
+            &UpdateMachine {
+                config: req.config,
+                skip_launch: req.skip_launch,
+                current_version: req.current_version,
+            },
+        )
+        .map_err(api)?;
+        self.machine(id).map_err(api)
+    }
+
+    fn destroy(&self, id: &MachineId, force: bool) -> Result<(), ApiError> {
+        self.destroy(id, force).map(drop).map_err(api)
+    }
+
+    fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), ApiError> {
+        self.signal(id, signal).map_err(api)
+    }
+
+    fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResponse, ApiError> {
+        let r = self.exec(id, argv, timeout).map_err(api)?;
+        Ok(ExecResponse {
+            exit_code: r.exit_code,
+            exit_signal: r.exit_signal,
+            stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+        })
+    }
+
+    fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, ApiError> {
+        self.ps(id).map_err(api)
+    }
+
+    fn events(&self, id: &MachineId, limit: usize) -> Result<Vec<MachineEvent>, ApiError> {
+        self.events(id, limit).map_err(api)
+    }
+
+    fn versions(&self, id: &MachineId) -> Result<Vec<MachineVersion>, ApiError> {
+        self.versions(id).map_err(api)
+    }
+
+    fn wait(&self, id: &MachineId, wait: &HostWait) -> Result<WaitResponse, ApiError> {
+        let out = self
+            .wait(
+                id,
+                &wait.states,
+                wait.version.as_deref(),
+                wait.from_event_id.as_deref(),
+                wait.timeout,
+            )
+            .map_err(api)?;
+        Ok(WaitResponse {
+            ok: true,
+            state: out.state,
+            version: out.version,
+            event_id: out.event_id,
+        })
+    }
+
+    fn update_metadata(&self, id: &MachineId, req: &UpdateMetadataRequest) -> Result<Machine, ApiError> {
+        self.update_metadata(id, req).map_err(api)?;
+        self.machine(id).map_err(api)
+    }
+
+    fn log_tail(&self, _id: &MachineId, _lines: usize) -> Result<Vec<LogEntry>, ApiError> {
+        Err(ApiError::new(
+            501,
+            "machine logs are not captured by this agent yet",
+        ))
+    }
+
+    fn follow_logs(
+        &self,
+        _id: &MachineId,
+        _after_seq: Option<u64>,
+    ) -> Result<Box<dyn LogFollower>, ApiError> {
+        Err(ApiError::new(
+            501,
+            "machine logs are not captured by this agent yet",
+        ))
+    }
+}
