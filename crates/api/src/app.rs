@@ -6,6 +6,7 @@ use crate::ApiError;
 
 /// An app (`App`; fly-go adds `cname_target` and `app_role`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct App {
     /// Opaque id.
     #[serde(default)]
@@ -40,6 +41,7 @@ pub struct App {
 
 /// The organization part of an app (`AppOrganizationInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AppOrganizationInfo {
     /// Display name.
     #[serde(default)]
@@ -54,6 +56,7 @@ pub struct AppOrganizationInfo {
 
 /// `POST /apps` body (`CreateAppRequest`; fly-go adds `app_role_id` and posts `?wait=true`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateAppRequest {
     /// App name.
     #[serde(default)]
@@ -105,6 +108,7 @@ pub fn validate_app_name(name: &str) -> Result<(), ApiError> {
 
 /// `GET /apps` answer (`ListAppsResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ListAppsResponse {
     /// Number of apps.
     pub total_apps: u64,
@@ -150,6 +154,7 @@ impl ListAppsQuery {
 
 /// `POST /apps/{app}/deploy_token` body (`CreateAppDeployTokenRequest`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateDeployTokenRequest {
     /// Lifetime as a Go duration (`"720h"`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,6 +163,7 @@ pub struct CreateDeployTokenRequest {
 
 /// `POST /apps/{app}/deploy_token` answer (`CreateAppResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TokenResponse {
     /// The token.
     pub token: String,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// On input `message` is accepted for `error` (fly-go reads both); the deprecated `details`
 /// object is ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorResponse {
     /// What went wrong, for humans; some clients match on it (`lease currently held by`).
     #[serde(alias = "message", default)]
@@ -20,6 +21,7 @@ pub struct ErrorResponse {
 
 /// The machine-readable part of an error body (`main.statusCode` in the spec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorStatus {
     /// Any error but a capacity one.

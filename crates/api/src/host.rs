@@ -74,6 +74,7 @@ pub struct HostWait {
 
 /// Which output stream a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     /// The workload's stdout.
@@ -87,6 +88,7 @@ pub enum LogStream {
 /// Who wrote a log line (Fly's `meta.event.provider`: `app` for the workload, `runner` for the
 /// platform).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LogEvent {
     /// `app` or `runner`.
     pub provider: String,
@@ -94,6 +96,7 @@ pub struct LogEvent {
 
 /// A log line's metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LogMeta {
     /// Who wrote it.
     pub event: LogEvent,
@@ -105,6 +108,7 @@ pub struct LogMeta {
 /// line). The fields are those of Fly's log entries (`timestamp`, `message`, `level`, `instance`,
 /// `region`, `meta.event.provider`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LogEntry {
     /// RFC 3339 with milliseconds, UTC.
     pub timestamp: String,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// A machine id as Fly spells them: 14 lowercase hex digits (`3d8d9e1f2a9e48`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(try_from = "String", into = "String")]
 pub struct MachineId(String);
 

@@ -7,6 +7,7 @@ pub const LEASE_NONCE_HEADER: &str = "fly-machine-lease-nonce";
 
 /// A lease on a machine (the spec's `Lease`; the inner `data` of the envelope).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Lease {
     /// Proof of holding the lease: send it in [`LEASE_NONCE_HEADER`].
     pub nonce: String,
@@ -26,6 +27,7 @@ pub struct Lease {
 /// What `POST`/`GET …/lease` return: `{"status": "success", "data": {…}}`. fly-go's
 /// `MachineLease` also reads `message` and `code`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LeaseEnvelope {
     /// `success`.
     pub status: String,
@@ -54,6 +56,7 @@ impl LeaseEnvelope {
 /// `POST …/lease` body (`CreateLeaseRequest`). fly-go also sends the TTL as `?ttl=`; the query
 /// wins when both are given.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateLeaseRequest {
     /// Seconds the lease lasts.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,8 @@ mod lease;
 mod machine;
 mod machine_config;
 mod requests;
+#[cfg(feature = "schema")]
+mod schema;
 mod serde_util;
 mod signal;
 #[cfg(test)]

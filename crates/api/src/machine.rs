@@ -13,6 +13,7 @@ use crate::{MachineConfig, MachineId, MachineState};
 /// Timestamps are RFC 3339 strings (`2024-05-01T12:00:00Z`), versions and event ids ULIDs; this
 /// crate carries them as text and leaves generating them to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Machine {
     /// 14 hex digits.
     pub id: MachineId,
@@ -96,6 +97,7 @@ impl Machine {
 
 /// Whether a machine's host answers (`Machine.host_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HostStatus {
     /// Reachable.
@@ -108,6 +110,7 @@ pub enum HostStatus {
 
 /// The state of one container of a multi-container machine.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerStatus {
     /// Container name.
     #[serde(default)]
@@ -119,6 +122,7 @@ pub struct ContainerStatus {
 
 /// A resolved image (`ImageRef`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ImageRef {
     /// Registry host, e.g. `registry-1.docker.io`.
     #[serde(default)]
@@ -143,6 +147,7 @@ pub struct ImageRef {
 
 /// The status of one check (`CheckStatus`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CheckStatus {
     /// Check name (services' checks are named `servicecheck-NN-tcp-PORT` by Fly).
     #[serde(default)]
@@ -159,6 +164,7 @@ pub struct CheckStatus {
 
 /// A check's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CheckState {
     /// Healthy.
@@ -171,6 +177,7 @@ pub enum CheckState {
 
 /// Who caused an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EventSource {
     /// A user's API call.
@@ -181,6 +188,7 @@ pub enum EventSource {
 
 /// One lifecycle event of a machine (`MachineEvent`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineEvent {
     /// A ULID.
     #[serde(default)]
@@ -205,6 +213,7 @@ pub struct MachineEvent {
 /// Details of an event (`request` in the spec is a free object; these are the keys fly-go reads).
 /// Keys aloft does not know are kept as they were.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineEventRequest {
     /// How the main process ended.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -222,6 +231,7 @@ pub struct MachineEventRequest {
 
 /// Fly's monitor event wrapper (`MonitorEvent`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MonitorEvent {
     /// How the main process ended.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -231,6 +241,7 @@ pub struct MonitorEvent {
 /// How a machine's main process ended (fly-go's `MachineExitEvent`; zero and false values are
 /// omitted, as fly-go does).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExitEvent {
     /// The VM's exit code.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -268,6 +279,7 @@ fn is_false(b: &bool) -> bool {
 
 /// One version of a machine's config (`MachineVersion`, `GET …/versions`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineVersion {
     /// The version's ULID.
     #[serde(default)]

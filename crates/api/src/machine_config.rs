@@ -14,6 +14,7 @@ use crate::serde_util::null_as_default;
 
 /// The configuration of one machine: what it runs, on what hardware, with which services.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineConfig {
     /// Destroy the machine once its main process exits (default false).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +129,7 @@ pub struct MachineConfig {
 
 /// A scratch drive (`fly.MachineCacheDrive`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineCacheDrive {
     /// Size in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,6 +138,7 @@ pub struct MachineCacheDrive {
 
 /// A top-level check (`fly.MachineCheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineCheck {
     /// Time to wait after the machine starts before checking.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,6 +184,7 @@ pub struct MachineCheck {
 
 /// What a top-level check's failure means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// Reported only.
@@ -191,6 +195,7 @@ pub enum CheckKind {
 
 /// An HTTP header of a check (`fly.MachineHTTPHeader`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineHttpHeader {
     /// Header name.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -206,6 +211,7 @@ pub struct MachineHttpHeader {
 
 /// DNS settings (`fly.DNSConfig`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DnsConfig {
     /// Forwarding rules.
     #[serde(
@@ -248,6 +254,7 @@ pub struct DnsConfig {
 
 /// A DNS forwarding rule (`fly.dnsForwardRule`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DnsForwardRule {
     /// Resolver address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,6 +266,7 @@ pub struct DnsForwardRule {
 
 /// A resolv.conf option (`fly.dnsOption`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DnsOption {
     /// Option name.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,6 +279,7 @@ pub struct DnsOption {
 /// A file written into the guest (`fly.File`). One of `raw_value`, `secret_name` or
 /// `image_config` supplies the content.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct File {
     /// Absolute path in the guest.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,6 +321,7 @@ impl File {
 
 /// CPU, memory and GPU of a machine (`fly.MachineGuest`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineGuest {
     /// `shared` or `performance`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -348,6 +358,7 @@ pub struct MachineGuest {
 
 /// When the root filesystem survives (`fly.MachineRootfs.persist`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RootfsPersist {
     /// Reset on every start (default).
@@ -360,6 +371,7 @@ pub enum RootfsPersist {
 
 /// Init overrides (`fly.MachineInit`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineInit {
     /// Replaces the image's CMD.
     #[serde(
@@ -399,6 +411,7 @@ pub struct MachineInit {
 
 /// Prometheus scrape target (`fly.MachineMetrics`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineMetrics {
     /// Scrape over https.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -413,6 +426,7 @@ pub struct MachineMetrics {
 
 /// A volume mount (`fly.MachineMount`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineMount {
     /// GB added per auto-extension.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -442,6 +456,7 @@ pub struct MachineMount {
 
 /// A process run by init (`fly.MachineProcess`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineProcess {
     /// Command.
     #[serde(
@@ -495,6 +510,7 @@ pub struct MachineProcess {
 
 /// An environment variable filled from a machine field (`fly.EnvFrom`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EnvFrom {
     /// Variable name.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -506,6 +522,7 @@ pub struct EnvFrom {
 
 /// Machine fields an [`EnvFrom`] can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FieldRef {
     /// Machine id.
@@ -524,6 +541,7 @@ pub enum FieldRef {
 
 /// A secret exposed as an environment variable (`fly.MachineSecret`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineSecret {
     /// Variable name.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -535,6 +553,7 @@ pub struct MachineSecret {
 
 /// Restart policy (`fly.MachineRestart`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineRestart {
     /// Spot GPU bid price.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -549,6 +568,7 @@ pub struct MachineRestart {
 
 /// When a machine whose main process exited is restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum RestartPolicy {
     /// Never.
     #[serde(rename = "no")]
@@ -566,6 +586,7 @@ pub enum RestartPolicy {
 
 /// Root filesystem settings (`fly.MachineRootfs`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineRootfs {
     /// Persistence.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -577,6 +598,7 @@ pub struct MachineRootfs {
 
 /// A service the proxy routes to (`fly.MachineService`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineService {
     /// Start this machine on demand.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -690,6 +712,7 @@ impl<'de> Deserialize<'de> for Autostop {
 
 /// A service check (`fly.MachineServiceCheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineServiceCheck {
     /// Time to wait after the machine starts before checking.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -732,6 +755,7 @@ pub struct MachineServiceCheck {
 
 /// Load limits of a service (`fly.MachineServiceConcurrency`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachineServiceConcurrency {
     /// Above this the machine gets no new work.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -746,6 +770,7 @@ pub struct MachineServiceConcurrency {
 
 /// A public port of a service (`fly.MachinePort`): `port`, or a range `start_port`..=`end_port`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MachinePort {
     /// Last port of a range.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -779,6 +804,7 @@ pub struct MachinePort {
 
 /// Options of the http handler (`fly.HTTPOptions`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HttpOptions {
     /// Compress responses.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -806,6 +832,7 @@ pub struct HttpOptions {
 
 /// Response options of the http handler (`fly.HTTPResponseOptions`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HttpResponseOptions {
     /// Headers to add (a string or list) or remove (`false`).
     #[serde(
@@ -821,6 +848,7 @@ pub struct HttpResponseOptions {
 
 /// The value of a response header rule: a value, several values, or a bool (`false` removes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum HeaderValue {
     /// `false` removes the header.
@@ -833,6 +861,7 @@ pub enum HeaderValue {
 
 /// Session-based replay caching rule (`fly.ReplayCache`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ReplayCache {
     /// Clients may bypass the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -853,6 +882,7 @@ pub struct ReplayCache {
 
 /// What a replay cache rule keys on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ReplayCacheType {
     /// A cookie.
@@ -863,6 +893,7 @@ pub enum ReplayCacheType {
 
 /// Options of the proxy_proto handler (`fly.ProxyProtoOptions`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProxyProtoOptions {
     /// `v1` (default) or `v2`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -871,6 +902,7 @@ pub struct ProxyProtoOptions {
 
 /// Options of the tls handler (`fly.TLSOptions`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TlsOptions {
     /// ALPN protocols offered.
     #[serde(
@@ -893,6 +925,7 @@ pub struct TlsOptions {
 
 /// Static files served by the proxy (`fly.Static`; `guest_path` and `url_prefix` are required).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Static {
     /// Directory in the guest.
     pub guest_path: String,
@@ -908,6 +941,7 @@ pub struct Static {
 
 /// How a machine is stopped (`fly.StopConfig`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StopConfig {
     /// Signal sent first.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -919,6 +953,7 @@ pub struct StopConfig {
 
 /// Signals a stop may start with (the spec's `StopConfig.signal` enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum StopSignal {
     /// Hangup.
     SIGHUP,
@@ -981,6 +1016,7 @@ impl fmt::Display for StopSignal {
 
 /// One container of a multi-container machine (`fly.ContainerConfig`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerConfig {
     /// Command.
     #[serde(
@@ -1064,6 +1100,7 @@ pub struct ContainerConfig {
 
 /// A dependency between containers (`fly.ContainerDependency`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerDependency {
     /// What to wait for.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1075,6 +1112,7 @@ pub struct ContainerDependency {
 
 /// Condition of a [`ContainerDependency`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ContainerDependencyCondition {
     /// Exited with status 0.
@@ -1087,6 +1125,7 @@ pub enum ContainerDependencyCondition {
 
 /// A container health check (`fly.ContainerHealthcheck`); durations are integer seconds here.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerHealthcheck {
     /// Run a command.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1125,6 +1164,7 @@ pub struct ContainerHealthcheck {
 
 /// Kind of a container health check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ContainerHealthcheckKind {
     /// Gates traffic.
@@ -1135,6 +1175,7 @@ pub enum ContainerHealthcheckKind {
 
 /// Scheme of an HTTP container health check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ContainerHealthcheckScheme {
     /// Plain HTTP.
@@ -1145,6 +1186,7 @@ pub enum ContainerHealthcheckScheme {
 
 /// What happens to an unhealthy container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UnhealthyPolicy {
     /// Stop it.
@@ -1153,6 +1195,7 @@ pub enum UnhealthyPolicy {
 
 /// A command health check (`fly.ExecHealthcheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecHealthcheck {
     /// argv.
     #[serde(
@@ -1165,6 +1208,7 @@ pub struct ExecHealthcheck {
 
 /// An HTTP health check (`fly.HTTPHealthcheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HttpHealthcheck {
     /// Headers sent.
     #[serde(
@@ -1195,6 +1239,7 @@ pub struct HttpHealthcheck {
 
 /// A TCP health check (`fly.TCPHealthcheck`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TcpHealthcheck {
     /// Port.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,6 +13,7 @@ use crate::{ApiError, Duration, MachineConfig, MachineState, StopSignal};
 
 /// `POST /apps/{app}/machines` body (`CreateMachineRequest`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CreateMachineRequest {
     /// The machine's config; only `config.image` is required.
     pub config: MachineConfig,
@@ -56,6 +57,7 @@ impl CreateMachineRequest {
 /// `POST /apps/{app}/machines/{id}` body (`UpdateMachineRequest`): a full replacement of the
 /// config, never a partial patch. `name` and `region` cannot change.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdateMachineRequest {
     /// The new config (replaces the old one entirely).
     pub config: MachineConfig,
@@ -133,6 +135,7 @@ pub fn validate_machine_name(name: &str) -> Result<(), ApiError> {
 
 /// `POST …/stop` body (optional).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StopRequest {
     /// Signal sent first (default: the config's `stop_config.signal`, else SIGINT).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +147,7 @@ pub struct StopRequest {
 
 /// `{"ok": true}`, the answer of stop, destroy and friends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OkResponse {
     /// Always true on success.
     pub ok: bool,
@@ -157,6 +161,7 @@ impl OkResponse {
 /// `POST …/start` answer: the docs' `{previous_state, migrated, new_host}` plus fly-go's
 /// `message` and `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StartResponse {
     /// The state before the start.
     pub previous_state: MachineState,
@@ -176,6 +181,7 @@ pub struct StartResponse {
 
 /// States `wait` can wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WaitState {
     /// `started`.
@@ -317,6 +323,7 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
 
 /// `GET …/wait` answer (`WaitMachineResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WaitResponse {
     /// True when the state was reached.
     pub ok: bool,
@@ -503,6 +510,7 @@ impl EventsQuery {
 /// `PUT`/`PATCH …/metadata` body (`updateMetadataRequest`). A `null` or `""` value deletes the
 /// key; a stale `machine_version` is a 412.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdateMetadataRequest {
     /// Keys to set or (with null / "") delete.
     #[serde(default)]
@@ -533,6 +541,7 @@ impl UpdateMetadataRequest {
 
 /// `POST …/metadata/{key}` body (`upsertMetadataKeyRequest`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpsertMetadataKeyRequest {
     /// The value.
     #[serde(default)]
@@ -544,6 +553,7 @@ pub struct UpsertMetadataKeyRequest {
 
 /// `GET …/metadata/{key}` answer (`metadataValueResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MetadataValueResponse {
     /// The value.
     pub value: String,
@@ -551,6 +561,7 @@ pub struct MetadataValueResponse {
 
 /// `POST …/exec` body (`MachineExecRequest`): `command` (argv), or the deprecated `cmd` string.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecRequest {
     /// Argv to run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -596,6 +607,7 @@ impl ExecRequest {
 
 /// `POST …/exec` answer (`flydv1.ExecResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecResponse {
     /// Exit code of the command.
     #[serde(default)]
@@ -613,6 +625,7 @@ pub struct ExecResponse {
 
 /// One process of `GET …/ps` (`ProcessStat`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProcessStat {
     /// Process id in the guest.
     #[serde(default)]
@@ -642,6 +655,7 @@ pub struct ProcessStat {
 
 /// A listening socket (`ListenSocket`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ListenSocket {
     /// `tcp` or `udp`.
     #[serde(default)]

@@ -183,6 +183,7 @@ impl<'de> Deserialize<'de> for Signal {
 
 /// `POST …/signal` body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SignalRequest {
     /// The signal to send to the workload.
     pub signal: Signal,

@@ -12,6 +12,7 @@ use crate::ApiError;
 
 /// The state of a machine, spelled exactly as Fly spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MachineState {
     /// Being created (transient).
