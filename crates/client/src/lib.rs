@@ -5,20 +5,36 @@
 //! not depend on any server crate (`aloft-control`, `aloft-store`, `aloftd`, the agent …): what
 //! it knows of the server is the API, nothing more.
 //!
+//! Endpoints: apps (`apps_*`, `app_*`), every machine endpoint of Fly's Machines API under the
+//! same paths (`machines_list`, `machine_*`, `lease_*`, `metadata_*`; see `machines.rs`), and
+//! aloft's log endpoint as a stream of [`aloft_api::LogEntry`] ([`Client::logs`]). A lease's
+//! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
+//!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
 //! and the server's message; a refused or failed connection becomes [`ClientError::Unreachable`],
 //! which tells the user to start `aloftd`.
 //!
 //! Transport: one `reqwest` client (hyper, rustls with the ring provider and the platform's
 //! verifier for `https` URLs), no proxy (aloftd is usually on loopback), a 5 s connect timeout and
-//! a 60 s overall timeout per request.
+//! a 60 s overall timeout per request, longer for waits and execs (what the server may hold them
+//! plus some) and none worth the name for followed logs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::{App, CreateAppRequest, ErrorResponse, ListAppsResponse};
+use aloft_api::{App, CreateAppRequest, ErrorResponse, LEASE_NONCE_HEADER, ListAppsResponse};
 use reqwest::{Method, StatusCode, Url};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+mod logs;
+mod machines;
+
+pub use logs::{LogStream, LogsQuery};
+pub use machines::{ListMachinesParams, RestartParams, WaitParams};
+
+/// Longest a single request may take unless it says otherwise (waits, execs and log streams do).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What can go wrong talking to aloftd.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +108,12 @@ impl ClientError {
     pub fn is_not_found(&self) -> bool {
         self.status() == Some(404)
     }
+
+    /// Whether the API said 408: a `wait` whose time ran out before the state was reached
+    /// ("not yet", not a failure).
+    pub fn is_wait_timeout(&self) -> bool {
+        self.status() == Some(408)
+    }
 }
 
 /// A client of one aloftd API, acting with one token. Cheap to clone.
@@ -100,6 +122,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Arc<str>,
     token: Arc<str>,
+    /// Sent as `fly-machine-lease-nonce` on every request (see [`Client::with_lease_nonce`]).
+    nonce: Option<Arc<str>>,
 }
 
 impl Client {
@@ -129,7 +153,6 @@ impl Client {
             .tls_backend_preconfigured(aloft_tls::client_config().map_err(ClientError::Tls)?)
             .no_proxy()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
             .user_agent(concat!("aloft/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Setup)?;
@@ -137,7 +160,17 @@ impl Client {
             http,
             base: base.into(),
             token: token.into(),
+            nonce: None,
         })
+    }
+
+    /// This client proving a lease: every request carries `fly-machine-lease-nonce: NONCE`
+    /// (mutations of a leased machine need it; `None` sends none).
+    pub fn with_lease_nonce(&self, nonce: Option<&str>) -> Self {
+        Self {
+            nonce: nonce.map(str::trim).filter(|n| !n.is_empty()).map(Arc::from),
+            ..self.clone()
+        }
     }
 
     /// The API base URL, without a trailing slash.
@@ -159,11 +192,7 @@ impl Client {
 
     /// `POST /v1/apps`: creates an app and returns it.
     pub async fn app_create(&self, request: &CreateAppRequest) -> Result<App, ClientError> {
-        let body = serde_json::to_vec(request).map_err(|source| ClientError::Decode {
-            url: self.base.to_string(),
-            status: 0,
-            source,
-        })?;
+        let body = self.body(request)?;
         self.json(Method::POST, "/v1/apps", Some(body)).await
     }
 
@@ -174,13 +203,33 @@ impl Client {
             .map(drop)
     }
 
+    /// A request body as JSON.
+    fn body<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(value).map_err(|source| ClientError::Decode {
+            url: self.base.to_string(),
+            status: 0,
+            source,
+        })
+    }
+
     async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let (status, bytes) = self.send(method, path, body).await?;
+        self.json_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// [`Client::json`] with its own time limit.
+    async fn json_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.send_within(method, path, body, timeout).await?;
         serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
             url: self.base.to_string(),
             status: status.as_u16(),
@@ -195,20 +244,52 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+        self.send_within(method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    async fn send_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+        let response = self
+            .start(method, path, body, timeout, "application/json")
+            .await?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    /// Sends a request and returns the response once its head is in: a success status leaves
+    /// the body to read, any other is read and becomes an [`ClientError::Api`].
+    async fn start(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+        accept: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
+            .timeout(timeout)
             .header("authorization", format!("Bearer {}", self.token))
-            .header("accept", "application/json");
+            .header("accept", accept);
+        if let Some(nonce) = &self.nonce {
+            request = request.header(LEASE_NONCE_HEADER, nonce.as_ref());
+        }
         if let Some(body) = body {
             request = request.header("content-type", "application/json").body(body);
         }
         let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
         if status.is_success() {
-            Ok((status, bytes.to_vec()))
+            Ok(response)
         } else {
+            let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
             Err(api_error(status, &bytes))
         }
     }

@@ -178,3 +178,438 @@ fn bad_urls_and_tokens_are_refused() {
     }
     assert!(Client::new("https://aloft.example.com", "t").is_ok());
 }
+
+/// Serves one request per canned `(status, content type, body)`, in order, each on its own
+/// connection; resolves to the requests (head and body) as text.
+async fn serve(responses: Vec<(&'static str, &'static str, String)>) -> (String, JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut requests = Vec::new();
+        for (status, content_type, body) in responses {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            requests.push(read_request(&mut conn).await);
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(response.as_bytes()).await.unwrap();
+            conn.shutdown().await.unwrap();
+        }
+        requests
+    });
+    (url, task)
+}
+
+async fn read_request(conn: &mut tokio::net::TcpStream) -> String {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if rest.len() >= len || n == 0 {
+                return text;
+            }
+        }
+        assert!(n > 0, "connection closed mid-request");
+    }
+}
+
+const MACHINE: &str = r#"{"id":"3d8d413b29d089","name":"web-1","state":"started","region":"local","instance_id":"01HBZ8QEXHS0YR4R1N6S1XGEE2","config":{"image":"busybox"}}"#;
+
+fn json(status: &'static str, body: &str) -> (&'static str, &'static str, String) {
+    (status, "application/json", body.to_owned())
+}
+
+#[tokio::test]
+async fn machine_endpoints_use_flys_paths_and_bodies() {
+    let (url, server) = serve(vec![
+        json("200 OK", &format!("[{MACHINE}]")),
+        json("200 OK", MACHINE),
+        json("200 OK", MACHINE),
+        json("200 OK", r#"{"ok":true}"#),
+        json(
+            "200 OK",
+            r#"{"previous_state":"stopped","migrated":false,"new_host":""}"#,
+        ),
+        json("200 OK", r#"{"ok":true}"#),
+        json("200 OK", ""),
+        json("200 OK", r#"{"ok":true}"#),
+        json(
+            "200 OK",
+            r#"{"exit_code":3,"exit_signal":0,"stdout":"hi\n","stderr":""}"#,
+        ),
+        json("200 OK", r#"{"ok":true}"#),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let list = client
+        .machines_list(
+            "web",
+            &ListMachinesParams {
+                states: vec![aloft_api::MachineState::Started],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(list[0].id.as_str(), "3d8d413b29d089");
+    let request = aloft_api::CreateMachineRequest {
+        config: aloft_api::MachineConfig {
+            image: Some("busybox".into()),
+            ..Default::default()
+        },
+        region: Some("local".into()),
+        ..Default::default()
+    };
+    let created = client.machine_create("web", &request).await.unwrap();
+    assert_eq!(created.name, "web-1");
+    let leased = client.with_lease_nonce(Some("n0nce"));
+    leased
+        .machine_update(
+            "web",
+            "3d8d413b29d089",
+            &aloft_api::UpdateMachineRequest {
+                config: request.config.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .machine_stop(
+            "web",
+            "3d8d413b29d089",
+            &aloft_api::StopRequest {
+                signal: Some(aloft_api::StopSignal::SIGTERM),
+                timeout: Some(aloft_api::Duration::from_secs(5)),
+            },
+        )
+        .await
+        .unwrap();
+    let started = client.machine_start("web", "3d8d413b29d089").await.unwrap();
+    assert_eq!(started.previous_state, aloft_api::MachineState::Stopped);
+    client
+        .machine_restart(
+            "web",
+            "3d8d413b29d089",
+            &RestartParams {
+                signal: Some(aloft_api::StopSignal::SIGKILL),
+                timeout: Some(std::time::Duration::from_secs(10)),
+                force_stop: false,
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .machine_signal("web", "3d8d413b29d089", aloft_api::Signal::SIGKILL)
+        .await
+        .unwrap();
+    client
+        .machine_delete("web", "3d8d413b29d089", true)
+        .await
+        .unwrap();
+    let exec = client
+        .machine_exec(
+            "web",
+            "3d8d413b29d089",
+            &aloft_api::ExecRequest {
+                command: vec!["echo".into(), "hi".into()],
+                timeout: Some(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((exec.exit_code, exec.stdout.as_str()), (3, "hi\n"));
+    client.machine_cordon("web", "3d8d413b29d089").await.unwrap();
+
+    let requests = server.await.unwrap();
+    let first_lines: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        first_lines,
+        [
+            "GET /v1/apps/web/machines?state=started HTTP/1.1",
+            "POST /v1/apps/web/machines HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089 HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/stop HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/start HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/restart?signal=SIGKILL&timeout=10s HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/signal HTTP/1.1",
+            "DELETE /v1/apps/web/machines/3d8d413b29d089?force=true HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/exec HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/cordon HTTP/1.1",
+        ]
+    );
+    assert!(
+        requests[1].ends_with(r#"{"config":{"image":"busybox"},"region":"local"}"#),
+        "{}",
+        requests[1]
+    );
+    // Only the leased client sends the nonce.
+    assert!(
+        requests[2]
+            .to_ascii_lowercase()
+            .contains("\r\nfly-machine-lease-nonce: n0nce\r\n"),
+        "{}",
+        requests[2]
+    );
+    assert!(
+        !requests[3].to_ascii_lowercase().contains("lease-nonce"),
+        "{}",
+        requests[3]
+    );
+    assert!(
+        requests[3].ends_with(r#"{"signal":"SIGTERM","timeout":"5s"}"#),
+        "{}",
+        requests[3]
+    );
+    assert!(
+        requests[6].ends_with(r#"{"signal":"SIGKILL"}"#),
+        "{}",
+        requests[6]
+    );
+    assert!(
+        requests[8].ends_with(r#"{"command":["echo","hi"],"timeout":5}"#),
+        "{}",
+        requests[8]
+    );
+}
+
+#[tokio::test]
+async fn lease_and_metadata_endpoints() {
+    let lease = r#"{"status":"success","data":{"nonce":"abc","expires_at":1700000013,"owner":"me","description":"x","version":"01H"}}"#;
+    let (url, server) = serve(vec![
+        json("200 OK", lease),
+        json("201 Created", lease),
+        json("200 OK", ""),
+        json("200 OK", r#"{"a":"1"}"#),
+        json("200 OK", r#"{"value":"1"}"#),
+        json("204 No Content", ""),
+        json("204 No Content", ""),
+        json(
+            "404 Not Found",
+            r#"{"error":"lease not found","status":"unknown"}"#,
+        ),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let id = "3d8d413b29d089";
+    assert_eq!(client.lease_get("web", id).await.unwrap().data.nonce, "abc");
+    let refreshed = client
+        .with_lease_nonce(Some("abc"))
+        .lease_create(
+            "web",
+            id,
+            &aloft_api::CreateLeaseRequest {
+                ttl: Some(13),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(refreshed.data.expires_at, 1_700_000_013);
+    client.lease_release("web", id, "abc").await.unwrap();
+    assert_eq!(client.metadata_get("web", id).await.unwrap()["a"], "1");
+    assert_eq!(client.metadata_key_get("web", id, "a").await.unwrap(), "1");
+    client.metadata_key_set("web", id, "a b", "2").await.unwrap();
+    client.metadata_key_delete("web", id, "a").await.unwrap();
+    let e = client.lease_get("web", id).await.unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
+
+    let requests = server.await.unwrap();
+    let first_lines: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        first_lines,
+        [
+            "GET /v1/apps/web/machines/3d8d413b29d089/lease HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/lease HTTP/1.1",
+            "DELETE /v1/apps/web/machines/3d8d413b29d089/lease HTTP/1.1",
+            "GET /v1/apps/web/machines/3d8d413b29d089/metadata HTTP/1.1",
+            "GET /v1/apps/web/machines/3d8d413b29d089/metadata/a HTTP/1.1",
+            "POST /v1/apps/web/machines/3d8d413b29d089/metadata/a%20b HTTP/1.1",
+            "DELETE /v1/apps/web/machines/3d8d413b29d089/metadata/a HTTP/1.1",
+            "GET /v1/apps/web/machines/3d8d413b29d089/lease HTTP/1.1",
+        ]
+    );
+    assert!(
+        requests[1]
+            .to_ascii_lowercase()
+            .contains("\r\nfly-machine-lease-nonce: abc\r\n")
+    );
+    assert!(requests[1].ends_with(r#"{"ttl":13}"#), "{}", requests[1]);
+    assert!(
+        requests[2]
+            .to_ascii_lowercase()
+            .contains("\r\nfly-machine-lease-nonce: abc\r\n")
+    );
+    assert!(requests[5].ends_with(r#"{"value":"2"}"#), "{}", requests[5]);
+}
+
+#[tokio::test]
+async fn long_waits_repeat_on_408_and_short_ones_do_not() {
+    let timeout = r#"{"error":"timed out waiting for machine to reach state started","status":"unknown"}"#;
+    let (url, server) = serve(vec![
+        json("408 Request Timeout", timeout),
+        json(
+            "200 OK",
+            r#"{"ok":true,"state":"started","version":"01H","event_id":"01J"}"#,
+        ),
+        json("408 Request Timeout", timeout),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let params = WaitParams {
+        version: Some("01H".into()),
+        ..WaitParams::state(aloft_api::WaitState::Started)
+    };
+    let reached = client
+        .machine_wait_for(
+            "web",
+            "3d8d413b29d089",
+            &params,
+            std::time::Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reached.state, aloft_api::MachineState::Started);
+    // 30 s fit in one request: its 408 is the answer.
+    let e = client
+        .machine_wait_for(
+            "web",
+            "3d8d413b29d089",
+            &params,
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_wait_timeout(), "{e:?}");
+    let requests = server.await.unwrap();
+    let first_lines: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        first_lines,
+        [
+            "GET /v1/apps/web/machines/3d8d413b29d089/wait?state=started&timeout=60&version=01H HTTP/1.1",
+            "GET /v1/apps/web/machines/3d8d413b29d089/wait?state=started&timeout=60&version=01H HTTP/1.1",
+            "GET /v1/apps/web/machines/3d8d413b29d089/wait?state=started&timeout=30&version=01H HTTP/1.1",
+        ]
+    );
+}
+
+fn log_line(seq: u64, message: &str) -> String {
+    serde_json::json!({
+        "timestamp": "2026-12-02T07:00:00.000Z", "message": message, "level": "info",
+        "instance": "3d8d413b29d089", "region": "local",
+        "meta": {"event": {"provider": "app"}, "stream": "stdout"}, "seq": seq
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn logs_come_line_by_line() {
+    let body = format!(
+        "{}\n\n{}\n{}",
+        log_line(1, "one"),
+        log_line(2, "two"),
+        log_line(3, "three")
+    );
+    let (url, server) = serve(vec![("200 OK", "application/x-ndjson", body)]).await;
+    let client = Client::new(&url, "t").unwrap();
+    let mut stream = client
+        .logs(
+            "web",
+            &LogsQuery {
+                instance: Some("3d8d413b29d089".into()),
+                limit: Some(10),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(entry) = stream.next().await.unwrap() {
+        got.push((entry.seq, entry.message));
+    }
+    assert_eq!(
+        got,
+        [
+            (1, "one".to_owned()),
+            (2, "two".to_owned()),
+            (3, "three".to_owned())
+        ]
+    );
+    let requests = server.await.unwrap();
+    assert!(
+        requests[0]
+            .starts_with("GET /v1/apps/web/logs?instance=3d8d413b29d089&limit=10&follow=false HTTP/1.1\r\n"),
+        "{}",
+        requests[0]
+    );
+    assert!(
+        requests[0]
+            .to_ascii_lowercase()
+            .contains("\r\naccept: application/x-ndjson\r\n")
+    );
+}
+
+#[tokio::test]
+async fn followed_logs_arrive_as_they_are_written() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let request = read_request(&mut conn).await;
+        conn.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        while let Some(chunk) = rx.recv().await {
+            conn.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+                .await
+                .unwrap();
+        }
+        conn.write_all(b"0\r\n\r\n").await.unwrap();
+        request
+    });
+    let client = Client::new(&url, "t").unwrap();
+    let mut stream = client
+        .logs(
+            "web",
+            &LogsQuery {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // A line split across chunks, then a second one: each comes out as soon as it is whole.
+    let line = format!("{}\n", log_line(7, "hello"));
+    let (a, b) = line.split_at(20);
+    tx.send(a.to_owned()).unwrap();
+    tx.send(b.to_owned()).unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().message, "hello");
+    tx.send(format!("{}\n", log_line(8, "again"))).unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().seq, 8);
+    tx.send("not json\n".to_owned()).unwrap();
+    let e = stream.next().await.unwrap_err();
+    assert!(matches!(e, ClientError::Decode { status: 200, .. }), "{e:?}");
+    drop(tx);
+    assert!(
+        server
+            .await
+            .unwrap()
+            .starts_with("GET /v1/apps/web/logs?follow=true HTTP/1.1\r\n")
+    );
+}
