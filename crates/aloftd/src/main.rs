@@ -1,5 +1,5 @@
-//! `aloftd`, the aloft daemon: one binary whose roles (control API now; agent and edge later)
-//! run together on a host.
+//! `aloftd`, the aloft daemon: one binary whose roles (the control API and this host's agent now;
+//! the edge later) run together on a host.
 //!
 //! With no flags it is the embedded single-host setup: state in SQLite under `/var/lib/aloft`,
 //! the Fly-compatible API on `127.0.0.1:4280`, region `local`. The first start mints an admin
@@ -8,10 +8,16 @@
 //! CLI works at once. SIGTERM or SIGINT stops it gracefully: no new connections, in-flight
 //! requests finish (up to `--shutdown-timeout`), then the store is closed.
 //!
+//! The agent role opens this host's machines (`<data dir>/agent.db`, recovering operations a
+//! previous aloftd left in flight and reattaching running VMs) on the driver `--driver` picks:
+//! QEMU microVMs, or `fake` (in memory, for tests and benchmarks of the API). SIGTERM leaves
+//! machines running; the next start takes them over again.
+//!
 //! This crate only wires roles together: the API lives in `aloft-control`, state in
-//! `aloft-store`. Anything with logic of its own belongs in one of those crates, not here.
+//! `aloft-store`, machines in `aloft-agent`. Anything with logic of its own belongs in one of those crates, not here.
 //! Threading: a multi-threaded tokio runtime; blocking store calls use its blocking pool.
 
+mod agent_role;
 mod cli_config;
 
 use std::net::SocketAddr;
@@ -59,6 +65,43 @@ struct Args {
     /// Don't write one line per request to stderr.
     #[arg(long)]
     no_access_log: bool,
+    /// What runs machines: `vm` (QEMU microVMs) or `fake` (in memory, nothing runs: for tests
+    /// and benchmarks of the API only).
+    #[arg(long, env = "ALOFT_DRIVER", value_enum, default_value = "vm")]
+    driver: agent_role::DriverKind,
+    /// Directory with the guest kernel (`vmlinux`) and initramfs (`initramfs.cpio`) that
+    /// `scripts/setup.sh` builds into `target/guest`. Default: `<data dir>/guest`.
+    #[arg(long, env = "ALOFT_GUEST_DIR", value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Registry that image names without one resolve to (e.g. `127.0.0.1:5000`); Docker Hub
+    /// when not given. A loopback registry is spoken to over plain HTTP.
+    #[arg(long, env = "ALOFT_REGISTRY", value_name = "HOST:PORT")]
+    registry: Option<String>,
+    /// A registry to speak plain HTTP to (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Machines' networks: `host` (taps, private 6PN addresses, nftables isolation; needs
+    /// CAP_NET_ADMIN) or `none` (loopback only).
+    #[arg(long, env = "ALOFT_NETWORK", value_enum, default_value = "host")]
+    network: agent_role::NetworkKind,
+    /// This host's number in the cluster's address plan (from 1).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    host_number: u32,
+}
+
+impl Args {
+    fn agent_settings(&self) -> agent_role::AgentSettings {
+        agent_role::AgentSettings {
+            data_dir: self.data_dir.clone(),
+            region: self.region.clone(),
+            driver: self.driver,
+            guest_dir: self.guest_dir.clone(),
+            registry: self.registry.clone(),
+            insecure_registries: self.insecure_registries.clone(),
+            network: self.network,
+            host_number: self.host_number,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -110,9 +153,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .thread_name("aloftd")
         .build()
         .context("start the tokio runtime")?;
-    let result = runtime.block_on(serve(args, Arc::clone(&store)));
+    let role = args.agent_settings().open()?;
+    let agent = role.agent.clone();
+    let result = runtime.block_on(serve(args, Arc::clone(&store), vec![role.handle]));
     // Blocking store calls of requests cut off by the shutdown deadline get a moment to end.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    // Operations in flight get the shutdown timeout to finish; machines keep running.
+    agent_role::shutdown(agent, Duration::from_secs(args.shutdown_timeout));
     // The last handle: SQLite checkpoints and closes, the store's lock file is released.
     drop(store);
     result?;
@@ -163,7 +210,11 @@ async fn stop_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-async fn serve(args: &Args, store: Arc<dyn Store>) -> anyhow::Result<()> {
+async fn serve(
+    args: &Args,
+    store: Arc<dyn Store>,
+    hosts: Vec<aloft_control::HostHandle>,
+) -> anyhow::Result<()> {
     let stop = stop_signal();
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(
@@ -178,12 +229,13 @@ async fn serve(args: &Args, store: Arc<dyn Store>) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || bootstrap(&control, &url))
         .await
         .context("first-start setup did not finish")??;
-    let state = ApiState::new(
+    let state = ApiState::with_hosts(
         store,
         ApiConfig {
             region: args.region.clone(),
             access_log: !args.no_access_log,
         },
+        hosts,
     );
     eprintln!(
         "aloftd: listening on {api_url} (region {}, data {})",

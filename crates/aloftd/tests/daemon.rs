@@ -75,6 +75,7 @@ mod tests {
         fn start_with(&self, port: u16, flags: &[&str]) -> Daemon {
             let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
                 .args(flags)
+                .args(["--driver", "fake"])
                 .arg("--data-dir")
                 .arg(&self.data)
                 .arg("--listen")

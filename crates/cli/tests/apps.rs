@@ -73,6 +73,7 @@ mod tests {
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--no-access-log")
+                .args(["--driver", "fake"])
                 .env("XDG_CONFIG_HOME", self.path("config"))
                 .env("HOME", self.path("home"))
                 .env_remove("ALOFT_DATA_DIR")

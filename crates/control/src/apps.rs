@@ -6,7 +6,7 @@
 use aloft_api::{
     ApiError, App, AppOrganizationInfo, CreateAppRequest, ListAppsQuery, ListAppsResponse, validate_app_name,
 };
-use aloft_store::{ControlError, ControlStore};
+use aloft_store::ControlStore;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -22,19 +22,9 @@ const DEFAULT_NETWORK: &str = "default";
 /// The status of an app that has never been deployed.
 const STATUS_PENDING: &str = "pending";
 
-/// Machines of `app` that still exist (not destroyed, replaced or migrated).
-fn machine_count(control: &ControlStore, app: &str) -> Result<u64, ControlError> {
-    let machines = control.list_machines(app)?;
-    let live = machines
-        .iter()
-        .filter(|m| !m.value.machine.state.is_terminal())
-        .count();
-    Ok(u64::try_from(live).unwrap_or(u64::MAX))
-}
-
 /// The app as the API shows it: the stored record with its live machine count.
-fn with_counts(control: &ControlStore, mut app: App) -> Result<App, ControlError> {
-    app.machine_count = machine_count(control, &app.name)?;
+fn with_counts(state: &ApiState, mut app: App) -> Result<App, HttpError> {
+    app.machine_count = crate::machines::live_count(state, state.control(), &app.name)?;
     Ok(app)
 }
 
@@ -47,14 +37,13 @@ pub(crate) async fn list(
     let query = query.unwrap_or_default();
     let query = ListAppsQuery::from_query(form_urlencoded::parse(query.as_bytes()))?;
     caller.require_org(&query.org_slug)?;
-    let control = state.control().clone();
     let apps = blocking(move || {
         let mut apps = Vec::new();
-        for app in control.list_apps()? {
+        for app in state.control().list_apps()? {
             let app = app.value;
             let role_matches = query.app_role.as_ref().is_none_or(|r| *r == app.app_role);
             if app.organization.slug == query.org_slug && role_matches {
-                apps.push(with_counts(&control, app)?);
+                apps.push(with_counts(&state, app)?);
             }
         }
         Ok(apps)
@@ -131,7 +120,7 @@ pub(crate) async fn create(
 
 /// The app `name` if the caller may see it: 404 if there is none, 403 if another organization
 /// holds it (both worded exactly as fly-go's app-name probe expects).
-fn visible_app(control: &ControlStore, caller: &Caller, name: &str) -> Result<App, HttpError> {
+pub(crate) fn visible_app(control: &ControlStore, caller: &Caller, name: &str) -> Result<App, HttpError> {
     let app = control.get_app(name)?.ok_or_else(ApiError::app_not_found)?.value;
     if app.organization.slug != caller.org_slug {
         return Err(ApiError::app_in_other_org().into());
@@ -145,33 +134,26 @@ pub(crate) async fn show(
     caller: Caller,
     AppName(name): AppName,
 ) -> Result<Json<App>, HttpError> {
-    let control = state.control().clone();
     let app = blocking(move || {
-        let app = visible_app(&control, &caller, &name)?;
-        Ok(with_counts(&control, app)?)
+        let app = visible_app(state.control(), &caller, &name)?;
+        with_counts(&state, app)
     })
     .await?;
     Ok(Json(app))
 }
 
-/// `DELETE /v1/apps/{app_name}` → 202. Until machines can be destroyed through the agent, an
-/// app that still has machines is refused (409) rather than leaving their VMs behind.
+/// `DELETE /v1/apps/{app_name}` → 202. As on Fly, the app's machines are destroyed (forcibly)
+/// first; then the app, its placement records, events and leases go in one store transaction.
+/// A host that cannot destroy a machine stops the delete, so nothing is left running unowned.
 pub(crate) async fn destroy(
     State(state): State<ApiState>,
     caller: Caller,
     AppName(name): AppName,
 ) -> Result<StatusCode, HttpError> {
-    let control = state.control().clone();
     blocking(move || {
-        visible_app(&control, &caller, &name)?;
-        let live = machine_count(&control, &name)?;
-        if live > 0 {
-            return Err(ApiError::conflict(format!(
-                "app {name:?} still has {live} machine(s): destroy them first \
-                 (aloft machine destroy --force), then the app"
-            ))
-            .into());
-        }
+        let control = state.control();
+        visible_app(control, &caller, &name)?;
+        crate::machines::destroy_all(&state, control, &name)?;
         if control.delete_app(&name)? {
             Ok(())
         } else {

@@ -47,6 +47,32 @@ where
     }
 }
 
+/// A JSON body that may be absent (`POST …/stop` with no body at all): `None` when the body is
+/// empty, otherwise as [`JsonBody`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MaybeJson<T>(pub(crate) Option<T>);
+
+impl<T, S> FromRequest<S> for MaybeJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::new(
+                e.status().as_u16(),
+                format!("read the request body: {}", e.body_text()),
+            )
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        parse(&bytes).map(|v| Self(Some(v))).map_err(HttpError::from)
+    }
+}
+
 /// Decodes a JSON body, naming the field at fault when it does not fit `T`.
 pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -67,6 +93,11 @@ pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// An `{app_name}` path segment that is not a valid app name names no app: 404.
+pub(crate) fn validate_path_app(name: &str) -> Result<(), ApiError> {
+    validate_app_name(name).map_err(|_| ApiError::app_not_found())
+}
+
 /// The `{app_name}` path segment. A name that is not a valid app name cannot exist: 404.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AppName(pub(crate) String);
@@ -78,7 +109,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AppName {
         let Path(name) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(format!("invalid app name in the path: {}", e.body_text())))?;
-        validate_app_name(&name).map_err(|_| ApiError::app_not_found())?;
+        validate_path_app(&name)?;
         Ok(Self(name))
     }
 }

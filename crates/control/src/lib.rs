@@ -23,8 +23,11 @@ mod auth;
 mod compat;
 mod error;
 mod extract;
+mod hosts;
 mod ids;
 mod log;
+mod logs;
+mod machines;
 
 use std::sync::Arc;
 
@@ -32,11 +35,12 @@ use aloft_store::{ControlStore, Store};
 use axum::Router;
 use axum::http::{Method, Uri};
 use axum::middleware::from_fn_with_state;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 pub use auth::{Caller, NewToken, TOKEN_PREFIX, TokenError, create_token};
 pub use error::HttpError;
 pub use extract::JsonBody;
+pub use hosts::HostHandle;
 
 /// Settings of the API server.
 #[derive(Debug, Clone)]
@@ -56,7 +60,8 @@ impl Default for ApiConfig {
     }
 }
 
-/// What every handler shares: the control store and the server's settings. Cheap to clone.
+/// What every handler shares: the control store, the hosts that run machines and the server's
+/// settings. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ApiState {
     inner: Arc<Inner>,
@@ -65,18 +70,31 @@ pub struct ApiState {
 #[derive(Debug)]
 struct Inner {
     control: ControlStore,
+    hosts: hosts::Hosts,
     config: ApiConfig,
 }
 
 impl ApiState {
-    /// State over `store` (usually an `Arc<SqliteStore>`).
+    /// State over `store` (usually an `Arc<SqliteStore>`), with no hosts: machine endpoints
+    /// answer 503 until [`ApiState::with_hosts`] gives some.
     pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+        Self::with_hosts(store, config, Vec::new())
+    }
+
+    /// State over `store` whose machines run on `hosts` (new machines go to the first host of
+    /// the region asked for, else to the first host).
+    pub fn with_hosts(store: Arc<dyn Store>, config: ApiConfig, hosts: Vec<HostHandle>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 control: ControlStore::new(store),
+                hosts: hosts::Hosts::new(hosts),
                 config,
             }),
         }
+    }
+
+    pub(crate) fn hosts(&self) -> &hosts::Hosts {
+        &self.inner.hosts
     }
 
     /// The typed control-plane records.
@@ -92,9 +110,51 @@ impl ApiState {
 
 /// The API server's routes with authentication and the access log, ready for `axum::serve`.
 pub fn router(state: ApiState) -> Router {
+    const M: &str = "/v1/apps/{app_name}/machines/{machine_id}";
     let served = Router::new()
         .route("/v1/apps", get(apps::list).post(apps::create))
-        .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy));
+        .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy))
+        .route("/v1/apps/{app_name}/logs", get(logs::logs))
+        .route(
+            "/v1/apps/{app_name}/machines",
+            get(machines::list).post(machines::create),
+        )
+        .route(
+            M,
+            get(machines::show)
+                .post(machines::update)
+                .delete(machines::destroy),
+        )
+        .route(&format!("{M}/start"), post(machines::start))
+        .route(&format!("{M}/stop"), post(machines::stop))
+        .route(&format!("{M}/suspend"), post(machines::suspend))
+        .route(&format!("{M}/restart"), post(machines::restart))
+        .route(&format!("{M}/signal"), post(machines::signal))
+        .route(&format!("{M}/wait"), get(machines::wait))
+        .route(&format!("{M}/cordon"), post(machines::cordon))
+        .route(&format!("{M}/uncordon"), post(machines::uncordon))
+        .route(&format!("{M}/events"), get(machines::events))
+        .route(&format!("{M}/versions"), get(machines::versions))
+        .route(&format!("{M}/ps"), get(machines::ps))
+        .route(&format!("{M}/exec"), post(machines::exec))
+        .route(
+            &format!("{M}/lease"),
+            get(machines::show_lease)
+                .post(machines::create_lease)
+                .delete(machines::release_lease),
+        )
+        .route(
+            &format!("{M}/metadata"),
+            get(machines::metadata)
+                .put(machines::update_metadata)
+                .patch(machines::update_metadata),
+        )
+        .route(
+            &format!("{M}/metadata/{{key}}"),
+            get(machines::metadata_key)
+                .post(machines::set_metadata_key)
+                .delete(machines::delete_metadata_key),
+        );
     compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -5,13 +5,12 @@
 mod tests {
     use std::sync::Arc;
 
-    use aloft_api::{Machine, MachineId, MachineState};
     use aloft_control::{ApiConfig, ApiState, create_token, router};
-    use aloft_store::{ControlStore, MachineRecord, SqliteStore, TokenRecord};
+    use aloft_store::{ControlStore, SqliteStore, TokenRecord};
     use axum::body::Body;
     use axum::http::{Request, StatusCode, header};
     use http_body_util::BodyExt as _;
-    use serde_json::{Value, json};
+    use serde_json::Value;
     use tower::ServiceExt as _;
 
     struct Api {
@@ -113,17 +112,6 @@ mod tests {
             .unwrap_or_else(|| panic!("no error text in {body}"));
         assert!(msg.contains(needle), "{msg:?} does not contain {needle:?}");
         assert_eq!(body["status"], code, "{body}");
-    }
-
-    fn machine(app: &str, id: &str, state: MachineState) -> MachineRecord {
-        let machine: Machine = serde_json::from_value(json!({"id": id, "state": state.to_string()})).unwrap();
-        assert_eq!(machine.id, id.parse::<MachineId>().unwrap());
-        MachineRecord {
-            app: app.into(),
-            host: "local".into(),
-            machine,
-            cordoned: false,
-        }
     }
 
     #[tokio::test]
@@ -432,39 +420,6 @@ mod tests {
             404,
             "app not found",
         );
-    }
-
-    #[tokio::test]
-    async fn apps_with_machines_count_them_and_refuse_deletion() {
-        let api = Api::new();
-        api.call("POST", "/v1/apps", Some(r#"{"name": "web"}"#)).await;
-        api.control()
-            .create_machine(&machine("web", "3d8d413b29d089", MachineState::Started))
-            .unwrap();
-        api.control()
-            .create_machine(&machine("web", "3d8d413b29d08a", MachineState::Stopped))
-            .unwrap();
-        api.control()
-            .create_machine(&machine("web", "3d8d413b29d08b", MachineState::Destroyed))
-            .unwrap();
-        let (_, app) = api.call("GET", "/v1/apps/web", None).await;
-        assert_eq!(app["machine_count"], 2);
-        let (_, list) = api.call("GET", "/v1/apps?org_slug=personal", None).await;
-        assert_eq!(list["apps"][0]["machine_count"], 2);
-
-        assert_error(
-            api.call("DELETE", "/v1/apps/web", None).await,
-            409,
-            "still has 2 machine(s)",
-        );
-        api.control().delete_machine("web", "3d8d413b29d089").unwrap();
-        api.control().delete_machine("web", "3d8d413b29d08a").unwrap();
-        // Only a destroyed machine's record is left: it goes with the app.
-        assert_eq!(
-            api.call("DELETE", "/v1/apps/web", None).await.0,
-            StatusCode::ACCEPTED
-        );
-        assert!(api.control().list_machines("web").unwrap().is_empty());
     }
 
     #[tokio::test]
