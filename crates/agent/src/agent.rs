@@ -17,6 +17,7 @@ use crate::db::Db;
 use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus};
 use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
+use crate::logs::{self, AfterExit, LogFollow, LogLimits, LogStore};
 use crate::model::{
     MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord,
     exit_request,
@@ -73,6 +74,12 @@ pub struct AgentConfig {
     pub host_memory_mb: u32,
     /// See `host_memory_mb`.
     pub host_cpus: u32,
+    /// A machine's current log file grows to this many bytes before it rotates (at least 4 KiB;
+    /// default 1 MiB). Logs live in `<db dir>/logs/<machine id>/`.
+    pub log_file_bytes: u64,
+    /// Rotated log files kept per machine (default 2): a machine's log never takes more than
+    /// `(log_files_kept + 1) × log_file_bytes` on disk.
+    pub log_files_kept: usize,
 }
 
 /// `MemTotal` of `/proc/meminfo`, MiB (`u32::MAX` when unreadable: no limit).
@@ -103,6 +110,8 @@ impl AgentConfig {
             host_memory_mb: host_memory_mb(),
             host_cpus: std::thread::available_parallelism()
                 .map_or(u32::MAX, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            log_file_bytes: 1024 * 1024,
+            log_files_kept: 2,
         }
     }
 }
@@ -255,6 +264,7 @@ struct Live {
 #[derive(Debug)]
 struct Inner {
     db: Db,
+    logs: LogStore,
     driver: Arc<dyn Driver>,
     config: AgentConfig,
     halted: Arc<AtomicBool>,
@@ -338,8 +348,17 @@ impl Agent {
         }
         let lock = lock_db(&config.db_path)?;
         let db = Db::open(&config.db_path, halted.clone())?;
+        let log_root = match config.db_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.join("logs"),
+            _ => PathBuf::from("logs"),
+        };
+        let logs = LogStore::new(
+            log_root,
+            LogLimits::new(config.log_file_bytes, config.log_files_kept),
+        );
         let inner = Arc::new(Inner {
             db,
+            logs,
             driver,
             config,
             halted,
@@ -544,6 +563,26 @@ impl Agent {
         self.inner.db.machines()
     }
 
+    /// The newest `lines` lines of a machine's log (workload output and platform lines), oldest
+    /// first, across rotated files. A destroyed machine has none.
+    pub fn log_tail(&self, id: &MachineId, lines: usize) -> Result<Vec<aloft_api::LogEntry>, AgentError> {
+        let rec = self.inner.record(id)?;
+        if rec.state.is_terminal() {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.logs.machine(id, &rec.region).tail(lines))
+    }
+
+    /// Follows a machine's log: lines written from now on (with `after_seq`, first those after it
+    /// still on disk). The follower ends when the machine is destroyed.
+    pub fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<LogFollow, AgentError> {
+        let rec = self.inner.record(id)?;
+        if rec.state.is_terminal() {
+            return Ok(LogFollow::ended(id, &rec.region));
+        }
+        Ok(self.inner.logs.machine(id, &rec.region).follow(after_seq))
+    }
+
     /// A machine's events, newest first, at most `limit`.
     pub fn events(&self, id: &MachineId, limit: usize) -> Result<Vec<MachineEvent>, AgentError> {
         self.inner.record(id)?;
@@ -690,6 +729,35 @@ impl Inner {
         live.threads.retain(|t| !t.is_finished());
         let me = self.clone();
         live.threads.push(std::thread::spawn(move || f(me)));
+    }
+
+    /// Captures the output of the machine's running VM into its log, on a thread that ends with
+    /// the VM (or when the agent halts).
+    fn capture(&self, live: &mut Live, id: &MachineId, region: &str) {
+        let Ok(Some(rx)) = self.driver.logs(id) else {
+            return;
+        };
+        let log = self.logs.machine(id, region);
+        log.capture_started();
+        let halted = self.halted.clone();
+        let poll = self.config.poll;
+        live.threads.retain(|t| !t.is_finished());
+        live.threads
+            .push(std::thread::spawn(move || logs::capture(rx, &log, &halted, poll)));
+    }
+
+    /// Lets the capture of an ended VM write its last output (briefly: its receiver disconnects
+    /// when the VM ends).
+    fn output_done(&self, id: &MachineId) {
+        if let Some(log) = self.logs.get(id) {
+            log.wait_captured(Duration::from_secs(1));
+        }
+    }
+
+    /// Writes a platform line into the machine's log (best effort: a log that cannot be written
+    /// must not fail the lifecycle).
+    fn platform_line(&self, id: &MachineId, region: &str, message: String) {
+        let _ = self.logs.machine(id, region).platform(message, now_ms());
     }
 
     fn record(&self, id: &MachineId) -> Result<MachineRecord, AgentError> {
@@ -1204,6 +1272,16 @@ impl Inner {
         rec.op_id = None;
         rec.updated_at = now;
         let event = Self::event(op.kind.event_type(), state, op.source, request);
+        let line = logs::op_line(
+            op.kind,
+            op.params.from,
+            state,
+            (op.status == OpStatus::Failed).then(|| op.error.as_deref().unwrap_or("failed")),
+        );
+        // Before the record: whoever sees the machine settled finds the line in its log.
+        if let Some(line) = line {
+            self.platform_line(&rec.id, &rec.region, line);
+        }
         // Under the live lock, so that no verb sees the machine settled while it is still
         // registered as busy, and a pending destroy is chained without a gap.
         let mut live = self.lock();
@@ -1216,6 +1294,12 @@ impl Inner {
         let next = self.hand_over(&mut live, &op.machine, &op.id);
         live.generation = live.generation.wrapping_add(1);
         self.changed.notify_all();
+        drop(live);
+        if state == MachineState::Destroyed {
+            // After the record says destroyed; a crash in between leaves the directory to the
+            // sweep on the next open.
+            let _ = self.logs.remove(&rec.id);
+        }
         next
     }
 
@@ -1370,8 +1454,15 @@ impl Inner {
                 let spec = self.launch_spec(op, rec)?;
                 d.write_spec(id, &spec).map(|()| Effect::SpecWritten)
             }
-            Step::StartVm => d.start_vm(id).map(|()| Effect::Booted),
-            Step::ResumeVm => d.resume_vm(id).map(|()| Effect::Booted),
+            Step::StartVm | Step::ResumeVm => {
+                if step == Step::StartVm {
+                    d.start_vm(id)?;
+                } else {
+                    d.resume_vm(id)?;
+                }
+                self.capture(&mut self.lock(), id, &rec.region);
+                Ok(Effect::Booted)
+            }
             Step::WaitStarted => {
                 // In slices, so that a halted agent does not sit in a long boot.
                 let end = Instant::now() + self.config.boot_timeout;
@@ -1470,10 +1561,12 @@ impl Inner {
             match self.driver.wait_exit(id, self.config.poll) {
                 Ok(None) => {}
                 Ok(Some(exit)) => {
+                    self.output_done(id);
                     let _ = self.on_exit(id, Some(token), &exit);
                     return;
                 }
                 Err(DriverError::NotRunning { .. }) => {
+                    self.output_done(id);
                     let _ = self.on_exit(
                         id,
                         Some(token),
@@ -1522,6 +1615,15 @@ impl Inner {
         }
         let decision = plan::on_exit(&rec.config, exit, rec.restart_count, &self.config.restart);
         let restarting = matches!(decision, ExitDecision::Restart { .. });
+        let line = logs::exit_line(
+            exit,
+            &rec.config,
+            match decision {
+                ExitDecision::Restart { count, .. } => AfterExit::Restart { count },
+                ExitDecision::Destroy => AfterExit::Destroy,
+                ExitDecision::Stop => AfterExit::Stop,
+            },
+        );
         rec.resources.last_exit = Some(exit.clone());
         rec.resources.started_at = None;
         let exit_ev = Self::event(
@@ -1558,6 +1660,8 @@ impl Inner {
             }
             tx.update_machine(&rec)
         })?;
+        // Before the restart is launched, so that the line comes before the next boot's output.
+        self.platform_line(id, &rec.region, line);
         match op {
             Some(op) => {
                 self.launch(&mut live, &op, MachineState::Started);
@@ -1687,6 +1791,7 @@ impl Inner {
                 match rec.state {
                     MachineState::Started => match self.driver.vm_status(&rec.id) {
                         Ok(VmStatus::Running) => {
+                            self.capture(&mut live, &rec.id, &rec.region);
                             let token = ulid();
                             live.monitors.insert(rec.id.clone(), token.clone());
                             let m = rec.id.clone();
@@ -1720,10 +1825,7 @@ impl Inner {
 
     /// Removes what the driver holds for machines with no record, or a destroyed one.
     fn sweep(&self, machines: &[MachineRecord]) {
-        let Ok(residue) = self.driver.residue() else {
-            return;
-        };
-        for id in residue {
+        for id in self.driver.residue().unwrap_or_default() {
             let known = machines
                 .iter()
                 .find(|m| m.id == id)
@@ -1737,6 +1839,12 @@ impl Inner {
             let _ = d.remove_machine_dir(&id);
             let _ = d.remove_disk(&id);
             let _ = d.detach_network(&id);
+        }
+        for id in self.logs.on_disk() {
+            let live = machines.iter().any(|m| m.id == id && !m.state.is_terminal());
+            if !live {
+                let _ = self.logs.remove(&id);
+            }
         }
     }
 }

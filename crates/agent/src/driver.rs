@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use aloft_api::{MachineId, ProcessStat, Signal};
@@ -130,6 +131,50 @@ pub struct ExecResult {
     pub stderr: Vec<u8>,
 }
 
+/// Which output stream of the workload a [`LogChunk`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+}
+
+/// A piece of a workload's output, as the guest sent it (not split into lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// Which stream.
+    pub stream: OutputStream,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// The output of one running VM ([`Driver::logs`]): chunks in the order the workload wrote them,
+/// until the VM ends (then [`RecvTimeoutError::Disconnected`]).
+pub struct LogReceiver {
+    recv: Box<dyn FnMut(Duration) -> Result<LogChunk, RecvTimeoutError> + Send>,
+}
+
+impl LogReceiver {
+    /// Wraps a channel of the driver's own chunk type, converted by `map`.
+    pub fn new<T: Send + 'static>(rx: Receiver<T>, map: impl Fn(T) -> LogChunk + Send + 'static) -> Self {
+        Self {
+            recv: Box::new(move |timeout| rx.recv_timeout(timeout).map(&map)),
+        }
+    }
+
+    /// The next chunk, waiting up to `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<LogChunk, RecvTimeoutError> {
+        (self.recv)(timeout)
+    }
+}
+
+impl fmt::Debug for LogReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogReceiver").finish_non_exhaustive()
+    }
+}
+
 /// Which driver operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -154,6 +199,7 @@ pub enum DriverOp {
     Signal,
     Exec,
     Ps,
+    Logs,
     RemoveMachineDir,
     Residue,
 }
@@ -181,6 +227,7 @@ impl DriverOp {
             Self::Signal => "signal",
             Self::Exec => "exec",
             Self::Ps => "ps",
+            Self::Logs => "logs",
             Self::RemoveMachineDir => "remove_machine_dir",
             Self::Residue => "residue",
         }
@@ -299,6 +346,11 @@ pub trait Driver: Send + Sync + fmt::Debug {
     fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResult, DriverError>;
     /// The guest's processes.
     fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError>;
+    /// The workload output of the machine's running VM from its boot on (what the VM still
+    /// buffers of it, then new output as it comes); `None` when no VM runs. Called once per boot
+    /// (after [`Driver::start_vm`] or [`Driver::resume_vm`], and when the agent reattaches); a
+    /// second call for the same VM may repeat what the first one got.
+    fn logs(&self, id: &MachineId) -> Result<Option<LogReceiver>, DriverError>;
     /// Removes everything else the machine has on the host (run directory, spec, logs); kills a
     /// VM still running from it first. Succeeds if there is nothing.
     fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError>;

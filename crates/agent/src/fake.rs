@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use aloft_guest_proto::ImageConfig;
 
 use crate::agent::Killswitch;
 use crate::driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, VmStatus,
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
+    LogReceiver, NetInfo, OutputStream, VmStatus,
 };
 use crate::ids::now_ms;
 
@@ -83,6 +85,8 @@ pub struct World {
     exit_on_start: Option<ExitInfo>,
     next_slot: u32,
     blocked: BTreeSet<DriverOp>,
+    /// Receivers handed out by `logs`, per machine; dropped when its VM stops running.
+    log_subs: BTreeMap<MachineId, Vec<Sender<LogChunk>>>,
 }
 
 impl World {
@@ -106,6 +110,13 @@ impl World {
     /// Whether machine `id` has a running VM.
     pub fn running(&self, id: &MachineId) -> bool {
         matches!(self.vms.get(id), Some(FakeVm::Running { .. }))
+    }
+
+    /// Disconnects the log receivers of VMs that no longer run (as a real VM's do when it ends).
+    fn end_logs(&mut self) {
+        let vms = &self.vms;
+        self.log_subs
+            .retain(|id, _| matches!(vms.get(id), Some(FakeVm::Running { .. })));
     }
 }
 
@@ -222,12 +233,29 @@ impl FakeDriver {
         self.lock().exit_on_start = exit;
     }
 
+    /// The workload of a running VM writes `data` to `stream`: every receiver [`Driver::logs`]
+    /// handed out for this VM gets it. Returns whether any receiver took it (`false` when the VM
+    /// does not run or nobody captures its output).
+    pub fn emit_log(&self, id: &MachineId, stream: OutputStream, data: &[u8]) -> bool {
+        let mut w = self.lock();
+        let Some(subs) = w.log_subs.get_mut(id) else {
+            return false;
+        };
+        let chunk = LogChunk {
+            stream,
+            data: data.to_vec(),
+        };
+        subs.retain(|tx| tx.send(chunk.clone()).is_ok());
+        !subs.is_empty()
+    }
+
     /// The workload of a running VM ends with `exit` (as if it crashed or finished).
     pub fn exit_workload(&self, id: &MachineId, exit: ExitInfo) {
         let mut w = self.lock();
         if w.running(id) {
             w.vms.insert(id.clone(), FakeVm::Exited(exit));
         }
+        w.end_logs();
         drop(w);
         self.world.1.notify_all();
     }
@@ -300,6 +328,7 @@ impl FakeDriver {
             }
         }
         let out = f(&mut w);
+        w.end_logs();
         drop(w);
         self.world.1.notify_all();
         if let Some(s) = after {
@@ -603,6 +632,17 @@ impl Driver for FakeDriver {
                 directory: "/".into(),
                 listen_sockets: Vec::new(),
             }])
+        })
+    }
+
+    fn logs(&self, id: &MachineId) -> Result<Option<LogReceiver>, DriverError> {
+        self.act(DriverOp::Logs, id.as_str(), |w| {
+            if !w.running(id) {
+                return Ok(None);
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            w.log_subs.entry(id.clone()).or_default().push(tx);
+            Ok(Some(LogReceiver::new(rx, |c| c)))
         })
     }
 

@@ -9,6 +9,9 @@
 //! host holds for machines that do not exist. See `docs/adr/0008-agent-lifecycle.md`.
 //!
 //! - [`Agent`]: the verbs (what the Machines API server calls), `wait`, events, versions.
+//! - Logs ([`Agent::log_tail`], [`Agent::follow_logs`]): each machine's stdout, stderr and
+//!   platform lines, captured from its VM by one thread per boot into bounded, rotated JSON-lines
+//!   files under `<db dir>/logs/<machine id>/` (removed with the machine).
 //! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -34,6 +37,7 @@ mod fake;
 mod host;
 mod hostnet;
 mod ids;
+mod logs;
 mod model;
 mod plan;
 mod vmdriver;
@@ -42,12 +46,13 @@ pub use agent::{
     Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
 };
 pub use driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, Network,
-    NetworkError, NoNetwork, VmStatus,
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
+    LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,
 };
 pub use error::AgentError;
 pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
 pub use hostnet::HostNetwork;
+pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};
 pub use model::{
     MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord, Undo,
 };

@@ -30,8 +30,8 @@ use aloft_image::{
 use aloft_vm::{AccelChoice, DiskSpec, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec};
 
 use crate::driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, NetInfo, Network,
-    NoNetwork, VmStatus,
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
+    LogReceiver, NetInfo, Network, NoNetwork, OutputStream, VmStatus,
 };
 use crate::ids::now_ms;
 
@@ -587,6 +587,24 @@ impl Driver for VmDriver {
             .into_iter()
             .map(Self::convert_ps)
             .collect())
+    }
+
+    fn logs(&self, id: &MachineId) -> Result<Option<LogReceiver>, DriverError> {
+        let Some(vm) = self.vm(id) else {
+            return Ok(None);
+        };
+        if !Self::running(&vm) {
+            return Ok(None);
+        }
+        Ok(Some(LogReceiver::new(vm.logs(), |c: aloft_vm::LogChunk| {
+            LogChunk {
+                stream: match c.stream {
+                    aloft_guest_proto::DataStream::Stdout => OutputStream::Stdout,
+                    aloft_guest_proto::DataStream::Stderr => OutputStream::Stderr,
+                },
+                data: c.data,
+            }
+        })))
     }
 
     fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError> {

@@ -268,6 +268,74 @@ mod tests {
         drop(agent);
     }
 
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn workload_output_lands_in_the_machine_log() {
+        use aloft_api::LogStream;
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let agent = open_agent(dir.path(), &registry.host());
+        let mut config = machine_config();
+        config.init = Some(MachineInit {
+            exec: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo to-stdout; echo to-stderr >&2; printf 'no '; printf 'newline\\n'; while true; do sleep 1; done"
+                    .into(),
+            ],
+            ..MachineInit::default()
+        });
+        let rec = agent
+            .create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 1,
+                config,
+                ..CreateMachine::default()
+            })
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let tail = loop {
+            let tail = agent.log_tail(&rec.id, 100).unwrap();
+            let has = |m: &str| tail.iter().any(|e| e.message == m);
+            if has("to-stdout") && has("to-stderr") && has("no newline") {
+                break tail;
+            }
+            assert!(Instant::now() < deadline, "workload output missing: {tail:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let find = |m: &str| tail.iter().find(|e| e.message == m).unwrap();
+        let out = find("to-stdout");
+        assert_eq!((out.meta.stream, out.level.as_str()), (LogStream::Stdout, "info"));
+        assert_eq!(out.meta.event.provider, "app");
+        assert_eq!(
+            (out.instance.as_str(), out.region.as_str()),
+            (rec.id.as_str(), "local")
+        );
+        let err = find("to-stderr");
+        assert_eq!(
+            (err.meta.stream, err.level.as_str()),
+            (LogStream::Stderr, "error")
+        );
+        assert!(tail.windows(2).all(|w| w[1].seq > w[0].seq), "{tail:#?}");
+        assert!(
+            tail.iter()
+                .any(|e| e.message == "machine started" && e.meta.stream == LogStream::Platform),
+            "{tail:#?}"
+        );
+        let log_dir = dir.path().join("logs").join(rec.id.as_str());
+        assert!(log_dir.join("log.jsonl").is_file());
+        agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
+        assert!(!log_dir.exists(), "the log goes with the machine");
+        assert_nothing_left(dir.path());
+    }
+
     /// Not a test on its own: the child process of `a_killed_agent_reattaches_its_machine`. It
     /// creates a machine, says so in `<dir>/ready` and waits to be killed.
     #[test]
@@ -546,6 +614,9 @@ mod tests {
         }
         fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
             self.inner.ps(id)
+        }
+        fn logs(&self, id: &MachineId) -> Result<Option<aloft_agent::LogReceiver>, DriverError> {
+            self.inner.logs(id)
         }
         fn remove_machine_dir(&self, id: &MachineId) -> Result<(), DriverError> {
             self.around(DriverOp::RemoveMachineDir, || self.inner.remove_machine_dir(id))
