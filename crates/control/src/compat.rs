@@ -93,7 +93,7 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
 /// needs a description in `openapi::OPERATIONS` too.
 #[allow(dead_code, reason = "read by openapi.rs once lib.rs declares `mod openapi`")]
-pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[];
+pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[(MethodFilter::GET, "/apps/{app_name}/logs")];
 
 /// Operations of Fly's spec that aloft does not serve yet.
 pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
