@@ -1,7 +1,8 @@
 //! Turning errors into what a user reads, and exit codes.
 //!
-//! Exit codes: 1 any failure, 2 bad usage (clap), 3 the image, app or local record does not exist,
-//! 4 the registry or aloftd cannot be reached.
+//! Exit codes: 1 any failure, 2 bad usage (clap), 3 the image, app, machine or local record does
+//! not exist, 4 the registry or aloftd cannot be reached; `aloft machine exec` exits with its
+//! command's code.
 
 use std::fmt;
 use std::process::ExitCode;
@@ -30,8 +31,24 @@ impl fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
+/// Ends the command with `code` and nothing more said (what it had to say is printed): `aloft
+/// machine exec` passing on its command's exit code.
+#[derive(Debug)]
+pub(crate) struct SilentExit(pub(crate) u8);
+
+impl fmt::Display for SilentExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for SilentExit {}
+
 /// Prints `error` (with its causes and a hint) on stderr and picks the exit code.
 pub(crate) fn report(error: &anyhow::Error) -> ExitCode {
+    if let Some(SilentExit(code)) = error.downcast_ref::<SilentExit>() {
+        return ExitCode::from(*code);
+    }
     let (message, hint, code) = describe(error);
     eprintln!("error: {message}");
     if let Some(hint) = hint {

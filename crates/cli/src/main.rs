@@ -1,5 +1,5 @@
 //! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft apps …`,
-//! `aloft images …`, `aloft config …`),
+//! `aloft machine …`, `aloft logs`, `aloft images …`, `aloft config …`, `aloft completion`),
 //! each subcommand in its own file with the same shape (clap args struct, `run(ctx, args)`), and
 //! errors that say what to do next.
 //!
@@ -13,12 +13,17 @@
 //! Threading: one current-thread tokio runtime per invocation; blocking file work goes through
 //! `spawn_blocking` inside `aloft-image`.
 
+mod api;
 mod apps;
+mod completion;
 mod config;
 mod context;
 mod errors;
 mod images;
+mod logs;
+mod machine;
 mod progress;
+mod spinner;
 
 use std::process::ExitCode;
 
@@ -45,13 +50,34 @@ enum Command {
     /// Manage apps: create, list, destroy.
     #[command(subcommand)]
     Apps(apps::AppsCommand),
+    /// Manage machines: run, list, status, start, stop, update, exec, destroy …
+    #[command(subcommand, visible_alias = "m", alias = "machines")]
+    Machine(Box<machine::MachineCommand>),
+    /// Show an app's logs, following new lines unless --no-tail.
+    Logs(logs::LogsArgs),
     /// Check and print the app config (aloft.toml, else fly.toml).
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(completion::CompletionArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completion(args) = &cli.command {
+        use std::io::Write as _;
+        let script = completion::script::<Cli>(args);
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(&script).and_then(|()| out.flush()) {
+            Ok(()) => ExitCode::SUCCESS,
+            // `aloft completion bash | head`: the reader is gone, nothing to report.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: write the completion script: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -65,6 +91,10 @@ fn main() -> ExitCode {
             Command::Images(cmd) => images::run(&ctx, cmd).await,
             Command::Config(cmd) => config::run(cmd),
             Command::Apps(cmd) => apps::run(&ctx, cmd).await,
+            Command::Machine(cmd) => machine::run(&ctx, *cmd).await,
+            Command::Logs(args) => logs::run(&ctx, args).await,
+            // Handled before the runtime starts.
+            Command::Completion(_) => Ok(()),
         }
     });
     match result {
