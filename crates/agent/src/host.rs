@@ -94,16 +94,32 @@ impl MachineHost for Agent {
     }
 
     fn update(&self, id: &MachineId, req: HostUpdate) -> Result<Machine, ApiError> {
-        self.update(
-            id,
-            &UpdateMachine {
-                config: req.config,
-                skip_launch: req.skip_launch,
-                current_version: req.current_version,
-            },
-        )
-        .map_err(api)?;
-        self.machine(id).map_err(api)
+        let op = self
+            .update(
+                id,
+                &UpdateMachine {
+                    config: req.config.clone(),
+                    skip_launch: req.skip_launch,
+                    current_version: req.current_version,
+                },
+            )
+            .map_err(api)?;
+        // Answer with the new version and config (as Fly does) while the machine moves to it:
+        // the version was fixed when the update was accepted.
+        let mut m = self.machine(id).map_err(api)?;
+        let new_version = self
+            .operations(id)
+            .map_err(api)?
+            .into_iter()
+            .rev()
+            .find(|(o, _)| o.id == op.op_id)
+            .and_then(|(o, _)| o.params.new_version);
+        if let Some(v) = new_version {
+            m.instance_id.clone_from(&v);
+            m.version = Some(v);
+            m.config = Some(req.config);
+        }
+        Ok(m)
     }
 
     fn destroy(&self, id: &MachineId, force: bool) -> Result<(), ApiError> {
