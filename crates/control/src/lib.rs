@@ -28,6 +28,7 @@ mod ids;
 mod log;
 mod logs;
 mod machines;
+mod openapi;
 
 use std::sync::Arc;
 
@@ -159,6 +160,9 @@ pub fn router(state: ApiState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), auth::require_token))
+        // Public, as Fly's spec is: added after the authentication layer, which wraps only the
+        // routes before it.
+        .route("/v1/openapi.json", get(openapi::serve))
         .layer(from_fn_with_state(state.clone(), log::access_log))
         .with_state(state)
 }
