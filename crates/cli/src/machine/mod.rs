@@ -378,26 +378,35 @@ impl Target {
         self.client.machine_get(&self.app, id).await.map_err(self.err(id))
     }
 
-    /// Waits for one of `states` with a spinner saying `what`; the state reached.
+    /// Waits for one of `states` with a spinner saying `what`; the state reached. `version` and
+    /// `from_event_id` scope the wait to one version and to later events.
     async fn wait(
         &self,
         id: &str,
         states: &[WaitState],
-        version: Option<&str>,
+        scope: Scope<'_>,
         timeout: Duration,
         what: &str,
     ) -> anyhow::Result<MachineState> {
         let spinner = Spinner::start(what);
         let params = WaitParams {
             states: states.to_vec(),
-            version: version.filter(|v| !v.is_empty()).map(str::to_owned),
-            from_event_id: None,
+            version: scope.version.filter(|v| !v.is_empty()).map(str::to_owned),
+            from_event_id: scope.from_event_id.filter(|e| !e.is_empty()).map(str::to_owned),
         };
-        match self
-            .client
-            .machine_wait_for(&self.app, id, &params, timeout)
-            .await
-        {
+        let deadline = std::time::Instant::now() + timeout;
+        let result = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.client.machine_wait_for(&self.app, id, &params, left).await {
+                // Right after an update, the new version may not be recorded yet: like flyctl,
+                // try again shortly.
+                Err(e) if is_unrecorded_version(&e) && left > VERSION_RETRY => {
+                    std::thread::sleep(VERSION_RETRY);
+                }
+                other => break other,
+            }
+        };
+        match result {
             Ok(reached) => {
                 spinner.finish(true);
                 Ok(reached.state)
@@ -425,6 +434,30 @@ impl Target {
             }
         }
     }
+}
+
+/// What a wait counts: one version, events after one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scope<'a> {
+    version: Option<&'a str>,
+    from_event_id: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    fn version(version: &'a str) -> Self {
+        Self {
+            version: Some(version),
+            from_event_id: None,
+        }
+    }
+}
+
+/// Pause before asking again about a version the server does not know yet.
+const VERSION_RETRY: Duration = Duration::from_millis(250);
+
+/// A 404 about the version a wait named (the machine itself exists).
+fn is_unrecorded_version(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status: 404, message } if message.contains("has no version"))
 }
 
 fn states_text(states: &[WaitState]) -> String {
@@ -604,7 +637,7 @@ async fn run_machine(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
             .wait(
                 &id,
                 &states,
-                Some(&machine.instance_id),
+                Scope::version(&machine.instance_id),
                 timeout,
                 &format!("Waiting for machine {id} to start"),
             )
@@ -765,7 +798,7 @@ async fn start(ctx: &Context, args: VerbArgs) -> anyhow::Result<()> {
                 .wait(
                     id,
                     &states,
-                    None,
+                    Scope::default(),
                     timeout,
                     &format!("Waiting for machine {id} to start"),
                 )
@@ -810,7 +843,7 @@ async fn stop(ctx: &Context, args: StopArgs) -> anyhow::Result<()> {
             t.wait(
                 id,
                 &states,
-                None,
+                Scope::default(),
                 wait_timeout,
                 &format!("Waiting for machine {id} to stop"),
             )
@@ -845,7 +878,12 @@ async fn restart(ctx: &Context, args: RestartArgs) -> anyhow::Result<()> {
                 .wait(
                     id,
                     &states,
-                    Some(&before.instance_id),
+                    Scope {
+                        version: None,
+                        // The machine is still started when the restart is accepted: only what
+                        // happens after it counts.
+                        from_event_id: before.events.first().map(|e| e.id.as_str()),
+                    },
                     wait_timeout,
                     &format!("Waiting for machine {id} to restart"),
                 )
@@ -870,7 +908,7 @@ async fn suspend(ctx: &Context, args: VerbArgs) -> anyhow::Result<()> {
             t.wait(
                 id,
                 &states,
-                None,
+                Scope::default(),
                 timeout,
                 &format!("Waiting for machine {id} to suspend"),
             )
@@ -953,7 +991,7 @@ async fn update(ctx: &Context, args: UpdateArgs) -> anyhow::Result<()> {
             .wait(
                 &args.id,
                 &states,
-                Some(&updated.instance_id),
+                Scope::version(&updated.instance_id),
                 timeout,
                 &format!("Waiting for machine {} to start", args.id),
             )
@@ -1021,7 +1059,7 @@ async fn clone(ctx: &Context, args: CloneArgs) -> anyhow::Result<()> {
             .wait(
                 &id,
                 &states,
-                Some(&machine.instance_id),
+                Scope::version(&machine.instance_id),
                 timeout,
                 &format!("Waiting for machine {id} to start"),
             )
