@@ -13,6 +13,7 @@ use aloft_api::{
     MachineVersion, ProcessStat, Signal, StateError, Verb, WaitState,
 };
 
+use crate::checks::Checks;
 use crate::db::Db;
 use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus};
 use crate::error::AgentError;
@@ -265,6 +266,7 @@ struct Live {
 struct Inner {
     db: Db,
     logs: LogStore,
+    checks: Checks,
     driver: Arc<dyn Driver>,
     config: AgentConfig,
     halted: Arc<AtomicBool>,
@@ -359,6 +361,7 @@ impl Agent {
         let inner = Arc::new(Inner {
             db,
             logs,
+            checks: Checks::default(),
             driver,
             config,
             halted,
@@ -547,20 +550,26 @@ impl Agent {
         })
     }
 
-    /// One machine's record.
+    /// One machine's record, with its check statuses.
     pub fn get(&self, id: &MachineId) -> Result<MachineRecord, AgentError> {
-        self.inner.record(id)
+        let mut rec = self.inner.record(id)?;
+        rec.checks = self.inner.checks.statuses(id);
+        Ok(rec)
     }
 
-    /// One machine as the API shows it, with its 20 newest events.
+    /// One machine as the API shows it, with its 20 newest events and its check statuses.
     pub fn machine(&self, id: &MachineId) -> Result<Machine, AgentError> {
-        let rec = self.inner.record(id)?;
+        let rec = self.get(id)?;
         Ok(rec.to_api(self.inner.db.events(id, 20)?))
     }
 
-    /// Every machine on this host, destroyed ones included, oldest first.
+    /// Every machine on this host, destroyed ones included, oldest first, with check statuses.
     pub fn list(&self) -> Result<Vec<MachineRecord>, AgentError> {
-        self.inner.db.machines()
+        let mut machines = self.inner.db.machines()?;
+        for m in &mut machines {
+            m.checks = self.inner.checks.statuses(&m.id);
+        }
+        Ok(machines)
     }
 
     /// The newest `lines` lines of a machine's log (workload output and platform lines), oldest
@@ -672,6 +681,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.inner.halted.store(true, Ordering::SeqCst);
+        self.inner.checks.stop_all();
         self.inner.notify();
         let threads = std::mem::take(&mut self.inner.lock().threads);
         for t in threads {
@@ -895,6 +905,7 @@ impl Inner {
             op_id: Some(op.id.clone()),
             created_at: now,
             updated_at: now,
+            checks: Vec::new(),
         };
         self.db.write(|tx| {
             tx.insert_machine(&rec)?;
@@ -906,8 +917,10 @@ impl Inner {
 
     /// Registers `op` as running and starts its executor.
     fn launch(self: &Arc<Self>, live: &mut Live, op: &OpRecord, previous: MachineState) -> OpHandle {
-        // The operation owns the VM now: a monitor of the instance before it is stale.
+        // The operation owns the VM now: a monitor of the instance before it is stale, and its
+        // checks stop (they start again if it ends started).
         live.monitors.remove(&op.machine);
+        self.checks.stop(&op.machine);
         live.running.insert(
             op.machine.clone(),
             Running {
@@ -1278,9 +1291,16 @@ impl Inner {
             state,
             (op.status == OpStatus::Failed).then(|| op.error.as_deref().unwrap_or("failed")),
         );
-        // Before the record: whoever sees the machine settled finds the line in its log.
+        // Before the record: whoever sees the machine settled finds the line in its log and its
+        // checks running.
         if let Some(line) = line {
             self.platform_line(&rec.id, &rec.region, line);
+        }
+        if state == MachineState::Started {
+            self.checks
+                .start(&rec.id, &rec.config, rec.resources.net.as_ref());
+        } else {
+            self.checks.stop(&rec.id);
         }
         // Under the live lock, so that no verb sees the machine settled while it is still
         // registered as busy, and a pending destroy is chained without a gap.
@@ -1600,6 +1620,7 @@ impl Inner {
             return Ok(());
         }
         live.monitors.remove(id);
+        self.checks.stop(id);
         let mut rec = self.record(id)?;
         if rec.state != MachineState::Started || rec.op_id.is_some() {
             return Ok(());
@@ -1792,6 +1813,8 @@ impl Inner {
                     MachineState::Started => match self.driver.vm_status(&rec.id) {
                         Ok(VmStatus::Running) => {
                             self.capture(&mut live, &rec.id, &rec.region);
+                            self.checks
+                                .start(&rec.id, &rec.config, rec.resources.net.as_ref());
                             let token = ulid();
                             live.monitors.insert(rec.id.clone(), token.clone());
                             let m = rec.id.clone();

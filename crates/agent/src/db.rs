@@ -175,6 +175,7 @@ impl RawMachine {
             op_id: self.op_id,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            checks: Vec::new(),
         })
     }
 }

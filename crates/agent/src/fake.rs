@@ -85,6 +85,8 @@ pub struct World {
     exit_on_start: Option<ExitInfo>,
     next_slot: u32,
     blocked: BTreeSet<DriverOp>,
+    /// The address networks attached from now on get (`net_config`), see `network_address`.
+    net_address: Option<std::net::IpAddr>,
     /// Receivers handed out by `logs`, per machine; dropped when its VM stops running.
     log_subs: BTreeMap<MachineId, Vec<Sender<LogChunk>>>,
 }
@@ -226,6 +228,13 @@ impl FakeDriver {
     /// Pulls of `image` fail as "not found".
     pub fn missing_image(&self, image: &str) {
         self.lock().missing_images.insert(image.to_owned());
+    }
+
+    /// Networks attached from now on have `addr` as their (only) address in `net_config`, the
+    /// address the agent's health checks connect to: tests point it at `127.0.0.1` and listen
+    /// there. `None`: no `net_config`, as before.
+    pub fn network_address(&self, addr: Option<std::net::IpAddr>) {
+        self.lock().net_address = addr;
     }
 
     /// Every VM started from now on exits at once with `exit` (a crash loop); `None`: they run.
@@ -410,6 +419,14 @@ impl Driver for FakeDriver {
                 tap: Some(format!("aloft-m{slot}")),
                 mac: Some(format!("52:54:00:00:00:{:02x}", slot % 256)),
                 private_ip: format!("fdaa:0:1:0:1:0:{slot:x}:2"),
+                net_config: w.net_address.map(|addr| aloft_guest_proto::NetConfig {
+                    addresses: vec![aloft_guest_proto::IpNet {
+                        addr,
+                        prefix_len: if addr.is_ipv4() { 32 } else { 128 },
+                    }],
+                    gateways: Vec::new(),
+                    mtu: None,
+                }),
                 ..NetInfo::default()
             };
             w.nets.insert(id.clone(), n.clone());

@@ -12,6 +12,9 @@
 //! - Logs ([`Agent::log_tail`], [`Agent::follow_logs`]): each machine's stdout, stderr and
 //!   platform lines, captured from its VM by one thread per boot into bounded, rotated JSON-lines
 //!   files under `<db dir>/logs/<machine id>/` (removed with the machine).
+//! - Health checks: the config's tcp and http checks run against each started machine, their
+//!   statuses in [`MachineRecord::checks`] and `Machine.checks` (see `checks.rs` for names,
+//!   defaults and semantics).
 //! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -30,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+mod checks;
 mod db;
 mod driver;
 mod error;
@@ -45,6 +49,7 @@ mod vmdriver;
 pub use agent::{
     Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
 };
+pub use checks::{DEFAULT_GRACE_PERIOD, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 pub use driver::{
     BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
     LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,

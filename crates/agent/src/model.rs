@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use aloft_api::{
-    EventSource, ExitEvent, ImageRef, Machine, MachineConfig, MachineEvent, MachineEventRequest, MachineId,
-    MachineState, MonitorEvent, Signal,
+    CheckStatus, EventSource, ExitEvent, ImageRef, Machine, MachineConfig, MachineEvent, MachineEventRequest,
+    MachineId, MachineState, MonitorEvent, Signal,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,9 @@ pub struct MachineRecord {
     pub created_at: i64,
     /// Unix milliseconds.
     pub updated_at: i64,
+    /// Health check statuses while the machine is started. Kept in memory, not in the database:
+    /// filled by [`crate::Agent::get`], [`crate::Agent::list`] and [`crate::Agent::machine`].
+    pub checks: Vec<CheckStatus>,
 }
 
 impl MachineRecord {
@@ -72,7 +75,7 @@ impl MachineRecord {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             events,
-            checks: Vec::new(),
+            checks: self.checks.clone(),
             nonce: None,
             host_status: Some(aloft_api::HostStatus::Ok),
             cordoned: None,

@@ -1,0 +1,883 @@
+//! Health checks: the `tcp` and `http` checks of a machine's config (top-level `checks` and
+//! `services[].checks`), run by the agent against a started machine, their statuses reported in
+//! `Machine.checks` ([`aloft_api::CheckStatus`]).
+//!
+//! - **Names**: a top-level check is named by its key; a service check
+//!   `servicecheck-NN-TYPE-PORT` as Fly names them (`servicecheck-00-tcp-8080`), `NN` counting
+//!   the service checks of the machine in config order from 00.
+//! - **Defaults** (Fly's documented `tcp_checks` defaults): `interval` 15 s, `timeout` 2 s,
+//!   `grace_period` 1 s; `type` tcp; http checks `method` GET and `path` `/`; a service check's
+//!   `port` is the service's `internal_port`. Intervals below 100 ms are raised to 100 ms.
+//! - **Semantics** (the reference's §5.5): tcp passes when a connection is accepted within the
+//!   timeout; http sends one HTTP/1.1 request (`Connection: close`, the check's headers) and
+//!   passes on a 2xx status line within the timeout; redirects are not followed (a 3xx is
+//!   critical). `https` checks are reported critical ("not supported yet"). Checks only report:
+//!   they never restart or stop a machine.
+//! - **Lifecycle**: checks start when a machine becomes `started` (boot, resume, restart, a
+//!   reattach on agent open), first run once `grace_period` has passed (until then the status is
+//!   `warning`, "waiting for the grace period"), and stop — their statuses forgotten — as soon as
+//!   any operation starts on the machine or its VM exits. Statuses live in memory only.
+//! - **Target**: the address the host reaches the machine on, from its [`NetInfo`]: the first
+//!   IPv4 address of its `net_config`, else its first address, else its `private_ip`. A machine
+//!   without a network (`NoNetwork`) has none: its checks are critical and say so. A machine
+//!   whose network lives in another network namespace is checked from the agent's namespace.
+//!
+//! Threading: one thread per check while its machine is started, sleeping on a condvar between
+//! runs so that a stop ends it at once (a probe in flight finishes within its timeout).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aloft_api::{CheckState, CheckStatus, MachineConfig, MachineHttpHeader, MachineId, rfc3339};
+
+use crate::driver::NetInfo;
+use crate::ids::now_ms;
+
+/// Time between checks when the config gives none.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+/// Longest a check may take when the config gives no timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Wait after the machine started before the first check, when the config gives none.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(1);
+/// Shortest interval honoured.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes read looking for the status line.
+const MAX_STATUS_LINE: usize = 8 * 1024;
+
+/// What a check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// Connect.
+    Tcp,
+    /// One HTTP/1.1 request.
+    Http {
+        method: String,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// The config cannot be checked: why (reported as the check's critical output).
+    Invalid(String),
+}
+
+/// One check, resolved from the config with its defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CheckSpec {
+    pub(crate) name: String,
+    pub(crate) probe: Probe,
+    pub(crate) port: u16,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) grace: Duration,
+}
+
+/// The fields both kinds of check share.
+struct Fields<'a> {
+    kind: Option<&'a str>,
+    port: Option<u16>,
+    interval: Option<&'a aloft_api::Duration>,
+    timeout: Option<&'a aloft_api::Duration>,
+    grace: Option<&'a aloft_api::Duration>,
+    method: Option<&'a str>,
+    path: Option<&'a str>,
+    protocol: Option<&'a str>,
+    headers: &'a [MachineHttpHeader],
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn http_probe(f: &Fields<'_>) -> Probe {
+    if f.protocol.is_some_and(|p| p.eq_ignore_ascii_case("https")) {
+        return Probe::Invalid("https checks are not supported yet: use protocol http".into());
+    }
+    if let Some(p) = f.protocol
+        && !p.eq_ignore_ascii_case("http")
+    {
+        return Probe::Invalid(format!("unknown protocol {p:?}: use http"));
+    }
+    let method = f.method.unwrap_or("GET").to_ascii_uppercase();
+    if !is_token(&method) {
+        return Probe::Invalid(format!("invalid method {method:?}: use GET or HEAD"));
+    }
+    let path = f.path.unwrap_or("/");
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    if path
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Probe::Invalid(format!("invalid path {path:?}: no spaces or control characters"));
+    }
+    let mut headers = Vec::new();
+    for h in f.headers {
+        let name = h.name.clone().unwrap_or_default();
+        if !is_token(&name) {
+            return Probe::Invalid(format!("invalid header name {name:?}"));
+        }
+        for v in &h.values {
+            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Probe::Invalid(format!("invalid value of header {name}: no line breaks"));
+            }
+            headers.push((name.clone(), v.clone()));
+        }
+    }
+    Probe::Http {
+        method,
+        path,
+        headers,
+    }
+}
+
+fn spec(name: String, f: &Fields<'_>, default_port: Option<u16>) -> CheckSpec {
+    let kind = f.kind.unwrap_or("tcp");
+    let probe = match kind {
+        "tcp" => Probe::Tcp,
+        "http" => http_probe(f),
+        other => Probe::Invalid(format!("unsupported check type {other:?}: use tcp or http")),
+    };
+    let port = f.port.or(default_port);
+    let probe = match (port, probe) {
+        (None, Probe::Tcp | Probe::Http { .. }) => {
+            Probe::Invalid("the check has no port: set its port (or the service's internal_port)".into())
+        }
+        (_, p) => p,
+    };
+    CheckSpec {
+        name,
+        probe,
+        port: port.unwrap_or(0),
+        interval: f.interval.map_or(DEFAULT_INTERVAL, |d| d.0).max(MIN_INTERVAL),
+        timeout: f
+            .timeout
+            .map_or(DEFAULT_TIMEOUT, |d| d.0)
+            .max(Duration::from_millis(1)),
+        grace: f.grace.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
+    }
+}
+
+/// The checks of a config: top-level ones (by name), then service checks in order.
+pub(crate) fn specs(config: &MachineConfig) -> Vec<CheckSpec> {
+    let mut out: Vec<CheckSpec> = config
+        .checks
+        .iter()
+        .map(|(name, c)| {
+            let f = Fields {
+                kind: c.r#type.as_deref(),
+                port: c.port,
+                interval: c.interval.as_ref(),
+                timeout: c.timeout.as_ref(),
+                grace: c.grace_period.as_ref(),
+                method: c.method.as_deref(),
+                path: c.path.as_deref(),
+                protocol: c.protocol.as_deref(),
+                headers: &c.headers,
+            };
+            spec(name.clone(), &f, None)
+        })
+        .collect();
+    let mut n = 0;
+    for service in &config.services {
+        for c in &service.checks {
+            let f = Fields {
+                kind: c.r#type.as_deref(),
+                port: c.port,
+                interval: c.interval.as_ref(),
+                timeout: c.timeout.as_ref(),
+                grace: c.grace_period.as_ref(),
+                method: c.method.as_deref(),
+                path: c.path.as_deref(),
+                protocol: c.protocol.as_deref(),
+                headers: &c.headers,
+            };
+            let port = c.port.or(service.internal_port);
+            let kind = c.r#type.as_deref().unwrap_or("tcp");
+            let name = format!("servicecheck-{n:02}-{kind}-{}", port.unwrap_or(0));
+            out.push(spec(name, &f, service.internal_port));
+            n += 1;
+        }
+    }
+    out
+}
+
+/// The address the host reaches the machine on (see the module docs).
+pub(crate) fn target(net: Option<&NetInfo>) -> Option<IpAddr> {
+    let net = net?;
+    if let Some(c) = &net.net_config {
+        if let Some(a) = c.addresses.iter().find(|a| a.addr.is_ipv4()) {
+            return Some(a.addr);
+        }
+        if let Some(a) = c.addresses.first() {
+            return Some(a.addr);
+        }
+    }
+    net.private_ip.parse().ok()
+}
+
+fn io_message(e: &std::io::Error, timeout: Duration) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("timed out after {timeout:?}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Runs one check against `ip` now: its state and output.
+pub(crate) fn run(spec: &CheckSpec, ip: IpAddr) -> (CheckState, String) {
+    let addr = SocketAddr::new(ip, spec.port);
+    match &spec.probe {
+        Probe::Invalid(why) => (CheckState::Critical, why.clone()),
+        Probe::Tcp => match TcpStream::connect_timeout(&addr, spec.timeout) {
+            Ok(_) => (CheckState::Passing, format!("connected to {addr}")),
+            Err(e) => (
+                CheckState::Critical,
+                format!("connect to {addr}: {}", io_message(&e, spec.timeout)),
+            ),
+        },
+        Probe::Http {
+            method,
+            path,
+            headers,
+        } => {
+            let what = format!("{method} http://{addr}{path}");
+            match http(addr, method, path, headers, spec.timeout) {
+                Ok((code, line)) if (200..300).contains(&code) => {
+                    (CheckState::Passing, format!("{what}: {line}"))
+                }
+                Ok((_, line)) => (CheckState::Critical, format!("{what}: {line}")),
+                Err(e) => (CheckState::Critical, format!("{what}: {e}")),
+            }
+        }
+    }
+}
+
+/// Sends the request, reads the status line: (status code, the line after the version).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(format!("timed out after {timeout:?}"))
+        } else {
+            Ok(d)
+        }
+    };
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("connect: {}", io_message(&e, timeout)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("user-agent")) {
+        req.push_str("User-Agent: aloft-health-check\r\n");
+    }
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    s.set_write_timeout(Some(left()?))
+        .and_then(|()| s.write_all(req.as_bytes()))
+        .map_err(|e| format!("send: {}", io_message(&e, timeout)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let line = loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            break String::from_utf8_lossy(&buf[..end]).into_owned();
+        }
+        if buf.len() > MAX_STATUS_LINE {
+            return Err("no status line in the first 8 KiB of the response".into());
+        }
+        s.set_read_timeout(Some(left()?))
+            .map_err(|e| format!("receive: {e}"))?;
+        match s.read(&mut chunk) {
+            Ok(0) => return Err("the connection closed before a response".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("receive: {}", io_message(&e, timeout))),
+        }
+    };
+    let mut parts = line.splitn(2, ' ');
+    let version = parts.next().unwrap_or_default();
+    let rest = parts.next().unwrap_or_default().trim().to_owned();
+    let code = rest.get(..3).and_then(|c| c.parse::<u16>().ok());
+    match code {
+        Some(code) if version.starts_with("HTTP/") => Ok((code, rest)),
+        _ => Err(format!("not an HTTP response: {line:?}")),
+    }
+}
+
+/// A stop flag threads sleep on.
+#[derive(Debug, Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Stop {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn stop(&self) {
+        *self.lock() = true;
+        self.cond.notify_all();
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.lock()
+    }
+
+    /// Sleeps `d` unless stopped first; returns whether it was stopped.
+    fn sleep(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut stopped = self.lock();
+        while !*stopped {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            stopped = self
+                .cond
+                .wait_timeout(stopped, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+type Statuses = Arc<Mutex<Vec<CheckStatus>>>;
+
+#[derive(Debug)]
+struct Running {
+    stop: Arc<Stop>,
+    statuses: Statuses,
+}
+
+/// The checks of every started machine.
+#[derive(Debug, Default)]
+pub(crate) struct Checks {
+    machines: Mutex<HashMap<MachineId, Running>>,
+}
+
+fn lock_statuses(s: &Statuses) -> MutexGuard<'_, Vec<CheckStatus>> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Checks {
+    fn lock(&self) -> MutexGuard<'_, HashMap<MachineId, Running>> {
+        self.machines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the checks of a machine that just became started (those running are stopped
+    /// first: a new boot has a new grace period).
+    pub(crate) fn start(&self, id: &MachineId, config: &MachineConfig, net: Option<&NetInfo>) {
+        self.stop(id);
+        let specs = specs(config);
+        if specs.is_empty() {
+            return;
+        }
+        let now = rfc3339(now_ms());
+        let statuses: Statuses = Arc::new(Mutex::new(
+            specs
+                .iter()
+                .map(|s| CheckStatus {
+                    name: s.name.clone(),
+                    status: CheckState::Warning,
+                    output: format!("waiting for the grace period ({:?})", s.grace),
+                    updated_at: now.clone(),
+                })
+                .collect(),
+        ));
+        let stop = Arc::new(Stop::default());
+        let ip = target(net);
+        for (idx, spec) in specs.into_iter().enumerate() {
+            let (stop, statuses) = (stop.clone(), statuses.clone());
+            std::thread::spawn(move || check_loop(&spec, ip, &stop, &statuses, idx));
+        }
+        self.lock().insert(id.clone(), Running { stop, statuses });
+    }
+
+    /// Stops a machine's checks and forgets their statuses.
+    pub(crate) fn stop(&self, id: &MachineId) {
+        if let Some(r) = self.lock().remove(id) {
+            r.stop.stop();
+        }
+    }
+
+    /// Stops every machine's checks (the agent goes away).
+    pub(crate) fn stop_all(&self) {
+        for (_, r) in self.lock().drain() {
+            r.stop.stop();
+        }
+    }
+
+    /// The machine's check statuses (empty when it is not started or has no checks).
+    pub(crate) fn statuses(&self, id: &MachineId) -> Vec<CheckStatus> {
+        self.lock()
+            .get(id)
+            .map(|r| lock_statuses(&r.statuses).clone())
+            .unwrap_or_default()
+    }
+}
+
+fn check_loop(spec: &CheckSpec, ip: Option<IpAddr>, stop: &Stop, statuses: &Statuses, idx: usize) {
+    if stop.sleep(spec.grace) {
+        return;
+    }
+    loop {
+        let (state, output) = match ip {
+            Some(ip) => run(spec, ip),
+            None => (
+                CheckState::Critical,
+                "the machine has no address the host can reach (it has no network)".to_owned(),
+            ),
+        };
+        if stop.is_stopped() {
+            return;
+        }
+        if let Some(s) = lock_statuses(statuses).get_mut(idx) {
+            if s.status != state {
+                s.updated_at = rfc3339(now_ms());
+            }
+            s.status = state;
+            s.output = output;
+        }
+        if stop.sleep(spec.interval) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::sync::mpsc;
+
+    use aloft_api::{MachineCheck, MachineService, MachineServiceCheck, WaitState};
+
+    use super::*;
+    use crate::{Agent, AgentConfig, CreateMachine, FakeDriver};
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn d(ms: u64) -> aloft_api::Duration {
+        aloft_api::Duration(Duration::from_millis(ms))
+    }
+
+    fn tcp_spec(port: u16) -> CheckSpec {
+        CheckSpec {
+            name: "t".into(),
+            probe: Probe::Tcp,
+            port,
+            interval: MIN_INTERVAL,
+            timeout: Duration::from_millis(500),
+            grace: Duration::ZERO,
+        }
+    }
+
+    fn http_spec(port: u16, method: &str, path: &str) -> CheckSpec {
+        CheckSpec {
+            probe: Probe::Http {
+                method: method.into(),
+                path: path.into(),
+                headers: vec![("X-Probe".into(), "yes".into())],
+            },
+            ..tcp_spec(port)
+        }
+    }
+
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        TcpListener::bind((LOCAL, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// Serves one connection: sends `response` after reading the request head, which it hands
+    /// back through the channel.
+    fn serve_once(response: &'static str) -> (u16, mpsc::Receiver<Vec<String>>) {
+        let listener = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let line = line.trim_end().to_owned();
+                if line.is_empty() {
+                    break;
+                }
+                head.push(line);
+            }
+            conn.write_all(response.as_bytes()).unwrap();
+            tx.send(head).unwrap();
+        });
+        (port, rx)
+    }
+
+    #[test]
+    fn tcp_passes_on_a_listener_and_is_critical_when_refused() {
+        let listener = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (state, out) = run(&tcp_spec(port), LOCAL);
+        assert_eq!(state, CheckState::Passing, "{out}");
+        drop(listener);
+        let (state, out) = run(&tcp_spec(closed_port()), LOCAL);
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("refused"), "{out}");
+    }
+
+    #[test]
+    fn http_passes_on_2xx_and_sends_the_request_asked_for() {
+        let (port, head) = serve_once("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+        let (state, out) = run(&http_spec(port, "HEAD", "/healthz?x=1"), LOCAL);
+        assert_eq!(state, CheckState::Passing, "{out}");
+        assert_eq!(
+            out,
+            format!("HEAD http://127.0.0.1:{port}/healthz?x=1: 204 No Content")
+        );
+        let head = head.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(head[0], "HEAD /healthz?x=1 HTTP/1.1");
+        assert!(head.contains(&format!("Host: 127.0.0.1:{port}")), "{head:?}");
+        assert!(head.contains(&"X-Probe: yes".to_owned()), "{head:?}");
+        assert!(head.contains(&"Connection: close".to_owned()), "{head:?}");
+    }
+
+    #[test]
+    fn http_is_critical_on_errors_redirects_refusal_timeouts_and_garbage() {
+        for (response, expect) in [
+            (
+                "HTTP/1.1 500 Internal Server Error\r\n\r\n",
+                "500 Internal Server Error",
+            ),
+            (
+                "HTTP/1.1 301 Moved Permanently\r\nLocation: /x\r\n\r\n",
+                "301 Moved Permanently",
+            ),
+            ("SSH-2.0-OpenSSH\r\n", "not an HTTP response"),
+        ] {
+            let (port, _) = serve_once(response);
+            let (state, out) = run(&http_spec(port, "GET", "/"), LOCAL);
+            assert_eq!(state, CheckState::Critical, "{out}");
+            assert!(out.contains(expect), "{out}");
+        }
+        let (state, out) = run(&http_spec(closed_port(), "GET", "/"), LOCAL);
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("connect"), "{out}");
+        // Accepts, never answers: the timeout ends it.
+        let silent = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let mut spec = http_spec(port, "GET", "/");
+        spec.timeout = Duration::from_millis(200);
+        let t0 = Instant::now();
+        let (state, out) = run(&spec, LOCAL);
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("timed out after 200ms"), "{out}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        drop(silent);
+    }
+
+    #[test]
+    fn specs_resolve_names_defaults_and_ports() {
+        let mut config = MachineConfig::default();
+        config.checks.insert(
+            "alive".into(),
+            MachineCheck {
+                r#type: Some("http".into()),
+                port: Some(9000),
+                path: Some("ready".into()),
+                interval: Some(d(5)),
+                ..MachineCheck::default()
+            },
+        );
+        config.checks.insert(
+            "secure".into(),
+            MachineCheck {
+                r#type: Some("http".into()),
+                port: Some(443),
+                protocol: Some("https".into()),
+                ..MachineCheck::default()
+            },
+        );
+        config.checks.insert("portless".into(), MachineCheck::default());
+        config.services = vec![
+            MachineService {
+                internal_port: Some(8080),
+                checks: vec![
+                    MachineServiceCheck::default(),
+                    MachineServiceCheck {
+                        r#type: Some("http".into()),
+                        timeout: Some(d(3000)),
+                        grace_period: Some(d(0)),
+                        ..MachineServiceCheck::default()
+                    },
+                ],
+                ..MachineService::default()
+            },
+            MachineService {
+                internal_port: Some(5432),
+                checks: vec![MachineServiceCheck {
+                    r#type: Some("udp".into()),
+                    port: Some(5433),
+                    ..MachineServiceCheck::default()
+                }],
+                ..MachineService::default()
+            },
+        ];
+        let s = specs(&config);
+        let names: Vec<&str> = s.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "alive",
+                "portless",
+                "secure",
+                "servicecheck-00-tcp-8080",
+                "servicecheck-01-http-8080",
+                "servicecheck-02-udp-5433"
+            ]
+        );
+        assert_eq!(
+            s[0].probe,
+            Probe::Http {
+                method: "GET".into(),
+                path: "/ready".into(),
+                headers: Vec::new()
+            }
+        );
+        assert_eq!(
+            (s[0].port, s[0].interval, s[0].timeout),
+            (9000, MIN_INTERVAL, DEFAULT_TIMEOUT)
+        );
+        assert!(matches!(&s[1].probe, Probe::Invalid(w) if w.contains("no port")));
+        assert!(matches!(&s[2].probe, Probe::Invalid(w) if w.contains("https")));
+        assert_eq!(s[3].probe, Probe::Tcp);
+        assert_eq!(
+            (s[3].port, s[3].interval, s[3].grace),
+            (8080, DEFAULT_INTERVAL, DEFAULT_GRACE_PERIOD)
+        );
+        assert_eq!(
+            (s[4].timeout, s[4].grace),
+            (Duration::from_secs(3), Duration::ZERO)
+        );
+        assert!(matches!(&s[5].probe, Probe::Invalid(w) if w.contains("udp")));
+        let (state, out) = run(&s[5], LOCAL);
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("unsupported check type"), "{out}");
+    }
+
+    #[test]
+    fn the_target_is_the_address_the_host_reaches() {
+        use aloft_guest_proto::{IpNet, NetConfig};
+        assert_eq!(target(None), None);
+        assert_eq!(target(Some(&NetInfo::default())), None);
+        let v6: IpAddr = "fdaa:0:1::2".parse().unwrap();
+        let v4: IpAddr = "172.30.0.3".parse().unwrap();
+        let mut net = NetInfo {
+            private_ip: v6.to_string(),
+            ..NetInfo::default()
+        };
+        assert_eq!(target(Some(&net)), Some(v6));
+        net.net_config = Some(NetConfig {
+            addresses: vec![
+                IpNet {
+                    addr: v6,
+                    prefix_len: 64,
+                },
+                IpNet {
+                    addr: v4,
+                    prefix_len: 31,
+                },
+            ],
+            gateways: Vec::new(),
+            mtu: None,
+        });
+        assert_eq!(target(Some(&net)), Some(v4));
+    }
+
+    fn status(agent: &Agent, id: &MachineId, name: &str) -> Option<CheckStatus> {
+        agent.get(id).unwrap().checks.into_iter().find(|c| c.name == name)
+    }
+
+    #[test]
+    fn an_agent_checks_started_machines_after_their_grace_period() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeDriver::new();
+        fake.network_address(Some(LOCAL));
+        let config = AgentConfig {
+            poll: Duration::from_millis(10),
+            stop_timeout: Duration::from_millis(100),
+            ..AgentConfig::new(tmp.path().join("agent.db"))
+        };
+        let agent = Agent::open(config, Arc::new(fake.clone())).unwrap();
+        let up = TcpListener::bind((LOCAL, 0)).unwrap();
+        let up_port = up.local_addr().unwrap().port();
+        let mut mc = MachineConfig {
+            image: Some("busybox".into()),
+            ..MachineConfig::default()
+        };
+        mc.checks.insert(
+            "up".into(),
+            MachineCheck {
+                r#type: Some("tcp".into()),
+                port: Some(up_port),
+                interval: Some(d(100)),
+                grace_period: Some(d(600)),
+                ..MachineCheck::default()
+            },
+        );
+        mc.services = vec![MachineService {
+            internal_port: Some(closed_port()),
+            checks: vec![MachineServiceCheck {
+                interval: Some(d(100)),
+                grace_period: Some(d(0)),
+                timeout: Some(d(200)),
+                ..MachineServiceCheck::default()
+            }],
+            ..MachineService::default()
+        }];
+        let t0 = Instant::now();
+        let h = agent
+            .create(CreateMachine {
+                app: "a".into(),
+                region: "local".into(),
+                org: 1,
+                config: mc,
+                ..CreateMachine::default()
+            })
+            .unwrap();
+        let id = h.machine.clone();
+        h.wait(Duration::from_secs(10)).unwrap();
+        let service = agent.get(&id).unwrap().checks[1].name.clone();
+        assert!(service.starts_with("servicecheck-00-tcp-"), "{service}");
+        // In the grace period: warning, and it stays so until the period is over.
+        let first = status(&agent, &id, "up").unwrap();
+        if t0.elapsed() < Duration::from_millis(500) {
+            assert_eq!(first.status, CheckState::Warning, "{first:?}");
+            assert!(first.output.contains("grace period"), "{first:?}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&agent, &id, "up").unwrap();
+            if s.status == CheckState::Passing {
+                assert!(
+                    t0.elapsed() >= Duration::from_millis(600),
+                    "passed within the grace period"
+                );
+                break;
+            }
+            assert_ne!(s.status, CheckState::Critical, "{s:?}");
+            assert!(Instant::now() < deadline, "never passed: {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The service check targets a port nothing listens on.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&agent, &id, &service).unwrap();
+            if s.status == CheckState::Critical {
+                assert!(s.output.contains("127.0.0.1"), "{s:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never critical: {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The API views carry them.
+        let m = agent.machine(&id).unwrap();
+        assert_eq!(m.checks.len(), 2);
+        assert_eq!(agent.list().unwrap()[0].checks.len(), 2);
+        // A listener that goes away turns the check critical.
+        drop(up);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status(&agent, &id, "up").unwrap().status != CheckState::Critical {
+            assert!(Instant::now() < deadline, "still passing with nothing listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Stopped: no checks.
+        agent
+            .stop(&id, crate::StopOptions::default())
+            .unwrap()
+            .wait(Duration::from_secs(10))
+            .unwrap();
+        assert!(agent.get(&id).unwrap().checks.is_empty());
+        assert!(agent.machine(&id).unwrap().checks.is_empty());
+        // Started again: a new grace period.
+        agent.start(&id).unwrap().wait(Duration::from_secs(10)).unwrap();
+        agent
+            .wait(&id, &[WaitState::Started], None, None, Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(agent.get(&id).unwrap().checks.len(), 2);
+    }
+
+    #[test]
+    fn checks_of_an_unreachable_machine_are_critical_and_name_the_address() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeDriver::new();
+        let agent = Agent::open(
+            AgentConfig {
+                poll: Duration::from_millis(10),
+                ..AgentConfig::new(tmp.path().join("agent.db"))
+            },
+            Arc::new(fake.clone()),
+        )
+        .unwrap();
+        let mut mc = MachineConfig {
+            image: Some("busybox".into()),
+            ..MachineConfig::default()
+        };
+        mc.checks.insert(
+            "up".into(),
+            MachineCheck {
+                port: Some(80),
+                grace_period: Some(d(0)),
+                interval: Some(d(100)),
+                ..MachineCheck::default()
+            },
+        );
+        let h = agent
+            .create(CreateMachine {
+                app: "a".into(),
+                region: "local".into(),
+                org: 1,
+                config: mc,
+                ..CreateMachine::default()
+            })
+            .unwrap();
+        h.wait(Duration::from_secs(10)).unwrap();
+        // The fake gives a 6PN private_ip the host cannot reach (no route, or no answer in time).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&agent, &h.machine, "up").unwrap();
+            if s.status == CheckState::Critical {
+                assert!(s.output.contains("fdaa:"), "{s:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
