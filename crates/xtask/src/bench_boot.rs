@@ -220,18 +220,34 @@ struct MachineRun {
     trace: String,
 }
 
-fn machine_run(
+/// The benchmark machine's spec: the busybox `rootfs` (read-only) + a fresh 64 MiB writable ext4
+/// disk under `dir`, workload `httpd -f -p 8080`, 1 vCPU, `memory_mib`; with `ns`, a tap in that
+/// network namespace and a static address, else no network.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the benchmark machine's knobs, spelled out"
+)]
+fn machine_spec(
     guest: &GuestArtifacts,
     accel: Accel,
     rootfs: &Path,
     fstype: &str,
     dir: &Path,
+    memory_mib: u32,
+    ns: Option<&NetNs>,
     trace: bool,
-) -> anyhow::Result<MachineRun> {
+) -> anyhow::Result<VmSpec> {
     std::fs::create_dir_all(dir)?;
     let rw = dir.join("rw.ext4");
     aloft_testkit::writable_disk(&rw, 64)?;
-    let ns = NetNs::new()?;
+    let network = match ns {
+        Some(ns) => Some(NetConfig {
+            addresses: vec![format!("{}/{}", ns.guest_ip, ns.prefix_len).parse()?],
+            gateways: vec![ns.host_ip.into()],
+            mtu: None,
+        }),
+        None => None,
+    };
     let run_config = RunConfig {
         hostname: "bench".into(),
         cmd: Some(vec![
@@ -247,14 +263,10 @@ fn machine_run(
             fstype: fstype.into(),
             writable_device: Some("/dev/vdb".into()),
         },
-        network: Some(NetConfig {
-            addresses: vec![format!("{}/{}", ns.guest_ip, ns.prefix_len).parse()?],
-            gateways: vec![ns.host_ip.into()],
-            mtu: None,
-        }),
+        network,
         ..RunConfig::default()
     };
-    let spec = VmSpec {
+    Ok(VmSpec {
         name: format!("bench-{}", std::process::id()),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
@@ -264,7 +276,7 @@ fn machine_run(
             Vec::new()
         },
         vcpus: 1,
-        memory_mib: MEMORY_MIB,
+        memory_mib,
         disks: vec![
             DiskSpec {
                 path: rootfs.to_path_buf(),
@@ -277,7 +289,7 @@ fn machine_run(
                 format: DiskFormat::Raw,
             },
         ],
-        net: Some(NetSpec {
+        net: ns.map(|ns| NetSpec {
             tap: ns.tap.clone(),
             mac: "52:54:00:12:34:56".into(),
             netns: Some(ns.path()),
@@ -289,7 +301,40 @@ fn machine_run(
             Accel::Tcg => AccelChoice::Tcg,
         },
         jail: None,
-    };
+    })
+}
+
+/// `machine_start_ms` alone, for other benchmarks' baselines: boots the benchmark machine
+/// ([`machine_spec`], no network, `memory_mib`) and returns `VmSpec` → workload started in ms;
+/// the VM is killed before returning.
+pub(crate) fn machine_start_ms(
+    guest: &GuestArtifacts,
+    accel: Accel,
+    rootfs: &Path,
+    fstype: &str,
+    dir: &Path,
+    memory_mib: u32,
+) -> anyhow::Result<f64> {
+    let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, None, false)?;
+    let t0 = Instant::now();
+    let vm = Vm::start(spec)?;
+    let started = vm.wait_started(Duration::from_secs(30));
+    let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let _ = vm.kill();
+    started?;
+    Ok(start_ms)
+}
+
+fn machine_run(
+    guest: &GuestArtifacts,
+    accel: Accel,
+    rootfs: &Path,
+    fstype: &str,
+    dir: &Path,
+    trace: bool,
+) -> anyhow::Result<MachineRun> {
+    let ns = NetNs::new()?;
+    let spec = machine_spec(guest, accel, rootfs, fstype, dir, MEMORY_MIB, Some(&ns), trace)?;
 
     let console = spec.run_dir.join("console.log");
     let t0 = Instant::now();

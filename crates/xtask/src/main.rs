@@ -2,11 +2,12 @@
 //!
 //! * `cargo xtask guest` — builds the static `aloft-init` and the base initramfs
 //!   (`target/guest/initramfs.cpio`) that every machine boots.
-//! * `cargo xtask bench NAME` — runs a benchmark; prints a table and, as its last line, one JSON
+//! * `cargo xtask bench NAME` (`boot`, `image`, `api`) — runs a benchmark; prints a table and, as its last line, one JSON
 //!   object `{"bench":NAME,"metrics":{…}}`.
 //!
 //! Nothing in the product depends on this crate.
 
+mod bench_api;
 mod bench_boot;
 mod bench_image;
 mod stats;
@@ -28,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Build the static aloft-init and the base initramfs into target/guest/.
     Guest,
-    /// Run a benchmark (`boot`, `image`).
+    /// Run a benchmark (`boot`, `image`, `api`).
     Bench {
         name: String,
         /// Runs per measurement (the median is reported).
@@ -48,6 +49,10 @@ enum Cmd {
         /// `image` only: also compare the base formats (build, size, in-guest mount and read).
         #[arg(long)]
         formats: bool,
+        /// `api` only: the cargo profile aloftd is built with and measured in (`release`: what
+        /// users run; `dev`).
+        #[arg(long, default_value = "release")]
+        aloftd_profile: String,
     },
 }
 
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             image,
             format,
             formats,
+            aloftd_profile,
         } => match name.as_str() {
             "boot" => bench_boot::run(runs, trace, format.unwrap_or_default()),
             "image" => bench_image::run(&bench_image::ImageBench {
@@ -69,7 +75,11 @@ fn main() -> anyhow::Result<()> {
                 format: format.unwrap_or_default(),
                 formats,
             }),
-            other => bail!("unknown benchmark {other:?}; available: boot, image"),
+            "api" => bench_api::run(&bench_api::ApiBench {
+                runs,
+                profile: aloftd_profile,
+            }),
+            other => bail!("unknown benchmark {other:?}; available: boot, image, api"),
         },
     }
 }

@@ -1,0 +1,1008 @@
+//! `cargo xtask bench api`: what aloftd's Machines API adds to a machine's start, and how fast it
+//! answers.
+//!
+//! The real `aloftd` binary (built here with `--aloftd-profile`, `release` by default: what users
+//! run) is started as a child with a temporary data directory and `XDG_CONFIG_HOME`; the token is
+//! read from the CLI config it writes. Requests go over a small HTTP/1.1 keep-alive client on
+//! `TcpStream` (no client library between the clock and the socket).
+//!
+//! * `api_create_to_started_ms`: aloftd `--driver vm --network none` with the busybox image from a
+//!   local registry, pulled and built once beforehand; `POST …/machines` →
+//!   `GET …/wait?state=started` returns. 1 vCPU, 256 MiB (the API's smallest shared size), httpd.
+//! * `vm_start_ms`, alternating with it in the same run: the boot benchmark's machine path
+//!   (`bench_boot::machine_start_ms`: `VmSpec` → workload started) with the same guest: 1 vCPU,
+//!   256 MiB, busybox erofs base, httpd, no network. `api_overhead_ms` is the difference.
+//! * `get_p99_ms`, `list_1000_ms`, `create_rate_per_s`: a second aloftd on `--driver fake`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use aloft_image::RootfsFormat;
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::stats::{median, min};
+
+/// The API machine's memory: the smallest a shared vCPU may have (Fly's rule, enforced by
+/// `aloft-api`); the baseline boots the same.
+const MEMORY_MIB: u32 = 256;
+/// `get_p99_ms`: requests per second, for how long, over how many keep-alive connections.
+const GET_RATE: u32 = 1000;
+const GET_SECS: u32 = 3;
+const GET_CONNS: u32 = 4;
+/// `list_1000_ms`: machines in the listed app, created by this many clients at once.
+const LIST_MACHINES: usize = 1000;
+const LIST_WORKERS: usize = 8;
+/// `create_rate_per_s`: creates at once.
+const CREATE_BURST: usize = 20;
+
+/// What `cargo xtask bench api` was asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiBench {
+    pub(crate) runs: usize,
+    /// Cargo profile aloftd is built with (`release`, `dev`).
+    pub(crate) profile: String,
+}
+
+pub(crate) fn run(args: &ApiBench) -> anyhow::Result<()> {
+    let runs = args.runs.max(1);
+    let load_before = loadavg();
+    let bin = build_aloftd(&args.profile)?;
+    eprintln!(
+        "bench api: {} ({} profile), {runs} runs, load {load_before}",
+        bin.display(),
+        args.profile
+    );
+
+    let fake = fake_series(&bin, runs)?;
+    let vm = vm_series(&bin, runs)?;
+    let load_after = loadavg();
+
+    let api_med = median(&vm.api).unwrap_or(f64::NAN);
+    let vm_med = median(&vm.baseline).unwrap_or(f64::NAN);
+    let overhead = api_med - vm_med;
+    let rows: [(&str, f64, f64, &str, String); 6] = [
+        (
+            "api_create_to_started_ms",
+            api_med,
+            min(&vm.api).unwrap_or(f64::NAN),
+            "ms",
+            "POST create (image cached) → wait?state=started returns".into(),
+        ),
+        (
+            "vm_start_ms",
+            vm_med,
+            min(&vm.baseline).unwrap_or(f64::NAN),
+            "ms",
+            "baseline: bench boot's machine path, same guest, VmSpec → started".into(),
+        ),
+        (
+            "api_overhead_ms",
+            overhead,
+            f64::NAN,
+            "ms",
+            "api_create_to_started − vm_start (target ≤ 50)".into(),
+        ),
+        (
+            "get_p99_ms",
+            median(&fake.get_p99).unwrap_or(f64::NAN),
+            min(&fake.get_p99).unwrap_or(f64::NAN),
+            "ms",
+            format!("GET machine at {GET_RATE}/s for {GET_SECS} s, fake driver (target ≤ 5)"),
+        ),
+        (
+            "list_1000_ms",
+            median(&fake.list).unwrap_or(f64::NAN),
+            min(&fake.list).unwrap_or(f64::NAN),
+            "ms",
+            format!("GET an app's {LIST_MACHINES} machines, fake driver (target ≤ 50)"),
+        ),
+        (
+            "create_rate_per_s",
+            median(&fake.create_rate).unwrap_or(f64::NAN),
+            min(&fake.create_rate).unwrap_or(f64::NAN),
+            "1/s",
+            format!("{CREATE_BURST} concurrent creates / wall time, fake driver"),
+        ),
+    ];
+    println!(
+        "{:<26} {:>10} {:>10}  {:<5} what",
+        "metric", "median", "min", "unit"
+    );
+    let mut metrics = serde_json::Map::new();
+    for (name, med, lo, unit, what) in rows {
+        println!("{name:<26} {med:>10.1} {lo:>10.1}  {unit:<5} {what}");
+        metrics.insert(name.to_owned(), json!({ "value": round1(med), "unit": unit }));
+    }
+    println!("details:");
+    for (name, samples, what) in [
+        (
+            "  create_post_ms",
+            &vm.post,
+            "of api_create_to_started: POST create answered",
+        ),
+        (
+            "  paired_overhead_ms",
+            &vm.paired,
+            "per run: api − baseline of the same pair",
+        ),
+        (
+            "  list_summary_ms",
+            &fake.list_summary,
+            "GET the 1000 machines with ?summary=true (no configs)",
+        ),
+        (
+            "  list_one_ms",
+            &fake.list_one,
+            "GET an app of 1 machine (the list's fixed cost)",
+        ),
+        (
+            "  get_p50_ms",
+            &fake.get_p50,
+            "GET machine at the same pace: median latency",
+        ),
+        (
+            "  get_max_ms",
+            &fake.get_max,
+            "GET machine at the same pace: slowest request",
+        ),
+    ] {
+        println!(
+            "{name:<26} {:>10.1} {:>10.1}  ms    {what}",
+            median(samples).unwrap_or(f64::NAN),
+            min(samples).unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "list of {LIST_MACHINES}: {} KiB of JSON ({} KiB summarized); {LIST_MACHINES} creates took {:.1} s \
+         with {LIST_WORKERS} clients; GETs more than 1 ms behind their schedule: {}",
+        fake.list_bytes / 1024,
+        fake.list_summary_bytes / 1024,
+        fake.populate_s,
+        fake.get_late
+    );
+    println!(
+        "aloftd {} profile, access log off; load {load_before} before, {load_after} after",
+        args.profile
+    );
+    println!("{}", json!({ "bench": "api", "metrics": metrics }));
+    Ok(())
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Builds aloftd with cargo's `profile`; returns the binary.
+fn build_aloftd(profile: &str) -> anyhow::Result<PathBuf> {
+    let root = aloft_testkit::workspace_root();
+    let started = Instant::now();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--quiet", "-p", "aloftd", "--profile", profile])
+        .status()
+        .context("run cargo build for aloftd")?;
+    if !status.success() {
+        bail!("building aloftd ({profile} profile) failed");
+    }
+    let dir = if profile == "dev" { "debug" } else { profile };
+    let bin = root.join("target").join(dir).join("aloftd");
+    if !bin.is_file() {
+        bail!("cargo built aloftd but {} is not there", bin.display());
+    }
+    eprintln!(
+        "bench api: aloftd built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(bin)
+}
+
+/// The machine every create asks for.
+fn machine_request() -> Value {
+    json!({
+        "config": {
+            "image": "busybox:latest",
+            "guest": {"cpus": 1, "memory_mb": MEMORY_MIB, "cpu_kind": "shared"},
+            "init": {"cmd": ["/bin/httpd", "-f", "-p", "8080", "-h", "/"]},
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake driver: GET latency, list, create rate.
+
+struct FakeResults {
+    create_rate: Vec<f64>,
+    list: Vec<f64>,
+    list_summary: Vec<f64>,
+    list_one: Vec<f64>,
+    list_bytes: usize,
+    list_summary_bytes: usize,
+    populate_s: f64,
+    get_p99: Vec<f64>,
+    get_p50: Vec<f64>,
+    get_max: Vec<f64>,
+    get_late: usize,
+}
+
+fn fake_series(bin: &Path, runs: usize) -> anyhow::Result<FakeResults> {
+    let daemon = Daemon::start(bin, &["--driver", "fake", "--network", "none"])?;
+    let result = fake_measure(&daemon, runs);
+    if result.is_err() {
+        eprintln!("bench api: fake aloftd's log:\n{}", daemon.log_tail());
+    }
+    daemon.stop();
+    result
+}
+
+fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
+    let mut conn = daemon.conn();
+    for app in ["rate", "list", "one", "get"] {
+        create_app(&mut conn, app)?;
+    }
+
+    // Create rate first, on a store with little in it.
+    let mut create_rate = Vec::new();
+    for _ in 0..runs {
+        let wall = create_burst(daemon, "rate", CREATE_BURST)?;
+        #[expect(clippy::cast_precision_loss, reason = "small counts")]
+        create_rate.push(CREATE_BURST as f64 / wall.as_secs_f64());
+    }
+
+    // An app of 1,000 machines, and one of one.
+    let t0 = Instant::now();
+    create_many(daemon, "list", LIST_MACHINES, LIST_WORKERS)?;
+    let populate_s = t0.elapsed().as_secs_f64();
+    create_many(daemon, "one", 1, 1)?;
+    let (list, list_bytes) = time_list(&mut conn, "/v1/apps/list/machines", LIST_MACHINES, runs)?;
+    let (list_summary, list_summary_bytes) = time_list(
+        &mut conn,
+        "/v1/apps/list/machines?summary=true",
+        LIST_MACHINES,
+        runs,
+    )?;
+    let (list_one, _) = time_list(&mut conn, "/v1/apps/one/machines", 1, runs)?;
+
+    // GET one machine, paced.
+    let id = create_machine(&mut conn, "get")?;
+    let path = format!("/v1/apps/get/machines/{id}");
+    for _ in 0..200 {
+        conn.expect("GET", &path, None, 200)?;
+    }
+    let (mut get_p99, mut get_p50, mut get_max, mut get_late) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for _ in 0..runs {
+        let paced = paced_gets(daemon, &path)?;
+        get_p99.push(percentile(&paced.latencies, 0.99));
+        get_p50.push(percentile(&paced.latencies, 0.50));
+        get_max.push(percentile(&paced.latencies, 1.0));
+        get_late += paced.late;
+    }
+    Ok(FakeResults {
+        create_rate,
+        list,
+        list_summary,
+        list_one,
+        list_bytes,
+        list_summary_bytes,
+        populate_s,
+        get_p99,
+        get_p50,
+        get_max,
+        get_late,
+    })
+}
+
+fn create_app(conn: &mut Conn, name: &str) -> anyhow::Result<()> {
+    conn.expect(
+        "POST",
+        "/v1/apps",
+        Some(&json!({"name": name, "org_slug": "personal"})),
+        201,
+    )?;
+    Ok(())
+}
+
+/// `POST …/machines`; returns the new machine's id.
+fn create_machine(conn: &mut Conn, app: &str) -> anyhow::Result<String> {
+    let m = conn.expect(
+        "POST",
+        &format!("/v1/apps/{app}/machines"),
+        Some(&machine_request()),
+        200,
+    )?;
+    m["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("create answered without an id: {m}"))
+}
+
+/// `n` creates at once, each on its own (already open) connection; the wall time from their
+/// release to the last answer.
+fn create_burst(daemon: &Daemon, app: &str, n: usize) -> anyhow::Result<Duration> {
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let body = serde_json::to_vec(&machine_request())?;
+    let path = format!("/v1/apps/{app}/machines");
+    let mut threads = Vec::new();
+    for _ in 0..n {
+        let mut conn = daemon.conn();
+        conn.connect()?;
+        let (barrier, body, path) = (barrier.clone(), body.clone(), path.clone());
+        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            barrier.wait();
+            let (status, resp) = conn.request("POST", &path, Some(&body))?;
+            if status != 200 {
+                bail!("create: HTTP {status}: {}", String::from_utf8_lossy(&resp));
+            }
+            Ok(())
+        }));
+    }
+    barrier.wait();
+    let t0 = Instant::now();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
+    }
+    Ok(t0.elapsed())
+}
+
+/// `total` creates in `app` by `workers` clients at once.
+fn create_many(daemon: &Daemon, app: &str, total: usize, workers: usize) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..workers {
+        let mut conn = daemon.conn();
+        let (next, app) = (next.clone(), app.to_owned());
+        threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                create_machine(&mut conn, &app)?;
+            }
+            Ok(())
+        }));
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a create thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Times `GET path` (a machine list of `expect` entries): one untimed request that checks the
+/// count, then `max(runs, 5)` timed ones. Returns the samples and the body's size.
+fn time_list(conn: &mut Conn, path: &str, expect: usize, runs: usize) -> anyhow::Result<(Vec<f64>, usize)> {
+    let (status, body) = conn.request("GET", path, None)?;
+    if status != 200 {
+        bail!("GET {path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let list: Value = serde_json::from_slice(&body)?;
+    let n = list.as_array().map_or(0, Vec::len);
+    if n != expect {
+        bail!("GET {path} listed {n} machines, not {expect}");
+    }
+    let mut samples = Vec::new();
+    for _ in 0..runs.max(5) {
+        let t0 = Instant::now();
+        let (status, _) = conn.request("GET", path, None)?;
+        samples.push(ms(t0));
+        if status != 200 {
+            bail!("GET {path}: HTTP {status}");
+        }
+    }
+    Ok((samples, body.len()))
+}
+
+struct Paced {
+    latencies: Vec<f64>,
+    /// Requests sent more than 1 ms after their scheduled time (the previous answer on that
+    /// connection came late).
+    late: usize,
+}
+
+/// `GET path` at [`GET_RATE`] per second for [`GET_SECS`] seconds over [`GET_CONNS`] keep-alive
+/// connections, each on its own schedule (staggered); every request's latency, send → last byte.
+fn paced_gets(daemon: &Daemon, path: &str) -> anyhow::Result<Paced> {
+    let interval = Duration::from_secs(1) * GET_CONNS / GET_RATE;
+    let per_conn = GET_RATE * GET_SECS / GET_CONNS;
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut threads = Vec::new();
+    for c in 0..GET_CONNS {
+        let mut conn = daemon.conn();
+        conn.connect()?;
+        let path = path.to_owned();
+        threads.push(std::thread::spawn(move || -> anyhow::Result<Paced> {
+            let offset = interval * c / GET_CONNS;
+            let mut out = Paced {
+                latencies: Vec::new(),
+                late: 0,
+            };
+            for k in 0..per_conn {
+                let due = start + offset + interval * k;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                } else if now - due > Duration::from_millis(1) {
+                    out.late += 1;
+                }
+                let t0 = Instant::now();
+                let (status, body) = conn.request("GET", &path, None)?;
+                out.latencies.push(ms(t0));
+                if status != 200 {
+                    bail!("GET {path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Ok(out)
+        }));
+    }
+    let mut all = Paced {
+        latencies: Vec::new(),
+        late: 0,
+    };
+    for t in threads {
+        let p = t.join().map_err(|_| anyhow::anyhow!("a GET thread panicked"))??;
+        all.latencies.extend(p.latencies);
+        all.late += p.late;
+    }
+    Ok(all)
+}
+
+/// The `q` quantile (0..=1) by nearest rank; NaN when empty.
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index into a short vector"
+    )]
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM driver: create → started against the boot benchmark's machine path.
+
+struct VmResults {
+    api: Vec<f64>,
+    post: Vec<f64>,
+    baseline: Vec<f64>,
+    paired: Vec<f64>,
+}
+
+fn vm_series(bin: &Path, runs: usize) -> anyhow::Result<VmResults> {
+    let guest = aloft_testkit::guest_artifacts()?;
+    let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
+    let rootfs = aloft_testkit::busybox_erofs(&aloft_testkit::cache_dir())?;
+    let registry = aloft_testkit::Registry::start()?;
+    registry.push_busybox()?;
+    let guest_dir = guest
+        .kernel
+        .parent()
+        .context("the guest kernel has no directory")?
+        .to_path_buf();
+    eprintln!(
+        "bench api: accelerator {accel:?}; machines: 1 vCPU, {MEMORY_MIB} MiB, busybox erofs base, httpd, no network"
+    );
+    let guest_dir = guest_dir
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", guest_dir.display()))?;
+    let registry_host = registry.host();
+    let daemon = Daemon::start(
+        bin,
+        &[
+            "--driver",
+            "vm",
+            "--network",
+            "none",
+            "--registry",
+            &registry_host,
+            "--guest-dir",
+            guest_dir,
+        ],
+    )?;
+    let work = tempfile::Builder::new().prefix("aloft-bench-api-vm-").tempdir()?;
+    let result = (|| -> anyhow::Result<VmResults> {
+        let mut conn = daemon.conn();
+        create_app(&mut conn, "vm")?;
+        // Pull the image and build its base once: every timed create finds them cached.
+        let t0 = Instant::now();
+        let id = create_machine(&mut conn, "vm")?;
+        wait_state(&mut conn, "vm", &id, "started")?;
+        eprintln!(
+            "bench api: first machine (pull + base build + boot) started in {:.0} ms",
+            ms(t0)
+        );
+        destroy(&mut conn, "vm", &id)?;
+
+        let mut r = VmResults {
+            api: Vec::new(),
+            post: Vec::new(),
+            baseline: Vec::new(),
+            paired: Vec::new(),
+        };
+        for i in 0..runs {
+            let dir = work.path().join(format!("m{i}"));
+            let base = || {
+                bench_boot_start(&guest, accel, &rootfs, &dir)
+                    .context("the baseline machine (bench boot's path)")
+            };
+            let (api, post, baseline) = if i % 2 == 0 {
+                let b = base()?;
+                let (a, p) = api_start(&mut conn)?;
+                (a, p, b)
+            } else {
+                let (a, p) = api_start(&mut conn)?;
+                (a, p, base()?)
+            };
+            eprintln!("bench api: run {i}: api {api:.0} ms (POST {post:.0}), baseline {baseline:.0} ms");
+            r.api.push(api);
+            r.post.push(post);
+            r.baseline.push(baseline);
+            r.paired.push(api - baseline);
+        }
+        Ok(r)
+    })();
+    // aloftd leaves machines running when it stops: destroy them first.
+    let cleaned = destroy_all(&mut daemon.conn(), "vm");
+    if result.is_err() || cleaned.is_err() {
+        eprintln!("bench api: VM aloftd's log:\n{}", daemon.log_tail());
+    }
+    let data_dir = daemon.data_dir();
+    daemon.stop();
+    kill_leftover_vms(&data_dir);
+    cleaned?;
+    result
+}
+
+fn bench_boot_start(
+    guest: &aloft_testkit::GuestArtifacts,
+    accel: aloft_vm::accel::Accel,
+    rootfs: &Path,
+    dir: &Path,
+) -> anyhow::Result<f64> {
+    crate::bench_boot::machine_start_ms(
+        guest,
+        accel,
+        rootfs,
+        RootfsFormat::Erofs.fstype(),
+        dir,
+        MEMORY_MIB,
+    )
+}
+
+/// One timed create → started, then the machine is destroyed (untimed). Returns (create →
+/// started, create → POST answered) in ms.
+fn api_start(conn: &mut Conn) -> anyhow::Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let id = create_machine(conn, "vm")?;
+    let post = ms(t0);
+    wait_state(conn, "vm", &id, "started")?;
+    let total = ms(t0);
+    destroy(conn, "vm", &id)?;
+    Ok((total, post))
+}
+
+fn wait_state(conn: &mut Conn, app: &str, id: &str, state: &str) -> anyhow::Result<()> {
+    let w = conn.expect(
+        "GET",
+        &format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=60"),
+        None,
+        200,
+    )?;
+    if w["ok"] != true {
+        bail!("waiting for {id} to be {state}: {w}");
+    }
+    Ok(())
+}
+
+/// Force-destroys a machine and waits until it is gone.
+fn destroy(conn: &mut Conn, app: &str, id: &str) -> anyhow::Result<()> {
+    conn.expect(
+        "DELETE",
+        &format!("/v1/apps/{app}/machines/{id}?force=true"),
+        None,
+        200,
+    )?;
+    let (status, body) = conn.request(
+        "GET",
+        &format!("/v1/apps/{app}/machines/{id}/wait?state=destroyed&timeout=60"),
+        None,
+    )?;
+    // Once destroyed, the machine may be gone from the API altogether.
+    if status != 200 && status != 404 {
+        bail!(
+            "waiting for {id} to be destroyed: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(())
+}
+
+/// Destroys every machine of `app`.
+fn destroy_all(conn: &mut Conn, app: &str) -> anyhow::Result<()> {
+    let list = conn.expect("GET", &format!("/v1/apps/{app}/machines"), None, 200)?;
+    let mut first_err = None;
+    for m in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if let Some(id) = m["id"].as_str()
+            && let Err(e) = destroy(conn, app, id)
+        {
+            eprintln!("bench api: could not destroy {id}: {e:#}");
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// The last resort after aloftd stopped: QEMU processes whose command line names this daemon's
+/// data directory were started by it for this benchmark; kill them by pid.
+fn kill_leftover_vms(data_dir: &Path) {
+    let needle = data_dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            eprintln!("bench api: killing leftover VM {pid} of this benchmark");
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// aloftd as a child process.
+
+/// A running aloftd with its own data directory, CLI config directory and log file.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `bin` with `flags` on a free loopback port; waits until it wrote the CLI config
+    /// (token and URL) and accepts connections.
+    fn start(bin: &Path, flags: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("aloft-bench-api-").tempdir()?;
+        let log = std::fs::File::create(dir.path().join("aloftd.log"))?;
+        let config_home = dir.path().join("config");
+        let child = Command::new(bin)
+            .args(flags)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--no-access-log"])
+            .env("XDG_CONFIG_HOME", &config_home)
+            .env("HOME", dir.path())
+            .env_remove("ALOFT_DATA_DIR")
+            .env_remove("ALOFT_LISTEN")
+            .env_remove("ALOFT_REGION")
+            .env_remove("ALOFT_DRIVER")
+            .env_remove("ALOFT_GUEST_DIR")
+            .env_remove("ALOFT_REGISTRY")
+            .env_remove("ALOFT_NETWORK")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let mut daemon = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: String::new(),
+            dir,
+        };
+        let config = config_home.join("aloft").join("config.toml");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((url, token)) = read_cli_config(&config) {
+                daemon.addr = url
+                    .strip_prefix("http://")
+                    .and_then(|a| a.parse().ok())
+                    .with_context(|| format!("aloftd wrote an API URL {url:?}"))?;
+                daemon.token = token;
+                if TcpStream::connect(daemon.addr).is_ok() {
+                    return Ok(daemon);
+                }
+            }
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("aloftd exited with {status} at start:\n{}", daemon.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("aloftd did not come up within a minute:\n{}", daemon.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn conn(&self) -> Conn {
+        Conn {
+            addr: self.addr,
+            token: self.token.clone(),
+            stream: None,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The last 4 KiB of what it printed.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read(self.dir.path().join("aloftd.log")).unwrap_or_default();
+        let from = log.len().saturating_sub(4096);
+        String::from_utf8_lossy(&log[from..]).into_owned()
+    }
+
+    /// SIGTERM, then up to 15 s to exit, then SIGKILL: only this child, by its pid.
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("bench api: aloftd ignored SIGTERM for 15 s; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// `api_url` and `token` from the CLI config aloftd writes on its first start.
+fn read_cli_config(path: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let v = l.strip_prefix(name)?.trim_start().strip_prefix('=')?.trim();
+            Some(v.trim_matches('"').to_owned())
+        })
+    };
+    Some((field("api_url")?, field("token")?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 keep-alive client.
+
+/// One keep-alive connection to aloftd (opened on first use, reopened when the server closed it).
+struct Conn {
+    addr: SocketAddr,
+    token: String,
+    stream: Option<BufReader<TcpStream>>,
+}
+
+impl Conn {
+    fn connect(&mut self) -> anyhow::Result<()> {
+        let stream = TcpStream::connect(self.addr).with_context(|| format!("connect to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        self.stream = Some(BufReader::with_capacity(64 * 1024, stream));
+        Ok(())
+    }
+
+    /// Sends one request and reads the whole answer: (status, body).
+    fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: aloftd\r\nAuthorization: Bearer {}\r\n",
+            self.token
+        );
+        match body {
+            Some(b) => req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                b.len()
+            )),
+            None if method == "GET" => req.push_str("\r\n"),
+            None => req.push_str("Content-Length: 0\r\n\r\n"),
+        }
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
+        // A kept-alive connection the server closed meanwhile fails before any answer: retry
+        // once on a fresh one.
+        let reused = self.stream.is_some();
+        match self.exchange(&bytes) {
+            Ok(r) => Ok(r),
+            Err(e) if reused && e.downcast_ref::<Closed>().is_some() => {
+                self.stream = None;
+                self.exchange(&bytes)
+            }
+            Err(e) => {
+                self.stream = None;
+                Err(e.context(format!("{method} {path}")))
+            }
+        }
+    }
+
+    fn exchange(&mut self, request: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        if self.stream.is_none() {
+            self.connect()?;
+        }
+        let r = self.stream.as_mut().context("no connection")?;
+        if r.get_mut().write_all(request).is_err() {
+            return Err(Closed.into());
+        }
+        let (status, body, close) = read_response(r)?;
+        if close {
+            self.stream = None;
+        }
+        Ok((status, body))
+    }
+
+    /// A JSON request that must answer `status`; the answer's JSON (`null` when empty).
+    fn expect(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        status: u16,
+    ) -> anyhow::Result<Value> {
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let (got, resp) = self.request(method, path, body.as_deref())?;
+        if got != status {
+            bail!(
+                "{method} {path}: HTTP {got} (expected {status}): {}",
+                String::from_utf8_lossy(&resp)
+            );
+        }
+        if resp.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&resp).with_context(|| format!("{method} {path}: the answer is not JSON"))
+    }
+}
+
+/// The server closed the connection before answering.
+#[derive(Debug)]
+struct Closed;
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server closed the connection")
+    }
+}
+
+impl std::error::Error for Closed {}
+
+/// Reads one response: (status, body, whether the server closes the connection).
+fn read_response(r: &mut BufReader<TcpStream>) -> anyhow::Result<(u16, Vec<u8>, bool)> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(Closed.into());
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line {line:?}"))?;
+    let (mut length, mut chunked, mut close) = (None, false, false);
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let h = line.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let Some((name, value)) = h.split_once(':') else {
+            bail!("bad header line {h:?}");
+        };
+        let value = value.trim();
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => length = Some(value.parse::<usize>()?),
+            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            "connection" => close = value.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or_default(), 16)
+                .with_context(|| format!("bad chunk size {line:?}"))?;
+            if size == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let at = body.len();
+            body.resize(at + size, 0);
+            r.read_exact(&mut body[at..])?;
+            line.clear();
+            r.read_line(&mut line)?;
+        }
+    } else if let Some(n) = length {
+        body.resize(n, 0);
+        r.read_exact(&mut body)?;
+    } else if close {
+        r.read_to_end(&mut body)?;
+    }
+    Ok((status, body, close))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn reads_the_cli_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "api_url = \"http://127.0.0.1:4\"\ntoken = \"aloft_x\"\n").unwrap();
+        assert_eq!(
+            read_cli_config(&path),
+            Some(("http://127.0.0.1:4".into(), "aloft_x".into()))
+        );
+    }
+
+    #[test]
+    fn reads_chunked_and_sized_answers() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi\
+                  HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            )
+            .unwrap();
+        });
+        let mut r = BufReader::new(TcpStream::connect(addr).unwrap());
+        assert_eq!(read_response(&mut r).unwrap(), (200, b"hi".to_vec(), false));
+        assert_eq!(read_response(&mut r).unwrap(), (404, b"abcde".to_vec(), false));
+        server.join().unwrap();
+    }
+}
