@@ -9,7 +9,7 @@ use aloft_agent::{
 };
 use aloft_control::HostHandle;
 use aloft_image::registry::RegistryConfig;
-use aloft_net::{HostNet, Plan, PlanConfig};
+use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
 
@@ -43,6 +43,7 @@ pub(crate) struct AgentSettings {
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) network: NetworkKind,
     pub(crate) host_number: u32,
+    pub(crate) machines_netns: Option<PathBuf>,
 }
 
 /// A running agent and its handle for the control plane.
@@ -107,11 +108,16 @@ impl AgentSettings {
             NetworkKind::Host => {
                 let plan = Plan::new(&PlanConfig::new(self.host_number))
                     .with_context(|| format!("the address plan for host number {}", self.host_number))?;
-                let net = HostNetwork::open(HostNet::new(plan), &self.data_dir.join("net.json"), None)
-                    .context(
-                        "set up machines' networking (needs root or CAP_NET_ADMIN, and nft); \
+                let mut host = HostNet::new(plan);
+                if let Some(ns) = &self.machines_netns {
+                    host = host.with_namespace(Namespace::Path(ns.clone()));
+                }
+                let net =
+                    HostNetwork::open(host, &self.data_dir.join("net.json"), self.machines_netns.clone())
+                        .context(
+                            "set up machines' networking (needs root or CAP_NET_ADMIN, and nft); \
                          pass --network none to run machines without a network",
-                    )?;
+                        )?;
                 Ok(Arc::new(net))
             }
         }
@@ -165,6 +171,7 @@ mod tests {
             insecure_registries: Vec::new(),
             network: NetworkKind::None,
             host_number: 1,
+            machines_netns: None,
         };
         let e = format!("{:#}", s.open().err().unwrap());
         assert!(e.contains("vmlinux") && e.contains("--guest-dir"), "{e}");

@@ -87,6 +87,10 @@ struct Args {
     /// This host's number in the cluster's address plan (from 1).
     #[arg(long, default_value_t = 1, value_name = "N")]
     host_number: u32,
+    /// Put machines' taps, routes and nftables rules in this network namespace
+    /// (`/run/netns/NAME`) instead of aloftd's own: several hosts on one machine, or tests.
+    #[arg(long, value_name = "PATH")]
+    machines_netns: Option<PathBuf>,
 }
 
 impl Args {
@@ -100,6 +104,7 @@ impl Args {
             insecure_registries: self.insecure_registries.clone(),
             network: self.network,
             host_number: self.host_number,
+            machines_netns: self.machines_netns.clone(),
         }
     }
 }

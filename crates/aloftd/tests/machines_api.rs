@@ -5,7 +5,10 @@
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
-    #![allow(clippy::needless_pass_by_value, reason = "assertions take what the calls return")]
+    #![allow(
+        clippy::needless_pass_by_value,
+        reason = "assertions take what the calls return"
+    )]
 
     use std::sync::Arc;
     use std::time::Duration;

@@ -1,0 +1,422 @@
+//! The real `aloftd` running real machines (QEMU; TCG where KVM is unusable): a busybox httpd
+//! image from a local registry, served from the machine's private address; stop, start,
+//! suspend, resume, update to a new version, destroy; crash loops under each restart policy; and
+//! `SIGKILL` of aloftd in the middle of create, stop and destroy, after which a new aloftd
+//! finishes what was in flight and nothing is orphaned (no QEMU, no machine directory).
+//!
+//! Needs root (taps and nftables in a private network namespace, which the test creates and
+//! deletes) and the guest kernel and initramfs (`scripts/setup.sh`). Every process it ends is one
+//! it started: its aloftd children, and QEMU processes whose command line names its own
+//! temporary directory.
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::net::{Ipv6Addr, SocketAddr, TcpStream};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use aloft_testkit::{NetNs, Registry};
+    use reqwest::{Method, StatusCode};
+    use rustix::process::{Pid, Signal, kill_process};
+    use serde_json::{Value, json};
+
+    struct Env {
+        dir: tempfile::TempDir,
+        registry: Registry,
+        ns: NetNs,
+        port: u16,
+    }
+
+    struct Daemon {
+        child: Child,
+        log: PathBuf,
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            if self.child.try_wait().ok().flatten().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+
+    impl Drop for Env {
+        fn drop(&mut self) {
+            // QEMU processes of this test's machines (their command lines name our directory).
+            for pid in aloft_vm::processes_mentioning(self.dir.path()) {
+                if let Some(pid) = Pid::from_raw(pid) {
+                    let _ = kill_process(pid, Signal::KILL);
+                }
+            }
+        }
+    }
+
+    impl Env {
+        fn new() -> Self {
+            let dir = tempfile::Builder::new().prefix("aloftd-vm-").tempdir().unwrap();
+            let registry = Registry::start().unwrap();
+            registry.push_busybox().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Self {
+                dir,
+                registry,
+                ns: NetNs::new().unwrap(),
+                port,
+            }
+        }
+
+        fn start(&self, run: u32) -> Daemon {
+            let guest = aloft_testkit::guest_artifacts().unwrap();
+            let guest_dir = guest.kernel.parent().unwrap().to_owned();
+            let log = self.dir.path().join(format!("aloftd-{run}.log"));
+            let out = std::fs::File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
+                .args(["--driver", "vm", "--network", "host", "--no-access-log"])
+                .arg("--guest-dir")
+                .arg(&guest_dir)
+                .arg("--registry")
+                .arg(self.registry.host())
+                .arg("--machines-netns")
+                .arg(self.ns.path())
+                .arg("--data-dir")
+                .arg(self.dir.path().join("data"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
+                .env("HOME", self.dir.path())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut d = Daemon { child, log };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                if let Some(status) = d.child.try_wait().unwrap() {
+                    panic!(
+                        "aloftd exited with {status}:\n{}",
+                        std::fs::read_to_string(&d.log).unwrap()
+                    );
+                }
+                assert!(Instant::now() < deadline, "aloftd did not listen in time");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            d
+        }
+
+        fn client(&self) -> Client {
+            let config = std::fs::read_to_string(self.dir.path().join("config/aloft/config.toml")).unwrap();
+            let table: toml::Table = config.parse().unwrap();
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Client {
+                http: reqwest::Client::builder().no_proxy().build().unwrap(),
+                base: format!("http://127.0.0.1:{}/v1", self.port),
+                token: table["token"].as_str().unwrap().to_owned(),
+            }
+        }
+
+        /// Nothing left on the host for `id`: no QEMU process, no machine directory.
+        fn assert_gone(&self, id: &str) {
+            let machine_dir = self.dir.path().join("data/machines").join(id);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let procs = aloft_vm::processes_mentioning(&machine_dir);
+                if procs.is_empty() && !machine_dir.exists() {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "machine {id} left QEMU {procs:?} or its directory {}",
+                    machine_dir.display()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        fn page(&self, ip: &str) -> String {
+            let ip: Ipv6Addr = ip.parse().unwrap();
+            self.ns
+                .http_get(SocketAddr::from((ip, 8080)), Duration::from_secs(30))
+                .unwrap()
+        }
+    }
+
+    fn sigkill(d: &mut Daemon) {
+        let pid = Pid::from_raw(i32::try_from(d.child.id()).unwrap()).unwrap();
+        kill_process(pid, Signal::KILL).unwrap();
+        d.child.wait().unwrap();
+    }
+
+    fn sigterm(mut d: Daemon) {
+        let pid = Pid::from_raw(i32::try_from(d.child.id()).unwrap()).unwrap();
+        kill_process(pid, Signal::TERM).unwrap();
+        let status = d.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "{status}:\n{}",
+            std::fs::read_to_string(&d.log).unwrap()
+        );
+    }
+
+    struct Client {
+        http: reqwest::Client,
+        base: String,
+        token: String,
+    }
+
+    impl Client {
+        async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+            let mut req = self
+                .http
+                .request(method, format!("{}{path}", self.base))
+                .header("authorization", format!("Bearer {}", self.token));
+            if let Some(body) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&body).unwrap());
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let bytes = resp.bytes().await.unwrap();
+            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+
+        async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+            let (s, v) = self.call(method, path, body).await;
+            assert!(s.is_success(), "{path}: {s} {v}");
+            v
+        }
+
+        /// Waits (in 60 s long-polls, as fly-go does) until the machine is in `state`.
+        async fn wait(&self, id: &str, state: &str) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(180);
+            loop {
+                let (s, v) = self
+                    .call(
+                        Method::GET,
+                        &format!("/apps/web/machines/{id}/wait?state={state}&timeout=60"),
+                        None,
+                    )
+                    .await;
+                if s == StatusCode::OK {
+                    return v;
+                }
+                assert_eq!(s, StatusCode::REQUEST_TIMEOUT, "waiting for {state}: {v}");
+                assert!(Instant::now() < deadline, "machine {id} never reached {state}");
+            }
+        }
+
+        async fn create(&self, config: Value) -> String {
+            let m = self
+                .ok(
+                    Method::POST,
+                    "/apps/web/machines",
+                    Some(json!({"config": config})),
+                )
+                .await;
+            m["id"].as_str().unwrap().to_owned()
+        }
+
+        async fn machine(&self, id: &str) -> Value {
+            self.ok(Method::GET, &format!("/apps/web/machines/{id}"), None)
+                .await
+        }
+    }
+
+    fn httpd(greeting: &str) -> Value {
+        json!({
+            "image": "busybox:latest",
+            "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+            "env": {"GREETING": greeting},
+            "init": {"exec": ["/bin/sh", "-c",
+                "mkdir -p /tmp/www && echo \"$GREETING from $FLY_MACHINE_ID\" > /tmp/www/index.html && exec /bin/httpd -f -p 8080 -h /tmp/www"]},
+            "stop_config": {"signal": "SIGTERM", "timeout": "5s"},
+        })
+    }
+
+    /// The registry fixture runs its own runtime, so the environment is made outside ours.
+    fn run(test: impl AsyncFnOnce(&Env)) {
+        let env = Env::new();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(test(&env));
+    }
+
+    #[test]
+    fn machines_serve_pages_survive_lifecycle_verbs_and_aloftd_being_killed() {
+        run(async |env| {
+            let mut d = env.start(1);
+            let api = env.client();
+            api.ok(Method::POST, "/apps", Some(json!({"name": "web"}))).await;
+
+            // Create, wait started, fetch the page from the private (6PN) address.
+            let id = api.create(httpd("hello")).await;
+            api.wait(&id, "started").await;
+            let m = api.machine(&id).await;
+            let ip = m["private_ip"].as_str().unwrap().to_owned();
+            assert!(ip.starts_with("fdaa:"), "{m}");
+            assert!(env.page(&ip).contains(&format!("hello from {id}")));
+
+            // Stop and start (a cold boot), suspend and resume.
+            let path = format!("/apps/web/machines/{id}");
+            api.ok(Method::POST, &format!("{path}/stop"), None).await;
+            api.wait(&id, "stopped").await;
+            api.ok(Method::POST, &format!("{path}/start"), None).await;
+            api.wait(&id, "started").await;
+            assert!(env.page(&ip).contains("hello"));
+            api.ok(Method::POST, &format!("{path}/suspend"), None).await;
+            api.wait(&id, "suspended").await;
+            let started = api.ok(Method::POST, &format!("{path}/start"), None).await;
+            assert_eq!(started["previous_state"], "suspended");
+            api.wait(&id, "started").await;
+            assert!(env.page(&ip).contains("hello"));
+
+            // Update: a new version serves the new page; the old one is replaced.
+            let old = m["instance_id"].as_str().unwrap().to_owned();
+            let updated = api
+                .ok(Method::POST, &path, Some(json!({"config": httpd("v2")})))
+                .await;
+            let new = updated["instance_id"].as_str().unwrap().to_owned();
+            assert_ne!(new, old);
+            api.ok(
+                Method::GET,
+                &format!("{path}/wait?state=stopped&version={old}&timeout=60"),
+                None,
+            )
+            .await;
+            api.wait(&id, "started").await;
+            assert!(env.page(&ip).contains("v2 from"));
+            let versions = api.ok(Method::GET, &format!("{path}/versions"), None).await;
+            assert_eq!(versions.as_array().unwrap().len(), 2);
+
+            // SIGKILL during create (the boot is in flight when create answers): a new aloftd
+            // finishes it.
+            let id2 = api.create(httpd("second")).await;
+            sigkill(&mut d);
+            let mut d = env.start(2);
+            api.wait(&id2, "started").await;
+            let ip2 = api.machine(&id2).await["private_ip"].as_str().unwrap().to_owned();
+            assert!(env.page(&ip2).contains(&format!("second from {id2}")));
+            // The first machine was reattached, not restarted.
+            assert_eq!(api.machine(&id).await["state"], "started");
+
+            // SIGKILL during stop.
+            api.ok(Method::POST, &format!("/apps/web/machines/{id2}/stop"), None)
+                .await;
+            sigkill(&mut d);
+            let mut d = env.start(3);
+            api.wait(&id2, "stopped").await;
+            assert!(
+                aloft_vm::processes_mentioning(&env.dir.path().join("data/machines").join(&id2)).is_empty()
+            );
+
+            // SIGKILL during destroy.
+            api.ok(Method::DELETE, &format!("{path}?force=true"), None).await;
+            sigkill(&mut d);
+            let d = env.start(4);
+            api.wait(&id, "destroyed").await;
+            env.assert_gone(&id);
+            api.ok(Method::DELETE, &format!("/apps/web/machines/{id2}"), None)
+                .await;
+            api.wait(&id2, "destroyed").await;
+            env.assert_gone(&id2);
+            sigterm(d);
+        });
+    }
+
+    #[test]
+    fn crash_loops_follow_the_restart_policy() {
+        run(async |env| {
+            let d = env.start(1);
+            let api = env.client();
+            api.ok(Method::POST, "/apps", Some(json!({"name": "web"}))).await;
+            let crashing = |policy: Value| {
+                json!({
+                    "image": "busybox:latest",
+                    "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+                    "init": {"exec": ["/bin/sh", "-c", "echo crashing; exit 3"]},
+                    "restart": policy,
+                })
+            };
+            let exits = |events: &Value| {
+                events
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e["type"] == "exit" && e["request"]["exit_event"]["exit_code"] == 3)
+                    .count()
+            };
+
+            // `no`: one run, then stopped.
+            let no = api.create(crashing(json!({"policy": "no"}))).await;
+            // `on-failure` with one retry: two runs, then it stays down.
+            let retry = api
+                .create(crashing(json!({"policy": "on-failure", "max_retries": 1})))
+                .await;
+            // `always`: restarted again and again until destroyed.
+            let always = api.create(crashing(json!({"policy": "always"}))).await;
+
+            api.wait(&no, "stopped").await;
+            let events = api
+                .ok(
+                    Method::GET,
+                    &format!("/apps/web/machines/{no}/events?limit=50"),
+                    None,
+                )
+                .await;
+            assert_eq!(exits(&events), 1, "{events}");
+
+            let w = api.wait(&retry, "stopped,failed").await;
+            assert!(w["state"] == "stopped" || w["state"] == "failed", "{w}");
+            let events = api
+                .ok(
+                    Method::GET,
+                    &format!("/apps/web/machines/{retry}/events?limit=50"),
+                    None,
+                )
+                .await;
+            assert_eq!(exits(&events), 2, "{events}");
+
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let events = api
+                    .ok(
+                        Method::GET,
+                        &format!("/apps/web/machines/{always}/events?limit=50"),
+                        None,
+                    )
+                    .await;
+                if exits(&events) >= 3 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "policy always did not keep restarting: {events}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            for id in [&no, &retry, &always] {
+                api.ok(
+                    Method::DELETE,
+                    &format!("/apps/web/machines/{id}?force=true"),
+                    None,
+                )
+                .await;
+                api.wait(id, "destroyed").await;
+                env.assert_gone(id);
+            }
+            sigterm(d);
+        });
+    }
+}
