@@ -220,6 +220,8 @@ pub(crate) struct DestroyArgs {
     /// Destroy running machines too (kills them).
     #[arg(short = 'f', long)]
     force: bool,
+    #[command(flatten)]
+    wait: WaitFlags,
 }
 
 /// `aloft machine update`.
@@ -537,17 +539,7 @@ pub(crate) async fn run(ctx: &Context, cmd: MachineCommand) -> anyhow::Result<()
             }
             Ok(())
         }
-        MachineCommand::Destroy(args) => {
-            let t = Target::new(ctx, &args.ids.app)?;
-            for id in &args.ids.ids {
-                t.client
-                    .machine_delete(&t.app, id, args.force)
-                    .await
-                    .map_err(|e| destroy_error(&t, id, e))?;
-                println!("Destroyed machine {id}");
-            }
-            Ok(())
-        }
+        MachineCommand::Destroy(args) => destroy(ctx, args).await,
         MachineCommand::Update(args) => update(ctx, args).await,
         MachineCommand::Clone(args) => clone(ctx, args).await,
         MachineCommand::Exec(args) => exec(ctx, args).await,
@@ -589,6 +581,31 @@ fn destroy_error(t: &Target, id: &str, e: ClientError) -> anyhow::Error {
     } else {
         err
     }
+}
+
+async fn destroy(ctx: &Context, args: DestroyArgs) -> anyhow::Result<()> {
+    let t = Target::new(ctx, &args.ids.app)?;
+    let timeout = args.wait.timeout()?;
+    for id in &args.ids.ids {
+        t.client
+            .machine_delete(&t.app, id, args.force)
+            .await
+            .map_err(|e| destroy_error(&t, id, e))?;
+        if !args.wait.detach {
+            let what = format!("Waiting for machine {id} to be destroyed");
+            match t
+                .wait(id, &[WaitState::Destroyed], Scope::default(), timeout, &what)
+                .await
+            {
+                Ok(_) => {}
+                // Gone already.
+                Err(e) if crate::errors::describe(&e).2 == crate::errors::EXIT_NOT_FOUND => {}
+                Err(e) => return Err(e),
+            }
+        }
+        println!("Destroyed machine {id}");
+    }
+    Ok(())
 }
 
 async fn run_machine(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
