@@ -175,21 +175,11 @@ impl MachineHost for Agent {
         self.machine(id).map_err(api)
     }
 
-    fn log_tail(&self, _id: &MachineId, _lines: usize) -> Result<Vec<LogEntry>, ApiError> {
-        Err(ApiError::new(
-            501,
-            "machine logs are not captured by this agent yet",
-        ))
+    fn log_tail(&self, id: &MachineId, lines: usize) -> Result<Vec<LogEntry>, ApiError> {
+        self.log_tail(id, lines).map_err(api)
     }
 
-    fn follow_logs(
-        &self,
-        _id: &MachineId,
-        _after_seq: Option<u64>,
-    ) -> Result<Box<dyn LogFollower>, ApiError> {
-        Err(ApiError::new(
-            501,
-            "machine logs are not captured by this agent yet",
-        ))
+    fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<Box<dyn LogFollower>, ApiError> {
+        Ok(Box::new(self.follow_logs(id, after_seq).map_err(api)?))
     }
 }

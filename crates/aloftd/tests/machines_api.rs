@@ -3,7 +3,7 @@
 //! but the socket and the VMs. Fast; the VM-backed path is in `tests/daemon_vm.rs`.
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
     #![allow(
         clippy::needless_pass_by_value,
@@ -23,17 +23,17 @@ mod tests {
     use serde_json::{Value, json};
     use tower::ServiceExt as _;
 
-    struct Api {
+    pub(crate) struct Api {
         _dir: tempfile::TempDir,
-        router: axum::Router,
-        token: String,
+        pub(crate) router: axum::Router,
+        pub(crate) token: String,
         control: ControlStore,
-        fake: FakeDriver,
+        pub(crate) fake: FakeDriver,
         agent: Arc<Agent>,
     }
 
     impl Api {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
             let control = ControlStore::new(store.clone());
@@ -124,13 +124,28 @@ mod tests {
             (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
         }
 
-        async fn app(&self, name: &str) {
+        /// `GET` with the token; the raw body.
+        pub(crate) async fn raw_get(&self, uri: &str) -> (StatusCode, Vec<u8>) {
+            let req = Request::builder()
+                .uri(uri)
+                .header("authorization", format!("Bearer {}", self.token))
+                .body(Body::empty())
+                .unwrap();
+            let resp = self.router.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            (
+                status,
+                resp.into_body().collect().await.unwrap().to_bytes().to_vec(),
+            )
+        }
+
+        pub(crate) async fn app(&self, name: &str) {
             let (s, _) = self.call("POST", "/v1/apps", Some(json!({"name": name}))).await;
             assert_eq!(s, StatusCode::CREATED);
         }
 
         /// Creates a machine and waits until it is started.
-        async fn started(&self, app: &str, config: Value) -> String {
+        pub(crate) async fn started(&self, app: &str, config: Value) -> String {
             let (s, m) = self
                 .call(
                     "POST",
@@ -158,7 +173,7 @@ mod tests {
         }
     }
 
-    fn busybox() -> Value {
+    pub(crate) fn busybox() -> Value {
         json!({"image": "busybox:latest", "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"}})
     }
 
@@ -775,5 +790,103 @@ mod tests {
                 .any(|e| e["type"] == "exit" && e["request"]["exit_event"]["exit_code"] == 3),
             "{events}"
         );
+    }
+}
+
+#[cfg(test)]
+mod logs {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::time::{Duration, Instant};
+
+    use aloft_agent::OutputStream;
+    use aloft_api::MachineId;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt as _;
+    use serde_json::Value;
+    use tower::ServiceExt as _;
+
+    use super::tests::{Api, busybox};
+
+    fn lines(bytes: &[u8]) -> Vec<Value> {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Emits until the capture thread (started with the VM) takes the output.
+    fn emit(api: &Api, id: &MachineId, stream: OutputStream, data: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !api.fake.emit_log(id, stream, data) {
+            assert!(Instant::now() < deadline, "nobody captures the machine's output");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn tail_and_follow_an_apps_output() {
+        let api = Api::new();
+        api.app("web").await;
+        let a = api.started("web", busybox()).await;
+        let b = api.started("web", busybox()).await;
+        let (ida, idb): (MachineId, MachineId) = (a.parse().unwrap(), b.parse().unwrap());
+        emit(&api, &ida, OutputStream::Stdout, b"one\ntwo\n");
+        emit(&api, &idb, OutputStream::Stderr, b"oops\n");
+
+        // The tail: both machines, app lines with their streams and levels.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = loop {
+            let (s, body) = api.raw_get("/v1/apps/web/logs?limit=100").await;
+            assert_eq!(s, StatusCode::OK);
+            let got: Vec<Value> = lines(&body)
+                .into_iter()
+                .filter(|l| l["meta"]["event"]["provider"] == "app")
+                .collect();
+            if got.len() == 3 || Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let texts: Vec<&str> = got.iter().map(|l| l["message"].as_str().unwrap()).collect();
+        assert!(
+            texts.contains(&"one") && texts.contains(&"two") && texts.contains(&"oops"),
+            "{got:?}"
+        );
+        let oops = got.iter().find(|l| l["message"] == "oops").unwrap();
+        assert_eq!(oops["level"], "error");
+        assert_eq!(oops["instance"], b.as_str());
+        assert_eq!(oops["region"], "local");
+        assert_eq!(oops["meta"]["stream"], "stderr");
+
+        // One machine only.
+        let (_, body) = api.raw_get(&format!("/v1/apps/web/logs?instance={a}")).await;
+        assert!(lines(&body).iter().all(|l| l["instance"] == a.as_str()));
+        let (s, _) = api.raw_get("/v1/apps/web/logs?instance=3d8d413b29d089").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+
+        // Follow: the tail (limit 0: none), then what is written afterwards.
+        let req = Request::builder()
+            .uri(format!("/v1/apps/web/logs?instance={a}&limit=0&follow=true"))
+            .header("authorization", format!("Bearer {}", api.token))
+            .body(Body::empty())
+            .unwrap();
+        let resp = api.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+        let mut body = resp.into_body();
+        emit(&api, &ida, OutputStream::Stdout, b"live\n");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|l: &Value| l["message"] == "live") {
+            let frame = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+            let frame = frame.expect("no live line within 10 s").unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.extend(lines(&data));
+            }
+        }
+        assert!(seen.iter().all(|l| l["instance"] == a.as_str()), "{seen:?}");
+        drop(body);
     }
 }
