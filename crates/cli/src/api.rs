@@ -89,7 +89,10 @@ pub(crate) fn api_error(e: ClientError, settings: &ApiSettings, subject: Subject
             }
         }
         (ClientError::Api { status: 401, .. }, _) => {
-            let hint = if settings.token_source.starts_with('$') {
+            let hint = if settings.token_source == "--access-token" {
+                "the token came from --access-token; drop it to use $ALOFT_API_TOKEN or the CLI config's"
+                    .to_owned()
+            } else if settings.token_source.starts_with('$') {
                 format!(
                     "the token came from {}; unset it to use the one aloftd's first start wrote to \
                      its config",

@@ -29,6 +29,19 @@ pub(crate) struct GlobalArgs {
     /// Talk plain HTTP to --registry even though it is not on loopback.
     #[arg(long, global = true)]
     pub(crate) insecure_registry: bool,
+    /// aloftd's API token [default: $ALOFT_API_TOKEN, $FLY_API_TOKEN, else the CLI config's].
+    #[arg(
+        short = 't',
+        long,
+        global = true,
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) access_token: Option<String>,
+    /// aloftd's API URL [default: $ALOFT_API_URL, else the CLI config's, else
+    /// http://127.0.0.1:4280].
+    #[arg(long, global = true, value_name = "URL")]
+    pub(crate) api_url: Option<String>,
 }
 
 /// The resolved settings of one invocation.
@@ -37,6 +50,15 @@ pub(crate) struct Context {
     pub(crate) data_dir: PathBuf,
     pub(crate) registry: String,
     pub(crate) registry_config: RegistryConfig,
+    /// `--access-token` and `--api-url`, which win over the environment and the config.
+    pub(crate) api_flags: ApiFlags,
+}
+
+/// The API settings given on the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ApiFlags {
+    pub(crate) token: Option<String>,
+    pub(crate) url: Option<String>,
 }
 
 impl Context {
@@ -57,10 +79,15 @@ impl Context {
         if args.insecure_registry {
             registry_config.insecure.push(registry.clone());
         }
+        let non_empty = |v: Option<String>| v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
         Ok(Self {
             data_dir,
             registry,
             registry_config,
+            api_flags: ApiFlags {
+                token: non_empty(args.access_token),
+                url: non_empty(args.api_url),
+            },
         })
     }
 
@@ -115,7 +142,7 @@ impl Context {
     /// [`api_settings`]). Resolved per command, so commands that don't use the API (`images`,
     /// `config`) never need a token.
     pub(crate) fn api_client(&self) -> anyhow::Result<(aloft_client::Client, ApiSettings)> {
-        let settings = api_settings(&|name| std::env::var(name).ok())?;
+        let settings = api_settings(&self.api_flags, &|name| std::env::var(name).ok())?;
         let client = aloft_client::Client::new(&settings.url, &settings.token).with_context(|| {
             format!(
                 "use the API at {} with the token from {}",
@@ -136,11 +163,14 @@ pub(crate) fn cli_config_path(env: &dyn Fn(&str) -> Option<String>) -> Option<Pa
     dir("HOME").map(|home| home.join(".config").join("aloft").join("config.toml"))
 }
 
-/// The API settings: `$ALOFT_API_URL` over the config's `api_url` over [`DEFAULT_API_URL`];
-/// `$ALOFT_API_TOKEN`, then `$FLY_API_TOKEN`, over the config's `token`. Empty values count as
-/// unset. A config that exists but can't be read or parsed is an error; no token at all is one
-/// that says how to get one.
-pub(crate) fn api_settings(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ApiSettings> {
+/// The API settings: `--api-url` over `$ALOFT_API_URL` over the config's `api_url` over
+/// [`DEFAULT_API_URL`]; `--access-token`, then `$ALOFT_API_TOKEN`, then `$FLY_API_TOKEN`, over the
+/// config's `token`. Empty values count as unset. A config that exists but can't be read or
+/// parsed is an error; no token at all is one that says how to get one.
+pub(crate) fn api_settings(
+    flags: &ApiFlags,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<ApiSettings> {
     let var = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
     let path = cli_config_path(env);
     let file = match &path {
@@ -163,7 +193,7 @@ pub(crate) fn api_settings(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Resu
             .into()),
         }
     };
-    let url = match var("ALOFT_API_URL") {
+    let url = match flags.url.clone().or_else(|| var("ALOFT_API_URL")) {
         Some(url) => url,
         None => from_file("api_url")?.unwrap_or_else(|| DEFAULT_API_URL.to_owned()),
     };
@@ -171,7 +201,9 @@ pub(crate) fn api_settings(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Resu
         || "~/.config/aloft/config.toml".to_owned(),
         |p| p.display().to_string(),
     );
-    let (token, token_source) = if let Some(t) = var("ALOFT_API_TOKEN") {
+    let (token, token_source) = if let Some(t) = flags.token.clone() {
+        (t, "--access-token".to_owned())
+    } else if let Some(t) = var("ALOFT_API_TOKEN") {
         (t, "$ALOFT_API_TOKEN".to_owned())
     } else if let Some(t) = var("FLY_API_TOKEN") {
         (t, "$FLY_API_TOKEN".to_owned())
@@ -215,7 +247,30 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        api_settings(&|name| vars.get(name).cloned())
+        api_settings(&ApiFlags::default(), &|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn flags_win_over_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let xdg = dir.path().to_str().unwrap().to_owned();
+        let flags = ApiFlags {
+            token: Some("flag".into()),
+            url: Some("http://flag:1".into()),
+        };
+        let env = |name: &str| match name {
+            "XDG_CONFIG_HOME" => Some(xdg.clone()),
+            "ALOFT_API_TOKEN" => Some("env".into()),
+            "ALOFT_API_URL" => Some("http://env:1".into()),
+            _ => None,
+        };
+        let s = api_settings(&flags, &env).unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.token.as_str(), s.token_source.as_str()),
+            ("http://flag:1", "flag", "--access-token")
+        );
+        let s = api_settings(&ApiFlags::default(), &env).unwrap();
+        assert_eq!((s.url.as_str(), s.token.as_str()), ("http://env:1", "env"));
     }
 
     #[test]

@@ -102,3 +102,30 @@ fn main() -> ExitCode {
         Err(e) => errors::report(&e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Every command's flags are well-formed and none clashes with a global one (`-t`, `-a` …).
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "aloft",
+            "m",
+            "ls",
+            "-a",
+            "web",
+            "-t",
+            "tok",
+            "--api-url",
+            "http://h:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.access_token.as_deref(), Some("tok"));
+        assert!(matches!(cli.command, Command::Machine(m) if matches!(*m, machine::MachineCommand::List(_))));
+    }
+}

@@ -448,6 +448,15 @@ mod tests {
         );
         let err = failed(&env.aloft(&["m", "list", "-a", "nope"]), 3);
         assert!(err.contains("app nope not found"), "{err}");
+        // A wrong --access-token: the server's 401 and where the token came from.
+        let err = failed(
+            &env.aloft(&["m", "list", "-a", "web", "--access-token", "aloft_wrong"]),
+            1,
+        );
+        assert!(
+            err.contains("HTTP 401") && err.contains("--access-token"),
+            "{err}"
+        );
         // Bad flags: usage errors (2) with the form to use.
         let err = failed(
             &env.aloft(&["m", "run", "-a", "web", "-p", "80/sctp", "busybox"]),
