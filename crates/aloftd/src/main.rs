@@ -205,6 +205,30 @@ fn bootstrap(control: &ControlStore, api_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the control store's change history is trimmed.
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
+
+/// Keeps the control store's change log bounded (ADR 0006): every [`COMPACT_EVERY`], history
+/// older than the newest [`aloft_store::KEEP_REVISIONS`] revisions goes.
+async fn compact_periodically(store: Arc<dyn Store>) {
+    let mut every = tokio::time::interval(COMPACT_EVERY);
+    loop {
+        every.tick().await;
+        let store = Arc::clone(&store);
+        let done = tokio::task::spawn_blocking(move || {
+            aloft_store::compact_history(&*store, aloft_store::KEEP_REVISIONS)
+        })
+        .await;
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("aloftd: warning: compacting the control store's history: {e}"),
+            Err(e) => {
+                eprintln!("aloftd: warning: compacting the control store's history did not finish: {e}")
+            }
+        }
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT, with the signal's name.
 async fn stop_signal() -> anyhow::Result<&'static str> {
     let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
@@ -247,6 +271,7 @@ async fn serve(
         args.region,
         args.data_dir.display()
     );
+    let compactor = tokio::spawn(compact_periodically(Arc::clone(state.control().store())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         axum::serve(listener, aloft_control::router(state))
@@ -264,6 +289,7 @@ async fn serve(
             bail!("the API server stopped by itself");
         }
     }
+    compactor.abort();
     let _ = stop_tx.send(());
     let deadline = Duration::from_secs(args.shutdown_timeout);
     match tokio::time::timeout(deadline, &mut server).await {

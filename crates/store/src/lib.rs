@@ -48,7 +48,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use control::{ControlError, ControlStore, MachineLeaseRequest, MachineRecord, TokenRecord, Versioned};
 pub use error::{StoreError, WatchError};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
-pub use store::{Store, validate_key};
+pub use store::{KEEP_REVISIONS, Store, compact_history, validate_key};
 pub use types::{
     CmpOp, Compare, EventKind, Expect, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions,
     Revision, Target, Txn, TxnResponse, WatchBatch, WatchEvent,

@@ -122,6 +122,21 @@ fn conflict(key: &str, expected: Expect, resp: &TxnResponse) -> StoreError {
     }
 }
 
+/// Revisions of history aloftd keeps for watches (ADR 0006): older ones are compacted away.
+pub const KEEP_REVISIONS: i64 = 10_000;
+
+/// Compacts `store`'s history so that at most `keep` revisions remain; returns the revision
+/// compacted to, or `None` when the history is still shorter than that.
+pub fn compact_history(store: &dyn Store, keep: i64) -> Result<Option<Revision>, StoreError> {
+    let now = store.revision()?.get();
+    let to = now.saturating_sub(keep.max(1));
+    if to <= 0 {
+        return Ok(None);
+    }
+    store.compact(Revision(to))?;
+    Ok(Some(Revision(to)))
+}
+
 /// Checks a key: starts with `/`, at most 1024 bytes, no NUL or control characters.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
     let reason = if !key.starts_with('/') {

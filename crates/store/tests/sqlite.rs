@@ -12,6 +12,31 @@ mod tests {
         SqliteStore, Store, StoreError, Target, Txn, WatchError,
     };
 
+    #[test]
+    fn compact_history_keeps_the_newest_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        assert_eq!(
+            aloft_store::compact_history(&store, 10).unwrap(),
+            None,
+            "nothing to compact yet"
+        );
+        for i in 0..30 {
+            store.put("/k", format!("{i}").into_bytes()).unwrap();
+        }
+        let now = store.revision().unwrap().get();
+        let to = aloft_store::compact_history(&store, 10).unwrap().unwrap();
+        assert_eq!(to.get(), now - 10);
+        assert!(matches!(
+            store.watch("/", Some(aloft_store::Revision(to.get() - 1))),
+            Err(aloft_store::StoreError::Compacted { .. })
+        ));
+        store
+            .watch("/", Some(aloft_store::Revision(to.get() + 1)))
+            .unwrap();
+        assert_eq!(store.get("/k").unwrap().unwrap().value, b"29");
+    }
+
     fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(dir.path().join("store.db")).unwrap()
     }
