@@ -1302,6 +1302,10 @@ impl Inner {
         } else {
             self.checks.stop(&rec.id);
         }
+        if state == MachineState::Destroyed {
+            // A failure here leaves the directory to the sweep on the next open.
+            let _ = self.logs.remove(&rec.id);
+        }
         // Under the live lock, so that no verb sees the machine settled while it is still
         // registered as busy, and a pending destroy is chained without a gap.
         let mut live = self.lock();
@@ -1315,11 +1319,6 @@ impl Inner {
         live.generation = live.generation.wrapping_add(1);
         self.changed.notify_all();
         drop(live);
-        if state == MachineState::Destroyed {
-            // After the record says destroyed; a crash in between leaves the directory to the
-            // sweep on the next open.
-            let _ = self.logs.remove(&rec.id);
-        }
         next
     }
 
