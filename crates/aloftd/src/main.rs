@@ -19,6 +19,7 @@
 
 mod agent_role;
 mod cli_config;
+mod registry_role;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,10 +74,22 @@ struct Args {
     /// `scripts/setup.sh` builds into `target/guest`. Default: `<data dir>/guest`.
     #[arg(long, env = "ALOFT_GUEST_DIR", value_name = "DIR")]
     guest_dir: Option<PathBuf>,
-    /// Registry that image names without one resolve to (e.g. `127.0.0.1:5000`); Docker Hub
-    /// when not given. A loopback registry is spoken to over plain HTTP.
+    /// An external registry that image names without one resolve to (e.g. `127.0.0.1:5000`);
+    /// no embedded registry is started then. A loopback registry is spoken to over plain HTTP.
     #[arg(long, env = "ALOFT_REGISTRY", value_name = "HOST:PORT")]
     registry: Option<String>,
+    /// Where the embedded registry (started when no --registry is given and machines run on
+    /// VMs) listens.
+    #[arg(
+        long,
+        env = "ALOFT_EMBEDDED_REGISTRY",
+        default_value = "127.0.0.1:5000",
+        value_name = "ADDR:PORT"
+    )]
+    embedded_registry: SocketAddr,
+    /// Start no embedded registry: image names without a registry then mean Docker Hub.
+    #[arg(long)]
+    no_embedded_registry: bool,
     /// A registry to speak plain HTTP to (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
@@ -158,13 +171,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .thread_name("aloftd")
         .build()
         .context("start the tokio runtime")?;
-    let role = args.agent_settings().open()?;
+    let mut settings = args.agent_settings();
+    let registry =
+        if args.driver == agent_role::DriverKind::Vm && args.registry.is_none() && !args.no_embedded_registry
+        {
+            let r = registry_role::EmbeddedRegistry::start(&args.data_dir, args.embedded_registry)?;
+            eprintln!("aloftd: embedded registry on {}", r.host());
+            settings.registry = Some(r.host());
+            Some(r)
+        } else {
+            None
+        };
+    let role = settings.open()?;
     let agent = role.agent.clone();
     let result = runtime.block_on(serve(args, Arc::clone(&store), vec![role.handle]));
     // Blocking store calls of requests cut off by the shutdown deadline get a moment to end.
     runtime.shutdown_timeout(Duration::from_secs(1));
     // Operations in flight get the shutdown timeout to finish; machines keep running.
     agent_role::shutdown(agent, Duration::from_secs(args.shutdown_timeout));
+    drop(registry);
     // The last handle: SQLite checkpoints and closes, the store's lock file is released.
     drop(store);
     result?;
