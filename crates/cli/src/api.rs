@@ -78,7 +78,8 @@ pub(crate) fn api_error(e: ClientError, settings: &ApiSettings, subject: Subject
         (ClientError::Unreachable { .. }, _) => user(e.to_string(), None, EXIT_UNREACHABLE),
         (ClientError::Api { status: 404, .. }, Subject::App(app)) => app_not_found(app),
         (ClientError::Api { status: 404, message }, Subject::Machine { app, id }) => {
-            if message.to_ascii_lowercase().contains("app") {
+            // "app not found" is about the app; "machine X (in app Y) not found" about the machine.
+            if message.trim_start().to_ascii_lowercase().starts_with("app") {
                 app_not_found(app)
             } else {
                 user(
@@ -293,7 +294,11 @@ mod tests {
             app: "web",
             id: "3d8d413b29d089",
         };
-        let e = api_error(api("machine not found"), &settings, subject);
+        let e = api_error(
+            api("machine 3d8d413b29d089 in app web not found"),
+            &settings,
+            subject,
+        );
         let (message, hint, code) = crate::errors::describe(&e);
         assert_eq!(message, "machine 3d8d413b29d089 not found in app web");
         assert_eq!(

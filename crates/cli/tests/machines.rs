@@ -498,8 +498,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "aloftd answers 501 to GET /v1/apps/{app}/logs until the agent's MachineHost serves \
-                log_tail/follow_logs (crates/agent/src/host.rs); run with --ignored once it does"]
     fn logs_print_what_is_there_and_follow_new_lines() {
         let env = Env::start();
         let id = env.run_machine(&["busybox"])["id"].as_str().unwrap().to_owned();
@@ -517,7 +515,16 @@ mod tests {
             assert_eq!(entry["instance"], id.as_str());
         }
         assert_eq!(json.lines().count(), lines.len());
-        assert!(log_lines(&env, &["--machine", "0123456789abcd"]).is_empty());
+        let err = failed(
+            &env.aloft(&["logs", "-a", "web", "--no-tail", "--machine", "0123456789abcd"]),
+            3,
+        );
+        assert!(
+            err.contains("machine 0123456789abcd not found in app web"),
+            "{err}"
+        );
+        let err = failed(&env.aloft(&["logs", "-a", "nope", "--no-tail"]), 3);
+        assert!(err.contains("app nope not found"), "{err}");
 
         // Following: a line written after the command started arrives.
         let mut follow = env
