@@ -128,4 +128,18 @@ mod tests {
         assert_eq!(cli.global.access_token.as_deref(), Some("tok"));
         assert!(matches!(cli.command, Command::Machine(m) if matches!(*m, machine::MachineCommand::List(_))));
     }
+
+    #[test]
+    fn completions_cover_the_command_groups() {
+        let Command::Completion(args) = Cli::try_parse_from(["aloft", "completion", "bash"])
+            .unwrap()
+            .command
+        else {
+            panic!("not completion");
+        };
+        let script = String::from_utf8(completion::script::<Cli>(&args)).unwrap();
+        for word in ["machine", "logs", "apps", "--no-tail", "--vm-memory", "uncordon"] {
+            assert!(script.contains(word), "{word}");
+        }
+    }
 }
