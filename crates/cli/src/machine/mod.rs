@@ -565,8 +565,9 @@ pub(crate) async fn run(ctx: &Context, cmd: MachineCommand) -> anyhow::Result<()
     }
 }
 
+/// A destroy's error; a 412 (the machine runs) says how to get past it.
 fn destroy_error(t: &Target, id: &str, e: ClientError) -> anyhow::Error {
-    let running = matches!(&e, ClientError::Api { status: 412 | 409 | 400, message } if message.contains("force") || message.contains("started") || message.contains("running"));
+    let running = matches!(&e, ClientError::Api { status: 412, .. });
     let err = t.err(id)(e);
     if running {
         match err.downcast::<UserError>() {
