@@ -1727,13 +1727,24 @@ impl Inner {
                 && v != rec.version
             {
                 let versions = self.db.versions(id)?;
-                let Some((_, _, replaced)) = versions.iter().find(|(ver, _, _)| ver == v) else {
+                let known = versions.iter().find(|(ver, _, _)| ver == v).map(|(_, _, r)| *r);
+                // The version of an update in flight (the update's answer named it) is not
+                // recorded until the update installs it: wait for it like for any state.
+                let pending = known.is_none()
+                    && match &rec.op_id {
+                        Some(op) => self
+                            .db
+                            .op(op)?
+                            .is_some_and(|o| o.params.new_version.as_deref() == Some(v)),
+                        None => false,
+                    };
+                if known.is_none() && !pending {
                     return Err(AgentError::UnknownVersion {
                         machine: id.clone(),
                         version: v.to_owned(),
                     });
-                };
-                let satisfied = *replaced
+                }
+                let satisfied = known == Some(true)
                     && states
                         .iter()
                         .any(|w| matches!(w, WaitState::Stopped | WaitState::Destroyed | WaitState::Settled));

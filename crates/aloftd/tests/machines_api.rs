@@ -320,6 +320,8 @@ pub(crate) mod tests {
             400,
             "region",
         );
+        // Hold the update in the middle (its stop) to see the new version before it is installed.
+        api.fake.block(aloft_agent::DriverOp::StopVm);
         let (s, updated) = api
             .call(
                 "POST",
@@ -329,6 +331,27 @@ pub(crate) mod tests {
             .await;
         assert_eq!(s, StatusCode::OK, "{updated}");
         let new = updated["instance_id"].as_str().unwrap().to_owned();
+        // Waiting for the version the update answered with is "not yet" (408), never "no such
+        // version" (404), while the update runs.
+        assert_err(
+            api.call(
+                "GET",
+                &format!("{m}/wait?state=started&version={new}&timeout=1"),
+                None,
+            )
+            .await,
+            408,
+            "did not reach",
+        );
+        api.fake.unblock(aloft_agent::DriverOp::StopVm);
+        let (s, w) = api
+            .call(
+                "GET",
+                &format!("{m}/wait?state=started&version={new}&timeout=10"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{w}");
         assert_ne!(new, old);
         // The old version is replaced: a wait scoped to it for `stopped` is satisfied.
         let (s, w) = api
