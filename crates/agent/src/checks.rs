@@ -25,6 +25,7 @@
 //! Threading: one thread per check while its machine is started, sleeping on a condvar between
 //! runs so that a stop ends it at once (a probe in flight finishes within its timeout).
 
+use aloft_net::Namespace;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -409,9 +410,23 @@ impl Checks {
         ));
         let stop = Arc::new(Stop::default());
         let ip = target(net);
+        // Checks connect from where the machine's tap is: the host's namespace, or the one the
+        // network works in.
+        let ns = net
+            .and_then(|n| n.netns.clone())
+            .map_or(Namespace::Current, Namespace::Path);
         for (idx, spec) in specs.into_iter().enumerate() {
-            let (stop, statuses) = (stop.clone(), statuses.clone());
-            std::thread::spawn(move || check_loop(&spec, ip, &stop, &statuses, idx));
+            let (stop, statuses, ns) = (stop.clone(), statuses.clone(), ns.clone());
+            std::thread::spawn(move || {
+                let ran = ns.run(|| check_loop(&spec, ip, &stop, &statuses, idx));
+                if let Err(e) = ran
+                    && let Some(s) = lock_statuses(&statuses).get_mut(idx)
+                {
+                    s.status = CheckState::Critical;
+                    s.output = format!("cannot enter the machine's network namespace: {e}");
+                    s.updated_at = rfc3339(now_ms());
+                }
+            });
         }
         self.lock().insert(id.clone(), Running { stop, statuses });
     }

@@ -239,6 +239,7 @@ mod tests {
             "init": {"exec": ["/bin/sh", "-c",
                 "mkdir -p /tmp/www && echo \"$GREETING from $FLY_MACHINE_ID\" > /tmp/www/index.html && exec /bin/httpd -f -p 8080 -h /tmp/www"]},
             "stop_config": {"signal": "SIGTERM", "timeout": "5s"},
+            "checks": {"web": {"type": "http", "port": 8080, "path": "/index.html", "interval": "1s", "timeout": "2s", "grace_period": "1s"}},
         })
     }
 
@@ -267,6 +268,21 @@ mod tests {
             let ip = m["private_ip"].as_str().unwrap().to_owned();
             assert!(ip.starts_with("fdaa:"), "{m}");
             assert!(env.page(&ip).contains(&format!("hello from {id}")));
+            // The agent's http check reaches it too (from the namespace the machine's tap is in).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let m = api.machine(&id).await;
+                if m["checks"][0]["status"] == "passing" {
+                    assert_eq!(m["checks"][0]["name"], "web");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the check never passed: {}",
+                    m["checks"]
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
 
             // Stop and start (a cold boot), suspend and resume.
             let path = format!("/apps/web/machines/{id}");

@@ -20,8 +20,9 @@ pub enum Namespace {
 
 impl Namespace {
     /// Runs `f` in this namespace and returns its result. `Err` when the namespace can't be
-    /// entered (or `f` panicked).
-    pub(crate) fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    /// entered (or `f` panicked). `f` runs on a thread of its own that ends with it (for a
+    /// named namespace), so it may block for as long as it likes.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
         let Self::Path(path) = self else {
             return Ok(f());
         };
