@@ -81,6 +81,10 @@ pub struct AgentConfig {
     /// Rotated log files kept per machine (default 2): a machine's log never takes more than
     /// `(log_files_kept + 1) × log_file_bytes` on disk.
     pub log_files_kept: usize,
+    /// How often the scheduler looks for machines whose `config.schedule` is due.
+    pub schedule_tick: Duration,
+    /// The length of an hour for `config.schedule` (an hour; tests shorten it).
+    pub schedule_hour: Duration,
 }
 
 /// `MemTotal` of `/proc/meminfo`, MiB (`u32::MAX` when unreadable: no limit).
@@ -113,6 +117,8 @@ impl AgentConfig {
                 .map_or(u32::MAX, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
             log_file_bytes: 1024 * 1024,
             log_files_kept: 2,
+            schedule_tick: Duration::from_secs(30),
+            schedule_hour: Duration::from_secs(3600),
         }
     }
 }
@@ -371,6 +377,10 @@ impl Agent {
         });
         let agent = Agent { inner, _lock: lock };
         agent.inner.recover()?;
+        {
+            let mut live = agent.inner.lock();
+            agent.inner.spawn(&mut live, |me| me.schedule_loop());
+        }
         Ok(agent)
     }
 
@@ -1792,6 +1802,66 @@ impl Inner {
             }
             self.wait_change(seen, deadline);
         }
+    }
+
+    /// The scheduler: every [`AgentConfig::schedule_tick`], machines with a `config.schedule`
+    /// that are stopped (or created and never started) and whose last start is a period ago are
+    /// started (source `flyd`). The period counts from the newest `launch` or `start` event, or
+    /// from the machine's creation.
+    fn schedule_loop(self: Arc<Self>) {
+        loop {
+            let deadline = Instant::now() + self.config.schedule_tick;
+            while Instant::now() < deadline {
+                if self.stopping() {
+                    return;
+                }
+                let seen = self.generation();
+                self.wait_change(seen, deadline);
+            }
+            if let Err(e) = self.start_due() {
+                if matches!(e, AgentError::Halted) {
+                    return;
+                }
+                eprintln!("aloft-agent: scheduler: {e}");
+            }
+        }
+    }
+
+    /// Starts every scheduled machine that is due; see [`Inner::schedule_loop`].
+    fn start_due(self: &Arc<Self>) -> Result<(), AgentError> {
+        let now = now_ms();
+        for rec in self.db.machines()? {
+            let Some(period) = rec
+                .config
+                .schedule
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .and_then(|s| plan::schedule_period(s, self.config.schedule_hour))
+            else {
+                continue;
+            };
+            if !matches!(rec.state, MachineState::Stopped | MachineState::Created) || rec.op_id.is_some() {
+                continue;
+            }
+            let last = self
+                .db
+                .events(&rec.id, 50)?
+                .into_iter()
+                .find(|e| e.kind == "launch" || e.kind == "start")
+                .map_or(rec.created_at, |e| e.timestamp);
+            let period_ms = i64::try_from(period.as_millis()).unwrap_or(i64::MAX);
+            if now.saturating_sub(last) < period_ms {
+                continue;
+            }
+            match self.submit(&rec.id, Verb::Start, OpKind::Start, EventSource::Flyd, |_, p| {
+                Ok(p)
+            }) {
+                // Someone else acted on it meanwhile: the next tick looks again.
+                Ok(_) | Err(AgentError::State(_) | AgentError::Busy { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// See [`Agent::open`].

@@ -251,7 +251,27 @@ pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
     if !config.mounts.is_empty() {
         return invalid("volumes (config.mounts) are not supported by this agent yet: remove config.mounts");
     }
+    if let Some(s) = &config.schedule
+        && schedule_period(s, Duration::from_secs(3600)).is_none()
+    {
+        return Err(AgentError::InvalidConfig {
+            reason: format!("unknown schedule {s:?}: use hourly, daily, weekly or monthly"),
+        });
+    }
     Ok(())
+}
+
+/// How long after its last start a machine with `config.schedule` is started again, given the
+/// length of an hour (shortened by tests); `None` for a schedule Fly does not have. Empty means
+/// no schedule. A month is 30 days.
+pub(crate) fn schedule_period(schedule: &str, hour: Duration) -> Option<Duration> {
+    Some(match schedule.trim() {
+        "hourly" => hour,
+        "daily" => hour * 24,
+        "weekly" => hour * 24 * 7,
+        "monthly" => hour * 24 * 30,
+        _ => return None,
+    })
 }
 
 fn files(config: &MachineConfig) -> Result<Vec<FileSpec>, AgentError> {

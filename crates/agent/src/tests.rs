@@ -1381,3 +1381,59 @@ fn machines_bigger_than_the_host_are_refused() {
     );
     assert!(agent.list().unwrap().len() == 1);
 }
+
+#[test]
+fn scheduled_machines_start_again_when_their_period_is_up() {
+    let h = Harness::new();
+    let agent_config = AgentConfig {
+        schedule_tick: Duration::from_millis(20),
+        schedule_hour: Duration::from_millis(400),
+        ..h.config(None)
+    };
+    let agent = Agent::open(agent_config, std::sync::Arc::new(h.fake.clone())).unwrap();
+    let mut c = with_policy(RestartPolicy::No, None);
+    c.schedule = Some("hourly".into());
+    let handle = agent.create(create_req(c, false)).unwrap();
+    handle.wait(T).unwrap();
+    let id = handle.machine;
+    let launched = std::time::Instant::now();
+    // The job ends; the machine stays stopped until its hour (400 ms here) is up …
+    h.fake.exit_workload(
+        &id,
+        ExitInfo {
+            exit_code: Some(0),
+            ..ExitInfo::default()
+        },
+    );
+    wait_settled_in(&agent, &id, MachineState::Stopped);
+    std::thread::sleep(Duration::from_millis(100));
+    if launched.elapsed() < Duration::from_millis(350) {
+        assert_eq!(
+            agent.get(&id).unwrap().state,
+            MachineState::Stopped,
+            "started before its time"
+        );
+    }
+    // … then the scheduler starts it.
+    wait_settled_in(&agent, &id, MachineState::Started);
+    assert!(
+        launched.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        launched.elapsed()
+    );
+    let start = agent
+        .events(&id, 10)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "start")
+        .unwrap();
+    assert_eq!(start.source, Some(aloft_api::EventSource::Flyd));
+    assert_eq!(h.fake.world().boots[&id], 2);
+
+    // A schedule Fly does not have is refused up front.
+    let mut bad = config("busybox");
+    bad.schedule = Some("yearly".into());
+    let e = agent.create(create_req(bad, false)).unwrap_err();
+    assert!(matches!(e, AgentError::InvalidConfig { .. }), "{e}");
+    assert!(e.to_string().contains("hourly, daily, weekly or monthly"), "{e}");
+}
