@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use aloft_image::RootfsFormat;
 use anyhow::{Context, bail};
@@ -132,14 +132,34 @@ pub(crate) fn run(args: &ApiBench) -> anyhow::Result<()> {
             "per run: api − baseline of the same pair",
         ),
         (
+            "  api_before_boot_ms",
+            &vm.before_boot,
+            "create sent → Vm::start began (control, agent steps, disk, spec)",
+        ),
+        (
+            "  api_boot_ms",
+            &vm.boot,
+            "Vm::start → agent recorded started (cf. vm_start_ms)",
+        ),
+        (
+            "  api_after_boot_ms",
+            &vm.after_boot,
+            "recorded started → client has the answer",
+        ),
+        (
             "  list_summary_ms",
             &fake.list_summary,
             "GET the 1000 machines with ?summary=true (no configs)",
         ),
         (
+            "  list_one_small_ms",
+            &fake.list_one_small,
+            "GET an app of 1 machine, host has 1 + create-rate machines",
+        ),
+        (
             "  list_one_ms",
             &fake.list_one,
-            "GET an app of 1 machine (the list's fixed cost)",
+            "GET an app of 1 machine, host has 1000 more (per-host cost)",
         ),
         (
             "  get_p50_ms",
@@ -232,6 +252,8 @@ struct FakeResults {
     list: Vec<f64>,
     list_summary: Vec<f64>,
     list_one: Vec<f64>,
+    /// `list_one` while the host had only the create-rate machines.
+    list_one_small: Vec<f64>,
     list_bytes: usize,
     list_summary_bytes: usize,
     populate_s: f64,
@@ -265,11 +287,13 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
         create_rate.push(CREATE_BURST as f64 / wall.as_secs_f64());
     }
 
-    // An app of 1,000 machines, and one of one.
+    // An app of one machine, listed before and after the host has 1,000 more; then the app of
+    // 1,000.
+    create_many(daemon, "one", 1, 1)?;
+    let (list_one_small, _) = time_list(&mut conn, "/v1/apps/one/machines", 1, runs)?;
     let t0 = Instant::now();
     create_many(daemon, "list", LIST_MACHINES, LIST_WORKERS)?;
     let populate_s = t0.elapsed().as_secs_f64();
-    create_many(daemon, "one", 1, 1)?;
     let (list, list_bytes) = time_list(&mut conn, "/v1/apps/list/machines", LIST_MACHINES, runs)?;
     let (list_summary, list_summary_bytes) = time_list(
         &mut conn,
@@ -298,6 +322,7 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
         list,
         list_summary,
         list_one,
+        list_one_small,
         list_bytes,
         list_summary_bytes,
         populate_s,
@@ -485,6 +510,22 @@ struct VmResults {
     post: Vec<f64>,
     baseline: Vec<f64>,
     paired: Vec<f64>,
+    /// Per API run, from aloftd's files (see [`Split`]).
+    before_boot: Vec<f64>,
+    boot: Vec<f64>,
+    after_boot: Vec<f64>,
+}
+
+/// Where one API create → started went, from marks aloftd leaves on disk: the machine's
+/// `run/initrd.cpio` is written first thing in `Vm::start` (its mtime, kernel-clock coarse: a few
+/// ms), and the agent logs "machine started" (ms timestamp) when it records the state.
+struct Split {
+    /// Request sent → `Vm::start` began: control plane, agent steps, pull check, disk, spec.
+    before_boot_ms: f64,
+    /// `Vm::start` → the agent recorded `started`: what `vm_start_ms` measures.
+    boot_ms: f64,
+    /// Recorded → the client has the answer.
+    after_boot_ms: f64,
 }
 
 fn vm_series(bin: &Path, runs: usize) -> anyhow::Result<VmResults> {
@@ -537,22 +578,41 @@ fn vm_series(bin: &Path, runs: usize) -> anyhow::Result<VmResults> {
             post: Vec::new(),
             baseline: Vec::new(),
             paired: Vec::new(),
+            before_boot: Vec::new(),
+            boot: Vec::new(),
+            after_boot: Vec::new(),
         };
+        let data_dir = daemon.data_dir();
         for i in 0..runs {
             let dir = work.path().join(format!("m{i}"));
             let base = || {
                 bench_boot_start(&guest, accel, &rootfs, &dir)
                     .context("the baseline machine (bench boot's path)")
             };
-            let (api, post, baseline) = if i % 2 == 0 {
+            let (a, baseline) = if i % 2 == 0 {
                 let b = base()?;
-                let (a, p) = api_start(&mut conn)?;
-                (a, p, b)
+                (api_start(&mut conn, &data_dir)?, b)
             } else {
-                let (a, p) = api_start(&mut conn)?;
-                (a, p, base()?)
+                (api_start(&mut conn, &data_dir)?, base()?)
             };
-            eprintln!("bench api: run {i}: api {api:.0} ms (POST {post:.0}), baseline {baseline:.0} ms");
+            let (api, post) = (a.total_ms, a.post_ms);
+            let split = a.split.as_ref().map_or_else(
+                || "no split".to_owned(),
+                |s| {
+                    format!(
+                        "before boot {:.0}, boot {:.0}, after {:.0}",
+                        s.before_boot_ms, s.boot_ms, s.after_boot_ms
+                    )
+                },
+            );
+            eprintln!(
+                "bench api: run {i}: api {api:.0} ms (POST {post:.0}; {split}), baseline {baseline:.0} ms"
+            );
+            if let Some(s) = a.split {
+                r.before_boot.push(s.before_boot_ms);
+                r.boot.push(s.boot_ms);
+                r.after_boot.push(s.after_boot_ms);
+            }
             r.api.push(api);
             r.post.push(post);
             r.baseline.push(baseline);
@@ -588,16 +648,75 @@ fn bench_boot_start(
     )
 }
 
-/// One timed create → started, then the machine is destroyed (untimed). Returns (create →
-/// started, create → POST answered) in ms.
-fn api_start(conn: &mut Conn) -> anyhow::Result<(f64, f64)> {
+struct ApiStart {
+    /// Create → `wait?state=started` returned.
+    total_ms: f64,
+    /// Create → POST answered.
+    post_ms: f64,
+    split: Option<Split>,
+}
+
+/// One timed create → started, then the machine is destroyed (untimed).
+fn api_start(conn: &mut Conn, data_dir: &Path) -> anyhow::Result<ApiStart> {
+    let wall0 = SystemTime::now();
     let t0 = Instant::now();
     let id = create_machine(conn, "vm")?;
-    let post = ms(t0);
+    let post_ms = ms(t0);
     wait_state(conn, "vm", &id, "started")?;
-    let total = ms(t0);
+    let total_ms = ms(t0);
+    let wall1 = SystemTime::now();
+    let split = split(data_dir, &id, wall0, wall1);
     destroy(conn, "vm", &id)?;
-    Ok((total, post))
+    Ok(ApiStart {
+        total_ms,
+        post_ms,
+        split,
+    })
+}
+
+/// [`Split`] of the create of `id` sent at `sent` and answered at `answered`; `None` when a mark
+/// is missing (aloftd's layout changed).
+fn split(data_dir: &Path, id: &str, sent: SystemTime, answered: SystemTime) -> Option<Split> {
+    let initrd = data_dir
+        .join("machines/machines")
+        .join(id)
+        .join("run/initrd.cpio");
+    let boot_began = std::fs::metadata(initrd).ok()?.modified().ok()?;
+    let log = std::fs::read_to_string(data_dir.join("logs").join(id).join("log.jsonl")).ok()?;
+    let started_ms = log.lines().find_map(|l| {
+        let v: Value = serde_json::from_str(l).ok()?;
+        (v["message"] == "machine started").then(|| unix_ms(v["timestamp"].as_str()?))?
+    })?;
+    let unix = |t: SystemTime| -> Option<f64> {
+        Some(t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64() * 1000.0)
+    };
+    let (sent, boot_began, answered) = (unix(sent)?, unix(boot_began)?, unix(answered)?);
+    Some(Split {
+        before_boot_ms: boot_began - sent,
+        boot_ms: started_ms - boot_began,
+        after_boot_ms: answered - started_ms,
+    })
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn unix_ms(t: &str) -> Option<f64> {
+    let t = t.strip_suffix('Z')?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(str::parse::<i64>);
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut hms = time.splitn(3, ':');
+    let (h, min) = (hms.next()?.parse::<i64>().ok()?, hms.next()?.parse::<i64>().ok()?);
+    let sec: f64 = hms.next()?.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    #[expect(clippy::cast_precision_loss, reason = "seconds since 1970 fit in f64 exactly")]
+    let secs = (days * 86_400 + h * 3600 + min * 60) as f64;
+    Some((secs + sec) * 1000.0)
 }
 
 fn wait_state(conn: &mut Conn, app: &str, id: &str, state: &str) -> anyhow::Result<()> {
@@ -975,6 +1094,14 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), 50.0);
         assert_eq!(percentile(&v, 1.0), 100.0);
         assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn rfc3339_to_unix_ms() {
+        assert_eq!(unix_ms("1970-01-01T00:00:00Z"), Some(0.0));
+        assert_eq!(unix_ms("2026-12-02T07:37:47.715Z"), Some(1_796_197_067_715.0));
+        assert_eq!(unix_ms("2000-03-01T00:00:01.5Z"), Some(951_868_801_500.0));
+        assert_eq!(unix_ms("yesterday"), None);
     }
 
     #[test]
