@@ -116,6 +116,40 @@ fn locate_unleased(
     Ok(target)
 }
 
+/// Runs `f` on the blocking pool with the machine [`locate`]d.
+async fn on_machine<T, F>(state: ApiState, caller: Caller, path: MachinePath, f: F) -> Result<T, HttpError>
+where
+    T: Send + 'static,
+    F: FnOnce(&ApiState, &Target) -> Result<T, HttpError> + Send + 'static,
+{
+    blocking(move || {
+        let t = locate(&state, &caller, &path)?;
+        f(&state, &t)
+    })
+    .await
+}
+
+/// [`on_machine`] for a change: refused (409) while someone else holds the machine's lease,
+/// unless `headers` carry its nonce.
+async fn on_unleased<T, F>(
+    state: ApiState,
+    caller: Caller,
+    path: MachinePath,
+    headers: &HeaderMap,
+    f: F,
+) -> Result<T, HttpError>
+where
+    T: Send + 'static,
+    F: FnOnce(&ApiState, &Target) -> Result<T, HttpError> + Send + 'static,
+{
+    let nonce = nonce(headers);
+    blocking(move || {
+        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+        f(&state, &t)
+    })
+    .await
+}
+
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
@@ -289,10 +323,12 @@ pub(crate) async fn show(
     caller: Caller,
     path: MachinePath,
 ) -> Result<Json<Machine>, HttpError> {
-    let m = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
-        Ok(t.decorate(t.host.get(&t.id)?))
-    })
+    let m = on_machine(
+        state,
+        caller,
+        path,
+        move |_, t| Ok(t.decorate(t.host.get(&t.id)?)),
+    )
     .await?;
     Ok(Json(m))
 }
@@ -306,9 +342,7 @@ pub(crate) async fn update(
     headers: HeaderMap,
     JsonBody(req): JsonBody<UpdateMachineRequest>,
 ) -> Result<Json<Machine>, HttpError> {
-    let nonce = nonce(&headers);
-    let m = blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    let m = on_unleased(state, caller, path, &headers, move |_, t| {
         let current = t.host.get(&t.id)?;
         req.validate(&current.name, &current.region)?;
         if !req.config.mounts.is_empty() {
@@ -341,11 +375,10 @@ pub(crate) async fn destroy(
     RawQuery(query): RawQuery,
 ) -> Result<Json<OkResponse>, HttpError> {
     let q = DestroyQuery::from_query(query_pairs(query.as_deref()))?;
-    let nonce = nonce(&headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    let held = nonce(&headers);
+    on_unleased(state, caller, path, &headers, move |state, t| {
         t.host.destroy(&t.id, q.force)?;
-        if let Some(n) = nonce {
+        if let Some(n) = held {
             let _ = state.control().release_lease(&t.app, t.id.as_str(), &n);
         }
         Ok(())
@@ -361,9 +394,7 @@ pub(crate) async fn start(
     path: MachinePath,
     headers: HeaderMap,
 ) -> Result<Json<StartResponse>, HttpError> {
-    let nonce = nonce(&headers);
-    let previous_state = blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    let previous_state = on_unleased(state, caller, path, &headers, move |_, t| {
         Ok(t.host.start(&t.id)?)
     })
     .await?;
@@ -385,9 +416,7 @@ pub(crate) async fn stop(
     MaybeJson(req): MaybeJson<StopRequest>,
 ) -> Result<Json<OkResponse>, HttpError> {
     let req = req.unwrap_or_default();
-    let nonce = nonce(&headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    on_unleased(state, caller, path, &headers, move |_, t| {
         let how = HostStop {
             signal: req.signal.map(Signal::from),
             timeout: req.timeout.map(aloft_api::Duration::get),
@@ -405,9 +434,7 @@ pub(crate) async fn suspend(
     path: MachinePath,
     headers: HeaderMap,
 ) -> Result<Json<OkResponse>, HttpError> {
-    let nonce = nonce(&headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    on_unleased(state, caller, path, &headers, move |_, t| {
         Ok(t.host.suspend(&t.id)?)
     })
     .await?;
@@ -423,9 +450,7 @@ pub(crate) async fn restart(
     RawQuery(query): RawQuery,
 ) -> Result<Json<OkResponse>, HttpError> {
     let q = RestartQuery::from_query(query_pairs(query.as_deref()))?;
-    let nonce = nonce(&headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    on_unleased(state, caller, path, &headers, move |_, t| {
         let how = if q.force_stop {
             HostStop {
                 signal: Some(Signal::SIGKILL),
@@ -452,9 +477,7 @@ pub(crate) async fn signal(
     headers: HeaderMap,
     JsonBody(req): JsonBody<SignalRequest>,
 ) -> Result<Json<OkResponse>, HttpError> {
-    let nonce = nonce(&headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    on_unleased(state, caller, path, &headers, move |_, t| {
         Ok(t.host.signal(&t.id, req.signal)?)
     })
     .await?;
@@ -470,8 +493,7 @@ pub(crate) async fn wait(
     RawQuery(query): RawQuery,
 ) -> Result<Json<WaitResponse>, HttpError> {
     let q = WaitQuery::from_query(query_pairs(query.as_deref()))?;
-    let r = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    let r = on_machine(state, caller, path, move |_, t| {
         let wait = HostWait {
             states: q.states,
             version: q.version,
@@ -492,12 +514,10 @@ async fn set_cordon(
     headers: &HeaderMap,
     cordoned: bool,
 ) -> Result<Json<OkResponse>, HttpError> {
-    let nonce = nonce(headers);
-    blocking(move || {
-        let t = locate_unleased(&state, &caller, &path, nonce.as_deref())?;
+    on_unleased(state, caller, path, headers, move |state, t| {
         let record = MachineRecord {
             cordoned,
-            ..t.placement.value
+            ..t.placement.value.clone()
         };
         state
             .control()
@@ -536,8 +556,7 @@ pub(crate) async fn events(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<MachineEvent>>, HttpError> {
     let q = EventsQuery::from_query(query_pairs(query.as_deref()))?;
-    let events = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    let events = on_machine(state, caller, path, move |_, t| {
         Ok(t.host.events(&t.id, q.limit)?)
     })
     .await?;
@@ -550,11 +569,7 @@ pub(crate) async fn versions(
     caller: Caller,
     path: MachinePath,
 ) -> Result<Json<Vec<MachineVersion>>, HttpError> {
-    let versions = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
-        Ok(t.host.versions(&t.id)?)
-    })
-    .await?;
+    let versions = on_machine(state, caller, path, move |_, t| Ok(t.host.versions(&t.id)?)).await?;
     Ok(Json(versions))
 }
 
@@ -564,11 +579,7 @@ pub(crate) async fn ps(
     caller: Caller,
     path: MachinePath,
 ) -> Result<Json<Vec<ProcessStat>>, HttpError> {
-    let ps = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
-        Ok(t.host.ps(&t.id)?)
-    })
-    .await?;
+    let ps = on_machine(state, caller, path, move |_, t| Ok(t.host.ps(&t.id)?)).await?;
     Ok(Json(ps))
 }
 
@@ -605,8 +616,7 @@ pub(crate) async fn exec(
         ))
         .into());
     }
-    let r = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    let r = on_machine(state, caller, path, move |_, t| {
         Ok(t.host.exec(&t.id, &argv, timeout)?)
     })
     .await?;
@@ -619,8 +629,7 @@ pub(crate) async fn metadata(
     caller: Caller,
     path: MachinePath,
 ) -> Result<Json<std::collections::BTreeMap<String, String>>, HttpError> {
-    let md = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    let md = on_machine(state, caller, path, move |_, t| {
         Ok(t.host.get(&t.id)?.config.map(|c| c.metadata).unwrap_or_default())
     })
     .await?;
@@ -638,8 +647,7 @@ pub(crate) async fn update_metadata(
     for key in req.metadata.keys() {
         check_metadata_key(key)?;
     }
-    blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    on_machine(state, caller, path, move |_, t| {
         t.host.update_metadata(&t.id, &req)?;
         Ok(())
     })
@@ -690,8 +698,7 @@ pub(crate) async fn metadata_key(
     caller: Caller,
     path: MetadataKeyPath,
 ) -> Result<Json<MetadataValueResponse>, HttpError> {
-    let value = blocking(move || {
-        let t = locate(&state, &caller, &path.machine)?;
+    let value = on_machine(state, caller, path.machine, move |_, t| {
         let md = t.host.get(&t.id)?.config.map(|c| c.metadata).unwrap_or_default();
         md.get(&path.key)
             .cloned()
@@ -713,8 +720,7 @@ pub(crate) async fn set_metadata_key(
         machine_version: None,
         updated_at: req.updated_at,
     };
-    blocking(move || {
-        let t = locate(&state, &caller, &path.machine)?;
+    on_machine(state, caller, path.machine, move |_, t| {
         t.host.update_metadata(&t.id, &change)?;
         Ok(())
     })
@@ -733,8 +739,7 @@ pub(crate) async fn delete_metadata_key(
         machine_version: None,
         updated_at: None,
     };
-    blocking(move || {
-        let t = locate(&state, &caller, &path.machine)?;
+    on_machine(state, caller, path.machine, move |_, t| {
         t.host.update_metadata(&t.id, &change)?;
         Ok(())
     })
@@ -748,8 +753,7 @@ pub(crate) async fn show_lease(
     caller: Caller,
     path: MachinePath,
 ) -> Result<Json<LeaseEnvelope>, HttpError> {
-    let lease = blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    let lease = on_machine(state, caller, path, move |state, t| {
         state
             .control()
             .get_lease(&t.app, t.id.as_str())?
@@ -774,8 +778,8 @@ pub(crate) async fn create_lease(
     let query_ttl = pairs.iter().find(|(k, _)| k == "ttl").map(|(_, v)| v.as_str());
     let ttl = Duration::from_secs(req.ttl_secs(query_ttl)?);
     let nonce = nonce(&headers);
-    let lease = blocking(move || -> Result<Lease, HttpError> {
-        let t = locate(&state, &caller, &path)?;
+    let owner = caller.token_id.clone();
+    let lease = on_machine(state, caller, path, move |state, t| -> Result<Lease, HttpError> {
         let control = state.control();
         if let Some(n) = nonce {
             return Ok(control.refresh_lease(&t.app, t.id.as_str(), &n, ttl)?);
@@ -783,7 +787,7 @@ pub(crate) async fn create_lease(
         let version = t.host.get(&t.id)?.instance_id;
         let lease = MachineLeaseRequest {
             nonce: new_nonce()?,
-            owner: caller.token_id.clone(),
+            owner,
             description: req.description.unwrap_or_default(),
             ttl,
             version,
@@ -806,8 +810,7 @@ pub(crate) async fn release_lease(
             "releasing a lease needs its nonce in the {LEASE_NONCE_HEADER} header"
         ))
     })?;
-    blocking(move || {
-        let t = locate(&state, &caller, &path)?;
+    on_machine(state, caller, path, move |state, t| {
         state.control().release_lease(&t.app, t.id.as_str(), &nonce)?;
         Ok(())
     })
