@@ -187,6 +187,16 @@ pub(crate) fn run(args: &ApiBench) -> anyhow::Result<()> {
         fake.get_late
     );
     println!(
+        "GET p99 with 1 machine on the host: {:.1} ms. aloftd idle: {:.1}% of a core and {} threads \
+         with ~1 machine, {:.1}% and {} threads with {} machines",
+        fake.get_p99_empty,
+        fake.idle_empty.cpu_pct,
+        fake.idle_empty.threads,
+        fake.idle_full.cpu_pct,
+        fake.idle_full.threads,
+        fake.idle_full.machines,
+    );
+    println!(
         "aloftd {} profile, access log off; load {load_before} before, {load_after} after",
         args.profile
     );
@@ -261,6 +271,11 @@ struct FakeResults {
     get_p50: Vec<f64>,
     get_max: Vec<f64>,
     get_late: usize,
+    /// One paced series before the host had more than one machine.
+    get_p99_empty: f64,
+    /// aloftd's own CPU and threads while nobody calls it, with ~1 and with 1,000+ machines.
+    idle_empty: Idle,
+    idle_full: Idle,
 }
 
 fn fake_series(bin: &Path, runs: usize) -> anyhow::Result<FakeResults> {
@@ -279,7 +294,16 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
         create_app(&mut conn, app)?;
     }
 
-    // Create rate first, on a store with little in it.
+    // The GET target, and one paced series while the host has (almost) no machines.
+    let id = create_machine(&mut conn, "get")?;
+    let get_path = format!("/v1/apps/get/machines/{id}");
+    for _ in 0..200 {
+        conn.expect("GET", &get_path, None, 200)?;
+    }
+    let get_p99_empty = percentile(&paced_gets(daemon, &get_path)?.latencies, 0.99);
+    let idle_empty = daemon.idle_cpu()?;
+
+    // Create rate, on a store with little in it.
     let mut create_rate = Vec::new();
     for _ in 0..runs {
         let wall = create_burst(daemon, "rate", CREATE_BURST)?;
@@ -294,6 +318,7 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
     let t0 = Instant::now();
     create_many(daemon, "list", LIST_MACHINES, LIST_WORKERS)?;
     let populate_s = t0.elapsed().as_secs_f64();
+    let idle_full = daemon.idle_cpu()?;
     let (list, list_bytes) = time_list(&mut conn, "/v1/apps/list/machines", LIST_MACHINES, runs)?;
     let (list_summary, list_summary_bytes) = time_list(
         &mut conn,
@@ -303,15 +328,10 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
     )?;
     let (list_one, _) = time_list(&mut conn, "/v1/apps/one/machines", 1, runs)?;
 
-    // GET one machine, paced.
-    let id = create_machine(&mut conn, "get")?;
-    let path = format!("/v1/apps/get/machines/{id}");
-    for _ in 0..200 {
-        conn.expect("GET", &path, None, 200)?;
-    }
+    // GET one machine, paced, with the host full.
     let (mut get_p99, mut get_p50, mut get_max, mut get_late) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for _ in 0..runs {
-        let paced = paced_gets(daemon, &path)?;
+        let paced = paced_gets(daemon, &get_path)?;
         get_p99.push(percentile(&paced.latencies, 0.99));
         get_p50.push(percentile(&paced.latencies, 0.50));
         get_max.push(percentile(&paced.latencies, 1.0));
@@ -330,6 +350,9 @@ fn fake_measure(daemon: &Daemon, runs: usize) -> anyhow::Result<FakeResults> {
         get_p50,
         get_max,
         get_late,
+        get_p99_empty,
+        idle_empty,
+        idle_full,
     })
 }
 
@@ -866,6 +889,27 @@ impl Daemon {
         }
     }
 
+    /// Its CPU use over 2 s in which nobody calls it, and its thread count.
+    fn idle_cpu(&self) -> anyhow::Result<Idle> {
+        let pid = self.child.id();
+        let machines = std::fs::read_dir(self.data_dir().join("logs")).map_or(0, Iterator::count);
+        let before = proc_cpu_s(pid)?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let cpu_pct = (proc_cpu_s(pid)? - before) / t0.elapsed().as_secs_f64() * 100.0;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Idle {
+            cpu_pct,
+            threads,
+            machines,
+        })
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -906,6 +950,31 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// A process at rest.
+struct Idle {
+    /// CPU time / wall time, percent of one core.
+    cpu_pct: f64,
+    threads: usize,
+    /// Machines with a log directory (every machine the agent has).
+    machines: usize,
+}
+
+/// User + system CPU seconds process `pid` used so far (`/proc/PID/stat`, in USER_HZ = 100
+/// ticks on Linux).
+fn proc_cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    // Fields from the 3rd (state) on: utime is the 14th, stime the 15th.
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let mut tick = || -> anyhow::Result<f64> {
+        Ok(fields
+            .next()
+            .with_context(|| format!("short /proc/{pid}/stat"))?
+            .parse::<f64>()?)
+    };
+    Ok((tick()? + tick()?) / 100.0)
 }
 
 /// `api_url` and `token` from the CLI config aloftd writes on its first start.
@@ -1102,6 +1171,12 @@ mod tests {
         assert_eq!(unix_ms("2026-12-02T07:37:47.715Z"), Some(1_796_197_067_715.0));
         assert_eq!(unix_ms("2000-03-01T00:00:01.5Z"), Some(951_868_801_500.0));
         assert_eq!(unix_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn reads_own_cpu_time() {
+        let cpu = proc_cpu_s(std::process::id()).unwrap();
+        assert!(cpu >= 0.0, "{cpu}");
     }
 
     #[test]
