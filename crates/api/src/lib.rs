@@ -24,6 +24,7 @@ mod ids;
 mod lease;
 mod machine;
 mod machine_config;
+mod release;
 mod requests;
 #[cfg(feature = "schema")]
 mod schema;
@@ -45,6 +46,9 @@ pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};
 pub use machine::{
     CheckState, CheckStatus, ContainerStatus, EventSource, ExitEvent, HostStatus, ImageRef, Machine,
     MachineEvent, MachineEventRequest, MachineVersion, MonitorEvent,
+};
+pub use release::{
+    CreateReleaseRequest, DeployStrategy, Release, ReleaseEvent, ReleaseGroup, ReleaseStatus, RollbackRequest,
 };
 pub use requests::{
     CreateMachineRequest, DestroyQuery, EventsQuery, ExecRequest, ExecResponse, ListMachinesQuery,
