@@ -7,7 +7,9 @@
 //!
 //! Endpoints: apps (`apps_*`, `app_*`), every machine endpoint of Fly's Machines API under the
 //! same paths (`machines_list`, `machine_*`, `lease_*`, `metadata_*`; see `machines.rs`), and
-//! aloft's log endpoint as a stream of [`aloft_api::LogEntry`] ([`Client::logs`]). A lease's
+//! aloft's log endpoint as a stream of [`aloft_api::LogEntry`] ([`Client::logs`]), and releases
+//! (`release_create`, `releases_list`, `release_get`, `release_events` as a stream of
+//! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`). A lease's
 //! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
 //!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
@@ -29,9 +31,11 @@ use serde::de::DeserializeOwned;
 
 mod logs;
 mod machines;
+mod releases;
 
-pub use logs::{LogStream, LogsQuery};
+pub use logs::{LogStream, LogsQuery, NdjsonStream};
 pub use machines::{ListMachinesParams, RestartParams, WaitParams};
+pub use releases::ReleaseEventStream;
 
 /// Longest a single request may take unless it says otherwise (waits, execs and log streams do).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,17 +2,21 @@
 //! ([`aloft_api::LogEntry`] per line, `application/x-ndjson`). Without `follow` the answer ends
 //! after the lines there are; with it the response stays open and lines arrive as they are
 //! written, until the client drops the [`LogStream`].
+//!
+//! [`NdjsonStream`] decodes any such newline-delimited JSON response (release events use it too).
 
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use aloft_api::LogEntry;
 use reqwest::Method;
+use serde::de::DeserializeOwned;
 
 use crate::{Client, ClientError, encode};
 
 /// A followed log has no time limit worth the name (a request must have one).
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const FOLLOW_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Time for a log request that does not follow.
 const TAIL_TIMEOUT: Duration = Duration::from_secs(60);
 /// A line longer than this is not a log entry.
@@ -49,22 +53,39 @@ impl LogsQuery {
 }
 
 /// Log lines as they arrive; see [`Client::logs`].
+pub type LogStream = NdjsonStream<LogEntry>;
+
+/// Objects of a newline-delimited JSON response as they arrive.
 #[derive(Debug)]
-pub struct LogStream {
+pub struct NdjsonStream<T> {
     response: reqwest::Response,
     url: String,
     status: u16,
     /// Bytes of an incomplete line.
     partial: Vec<u8>,
     /// Entries decoded and not yet returned.
-    ready: VecDeque<LogEntry>,
+    ready: VecDeque<T>,
     done: bool,
+    _item: PhantomData<fn() -> T>,
 }
 
-impl LogStream {
-    /// The next entry; `Ok(None)` when the server ended the response. Blank lines are skipped; a
-    /// line that is not a log entry is a [`ClientError::Decode`].
-    pub async fn next(&mut self) -> Result<Option<LogEntry>, ClientError> {
+impl<T: DeserializeOwned> NdjsonStream<T> {
+    /// Reads `response`'s body as newline-delimited `T`s.
+    pub(crate) fn new(response: reqwest::Response, url: String) -> Self {
+        Self {
+            status: response.status().as_u16(),
+            response,
+            url,
+            partial: Vec::new(),
+            ready: VecDeque::new(),
+            done: false,
+            _item: PhantomData,
+        }
+    }
+
+    /// The next object; `Ok(None)` when the server ended the response. Blank lines are skipped;
+    /// a line that is not a `T` is a [`ClientError::Decode`].
+    pub async fn next(&mut self) -> Result<Option<T>, ClientError> {
         loop {
             if let Some(entry) = self.ready.pop_front() {
                 return Ok(Some(entry));
@@ -102,7 +123,7 @@ impl LogStream {
         self.partial.extend_from_slice(bytes);
         if self.partial.len() > MAX_LINE {
             return Err(self.decode_error(serde::de::Error::custom(format!(
-                "a log line longer than {MAX_LINE} bytes"
+                "a line longer than {MAX_LINE} bytes"
             ))));
         }
         Ok(())
@@ -140,14 +161,7 @@ impl Client {
         let response = self
             .start(Method::GET, &path, None, timeout, "application/x-ndjson")
             .await?;
-        Ok(LogStream {
-            status: response.status().as_u16(),
-            response,
-            url: self.base.to_string(),
-            partial: Vec::new(),
-            ready: VecDeque::new(),
-            done: false,
-        })
+        Ok(NdjsonStream::new(response, self.base.to_string()))
     }
 }
 

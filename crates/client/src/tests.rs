@@ -613,3 +613,75 @@ async fn followed_logs_arrive_as_they_are_written() {
             .starts_with("GET /v1/apps/web/logs?follow=true HTTP/1.1\r\n")
     );
 }
+
+const RELEASE: &str = r#"{"version":2,"app":"web","status":"pending","image":"r/web:deployment-1","strategy":"rolling","groups":[{"group":"app","config":{"image":"r/web:deployment-1"},"count":2}],"user":"admin","created_at":"2026-01-01T00:00:00Z"}"#;
+
+#[tokio::test]
+async fn release_endpoints_use_their_paths_and_stream_events() {
+    let events = concat!(
+        r#"{"seq":1,"timestamp":"2026-01-01T00:00:00.000Z","level":"info","message":"release v2 created","status":"pending"}"#,
+        "\n\n",
+        r#"{"seq":2,"timestamp":"2026-01-01T00:00:01.000Z","level":"info","machine":"3d8d413b29d089","message":"machine started","status":"complete"}"#,
+        "\n"
+    );
+    let (url, server) = serve(vec![
+        json("201 Created", RELEASE),
+        json("200 OK", &format!("[{RELEASE}]")),
+        json("200 OK", RELEASE),
+        ("200 OK", "application/x-ndjson", events.to_owned()),
+        json("201 Created", RELEASE),
+        json("404 Not Found", r#"{"error":"release 9 not found"}"#),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let request = aloft_api::CreateReleaseRequest {
+        image: Some("r/web:deployment-1".into()),
+        groups: vec![aloft_api::ReleaseGroup {
+            group: "app".into(),
+            config: aloft_api::MachineConfig {
+                image: Some("r/web:deployment-1".into()),
+                ..Default::default()
+            },
+            count: Some(2),
+        }],
+        ..Default::default()
+    };
+    let release = client.release_create("web", &request).await.unwrap();
+    assert_eq!(release.version, 2);
+    assert_eq!(release.status, aloft_api::ReleaseStatus::Pending);
+    assert_eq!(client.releases_list("web").await.unwrap().len(), 1);
+    assert_eq!(
+        client.release_get("web", 2).await.unwrap().image,
+        "r/web:deployment-1"
+    );
+    let mut stream = client.release_events("web", 2, true).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!((first.seq, first.machine.as_deref()), (1, None));
+    let second = stream.next().await.unwrap().unwrap();
+    assert_eq!(second.machine.as_deref(), Some("3d8d413b29d089"));
+    assert!(second.status.is_final());
+    assert!(stream.next().await.unwrap().is_none());
+    let rollback = aloft_api::RollbackRequest { version: Some(1) };
+    client.release_rollback("web", &rollback).await.unwrap();
+    let e = client.release_get("web", 9).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+
+    let requests = server.await.unwrap();
+    let heads: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        heads,
+        [
+            "POST /v1/apps/web/releases HTTP/1.1",
+            "GET /v1/apps/web/releases HTTP/1.1",
+            "GET /v1/apps/web/releases/2 HTTP/1.1",
+            "GET /v1/apps/web/releases/2/events?follow=true HTTP/1.1",
+            "POST /v1/apps/web/releases/rollback HTTP/1.1",
+            "GET /v1/apps/web/releases/9 HTTP/1.1",
+        ]
+    );
+    let body = requests[0].split_once("\r\n\r\n").unwrap().1;
+    let sent: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(sent["groups"][0]["count"], 2);
+    assert_eq!(sent["strategy"], "rolling");
+    assert!(requests[4].ends_with(r#"{"version":1}"#), "{}", requests[4]);
+}
