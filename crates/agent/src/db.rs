@@ -1,7 +1,7 @@
 //! The agent's own SQLite database (WAL, `synchronous=FULL`: a committed step survives a power
 //! cut). One connection behind a mutex; every write is one transaction.
 //!
-//! Schema (version 1, `PRAGMA user_version`):
+//! Schema (version 2, `PRAGMA user_version`; version 2 adds the index `machines_by_app`):
 //!
 //! | table | holds |
 //! |---|---|
@@ -23,7 +23,8 @@ use serde::de::DeserializeOwned;
 use crate::error::AgentError;
 use crate::model::{MachineRecord, OpRecord, Phase, StepRecord};
 
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE machines (
     id TEXT PRIMARY KEY,
     app TEXT NOT NULL,
@@ -84,7 +85,11 @@ CREATE TABLE events (
     request TEXT
 );
 CREATE INDEX events_by_machine ON events (machine_id, seq);
-"];
+",
+    r"
+CREATE INDEX machines_by_app ON machines (app, created_at, id);
+",
+];
 
 /// The database. Writes are refused once `halted` is set (a killed agent writes nothing more).
 #[derive(Debug)]
@@ -551,6 +556,22 @@ impl Db {
             .map_err(AgentError::db("list machines"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(AgentError::db("list machines"))?;
+        rows.into_iter().map(RawMachine::parse).collect()
+    }
+
+    /// The machines of one app, oldest first (through `machines_by_app`).
+    pub(crate) fn machines_of(&self, app: &str) -> Result<Vec<MachineRecord>, AgentError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {MACHINE_COLS} FROM machines WHERE app = ?1 ORDER BY created_at, id"
+            ))
+            .map_err(AgentError::db("list an app's machines"))?;
+        let rows = stmt
+            .query_map([app], raw_machine)
+            .map_err(AgentError::db("list an app's machines"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AgentError::db("list an app's machines"))?;
         rows.into_iter().map(RawMachine::parse).collect()
     }
 

@@ -61,10 +61,9 @@ impl MachineHost for Agent {
 
     fn list(&self, app: &str) -> Result<Vec<Machine>, ApiError> {
         Ok(self
-            .list()
+            .list_app(app)
             .map_err(api)?
             .into_iter()
-            .filter(|r| r.app == app)
             .map(|r| r.to_api(Vec::new()))
             .collect())
     }

@@ -115,20 +115,22 @@ fn sources(state: &ApiState, app: &str, q: &LogsQuery) -> Result<Vec<Source>, Ht
     Ok(out)
 }
 
-/// The newest `limit` lines of the sources, oldest first, and the last position read per machine.
+/// The newest `limit` lines of the sources, oldest first, and where each machine's log is now
+/// (the seq of its last line, 0 for an empty log).
 fn tail(sources: &[Source], limit: usize) -> Result<(Vec<LogEntry>, HashMap<MachineId, u64>), HttpError> {
     let mut lines = Vec::new();
     let mut last = HashMap::new();
     for s in sources {
-        let got = match s.host.log_tail(&s.id, limit) {
+        // At least one line, to learn where the log is: a follow goes on from exactly there.
+        let mut got = match s.host.log_tail(&s.id, limit.max(1)) {
             Ok(got) => got,
             // Destroyed meanwhile: nothing to show.
             Err(e) if e.status() == 404 => continue,
             Err(e) => return Err(e.into()),
         };
-        if let Some(l) = got.last() {
-            last.insert(s.id.clone(), l.seq);
-        }
+        last.insert(s.id.clone(), got.last().map_or(0, |l| l.seq));
+        let skip = got.len().saturating_sub(limit);
+        got.drain(..skip);
         lines.extend(got);
     }
     lines.sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.seq.cmp(&b.seq)));
@@ -207,7 +209,9 @@ async fn follow(
             if !followed.insert(s.id.clone()) {
                 continue;
             }
-            let after = last.remove(&s.id);
+            // Machines found after the tail are followed from their first line, so nothing
+            // they wrote before the follow saw them is lost.
+            let after = Some(last.remove(&s.id).unwrap_or(0));
             let tx = tx.clone();
             tokio::task::spawn_blocking(move || follow_one(&s, after, &tx));
         }
