@@ -28,6 +28,7 @@ mod release;
 mod requests;
 #[cfg(feature = "schema")]
 mod schema;
+mod secrets;
 mod serde_util;
 mod signal;
 #[cfg(test)]
@@ -55,6 +56,11 @@ pub use requests::{
     ListenSocket, MetadataValueResponse, OkResponse, ProcessStat, RestartQuery, StartResponse, StopRequest,
     UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitQuery, WaitResponse,
     WaitState, validate_machine_name,
+};
+pub use secrets::{
+    AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, DeleteAppSecretResponse,
+    MAX_SECRET_BYTES, SecretEnv, SecretsQuery, SetAppSecretRequest, SetAppSecretResponse,
+    validate_secret_name, validate_secret_value,
 };
 pub use signal::{Signal, SignalRequest};
 pub use state::{MachineState, ParseStateError, StateClass, StateError, Transition, Verb};

@@ -56,6 +56,52 @@ pub struct TokenRecord {
     pub expires_at_ms: Option<i64>,
 }
 
+/// One app secret as stored: sealed by the control plane (AEAD, its key kept outside the store),
+/// never in plaintext. `nonce` and `ciphertext` are base64.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// The secret's name.
+    pub name: String,
+    /// The AEAD nonce, base64.
+    pub nonce: String,
+    /// The sealed value with its tag, base64.
+    pub ciphertext: String,
+    /// Hex SHA-256 of the value (what the API shows).
+    pub digest: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl std::fmt::Debug for SecretRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretRecord")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An app's secrets version: bumped by every change of its secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SecretsVersion {
+    /// The version (0 before the first change).
+    pub version: u64,
+}
+
+/// An app's secrets read at one revision: the base of a change ([`ControlStore::apply_secrets`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SecretsSnapshot {
+    /// The app's secrets version.
+    pub version: u64,
+    /// The revision of the version record (`None`: never written).
+    pub revision: Option<Revision>,
+    /// The secrets, by name.
+    pub secrets: std::collections::BTreeMap<String, SecretRecord>,
+}
+
 /// A new machine lease. The caller supplies the nonce (random) and owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineLeaseRequest {
@@ -229,8 +275,8 @@ impl ControlStore {
         Ok(self.store.put_if(&key, encode(&key, app)?, expect, None)?)
     }
 
-    /// Deletes an app with every machine record, event and lease of it; `false` if there was
-    /// no such app.
+    /// Deletes an app with every machine record, event, lease and secret of it; `false` if there
+    /// was no such app.
     pub fn delete_app(&self, name: &str) -> Result<bool, ControlError> {
         let key = keys::app(name)?;
         let resp = self.store.txn(
@@ -239,9 +285,65 @@ impl ControlStore {
                 .then(Op::delete(key.clone()))
                 .then(Op::DeletePrefix(keys::machines(name)?))
                 .then(Op::DeletePrefix(format!("{}{name}/", keys::EVENTS)))
-                .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES))),
+                .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES)))
+                .then(Op::DeletePrefix(keys::secrets(name)?))
+                .then(Op::delete(keys::secrets_version(name)?)),
         )?;
         Ok(resp.succeeded)
+    }
+
+    /// The app's secrets and secrets version, read at one revision.
+    pub fn secrets(&self, app: &str) -> Result<SecretsSnapshot, ControlError> {
+        let version_key = keys::secrets_version(app)?;
+        let prefix = keys::secrets(app)?;
+        let mut out = SecretsSnapshot::default();
+        // `/secrets/{app}` and `/secrets/{app}/…` in one read (other apps' keys are skipped).
+        for kv in self.store.range(&version_key, &RangeOptions::default())?.kvs {
+            if kv.key == version_key {
+                let v: Versioned<SecretsVersion> = decode(&kv)?;
+                out.version = v.value.version;
+                out.revision = Some(v.revision);
+            } else if kv.key.starts_with(&prefix) {
+                let v: Versioned<SecretRecord> = decode(&kv)?;
+                out.secrets.insert(v.value.name.clone(), v.value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `changes` (name → new record, or `None` to delete) to the app's secrets read as
+    /// `base`, bumping the secrets version, in one transaction that also requires the app to
+    /// exist. `Ok(None)` if the secrets (or the app) changed since `base` was read: read again and
+    /// retry. Returns the new version.
+    pub fn apply_secrets(
+        &self,
+        app: &str,
+        base: &SecretsSnapshot,
+        changes: Vec<(String, Option<SecretRecord>)>,
+    ) -> Result<Option<u64>, ControlError> {
+        let version_key = keys::secrets_version(app)?;
+        let version = base.version.saturating_add(1);
+        let mut txn = Txn::new()
+            .expect(&keys::app(app)?, Expect::Present)
+            .expect(
+                &version_key,
+                base.revision.map_or(Expect::Absent, Expect::Revision),
+            )
+            .then(Op::put(
+                version_key.clone(),
+                encode(&version_key, &SecretsVersion { version })?,
+            ));
+        for (name, record) in changes {
+            let key = keys::secret(app, &name)?;
+            txn = match record {
+                Some(r) => {
+                    let value = encode(&key, &r)?;
+                    txn.then(Op::put(key, value))
+                }
+                None => txn.then(Op::delete(key)),
+            };
+        }
+        Ok(self.store.txn(txn)?.succeeded.then_some(version))
     }
 
     /// Records a new machine; [`ControlError::MachineExists`] if the id is taken.

@@ -10,7 +10,9 @@
 //! | `/tokens/{token_id}` | [`crate::TokenRecord`] |
 //! | `/org-networks/{org_slug}` | the organization's private network number (decimal) |
 //! | `/org-networks-next` | the next unallocated network number (decimal) |
-//! | `/releases/…`, `/secrets/…` | reserved for their future owners |
+//! | `/secrets/{app}` | the app's secrets version ([`crate::SecretsVersion`]) |
+//! | `/secrets/{app}/{name}` | [`crate::SecretRecord`]: one secret, sealed (never plaintext) |
+//! | `/releases/…` | reserved for its future owner |
 
 use crate::StoreError;
 
@@ -30,7 +32,7 @@ pub const ORG_NETWORKS: &str = "/org-networks/";
 pub const ORG_NETWORKS_NEXT: &str = "/org-networks-next";
 /// Reserved: releases.
 pub const RELEASES: &str = "/releases/";
-/// Reserved: secrets.
+/// App secrets (sealed) and each app's secrets version.
 pub const SECRETS: &str = "/secrets/";
 
 /// Checks one path segment of a key: non-empty, no `/`, no control characters, at most 200 bytes.
@@ -87,6 +89,21 @@ pub fn org_network(slug: &str) -> Result<String, StoreError> {
     Ok(format!("{ORG_NETWORKS}{}", segment(slug)?))
 }
 
+/// `/secrets/{app}`: the app's secrets version.
+pub fn secrets_version(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{SECRETS}{}", segment(app)?))
+}
+
+/// `/secrets/{app}/`: the app's secrets.
+pub fn secrets(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{}/", secrets_version(app)?))
+}
+
+/// `/secrets/{app}/{name}`.
+pub fn secret(app: &str, name: &str) -> Result<String, StoreError> {
+    Ok(format!("{}{}", secrets(app)?, segment(name)?))
+}
+
 /// `/tokens/{id}`.
 pub fn token(id: &str) -> Result<String, StoreError> {
     Ok(format!("{TOKENS}{}", segment(id)?))
@@ -107,6 +124,13 @@ mod tests {
         assert!(machine("web", "../x").is_err());
         assert!(app("").is_err());
         assert!(token("a\nb").is_err());
+        assert_eq!(secret("web", "DB").unwrap(), "/secrets/web/DB");
+        assert_eq!(secrets_version("web").unwrap(), "/secrets/web");
+        assert!(
+            !secret("webby", "DB")
+                .unwrap()
+                .starts_with(&secrets("web").unwrap())
+        );
         // An app's collection prefix does not select another app whose name extends it.
         assert!(
             !machine("webby", "m")

@@ -45,7 +45,10 @@ mod types;
 mod watch;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use control::{ControlError, ControlStore, MachineLeaseRequest, MachineRecord, TokenRecord, Versioned};
+pub use control::{
+    ControlError, ControlStore, MachineLeaseRequest, MachineRecord, SecretRecord, SecretsSnapshot,
+    SecretsVersion, TokenRecord, Versioned,
+};
 pub use error::{StoreError, WatchError};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 pub use store::{KEEP_REVISIONS, Store, compact_history, validate_key};
