@@ -75,11 +75,15 @@ fn resolve(args: &ConfigFileArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = &args.config {
         return Ok(path.clone());
     }
-    let cwd = std::env::current_dir()?;
+    resolve_in(&std::env::current_dir()?)
+}
+
+/// `aloft.toml`, else `fly.toml`, in `cwd`; an error that says to pass `-c` when neither is.
+pub(crate) fn resolve_in(cwd: &Path) -> anyhow::Result<PathBuf> {
     if aloft_config::CONFIG_NAMES.iter().all(|n| cwd.join(n).is_file()) {
         eprintln!("warning: both aloft.toml and fly.toml are here; using aloft.toml");
     }
-    aloft_config::find(&cwd).map_err(|e| {
+    aloft_config::find(cwd).map_err(|e| {
         UserError {
             message: e.to_string(),
             hint: Some("pass the file with -c/--config PATH".to_owned()),
@@ -91,11 +95,16 @@ fn resolve(args: &ConfigFileArgs) -> anyhow::Result<PathBuf> {
 
 fn load(args: &ConfigFileArgs) -> anyhow::Result<(PathBuf, Loaded)> {
     let path = resolve(args)?;
-    let loaded = aloft_config::load(&path).map_err(|e| invalid(&e))?;
+    let loaded = load_path(&path)?;
     Ok((path, loaded))
 }
 
-fn invalid(error: &dyn std::error::Error) -> anyhow::Error {
+/// Reads and validates the config at `path`; every problem in one error.
+pub(crate) fn load_path(path: &Path) -> anyhow::Result<Loaded> {
+    aloft_config::load(path).map_err(|e| invalid(&e))
+}
+
+pub(crate) fn invalid(error: &dyn std::error::Error) -> anyhow::Error {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -111,7 +120,7 @@ fn invalid(error: &dyn std::error::Error) -> anyhow::Error {
     .into()
 }
 
-fn print_warnings(loaded: &Loaded) {
+pub(crate) fn print_warnings(loaded: &Loaded) {
     for line in loaded.warnings().to_string().lines() {
         eprintln!("warning: {line}");
     }

@@ -112,6 +112,11 @@ impl Context {
         .with_context(|| format!("open the base root filesystems in {}", self.image_dir().display()))
     }
 
+    /// Whether the platform registry speaks plain HTTP: on loopback, or `--insecure-registry`.
+    pub(crate) fn registry_insecure(&self) -> bool {
+        self.registry_config.insecure.contains(&self.registry) || crate::errors::is_loopback(&self.registry)
+    }
+
     /// `input` as a reference; names without a registry are in `--registry`.
     pub(crate) fn reference(&self, input: &str) -> anyhow::Result<Reference> {
         Ok(Reference::parse_with_default_registry(input, &self.registry)?)

@@ -123,7 +123,7 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     e.to_string()
 }
 
-fn is_loopback(registry: &str) -> bool {
+pub(crate) fn is_loopback(registry: &str) -> bool {
     let host = registry
         .strip_prefix('[')
         .and_then(|r| r.split_once(']').map(|(h, _)| h))

@@ -15,15 +15,21 @@
 
 mod api;
 mod apps;
+mod build;
 mod completion;
 mod config;
 mod context;
+mod deploy;
 mod errors;
 mod images;
+mod launch;
 mod logs;
 mod machine;
 mod progress;
+mod releases;
+mod scale;
 mod spinner;
+mod status;
 
 use std::process::ExitCode;
 
@@ -58,6 +64,17 @@ enum Command {
     /// Check and print the app config (aloft.toml, else fly.toml).
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Build (unless --image) and deploy the app in aloft.toml as a new release.
+    Deploy(deploy::DeployArgs),
+    /// Create an app from the Dockerfile here (or --image): write aloft.toml, create, deploy.
+    Launch(launch::LaunchArgs),
+    /// List the app's releases; roll back to an earlier one.
+    Releases(releases::ReleasesArgs),
+    /// Show the app, its latest release and its machines by process group.
+    Status(status::StatusArgs),
+    /// Show or change the number and size of the app's machines (as a release).
+    #[command(subcommand)]
+    Scale(scale::ScaleCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(completion::CompletionArgs),
 }
@@ -93,6 +110,11 @@ fn main() -> ExitCode {
             Command::Apps(cmd) => apps::run(&ctx, cmd).await,
             Command::Machine(cmd) => machine::run(&ctx, *cmd).await,
             Command::Logs(args) => logs::run(&ctx, args).await,
+            Command::Deploy(args) => deploy::run(&ctx, args).await,
+            Command::Launch(args) => launch::run(&ctx, args).await,
+            Command::Releases(args) => releases::run(&ctx, args).await,
+            Command::Status(args) => status::run(&ctx, args).await,
+            Command::Scale(cmd) => scale::run(&ctx, cmd).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }

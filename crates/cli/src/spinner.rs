@@ -54,6 +54,17 @@ impl Spinner {
         }
     }
 
+    /// Prints `line` on stderr above the spinner (which redraws below it on its next tick).
+    pub(crate) fn line(&self, line: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = writeln!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+
     /// Ends the spinner with `✓ MESSAGE (1.2s)` or, when `!ok`, `✗ MESSAGE`.
     pub(crate) fn finish(mut self, ok: bool) {
         self.end();

@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 
 mod logs;
 mod machines;
+mod platform;
 mod releases;
 
 pub use logs::{LogStream, LogsQuery, NdjsonStream};
