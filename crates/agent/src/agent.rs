@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use aloft_api::{
     EventSource, Machine, MachineConfig, MachineEvent, MachineEventRequest, MachineId, MachineState,
-    MachineVersion, ProcessStat, Signal, StateError, Verb, WaitState,
+    MachineVersion, ProcessStat, SecretEnv, Signal, StateError, Verb, WaitState,
 };
 
 use crate::checks::Checks;
@@ -20,8 +20,8 @@ use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
 use crate::logs::{self, AfterExit, LogFollow, LogLimits, LogStore};
 use crate::model::{
-    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord,
-    exit_request,
+    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, SealedSecrets, Step,
+    StepRecord, exit_request,
 };
 use crate::plan::{self, ExitDecision, Identity, RestartBackoff};
 
@@ -275,6 +275,8 @@ struct Inner {
     checks: Checks,
     driver: Arc<dyn Driver>,
     config: AgentConfig,
+    /// Seals the app secrets kept per machine version (`<db dir>/agent-secrets.key`).
+    secrets_key: aloft_secretbox::Key,
     halted: Arc<AtomicBool>,
     closing: AtomicBool,
     live: Mutex<Live>,
@@ -356,6 +358,11 @@ impl Agent {
         }
         let lock = lock_db(&config.db_path)?;
         let db = Db::open(&config.db_path, halted.clone())?;
+        let key_path = match config.db_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.join("agent-secrets.key"),
+            _ => PathBuf::from("agent-secrets.key"),
+        };
+        let secrets_key = aloft_secretbox::Key::load_or_create(&key_path)?;
         let log_root = match config.db_path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.join("logs"),
             _ => PathBuf::from("logs"),
@@ -370,6 +377,7 @@ impl Agent {
             checks: Checks::default(),
             driver,
             config,
+            secrets_key,
             halted,
             closing: AtomicBool::new(false),
             live: Mutex::new(Live::default()),
@@ -386,7 +394,17 @@ impl Agent {
 
     /// Accepts a create: the machine is recorded (state `creating`) before anything is made.
     pub fn create(&self, req: CreateMachine) -> Result<OpHandle, AgentError> {
-        self.inner.create(req)
+        self.inner.create(req, &SecretEnv::default())
+    }
+
+    /// [`Agent::create`] with the app's secrets: kept sealed for this version and injected as
+    /// environment variables at each of its boots.
+    pub fn create_with_secrets(
+        &self,
+        req: CreateMachine,
+        secrets: &SecretEnv,
+    ) -> Result<OpHandle, AgentError> {
+        self.inner.create(req, secrets)
     }
 
     /// Starts a created, stopped, failed or suspended machine.
@@ -441,7 +459,19 @@ impl Agent {
     /// Gives the machine a new config and version; the old version becomes `replaced`. A started
     /// machine boots the new version (unless `skip_launch`); any other stays stopped.
     pub fn update(&self, id: &MachineId, req: &UpdateMachine) -> Result<OpHandle, AgentError> {
+        self.update_with_secrets(id, req, &SecretEnv::default())
+    }
+
+    /// [`Agent::update`] with the app's secrets for the new version (the old version's go with
+    /// it).
+    pub fn update_with_secrets(
+        &self,
+        id: &MachineId,
+        req: &UpdateMachine,
+        secrets: &SecretEnv,
+    ) -> Result<OpHandle, AgentError> {
         plan::validate(&req.config)?;
+        plan::check_secret_refs(&req.config, &secrets.values)?;
         self.inner.check_capacity(&req.config)?;
         let skip = req.skip_launch;
         self.inner.submit_with(
@@ -463,7 +493,9 @@ impl Agent {
                 let (signal, timeout) = self.inner.stop_params(&rec.config, StopOptions::default());
                 p.signal = signal;
                 p.timeout_ms = Some(timeout);
-                p.new_version = Some(ulid());
+                let version = ulid();
+                p.secrets = self.inner.seal_secrets(&rec.id, &version, secrets)?;
+                p.new_version = Some(version);
                 p.new_config = Some(req.config.clone());
                 Ok(p)
             },
@@ -869,7 +901,51 @@ impl Inner {
             new_config: None,
             backoff_ms: 0,
             undo: None,
+            secrets: None,
         }
+    }
+
+    /// The associated data of a version's sealed secrets: they open only for that machine and
+    /// version.
+    fn secrets_ad(id: &MachineId, version: &str) -> Vec<u8> {
+        format!("aloft-agent-secrets\0{id}\0{version}").into_bytes()
+    }
+
+    /// `secrets` sealed for `version` of machine `id` (`None` when there are none).
+    fn seal_secrets(
+        &self,
+        id: &MachineId,
+        version: &str,
+        secrets: &SecretEnv,
+    ) -> Result<Option<SealedSecrets>, AgentError> {
+        if secrets.values.is_empty() {
+            return Ok(None);
+        }
+        let json = serde_json::to_vec(&secrets.values).map_err(|source| AgentError::Corrupt {
+            what: format!("secrets of machine {id}"),
+            source,
+        })?;
+        let sealed = self.secrets_key.seal(&json, &Self::secrets_ad(id, version))?;
+        Ok(Some(SealedSecrets {
+            version: secrets.version,
+            sealed,
+        }))
+    }
+
+    /// Opens what [`Inner::seal_secrets`] sealed.
+    fn open_secrets(
+        &self,
+        id: &MachineId,
+        version: &str,
+        sealed: &SealedSecrets,
+    ) -> Result<std::collections::BTreeMap<String, String>, AgentError> {
+        let json = self
+            .secrets_key
+            .open(&sealed.sealed, &Self::secrets_ad(id, version))?;
+        serde_json::from_slice(&json).map_err(|source| AgentError::Corrupt {
+            what: format!("secrets of machine {id}"),
+            source,
+        })
     }
 
     /// Refuses a config bigger than the host.
@@ -892,8 +968,9 @@ impl Inner {
         Ok(())
     }
 
-    fn create(self: &Arc<Self>, req: CreateMachine) -> Result<OpHandle, AgentError> {
+    fn create(self: &Arc<Self>, req: CreateMachine, secrets: &SecretEnv) -> Result<OpHandle, AgentError> {
         plan::validate(&req.config)?;
+        plan::check_secret_refs(&req.config, &secrets.values)?;
         self.check_capacity(&req.config)?;
         let id = req.id.clone().unwrap_or_else(new_machine_id);
         let mut live = self.lock();
@@ -904,9 +981,11 @@ impl Inner {
             return Err(AgentError::AlreadyExists { machine: id });
         }
         let version = ulid();
+        let sealed = self.seal_secrets(&id, &version, secrets)?;
         let params = OpParams {
             new_version: Some(version.clone()),
             new_config: Some(req.config.clone()),
+            secrets: sealed.clone(),
             ..Self::base_params(OpKind::Create, MachineState::Creating, req.skip_launch)
         };
         let op = Self::new_op(&id, OpKind::Create, EventSource::User, params);
@@ -930,6 +1009,7 @@ impl Inner {
         self.db.write(|tx| {
             tx.insert_machine(&rec)?;
             tx.insert_version(&id, &version, &rec.config, now)?;
+            tx.put_secrets(&id, &version, sealed.as_ref())?;
             tx.insert_op(&op)
         })?;
         Ok(self.launch(&mut live, &op, MachineState::Creating))
@@ -1332,6 +1412,9 @@ impl Inner {
         self.db.write(|tx| {
             tx.update_op(&op)?;
             tx.update_machine(&rec)?;
+            if state == MachineState::Destroyed {
+                tx.put_secrets(&rec.id, "", None)?;
+            }
             tx.insert_event(&rec.id, &event)?;
             tx.prune(&rec.id, HISTORY)
         })?;
@@ -1377,6 +1460,7 @@ impl Inner {
                         if commit_version && old_version != rec.version {
                             let now = now_ms();
                             tx.insert_version(&rec.id, &rec.version, &rec.config, now)?;
+                            tx.put_secrets(&rec.id, &rec.version, op.params.secrets.as_ref())?;
                             tx.replace_version(&rec.id, &old_version, now)?;
                             let mut extra = MachineEventRequest::default();
                             extra.extra.insert(
@@ -1577,7 +1661,23 @@ impl Inner {
             region: &rec.region,
             version,
         };
-        let run_config = plan::run_config(who, config, image, base, &net).map_err(|e| bad(e.to_string()))?;
+        // The version's secrets: the operation's own for a create or update, else the ones kept
+        // for the current version.
+        let sealed = if new {
+            op.params.secrets.clone()
+        } else {
+            self.db
+                .secrets(&rec.id)
+                .map_err(|e| bad(e.to_string()))?
+                .and_then(|(v, s)| (v == version).then_some(s))
+        };
+        let secrets = sealed
+            .map(|s| self.open_secrets(&rec.id, version, &s))
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?
+            .unwrap_or_default();
+        let run_config =
+            plan::run_config(who, config, &secrets, image, base, &net).map_err(|e| bad(e.to_string()))?;
         let (vcpus, memory_mib) = plan::guest_size(config).map_err(|e| bad(e.to_string()))?;
         Ok(LaunchSpec {
             vcpus,

@@ -1,7 +1,8 @@
 //! The agent's own SQLite database (WAL, `synchronous=FULL`: a committed step survives a power
 //! cut). One connection behind a mutex; every write is one transaction.
 //!
-//! Schema (version 2, `PRAGMA user_version`; version 2 adds the index `machines_by_app`):
+//! Schema (version 3, `PRAGMA user_version`; version 2 adds the index `machines_by_app`, version 3
+//! the table `machine_secrets`):
 //!
 //! | table | holds |
 //! |---|---|
@@ -10,6 +11,7 @@
 //! | `operations` | one row per operation: kind, source, status, params (plans, JSON), scratch (JSON), error |
 //! | `steps` | one row per (operation, phase, index): step, status, attempts, error |
 //! | `events` | Fly-shaped machine events, in order (`seq`) |
+//! | `machine_secrets` | the current version's app secrets, sealed with the agent's key (JSON of [`crate::SealedSecrets`]); version 3 |
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::AgentError;
-use crate::model::{MachineRecord, OpRecord, Phase, StepRecord};
+use crate::model::{MachineRecord, OpRecord, Phase, SealedSecrets, StepRecord};
 
 const MIGRATIONS: &[&str] = &[
     r"
@@ -88,6 +90,13 @@ CREATE INDEX events_by_machine ON events (machine_id, seq);
 ",
     r"
 CREATE INDEX machines_by_app ON machines (app, created_at, id);
+",
+    r"
+CREATE TABLE machine_secrets (
+    machine_id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    sealed TEXT NOT NULL
+);
 ",
 ];
 
@@ -298,6 +307,26 @@ impl Tx<'_> {
                 params![id.as_str(), version, to_json(config), at],
             )
             .map_err(AgentError::db("insert version"))?;
+        Ok(())
+    }
+
+    /// Keeps `sealed` as the secrets of `version` of machine `id` (none: forgets them).
+    pub(crate) fn put_secrets(
+        &self,
+        id: &MachineId,
+        version: &str,
+        sealed: Option<&SealedSecrets>,
+    ) -> Result<(), AgentError> {
+        match sealed {
+            Some(s) => self.tx.execute(
+                "INSERT OR REPLACE INTO machine_secrets (machine_id, version, sealed) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), version, to_json(s)],
+            ),
+            None => self
+                .tx
+                .execute("DELETE FROM machine_secrets WHERE machine_id = ?1", [id.as_str()]),
+        }
+        .map_err(AgentError::db("record secrets"))?;
         Ok(())
     }
 
@@ -573,6 +602,21 @@ impl Db {
             .collect::<Result<Vec<_>, _>>()
             .map_err(AgentError::db("list an app's machines"))?;
         rows.into_iter().map(RawMachine::parse).collect()
+    }
+
+    /// The sealed secrets kept for machine `id`: (version, secrets).
+    pub(crate) fn secrets(&self, id: &MachineId) -> Result<Option<(String, SealedSecrets)>, AgentError> {
+        let row = self
+            .lock()
+            .query_row(
+                "SELECT version, sealed FROM machine_secrets WHERE machine_id = ?1",
+                [id.as_str()],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()
+            .map_err(AgentError::db("read secrets"))?;
+        row.map(|(v, s)| Ok((v, from_json(|| format!("secrets of machine {id}"), &s)?)))
+            .transpose()
     }
 
     pub(crate) fn op(&self, id: &str) -> Result<Option<OpRecord>, AgentError> {

@@ -66,6 +66,13 @@ pub enum AgentError {
         /// The event id asked for.
         event_id: String,
     },
+    /// The agent's secrets key or a sealed secret could not be used (500).
+    #[error("agent secrets: {source}")]
+    Secrets {
+        /// Why.
+        #[from]
+        source: aloft_secretbox::SecretboxError,
+    },
     /// The config cannot be run (400).
     #[error("invalid machine config: {reason}")]
     InvalidConfig {
@@ -186,6 +193,7 @@ impl AgentError {
             | Self::Driver { .. }
             | Self::Database { .. }
             | Self::Corrupt { .. }
+            | Self::Secrets { .. }
             | Self::Io { .. } => ApiError::internal(),
         }
     }

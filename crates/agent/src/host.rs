@@ -29,15 +29,18 @@ impl MachineHost for Agent {
     fn create(&self, req: HostCreate) -> Result<Machine, ApiError> {
         let id = req.id.clone();
         let op = self
-            .create(CreateMachine {
-                id: Some(req.id),
-                app: req.app,
-                name: Some(req.name),
-                region: req.region,
-                org: req.org,
-                config: req.config,
-                skip_launch: req.skip_launch,
-            })
+            .create_with_secrets(
+                CreateMachine {
+                    id: Some(req.id),
+                    app: req.app,
+                    name: Some(req.name),
+                    region: req.region,
+                    org: req.org,
+                    config: req.config,
+                    skip_launch: req.skip_launch,
+                },
+                &req.secrets,
+            )
             .map_err(api)?;
         let rec = self
             .wait_until(&id, CREATE_HOLD, |r| r.state != MachineState::Creating)
@@ -94,13 +97,14 @@ impl MachineHost for Agent {
 
     fn update(&self, id: &MachineId, req: HostUpdate) -> Result<Machine, ApiError> {
         let op = self
-            .update(
+            .update_with_secrets(
                 id,
                 &UpdateMachine {
                     config: req.config.clone(),
                     skip_launch: req.skip_launch,
                     current_version: req.current_version,
                 },
+                &req.secrets,
             )
             .map_err(api)?;
         // Answer with the new version and config (as Fly does) while the machine moves to it:

@@ -15,6 +15,11 @@
 //! - Health checks: the config's tcp and http checks run against each started machine, their
 //!   statuses in [`MachineRecord::checks`] and `Machine.checks` (see `checks.rs` for names,
 //!   defaults and semantics).
+//! - Secrets: the app's secrets come with a create or an update ([`Agent::create_with_secrets`],
+//!   [`Agent::update_with_secrets`]), are kept sealed (ChaCha20-Poly1305, key in
+//!   `<db dir>/agent-secrets.key`) per machine version, and are injected as environment variables at
+//!   every boot of that version, over `config.env`. They never appear in the config, events,
+//!   versions or logs.
 //! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -59,7 +64,8 @@ pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
 pub use hostnet::HostNetwork;
 pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};
 pub use model::{
-    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, Step, StepRecord, Undo,
+    MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, SealedSecrets, Step,
+    StepRecord, Undo,
 };
 pub use plan::{DEFAULT_MAX_RETRIES, RestartBackoff};
 pub use vmdriver::{VmDriver, VmDriverConfig};

@@ -269,6 +269,20 @@ pub struct OpParams {
     /// The undo plan, once a step failed.
     #[serde(default)]
     pub undo: Option<Undo>,
+    /// Create/update: the app's secrets for the new version, sealed with the agent's key (never
+    /// plaintext in the database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SealedSecrets>,
+}
+
+/// A version's secrets as the agent keeps them: one sealed JSON object (name → value) bound to
+/// the machine and version, with the app's secrets version it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedSecrets {
+    /// The app's secrets version.
+    pub version: u64,
+    /// The sealed values.
+    pub sealed: aloft_secretbox::Sealed,
 }
 
 /// What runs after a step failed for good.

@@ -1,6 +1,7 @@
 //! Pure decisions: which steps a verb takes from a state, what runs when a step fails for good,
 //! what the restart policy does with an exit, and what init is given to boot a version. No I/O.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aloft_api::{GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy, RootfsPersist};
@@ -242,7 +243,7 @@ pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
         Some(_) => {}
     }
     guest_size(config)?;
-    files(config)?;
+    files(config, None)?;
     if !config.containers.is_empty() {
         return invalid(
             "multi-container machines (config.containers) are not supported yet: use config.image",
@@ -274,7 +275,70 @@ pub(crate) fn schedule_period(schedule: &str, hour: Duration) -> Option<Duration
     })
 }
 
-fn files(config: &MachineConfig) -> Result<Vec<FileSpec>, AgentError> {
+/// Checks that every secret `config` names (`processes[0].secrets`, `files[].secret_name`) is
+/// among `secrets`, before a create or update is accepted.
+pub(crate) fn check_secret_refs(
+    config: &MachineConfig,
+    secrets: &BTreeMap<String, String>,
+) -> Result<(), AgentError> {
+    process_secrets(config, secrets)?;
+    files(config, Some(secrets))?;
+    Ok(())
+}
+
+/// The environment of the workload: `config.env`, then the app's secrets over it (unless
+/// `processes[0].ignore_app_secrets`), then `processes[0].secrets` (`env_var` ← secret `name`).
+fn environment(
+    config: &MachineConfig,
+    secrets: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, AgentError> {
+    let mut env = config.env.clone();
+    let ignore = config
+        .processes
+        .first()
+        .and_then(|p| p.ignore_app_secrets)
+        .unwrap_or(false);
+    if !ignore {
+        env.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    env.extend(process_secrets(config, secrets)?);
+    Ok(env)
+}
+
+/// `processes[0].secrets` resolved: (env var, value).
+fn process_secrets(
+    config: &MachineConfig,
+    secrets: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, AgentError> {
+    let Some(p) = config.processes.first() else {
+        return Ok(Vec::new());
+    };
+    p.secrets
+        .iter()
+        .map(|s| {
+            let var = s.env_var.clone().or_else(|| s.name.clone()).unwrap_or_default();
+            let name = s.name.clone().unwrap_or_else(|| var.clone());
+            if var.is_empty() {
+                return Err(AgentError::InvalidConfig {
+                    reason: "processes[].secrets: an entry has neither env_var nor name".to_owned(),
+                });
+            }
+            let value = secrets.get(&name).ok_or_else(|| AgentError::InvalidConfig {
+                reason: format!(
+                    "processes[].secrets: the app has no secret {name}; set it with `aloft secrets set {name}=…`"
+                ),
+            })?;
+            Ok((var, value.clone()))
+        })
+        .collect()
+}
+
+/// The files init writes. `secrets: None` only checks them (a `secret_name` is resolved when the
+/// secrets are known).
+fn files(
+    config: &MachineConfig,
+    secrets: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<FileSpec>, AgentError> {
     config
         .files
         .iter()
@@ -294,13 +358,24 @@ fn files(config: &MachineConfig) -> Result<Vec<FileSpec>, AgentError> {
                         });
                     }
                 },
-                (None, Some(_), _) => {
-                    return Err(AgentError::InvalidConfig {
-                        reason: format!(
-                            "files: {path} names a secret; the control plane must resolve secret_name into raw_value before it reaches the agent"
-                        ),
-                    });
-                }
+                (None, Some(name), _) => match secrets {
+                    None => Vec::new(),
+                    Some(secrets) => {
+                        let value = secrets.get(name).ok_or_else(|| AgentError::InvalidConfig {
+                            reason: format!(
+                                "files: {path} names secret {name}, which the app does not have; set it with `aloft secrets set {name}=…` (base64 content)"
+                            ),
+                        })?;
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD
+                            .decode(value.trim())
+                            .map_err(|_| AgentError::InvalidConfig {
+                                reason: format!(
+                                    "files: secret {name} for {path} is not base64; store the file's content base64-encoded"
+                                ),
+                            })?
+                    }
+                },
                 _ => {
                     return Err(AgentError::InvalidConfig {
                         reason: format!("files: {path} needs raw_value"),
@@ -325,10 +400,12 @@ pub(crate) struct Identity<'a> {
     pub(crate) version: &'a str,
 }
 
-/// The run config init boots `config` with.
+/// The run config init boots `config` with; the app's `secrets` become environment variables
+/// over `config.env` (and `files[].secret_name` contents).
 pub(crate) fn run_config(
     who: Identity<'_>,
     config: &MachineConfig,
+    secrets: &BTreeMap<String, String>,
     image: &ImageInfo,
     base: &BaseInfo,
     net: &NetInfo,
@@ -349,7 +426,7 @@ pub(crate) fn run_config(
         cmd: some(init.cmd),
         user: None,
         working_dir: None,
-        env: config.env.clone(),
+        env: environment(config, secrets)?,
         runtime: RuntimeEnv {
             app_name: who.app.to_owned(),
             machine_id: who.id.to_owned(),
@@ -374,7 +451,7 @@ pub(crate) fn run_config(
         network: net.net_config.clone(),
         dns: net.dns.clone(),
         etc_hosts: net.etc_hosts.clone(),
-        files: files(config)?,
+        files: files(config, Some(secrets))?,
         stop_signal: config
             .stop_config
             .as_ref()

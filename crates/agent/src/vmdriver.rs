@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -432,7 +432,14 @@ impl Driver for VmDriver {
             .map_err(|e| DriverError::failed(DriverOp::WriteSpec, &e, false))?;
         let path = self.spec_path(id);
         let tmp = dir.join("vm.json.tmp");
-        fs::File::create(&tmp)
+        // The run config holds the workload's environment, app secrets included: owner-only
+        // (in a 0700 machine directory).
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
             .and_then(|mut f| {
                 f.write_all(&json)?;
                 f.sync_all()

@@ -283,6 +283,10 @@ async fn serve(
     tokio::task::spawn_blocking(move || bootstrap(&control, &url))
         .await
         .context("first-start setup did not finish")??;
+    // App secrets are sealed with a key kept in its own file, apart from control.db.
+    let key_path = args.data_dir.join("secrets.key");
+    let secrets_key = aloft_secretbox::Key::load_or_create(&key_path)
+        .with_context(|| format!("open the secrets key {}", key_path.display()))?;
     let state = ApiState::with_hosts(
         store,
         ApiConfig {
@@ -290,7 +294,8 @@ async fn serve(
             access_log: !args.no_access_log,
         },
         hosts,
-    );
+    )
+    .with_secrets_key(Arc::new(secrets_key));
     eprintln!(
         "aloftd: listening on {api_url} (region {}, data {})",
         args.region,

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ApiError, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId, MachineState, MachineVersion,
-    ProcessStat, Signal, UpdateMetadataRequest, WaitResponse, WaitState,
+    ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, WaitResponse, WaitState,
 };
 
 /// A machine to create on a host.
@@ -37,6 +37,9 @@ pub struct HostCreate {
     pub config: MachineConfig,
     /// Create without booting (state `created`).
     pub skip_launch: bool,
+    /// The app's secrets, decrypted: the host keeps them (sealed) for every boot of this
+    /// version and injects them as environment variables, over `config.env`.
+    pub secrets: SecretEnv,
 }
 
 /// A new config for a machine (`POST …/{id}`).
@@ -48,6 +51,8 @@ pub struct HostUpdate {
     pub skip_launch: bool,
     /// Refuse (412) unless the machine is at this version.
     pub current_version: Option<String>,
+    /// The app's secrets for the new version, as in [`HostCreate::secrets`].
+    pub secrets: SecretEnv,
 }
 
 /// How to stop (or restart) a machine.

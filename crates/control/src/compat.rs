@@ -84,6 +84,11 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
         "/apps/{app_name}/machines/{machine_id}/versions",
     ),
     (MethodFilter::GET, "/apps/{app_name}/machines/{machine_id}/wait"),
+    (MethodFilter::GET, "/apps/{app_name}/secrets"),
+    (MethodFilter::POST, "/apps/{app_name}/secrets"),
+    (MethodFilter::GET, "/apps/{app_name}/secrets/{secret_name}"),
+    (MethodFilter::POST, "/apps/{app_name}/secrets/{secret_name}"),
+    (MethodFilter::DELETE, "/apps/{app_name}/secrets/{secret_name}"),
 ];
 
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
@@ -146,11 +151,6 @@ pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
         MethodFilter::POST,
         "/apps/{app_name}/secretkeys/{secret_name}/verify",
     ),
-    (MethodFilter::GET, "/apps/{app_name}/secrets"),
-    (MethodFilter::POST, "/apps/{app_name}/secrets"),
-    (MethodFilter::GET, "/apps/{app_name}/secrets/{secret_name}"),
-    (MethodFilter::POST, "/apps/{app_name}/secrets/{secret_name}"),
-    (MethodFilter::DELETE, "/apps/{app_name}/secrets/{secret_name}"),
     (MethodFilter::GET, "/apps/{app_name}/volumes"),
     (MethodFilter::POST, "/apps/{app_name}/volumes"),
     (MethodFilter::GET, "/apps/{app_name}/volumes/{volume_id}"),

@@ -29,6 +29,7 @@ mod log;
 mod logs;
 mod machines;
 mod openapi;
+mod secrets;
 
 use std::sync::Arc;
 
@@ -73,6 +74,9 @@ struct Inner {
     control: ControlStore,
     hosts: hosts::Hosts,
     config: ApiConfig,
+    /// Seals app secrets at rest (`<data dir>/secrets.key`); without it the secrets endpoints
+    /// answer 503.
+    secrets_key: Option<Arc<aloft_secretbox::Key>>,
 }
 
 impl ApiState {
@@ -90,8 +94,24 @@ impl ApiState {
                 control: ControlStore::new(store),
                 hosts: hosts::Hosts::new(hosts),
                 config,
+                secrets_key: None,
             }),
         }
+    }
+
+    /// This state with `key` sealing app secrets (`<data dir>/secrets.key`, kept apart from the
+    /// store). Call it before the state is shared (cloned); a shared state is returned unchanged.
+    #[must_use]
+    pub fn with_secrets_key(mut self, key: Arc<aloft_secretbox::Key>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.secrets_key = Some(key);
+        }
+        self
+    }
+
+    /// The key that seals app secrets, if the server has one.
+    pub(crate) fn secrets_key(&self) -> Option<&aloft_secretbox::Key> {
+        self.inner.secrets_key.as_deref()
     }
 
     pub(crate) fn hosts(&self) -> &hosts::Hosts {
@@ -155,7 +175,8 @@ pub fn router(state: ApiState) -> Router {
             get(machines::metadata_key)
                 .post(machines::set_metadata_key)
                 .delete(machines::delete_metadata_key),
-        );
+        )
+        .merge(secrets::routes());
     compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -226,6 +226,12 @@ pub(crate) async fn create(
         let app_record = visible_app(control, &caller, &app)?;
         let host = state.hosts().place(req.region.as_deref())?.clone();
         let org = control.org_network(&app_record.organization.slug)?;
+        let secrets = crate::secrets::for_machine(
+            &state,
+            &app,
+            req.skip_secrets.unwrap_or(false),
+            req.min_secrets_version,
+        )?;
         let id = new_machine_id()?;
         let name = req.name.clone().unwrap_or_else(|| id.to_string());
         let placement = placement_record(&app, &host, &id, &name);
@@ -260,6 +266,7 @@ pub(crate) async fn create(
             org,
             config: req.config,
             skip_launch: req.skip_launch.unwrap_or(false),
+            secrets,
         });
         let mut machine = match created {
             Ok(m) => m,
@@ -342,7 +349,7 @@ pub(crate) async fn update(
     headers: HeaderMap,
     JsonBody(req): JsonBody<UpdateMachineRequest>,
 ) -> Result<Json<Machine>, HttpError> {
-    let m = on_unleased(state, caller, path, &headers, move |_, t| {
+    let m = on_unleased(state, caller, path, &headers, move |state, t| {
         let current = t.host.get(&t.id)?;
         req.validate(&current.name, &current.region)?;
         if !req.config.mounts.is_empty() {
@@ -351,12 +358,19 @@ pub(crate) async fn update(
             )
             .into());
         }
+        let secrets = crate::secrets::for_machine(
+            state,
+            &t.app,
+            req.skip_secrets.unwrap_or(false),
+            req.min_secrets_version,
+        )?;
         let m = t.host.update(
             &t.id,
             HostUpdate {
                 config: req.config,
                 skip_launch: req.skip_launch.unwrap_or(false),
                 current_version: req.current_version,
+                secrets,
             },
         )?;
         Ok(t.decorate(m))

@@ -14,10 +14,12 @@
 //! (`tests/fixtures/machines-openapi3.json`); `docs/api-compat.md` and ADR 0010 say more.
 
 use aloft_api::{
-    App, CreateAppRequest, CreateLeaseRequest, CreateMachineRequest, ErrorResponse, ExecRequest,
+    App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, CreateAppRequest,
+    CreateLeaseRequest, CreateMachineRequest, DeleteAppSecretResponse, ErrorResponse, ExecRequest,
     ExecResponse, LeaseEnvelope, ListAppsResponse, LogEntry, Machine, MachineEvent, MachineVersion,
-    MetadataValueResponse, OkResponse, ProcessStat, SignalRequest, StartResponse, StopRequest,
-    UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitResponse,
+    MetadataValueResponse, OkResponse, ProcessStat, SetAppSecretRequest, SetAppSecretResponse, SignalRequest,
+    StartResponse, StopRequest, UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest,
+    WaitResponse,
 };
 use axum::Json;
 use axum::routing::MethodFilter;
@@ -301,6 +303,20 @@ const NOT_FOUND: Response = error(404, "No such app or machine");
 const LEASED: Response = error(409, "The machine is leased by someone else");
 const STATE: Response = error(412, "Not possible in the machine's state, or a stale version");
 const VERB: &[Response] = &[OK, NOT_FOUND, LEASED, STATE];
+const SECRET: Param = path("secret_name", "App secret name");
+const MIN_VERSION: Param = query(
+    "min_version",
+    ParamType::String,
+    "Minimum secrets version to return. Returned when setting a new secret",
+);
+const SHOW_SECRETS: Param = query(
+    "show_secrets",
+    ParamType::Boolean,
+    "Refused when true: aloft never returns secret values",
+);
+const SECRETS_QUERY: &[Param] = &[APP, MIN_VERSION, SHOW_SECRETS];
+const SECRET_QUERY: &[Param] = &[APP, SECRET, MIN_VERSION, SHOW_SECRETS];
+const NO_VERSION: Response = error(422, "min_version is newer than the app's secrets version");
 
 fn memory_response() -> Value {
     json!({"type": "object", "properties": {
@@ -841,6 +857,68 @@ pub(crate) const OPERATIONS: &[Operation] = &[
     )])
     .extension()
     .public(),
+    // Secrets (values are never returned: no `value` in any answer, `show_secrets` refused).
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/secrets",
+        "Secrets_list",
+        "Secrets",
+        "List app secrets belonging to an app (names and digests, never values)",
+    )
+    .params(SECRETS_QUERY)
+    .responses(&[ok(200, "The secrets", ty::<AppSecrets>()), BAD, NO_VERSION]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/secrets",
+        "Secrets_update",
+        "Secrets",
+        "Update app secrets belonging to an app (null unsets), in one transaction",
+    )
+    .params(&[APP])
+    .request(ty::<AppSecretsUpdateRequest>())
+    .responses(&[
+        ok(
+            200,
+            "The secrets afterwards and the new version",
+            ty::<AppSecretsUpdateResp>(),
+        ),
+        BAD,
+    ]),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/secrets/{secret_name}",
+        "Secret_get",
+        "Secrets",
+        "Get an app secret (name and digest, never its value)",
+    )
+    .params(SECRET_QUERY)
+    .responses(&[
+        ok(200, "The secret", ty::<AppSecret>()),
+        error(404, "No such app or secret"),
+        NO_VERSION,
+    ]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/secrets/{secret_name}",
+        "Secret_create",
+        "Secrets",
+        "Create or update Secret",
+    )
+    .params(&[APP, SECRET])
+    .request(ty::<SetAppSecretRequest>())
+    .responses(&[ok(201, "Created", ty::<SetAppSecretResponse>()), BAD]),
+    op(
+        MethodFilter::DELETE,
+        "/apps/{app_name}/secrets/{secret_name}",
+        "Secret_delete",
+        "Secrets",
+        "Delete an app secret",
+    )
+    .params(&[APP, SECRET])
+    .responses(&[
+        ok(200, "The new version", ty::<DeleteAppSecretResponse>()),
+        error(404, "No such app or secret"),
+    ]),
 ];
 
 /// The method's name in an OpenAPI path item (`get`, `post` …).
@@ -982,6 +1060,9 @@ mod tests {
     /// spec), `-` one of Fly's that aloft lacks. New drift fails the test, and so does an entry
     /// here that no longer happens: keep the list exact.
     const KNOWN_DRIFT: &[&str] = &[
+        // aloft never returns a secret's value (docs/adr/0012-secrets.md).
+        "AppSecret -value",
+        "SetAppSecretResponse -value",
         // fly-go's fields and aloft's additions the spec does not list.
         "App +app_role",
         "App +cname_target",
