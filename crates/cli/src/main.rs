@@ -28,6 +28,7 @@ mod machine;
 mod progress;
 mod releases;
 mod scale;
+mod secrets;
 mod spinner;
 mod status;
 
@@ -75,6 +76,9 @@ enum Command {
     /// Show or change the number and size of the app's machines (as a release).
     #[command(subcommand)]
     Scale(scale::ScaleCommand),
+    /// App secrets: list (digests only), set, unset, import, deploy.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(completion::CompletionArgs),
 }
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             Command::Releases(args) => releases::run(&ctx, args).await,
             Command::Status(args) => status::run(&ctx, args).await,
             Command::Scale(cmd) => scale::run(&ctx, cmd).await,
+            Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }

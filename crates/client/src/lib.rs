@@ -33,6 +33,7 @@ mod logs;
 mod machines;
 mod platform;
 mod releases;
+mod secrets;
 
 pub use logs::{LogStream, LogsQuery, NdjsonStream};
 pub use machines::{ListMachinesParams, RestartParams, WaitParams};
