@@ -301,6 +301,9 @@ async fn serve(
         args.region,
         args.data_dir.display()
     );
+    // Releases an earlier aloftd left unfinished go on.
+    let resumed = state.clone();
+    tokio::task::spawn_blocking(move || aloft_control::resume_releases(&resumed));
     let compactor = tokio::spawn(compact_periodically(Arc::clone(state.control().store())));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(

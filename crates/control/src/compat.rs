@@ -95,6 +95,11 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
 /// needs a description in `openapi::OPERATIONS` too.
 pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[
     (MethodFilter::GET, "/apps/{app_name}/logs"),
+    (MethodFilter::GET, "/apps/{app_name}/releases"),
+    (MethodFilter::POST, "/apps/{app_name}/releases"),
+    (MethodFilter::POST, "/apps/{app_name}/releases/rollback"),
+    (MethodFilter::GET, "/apps/{app_name}/releases/{version}"),
+    (MethodFilter::GET, "/apps/{app_name}/releases/{version}/events"),
     (MethodFilter::GET, "/openapi.json"),
 ];
 

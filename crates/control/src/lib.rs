@@ -29,6 +29,7 @@ mod log;
 mod logs;
 mod machines;
 mod openapi;
+mod releases;
 mod secrets;
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub use auth::{Caller, NewToken, TOKEN_PREFIX, TokenError, create_token};
 pub use error::HttpError;
 pub use extract::JsonBody;
 pub use hosts::HostHandle;
+pub use releases::resume as resume_releases;
 
 /// Settings of the API server.
 #[derive(Debug, Clone)]
@@ -136,6 +138,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/apps", get(apps::list).post(apps::create))
         .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy))
         .route("/v1/apps/{app_name}/logs", get(logs::logs))
+        .route(
+            "/v1/apps/{app_name}/releases",
+            get(releases::index).post(releases::create),
+        )
+        .route("/v1/apps/{app_name}/releases/rollback", post(releases::rollback))
+        .route("/v1/apps/{app_name}/releases/{version}", get(releases::show))
+        .route(
+            "/v1/apps/{app_name}/releases/{version}/events",
+            get(releases::events),
+        )
         .route(
             "/v1/apps/{app_name}/machines",
             get(machines::list).post(machines::create),

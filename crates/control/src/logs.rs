@@ -247,7 +247,7 @@ fn follow_one(s: &Source, after: Option<u64>, tx: &mpsc::Sender<Bytes>) {
 }
 
 /// The response body of a follow: lines as they come.
-struct Lines(mpsc::Receiver<Bytes>);
+pub(crate) struct Lines(pub(crate) mpsc::Receiver<Bytes>);
 
 impl futures_core::Stream for Lines {
     type Item = Result<Bytes, Infallible>;

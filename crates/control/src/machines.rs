@@ -296,7 +296,7 @@ pub(crate) async fn create(
 }
 
 /// The placement record written before the host creates the machine.
-fn placement_record(app: &str, host: &HostHandle, id: &MachineId, name: &str) -> MachineRecord {
+pub(crate) fn placement_record(app: &str, host: &HostHandle, id: &MachineId, name: &str) -> MachineRecord {
     MachineRecord {
         app: app.to_owned(),
         host: host.name.clone(),

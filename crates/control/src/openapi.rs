@@ -15,11 +15,11 @@
 
 use aloft_api::{
     App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, CreateAppRequest,
-    CreateLeaseRequest, CreateMachineRequest, DeleteAppSecretResponse, ErrorResponse, ExecRequest,
-    ExecResponse, LeaseEnvelope, ListAppsResponse, LogEntry, Machine, MachineEvent, MachineVersion,
-    MetadataValueResponse, OkResponse, ProcessStat, SetAppSecretRequest, SetAppSecretResponse, SignalRequest,
-    StartResponse, StopRequest, UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest,
-    WaitResponse,
+    CreateLeaseRequest, CreateMachineRequest, CreateReleaseRequest, DeleteAppSecretResponse, ErrorResponse,
+    ExecRequest, ExecResponse, LeaseEnvelope, ListAppsResponse, LogEntry, Machine, MachineEvent,
+    MachineVersion, MetadataValueResponse, OkResponse, ProcessStat, Release, ReleaseEvent, RollbackRequest,
+    SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
+    UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitResponse,
 };
 use axum::Json;
 use axum::routing::MethodFilter;
@@ -804,6 +804,86 @@ pub(crate) const OPERATIONS: &[Operation] = &[
         NOT_FOUND,
         error(408, "Not in time"),
     ]),
+    // aloft's own: releases (server-side deploys).
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/releases",
+        "Releases_list",
+        "Releases",
+        "The app's releases, newest first",
+    )
+    .params(&[APP])
+    .responses(&[ok(200, "The releases", ty::<Vec<Release>>()), NOT_FOUND])
+    .extension(),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/releases",
+        "Releases_create",
+        "Releases",
+        "Deploy: record a release and start its job",
+    )
+    .params(&[APP])
+    .request(ty::<CreateReleaseRequest>())
+    .responses(&[
+        ok(201, "The release, pending", ty::<Release>()),
+        BAD,
+        NOT_FOUND,
+        error(409, "Another release of the app is still running"),
+        error(422, "The request cannot be deployed"),
+    ])
+    .extension(),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/releases/rollback",
+        "Releases_rollback",
+        "Releases",
+        "Redeploy an earlier release (default: the last complete one before the newest)",
+    )
+    .params(&[APP])
+    .request(ty::<RollbackRequest>())
+    .responses(&[
+        ok(201, "The new release", ty::<Release>()),
+        NOT_FOUND,
+        error(409, "Another release of the app is still running"),
+        error(422, "Nothing to roll back to"),
+    ])
+    .extension(),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/releases/{version}",
+        "Releases_show",
+        "Releases",
+        "One release",
+    )
+    .params(&[APP, path("version", "Release version")])
+    .responses(&[ok(200, "The release", ty::<Release>()), NOT_FOUND])
+    .extension(),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/releases/{version}/events",
+        "Releases_events",
+        "Releases",
+        "A release's progress",
+    )
+    .params(&[
+        APP,
+        path("version", "Release version"),
+        query(
+            "follow",
+            ParamType::Boolean,
+            "Keep the response open until the release is over",
+        ),
+    ])
+    .responses(&[
+        Response {
+            status: 200,
+            description: "One JSON ReleaseEvent per line",
+            body: Some(ty::<ReleaseEvent>()),
+            content_type: "application/x-ndjson",
+        },
+        NOT_FOUND,
+    ])
+    .extension(),
     // aloft's own.
     op(
         MethodFilter::GET,

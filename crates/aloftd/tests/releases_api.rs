@@ -1,0 +1,400 @@
+//! Releases end to end in process: the real router and release jobs over the real agent on
+//! `FakeDriver`. Strategies, the first deploy's redundancy, health gates that roll back, a
+//! release command that aborts before any machine changes, rollback to an earlier release, one
+//! release at a time, and the event stream.
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::net::{IpAddr, Ipv4Addr, TcpListener};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use aloft_agent::{Agent, AgentConfig, DriverOp, ExitInfo, FakeDriver};
+    use aloft_control::{ApiConfig, ApiState, HostHandle, create_token, router};
+    use aloft_store::{SqliteStore, Store};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt as _;
+    use serde_json::{Value, json};
+    use tower::ServiceExt as _;
+
+    struct Api {
+        _dir: tempfile::TempDir,
+        router: axum::Router,
+        token: String,
+        fake: FakeDriver,
+        _agent: Arc<Agent>,
+    }
+
+    impl Api {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
+            let control = aloft_store::ControlStore::new(store.clone());
+            let token = create_token(&control, "personal", "admin").unwrap().token;
+            let fake = FakeDriver::new();
+            fake.network_address(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            let config = AgentConfig {
+                retry_delay: Duration::from_millis(10),
+                stop_timeout: Duration::from_millis(200),
+                poll: Duration::from_millis(20),
+                host_memory_mb: 8192,
+                host_cpus: 8,
+                ..AgentConfig::new(dir.path().join("agent.db"))
+            };
+            let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
+            let state = ApiState::with_hosts(
+                store,
+                ApiConfig {
+                    region: "local".into(),
+                    access_log: false,
+                },
+                vec![HostHandle {
+                    name: "host-1".into(),
+                    region: "local".into(),
+                    agent: agent.clone(),
+                }],
+            );
+            Self {
+                _dir: dir,
+                router: router(state),
+                token,
+                fake,
+                _agent: agent,
+            }
+        }
+
+        async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("authorization", format!("Bearer {}", self.token))
+                .body(body.map_or_else(Body::empty, |b| Body::from(serde_json::to_vec(&b).unwrap())))
+                .unwrap();
+            let resp = self.router.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+
+        async fn deploy(&self, body: Value) -> Value {
+            let (s, r) = self.call("POST", "/v1/apps/web/releases", Some(body)).await;
+            assert_eq!(s, StatusCode::CREATED, "{r}");
+            assert_eq!(r["status"], "pending");
+            r
+        }
+
+        /// Waits until release `v` is final; returns it.
+        async fn finished(&self, v: u64) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let (_, r) = self
+                    .call("GET", &format!("/v1/apps/web/releases/{v}"), None)
+                    .await;
+                if ["complete", "rolled_back", "failed"].contains(&r["status"].as_str().unwrap_or_default()) {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "release v{v} did not finish: {r}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn events(&self, v: u64) -> Vec<Value> {
+            let req = Request::builder()
+                .uri(format!("/v1/apps/web/releases/{v}/events?follow=true"))
+                .header("authorization", format!("Bearer {}", self.token))
+                .body(Body::empty())
+                .unwrap();
+            let resp = self.router.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            // With follow, the stream ends when the release is over.
+            let bytes = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+                .await
+                .expect("the event stream did not end with the release")
+                .unwrap()
+                .to_bytes();
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+
+        /// The app's live machines.
+        async fn machines(&self) -> Vec<Value> {
+            let (_, list) = self.call("GET", "/v1/apps/web/machines", None).await;
+            list.as_array().unwrap().clone()
+        }
+    }
+
+    fn group(image: &str, services: bool) -> Value {
+        let mut config =
+            json!({"image": image, "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"}});
+        if services {
+            config["services"] = json!([{"protocol": "tcp", "internal_port": 8080, "ports": [{"port": 80, "handlers": ["http"]}]}]);
+        }
+        json!({"group": "app", "config": config})
+    }
+
+    fn release_of(m: &Value) -> &str {
+        m["config"]["metadata"]["fly_release_version"]
+            .as_str()
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn strategies_replace_every_machine_and_report_progress() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+
+        // First deploy of a group with services: two machines, as Fly does.
+        let r = api
+            .deploy(json!({"image": "web:1", "groups": [group("web:1", true)]}))
+            .await;
+        assert_eq!(r["version"], 1);
+        let events = api.events(1).await;
+        assert_eq!(events.last().unwrap()["status"], "complete", "{events:?}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"].as_str().unwrap().contains("created machine"))
+        );
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "events in order, none twice"
+        );
+        let first = api.machines().await;
+        assert_eq!(first.len(), 2);
+        assert!(
+            first
+                .iter()
+                .all(|m| release_of(m) == "1" && m["config"]["metadata"]["fly_process_group"] == "app")
+        );
+
+        for (v, strategy) in [(2, "rolling"), (3, "immediate"), (4, "canary")] {
+            let image = format!("web:{v}");
+            let r = api
+                .deploy(json!({"groups": [group(&image, true)], "image": image, "strategy": strategy}))
+                .await;
+            assert_eq!(r["strategy"], strategy);
+            let done = api.finished(v).await;
+            assert_eq!(done["status"], "complete", "{done}");
+            let ms = api.machines().await;
+            assert_eq!(ms.len(), 2, "{strategy} keeps the count");
+            for m in &ms {
+                assert_eq!(m["config"]["image"], image.as_str());
+                assert_eq!(release_of(m), v.to_string());
+                assert_eq!(m["state"], "started");
+            }
+            // Updated in place: the same machines.
+            let mut ids: Vec<&str> = ms.iter().map(|m| m["id"].as_str().unwrap()).collect();
+            let mut before: Vec<&str> = first.iter().map(|m| m["id"].as_str().unwrap()).collect();
+            ids.sort_unstable();
+            before.sort_unstable();
+            assert_eq!(ids, before);
+        }
+
+        // Bluegreen: new machines, then the old ones go.
+        api.deploy(json!({"groups": [group("web:5", true)], "image": "web:5", "strategy": "bluegreen"}))
+            .await;
+        let done = api.finished(5).await;
+        assert_eq!(done["status"], "complete", "{done}");
+        let ms = api.machines().await;
+        assert_eq!(ms.len(), 2);
+        for m in &ms {
+            assert!(
+                !first.iter().any(|f| f["id"] == m["id"]),
+                "bluegreen makes new machines"
+            );
+            assert_eq!(m["cordoned"], false, "green machines join the pool");
+            assert_eq!(m["config"]["image"], "web:5");
+        }
+
+        // Scale through a release: count 3.
+        let mut g = group("web:6", true);
+        g["count"] = json!(3);
+        api.deploy(json!({"groups": [g], "image": "web:6"})).await;
+        assert_eq!(api.finished(6).await["status"], "complete");
+        assert_eq!(api.machines().await.len(), 3);
+        let mut g = group("web:7", true);
+        g["count"] = json!(1);
+        api.deploy(json!({"groups": [g], "image": "web:7"})).await;
+        assert_eq!(api.finished(7).await["status"], "complete");
+        assert_eq!(api.machines().await.len(), 1);
+
+        let (_, list) = api.call("GET", "/v1/apps/web/releases", None).await;
+        let versions: Vec<u64> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, vec![7, 6, 5, 4, 3, 2, 1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_health_check_rolls_back_and_rollback_redeploys() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        // A healthy first release: its check connects to a port that listens.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let good_port = listener.local_addr().unwrap().port();
+        let checked = |image: &str, port: u16| {
+            let mut g = group(image, false);
+            g["config"]["checks"] = json!({"alive": {"type": "tcp", "port": port, "interval": "100ms", "timeout": "1s", "grace_period": "100ms"}});
+            g
+        };
+        api.deploy(json!({"groups": [checked("web:1", good_port)], "image": "web:1"}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let before = api.machines().await;
+        assert_eq!(before.len(), 1);
+
+        // The next one's check fails: rolled back, the machine runs release 1's config again.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        api.deploy(json!({"groups": [checked("web:2", closed)], "image": "web:2", "wait_timeout": "2s"}))
+            .await;
+        let r = api.finished(2).await;
+        assert_eq!(r["status"], "rolled_back", "{r}");
+        let why = r["error"].as_str().unwrap();
+        assert!(why.contains("alive") && why.contains("did not pass"), "{why}");
+        let after = api.machines().await;
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0]["id"], before[0]["id"]);
+        assert_eq!(after[0]["config"]["image"], "web:1");
+        assert_eq!(release_of(&after[0]), "1");
+        let events = api.events(2).await;
+        assert!(events.iter().any(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("back on its previous config")
+        }));
+
+        // A release that passes, then a rollback to release 1.
+        api.deploy(json!({"groups": [checked("web:3", good_port)], "image": "web:3"}))
+            .await;
+        assert_eq!(api.finished(3).await["status"], "complete");
+        let (s, rb) = api.call("POST", "/v1/apps/web/releases/rollback", None).await;
+        assert_eq!(s, StatusCode::CREATED, "{rb}");
+        assert_eq!(
+            rb["rollback_of"], 1,
+            "the last complete release before the newest"
+        );
+        let v = rb["version"].as_u64().unwrap();
+        assert_eq!(api.finished(v).await["status"], "complete");
+        assert_eq!(api.machines().await[0]["config"]["image"], "web:1");
+        drop(listener);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_release_command_changes_no_machine() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        api.deploy(json!({"groups": [group("web:1", false)], "image": "web:1"}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let before = api.machines().await;
+
+        // Every workload started now exits 1: the release command's machine fails first.
+        api.fake.exit_on_start(Some(ExitInfo {
+            exit_code: Some(1),
+            ..ExitInfo::default()
+        }));
+        let body = json!({
+            "groups": [group("web:2", false)], "image": "web:2",
+            "release_command": {"init": {"exec": ["/bin/sh", "-c", "migrate"]}},
+        });
+        api.deploy(body).await;
+        let r = api.finished(2).await;
+        api.fake.exit_on_start(None);
+        assert_eq!(r["status"], "failed", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("release command"), "{r}");
+        assert!(r["error"].as_str().unwrap().contains("code 1"), "{r}");
+        let after = api.machines().await;
+        assert_eq!(after.len(), before.len());
+        assert_eq!(after[0]["instance_id"], before[0]["instance_id"], "untouched");
+
+        // With a release command that succeeds, the release goes through.
+        api.deploy(json!({
+            "groups": [group("web:3", false)], "image": "web:3",
+            "release_command": {"init": {"exec": ["/bin/true"]}},
+        }))
+        .await;
+        // The fake workload runs until stopped: end the release command's run with code 0.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, r) = api.call("GET", "/v1/apps/web/releases/3", None).await;
+            if r["status"] != "pending" && r["status"] != "release_command" {
+                break;
+            }
+            for (id, vm) in api.fake.world().vms {
+                if matches!(vm, aloft_agent::FakeVm::Running { .. })
+                    && !after.iter().any(|m| m["id"] == id.as_str())
+                {
+                    api.fake.exit_workload(
+                        &id,
+                        ExitInfo {
+                            exit_code: Some(0),
+                            ..ExitInfo::default()
+                        },
+                    );
+                }
+            }
+            assert!(Instant::now() < deadline, "the release command never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(api.finished(3).await["status"], "complete");
+        assert_eq!(api.machines().await[0]["config"]["image"], "web:3");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_release_at_a_time_and_bad_requests() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        let (s, e) = api
+            .call("POST", "/v1/apps/web/releases", Some(json!({"groups": []})))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        let (s, e) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"groups": [{"group": "app", "config": {}}]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(e["error"].as_str().unwrap().contains("no image"), "{e}");
+        let (s, _) = api
+            .call("POST", "/v1/apps/nope/releases", Some(json!({"groups": []})))
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, e) = api.call("POST", "/v1/apps/web/releases/rollback", None).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        let (s, _) = api.call("GET", "/v1/apps/web/releases/9", None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+
+        // Hold the first release's boot: a second release is refused while it runs.
+        api.fake.block(DriverOp::StartVm);
+        api.deploy(json!({"groups": [group("web:1", false)], "image": "web:1"}))
+            .await;
+        let (s, e) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"groups": [group("web:2", false)], "image": "web:2"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("release v1"), "{e}");
+        api.fake.unblock(DriverOp::StartVm);
+        assert_eq!(api.finished(1).await["status"], "complete");
+    }
+}

@@ -1,0 +1,1429 @@
+//! Releases: deploys that aloftd executes as durable server-side jobs (an aloft extension; wire
+//! types in `aloft_api::release`).
+//!
+//! `POST /v1/apps/{app}/releases` records release N and starts its job; the CLI only streams the
+//! job's events (`GET …/releases/{N}/events?follow=true`), so a laptop that goes away changes
+//! nothing. The job:
+//! 1. runs the release command, if any, in an ephemeral machine with the new image and config; a
+//!    failure ends the release (`failed`) before any machine changes;
+//! 2. per process group, replaces the group's machines by the strategy — `immediate` (all at
+//!    once), `rolling` (`max_unavailable` at a time), `canary` (one, then rolling), `bluegreen`
+//!    (new machines created cordoned beside the old, uncordoned once all are healthy, then the old
+//!    ones destroyed) — creating machines up to the wanted count and destroying the excess; each
+//!    machine must be `started` with every check passing within `wait_timeout`;
+//! 3. when a step fails, puts every machine it changed back (old config, new machines destroyed)
+//!    and ends `rolled_back`, with the reason.
+//!
+//! Durability: before it changes a machine the job records what it is about to do (the machine's
+//! old config) in the release record; an aloftd that restarts resumes every unfinished release
+//! ([`resume`]): machines already at the release are only checked again, the rest are done, and a
+//! rollback in progress goes on. The job holds each machine's lease while it changes it, so a
+//! user's concurrent change is refused (409) and a leased machine stops the release.
+//!
+//! Keys: `/releases/{app}/{version:010}` (the record), `/release-events/{app}/{version:010}/{seq:010}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aloft_api::{
+    ApiError, CreateReleaseRequest, DeployStrategy, HostCreate, HostUpdate, HostWait, Machine, MachineConfig,
+    MachineHost, MachineId, MachineState, Release, ReleaseEvent, ReleaseGroup, ReleaseStatus, RestartPolicy,
+    RollbackRequest, WaitState, rfc3339,
+};
+use aloft_store::{
+    Expect, KeyValue, MachineLeaseRequest, MachineRecord, Op, RangeOptions, Store, StoreError, Txn,
+};
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::apps::visible_app;
+use crate::auth::Caller;
+use crate::error::blocking;
+use crate::extract::{AppName, JsonBody, MaybeJson};
+use crate::ids::{hex, now_ms, random};
+use crate::{ApiState, HttpError};
+
+/// Metadata keys flyctl and the proxy read (fly-platform.md §1.4).
+const MD_GROUP: &str = "fly_process_group";
+const MD_PLATFORM: &str = "fly_platform_version";
+const MD_RELEASE_VERSION: &str = "fly_release_version";
+const MD_RELEASE_ID: &str = "fly_release_id";
+/// The process group of a release command's machine (flyctl's reserved name).
+const RELEASE_COMMAND_GROUP: &str = "fly_app_release_command";
+/// The group of machines without one.
+const DEFAULT_GROUP: &str = "app";
+/// Default time for one machine to be started and healthy.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// Longest a release command may run.
+const RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often the job looks at a machine's checks.
+const CHECK_POLL: Duration = Duration::from_millis(250);
+
+/// A release as stored: what the API shows, what was asked, and the job's progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReleaseRecord {
+    release: Release,
+    max_unavailable: u32,
+    wait_timeout_ms: u64,
+    #[serde(default)]
+    release_command: Option<MachineConfig>,
+    /// The job's progress, recorded before each change.
+    #[serde(default)]
+    job: Job,
+}
+
+/// What the job did so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Job {
+    /// The release command ran and succeeded.
+    #[serde(default)]
+    release_command_done: bool,
+    /// Machines the job changed or is changing, in order.
+    #[serde(default)]
+    changes: Vec<Change>,
+    /// Events written so far.
+    #[serde(default)]
+    events: u64,
+    /// The failure being rolled back.
+    #[serde(default)]
+    rolling_back: Option<String>,
+}
+
+/// One machine the job touches, recorded before it acts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Change {
+    machine: String,
+    host: String,
+    group: String,
+    kind: ChangeKind,
+    /// The config to go back to (updates).
+    #[serde(default)]
+    previous: Option<MachineConfig>,
+    /// The change is made and the machine passed its health gate.
+    #[serde(default)]
+    healthy: bool,
+    /// Put back during a rollback.
+    #[serde(default)]
+    undone: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ChangeKind {
+    Update,
+    Create,
+    /// A new bluegreen machine (created cordoned).
+    CreateCordoned,
+    Destroy,
+}
+
+fn releases_prefix(app: &str) -> Result<String, StoreError> {
+    Ok(format!("/releases/{}/", aloft_store::keys::segment(app)?))
+}
+
+fn release_key(app: &str, version: u64) -> Result<String, StoreError> {
+    Ok(format!("{}{version:010}", releases_prefix(app)?))
+}
+
+fn events_prefix(app: &str, version: u64) -> Result<String, StoreError> {
+    Ok(format!(
+        "/release-events/{}/{version:010}/",
+        aloft_store::keys::segment(app)?
+    ))
+}
+
+fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|source| StoreError::Encode {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T, StoreError> {
+    serde_json::from_slice(&kv.value).map_err(|source| StoreError::Decode {
+        key: kv.key.clone(),
+        source,
+    })
+}
+
+fn load(store: &dyn Store, app: &str, version: u64) -> Result<Option<(ReleaseRecord, i64)>, HttpError> {
+    let key = release_key(app, version).map_err(aloft_store::ControlError::from)?;
+    Ok(match store.get(&key).map_err(aloft_store::ControlError::from)? {
+        Some(kv) => Some((
+            decode(&kv).map_err(aloft_store::ControlError::from)?,
+            kv.mod_revision.get(),
+        )),
+        None => None,
+    })
+}
+
+fn list(store: &dyn Store, app: &str, limit: Option<usize>) -> Result<Vec<ReleaseRecord>, HttpError> {
+    let prefix = releases_prefix(app).map_err(aloft_store::ControlError::from)?;
+    let range = store
+        .range(
+            &prefix,
+            &RangeOptions {
+                limit,
+                descending: true,
+                after: None,
+            },
+        )
+        .map_err(aloft_store::ControlError::from)?;
+    range
+        .kvs
+        .iter()
+        .map(|kv| decode(kv).map_err(|e| aloft_store::ControlError::from(e).into()))
+        .collect()
+}
+
+fn save(store: &dyn Store, rec: &ReleaseRecord) -> Result<(), HttpError> {
+    let key = release_key(&rec.release.app, rec.release.version).map_err(aloft_store::ControlError::from)?;
+    store
+        .put(&key, encode(&key, rec).map_err(aloft_store::ControlError::from)?)
+        .map_err(aloft_store::ControlError::from)?;
+    Ok(())
+}
+
+/// Resolves and checks a request into the groups the release deploys.
+fn resolve_groups(
+    req: &CreateReleaseRequest,
+    version: u64,
+    release_id: &str,
+) -> Result<(String, Vec<ReleaseGroup>), ApiError> {
+    if req.groups.is_empty() {
+        return Err(ApiError::bad_request(
+            "a release needs at least one process group: give groups: [{group, config}]",
+        ));
+    }
+    let mut image = req.image.clone().unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut groups = Vec::new();
+    for g in &req.groups {
+        let name = if g.group.trim().is_empty() {
+            DEFAULT_GROUP
+        } else {
+            g.group.trim()
+        };
+        if !seen.insert(name.to_owned()) {
+            return Err(ApiError::bad_request(format!(
+                "process group {name:?} is given twice"
+            )));
+        }
+        if name == RELEASE_COMMAND_GROUP {
+            return Err(ApiError::bad_request(format!(
+                "{RELEASE_COMMAND_GROUP} is reserved for the release command: give it as release_command"
+            )));
+        }
+        let mut config = g.config.clone();
+        if !image.is_empty() {
+            config.image = Some(image.clone());
+        }
+        let this_image = config.image.clone().unwrap_or_default();
+        if this_image.trim().is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "group {name:?} has no image: give the release an image or set config.image"
+            )));
+        }
+        if image.is_empty() {
+            image = this_image;
+        }
+        if !config.mounts.is_empty() {
+            return Err(ApiError::unprocessable(format!(
+                "group {name:?}: aloft has no volumes yet; deploy without [[mounts]]"
+            )));
+        }
+        config.metadata.insert(MD_GROUP.to_owned(), name.to_owned());
+        config.metadata.insert(MD_PLATFORM.to_owned(), "v2".to_owned());
+        config
+            .metadata
+            .insert(MD_RELEASE_VERSION.to_owned(), version.to_string());
+        config
+            .metadata
+            .insert(MD_RELEASE_ID.to_owned(), release_id.to_owned());
+        groups.push(ReleaseGroup {
+            group: name.to_owned(),
+            config,
+            count: g.count,
+        });
+    }
+    Ok((image, groups))
+}
+
+/// The group a machine belongs to.
+fn group_of(m: &Machine) -> String {
+    m.config
+        .as_ref()
+        .and_then(|c| {
+            c.metadata
+                .get(MD_GROUP)
+                .or_else(|| c.metadata.get("process_group"))
+        })
+        .filter(|g| !g.is_empty())
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_GROUP.to_owned())
+}
+
+fn release_version_of(m: &Machine) -> Option<u64> {
+    m.config
+        .as_ref()
+        .and_then(|c| c.metadata.get(MD_RELEASE_VERSION))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `POST /v1/apps/{app}/releases` → 201 with the release; its job runs in the background.
+pub(crate) async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    AppName(app): AppName,
+    JsonBody(req): JsonBody<CreateReleaseRequest>,
+) -> Result<(StatusCode, Json<Release>), HttpError> {
+    let rec = blocking(move || start_release(&state, &caller, &app, &req, None)).await?;
+    Ok((StatusCode::CREATED, Json(rec.release)))
+}
+
+/// Records release N+1 and starts its job.
+fn start_release(
+    state: &ApiState,
+    caller: &Caller,
+    app: &str,
+    req: &CreateReleaseRequest,
+    rollback_of: Option<u64>,
+) -> Result<ReleaseRecord, HttpError> {
+    let control = state.control();
+    visible_app(control, caller, app)?;
+    if state.hosts().all().is_empty() {
+        return Err(ApiError::new(503, "this server runs no machines (no agent role)").into());
+    }
+    let store = control.store().as_ref();
+    let max_unavailable = req.max_unavailable.unwrap_or(1);
+    if max_unavailable == 0 {
+        return Err(ApiError::bad_request("max_unavailable must be at least 1").into());
+    }
+    let wait = req.wait_timeout.map_or(DEFAULT_WAIT, aloft_api::Duration::get);
+    if wait.is_zero() || wait > Duration::from_secs(3600) {
+        return Err(ApiError::bad_request("wait_timeout must be between 1s and 1h").into());
+    }
+    loop {
+        let latest = list(store, app, Some(1))?;
+        if let Some(l) = latest.first()
+            && !l.release.status.is_final()
+        {
+            return Err(ApiError::conflict(format!(
+                "release v{} of {app} is still {}; wait for it to finish (aloft releases) and deploy again",
+                l.release.version,
+                serde_json::to_value(l.release.status)
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or("running")
+            ))
+            .into());
+        }
+        let version = latest.first().map_or(1, |l| l.release.version + 1);
+        let release_id = hex(&random::<8>().map_err(|e| HttpError::internal(format!("random: {e}")))?);
+        let (image, groups) = resolve_groups(req, version, &release_id)?;
+        let release_command = req.release_command.clone().map(|mut c| {
+            c.image = Some(image.clone());
+            c.metadata
+                .insert(MD_GROUP.to_owned(), RELEASE_COMMAND_GROUP.to_owned());
+            c.metadata
+                .insert(MD_RELEASE_VERSION.to_owned(), version.to_string());
+            c.restart = Some(aloft_api::MachineRestart {
+                policy: Some(RestartPolicy::No),
+                ..Default::default()
+            });
+            c.auto_destroy = Some(true);
+            c.services.clear();
+            c
+        });
+        let rec = ReleaseRecord {
+            release: Release {
+                version,
+                app: app.to_owned(),
+                status: ReleaseStatus::Pending,
+                image,
+                strategy: req.strategy,
+                groups,
+                user: caller.token_id.clone(),
+                created_at: rfc3339(now_ms()),
+                finished_at: None,
+                error: None,
+                rollback_of,
+                metadata: req.metadata.clone(),
+            },
+            max_unavailable,
+            wait_timeout_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            release_command,
+            job: Job::default(),
+        };
+        let key = release_key(app, version).map_err(aloft_store::ControlError::from)?;
+        let put = store.txn(Txn::new().expect(&key, Expect::Absent).then(Op::put(
+            key.clone(),
+            encode(&key, &rec).map_err(aloft_store::ControlError::from)?,
+        )));
+        match put {
+            Ok(r) if r.succeeded => {
+                spawn_job(state.clone(), app.to_owned(), version);
+                return Ok(rec);
+            }
+            // Another release took this version at the same time: look again.
+            Ok(_) => continue,
+            Err(e) => return Err(aloft_store::ControlError::from(e).into()),
+        }
+    }
+}
+
+/// `GET /v1/apps/{app}/releases` → releases, newest first.
+pub(crate) async fn index(
+    State(state): State<ApiState>,
+    caller: Caller,
+    AppName(app): AppName,
+) -> Result<Json<Vec<Release>>, HttpError> {
+    let out = blocking(move || {
+        visible_app(state.control(), &caller, &app)?;
+        Ok(list(state.control().store().as_ref(), &app, None)?
+            .into_iter()
+            .map(|r| r.release)
+            .collect())
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+fn version_param(raw: &str) -> Result<u64, ApiError> {
+    raw.trim_start_matches('v')
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::not_found(format_args!("release {raw}")))
+}
+
+/// `GET /v1/apps/{app}/releases/{version}` → the release.
+pub(crate) async fn show(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app, version)): Path<(String, String)>,
+) -> Result<Json<Release>, HttpError> {
+    crate::extract::validate_path_app(&app)?;
+    let version = version_param(&version)?;
+    let rec = blocking(move || {
+        visible_app(state.control(), &caller, &app)?;
+        load(state.control().store().as_ref(), &app, version)?
+            .map(|(r, _)| r)
+            .ok_or_else(|| ApiError::not_found(format_args!("release v{version} of {app}")).into())
+    })
+    .await?;
+    Ok(Json(rec.release))
+}
+
+/// `POST /v1/apps/{app}/releases/rollback` with `{version?}` → 201 with the new release, which
+/// redeploys that one (default: the last complete release before the newest).
+pub(crate) async fn rollback(
+    State(state): State<ApiState>,
+    caller: Caller,
+    AppName(app): AppName,
+    MaybeJson(req): MaybeJson<RollbackRequest>,
+) -> Result<(StatusCode, Json<Release>), HttpError> {
+    let req = req.unwrap_or_default();
+    let rec = blocking(move || {
+        visible_app(state.control(), &caller, &app)?;
+        let all = list(state.control().store().as_ref(), &app, None)?;
+        let target = match req.version {
+            Some(v) => all
+                .iter()
+                .find(|r| r.release.version == v)
+                .ok_or_else(|| ApiError::not_found(format_args!("release v{v} of {app}")))?,
+            None => all
+                .iter()
+                .skip(1)
+                .find(|r| r.release.status == ReleaseStatus::Complete)
+                .ok_or_else(|| {
+                    ApiError::unprocessable(format!(
+                        "{app} has no earlier complete release to roll back to; name one with a version"
+                    ))
+                })?,
+        };
+        let again = CreateReleaseRequest {
+            image: Some(target.release.image.clone()),
+            groups: target.release.groups.clone(),
+            strategy: target.release.strategy,
+            max_unavailable: Some(target.max_unavailable),
+            wait_timeout: Some(aloft_api::Duration(Duration::from_millis(target.wait_timeout_ms))),
+            release_command: None,
+            metadata: target.release.metadata.clone(),
+        };
+        start_release(&state, &caller, &app, &again, Some(target.release.version))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(rec.release)))
+}
+
+/// `GET /v1/apps/{app}/releases/{version}/events[?follow=true]` → newline-delimited
+/// [`ReleaseEvent`]s; with `follow`, open until the release is final.
+pub(crate) async fn events(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path((app, version)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    crate::extract::validate_path_app(&app)?;
+    let version = version_param(&version)?;
+    let follow = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "follow" && matches!(&*v, "" | "1" | "true"));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let first = {
+        let (state, app) = (state.clone(), app.clone());
+        blocking(move || {
+            visible_app(state.control(), &caller, &app)?;
+            load(state.control().store().as_ref(), &app, version)?
+                .ok_or_else(|| {
+                    HttpError::from(ApiError::not_found(format_args!("release v{version} of {app}")))
+                })
+                .map(drop)
+        })
+        .await
+    };
+    first?;
+    tokio::task::spawn_blocking(move || stream_events(&state, &app, version, follow, &tx));
+    let mut response = (StatusCode::OK, Body::from_stream(crate::logs::Lines(rx))).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    Ok(response)
+}
+
+/// Sends a release's events from the first; with `follow`, waits for new ones (a store watch)
+/// until the release is final and its last event sent, or the client goes away.
+fn stream_events(
+    state: &ApiState,
+    app: &str,
+    version: u64,
+    follow: bool,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+) {
+    let store = state.control().store().clone();
+    let Ok(prefix) = events_prefix(app, version) else {
+        return;
+    };
+    let mut after: Option<String> = None;
+    let mut watcher = None;
+    loop {
+        let Ok(range) = store.range(
+            &prefix,
+            &RangeOptions {
+                limit: None,
+                descending: false,
+                after: after.clone(),
+            },
+        ) else {
+            return;
+        };
+        for kv in &range.kvs {
+            let mut line = kv.value.clone();
+            line.push(b'\n');
+            if tx.blocking_send(Bytes::from(line)).is_err() {
+                return;
+            }
+            after = Some(kv.key.clone());
+        }
+        if !follow {
+            return;
+        }
+        let done = load(store.as_ref(), app, version)
+            .ok()
+            .flatten()
+            .is_none_or(|(r, _)| r.release.status.is_final());
+        if done {
+            // The final event is written before the status: anything left is in the next range.
+            if let Ok(rest) = store.range(
+                &prefix,
+                &RangeOptions {
+                    limit: None,
+                    descending: false,
+                    after: after.clone(),
+                },
+            ) {
+                for kv in &rest.kvs {
+                    let mut line = kv.value.clone();
+                    line.push(b'\n');
+                    let _ = tx.blocking_send(Bytes::from(line));
+                }
+            }
+            return;
+        }
+        if watcher.is_none() {
+            watcher = store.watch(&prefix, Some(range.revision.next())).ok();
+        }
+        match watcher.as_mut() {
+            Some(w) => {
+                if w.recv_timeout(Duration::from_secs(1)).is_err() {
+                    watcher = None;
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(250)),
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Starts the job of every release that is not final (after aloftd restarted).
+pub fn resume(state: &ApiState) {
+    let control = state.control();
+    let Ok(apps) = control.list_apps() else {
+        return;
+    };
+    for app in apps {
+        let name = app.value.name;
+        if let Ok(latest) = list(control.store().as_ref(), &name, Some(1))
+            && let Some(r) = latest.first()
+            && !r.release.status.is_final()
+        {
+            spawn_job(state.clone(), name, r.release.version);
+        }
+    }
+}
+
+fn spawn_job(state: ApiState, app: String, version: u64) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("release-{app}-v{version}"))
+        .spawn(move || {
+            let mut job = Runner { state, app, version };
+            if let Err(e) = job.run() {
+                eprintln!("aloftd: release v{} of {}: {e}", job.version, job.app);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("aloftd: could not start the job of a release: {e}");
+    }
+}
+
+/// One release's job. Every method blocks.
+struct Runner {
+    state: ApiState,
+    app: String,
+    version: u64,
+}
+
+/// Why a step failed: the message for the release's error.
+type StepResult<T> = Result<T, String>;
+
+impl Runner {
+    fn store(&self) -> &dyn Store {
+        self.state.control().store().as_ref()
+    }
+
+    fn record(&self) -> Result<ReleaseRecord, HttpError> {
+        load(self.store(), &self.app, self.version)?
+            .map(|(r, _)| r)
+            .ok_or_else(|| ApiError::not_found(format_args!("release v{}", self.version)).into())
+    }
+
+    /// Appends an event and saves the record with `status`.
+    fn event(
+        &self,
+        rec: &mut ReleaseRecord,
+        level: &str,
+        machine: Option<&str>,
+        message: String,
+    ) -> Result<(), HttpError> {
+        rec.job.events += 1;
+        let ev = ReleaseEvent {
+            seq: rec.job.events,
+            timestamp: rfc3339_ms(now_ms()),
+            level: level.to_owned(),
+            machine: machine.map(str::to_owned),
+            message,
+            status: rec.release.status,
+        };
+        let prefix = events_prefix(&self.app, self.version).map_err(aloft_store::ControlError::from)?;
+        let key = format!("{prefix}{:010}", ev.seq);
+        let release_key = release_key(&self.app, self.version).map_err(aloft_store::ControlError::from)?;
+        self.store()
+            .txn(
+                Txn::new()
+                    .then(Op::put(
+                        key.clone(),
+                        encode(&key, &ev).map_err(aloft_store::ControlError::from)?,
+                    ))
+                    .then(Op::put(
+                        release_key.clone(),
+                        encode(&release_key, rec).map_err(aloft_store::ControlError::from)?,
+                    )),
+            )
+            .map_err(aloft_store::ControlError::from)?;
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), HttpError> {
+        let mut rec = self.record()?;
+        if rec.release.status.is_final() {
+            return Ok(());
+        }
+        if rec.release.status == ReleaseStatus::Pending {
+            let msg = format!(
+                "release v{} of {}: image {}, strategy {}",
+                rec.release.version,
+                self.app,
+                rec.release.image,
+                rec.release.strategy.as_str()
+            );
+            self.event(&mut rec, "info", None, msg)?;
+        } else {
+            self.event(
+                &mut rec,
+                "info",
+                None,
+                "aloftd restarted: resuming the release".into(),
+            )?;
+        }
+        if let Some(reason) = rec.job.rolling_back.clone() {
+            return self.roll_back(&mut rec, &reason);
+        }
+        if let Some(cmd) = rec.release_command.clone()
+            && !rec.job.release_command_done
+        {
+            rec.release.status = ReleaseStatus::ReleaseCommand;
+            self.event(&mut rec, "info", None, "running the release command".into())?;
+            if let Err(why) = self.release_command(&mut rec, cmd) {
+                return self.finish(
+                    &mut rec,
+                    ReleaseStatus::Failed,
+                    Some(format!(
+                        "the release command failed, no machine was changed: {why}"
+                    )),
+                );
+            }
+            rec.job.release_command_done = true;
+            self.event(&mut rec, "info", None, "release command succeeded".into())?;
+        }
+        rec.release.status = ReleaseStatus::Running;
+        self.event(&mut rec, "info", None, "replacing machines".into())?;
+        let groups = rec.release.groups.clone();
+        for g in &groups {
+            if let Err(why) = self.deploy_group(&mut rec, g) {
+                let reason = format!("group {}: {why}", g.group);
+                rec.job.rolling_back = Some(reason.clone());
+                self.event(&mut rec, "error", None, format!("{reason}; rolling back"))?;
+                return self.roll_back(&mut rec, &reason);
+            }
+        }
+        self.finish(&mut rec, ReleaseStatus::Complete, None)
+    }
+
+    fn finish(
+        &self,
+        rec: &mut ReleaseRecord,
+        status: ReleaseStatus,
+        error: Option<String>,
+    ) -> Result<(), HttpError> {
+        let message = match (&status, &error) {
+            (ReleaseStatus::Complete, _) => format!("release v{} is complete", rec.release.version),
+            (_, Some(e)) => e.clone(),
+            (_, None) => "release ended".to_owned(),
+        };
+        rec.release.status = status;
+        rec.release.error = error;
+        rec.release.finished_at = Some(rfc3339(now_ms()));
+        let level = if status == ReleaseStatus::Complete {
+            "info"
+        } else {
+            "error"
+        };
+        self.event(rec, level, None, message)
+    }
+
+    fn host(&self, name: &str) -> StepResult<Arc<dyn MachineHost>> {
+        self.state
+            .hosts()
+            .get(name)
+            .map(|h| h.agent.clone())
+            .map_err(|e| e.message().to_owned())
+    }
+
+    /// The app's live machines of `group`, with their hosts.
+    fn machines_of(&self, group: &str) -> StepResult<Vec<(String, Machine)>> {
+        let placed: HashMap<String, MachineRecord> = self
+            .state
+            .control()
+            .list_machines(&self.app)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|p| (p.value.machine.id.to_string(), p.value))
+            .collect();
+        let mut out = Vec::new();
+        for h in self.state.hosts().all() {
+            for m in h.agent.list(&self.app).map_err(|e| e.message().to_owned())? {
+                if placed.get(m.id.as_str()).is_some_and(|p| p.host == h.name)
+                    && !m.state.is_terminal()
+                    && !matches!(m.state, MachineState::Destroying)
+                    && group_of(&m) == group
+                {
+                    out.push((h.name.clone(), m));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn release_command(&self, rec: &mut ReleaseRecord, config: MachineConfig) -> StepResult<()> {
+        let host = self
+            .state
+            .hosts()
+            .place(None)
+            .map_err(|e| e.message().to_owned())?
+            .clone();
+        let id = self.create_machine(&host.name, config, false)?;
+        let agent = host.agent.clone();
+        let _ = self.event(
+            rec,
+            "info",
+            Some(id.as_str()),
+            format!("release command runs in machine {id}"),
+        );
+        let deadline = Instant::now() + RELEASE_COMMAND_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let _ = agent.destroy(&id, true);
+                return Err(format!(
+                    "it did not finish within {}s",
+                    RELEASE_COMMAND_TIMEOUT.as_secs()
+                ));
+            }
+            let w = agent.wait(
+                &id,
+                &HostWait {
+                    states: vec![WaitState::Stopped, WaitState::Destroyed, WaitState::Failed],
+                    version: None,
+                    from_event_id: None,
+                    timeout: left.min(Duration::from_secs(60)),
+                },
+            );
+            match w {
+                Ok(_) => break,
+                Err(e) if e.status() == 408 => {}
+                Err(e) => return Err(e.message().to_owned()),
+            }
+        }
+        let events = agent.events(&id, 50).map_err(|e| e.message().to_owned())?;
+        let exit = events
+            .iter()
+            .find(|e| e.kind == "exit")
+            .and_then(|e| e.request.as_ref())
+            .and_then(|r| r.exit_event.as_ref())
+            .map(|x| x.exit_code);
+        let _ = agent.destroy(&id, true);
+        match exit {
+            Some(0) => Ok(()),
+            Some(code) => Err(format!("it exited with code {code} (see aloft logs -i {id})")),
+            None => Err(format!(
+                "machine {id} ended without an exit status (see aloft logs -i {id})"
+            )),
+        }
+    }
+
+    /// Creates a machine of the app on `host` (placement first, as the API does).
+    fn create_machine(&self, host: &str, config: MachineConfig, cordoned: bool) -> StepResult<MachineId> {
+        let control = self.state.control();
+        let handle = self
+            .state
+            .hosts()
+            .get(host)
+            .map_err(|e| e.message().to_owned())?
+            .clone();
+        let app = control
+            .get_app(&self.app)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("app {} was deleted", self.app))?
+            .value;
+        let org = control
+            .org_network(&app.organization.slug)
+            .map_err(|e| e.to_string())?;
+        let bytes = random::<7>().map_err(|e| e.to_string())?;
+        let id = MachineId::from_random(bytes);
+        let placement = crate::machines::placement_record(&self.app, &handle, &id, id.as_str());
+        control
+            .create_machine(&MachineRecord {
+                cordoned,
+                ..placement
+            })
+            .map_err(|e| e.to_string())?;
+        let secrets = self.secrets()?;
+        let created = handle.agent.create(HostCreate {
+            id: id.clone(),
+            app: self.app.clone(),
+            name: id.to_string(),
+            region: handle.region.clone(),
+            org,
+            config,
+            skip_launch: false,
+            secrets,
+        });
+        if let Err(e) = created {
+            if handle.agent.get(&id).is_err() {
+                let _ = control.delete_machine(&self.app, id.as_str());
+            }
+            return Err(e.message().to_owned());
+        }
+        Ok(id)
+    }
+
+    /// The app's secrets as they are now: every machine the release makes or changes boots
+    /// with them (this is how a secrets change reaches the machines).
+    fn secrets(&self) -> StepResult<aloft_api::SecretEnv> {
+        crate::secrets::for_machine(&self.state, &self.app, false, None)
+            .map_err(|e| e.api().message().to_owned())
+    }
+
+    /// Takes the machine's lease for the job (refused when someone else holds it).
+    fn lease(&self, machine: &str, wait: Duration) -> StepResult<String> {
+        let nonce = hex(&random::<16>().map_err(|e| e.to_string())?);
+        let req = MachineLeaseRequest {
+            nonce: nonce.clone(),
+            owner: format!("release v{}", self.version),
+            description: format!("deploying release v{}", self.version),
+            ttl: wait + Duration::from_secs(60),
+            version: String::new(),
+        };
+        self.state
+            .control()
+            .acquire_lease(&self.app, machine, &req)
+            .map_err(|e| format!("machine {machine}: {}", e.to_api().message()))?;
+        Ok(nonce)
+    }
+
+    fn unlease(&self, machine: &str, nonce: &str) {
+        let _ = self.state.control().release_lease(&self.app, machine, nonce);
+    }
+
+    /// Waits until the machine runs `version`'s config started, with every check passing.
+    fn healthy(&self, agent: &dyn MachineHost, id: &MachineId, wait: Duration) -> StepResult<()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("machine {id} was not started within {}s", wait.as_secs()));
+            }
+            let w = agent.wait(
+                id,
+                &HostWait {
+                    states: vec![
+                        WaitState::Started,
+                        WaitState::Failed,
+                        WaitState::Stopped,
+                        WaitState::Destroyed,
+                    ],
+                    version: None,
+                    from_event_id: None,
+                    timeout: left.min(Duration::from_secs(60)),
+                },
+            );
+            match w {
+                Ok(r) if r.state == MachineState::Started => break,
+                Ok(r) => {
+                    return Err(format!(
+                        "machine {id} is {} instead of started (see aloft logs -i {id})",
+                        r.state
+                    ));
+                }
+                Err(e) if e.status() == 408 => {}
+                Err(e) => return Err(e.message().to_owned()),
+            }
+        }
+        loop {
+            let m = agent.get(id).map_err(|e| e.message().to_owned())?;
+            if m.state != MachineState::Started {
+                return Err(format!(
+                    "machine {id} left started ({}) (see aloft logs -i {id})",
+                    m.state
+                ));
+            }
+            let failing: Vec<String> = m
+                .checks
+                .iter()
+                .filter(|c| c.status != aloft_api::CheckState::Passing)
+                .map(|c| {
+                    format!(
+                        "{} is {}: {}",
+                        c.name,
+                        serde_json::to_value(c.status)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?"),
+                        c.output
+                    )
+                })
+                .collect();
+            if failing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "machine {id}'s checks did not pass within {}s: {}",
+                    wait.as_secs(),
+                    failing.join("; ")
+                ));
+            }
+            std::thread::sleep(CHECK_POLL);
+        }
+    }
+
+    /// Records a change before it is made.
+    fn begin(&self, rec: &mut ReleaseRecord, change: Change) -> Result<usize, String> {
+        rec.job.changes.push(change);
+        save(self.store(), rec).map_err(|e| e.to_string())?;
+        Ok(rec.job.changes.len() - 1)
+    }
+
+    fn done(&self, rec: &mut ReleaseRecord, idx: usize, message: String) -> Result<(), String> {
+        if let Some(c) = rec.job.changes.get_mut(idx) {
+            c.healthy = true;
+        }
+        let machine = rec.job.changes.get(idx).map(|c| c.machine.clone());
+        self.event(rec, "info", machine.as_deref(), message)
+            .map_err(|e| e.to_string())
+    }
+
+    fn deploy_group(&self, rec: &mut ReleaseRecord, g: &ReleaseGroup) -> StepResult<()> {
+        let wait = Duration::from_millis(rec.wait_timeout_ms);
+        let existing = self.machines_of(&g.group)?;
+        let want = match g.count {
+            Some(n) => n as usize,
+            None if existing.is_empty() => {
+                if g.config.services.is_empty() {
+                    1
+                } else {
+                    2
+                }
+            }
+            None => existing.len(),
+        };
+        // Machines this release already handled (resumed job): only check them again.
+        let (current, stale): (Vec<_>, Vec<_>) = existing
+            .into_iter()
+            .partition(|(_, m)| release_version_of(m) == Some(rec.release.version));
+        for (host, m) in &current {
+            let agent = self.host(host)?;
+            self.healthy(agent.as_ref(), &m.id, wait)?;
+        }
+        let have = current.len();
+        if rec.release.strategy == DeployStrategy::Bluegreen {
+            return self.bluegreen(rec, g, stale, want.saturating_sub(have), wait);
+        }
+        let keep = want.saturating_sub(have);
+        let (to_update, to_destroy): (Vec<_>, Vec<_>) = {
+            let mut it = stale.into_iter();
+            let upd: Vec<_> = it.by_ref().take(keep).collect();
+            (upd, it.collect())
+        };
+        let to_create = keep.saturating_sub(to_update.len());
+        let mut work: Vec<Work> = to_update
+            .into_iter()
+            .map(|(h, m)| Work::Update(h, Box::new(m)))
+            .collect();
+        for _ in 0..to_create {
+            work.push(Work::Create);
+        }
+        let batch = match rec.release.strategy {
+            DeployStrategy::Immediate => work.len().max(1),
+            _ => rec.max_unavailable as usize,
+        };
+        let mut first = rec.release.strategy == DeployStrategy::Canary;
+        while !work.is_empty() {
+            let n = if first { 1 } else { batch.min(work.len()) };
+            first = false;
+            let chunk: Vec<Work> = work.drain(..n).collect();
+            self.apply_batch(rec, g, chunk, wait)?;
+        }
+        for (host, m) in to_destroy {
+            self.destroy_machine(rec, &g.group, &host, &m, wait)?;
+        }
+        Ok(())
+    }
+
+    /// Changes a batch of machines at once and waits until all are healthy.
+    fn apply_batch(
+        &self,
+        rec: &mut ReleaseRecord,
+        g: &ReleaseGroup,
+        chunk: Vec<Work>,
+        wait: Duration,
+    ) -> StepResult<()> {
+        let mut started = Vec::new();
+        for w in chunk {
+            match w {
+                Work::Update(host, m) => {
+                    let nonce = self.lease(m.id.as_str(), wait)?;
+                    let idx = self.begin(
+                        rec,
+                        Change {
+                            machine: m.id.to_string(),
+                            host: host.clone(),
+                            group: g.group.clone(),
+                            kind: ChangeKind::Update,
+                            previous: m.config.clone(),
+                            healthy: false,
+                            undone: false,
+                        },
+                    )?;
+                    let agent = self.host(&host)?;
+                    let updated = agent.update(
+                        &m.id,
+                        HostUpdate {
+                            config: g.config.clone(),
+                            skip_launch: false,
+                            current_version: None,
+                            secrets: self.secrets()?,
+                        },
+                    );
+                    if let Err(e) = updated {
+                        self.unlease(m.id.as_str(), &nonce);
+                        return Err(format!("update machine {}: {}", m.id, e.message()));
+                    }
+                    let _ = self.event(
+                        rec,
+                        "info",
+                        Some(m.id.as_str()),
+                        format!("updating machine {}", m.id),
+                    );
+                    started.push((idx, agent, m.id.clone(), Some(nonce)));
+                }
+                Work::Create => {
+                    let host = self
+                        .state
+                        .hosts()
+                        .place(None)
+                        .map_err(|e| e.message().to_owned())?
+                        .clone();
+                    let id = self.create_machine(&host.name, g.config.clone(), false)?;
+                    let idx = self.begin(
+                        rec,
+                        Change {
+                            machine: id.to_string(),
+                            host: host.name.clone(),
+                            group: g.group.clone(),
+                            kind: ChangeKind::Create,
+                            previous: None,
+                            healthy: false,
+                            undone: false,
+                        },
+                    )?;
+                    let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
+                    started.push((idx, host.agent.clone(), id, None));
+                }
+            }
+        }
+        let mut failure = None;
+        for (idx, agent, id, nonce) in started {
+            let ok = if failure.is_none() {
+                self.healthy(agent.as_ref(), &id, wait)
+            } else {
+                Ok(())
+            };
+            if let Some(n) = nonce {
+                self.unlease(id.as_str(), &n);
+            }
+            match ok {
+                Ok(()) if failure.is_none() => {
+                    self.done(rec, idx, format!("machine {id} is started and healthy"))?
+                }
+                Ok(()) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn destroy_machine(
+        &self,
+        rec: &mut ReleaseRecord,
+        group: &str,
+        host: &str,
+        m: &Machine,
+        wait: Duration,
+    ) -> StepResult<()> {
+        let nonce = self.lease(m.id.as_str(), wait)?;
+        let idx = self.begin(
+            rec,
+            Change {
+                machine: m.id.to_string(),
+                host: host.to_owned(),
+                group: group.to_owned(),
+                kind: ChangeKind::Destroy,
+                previous: m.config.clone(),
+                healthy: false,
+                undone: false,
+            },
+        )?;
+        let agent = self.host(host)?;
+        let r = agent.destroy(&m.id, true).and_then(|()| {
+            // Complete means gone: wait until the host has destroyed it.
+            agent.wait(
+                &m.id,
+                &HostWait {
+                    states: vec![WaitState::Destroyed],
+                    version: None,
+                    from_event_id: None,
+                    timeout: wait.min(Duration::from_secs(60)),
+                },
+            )
+        });
+        self.unlease(m.id.as_str(), &nonce);
+        r.map_err(|e| format!("destroy machine {}: {}", m.id, e.message()))?;
+        self.done(
+            rec,
+            idx,
+            format!("destroyed machine {} (the group has fewer now)", m.id),
+        )
+    }
+
+    fn bluegreen(
+        &self,
+        rec: &mut ReleaseRecord,
+        g: &ReleaseGroup,
+        old: Vec<(String, Machine)>,
+        want: usize,
+        wait: Duration,
+    ) -> StepResult<()> {
+        // Green: new machines beside the old ones, out of the proxy's pool until all are healthy.
+        let mut green = Vec::new();
+        for _ in 0..want {
+            let host = self
+                .state
+                .hosts()
+                .place(None)
+                .map_err(|e| e.message().to_owned())?
+                .clone();
+            let id = self.create_machine(&host.name, g.config.clone(), true)?;
+            let idx = self.begin(
+                rec,
+                Change {
+                    machine: id.to_string(),
+                    host: host.name.clone(),
+                    group: g.group.clone(),
+                    kind: ChangeKind::CreateCordoned,
+                    previous: None,
+                    healthy: false,
+                    undone: false,
+                },
+            )?;
+            let _ = self.event(
+                rec,
+                "info",
+                Some(id.as_str()),
+                format!("created green machine {id} (cordoned)"),
+            );
+            green.push((idx, host, id));
+        }
+        for (idx, host, id) in &green {
+            self.healthy(host.agent.as_ref(), id, wait)?;
+            self.done(rec, *idx, format!("green machine {id} is healthy"))?;
+        }
+        // Swap: green into the pool, blue out.
+        for (_, _, id) in &green {
+            self.set_cordoned(id.as_str(), false)?;
+        }
+        let _ = self.event(
+            rec,
+            "info",
+            None,
+            "green machines are in the pool; destroying the blue ones".into(),
+        );
+        for (host, m) in old {
+            self.destroy_machine(rec, &g.group, &host, &m, wait)?;
+        }
+        Ok(())
+    }
+
+    fn set_cordoned(&self, machine: &str, cordoned: bool) -> StepResult<()> {
+        let control = self.state.control();
+        let p = control
+            .get_machine(&self.app, machine)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("machine {machine} has no placement record"))?;
+        control
+            .put_machine(
+                &MachineRecord { cordoned, ..p.value },
+                Expect::Revision(p.revision),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Puts back every change the job made (newest first): updated machines get their old
+    /// config, created ones are destroyed; destroyed ones cannot come back (the group keeps the
+    /// machines it has). Ends `rolled_back` (or `failed` if putting back failed too).
+    fn roll_back(&self, rec: &mut ReleaseRecord, reason: &str) -> Result<(), HttpError> {
+        let wait = Duration::from_millis(rec.wait_timeout_ms);
+        let mut trouble = Vec::new();
+        for i in (0..rec.job.changes.len()).rev() {
+            let c = rec.job.changes[i].clone();
+            if c.undone {
+                continue;
+            }
+            let agent = match self.host(&c.host) {
+                Ok(a) => a,
+                Err(e) => {
+                    trouble.push(e);
+                    continue;
+                }
+            };
+            let id: MachineId = match c.machine.parse() {
+                Ok(id) => id,
+                Err(_) => continue,
+            };
+            let result: StepResult<String> = match c.kind {
+                ChangeKind::Update => match c.previous.clone() {
+                    Some(prev) => self
+                        .secrets()
+                        .and_then(|secrets| {
+                            agent
+                                .update(
+                                    &id,
+                                    HostUpdate {
+                                        config: prev,
+                                        skip_launch: false,
+                                        current_version: None,
+                                        secrets,
+                                    },
+                                )
+                                .map_err(|e| e.message().to_owned())
+                        })
+                        .and_then(|_| self.healthy(agent.as_ref(), &id, wait))
+                        .map(|()| format!("machine {id} is back on its previous config")),
+                    None => Ok(format!("machine {id} had no previous config to go back to")),
+                },
+                ChangeKind::Create | ChangeKind::CreateCordoned => match agent.destroy(&id, true) {
+                    Ok(()) => Ok(format!("destroyed machine {id}, which this release created")),
+                    Err(e) if e.status() == 404 => Ok(format!("machine {id} is already gone")),
+                    Err(e) => Err(e.message().to_owned()),
+                },
+                ChangeKind::Destroy => Ok(format!("machine {id} was destroyed by this release and stays so")),
+            };
+            match result {
+                Ok(msg) => {
+                    rec.job.changes[i].undone = true;
+                    self.event(rec, "info", Some(id.as_str()), msg)?;
+                }
+                Err(e) => {
+                    self.event(
+                        rec,
+                        "error",
+                        Some(id.as_str()),
+                        format!("could not put machine {id} back: {e}"),
+                    )?;
+                    trouble.push(e);
+                }
+            }
+        }
+        rec.job.rolling_back = None;
+        if trouble.is_empty() {
+            self.finish(
+                rec,
+                ReleaseStatus::RolledBack,
+                Some(format!("{reason}; rolled back")),
+            )
+        } else {
+            self.finish(
+                rec,
+                ReleaseStatus::Failed,
+                Some(format!(
+                    "{reason}; rolling back failed too: {}",
+                    trouble.join("; ")
+                )),
+            )
+        }
+    }
+}
+
+/// A machine to change in a batch.
+enum Work {
+    Update(String, Box<Machine>),
+    Create,
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    let base = rfc3339(ms);
+    // `2026-12-02T07:33:43Z` → with milliseconds.
+    match base.strip_suffix('Z') {
+        Some(b) => format!("{b}.{:03}Z", ms.rem_euclid(1000)),
+        None => base,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(groups: Vec<(&str, Option<&str>)>) -> CreateReleaseRequest {
+        CreateReleaseRequest {
+            groups: groups
+                .into_iter()
+                .map(|(g, image)| ReleaseGroup {
+                    group: g.to_owned(),
+                    config: MachineConfig {
+                        image: image.map(str::to_owned),
+                        ..MachineConfig::default()
+                    },
+                    count: None,
+                })
+                .collect(),
+            ..CreateReleaseRequest::default()
+        }
+    }
+
+    #[test]
+    fn groups_get_the_image_and_platform_metadata() {
+        let mut r = req(vec![("", None), ("worker", None)]);
+        r.image = Some("registry.local/web:2".into());
+        let (image, groups) = resolve_groups(&r, 7, "abc").unwrap();
+        assert_eq!(image, "registry.local/web:2");
+        assert_eq!(groups[0].group, "app");
+        for g in &groups {
+            assert_eq!(g.config.image.as_deref(), Some("registry.local/web:2"));
+            assert_eq!(g.config.metadata[MD_RELEASE_VERSION], "7");
+            assert_eq!(g.config.metadata[MD_GROUP], g.group);
+            assert_eq!(g.config.metadata[MD_PLATFORM], "v2");
+        }
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        assert!(
+            resolve_groups(&req(vec![]), 1, "x")
+                .unwrap_err()
+                .message()
+                .contains("at least one")
+        );
+        assert!(
+            resolve_groups(&req(vec![("app", None)]), 1, "x")
+                .unwrap_err()
+                .message()
+                .contains("no image")
+        );
+        assert!(
+            resolve_groups(&req(vec![("app", Some("a")), ("app", Some("a"))]), 1, "x")
+                .unwrap_err()
+                .message()
+                .contains("twice")
+        );
+        assert!(
+            resolve_groups(&req(vec![(RELEASE_COMMAND_GROUP, Some("a"))]), 1, "x")
+                .unwrap_err()
+                .message()
+                .contains("reserved")
+        );
+    }
+
+    #[test]
+    fn event_timestamps_have_milliseconds() {
+        assert_eq!(rfc3339_ms(1_796_196_230_421), "2026-12-02T07:23:50.421Z");
+    }
+}
