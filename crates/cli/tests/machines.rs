@@ -554,4 +554,59 @@ mod tests {
         let line = line.expect("a line after the start");
         assert!(line.contains(&format!("[{id}] local [")), "{line}");
     }
+
+    #[test]
+    fn deploy_releases_status_scale_and_rollback() {
+        let env = Env::start();
+        std::fs::write(
+            env.path("work").join("aloft.toml"),
+            "app = 'web'\n[http_service]\ninternal_port = 8080\n",
+        )
+        .unwrap();
+        ok(&env.aloft(&["apps", "create", "web"]));
+
+        // A first deploy of a group with services: a release that completes with two machines.
+        ok(&env.aloft(&["deploy", "--image", "busybox:latest"]));
+        let releases = env.json(&["releases", "--json"]);
+        assert_eq!(releases[0]["version"], 1);
+        assert_eq!(releases[0]["status"], "complete");
+        let status = env.json(&["status", "--json"]);
+        let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
+        assert_eq!(machines.as_array().unwrap().len(), 2, "{status}");
+        assert!(
+            machines
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["config"]["metadata"]["fly_release_version"] == "1")
+        );
+
+        // Scaling is a release too.
+        ok(&env.aloft(&["scale", "count", "3"]));
+        let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
+        assert_eq!(machines.as_array().unwrap().len(), 3);
+
+        // A new image, then back.
+        ok(&env.aloft(&["deploy", "--image", "busybox:v2", "--strategy", "immediate"]));
+        let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
+        assert!(
+            machines
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["config"]["image"] == "busybox:v2")
+        );
+        ok(&env.aloft(&["releases", "rollback"]));
+        let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
+        assert_eq!(machines.as_array().unwrap().len(), 3);
+        assert!(
+            machines
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["config"]["image"] == "busybox:latest")
+        );
+        let releases = env.json(&["releases", "--json"]);
+        assert_eq!(releases[0]["rollback_of"], 2, "{releases}");
+    }
 }
