@@ -7,6 +7,7 @@
 //!
 //! Nothing in the product depends on this crate.
 
+mod aloftd;
 mod bench_api;
 mod bench_boot;
 mod bench_image;
