@@ -24,6 +24,7 @@ mod ids;
 mod lease;
 mod machine;
 mod machine_config;
+mod platform;
 mod release;
 mod requests;
 #[cfg(feature = "schema")]
@@ -48,6 +49,7 @@ pub use machine::{
     CheckState, CheckStatus, ContainerStatus, EventSource, ExitEvent, HostStatus, ImageRef, Machine,
     MachineEvent, MachineEventRequest, MachineVersion, MonitorEvent,
 };
+pub use platform::{RegionRow, RegionsResponse};
 pub use release::{
     CreateReleaseRequest, DeployStrategy, Release, ReleaseEvent, ReleaseGroup, ReleaseStatus, RollbackRequest,
 };

@@ -89,6 +89,7 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
     (MethodFilter::GET, "/apps/{app_name}/secrets/{secret_name}"),
     (MethodFilter::POST, "/apps/{app_name}/secrets/{secret_name}"),
     (MethodFilter::DELETE, "/apps/{app_name}/secrets/{secret_name}"),
+    (MethodFilter::GET, "/platform/regions"),
 ];
 
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
@@ -172,7 +173,6 @@ pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
     ),
     (MethodFilter::GET, "/orgs/{org_slug}/volumes"),
     (MethodFilter::POST, "/platform/placements"),
-    (MethodFilter::GET, "/platform/regions"),
     (MethodFilter::POST, "/tokens/authenticate"),
     (MethodFilter::POST, "/tokens/authorize"),
     (MethodFilter::GET, "/tokens/current"),

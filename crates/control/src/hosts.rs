@@ -81,3 +81,24 @@ impl Hosts {
         })
     }
 }
+
+/// `GET /v1/platform/regions` → `{nearest, regions}`: the regions that have a host; the nearest is
+/// this server's.
+pub(crate) async fn regions(
+    axum::extract::State(state): axum::extract::State<crate::ApiState>,
+) -> axum::Json<aloft_api::RegionsResponse> {
+    let mut codes: Vec<String> = state.hosts().all().iter().map(|h| h.region.clone()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    axum::Json(aloft_api::RegionsResponse {
+        nearest: state.config().region.clone(),
+        regions: codes
+            .into_iter()
+            .map(|code| aloft_api::RegionRow {
+                name: format!("aloft region {code}"),
+                code,
+                ..aloft_api::RegionRow::default()
+            })
+            .collect(),
+    })
+}

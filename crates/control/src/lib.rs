@@ -138,6 +138,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/apps", get(apps::list).post(apps::create))
         .route("/v1/apps/{app_name}", get(apps::show).delete(apps::destroy))
         .route("/v1/apps/{app_name}/logs", get(logs::logs))
+        .route("/v1/platform/regions", get(hosts::regions))
         .route(
             "/v1/apps/{app_name}/releases",
             get(releases::index).post(releases::create),

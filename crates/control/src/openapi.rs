@@ -17,8 +17,8 @@ use aloft_api::{
     App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, CreateAppRequest,
     CreateLeaseRequest, CreateMachineRequest, CreateReleaseRequest, DeleteAppSecretResponse, ErrorResponse,
     ExecRequest, ExecResponse, LeaseEnvelope, ListAppsResponse, LogEntry, Machine, MachineEvent,
-    MachineVersion, MetadataValueResponse, OkResponse, ProcessStat, Release, ReleaseEvent, RollbackRequest,
-    SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
+    MachineVersion, MetadataValueResponse, OkResponse, ProcessStat, RegionsResponse, Release, ReleaseEvent,
+    RollbackRequest, SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
     UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitResponse,
 };
 use axum::Json;
@@ -804,6 +804,14 @@ pub(crate) const OPERATIONS: &[Operation] = &[
         NOT_FOUND,
         error(408, "Not in time"),
     ]),
+    op(
+        MethodFilter::GET,
+        "/platform/regions",
+        "Platform_regions_get",
+        "Platform",
+        "The regions machines can run in",
+    )
+    .responses(&[ok(200, "OK", ty::<RegionsResponse>())]),
     // aloft's own: releases (server-side deploys).
     op(
         MethodFilter::GET,
