@@ -9,7 +9,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aloft_api::{MachineId, ProcessStat, Signal};
+use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal};
 use aloft_guest_proto::ImageConfig;
 
 use crate::agent::Killswitch;
@@ -87,6 +87,8 @@ pub struct World {
     blocked: BTreeSet<DriverOp>,
     /// The address networks attached from now on get (`net_config`), see `network_address`.
     net_address: Option<std::net::IpAddr>,
+    /// What the workload listens on (`ps`), see `listen`; `None`: [`FakeDriver::DEFAULT_LISTEN`].
+    listen: Option<Vec<ListenSocket>>,
     /// Receivers handed out by `logs`, per machine; dropped when its VM stops running.
     log_subs: BTreeMap<MachineId, Vec<Sender<LogChunk>>>,
 }
@@ -235,6 +237,25 @@ impl FakeDriver {
     /// there. `None`: no `net_config`, as before.
     pub fn network_address(&self, addr: Option<std::net::IpAddr>) {
         self.lock().net_address = addr;
+    }
+
+    /// What every running workload listens on by default, as `ps` reports it: tcp
+    /// `0.0.0.0:8080`, the `internal_port` of the test fixtures' services (a release's health
+    /// gate waits until some process listens on each service's port).
+    pub const DEFAULT_LISTEN: &'static str = "0.0.0.0:8080";
+
+    /// The sockets the workloads' process listens on from now on (`ps`'s `listen_sockets`), as
+    /// `(proto, address)`: e.g. `[("tcp", "127.0.0.1:3000")]`, or none at all.
+    pub fn listen(&self, sockets: &[(&str, &str)]) {
+        self.lock().listen = Some(
+            sockets
+                .iter()
+                .map(|(proto, address)| ListenSocket {
+                    proto: (*proto).to_owned(),
+                    address: (*address).to_owned(),
+                })
+                .collect(),
+        );
     }
 
     /// Every VM started from now on exits at once with `exit` (a crash loop); `None`: they run.
@@ -647,7 +668,12 @@ impl Driver for FakeDriver {
                 rtime: 0,
                 stime: 0,
                 directory: "/".into(),
-                listen_sockets: Vec::new(),
+                listen_sockets: w.listen.clone().unwrap_or_else(|| {
+                    vec![ListenSocket {
+                        proto: "tcp".into(),
+                        address: Self::DEFAULT_LISTEN.into(),
+                    }]
+                }),
             }])
         })
     }
