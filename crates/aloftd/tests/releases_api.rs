@@ -295,6 +295,72 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn an_app_that_listens_elsewhere_fails_fast_and_says_where_it_listens() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        // The fake workload listens on 0.0.0.0:8080, the services' internal_port: complete.
+        api.deploy(json!({"groups": [group("web:1", true)], "image": "web:1"}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let before = api.machines().await;
+        assert_eq!(before.len(), 2);
+
+        // Loopback only: the release fails within the checks' grace period (1 s here, far below
+        // its wait_timeout) and says what the app listens on.
+        let with_grace = |image: &str| {
+            let mut g = group(image, true);
+            g["config"]["checks"] =
+                json!({"alive": {"type": "tcp", "port": 8080, "interval": "100ms", "grace_period": "1s"}});
+            g
+        };
+        api.fake.listen(&[("tcp", "127.0.0.1:3000")]);
+        let started = Instant::now();
+        api.deploy(json!({"groups": [with_grace("web:2")], "image": "web:2", "wait_timeout": "60s"}))
+            .await;
+        let r = api.finished(2).await;
+        assert_eq!(r["status"], "rolled_back", "{r}");
+        let why = r["error"].as_str().unwrap();
+        assert!(
+            why.contains("app listens on 127.0.0.1:3000 (tcp), expected 0.0.0.0:8080"),
+            "{why}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        let after = api.machines().await;
+        assert_eq!(after.len(), 2);
+        assert!(after.iter().all(|m| release_of(m) == "1"), "{after:?}");
+
+        // Nothing listening at all says so.
+        api.fake.listen(&[]);
+        api.deploy(json!({"groups": [with_grace("web:3")], "image": "web:3"}))
+            .await;
+        let r = api.finished(3).await;
+        assert_eq!(r["status"], "rolled_back", "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("nothing listens yet, expected 0.0.0.0:8080"),
+            "{r}"
+        );
+
+        // The wildcard address of either family passes.
+        api.fake
+            .listen(&[("tcp", "127.0.0.1:3000"), ("tcp", "[::]:8080")]);
+        api.deploy(json!({"groups": [group("web:4", true)], "image": "web:4"}))
+            .await;
+        assert_eq!(api.finished(4).await["status"], "complete");
+        api.fake.listen(&[("tcp", "0.0.0.0:8080")]);
+        api.deploy(json!({"groups": [group("web:5", true)], "image": "web:5"}))
+            .await;
+        assert_eq!(api.finished(5).await["status"], "complete");
+        assert!(api.machines().await.iter().all(|m| release_of(m) == "5"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_failing_release_command_changes_no_machine() {
         let api = Api::new();
         api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;

@@ -10,7 +10,9 @@
 //!    once), `rolling` (`max_unavailable` at a time), `canary` (one, then rolling), `bluegreen`
 //!    (new machines created cordoned beside the old, uncordoned once all are healthy, then the old
 //!    ones destroyed) — creating machines up to the wanted count and destroying the excess; each
-//!    machine must be `started` with every check passing within `wait_timeout`;
+//!    machine must be `started` with every check passing within `wait_timeout`, and — for a group
+//!    with services — listen on each `internal_port` (not on loopback) within the checks' grace
+//!    period, else the step fails at once saying what the app listens on instead;
 //! 3. when a step fails, puts every machine it changed back (old config, new machines destroyed)
 //!    and ends `rolled_back`, with the reason.
 //!
@@ -18,7 +20,9 @@
 //! old config) in the release record; an aloftd that restarts resumes every unfinished release
 //! ([`resume`]): machines already at the release are only checked again, the rest are done, and a
 //! rollback in progress goes on. The job holds each machine's lease while it changes it, so a
-//! user's concurrent change is refused (409) and a leased machine stops the release.
+//! user's concurrent change is refused (409) and a leased machine stops the release; its leases
+//! carry one nonce per release (in the record), so a resumed job gives back or takes over those
+//! its killed run held.
 //!
 //! Keys: `/releases/{app}/{version:010}` (the record), `/release-events/{app}/{version:010}/{seq:010}`.
 
@@ -64,6 +68,9 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the job looks at a machine's checks.
 const CHECK_POLL: Duration = Duration::from_millis(250);
+/// How long a started machine of a group with services has to listen on every `internal_port`
+/// when none of the group's checks gives a `grace_period` (else the largest one given).
+const LISTEN_GRACE: Duration = Duration::from_secs(10);
 
 /// A release as stored: what the API shows, what was asked, and the job's progress.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +100,14 @@ struct Job {
     /// The failure being rolled back.
     #[serde(default)]
     rolling_back: Option<String>,
+    /// The nonce of every machine lease the job takes (one per release, kept secret in the
+    /// record): a resumed job recognizes the leases its previous run held and takes them over.
+    #[serde(default)]
+    lease_nonce: Option<String>,
+    /// How many machines each group is to have, fixed when the job first gets to the group (a
+    /// resumed job must not count the machines it already made as the group's old size).
+    #[serde(default)]
+    wanted: std::collections::BTreeMap<String, usize>,
 }
 
 /// One machine the job touches, recorded before it acts.
@@ -666,6 +681,20 @@ impl Runner {
         if rec.release.status.is_final() {
             return Ok(());
         }
+        match rec.job.lease_nonce.clone() {
+            None => {
+                rec.job.lease_nonce = Some(hex(
+                    &random::<16>().map_err(|e| HttpError::internal(format!("random: {e}")))?
+                ));
+            }
+            // A previous run of this job (aloftd was killed) may have died holding leases: give
+            // them back (only leases with the job's own nonce go).
+            Some(nonce) => {
+                for c in &rec.job.changes {
+                    self.unlease(&c.machine, &nonce);
+                }
+            }
+        }
         if rec.release.status == ReleaseStatus::Pending {
             let msg = format!(
                 "release v{} of {}: image {}, strategy {}",
@@ -779,7 +808,8 @@ impl Runner {
             .place(None)
             .map_err(|e| e.message().to_owned())?
             .clone();
-        let id = self.create_machine(&host.name, config, false)?;
+        let id = new_machine_id()?;
+        self.create_machine(&host.name, &id, config, false)?;
         let agent = host.agent.clone();
         let _ = self.event(
             rec,
@@ -829,8 +859,14 @@ impl Runner {
         }
     }
 
-    /// Creates a machine of the app on `host` (placement first, as the API does).
-    fn create_machine(&self, host: &str, config: MachineConfig, cordoned: bool) -> StepResult<MachineId> {
+    /// Creates machine `id` of the app on `host` (placement first, as the API does).
+    fn create_machine(
+        &self,
+        host: &str,
+        id: &MachineId,
+        config: MachineConfig,
+        cordoned: bool,
+    ) -> StepResult<()> {
         let control = self.state.control();
         let handle = self
             .state
@@ -846,9 +882,7 @@ impl Runner {
         let org = control
             .org_network(&app.organization.slug)
             .map_err(|e| e.to_string())?;
-        let bytes = random::<7>().map_err(|e| e.to_string())?;
-        let id = MachineId::from_random(bytes);
-        let placement = crate::machines::placement_record(&self.app, &handle, &id, id.as_str());
+        let placement = crate::machines::placement_record(&self.app, &handle, id, id.as_str());
         control
             .create_machine(&MachineRecord {
                 cordoned,
@@ -867,12 +901,12 @@ impl Runner {
             secrets,
         });
         if let Err(e) = created {
-            if handle.agent.get(&id).is_err() {
+            if handle.agent.get(id).is_err() {
                 let _ = control.delete_machine(&self.app, id.as_str());
             }
             return Err(e.message().to_owned());
         }
-        Ok(id)
+        Ok(())
     }
 
     /// The app's secrets as they are now: every machine the release makes or changes boots
@@ -882,9 +916,14 @@ impl Runner {
             .map_err(|e| e.api().message().to_owned())
     }
 
-    /// Takes the machine's lease for the job (refused when someone else holds it).
-    fn lease(&self, machine: &str, wait: Duration) -> StepResult<String> {
-        let nonce = hex(&random::<16>().map_err(|e| e.to_string())?);
+    /// Takes the machine's lease for the job (refused when someone else holds it). A lease with
+    /// the job's own nonce is one an earlier run of the job held (aloftd restarted): taken over.
+    fn lease(&self, rec: &ReleaseRecord, machine: &str, wait: Duration) -> StepResult<String> {
+        let nonce = rec
+            .job
+            .lease_nonce
+            .clone()
+            .ok_or_else(|| "the release job has no lease nonce".to_owned())?;
         let req = MachineLeaseRequest {
             nonce: nonce.clone(),
             owner: format!("release v{}", self.version),
@@ -892,19 +931,41 @@ impl Runner {
             ttl: wait + Duration::from_secs(60),
             version: String::new(),
         };
-        self.state
-            .control()
-            .acquire_lease(&self.app, machine, &req)
-            .map_err(|e| format!("machine {machine}: {}", e.to_api().message()))?;
-        Ok(nonce)
+        let control = self.state.control();
+        match control.acquire_lease(&self.app, machine, &req) {
+            Ok(_) => Ok(nonce),
+            Err(e) => {
+                let ours = control
+                    .get_lease(&self.app, machine)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|l| l.nonce == nonce);
+                if !ours {
+                    return Err(format!("machine {machine}: {}", e.to_api().message()));
+                }
+                let _ = control.release_lease(&self.app, machine, &nonce);
+                control
+                    .acquire_lease(&self.app, machine, &req)
+                    .map_err(|e| format!("machine {machine}: {}", e.to_api().message()))?;
+                Ok(nonce)
+            }
+        }
     }
 
     fn unlease(&self, machine: &str, nonce: &str) {
         let _ = self.state.control().release_lease(&self.app, machine, nonce);
     }
 
-    /// Waits until the machine runs `version`'s config started, with every check passing.
-    fn healthy(&self, agent: &dyn MachineHost, id: &MachineId, wait: Duration) -> StepResult<()> {
+    /// Waits until the machine runs `version`'s config started, with every check passing. With
+    /// `listen` (a deploy step, not a rollback), the app must also listen on every service's
+    /// `internal_port` within the checks' grace period ([`Runner::listening`]).
+    fn healthy(
+        &self,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+        wait: Duration,
+        listen: Option<&MachineConfig>,
+    ) -> StepResult<()> {
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -936,6 +997,9 @@ impl Runner {
                 Err(e) if e.status() == 408 => {}
                 Err(e) => return Err(e.message().to_owned()),
             }
+        }
+        if let Some(config) = listen {
+            self.listening(agent, id, config, deadline)?;
         }
         loop {
             let m = agent.get(id).map_err(|e| e.message().to_owned())?;
@@ -975,6 +1039,101 @@ impl Runner {
         }
     }
 
+    /// Fail fast: a started machine of a group with services must listen on each service's
+    /// `internal_port` (its protocol) on an address the proxy reaches — not loopback — within
+    /// the grace period ([`listen_grace`]); init's process list (`ps`) tells. When it does not,
+    /// the step fails saying what the app listens on instead. A host that cannot list the
+    /// machine's processes at all leaves the decision to the checks.
+    fn listening(
+        &self,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+        config: &MachineConfig,
+        deadline: Instant,
+    ) -> StepResult<()> {
+        let mut wanted: Vec<(u16, String)> = Vec::new();
+        for s in &config.services {
+            if let Some(port) = s.internal_port {
+                let proto = s.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
+                if !wanted.contains(&(port, proto.clone())) {
+                    wanted.push((port, proto));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let until = (start + listen_grace(config)).min(deadline);
+        let window = until.saturating_duration_since(start);
+        let mut sockets: Option<Vec<aloft_api::ListenSocket>> = None;
+        loop {
+            match agent.ps(id) {
+                Ok(ps) => {
+                    let mut seen = Vec::new();
+                    for s in ps.into_iter().flat_map(|p| p.listen_sockets) {
+                        if !seen.contains(&s) {
+                            seen.push(s);
+                        }
+                    }
+                    if wanted
+                        .iter()
+                        .all(|(port, proto)| seen.iter().any(|s| reachable(s, *port, proto)))
+                    {
+                        return Ok(());
+                    }
+                    sockets = Some(seen);
+                }
+                Err(e) => {
+                    let m = agent.get(id).map_err(|e| e.message().to_owned())?;
+                    if m.state != MachineState::Started {
+                        return Err(format!(
+                            "machine {id} left started ({}) (see aloft logs -i {id})",
+                            m.state
+                        ));
+                    }
+                    if e.status() == 404 {
+                        return Err(e.message().to_owned());
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(CHECK_POLL);
+        }
+        let Some(seen) = sockets else {
+            return Ok(());
+        };
+        let listens = if seen.is_empty() {
+            "nothing listens yet".to_owned()
+        } else {
+            format!(
+                "app listens on {}",
+                seen.iter()
+                    .map(|s| format!("{} ({})", s.address, s.proto))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let expected = wanted
+            .iter()
+            .filter(|(port, proto)| !seen.iter().any(|s| reachable(s, *port, proto)))
+            .map(|(port, proto)| {
+                if proto == "tcp" {
+                    format!("0.0.0.0:{port}")
+                } else {
+                    format!("0.0.0.0:{port} ({proto})")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(format!(
+            "machine {id} does not listen on its services' internal_port within {:?}: {listens}, expected {expected} (see aloft logs -i {id})",
+            window
+        ))
+    }
+
     /// Records a change before it is made.
     fn begin(&self, rec: &mut ReleaseRecord, change: Change) -> Result<usize, String> {
         rec.job.changes.push(change);
@@ -994,16 +1153,24 @@ impl Runner {
     fn deploy_group(&self, rec: &mut ReleaseRecord, g: &ReleaseGroup) -> StepResult<()> {
         let wait = Duration::from_millis(rec.wait_timeout_ms);
         let existing = self.machines_of(&g.group)?;
-        let want = match g.count {
-            Some(n) => n as usize,
-            None if existing.is_empty() => {
-                if g.config.services.is_empty() {
-                    1
-                } else {
-                    2
-                }
+        let want = match rec.job.wanted.get(&g.group) {
+            Some(n) => *n,
+            None => {
+                let n = match g.count {
+                    Some(n) => n as usize,
+                    None if existing.is_empty() => {
+                        if g.config.services.is_empty() {
+                            1
+                        } else {
+                            2
+                        }
+                    }
+                    None => existing.len(),
+                };
+                rec.job.wanted.insert(g.group.clone(), n);
+                save(self.store(), rec).map_err(|e| e.to_string())?;
+                n
             }
-            None => existing.len(),
         };
         // Machines this release already handled (resumed job): only check them again.
         let (current, stale): (Vec<_>, Vec<_>) = existing
@@ -1011,11 +1178,11 @@ impl Runner {
             .partition(|(_, m)| release_version_of(m) == Some(rec.release.version));
         for (host, m) in &current {
             let agent = self.host(host)?;
-            self.healthy(agent.as_ref(), &m.id, wait)?;
+            self.healthy(agent.as_ref(), &m.id, wait, Some(&g.config))?;
         }
         let have = current.len();
         if rec.release.strategy == DeployStrategy::Bluegreen {
-            return self.bluegreen(rec, g, stale, want.saturating_sub(have), wait);
+            return self.bluegreen(rec, g, stale, &current, want.saturating_sub(have), wait);
         }
         let keep = want.saturating_sub(have);
         let (to_update, to_destroy): (Vec<_>, Vec<_>) = {
@@ -1057,73 +1224,11 @@ impl Runner {
         wait: Duration,
     ) -> StepResult<()> {
         let mut started = Vec::new();
-        for w in chunk {
-            match w {
-                Work::Update(host, m) => {
-                    let nonce = self.lease(m.id.as_str(), wait)?;
-                    let idx = self.begin(
-                        rec,
-                        Change {
-                            machine: m.id.to_string(),
-                            host: host.clone(),
-                            group: g.group.clone(),
-                            kind: ChangeKind::Update,
-                            previous: m.config.clone(),
-                            healthy: false,
-                            undone: false,
-                        },
-                    )?;
-                    let agent = self.host(&host)?;
-                    let updated = agent.update(
-                        &m.id,
-                        HostUpdate {
-                            config: g.config.clone(),
-                            skip_launch: false,
-                            current_version: None,
-                            secrets: self.secrets()?,
-                        },
-                    );
-                    if let Err(e) = updated {
-                        self.unlease(m.id.as_str(), &nonce);
-                        return Err(format!("update machine {}: {}", m.id, e.message()));
-                    }
-                    let _ = self.event(
-                        rec,
-                        "info",
-                        Some(m.id.as_str()),
-                        format!("updating machine {}", m.id),
-                    );
-                    started.push((idx, agent, m.id.clone(), Some(nonce)));
-                }
-                Work::Create => {
-                    let host = self
-                        .state
-                        .hosts()
-                        .place(None)
-                        .map_err(|e| e.message().to_owned())?
-                        .clone();
-                    let id = self.create_machine(&host.name, g.config.clone(), false)?;
-                    let idx = self.begin(
-                        rec,
-                        Change {
-                            machine: id.to_string(),
-                            host: host.name.clone(),
-                            group: g.group.clone(),
-                            kind: ChangeKind::Create,
-                            previous: None,
-                            healthy: false,
-                            undone: false,
-                        },
-                    )?;
-                    let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
-                    started.push((idx, host.agent.clone(), id, None));
-                }
-            }
-        }
-        let mut failure = None;
+        let launched = self.launch_batch(rec, g, chunk, wait, &mut started);
+        let mut failure = launched.err();
         for (idx, agent, id, nonce) in started {
             let ok = if failure.is_none() {
-                self.healthy(agent.as_ref(), &id, wait)
+                self.healthy(agent.as_ref(), &id, wait, Some(&g.config))
             } else {
                 Ok(())
             };
@@ -1141,6 +1246,93 @@ impl Runner {
         failure.map_or(Ok(()), Err)
     }
 
+    /// Starts the changes of a batch; `started` gets each one made (with its lease, which the
+    /// caller gives back, also when a later change of the batch fails).
+    #[allow(clippy::type_complexity, reason = "one private list")]
+    fn launch_batch(
+        &self,
+        rec: &mut ReleaseRecord,
+        g: &ReleaseGroup,
+        chunk: Vec<Work>,
+        wait: Duration,
+        started: &mut Vec<(usize, Arc<dyn MachineHost>, MachineId, Option<String>)>,
+    ) -> StepResult<()> {
+        for w in chunk {
+            match w {
+                Work::Update(host, m) => {
+                    let nonce = self.lease(rec, m.id.as_str(), wait)?;
+                    let begun = self.begin(
+                        rec,
+                        Change {
+                            machine: m.id.to_string(),
+                            host: host.clone(),
+                            group: g.group.clone(),
+                            kind: ChangeKind::Update,
+                            previous: m.config.clone(),
+                            healthy: false,
+                            undone: false,
+                        },
+                    );
+                    let updated = begun.and_then(|idx| {
+                        let agent = self.host(&host)?;
+                        agent
+                            .update(
+                                &m.id,
+                                HostUpdate {
+                                    config: g.config.clone(),
+                                    skip_launch: false,
+                                    current_version: None,
+                                    secrets: self.secrets()?,
+                                },
+                            )
+                            .map_err(|e| format!("update machine {}: {}", m.id, e.message()))?;
+                        Ok((idx, agent))
+                    });
+                    let (idx, agent) = match updated {
+                        Ok(v) => v,
+                        Err(e) => {
+                            self.unlease(m.id.as_str(), &nonce);
+                            return Err(e);
+                        }
+                    };
+                    let _ = self.event(
+                        rec,
+                        "info",
+                        Some(m.id.as_str()),
+                        format!("updating machine {}", m.id),
+                    );
+                    started.push((idx, agent, m.id.clone(), Some(nonce)));
+                }
+                Work::Create => {
+                    let host = self
+                        .state
+                        .hosts()
+                        .place(None)
+                        .map_err(|e| e.message().to_owned())?
+                        .clone();
+                    // Recorded before it exists: a job killed in between finds it to undo.
+                    let id = new_machine_id()?;
+                    let idx = self.begin(
+                        rec,
+                        Change {
+                            machine: id.to_string(),
+                            host: host.name.clone(),
+                            group: g.group.clone(),
+                            kind: ChangeKind::Create,
+                            previous: None,
+                            healthy: false,
+                            undone: false,
+                        },
+                    )?;
+                    self.create_machine(&host.name, &id, g.config.clone(), false)?;
+                    let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
+                    started.push((idx, host.agent.clone(), id, None));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn destroy_machine(
         &self,
         rec: &mut ReleaseRecord,
@@ -1149,7 +1341,7 @@ impl Runner {
         m: &Machine,
         wait: Duration,
     ) -> StepResult<()> {
-        let nonce = self.lease(m.id.as_str(), wait)?;
+        let nonce = self.lease(rec, m.id.as_str(), wait)?;
         let idx = self.begin(
             rec,
             Change {
@@ -1189,6 +1381,7 @@ impl Runner {
         rec: &mut ReleaseRecord,
         g: &ReleaseGroup,
         old: Vec<(String, Machine)>,
+        resumed: &[(String, Machine)],
         want: usize,
         wait: Duration,
     ) -> StepResult<()> {
@@ -1201,7 +1394,7 @@ impl Runner {
                 .place(None)
                 .map_err(|e| e.message().to_owned())?
                 .clone();
-            let id = self.create_machine(&host.name, g.config.clone(), true)?;
+            let id = new_machine_id()?;
             let idx = self.begin(
                 rec,
                 Change {
@@ -1214,6 +1407,7 @@ impl Runner {
                     undone: false,
                 },
             )?;
+            self.create_machine(&host.name, &id, g.config.clone(), true)?;
             let _ = self.event(
                 rec,
                 "info",
@@ -1223,11 +1417,15 @@ impl Runner {
             green.push((idx, host, id));
         }
         for (idx, host, id) in &green {
-            self.healthy(host.agent.as_ref(), id, wait)?;
+            self.healthy(host.agent.as_ref(), id, wait, Some(&g.config))?;
             self.done(rec, *idx, format!("green machine {id} is healthy"))?;
         }
-        // Swap: green into the pool, blue out.
-        for (_, _, id) in &green {
+        // Swap: green into the pool (with those an earlier run of the job made), blue out.
+        for id in green
+            .iter()
+            .map(|(_, _, id)| id)
+            .chain(resumed.iter().map(|(_, m)| &m.id))
+        {
             self.set_cordoned(id.as_str(), false)?;
         }
         let _ = self.event(
@@ -1296,7 +1494,7 @@ impl Runner {
                                 )
                                 .map_err(|e| e.message().to_owned())
                         })
-                        .and_then(|_| self.healthy(agent.as_ref(), &id, wait))
+                        .and_then(|_| self.healthy(agent.as_ref(), &id, wait, None))
                         .map(|()| format!("machine {id} is back on its previous config")),
                     None => Ok(format!("machine {id} had no previous config to go back to")),
                 },
@@ -1341,6 +1539,40 @@ impl Runner {
             )
         }
     }
+}
+
+/// How long the app of a started machine has to listen on its services' ports: the largest
+/// `grace_period` of the config's checks (top-level and service checks) — the time its owner
+/// says it needs to start — else [`LISTEN_GRACE`].
+fn listen_grace(config: &MachineConfig) -> Duration {
+    config
+        .checks
+        .values()
+        .filter_map(|c| c.grace_period.as_ref())
+        .chain(
+            config
+                .services
+                .iter()
+                .flat_map(|s| s.checks.iter())
+                .filter_map(|c| c.grace_period.as_ref()),
+        )
+        .map(|d| d.get())
+        .max()
+        .unwrap_or(LISTEN_GRACE)
+}
+
+/// Whether `socket` serves `port`/`proto` from outside the machine: bound to any address but
+/// loopback (the unspecified `0.0.0.0`/`::`, or one of the machine's own).
+fn reachable(socket: &aloft_api::ListenSocket, port: u16, proto: &str) -> bool {
+    socket.proto.eq_ignore_ascii_case(proto)
+        && socket
+            .address
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.port() == port && !a.ip().is_loopback())
+}
+
+fn new_machine_id() -> StepResult<MachineId> {
+    Ok(MachineId::from_random(random::<7>().map_err(|e| e.to_string())?))
 }
 
 /// A machine to change in a batch.
