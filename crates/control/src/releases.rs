@@ -1134,8 +1134,37 @@ impl Runner {
         ))
     }
 
-    /// Records a change before it is made.
+    /// Waits until the machine rests in a state (`started`, `stopped`, … or gone): an operation
+    /// in flight — one a killed aloftd's agent resumes, or a user's — finishes first. Returns the
+    /// machine as it is then; `None` when the host does not know it.
+    fn settle(&self, agent: &dyn MachineHost, id: &MachineId, wait: Duration) -> StepResult<Option<Machine>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let m = match agent.get(id) {
+                Ok(m) => m,
+                Err(e) if e.status() == 404 => return Ok(None),
+                Err(e) => return Err(e.message().to_owned()),
+            };
+            if m.state.is_settled() || m.state.is_terminal() {
+                return Ok(Some(m));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("machine {id} stayed {} for {}s", m.state, wait.as_secs()));
+            }
+            std::thread::sleep(CHECK_POLL);
+        }
+    }
+
+    /// Records a change before it is made. An update of a machine the job began and did not
+    /// finish (a resumed job) keeps its first record, with the config to go back to.
     fn begin(&self, rec: &mut ReleaseRecord, change: Change) -> Result<usize, String> {
+        if change.kind == ChangeKind::Update
+            && let Some(i) = rec.job.changes.iter().position(|c| {
+                c.machine == change.machine && c.kind == ChangeKind::Update && !c.healthy && !c.undone
+            })
+        {
+            return Ok(i);
+        }
         rec.job.changes.push(change);
         save(self.store(), rec).map_err(|e| e.to_string())?;
         Ok(rec.job.changes.len() - 1)
@@ -1152,7 +1181,23 @@ impl Runner {
 
     fn deploy_group(&self, rec: &mut ReleaseRecord, g: &ReleaseGroup) -> StepResult<()> {
         let wait = Duration::from_millis(rec.wait_timeout_ms);
-        let existing = self.machines_of(&g.group)?;
+        let mut existing = self.machines_of(&g.group)?;
+        // A machine in the middle of an operation (say, an update a killed aloftd began and its
+        // agent resumed) is looked at once that is over: its config may be the release's by then.
+        let mut settled = Vec::with_capacity(existing.len());
+        for (host, m) in existing.drain(..) {
+            if m.state.is_settled() {
+                settled.push((host, m));
+                continue;
+            }
+            let agent = self.host(&host)?;
+            if let Some(m) = self.settle(agent.as_ref(), &m.id, wait)?
+                && !m.state.is_terminal()
+            {
+                settled.push((host, m));
+            }
+        }
+        let existing = settled;
         let want = match rec.job.wanted.get(&g.group) {
             Some(n) => *n,
             None => {
@@ -1477,6 +1522,11 @@ impl Runner {
                 Ok(id) => id,
                 Err(_) => continue,
             };
+            // An operation in flight (a resumed rollback) ends first.
+            if let Err(e) = self.settle(agent.as_ref(), &id, wait) {
+                trouble.push(e);
+                continue;
+            }
             let result: StepResult<String> = match c.kind {
                 ChangeKind::Update => match c.previous.clone() {
                     Some(prev) => self
