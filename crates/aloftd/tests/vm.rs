@@ -189,6 +189,34 @@ mod tests {
             (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
         }
 
+        /// A GET whose answer is text (newline-delimited JSON: logs, release events).
+        async fn text(&self, path: &str) -> String {
+            let resp = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .header("authorization", format!("Bearer {}", self.token))
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{path}: {}", resp.status());
+            resp.text().await.unwrap()
+        }
+
+        /// Waits until release `v` is final; returns it.
+        async fn release_final(&self, v: u64) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(240);
+            loop {
+                let r = self
+                    .ok(Method::GET, &format!("/apps/web/releases/{v}"), None)
+                    .await;
+                if ["complete", "rolled_back", "failed"].contains(&r["status"].as_str().unwrap_or_default()) {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "release v{v} did not finish: {r}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+
         async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
             let (s, v) = self.call(method, path, body).await;
             assert!(s.is_success(), "{path}: {s} {v}");
@@ -240,6 +268,24 @@ mod tests {
                 "mkdir -p /tmp/www && echo \"$GREETING from $FLY_MACHINE_ID\" > /tmp/www/index.html && exec /bin/httpd -f -p 8080 -h /tmp/www"]},
             "stop_config": {"signal": "SIGTERM", "timeout": "5s"},
             "checks": {"web": {"type": "http", "port": 8080, "path": "/index.html", "interval": "1s", "timeout": "2s", "grace_period": "1s"}},
+        })
+    }
+
+    /// A release group `app` of busybox httpd serving on `listen` behind a service on internal
+    /// port 8080; the workload first prints the sha256 of the secret `MY_SECRET`.
+    fn release_group(listen: &str, count: u32) -> Value {
+        let script = format!(
+            "echo -n \"$MY_SECRET\" | sha256sum; mkdir -p /tmp/www && echo \"release from $FLY_MACHINE_ID\" > /tmp/www/index.html && exec /bin/httpd -f -p {listen} -h /tmp/www"
+        );
+        json!({
+            "group": "app",
+            "count": count,
+            "config": {
+                "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+                "init": {"exec": ["/bin/sh", "-c", script]},
+                "stop_config": {"signal": "SIGTERM", "timeout": "5s"},
+                "services": [{"protocol": "tcp", "internal_port": 8080, "ports": [{"port": 80, "handlers": ["http"]}]}],
+            },
         })
     }
 
@@ -347,6 +393,179 @@ mod tests {
                 .await;
             api.wait(&id2, "destroyed").await;
             env.assert_gone(&id2);
+            sigterm(d);
+        });
+    }
+
+    /// One flow, few boots (4 in all): a secret set, a rolling release of 2 machines during
+    /// which aloftd is SIGKILLed (a new aloftd resumes it to `complete`, nothing orphaned); the
+    /// machines' logs show the secret's digest and nothing shows its value; then a release whose
+    /// app listens on loopback fails fast and rolls back, saying where it listens.
+    #[test]
+    fn releases_resume_after_aloftd_is_killed_fail_fast_and_keep_secrets() {
+        const SECRET: &str = "vm-secret-5f2c9e";
+        const DIGEST: &str = "9693d050fcd5230681d20f2ee180ca6130eaa483289f2e06f38dfa33d11036b6";
+        run(async |env| {
+            let mut d = env.start(1);
+            let api = env.client();
+            api.ok(Method::POST, "/apps", Some(json!({"name": "web"}))).await;
+            api.ok(
+                Method::POST,
+                "/apps/web/secrets",
+                Some(json!({"values": {"MY_SECRET": SECRET}})),
+            )
+            .await;
+
+            // Release 1: two machines, rolling. SIGKILL aloftd as soon as the job created the
+            // first (its boot in flight).
+            let r = api
+                .ok(
+                    Method::POST,
+                    "/apps/web/releases",
+                    Some(json!({
+                        "image": "busybox:latest",
+                        "groups": [release_group("8080", 2)],
+                        "strategy": "rolling",
+                        "wait_timeout": "120s",
+                    })),
+                )
+                .await;
+            assert_eq!(r["version"], 1, "{r}");
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let events = api.text("/apps/web/releases/1/events").await;
+                if events.contains("created machine") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the job created no machine: {events}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sigkill(&mut d);
+            let d = env.start(2);
+            let r = api.release_final(1).await;
+            let events = api.text("/apps/web/releases/1/events").await;
+            assert_eq!(r["status"], "complete", "{r}\n{events}");
+            assert!(events.contains("resuming the release"), "{events}");
+            let machines = api.ok(Method::GET, "/apps/web/machines", None).await;
+            let machines = machines.as_array().unwrap();
+            assert_eq!(machines.len(), 2, "{machines:?}");
+            let ids: Vec<String> = machines
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect();
+            for m in machines {
+                assert_eq!(m["state"], "started", "{m}");
+                assert_eq!(m["config"]["metadata"]["fly_release_version"], "1", "{m}");
+                // No lease of the killed job is left behind.
+                let (s, l) = api
+                    .call(
+                        Method::GET,
+                        &format!("/apps/web/machines/{}/lease", m["id"].as_str().unwrap()),
+                        None,
+                    )
+                    .await;
+                assert_eq!(s, StatusCode::NOT_FOUND, "{l}");
+            }
+            // Nothing orphaned: every machine directory (and its QEMU) and writable disk belongs
+            // to a live machine.
+            for entry in std::fs::read_dir(env.dir.path().join("data/machines")).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                if name.parse::<aloft_api::MachineId>().is_ok() && !ids.contains(&name) {
+                    env.assert_gone(&name);
+                }
+            }
+            for entry in std::fs::read_dir(env.dir.path().join("data/machines/disks")).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                let id = name.trim_end_matches(".img");
+                assert!(ids.iter().any(|i| i == id), "orphaned disk {name}");
+            }
+
+            // The secret: its digest in the machines' logs, its value nowhere in the API.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let logs = loop {
+                let logs = api.text("/apps/web/logs?limit=1000").await;
+                if logs.contains(DIGEST) {
+                    break logs;
+                }
+                assert!(Instant::now() < deadline, "no digest in the logs: {logs}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
+            assert!(!logs.contains(SECRET), "{logs}");
+            for id in &ids {
+                let m = api.machine(id).await.to_string();
+                assert!(!m.contains(SECRET), "{m}");
+                let ev = api
+                    .ok(
+                        Method::GET,
+                        &format!("/apps/web/machines/{id}/events?limit=100"),
+                        None,
+                    )
+                    .await
+                    .to_string();
+                assert!(!ev.contains(SECRET), "{ev}");
+            }
+            assert!(!events.contains(SECRET), "{events}");
+
+            // Release 2 listens on loopback: it fails within the 10 s listen grace and rolls back
+            // — also when aloftd is SIGKILLed while it updates the first machine (under its
+            // lease): the resumed job gives back the leases its killed run held.
+            let started = Instant::now();
+            api.ok(
+                Method::POST,
+                "/apps/web/releases",
+                Some(json!({
+                    "image": "busybox:latest",
+                    "groups": [release_group("127.0.0.1:3000", 2)],
+                    "strategy": "rolling",
+                    "wait_timeout": "120s",
+                })),
+            )
+            .await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let events = api.text("/apps/web/releases/2/events").await;
+                if events.contains("updating machine") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the job updated no machine: {events}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut d = d;
+            sigkill(&mut d);
+            let d = env.start(3);
+            let r = api.release_final(2).await;
+            let events = api.text("/apps/web/releases/2/events").await;
+            assert_eq!(r["status"], "rolled_back", "{r}\n{events}");
+            assert!(events.contains("resuming the release"), "{events}");
+            let why = r["error"].as_str().unwrap();
+            assert!(why.contains("listens on 127.0.0.1:3000"), "{why}");
+            assert!(why.contains("expected 0.0.0.0:8080"), "{why}");
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{:?}",
+                started.elapsed()
+            );
+            for id in &ids {
+                let m = api.wait(id, "started").await;
+                assert_eq!(m["state"], "started", "{m}");
+                let m = api.machine(id).await;
+                assert_eq!(m["config"]["metadata"]["fly_release_version"], "1", "{m}");
+                let (s, l) = api
+                    .call(Method::GET, &format!("/apps/web/machines/{id}/lease"), None)
+                    .await;
+                assert_eq!(s, StatusCode::NOT_FOUND, "{l}");
+            }
+
+            for id in &ids {
+                api.ok(
+                    Method::DELETE,
+                    &format!("/apps/web/machines/{id}?force=true"),
+                    None,
+                )
+                .await;
+                api.wait(id, "destroyed").await;
+                env.assert_gone(id);
+            }
             sigterm(d);
         });
     }
