@@ -2,7 +2,7 @@
 //!
 //! * `cargo xtask guest` — builds the static `aloft-init` and the base initramfs
 //!   (`target/guest/initramfs.cpio`) that every machine boots.
-//! * `cargo xtask bench NAME` (`boot`, `image`, `api`) — runs a benchmark; prints a table and, as its last line, one JSON
+//! * `cargo xtask bench NAME` (`boot`, `image`, `api`, `deploy`) — runs a benchmark; prints a table and, as its last line, one JSON
 //!   object `{"bench":NAME,"metrics":{…}}`.
 //!
 //! Nothing in the product depends on this crate.
@@ -10,6 +10,7 @@
 mod aloftd;
 mod bench_api;
 mod bench_boot;
+mod bench_deploy;
 mod bench_image;
 mod stats;
 
@@ -30,12 +31,12 @@ struct Cli {
 enum Cmd {
     /// Build the static aloft-init and the base initramfs into target/guest/.
     Guest,
-    /// Run a benchmark (`boot`, `image`, `api`).
+    /// Run a benchmark (`boot`, `image`, `api`, `deploy`).
     Bench {
         name: String,
-        /// Runs per measurement (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        /// Runs per measurement (the median is reported); default 5 (`deploy`: 3).
+        #[arg(long)]
+        runs: Option<usize>,
         /// Boot machines with `aloft.trace=1` and print init's step timings of the last run
         /// (adds a few console writes to every start).
         #[arg(long)]
@@ -50,7 +51,7 @@ enum Cmd {
         /// `image` only: also compare the base formats (build, size, in-guest mount and read).
         #[arg(long)]
         formats: bool,
-        /// `api` only: the cargo profile aloftd is built with and measured in (`release`: what
+        /// `api`, `deploy`: the cargo profile aloftd is built with and measured in (`release`: what
         /// users run; `dev`).
         #[arg(long, default_value = "release")]
         aloftd_profile: String,
@@ -69,18 +70,22 @@ fn main() -> anyhow::Result<()> {
             formats,
             aloftd_profile,
         } => match name.as_str() {
-            "boot" => bench_boot::run(runs, trace, format.unwrap_or_default()),
+            "boot" => bench_boot::run(runs.unwrap_or(5), trace, format.unwrap_or_default()),
             "image" => bench_image::run(&bench_image::ImageBench {
-                runs,
+                runs: runs.unwrap_or(5),
                 image,
                 format: format.unwrap_or_default(),
                 formats,
             }),
             "api" => bench_api::run(&bench_api::ApiBench {
-                runs,
+                runs: runs.unwrap_or(5),
                 profile: aloftd_profile,
             }),
-            other => bail!("unknown benchmark {other:?}; available: boot, image, api"),
+            "deploy" => bench_deploy::run(&bench_deploy::DeployBench {
+                runs: runs.unwrap_or(3),
+                profile: aloftd_profile,
+            }),
+            other => bail!("unknown benchmark {other:?}; available: boot, image, api, deploy"),
         },
     }
 }
