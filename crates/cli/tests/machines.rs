@@ -609,4 +609,84 @@ mod tests {
         let releases = env.json(&["releases", "--json"]);
         assert_eq!(releases[0]["rollback_of"], 2, "{releases}");
     }
+
+    #[test]
+    fn a_deploy_goes_on_in_aloftd_when_the_cli_is_killed() {
+        let env = Env::start();
+        std::fs::write(
+            env.path("work").join("aloft.toml"),
+            "app = 'web'\n[http_service]\ninternal_port = 8080\n",
+        )
+        .unwrap();
+        ok(&env.aloft(&["apps", "create", "web"]));
+        // Many machines, replaced one at a time: the release outlasts the CLI by far.
+        ok(&env.aloft(&["deploy", "--image", "busybox:latest"]));
+        ok(&env.aloft(&["scale", "count", "24"]));
+
+        let mut cli = env
+            .command(&["deploy", "--image", "busybox:v2", "--strategy", "rolling"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = cli.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("aloft deploy printed no release version");
+            if line.contains("Release v3 of app web created") {
+                break;
+            }
+        }
+        // Only the child this test started.
+        let _ = cli.kill();
+        let _ = cli.wait();
+        let killed = Instant::now();
+
+        // The release outlives the CLI (24 machines take aloftd far longer than this look) and
+        // goes on in aloftd to the end.
+        let releases = env.json(&["releases", "--json"]);
+        assert_eq!(releases[0]["version"], 3, "{releases}");
+        assert!(
+            ["pending", "running"].contains(&releases[0]["status"].as_str().unwrap()),
+            "the release was over before the CLI was killed ({:?}): {releases}",
+            killed.elapsed()
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let releases = env.json(&["releases", "--json"]);
+            if releases[0]["status"] == "complete" {
+                break;
+            }
+            assert!(
+                ["pending", "running"].contains(&releases[0]["status"].as_str().unwrap()),
+                "{releases}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the release never completed: {releases}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
+        let machines = machines.as_array().unwrap();
+        assert_eq!(machines.len(), 24);
+        assert!(
+            machines
+                .iter()
+                .all(|m| m["config"]["metadata"]["fly_release_version"] == "3"
+                    && m["config"]["image"] == "busybox:v2"
+                    && m["state"] == "started"),
+            "{machines:?}"
+        );
+    }
 }
