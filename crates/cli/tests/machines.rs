@@ -689,4 +689,60 @@ mod tests {
             "{machines:?}"
         );
     }
+
+    #[test]
+    fn launch_writes_the_config_creates_the_app_and_deploys() {
+        let env = Env::start();
+        let work = env.path("work");
+        std::fs::write(
+            work.join("Dockerfile"),
+            "FROM busybox\nEXPOSE 3000/tcp 9090\nCMD [\"httpd\", \"-f\"]\n",
+        )
+        .unwrap();
+        ok(&env.aloft(&[
+            "launch",
+            "--name",
+            "shop",
+            "--image",
+            "busybox:latest",
+            "--no-deploy",
+        ]));
+        let config = std::fs::read_to_string(work.join("aloft.toml")).unwrap();
+        assert!(config.contains("app = \"shop\""), "{config}");
+        assert!(
+            config.contains("internal_port = 3000"),
+            "the Dockerfile's first EXPOSE: {config}"
+        );
+        // The written config is what `aloft config validate` accepts.
+        ok(&env.aloft(&["config", "validate"]));
+        assert!(
+            env.json(&["releases", "--json", "-a", "shop"])
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        // The fake workload listens on 8080: say so, and deploy.
+        std::fs::write(
+            work.join("aloft.toml"),
+            config.replace("internal_port = 3000", "internal_port = 8080"),
+        )
+        .unwrap();
+        ok(&env.aloft(&["deploy", "--image", "busybox:latest"]));
+        let releases = env.json(&["releases", "--json", "-a", "shop"]);
+        assert_eq!(releases[0]["status"], "complete", "{releases}");
+        let machines = env.json(&["machine", "list", "-a", "shop", "--json"]);
+        assert_eq!(
+            machines.as_array().unwrap().len(),
+            2,
+            "a service gets two machines"
+        );
+        // Launching again does not overwrite the config without --yes, and a taken name is refused.
+        let again = env.aloft(&["launch", "--name", "shop", "--image", "busybox:latest"]);
+        assert!(!again.status.success());
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            err.contains("aloft.toml") || err.contains("taken") || err.contains("exists"),
+            "{err}"
+        );
+    }
 }
