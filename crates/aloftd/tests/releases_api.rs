@@ -463,4 +463,25 @@ mod tests {
         api.fake.unblock(DriverOp::StartVm);
         assert_eq!(api.finished(1).await["status"], "complete");
     }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_image_that_does_not_exist_leaves_the_running_release_alone() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        api.deploy(json!({"groups": [group("web:1", false)], "image": "web:1"}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let before = api.machines().await;
+        api.fake.missing_image("web:nope");
+        api.deploy(json!({"groups": [group("web:nope", false)], "image": "web:nope"}))
+            .await;
+        let r = api.finished(2).await;
+        assert_eq!(r["status"], "rolled_back", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("web:nope"), "{r}");
+        let after = api.machines().await;
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0]["id"], before[0]["id"]);
+        assert_eq!(after[0]["config"]["image"], "web:1");
+        assert_eq!(after[0]["state"], "started");
+    }
 }

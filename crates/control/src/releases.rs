@@ -966,6 +966,20 @@ impl Runner {
         wait: Duration,
         listen: Option<&MachineConfig>,
     ) -> StepResult<()> {
+        self.healthy_on(agent, id, wait, listen, listen)
+    }
+
+    /// [`Runner::healthy`], and the machine must run `expect` (its release version and image):
+    /// a change the host could not make leaves the machine started on its old config, which is
+    /// not success.
+    fn healthy_on(
+        &self,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+        wait: Duration,
+        listen: Option<&MachineConfig>,
+        expect: Option<&MachineConfig>,
+    ) -> StepResult<()> {
         let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -996,6 +1010,27 @@ impl Runner {
                 }
                 Err(e) if e.status() == 408 => {}
                 Err(e) => return Err(e.message().to_owned()),
+            }
+        }
+        if let Some(want) = expect {
+            let m = agent.get(id).map_err(|e| e.message().to_owned())?;
+            let runs = m.config.as_ref();
+            let same = runs.and_then(|c| c.metadata.get(MD_RELEASE_VERSION))
+                == want.metadata.get(MD_RELEASE_VERSION)
+                && runs.and_then(|c| c.image.as_deref()) == want.image.as_deref();
+            if !same {
+                // The host's operation failed and the machine stayed on its config: say why.
+                let why = agent
+                    .log_tail(id, 20)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .rev()
+                    .find(|l| l.meta.event.provider == "runner" && l.message.contains("failed"))
+                    .map_or_else(|| "the host could not apply it".to_owned(), |l| l.message);
+                return Err(format!(
+                    "machine {id} did not take the new config ({}): {why}",
+                    want.image.as_deref().unwrap_or("-")
+                ));
             }
         }
         if let Some(config) = listen {
