@@ -67,7 +67,7 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// Longest a release command may run.
 const RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the job looks at a machine's checks.
-const CHECK_POLL: Duration = Duration::from_millis(250);
+const CHECK_POLL: Duration = Duration::from_millis(50);
 /// How long a started machine of a group with services has to listen on every `internal_port`
 /// when none of the group's checks gives a `grace_period` (else the largest one given).
 const LISTEN_GRACE: Duration = Duration::from_secs(10);
