@@ -431,7 +431,9 @@ fn breakdown(conn: &mut Conn, version: u64, sent: f64, seen: f64, total_ms: f64)
     let mut prev_healthy: Option<f64> = None;
     let mut last_healthy = f64::NAN;
     for m in &machines {
-        let updating = at(m, "updating machine").or_else(|| at(m, "created machine"));
+        // Machines the release created (the first release) were started when their event was
+        // written: only updates have a restart to split.
+        let updating = at(m, "updating machine");
         let healthy = at(m, &format!("machine {m} is started and healthy"));
         let (Some(u), Some(h)) = (updating, healthy) else {
             continue;
@@ -474,13 +476,6 @@ fn machine_marks_after(conn: &mut Conn, id: &str, after: f64) -> anyhow::Result<
             .filter(|t| *t >= after - 5.0)
             .collect()
     };
-    if times("started")
-        .into_iter()
-        .reduce(f64::max)
-        .is_some_and(|t| t < after + 100.0)
-    {
-        eprintln!("bench deploy: machine {id} started within 100 ms of its update? its events: {events}");
-    }
     Ok((
         times("replaced").into_iter().reduce(f64::min),
         times("started").into_iter().reduce(f64::max),
