@@ -87,7 +87,7 @@ pub struct World {
     blocked: BTreeSet<DriverOp>,
     /// The address networks attached from now on get (`net_config`), see `network_address`.
     net_address: Option<std::net::IpAddr>,
-    /// What the workload listens on (`ps`), see `listen`; `None`: [`FakeDriver::DEFAULT_LISTEN`].
+    /// What the workload listens on (`ps`), see `listen`; `None`: every tcp port.
     listen: Option<Vec<ListenSocket>>,
     /// Receivers handed out by `logs`, per machine; dropped when its VM stops running.
     log_subs: BTreeMap<MachineId, Vec<Sender<LogChunk>>>,
@@ -129,6 +129,20 @@ impl World {
 #[derive(Debug, Clone, Default)]
 pub struct FakeDriver {
     world: Arc<(Mutex<World>, Condvar)>,
+}
+
+/// Tcp on `0.0.0.0`, every port: what the fake workload listens on unless told otherwise.
+fn every_port() -> Vec<ListenSocket> {
+    static ALL: std::sync::OnceLock<Vec<ListenSocket>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        (1..=u16::MAX)
+            .map(|port| ListenSocket {
+                proto: "tcp".into(),
+                address: format!("0.0.0.0:{port}"),
+            })
+            .collect()
+    })
+    .clone()
 }
 
 fn fake_digest(image: &str) -> String {
@@ -239,13 +253,11 @@ impl FakeDriver {
         self.lock().net_address = addr;
     }
 
-    /// What every running workload listens on by default, as `ps` reports it: tcp
-    /// `0.0.0.0:8080`, the `internal_port` of the test fixtures' services (a release's health
-    /// gate waits until some process listens on each service's port).
-    pub const DEFAULT_LISTEN: &'static str = "0.0.0.0:8080";
-
     /// The sockets the workloads' process listens on from now on (`ps`'s `listen_sockets`), as
-    /// `(proto, address)`: e.g. `[("tcp", "127.0.0.1:3000")]`, or none at all.
+    /// `(proto, address)`: e.g. `[("tcp", "127.0.0.1:3000")]`, or none at all. Until a test
+    /// calls this, the fake workload listens on `0.0.0.0` on every tcp port (the driver does not
+    /// see the machine's services, and a release's health gate waits until something listens on
+    /// each service's `internal_port`): any deploy on the fake passes the gate.
     pub fn listen(&self, sockets: &[(&str, &str)]) {
         self.lock().listen = Some(
             sockets
@@ -668,12 +680,7 @@ impl Driver for FakeDriver {
                 rtime: 0,
                 stime: 0,
                 directory: "/".into(),
-                listen_sockets: w.listen.clone().unwrap_or_else(|| {
-                    vec![ListenSocket {
-                        proto: "tcp".into(),
-                        address: Self::DEFAULT_LISTEN.into(),
-                    }]
-                }),
+                listen_sockets: w.listen.clone().unwrap_or_else(every_port),
             }])
         })
     }
