@@ -1105,19 +1105,20 @@ impl Runner {
         loop {
             match agent.ps(id) {
                 Ok(ps) => {
-                    let mut seen = Vec::new();
-                    for s in ps.into_iter().flat_map(|p| p.listen_sockets) {
-                        if !seen.contains(&s) {
-                            seen.push(s);
-                        }
-                    }
+                    let all = || ps.iter().flat_map(|p| p.listen_sockets.iter());
                     if wanted
                         .iter()
-                        .all(|(port, proto)| seen.iter().any(|s| reachable(s, *port, proto)))
+                        .all(|(port, proto)| all().any(|s| reachable(s, *port, proto)))
                     {
                         return Ok(());
                     }
-                    sockets = Some(seen);
+                    let mut unique = std::collections::HashSet::new();
+                    sockets = Some(
+                        all()
+                            .filter(|s| unique.insert((s.proto.as_str(), s.address.as_str())))
+                            .cloned()
+                            .collect(),
+                    );
                 }
                 Err(e) => {
                     let m = agent.get(id).map_err(|e| e.message().to_owned())?;
@@ -1140,16 +1141,19 @@ impl Runner {
         let Some(seen) = sockets else {
             return Ok(());
         };
+        const SHOWN: usize = 10;
         let listens = if seen.is_empty() {
             "nothing listens yet".to_owned()
         } else {
-            format!(
-                "app listens on {}",
-                seen.iter()
-                    .map(|s| format!("{} ({})", s.address, s.proto))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+            let mut shown: Vec<String> = seen
+                .iter()
+                .take(SHOWN)
+                .map(|s| format!("{} ({})", s.address, s.proto))
+                .collect();
+            if seen.len() > SHOWN {
+                shown.push(format!("and {} more", seen.len() - SHOWN));
+            }
+            format!("app listens on {}", shown.join(", "))
         };
         let expected = wanted
             .iter()
@@ -1650,6 +1654,10 @@ fn listen_grace(config: &MachineConfig) -> Duration {
 /// loopback (the unspecified `0.0.0.0`/`::`, or one of the machine's own).
 fn reachable(socket: &aloft_api::ListenSocket, port: u16, proto: &str) -> bool {
     socket.proto.eq_ignore_ascii_case(proto)
+        && socket
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse() == Ok(port))
         && socket
             .address
             .parse::<std::net::SocketAddr>()
