@@ -621,7 +621,7 @@ mod tests {
         ok(&env.aloft(&["apps", "create", "web"]));
         // Many machines, replaced one at a time: the release outlasts the CLI by far.
         ok(&env.aloft(&["deploy", "--image", "busybox:latest"]));
-        ok(&env.aloft(&["scale", "count", "24"]));
+        ok(&env.aloft(&["scale", "count", "12"]));
 
         let mut cli = env
             .command(&["deploy", "--image", "busybox:v2", "--strategy", "rolling"])
@@ -652,7 +652,7 @@ mod tests {
         let _ = cli.wait();
         let killed = Instant::now();
 
-        // The release outlives the CLI (24 machines take aloftd far longer than this look) and
+        // The release outlives the CLI (12 machines take aloftd far longer than this look) and
         // goes on in aloftd to the end.
         let releases = env.json(&["releases", "--json"]);
         assert_eq!(releases[0]["version"], 3, "{releases}");
@@ -679,7 +679,7 @@ mod tests {
         }
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
         let machines = machines.as_array().unwrap();
-        assert_eq!(machines.len(), 24);
+        assert_eq!(machines.len(), 12);
         assert!(
             machines
                 .iter()
