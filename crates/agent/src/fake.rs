@@ -87,7 +87,7 @@ pub struct World {
     blocked: BTreeSet<DriverOp>,
     /// The address networks attached from now on get (`net_config`), see `network_address`.
     net_address: Option<std::net::IpAddr>,
-    /// What the workload listens on (`ps`), see `listen`; `None`: every tcp port.
+    /// What the workload listens on (`ps`), see `listen`; `None`: tcp `0.0.0.0:8080`.
     listen: Option<Vec<ListenSocket>>,
     /// Receivers handed out by `logs`, per machine; dropped when its VM stops running.
     log_subs: BTreeMap<MachineId, Vec<Sender<LogChunk>>>,
@@ -131,18 +131,14 @@ pub struct FakeDriver {
     world: Arc<(Mutex<World>, Condvar)>,
 }
 
-/// Tcp on `0.0.0.0`, every port: what the fake workload listens on unless told otherwise.
-fn every_port() -> Vec<ListenSocket> {
-    static ALL: std::sync::OnceLock<Vec<ListenSocket>> = std::sync::OnceLock::new();
-    ALL.get_or_init(|| {
-        (1..=u16::MAX)
-            .map(|port| ListenSocket {
-                proto: "tcp".into(),
-                address: format!("0.0.0.0:{port}"),
-            })
-            .collect()
-    })
-    .clone()
+/// What the fake workload listens on unless told otherwise: tcp `0.0.0.0:8080`, the default
+/// `internal_port` of fly.toml's services (so a deploy of a default config passes a release's
+/// listen check).
+fn default_listen() -> Vec<ListenSocket> {
+    vec![ListenSocket {
+        proto: "tcp".into(),
+        address: "0.0.0.0:8080".into(),
+    }]
 }
 
 fn fake_digest(image: &str) -> String {
@@ -255,9 +251,8 @@ impl FakeDriver {
 
     /// The sockets the workloads' process listens on from now on (`ps`'s `listen_sockets`), as
     /// `(proto, address)`: e.g. `[("tcp", "127.0.0.1:3000")]`, or none at all. Until a test
-    /// calls this, the fake workload listens on `0.0.0.0` on every tcp port (the driver does not
-    /// see the machine's services, and a release's health gate waits until something listens on
-    /// each service's `internal_port`): any deploy on the fake passes the gate.
+    /// calls this, the fake workload listens on tcp `0.0.0.0:8080` (the default internal port; a
+    /// release's health gate waits until something listens on each service's `internal_port`).
     pub fn listen(&self, sockets: &[(&str, &str)]) {
         self.lock().listen = Some(
             sockets
@@ -680,7 +675,7 @@ impl Driver for FakeDriver {
                 rtime: 0,
                 stime: 0,
                 directory: "/".into(),
-                listen_sockets: w.listen.clone().unwrap_or_else(every_port),
+                listen_sockets: w.listen.clone().unwrap_or_else(default_listen),
             }])
         })
     }
