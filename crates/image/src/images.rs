@@ -128,8 +128,11 @@ impl ImageStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        // Tags and hex never start with '.', so the temporary name cannot be a record.
-        let tmp = parent.join(format!(".{name}.{}.tmp", std::process::id()));
+        // Tags and hex never start with '.', so the temporary name cannot be a record. Unique
+        // per write: several machines of one image record its tag at once in one process.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = parent.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&json)?;
@@ -323,6 +326,33 @@ pub(crate) fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_records_of_one_tag_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(ImageStore::open(dir.path()).unwrap());
+        let tagged = Reference::parse("127.0.0.1:5000/busybox:b").unwrap();
+        let threads: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (store, tagged) = (store.clone(), tagged.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        store.record(&tagged, &Digest::of(&[i]), None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(store.lookup(&tagged).unwrap().is_some());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("images/127.0.0.1:5000/busybox/_tags"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 
     #[test]
     fn records_round_trip_list_and_remove() {
