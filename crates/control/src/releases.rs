@@ -71,6 +71,8 @@ const CHECK_POLL: Duration = Duration::from_millis(50);
 /// How long a started machine of a group with services has to listen on every `internal_port`
 /// when none of the group's checks gives a `grace_period` (else the largest one given).
 const LISTEN_GRACE: Duration = Duration::from_secs(10);
+/// The least time the app of a started machine gets to listen, whatever the checks' grace.
+const MIN_LISTEN_GRACE: Duration = Duration::from_secs(5);
 
 /// A release as stored: what the API shows, what was asked, and the job's progress.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1632,7 +1634,8 @@ impl Runner {
 
 /// How long the app of a started machine has to listen on its services' ports: the largest
 /// `grace_period` of the config's checks (top-level and service checks) — the time its owner
-/// says it needs to start — else [`LISTEN_GRACE`].
+/// says it needs to start — but at least [`MIN_LISTEN_GRACE`] (a grace of `0s` means "check at
+/// once", not "the app starts in no time"), else [`LISTEN_GRACE`].
 fn listen_grace(config: &MachineConfig) -> Duration {
     config
         .checks
@@ -1647,7 +1650,7 @@ fn listen_grace(config: &MachineConfig) -> Duration {
         )
         .map(|d| d.get())
         .max()
-        .unwrap_or(LISTEN_GRACE)
+        .map_or(LISTEN_GRACE, |g| g.max(MIN_LISTEN_GRACE))
 }
 
 /// Whether `socket` serves `port`/`proto` from outside the machine: bound to any address but
@@ -1745,6 +1748,24 @@ mod tests {
                 .message()
                 .contains("reserved")
         );
+    }
+
+    #[test]
+    fn the_listen_window_is_the_largest_grace_but_never_nothing() {
+        let mut c = MachineConfig::default();
+        assert_eq!(listen_grace(&c), LISTEN_GRACE);
+        let check = |grace: u64| aloft_api::MachineCheck {
+            grace_period: Some(aloft_api::Duration(Duration::from_secs(grace))),
+            ..Default::default()
+        };
+        c.checks.insert("a".into(), check(0));
+        assert_eq!(
+            listen_grace(&c),
+            MIN_LISTEN_GRACE,
+            "grace 0 still lets the app start"
+        );
+        c.checks.insert("b".into(), check(30));
+        assert_eq!(listen_grace(&c), Duration::from_secs(30));
     }
 
     #[test]
