@@ -4,7 +4,8 @@
 //!
 //! buildah comes from `scripts/setup.sh` (Debian's package); a missing buildah fails these tests.
 //! Its storage is the CLI's data directory in a temporary directory (vfs: nothing stays mounted),
-//! removed afterwards. No aloftd is needed: `--build-only` deploys nothing.
+//! removed afterwards. `--build-only` needs no aloftd; the last test deploys the build on a real
+//! VM through the aloftd built next to `aloft` (`cargo build --workspace`).
 
 #[cfg(test)]
 mod tests {
@@ -137,5 +138,81 @@ mod tests {
             "{}",
             text(&out)
         );
+    }
+
+    /// Kills, by pid, the QEMU processes whose command line names `dir` (this test's machines).
+    struct Vms<'a>(&'a Path);
+
+    impl Drop for Vms<'_> {
+        fn drop(&mut self) {
+            for pid in aloft_vm::processes_mentioning(self.0) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
+    }
+
+    /// The whole path on a real VM: `aloft deploy` builds the Dockerfile with buildah, pushes it,
+    /// and the release's machine runs the built image.
+    #[test]
+    fn deploy_builds_the_dockerfile_and_the_machine_runs_it() {
+        let (dir, registry) = setup(
+            "FROM REGISTRY/busybox:latest\nRUN echo built-by-buildah > /built\nCMD [\"sleep\", \"3600\"]\n",
+        );
+        // A worker without services: one machine, no health checks to wait for.
+        std::fs::write(dir.path().join("app/aloft.toml"), "app = 'web'\n").unwrap();
+        let _vms = Vms(dir.path());
+        let guest = aloft_testkit::guest_artifacts().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut daemon = Command::new(Path::new(env!("CARGO_BIN_EXE_aloft")).with_file_name("aloftd"))
+            .args(["--driver", "vm", "--network", "none", "--no-access-log"])
+            .arg("--guest-dir")
+            .arg(guest.kernel.parent().unwrap())
+            .arg("--registry")
+            .arg(registry.host())
+            .arg("--data-dir")
+            .arg(dir.path().join("aloftd"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .env("HOME", dir.path().join("home"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("aloftd.log")).unwrap())
+            .spawn()
+            .expect("aloftd is built next to aloft (cargo build --workspace)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || !dir.path().join("config/aloft/config.toml").is_file()
+        {
+            assert!(std::time::Instant::now() < deadline, "aloftd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let run = |args: &[&str]| {
+            let out = aloft(dir.path(), &registry, args);
+            assert!(out.status.success(), "{args:?}: {}", text(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        run(&["apps", "create", "web"]);
+        run(&["deploy"]);
+        let machines: serde_json::Value = serde_json::from_str(&run(&["machine", "list", "--json"])).unwrap();
+        let machines = machines.as_array().unwrap();
+        assert_eq!(machines.len(), 1);
+        let image = machines[0]["config"]["image"].as_str().unwrap();
+        assert!(
+            image.starts_with(&format!("{}/web:deployment-", registry.host())),
+            "{image}"
+        );
+        let id = machines[0]["id"].as_str().unwrap();
+        assert_eq!(
+            run(&["machine", "exec", id, "cat /built"]).trim(),
+            "built-by-buildah"
+        );
+        run(&["machine", "destroy", id, "--force"]);
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     }
 }
