@@ -99,7 +99,9 @@ mod tests {
                 .unwrap();
             let mut d = Daemon { child, log };
             let deadline = Instant::now() + Duration::from_secs(60);
-            while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            // aloftd binds before it writes the CLI config on its first start: wait for both.
+            let config = self.dir.path().join("config/aloft/config.toml");
+            while TcpStream::connect(("127.0.0.1", self.port)).is_err() || !config.is_file() {
                 if let Some(status) = d.child.try_wait().unwrap() {
                     panic!(
                         "aloftd exited with {status}:\n{}",
