@@ -2,6 +2,8 @@
 //! agent (`aloft-agent`) on its in-memory `FakeDriver`, called as a tower service — every layer
 //! but the socket and the VMs. Fast; the VM-backed path is in `tests/daemon_vm.rs`.
 
+mod common;
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
@@ -10,65 +12,31 @@ pub(crate) mod tests {
         reason = "assertions take what the calls return"
     )]
 
-    use std::sync::Arc;
     use std::time::Duration;
 
-    use aloft_agent::{Agent, AgentConfig, ExitInfo, FakeDriver};
+    use aloft_agent::ExitInfo;
     use aloft_api::MachineId;
-    use aloft_control::{ApiConfig, ApiState, HostHandle, create_token, router};
-    use aloft_store::{ControlStore, SqliteStore, Store};
+    use aloft_control::create_token;
     use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt as _;
+    use axum::http::StatusCode;
     use serde_json::{Value, json};
-    use tower::ServiceExt as _;
 
-    pub(crate) struct Api {
-        _dir: tempfile::TempDir,
-        pub(crate) router: axum::Router,
-        pub(crate) token: String,
-        control: ControlStore,
-        pub(crate) fake: FakeDriver,
-        agent: Arc<Agent>,
+    use crate::common::{self, Harness};
+
+    /// The shared harness with this file's helpers.
+    pub(crate) struct Api(Harness);
+
+    impl std::ops::Deref for Api {
+        type Target = Harness;
+
+        fn deref(&self) -> &Harness {
+            &self.0
+        }
     }
 
     impl Api {
         pub(crate) fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
-            let control = ControlStore::new(store.clone());
-            let token = create_token(&control, "personal", "admin").unwrap().token;
-            let fake = FakeDriver::new();
-            let config = AgentConfig {
-                retry_delay: Duration::from_millis(10),
-                stop_timeout: Duration::from_millis(200),
-                poll: Duration::from_millis(20),
-                host_memory_mb: 4096,
-                host_cpus: 4,
-                ..AgentConfig::new(dir.path().join("agent.db"))
-            };
-            let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
-            let host = HostHandle {
-                name: "host-1".into(),
-                region: "local".into(),
-                agent: agent.clone(),
-            };
-            let state = ApiState::with_hosts(
-                store,
-                ApiConfig {
-                    region: "local".into(),
-                    access_log: false,
-                },
-                vec![host],
-            );
-            Self {
-                _dir: dir,
-                router: router(state),
-                token,
-                control,
-                fake,
-                agent,
-            }
+            Self(Harness::new(|_| {}))
         }
 
         async fn send(
@@ -79,64 +47,22 @@ pub(crate) mod tests {
             headers: &[(&str, &str)],
             body: Option<Value>,
         ) -> (StatusCode, Value) {
-            let mut req = Request::builder()
-                .method(method)
-                .uri(uri)
-                .header("authorization", format!("Bearer {token}"));
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let body = match body {
-                Some(b) => Body::from(serde_json::to_vec(&b).unwrap()),
-                None => Body::empty(),
-            };
-            let resp = self
-                .router
-                .clone()
-                .oneshot(req.body(body).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            let value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-            };
-            (status, value)
-        }
-
-        async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-            self.send(method, uri, &self.token, &[], body).await
+            let body = body.map_or_else(Body::empty, |b| Body::from(serde_json::to_vec(&b).unwrap()));
+            let (status, bytes) = self.request(method, uri, token, headers, body).await;
+            (status, common::json(&bytes))
         }
 
         async fn raw(&self, method: &str, uri: &str, body: &'static str) -> (StatusCode, Value) {
-            let req = Request::builder()
-                .method(method)
-                .uri(uri)
-                .header("authorization", format!("Bearer {}", self.token))
-                .body(Body::from(body))
-                .unwrap();
-            let resp = self.router.clone().oneshot(req).await.unwrap();
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+            let (status, bytes) = self
+                .request(method, uri, &self.token, &[], Body::from(body))
+                .await;
+            (status, common::json(&bytes))
         }
 
         /// `GET` with the token; the raw body.
         pub(crate) async fn raw_get(&self, uri: &str) -> (StatusCode, Vec<u8>) {
-            let req = Request::builder()
-                .uri(uri)
-                .header("authorization", format!("Bearer {}", self.token))
-                .body(Body::empty())
-                .unwrap();
-            let resp = self.router.clone().oneshot(req).await.unwrap();
-            let status = resp.status();
-            (
-                status,
-                resp.into_body().collect().await.unwrap().to_bytes().to_vec(),
-            )
+            let (status, bytes) = self.request("GET", uri, &self.token, &[], Body::empty()).await;
+            (status, bytes.to_vec())
         }
 
         pub(crate) async fn app(&self, name: &str) {

@@ -3,80 +3,44 @@
 //! release command that aborts before any machine changes, rollback to an earlier release, one
 //! release at a time, and the event stream.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
     use std::net::{IpAddr, Ipv4Addr, TcpListener};
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use aloft_agent::{Agent, AgentConfig, DriverOp, ExitInfo, FakeDriver};
-    use aloft_control::{ApiConfig, ApiState, HostHandle, create_token, router};
-    use aloft_store::{SqliteStore, Store};
+    use aloft_agent::{DriverOp, ExitInfo};
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt as _;
     use serde_json::{Value, json};
     use tower::ServiceExt as _;
 
-    struct Api {
-        _dir: tempfile::TempDir,
-        router: axum::Router,
-        token: String,
-        fake: FakeDriver,
-        _agent: Arc<Agent>,
+    use crate::common::Harness;
+
+    /// The shared harness with this file's helpers.
+    struct Api(Harness);
+
+    impl std::ops::Deref for Api {
+        type Target = Harness;
+
+        fn deref(&self) -> &Harness {
+            &self.0
+        }
     }
 
     impl Api {
+        /// A host of 8 vCPUs and 8 GiB whose machines' checks connect to 127.0.0.1.
         fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
-            let control = aloft_store::ControlStore::new(store.clone());
-            let token = create_token(&control, "personal", "admin").unwrap().token;
-            let fake = FakeDriver::new();
-            fake.network_address(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-            let config = AgentConfig {
-                retry_delay: Duration::from_millis(10),
-                stop_timeout: Duration::from_millis(200),
-                poll: Duration::from_millis(20),
-                host_memory_mb: 8192,
-                host_cpus: 8,
-                ..AgentConfig::new(dir.path().join("agent.db"))
-            };
-            let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
-            let state = ApiState::with_hosts(
-                store,
-                ApiConfig {
-                    region: "local".into(),
-                    access_log: false,
-                },
-                vec![HostHandle {
-                    name: "host-1".into(),
-                    region: "local".into(),
-                    agent: agent.clone(),
-                }],
-            );
-            Self {
-                _dir: dir,
-                router: router(state),
-                token,
-                fake,
-                _agent: agent,
-            }
-        }
-
-        async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-            let req = Request::builder()
-                .method(method)
-                .uri(uri)
-                .header("authorization", format!("Bearer {}", self.token))
-                .body(body.map_or_else(Body::empty, |b| Body::from(serde_json::to_vec(&b).unwrap())))
-                .unwrap();
-            let resp = self.router.clone().oneshot(req).await.unwrap();
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+            let h = Harness::new(|c| {
+                c.host_memory_mb = 8192;
+                c.host_cpus = 8;
+            });
+            h.fake.network_address(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            Self(h)
         }
 
         async fn deploy(&self, body: Value) -> Value {

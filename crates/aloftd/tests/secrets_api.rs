@@ -4,108 +4,65 @@
 //! after a restart-policy restart and a stop/start (the agent's sealed copy) — and the value
 //! never shows in an API answer, event, version, log line or database file.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
-    use aloft_agent::{Agent, AgentConfig, ExitInfo, FakeDriver};
+    use aloft_agent::ExitInfo;
     use aloft_api::MachineId;
-    use aloft_control::{ApiConfig, ApiState, HostHandle, create_token, router};
-    use aloft_store::{SqliteStore, Store};
     use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt as _;
+    use axum::http::StatusCode;
     use serde_json::{Value, json};
-    use tower::ServiceExt as _;
+
+    use crate::common::{self, Harness};
 
     /// The secret value every test sets; no answer may ever contain it.
     const VALUE: &str = "s3cr3t-Value-7f1e2d";
 
+    /// The shared harness; every answer is checked for the secret's value.
     struct Api {
-        dir: tempfile::TempDir,
-        router: axum::Router,
-        token: String,
-        fake: FakeDriver,
-        _agent: Arc<Agent>,
+        h: Harness,
         responses: AtomicUsize,
+    }
+
+    impl std::ops::Deref for Api {
+        type Target = Harness;
+
+        fn deref(&self) -> &Harness {
+            &self.h
+        }
     }
 
     impl Api {
         fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
-            let control = aloft_store::ControlStore::new(store.clone());
-            let token = create_token(&control, "personal", "admin").unwrap().token;
-            let fake = FakeDriver::new();
-            let config = AgentConfig {
-                retry_delay: Duration::from_millis(10),
-                stop_timeout: Duration::from_millis(200),
-                poll: Duration::from_millis(20),
-                host_memory_mb: 4096,
-                host_cpus: 4,
-                restart: aloft_agent::RestartBackoff {
-                    initial: Duration::from_millis(10),
-                    max: Duration::from_millis(50),
-                    window: Duration::from_secs(60),
-                },
-                ..AgentConfig::new(dir.path().join("agent").join("agent.db"))
-            };
-            let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
-            let host = HostHandle {
-                name: "host-1".into(),
-                region: "local".into(),
-                agent: agent.clone(),
-            };
-            let key = aloft_secretbox::Key::load_or_create(&dir.path().join("secrets.key")).unwrap();
-            let state = ApiState::with_hosts(
-                store,
-                ApiConfig {
-                    region: "local".into(),
-                    access_log: false,
-                },
-                vec![host],
-            )
-            .with_secrets_key(Arc::new(key));
             Self {
-                dir,
-                router: router(state),
-                token,
-                fake,
-                _agent: agent,
+                h: Harness::new(|c| {
+                    c.restart = aloft_agent::RestartBackoff {
+                        initial: Duration::from_millis(10),
+                        max: Duration::from_millis(50),
+                        window: Duration::from_secs(60),
+                    };
+                }),
                 responses: AtomicUsize::new(0),
             }
         }
 
-        /// A call; every answer is checked not to contain the secret value.
+        /// [`Harness::call`], and the answer must not hold the secret's value.
         async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-            let req = Request::builder()
-                .method(method)
-                .uri(uri)
-                .header("authorization", format!("Bearer {}", self.token));
-            let body = match body {
-                Some(b) => Body::from(serde_json::to_vec(&b).unwrap()),
-                None => Body::empty(),
-            };
-            let resp = self
-                .router
-                .clone()
-                .oneshot(req.body(body).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = body.map_or_else(Body::empty, |b| Body::from(serde_json::to_vec(&b).unwrap()));
+            let (status, bytes) = self.h.request(method, uri, &self.h.token, &[], body).await;
             let text = String::from_utf8_lossy(&bytes);
             assert!(
                 !text.contains(VALUE),
                 "{method} {uri} answered with the secret value: {text}"
             );
             self.responses.fetch_add(1, Ordering::Relaxed);
-            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            (status, value)
+            (status, common::json(&bytes))
         }
 
         async fn ok(&self, method: &str, uri: &str, body: Option<Value>) -> Value {

@@ -1,0 +1,116 @@
+//! What the in-process API tests share: the real router (`aloft-control`) over the real agent
+//! (`aloft-agent`) on its in-memory `FakeDriver`, with an admin token, called as a tower service
+//! — every layer but the socket and the VMs.
+
+#![allow(dead_code, reason = "each test file uses part of it")]
+#![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_agent::{Agent, AgentConfig, FakeDriver};
+use aloft_control::{ApiConfig, ApiState, HostHandle, create_token, router};
+use aloft_store::{ControlStore, SqliteStore, Store};
+use axum::body::{Body, Bytes};
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+/// One control plane and one host (`host-1` in region `local`) in a temporary directory.
+pub(crate) struct Harness {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) router: axum::Router,
+    pub(crate) token: String,
+    pub(crate) control: ControlStore,
+    pub(crate) fake: FakeDriver,
+    pub(crate) agent: Arc<Agent>,
+}
+
+impl Harness {
+    /// A harness whose agent has short waits and a host of 4 vCPUs and 4 GiB; `tune` changes
+    /// the agent's config further. App secrets are sealed with a key in the directory.
+    pub(crate) fn new(tune: impl FnOnce(&mut AgentConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("control.db")).unwrap());
+        let control = ControlStore::new(store.clone());
+        let token = create_token(&control, "personal", "admin").unwrap().token;
+        let fake = FakeDriver::new();
+        let mut config = AgentConfig {
+            retry_delay: Duration::from_millis(10),
+            stop_timeout: Duration::from_millis(200),
+            poll: Duration::from_millis(20),
+            host_memory_mb: 4096,
+            host_cpus: 4,
+            ..AgentConfig::new(dir.path().join("agent").join("agent.db"))
+        };
+        tune(&mut config);
+        let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
+        let key = aloft_secretbox::Key::load_or_create(&dir.path().join("secrets.key")).unwrap();
+        let state = ApiState::with_hosts(
+            store,
+            ApiConfig {
+                region: "local".into(),
+                access_log: false,
+            },
+            vec![HostHandle {
+                name: "host-1".into(),
+                region: "local".into(),
+                agent: agent.clone(),
+            }],
+        )
+        .with_secrets_key(Arc::new(key));
+        Self {
+            dir,
+            router: router(state),
+            token,
+            control,
+            fake,
+            agent,
+        }
+    }
+
+    /// One request with `token` and `headers`; the status and the whole body.
+    pub(crate) async fn request(
+        &self,
+        method: &str,
+        uri: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> (StatusCode, Bytes) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    /// A JSON request with the admin token; the status and the body as JSON (`Null` when empty,
+    /// a string when it is not JSON).
+    pub(crate) async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map_or_else(Body::empty, |b| Body::from(serde_json::to_vec(&b).unwrap()));
+        let (status, bytes) = self.request(method, uri, &self.token, &[], body).await;
+        (status, json(&bytes))
+    }
+}
+
+/// A body as JSON: `Null` when empty, a string when it is not JSON.
+pub(crate) fn json(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+    }
+}
