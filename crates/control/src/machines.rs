@@ -157,7 +157,7 @@ fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// A fresh machine id (56 random bits, as Fly's).
-fn new_machine_id() -> Result<MachineId, HttpError> {
+pub(crate) fn new_machine_id() -> Result<MachineId, HttpError> {
     let bytes = random::<7>().map_err(|e| HttpError::internal(format!("read random bytes: {e}")))?;
     Ok(MachineId::from_random(bytes))
 }

@@ -51,7 +51,7 @@ use crate::auth::Caller;
 use crate::error::blocking;
 use crate::extract::{AppName, JsonBody, MaybeJson};
 use crate::ids::{hex, now_ms, random};
-use crate::{ApiState, HttpError};
+use crate::{ApiState, HostHandle, HttpError};
 
 /// Metadata keys flyctl and the proxy read (fly-platform.md §1.4).
 const MD_GROUP: &str = "fly_process_group";
@@ -1390,33 +1390,51 @@ impl Runner {
                     started.push((idx, agent, m.id.clone(), Some(nonce)));
                 }
                 Work::Create => {
-                    let host = self
-                        .state
-                        .hosts()
-                        .place(None)
-                        .map_err(|e| e.message().to_owned())?
-                        .clone();
-                    // Recorded before it exists: a job killed in between finds it to undo.
-                    let id = new_machine_id()?;
-                    let idx = self.begin(
-                        rec,
-                        Change {
-                            machine: id.to_string(),
-                            host: host.name.clone(),
-                            group: g.group.clone(),
-                            kind: ChangeKind::Create,
-                            previous: None,
-                            healthy: false,
-                            undone: false,
-                        },
-                    )?;
-                    self.create_machine(&host.name, &id, g.config.clone(), false)?;
+                    let (idx, host, id) = self.create_recorded(rec, g, ChangeKind::Create)?;
                     let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
                     started.push((idx, host.agent.clone(), id, None));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Creates a machine of group `g` on the host placement picks, recording the change (with
+    /// the id chosen first) before the machine exists, so a job killed in between finds it to
+    /// undo. `kind` is [`ChangeKind::Create`], or [`ChangeKind::CreateCordoned`] for a bluegreen
+    /// machine kept out of the pool.
+    fn create_recorded(
+        &self,
+        rec: &mut ReleaseRecord,
+        g: &ReleaseGroup,
+        kind: ChangeKind,
+    ) -> StepResult<(usize, HostHandle, MachineId)> {
+        let host = self
+            .state
+            .hosts()
+            .place(None)
+            .map_err(|e| e.message().to_owned())?
+            .clone();
+        let id = new_machine_id()?;
+        let idx = self.begin(
+            rec,
+            Change {
+                machine: id.to_string(),
+                host: host.name.clone(),
+                group: g.group.clone(),
+                kind,
+                previous: None,
+                healthy: false,
+                undone: false,
+            },
+        )?;
+        self.create_machine(
+            &host.name,
+            &id,
+            g.config.clone(),
+            kind == ChangeKind::CreateCordoned,
+        )?;
+        Ok((idx, host, id))
     }
 
     fn destroy_machine(
@@ -1474,26 +1492,7 @@ impl Runner {
         // Green: new machines beside the old ones, out of the proxy's pool until all are healthy.
         let mut green = Vec::new();
         for _ in 0..want {
-            let host = self
-                .state
-                .hosts()
-                .place(None)
-                .map_err(|e| e.message().to_owned())?
-                .clone();
-            let id = new_machine_id()?;
-            let idx = self.begin(
-                rec,
-                Change {
-                    machine: id.to_string(),
-                    host: host.name.clone(),
-                    group: g.group.clone(),
-                    kind: ChangeKind::CreateCordoned,
-                    previous: None,
-                    healthy: false,
-                    undone: false,
-                },
-            )?;
-            self.create_machine(&host.name, &id, g.config.clone(), true)?;
+            let (idx, host, id) = self.create_recorded(rec, g, ChangeKind::CreateCordoned)?;
             let _ = self.event(
                 rec,
                 "info",
@@ -1668,7 +1667,7 @@ fn reachable(socket: &aloft_api::ListenSocket, port: u16, proto: &str) -> bool {
 }
 
 fn new_machine_id() -> StepResult<MachineId> {
-    Ok(MachineId::from_random(random::<7>().map_err(|e| e.to_string())?))
+    crate::machines::new_machine_id().map_err(|e| e.to_string())
 }
 
 /// A machine to change in a batch.
