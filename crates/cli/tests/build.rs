@@ -7,6 +7,8 @@
 //! removed afterwards. `--build-only` needs no aloftd; the last test deploys the build on a real
 //! VM through the aloftd built next to `aloft` (`cargo build --workspace`).
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
@@ -168,12 +170,8 @@ mod tests {
         std::fs::write(dir.path().join("app/aloft.toml"), "app = 'web'\n").unwrap();
         let _vms = Vms(dir.path());
         let guest = aloft_testkit::guest_artifacts().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut daemon = Command::new(Path::new(env!("CARGO_BIN_EXE_aloft")).with_file_name("aloftd"))
+        let port = crate::common::free_port();
+        let mut daemon = Command::new(crate::common::aloftd_bin())
             .args(["--driver", "vm", "--network", "none", "--no-access-log"])
             .arg("--guest-dir")
             .arg(guest.kernel.parent().unwrap())

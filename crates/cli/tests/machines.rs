@@ -9,6 +9,8 @@
 //! `aloftd` is taken from `$ALOFTD_BIN`, else from the target directory next to this test's
 //! executable (`target/debug/aloftd`): build it first (`cargo build -p aloftd`).
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead as _, BufReader};
@@ -20,36 +22,7 @@ mod tests {
 
     use serde_json::Value;
 
-    /// `$ALOFTD_BIN`, else `aloftd` in the directory above this test's `deps/`.
-    fn aloftd_bin() -> PathBuf {
-        let bin = match std::env::var_os("ALOFTD_BIN").filter(|b| !b.is_empty()) {
-            Some(bin) => PathBuf::from(bin),
-            None => {
-                let exe = std::env::current_exe().unwrap();
-                let mut dir = exe.parent().unwrap();
-                if dir.ends_with("deps") {
-                    dir = dir.parent().unwrap();
-                }
-                dir.join("aloftd")
-            }
-        };
-        assert!(
-            bin.is_file(),
-            "aloftd is not built ({} is missing): this test runs the real daemon, which Cargo \
-             does not build for aloft-cli's tests. Build it first (`cargo build -p aloftd`) or set \
-             ALOFTD_BIN to an aloftd binary",
-            bin.display()
-        );
-        bin
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    use crate::common::{aloftd_bin, free_port};
 
     /// A temporary home for one aloftd (fake driver) and the CLI.
     struct Env {
