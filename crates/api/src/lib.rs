@@ -16,6 +16,7 @@
 
 mod app;
 mod auth;
+mod certs;
 mod duration;
 mod error;
 mod guest;
@@ -43,6 +44,10 @@ pub use app::{
     TokenResponse, validate_app_name,
 };
 pub use auth::parse_authorization;
+pub use certs::{
+    Certificate, CertificateRecord, CertificateSource, CertificateStatus, CreateCertificateRequest,
+    DnsRequirements, EdgeCaResponse, ListCertificatesResponse, is_under_domain, validate_cert_hostname,
+};
 pub use error::{ApiError, ErrorResponse, ErrorStatus};
 pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};
 pub use machine::{
