@@ -16,6 +16,7 @@
 
 mod app;
 mod auth;
+mod catalog;
 mod certs;
 mod duration;
 mod error;
@@ -44,6 +45,7 @@ pub use app::{
     TokenResponse, validate_app_name,
 };
 pub use auth::parse_authorization;
+pub use catalog::CatalogEntry;
 pub use certs::{
     Certificate, CertificateRecord, CertificateSource, CertificateStatus, CreateCertificateRequest,
     DnsRequirements, EdgeCaResponse, ListCertificatesResponse, is_under_domain, validate_cert_hostname,

@@ -13,6 +13,8 @@
 //! | `/secrets/{app}` | the app's secrets version ([`crate::SecretsVersion`]) |
 //! | `/secrets/{app}/{name}` | [`crate::SecretRecord`]: one secret, sealed (never plaintext) |
 //! | `/releases/…` | reserved for its future owner |
+//! | `/catalog/{app}/{machine_id}` | `aloft_api::CatalogEntry`, published by the machine's agent |
+//! | `/certs/{hostname}` | a TLS certificate of the edge (owned by `aloft-proxy`'s certificate store) |
 
 use crate::StoreError;
 
@@ -32,6 +34,10 @@ pub const ORG_NETWORKS: &str = "/org-networks/";
 pub const ORG_NETWORKS_NEXT: &str = "/org-networks-next";
 /// Reserved: releases.
 pub const RELEASES: &str = "/releases/";
+/// The service catalog: one `aloft_api::CatalogEntry` per machine, by app.
+pub const CATALOG: &str = "/catalog/";
+/// The edge's TLS certificates, by hostname.
+pub const CERTS: &str = "/certs/";
 /// App secrets (sealed) and each app's secrets version.
 pub const SECRETS: &str = "/secrets/";
 
@@ -107,6 +113,11 @@ pub fn secret(app: &str, name: &str) -> Result<String, StoreError> {
 /// `/tokens/{id}`.
 pub fn token(id: &str) -> Result<String, StoreError> {
     Ok(format!("{TOKENS}{}", segment(id)?))
+}
+
+/// `/catalog/{app}/{machine_id}`.
+pub fn catalog_entry(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{CATALOG}{}/{}", segment(app)?, segment(id)?))
 }
 
 #[cfg(test)]

@@ -1,0 +1,984 @@
+//! The HTTP side of the edge: listeners (plain and TLS), the `http` handler that forwards
+//! requests to machines, and the pooled connections to machines.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aloft_api::{HeaderValue as RuleValue, MachineId, MachineService};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::balance::{self, Choice, Want};
+use crate::dial::Dialer;
+use crate::error::{self, ProxyCode};
+use crate::load::LoadGuard;
+use crate::routes::{AppRoutes, MachineRoute};
+use crate::{Edge, EdgeConfig, scale};
+
+/// Errors carried by bodies.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+/// Every body the edge sends or forwards.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of `bytes`.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The largest request body kept for a retry or a replay.
+const REPLAYABLE_BODY: u64 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Connections to machines.
+
+/// Dials machines for the pooled clients: the URI's authority is the machine's `ip:port`.
+#[derive(Clone, Debug)]
+struct Connector {
+    dialer: Arc<dyn Dialer>,
+    timeout: Duration,
+}
+
+/// A connection to a machine.
+#[derive(Debug)]
+pub(crate) struct MachineConn(TokioIo<TcpStream>);
+
+impl Connection for MachineConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for MachineConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MachineConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("connection refused by {0}")]
+    Refused(SocketAddr),
+    #[error("connecting to {0} timed out")]
+    TimedOut(SocketAddr),
+    #[error("connecting to {0}: {1}")]
+    Other(SocketAddr, std::io::Error),
+    #[error("not a machine address: {0}")]
+    BadUri(String),
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = MachineConn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<MachineConn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.dialer.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let addr = uri_addr(&uri).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
+            match tokio::time::timeout(timeout, dialer.dial(addr)).await {
+                Err(_) => Err(ConnectError::TimedOut(addr)),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused(addr)),
+                Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
+                Ok(Ok(s)) => Ok(MachineConn(TokioIo::new(s))),
+            }
+        })
+    }
+}
+
+fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
+    let host = uri.host()?;
+    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    Some(SocketAddr::new(ip, uri.port_u16()?))
+}
+
+/// Pooled keep-alive clients to machines: HTTP/1.1, and h2c for `h2_backend` services.
+#[derive(Debug)]
+pub(crate) struct Upstreams {
+    h1: Client<Connector, Body>,
+    h2: Client<Connector, Body>,
+}
+
+impl Upstreams {
+    pub(crate) fn new(dialer: Arc<dyn Dialer>, config: &EdgeConfig) -> Self {
+        let connector = Connector {
+            dialer,
+            timeout: config.connect_timeout,
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(config.pool_idle_timeout).pool_timer(TokioTimer::new());
+        let h1 = b.build(connector.clone());
+        let mut b2 = Client::builder(TokioExecutor::new());
+        b2.pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(true);
+        let h2 = b2.build(connector);
+        Self { h1, h2 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listeners.
+
+/// Where a client connection came in.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    /// The public port the listener stands for (80, 443, or an app's own port).
+    pub(crate) service_port: u16,
+    pub(crate) https: bool,
+    /// The TLS server name the client asked for.
+    pub(crate) sni: Option<String>,
+}
+
+impl Edge {
+    /// Serves plain HTTP on `listener` (standing for public port [`EdgeConfig::http_port`])
+    /// until the task is dropped.
+    pub async fn serve_http(self: Arc<Self>, listener: TcpListener) {
+        let port = self.config.http_port;
+        self.accept_loop(listener, port, false).await;
+    }
+
+    /// Serves HTTPS on `listener` (standing for [`EdgeConfig::https_port`]) with `tls`, whose
+    /// certificate resolver picks by SNI (see [`crate::tls`]).
+    pub async fn serve_https(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let port = self.config.https_port;
+        let _ = self.tls.set(tls);
+        self.accept_loop(listener, port, true).await;
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, service_port: u16, https: bool) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    eprintln!("edge: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.clients.admit(peer.ip(), self.config.max_conns_per_client) else {
+                self.metrics.refused_connection();
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let edge = self.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let info = ConnInfo {
+                    peer,
+                    service_port,
+                    https,
+                    sni: None,
+                };
+                if https {
+                    edge.serve_tls_conn(stream, info).await;
+                } else {
+                    edge.serve_conn(TokioIo::new(stream), info).await;
+                }
+            });
+        }
+    }
+
+    async fn serve_tls_conn(self: Arc<Self>, stream: TcpStream, mut info: ConnInfo) {
+        let Some(tls) = self.tls.get().cloned() else {
+            return;
+        };
+        let started = Instant::now();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let accepted = tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(stream)).await;
+        let tls_stream = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) | Err(_) => {
+                self.metrics.tls_handshake(false, started.elapsed());
+                return;
+            }
+        };
+        self.metrics.tls_handshake(true, started.elapsed());
+        info.sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
+        self.serve_conn(TokioIo::new(tls_stream), info).await;
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 (detected from the preface) on one client connection.
+    pub(crate) async fn serve_conn<I>(self: Arc<Self>, io: I, info: ConnInfo)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let edge = self.clone();
+        let info = Arc::new(info);
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let edge = edge.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(edge.handle(req, &info).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .max_buf_size(self.config.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
+        let _ = builder.serve_connection_with_upgrades(io, svc).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The http handler.
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn request_id(region: &str) -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{ms:012x}{:08x}-{region}", seq & 0xffff_ffff)
+}
+
+/// A request body: kept whole (so the request can be retried or replayed) or streamed once.
+enum ReqBody {
+    Kept(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Body {
+        match self {
+            Self::Kept(b) => full(b.clone()),
+            Self::Stream(s) => s.take().map_or_else(empty, |b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+        }
+    }
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Kept(_))
+    }
+}
+
+/// Where a replay sends the request next.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Route {
+    pub(crate) app: String,
+    pub(crate) force_instance: Option<String>,
+    pub(crate) prefer_instance: Option<String>,
+    pub(crate) regions: Vec<String>,
+    pub(crate) prefer_regions: Vec<String>,
+    pub(crate) exclude: Vec<MachineId>,
+}
+
+/// What one attempt to forward produced.
+enum Forwarded {
+    /// The machine answered.
+    Answer(Response<Incoming>, Arc<MachineRoute>, LoadGuard, MachineService),
+    /// The edge answers itself.
+    Fail(ProxyCode, Option<String>),
+}
+
+impl Edge {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let rid = request_id(&self.config.region);
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_owned)
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .or_else(|| conn.sni.clone())
+            .unwrap_or_default();
+        if let Some(resp) = self.acme_http_challenge(&req) {
+            return resp;
+        }
+        let snap = self.routes.snapshot();
+        let Some(app) = snap.app_for_host(&host, &self.config.base_domain).cloned() else {
+            self.metrics.response(None, StatusCode::NOT_FOUND, started.elapsed());
+            return error::response(ProxyCode::PR04, Some(&format!("unknown host {host:?}")), &rid);
+        };
+        if !conn.https
+            && let Some(resp) = self.force_https(&app, &req, &host, conn)
+        {
+            self.metrics.response(Some(&app.name), resp.status(), started.elapsed());
+            return resp;
+        }
+        let hints = match crate::replay::RoutingHints::from_headers(req.headers()) {
+            Ok(h) => h,
+            Err(e) => {
+                let mut r = error::response(ProxyCode::PR03, Some(&e.to_string()), &rid);
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+        };
+        let mut route = Route {
+            app: app.name.clone(),
+            force_instance: hints.force_instance.as_ref().map(|i| i.as_str().to_owned()),
+            prefer_instance: hints.prefer_instance.as_ref().map(|i| i.as_str().to_owned()),
+            regions: region_names(hints.force_region.as_slice()),
+            prefer_regions: region_names(&hints.prefer_regions),
+            exclude: Vec::new(),
+        };
+        let version = req.version();
+        add_request_headers(&self.config, req.headers_mut(), conn, &rid, version);
+        let resp = if is_upgrade(&req) {
+            self.forward_upgrade(req, &app, &route, conn, &rid).await
+        } else {
+            self.forward(req, app, &mut route, conn, &rid).await
+        };
+        self.metrics.response(Some(&route.app), resp.status(), started.elapsed());
+        resp
+    }
+
+    fn acme_http_challenge(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let token = req.uri().path().strip_prefix("/.well-known/acme-challenge/")?;
+        let answer = (self.acme_http.get()?.0)(token)?;
+        let mut resp = Response::new(full(answer));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        Some(resp)
+    }
+
+    fn force_https(&self, app: &AppRoutes, req: &Request<Incoming>, host: &str, conn: &ConnInfo) -> Option<Response<Body>> {
+        let forced = app.machines.iter().any(|m| {
+            m.entry.services.iter().any(|s| {
+                s.ports
+                    .iter()
+                    .any(|p| p.port == Some(conn.service_port) && p.force_https == Some(true))
+            })
+        });
+        if !forced {
+            return None;
+        }
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let host = crate::routes::normalize_host(host)?;
+        let location = if self.config.https_port == 443 {
+            format!("https://{host}{path}")
+        } else {
+            format!("https://{host}:{}{path}", self.config.https_port)
+        };
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        resp.headers_mut().insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
+        Some(resp)
+    }
+
+    /// Forwards a (non-upgrade) request, following replays.
+    async fn forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        first_app: Arc<AppRoutes>,
+        route: &mut Route,
+        conn: &ConnInfo,
+        rid: &str,
+    ) -> Response<Body> {
+        let (mut parts, incoming) = req.into_parts();
+        let mut body = match kept_body(&parts.headers, incoming).await {
+            Ok(b) => b,
+            Err(resp_code) => return error::response(resp_code, None, rid),
+        };
+        let mut app = first_app;
+        let mut hops = 0u32;
+        let mut replay_started = Instant::now();
+        let mut replay_from: Option<(Arc<MachineRoute>, crate::replay::Replay)> = None;
+        loop {
+            let deadline = replay_from
+                .as_ref()
+                .and_then(|(_, r)| r.timeout)
+                .map(|t| Instant::now() + t);
+            let attempt = self.attempt(&app, route, &mut parts, &mut body, conn, deadline).await;
+            let (resp, machine, guard, service) = match attempt {
+                Forwarded::Answer(r, m, g, s) => (r, m, g, s),
+                Forwarded::Fail(code, detail) => {
+                    // A replay whose target can't be reached falls back to the replaying machine
+                    // when it asked to.
+                    if let Some((src, replay)) = replay_from.take()
+                        && replay.fallback.is_some()
+                    {
+                        let failed = crate::replay::replay_failed(&crate::replay::ReplayFailure {
+                            instance: route.force_instance.as_deref().unwrap_or(""),
+                            app: &route.app,
+                            region: &route.regions.join(","),
+                            replay_source: src.entry.id.as_str(),
+                            reason: match code {
+                                ProxyCode::PM03 | ProxyCode::PL01 => crate::replay::FailReason::Timeout,
+                                ProxyCode::PR01 | ProxyCode::PR02 => crate::replay::FailReason::NoCandidate,
+                                _ => crate::replay::FailReason::RetriesExhausted,
+                            },
+                            elapsed: replay_started.elapsed(),
+                        });
+                        if let Ok(v) = HeaderValue::try_from(failed) {
+                            parts.headers.insert("fly-replay-failed", v);
+                        }
+                        parts.headers.remove("fly-replay-src");
+                        if let Some(a) = self.routes.snapshot().app(&src.entry.app).cloned() {
+                            app = a;
+                        }
+                        *route = Route {
+                            app: src.entry.app.clone(),
+                            force_instance: Some(src.entry.id.as_str().to_owned()),
+                            ..Route::default()
+                        };
+                        hops = crate::replay::MAX_REPLAY_HOPS; // no further replays
+                        continue;
+                    }
+                    return error::response(code, detail.as_deref(), rid);
+                }
+            };
+            let pristine = service
+                .ports
+                .iter()
+                .find_map(|p| p.http_options.as_ref()?.response.as_ref()?.pristine)
+                .unwrap_or(false);
+            match self.replay_of(resp, hops).await {
+                Ok(ReplayCheck::Pass(resp)) => return finish_response(resp, guard, &service, pristine, rid),
+                Ok(ReplayCheck::Replay(replay)) => {
+                    hops += 1;
+                    if !body.replayable() {
+                        return error::response(ProxyCode::PA01, None, rid);
+                    }
+                    if hops > crate::replay::MAX_REPLAY_HOPS {
+                        return error::response(ProxyCode::PA02, None, rid);
+                    }
+                    drop(guard);
+                    match self.apply_replay(&replay, &machine, &app, route, &mut parts) {
+                        Ok(next) => app = next,
+                        Err(code) => return error::response(code, None, rid),
+                    }
+                    replay_from = Some((machine, replay));
+                    replay_started = Instant::now();
+                }
+                Err(code) => return error::response(code, None, rid),
+            }
+        }
+    }
+
+    /// Chooses a machine (waking or queueing as needed) and sends the request to it, trying other
+    /// machines when a connect fails before the request was sent.
+    async fn attempt(
+        self: &Arc<Self>,
+        app: &Arc<AppRoutes>,
+        route: &mut Route,
+        parts: &mut http::request::Parts,
+        body: &mut ReqBody,
+        conn: &ConnInfo,
+        deadline: Option<Instant>,
+    ) -> Forwarded {
+        let mut last: Option<(ProxyCode, String)> = None;
+        let mut tried: Vec<MachineId> = route.exclude.clone();
+        for _ in 0..self.config.connect_attempts.max(1) {
+            let picked = self.pick(app, route, &tried, conn.service_port, deadline).await;
+            let (machine, guard) = match picked {
+                Ok(p) => p,
+                Err((code, detail)) => {
+                    return match last {
+                        Some((c, d)) if code == ProxyCode::PR01 => Forwarded::Fail(c, Some(d)),
+                        _ => Forwarded::Fail(code, detail),
+                    };
+                }
+            };
+            let Some(service) = machine.service_for_port(conn.service_port).cloned() else {
+                return Forwarded::Fail(ProxyCode::PR01, None);
+            };
+            let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
+                return Forwarded::Fail(ProxyCode::PR01, None);
+            };
+            let h2 = service
+                .ports
+                .iter()
+                .any(|p| p.http_options.as_ref().and_then(|o| o.h2_backend) == Some(true));
+            let upstream = build_upstream(parts, SocketAddr::new(ip, port), h2, body.take());
+            let client = if h2 { &self.client.h2 } else { &self.client.h1 };
+            match client.request(upstream).await {
+                Ok(resp) => return Forwarded::Answer(resp, machine, guard, service),
+                Err(e) if e.is_connect() => {
+                    let load = self.loads.machine(&machine.entry.id);
+                    self.loads
+                        .mark_failed(&load, u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000));
+                    let refused = format!("{e:?}").contains("Refused");
+                    let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
+                    last = Some((code, format!("machine {}: {}", machine.entry.id, source_chain(&e))));
+                    if !body.replayable() {
+                        break;
+                    }
+                    tried.push(machine.entry.id.clone());
+                }
+                Err(e) => {
+                    let code = if h2 { ProxyCode::PU01 } else { ProxyCode::PU02 };
+                    return Forwarded::Fail(code, Some(format!("machine {}: {}", machine.entry.id, source_chain(&e))));
+                }
+            }
+        }
+        match last {
+            Some((ProxyCode::PC01, d)) if tried.len() <= 1 => Forwarded::Fail(ProxyCode::PC01, Some(d)),
+            Some((_, d)) => Forwarded::Fail(ProxyCode::PC07, Some(d)),
+            None => Forwarded::Fail(ProxyCode::PR03, None),
+        }
+    }
+
+    /// A machine for the request, with its unit of load: chosen, woken, or waited for.
+    pub(crate) async fn pick(
+        self: &Arc<Self>,
+        app: &Arc<AppRoutes>,
+        route: &Route,
+        tried: &[MachineId],
+        port: u16,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<MachineRoute>, LoadGuard), (ProxyCode, Option<String>)> {
+        let app_load = self.loads.app(&app.name);
+        let queue_deadline = deadline.unwrap_or_else(|| Instant::now() + self.config.queue_timeout);
+        let mut queued = false;
+        let result = loop {
+            let freed = app_load.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            // Always the newest view of the app: machines may have started since.
+            let current = self.routes.snapshot().app(&app.name).cloned().unwrap_or_else(|| app.clone());
+            let want = Want {
+                port,
+                force_instance: route.force_instance.as_deref(),
+                prefer_instance: route.prefer_instance.as_deref(),
+                regions: &route.regions,
+                prefer_regions: &route.prefer_regions,
+                exclude: tried,
+            };
+            match balance::choose(self, &current, &want) {
+                Choice::Ready(m, g) => break Ok((m, g)),
+                Choice::Wake(m) => {
+                    let Some(internal) = m.service_for_port(port).and_then(|s| s.internal_port) else {
+                        break Err((ProxyCode::PR01, None));
+                    };
+                    match scale::wake(self, &m, internal).await {
+                        Ok(()) => {
+                            let load = self.loads.machine(&m.entry.id);
+                            break Ok((m, self.loads.acquire(load, app_load.clone())));
+                        }
+                        Err((code, detail)) => break Err((code, Some(detail))),
+                    }
+                }
+                Choice::NotFound => break Err((ProxyCode::PR02, route.force_instance.clone())),
+                Choice::NoneHealthy => break Err((ProxyCode::PR01, None)),
+                Choice::Full => {
+                    if !queued {
+                        if app_load.queued.fetch_add(1, Ordering::AcqRel) >= self.config.queue_limit {
+                            app_load.queued.fetch_sub(1, Ordering::AcqRel);
+                            break Err((ProxyCode::PL01, Some("the request queue is full".to_owned())));
+                        }
+                        queued = true;
+                    }
+                    let left = queue_deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || tokio::time::timeout(left, freed).await.is_err() {
+                        break Err((ProxyCode::PL01, Some("no capacity freed up in time".to_owned())));
+                    }
+                }
+            }
+        };
+        if queued {
+            app_load.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    async fn forward_upgrade(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        app: &Arc<AppRoutes>,
+        route: &Route,
+        conn: &ConnInfo,
+        rid: &str,
+    ) -> Response<Body> {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (machine, guard) = match self.pick(app, route, &[], conn.service_port, None).await {
+            Ok(p) => p,
+            Err((code, detail)) => return error::response(code, detail.as_deref(), rid),
+        };
+        let service = machine.service_for_port(conn.service_port).cloned().unwrap_or_default();
+        let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
+            return error::response(ProxyCode::PR01, None, rid);
+        };
+        let (mut parts, body) = req.into_parts();
+        let upstream = build_upstream(
+            &mut parts,
+            SocketAddr::new(ip, port),
+            false,
+            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        );
+        let mut resp = match self.client.h1.request(upstream).await {
+            Ok(r) => r,
+            Err(e) => {
+                let code = if e.is_connect() { ProxyCode::PC01 } else { ProxyCode::PU02 };
+                return error::response(code, Some(&source_chain(&e)), rid);
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return finish_response(resp, guard, &service, false, rid);
+        }
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let (Ok(client), Ok(backend)) = (client_upgrade.await, backend_upgrade.await) {
+                let mut client = TokioIo::new(client);
+                let mut backend = TokioIo::new(backend);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        let mut out = Response::from_parts(parts, empty());
+        add_response_headers(out.headers_mut(), rid, &service, false);
+        out
+    }
+}
+
+/// A response's replay request, if any.
+enum ReplayCheck {
+    Pass(Response<Incoming>),
+    Replay(crate::replay::Replay),
+}
+
+impl Edge {
+    async fn replay_of(&self, resp: Response<Incoming>, _hops: u32) -> Result<ReplayCheck, ProxyCode> {
+        if let Some(r) = crate::replay::Replay::from_headers(resp.headers()).map_err(|_| ProxyCode::PA03)? {
+            return Ok(ReplayCheck::Replay(r));
+        }
+        let is_json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(crate::replay::is_replay_json);
+        if !is_json {
+            return Ok(ReplayCheck::Pass(resp));
+        }
+        let limited = Limited::new(resp.into_body(), usize::try_from(REPLAYABLE_BODY).unwrap_or(usize::MAX));
+        let bytes = limited.collect().await.map_err(|_| ProxyCode::PA03)?.to_bytes();
+        crate::replay::parse_json(&bytes)
+            .map(ReplayCheck::Replay)
+            .map_err(|_| ProxyCode::PA03)
+    }
+
+    /// Points `route` at a replay's target and marks the request as replayed.
+    fn apply_replay(
+        &self,
+        replay: &crate::replay::Replay,
+        from: &Arc<MachineRoute>,
+        current: &Arc<AppRoutes>,
+        route: &mut Route,
+        parts: &mut http::request::Parts,
+    ) -> Result<Arc<AppRoutes>, ProxyCode> {
+        let snap = self.routes.snapshot();
+        let target = match &replay.app {
+            Some(name) if *name != current.name => {
+                let t = snap.app(name).cloned().ok_or(ProxyCode::PA04)?;
+                if let (Some(a), Some(b)) = (&t.org, &current.org)
+                    && a != b
+                {
+                    return Err(ProxyCode::PA05);
+                }
+                t
+            }
+            _ => current.clone(),
+        };
+        *route = Route {
+            app: target.name.clone(),
+            force_instance: replay.instance.as_ref().map(|i| i.as_str().to_owned()),
+            prefer_instance: replay.prefer_instance.as_ref().map(|i| i.as_str().to_owned()),
+            regions: region_names(&replay.regions),
+            prefer_regions: Vec::new(),
+            exclude: if replay.elsewhere { vec![from.entry.id.clone()] } else { Vec::new() },
+        };
+        let t_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        let src = crate::replay::replay_src(
+            from.entry.id.as_str(),
+            &from.entry.region,
+            u64::try_from(t_us).unwrap_or(u64::MAX),
+            replay.state.as_deref(),
+        );
+        if let Ok(v) = HeaderValue::try_from(src) {
+            parts.headers.insert("fly-replay-src", v);
+        }
+        if let Some(t) = &replay.transform {
+            if let Some(path) = &t.path
+                && let Ok(pq) = http::uri::PathAndQuery::try_from(path.as_str())
+            {
+                let mut up = parts.uri.clone().into_parts();
+                up.path_and_query = Some(pq);
+                if let Ok(u) = Uri::from_parts(up) {
+                    parts.uri = u;
+                }
+            }
+            for name in &t.delete_headers {
+                parts.headers.remove(name.as_str());
+            }
+            for (name, value) in &t.set_headers {
+                if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                    parts.headers.insert(n, v);
+                }
+            }
+        }
+        Ok(target)
+    }
+}
+
+/// Region names from a region list: `any` lifts the constraint; other aliases are taken as
+/// region names (aloft's regions are operator-named labels).
+fn region_names(sels: &[crate::replay::RegionSel]) -> Vec<String> {
+    use crate::replay::RegionSel;
+    if sels.iter().any(|s| matches!(s, RegionSel::Alias(a) if a == "any")) {
+        return Vec::new();
+    }
+    sels.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+/// Reads the body whole when it is small enough to keep for a retry or replay (or absent).
+async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, ProxyCode> {
+    let hint = body.size_hint();
+    if body.is_end_stream() {
+        return Ok(ReqBody::Kept(Bytes::new()));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let small = declared.or(hint.exact()).is_some_and(|n| n <= REPLAYABLE_BODY);
+    if !small {
+        return Ok(ReqBody::Stream(Some(body)));
+    }
+    match body.collect().await {
+        Ok(c) => Ok(ReqBody::Kept(c.to_bytes())),
+        Err(_) => Err(ProxyCode::PU02),
+    }
+}
+
+fn source_chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (and those the Connection header names), keeping the upgrade pair
+/// when `keep_upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && !(keep_upgrade && t == "upgrade"))
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (n == "connection" || n == "upgrade") {
+            continue;
+        }
+        h.remove(n);
+    }
+}
+
+fn build_upstream(parts: &mut http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match addr {
+        SocketAddr::V4(a) => format!("http://{a}{pq}"),
+        SocketAddr::V6(a) => format!("http://[{}]:{}{pq}", a.ip(), a.port()),
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri.parse().unwrap_or_default();
+    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let mut headers = parts.headers.clone();
+    // h2 clients send the authority in the URI, not a Host header: the app still wants one.
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::try_from(a.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    if h2 {
+        headers.remove(header::HOST);
+    }
+    *req.headers_mut() = headers;
+    req
+}
+
+fn add_request_headers(config: &EdgeConfig, h: &mut HeaderMap, conn: &ConnInfo, rid: &str, version: Version) {
+    let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
+    strip_hop_by_hop(h, keep_upgrade);
+    let ip = conn.peer.ip().to_canonical().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip.clone(),
+    };
+    let via_token = if version == Version::HTTP_2 { "2 aloft" } else { "1.1 aloft" };
+    let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {via_token}"),
+        None => via_token.to_owned(),
+    };
+    let port = conn.service_port.to_string();
+    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            h.insert(name, v);
+        }
+    };
+    set(h, "fly-client-ip", &ip);
+    set(h, "fly-forwarded-port", &port);
+    set(h, "fly-region", &config.region);
+    set(h, "x-forwarded-for", &xff);
+    set(h, "x-forwarded-proto", if conn.https { "https" } else { "http" });
+    set(h, "x-forwarded-port", &port);
+    set(h, "x-forwarded-ssl", if conn.https { "on" } else { "off" });
+    set(h, "via", &via);
+    set(h, "fly-request-id", rid);
+}
+
+fn add_response_headers(h: &mut HeaderMap, rid: &str, service: &MachineService, pristine: bool) {
+    if !pristine {
+        h.insert(header::SERVER, HeaderValue::from_static("aloft"));
+        let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, 1.1 aloft"),
+            None => "1.1 aloft".to_owned(),
+        };
+        if let Ok(v) = HeaderValue::try_from(via) {
+            h.insert(header::VIA, v);
+        }
+        if let Ok(v) = HeaderValue::try_from(rid) {
+            h.insert("fly-request-id", v);
+        }
+    }
+    for p in &service.ports {
+        let Some(rules) = p.http_options.as_ref().and_then(|o| o.response.as_ref()) else {
+            continue;
+        };
+        for (name, rule) in &rules.headers {
+            let Ok(name) = HeaderName::try_from(name.as_str()) else {
+                continue;
+            };
+            match rule {
+                RuleValue::Bool(false) => {
+                    h.remove(&name);
+                }
+                RuleValue::Bool(true) => {}
+                RuleValue::One(v) => {
+                    if let Ok(v) = HeaderValue::try_from(v.as_str()) {
+                        h.insert(name, v);
+                    }
+                }
+                RuleValue::Many(vs) => {
+                    h.remove(&name);
+                    for v in vs {
+                        if let Ok(v) = HeaderValue::try_from(v.as_str()) {
+                            h.append(name.clone(), v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn finish_response(
+    resp: Response<Incoming>,
+    guard: LoadGuard,
+    service: &MachineService,
+    pristine: bool,
+    rid: &str,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    add_response_headers(&mut parts.headers, rid, service, pristine);
+    let body = Guarded {
+        inner: body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        guard: Some(guard),
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A response body that holds its machine's unit of load until the last byte went out (or the
+/// client went away).
+struct Guarded {
+    inner: Body,
+    guard: Option<LoadGuard>,
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

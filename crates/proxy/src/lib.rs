@@ -1,0 +1,123 @@
+//! aloft's edge proxy: users reach an app by name and the edge picks a machine for them.
+//!
+//! An [`Edge`] keeps a routing table ([`RoutingTable`]) built from the service catalog that
+//! agents publish into the control store (`/catalog/…`, followed live by [`catalog`]), listens
+//! for HTTP and HTTPS (and an app's own TCP ports), and for each request:
+//!
+//! 1. finds the app by Host/SNI (`<app>.<base domain>` or a custom domain);
+//! 2. picks a machine: started, not cordoned, service checks passing, least loaded then closest,
+//!    honouring `concurrency` soft and hard limits; when every running machine is at or over its
+//!    soft limit it wakes a stopped or suspended one ([`MachineControl`]) and holds the request
+//!    until it accepts; at the hard limit requests wait in a bounded queue, then get a 503;
+//! 3. forwards it over pooled keep-alive connections (HTTP/1.1, or h2c with `h2_backend`),
+//!    retrying on another machine when the connect fails before anything was sent;
+//! 4. follows `fly-replay` answers, adds Fly's request and response headers, and answers its own
+//!    errors with Fly's proxy error codes (`PR01`, `PC01`, …) in a header and a short page.
+//!
+//! An autostop loop stops or suspends excess idle machines as Fly's does. Figures for
+//! Prometheus come from [`Edge::metrics_text`].
+//!
+//! The proxy reaches machines only through two small traits the daemon implements:
+//! [`MachineControl`] (start/suspend/stop a machine) and [`Dialer`] (open a TCP connection to a
+//! machine's private address, e.g. from inside the machines' network namespace). It depends on
+//! `aloft-api` (wire types) and `aloft-store` (the catalog); it must not depend on the agent, the
+//! VM, image or network crates, nor on the control plane's HTTP API.
+//!
+//! Threading: tokio. Shared state is behind short std locks never held across an `.await`; the
+//! routing table is an immutable snapshot swapped on every change, so a request never waits for
+//! a catalog update and a catalog update never waits for requests.
+
+mod balance;
+pub mod catalog;
+mod clients;
+mod config;
+mod dial;
+mod error;
+mod http;
+mod load;
+mod metrics;
+mod proxy_proto;
+mod replay;
+mod routes;
+mod scale;
+pub mod tls;
+
+pub use config::{EdgeConfig, RegionRtt};
+pub use dial::{Dialer, DirectDialer};
+pub use error::ProxyCode;
+pub use routes::{RoutingTable, Snapshot};
+pub use scale::{ControlError, ControlFuture, MachineControl, autostop_loop, autostop_pass};
+pub use dial::DialFuture;
+pub use error::ERROR_HEADER;
+
+use std::sync::{Arc, OnceLock};
+
+/// Answers ACME HTTP-01 challenges: token → key authorization.
+pub type AcmeHttpResponder = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The edge: its routing table, load counters, connection pool and loops. Cheap to clone via
+/// `Arc`; every listener and loop holds one.
+#[derive(Debug)]
+pub struct Edge {
+    config: EdgeConfig,
+    routes: Arc<RoutingTable>,
+    loads: load::Loads,
+    control: Arc<dyn MachineControl>,
+    dialer: Arc<dyn Dialer>,
+    client: http::Upstreams,
+    metrics: metrics::Metrics,
+    wakes: scale::Wakes,
+    clients: clients::ClientLimits,
+    tls: OnceLock<Arc<rustls::ServerConfig>>,
+    acme_http: OnceLock<AcmeHttp>,
+}
+
+struct AcmeHttp(AcmeHttpResponder);
+
+impl std::fmt::Debug for AcmeHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AcmeHttp")
+    }
+}
+
+impl Edge {
+    /// An edge with an empty routing table; fill it with [`RoutingTable::upsert`] or follow the
+    /// store with [`catalog::follow`].
+    pub fn new(config: EdgeConfig, control: Arc<dyn MachineControl>, dialer: Arc<dyn Dialer>) -> Arc<Self> {
+        let client = http::Upstreams::new(dialer.clone(), &config);
+        Arc::new(Self {
+            routes: Arc::default(),
+            loads: load::Loads::default(),
+            control,
+            client,
+            dialer,
+            metrics: metrics::Metrics::default(),
+            wakes: scale::Wakes::default(),
+            clients: clients::ClientLimits::default(),
+            tls: OnceLock::new(),
+            acme_http: OnceLock::new(),
+            config,
+        })
+    }
+
+    /// Answers `/.well-known/acme-challenge/{token}` on the HTTP listener with `responder`
+    /// (ACME HTTP-01). Set once; later calls are ignored.
+    pub fn set_acme_http(&self, responder: AcmeHttpResponder) {
+        let _ = self.acme_http.set(AcmeHttp(responder));
+    }
+
+    /// The routing table.
+    pub fn routes(&self) -> &Arc<RoutingTable> {
+        &self.routes
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &EdgeConfig {
+        &self.config
+    }
+
+    /// Prometheus text exposition of the edge's figures.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.routes.snapshot(), &self.loads)
+    }
+}

@@ -1,0 +1,226 @@
+//! The edge's figures in Prometheus's text format, named after Fly's (`fly_edge_*`, `fly_app_*`)
+//! where Fly has one, `aloft_edge_*` otherwise.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::load::Loads;
+use crate::routes::Snapshot;
+
+/// Upper bounds of the response-time histogram, in seconds.
+const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0u64;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        #[allow(clippy::cast_precision_loss, reason = "a sum of microseconds shown as seconds")]
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+#[derive(Debug)]
+struct AppFigures {
+    /// Responses by status code (index: code − 100).
+    statuses: [AtomicU64; 500],
+    time: Histogram,
+}
+
+impl Default for AppFigures {
+    fn default() -> Self {
+        Self {
+            statuses: std::array::from_fn(|_| AtomicU64::new(0)),
+            time: Histogram::default(),
+        }
+    }
+}
+
+/// Counters; cheap to update from any task.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    apps: RwLock<HashMap<String, Arc<AppFigures>>>,
+    tls_ok: AtomicU64,
+    tls_failed: AtomicU64,
+    tls_time: Histogram,
+    wakes_ok: AtomicU64,
+    wakes_failed: AtomicU64,
+    wake_time: Histogram,
+    autostops_ok: AtomicU64,
+    autostops_failed: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// The app label for requests that matched no app.
+const NO_APP: &str = "";
+
+impl Metrics {
+    fn app(&self, app: &str) -> Arc<AppFigures> {
+        if let Some(a) = self.apps.read().unwrap_or_else(PoisonError::into_inner).get(app) {
+            return a.clone();
+        }
+        self.apps
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(app.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn response(&self, app: Option<&str>, status: StatusCode, took: Duration) {
+        let a = self.app(app.unwrap_or(NO_APP));
+        let i = usize::from(status.as_u16()).saturating_sub(100).min(499);
+        a.statuses[i].fetch_add(1, Ordering::Relaxed);
+        a.time.observe(took);
+    }
+
+    pub(crate) fn tls_handshake(&self, ok: bool, took: Duration) {
+        if ok {
+            self.tls_ok.fetch_add(1, Ordering::Relaxed);
+            self.tls_time.observe(took);
+        } else {
+            self.tls_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn wake(&self, ok: bool, took: Duration) {
+        if ok {
+            self.wakes_ok.fetch_add(1, Ordering::Relaxed);
+            self.wake_time.observe(took);
+        } else {
+            self.wakes_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn autostop(&self, ok: bool) {
+        let c = if ok { &self.autostops_ok } else { &self.autostops_failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused_connection(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text.
+    pub(crate) fn render(&self, snap: &Snapshot, loads: &Loads) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP fly_edge_http_responses_count Responses by app and status.\n");
+        out.push_str("# TYPE fly_edge_http_responses_count counter\n");
+        let apps: Vec<(String, Arc<AppFigures>)> = {
+            let map = self.apps.read().unwrap_or_else(PoisonError::into_inner);
+            let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        for (app, f) in &apps {
+            for (i, c) in f.statuses.iter().enumerate() {
+                let n = c.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "fly_edge_http_responses_count{{app=\"{}\",status=\"{}\"}} {n}",
+                        label(app),
+                        i + 100
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP fly_edge_http_response_time_seconds Time to the response head, by app.\n");
+        out.push_str("# TYPE fly_edge_http_response_time_seconds histogram\n");
+        for (app, f) in &apps {
+            f.time
+                .render(&mut out, "fly_edge_http_response_time_seconds", &format!("app=\"{}\"", label(app)));
+        }
+        out.push_str("# HELP fly_app_concurrency Requests or connections in flight per machine.\n");
+        out.push_str("# TYPE fly_app_concurrency gauge\n");
+        let mut apps_now: Vec<_> = snap.apps().collect();
+        apps_now.sort_by(|a, b| a.name.cmp(&b.name));
+        for app in apps_now {
+            for m in &app.machines {
+                let n = loads.peek(&m.entry.id).map_or(0, |l| l.inflight());
+                let _ = writeln!(
+                    out,
+                    "fly_app_concurrency{{app=\"{}\",instance=\"{}\",region=\"{}\"}} {n}",
+                    label(&app.name),
+                    m.entry.id,
+                    label(&m.entry.region)
+                );
+            }
+        }
+        let counter = |out: &mut String, name: &str, help: &str, pairs: &[(&str, &AtomicU64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, c) in pairs {
+                let _ = writeln!(out, "{name}{{{labels}}} {}", c.load(Ordering::Relaxed));
+            }
+        };
+        counter(
+            &mut out,
+            "fly_edge_tls_handshake_count",
+            "TLS handshakes by outcome.",
+            &[("result=\"ok\"", &self.tls_ok), ("result=\"failed\"", &self.tls_failed)],
+        );
+        out.push_str("# TYPE fly_edge_tls_handshake_time_seconds histogram\n");
+        self.tls_time.render(&mut out, "fly_edge_tls_handshake_time_seconds", "");
+        counter(
+            &mut out,
+            "aloft_edge_autostart_count",
+            "Machines woken for a request, by outcome.",
+            &[("result=\"ok\"", &self.wakes_ok), ("result=\"failed\"", &self.wakes_failed)],
+        );
+        out.push_str("# TYPE aloft_edge_autostart_time_seconds histogram\n");
+        self.wake_time.render(&mut out, "aloft_edge_autostart_time_seconds", "");
+        counter(
+            &mut out,
+            "aloft_edge_autostop_count",
+            "Idle machines stopped or suspended, by outcome.",
+            &[("result=\"ok\"", &self.autostops_ok), ("result=\"failed\"", &self.autostops_failed)],
+        );
+        counter(
+            &mut out,
+            "aloft_edge_refused_connections_count",
+            "Client connections closed at once: the client had too many open.",
+            &[("", &self.refused)],
+        );
+        out
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,228 @@
+//! Scale to zero and back (platform reference §5.2): waking a stopped or suspended machine for a
+//! request, and the autostop loop that stops or suspends excess idle ones.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use aloft_api::{Autostop, MachineId};
+use tokio::sync::watch;
+
+use crate::Edge;
+use crate::error::ProxyCode;
+use crate::routes::MachineRoute;
+
+/// A machine lifecycle call in progress.
+pub type ControlFuture = Pin<Box<dyn Future<Output = Result<(), ControlError>> + Send>>;
+
+/// Why a lifecycle call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// The machine's host refused (e.g. the machine is being replaced or destroyed).
+    #[error("the machine's host refused: {0}")]
+    Refused(String),
+    /// The host could not be reached or failed.
+    #[error("the machine's host failed: {0}")]
+    Failed(String),
+}
+
+/// Starting and idling machines on behalf of the edge. The daemon implements it by asking the
+/// machine's agent; the edge never creates or destroys machines.
+pub trait MachineControl: Send + Sync + fmt::Debug + 'static {
+    /// Starts (or resumes) a stopped or suspended machine. Resolves once the host accepted.
+    fn start(&self, app: &str, id: &MachineId) -> ControlFuture;
+    /// Stops a started machine (with its `stop_config`).
+    fn stop(&self, app: &str, id: &MachineId) -> ControlFuture;
+    /// Suspends a started machine.
+    fn suspend(&self, app: &str, id: &MachineId) -> ControlFuture;
+}
+
+type WakeResult = Option<Result<(), (ProxyCode, String)>>;
+
+/// Wakes in progress, one per machine: concurrent requests for the same sleeping machine share it.
+#[derive(Debug, Default)]
+pub(crate) struct Wakes {
+    inflight: Mutex<HashMap<MachineId, watch::Receiver<WakeResult>>>,
+}
+
+impl Wakes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<MachineId, watch::Receiver<WakeResult>>> {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Wakes `m` (or joins a wake in progress) and resolves once it accepts connections on
+/// `internal_port`, or with the proxy error to answer.
+pub(crate) async fn wake(edge: &Arc<Edge>, m: &MachineRoute, internal_port: u16) -> Result<(), (ProxyCode, String)> {
+    let id = m.entry.id.clone();
+    let mut rx = {
+        let mut map = edge.wakes.lock();
+        match map.get(&id) {
+            Some(rx) => rx.clone(),
+            None => {
+                let (tx, rx) = watch::channel(None);
+                map.insert(id.clone(), rx.clone());
+                let edge2 = edge.clone();
+                let app = m.entry.app.clone();
+                let ip = m.ip;
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let result = match ip {
+                        Some(ip) => do_wake(&edge2, &app, &id, SocketAddr::new(ip, internal_port)).await,
+                        None => Err((ProxyCode::PM07, "the machine has no private address".to_owned())),
+                    };
+                    edge2.metrics.wake(result.is_ok(), started.elapsed());
+                    if result.is_ok() {
+                        let load = edge2.loads.machine(&id);
+                        let hold = u64::try_from(edge2.config.wake_timeout.as_millis()).unwrap_or(u64::MAX);
+                        edge2.loads.mark_woken(&load, hold.max(5_000));
+                    }
+                    edge2.wakes.lock().remove(&id);
+                    let _ = tx.send(Some(result));
+                });
+                rx
+            }
+        }
+    };
+    let waited = tokio::time::timeout(edge.config.wake_timeout + Duration::from_secs(1), async {
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return Err((ProxyCode::PM07, "the wake was abandoned".to_owned()));
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| Err((ProxyCode::PM03, "the machine did not start in time".to_owned())))
+}
+
+async fn do_wake(edge: &Edge, app: &str, id: &MachineId, addr: SocketAddr) -> Result<(), (ProxyCode, String)> {
+    let deadline = Instant::now() + edge.config.wake_timeout;
+    if let Err(e) = edge.control.start(app, id).await {
+        // A machine someone else is starting (or already started) is fine: wait for it below.
+        if matches!(e, ControlError::Failed(_)) {
+            return Err((ProxyCode::PM07, e.to_string()));
+        }
+    }
+    // Poll until the workload accepts: the catalog may lag; the connection is the truth.
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err((
+                ProxyCode::PM03,
+                format!("the machine started but nothing accepted connections on {addr} in time"),
+            ));
+        }
+        let attempt = tokio::time::timeout(left.min(Duration::from_secs(2)), edge.dialer.dial(addr)).await;
+        if let Ok(Ok(_stream)) = attempt {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// The autostop loop: every `autostop_interval`, per app and region, stops or suspends at most
+/// one excess idle machine. Runs until the edge is dropped by everyone else.
+pub async fn autostop_loop(edge: Arc<Edge>) {
+    let mut tick = tokio::time::interval(edge.config.autostop_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        autostop_pass(&edge).await;
+    }
+}
+
+/// One pass of the autostop loop; returns the machines it stopped or suspended.
+pub async fn autostop_pass(edge: &Arc<Edge>) -> Vec<MachineId> {
+    let snap = edge.routes.snapshot();
+    // Forget the counters of machines that left the catalog.
+    edge.loads
+        .retain(|id| snap.apps().any(|a| a.machine(id.as_str()).is_some()));
+    let mut acted = Vec::new();
+    for app in snap.apps() {
+        let mut regions: HashMap<&str, Vec<&Arc<MachineRoute>>> = HashMap::new();
+        for m in &app.machines {
+            if m.is_started() {
+                regions.entry(m.entry.region.as_str()).or_default().push(m);
+            }
+        }
+        for (region, running) in regions {
+            if let Some((m, how)) = pick_idle(edge, region, &running) {
+                let id = m.entry.id.clone();
+                let result = match how {
+                    Autostop::Suspend => match edge.control.suspend(&app.name, &id).await {
+                        Ok(()) => Ok(()),
+                        // Suspension is not always possible: stop instead.
+                        Err(_) => edge.control.stop(&app.name, &id).await,
+                    },
+                    _ => edge.control.stop(&app.name, &id).await,
+                };
+                let load = edge.loads.machine(&id);
+                edge.loads.clear_woken(&load);
+                edge.metrics.autostop(result.is_ok());
+                if result.is_ok() {
+                    acted.push(id);
+                }
+            }
+        }
+    }
+    acted
+}
+
+/// Fly's rule: with more than one machine running, `excess = running − (over_soft + 1)`, and one
+/// idle machine goes when `excess ≥ 1`; a lone machine goes when idle. `min_machines_running`
+/// holds in the primary region.
+fn pick_idle<'a>(edge: &Edge, region: &str, running: &[&'a Arc<MachineRoute>]) -> Option<(&'a Arc<MachineRoute>, Autostop)> {
+    let idle_ms = u64::try_from(edge.config.idle_after.as_millis()).unwrap_or(u64::MAX);
+    let mut over_soft = 0usize;
+    let mut idle: Vec<(u64, &'a Arc<MachineRoute>, Autostop, u32)> = Vec::new();
+    for m in running {
+        let load = edge.loads.machine(&m.entry.id);
+        let inflight = load.inflight();
+        // The strongest autostop among the machine's services decides; none: never.
+        let mut how = Autostop::Off;
+        let mut soft = u32::MAX;
+        let mut min_running = 0u32;
+        for s in &m.entry.services {
+            match s.autostop {
+                Some(Autostop::Suspend) => how = Autostop::Suspend,
+                Some(Autostop::Stop) if how == Autostop::Off => how = Autostop::Stop,
+                _ => {}
+            }
+            soft = soft.min(crate::balance::limits(edge, s).0);
+            min_running = min_running.max(s.min_machines_running.unwrap_or(0));
+        }
+        if inflight >= soft {
+            over_soft += 1;
+        }
+        if how == Autostop::Off || inflight > 0 {
+            continue;
+        }
+        let quiet = edge.loads.idle_ms(&load);
+        if quiet < idle_ms {
+            continue;
+        }
+        let how = if how == Autostop::Suspend && !m.entry.suspendable { Autostop::Stop } else { how };
+        idle.push((quiet, m, how, min_running));
+    }
+    let running_n = running.len();
+    if running_n > 1 && running_n.saturating_sub(over_soft + 1) == 0 {
+        return None;
+    }
+    idle.sort_by(|a, b| b.0.cmp(&a.0));
+    let (_, m, how, min_running) = idle.into_iter().next()?;
+    let primary = if m.entry.primary_region.is_empty() { edge.config.region.as_str() } else { m.entry.primary_region.as_str() };
+    if region == primary && running_n <= usize::try_from(min_running).unwrap_or(usize::MAX) {
+        return None;
+    }
+    Some((m, how))
+}

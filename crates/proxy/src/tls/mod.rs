@@ -1,0 +1,54 @@
+//! TLS at the edge: certificates (a local CA for the base domain, ACME or the local CA for custom
+//! domains) and the SNI resolver the HTTPS and `tls` listeners use.
+//!
+//! The pieces, and how aloftd's edge role puts them together:
+//!
+//! ```no_run
+//! # async fn edge(store: std::sync::Arc<dyn aloft_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use aloft_proxy::tls::{CertManager, Challenges, LocalCa, LocalIssuer, SniResolver, server_config};
+//!
+//! // 1. The local CA: made on first use under <data dir>/edge/ca/, loaded on later starts.
+//! let ca = Arc::new(LocalCa::open(std::path::Path::new("/var/lib/aloft/edge/ca"))?);
+//! // 2. Custom domains' certificates, from the control store's /certs/ records. The issuer is
+//! //    the local CA unless an ACME issuer (aloft-acme) is configured; that one shares
+//! //    `challenges` with the resolver.
+//! let challenges = Challenges::new();
+//! let manager = CertManager::new(store, Arc::new(LocalIssuer::new(ca.clone())));
+//! tokio::spawn(manager.clone().run());
+//! // 3. The resolver and the rustls config for the HTTPS listener and `tls` handlers.
+//! let resolver = Arc::new(
+//!     SniResolver::new("localhost", ca.clone())
+//!         .with_manager(manager.clone())
+//!         .with_challenges(challenges.clone()),
+//! );
+//! let config = server_config(resolver.clone())?;
+//! // Routing: a Host that is a custom domain goes to `manager.app_for(host)`; the HTTP listener
+//! // answers `challenges.http_response(path)` for /.well-known/acme-challenge/…; a connection
+//! // whose ALPN is acme-tls/1 (`is_acme_tls`) is closed right after its handshake.
+//! # let _ = config; Ok(()) }
+//! ```
+//!
+//! - [`LocalCa`] (`ca.rs`): the root (`ca.pem`, `ca.key`) and leaves for any name, 90 days,
+//!   renewed with 30 left; [`LocalCa::root_pem`] is what `aloft certs root` prints.
+//! - [`CertManager`] (`manager.rs`): follows `/certs/{hostname}`, hands `pending` records (and
+//!   those near expiry) to an [`Issuer`] and writes back `ready` or `failed`; answers
+//!   [`CertManager::cert_for`] and [`CertManager::app_for`].
+//! - [`SniResolver`] (`resolver.rs`): custom domain's certificate, else a local leaf for names under
+//!   the base domain, else none (counted); TLS-ALPN-01 challenge certificates when the client
+//!   offers `acme-tls/1`. [`Challenges`] holds those and HTTP-01 tokens.
+//!
+//! Design notes: `docs/adr/0014-edge-certificates.md`.
+
+mod ca;
+mod der;
+mod manager;
+mod pem;
+mod resolver;
+
+pub use ca::{CaError, IssuedCert, LEAF_LIFETIME_SECS, LocalCa, RENEW_BEFORE_SECS};
+pub use manager::{CertError, CertManager, IssueError, Issued, Issuer, LocalIssuer, ProcessReport, cert_key};
+pub use pem::{KeyError, ServedCert, served_cert};
+pub use resolver::{
+    ACME_TLS_ALPN, Challenges, HTTP_CHALLENGE_PREFIX, NameFilter, SniResolver, is_acme_tls, server_config,
+};
