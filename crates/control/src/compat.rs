@@ -19,6 +19,14 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
     (MethodFilter::POST, "/apps"),
     (MethodFilter::GET, "/apps/{app_name}"),
     (MethodFilter::DELETE, "/apps/{app_name}"),
+    (MethodFilter::GET, "/apps/{app_name}/certificates"),
+    (MethodFilter::POST, "/apps/{app_name}/certificates/acme"),
+    (MethodFilter::GET, "/apps/{app_name}/certificates/{hostname}"),
+    (MethodFilter::DELETE, "/apps/{app_name}/certificates/{hostname}"),
+    (
+        MethodFilter::POST,
+        "/apps/{app_name}/certificates/{hostname}/check",
+    ),
     (MethodFilter::GET, "/apps/{app_name}/machines"),
     (MethodFilter::POST, "/apps/{app_name}/machines"),
     (MethodFilter::GET, "/apps/{app_name}/machines/{machine_id}"),
@@ -95,6 +103,8 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
 /// needs a description in `openapi::OPERATIONS` too.
 pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[
+    (MethodFilter::POST, "/apps/{app_name}/certificates"),
+    (MethodFilter::GET, "/platform/edge-ca"),
     (MethodFilter::GET, "/apps/{app_name}/logs"),
     (MethodFilter::GET, "/apps/{app_name}/releases"),
     (MethodFilter::POST, "/apps/{app_name}/releases"),
@@ -106,18 +116,10 @@ pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[
 
 /// Operations of Fly's spec that aloft does not serve yet.
 pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
-    (MethodFilter::GET, "/apps/{app_name}/certificates"),
-    (MethodFilter::POST, "/apps/{app_name}/certificates/acme"),
     (MethodFilter::POST, "/apps/{app_name}/certificates/custom"),
-    (MethodFilter::GET, "/apps/{app_name}/certificates/{hostname}"),
-    (MethodFilter::DELETE, "/apps/{app_name}/certificates/{hostname}"),
     (
         MethodFilter::DELETE,
         "/apps/{app_name}/certificates/{hostname}/acme",
-    ),
-    (
-        MethodFilter::POST,
-        "/apps/{app_name}/certificates/{hostname}/check",
     ),
     (
         MethodFilter::DELETE,

@@ -20,6 +20,7 @@
 
 mod apps;
 mod auth;
+mod certs;
 mod compat;
 mod error;
 mod extract;
@@ -41,6 +42,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 
 pub use auth::{Caller, NewToken, TOKEN_PREFIX, TokenError, create_token};
+pub use certs::EdgeSettings;
 pub use error::HttpError;
 pub use extract::JsonBody;
 pub use hosts::HostHandle;
@@ -79,6 +81,8 @@ struct Inner {
     /// Seals app secrets at rest (`<data dir>/secrets.key`); without it the secrets endpoints
     /// answer 503.
     secrets_key: Option<Arc<aloft_secretbox::Key>>,
+    /// The edge's base domain, addresses and CA root, for the certificate endpoints.
+    edge: EdgeSettings,
 }
 
 impl ApiState {
@@ -97,6 +101,7 @@ impl ApiState {
                 hosts: hosts::Hosts::new(hosts),
                 config,
                 secrets_key: None,
+                edge: EdgeSettings::default(),
             }),
         }
     }
@@ -109,6 +114,22 @@ impl ApiState {
             inner.secrets_key = Some(key);
         }
         self
+    }
+
+    /// This state with the edge's `settings` (base domain, addresses, local CA root) for the
+    /// certificate endpoints. Call it before the state is shared (cloned); a shared state is
+    /// returned unchanged.
+    #[must_use]
+    pub fn with_edge(mut self, settings: EdgeSettings) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.edge = settings;
+        }
+        self
+    }
+
+    /// The edge's settings.
+    pub(crate) fn edge(&self) -> &EdgeSettings {
+        &self.inner.edge
     }
 
     /// The key that seals app secrets, if the server has one.
@@ -189,7 +210,8 @@ pub fn router(state: ApiState) -> Router {
                 .post(machines::set_metadata_key)
                 .delete(machines::delete_metadata_key),
         )
-        .merge(secrets::routes());
+        .merge(secrets::routes())
+        .merge(certs::routes());
     compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

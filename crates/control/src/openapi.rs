@@ -14,11 +14,12 @@
 //! (`tests/fixtures/machines-openapi3.json`); `docs/api-compat.md` and ADR 0010 say more.
 
 use aloft_api::{
-    App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, CreateAppRequest,
-    CreateLeaseRequest, CreateMachineRequest, CreateReleaseRequest, DeleteAppSecretResponse, ErrorResponse,
-    ExecRequest, ExecResponse, LeaseEnvelope, ListAppsResponse, LogEntry, Machine, MachineEvent,
-    MachineVersion, MetadataValueResponse, OkResponse, ProcessStat, RegionsResponse, Release, ReleaseEvent,
-    RollbackRequest, SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
+    App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, Certificate, CreateAppRequest,
+    CreateCertificateRequest, CreateLeaseRequest, CreateMachineRequest, CreateReleaseRequest,
+    DeleteAppSecretResponse, EdgeCaResponse, ErrorResponse, ExecRequest, ExecResponse, LeaseEnvelope,
+    ListAppsResponse, ListCertificatesResponse, LogEntry, Machine, MachineEvent, MachineVersion,
+    MetadataValueResponse, OkResponse, ProcessStat, RegionsResponse, Release, ReleaseEvent, RollbackRequest,
+    SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
     UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitResponse,
 };
 use axum::Json;
@@ -317,6 +318,10 @@ const SHOW_SECRETS: Param = query(
 const SECRETS_QUERY: &[Param] = &[APP, MIN_VERSION, SHOW_SECRETS];
 const SECRET_QUERY: &[Param] = &[APP, SECRET, MIN_VERSION, SHOW_SECRETS];
 const NO_VERSION: Response = error(422, "min_version is newer than the app's secrets version");
+const HOSTNAME: Param = path("hostname", "Certificate Hostname");
+const CERT_TAKEN: Response = error(409, "Another app has this hostname");
+const CERT_UNDER_BASE: Response = error(422, "The hostname is under the edge's base domain");
+const CERT_NOT_FOUND: Response = error(404, "No such app, or the app has no such hostname");
 
 fn memory_response() -> Value {
     json!({"type": "object", "properties": {
@@ -1007,6 +1012,99 @@ pub(crate) const OPERATIONS: &[Operation] = &[
         ok(200, "The new version", ty::<DeleteAppSecretResponse>()),
         error(404, "No such app or secret"),
     ]),
+    // Certificates of custom domains, issued by the edge (docs/adr/0014-edge-certificates.md).
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/certificates",
+        "App_Certificates_list",
+        "TLS Certificates",
+        "List certificates for app",
+    )
+    .params(&[
+        APP,
+        query("filter", ParamType::String, "Hostname filter (substring match)"),
+        query(
+            "cursor",
+            ParamType::String,
+            "Pagination cursor (accepted; every certificate comes in one page)",
+        ),
+        query(
+            "limit",
+            ParamType::Integer,
+            "Results per page (accepted; every certificate comes in one page)",
+        ),
+    ])
+    .responses(&[ok(200, "OK", ty::<ListCertificatesResponse>())]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/certificates/acme",
+        "App_Certificates_acme_create",
+        "TLS Certificates",
+        "Request ACME certificate (the edge's local CA issues it when no ACME is configured)",
+    )
+    .params(&[APP])
+    .request(ty::<CreateCertificateRequest>())
+    .responses(&[
+        ok(201, "Created", ty::<Certificate>()),
+        BAD,
+        CERT_TAKEN,
+        CERT_UNDER_BASE,
+    ]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/certificates",
+        "App_Certificates_create",
+        "TLS Certificates",
+        "Add a custom domain to the app; the edge issues its certificate",
+    )
+    .params(&[APP])
+    .request(ty::<CreateCertificateRequest>())
+    .responses(&[
+        ok(201, "Created", ty::<Certificate>()),
+        BAD,
+        CERT_TAKEN,
+        CERT_UNDER_BASE,
+    ])
+    .extension(),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/certificates/{hostname}",
+        "App_Certificates_show",
+        "TLS Certificates",
+        "Get certificate details",
+    )
+    .params(&[APP, HOSTNAME])
+    .responses(&[ok(200, "OK", ty::<Certificate>()), CERT_NOT_FOUND]),
+    op(
+        MethodFilter::DELETE,
+        "/apps/{app_name}/certificates/{hostname}",
+        "App_Certificates_delete",
+        "TLS Certificates",
+        "Remove certificate",
+    )
+    .params(&[APP, HOSTNAME])
+    .responses(&[empty(204, "No Content"), CERT_NOT_FOUND]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/certificates/{hostname}/check",
+        "App_Certificates_check",
+        "TLS Certificates",
+        "Re-validate certificate: a failed one is queued again",
+    )
+    .params(&[APP, HOSTNAME])
+    .responses(&[ok(200, "OK", ty::<Certificate>()), CERT_NOT_FOUND]),
+    op(
+        MethodFilter::GET,
+        "/platform/edge-ca",
+        "Platform_edge_ca_get",
+        "Platform",
+        "The root certificate of the edge's local CA (PEM), for clients to trust",
+    )
+    .responses(&[
+        ok(200, "The root", ty::<EdgeCaResponse>()),
+        error(503, "This server runs no edge, or its CA is not made yet"),
+    ])
+    .extension(),
 ];
 
 /// The method's name in an OpenAPI path item (`get`, `post` …).
@@ -1171,6 +1269,54 @@ mod tests {
         "Lease -nonce",
         "Lease -owner",
         "Lease -version",
+        // Certificates (ADR 0014): one `Certificate` shape answers show, check, create and each
+        // list item: aloft's status/source/issuer/expiry/error and DNS hints instead of Fly's
+        // per-challenge flags, issued-certificate list, DNS provider and validation report.
+        "CertificateCheckResponse +app",
+        "CertificateCheckResponse +check_hints",
+        "CertificateCheckResponse +created_at",
+        "CertificateCheckResponse +error",
+        "CertificateCheckResponse +expires_at",
+        "CertificateCheckResponse +issuer",
+        "CertificateCheckResponse +source",
+        "CertificateCheckResponse +updated_at",
+        "CertificateCheckResponse -certificates",
+        "CertificateCheckResponse -dns_provider",
+        "CertificateCheckResponse -dns_records",
+        "CertificateCheckResponse -rate_limited_until",
+        "CertificateCheckResponse -validation",
+        "CertificateCheckResponse -validation_errors",
+        "CertificateDetail +app",
+        "CertificateDetail +check_hints",
+        "CertificateDetail +created_at",
+        "CertificateDetail +error",
+        "CertificateDetail +expires_at",
+        "CertificateDetail +issuer",
+        "CertificateDetail +source",
+        "CertificateDetail +updated_at",
+        "CertificateDetail -certificates",
+        "CertificateDetail -dns_provider",
+        "CertificateDetail -rate_limited_until",
+        "CertificateDetail -validation",
+        "CertificateDetail -validation_errors",
+        "CertificateSummary +app",
+        "CertificateSummary +check_hints",
+        "CertificateSummary +dns_requirements",
+        "CertificateSummary +error",
+        "CertificateSummary +expires_at",
+        "CertificateSummary +issuer",
+        "CertificateSummary +source",
+        "CertificateSummary -acme_alpn_configured",
+        "CertificateSummary -acme_dns_configured",
+        "CertificateSummary -acme_http_configured",
+        "CertificateSummary -dns_provider",
+        "CertificateSummary -has_custom_certificate",
+        "CertificateSummary -has_fly_certificate",
+        "CertificateSummary -ownership_txt_configured",
+        // No ownership TXT record or DNS-01 challenge (HTTP-01 and TLS-ALPN-01 only); one page.
+        "DNSRequirements -acme_challenge",
+        "DNSRequirements -ownership",
+        "listCertificatesResponse -next_cursor",
     ];
 
     fn fly() -> Value {
