@@ -18,7 +18,9 @@
 //! Threading: a multi-threaded tokio runtime; blocking store calls use its blocking pool.
 
 mod agent_role;
+mod catalog_role;
 mod cli_config;
+mod edge_role;
 mod registry_role;
 
 use std::net::SocketAddr;
@@ -104,9 +106,61 @@ struct Args {
     /// (`/run/netns/NAME`) instead of aloftd's own: several hosts on one machine, or tests.
     #[arg(long, value_name = "PATH")]
     machines_netns: Option<PathBuf>,
+    /// Where the edge proxy serves apps over HTTP (`http://<app>.<base domain>:PORT`).
+    #[arg(
+        long,
+        env = "ALOFT_EDGE_HTTP",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR:PORT"
+    )]
+    edge_http: SocketAddr,
+    /// Where the edge proxy serves apps over HTTPS (certificates from the local CA, see `aloft
+    /// certs root`, or issued for custom domains).
+    #[arg(
+        long,
+        env = "ALOFT_EDGE_HTTPS",
+        default_value = "127.0.0.1:8443",
+        value_name = "ADDR:PORT"
+    )]
+    edge_https: SocketAddr,
+    /// Where the edge serves Prometheus metrics (`/metrics`); `off` for nowhere.
+    #[arg(long, default_value = "127.0.0.1:9091", value_name = "ADDR:PORT|off")]
+    edge_metrics: String,
+    /// Apps answer at `<app>.<base domain>`; the default resolves to loopback everywhere.
+    #[arg(long, env = "ALOFT_BASE_DOMAIN", default_value = "localhost")]
+    base_domain: String,
+    /// How often the edge stops or suspends idle machines (autostop), in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    edge_autostop_interval: u64,
+    /// A machine without requests for this long is idle (autostop), in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    edge_idle_after: u64,
+    /// Run no edge proxy on this host.
+    #[arg(long)]
+    no_edge: bool,
 }
 
 impl Args {
+    fn edge_settings(&self) -> anyhow::Result<edge_role::EdgeSettings> {
+        let metrics = match self.edge_metrics.as_str() {
+            "off" | "" => None,
+            a => Some(a.parse().with_context(|| {
+                format!("invalid --edge-metrics {a:?}: give ADDR:PORT (e.g. 127.0.0.1:9091) or off")
+            })?),
+        };
+        Ok(edge_role::EdgeSettings {
+            region: self.region.clone(),
+            data_dir: self.data_dir.clone(),
+            http: self.edge_http,
+            https: self.edge_https,
+            metrics,
+            base_domain: self.base_domain.trim_matches('.').to_ascii_lowercase(),
+            autostop_interval: Duration::from_secs(self.edge_autostop_interval.max(1)),
+            idle_after: Duration::from_secs(self.edge_idle_after),
+            machines_netns: self.machines_netns.clone(),
+        })
+    }
+
     fn agent_settings(&self) -> agent_role::AgentSettings {
         agent_role::AgentSettings {
             data_dir: self.data_dir.clone(),
@@ -184,11 +238,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         };
     let role = settings.open()?;
     let agent = role.agent.clone();
+    // This host's machines, published for the edges (`/catalog/` in the store).
+    let catalog = catalog_role::start(&agent, Arc::clone(&store), &role.handle.name);
     let result = runtime.block_on(serve(args, Arc::clone(&store), vec![role.handle]));
     // Blocking store calls of requests cut off by the shutdown deadline get a moment to end.
     runtime.shutdown_timeout(Duration::from_secs(1));
     // Operations in flight get the shutdown timeout to finish; machines keep running.
     agent_role::shutdown(agent, Duration::from_secs(args.shutdown_timeout));
+    drop(catalog);
     drop(registry);
     // The last handle: SQLite checkpoints and closes, the store's lock file is released.
     drop(store);
@@ -287,6 +344,11 @@ async fn serve(
     let key_path = args.data_dir.join("secrets.key");
     let secrets_key = aloft_secretbox::Key::load_or_create(&key_path)
         .with_context(|| format!("open the secrets key {}", key_path.display()))?;
+    let edge = if args.no_edge {
+        None
+    } else {
+        Some(edge_role::start(args.edge_settings()?, Arc::clone(&store), hosts.clone()).await?)
+    };
     let state = ApiState::with_hosts(
         store,
         ApiConfig {
@@ -323,6 +385,7 @@ async fn serve(
         }
     }
     compactor.abort();
+    drop(edge);
     let _ = stop_tx.send(());
     let deadline = Duration::from_secs(args.shutdown_timeout);
     match tokio::time::timeout(deadline, &mut server).await {

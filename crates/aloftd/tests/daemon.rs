@@ -78,6 +78,7 @@ mod tests {
                 .args(["--driver", "fake"])
                 .arg("--data-dir")
                 .arg(&self.data)
+                .arg("--no-edge")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .env("XDG_CONFIG_HOME", &self.config_home)

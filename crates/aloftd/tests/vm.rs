@@ -74,6 +74,11 @@ mod tests {
         }
 
         fn start(&self, run: u32) -> Daemon {
+            self.start_with(run, &["--no-edge"])
+        }
+
+        /// Starts aloftd with `extra` flags (the edge's addresses, or `--no-edge`).
+        fn start_with(&self, run: u32, extra: &[&str]) -> Daemon {
             let guest = aloft_testkit::guest_artifacts().unwrap();
             let guest_dir = guest.kernel.parent().unwrap().to_owned();
             let log = self.dir.path().join(format!("aloftd-{run}.log"));
@@ -88,6 +93,7 @@ mod tests {
                 .arg(self.ns.path())
                 .arg("--data-dir")
                 .arg(self.dir.path().join("data"))
+                .args(extra)
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{}", self.port))
                 .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
@@ -654,6 +660,197 @@ mod tests {
                 api.wait(id, "destroyed").await;
                 env.assert_gone(id);
             }
+            sigterm(d);
+        });
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A release group of busybox httpd saying `greeting` behind the edge: port 80 (http) and
+    /// 443 (tls, http), woken on demand and suspended when idle.
+    fn edge_group(greeting: &str, count: u32) -> Value {
+        let script = format!(
+            "mkdir -p /tmp/www && echo \"{greeting} from $FLY_MACHINE_ID\" > /tmp/www/index.html && exec /bin/httpd -f -p 8080 -h /tmp/www"
+        );
+        json!({
+            "group": "app",
+            "count": count,
+            "config": {
+                "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+                "init": {"exec": ["/bin/sh", "-c", script]},
+                "stop_config": {"signal": "SIGTERM", "timeout": "5s"},
+                "services": [{
+                    "protocol": "tcp",
+                    "internal_port": 8080,
+                    "autostart": true,
+                    "autostop": "suspend",
+                    "min_machines_running": 0,
+                    "ports": [
+                        {"port": 80, "handlers": ["http"]},
+                        {"port": 443, "handlers": ["tls", "http"]}
+                    ],
+                }],
+            },
+        })
+    }
+
+    /// `curl` through the edge: (status line, headers and body).
+    fn curl(args: &[&str]) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "60"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The edge in front of real machines: an app deployed by a release answers at
+    /// `web.localhost` over HTTP/1.1 and over HTTPS with HTTP/2 (certificate from the edge's local
+    /// CA); idle, the autostop loop suspends it; the next request wakes it; a rolling deploy
+    /// behind the edge drops no request.
+    #[test]
+    fn the_edge_serves_wakes_and_sleeps_an_app_and_keeps_serving_through_a_rolling_deploy() {
+        run(async |env| {
+            let (http, https) = (free_port(), free_port());
+            let http_addr = format!("127.0.0.1:{http}");
+            let https_addr = format!("127.0.0.1:{https}");
+            let d = env.start_with(
+                1,
+                &[
+                    "--edge-http",
+                    &http_addr,
+                    "--edge-https",
+                    &https_addr,
+                    "--edge-metrics",
+                    "off",
+                    "--edge-autostop-interval",
+                    "1",
+                    "--edge-idle-after",
+                    "3",
+                ],
+            );
+            let api = env.client();
+            api.ok(Method::POST, "/apps", Some(json!({"name": "web"}))).await;
+            let deploy = async |v: u64, greeting: &str, count: u32| {
+                let r = api
+                    .ok(
+                        Method::POST,
+                        "/apps/web/releases",
+                        Some(json!({
+                            "image": "busybox:latest",
+                            "groups": [edge_group(greeting, count)],
+                            "strategy": "rolling",
+                            "wait_timeout": "120s",
+                        })),
+                    )
+                    .await;
+                assert_eq!(r["version"], v, "{r}");
+                let r = api.release_final(v).await;
+                assert_eq!(r["status"], "complete", "{r}");
+            };
+            deploy(1, "one", 1).await;
+            let machines = api.ok(Method::GET, "/apps/web/machines", None).await;
+            let id = machines[0]["id"].as_str().unwrap().to_owned();
+
+            // HTTP/1.1 through the edge, once the catalog has reached it.
+            let host = format!("--resolve=web.localhost:{http}:127.0.0.1");
+            let url = format!("http://web.localhost:{http}/index.html");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let page = loop {
+                let page = curl(&[&host, &url]);
+                if page.starts_with("HTTP/1.1 200") {
+                    break page;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the edge never routed to the app:\n{page}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            assert!(page.contains(&format!("one from {id}")), "{page}");
+            let lower = page.to_ascii_lowercase();
+            assert!(lower.contains("\nfly-request-id: "), "{page}");
+            assert!(lower.contains("\nserver: aloft"), "{page}");
+            // An unknown app is the edge's 404 with its code.
+            let unknown = curl(&[
+                &format!("--resolve=nope.localhost:{http}:127.0.0.1"),
+                &format!("http://nope.localhost:{http}/"),
+            ]);
+            assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+            assert!(
+                unknown
+                    .to_ascii_lowercase()
+                    .contains("fly-proxy-error-code: pr04"),
+                "{unknown}"
+            );
+
+            // HTTPS with HTTP/2, trusting only the edge's local CA.
+            let ca = env.dir.path().join("data/edge/ca/ca.pem");
+            let secure = curl(&[
+                "--http2",
+                "--cacert",
+                ca.to_str().unwrap(),
+                &format!("--resolve=web.localhost:{https}:127.0.0.1"),
+                &format!("https://web.localhost:{https}/index.html"),
+            ]);
+            assert!(secure.starts_with("HTTP/2 200"), "{secure}");
+            assert!(secure.contains(&format!("one from {id}")), "{secure}");
+
+            // Idle: the autostop loop suspends it; a request wakes it.
+            api.wait(&id, "suspended").await;
+            let woke = Instant::now();
+            let page = curl(&[&host, &url]);
+            let took = woke.elapsed();
+            assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+            assert!(page.contains(&format!("one from {id}")), "{page}");
+            eprintln!("woke the suspended machine through the edge in {took:?}");
+            assert_eq!(api.machine(&id).await["state"], "started");
+
+            // A rolling deploy to two machines while a client keeps asking: nothing fails.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let load = {
+                let (stop, host, url) = (stop.clone(), host.clone(), url.clone());
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0u32, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let page = curl(&[&host, &url]);
+                        if page.starts_with("HTTP/1.1 200") {
+                            ok += 1;
+                        } else {
+                            failed.push(page.lines().take(12).collect::<Vec<_>>().join("\n"));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    (ok, failed)
+                })
+            };
+            deploy(2, "two", 2).await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !curl(&[&host, &url]).contains("two from") {
+                assert!(Instant::now() < deadline, "the edge never served the new release");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (ok, failed) = load.join().unwrap();
+            assert!(ok > 10, "only {ok} requests went through during the deploy");
+            assert!(
+                failed.is_empty(),
+                "{} of {} requests failed during the deploy:\n{}",
+                failed.len(),
+                ok as usize + failed.len(),
+                failed.join("\n---\n")
+            );
             sigterm(d);
         });
     }

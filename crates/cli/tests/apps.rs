@@ -43,6 +43,7 @@ mod tests {
             let child = Command::new(aloftd_bin())
                 .arg("--data-dir")
                 .arg(self.path("data"))
+                .arg("--no-edge")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--no-access-log")

@@ -179,6 +179,7 @@ mod tests {
             .arg(registry.host())
             .arg("--data-dir")
             .arg(dir.path().join("aloftd"))
+            .arg("--no-edge")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .env("XDG_CONFIG_HOME", dir.path().join("config"))

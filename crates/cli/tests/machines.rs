@@ -42,6 +42,7 @@ mod tests {
             let child = Command::new(aloftd_bin())
                 .arg("--data-dir")
                 .arg(dir.path().join("data"))
+                .arg("--no-edge")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .args(["--driver", "fake", "--network", "none", "--no-access-log"])

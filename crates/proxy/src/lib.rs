@@ -40,15 +40,16 @@ mod proxy_proto;
 mod replay;
 mod routes;
 mod scale;
+mod tcp;
 pub mod tls;
 
 pub use config::{EdgeConfig, RegionRtt};
+pub use dial::DialFuture;
 pub use dial::{Dialer, DirectDialer};
+pub use error::ERROR_HEADER;
 pub use error::ProxyCode;
 pub use routes::{RoutingTable, Snapshot};
 pub use scale::{ControlError, ControlFuture, MachineControl, autostop_loop, autostop_pass};
-pub use dial::DialFuture;
-pub use error::ERROR_HEADER;
 
 use std::sync::{Arc, OnceLock};
 

@@ -51,7 +51,12 @@ impl MachineRoute {
     pub fn service_checks_passing(&self) -> Option<bool> {
         let mut any = false;
         let mut all_pass = true;
-        for c in self.entry.checks.iter().filter(|c| c.name.starts_with("servicecheck-")) {
+        for c in self
+            .entry
+            .checks
+            .iter()
+            .filter(|c| c.name.starts_with("servicecheck-"))
+        {
             any = true;
             match c.status {
                 CheckState::Critical => return Some(false),
@@ -127,10 +132,14 @@ pub(crate) fn normalize_host(host: &str) -> Option<String> {
             _ => host,
         }
     };
-    let h = without_port.strip_suffix('.').unwrap_or(without_port).to_ascii_lowercase();
+    let h = without_port
+        .strip_suffix('.')
+        .unwrap_or(without_port)
+        .to_ascii_lowercase();
     let valid = !h.is_empty()
         && h.len() <= 253
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
     valid.then_some(h)
 }
 
@@ -154,12 +163,16 @@ pub struct RoutingTable {
 impl RoutingTable {
     /// The table now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    /// Resolves when the table changes after this call started waiting.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// Resolves when the table changes after this future was made (or `enable`d, for a
+    /// check-then-wait without missing a change).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     fn sources(&self) -> MutexGuard<'_, Sources> {
@@ -170,7 +183,10 @@ impl RoutingTable {
     pub fn upsert(&self, entry: CatalogEntry) {
         let app = entry.app.clone();
         let mut s = self.sources();
-        s.entries.entry(app.clone()).or_default().insert(entry.id.clone(), entry);
+        s.entries
+            .entry(app.clone())
+            .or_default()
+            .insert(entry.id.clone(), entry);
         self.publish(&mut s, Some(&app));
     }
 
@@ -190,7 +206,11 @@ impl RoutingTable {
     pub fn set_cordoned(&self, app: &str, id: &MachineId, cordoned: bool) {
         let mut s = self.sources();
         let key = (app.to_owned(), id.clone());
-        let changed = if cordoned { s.cordoned.insert(key) } else { s.cordoned.remove(&key) };
+        let changed = if cordoned {
+            s.cordoned.insert(key)
+        } else {
+            s.cordoned.remove(&key)
+        };
         if changed {
             self.publish(&mut s, Some(app));
         }
@@ -224,7 +244,10 @@ impl RoutingTable {
         let mut s = self.sources();
         s.entries.clear();
         for e in entries {
-            s.entries.entry(e.app.clone()).or_default().insert(e.id.clone(), e);
+            s.entries
+                .entry(e.app.clone())
+                .or_default()
+                .insert(e.id.clone(), e);
         }
         s.generation += 1;
         let mut snap = Snapshot {

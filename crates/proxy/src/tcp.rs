@@ -1,0 +1,271 @@
+//! An app's own public ports (services whose ports are not the edge's HTTP and HTTPS ports):
+//! listeners that follow the routing table, and per connection the port's handlers: none (raw
+//! TCP to a machine), `proxy_proto` (a PROXY header first), `tls` (terminated here, plaintext to
+//! the machine), `http` (served like the main HTTP listener, per request).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_api::MachinePort;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::Edge;
+use crate::http::{ConnInfo, Route};
+use crate::proxy_proto;
+use crate::routes::Snapshot;
+
+/// Ranges wider than this are not listened on (a typo like 1-65535 must not bind everything).
+const MAX_RANGE: u16 = 256;
+
+/// The public TCP ports the routing table asks for: port → app (the first app by name wins a
+/// port two apps claim).
+fn desired_ports(snap: &Snapshot, skip: &[u16]) -> BTreeMap<u16, String> {
+    let mut apps: Vec<_> = snap.apps().collect();
+    apps.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = BTreeMap::new();
+    for app in apps {
+        for m in &app.machines {
+            for s in &m.entry.services {
+                if s.protocol.as_deref().is_some_and(|p| p != "tcp") {
+                    continue;
+                }
+                for p in &s.ports {
+                    for port in port_list(p) {
+                        if !skip.contains(&port) {
+                            out.entry(port).or_insert_with(|| app.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn port_list(p: &MachinePort) -> Vec<u16> {
+    match (p.port, p.start_port, p.end_port) {
+        (Some(port), _, _) => vec![port],
+        (None, Some(a), Some(b)) if a <= b && b - a < MAX_RANGE => (a..=b).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Edge {
+    /// Listens on apps' own public TCP ports on `ip`, following the routing table: ports appear
+    /// and disappear with the services that ask for them (open connections stay). Runs until
+    /// the task is dropped.
+    pub async fn serve_tcp_services(self: Arc<Self>, ip: IpAddr) {
+        let mut listening: HashMap<u16, (String, JoinHandle<()>)> = HashMap::new();
+        let mut failed: HashSet<(u16, String)> = HashSet::new();
+        let skip = [self.config.http_port, self.config.https_port];
+        loop {
+            let changed = self.routes.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let want = desired_ports(&self.routes.snapshot(), &skip);
+            listening.retain(|port, (app, task)| {
+                let keep = want.get(port) == Some(app);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (port, app) in &want {
+                if listening.contains_key(port) {
+                    continue;
+                }
+                match TcpListener::bind(SocketAddr::new(ip, *port)).await {
+                    Ok(l) => {
+                        failed.remove(&(*port, app.clone()));
+                        let task = tokio::spawn(Arc::clone(&self).accept_tcp(l, app.clone(), *port));
+                        listening.insert(*port, (app.clone(), task));
+                    }
+                    Err(e) => {
+                        if failed.insert((*port, app.clone())) {
+                            eprintln!("edge: cannot listen on {ip}:{port} for app {app}: {e}");
+                        }
+                    }
+                }
+            }
+            // Retry failed binds now and then; otherwise wait for the table to change.
+            let _ = tokio::time::timeout(Duration::from_secs(30), changed).await;
+        }
+    }
+
+    async fn accept_tcp(self: Arc<Self>, listener: TcpListener, app: String, port: u16) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.clients.admit(peer.ip(), self.config.max_conns_per_client) else {
+                self.metrics.refused_connection();
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let edge = Arc::clone(&self);
+            let app = app.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                edge.serve_tcp_conn(stream, peer, &app, port).await;
+            });
+        }
+    }
+
+    async fn serve_tcp_conn(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, app: &str, port: u16) {
+        let snap = self.routes.snapshot();
+        let Some(app_routes) = snap.app(app).cloned() else {
+            return;
+        };
+        // The port's handlers, from any machine that serves it (machines of one process group
+        // share their services).
+        let Some(port_cfg) = app_routes
+            .machines
+            .iter()
+            .find_map(|m| m.service_for_port(port))
+            .and_then(|s| s.ports.iter().find(|p| port_list(p).contains(&port)).cloned())
+        else {
+            return;
+        };
+        let handlers: Vec<&str> = port_cfg.handlers.iter().map(String::as_str).collect();
+        let local = stream
+            .local_addr()
+            .unwrap_or(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port));
+        let tls = handlers.contains(&"tls");
+        if tls {
+            let Some(config) = self.tls.get().cloned() else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let Ok(Ok(tls_stream)) =
+                tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(stream)).await
+            else {
+                return;
+            };
+            if crate::tls::is_acme_tls(tls_stream.get_ref().1.alpn_protocol()) {
+                return;
+            }
+            let sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
+            if handlers.contains(&"http") {
+                let info = ConnInfo {
+                    peer,
+                    service_port: port,
+                    https: true,
+                    sni,
+                };
+                self.serve_conn(TokioIo::new(tls_stream), info).await;
+            } else {
+                self.pipe(tls_stream, peer, local, app_routes, port, &port_cfg)
+                    .await;
+            }
+        } else if handlers.contains(&"http") {
+            let info = ConnInfo {
+                peer,
+                service_port: port,
+                https: false,
+                sni: None,
+            };
+            self.serve_conn(TokioIo::new(stream), info).await;
+        } else {
+            self.pipe(stream, peer, local, app_routes, port, &port_cfg).await;
+        }
+    }
+
+    /// Raw TCP (optionally after a PROXY header) between a client and a chosen machine; the
+    /// machine's load counts this connection until it closes.
+    async fn pipe<S>(
+        self: &Arc<Self>,
+        mut client: S,
+        peer: SocketAddr,
+        local: SocketAddr,
+        app: Arc<crate::routes::AppRoutes>,
+        port: u16,
+        port_cfg: &MachinePort,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let route = Route {
+            app: app.name.clone(),
+            ..Route::default()
+        };
+        let mut tried = Vec::new();
+        for _ in 0..self.config.connect_attempts.max(1) {
+            let Ok((machine, guard)) = self.pick(&app, &route, &tried, port, None).await else {
+                return;
+            };
+            let internal = machine.service_for_port(port).and_then(|s| s.internal_port);
+            let (Some(ip), Some(internal)) = (machine.ip, internal) else {
+                return;
+            };
+            let addr = SocketAddr::new(ip, internal);
+            let dialed = tokio::time::timeout(self.config.connect_timeout, self.dialer.dial(addr)).await;
+            let Ok(Ok(mut backend)) = dialed else {
+                let load = self.loads.machine(&machine.entry.id);
+                self.loads.mark_failed(
+                    &load,
+                    u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000),
+                );
+                tried.push(machine.entry.id.clone());
+                continue;
+            };
+            if port_cfg.handlers.iter().any(|h| h == "proxy_proto") {
+                let version = port_cfg
+                    .proxy_proto_options
+                    .as_ref()
+                    .and_then(|o| o.version.as_deref());
+                let Ok(version) = proxy_proto::Version::from_config(version) else {
+                    return;
+                };
+                if backend.write_all(&version.header(peer, local)).await.is_err() {
+                    return;
+                }
+            }
+            let _guard = guard;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+            return;
+        }
+    }
+
+    /// Serves `GET /metrics` (Prometheus text) on `listener` until the task is dropped.
+    pub async fn serve_metrics(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let edge = Arc::clone(&self);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let edge = Arc::clone(&edge);
+                    async move {
+                        let mut resp = if req.uri().path() == "/metrics" {
+                            let mut r = http::Response::new(crate::http::full(edge.metrics_text()));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                            );
+                            r
+                        } else {
+                            http::Response::new(crate::http::full("not found: try /metrics\n"))
+                        };
+                        if req.uri().path() != "/metrics" {
+                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}
