@@ -16,6 +16,7 @@
 mod api;
 mod apps;
 mod build;
+mod certs;
 mod completion;
 mod config;
 mod context;
@@ -79,6 +80,9 @@ enum Command {
     /// App secrets: list (digests only), set, unset, import, deploy.
     #[command(subcommand)]
     Secrets(secrets::SecretsCommand),
+    /// Custom domains' TLS certificates (add, list, show, check, remove) and the edge CA's root.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(completion::CompletionArgs),
 }
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             Command::Status(args) => status::run(&ctx, args).await,
             Command::Scale(cmd) => scale::run(&ctx, cmd).await,
             Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
+            Command::Certs(cmd) => certs::run(&ctx, cmd).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }

@@ -29,6 +29,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod certs;
 mod logs;
 mod machines;
 mod platform;
