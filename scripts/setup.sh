@@ -17,10 +17,11 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # docker-registry: the embedded OCI registry (and the tests' one); skopeo, umoci: interop tests and
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 # buildah: `aloft deploy` and `aloft launch` build Dockerfiles with it (vfs storage, chroot isolation).
+# pebble: Let's Encrypt's test CA, which aloft-acme's tests issue certificates from.
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
-  docker-registry skopeo umoci debootstrap buildah
+  docker-registry skopeo umoci debootstrap buildah pebble
 )
 step "system packages"
 missing=()
