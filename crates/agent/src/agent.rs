@@ -269,7 +269,7 @@ struct Live {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     db: Db,
     logs: LogStore,
     checks: Checks,
@@ -742,6 +742,44 @@ impl Drop for Agent {
     }
 }
 
+impl Agent {
+    /// The agent's shared state, for the catalog publisher (`catalog.rs`).
+    pub(crate) fn shared(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+/// What the catalog publisher (`catalog.rs`) reads.
+impl Inner {
+    /// Every machine record, destroyed ones included (without check statuses).
+    pub(crate) fn all_machines(&self) -> Result<Vec<MachineRecord>, AgentError> {
+        self.db.machines()
+    }
+
+    /// A machine's check statuses (empty unless it is started and has checks).
+    pub(crate) fn check_statuses(&self, id: &MachineId) -> Vec<aloft_api::CheckStatus> {
+        self.checks.statuses(id)
+    }
+
+    /// Changes whenever any check status may have changed (checks do not bump the generation).
+    pub(crate) fn checks_epoch(&self) -> u64 {
+        self.checks.epoch()
+    }
+
+    /// Runs `f` on a thread the agent joins when it is dropped; refused once it halted.
+    pub(crate) fn spawn_worker(
+        self: &Arc<Self>,
+        f: impl FnOnce(Arc<Inner>) + Send + 'static,
+    ) -> Result<(), AgentError> {
+        let mut live = self.lock();
+        if self.halted() {
+            return Err(AgentError::Halted);
+        }
+        self.spawn(&mut live, f);
+        Ok(())
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Live> {
         self.live
@@ -749,7 +787,7 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn halted(&self) -> bool {
+    pub(crate) fn halted(&self) -> bool {
         self.halted.load(Ordering::SeqCst)
     }
 
@@ -757,7 +795,10 @@ impl Inner {
         self.halted() || self.closing.load(Ordering::SeqCst)
     }
 
-    fn generation(&self) -> u64 {
+    /// Bumped (under the live lock, with a notification of `changed`) by every change of a
+    /// machine's record or the agent's live state: read it before looking, then
+    /// [`Inner::wait_change`] from it, and no change is missed.
+    pub(crate) fn generation(&self) -> u64 {
         self.lock().generation
     }
 
@@ -765,14 +806,14 @@ impl Inner {
         self.lock().running.values().any(|r| r.op_id == op_id)
     }
 
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         let mut live = self.lock();
         live.generation = live.generation.wrapping_add(1);
         self.changed.notify_all();
     }
 
     /// Blocks until something changed after `seen`, the agent halts, or `deadline`.
-    fn wait_change(&self, seen: u64, deadline: Instant) {
+    pub(crate) fn wait_change(&self, seen: u64, deadline: Instant) {
         let mut live = self.lock();
         while live.generation == seen && !self.halted() {
             let now = Instant::now();

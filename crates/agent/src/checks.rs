@@ -29,6 +29,7 @@ use aloft_net::Namespace;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -375,6 +376,9 @@ struct Running {
 #[derive(Debug, Default)]
 pub(crate) struct Checks {
     machines: Mutex<HashMap<MachineId, Running>>,
+    /// Bumped whenever any status changes (state or output) or a machine's checks start or stop:
+    /// the catalog publisher polls it to tell cheaply that nothing changed.
+    epoch: Arc<AtomicU64>,
 }
 
 fn lock_statuses(s: &Statuses) -> MutexGuard<'_, Vec<CheckStatus>> {
@@ -417,24 +421,39 @@ impl Checks {
             .map_or(Namespace::Current, Namespace::Path);
         for (idx, spec) in specs.into_iter().enumerate() {
             let (stop, statuses, ns) = (stop.clone(), statuses.clone(), ns.clone());
+            let epoch = self.epoch.clone();
             std::thread::spawn(move || {
-                let ran = ns.run(|| check_loop(&spec, ip, &stop, &statuses, idx));
+                let ran = ns.run(|| check_loop(&spec, ip, &stop, &statuses, idx, &epoch));
                 if let Err(e) = ran
                     && let Some(s) = lock_statuses(&statuses).get_mut(idx)
                 {
                     s.status = CheckState::Critical;
                     s.output = format!("cannot enter the machine's network namespace: {e}");
                     s.updated_at = rfc3339(now_ms());
+                    epoch.fetch_add(1, Ordering::SeqCst);
                 }
             });
         }
         self.lock().insert(id.clone(), Running { stop, statuses });
+        self.bump();
+    }
+
+    /// See [`Checks::epoch`].
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A counter that changes whenever any machine's statuses may have: equal values mean equal
+    /// statuses.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// Stops a machine's checks and forgets their statuses.
     pub(crate) fn stop(&self, id: &MachineId) {
         if let Some(r) = self.lock().remove(id) {
             r.stop.stop();
+            self.bump();
         }
     }
 
@@ -443,6 +462,7 @@ impl Checks {
         for (_, r) in self.lock().drain() {
             r.stop.stop();
         }
+        self.bump();
     }
 
     /// The machine's check statuses (empty when it is not started or has no checks).
@@ -454,7 +474,14 @@ impl Checks {
     }
 }
 
-fn check_loop(spec: &CheckSpec, ip: Option<IpAddr>, stop: &Stop, statuses: &Statuses, idx: usize) {
+fn check_loop(
+    spec: &CheckSpec,
+    ip: Option<IpAddr>,
+    stop: &Stop,
+    statuses: &Statuses,
+    idx: usize,
+    epoch: &AtomicU64,
+) {
     if stop.sleep(spec.grace) {
         return;
     }
@@ -472,6 +499,9 @@ fn check_loop(spec: &CheckSpec, ip: Option<IpAddr>, stop: &Stop, statuses: &Stat
         if let Some(s) = lock_statuses(statuses).get_mut(idx) {
             if s.status != state {
                 s.updated_at = rfc3339(now_ms());
+            }
+            if s.status != state || s.output != output {
+                epoch.fetch_add(1, Ordering::SeqCst);
             }
             s.status = state;
             s.output = output;

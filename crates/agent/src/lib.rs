@@ -15,6 +15,10 @@
 //! - Health checks: the config's tcp and http checks run against each started machine, their
 //!   statuses in [`MachineRecord::checks`] and `Machine.checks` (see `checks.rs` for names,
 //!   defaults and semantics).
+//! - Service catalog ([`Agent::catalog`], [`Agent::publish_catalog`]): one
+//!   `aloft_api::CatalogEntry` per machine (state, version, address, services, check statuses,
+//!   whether it can suspend), and a publisher thread that hands a [`CatalogSink`] only what
+//!   changed (see `catalog.rs`). The sink (aloftd's writes the control store) is the caller's.
 //! - Secrets: the app's secrets come with a create or an update ([`Agent::create_with_secrets`],
 //!   [`Agent::update_with_secrets`]), are kept sealed (ChaCha20-Poly1305, key in
 //!   `<db dir>/agent-secrets.key`) per machine version, and are injected as environment variables at
@@ -38,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+mod catalog;
 mod checks;
 mod db;
 mod driver;
@@ -53,6 +58,9 @@ mod vmdriver;
 
 pub use agent::{
     Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
+};
+pub use catalog::{
+    CatalogChange, CatalogOptions, CatalogPublisher, CatalogSink, CatalogStats, SUSPEND_MAX_MEMORY_MB,
 };
 pub use checks::{DEFAULT_GRACE_PERIOD, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 pub use driver::{
