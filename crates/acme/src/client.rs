@@ -14,6 +14,11 @@ use crate::AcmeError;
 use crate::error::Problem;
 use crate::jws::AccountKey;
 
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory: untrusted certificates, generous rate limits; for trials.
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
 /// How often a request refused with `badNonce` is re-sent with the CA's fresh nonce.
 const BAD_NONCE_RETRIES: u32 = 16;
 /// Default limit on waiting for a challenge, an order or a certificate.
@@ -100,8 +105,8 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 }
 
 impl AcmeClient {
-    /// Connects to the CA whose directory is at `directory_url` (e.g. Let's Encrypt's
-    /// `https://acme-v02.api.letsencrypt.org/directory`) and reads the directory. HTTPS is checked
+    /// Connects to the CA whose directory is at `directory_url` (e.g.
+    /// [`LETS_ENCRYPT_PRODUCTION`]) and reads the directory. HTTPS is checked
     /// against the platform's trust store plus `extra_root_pem` (PEM certificates), for a private
     /// or test CA such as Pebble.
     pub async fn new(directory_url: &str, extra_root_pem: Option<&[u8]>) -> Result<Self, AcmeError> {

@@ -31,6 +31,6 @@ pub use cert::{ACME_TLS_ALPN_PROTOCOL, tls_alpn01_certificate};
 pub use challenge::{
     Challenge, ChallengeKind, ChallengeSolver, ChallengeStore, HTTP01_PATH_PREFIX, offers_acme_tls,
 };
-pub use client::AcmeClient;
+pub use client::{AcmeClient, LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING};
 pub use error::{AcmeError, Identifier, Problem, SolverError};
 pub use jws::AccountKey;

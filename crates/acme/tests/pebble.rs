@@ -76,10 +76,16 @@ mod tests {
             return;
         };
         let (_client, account, _) = account(&h).await;
-        let issued = account
-            .issue(&["tls.aloft.test"], ChallengeKind::TlsAlpn01, &*h.store)
-            .await
-            .unwrap();
+        // On its own task, as the edge's certificate manager runs it (the future is Send).
+        let store = h.store.clone();
+        let issued = tokio::spawn(async move {
+            account
+                .issue(&["tls.aloft.test"], ChallengeKind::TlsAlpn01, &*store)
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
         h.verify(&issued, "tls.aloft.test").await.unwrap();
         assert!(
             h.store.tls_alpn01_certificate("tls.aloft.test").is_none(),
@@ -140,6 +146,7 @@ mod tests {
         assert_eq!(problem.short_kind(), "unauthorized", "{problem:?}");
         assert!(problem.detail.contains("not-the-thumbprint"), "{problem:?}");
         let msg = err.to_string();
+        eprintln!("the refusal as users see it: {msg}");
         assert!(msg.contains("the CA said: "), "{msg}");
         assert!(msg.contains(&problem.detail), "{msg}");
 
