@@ -325,6 +325,19 @@ pub(crate) fn machine_start_ms(
     Ok(start_ms)
 }
 
+/// `resume_ms` alone, for other benchmarks' baselines: one full [`machine_run`] (the
+/// benchmark machine in a network namespace of its own, booted, idled, suspended, resumed) and its
+/// suspended → port answers again in ms.
+pub(crate) fn machine_resume_ms(
+    guest: &GuestArtifacts,
+    accel: Accel,
+    rootfs: &Path,
+    fstype: &str,
+    dir: &Path,
+) -> anyhow::Result<f64> {
+    Ok(machine_run(guest, accel, rootfs, fstype, dir, false)?.resume_ms)
+}
+
 fn machine_run(
     guest: &GuestArtifacts,
     accel: Accel,

@@ -2,7 +2,7 @@
 //!
 //! * `cargo xtask guest` — builds the static `aloft-init` and the base initramfs
 //!   (`target/guest/initramfs.cpio`) that every machine boots.
-//! * `cargo xtask bench NAME` (`boot`, `image`, `api`, `deploy`) — runs a benchmark; prints a table and, as its last line, one JSON
+//! * `cargo xtask bench NAME` (`boot`, `image`, `api`, `deploy`, `proxy`) — runs a benchmark; prints a table and, as its last line, one JSON
 //!   object `{"bench":NAME,"metrics":{…}}`.
 //!
 //! Nothing in the product depends on this crate.
@@ -12,6 +12,7 @@ mod bench_api;
 mod bench_boot;
 mod bench_deploy;
 mod bench_image;
+mod bench_proxy;
 mod stats;
 
 use std::path::PathBuf;
@@ -31,10 +32,11 @@ struct Cli {
 enum Cmd {
     /// Build the static aloft-init and the base initramfs into target/guest/.
     Guest,
-    /// Run a benchmark (`boot`, `image`, `api`, `deploy`).
+    /// Run a benchmark (`boot`, `image`, `api`, `deploy`, `proxy`).
     Bench {
         name: String,
-        /// Runs per measurement (the median is reported); default 5 (`deploy`: 3).
+        /// Runs per measurement (the median is reported); default 5 (`deploy`: 3; `proxy`: the
+        /// wake and resume samples).
         #[arg(long)]
         runs: Option<usize>,
         /// Boot machines with `aloft.trace=1` and print init's step timings of the last run
@@ -55,6 +57,18 @@ enum Cmd {
         /// users run; `dev`).
         #[arg(long, default_value = "release")]
         aloftd_profile: String,
+        /// `proxy` only: seconds of each wrk run.
+        #[arg(long, default_value_t = 10)]
+        duration: u32,
+        /// `proxy` only: wrk's keep-alive connections.
+        #[arg(long, default_value_t = 64)]
+        connections: u32,
+        /// `proxy` only: rounds of direct, nginx, aloft (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// `proxy` only: just the wrk part, no VM (no `wake_ms`, `resume_ms`).
+        #[arg(long)]
+        skip_vm: bool,
     },
 }
 
@@ -69,6 +83,10 @@ fn main() -> anyhow::Result<()> {
             format,
             formats,
             aloftd_profile,
+            duration,
+            connections,
+            rounds,
+            skip_vm,
         } => match name.as_str() {
             "boot" => bench_boot::run(runs.unwrap_or(5), trace, format.unwrap_or_default()),
             "image" => bench_image::run(&bench_image::ImageBench {
@@ -85,7 +103,14 @@ fn main() -> anyhow::Result<()> {
                 runs: runs.unwrap_or(3),
                 profile: aloftd_profile,
             }),
-            other => bail!("unknown benchmark {other:?}; available: boot, image, api, deploy"),
+            "proxy" => bench_proxy::run(&bench_proxy::ProxyBench {
+                duration_s: duration,
+                connections,
+                rounds,
+                runs: runs.unwrap_or(5),
+                skip_vm,
+            }),
+            other => bail!("unknown benchmark {other:?}; available: boot, image, api, deploy, proxy"),
         },
     }
 }

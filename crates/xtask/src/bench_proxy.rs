@@ -1,0 +1,922 @@
+//! `cargo xtask bench proxy`: what the edge proxy costs a request, against nginx doing the same,
+//! and how fast it wakes a suspended machine.
+//!
+//! * Throughput and latency: `wrk` (Debian's) on loopback with keep-alive, `-t2 -c64 -d10s
+//!   --latency -H 'Host: bench.localhost'` by default, against the same small backend three
+//!   ways: directly, through nginx as a reverse proxy, and through aloft's edge. The backend is
+//!   an nginx process with 1 worker answering `200 ok\n`; the reverse proxy is nginx with
+//!   `worker_processes auto`, upstream keep-alive (`keepalive 64`, HTTP/1.1, `Connection ""`);
+//!   aloft is `crates/proxy/examples/edge_static.rs` (release build, tokio with one worker per
+//!   CPU, one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
+//!   `--rounds` rounds (default 3) of direct, nginx, aloft in turn; medians are reported, so
+//!   drift on a shared machine hits all three alike. The nginx processes run with their own
+//!   config, prefix and pid file in a temporary directory and only they are stopped.
+//! * `wake_ms`: the real `aloftd` (release) on `--driver vm --network host --machines-netns NS`
+//!   with its edge on free loopback ports (`--edge-http`, `--edge-https`); an app with one busybox httpd machine
+//!   on port 80, `autostart`, `autostop: suspend`. Each run suspends it through the API, waits
+//!   until it is `suspended`, and times a `GET /` through the edge (`Host: wake.localhost`,
+//!   connection already open) to the first response byte.
+//! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
+//!   (`bench_boot::machine_resume_ms`: snapshot restored → guest port accepts).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aloft_image::RootfsFormat;
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::aloftd::{
+    Conn, Daemon, build_aloftd, create_app, destroy_all, kill_leftover_vms, loadavg, ms, round1, wait_state,
+};
+use crate::stats::{median, min};
+
+/// The Host every wrk request carries (the edge routes `bench.localhost` to app `bench`).
+const BENCH_HOST: &str = "bench.localhost";
+/// The app of the wake measurement.
+const WAKE_APP: &str = "wake";
+/// Warm-up of each target before the rounds.
+const WARMUP_SECS: u32 = 2;
+/// The edge's proxy error header (`aloft_proxy::ERROR_HEADER`): an answer carrying it came from
+/// the edge, not from the machine.
+const PROXY_ERROR_HEADER: &str = "fly-proxy-error-code";
+
+/// What `cargo xtask bench proxy` was asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyBench {
+    /// Seconds of each wrk run.
+    pub(crate) duration_s: u32,
+    /// wrk's keep-alive connections.
+    pub(crate) connections: u32,
+    /// Rounds of direct, nginx, aloft.
+    pub(crate) rounds: usize,
+    /// Wake and resume samples.
+    pub(crate) runs: usize,
+    /// Only the wrk part (no VM, no aloftd).
+    pub(crate) skip_vm: bool,
+}
+
+pub(crate) fn run(args: &ProxyBench) -> anyhow::Result<()> {
+    for tool in ["wrk", "nginx"] {
+        if !on_path(tool) {
+            bail!("bench proxy needs `{tool}` (Debian package {tool}); run scripts/setup.sh to install it");
+        }
+    }
+    let load_before = loadavg();
+    let edge_bin = build_edge_example()?;
+    let work = tempfile::Builder::new().prefix("aloft-bench-proxy-").tempdir()?;
+    eprintln!(
+        "bench proxy: wrk -t{} -c{} -d{}s, {} rounds, load {load_before}",
+        wrk_threads(args.connections),
+        args.connections,
+        args.duration_s,
+        args.rounds.max(1)
+    );
+    let wrk = wrk_series(args, &edge_bin, work.path())?;
+    let vm = if args.skip_vm {
+        None
+    } else {
+        match vm_series(args.runs.max(1)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                report(args, &wrk, None, &load_before);
+                return Err(e.context("bench proxy: the wake part failed (the wrk part's table is above)"));
+            }
+        }
+    };
+    let metrics = report(args, &wrk, vm.as_ref(), &load_before);
+    println!("{}", json!({ "bench": "proxy", "metrics": metrics }));
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+}
+
+fn wrk_threads(connections: u32) -> u32 {
+    connections.clamp(1, 2)
+}
+
+/// Prints the table; returns the JSON metrics.
+fn report(
+    args: &ProxyBench,
+    wrk: &WrkSeries,
+    vm: Option<&VmSeries>,
+    load_before: &str,
+) -> serde_json::Map<String, Value> {
+    let med = |v: &[f64]| median(v).unwrap_or(f64::NAN);
+    let lo = |v: &[f64]| min(v).unwrap_or(f64::NAN);
+    let rps = |v: &[WrkResult]| v.iter().map(|r| r.rps).collect::<Vec<_>>();
+    let p50 = |v: &[WrkResult]| v.iter().map(|r| r.p50_ms).collect::<Vec<_>>();
+    let p99 = |v: &[WrkResult]| v.iter().map(|r| r.p99_ms).collect::<Vec<_>>();
+    // Per round, so the drift of the machine between rounds cancels out.
+    let added = |proxy: &[WrkResult]| {
+        proxy
+            .iter()
+            .zip(&wrk.direct)
+            .map(|(p, d)| (p.p50_ms - d.p50_ms) * 1000.0)
+            .collect::<Vec<_>>()
+    };
+    let c = args.connections;
+    let mut rows: Vec<(&str, Vec<f64>, &str, String)> = vec![
+        (
+            "direct_rps",
+            rps(&wrk.direct),
+            "req/s",
+            format!("wrk straight to the backend, {c} keep-alive connections"),
+        ),
+        (
+            "nginx_rps",
+            rps(&wrk.nginx),
+            "req/s",
+            "through nginx (reverse proxy, upstream keep-alive)".into(),
+        ),
+        (
+            "aloft_rps",
+            rps(&wrk.aloft),
+            "req/s",
+            "through aloft's edge (target ≥ nginx_rps)".into(),
+        ),
+        (
+            "nginx_p99_ms",
+            p99(&wrk.nginx),
+            "ms",
+            "through nginx: 99th percentile latency".into(),
+        ),
+        (
+            "aloft_p99_ms",
+            p99(&wrk.aloft),
+            "ms",
+            "through aloft: 99th percentile (target ≤ nginx_p99_ms)".into(),
+        ),
+        (
+            "added_p50_us",
+            added(&wrk.aloft),
+            "us",
+            "aloft's p50 − direct's p50, per round (target ≤ 100)".into(),
+        ),
+    ];
+    if let Some(vm) = vm {
+        rows.push((
+            "wake_ms",
+            vm.wake.clone(),
+            "ms",
+            "suspended machine → first response byte through aloftd's edge".into(),
+        ));
+        rows.push((
+            "resume_ms",
+            vm.resume.clone(),
+            "ms",
+            "bench boot's resume, same run (target: wake_ms ≤ resume_ms + 30)".into(),
+        ));
+    }
+    println!(
+        "{:<16} {:>10} {:>10}  {:<5} what",
+        "metric", "median", "min", "unit"
+    );
+    let mut metrics = serde_json::Map::new();
+    for (name, samples, unit, what) in rows {
+        let m = med(&samples);
+        println!("{name:<16} {m:>10.1} {:>10.1}  {unit:<5} {what}", lo(&samples));
+        metrics.insert(name.to_owned(), json!({ "value": round1(m), "unit": unit }));
+    }
+    println!("details:");
+    for (name, samples, unit, what) in [
+        (
+            "  direct_p50_ms",
+            p50(&wrk.direct),
+            "ms",
+            "straight to the backend: median latency",
+        ),
+        (
+            "  direct_p99_ms",
+            p99(&wrk.direct),
+            "ms",
+            "straight to the backend: 99th percentile",
+        ),
+        (
+            "  nginx_p50_ms",
+            p50(&wrk.nginx),
+            "ms",
+            "through nginx: median latency",
+        ),
+        (
+            "  aloft_p50_ms",
+            p50(&wrk.aloft),
+            "ms",
+            "through aloft: median latency",
+        ),
+        (
+            "  nginx_added_us",
+            added(&wrk.nginx),
+            "us",
+            "nginx's p50 − direct's p50, per round",
+        ),
+    ] {
+        println!(
+            "{name:<16} {:>10.1} {:>10.1}  {unit:<5} {what}",
+            med(&samples),
+            lo(&samples)
+        );
+    }
+    for (name, v) in [
+        ("direct", &wrk.direct),
+        ("nginx", &wrk.nginx),
+        ("aloft", &wrk.aloft),
+    ] {
+        let per_round: Vec<String> = v
+            .iter()
+            .map(|r| format!("{:.0} req/s p50 {:.2} p99 {:.2} ms", r.rps, r.p50_ms, r.p99_ms))
+            .collect();
+        println!("  {name:<6} rounds: {}", per_round.join(" | "));
+    }
+    println!(
+        "wrk -t{} -c{c} -d{}s --latency, {} rounds; {} CPUs; load {load_before} before, {} after",
+        wrk_threads(c),
+        args.duration_s,
+        wrk.direct.len(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        loadavg()
+    );
+    metrics
+}
+
+// ---------------------------------------------------------------------------------------------
+// wrk: direct, nginx, aloft.
+
+/// One wrk run's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+struct WrkSeries {
+    direct: Vec<WrkResult>,
+    nginx: Vec<WrkResult>,
+    aloft: Vec<WrkResult>,
+}
+
+/// Builds `edge_static` (release); returns the binary.
+fn build_edge_example() -> anyhow::Result<PathBuf> {
+    let root = aloft_testkit::workspace_root();
+    let started = Instant::now();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "aloft-proxy",
+            "--example",
+            "edge_static",
+        ])
+        .status()
+        .context("run cargo build for the edge_static example")?;
+    if !status.success() {
+        bail!("building aloft-proxy's edge_static example failed");
+    }
+    let bin = root.join("target/release/examples/edge_static");
+    if !bin.is_file() {
+        bail!("cargo built edge_static but {} is not there", bin.display());
+    }
+    eprintln!(
+        "bench proxy: edge_static built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(bin)
+}
+
+fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result<WrkSeries> {
+    let backend_port = free_port()?;
+    let nginx_port = free_port()?;
+    let aloft_port = free_port()?;
+    let backend = Nginx::start(work, "backend", &backend_conf(backend_port))?;
+    let proxy = Nginx::start(work, "proxy", &proxy_conf(nginx_port, backend_port))?;
+    let edge = Edge::start(edge_bin, aloft_port, backend_port, work)?;
+    for (what, port) in [
+        ("backend", backend_port),
+        ("nginx", nginx_port),
+        ("aloft", aloft_port),
+    ] {
+        check_ok(port).with_context(|| format!("GET / through {what} on port {port}"))?;
+    }
+    let targets = [
+        ("direct", backend_port),
+        ("nginx", nginx_port),
+        ("aloft", aloft_port),
+    ];
+    let result = (|| -> anyhow::Result<WrkSeries> {
+        for (name, port) in targets {
+            wrk(port, args.connections, WARMUP_SECS).with_context(|| format!("warming up {name}"))?;
+        }
+        let mut s = WrkSeries {
+            direct: Vec::new(),
+            nginx: Vec::new(),
+            aloft: Vec::new(),
+        };
+        for round in 0..args.rounds.max(1) {
+            for (name, port) in targets {
+                let r = wrk(port, args.connections, args.duration_s)
+                    .with_context(|| format!("wrk against {name}"))?;
+                eprintln!(
+                    "bench proxy: round {round}: {name:<6} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  (load {})",
+                    r.rps,
+                    r.p50_ms,
+                    r.p99_ms,
+                    loadavg()
+                );
+                match name {
+                    "direct" => s.direct.push(r),
+                    "nginx" => s.nginx.push(r),
+                    _ => s.aloft.push(r),
+                }
+            }
+        }
+        Ok(s)
+    })();
+    if result.is_err() {
+        for (name, log) in [
+            ("backend", backend.log_tail()),
+            ("nginx", proxy.log_tail()),
+            ("aloft", edge.log_tail()),
+        ] {
+            eprintln!("bench proxy: {name}'s log:\n{log}");
+        }
+    }
+    drop(edge);
+    proxy.stop();
+    backend.stop();
+    result
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The small backend: 1 worker, `200 ok\n`, keep-alive.
+fn backend_conf(port: u16) -> String {
+    nginx_conf(
+        "1",
+        &format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}"),
+    )
+}
+
+/// nginx as a tuned reverse proxy to the backend: a worker per CPU, upstream keep-alive.
+fn proxy_conf(port: u16, backend: u16) -> String {
+    nginx_conf(
+        "auto",
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n  \
+             server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://backend; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+    )
+}
+
+/// A whole nginx config with `server` inside `http`; every path is relative to the prefix
+/// (`-p`), so nothing outside the benchmark's directory is touched.
+fn nginx_conf(workers: &str, server: &str) -> String {
+    format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid nginx.pid;\n\
+         error_log error.log warn;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 60s;\n  \
+         client_body_temp_path tmp/body;\n  proxy_temp_path tmp/proxy;\n  \
+         fastcgi_temp_path tmp/fastcgi;\n  uwsgi_temp_path tmp/uwsgi;\n  scgi_temp_path tmp/scgi;\n  \
+         {server}\n}}\n"
+    )
+}
+
+/// An nginx master (`daemon off`) this benchmark started, with its own prefix directory.
+struct Nginx {
+    child: Child,
+    prefix: PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(work: &Path, name: &str, conf: &str) -> anyhow::Result<Self> {
+        let prefix = work.join(name);
+        std::fs::create_dir_all(prefix.join("tmp"))?;
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let port = conf
+            .split("listen 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|p| p.parse().ok())
+            .context("the nginx config has no loopback listen")?;
+        let log = std::fs::File::create(prefix.join("stderr.log"))?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start nginx")?;
+        let mut n = Self { child, prefix, port };
+        wait_listening(port, &mut n.child, Duration::from_secs(10))
+            .with_context(|| format!("nginx ({name}): {}", n.log_tail()))?;
+        Ok(n)
+    }
+
+    fn log_tail(&self) -> String {
+        let mut s = String::new();
+        for f in ["stderr.log", "error.log"] {
+            let text = std::fs::read_to_string(self.prefix.join(f)).unwrap_or_default();
+            let from = text.len().saturating_sub(2048);
+            s.push_str(text.get(from..).unwrap_or_default());
+        }
+        s
+    }
+
+    /// Fast shutdown (SIGTERM to the master, which stops its workers); SIGKILL to it and to its
+    /// own workers if it has not exited within 10 s.
+    fn stop(mut self) {
+        let pid = self.child.id();
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "bench proxy: nginx on port {} ignored SIGTERM; killing it and its workers",
+            self.port
+        );
+        for worker in children_of(pid) {
+            let _ = Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let child = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u32>()
+                .ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
+}
+
+/// Waits until something accepts on `127.0.0.1:port`, failing early when `child` exits.
+fn wait_listening(port: u16, child: &mut Child, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("exited with {status} before listening on port {port}");
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// aloft's edge with the one static route (`edge_static`), killed on drop.
+struct Edge {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Edge {
+    fn start(bin: &Path, port: u16, backend: u16, work: &Path) -> anyhow::Result<Self> {
+        let log = work.join("edge.log");
+        let mut child = Command::new(bin)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--backend",
+                &backend.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let stdout = child.stdout.take().context("edge_static's stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let edge = Self { child, log };
+        if !line.starts_with("listening ") {
+            bail!(
+                "edge_static did not print `listening ADDR` but {line:?}: {}",
+                edge.log_tail()
+            );
+        }
+        Ok(edge)
+    }
+
+    fn log_tail(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `GET /` with the benchmark's Host must answer 200 `ok\n`.
+fn check_ok(port: u16) -> anyhow::Result<()> {
+    let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+    s.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s.get_mut(), "GET / HTTP/1.1\r\nHost: {BENCH_HOST}\r\n\r\n")?;
+    let (status, body, _) = crate::aloftd::read_response(&mut s)?;
+    if status != 200 || body != b"ok\n" {
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
+}
+
+/// One wrk run against `127.0.0.1:port`.
+fn wrk(port: u16, connections: u32, secs: u32) -> anyhow::Result<WrkResult> {
+    let out = Command::new("wrk")
+        .arg(format!("-t{}", wrk_threads(connections)))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{secs}s"))
+        .arg("--latency")
+        .args(["-H", &format!("Host: {BENCH_HOST}")])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdin(Stdio::null())
+        .output()
+        .context("run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk exited with {}: {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if let Some(errors) = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Socket errors:"))
+    {
+        eprintln!("bench proxy: wrk against port {port}: {}", errors.trim());
+    }
+    parse_wrk(&text).with_context(|| format!("wrk's output: {text}"))
+}
+
+/// Requests/sec and the 50 % and 99 % lines of wrk's `--latency` output; refuses runs that got
+/// answers other than 2xx/3xx (a proxy answering errors fast is not fast).
+fn parse_wrk(text: &str) -> anyhow::Result<WrkResult> {
+    if let Some(l) = text.lines().find(|l| l.contains("Non-2xx or 3xx responses")) {
+        bail!("wrk got error answers: {}", l.trim());
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .context("no Requests/sec line")?
+        .trim()
+        .parse::<f64>()?;
+    let dist = text
+        .split_once("Latency Distribution")
+        .context("no Latency Distribution (run wrk with --latency)")?
+        .1;
+    let pct = |p: &str| -> anyhow::Result<f64> {
+        let v = dist
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .with_context(|| format!("no {p} line"))?;
+        duration_ms(v.trim())
+    };
+    Ok(WrkResult {
+        rps,
+        p50_ms: pct("50%")?,
+        p99_ms: pct("99%")?,
+    })
+}
+
+/// wrk's durations (`812.00us`, `8.22ms`, `1.02s`, `1.50m`) in milliseconds.
+fn duration_ms(v: &str) -> anyhow::Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        bail!("unknown unit in {v:?}");
+    };
+    Ok(num
+        .parse::<f64>()
+        .with_context(|| format!("bad duration {v:?}"))?
+        * scale)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real machine: wake through aloftd's edge, against bench boot's resume.
+
+struct VmSeries {
+    wake: Vec<f64>,
+    resume: Vec<f64>,
+}
+
+/// The woken machine: busybox httpd on port 80 behind the edge's port 80, started on demand,
+/// suspended when idle.
+fn wake_machine() -> Value {
+    json!({
+        "config": {
+            "image": "busybox:latest",
+            "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+            "init": {"cmd": ["/bin/httpd", "-f", "-p", "80", "-h", "/"]},
+            "services": [{
+                "protocol": "tcp",
+                "internal_port": 80,
+                "ports": [{"port": 80, "handlers": ["http"]}],
+                "autostart": true,
+                "autostop": "suspend",
+                "min_machines_running": 0,
+            }],
+        }
+    })
+}
+
+fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
+    let bin = build_aloftd("release")?;
+    let help = Command::new(&bin)
+        .arg("--help")
+        .output()
+        .context("run aloftd --help")?;
+    if !String::from_utf8_lossy(&help.stdout).contains("--edge-http") {
+        bail!(
+            "{} has no --edge-http flag: aloftd does not run the edge yet, so there is nothing to \
+             wake a machine through; run `cargo xtask bench proxy --skip-vm` for the wrk part",
+            bin.display()
+        );
+    }
+    let guest = aloft_testkit::guest_artifacts()?;
+    let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
+    // Bench boot's default base: the image store's format (ext4, or erofs for either erofs).
+    let (rootfs, fstype) = match RootfsFormat::default() {
+        RootfsFormat::Ext4 => (
+            aloft_testkit::busybox_rootfs(&aloft_testkit::cache_dir())?,
+            RootfsFormat::Ext4.fstype(),
+        ),
+        RootfsFormat::Erofs | RootfsFormat::ErofsLz4 => (
+            aloft_testkit::busybox_erofs(&aloft_testkit::cache_dir())?,
+            RootfsFormat::Erofs.fstype(),
+        ),
+    };
+    let guest_dir = guest
+        .kernel
+        .parent()
+        .context("the guest kernel has no directory")?
+        .to_str()
+        .context("the guest directory is not UTF-8")?
+        .to_owned();
+    let registry = aloft_testkit::Registry::start()?;
+    registry.push_busybox()?;
+    let ns = aloft_testkit::NetNs::new()?;
+    let ns_path = ns.path();
+    let ns_path = ns_path.to_str().context("the namespace path is not UTF-8")?;
+    let edge_port = free_port()?;
+    let edge_addr = SocketAddr::from(([127, 0, 0, 1], edge_port));
+    let https_port = free_port()?;
+    let registry_host = registry.host();
+    eprintln!("bench proxy: accelerator {accel:?}; aloftd's edge on {edge_addr}; {runs} wakes");
+    let daemon = Daemon::start(
+        "proxy",
+        &bin,
+        &[
+            "--driver",
+            "vm",
+            "--network",
+            "host",
+            "--machines-netns",
+            ns_path,
+            "--registry",
+            &registry_host,
+            "--guest-dir",
+            &guest_dir,
+            "--edge-http",
+            &edge_addr.to_string(),
+            "--edge-https",
+            &format!("127.0.0.1:{https_port}"),
+            "--edge-metrics",
+            "off",
+            "--base-domain",
+            "localhost",
+        ],
+    )?;
+    let work = tempfile::Builder::new()
+        .prefix("aloft-bench-proxy-vm-")
+        .tempdir()?;
+    let result = (|| -> anyhow::Result<VmSeries> {
+        let mut conn = daemon.conn();
+        create_app(&mut conn, WAKE_APP)?;
+        let t0 = Instant::now();
+        let m = conn.expect(
+            "POST",
+            &format!("/v1/apps/{WAKE_APP}/machines"),
+            Some(&wake_machine()),
+            200,
+        )?;
+        let id = m["id"]
+            .as_str()
+            .context("create answered without an id")?
+            .to_owned();
+        wait_state(&mut conn, WAKE_APP, &id, "started")?;
+        eprintln!(
+            "bench proxy: machine {id} (pull + base build + boot) started in {:.0} ms",
+            ms(t0)
+        );
+        // The edge routes to it once the catalog reached it; then one untimed suspend + wake.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match get_through_edge(edge_addr) {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("the edge never reached the machine"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let warm = suspend_and_wake(&mut conn, &id, edge_addr)?;
+        eprintln!("bench proxy: warm-up wake {warm:.0} ms");
+        let mut s = VmSeries {
+            wake: Vec::new(),
+            resume: Vec::new(),
+        };
+        for i in 0..runs {
+            let resume = crate::bench_boot::machine_resume_ms(
+                &guest,
+                accel,
+                &rootfs,
+                fstype,
+                &work.path().join(format!("m{i}")),
+            )
+            .context("bench boot's resume")?;
+            let wake = suspend_and_wake(&mut conn, &id, edge_addr)?;
+            eprintln!(
+                "bench proxy: run {i}: wake {wake:.0} ms, resume {resume:.0} ms (load {})",
+                loadavg()
+            );
+            s.wake.push(wake);
+            s.resume.push(resume);
+        }
+        Ok(s)
+    })();
+    // aloftd leaves machines running when it stops: destroy them first.
+    let cleaned = destroy_all(&mut daemon.conn(), WAKE_APP);
+    if result.is_err() || cleaned.is_err() {
+        eprintln!("bench proxy: aloftd's log:\n{}", daemon.log_tail());
+    }
+    let data_dir = daemon.data_dir();
+    daemon.stop();
+    kill_leftover_vms(&data_dir);
+    drop(ns);
+    cleaned?;
+    result
+}
+
+/// Suspends machine `id` through the API, waits until it is `suspended` (and a second for the
+/// catalog to reach the edge), then times a request through the edge: ms to its first byte.
+fn suspend_and_wake(conn: &mut Conn, id: &str, edge: SocketAddr) -> anyhow::Result<f64> {
+    conn.expect(
+        "POST",
+        &format!("/v1/apps/{WAKE_APP}/machines/{id}/suspend"),
+        None,
+        200,
+    )?;
+    wait_state(conn, WAKE_APP, id, "suspended")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let first_byte = get_through_edge(edge)?;
+    wait_state(conn, WAKE_APP, id, "started")?;
+    Ok(first_byte)
+}
+
+/// `GET /` through the edge on an open connection: ms from sending it to the answer's first
+/// byte. The answer must come from the machine (no proxy error header).
+fn get_through_edge(edge: SocketAddr) -> anyhow::Result<f64> {
+    let mut s = TcpStream::connect(edge).with_context(|| format!("connect to the edge on {edge}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(90)))?;
+    let req = format!("GET / HTTP/1.1\r\nHost: {WAKE_APP}.localhost\r\nConnection: close\r\n\r\n");
+    let t0 = Instant::now();
+    s.write_all(req.as_bytes())?;
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first)
+        .context("the edge closed without answering")?;
+    let first_byte_ms = ms(t0);
+    let mut answer = first.to_vec();
+    s.read_to_end(&mut answer)?;
+    let text = String::from_utf8_lossy(&answer);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    if !head.starts_with("HTTP/1.1 ") {
+        bail!("the edge answered {head:?}");
+    }
+    if head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with(PROXY_ERROR_HEADER))
+    {
+        bail!("the edge answered with its own error instead of the machine's: {head}");
+    }
+    Ok(first_byte_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_OUT: &str = "Running 10s test @ http://127.0.0.1:18081/
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     8.73ms    3.18ms  26.34ms   70.31%
+    Req/Sec     3.67k   823.59     5.41k    67.00%
+  Latency Distribution
+     50%  812.00us
+     75%   10.73ms
+     90%   12.88ms
+     99%    1.02s
+  36640 requests in 5.03s, 6.25MB read
+Requests/sec:   7290.03
+Transfer/sec:      1.24MB
+";
+
+    #[test]
+    fn parses_wrk_output() {
+        let r = parse_wrk(WRK_OUT).unwrap();
+        assert_eq!(r.rps, 7290.03);
+        assert!((r.p50_ms - 0.812).abs() < 1e-9, "{}", r.p50_ms);
+        assert_eq!(r.p99_ms, 1020.0);
+    }
+
+    #[test]
+    fn refuses_error_answers_and_missing_latency() {
+        let errors = WRK_OUT.replace("Requests/sec", "  Non-2xx or 3xx responses: 36640\nRequests/sec");
+        assert!(parse_wrk(&errors).is_err());
+        let no_latency = WRK_OUT.replace("Latency Distribution", "");
+        assert!(parse_wrk(&no_latency).is_err());
+    }
+
+    #[test]
+    fn durations_in_ms() {
+        assert_eq!(duration_ms("8.22ms").unwrap(), 8.22);
+        assert_eq!(duration_ms("1.50m").unwrap(), 90_000.0);
+        assert!(duration_ms("3.0h").is_err());
+    }
+
+    #[test]
+    fn nginx_configs_stay_in_their_prefix() {
+        let c = proxy_conf(18082, 18080);
+        assert!(c.contains("listen 127.0.0.1:18082;"), "{c}");
+        assert!(c.contains("server 127.0.0.1:18080; keepalive 64;"), "{c}");
+        assert!(c.contains("daemon off;") && c.contains("pid nginx.pid;"), "{c}");
+        assert!(c.contains("access_log off;"), "{c}");
+        let b = backend_conf(18080);
+        assert!(
+            b.contains("worker_processes 1;") && b.contains("return 200 \"ok\\n\";"),
+            "{b}"
+        );
+        // No absolute path: everything lands under the prefix the benchmark passes with -p.
+        for line in c.lines().chain(b.lines()) {
+            let line = line.trim();
+            if ["pid ", "error_log ", "client_body_temp_path ", "proxy_temp_path "]
+                .iter()
+                .any(|d| line.starts_with(d))
+            {
+                let value = line.split_whitespace().nth(1).unwrap();
+                assert!(!value.starts_with('/'), "absolute path in {line:?}");
+            }
+        }
+        assert_eq!(c.matches("_temp_path tmp/").count(), 5, "{c}");
+    }
+}
