@@ -18,10 +18,11 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 # buildah: `aloft deploy` and `aloft launch` build Dockerfiles with it (vfs storage, chroot isolation).
 # pebble: Let's Encrypt's test CA, which aloft-acme's tests issue certificates from.
+# wrk, nginx: `cargo xtask bench proxy` (load generator; baseline reverse proxy and backend).
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
-  docker-registry skopeo umoci debootstrap buildah pebble
+  docker-registry skopeo umoci debootstrap buildah pebble wrk nginx
 )
 step "system packages"
 missing=()
@@ -37,6 +38,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # own on loopback, so a systemd host gets that one stopped and disabled.
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
     $sudo_cmd systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
+  # Likewise nginx's system-wide server on :80: the proxy benchmark runs its own nginx processes
+  # (own config, prefix and pid file), so the packaged service is stopped and kept from booting.
+  if [[ " ${missing[*]} " == *" nginx "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      $sudo_cmd systemctl disable --now nginx.service >/dev/null 2>&1 || true
+    else
+      $sudo_cmd service nginx stop >/dev/null 2>&1 || true
+      $sudo_cmd update-rc.d nginx disable >/dev/null 2>&1 || true
+    fi
   fi
 else
   echo "    all present"
