@@ -357,7 +357,12 @@ async fn serve(
         },
         hosts,
     )
-    .with_secrets_key(Arc::new(secrets_key));
+    .with_secrets_key(Arc::new(secrets_key))
+    .with_edge(aloft_control::EdgeSettings {
+        base_domain: args.base_domain.trim_matches('.').to_ascii_lowercase(),
+        addresses: Vec::new(),
+        ca_root: (!args.no_edge).then(|| args.data_dir.join("edge").join("ca").join("ca.pem")),
+    });
     eprintln!(
         "aloftd: listening on {api_url} (region {}, data {})",
         args.region,
