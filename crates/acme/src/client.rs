@@ -20,7 +20,7 @@ pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/
 pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 /// How often a request refused with `badNonce` is re-sent with the CA's fresh nonce.
-const BAD_NONCE_RETRIES: u32 = 16;
+const BAD_NONCE_RETRIES: u32 = 20;
 /// Default limit on waiting for a challenge, an order or a certificate.
 const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bounds of the wait between polls: the first wait, and the longest one (also caps Retry-After).
