@@ -47,8 +47,14 @@ pub(crate) enum Choice {
 /// The limits of `service` (Fly's defaults when it sets none).
 pub(crate) fn limits(edge: &Edge, service: &MachineService) -> (u32, u32) {
     let c = service.concurrency.as_ref();
-    let hard = c.and_then(|c| c.hard_limit).unwrap_or(edge.config.default_hard_limit).max(1);
-    let soft = c.and_then(|c| c.soft_limit).unwrap_or(edge.config.default_soft_limit.min(hard)).min(hard);
+    let hard = c
+        .and_then(|c| c.hard_limit)
+        .unwrap_or(edge.config.default_hard_limit)
+        .max(1);
+    let soft = c
+        .and_then(|c| c.soft_limit)
+        .unwrap_or(edge.config.default_soft_limit.min(hard))
+        .min(hard);
     (soft, hard)
 }
 
@@ -86,6 +92,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
     let mut found_forced = want.force_instance.is_none();
     let mut at_hard = false;
     let mut routable: Vec<Candidate> = Vec::new();
+    let mut backoff: Vec<Candidate> = Vec::new();
     let mut wakeable: Vec<(u32, Arc<MachineRoute>)> = Vec::new();
     for m in &app.machines {
         let id = m.entry.id.as_str();
@@ -116,7 +123,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
             continue;
         }
         let checks = m.service_checks_passing();
-        if checks == Some(false) || loads.recently_failed(&load) {
+        if checks == Some(false) {
             continue;
         }
         let (soft, hard) = limits(edge, service);
@@ -126,10 +133,22 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
             continue;
         }
         let preferred = want.prefer_instance == Some(id);
-        routable.push(Candidate {
+        // A machine a connect just failed to is kept apart: tried again only when nothing else
+        // can take the request, so an app whose only machine refused answers why (PC01) instead
+        // of "no healthy machine" for the whole backoff.
+        let list = if loads.recently_failed(&load) {
+            &mut backoff
+        } else {
+            &mut routable
+        };
+        list.push(Candidate {
             rank: (
                 inflight >= soft,
-                if preferred { 0 } else { region_rank(edge, want, &m.entry.region).saturating_add(1) },
+                if preferred {
+                    0
+                } else {
+                    region_rank(edge, want, &m.entry.region).saturating_add(1)
+                },
                 // Undecided checks (grace period) after decided ones.
                 checks.is_none() && m.entry.checks.iter().any(|c| c.name.starts_with("servicecheck-")),
                 inflight,
@@ -142,6 +161,9 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
     }
     if !found_forced {
         return Some(Choice::NotFound);
+    }
+    if routable.is_empty() && wakeable.is_empty() {
+        routable = backoff;
     }
     let best_rank = routable.iter().map(|c| c.rank).min();
     let best = best_rank.map(|r| {
@@ -160,5 +182,9 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
         let guard = loads.try_acquire(c.load.clone(), app_load, c.hard)?;
         return Some(Choice::Ready(c.route.clone(), guard));
     }
-    Some(if at_hard { Choice::Full } else { Choice::NoneHealthy })
+    Some(if at_hard {
+        Choice::Full
+    } else {
+        Choice::NoneHealthy
+    })
 }

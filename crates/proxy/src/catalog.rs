@@ -20,43 +20,45 @@ pub fn follow(
     stop: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     let mut from = load_all(&*store, &table);
-    thread::Builder::new().name("edge-catalog".to_owned()).spawn(move || {
-        while !stop() {
-            let watch = match from {
-                Some(rev) => store.watch("/", Some(rev)),
-                None => {
-                    thread::sleep(Duration::from_secs(1));
-                    from = load_all(&*store, &table);
-                    continue;
-                }
-            };
-            let mut watcher = match watch {
-                Ok(w) => w,
-                Err(e) => {
-                    eprintln!("edge: cannot watch the store ({e}); re-reading it");
-                    from = None;
-                    continue;
-                }
-            };
-            loop {
-                if stop() {
-                    return;
-                }
-                match watcher.recv_timeout(Duration::from_secs(1)) {
-                    Ok(Some(batch)) => {
-                        for ev in &batch.events {
-                            apply(&table, ev.kind, &ev.kv);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(WatchError::Lagged { .. } | WatchError::Closed { .. }) => {
+    thread::Builder::new()
+        .name("edge-catalog".to_owned())
+        .spawn(move || {
+            while !stop() {
+                let watch = match from {
+                    Some(rev) => store.watch("/", Some(rev)),
+                    None => {
+                        thread::sleep(Duration::from_secs(1));
                         from = load_all(&*store, &table);
-                        break;
+                        continue;
+                    }
+                };
+                let mut watcher = match watch {
+                    Ok(w) => w,
+                    Err(e) => {
+                        eprintln!("edge: cannot watch the store ({e}); re-reading it");
+                        from = None;
+                        continue;
+                    }
+                };
+                loop {
+                    if stop() {
+                        return;
+                    }
+                    match watcher.recv_timeout(Duration::from_secs(1)) {
+                        Ok(Some(batch)) => {
+                            for ev in &batch.events {
+                                apply(&table, ev.kind, &ev.kv);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(WatchError::Lagged { .. } | WatchError::Closed { .. }) => {
+                            from = load_all(&*store, &table);
+                            break;
+                        }
                     }
                 }
             }
-        }
-    })
+        })
 }
 
 /// Reads every prefix the edge follows; the revision to watch from next.

@@ -82,18 +82,29 @@ impl ProxyCode {
             Self::PL02 => StatusCode::TOO_MANY_REQUESTS,
             Self::PR01 | Self::PL01 | Self::PM03 | Self::PM07 => StatusCode::SERVICE_UNAVAILABLE,
             Self::PC05 => StatusCode::GATEWAY_TIMEOUT,
-            Self::PC01 | Self::PC07 | Self::PU01 | Self::PU02 | Self::PA02 | Self::PA03 | Self::PA04
-            | Self::PA05 | Self::PR03 => StatusCode::BAD_GATEWAY,
+            Self::PC01
+            | Self::PC07
+            | Self::PU01
+            | Self::PU02
+            | Self::PA02
+            | Self::PA03
+            | Self::PA04
+            | Self::PA05
+            | Self::PR03 => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// What it means, for the page.
     pub fn meaning(self) -> &'static str {
         match self {
-            Self::PC01 => "the app's machine refused the connection: is the app listening on 0.0.0.0 and the service's internal_port?",
+            Self::PC01 => {
+                "the app's machine refused the connection: is the app listening on 0.0.0.0 and the service's internal_port?"
+            }
             Self::PC05 => "connecting to the app's machine timed out",
             Self::PC07 => "could not connect to any of the app's machines",
-            Self::PU01 => "the HTTP/2 handshake with the app's machine failed (h2_backend is set: does the app speak h2c?)",
+            Self::PU01 => {
+                "the HTTP/2 handshake with the app's machine failed (h2_backend is set: does the app speak h2c?)"
+            }
             Self::PU02 => "the app's machine closed the connection before answering completely",
             Self::PM03 => "the app's machine did not start in time",
             Self::PM07 => "the app's machine could not be started",
@@ -124,12 +135,19 @@ pub(crate) fn response(code: ProxyCode, detail: Option<&str>, request_id: &str) 
         page.push_str(&escape(d));
         page.push_str("</p>");
     }
-    page.push_str(&format!("<p><small>{} · request {}</small></p>\n", code.as_str(), escape(request_id)));
+    page.push_str(&format!(
+        "<p><small>{} · request {}</small></p>\n",
+        code.as_str(),
+        escape(request_id)
+    ));
     let mut resp = Response::new(full(Bytes::from(page)));
     *resp.status_mut() = code.status();
     let h = resp.headers_mut();
     h.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

@@ -1,12 +1,13 @@
 //! The HTTP side of the edge: listeners (plain and TLS), the `http` handler that forwards
 //! requests to machines, and the pooled connections to machines.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,9 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body of `bytes`.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -77,7 +80,11 @@ impl hyper::rt::Read for MachineConn {
 }
 
 impl hyper::rt::Write for MachineConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -117,7 +124,9 @@ impl tower_service::Service<Uri> for Connector {
             let addr = uri_addr(&uri).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
             match tokio::time::timeout(timeout, dialer.dial(addr)).await {
                 Err(_) => Err(ConnectError::TimedOut(addr)),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused(addr)),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    Err(ConnectError::Refused(addr))
+                }
                 Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
                 Ok(Ok(s)) => Ok(MachineConn(TokioIo::new(s))),
             }
@@ -131,11 +140,111 @@ fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, uri.port_u16()?))
 }
 
+impl Connector {
+    async fn connect(&self, addr: SocketAddr) -> Result<MachineConn, ConnectError> {
+        match tokio::time::timeout(self.timeout, self.dialer.dial(addr)).await {
+            Err(_) => Err(ConnectError::TimedOut(addr)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(ConnectError::Refused(addr))
+            }
+            Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
+            Ok(Ok(s)) => Ok(MachineConn(TokioIo::new(s))),
+        }
+    }
+}
+
+/// h2c connections to machines (`h2_backend`), one multiplexed connection per machine address.
+/// Not hyper's pooled client: that one sends the URI's authority (the machine's address, which
+/// it dials) as `:authority`, and the app would lose the hostname the client asked for.
+#[derive(Debug)]
+struct H2Conns {
+    connector: Connector,
+    conns: std::sync::Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
+}
+
+/// Why a request could not be sent to a machine.
+#[derive(Debug)]
+enum SendError {
+    /// Nothing was sent: the connect failed (`refused`: the machine refused it).
+    Connect { refused: bool, detail: String },
+    /// The h2 handshake failed.
+    Handshake(String),
+    /// The request was (maybe partly) sent and failed.
+    Request(String),
+}
+
+impl H2Conns {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn request(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let open = self.lock().get(&addr).filter(|s| !s.is_closed()).cloned();
+        let mut sender = match open {
+            Some(s) => s,
+            None => {
+                let io = self
+                    .connector
+                    .connect(addr)
+                    .await
+                    .map_err(|e| SendError::Connect {
+                        refused: matches!(e, ConnectError::Refused(_)),
+                        detail: e.to_string(),
+                    })?;
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+                tokio::spawn(conn);
+                self.lock().insert(addr, sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| SendError::Request(source_chain(&e)))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Request(source_chain(&e)))
+    }
+}
+
 /// Pooled keep-alive clients to machines: HTTP/1.1, and h2c for `h2_backend` services.
 #[derive(Debug)]
 pub(crate) struct Upstreams {
     h1: Client<Connector, Body>,
-    h2: Client<Connector, Body>,
+    h2: H2Conns,
+}
+
+impl Upstreams {
+    /// Sends `req` (built by `build_upstream` for `addr`) over h2c or HTTP/1.1.
+    async fn send(
+        &self,
+        h2: bool,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        if h2 {
+            return self.h2.request(addr, req).await;
+        }
+        self.h1.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                SendError::Connect {
+                    refused: format!("{e:?}").contains("Refused"),
+                    detail: source_chain(&e),
+                }
+            } else {
+                SendError::Request(source_chain(&e))
+            }
+        })
+    }
 }
 
 impl Upstreams {
@@ -145,14 +254,13 @@ impl Upstreams {
             timeout: config.connect_timeout,
         };
         let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(config.pool_idle_timeout).pool_timer(TokioTimer::new());
+        b.pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new());
         let h1 = b.build(connector.clone());
-        let mut b2 = Client::builder(TokioExecutor::new());
-        b2.pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(true);
-        let h2 = b2.build(connector);
+        let h2 = H2Conns {
+            connector,
+            conns: std::sync::Mutex::default(),
+        };
         Self { h1, h2 }
     }
 }
@@ -229,12 +337,9 @@ impl Edge {
         let started = Instant::now();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let accepted = tokio::time::timeout(self.config.header_read_timeout, acceptor.accept(stream)).await;
-        let tls_stream = match accepted {
-            Ok(Ok(s)) => s,
-            Ok(Err(_)) | Err(_) => {
-                self.metrics.tls_handshake(false, started.elapsed());
-                return;
-            }
+        let Ok(Ok(tls_stream)) = accepted else {
+            self.metrics.tls_handshake(false, started.elapsed());
+            return;
         };
         self.metrics.tls_handshake(true, started.elapsed());
         info.sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
@@ -248,7 +353,10 @@ impl Edge {
     {
         let edge = self.clone();
         let info = Arc::new(info);
+        let asked = Arc::new(AtomicBool::new(false));
+        let asked2 = asked.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            asked2.store(true, Ordering::Release);
             let edge = edge.clone();
             let info = info.clone();
             async move { Ok::<_, Infallible>(edge.handle(req, &info).await) }
@@ -263,7 +371,18 @@ impl Edge {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
-        let _ = builder.serve_connection_with_upgrades(io, svc).await;
+        let conn = builder.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        // hyper's header_read_timeout starts only once HTTP/1 was recognised: a client that sends
+        // nothing, or part of the HTTP/2 preface, would hold the connection forever. It must
+        // have sent a whole first request within header_read_timeout.
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep(self.config.header_read_timeout) => {}
+        }
+        if asked.load(Ordering::Acquire) {
+            let _ = conn.await;
+        }
     }
 }
 
@@ -273,7 +392,9 @@ impl Edge {
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn request_id(region: &str) -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
     format!("{ms:012x}{:08x}-{region}", seq & 0xffff_ffff)
 }
@@ -288,7 +409,9 @@ impl ReqBody {
     fn take(&mut self) -> Body {
         match self {
             Self::Kept(b) => full(b.clone()),
-            Self::Stream(s) => s.take().map_or_else(empty, |b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+            Self::Stream(s) => s
+                .take()
+                .map_or_else(empty, |b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
         }
     }
     fn replayable(&self) -> bool {
@@ -310,7 +433,7 @@ pub(crate) struct Route {
 /// What one attempt to forward produced.
 enum Forwarded {
     /// The machine answered.
-    Answer(Response<Incoming>, Arc<MachineRoute>, LoadGuard, MachineService),
+    Answer(Box<(Response<Incoming>, Arc<MachineRoute>, LoadGuard, MachineService)>),
     /// The edge answers itself.
     Fail(ProxyCode, Option<String>),
 }
@@ -323,7 +446,12 @@ impl Edge {
             .uri()
             .host()
             .map(str::to_owned)
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
             .or_else(|| conn.sni.clone())
             .unwrap_or_default();
         if let Some(resp) = self.acme_http_challenge(&req) {
@@ -331,13 +459,15 @@ impl Edge {
         }
         let snap = self.routes.snapshot();
         let Some(app) = snap.app_for_host(&host, &self.config.base_domain).cloned() else {
-            self.metrics.response(None, StatusCode::NOT_FOUND, started.elapsed());
+            self.metrics
+                .response(None, StatusCode::NOT_FOUND, started.elapsed());
             return error::response(ProxyCode::PR04, Some(&format!("unknown host {host:?}")), &rid);
         };
         if !conn.https
             && let Some(resp) = self.force_https(&app, &req, &host, conn)
         {
-            self.metrics.response(Some(&app.name), resp.status(), started.elapsed());
+            self.metrics
+                .response(Some(&app.name), resp.status(), started.elapsed());
             return resp;
         }
         let hints = match crate::replay::RoutingHints::from_headers(req.headers()) {
@@ -363,7 +493,8 @@ impl Edge {
         } else {
             self.forward(req, app, &mut route, conn, &rid).await
         };
-        self.metrics.response(Some(&route.app), resp.status(), started.elapsed());
+        self.metrics
+            .response(Some(&route.app), resp.status(), started.elapsed());
         resp
     }
 
@@ -371,12 +502,20 @@ impl Edge {
         let token = req.uri().path().strip_prefix("/.well-known/acme-challenge/")?;
         let answer = (self.acme_http.get()?.0)(token)?;
         let mut resp = Response::new(full(answer));
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         Some(resp)
     }
 
-    fn force_https(&self, app: &AppRoutes, req: &Request<Incoming>, host: &str, conn: &ConnInfo) -> Option<Response<Body>> {
+    fn force_https(
+        &self,
+        app: &AppRoutes,
+        req: &Request<Incoming>,
+        host: &str,
+        conn: &ConnInfo,
+    ) -> Option<Response<Body>> {
         let forced = app.machines.iter().any(|m| {
             m.entry.services.iter().any(|s| {
                 s.ports
@@ -396,7 +535,8 @@ impl Edge {
         };
         let mut resp = Response::new(empty());
         *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
-        resp.headers_mut().insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
+        resp.headers_mut()
+            .insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
         Some(resp)
     }
 
@@ -423,9 +563,11 @@ impl Edge {
                 .as_ref()
                 .and_then(|(_, r)| r.timeout)
                 .map(|t| Instant::now() + t);
-            let attempt = self.attempt(&app, route, &mut parts, &mut body, conn, deadline).await;
+            let attempt = self
+                .attempt(&app, route, &mut parts, &mut body, conn, deadline)
+                .await;
             let (resp, machine, guard, service) = match attempt {
-                Forwarded::Answer(r, m, g, s) => (r, m, g, s),
+                Forwarded::Answer(answer) => *answer,
                 Forwarded::Fail(code, detail) => {
                     // A replay whose target can't be reached falls back to the replaying machine
                     // when it asked to.
@@ -524,25 +666,34 @@ impl Edge {
                 .ports
                 .iter()
                 .any(|p| p.http_options.as_ref().and_then(|o| o.h2_backend) == Some(true));
-            let upstream = build_upstream(parts, SocketAddr::new(ip, port), h2, body.take());
-            let client = if h2 { &self.client.h2 } else { &self.client.h1 };
-            match client.request(upstream).await {
-                Ok(resp) => return Forwarded::Answer(resp, machine, guard, service),
-                Err(e) if e.is_connect() => {
+            let addr = SocketAddr::new(ip, port);
+            let upstream = build_upstream(parts, addr, h2, body.take());
+            match self.client.send(h2, addr, upstream).await {
+                Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard, service))),
+                Err(SendError::Connect { refused, detail }) => {
                     let load = self.loads.machine(&machine.entry.id);
-                    self.loads
-                        .mark_failed(&load, u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000));
-                    let refused = format!("{e:?}").contains("Refused");
+                    self.loads.mark_failed(
+                        &load,
+                        u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000),
+                    );
                     let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
-                    last = Some((code, format!("machine {}: {}", machine.entry.id, source_chain(&e))));
+                    last = Some((code, format!("machine {}: {detail}", machine.entry.id)));
                     if !body.replayable() {
                         break;
                     }
                     tried.push(machine.entry.id.clone());
                 }
-                Err(e) => {
-                    let code = if h2 { ProxyCode::PU01 } else { ProxyCode::PU02 };
-                    return Forwarded::Fail(code, Some(format!("machine {}: {}", machine.entry.id, source_chain(&e))));
+                Err(SendError::Handshake(detail)) => {
+                    return Forwarded::Fail(
+                        ProxyCode::PU01,
+                        Some(format!("machine {}: {detail}", machine.entry.id)),
+                    );
+                }
+                Err(SendError::Request(detail)) => {
+                    return Forwarded::Fail(
+                        ProxyCode::PU02,
+                        Some(format!("machine {}: {detail}", machine.entry.id)),
+                    );
                 }
             }
         }
@@ -570,7 +721,12 @@ impl Edge {
             tokio::pin!(freed);
             freed.as_mut().enable();
             // Always the newest view of the app: machines may have started since.
-            let current = self.routes.snapshot().app(&app.name).cloned().unwrap_or_else(|| app.clone());
+            let current = self
+                .routes
+                .snapshot()
+                .app(&app.name)
+                .cloned()
+                .unwrap_or_else(|| app.clone());
             let want = Want {
                 port,
                 force_instance: route.force_instance.as_deref(),
@@ -629,7 +785,10 @@ impl Edge {
             Ok(p) => p,
             Err((code, detail)) => return error::response(code, detail.as_deref(), rid),
         };
-        let service = machine.service_for_port(conn.service_port).cloned().unwrap_or_default();
+        let service = machine
+            .service_for_port(conn.service_port)
+            .cloned()
+            .unwrap_or_default();
         let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
             return error::response(ProxyCode::PR01, None, rid);
         };
@@ -643,7 +802,11 @@ impl Edge {
         let mut resp = match self.client.h1.request(upstream).await {
             Ok(r) => r,
             Err(e) => {
-                let code = if e.is_connect() { ProxyCode::PC01 } else { ProxyCode::PU02 };
+                let code = if e.is_connect() {
+                    ProxyCode::PC01
+                } else {
+                    ProxyCode::PU02
+                };
                 return error::response(code, Some(&source_chain(&e)), rid);
             }
         };
@@ -685,7 +848,10 @@ impl Edge {
         if !is_json {
             return Ok(ReplayCheck::Pass(resp));
         }
-        let limited = Limited::new(resp.into_body(), usize::try_from(REPLAYABLE_BODY).unwrap_or(usize::MAX));
+        let limited = Limited::new(
+            resp.into_body(),
+            usize::try_from(REPLAYABLE_BODY).unwrap_or(usize::MAX),
+        );
         let bytes = limited.collect().await.map_err(|_| ProxyCode::PA03)?.to_bytes();
         crate::replay::parse_json(&bytes)
             .map(ReplayCheck::Replay)
@@ -720,19 +886,19 @@ impl Edge {
             prefer_instance: replay.prefer_instance.as_ref().map(|i| i.as_str().to_owned()),
             regions: region_names(&replay.regions),
             prefer_regions: Vec::new(),
-            exclude: if replay.elsewhere { vec![from.entry.id.clone()] } else { Vec::new() },
+            exclude: if replay.elsewhere {
+                vec![from.entry.id.clone()]
+            } else {
+                Vec::new()
+            },
         };
-        let t_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
-        let src = crate::replay::replay_src(
-            from.entry.id.as_str(),
-            &from.entry.region,
-            u64::try_from(t_us).unwrap_or(u64::MAX),
-            replay.state.as_deref(),
-        );
-        if let Ok(v) = HeaderValue::try_from(src) {
-            parts.headers.insert("fly-replay-src", v);
-        }
         if let Some(t) = &replay.transform {
+            // The app may rewrite the request but not the proxy's own headers: keep them aside
+            // and put them back afterwards.
+            let own: Vec<(&str, Vec<HeaderValue>)> = PROXY_REQUEST_HEADERS
+                .iter()
+                .map(|n| (*n, parts.headers.get_all(*n).iter().cloned().collect()))
+                .collect();
             if let Some(path) = &t.path
                 && let Ok(pq) = http::uri::PathAndQuery::try_from(path.as_str())
             {
@@ -746,10 +912,32 @@ impl Edge {
                 parts.headers.remove(name.as_str());
             }
             for (name, value) in &t.set_headers {
-                if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::try_from(name.as_str()),
+                    HeaderValue::try_from(value.as_str()),
+                ) {
                     parts.headers.insert(n, v);
                 }
             }
+            for (name, values) in own {
+                parts.headers.remove(name);
+                for v in values {
+                    parts.headers.append(name, v);
+                }
+            }
+        }
+        // After the transform, so the app cannot forge where the request comes from.
+        let t_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let src = crate::replay::replay_src(
+            from.entry.id.as_str(),
+            &from.entry.region,
+            u64::try_from(t_us).unwrap_or(u64::MAX),
+            replay.state.as_deref(),
+        );
+        if let Ok(v) = HeaderValue::try_from(src) {
+            parts.headers.insert("fly-replay-src", v);
         }
         Ok(target)
     }
@@ -759,7 +947,10 @@ impl Edge {
 /// region names (aloft's regions are operator-named labels).
 fn region_names(sels: &[crate::replay::RegionSel]) -> Vec<String> {
     use crate::replay::RegionSel;
-    if sels.iter().any(|s| matches!(s, RegionSel::Alias(a) if a == "any")) {
+    if sels
+        .iter()
+        .any(|s| matches!(s, RegionSel::Alias(a) if a == "any"))
+    {
         return Vec::new();
     }
     sels.iter().map(|s| s.as_str().to_owned()).collect()
@@ -806,6 +997,20 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
+/// The request headers the proxy sets (see `add_request_headers`); a replay's transform cannot
+/// change them.
+const PROXY_REQUEST_HEADERS: [&str; 9] = [
+    "fly-client-ip",
+    "fly-forwarded-port",
+    "fly-region",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "via",
+    "fly-request-id",
+];
+
 const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
@@ -825,7 +1030,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && !(keep_upgrade && t == "upgrade"))
+        .filter(|t| !(t.is_empty() || keep_upgrade && t == "upgrade"))
         .collect();
     for n in named {
         h.remove(n.as_str());
@@ -840,14 +1045,6 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 fn build_upstream(parts: &mut http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = match addr {
-        SocketAddr::V4(a) => format!("http://{a}{pq}"),
-        SocketAddr::V6(a) => format!("http://[{}]:{}{pq}", a.ip(), a.port()),
-    };
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri.parse().unwrap_or_default();
-    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let mut headers = parts.headers.clone();
     // h2 clients send the authority in the URI, not a Host header: the app still wants one.
     if !headers.contains_key(header::HOST)
@@ -856,9 +1053,26 @@ fn build_upstream(parts: &mut http::request::Parts, addr: SocketAddr, h2: bool, 
     {
         headers.insert(header::HOST, v);
     }
-    if h2 {
-        headers.remove(header::HOST);
-    }
+    let machine = match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    // HTTP/1.1 goes through the pooled client, which dials the URI's authority: the machine.
+    // h2c carries the client's hostname as `:authority` (and no Host header, RFC 9113 §8.3.1);
+    // the machine's address is given to the sender apart.
+    let authority = if h2 {
+        headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+            .unwrap_or(machine)
+    } else {
+        machine
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = format!("http://{authority}{pq}").parse().unwrap_or_default();
+    *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     *req.headers_mut() = headers;
     req
 }
@@ -871,7 +1085,11 @@ fn add_request_headers(config: &EdgeConfig, h: &mut HeaderMap, conn: &ConnInfo, 
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
         _ => ip.clone(),
     };
-    let via_token = if version == Version::HTTP_2 { "2 aloft" } else { "1.1 aloft" };
+    let via_token = if version == Version::HTTP_2 {
+        "2 aloft"
+    } else {
+        "1.1 aloft"
+    };
     let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {via_token}"),
         None => via_token.to_owned(),
@@ -966,7 +1184,10 @@ impl HttpBody for Guarded {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             self.guard = None;

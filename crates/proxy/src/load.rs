@@ -112,10 +112,17 @@ impl Loads {
     }
 
     /// Counts one unit on `machine` only if that keeps it under `hard`.
-    pub(crate) fn try_acquire(&self, machine: Arc<MachineLoad>, app: Arc<AppLoad>, hard: u32) -> Option<LoadGuard> {
+    pub(crate) fn try_acquire(
+        &self,
+        machine: Arc<MachineLoad>,
+        app: Arc<AppLoad>,
+        hard: u32,
+    ) -> Option<LoadGuard> {
         machine
             .inflight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < hard).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < hard).then_some(n + 1)
+            })
             .ok()?;
         machine.served.fetch_add(1, Ordering::Relaxed);
         machine.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
@@ -150,7 +157,8 @@ impl Loads {
 
     /// Milliseconds since the machine last started or finished serving something.
     pub(crate) fn idle_ms(&self, m: &MachineLoad) -> u64 {
-        self.now_ms().saturating_sub(m.last_active_ms.load(Ordering::Relaxed))
+        self.now_ms()
+            .saturating_sub(m.last_active_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -173,8 +181,9 @@ impl Drop for LoadGuard {
         self.machine.inflight.fetch_sub(1, Ordering::AcqRel);
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.machine.last_active_ms.store(now, Ordering::Relaxed);
-        if self.app.queued.load(Ordering::Acquire) > 0 {
-            self.app.freed.notify_waiters();
-        }
+        // Always: a request that found the app full may be about to count itself in `queued`
+        // (its `Notified` is already armed); skipping the ring while `queued` is 0 would leave
+        // it waiting until its deadline. Ringing a Notify nobody waits on costs next to nothing.
+        self.app.freed.notify_waiters();
     }
 }

@@ -13,7 +13,9 @@ use crate::load::Loads;
 use crate::routes::Snapshot;
 
 /// Upper bounds of the response-time histogram, in seconds.
-const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Debug)]
 struct Histogram {
@@ -35,8 +37,10 @@ impl Histogram {
         let secs = d.as_secs_f64();
         let i = BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
@@ -48,7 +52,10 @@ impl Histogram {
         }
         cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        #[allow(clippy::cast_precision_loss, reason = "a sum of microseconds shown as seconds")]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a sum of microseconds shown as seconds"
+        )]
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
@@ -128,7 +135,11 @@ impl Metrics {
     }
 
     pub(crate) fn autostop(&self, ok: bool) {
-        let c = if ok { &self.autostops_ok } else { &self.autostops_failed };
+        let c = if ok {
+            &self.autostops_ok
+        } else {
+            &self.autostops_failed
+        };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -163,8 +174,11 @@ impl Metrics {
         out.push_str("# HELP fly_edge_http_response_time_seconds Time to the response head, by app.\n");
         out.push_str("# TYPE fly_edge_http_response_time_seconds histogram\n");
         for (app, f) in &apps {
-            f.time
-                .render(&mut out, "fly_edge_http_response_time_seconds", &format!("app=\"{}\"", label(app)));
+            f.time.render(
+                &mut out,
+                "fly_edge_http_response_time_seconds",
+                &format!("app=\"{}\"", label(app)),
+            );
         }
         out.push_str("# HELP fly_app_concurrency Requests or connections in flight per machine.\n");
         out.push_str("# TYPE fly_app_concurrency gauge\n");
@@ -192,23 +206,34 @@ impl Metrics {
             &mut out,
             "fly_edge_tls_handshake_count",
             "TLS handshakes by outcome.",
-            &[("result=\"ok\"", &self.tls_ok), ("result=\"failed\"", &self.tls_failed)],
+            &[
+                ("result=\"ok\"", &self.tls_ok),
+                ("result=\"failed\"", &self.tls_failed),
+            ],
         );
         out.push_str("# TYPE fly_edge_tls_handshake_time_seconds histogram\n");
-        self.tls_time.render(&mut out, "fly_edge_tls_handshake_time_seconds", "");
+        self.tls_time
+            .render(&mut out, "fly_edge_tls_handshake_time_seconds", "");
         counter(
             &mut out,
             "aloft_edge_autostart_count",
             "Machines woken for a request, by outcome.",
-            &[("result=\"ok\"", &self.wakes_ok), ("result=\"failed\"", &self.wakes_failed)],
+            &[
+                ("result=\"ok\"", &self.wakes_ok),
+                ("result=\"failed\"", &self.wakes_failed),
+            ],
         );
         out.push_str("# TYPE aloft_edge_autostart_time_seconds histogram\n");
-        self.wake_time.render(&mut out, "aloft_edge_autostart_time_seconds", "");
+        self.wake_time
+            .render(&mut out, "aloft_edge_autostart_time_seconds", "");
         counter(
             &mut out,
             "aloft_edge_autostop_count",
             "Idle machines stopped or suspended, by outcome.",
-            &[("result=\"ok\"", &self.autostops_ok), ("result=\"failed\"", &self.autostops_failed)],
+            &[
+                ("result=\"ok\"", &self.autostops_ok),
+                ("result=\"failed\"", &self.autostops_failed),
+            ],
         );
         counter(
             &mut out,

@@ -38,11 +38,22 @@ impl MachineRoute {
         self.entry.state == MachineState::Started
     }
 
-    /// Can be woken by a request: stopped or suspended (or created and never started).
+    /// Can be woken by a request: stopped, suspended, created and never started, or failed.
+    ///
+    /// Machines on their way to a resting state (`stopping`, `suspending`, `restarting`) and
+    /// those starting already count too: a wake asks again until the machine takes the start,
+    /// so a request that arrives mid-transition waits for it instead of failing.
     pub fn is_wakeable(&self) -> bool {
         matches!(
             self.entry.state,
-            MachineState::Stopped | MachineState::Suspended | MachineState::Created
+            MachineState::Stopped
+                | MachineState::Suspended
+                | MachineState::Created
+                | MachineState::Failed
+                | MachineState::Stopping
+                | MachineState::Suspending
+                | MachineState::Starting
+                | MachineState::Restarting
         )
     }
 

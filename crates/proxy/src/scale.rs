@@ -57,12 +57,19 @@ impl Wakes {
 
 /// Wakes `m` (or joins a wake in progress) and resolves once it accepts connections on
 /// `internal_port`, or with the proxy error to answer.
-pub(crate) async fn wake(edge: &Arc<Edge>, m: &MachineRoute, internal_port: u16) -> Result<(), (ProxyCode, String)> {
+pub(crate) async fn wake(
+    edge: &Arc<Edge>,
+    m: &MachineRoute,
+    internal_port: u16,
+) -> Result<(), (ProxyCode, String)> {
     let id = m.entry.id.clone();
     let mut rx = {
         let mut map = edge.wakes.lock();
         match map.get(&id) {
             Some(rx) => rx.clone(),
+            // A wake that just finished (between this request's choice and now) marked the
+            // machine woken before leaving the map: don't start it a second time.
+            None if edge.loads.recently_woken(&edge.loads.machine(&id)) => return Ok(()),
             None => {
                 let (tx, rx) = watch::channel(None);
                 map.insert(id.clone(), rx.clone());
@@ -102,28 +109,47 @@ pub(crate) async fn wake(edge: &Arc<Edge>, m: &MachineRoute, internal_port: u16)
     waited.unwrap_or_else(|_| Err((ProxyCode::PM03, "the machine did not start in time".to_owned())))
 }
 
-async fn do_wake(edge: &Edge, app: &str, id: &MachineId, addr: SocketAddr) -> Result<(), (ProxyCode, String)> {
+async fn do_wake(
+    edge: &Edge,
+    app: &str,
+    id: &MachineId,
+    addr: SocketAddr,
+) -> Result<(), (ProxyCode, String)> {
     let deadline = Instant::now() + edge.config.wake_timeout;
-    if let Err(e) = edge.control.start(app, id).await {
-        // A machine someone else is starting (or already started) is fine: wait for it below.
-        if matches!(e, ControlError::Failed(_)) {
-            return Err((ProxyCode::PM07, e.to_string()));
-        }
-    }
+    // The host refuses a start while the machine is still stopping or suspending (or already
+    // starting): ask again now and then until it takes it, polling the port meanwhile.
+    let mut start_again = Some(Instant::now());
+    let mut last_refusal = String::new();
     // Poll until the workload accepts: the catalog may lag; the connection is the truth.
     let mut pause = Duration::from_millis(2);
+    let mut attempt_timeout = Duration::from_millis(25);
     loop {
+        if start_again.is_some_and(|at| Instant::now() >= at) {
+            match edge.control.start(app, id).await {
+                Ok(()) => start_again = None,
+                Err(ControlError::Failed(e)) => return Err((ProxyCode::PM07, e)),
+                Err(ControlError::Refused(e)) => {
+                    last_refusal = e;
+                    start_again = Some(Instant::now() + Duration::from_millis(100));
+                }
+            }
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err((
-                ProxyCode::PM03,
-                format!("the machine started but nothing accepted connections on {addr} in time"),
-            ));
+            let why = if start_again.is_some() {
+                format!("its host kept refusing to start it: {last_refusal}")
+            } else {
+                format!("it started but nothing accepted connections on {addr} in time")
+            };
+            return Err((ProxyCode::PM03, why));
         }
-        let attempt = tokio::time::timeout(left.min(Duration::from_secs(2)), edge.dialer.dial(addr)).await;
+        // Short attempts, each with a fresh SYN: a SYN sent while the machine was still paused
+        // may be lost, and the kernel would retransmit it only after a second.
+        let attempt = tokio::time::timeout(left.min(attempt_timeout), edge.dialer.dial(addr)).await;
         if let Ok(Ok(_stream)) = attempt {
             return Ok(());
         }
+        attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(800));
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(10));
     }
@@ -181,7 +207,11 @@ pub async fn autostop_pass(edge: &Arc<Edge>) -> Vec<MachineId> {
 /// Fly's rule: with more than one machine running, `excess = running − (over_soft + 1)`, and one
 /// idle machine goes when `excess ≥ 1`; a lone machine goes when idle. `min_machines_running`
 /// holds in the primary region.
-fn pick_idle<'a>(edge: &Edge, region: &str, running: &[&'a Arc<MachineRoute>]) -> Option<(&'a Arc<MachineRoute>, Autostop)> {
+fn pick_idle<'a>(
+    edge: &Edge,
+    region: &str,
+    running: &[&'a Arc<MachineRoute>],
+) -> Option<(&'a Arc<MachineRoute>, Autostop)> {
     let idle_ms = u64::try_from(edge.config.idle_after.as_millis()).unwrap_or(u64::MAX);
     let mut over_soft = 0usize;
     let mut idle: Vec<(u64, &'a Arc<MachineRoute>, Autostop, u32)> = Vec::new();
@@ -211,16 +241,24 @@ fn pick_idle<'a>(edge: &Edge, region: &str, running: &[&'a Arc<MachineRoute>]) -
         if quiet < idle_ms {
             continue;
         }
-        let how = if how == Autostop::Suspend && !m.entry.suspendable { Autostop::Stop } else { how };
+        let how = if how == Autostop::Suspend && !m.entry.suspendable {
+            Autostop::Stop
+        } else {
+            how
+        };
         idle.push((quiet, m, how, min_running));
     }
     let running_n = running.len();
     if running_n > 1 && running_n.saturating_sub(over_soft + 1) == 0 {
         return None;
     }
-    idle.sort_by(|a, b| b.0.cmp(&a.0));
+    idle.sort_by_key(|i| std::cmp::Reverse(i.0));
     let (_, m, how, min_running) = idle.into_iter().next()?;
-    let primary = if m.entry.primary_region.is_empty() { edge.config.region.as_str() } else { m.entry.primary_region.as_str() };
+    let primary = if m.entry.primary_region.is_empty() {
+        edge.config.region.as_str()
+    } else {
+        m.entry.primary_region.as_str()
+    };
     if region == primary && running_n <= usize::try_from(min_running).unwrap_or(usize::MAX) {
         return None;
     }
