@@ -1,0 +1,1574 @@
+//! In-process tests of the edge proxy through its public API: an [`Edge`] serving plain HTTP on a
+//! loopback port, fake machines (small hyper or raw tokio servers, each on its own loopback
+//! address, 127.0.x.y, with one internal port per test process) routed through
+//! `edge.routes()`, and a fake [`MachineControl`] that binds a machine's server on `start` and
+//! closes it on `stop`/`suspend`, publishing the new state into the routing table as an agent
+//! would.
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
+
+    use aloft_api::{
+        Autostop, CatalogEntry, CheckState, CheckStatus, HeaderValue as RuleValue, HttpOptions,
+        HttpResponseOptions, MachineId, MachinePort, MachineService, MachineServiceConcurrency, MachineState,
+    };
+    use aloft_proxy::{
+        ControlError, ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl, RoutingTable,
+    };
+    use bytes::Bytes;
+    use http::{HeaderMap, Request, Response, StatusCode, Version};
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Frame, Incoming};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::{Value, json};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Semaphore, mpsc};
+    use tokio::task::JoinHandle;
+
+    // -----------------------------------------------------------------------------------------
+    // Addresses and ids.
+
+    /// The internal port every fake machine of this process listens on: an ephemeral port held
+    /// on 127.0.0.1 for the whole process, so no other process picks it for 127.0.x.y.
+    fn internal_port() -> u16 {
+        static PORT: OnceLock<(std::net::TcpListener, u16)> = OnceLock::new();
+        PORT.get_or_init(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            (l, p)
+        })
+        .1
+    }
+
+    /// A loopback address of its own for a new machine.
+    fn next_ip() -> IpAddr {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let [_, _, hi, lo] = (n / 250 + 1).to_be_bytes();
+        assert_eq!(hi, 0, "too many machines");
+        let [_, _, _, host] = (n % 250 + 2).to_be_bytes();
+        IpAddr::V4(Ipv4Addr::new(127, 0, lo, host))
+    }
+
+    fn next_id() -> MachineId {
+        static N: AtomicU32 = AtomicU32::new(1);
+        let [a, b, c, d] = N.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+        MachineId::from_random([0xab, 0xcd, 0, a, b, c, d])
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Fake machines.
+
+    type BackendBody = BoxBody<Bytes, Infallible>;
+    type BoxFut = Pin<Box<dyn Future<Output = Response<BackendBody>> + Send>>;
+    type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFut + Send + Sync>;
+
+    fn body(b: impl Into<Bytes>) -> BackendBody {
+        Full::new(b.into()).boxed()
+    }
+
+    /// A running fake machine server; dropping it closes the listener.
+    #[derive(Debug)]
+    struct Backend {
+        accept: JoinHandle<()>,
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
+    }
+
+    /// Serves `handler` (HTTP/1.1 with upgrades, and h2c prior knowledge) on `addr`.
+    fn serve_backend(addr: SocketAddr, handler: Handler) -> Backend {
+        let std = std::net::TcpListener::bind(addr).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(std).unwrap();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { accept }
+    }
+
+    /// What an echo machine saw, as JSON.
+    async fn echo_of(name: &str, req: Request<Incoming>) -> Response<BackendBody> {
+        let (parts, incoming) = req.into_parts();
+        let got = incoming.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in &parts.headers {
+            headers
+                .entry(k.as_str().to_owned())
+                .or_default()
+                .push(v.to_str().unwrap_or("?").to_owned());
+        }
+        let seen = json!({
+            "machine": name,
+            "method": parts.method.as_str(),
+            "uri": parts.uri.to_string(),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&got),
+        });
+        Response::builder()
+            .header("x-machine", name)
+            .header("content-type", "application/json")
+            .body(body(seen.to_string()))
+            .unwrap()
+    }
+
+    /// A machine that answers what it saw.
+    fn echo(name: &str) -> Handler {
+        let name = name.to_owned();
+        Arc::new(move |req| {
+            let name = name.clone();
+            Box::pin(async move { echo_of(&name, req).await })
+        })
+    }
+
+    /// Holds requests until released; counts arrivals.
+    #[derive(Debug)]
+    struct Gate {
+        open: Semaphore,
+        arrived: AtomicUsize,
+    }
+
+    impl Gate {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                open: Semaphore::new(0),
+                arrived: AtomicUsize::new(0),
+            })
+        }
+        fn release(&self, n: usize) {
+            self.open.add_permits(n);
+        }
+        fn arrived(&self) -> usize {
+            self.arrived.load(Ordering::SeqCst)
+        }
+    }
+
+    /// An echo machine whose answers wait at `gate`.
+    fn held(name: &str, gate: &Arc<Gate>) -> Handler {
+        let name = name.to_owned();
+        let gate = gate.clone();
+        Arc::new(move |req| {
+            let name = name.clone();
+            let gate = gate.clone();
+            Box::pin(async move {
+                gate.arrived.fetch_add(1, Ordering::SeqCst);
+                gate.open.acquire().await.unwrap().forget();
+                echo_of(&name, req).await
+            })
+        })
+    }
+
+    /// A machine answering with a fixed status and headers.
+    fn answer(name: &str, status: u16, headers: &[(&str, &str)], text: &str) -> Handler {
+        let name = name.to_owned();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let text = text.to_owned();
+        Arc::new(move |_req| {
+            let mut b = Response::builder()
+                .status(status)
+                .header("x-machine", name.as_str());
+            for (k, v) in &headers {
+                b = b.header(k.as_str(), v.as_str());
+            }
+            let r = b.body(body(text.clone())).unwrap();
+            Box::pin(async move { r })
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The fake MachineControl.
+
+    #[derive(Default)]
+    struct FakeMachine {
+        entry: Option<CatalogEntry>,
+        handler: Option<Handler>,
+        backend: Option<Backend>,
+    }
+
+    #[derive(Default)]
+    struct ControlInner {
+        table: OnceLock<Arc<RoutingTable>>,
+        machines: Mutex<HashMap<MachineId, FakeMachine>>,
+        calls: Mutex<Vec<String>>,
+        fail_suspend: AtomicBool,
+        start_delay_ms: AtomicU64,
+    }
+
+    /// Records calls; `start` binds the machine's server and publishes it started, `stop` and
+    /// `suspend` close it and publish it stopped or suspended.
+    #[derive(Clone, Default)]
+    struct FakeControl(Arc<ControlInner>);
+
+    impl std::fmt::Debug for FakeControl {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("FakeControl")
+        }
+    }
+
+    impl FakeControl {
+        fn calls(&self) -> Vec<String> {
+            self.0.calls.lock().unwrap().clone()
+        }
+
+        fn add(&self, entry: &CatalogEntry, handler: Handler) {
+            let backend = (entry.state == MachineState::Started)
+                .then(|| serve_backend(addr_of(entry), handler.clone()));
+            self.0.machines.lock().unwrap().insert(
+                entry.id.clone(),
+                FakeMachine {
+                    entry: Some(entry.clone()),
+                    handler: Some(handler),
+                    backend,
+                },
+            );
+            self.0.table.get().unwrap().upsert(entry.clone());
+        }
+
+        /// Moves a machine to `state`, binding or closing its server.
+        fn set_state(&self, id: &MachineId, state: MachineState) -> Option<CatalogEntry> {
+            let mut map = self.0.machines.lock().unwrap();
+            let m = map.get_mut(id)?;
+            let entry = m.entry.as_mut()?;
+            entry.state = state;
+            if state == MachineState::Started {
+                if m.backend.is_none() {
+                    m.backend = Some(serve_backend(addr_of(entry), m.handler.clone()?));
+                }
+            } else {
+                m.backend = None;
+            }
+            Some(entry.clone())
+        }
+
+        fn change(&self, op: &'static str, id: &MachineId, state: MachineState) -> ControlFuture {
+            self.0.calls.lock().unwrap().push(format!("{op} {id}"));
+            let me = self.clone();
+            let id = id.clone();
+            Box::pin(async move {
+                if op == "suspend" && me.0.fail_suspend.load(Ordering::SeqCst) {
+                    return Err(ControlError::Failed(
+                        "this machine cannot be suspended".to_owned(),
+                    ));
+                }
+                let delay = me.0.start_delay_ms.load(Ordering::SeqCst);
+                if op == "start" && delay > 0 {
+                    // The machine boots for a while.
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                let entry = me
+                    .set_state(&id, state)
+                    .ok_or_else(|| ControlError::Refused(format!("no machine {id}")))?;
+                me.0.table.get().unwrap().upsert(entry);
+                Ok(())
+            })
+        }
+    }
+
+    impl MachineControl for FakeControl {
+        fn start(&self, _app: &str, id: &MachineId) -> ControlFuture {
+            self.change("start", id, MachineState::Started)
+        }
+        fn stop(&self, _app: &str, id: &MachineId) -> ControlFuture {
+            self.change("stop", id, MachineState::Stopped)
+        }
+        fn suspend(&self, _app: &str, id: &MachineId) -> ControlFuture {
+            self.change("suspend", id, MachineState::Suspended)
+        }
+    }
+
+    fn addr_of(e: &CatalogEntry) -> SocketAddr {
+        let port = e.services.first().and_then(|s| s.internal_port).unwrap();
+        SocketAddr::new(e.private_ip.parse().unwrap(), port)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The edge under test.
+
+    fn config() -> EdgeConfig {
+        let mut c = EdgeConfig::new("test");
+        c.connect_timeout = Duration::from_secs(1);
+        c.queue_timeout = Duration::from_millis(300);
+        c.wake_timeout = Duration::from_secs(5);
+        c.idle_after = Duration::ZERO;
+        c.pool_idle_timeout = Duration::from_millis(500);
+        c.header_read_timeout = Duration::from_millis(500);
+        c
+    }
+
+    struct Harness {
+        edge: Arc<Edge>,
+        addr: SocketAddr,
+        control: FakeControl,
+        _server: JoinHandle<()>,
+    }
+
+    impl Harness {
+        async fn new(config: EdgeConfig) -> Self {
+            let control = FakeControl::default();
+            let edge = Edge::new(config, Arc::new(control.clone()), Arc::new(DirectDialer));
+            let _ = control.0.table.set(edge.routes().clone());
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(edge.clone().serve_http(listener));
+            Self {
+                edge,
+                addr,
+                control,
+                _server: server,
+            }
+        }
+
+        /// Publishes a machine (its server runs when the entry says started).
+        fn add(&self, entry: &CatalogEntry, handler: Handler) {
+            self.control.add(entry, handler);
+        }
+
+        async fn get(&self, host: &str, path: &str) -> Resp {
+            self.send(
+                Request::get(path)
+                    .header("host", host)
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+        }
+
+        async fn send(&self, req: Request<Full<Bytes>>) -> Resp {
+            send(self.addr, req).await.unwrap()
+        }
+    }
+
+    /// A started machine of `app` with one `http` service on public port 80.
+    fn entry(app: &str) -> CatalogEntry {
+        CatalogEntry {
+            id: next_id(),
+            app: app.to_owned(),
+            host: "host1".to_owned(),
+            region: "test".to_owned(),
+            state: MachineState::Started,
+            version: "v1".to_owned(),
+            private_ip: next_ip().to_string(),
+            services: vec![MachineService {
+                internal_port: Some(internal_port()),
+                ports: vec![MachinePort {
+                    port: Some(80),
+                    handlers: vec!["http".to_owned()],
+                    ..MachinePort::default()
+                }],
+                ..MachineService::default()
+            }],
+            checks: Vec::new(),
+            suspendable: false,
+            process_group: String::new(),
+            primary_region: String::new(),
+            updated_at: 0,
+        }
+    }
+
+    fn with_limits(mut e: CatalogEntry, soft: u32, hard: u32) -> CatalogEntry {
+        e.services[0].concurrency = Some(MachineServiceConcurrency {
+            soft_limit: Some(soft),
+            hard_limit: Some(hard),
+            r#type: Some("requests".to_owned()),
+        });
+        e
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Clients.
+
+    #[derive(Debug)]
+    struct Resp {
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    impl Resp {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).map(|v| v.to_str().unwrap())
+        }
+        fn machine(&self) -> &str {
+            self.header("x-machine")
+                .unwrap_or_else(|| panic!("not a machine's answer: {self:?}"))
+        }
+        fn code(&self) -> Option<&str> {
+            self.header("fly-proxy-error-code")
+        }
+        fn json(&self) -> Value {
+            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+        }
+        /// The first value of a request header the echo machine saw.
+        fn seen(&self, name: &str) -> Option<String> {
+            self.json()["headers"][name][0].as_str().map(str::to_owned)
+        }
+    }
+
+    /// One HTTP/1.1 request on a new connection.
+    async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Resp, hyper::Error> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await?;
+        let (parts, incoming) = resp.into_parts();
+        let body = incoming.collect().await?.to_bytes();
+        Ok(Resp {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Polls `cond` until it holds (5 s at most).
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Reads a raw HTTP/1.1 response head.
+    async fn read_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    /// Reads a raw HTTP/1.1 response with a Content-Length body; its head.
+    async fn read_response(s: &mut TcpStream) -> String {
+        let head = read_head(s).await;
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+        head
+    }
+
+    /// Whether the proxy closes `s` within `within` (reading and discarding what it sends).
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        let read_all = async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(within, read_all).await.is_ok()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 1. Routing by Host.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_are_routed_by_host_and_custom_domain() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let b = entry("b");
+        h.add(&a, echo("a1"));
+        h.add(&b, echo("b1"));
+        h.edge.routes().set_domain("www.example.com", Some("b"));
+
+        assert_eq!(h.get("a.localhost", "/").await.machine(), "a1");
+        assert_eq!(h.get("b.localhost", "/").await.machine(), "b1");
+        assert_eq!(
+            h.get("A.LOCALHOST:8080", "/").await.machine(),
+            "a1",
+            "case and port ignored"
+        );
+        assert_eq!(h.get("www.example.com", "/").await.machine(), "b1");
+
+        for host in ["c.localhost", "localhost", "x.a.localhost", "other.example.com"] {
+            let r = h.get(host, "/").await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "{host}");
+            assert_eq!(r.code(), Some("PR04"), "{host}");
+        }
+        h.edge.routes().set_domain("www.example.com", None);
+        assert_eq!(h.get("www.example.com", "/").await.code(), Some("PR04"));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 2. Headers.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_carry_fly_headers_and_lose_hop_by_hop_ones() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        h.add(&a, echo("a1"));
+        let req = Request::get("/x?y=1")
+            .header("host", "a.localhost")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("connection", "keep-alive, x-private")
+            .header("x-private", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("fly-client-ip", "6.6.6.6")
+            .header("x-custom", "kept")
+            .body(Full::default())
+            .unwrap();
+        let r = h.send(req).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let seen = |n: &str| r.seen(n);
+        assert_eq!(
+            seen("fly-client-ip").as_deref(),
+            Some("127.0.0.1"),
+            "a client cannot forge it"
+        );
+        assert_eq!(seen("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+        assert_eq!(seen("x-forwarded-proto").as_deref(), Some("http"));
+        assert_eq!(seen("x-forwarded-port").as_deref(), Some("80"));
+        assert_eq!(seen("x-forwarded-ssl").as_deref(), Some("off"));
+        assert_eq!(seen("fly-forwarded-port").as_deref(), Some("80"));
+        assert_eq!(seen("fly-region").as_deref(), Some("test"));
+        assert_eq!(seen("via").as_deref(), Some("1.1 aloft"));
+        assert_eq!(seen("host").as_deref(), Some("a.localhost"));
+        assert_eq!(seen("x-custom").as_deref(), Some("kept"));
+        assert_eq!(r.json()["uri"], "/x?y=1");
+        for hop in ["x-private", "keep-alive", "proxy-connection"] {
+            assert_eq!(seen(hop), None, "{hop} was forwarded");
+        }
+        let rid = seen("fly-request-id").unwrap();
+        assert!(rid.ends_with("-test"), "{rid}");
+        // The response names the proxy and the same request id.
+        assert_eq!(r.header("server"), Some("aloft"));
+        assert_eq!(r.header("via"), Some("1.1 aloft"));
+        assert_eq!(r.header("fly-request-id"), Some(rid.as_str()));
+        // Each request gets its own id.
+        let r2 = h.get("a.localhost", "/").await;
+        assert_ne!(r2.header("fly-request-id"), Some(rid.as_str()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn response_headers_follow_http_options() {
+        let h = Harness::new(config()).await;
+        let mut rules = std::collections::BTreeMap::new();
+        rules.insert("x-added".to_owned(), RuleValue::One("yes".to_owned()));
+        rules.insert(
+            "x-many".to_owned(),
+            RuleValue::Many(vec!["1".to_owned(), "2".to_owned()]),
+        );
+        rules.insert("x-remove-me".to_owned(), RuleValue::Bool(false));
+        let mut a = entry("a");
+        a.services[0].ports[0].http_options = Some(HttpOptions {
+            response: Some(HttpResponseOptions {
+                headers: rules,
+                pristine: None,
+            }),
+            ..HttpOptions::default()
+        });
+        h.add(
+            &a,
+            answer("a1", 200, &[("x-remove-me", "1"), ("x-kept", "1")], "hi"),
+        );
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.header("x-added"), Some("yes"));
+        let many: Vec<_> = r
+            .headers
+            .get_all("x-many")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(many, ["1", "2"]);
+        assert_eq!(r.header("x-remove-me"), None);
+        assert_eq!(r.header("x-kept"), Some("1"));
+        assert_eq!(r.header("server"), Some("aloft"));
+
+        let mut p = entry("p");
+        p.services[0].ports[0].http_options = Some(HttpOptions {
+            response: Some(HttpResponseOptions {
+                headers: std::collections::BTreeMap::new(),
+                pristine: Some(true),
+            }),
+            ..HttpOptions::default()
+        });
+        h.add(&p, answer("p1", 200, &[], "hi"));
+        let r = h.get("p.localhost", "/").await;
+        assert_eq!(r.machine(), "p1");
+        for name in ["server", "via", "fly-request-id"] {
+            assert_eq!(r.header(name), None, "pristine response has {name}");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 3. Balancing.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_go_to_the_least_loaded_machine() {
+        let h = Arc::new(Harness::new(config()).await);
+        let gate = Gate::new();
+        let (m1, m2) = (entry("a"), entry("a"));
+        h.add(&m1, held("m1", &gate));
+        h.add(&m2, held("m2", &gate));
+        let mut pending = Vec::new();
+        for i in 1..=4 {
+            let h2 = h.clone();
+            pending.push(tokio::spawn(async move { h2.get("a.localhost", "/").await }));
+            until("the request reached a machine", || gate.arrived() == i).await;
+        }
+        gate.release(4);
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for p in pending {
+            let r = p.await.unwrap();
+            *per.entry(r.machine().to_owned()).or_default() += 1;
+        }
+        assert_eq!(per.get("m1"), Some(&2), "{per:?}");
+        assert_eq!(per.get("m2"), Some(&2), "{per:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cordoned_and_failing_machines_get_nothing() {
+        let h = Harness::new(config()).await;
+        let good = entry("a");
+        let cordoned = entry("a");
+        let mut failing = entry("a");
+        failing.checks = vec![CheckStatus {
+            name: "servicecheck-00-tcp-8080".to_owned(),
+            status: CheckState::Critical,
+            output: "connection refused".to_owned(),
+            updated_at: String::new(),
+        }];
+        h.add(&good, echo("good"));
+        h.add(&cordoned, echo("cordoned"));
+        h.add(&failing, echo("failing"));
+        h.edge.routes().set_cordoned("a", &cordoned.id, true);
+        for _ in 0..8 {
+            assert_eq!(h.get("a.localhost", "/").await.machine(), "good");
+        }
+        h.edge.routes().set_cordoned("a", &good.id, true);
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.code(), Some("PR01"));
+        // Uncordoned, it serves again.
+        h.edge.routes().set_cordoned("a", &cordoned.id, false);
+        assert_eq!(h.get("a.localhost", "/").await.machine(), "cordoned");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 4. Limits.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_the_hard_limit_a_request_waits_for_capacity() {
+        let mut c = config();
+        c.queue_timeout = Duration::from_secs(3);
+        let h = Arc::new(Harness::new(c).await);
+        let gate = Gate::new();
+        let m = with_limits(entry("a"), 1, 1);
+        h.add(&m, held("m1", &gate));
+        let h1 = h.clone();
+        let first = tokio::spawn(async move { h1.get("a.localhost", "/1").await });
+        until("the first request is served", || gate.arrived() == 1).await;
+        let h2 = h.clone();
+        let second = tokio::spawn(async move { h2.get("a.localhost", "/2").await });
+        // The second waits in the queue: the machine does not see it while the first is held.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(gate.arrived(), 1, "the hard limit let a second request through");
+        assert!(!second.is_finished());
+        gate.release(2);
+        let r1 = first.await.unwrap();
+        let r2 = second.await.unwrap();
+        assert_eq!((r1.status, r2.status), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(r2.json()["uri"], "/2");
+        assert_eq!(gate.arrived(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_app_answers_pl01_after_the_queue_timeout() {
+        let h = Arc::new(Harness::new(config()).await);
+        let gate = Gate::new();
+        let m = with_limits(entry("a"), 1, 1);
+        h.add(&m, held("m1", &gate));
+        let h1 = h.clone();
+        let first = tokio::spawn(async move { h1.get("a.localhost", "/").await });
+        until("the first request is served", || gate.arrived() == 1).await;
+        let started = Instant::now();
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.code(), Some("PL01"));
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        gate.release(1);
+        assert_eq!(first.await.unwrap().status, StatusCode::OK);
+        // Capacity is back.
+        gate.release(1);
+        assert_eq!(h.get("a.localhost", "/").await.status, StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_the_soft_limit_a_stopped_machine_is_woken() {
+        let h = Arc::new(Harness::new(config()).await);
+        let gate = Gate::new();
+        let running = with_limits(entry("a"), 1, 5);
+        let mut sleeping = with_limits(entry("a"), 1, 5);
+        sleeping.state = MachineState::Stopped;
+        sleeping.services[0].autostart = Some(true);
+        h.add(&running, held("running", &gate));
+        h.add(&sleeping, echo("sleeping"));
+        let h1 = h.clone();
+        let first = tokio::spawn(async move { h1.get("a.localhost", "/").await });
+        until("the first request is served", || gate.arrived() == 1).await;
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.machine(), "sleeping");
+        assert_eq!(h.control.calls(), [format!("start {}", sleeping.id)]);
+        gate.release(1);
+        assert_eq!(first.await.unwrap().machine(), "running");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 5. Retries.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusing_machine_is_retried_elsewhere() {
+        let h = Harness::new(config()).await;
+        let refusing = entry("a");
+        let working = entry("a");
+        // Published as started, but nothing listens at its address.
+        h.edge.routes().upsert(refusing.clone());
+        h.add(&working, echo("working"));
+        for _ in 0..6 {
+            let r = h.get("a.localhost", "/").await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(r.machine(), "working");
+        }
+        // A POST with a small body is retried with its body.
+        let r = h
+            .send(
+                Request::post("/p")
+                    .header("host", "a.localhost")
+                    .body(Full::new(Bytes::from_static(b"payload")))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.json()["body"], "payload");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_app_whose_only_machine_refuses_gets_pc01() {
+        let h = Harness::new(config()).await;
+        h.edge.routes().upsert(entry("a"));
+        for _ in 0..3 {
+            let r = h.get("a.localhost", "/").await;
+            assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{r:?}");
+            assert_eq!(r.code(), Some("PC01"), "{r:?}");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 6. Autostart and autostop.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_machine_is_started_once_by_concurrent_first_requests() {
+        let h = Arc::new(Harness::new(config()).await);
+        h.control.0.start_delay_ms.store(150, Ordering::SeqCst);
+        let mut m = entry("a");
+        m.state = MachineState::Stopped;
+        h.add(&m, echo("m1"));
+        let mut pending = Vec::new();
+        for i in 0..6 {
+            let h2 = h.clone();
+            pending.push(tokio::spawn(async move {
+                h2.get("a.localhost", &format!("/{i}")).await
+            }));
+        }
+        for p in pending {
+            let r = p.await.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(r.machine(), "m1");
+        }
+        assert_eq!(h.control.calls(), [format!("start {}", m.id)]);
+        // Started now: no further start.
+        assert_eq!(h.get("a.localhost", "/").await.machine(), "m1");
+        assert_eq!(h.control.calls().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostart_false_leaves_a_stopped_machine_alone() {
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.state = MachineState::Stopped;
+        m.services[0].autostart = Some(false);
+        h.add(&m, echo("m1"));
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.code(), Some("PR01"), "{r:?}");
+        assert!(h.control.calls().is_empty());
+    }
+
+    fn autostopping(app: &str, how: Autostop) -> CatalogEntry {
+        let mut e = entry(app);
+        e.services[0].autostop = Some(how);
+        e
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_stops_or_suspends_idle_machines() {
+        let h = Harness::new(config()).await;
+        let stop = autostopping("s", Autostop::Stop);
+        let mut suspend = autostopping("u", Autostop::Suspend);
+        suspend.suspendable = true;
+        let unsuspendable = autostopping("n", Autostop::Suspend);
+        let off = autostopping("o", Autostop::Off);
+        h.add(&stop, echo("s"));
+        h.add(&suspend, echo("u"));
+        h.add(&unsuspendable, echo("n"));
+        h.add(&off, echo("o"));
+        let mut acted = aloft_proxy::autostop_pass(&h.edge).await;
+        acted.sort();
+        let mut want = vec![stop.id.clone(), suspend.id.clone(), unsuspendable.id.clone()];
+        want.sort();
+        assert_eq!(acted, want);
+        let mut calls = h.control.calls();
+        calls.sort();
+        let mut expected = vec![
+            format!("stop {}", stop.id),
+            format!("suspend {}", suspend.id),
+            format!("stop {}", unsuspendable.id),
+        ];
+        expected.sort();
+        assert_eq!(calls, expected);
+        let snap = h.edge.routes().snapshot();
+        assert_eq!(
+            snap.app("u").unwrap().machines[0].entry.state,
+            MachineState::Suspended
+        );
+        // Nothing left to stop.
+        assert!(aloft_proxy::autostop_pass(&h.edge).await.is_empty());
+        // A request wakes the suspended one again.
+        assert_eq!(h.get("u.localhost", "/").await.machine(), "u");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_falls_back_to_stop_when_suspend_fails() {
+        let h = Harness::new(config()).await;
+        h.control.0.fail_suspend.store(true, Ordering::SeqCst);
+        let mut m = autostopping("u", Autostop::Suspend);
+        m.suspendable = true;
+        h.add(&m, echo("u"));
+        assert_eq!(
+            aloft_proxy::autostop_pass(&h.edge).await,
+            std::slice::from_ref(&m.id)
+        );
+        assert_eq!(
+            h.control.calls(),
+            [format!("suspend {}", m.id), format!("stop {}", m.id)]
+        );
+        assert_eq!(
+            h.edge.routes().snapshot().app("u").unwrap().machines[0]
+                .entry
+                .state,
+            MachineState::Stopped
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_keeps_min_machines_running_in_the_primary_region_only() {
+        let h = Harness::new(config()).await;
+        let mut primary = autostopping("a", Autostop::Stop);
+        primary.services[0].min_machines_running = Some(1);
+        primary.primary_region = "test".to_owned();
+        let mut elsewhere = autostopping("a", Autostop::Stop);
+        elsewhere.services[0].min_machines_running = Some(1);
+        elsewhere.primary_region = "test".to_owned();
+        elsewhere.region = "far".to_owned();
+        h.add(&primary, echo("p"));
+        h.add(&elsewhere, echo("e"));
+        assert_eq!(
+            aloft_proxy::autostop_pass(&h.edge).await,
+            std::slice::from_ref(&elsewhere.id)
+        );
+        assert!(aloft_proxy::autostop_pass(&h.edge).await.is_empty());
+        assert_eq!(h.control.calls(), [format!("stop {}", elsewhere.id)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_stops_one_machine_per_region_per_pass() {
+        let h = Harness::new(config()).await;
+        let ms: Vec<CatalogEntry> = (0..3).map(|_| autostopping("a", Autostop::Stop)).collect();
+        for (i, m) in ms.iter().enumerate() {
+            h.add(m, echo(&format!("m{i}")));
+        }
+        let running = || {
+            h.edge
+                .routes()
+                .snapshot()
+                .app("a")
+                .unwrap()
+                .machines
+                .iter()
+                .filter(|m| m.entry.state == MachineState::Started)
+                .count()
+        };
+        for left in [2, 1, 0] {
+            assert_eq!(aloft_proxy::autostop_pass(&h.edge).await.len(), 1);
+            assert_eq!(running(), left);
+        }
+        assert_eq!(h.control.calls().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_leaves_a_busy_machine_running() {
+        let h = Arc::new(Harness::new(config()).await);
+        let gate = Gate::new();
+        let m = autostopping("a", Autostop::Stop);
+        h.add(&m, held("m", &gate));
+        let h1 = h.clone();
+        let first = tokio::spawn(async move { h1.get("a.localhost", "/").await });
+        until("the request is served", || gate.arrived() == 1).await;
+        assert!(aloft_proxy::autostop_pass(&h.edge).await.is_empty());
+        gate.release(1);
+        assert_eq!(first.await.unwrap().status, StatusCode::OK);
+        assert_eq!(
+            aloft_proxy::autostop_pass(&h.edge).await,
+            std::slice::from_ref(&m.id)
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 7. fly-replay.
+
+    /// Answers `fly-replay: <value>` unless the request was replayed already (then echoes).
+    fn replayer(name: &str, value: String) -> Handler {
+        let name = name.to_owned();
+        Arc::new(move |req| {
+            let name = name.clone();
+            let value = value.clone();
+            Box::pin(async move {
+                if req.headers().contains_key("fly-replay-src") {
+                    return echo_of(&name, req).await;
+                }
+                Response::builder()
+                    .header("x-machine", name.as_str())
+                    .header("fly-replay", value.as_str())
+                    .body(body("replay me"))
+                    .unwrap()
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fly_replay_to_an_instance_reaches_it_with_the_source() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let b = entry("a");
+        h.add(&a, replayer("A", format!("instance={};state=hello", b.id)));
+        h.add(&b, echo("B"));
+        // Force the first hop to A.
+        let r = h
+            .send(
+                Request::get("/r")
+                    .header("host", "a.localhost")
+                    .header("fly-force-instance-id", a.id.as_str())
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.machine(), "B");
+        let src = r.seen("fly-replay-src").unwrap();
+        assert!(src.contains(&format!("instance={}", a.id)), "{src}");
+        assert!(src.contains("region=test"), "{src}");
+        assert!(src.contains("state=hello"), "{src}");
+        assert_eq!(
+            r.header("fly-replay"),
+            None,
+            "the replay answer leaked to the client"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fly_replay_elsewhere_avoids_the_replaying_machine() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let b = entry("a");
+        h.add(&a, replayer("A", "elsewhere=true".to_owned()));
+        h.add(&b, replayer("B", "elsewhere=true".to_owned()));
+        for _ in 0..4 {
+            let r = h.get("a.localhost", "/").await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            let src = r.seen("fly-replay-src").unwrap();
+            let other = if r.machine() == "A" { &b.id } else { &a.id };
+            assert!(
+                src.contains(&format!("instance={other}")),
+                "{} answered, src {src}",
+                r.machine()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fly_replay_json_transforms_the_request_but_not_the_proxy_headers() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let b = entry("a");
+        let body_json = json!({
+            "instance": b.id.as_str(),
+            "transform": {
+                "path": "/rewritten?q=1",
+                "delete_headers": ["x-drop"],
+                "set_headers": [
+                    {"name": "x-set", "value": "1"},
+                    {"name": "fly-client-ip", "value": "6.6.6.6"},
+                    {"name": "fly-replay-src", "value": "forged"},
+                ],
+            },
+        })
+        .to_string();
+        h.add(
+            &a,
+            answer(
+                "A",
+                200,
+                &[("content-type", "application/vnd.fly.replay+json")],
+                &body_json,
+            ),
+        );
+        h.add(&b, echo("B"));
+        let r = h
+            .send(
+                Request::get("/orig")
+                    .header("host", "a.localhost")
+                    .header("x-drop", "1")
+                    .header("fly-force-instance-id", a.id.as_str())
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.machine(), "B", "{r:?}");
+        assert_eq!(r.json()["uri"], "/rewritten?q=1");
+        assert_eq!(r.seen("x-set").as_deref(), Some("1"));
+        assert_eq!(r.seen("x-drop"), None);
+        assert_eq!(
+            r.seen("fly-client-ip").as_deref(),
+            Some("127.0.0.1"),
+            "the app forged fly-client-ip"
+        );
+        let src = r.seen("fly-replay-src").unwrap();
+        assert!(
+            src.contains(&format!("instance={}", a.id)),
+            "the app forged fly-replay-src: {src}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fly_replay_to_another_app() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), replayer("A", "app=b".to_owned()));
+        h.add(&entry("b"), echo("B"));
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.machine(), "B", "{r:?}");
+        // The target app must exist.
+        h.add(&entry("c"), replayer("C", "app=nope".to_owned()));
+        let r = h.get("c.localhost", "/").await;
+        assert_eq!(r.code(), Some("PA04"), "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_and_endless_replays_are_errors() {
+        let h = Harness::new(config()).await;
+        h.add(
+            &entry("bad"),
+            answer("X", 200, &[("fly-replay", "instance=not-an-id")], ""),
+        );
+        let r = h.get("bad.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(r.code(), Some("PA03"));
+
+        let looping = entry("loop");
+        let value = format!("instance={}", looping.id);
+        h.add(&looping, answer("L", 200, &[("fly-replay", value.as_str())], ""));
+        let r = h.get("loop.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(r.code(), Some("PA02"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_post_is_replayed_with_its_body() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let b = entry("a");
+        h.add(&a, replayer("A", format!("instance={}", b.id)));
+        h.add(&b, echo("B"));
+        let r = h
+            .send(
+                Request::post("/p")
+                    .header("host", "a.localhost")
+                    .header("fly-force-instance-id", a.id.as_str())
+                    .body(Full::new(Bytes::from_static(b"the body")))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.machine(), "B", "{r:?}");
+        assert_eq!(r.json()["method"], "POST");
+        assert_eq!(r.json()["body"], "the body");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 8. Upgrades.
+
+    fn upgrade_echo() -> Handler {
+        Arc::new(|mut req| {
+            Box::pin(async move {
+                if !req.headers().contains_key("upgrade") {
+                    return echo_of("ws", req).await;
+                }
+                let up = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(u) = up.await {
+                        let mut io = TokioIo::new(u);
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = io.read(&mut buf).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+                Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("x-machine", "ws")
+                    .body(body(""))
+                    .unwrap()
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_carries_bytes_both_ways() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), upgrade_echo());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        for msg in [&b"ping"[..], b"second message"] {
+            s.write_all(msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, msg);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 9. HTTP/2.
+
+    async fn send_h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> Resp {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.unwrap();
+        let (parts, incoming) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: incoming.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_h2_client_reaches_an_http1_backend() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("a1"));
+        let r = send_h2(
+            h.addr,
+            Request::post("http://a.localhost/h2?x=1")
+                .body(Full::new(Bytes::from_static(b"over h2")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.version, Version::HTTP_2);
+        let seen = r.json();
+        assert_eq!(seen["version"], "HTTP/1.1");
+        assert_eq!(seen["uri"], "/h2?x=1");
+        assert_eq!(seen["body"], "over h2");
+        assert_eq!(r.seen("host").as_deref(), Some("a.localhost"));
+        assert_eq!(r.seen("via").as_deref(), Some("2 aloft"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_backend_speaks_h2c_to_the_machine() {
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.services[0].ports[0].http_options = Some(HttpOptions {
+            h2_backend: Some(true),
+            ..HttpOptions::default()
+        });
+        h.add(&m, echo("a1"));
+        let r = h.get("a.localhost", "/grpc").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        let seen = r.json();
+        assert_eq!(seen["version"], "HTTP/2.0");
+        assert_eq!(
+            seen["uri"].as_str().map(|u| u.ends_with("/grpc")),
+            Some(true),
+            "{seen}"
+        );
+        // The app still learns which host was asked for.
+        let authority = seen["uri"].as_str().unwrap().contains("a.localhost")
+            || r.seen("host").as_deref() == Some("a.localhost");
+        assert!(authority, "the h2 backend lost the host: {seen}");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 10. Bad input.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_malformed_request_gets_400() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("a1"));
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"THIS IS NOT HTTP\r\n\r\n").await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_huge_header_gets_431() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("a1"));
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        let big = "x".repeat(100 * 1024);
+        let req = format!("GET / HTTP/1.1\r\nHost: a.localhost\r\nX-Big: {big}\r\n\r\n");
+        // The proxy may answer and close before reading everything.
+        let _ = s.write_all(req.as_bytes()).await;
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_and_silent_clients_are_disconnected() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("a1"));
+        // Half a header, then nothing.
+        let mut half = TcpStream::connect(h.addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nHost: a.loc").await.unwrap();
+        // Nothing at all.
+        let mut silent = TcpStream::connect(h.addr).await.unwrap();
+        // Half of the HTTP/2 preface.
+        let mut half_h2 = TcpStream::connect(h.addr).await.unwrap();
+        half_h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut half, Duration::from_secs(3)).await,
+            "half a header"
+        );
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(3)).await,
+            "silent client"
+        );
+        assert!(
+            closed_within(&mut half_h2, Duration::from_secs(3)).await,
+            "half an h2 preface"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        // A prompt client is served.
+        assert_eq!(h.get("a.localhost", "/").await.status, StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backend_reset_mid_response_fails_that_request_only() {
+        let h = Harness::new(config()).await;
+        let m = entry("a");
+        let listener = TcpListener::bind(addr_of(&m)).await.unwrap();
+        h.edge.routes().upsert(m.clone());
+        let _backend = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                n += 1;
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if n == 1 {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                        .await;
+                    let _ = s.flush().await;
+                    let _ = s.set_zero_linger();
+                    drop(s);
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nx-machine: raw\r\n\r\nok")
+                        .await;
+                }
+            }
+        });
+        let first = send(
+            h.addr,
+            Request::get("/")
+                .header("host", "a.localhost")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert!(
+            first.is_err(),
+            "a cut response reached the client whole: {first:?}"
+        );
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], b"ok");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_over_its_connection_limit_is_closed() {
+        let mut c = config();
+        c.max_conns_per_client = 3;
+        c.header_read_timeout = Duration::from_secs(5);
+        let h = Harness::new(c).await;
+        h.add(&entry("a"), echo("a1"));
+        let req = b"GET / HTTP/1.1\r\nHost: a.localhost\r\n\r\n";
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(h.addr).await.unwrap();
+            s.write_all(req).await.unwrap();
+            assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+            open.push(s);
+        }
+        let mut fourth = TcpStream::connect(h.addr).await.unwrap();
+        let _ = fourth.write_all(req).await;
+        assert!(
+            closed_within(&mut fourth, Duration::from_secs(2)).await,
+            "the 4th connection stayed open"
+        );
+        // The first three still work.
+        open[0].write_all(req).await.unwrap();
+        assert!(read_response(&mut open[0]).await.starts_with("HTTP/1.1 200"));
+        // One closed, a new one is admitted.
+        drop(open.pop());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = TcpStream::connect(h.addr).await.unwrap();
+            s.write_all(req).await.unwrap();
+            let mut b = [0u8; 12];
+            if tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                assert_eq!(&b, b"HTTP/1.1 200");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the freed slot never came back");
+        }
+        assert!(
+            h.edge
+                .metrics_text()
+                .contains("aloft_edge_refused_connections_count{} 1")
+                || h.edge
+                    .metrics_text()
+                    .contains("aloft_edge_refused_connections_count{} 2")
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 11. Live routing.
+
+    /// A response body fed from a channel.
+    struct ChannelBody(mpsc::Receiver<Bytes>);
+
+    impl hyper::body::Body for ChannelBody {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_survives_its_machine_leaving_the_table() {
+        let h = Harness::new(config()).await;
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let rx = Arc::new(Mutex::new(Some(rx)));
+        let streaming: Handler = Arc::new(move |_req| {
+            let rx = rx.lock().unwrap().take();
+            Box::pin(async move {
+                match rx {
+                    Some(rx) => Response::builder()
+                        .header("x-machine", "old")
+                        .body(ChannelBody(rx).boxed())
+                        .unwrap(),
+                    None => Response::builder()
+                        .header("x-machine", "old")
+                        .body(body("again"))
+                        .unwrap(),
+                }
+            })
+        });
+        let old = entry("a");
+        h.add(&old, streaming);
+        let tcp = TcpStream::connect(h.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(
+                Request::get("/stream")
+                    .header("host", "a.localhost")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-machine"], "old");
+        let mut stream = resp.into_body();
+        tx.send(Bytes::from_static(b"one")).await.unwrap();
+        let frame = stream.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "one");
+
+        // The machine leaves the catalog and a new one arrives.
+        h.edge.routes().remove("a", &old.id);
+        let new = entry("a");
+        h.add(&new, echo("new"));
+        for _ in 0..3 {
+            assert_eq!(h.get("a.localhost", "/").await.machine(), "new");
+        }
+        // The old stream keeps flowing to its end.
+        tx.send(Bytes::from_static(b"two")).await.unwrap();
+        let frame = stream.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "two");
+        drop(tx);
+        assert!(stream.frame().await.is_none());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 12. force_https.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn force_https_redirects_plain_http() {
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.services[0].ports[0].force_https = Some(true);
+        h.add(&m, echo("a1"));
+        let r = h.get("a.localhost:80", "/some/path?q=1").await;
+        assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY, "{r:?}");
+        assert_eq!(r.header("location"), Some("https://a.localhost/some/path?q=1"));
+        // Without force_https the request is served.
+        h.add(&entry("b"), echo("b1"));
+        assert_eq!(h.get("b.localhost", "/").await.status, StatusCode::OK);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // 13. Metrics.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_count_responses_and_concurrency() {
+        let h = Arc::new(Harness::new(config()).await);
+        let gate = Gate::new();
+        let m = entry("a");
+        h.add(&m, held("m1", &gate));
+        gate.release(3);
+        for _ in 0..3 {
+            assert_eq!(h.get("a.localhost", "/").await.status, StatusCode::OK);
+        }
+        let _ = h.get("zzz.localhost", "/").await;
+        let text = h.edge.metrics_text();
+        assert!(
+            text.contains("fly_edge_http_responses_count{app=\"a\",status=\"200\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fly_edge_http_responses_count{app=\"\",status=\"404\"} 1\n"),
+            "{text}"
+        );
+        let gauge = |n: u32| {
+            format!(
+                "fly_app_concurrency{{app=\"a\",instance=\"{}\",region=\"test\"}} {n}\n",
+                m.id
+            )
+        };
+        assert!(text.contains(&gauge(0)), "{text}");
+        let h1 = h.clone();
+        let pending = tokio::spawn(async move { h1.get("a.localhost", "/").await });
+        until("the request is served", || gate.arrived() == 4).await;
+        assert!(
+            h.edge.metrics_text().contains(&gauge(1)),
+            "{}",
+            h.edge.metrics_text()
+        );
+        gate.release(1);
+        assert_eq!(pending.await.unwrap().status, StatusCode::OK);
+        until("the gauge drops", || h.edge.metrics_text().contains(&gauge(0))).await;
+        assert!(
+            h.edge
+                .metrics_text()
+                .contains("fly_edge_http_responses_count{app=\"a\",status=\"200\"} 4\n")
+        );
+    }
+}
