@@ -333,13 +333,28 @@ impl CertManager {
         result
     }
 
-    /// The watch half of [`Self::run`]: keeps the map current and wakes the worker.
+    /// The watch half of [`Self::run`]: keeps the map current and wakes the worker. Returns only
+    /// when the first load fails; later failures are retried every second.
     async fn follow(self: &Arc<Self>) -> Result<(), CertError> {
+        let mut first = true;
         loop {
             let me = self.clone();
-            let revision = blocking(move || me.load()).await?;
+            let watched = blocking(move || {
+                let revision = me.load()?;
+                Ok(me.store.watch(keys::CERTS, Some(revision.next()))?)
+            })
+            .await;
+            let mut watcher = match watched {
+                Ok(w) => w,
+                Err(e) if first => return Err(e),
+                // History compacted meanwhile, or the store failing: load again shortly.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            first = false;
             self.wake.notify_one();
-            let mut watcher = self.store.watch(keys::CERTS, Some(revision.next()))?;
             // Until the watch ends (lagged, closed): then load everything again.
             while let Ok(batch) = watcher.recv_async().await {
                 let mut due = false;
