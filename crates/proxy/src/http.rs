@@ -1081,16 +1081,28 @@ fn add_request_headers(config: &EdgeConfig, h: &mut HeaderMap, conn: &ConnInfo, 
     let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
     strip_hop_by_hop(h, keep_upgrade);
     let ip = conn.peer.ip().to_canonical().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.clone(),
+    // Every line of a list header counts (a client or proxy before us may have sent several);
+    // `insert` below replaces them all with one.
+    let joined = |h: &HeaderMap, name: &str| {
+        let parts: Vec<&str> = h
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    };
+    let xff = match joined(h, "x-forwarded-for") {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
     };
     let via_token = if version == Version::HTTP_2 {
         "2 aloft"
     } else {
         "1.1 aloft"
     };
-    let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+    let via = match joined(h, "via") {
         Some(prev) => format!("{prev}, {via_token}"),
         None => via_token.to_owned(),
     };

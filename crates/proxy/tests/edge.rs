@@ -222,6 +222,7 @@ mod tests {
         machines: Mutex<HashMap<MachineId, FakeMachine>>,
         calls: Mutex<Vec<String>>,
         fail_suspend: AtomicBool,
+        fail_start: AtomicBool,
         start_delay_ms: AtomicU64,
     }
 
@@ -280,6 +281,9 @@ mod tests {
                     return Err(ControlError::Failed(
                         "this machine cannot be suspended".to_owned(),
                     ));
+                }
+                if op == "start" && me.0.fail_start.load(Ordering::SeqCst) {
+                    return Err(ControlError::Failed("the host is out of memory".to_owned()));
                 }
                 let delay = me.0.start_delay_ms.load(Ordering::SeqCst);
                 if op == "start" && delay > 0 {
@@ -547,6 +551,7 @@ mod tests {
         let req = Request::get("/x?y=1")
             .header("host", "a.localhost")
             .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-for", "198.51.100.1")
             .header("connection", "keep-alive, x-private")
             .header("x-private", "secret")
             .header("keep-alive", "timeout=5")
@@ -563,7 +568,10 @@ mod tests {
             Some("127.0.0.1"),
             "a client cannot forge it"
         );
-        assert_eq!(seen("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+        assert_eq!(
+            seen("x-forwarded-for").as_deref(),
+            Some("203.0.113.7, 198.51.100.1, 127.0.0.1")
+        );
         assert_eq!(seen("x-forwarded-proto").as_deref(), Some("http"));
         assert_eq!(seen("x-forwarded-port").as_deref(), Some("80"));
         assert_eq!(seen("x-forwarded-ssl").as_deref(), Some("off"));
@@ -1570,5 +1578,170 @@ mod tests {
                 .metrics_text()
                 .contains("fly_edge_http_responses_count{app=\"a\",status=\"200\"} 4\n")
         );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // More: wake failures, hints, replay fallback, big bodies, upgrades' load.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_machine_that_cannot_be_woken_gets_pm07_or_pm03() {
+        let mut c = config();
+        c.wake_timeout = Duration::from_millis(300);
+        let h = Harness::new(c).await;
+        h.control.0.fail_start.store(true, Ordering::SeqCst);
+        let mut m = entry("a");
+        m.state = MachineState::Stopped;
+        h.add(&m, echo("m1"));
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
+        assert_eq!(r.code(), Some("PM07"), "{r:?}");
+        // Its host accepts the start but nothing ever listens.
+        let mut ghost = entry("g");
+        ghost.state = MachineState::Stopped;
+        h.edge.routes().upsert(ghost);
+        h.control.0.fail_start.store(false, Ordering::SeqCst);
+        let started = Instant::now();
+        let r = h.get("g.localhost", "/").await;
+        assert_eq!(r.code(), Some("PM03"), "{r:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        let text = h.edge.metrics_text();
+        assert!(
+            text.contains("aloft_edge_autostart_count{result=\"failed\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routing_hints_force_an_instance() {
+        let h = Harness::new(config()).await;
+        let (m1, m2) = (entry("a"), entry("a"));
+        h.add(&m1, echo("m1"));
+        h.add(&m2, echo("m2"));
+        let forced = |id: &str| {
+            Request::get("/")
+                .header("host", "a.localhost")
+                .header("fly-force-instance-id", id)
+                .body(Full::default())
+                .unwrap()
+        };
+        for (id, name) in [(&m1.id, "m1"), (&m2.id, "m2"), (&m1.id, "m1")] {
+            assert_eq!(h.send(forced(id.as_str())).await.machine(), name);
+        }
+        let r = h.send(forced(next_id().as_str())).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+        assert_eq!(r.code(), Some("PR02"));
+        let r = h.send(forced("not an id")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_that_cannot_be_served_falls_back_to_its_source() {
+        let h = Harness::new(config()).await;
+        let a = entry("a");
+        let missing = next_id();
+        let value = format!("instance={missing};fallback=prefer_self");
+        let handler: Handler = Arc::new(move |req| {
+            let value = value.clone();
+            Box::pin(async move {
+                if req.headers().contains_key("fly-replay-failed") {
+                    return echo_of("A", req).await;
+                }
+                Response::builder()
+                    .header("fly-replay", value.as_str())
+                    .body(body(""))
+                    .unwrap()
+            })
+        });
+        h.add(&a, handler);
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.machine(), "A");
+        let failed = r.seen("fly-replay-failed").unwrap();
+        assert!(failed.contains(&format!("instance={missing}")), "{failed}");
+        assert!(failed.contains(&format!("replay_source={}", a.id)), "{failed}");
+        assert!(failed.contains("reason=no_candidate"), "{failed}");
+        // Without a fallback the client gets the error.
+        let b = entry("b");
+        let value = format!("instance={missing}");
+        h.add(&b, answer("B", 200, &[("fly-replay", value.as_str())], ""));
+        assert_eq!(h.get("b.localhost", "/").await.code(), Some("PR02"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_bodies_stream_through_but_cannot_be_replayed() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("a1"));
+        let big = "y".repeat(3 << 20);
+        let post = |host: &str, force: Option<&MachineId>, body: &str| {
+            let mut b = Request::post("/big").header("host", host);
+            if let Some(id) = force {
+                b = b.header("fly-force-instance-id", id.as_str());
+            }
+            b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+        };
+        let r = h.send(post("a.localhost", None, &big)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["body"].as_str().map(str::len), Some(big.len()));
+        let a = entry("r");
+        let b = entry("r");
+        // A reads the body before answering (hyper's client reports a broken pipe, PU02, when a
+        // machine answers and closes while the upload is still going).
+        let value = format!("instance={}", b.id);
+        let reading: Handler = Arc::new(move |req| {
+            let value = value.clone();
+            Box::pin(async move {
+                let _ = req.into_body().collect().await;
+                Response::builder()
+                    .header("fly-replay", value.as_str())
+                    .body(body(""))
+                    .unwrap()
+            })
+        });
+        h.add(&a, reading);
+        h.add(&b, echo("B"));
+        let r = h.send(post("r.localhost", Some(&a.id), &big)).await;
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{r:?}");
+        assert_eq!(r.code(), Some("PA01"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_counts_as_load_until_it_closes() {
+        let h = Harness::new(config()).await;
+        let m = autostopping("a", Autostop::Stop);
+        h.add(&m, upgrade_echo());
+        let gauge = |n: u32| {
+            format!(
+                "fly_app_concurrency{{app=\"a\",instance=\"{}\",region=\"test\"}} {n}\n",
+                m.id
+            )
+        };
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+        s.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        assert!(
+            h.edge.metrics_text().contains(&gauge(1)),
+            "{}",
+            h.edge.metrics_text()
+        );
+        assert!(
+            aloft_proxy::autostop_pass(&h.edge).await.is_empty(),
+            "a machine with an open websocket was stopped"
+        );
+        drop(s);
+        until("the upgraded connection's load is released", || {
+            h.edge.metrics_text().contains(&gauge(0))
+        })
+        .await;
     }
 }
