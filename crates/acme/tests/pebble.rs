@@ -2,11 +2,9 @@
 //! TLS-ALPN-01 issuance end to end (the chain verifies against Pebble's root and matches the
 //! key), an account found again by its key, a wrong key authorization refused with the CA's
 //! problem detail, a failing solver, and `badNonce` retries under Pebble's nonce rejection.
-//! Each test starts its own Pebble and kills it (only it) when done, also on panic. Without the
-//! `pebble` binary the tests skip, unless `CI` is set.
-
-#[cfg(test)]
-mod support;
+//! Each test starts its own Pebble (`aloft_testkit::Pebble`) with HTTP-01 and TLS-ALPN-01
+//! responders answering from a `ChallengeStore`, and kills it (only it) when done, also on
+//! panic. Without the `pebble` binary the tests skip, unless `CI` is set.
 
 #[cfg(test)]
 mod tests {
@@ -17,10 +15,10 @@ mod tests {
         SolverError,
     };
 
-    use crate::support::Harness;
+    use super::responders::Harness;
 
     async fn account(h: &Harness) -> (AcmeClient, Account, Vec<u8>) {
-        let client = AcmeClient::new(&h.directory_url, Some(&h.api_root_pem))
+        let client = AcmeClient::new(h.pebble.directory_url(), Some(h.pebble.api_root_pem().as_bytes()))
             .await
             .unwrap()
             .with_poll_timeout(Duration::from_secs(30));
@@ -178,5 +176,160 @@ mod tests {
             client.bad_nonce_retries() > 0,
             "Pebble rejects half the nonces: some requests must have been retried"
         );
+    }
+}
+
+/// The responders Pebble validates against, answering from one `ChallengeStore`.
+#[cfg(test)]
+mod responders {
+    use std::sync::Arc;
+
+    use aloft_acme::{ACME_TLS_ALPN_PROTOCOL, ChallengeStore, Issued};
+    use aloft_testkit::{Pebble, PebbleOptions};
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    /// A running Pebble and the HTTP-01 and TLS-ALPN-01 responders on the ports it validates
+    /// against. Dropping it kills Pebble (see `aloft_testkit::Pebble`) and stops the responders.
+    pub(crate) struct Harness {
+        pub(crate) pebble: Pebble,
+        tasks: Vec<JoinHandle<()>>,
+        /// Where the responders look up challenges.
+        pub(crate) store: Arc<ChallengeStore>,
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    impl Harness {
+        /// Starts Pebble rejecting `nonce_reject_percent` of valid nonces as `badNonce`. `None`
+        /// (the test skips) when Pebble is not installed and `CI` is not set.
+        pub(crate) async fn start(nonce_reject_percent: u8) -> Option<Self> {
+            let store = Arc::new(ChallengeStore::new());
+            let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut options = PebbleOptions::new(
+                http.local_addr().unwrap().port(),
+                tls.local_addr().unwrap().port(),
+            );
+            options.nonce_reject_percent = nonce_reject_percent;
+            let tasks = vec![
+                tokio::spawn(serve_http01(http, store.clone())),
+                tokio::spawn(serve_tls_alpn01(tls, store.clone())),
+            ];
+            let pebble = tokio::task::spawn_blocking(move || Pebble::start(&options))
+                .await
+                .unwrap()
+                .unwrap()?;
+            Some(Self { pebble, tasks, store })
+        }
+
+        /// Checks `issued` as a TLS client would: its chain verifies for `name` against Pebble's
+        /// issuing root, and its key is the leaf's.
+        pub(crate) async fn verify(&self, issued: &Issued, name: &str) -> Result<(), rustls::Error> {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let roots = tokio::task::block_in_place(|| self.pebble.roots()).unwrap();
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let (leaf, intermediates) = chain.split_first().unwrap();
+            verifier.verify_server_cert(
+                leaf,
+                intermediates,
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )?;
+            let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+            let signer = provider.key_provider.load_private_key(key)?;
+            rustls::sign::CertifiedKey::new(chain, signer).keys_match()
+        }
+    }
+
+    /// HTTP-01: `GET /.well-known/acme-challenge/{token}` answered from the store, 404 otherwise.
+    async fn serve_http01(listener: TcpListener, store: Arc<ChallengeStore>) {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request);
+                let path = request.split(' ').nth(1).unwrap_or_default();
+                let response = match store.http01_response(path) {
+                    Some(body) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+                    }
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+
+    /// The resolver a TLS-ALPN-01 responder uses: the challenge certificate for handshakes
+    /// offering `acme-tls/1`, nothing (a failed handshake) otherwise.
+    #[derive(Debug)]
+    struct AlpnResolver(Arc<ChallengeStore>);
+
+    impl rustls::server::ResolvesServerCert for AlpnResolver {
+        fn resolve(
+            &self,
+            client_hello: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            self.0.resolve_tls_alpn01(&client_hello)
+        }
+    }
+
+    /// TLS-ALPN-01: a rustls server negotiating `acme-tls/1` with the store's challenge
+    /// certificates.
+    async fn serve_tls_alpn01(listener: TcpListener, store: Arc<ChallengeStore>) {
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(AlpnResolver(store)));
+        config.alpn_protocols = vec![ACME_TLS_ALPN_PROTOCOL.to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(stream).await {
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
     }
 }

@@ -1,17 +1,20 @@
 //! Fixtures shared by aloft's tests and benchmarks: where the guest kernel and initramfs are, busybox
 //! root filesystems built from Debian's `busybox-static`, and throwaway network namespaces with a
-//! tap device, so guests are reached without touching the host's own network, and a real OCI
-//! registry (Debian's `docker-registry`) on loopback.
+//! tap device, so guests are reached without touching the host's own network, a real OCI
+//! registry (Debian's `docker-registry`) on loopback, and a real ACME CA (Debian's `pebble`) with
+//! a DNS responder on loopback.
 //!
 //! Only tests, examples and `xtask` depend on this crate; no production crate may.
 
 mod netns;
+mod pebble;
 mod registry;
 mod rootfs;
 
 use std::path::{Path, PathBuf};
 
 pub use netns::NetNs;
+pub use pebble::{Pebble, PebbleOptions, free_port};
 pub use registry::Registry;
 pub use rootfs::{busybox_erofs, busybox_rootfs, busybox_tree, erofs_from_dir, ext4_from_dir, writable_disk};
 
@@ -31,6 +34,8 @@ pub enum FixtureError {
     },
     #[error("command failed: {command}: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("pebble (the test ACME CA): {0}")]
+    Pebble(String),
     #[error("push a base image into the test registry")]
     Bootstrap(#[source] aloft_image::bootstrap::BootstrapError),
 }
