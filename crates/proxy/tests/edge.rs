@@ -1744,4 +1744,127 @@ mod tests {
         })
         .await;
     }
+    // -----------------------------------------------------------------------------------------
+    // HTTPS.
+
+    /// Serves HTTPS for `h` with the local CA's leaves; the CA's root.
+    async fn https_edge(
+        h: &Harness,
+        dir: &std::path::Path,
+    ) -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
+        let ca = Arc::new(aloft_proxy::tls::LocalCa::open(dir).unwrap());
+        let resolver = Arc::new(aloft_proxy::tls::SniResolver::new("localhost", ca.clone()));
+        let server = aloft_proxy::tls::server_config(resolver).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(h.edge.clone().serve_https(listener, server));
+        (addr, ca.root_der().clone())
+    }
+
+    /// A TLS connection to `addr` for `name`, offering `alpn`.
+    async fn tls_connect(
+        addr: SocketAddr,
+        root: &rustls::pki_types::CertificateDer<'static>,
+        alpn: &[u8],
+        name: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.clone()).unwrap();
+        let mut client =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+    }
+
+    /// GET https://`host``path` over HTTP/2 or HTTP/1.1.
+    async fn https_get(
+        addr: SocketAddr,
+        root: &rustls::pki_types::CertificateDer<'static>,
+        h2: bool,
+        host: &str,
+        path: &str,
+    ) -> Resp {
+        let alpn: &[u8] = if h2 { b"h2" } else { b"http/1.1" };
+        let stream = tls_connect(addr, root, alpn, host).await.unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn));
+        let resp = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(format!("https://{host}{path}"))
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            sender.send_request(req).await.unwrap()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(path)
+                .header("host", host)
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            sender.send_request(req).await.unwrap()
+        };
+        let (parts, incoming) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body: incoming.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_requests_are_served_over_h1_and_h2_and_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.services[0].ports[0].force_https = Some(true);
+        m.services[0].ports.push(MachinePort {
+            port: Some(443),
+            handlers: vec!["tls".to_owned(), "http".to_owned()],
+            ..MachinePort::default()
+        });
+        h.add(&m, echo("a1"));
+        let (addr, root) = https_edge(&h, dir.path()).await;
+        for h2 in [false, true] {
+            let r = https_get(addr, &root, h2, "a.localhost", "/secure").await;
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "force_https must not redirect https: {r:?}"
+            );
+            assert_eq!(r.version, if h2 { Version::HTTP_2 } else { Version::HTTP_11 });
+            assert_eq!(r.machine(), "a1");
+            assert_eq!(r.json()["uri"], "/secure");
+            assert_eq!(r.seen("x-forwarded-proto").as_deref(), Some("https"));
+            assert_eq!(r.seen("x-forwarded-ssl").as_deref(), Some("on"));
+            assert_eq!(r.seen("x-forwarded-port").as_deref(), Some("443"));
+            assert_eq!(r.seen("fly-forwarded-port").as_deref(), Some("443"));
+            assert_eq!(r.seen("host").as_deref(), Some("a.localhost"));
+        }
+        let text = h.edge.metrics_text();
+        assert!(
+            text.contains("fly_edge_tls_handshake_count{result=\"ok\"} 2"),
+            "{text}"
+        );
+        // Plain HTTP to the same app is redirected.
+        assert_eq!(
+            h.get("a.localhost", "/secure").await.status,
+            StatusCode::MOVED_PERMANENTLY
+        );
+        // A name outside the base domain and no custom domain: no certificate.
+        assert!(tls_connect(addr, &root, b"h2", "nope.example.com").await.is_err());
+    }
 }
