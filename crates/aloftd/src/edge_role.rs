@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use aloft_api::{ApiError, HostStop, MachineHost, MachineId};
 use aloft_control::HostHandle;
-use aloft_proxy::tls::{CertManager, Challenges, LocalCa, LocalIssuer, SniResolver, server_config};
+use aloft_proxy::tls::{CertManager, Challenges, Issuer, LocalCa, LocalIssuer, SniResolver, server_config};
 use aloft_proxy::{ControlError, ControlFuture, DialFuture, Dialer, Edge, EdgeConfig, MachineControl};
 use aloft_store::{ControlStore, Store};
 use anyhow::Context as _;
@@ -31,6 +31,8 @@ pub(crate) struct EdgeSettings {
     pub(crate) autostop_interval: Duration,
     pub(crate) idle_after: Duration,
     pub(crate) machines_netns: Option<PathBuf>,
+    /// Custom domains' certificates from this ACME CA (`--acme-*`); the local CA without it.
+    pub(crate) acme: Option<crate::acme_issuer::AcmeSettings>,
 }
 
 /// The running edge; dropping it stops its listeners and loops (open connections end with the
@@ -79,7 +81,16 @@ pub(crate) async fn start(
             .context("open the edge's local CA")?,
     );
     let challenges = Challenges::new();
-    let manager = CertManager::new(Arc::clone(&store), Arc::new(LocalIssuer::new(Arc::clone(&ca))));
+    let issuer: Arc<dyn Issuer> = match &settings.acme {
+        Some(acme) => Arc::new(crate::acme_issuer::AcmeIssuer::new(
+            acme,
+            &settings.data_dir,
+            Arc::clone(&challenges),
+            tokio::runtime::Handle::current(),
+        )?),
+        None => Arc::new(LocalIssuer::new(Arc::clone(&ca))),
+    };
+    let manager = CertManager::new(Arc::clone(&store), issuer);
     let resolver = Arc::new(
         SniResolver::new(&settings.base_domain, ca)
             .with_manager(Arc::clone(&manager))
@@ -154,10 +165,13 @@ struct HostControl {
 }
 
 impl HostControl {
+    /// `f` on the machine's agent; with `unleased_only`, refused while someone holds the
+    /// machine's lease (a release is changing it: idling it now would fail the release).
     fn call(
         &self,
         app: &str,
         id: &MachineId,
+        unleased_only: bool,
         f: impl FnOnce(&dyn MachineHost, &MachineId) -> Result<(), ApiError> + Send + 'static,
     ) -> ControlFuture {
         let control = self.control.clone();
@@ -171,6 +185,16 @@ impl HostControl {
                     .ok_or_else(|| {
                         ControlError::Refused(format!("machine {id} of app {app} is not known"))
                     })?;
+                if unleased_only
+                    && let Some(lease) = control
+                        .get_lease(&app, id.as_str())
+                        .map_err(|e| ControlError::Failed(e.to_string()))?
+                {
+                    return Err(ControlError::Refused(format!(
+                        "machine {id} is leased by {:?} (a release is changing it)",
+                        lease.owner
+                    )));
+                }
                 let host = hosts
                     .iter()
                     .find(|h| h.name == record.value.host)
@@ -193,15 +217,15 @@ impl HostControl {
 
 impl MachineControl for HostControl {
     fn start(&self, app: &str, id: &MachineId) -> ControlFuture {
-        self.call(app, id, |h, id| h.start(id).map(|_| ()))
+        self.call(app, id, false, |h, id| h.start(id).map(|_| ()))
     }
 
     fn stop(&self, app: &str, id: &MachineId) -> ControlFuture {
-        self.call(app, id, |h, id| h.stop(id, HostStop::default()))
+        self.call(app, id, true, |h, id| h.stop(id, HostStop::default()))
     }
 
     fn suspend(&self, app: &str, id: &MachineId) -> ControlFuture {
-        self.call(app, id, |h, id| h.suspend(id))
+        self.call(app, id, true, |h, id| h.suspend(id))
     }
 }
 

@@ -764,11 +764,11 @@ mod tests {
             let id = machines[0]["id"].as_str().unwrap().to_owned();
 
             // HTTP/1.1 through the edge, once the catalog has reached it.
-            let host = format!("--resolve=web.localhost:{http}:127.0.0.1");
+            let host = format!("web.localhost:{http}:127.0.0.1");
             let url = format!("http://web.localhost:{http}/index.html");
             let deadline = Instant::now() + Duration::from_secs(30);
             let page = loop {
-                let page = curl(&[&host, &url]);
+                let page = curl(&["--resolve", &host, &url]);
                 if page.starts_with("HTTP/1.1 200") {
                     break page;
                 }
@@ -784,7 +784,8 @@ mod tests {
             assert!(lower.contains("\nserver: aloft"), "{page}");
             // An unknown app is the edge's 404 with its code.
             let unknown = curl(&[
-                &format!("--resolve=nope.localhost:{http}:127.0.0.1"),
+                "--resolve",
+                &format!("nope.localhost:{http}:127.0.0.1"),
                 &format!("http://nope.localhost:{http}/"),
             ]);
             assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
@@ -801,7 +802,8 @@ mod tests {
                 "--http2",
                 "--cacert",
                 ca.to_str().unwrap(),
-                &format!("--resolve=web.localhost:{https}:127.0.0.1"),
+                "--resolve",
+                &format!("web.localhost:{https}:127.0.0.1"),
                 &format!("https://web.localhost:{https}/index.html"),
             ]);
             assert!(secure.starts_with("HTTP/2 200"), "{secure}");
@@ -810,7 +812,7 @@ mod tests {
             // Idle: the autostop loop suspends it; a request wakes it.
             api.wait(&id, "suspended").await;
             let woke = Instant::now();
-            let page = curl(&[&host, &url]);
+            let page = curl(&["--resolve", &host, &url]);
             let took = woke.elapsed();
             assert!(page.starts_with("HTTP/1.1 200"), "{page}");
             assert!(page.contains(&format!("one from {id}")), "{page}");
@@ -824,7 +826,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let (mut ok, mut failed) = (0u32, Vec::new());
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let page = curl(&[&host, &url]);
+                        let page = curl(&["--resolve", &host, &url]);
                         if page.starts_with("HTTP/1.1 200") {
                             ok += 1;
                         } else {
@@ -837,7 +839,7 @@ mod tests {
             };
             deploy(2, "two", 2).await;
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !curl(&[&host, &url]).contains("two from") {
+            while !curl(&["--resolve", &host, &url]).contains("two from") {
                 assert!(Instant::now() < deadline, "the edge never served the new release");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

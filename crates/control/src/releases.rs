@@ -1392,7 +1392,10 @@ impl Runner {
                 Work::Create => {
                     let (idx, host, id) = self.create_recorded(rec, g, ChangeKind::Create)?;
                     let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
-                    started.push((idx, host.agent.clone(), id, None));
+                    // Held until the machine is healthy, like the machines the job updates: the
+                    // edge's autostop must not idle a machine the release is still judging.
+                    let nonce = self.lease(rec, id.as_str(), wait).ok();
+                    started.push((idx, host.agent.clone(), id, nonce));
                 }
             }
         }

@@ -93,7 +93,7 @@ impl EdgeConfig {
             max_conns_per_client: 512,
             default_soft_limit: 20,
             default_hard_limit: 25,
-            failed_backoff: Duration::from_secs(2),
+            failed_backoff: Duration::from_millis(500),
         }
     }
 }

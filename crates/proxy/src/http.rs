@@ -342,6 +342,10 @@ impl Edge {
             return;
         };
         self.metrics.tls_handshake(true, started.elapsed());
+        // An ACME TLS-ALPN-01 validation ends with its handshake (RFC 8737).
+        if crate::tls::is_acme_tls(tls_stream.get_ref().1.alpn_protocol()) {
+            return;
+        }
         info.sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
         self.serve_conn(TokioIo::new(tls_stream), info).await;
     }
@@ -645,10 +649,32 @@ impl Edge {
     ) -> Forwarded {
         let mut last: Option<(ProxyCode, String)> = None;
         let mut tried: Vec<MachineId> = route.exclude.clone();
-        for _ in 0..self.config.connect_attempts.max(1) {
+        // When no machine can take the request right now but one is on its way back (a
+        // deploy restarting it, or one whose connect just failed: the catalog may not show
+        // yet that it went down, or it started but does not listen yet), the request waits
+        // up to here instead of failing, as long as it can be sent again. An app that never
+        // listens thus fails after the queue timeout, not at once: a deploy's restarts cost
+        // no request.
+        let give_up = deadline.unwrap_or_else(|| Instant::now() + self.config.queue_timeout);
+        let mut attempts = 0usize;
+        while attempts < self.config.connect_attempts.max(1) {
             let picked = self.pick(app, route, &tried, conn.service_port, deadline).await;
             let (machine, guard) = match picked {
                 Ok(p) => p,
+                Err((ProxyCode::PR01, _))
+                    if body.replayable()
+                        && Instant::now() < give_up
+                        && (last.is_some() || self.coming_back(&app.name, conn.service_port)) =>
+                {
+                    let changed = self.routes.changed();
+                    let pause = give_up
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(100));
+                    let _ = tokio::time::timeout(pause, changed).await;
+                    tried.clone_from(&route.exclude);
+                    attempts = 0;
+                    continue;
+                }
                 Err((code, detail)) => {
                     return match last {
                         Some((c, d)) if code == ProxyCode::PR01 => Forwarded::Fail(c, Some(d)),
@@ -656,6 +682,7 @@ impl Edge {
                     };
                 }
             };
+            attempts += 1;
             let Some(service) = machine.service_for_port(conn.service_port).cloned() else {
                 return Forwarded::Fail(ProxyCode::PR01, None);
             };
@@ -704,6 +731,22 @@ impl Edge {
         }
     }
 
+    /// Whether a machine of `app` serving `port` is on its way to `started` (created, starting,
+    /// restarting, or being updated by a deploy): worth waiting for.
+    fn coming_back(&self, app: &str, port: u16) -> bool {
+        use aloft_api::MachineState as S;
+        self.routes.snapshot().app(app).is_some_and(|a| {
+            a.machines.iter().any(|m| {
+                m.service_for_port(port).is_some()
+                    && !m.cordoned
+                    && matches!(
+                        m.entry.state,
+                        S::Creating | S::Created | S::Starting | S::Restarting | S::Updating | S::Replacing
+                    )
+            })
+        })
+    }
+
     /// A machine for the request, with its unit of load: chosen, woken, or waited for.
     pub(crate) async fn pick(
         self: &Arc<Self>,
@@ -742,10 +785,10 @@ impl Edge {
                         break Err((ProxyCode::PR01, None));
                     };
                     match scale::wake(self, &m, internal).await {
-                        Ok(()) => {
-                            let load = self.loads.machine(&m.entry.id);
-                            break Ok((m, self.loads.acquire(load, app_load.clone())));
-                        }
+                        // Choose again: the machine counts as started now, and every request
+                        // that waited for it must still respect its hard limit (taking it
+                        // unconditionally let a crowd of first requests all land on it).
+                        Ok(()) => {}
                         Err((code, detail)) => break Err((code, Some(detail))),
                     }
                 }

@@ -99,12 +99,9 @@ impl Edge {
 
     async fn accept_tcp(self: Arc<Self>, listener: TcpListener, app: String, port: u16) {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let Ok((stream, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             };
             let Some(slot) = self.clients.admit(peer.ip(), self.config.max_conns_per_client) else {
                 self.metrics.refused_connection();
