@@ -1867,4 +1867,34 @@ mod tests {
         // A name outside the base domain and no custom domain: no certificate.
         assert!(tls_connect(addr, &root, b"h2", "nope.example.com").await.is_err());
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_that_woke_a_machine_respect_its_hard_limit() {
+        let mut c = config();
+        c.queue_timeout = Duration::from_secs(3);
+        let h = Arc::new(Harness::new(c).await);
+        h.control.0.start_delay_ms.store(100, Ordering::SeqCst);
+        let gate = Gate::new();
+        let mut m = with_limits(entry("a"), 1, 1);
+        m.state = MachineState::Stopped;
+        h.add(&m, held("m1", &gate));
+        let mut pending = Vec::new();
+        for _ in 0..3 {
+            let h2 = h.clone();
+            pending.push(tokio::spawn(async move { h2.get("a.localhost", "/").await }));
+        }
+        until("the machine is woken and serves", || gate.arrived() >= 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            gate.arrived(),
+            1,
+            "the woken machine got more than its hard limit"
+        );
+        gate.release(3);
+        for p in pending {
+            assert_eq!(p.await.unwrap().status, StatusCode::OK);
+        }
+        assert_eq!(gate.arrived(), 3);
+        assert_eq!(h.control.calls().len(), 1);
+    }
 }
