@@ -266,6 +266,10 @@ struct Live {
     monitors: HashMap<MachineId, String>,
     threads: Vec<JoinHandle<()>>,
     generation: u64,
+    /// The generation of each machine's last change (for the catalog publisher's partial reads).
+    touched: HashMap<MachineId, u64>,
+    /// The generation of the last change not tied to one machine.
+    touched_all: u64,
 }
 
 #[derive(Debug)]
@@ -544,7 +548,7 @@ impl Agent {
         rec.updated_at = now_ms();
         self.inner.db.write(|tx| tx.update_machine(&rec))?;
         drop(live);
-        self.inner.notify();
+        self.inner.notify_machine(id);
         Ok(rec)
     }
 
@@ -756,6 +760,11 @@ impl Inner {
         self.db.machines()
     }
 
+    /// One machine's record, if it exists (without check statuses).
+    pub(crate) fn machine_record(&self, id: &MachineId) -> Result<Option<MachineRecord>, AgentError> {
+        self.db.machine(id)
+    }
+
     /// A machine's check statuses (empty unless it is started and has checks).
     pub(crate) fn check_statuses(&self, id: &MachineId) -> Vec<aloft_api::CheckStatus> {
         self.checks.statuses(id)
@@ -806,10 +815,46 @@ impl Inner {
         self.lock().running.values().any(|r| r.op_id == op_id)
     }
 
+    /// Something changed (not tied to one machine): a new generation, waiters woken.
     pub(crate) fn notify(&self) {
         let mut live = self.lock();
+        self.bump(&mut live, None);
+    }
+
+    /// Machine `id` changed: a new generation, waiters woken.
+    fn notify_machine(&self, id: &MachineId) {
+        let mut live = self.lock();
+        self.bump(&mut live, Some(id));
+    }
+
+    /// A new generation (recording which machine changed, if one did), waiters woken. Every
+    /// change of a machine record goes through here.
+    fn bump(&self, live: &mut Live, id: Option<&MachineId>) {
         live.generation = live.generation.wrapping_add(1);
+        let g = live.generation;
+        match id {
+            Some(id) => {
+                live.touched.insert(id.clone(), g);
+            }
+            None => live.touched_all = g,
+        }
         self.changed.notify_all();
+    }
+
+    /// The generation now and the machines changed after generation `since`; `None` when a
+    /// change not tied to one machine happened since (read them all).
+    pub(crate) fn changed_since(&self, since: u64) -> (u64, Option<Vec<MachineId>>) {
+        let live = self.lock();
+        if live.touched_all > since {
+            return (live.generation, None);
+        }
+        let ids = live
+            .touched
+            .iter()
+            .filter(|(_, g)| **g > since)
+            .map(|(id, _)| id.clone())
+            .collect();
+        (live.generation, Some(ids))
     }
 
     /// Blocks until something changed after `seen`, the agent halts, or `deadline`.
@@ -1071,8 +1116,7 @@ impl Inner {
                 pending_destroy: None,
             },
         );
-        live.generation = live.generation.wrapping_add(1);
-        self.changed.notify_all();
+        self.bump(live, Some(&op.machine));
         let (machine, op_id) = (op.machine.clone(), op.id.clone());
         self.spawn(live, move |me| me.run(&machine, op_id));
         OpHandle {
@@ -1196,7 +1240,7 @@ impl Inner {
                         live.running.remove(machine);
                     }
                     drop(live);
-                    self.notify();
+                    self.notify_machine(machine);
                     return;
                 }
             }
@@ -1364,8 +1408,7 @@ impl Inner {
     fn cancel(&self, op: &OpRecord) -> Result<Option<String>, AgentError> {
         let mut live = self.lock();
         let next = self.hand_over(&mut live, &op.machine, &op.id)?;
-        live.generation = live.generation.wrapping_add(1);
-        self.changed.notify_all();
+        self.bump(&mut live, Some(&op.machine));
         Ok(next)
     }
 
@@ -1384,7 +1427,7 @@ impl Inner {
             tx.update_op(op)?;
             tx.update_machine(&rec)
         })?;
-        self.notify();
+        self.notify_machine(&op.machine);
         Ok(())
     }
 
@@ -1460,8 +1503,7 @@ impl Inner {
             tx.prune(&rec.id, HISTORY)
         })?;
         let next = self.hand_over(&mut live, &op.machine, &op.id);
-        live.generation = live.generation.wrapping_add(1);
-        self.changed.notify_all();
+        self.bump(&mut live, Some(&op.machine));
         drop(live);
         next
     }
@@ -1516,7 +1558,7 @@ impl Inner {
                         tx.update_op(op)?;
                         tx.update_machine(&rec)
                     })?;
-                    self.notify();
+                    self.notify_machine(&op.machine);
                     return Ok(());
                 }
                 Err(e) => {
@@ -1847,10 +1889,7 @@ impl Inner {
             Some(op) => {
                 self.launch(&mut live, &op, MachineState::Started);
             }
-            None => {
-                live.generation = live.generation.wrapping_add(1);
-                self.changed.notify_all();
-            }
+            None => self.bump(&mut live, Some(id)),
         }
         Ok(())
     }

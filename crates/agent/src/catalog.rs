@@ -9,13 +9,15 @@
 //!   still lists from before but that no longer exists). Its first pass publishes every machine.
 //!
 //! Cost: the thread wakes on the agent's change notifications (its generation counter, so a
-//! change made while it was busy is never missed) and reads the machine records then, at most
-//! once per [`CatalogOptions::min_scan_gap`] or four times the last read's duration, whichever
-//! is longer (a read of 1000 records takes ~75 ms in a debug build). Check statuses change
-//! without notifications, so it also looks every [`CatalogOptions::interval`] — at one counter
-//! (the checks' epoch) that tells whether any status changed, re-reading statuses only then. An
-//! idle host with 1000 machines costs a lock and an atomic load per interval, and one full read
-//! per [`CatalogOptions::resync`]. No thread per machine.
+//! change made while it was busy is never missed) and re-reads the records of the machines that
+//! changed (the agent notes which machine each change was about); the first pass, a change about
+//! no machine in particular, and every [`CatalogOptions::resync`] read them all (1000 records:
+//! ~75 ms in a debug build). Reads are spaced by [`CatalogOptions::min_scan_gap`] or four times
+//! the last one's duration, whichever is longer, so a burst of changes is published together.
+//! Check statuses change without notifications, so it also looks every
+//! [`CatalogOptions::interval`] — at one counter (the checks' epoch) that tells whether any
+//! status changed, re-reading statuses only then. An idle host with 1000 machines costs a lock and
+//! an atomic load per interval, and one full read per resync. No thread per machine.
 //!
 //! Failures: a sink error is logged and the same changes are offered again after a backoff
 //! (doubling up to [`CatalogOptions::max_retry`]); what the sink accepted is never sent twice.
@@ -121,6 +123,8 @@ impl CatalogOptions {
 pub struct CatalogStats {
     /// Full reads of the machine records.
     pub scans: u64,
+    /// Records read one by one (the machines a change was about).
+    pub records: u64,
     /// Sink calls that succeeded.
     pub batches: u64,
     /// Changes the sink accepted.
@@ -132,6 +136,7 @@ pub struct CatalogStats {
 #[derive(Debug, Default)]
 struct Counters {
     scans: AtomicU64,
+    records: AtomicU64,
     batches: AtomicU64,
     changes: AtomicU64,
     errors: AtomicU64,
@@ -152,6 +157,7 @@ impl CatalogPublisher {
         let c = &self.counters;
         CatalogStats {
             scans: c.scans.load(Ordering::SeqCst),
+            records: c.records.load(Ordering::SeqCst),
             batches: c.batches.load(Ordering::SeqCst),
             changes: c.changes.load(Ordering::SeqCst),
             errors: c.errors.load(Ordering::SeqCst),
@@ -392,11 +398,13 @@ impl Publisher {
                 return;
             }
             let now = Instant::now();
-            let generation = self.inner.generation();
             let epoch = self.inner.checks_epoch();
+            let (generation, touched) = self.inner.changed_since(seen_gen.unwrap_or(0));
             let resync_due = last_scan.is_none_or(|t| now >= t + self.options.resync);
             let mut scanned = None;
-            if seen_gen != Some(generation) || resync_due {
+            if seen_gen.is_none() || resync_due || (touched.is_none() && seen_gen != Some(generation)) {
+                // Everything: the first pass, the periodic resync, or a change not tied to one
+                // machine.
                 let started = Instant::now();
                 match entries(&self.inner, &host) {
                     Ok(list) => {
@@ -411,15 +419,32 @@ impl Publisher {
                     Err(e) => eprintln!("aloft-agent: catalog: reading the machines failed: {e}"),
                 }
                 last_scan = Some(now);
-            } else if epoch != seen_epoch {
-                for (id, e) in &mut desired {
-                    let checks = self.inner.check_statuses(id);
-                    if e.checks != checks {
-                        e.checks = checks;
-                        dirty = true;
+            } else {
+                if seen_gen != Some(generation) {
+                    // Only the machines that changed.
+                    let started = Instant::now();
+                    match self.reread(&host, touched.unwrap_or_default(), &mut desired) {
+                        Ok(()) => seen_gen = Some(generation),
+                        Err(AgentError::Halted) => return,
+                        Err(e) => {
+                            eprintln!("aloft-agent: catalog: reading a machine failed: {e}");
+                            // The next pass reads everything.
+                            seen_gen = None;
+                        }
                     }
+                    dirty = true;
+                    scanned = Some(started.elapsed());
                 }
-                seen_epoch = epoch;
+                if epoch != seen_epoch {
+                    for (id, e) in &mut desired {
+                        let checks = self.inner.check_statuses(id);
+                        if e.checks != checks {
+                            e.checks = checks;
+                            dirty = true;
+                        }
+                    }
+                    seen_epoch = epoch;
+                }
             }
             if dirty && retry_at.is_none_or(|t| now >= t) {
                 match self.publish(&mut sink, &desired, &mut held) {
@@ -449,6 +474,28 @@ impl Publisher {
             }
             self.inner.wait_change(generation, deadline);
         }
+    }
+
+    /// Reads the records of `ids` again into `desired` (gone or destroyed: out).
+    fn reread(
+        &self,
+        host: &str,
+        ids: Vec<MachineId>,
+        desired: &mut HashMap<MachineId, CatalogEntry>,
+    ) -> Result<(), AgentError> {
+        for id in ids {
+            self.counters.records.fetch_add(1, Ordering::SeqCst);
+            match self.inner.machine_record(&id)? {
+                Some(rec) if !rec.state.is_terminal() => {
+                    let e = entry(&rec, self.inner.check_statuses(&id), host);
+                    desired.insert(id, e);
+                }
+                _ => {
+                    desired.remove(&id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hands the sink what changed, in batches; `held` follows what it accepted.
@@ -983,13 +1030,15 @@ mod tests {
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // The creates' last notifications may come after their handles returned.
+            std::thread::sleep(Duration::from_millis(300));
             let before = publisher.stats();
             // A hundred intervals with nothing changing: no read of the records, no sink call.
             std::thread::sleep(Duration::from_secs(1));
             let after = publisher.stats();
             assert_eq!(after, before, "idle machines cost work");
             assert_eq!(sent.lock().unwrap().len(), n);
-            // One machine changes: only its entry is sent (starting, started).
+            // One machine changes: only its entry is sent (starting, started), read alone.
             let id = handles[0].machine.clone();
             s.agent.start(&id).unwrap().wait(T).unwrap();
             s.agent.wait(&id, &[WaitState::Started], None, None, T).unwrap();
@@ -999,6 +1048,12 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(10));
             }
             std::thread::sleep(Duration::from_millis(200));
+            let last = publisher.stats();
+            assert_eq!(
+                last.scans, after.scans,
+                "a change of one machine read them all: {last:?}"
+            );
+            assert!(last.records > after.records, "{last:?}");
             let sent = sent.lock().unwrap();
             assert!(
                 sent[n..].iter().all(|m| *m == id) && sent.len() - n <= 2,
