@@ -406,16 +406,14 @@ fn request_id(region: &str) -> String {
 /// A request body: kept whole (so the request can be retried or replayed) or streamed once.
 enum ReqBody {
     Kept(Bytes),
-    Stream(Option<Incoming>),
+    Stream(Option<Body>),
 }
 
 impl ReqBody {
     fn take(&mut self) -> Body {
         match self {
             Self::Kept(b) => full(b.clone()),
-            Self::Stream(s) => s
-                .take()
-                .map_or_else(empty, |b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+            Self::Stream(s) => s.take().unwrap_or_else(empty),
         }
     }
     fn replayable(&self) -> bool {
@@ -1009,13 +1007,60 @@ async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Proxy
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let small = declared.or(hint.exact()).is_some_and(|n| n <= REPLAYABLE_BODY);
-    if !small {
-        return Ok(ReqBody::Stream(Some(body)));
+    let big = declared.or(hint.exact()).is_some_and(|n| n > REPLAYABLE_BODY);
+    if big {
+        return Ok(ReqBody::Stream(Some(
+            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        )));
     }
-    match body.collect().await {
-        Ok(c) => Ok(ReqBody::Kept(c.to_bytes())),
-        Err(_) => Err(ProxyCode::PU02),
+    // Small, or of unknown length (chunked, or HTTP/2 without content-length, which is common):
+    // read up to the limit, and stream on from there when it is longer.
+    let mut body = body;
+    let mut kept = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(ReqBody::Kept(kept.freeze())),
+            Some(Err(_)) => return Err(ProxyCode::PU02),
+            Some(Ok(frame)) => {
+                // Trailers are not forwarded (as before: a kept body is data only).
+                let Ok(data) = frame.into_data() else { continue };
+                kept.extend_from_slice(&data);
+                if kept.len() as u64 > REPLAYABLE_BODY {
+                    let rest = Resumed {
+                        prefix: Some(kept.freeze()),
+                        rest: body,
+                    };
+                    return Ok(ReqBody::Stream(Some(rest.boxed_unsync())));
+                }
+            }
+        }
+    }
+}
+
+/// A request body of which the edge already read `prefix`.
+struct Resumed {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl HttpBody for Resumed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(p))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
     }
 }
 

@@ -99,18 +99,6 @@ impl Loads {
         lock(&self.machines).retain(|id, m| keep(id) || m.inflight.load(Ordering::Relaxed) > 0);
     }
 
-    /// Counts one request or connection on `machine` until the guard drops.
-    pub(crate) fn acquire(&self, machine: Arc<MachineLoad>, app: Arc<AppLoad>) -> LoadGuard {
-        machine.inflight.fetch_add(1, Ordering::AcqRel);
-        machine.served.fetch_add(1, Ordering::Relaxed);
-        machine.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
-        LoadGuard {
-            machine,
-            app,
-            epoch: self.epoch,
-        }
-    }
-
     /// Counts one unit on `machine` only if that keeps it under `hard`.
     pub(crate) fn try_acquire(
         &self,

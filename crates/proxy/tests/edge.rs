@@ -1897,4 +1897,57 @@ mod tests {
         assert_eq!(gate.arrived(), 3);
         assert_eq!(h.control.calls().len(), 1);
     }
+
+    /// Sends a chunked POST over raw TCP; the response head and body.
+    async fn chunked_post(addr: SocketAddr, host: &str, extra: &str, chunks: &[&str]) -> (String, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut req = format!(
+            "POST /chunked HTTP/1.1\r\nHost: {host}\r\n{extra}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        for c in chunks {
+            req.push_str(&format!("{:x}\r\n{c}\r\n", c.len()));
+        }
+        req.push_str("0\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        (head, String::from_utf8_lossy(&rest).into_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_chunked_body_is_retried_and_replayed() {
+        let h = Harness::new(config()).await;
+        // Replayed: A sends it on to B, body and all.
+        let a = entry("a");
+        let b = entry("a");
+        h.add(&a, replayer("A", format!("instance={}", b.id)));
+        h.add(&b, echo("B"));
+        let force = format!("fly-force-instance-id: {}\r\n", a.id);
+        let (head, body) = chunked_post(h.addr, "a.localhost", &force, &["hello ", "chunked"]).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}{body}");
+        assert!(head.to_ascii_lowercase().contains("x-machine: b"), "{head}");
+        assert!(body.contains("\"body\":\"hello chunked\""), "{body}");
+        // Retried: the first machine refuses, the second gets the whole body.
+        let refusing = entry("r");
+        let working = entry("r");
+        h.edge.routes().upsert(refusing);
+        h.add(&working, echo("W"));
+        for _ in 0..4 {
+            let (head, body) = chunked_post(h.addr, "r.localhost", "", &["a", "b", "c"]).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}{body}");
+            assert!(body.contains("\"body\":\"abc\""), "{body}");
+        }
+        // A chunked body over the limit still streams through whole.
+        let big = "z".repeat(700 * 1024);
+        let (head, body) = chunked_post(h.addr, "r.localhost", "", &[&big, &big]).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            body.contains(&format!("\"body\":\"{big}{big}\"")),
+            "the big body was cut"
+        );
+    }
 }
