@@ -230,7 +230,8 @@ impl MachineControl for HostControl {
 }
 
 /// Dials machines from inside the network namespace their taps live in: the socket is made in
-/// the namespace (a short-lived thread that entered it) and then used from anywhere.
+/// the namespace (on a short-lived thread that entered it: a socket belongs to the namespace it
+/// was made in) and connected asynchronously from the runtime.
 #[derive(Debug)]
 struct NetnsDialer {
     ns: PathBuf,
@@ -240,14 +241,22 @@ impl Dialer for NetnsDialer {
     fn dial(&self, addr: SocketAddr) -> DialFuture {
         let ns = aloft_net::Namespace::Path(self.ns.clone());
         Box::pin(async move {
-            let std_stream = tokio::task::spawn_blocking(move || {
-                ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            std_stream.set_nonblocking(true)?;
-            std_stream.set_nodelay(true)?;
-            tokio::net::TcpStream::from_std(std_stream)
+            let family = if addr.is_ipv4() {
+                rustix::net::AddressFamily::INET
+            } else {
+                rustix::net::AddressFamily::INET6
+            };
+            let fd = ns.run(|| {
+                rustix::net::socket_with(
+                    family,
+                    rustix::net::SocketType::STREAM,
+                    rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+                    None,
+                )
+            })??;
+            let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+            socket.set_nodelay(true)?;
+            socket.connect(addr).await
         })
     }
 }

@@ -715,14 +715,25 @@ impl Edge {
                     );
                 }
                 Err(SendError::Request(detail)) => {
-                    return Forwarded::Fail(
-                        ProxyCode::PU02,
-                        Some(format!("machine {}: {detail}", machine.entry.id)),
+                    // The machine went away with the request (e.g. a deploy stopped it): an
+                    // idempotent request that got no answer is safe to send again elsewhere,
+                    // as nginx's proxy_next_upstream does.
+                    let detail = format!("machine {}: {detail}", machine.entry.id);
+                    if !(body.replayable() && is_idempotent(&parts.method)) {
+                        return Forwarded::Fail(ProxyCode::PU02, Some(detail));
+                    }
+                    let load = self.loads.machine(&machine.entry.id);
+                    self.loads.mark_failed(
+                        &load,
+                        u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(500),
                     );
+                    last = Some((ProxyCode::PU02, detail));
+                    tried.push(machine.entry.id.clone());
                 }
             }
         }
         match last {
+            Some((ProxyCode::PU02, d)) => Forwarded::Fail(ProxyCode::PU02, Some(d)),
             Some((ProxyCode::PC01, d)) if tried.len() <= 1 => Forwarded::Fail(ProxyCode::PC01, Some(d)),
             Some((_, d)) => Forwarded::Fail(ProxyCode::PC07, Some(d)),
             None => Forwarded::Fail(ProxyCode::PR03, None),
@@ -1302,4 +1313,13 @@ impl HttpBody for Guarded {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Methods a client expects to be safe to repeat (RFC 9110 §9.2.2).
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }

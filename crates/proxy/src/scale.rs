@@ -149,7 +149,7 @@ async fn do_wake(
         if let Ok(Ok(_stream)) = attempt {
             return Ok(());
         }
-        attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(800));
+        attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(100));
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(10));
     }
