@@ -17,6 +17,7 @@
 //! `aloft-store`, machines in `aloft-agent`. Anything with logic of its own belongs in one of those crates, not here.
 //! Threading: a multi-threaded tokio runtime; blocking store calls use its blocking pool.
 
+mod acme_issuer;
 mod agent_role;
 mod catalog_role;
 mod cli_config;
@@ -138,6 +139,21 @@ struct Args {
     /// Run no edge proxy on this host.
     #[arg(long)]
     no_edge: bool,
+    // ACME for custom domains (acme_issuer.rs).
+    /// Get custom domains' certificates from this ACME CA (e.g.
+    /// https://acme-v02.api.letsencrypt.org/directory); without it they come from the local CA.
+    #[arg(long, env = "ALOFT_ACME_DIRECTORY", value_name = "URL")]
+    acme_directory: Option<String>,
+    /// An extra trusted root (PEM) for the ACME CA's API: a private CA such as Pebble.
+    #[arg(long, value_name = "FILE", requires = "acme_directory")]
+    acme_ca_root: Option<PathBuf>,
+    /// The ACME account's contact address (optional).
+    #[arg(long, value_name = "ADDR", requires = "acme_directory")]
+    acme_email: Option<String>,
+    /// How the ACME CA validates domains: `http-01` (it must reach --edge-http on port 80) or
+    /// `tls-alpn-01` (it must reach --edge-https on port 443).
+    #[arg(long, value_enum, default_value = "http-01", value_name = "TYPE")]
+    acme_challenge: acme_issuer::AcmeChallenge,
 }
 
 impl Args {
@@ -158,6 +174,12 @@ impl Args {
             autostop_interval: Duration::from_secs(self.edge_autostop_interval.max(1)),
             idle_after: Duration::from_secs(self.edge_idle_after),
             machines_netns: self.machines_netns.clone(),
+            acme: self.acme_directory.clone().map(|directory| acme_issuer::AcmeSettings {
+                directory,
+                ca_root: self.acme_ca_root.clone(),
+                email: self.acme_email.clone(),
+                challenge: self.acme_challenge,
+            }),
         })
     }
 
