@@ -174,12 +174,15 @@ impl Args {
             autostop_interval: Duration::from_secs(self.edge_autostop_interval.max(1)),
             idle_after: Duration::from_secs(self.edge_idle_after),
             machines_netns: self.machines_netns.clone(),
-            acme: self.acme_directory.clone().map(|directory| acme_issuer::AcmeSettings {
-                directory,
-                ca_root: self.acme_ca_root.clone(),
-                email: self.acme_email.clone(),
-                challenge: self.acme_challenge,
-            }),
+            acme: self
+                .acme_directory
+                .clone()
+                .map(|directory| acme_issuer::AcmeSettings {
+                    directory,
+                    ca_root: self.acme_ca_root.clone(),
+                    email: self.acme_email.clone(),
+                    challenge: self.acme_challenge,
+                }),
         })
     }
 
