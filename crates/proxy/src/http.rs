@@ -201,7 +201,10 @@ impl H2Conns {
                     .await
                     .map_err(|e| SendError::Handshake(source_chain(&e)))?;
                 tokio::spawn(conn);
-                self.lock().insert(addr, sender.clone());
+                let mut conns = self.lock();
+                // Forget connections their machines closed (machines come and go).
+                conns.retain(|_, s| !s.is_closed());
+                conns.insert(addr, sender.clone());
                 sender
             }
         };
