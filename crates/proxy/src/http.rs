@@ -57,6 +57,30 @@ const REPLAYABLE_BODY: u64 = 1 << 20;
 struct Connector {
     dialer: Arc<dyn Dialer>,
     timeout: Duration,
+    fresh: Arc<FreshConns>,
+}
+
+/// Connections just opened by someone else (a wake's probe that found the machine accepting),
+/// handed to the next connect to the same address instead of a new handshake: on a machine that
+/// just resumed, every round trip counts.
+#[derive(Debug, Default)]
+struct FreshConns(std::sync::Mutex<HashMap<SocketAddr, (Instant, TcpStream)>>);
+
+impl FreshConns {
+    /// How long an offered connection is worth taking.
+    const FRESH_FOR: Duration = Duration::from_secs(2);
+
+    fn offer(&self, addr: SocketAddr, stream: TcpStream) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|_, (at, _)| at.elapsed() < Self::FRESH_FOR);
+        map.insert(addr, (Instant::now(), stream));
+    }
+
+    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at, stream) = map.remove(&addr)?;
+        (at.elapsed() < Self::FRESH_FOR).then_some(stream)
+    }
 }
 
 /// A connection to a machine.
@@ -118,18 +142,10 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let dialer = self.dialer.clone();
-        let timeout = self.timeout;
+        let this = self.clone();
         Box::pin(async move {
             let addr = uri_addr(&uri).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-            match tokio::time::timeout(timeout, dialer.dial(addr)).await {
-                Err(_) => Err(ConnectError::TimedOut(addr)),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    Err(ConnectError::Refused(addr))
-                }
-                Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
-                Ok(Ok(s)) => Ok(MachineConn(TokioIo::new(s))),
-            }
+            this.connect(addr).await
         })
     }
 }
@@ -142,6 +158,9 @@ fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
 
 impl Connector {
     async fn connect(&self, addr: SocketAddr) -> Result<MachineConn, ConnectError> {
+        if let Some(s) = self.fresh.take(addr) {
+            return Ok(MachineConn(TokioIo::new(s)));
+        }
         match tokio::time::timeout(self.timeout, self.dialer.dial(addr)).await {
             Err(_) => Err(ConnectError::TimedOut(addr)),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -224,6 +243,7 @@ impl H2Conns {
 pub(crate) struct Upstreams {
     h1: Client<Connector, Body>,
     h2: H2Conns,
+    fresh: Arc<FreshConns>,
 }
 
 impl Upstreams {
@@ -252,9 +272,11 @@ impl Upstreams {
 
 impl Upstreams {
     pub(crate) fn new(dialer: Arc<dyn Dialer>, config: &EdgeConfig) -> Self {
+        let fresh = Arc::new(FreshConns::default());
         let connector = Connector {
             dialer,
             timeout: config.connect_timeout,
+            fresh: fresh.clone(),
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(config.pool_idle_timeout)
@@ -264,7 +286,12 @@ impl Upstreams {
             connector,
             conns: std::sync::Mutex::default(),
         };
-        Self { h1, h2 }
+        Self { h1, h2, fresh }
+    }
+
+    /// Hands a connection just opened to `addr` to the next request for it.
+    pub(crate) fn offer(&self, addr: SocketAddr, stream: TcpStream) {
+        self.fresh.offer(addr, stream);
     }
 }
 

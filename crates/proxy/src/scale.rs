@@ -146,7 +146,9 @@ async fn do_wake(
         // Short attempts, each with a fresh SYN: a SYN sent while the machine was still paused
         // may be lost, and the kernel would retransmit it only after a second.
         let attempt = tokio::time::timeout(left.min(attempt_timeout), edge.dialer.dial(addr)).await;
-        if let Ok(Ok(_stream)) = attempt {
+        if let Ok(Ok(stream)) = attempt {
+            // The request that woke the machine goes over this very connection.
+            edge.client.offer(addr, stream);
             return Ok(());
         }
         attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(100));

@@ -34,23 +34,21 @@
 //! - [`CertManager`] (`manager.rs`): follows `/certs/{hostname}`, hands `pending` records (and
 //!   those near expiry) to an [`Issuer`] and writes back `ready` or `failed`; answers
 //!   [`CertManager::cert_for`] and [`CertManager::app_for`].
-//! - [`AcmeIssuer`] (`acme.rs`): `aloft-acme` as the manager's issuer, answering its challenges
-//!   through [`Challenges`] ([`ChallengeBridge`]); build it with the same `challenges` as the
-//!   resolver: `AcmeIssuer::new(account, ChallengeKind::TlsAlpn01, challenges, Handle::current(), url)`.
+//! - ACME: aloftd's `acme_issuer.rs` implements [`Issuer`] with `aloft-acme`, answering its
+//!   challenges through the same [`Challenges`] as the resolver (this crate does not link the
+//!   ACME client).
 //! - [`SniResolver`] (`resolver.rs`): custom domain's certificate, else a local leaf for names under
 //!   the base domain, else none (counted); TLS-ALPN-01 challenge certificates when the client
 //!   offers `acme-tls/1`. [`Challenges`] holds those and HTTP-01 tokens.
 //!
 //! Design notes: `docs/adr/0014-edge-certificates.md`.
 
-mod acme;
 mod ca;
 mod der;
 mod manager;
 mod pem;
 mod resolver;
 
-pub use acme::{AcmeIssuer, ChallengeBridge};
 pub use ca::{CaError, IssuedCert, LEAF_LIFETIME_SECS, LocalCa, RENEW_BEFORE_SECS};
 pub use manager::{CertError, CertManager, IssueError, Issued, Issuer, LocalIssuer, ProcessReport, cert_key};
 pub use pem::{KeyError, ServedCert, served_cert};
