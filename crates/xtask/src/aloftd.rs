@@ -179,7 +179,11 @@ impl Daemon {
             .args(["--listen", "127.0.0.1:0", "--no-access-log"])
             // The edge's fixed default ports would collide between runs: benches that want
             // the edge pass its addresses.
-            .args(if flags.iter().any(|f| f.starts_with("--edge")) { &[][..] } else { &["--no-edge"][..] })
+            .args(if flags.iter().any(|f| f.starts_with("--edge")) {
+                &[][..]
+            } else {
+                &["--no-edge"][..]
+            })
             .env("XDG_CONFIG_HOME", &config_home)
             .env("HOME", dir.path())
             .env_remove("ALOFT_DATA_DIR")
