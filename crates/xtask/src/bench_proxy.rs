@@ -12,10 +12,10 @@
 //!   drift on a shared machine hits all three alike. The nginx processes run with their own
 //!   config, prefix and pid file in a temporary directory and only they are stopped.
 //! * `wake_ms`: the real `aloftd` (release) on `--driver vm --network host --machines-netns NS`
-//!   with its edge on free loopback ports (`--edge-http`, `--edge-https`); an app with one busybox httpd machine
-//!   on port 80, `autostart`, `autostop: suspend`. Each run suspends it through the API, waits
-//!   until it is `suspended`, and times a `GET /` through the edge (`Host: wake.localhost`,
-//!   connection already open) to the first response byte.
+//!   with its edge on free loopback ports (`--edge-http`, `--edge-https`); an app with one busybox
+//!   httpd machine on port 80, `autostart`, `autostop: suspend`. Each run suspends it through the
+//!   API, waits until it is `suspended` (and 3 s more), and times a `GET /` through the edge
+//!   (`Host: wake.localhost`, connection already open) to the first response byte.
 //! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
 //!   (`bench_boot::machine_resume_ms`: snapshot restored → guest port accepts).
 
@@ -40,6 +40,10 @@ const BENCH_HOST: &str = "bench.localhost";
 const WAKE_APP: &str = "wake";
 /// Warm-up of each target before the rounds.
 const WARMUP_SECS: u32 = 2;
+/// After the API says `suspended`, how long before the timed request: the agent publishes the
+/// new state to the catalog and the edge follows it; an edge that still believes the machine
+/// started dials it and times out (PC05) instead of waking it.
+const SETTLE: Duration = Duration::from_secs(3);
 /// The edge's proxy error header (`aloft_proxy::ERROR_HEADER`): an answer carrying it came from
 /// the edge, not from the machine.
 const PROXY_ERROR_HEADER: &str = "fly-proxy-error-code";
@@ -776,6 +780,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
             resume: Vec::new(),
         };
         for i in 0..runs {
+            let wake = suspend_and_wake(&mut conn, &id, edge_addr).with_context(|| format!("wake {i}"))?;
             let resume = crate::bench_boot::machine_resume_ms(
                 &guest,
                 accel,
@@ -784,7 +789,6 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
                 &work.path().join(format!("m{i}")),
             )
             .context("bench boot's resume")?;
-            let wake = suspend_and_wake(&mut conn, &id, edge_addr)?;
             eprintln!(
                 "bench proxy: run {i}: wake {wake:.0} ms, resume {resume:.0} ms (load {})",
                 loadavg()
@@ -807,8 +811,8 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
     result
 }
 
-/// Suspends machine `id` through the API, waits until it is `suspended` (and a second for the
-/// catalog to reach the edge), then times a request through the edge: ms to its first byte.
+/// Suspends machine `id` through the API, waits until it is `suspended` (and [`SETTLE`] for
+/// the catalog to reach the edge), then times a request through the edge: ms to its first byte.
 fn suspend_and_wake(conn: &mut Conn, id: &str, edge: SocketAddr) -> anyhow::Result<f64> {
     conn.expect(
         "POST",
@@ -817,10 +821,27 @@ fn suspend_and_wake(conn: &mut Conn, id: &str, edge: SocketAddr) -> anyhow::Resu
         200,
     )?;
     wait_state(conn, WAKE_APP, id, "suspended")?;
-    std::thread::sleep(Duration::from_secs(1));
-    let first_byte = get_through_edge(edge)?;
-    wait_state(conn, WAKE_APP, id, "started")?;
-    Ok(first_byte)
+    std::thread::sleep(SETTLE);
+    let woken = get_through_edge(edge);
+    let state = conn
+        .expect("GET", &format!("/v1/apps/{WAKE_APP}/machines/{id}"), None, 200)
+        .map(|m| m["state"].clone());
+    match woken {
+        Ok(first_byte) => {
+            wait_state(conn, WAKE_APP, id, "started")?;
+            Ok(first_byte)
+        }
+        // What the failure leaves behind tells a wake that never happened from one whose
+        // machine is unreachable: its state now, and whether a second request gets through.
+        Err(e) => {
+            std::thread::sleep(SETTLE);
+            let again = get_through_edge(edge).map(|ms| format!("answered in {ms:.0} ms"));
+            Err(e.context(format!(
+                "the wake failed; the machine's state right after: {state:?}; a second request \
+                 3 s later: {again:?}"
+            )))
+        }
+    }
 }
 
 /// `GET /` through the edge on an open connection: ms from sending it to the answer's first
@@ -847,7 +868,7 @@ fn get_through_edge(edge: SocketAddr) -> anyhow::Result<f64> {
         .lines()
         .any(|l| l.to_ascii_lowercase().starts_with(PROXY_ERROR_HEADER))
     {
-        bail!("the edge answered with its own error instead of the machine's: {head}");
+        bail!("the edge answered with its own error instead of the machine's: {text}");
     }
     Ok(first_byte_ms)
 }
