@@ -115,7 +115,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
             continue;
         }
         let load = loads.machine(&m.entry.id);
-        let started = m.is_started() || loads.recently_woken(&load);
+        let started = m.is_started() || loads.recently_woken(&load, m.entry.updated_at);
         if !started {
             if m.is_wakeable() && service.autostart != Some(false) {
                 wakeable.push((region_rank(edge, want, &m.entry.region), m.clone()));

@@ -520,6 +520,14 @@ impl Edge {
         };
         let version = req.version();
         add_request_headers(&self.config, req.headers_mut(), conn, &rid, version);
+        // Only the edge says a request was replayed: a client can't forge it.
+        for forged in [
+            "fly-replay-src",
+            "fly-replay-failed",
+            "fly-preferred-instance-unavailable",
+        ] {
+            req.headers_mut().remove(forged);
+        }
         let resp = if is_upgrade(&req) {
             self.forward_upgrade(req, &app, &route, conn, &rid).await
         } else {

@@ -24,6 +24,9 @@ pub(crate) struct MachineLoad {
     /// Treat it as started until this time (ms since the epoch) even if the catalog still says
     /// otherwise: the edge woke it and saw it accept.
     woken_until_ms: AtomicU64,
+    /// The catalog entry (its `updated_at`) the wake started from: the mark holds only while the
+    /// catalog still shows that entry; anything it publishes later rules again.
+    woken_from: std::sync::atomic::AtomicI64,
 }
 
 /// One app's waiting room.
@@ -77,6 +80,7 @@ impl Loads {
                     last_active_ms: AtomicU64::new(now),
                     failed_until_ms: AtomicU64::new(0),
                     woken_until_ms: AtomicU64::new(0),
+                    woken_from: std::sync::atomic::AtomicI64::new(0),
                 })
             })
             .clone()
@@ -129,14 +133,18 @@ impl Loads {
         m.failed_until_ms.load(Ordering::Relaxed) > self.now_ms()
     }
 
-    pub(crate) fn mark_woken(&self, m: &MachineLoad, for_ms: u64) {
+    pub(crate) fn mark_woken(&self, m: &MachineLoad, for_ms: u64, from_entry: i64) {
         m.failed_until_ms.store(0, Ordering::Relaxed);
+        m.woken_from.store(from_entry, Ordering::Relaxed);
         m.woken_until_ms.store(self.now_ms() + for_ms, Ordering::Relaxed);
         m.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    pub(crate) fn recently_woken(&self, m: &MachineLoad) -> bool {
+    /// Woken by the edge lately, and the catalog still shows the entry (`updated_at`) the wake
+    /// started from.
+    pub(crate) fn recently_woken(&self, m: &MachineLoad, entry: i64) -> bool {
         m.woken_until_ms.load(Ordering::Relaxed) > self.now_ms()
+            && m.woken_from.load(Ordering::Relaxed) == entry
     }
 
     pub(crate) fn clear_woken(&self, m: &MachineLoad) {

@@ -41,6 +41,10 @@ pub trait MachineControl: Send + Sync + fmt::Debug + 'static {
     fn suspend(&self, app: &str, id: &MachineId) -> ControlFuture;
 }
 
+/// How long at most a machine the edge woke counts as started while the catalog still shows it
+/// asleep.
+const WOKEN_HOLD_MS: u64 = 10_000;
+
 type WakeResult = Option<Result<(), (ProxyCode, String)>>;
 
 /// Wakes in progress, one per machine: concurrent requests for the same sleeping machine share it.
@@ -69,13 +73,19 @@ pub(crate) async fn wake(
             Some(rx) => rx.clone(),
             // A wake that just finished (between this request's choice and now) marked the
             // machine woken before leaving the map: don't start it a second time.
-            None if edge.loads.recently_woken(&edge.loads.machine(&id)) => return Ok(()),
+            None if edge
+                .loads
+                .recently_woken(&edge.loads.machine(&id), m.entry.updated_at) =>
+            {
+                return Ok(());
+            }
             None => {
                 let (tx, rx) = watch::channel(None);
                 map.insert(id.clone(), rx.clone());
                 let edge2 = edge.clone();
                 let app = m.entry.app.clone();
                 let ip = m.ip;
+                let from_entry = m.entry.updated_at;
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let result = match ip {
@@ -85,8 +95,10 @@ pub(crate) async fn wake(
                     edge2.metrics.wake(result.is_ok(), started.elapsed());
                     if result.is_ok() {
                         let load = edge2.loads.machine(&id);
-                        let hold = u64::try_from(edge2.config.wake_timeout.as_millis()).unwrap_or(u64::MAX);
-                        edge2.loads.mark_woken(&load, hold.max(5_000));
+                        // Until the catalog publishes anything newer about it (`started`,
+                        // within ~250 ms): then the catalog rules again, so a machine
+                        // suspended later is woken again rather than dialled while it sleeps.
+                        edge2.loads.mark_woken(&load, WOKEN_HOLD_MS, from_entry);
                     }
                     edge2.wakes.lock().remove(&id);
                     let _ = tx.send(Some(result));

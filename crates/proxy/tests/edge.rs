@@ -557,6 +557,8 @@ mod tests {
             .header("keep-alive", "timeout=5")
             .header("proxy-connection", "keep-alive")
             .header("fly-client-ip", "6.6.6.6")
+            .header("fly-replay-src", "instance=00000000000000;region=x")
+            .header("fly-replay-failed", "reason=timeout")
             .header("x-custom", "kept")
             .body(Full::default())
             .unwrap();
@@ -583,6 +585,9 @@ mod tests {
         assert_eq!(r.json()["uri"], "/x?y=1");
         for hop in ["x-private", "keep-alive", "proxy-connection"] {
             assert_eq!(seen(hop), None, "{hop} was forwarded");
+        }
+        for forged in ["fly-replay-src", "fly-replay-failed"] {
+            assert_eq!(seen(forged), None, "a client's {forged} reached the app");
         }
         let rid = seen("fly-request-id").unwrap();
         assert!(rid.ends_with("-test"), "{rid}");
@@ -839,6 +844,23 @@ mod tests {
         // Started now: no further start.
         assert_eq!(h.get("a.localhost", "/").await.machine(), "m1");
         assert_eq!(h.control.calls().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_machine_suspended_again_after_a_wake_is_woken_again() {
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.state = MachineState::Stopped;
+        h.add(&m, echo("m1"));
+        assert_eq!(h.get("a.localhost", "/").await.status, StatusCode::OK);
+        // Suspended by someone else (the API), and the agent publishes it: a newer entry.
+        let mut e = h.control.set_state(&m.id, MachineState::Suspended).unwrap();
+        e.updated_at += 1;
+        h.control.0.table.get().unwrap().upsert(e);
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.machine(), "m1");
+        assert_eq!(h.control.calls(), [format!("start {}", m.id), format!("start {}", m.id)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
