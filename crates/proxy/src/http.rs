@@ -47,7 +47,7 @@ fn empty() -> Body {
 }
 
 /// The largest request body kept for a retry or a replay.
-const REPLAYABLE_BODY: u64 = 1 << 20;
+const REPLAYABLE_BODY: u64 = crate::replay::MAX_REPLAY_BODY as u64;
 
 // ---------------------------------------------------------------------------------------------
 // Connections to machines.
@@ -522,9 +522,9 @@ impl Edge {
         add_request_headers(&self.config, req.headers_mut(), conn, &rid, version);
         // Only the edge says a request was replayed: a client can't forge it.
         for forged in [
-            "fly-replay-src",
-            "fly-replay-failed",
-            "fly-preferred-instance-unavailable",
+            crate::replay::FLY_REPLAY_SRC,
+            crate::replay::FLY_REPLAY_FAILED,
+            crate::replay::FLY_PREFERRED_INSTANCE_UNAVAILABLE,
         ] {
             req.headers_mut().remove(forged);
         }
@@ -627,9 +627,9 @@ impl Edge {
                             elapsed: replay_started.elapsed(),
                         });
                         if let Ok(v) = HeaderValue::try_from(failed) {
-                            parts.headers.insert("fly-replay-failed", v);
+                            parts.headers.insert(crate::replay::FLY_REPLAY_FAILED, v);
                         }
-                        parts.headers.remove("fly-replay-src");
+                        parts.headers.remove(crate::replay::FLY_REPLAY_SRC);
                         if let Some(a) = self.routes.snapshot().app(&src.entry.app).cloned() {
                             app = a;
                         }
@@ -1017,17 +1017,14 @@ impl Edge {
             }
         }
         // After the transform, so the app cannot forge where the request comes from.
-        let t_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros());
         let src = crate::replay::replay_src(
             from.entry.id.as_str(),
             &from.entry.region,
-            u64::try_from(t_us).unwrap_or(u64::MAX),
+            crate::replay::micros_since_epoch(SystemTime::now()),
             replay.state.as_deref(),
         );
         if let Ok(v) = HeaderValue::try_from(src) {
-            parts.headers.insert("fly-replay-src", v);
+            parts.headers.insert(crate::replay::FLY_REPLAY_SRC, v);
         }
         Ok(target)
     }

@@ -10,7 +10,6 @@
 //! IPv4-mapped form, since one header carries a single address family (`TCP6`, v2: `0x21`).
 //!
 //! Pure functions: no I/O; the caller writes the bytes to the machine connection.
-#![allow(dead_code, reason = "wired by http.rs")]
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;

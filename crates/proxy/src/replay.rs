@@ -6,7 +6,7 @@
 //! [`Replay::from_headers`]), reads the client's routing hints ([`RoutingHints`]) and *formats*
 //! the headers the edge adds to a replayed request ([`replay_src`], [`replay_failed`]). Choosing
 //! machines, buffering bodies and counting hops are the caller's (`http.rs`); the limits it
-//! enforces are here ([`MAX_REPLAY_HOPS`], [`MAX_REPLAY_BODY`], [`MAX_BUFFER`]).
+//! enforces are here ([`MAX_REPLAY_HOPS`], [`MAX_REPLAY_BODY`]).
 //!
 //! Every [`ReplayError`] from an app's answer is the proxy's error `PA03` (invalid fly-replay).
 //!
@@ -15,7 +15,6 @@
 //! region names ([`RegionSel`]) and leaves it to the caller to decide what an alias covers.
 //!
 //! Pure: no I/O, no clock, no randomness.
-#![allow(dead_code, reason = "wired by http.rs")]
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -28,9 +27,6 @@ use serde_json::Value;
 pub(crate) const MAX_REPLAY_HOPS: u32 = 10;
 /// A request body larger than this (1 MiB) cannot be replayed.
 pub(crate) const MAX_REPLAY_BODY: usize = 1 << 20;
-/// The edge buffers at most this much (10 MiB) of a request for replays and retries; more is
-/// the proxy's error `PA01`.
-pub(crate) const MAX_BUFFER: usize = 10 << 20;
 
 /// Response header: the app asks for a replay.
 pub(crate) const FLY_REPLAY: &str = "fly-replay";
@@ -809,11 +805,6 @@ impl RoutingHints {
         hints.force_instance = hint_machine(headers, FLY_FORCE_INSTANCE_ID)?;
         Ok(hints)
     }
-
-    /// Whether the client gave no hint.
-    pub(crate) fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 fn hint_err(header: &'static str, value: &str, reason: impl Into<String>) -> ReplayError {
@@ -900,7 +891,6 @@ mod tests {
     fn constants_match_fly_limits() {
         assert_eq!(MAX_REPLAY_HOPS, 10);
         assert_eq!(MAX_REPLAY_BODY, 1_048_576);
-        assert_eq!(MAX_BUFFER, 10_485_760);
     }
 
     #[test]
@@ -1338,7 +1328,6 @@ mod tests {
     #[test]
     fn hints_absent_are_empty() {
         let h = RoutingHints::from_headers(&HeaderMap::new()).unwrap();
-        assert!(h.is_empty());
         assert_eq!(h, RoutingHints::default());
     }
 
@@ -1352,7 +1341,7 @@ mod tests {
             ("fly-force-instance-id", ID2),
         ]))
         .unwrap();
-        assert!(!h.is_empty());
+        assert_ne!(h, RoutingHints::default());
         assert_eq!(
             h.prefer_regions,
             vec![region("iad"), region("ord"), alias("us"), region("fra")]
