@@ -51,7 +51,7 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
     for i in 0..runs {
         raw.push(raw_qemu_boot(&guest, accel)?);
         let dir = work.path().join(format!("m{i}"));
-        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, trace)?;
+        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, MEMORY_MIB, trace)?;
         last_trace.clone_from(&m.trace);
         start.push(m.start_ms);
         port.push(m.port_ms);
@@ -326,16 +326,18 @@ pub(crate) fn machine_start_ms(
 }
 
 /// `resume_ms` alone, for other benchmarks' baselines: one full [`machine_run`] (the
-/// benchmark machine in a network namespace of its own, booted, idled, suspended, resumed) and its
-/// suspended → port answers again in ms.
+/// benchmark machine, with `memory_mib` of memory, in a network namespace of its own, booted,
+/// idled, suspended, resumed) and its suspended → port answers again in ms. A snapshot's restore
+/// time grows with the memory, so a baseline must use the compared machine's size.
 pub(crate) fn machine_resume_ms(
     guest: &GuestArtifacts,
     accel: Accel,
     rootfs: &Path,
     fstype: &str,
     dir: &Path,
+    memory_mib: u32,
 ) -> anyhow::Result<f64> {
-    Ok(machine_run(guest, accel, rootfs, fstype, dir, false)?.resume_ms)
+    Ok(machine_run(guest, accel, rootfs, fstype, dir, memory_mib, false)?.resume_ms)
 }
 
 fn machine_run(
@@ -344,10 +346,11 @@ fn machine_run(
     rootfs: &Path,
     fstype: &str,
     dir: &Path,
+    memory_mib: u32,
     trace: bool,
 ) -> anyhow::Result<MachineRun> {
     let ns = NetNs::new()?;
-    let spec = machine_spec(guest, accel, rootfs, fstype, dir, MEMORY_MIB, Some(&ns), trace)?;
+    let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, Some(&ns), trace)?;
 
     let console = spec.run_dir.join("console.log");
     let t0 = Instant::now();

@@ -653,13 +653,17 @@ struct VmSeries {
     resume: Vec<f64>,
 }
 
+/// Memory of the woken machine and of bench boot's resumed one, its baseline: the API's smallest
+/// for 1 shared CPU (a snapshot's restore time grows with the memory).
+const WAKE_MEMORY_MIB: u32 = 256;
+
 /// The woken machine: busybox httpd on port 80 behind the edge's port 80, started on demand,
 /// suspended when idle.
 fn wake_machine() -> Value {
     json!({
         "config": {
             "image": "busybox:latest",
-            "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+            "guest": {"cpus": 1, "memory_mb": WAKE_MEMORY_MIB, "cpu_kind": "shared"},
             "init": {"cmd": ["/bin/httpd", "-f", "-p", "80", "-h", "/"]},
             "services": [{
                 "protocol": "tcp",
@@ -787,6 +791,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
                 &rootfs,
                 fstype,
                 &work.path().join(format!("m{i}")),
+                WAKE_MEMORY_MIB,
             )
             .context("bench boot's resume")?;
             eprintln!(
