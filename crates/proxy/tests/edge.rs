@@ -860,7 +860,10 @@ mod tests {
         let r = h.get("a.localhost", "/").await;
         assert_eq!(r.status, StatusCode::OK, "{r:?}");
         assert_eq!(r.machine(), "m1");
-        assert_eq!(h.control.calls(), [format!("start {}", m.id), format!("start {}", m.id)]);
+        assert_eq!(
+            h.control.calls(),
+            [format!("start {}", m.id), format!("start {}", m.id)]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
