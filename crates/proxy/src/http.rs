@@ -734,11 +734,7 @@ impl Edge {
             match self.client.send(h2, addr, upstream).await {
                 Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard, service))),
                 Err(SendError::Connect { refused, detail }) => {
-                    let load = self.loads.machine(&machine.entry.id);
-                    self.loads.mark_failed(
-                        &load,
-                        u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000),
-                    );
+                    self.mark_failed(&machine.entry.id);
                     let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
                     last = Some((code, format!("machine {}: {detail}", machine.entry.id)));
                     if !body.replayable() {
@@ -760,11 +756,7 @@ impl Edge {
                     if !(body.replayable() && is_idempotent(&parts.method)) {
                         return Forwarded::Fail(ProxyCode::PU02, Some(detail));
                     }
-                    let load = self.loads.machine(&machine.entry.id);
-                    self.loads.mark_failed(
-                        &load,
-                        u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(500),
-                    );
+                    self.mark_failed(&machine.entry.id);
                     last = Some((ProxyCode::PU02, detail));
                     tried.push(machine.entry.id.clone());
                 }

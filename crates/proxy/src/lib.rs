@@ -117,6 +117,13 @@ impl Edge {
         &self.config
     }
 
+    /// Passive health: machine `id` gets nothing for `failed_backoff` (a connect to it, or a
+    /// request it dropped, just failed).
+    pub(crate) fn mark_failed(&self, id: &aloft_api::MachineId) {
+        let load = self.loads.machine(id);
+        self.loads.mark_failed(&load, self.config.failed_backoff);
+    }
+
     /// Prometheus text exposition of the edge's figures.
     pub fn metrics_text(&self) -> String {
         self.metrics.render(&self.routes.snapshot(), &self.loads)

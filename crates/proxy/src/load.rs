@@ -125,8 +125,11 @@ impl Loads {
         })
     }
 
-    pub(crate) fn mark_failed(&self, m: &MachineLoad, for_ms: u64) {
-        m.failed_until_ms.store(self.now_ms() + for_ms, Ordering::Relaxed);
+    /// Skips `m` for `backoff` (passive health: a connect to it just failed).
+    pub(crate) fn mark_failed(&self, m: &MachineLoad, backoff: std::time::Duration) {
+        let ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+        m.failed_until_ms
+            .store(self.now_ms().saturating_add(ms), Ordering::Relaxed);
     }
 
     pub(crate) fn recently_failed(&self, m: &MachineLoad) -> bool {

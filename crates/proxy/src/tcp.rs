@@ -205,11 +205,7 @@ impl Edge {
             let addr = SocketAddr::new(ip, internal);
             let dialed = tokio::time::timeout(self.config.connect_timeout, self.dialer.dial(addr)).await;
             let Ok(Ok(mut backend)) = dialed else {
-                let load = self.loads.machine(&machine.entry.id);
-                self.loads.mark_failed(
-                    &load,
-                    u64::try_from(self.config.failed_backoff.as_millis()).unwrap_or(2000),
-                );
+                self.mark_failed(&machine.entry.id);
                 tried.push(machine.entry.id.clone());
                 continue;
             };
