@@ -326,6 +326,30 @@ impl Edge {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, service_port: u16, https: bool) {
+        self.accept_clients(listener, move |edge, stream, peer| async move {
+            let info = ConnInfo {
+                peer,
+                service_port,
+                https,
+                sni: None,
+            };
+            if https {
+                edge.serve_tls_conn(stream, info).await;
+            } else {
+                edge.serve_conn(TokioIo::new(stream), info).await;
+            }
+        })
+        .await;
+    }
+
+    /// Accepts client connections on `listener` until the task is dropped: each one admitted
+    /// under the per-client limit (else closed at once and counted) is served by `serve` on a
+    /// task of its own, holding its client slot until it ends.
+    pub(crate) async fn accept_clients<F, Fut>(self: Arc<Self>, listener: TcpListener, serve: F)
+    where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -342,20 +366,10 @@ impl Edge {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let edge = self.clone();
+            let served = serve(Arc::clone(&self), stream, peer);
             tokio::spawn(async move {
                 let _slot = slot;
-                let info = ConnInfo {
-                    peer,
-                    service_port,
-                    https,
-                    sni: None,
-                };
-                if https {
-                    edge.serve_tls_conn(stream, info).await;
-                } else {
-                    edge.serve_conn(TokioIo::new(stream), info).await;
-                }
+                served.await;
             });
         }
     }

@@ -98,23 +98,11 @@ impl Edge {
     }
 
     async fn accept_tcp(self: Arc<Self>, listener: TcpListener, app: String, port: u16) {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Some(slot) = self.clients.admit(peer.ip(), self.config.max_conns_per_client) else {
-                self.metrics.refused_connection();
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let edge = Arc::clone(&self);
+        self.accept_clients(listener, move |edge, stream, peer| {
             let app = app.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                edge.serve_tcp_conn(stream, peer, &app, port).await;
-            });
-        }
+            async move { edge.serve_tcp_conn(stream, peer, &app, port).await }
+        })
+        .await;
     }
 
     async fn serve_tcp_conn(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, app: &str, port: u16) {
