@@ -1,10 +1,9 @@
 //! The HTTP side of the edge: listeners (plain and TLS), the `http` handler that forwards
 //! requests to machines, and the pooled connections to machines.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,20 +13,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aloft_api::{HeaderValue as RuleValue, MachineId, MachineService};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::balance::{self, Choice, Want};
-use crate::dial::Dialer;
 use crate::error::{self, ProxyCode};
 use crate::load::LoadGuard;
 use crate::routes::{AppRoutes, MachineRoute};
+use crate::upstream::{SendError, UpstreamBody};
 use crate::{Edge, EdgeConfig, scale};
 
 /// Errors carried by bodies.
@@ -50,263 +48,47 @@ fn empty() -> Body {
 const REPLAYABLE_BODY: u64 = crate::replay::MAX_REPLAY_BODY as u64;
 
 // ---------------------------------------------------------------------------------------------
-// Connections to machines.
-
-/// Dials machines for the pooled clients: the URI's authority is the machine's `ip:port`.
-#[derive(Clone, Debug)]
-struct Connector {
-    dialer: Arc<dyn Dialer>,
-    timeout: Duration,
-    fresh: Arc<FreshConns>,
-}
-
-/// Connections just opened by someone else (a wake's probe that found the machine accepting),
-/// handed to the next connect to the same address instead of a new handshake: on a machine that
-/// just resumed, every round trip counts.
-#[derive(Debug, Default)]
-struct FreshConns(std::sync::Mutex<HashMap<SocketAddr, (Instant, TcpStream)>>);
-
-impl FreshConns {
-    /// How long an offered connection is worth taking.
-    const FRESH_FOR: Duration = Duration::from_secs(2);
-
-    fn offer(&self, addr: SocketAddr, stream: TcpStream) {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.retain(|_, (at, _)| at.elapsed() < Self::FRESH_FOR);
-        map.insert(addr, (Instant::now(), stream));
-    }
-
-    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (at, stream) = map.remove(&addr)?;
-        (at.elapsed() < Self::FRESH_FOR).then_some(stream)
-    }
-}
-
-/// A connection to a machine.
-#[derive(Debug)]
-pub(crate) struct MachineConn(TokioIo<TcpStream>);
-
-impl Connection for MachineConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for MachineConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MachineConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-/// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("connection refused by {0}")]
-    Refused(SocketAddr),
-    #[error("connecting to {0} timed out")]
-    TimedOut(SocketAddr),
-    #[error("connecting to {0}: {1}")]
-    Other(SocketAddr, std::io::Error),
-    #[error("not a machine address: {0}")]
-    BadUri(String),
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = MachineConn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<MachineConn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr = uri_addr(&uri).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-            this.connect(addr).await
-        })
-    }
-}
-
-fn uri_addr(uri: &Uri) -> Option<SocketAddr> {
-    let host = uri.host()?;
-    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
-    Some(SocketAddr::new(ip, uri.port_u16()?))
-}
-
-impl Connector {
-    async fn connect(&self, addr: SocketAddr) -> Result<MachineConn, ConnectError> {
-        if let Some(s) = self.fresh.take(addr) {
-            return Ok(MachineConn(TokioIo::new(s)));
-        }
-        match tokio::time::timeout(self.timeout, self.dialer.dial(addr)).await {
-            Err(_) => Err(ConnectError::TimedOut(addr)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                Err(ConnectError::Refused(addr))
-            }
-            Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
-            Ok(Ok(s)) => Ok(MachineConn(TokioIo::new(s))),
-        }
-    }
-}
-
-/// h2c connections to machines (`h2_backend`), one multiplexed connection per machine address.
-/// Not hyper's pooled client: that one sends the URI's authority (the machine's address, which
-/// it dials) as `:authority`, and the app would lose the hostname the client asked for.
-#[derive(Debug)]
-struct H2Conns {
-    connector: Connector,
-    conns: std::sync::Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>>,
-}
-
-/// Why a request could not be sent to a machine.
-#[derive(Debug)]
-enum SendError {
-    /// Nothing was sent: the connect failed (`refused`: the machine refused it).
-    Connect { refused: bool, detail: String },
-    /// The h2 handshake failed.
-    Handshake(String),
-    /// The request was (maybe partly) sent and failed.
-    Request(String),
-}
-
-impl H2Conns {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Body>>> {
-        self.conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    async fn request(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        let open = self.lock().get(&addr).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match open {
-            Some(s) => s,
-            None => {
-                let io = self
-                    .connector
-                    .connect(addr)
-                    .await
-                    .map_err(|e| SendError::Connect {
-                        refused: matches!(e, ConnectError::Refused(_)),
-                        detail: e.to_string(),
-                    })?;
-                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(|e| SendError::Handshake(source_chain(&e)))?;
-                tokio::spawn(conn);
-                let mut conns = self.lock();
-                // Forget connections their machines closed (machines come and go).
-                conns.retain(|_, s| !s.is_closed());
-                conns.insert(addr, sender.clone());
-                sender
-            }
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|e| SendError::Request(source_chain(&e)))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| SendError::Request(source_chain(&e)))
-    }
-}
-
-/// Pooled keep-alive clients to machines: HTTP/1.1, and h2c for `h2_backend` services.
-#[derive(Debug)]
-pub(crate) struct Upstreams {
-    h1: Client<Connector, Body>,
-    h2: H2Conns,
-    fresh: Arc<FreshConns>,
-}
-
-impl Upstreams {
-    /// Sends `req` (built by `build_upstream` for `addr`) over h2c or HTTP/1.1.
-    async fn send(
-        &self,
-        h2: bool,
-        addr: SocketAddr,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
-        if h2 {
-            return self.h2.request(addr, req).await;
-        }
-        self.h1.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                SendError::Connect {
-                    refused: format!("{e:?}").contains("Refused"),
-                    detail: source_chain(&e),
-                }
-            } else {
-                SendError::Request(source_chain(&e))
-            }
-        })
-    }
-}
-
-impl Upstreams {
-    pub(crate) fn new(dialer: Arc<dyn Dialer>, config: &EdgeConfig) -> Self {
-        let fresh = Arc::new(FreshConns::default());
-        let connector = Connector {
-            dialer,
-            timeout: config.connect_timeout,
-            fresh: fresh.clone(),
-        };
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new());
-        let h1 = b.build(connector.clone());
-        let h2 = H2Conns {
-            connector,
-            conns: std::sync::Mutex::default(),
-        };
-        Self { h1, h2, fresh }
-    }
-
-    /// Hands a connection just opened to `addr` to the next request for it.
-    pub(crate) fn offer(&self, addr: SocketAddr, stream: TcpStream) {
-        self.fresh.offer(addr, stream);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Listeners.
 
 /// Where a client connection came in.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
-    pub(crate) peer: SocketAddr,
     /// The public port the listener stands for (80, 443, or an app's own port).
     pub(crate) service_port: u16,
     pub(crate) https: bool,
     /// The TLS server name the client asked for.
     pub(crate) sni: Option<String>,
+    /// Header values every request of the connection carries, made once per connection.
+    values: ConnValues,
+}
+
+#[derive(Debug, Clone)]
+struct ConnValues {
+    client_ip: HeaderValue,
+    port: HeaderValue,
+    region: HeaderValue,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(
+        config: &EdgeConfig,
+        peer: SocketAddr,
+        service_port: u16,
+        https: bool,
+        sni: Option<String>,
+    ) -> Self {
+        let value = |s: String| HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        Self {
+            service_port,
+            https,
+            sni,
+            values: ConnValues {
+                client_ip: value(peer.ip().to_canonical().to_string()),
+                port: HeaderValue::from(service_port),
+                region: value(config.region.clone()),
+            },
+        }
+    }
 }
 
 impl Edge {
@@ -327,12 +109,7 @@ impl Edge {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, service_port: u16, https: bool) {
         self.accept_clients(listener, move |edge, stream, peer| async move {
-            let info = ConnInfo {
-                peer,
-                service_port,
-                https,
-                sni: None,
-            };
+            let info = ConnInfo::new(&edge.config, peer, service_port, https, None);
             if https {
                 edge.serve_tls_conn(stream, info).await;
             } else {
@@ -439,12 +216,33 @@ impl Edge {
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn request_id(region: &str) -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
-    format!("{ms:012x}{:08x}-{region}", seq & 0xffff_ffff)
+/// A request's id (`Fly-Request-Id`): milliseconds since the epoch and a sequence number in
+/// hex, then the edge's region. Reads as a `str`.
+pub(crate) struct RequestId {
+    text: String,
+    header: HeaderValue,
+}
+
+impl RequestId {
+    fn new(region: &str) -> Self {
+        use std::fmt::Write as _;
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let seq = REQUEST_SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut text = String::with_capacity(21 + region.len());
+        let _ = write!(text, "{ms:012x}{:08x}-{region}", seq & 0xffff_ffff);
+        let header = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(text.as_bytes()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Self { text, header }
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
 }
 
 /// A request body: kept whole (so the request can be retried or replayed) or streamed once.
@@ -479,7 +277,7 @@ pub(crate) struct Route {
 /// What one attempt to forward produced.
 enum Forwarded {
     /// The machine answered.
-    Answer(Box<(Response<Incoming>, Arc<MachineRoute>, LoadGuard, MachineService)>),
+    Answer(Box<(Response<UpstreamBody>, Arc<MachineRoute>, LoadGuard)>),
     /// The edge answers itself.
     Fail(ProxyCode, Option<String>),
 }
@@ -487,30 +285,24 @@ enum Forwarded {
 impl Edge {
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         let started = Instant::now();
-        let rid = request_id(&self.config.region);
-        let host = req
-            .uri()
-            .host()
-            .map(str::to_owned)
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .or_else(|| conn.sni.clone())
-            .unwrap_or_default();
+        let rid = RequestId::new(&self.config.region);
         if let Some(resp) = self.acme_http_challenge(&req) {
             return resp;
         }
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+            .or(conn.sni.as_deref())
+            .unwrap_or_default();
         let snap = self.routes.snapshot();
-        let Some(app) = snap.app_for_host(&host, &self.config.base_domain).cloned() else {
+        let Some(app) = snap.app_for_host(host, &self.config.base_domain).cloned() else {
             self.metrics
                 .response(None, StatusCode::NOT_FOUND, started.elapsed());
             return error::response(ProxyCode::PR04, Some(&format!("unknown host {host:?}")), &rid);
         };
         if !conn.https
-            && let Some(resp) = self.force_https(&app, &req, &host, conn)
+            && let Some(resp) = self.force_https(&app, &req, host, conn)
         {
             self.metrics
                 .response(Some(&app.name), resp.status(), started.elapsed());
@@ -533,7 +325,7 @@ impl Edge {
             exclude: Vec::new(),
         };
         let version = req.version();
-        add_request_headers(&self.config, req.headers_mut(), conn, &rid, version);
+        add_request_headers(req.headers_mut(), conn, &rid, version);
         // Only the edge says a request was replayed: a client can't forge it.
         for forged in [
             crate::replay::FLY_REPLAY_SRC,
@@ -601,7 +393,7 @@ impl Edge {
         first_app: Arc<AppRoutes>,
         route: &mut Route,
         conn: &ConnInfo,
-        rid: &str,
+        rid: &RequestId,
     ) -> Response<Body> {
         let (mut parts, incoming) = req.into_parts();
         let mut body = match kept_body(&parts.headers, incoming).await {
@@ -620,7 +412,7 @@ impl Edge {
             let attempt = self
                 .attempt(&app, route, &mut parts, &mut body, conn, deadline)
                 .await;
-            let (resp, machine, guard, service) = match attempt {
+            let (resp, machine, guard) = match attempt {
                 Forwarded::Answer(answer) => *answer,
                 Forwarded::Fail(code, detail) => {
                     // A replay whose target can't be reached falls back to the replaying machine
@@ -658,13 +450,13 @@ impl Edge {
                     return error::response(code, detail.as_deref(), rid);
                 }
             };
-            let pristine = service
-                .ports
-                .iter()
-                .find_map(|p| p.http_options.as_ref()?.response.as_ref()?.pristine)
-                .unwrap_or(false);
             match self.replay_of(resp, hops).await {
-                Ok(ReplayCheck::Pass(resp)) => return finish_response(resp, guard, &service, pristine, rid),
+                Ok(ReplayCheck::Pass(resp)) => {
+                    let Some(service) = machine.service_for_port(conn.service_port) else {
+                        return error::response(ProxyCode::PR01, None, rid);
+                    };
+                    return finish_response(resp, guard, service, rid);
+                }
                 Ok(ReplayCheck::Replay(replay)) => {
                     hops += 1;
                     if !body.replayable() {
@@ -733,7 +525,7 @@ impl Edge {
                 }
             };
             attempts += 1;
-            let Some(service) = machine.service_for_port(conn.service_port).cloned() else {
+            let Some(service) = machine.service_for_port(conn.service_port) else {
                 return Forwarded::Fail(ProxyCode::PR01, None);
             };
             let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
@@ -746,7 +538,7 @@ impl Edge {
             let addr = SocketAddr::new(ip, port);
             let upstream = build_upstream(parts, addr, h2, body.take());
             match self.client.send(h2, addr, upstream).await {
-                Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard, service))),
+                Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard))),
                 Err(SendError::Connect { refused, detail }) => {
                     self.mark_failed(&machine.entry.id);
                     let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
@@ -874,40 +666,46 @@ impl Edge {
         app: &Arc<AppRoutes>,
         route: &Route,
         conn: &ConnInfo,
-        rid: &str,
+        rid: &RequestId,
     ) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (machine, guard) = match self.pick(app, route, &[], conn.service_port, None).await {
             Ok(p) => p,
             Err((code, detail)) => return error::response(code, detail.as_deref(), rid),
         };
-        let service = machine
-            .service_for_port(conn.service_port)
-            .cloned()
-            .unwrap_or_default();
+        let Some(service) = machine.service_for_port(conn.service_port) else {
+            return error::response(ProxyCode::PR01, None, rid);
+        };
         let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
             return error::response(ProxyCode::PR01, None, rid);
         };
-        let (mut parts, body) = req.into_parts();
+        let addr = SocketAddr::new(ip, port);
+        let (parts, body) = req.into_parts();
         let upstream = build_upstream(
-            &mut parts,
-            SocketAddr::new(ip, port),
+            &parts,
+            addr,
             false,
             body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         );
-        let mut resp = match self.client.h1.request(upstream).await {
+        let mut resp = match self.client.send_upgrade(addr, upstream).await {
             Ok(r) => r,
             Err(e) => {
-                let code = if e.is_connect() {
-                    ProxyCode::PC01
-                } else {
-                    ProxyCode::PU02
+                let (code, detail) = match e {
+                    SendError::Connect { refused, detail } => {
+                        self.mark_failed(&machine.entry.id);
+                        (if refused { ProxyCode::PC01 } else { ProxyCode::PC05 }, detail)
+                    }
+                    SendError::Handshake(d) | SendError::Request(d) => (ProxyCode::PU02, d),
                 };
-                return error::response(code, Some(&source_chain(&e)), rid);
+                return error::response(
+                    code,
+                    Some(&format!("machine {}: {detail}", machine.entry.id)),
+                    rid,
+                );
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return finish_response(resp, guard, &service, false, rid);
+            return finish_response(resp, guard, service, rid);
         }
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -920,19 +718,19 @@ impl Edge {
         });
         let (parts, _) = resp.into_parts();
         let mut out = Response::from_parts(parts, empty());
-        add_response_headers(out.headers_mut(), rid, &service, false);
+        add_response_headers(out.headers_mut(), rid, service);
         out
     }
 }
 
 /// A response's replay request, if any.
 enum ReplayCheck {
-    Pass(Response<Incoming>),
+    Pass(Response<UpstreamBody>),
     Replay(crate::replay::Replay),
 }
 
 impl Edge {
-    async fn replay_of(&self, resp: Response<Incoming>, _hops: u32) -> Result<ReplayCheck, ProxyCode> {
+    async fn replay_of(&self, resp: Response<UpstreamBody>, _hops: u32) -> Result<ReplayCheck, ProxyCode> {
         if let Some(r) = crate::replay::Replay::from_headers(resp.headers()).map_err(|_| ProxyCode::PA03)? {
             return Ok(ReplayCheck::Replay(r));
         }
@@ -1116,17 +914,6 @@ impl HttpBody for Resumed {
     }
 }
 
-fn source_chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -1151,40 +938,77 @@ const PROXY_REQUEST_HEADERS: [&str; 9] = [
     "fly-request-id",
 ];
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Header names the edge sets or removes on every request, parsed once.
+mod names {
+    use http::header::HeaderName;
+
+    pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    pub(super) const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+    pub(super) const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
+    pub(super) const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
+    pub(super) const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
+    pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub(super) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+    pub(super) const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
+}
+
+/// Whether `n` is a hop-by-hop header (RFC 9110 §7.6.1, and the old `Keep-Alive` and
+/// `Proxy-Connection`).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == names::KEEP_ALIVE
+        || n == names::PROXY_CONNECTION
+}
 
 /// Removes hop-by-hop headers (and those the Connection header names), keeping the upgrade pair
-/// when `keep_upgrade`.
+/// when `keep_upgrade`. Most messages have none but `Connection: keep-alive`: one pass over the
+/// names finds that out without hashing anything.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Other headers the Connection header names (`keep-alive`, `close` and `upgrade` are
+    // handled below).
     let named: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !(t.is_empty() || keep_upgrade && t == "upgrade"))
+        .map(str::trim)
+        .filter(|t| {
+            !(t.is_empty()
+                || t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("upgrade"))
+        })
+        .map(str::to_ascii_lowercase)
         .collect();
     for n in named {
         h.remove(n.as_str());
     }
-    for n in HOP_BY_HOP {
-        if keep_upgrade && (n == "connection" || n == "upgrade") {
-            continue;
-        }
+    for n in [
+        names::KEEP_ALIVE,
+        names::PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ] {
         h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
     }
 }
 
-fn build_upstream(parts: &mut http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+/// The request to send to the machine at `addr` (a copy: `parts` stay for a retry or a replay).
+fn build_upstream(parts: &http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
     let mut headers = parts.headers.clone();
     // h2 clients send the authority in the URI, not a Host header: the app still wants one.
     if !headers.contains_key(header::HOST)
@@ -1193,89 +1017,113 @@ fn build_upstream(parts: &mut http::request::Parts, addr: SocketAddr, h2: bool, 
     {
         headers.insert(header::HOST, v);
     }
-    let machine = match addr {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let machine = || match addr {
         SocketAddr::V4(a) => a.to_string(),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     };
-    // HTTP/1.1 goes through the pooled client, which dials the URI's authority: the machine.
-    // h2c carries the client's hostname as `:authority` (and no Host header, RFC 9113 §8.3.1);
-    // the machine's address is given to the sender apart.
-    let authority = if h2 {
-        headers
+    let uri = if h2 {
+        // h2c carries the client's hostname as `:authority` (and no Host header, RFC 9113
+        // §8.3.1); the connection to the machine is chosen apart.
+        let authority = headers
             .remove(header::HOST)
-            .and_then(|h| h.to_str().ok().map(str::to_owned))
-            .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-            .unwrap_or(machine)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| Authority::try_from(machine()).ok());
+        let mut up = http::uri::Parts::default();
+        up.scheme = Some(http::uri::Scheme::HTTP);
+        up.authority = authority;
+        up.path_and_query = Some(pq);
+        Uri::from_parts(up).unwrap_or_default()
     } else {
-        machine
+        // HTTP/1.1 in origin form; the Host header names the app (the machine's address when
+        // the client sent none at all, as HTTP/1.0 clients may).
+        if !headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::try_from(machine())
+        {
+            headers.insert(header::HOST, v);
+        }
+        Uri::from(pq)
     };
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = format!("http://{authority}{pq}").parse().unwrap_or_default();
+    *req.uri_mut() = uri;
     *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     *req.headers_mut() = headers;
     req
 }
 
-fn add_request_headers(config: &EdgeConfig, h: &mut HeaderMap, conn: &ConnInfo, rid: &str, version: Version) {
+/// `name`'s lines joined with `, ` and then `last`, or `None` when it has no (non-empty) line: a
+/// client or proxy before the edge may have sent several.
+fn append_to_list(h: &HeaderMap, name: &HeaderName, last: &str) -> Option<HeaderValue> {
+    let mut joined = String::new();
+    for v in h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+    {
+        if !v.is_empty() {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+    }
+    if joined.is_empty() {
+        return None;
+    }
+    joined.push_str(last);
+    HeaderValue::try_from(joined).ok()
+}
+
+fn add_request_headers(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, version: Version) {
     let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
     strip_hop_by_hop(h, keep_upgrade);
-    let ip = conn.peer.ip().to_canonical().to_string();
-    // Every line of a list header counts (a client or proxy before us may have sent several);
-    // `insert` below replaces them all with one.
-    let joined = |h: &HeaderMap, name: &str| {
-        let parts: Vec<&str> = h
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        (!parts.is_empty()).then(|| parts.join(", "))
-    };
-    let xff = match joined(h, "x-forwarded-for") {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
+    let v = &conn.values;
+    let xff = match conn.values.client_ip.to_str() {
+        Ok(ip) => append_to_list(h, &names::X_FORWARDED_FOR, ip),
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| v.client_ip.clone());
     let via_token = if version == Version::HTTP_2 {
         "2 aloft"
     } else {
         "1.1 aloft"
     };
-    let via = match joined(h, "via") {
-        Some(prev) => format!("{prev}, {via_token}"),
-        None => via_token.to_owned(),
-    };
-    let port = conn.service_port.to_string();
-    let set = |h: &mut HeaderMap, name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::try_from(value) {
-            h.insert(name, v);
-        }
-    };
-    set(h, "fly-client-ip", &ip);
-    set(h, "fly-forwarded-port", &port);
-    set(h, "fly-region", &config.region);
-    set(h, "x-forwarded-for", &xff);
-    set(h, "x-forwarded-proto", if conn.https { "https" } else { "http" });
-    set(h, "x-forwarded-port", &port);
-    set(h, "x-forwarded-ssl", if conn.https { "on" } else { "off" });
-    set(h, "via", &via);
-    set(h, "fly-request-id", rid);
+    let via = append_to_list(h, &header::VIA, via_token).unwrap_or(HeaderValue::from_static(via_token));
+    h.insert(names::FLY_CLIENT_IP, v.client_ip.clone());
+    h.insert(names::FLY_FORWARDED_PORT, v.port.clone());
+    h.insert(names::FLY_REGION, v.region.clone());
+    h.insert(names::X_FORWARDED_FOR, xff);
+    h.insert(
+        names::X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.https { "https" } else { "http" }),
+    );
+    h.insert(names::X_FORWARDED_PORT, v.port.clone());
+    h.insert(
+        names::X_FORWARDED_SSL,
+        HeaderValue::from_static(if conn.https { "on" } else { "off" }),
+    );
+    h.insert(header::VIA, via);
+    h.insert(names::FLY_REQUEST_ID, rid.header.clone());
 }
 
-fn add_response_headers(h: &mut HeaderMap, rid: &str, service: &MachineService, pristine: bool) {
+/// The response headers the edge adds (unless the service's port says `pristine`) and the
+/// service's `response.headers` edits.
+fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineService) {
+    let pristine = service
+        .ports
+        .iter()
+        .find_map(|p| p.http_options.as_ref()?.response.as_ref()?.pristine)
+        .unwrap_or(false);
     if !pristine {
         h.insert(header::SERVER, HeaderValue::from_static("aloft"));
-        let via = match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, 1.1 aloft"),
-            None => "1.1 aloft".to_owned(),
-        };
-        if let Ok(v) = HeaderValue::try_from(via) {
-            h.insert(header::VIA, v);
-        }
-        if let Ok(v) = HeaderValue::try_from(rid) {
-            h.insert("fly-request-id", v);
-        }
+        let via =
+            append_to_list(h, &header::VIA, "1.1 aloft").unwrap_or(HeaderValue::from_static("1.1 aloft"));
+        h.insert(header::VIA, via);
+        h.insert(names::FLY_REQUEST_ID, rid.header.clone());
     }
     for p in &service.ports {
         let Some(rules) = p.http_options.as_ref().and_then(|o| o.response.as_ref()) else {
@@ -1309,26 +1157,25 @@ fn add_response_headers(h: &mut HeaderMap, rid: &str, service: &MachineService, 
 }
 
 fn finish_response(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     guard: LoadGuard,
     service: &MachineService,
-    pristine: bool,
-    rid: &str,
+    rid: &RequestId,
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    add_response_headers(&mut parts.headers, rid, service, pristine);
+    add_response_headers(&mut parts.headers, rid, service);
     let body = Guarded {
-        inner: body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        inner: body,
         guard: Some(guard),
     };
     Response::from_parts(parts, body.boxed_unsync())
 }
 
-/// A response body that holds its machine's unit of load until the last byte went out (or the
-/// client went away).
+/// A machine's answer body, holding the machine's unit of load until the last byte went out
+/// (or the client went away).
 struct Guarded {
-    inner: Body,
+    inner: UpstreamBody,
     guard: Option<LoadGuard>,
 }
 
@@ -1341,10 +1188,18 @@ impl HttpBody for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard = None;
+        match polled {
+            Poll::Ready(None) => {
+                self.guard = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.guard = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

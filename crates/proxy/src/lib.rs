@@ -42,6 +42,7 @@ mod routes;
 mod scale;
 mod tcp;
 pub mod tls;
+mod upstream;
 
 pub use config::{EdgeConfig, RegionRtt};
 pub use dial::DialFuture;
@@ -65,7 +66,7 @@ pub struct Edge {
     loads: load::Loads,
     control: Arc<dyn MachineControl>,
     dialer: Arc<dyn Dialer>,
-    client: http::Upstreams,
+    client: upstream::Upstreams,
     metrics: metrics::Metrics,
     wakes: scale::Wakes,
     clients: clients::ClientLimits,
@@ -85,7 +86,7 @@ impl Edge {
     /// An edge with an empty routing table; fill it with [`RoutingTable::upsert`] or follow the
     /// store with [`catalog::follow`].
     pub fn new(config: EdgeConfig, control: Arc<dyn MachineControl>, dialer: Arc<dyn Dialer>) -> Arc<Self> {
-        let client = http::Upstreams::new(dialer.clone(), &config);
+        let client = upstream::Upstreams::new(dialer.clone(), &config);
         Arc::new(Self {
             routes: Arc::default(),
             loads: load::Loads::default(),

@@ -3,6 +3,7 @@
 //! every change builds the changed app's view anew and swaps the snapshot, so requests in flight
 //! keep the view they started with and open connections are never dropped by an update.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -121,7 +122,7 @@ impl Snapshot {
     /// ignored, case-insensitive): `<app>.<base_domain>` or a custom domain.
     pub fn app_for_host(&self, host: &str, base_domain: &str) -> Option<&Arc<AppRoutes>> {
         let host = normalize_host(host)?;
-        if let Some(app) = self.domains.get(&host) {
+        if let Some(app) = self.domains.get(host.as_ref()) {
             return self.apps.get(app);
         }
         let name = host.strip_suffix(base_domain)?.strip_suffix('.')?;
@@ -133,7 +134,7 @@ impl Snapshot {
 }
 
 /// Lower-cased host without port or trailing dot; `None` when it is empty or not a hostname.
-pub(crate) fn normalize_host(host: &str) -> Option<String> {
+pub(crate) fn normalize_host(host: &str) -> Option<Cow<'_, str>> {
     let host = host.trim();
     let without_port = if host.starts_with('[') {
         return None; // an IPv6 literal names no app
@@ -143,15 +144,20 @@ pub(crate) fn normalize_host(host: &str) -> Option<String> {
             _ => host,
         }
     };
-    let h = without_port
-        .strip_suffix('.')
-        .unwrap_or(without_port)
-        .to_ascii_lowercase();
+    let h = without_port.strip_suffix('.').unwrap_or(without_port);
     let valid = !h.is_empty()
         && h.len() <= 253
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    valid.then_some(h)
+    if !valid {
+        return None;
+    }
+    // Hosts are almost always lower case already: no copy then (this runs for every request).
+    Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    })
 }
 
 #[derive(Debug, Default)]
@@ -244,8 +250,8 @@ impl RoutingTable {
         };
         let mut s = self.sources();
         match app {
-            Some(a) => s.domains.insert(host, a.to_owned()),
-            None => s.domains.remove(&host),
+            Some(a) => s.domains.insert(host.into_owned(), a.to_owned()),
+            None => s.domains.remove(host.as_ref()),
         };
         self.publish(&mut s, None);
     }

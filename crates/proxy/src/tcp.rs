@@ -140,24 +140,14 @@ impl Edge {
             }
             let sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
             if handlers.contains(&"http") {
-                let info = ConnInfo {
-                    peer,
-                    service_port: port,
-                    https: true,
-                    sni,
-                };
+                let info = ConnInfo::new(&self.config, peer, port, true, sni);
                 self.serve_conn(TokioIo::new(tls_stream), info).await;
             } else {
                 self.pipe(tls_stream, peer, local, app_routes, port, &port_cfg)
                     .await;
             }
         } else if handlers.contains(&"http") {
-            let info = ConnInfo {
-                peer,
-                service_port: port,
-                https: false,
-                sni: None,
-            };
+            let info = ConnInfo::new(&self.config, peer, port, false, None);
             self.serve_conn(TokioIo::new(stream), info).await;
         } else {
             self.pipe(stream, peer, local, app_routes, port, &port_cfg).await;
@@ -191,8 +181,8 @@ impl Edge {
                 return;
             };
             let addr = SocketAddr::new(ip, internal);
-            let dialed = tokio::time::timeout(self.config.connect_timeout, self.dialer.dial(addr)).await;
-            let Ok(Ok(mut backend)) = dialed else {
+            // A woken machine's probe connection when there is one.
+            let Ok(mut backend) = self.client.connect(addr).await else {
                 self.mark_failed(&machine.entry.id);
                 tried.push(machine.entry.id.clone());
                 continue;

@@ -1975,4 +1975,116 @@ mod tests {
             "the big body was cut"
         );
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Keep-alive connections to machines.
+
+    /// A machine serving `echo` that counts the connections it accepted and those that ended
+    /// (the edge closed them, or `close_after` of idleness passed on the machine's side).
+    fn counting_backend(
+        m: &CatalogEntry,
+        name: &str,
+        close_after: Option<Duration>,
+    ) -> (Arc<AtomicUsize>, Arc<AtomicUsize>, JoinHandle<()>) {
+        let std = std::net::TcpListener::bind(addr_of(m)).unwrap();
+        std.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(std).unwrap();
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, e) = (accepted.clone(), ended.clone());
+        let handler = echo(name);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (handler, e) = (handler.clone(), e.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    match close_after {
+                        // Idle for `d` after an answer: close, as servers with a short
+                        // keep-alive timeout do (hyper ends the connection when dropped).
+                        Some(d) => {
+                            let _ = tokio::time::timeout(d, conn.as_mut()).await;
+                        }
+                        None => {
+                            let _ = conn.await;
+                        }
+                    }
+                    e.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (accepted, ended, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keep_alive_connections_to_a_machine_are_reused_then_closed_when_idle() {
+        let h = Harness::new(config()).await;
+        let m = entry("a");
+        let (accepted, ended, _backend) = counting_backend(&m, "m1", None);
+        h.edge.routes().upsert(m);
+        for i in 0..5 {
+            let r = h
+                .send(
+                    Request::post(format!("/p?i={i}"))
+                        .header("host", "a.localhost")
+                        .body(Full::from(format!("body {i}")))
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            let seen = r.json();
+            // HTTP/1.1 in origin form, with the client's Host.
+            assert_eq!(seen["uri"], format!("/p?i={i}"));
+            assert_eq!(seen["headers"]["host"][0], "a.localhost");
+            assert_eq!(seen["body"], format!("body {i}"));
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "five requests one after the other should share one connection to the machine"
+        );
+        // pool_idle_timeout is 500 ms in these tests.
+        until("the edge closes its idle connection to the machine", || {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let r = h.get("a.localhost", "/again").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_machine_closing_an_idle_connection_costs_no_request() {
+        let h = Harness::new(config()).await;
+        let m = entry("a");
+        let (accepted, ended, _backend) = counting_backend(&m, "m1", Some(Duration::from_millis(50)));
+        h.edge.routes().upsert(m);
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        until("the machine closes its idle connection", || {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // A POST is not retried on another machine once sent: the edge must not send it over
+        // the connection the machine closed.
+        for _ in 0..3 {
+            let r = h
+                .send(
+                    Request::post("/")
+                        .header("host", "a.localhost")
+                        .body(Full::from("x"))
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(r.json()["body"], "x");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
 }

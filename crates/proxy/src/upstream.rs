@@ -1,0 +1,506 @@
+//! Connections to machines: dialing (with the wake probe's hand-over), pooled keep-alive HTTP/1.1
+//! connections, h2c connections for `h2_backend` services, and one-off connections for upgrades.
+//!
+//! An HTTP/1.1 connection to a machine has no task of its own. The request that uses it drives
+//! it: while waiting for the answer, then from inside the answer's body, which the client
+//! connection's task polls as it writes the answer out. When the body is done the connection
+//! goes back to an idle pool keyed by the machine's address. A pooled client that runs every
+//! connection as a task of its own (hyper-util's) costs each request two task hand-offs (the
+//! request over a channel, the answer over a oneshot) and their wake-ups; measured on the edge,
+//! that was about a third of its CPU per request (`docs/perf.md`).
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::EdgeConfig;
+use crate::dial::Dialer;
+use crate::http::Body;
+
+/// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("connection refused by {0}")]
+    Refused(SocketAddr),
+    #[error("connecting to {0} timed out")]
+    TimedOut(SocketAddr),
+    #[error("connecting to {0}: {1}")]
+    Other(SocketAddr, std::io::Error),
+}
+
+/// Why a request could not be sent to a machine.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// Nothing was sent: the connect failed (`refused`: the machine refused it).
+    Connect { refused: bool, detail: String },
+    /// The HTTP handshake failed (h2c).
+    Handshake(String),
+    /// The request was (maybe partly) sent and failed.
+    Request(String),
+}
+
+impl From<ConnectError> for SendError {
+    fn from(e: ConnectError) -> Self {
+        Self::Connect {
+            refused: matches!(e, ConnectError::Refused(_)),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dialing.
+
+/// Opens connections to machines, taking a wake probe's fresh connection first.
+#[derive(Debug)]
+struct Connector {
+    dialer: Arc<dyn Dialer>,
+    timeout: Duration,
+    fresh: FreshConns,
+}
+
+/// Connections just opened by someone else (a wake's probe that found the machine accepting),
+/// handed to the next connect to the same address instead of a new handshake: on a machine that
+/// just resumed, every round trip counts.
+#[derive(Debug, Default)]
+struct FreshConns(Mutex<HashMap<SocketAddr, (Instant, TcpStream)>>);
+
+impl FreshConns {
+    /// How long an offered connection is worth taking.
+    const FRESH_FOR: Duration = Duration::from_secs(2);
+
+    fn offer(&self, addr: SocketAddr, stream: TcpStream) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, (at, _)| at.elapsed() < Self::FRESH_FOR);
+        map.insert(addr, (Instant::now(), stream));
+    }
+
+    fn take(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.is_empty() {
+            return None;
+        }
+        let (at, stream) = map.remove(&addr)?;
+        (at.elapsed() < Self::FRESH_FOR).then_some(stream)
+    }
+}
+
+impl Connector {
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+        if let Some(s) = self.fresh.take(addr) {
+            return Ok(s);
+        }
+        match tokio::time::timeout(self.timeout, self.dialer.dial(addr)).await {
+            Err(_) => Err(ConnectError::TimedOut(addr)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(ConnectError::Refused(addr))
+            }
+            Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1: connections driven by their requests, and their idle pool.
+
+/// An HTTP/1.1 connection to a machine, driven by whoever holds it.
+struct H1Conn {
+    addr: SocketAddr,
+    sender: http1::SendRequest<Body>,
+    conn: http1::Connection<TokioIo<TcpStream>, Body>,
+    /// The connection future finished: the connection is closed (or closing).
+    finished: bool,
+}
+
+/// Why a request on an [`H1Conn`] failed.
+enum H1Fail {
+    /// The connection was closed before the request was written: it can go elsewhere.
+    NotSent(Box<Request<Body>>),
+    /// It failed after (maybe part of) it was written.
+    Sent(hyper::Error),
+}
+
+impl H1Conn {
+    /// Lets the connection make progress (write the request, read the answer, notice a close).
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.finished && Pin::new(&mut self.conn).poll(cx).is_ready() {
+            self.finished = true;
+        }
+    }
+
+    /// Whether it can carry another request after being polled once without waiting.
+    fn reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.drive(&mut cx);
+        !self.finished && !self.sender.is_closed()
+    }
+
+    async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, H1Fail> {
+        let ready = poll_fn(|cx| {
+            self.drive(cx);
+            self.sender.poll_ready(cx)
+        })
+        .await;
+        if ready.is_err() {
+            return Err(H1Fail::NotSent(Box::new(req)));
+        }
+        let mut answer = std::pin::pin!(self.sender.try_send_request(req));
+        let result = poll_fn(|cx| {
+            self.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await;
+        result.map_err(|mut e| match e.take_message() {
+            Some(req) => H1Fail::NotSent(Box::new(req)),
+            None => H1Fail::Sent(e.into_error()),
+        })
+    }
+}
+
+/// Idle connections by machine address, each with the moment it went idle, newest last.
+type IdleMap = HashMap<SocketAddr, Vec<(Instant, Box<H1Conn>)>>;
+
+/// Idle HTTP/1.1 connections by machine address, newest last. Entries older than the idle
+/// timeout are closed by a sweeper task that runs while the pool holds anything.
+#[derive(Default)]
+struct IdlePool {
+    conns: Mutex<IdleMap>,
+    idle_timeout: Duration,
+    sweeping: AtomicBool,
+}
+
+impl std::fmt::Debug for IdlePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdlePool")
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdlePool {
+    /// Idle connections kept per machine address; more are closed.
+    const PER_ADDR: usize = 256;
+
+    fn lock(&self) -> MutexGuard<'_, IdleMap> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used live connection to `addr`.
+    fn take(&self, addr: SocketAddr) -> Option<Box<H1Conn>> {
+        loop {
+            let (since, mut conn) = self.lock().get_mut(&addr)?.pop()?;
+            if since.elapsed() < self.idle_timeout && conn.reusable() {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn put(self: &Arc<Self>, mut conn: Box<H1Conn>) {
+        if !conn.reusable() {
+            return;
+        }
+        {
+            let mut conns = self.lock();
+            let list = conns.entry(conn.addr).or_default();
+            if list.len() >= Self::PER_ADDR {
+                return;
+            }
+            list.push((Instant::now(), conn));
+        }
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(Self::sweep(Arc::downgrade(self)));
+                }
+                Err(_) => self.sweeping.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Closes connections idle for longer than the timeout, until the pool is empty.
+    async fn sweep(pool: Weak<Self>) {
+        loop {
+            let Some(period) = pool
+                .upgrade()
+                .map(|p| p.idle_timeout.max(Duration::from_millis(100)))
+            else {
+                return;
+            };
+            tokio::time::sleep(period / 2).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let closed: Vec<Box<H1Conn>> = {
+                let mut conns = pool.lock();
+                let mut closed = Vec::new();
+                for list in conns.values_mut() {
+                    let keep_from = list
+                        .iter()
+                        .position(|(since, _)| since.elapsed() < pool.idle_timeout)
+                        .unwrap_or(list.len());
+                    closed.extend(list.drain(..keep_from).map(|(_, c)| c));
+                }
+                conns.retain(|_, list| !list.is_empty());
+                if conns.is_empty() {
+                    pool.sweeping.store(false, Ordering::Release);
+                    drop(conns);
+                    drop(closed);
+                    return;
+                }
+                closed
+            };
+            drop(closed);
+        }
+    }
+}
+
+/// A machine's answer body. For HTTP/1.1 it carries the connection the answer comes over and
+/// drives it; once the body is read to its end the connection goes back to the idle pool.
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    conn: Option<(Box<H1Conn>, Arc<IdlePool>)>,
+    ended: bool,
+}
+
+impl UpstreamBody {
+    /// A body whose connection is driven elsewhere (h2c, upgrades).
+    fn detached(inner: Incoming) -> Self {
+        Self {
+            inner,
+            conn: None,
+            ended: false,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some((conn, pool)) = self.conn.take() {
+            pool.put(conn);
+        }
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some((conn, _)) = &mut this.conn {
+            conn.drive(cx);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.release();
+            }
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // An answer read to its end (or one without a body, never polled) leaves its connection
+        // reusable; one dropped half-way must close it, which dropping does.
+        if self.ended || self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2c.
+
+/// h2c connections to machines (`h2_backend`), one multiplexed connection per machine address.
+/// The request's URI carries the client's hostname as `:authority`; the machine's address is
+/// given apart.
+#[derive(Debug, Default)]
+struct H2Conns(Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>);
+
+impl H2Conns {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Body>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge's upstreams.
+
+/// Connections to machines: HTTP/1.1 (pooled, driven by their requests), h2c for `h2_backend`
+/// services, raw TCP for apps' own ports.
+#[derive(Debug)]
+pub(crate) struct Upstreams {
+    connector: Connector,
+    h1: Arc<IdlePool>,
+    h2: H2Conns,
+}
+
+impl Upstreams {
+    pub(crate) fn new(dialer: Arc<dyn Dialer>, config: &EdgeConfig) -> Self {
+        Self {
+            connector: Connector {
+                dialer,
+                timeout: config.connect_timeout,
+                fresh: FreshConns::default(),
+            },
+            h1: Arc::new(IdlePool {
+                idle_timeout: config.pool_idle_timeout,
+                ..IdlePool::default()
+            }),
+            h2: H2Conns::default(),
+        }
+    }
+
+    /// Hands a connection just opened to `addr` to the next request for it.
+    pub(crate) fn offer(&self, addr: SocketAddr, stream: TcpStream) {
+        self.connector.fresh.offer(addr, stream);
+    }
+
+    /// A TCP connection to `addr` (a woken machine's probe connection when there is one).
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+        self.connector.connect(addr).await
+    }
+
+    /// Sends `req` to the machine at `addr` over h2c or HTTP/1.1. An HTTP/1.1 request's URI is
+    /// in origin form (`/path?query`) with the Host header set.
+    pub(crate) async fn send(
+        &self,
+        h2: bool,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if h2 {
+            let resp = self.send_h2(addr, req).await?;
+            return Ok(resp.map(UpstreamBody::detached));
+        }
+        let mut req = req;
+        // Idle connections first; one the machine closed meanwhile gives the request back.
+        while let Some(mut conn) = self.h1.take(addr) {
+            match conn.send(req).await {
+                Ok(resp) => return Ok(self.h1_answer(resp, conn)),
+                Err(H1Fail::NotSent(r)) => req = *r,
+                Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
+            }
+        }
+        let mut conn = self.open_h1(addr).await?;
+        match conn.send(req).await {
+            Ok(resp) => Ok(self.h1_answer(resp, conn)),
+            Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
+                refused: false,
+                detail: format!("{addr} closed a new connection before the request was sent"),
+            }),
+            Err(H1Fail::Sent(e)) => Err(SendError::Request(source_chain(&e))),
+        }
+    }
+
+    fn h1_answer(&self, resp: Response<Incoming>, conn: Box<H1Conn>) -> Response<UpstreamBody> {
+        let pool = Arc::clone(&self.h1);
+        resp.map(|inner| UpstreamBody {
+            inner,
+            conn: Some((conn, pool)),
+            ended: false,
+        })
+    }
+
+    /// A new connection (boxed: hyper's connection state with its buffers is large, and it
+    /// moves between the pool and the answers that carry it).
+    async fn open_h1(&self, addr: SocketAddr) -> Result<Box<H1Conn>, SendError> {
+        let stream = self.connector.connect(addr).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+        Ok(Box::new(H1Conn {
+            addr,
+            sender,
+            conn,
+            finished: false,
+        }))
+    }
+
+    async fn send_h2(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let open = self.h2.lock().get(&addr).filter(|s| !s.is_closed()).cloned();
+        let mut sender = match open {
+            Some(s) => s,
+            None => {
+                let stream = self.connector.connect(addr).await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+                tokio::spawn(conn);
+                let mut conns = self.h2.lock();
+                // Forget connections their machines closed (machines come and go).
+                conns.retain(|_, s| !s.is_closed());
+                conns.insert(addr, sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| SendError::Request(source_chain(&e)))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Request(source_chain(&e)))
+    }
+
+    /// Sends an upgrade request (WebSocket and the like) over a connection of its own, which a
+    /// task drives until both sides are done with the upgraded stream. Never pooled.
+    pub(crate) async fn send_upgrade(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let stream = self.connector.connect(addr).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+        tokio::spawn(conn.with_upgrades());
+        sender
+            .send_request(req)
+            .await
+            .map(|r| r.map(UpstreamBody::detached))
+            .map_err(|e| SendError::Request(source_chain(&e)))
+    }
+}
