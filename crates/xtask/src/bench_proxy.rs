@@ -9,7 +9,10 @@
 //!   aloft is `crates/proxy/examples/edge_static.rs` (release build, tokio with one worker per
 //!   CPU, one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
 //!   `--rounds` rounds (default 3) of direct, nginx, aloft in turn; medians are reported, so
-//!   drift on a shared machine hits all three alike. The nginx processes run with their own
+//!   drift on a shared machine hits all three alike. Each round then runs the three again with
+//!   one connection (`-t1 -c1`, at most 5 s): `added_p50_us` comes from those, what the proxy
+//!   adds to a request when nothing queues. At `-c64` every target saturates the 2 cores, and
+//!   the median there is queueing (connections ÷ throughput), not what a request costs. The nginx processes run with their own
 //!   config, prefix and pid file in a temporary directory and only they are stopped.
 //! * `wake_ms`: the real `aloftd` (release) on `--driver vm --network host --machines-netns NS`
 //!   with its edge on free loopback ports (`--edge-http`, `--edge-https`); an app with one busybox
@@ -40,6 +43,8 @@ const BENCH_HOST: &str = "bench.localhost";
 const WAKE_APP: &str = "wake";
 /// Warm-up of each target before the rounds.
 const WARMUP_SECS: u32 = 2;
+/// Longest one-connection run (the latency pass).
+const LATENCY_SECS: u32 = 5;
 /// After the API says `suspended`, how long before the timed request: the agent publishes the
 /// new state to the catalog and the edge follows it; an edge that still believes the machine
 /// started dials it and times out (PC05) instead of waking it.
@@ -118,10 +123,10 @@ fn report(
     let p50 = |v: &[WrkResult]| v.iter().map(|r| r.p50_ms).collect::<Vec<_>>();
     let p99 = |v: &[WrkResult]| v.iter().map(|r| r.p99_ms).collect::<Vec<_>>();
     // Per round, so the drift of the machine between rounds cancels out.
-    let added = |proxy: &[WrkResult]| {
+    let added = |proxy: &[WrkResult], direct: &[WrkResult]| {
         proxy
             .iter()
-            .zip(&wrk.direct)
+            .zip(direct)
             .map(|(p, d)| (p.p50_ms - d.p50_ms) * 1000.0)
             .collect::<Vec<_>>()
     };
@@ -159,9 +164,9 @@ fn report(
         ),
         (
             "added_p50_us",
-            added(&wrk.aloft),
+            added(&wrk.aloft_1, &wrk.direct_1),
             "us",
-            "aloft's p50 − direct's p50, per round (target ≤ 100)".into(),
+            "aloft's p50 − direct's p50 on one connection, per round (target ≤ 100)".into(),
         ),
     ];
     if let Some(vm) = vm {
@@ -216,9 +221,33 @@ fn report(
         ),
         (
             "  nginx_added_us",
-            added(&wrk.nginx),
+            added(&wrk.nginx_1, &wrk.direct_1),
             "us",
-            "nginx's p50 − direct's p50, per round",
+            "nginx's p50 − direct's p50 on one connection, per round",
+        ),
+        (
+            "  direct_p50_1_us",
+            wrk.direct_1.iter().map(|r| r.p50_ms * 1000.0).collect(),
+            "us",
+            "one connection straight to the backend: median latency",
+        ),
+        (
+            "  aloft_p50_1_us",
+            wrk.aloft_1.iter().map(|r| r.p50_ms * 1000.0).collect(),
+            "us",
+            "one connection through aloft: median latency",
+        ),
+        (
+            "  aloft_p99_1_us",
+            wrk.aloft_1.iter().map(|r| r.p99_ms * 1000.0).collect(),
+            "us",
+            "one connection through aloft: 99th percentile",
+        ),
+        (
+            "  loaded_added_us",
+            added(&wrk.aloft, &wrk.direct),
+            "us",
+            "aloft's p50 − direct's p50 at the loaded run (queueing: restates the rps gap)",
         ),
     ] {
         println!(
@@ -231,17 +260,21 @@ fn report(
         ("direct", &wrk.direct),
         ("nginx", &wrk.nginx),
         ("aloft", &wrk.aloft),
+        ("direct-c1", &wrk.direct_1),
+        ("nginx-c1", &wrk.nginx_1),
+        ("aloft-c1", &wrk.aloft_1),
     ] {
         let per_round: Vec<String> = v
             .iter()
-            .map(|r| format!("{:.0} req/s p50 {:.2} p99 {:.2} ms", r.rps, r.p50_ms, r.p99_ms))
+            .map(|r| format!("{:.0} req/s p50 {:.3} p99 {:.3} ms", r.rps, r.p50_ms, r.p99_ms))
             .collect();
-        println!("  {name:<6} rounds: {}", per_round.join(" | "));
+        println!("  {name:<9} rounds: {}", per_round.join(" | "));
     }
     println!(
-        "wrk -t{} -c{c} -d{}s --latency, {} rounds; {} CPUs; load {load_before} before, {} after",
+        "wrk -t{} -c{c} -d{}s --latency, then -t1 -c1 -d{}s, {} rounds; {} CPUs; load {load_before} before, {} after",
         wrk_threads(c),
         args.duration_s,
+        args.duration_s.min(LATENCY_SECS),
         wrk.direct.len(),
         std::thread::available_parallelism().map_or(0, usize::from),
         loadavg()
@@ -260,10 +293,14 @@ struct WrkResult {
     p99_ms: f64,
 }
 
+/// Per target, the loaded runs (`--connections`) and the one-connection runs.
 struct WrkSeries {
     direct: Vec<WrkResult>,
     nginx: Vec<WrkResult>,
     aloft: Vec<WrkResult>,
+    direct_1: Vec<WrkResult>,
+    nginx_1: Vec<WrkResult>,
+    aloft_1: Vec<WrkResult>,
 }
 
 /// Builds `edge_static` (release); returns the binary.
@@ -324,22 +361,37 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
             direct: Vec::new(),
             nginx: Vec::new(),
             aloft: Vec::new(),
+            direct_1: Vec::new(),
+            nginx_1: Vec::new(),
+            aloft_1: Vec::new(),
         };
         for round in 0..args.rounds.max(1) {
-            for (name, port) in targets {
-                let r = wrk(port, args.connections, args.duration_s)
-                    .with_context(|| format!("wrk against {name}"))?;
-                eprintln!(
-                    "bench proxy: round {round}: {name:<6} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  (load {})",
-                    r.rps,
-                    r.p50_ms,
-                    r.p99_ms,
-                    loadavg()
-                );
-                match name {
-                    "direct" => s.direct.push(r),
-                    "nginx" => s.nginx.push(r),
-                    _ => s.aloft.push(r),
+            // Loaded (throughput, tail latency), then one connection (what a request costs in
+            // the proxy when nothing queues).
+            for connections in [args.connections, 1] {
+                for (name, port) in targets {
+                    let secs = if connections == 1 {
+                        args.duration_s.min(LATENCY_SECS)
+                    } else {
+                        args.duration_s
+                    };
+                    let r = wrk(port, connections, secs).with_context(|| format!("wrk against {name}"))?;
+                    eprintln!(
+                        "bench proxy: round {round}: {name:<6} -c{connections:<3} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (load {})",
+                        r.rps,
+                        r.p50_ms,
+                        r.p99_ms,
+                        loadavg()
+                    );
+                    let list = match (name, connections == 1) {
+                        ("direct", false) => &mut s.direct,
+                        ("nginx", false) => &mut s.nginx,
+                        (_, false) => &mut s.aloft,
+                        ("direct", true) => &mut s.direct_1,
+                        ("nginx", true) => &mut s.nginx_1,
+                        (_, true) => &mut s.aloft_1,
+                    };
+                    list.push(r);
                 }
             }
         }
