@@ -279,17 +279,36 @@ impl ControlStore {
     /// was no such app.
     pub fn delete_app(&self, name: &str) -> Result<bool, ControlError> {
         let key = keys::app(name)?;
-        let resp = self.store.txn(
-            Txn::new()
-                .expect(&key, Expect::Present)
-                .then(Op::delete(key.clone()))
-                .then(Op::DeletePrefix(keys::machines(name)?))
-                .then(Op::DeletePrefix(format!("{}{name}/", keys::EVENTS)))
-                .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES)))
-                .then(Op::DeletePrefix(keys::secrets(name)?))
-                .then(Op::delete(keys::secrets_version(name)?)),
-        )?;
+        let mut txn = Txn::new()
+            .expect(&key, Expect::Present)
+            .then(Op::delete(key.clone()))
+            .then(Op::DeletePrefix(keys::machines(name)?))
+            .then(Op::DeletePrefix(format!("{}{name}/", keys::EVENTS)))
+            .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES)))
+            .then(Op::DeletePrefix(keys::secrets(name)?))
+            .then(Op::delete(keys::secrets_version(name)?));
+        // Its custom domains (`/certs/{hostname}`, keyed by hostname, not by app): left behind,
+        // they would keep routing to an app that is gone and block another app from adding them.
+        for cert in self.app_certs(name)? {
+            txn = txn.then(Op::delete(cert));
+        }
+        let resp = self.store.txn(txn)?;
         Ok(resp.succeeded)
+    }
+
+    /// The keys of the certificate records (custom domains) of app `name`.
+    fn app_certs(&self, name: &str) -> Result<Vec<String>, ControlError> {
+        #[derive(Deserialize)]
+        struct Owner {
+            app: String,
+        }
+        let mut out = Vec::new();
+        for kv in self.store.range(keys::CERTS, &RangeOptions::default())?.kvs {
+            if decode::<Owner>(&kv)?.value.app == name {
+                out.push(kv.key);
+            }
+        }
+        Ok(out)
     }
 
     /// The app's secrets and secrets version, read at one revision.

@@ -81,7 +81,32 @@ mod tests {
         c.create_machine(&machine("webby", M2)).unwrap();
         c.append_event("web", M1, &event("01HBZ8QRZ3SMDZBT8KWTJKBFGN", "launch"))
             .unwrap();
+        // Custom domains are keyed by hostname, the app inside the record.
+        let cert = |host: &str, app: &str| {
+            c.store()
+                .put(
+                    &format!("/certs/{host}"),
+                    serde_json::to_vec(&serde_json::json!({"hostname": host, "app": app, "status": "ready"}))
+                        .unwrap(),
+                )
+                .unwrap();
+        };
+        cert("www.example.com", "web");
+        cert("shop.example.com", "webby");
         assert!(c.delete_app("web").unwrap());
+        let certs: Vec<String> = c
+            .store()
+            .range("/certs/", &aloft_store::RangeOptions::default())
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(
+            certs,
+            ["/certs/shop.example.com"],
+            "the app's domains go with it, no other's"
+        );
         assert!(!c.delete_app("web").unwrap());
         assert!(c.get_app("web").unwrap().is_none());
         assert!(c.get_machine("web", M1).unwrap().is_none());
