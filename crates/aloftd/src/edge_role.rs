@@ -13,7 +13,9 @@ use std::time::Duration;
 use aloft_api::{ApiError, HostStop, MachineHost, MachineId};
 use aloft_control::HostHandle;
 use aloft_proxy::tls::{CertManager, Challenges, Issuer, LocalCa, LocalIssuer, SniResolver, server_config};
-use aloft_proxy::{ControlError, ControlFuture, DialFuture, Dialer, Edge, EdgeConfig, MachineControl};
+use aloft_proxy::{
+    ControlError, ControlFuture, DialFuture, Dialer, Edge, EdgeConfig, MachineControl, UdpFuture,
+};
 use aloft_store::{ControlStore, Store};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -134,6 +136,7 @@ pub(crate) async fn start(
         tokio::spawn(Arc::clone(&edge).serve_https(https, tls)),
         tokio::spawn(aloft_proxy::autostop_loop(Arc::clone(&edge))),
         tokio::spawn(Arc::clone(&edge).serve_tcp_services(settings.http.ip())),
+        tokio::spawn(Arc::clone(&edge).serve_udp_services(settings.http.ip())),
         tokio::spawn(async move {
             if let Err(e) = manager.run().await {
                 eprintln!("aloftd: edge: the certificate manager stopped: {e}");
@@ -237,26 +240,110 @@ struct NetnsDialer {
     ns: PathBuf,
 }
 
+impl NetnsDialer {
+    /// A non-blocking socket of `kind` for `addr`'s family, made inside the namespace.
+    fn socket(
+        ns: &aloft_net::Namespace,
+        addr: SocketAddr,
+        kind: rustix::net::SocketType,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        let family = if addr.is_ipv4() {
+            rustix::net::AddressFamily::INET
+        } else {
+            rustix::net::AddressFamily::INET6
+        };
+        let fd = ns.run(|| {
+            rustix::net::socket_with(
+                family,
+                kind,
+                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+                None,
+            )
+        })??;
+        Ok(fd)
+    }
+}
+
 impl Dialer for NetnsDialer {
     fn dial(&self, addr: SocketAddr) -> DialFuture {
         let ns = aloft_net::Namespace::Path(self.ns.clone());
         Box::pin(async move {
-            let family = if addr.is_ipv4() {
-                rustix::net::AddressFamily::INET
-            } else {
-                rustix::net::AddressFamily::INET6
-            };
-            let fd = ns.run(|| {
-                rustix::net::socket_with(
-                    family,
-                    rustix::net::SocketType::STREAM,
-                    rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-                    None,
-                )
-            })??;
+            let fd = Self::socket(&ns, addr, rustix::net::SocketType::STREAM)?;
             let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
             socket.set_nodelay(true)?;
             socket.connect(addr).await
         })
+    }
+
+    fn udp(&self, addr: SocketAddr) -> UdpFuture {
+        let ns = aloft_net::Namespace::Path(self.ns.clone());
+        Box::pin(async move {
+            // Made in the namespace, it binds (on connect) and routes there too.
+            let fd = Self::socket(&ns, addr, rustix::net::SocketType::DGRAM)?;
+            let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
+            socket.connect(addr).await?;
+            Ok(socket)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::net::{IpAddr, SocketAddr};
+    use std::time::Duration;
+
+    use aloft_proxy::Dialer as _;
+
+    use super::NetnsDialer;
+
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:\t0\t"))
+    }
+
+    /// A UDP socket from the dialer lives in the machines' namespace: it reaches an echo bound
+    /// on the namespace's tap address (which the test's own namespace does not have) and gets
+    /// the answer back.
+    #[tokio::test]
+    async fn netns_dialer_udp_reaches_a_socket_inside_the_namespace() {
+        if !is_root() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return;
+        }
+        let ns = aloft_testkit::NetNs::new().unwrap();
+        let inside = aloft_net::Namespace::Path(ns.path());
+        let echo = inside
+            .run(|| std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(ns.host_ip), 0)))
+            .unwrap()
+            .unwrap();
+        let addr = echo.local_addr().unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            let mut answer = b"echo:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            echo.send_to(&answer, from).unwrap();
+        });
+        let dialer = NetnsDialer { ns: ns.path() };
+        let socket = dialer.udp(addr).await.unwrap();
+        assert_eq!(socket.peer_addr().unwrap(), addr);
+        socket.send(b"ping").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"echo:ping");
+        server.join().unwrap();
+        // The same address from this namespace is nobody's: the socket really is elsewhere.
+        assert!(
+            std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(ns.host_ip), 0)).is_err(),
+            "the test namespace has the tap's address too; the check above proves nothing"
+        );
     }
 }

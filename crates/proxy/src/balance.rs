@@ -10,7 +10,7 @@ use aloft_api::{MachineId, MachineService};
 
 use crate::Edge;
 use crate::load::{LoadGuard, MachineLoad};
-use crate::routes::{AppRoutes, MachineRoute};
+use crate::routes::{AppRoutes, MachineRoute, Protocol};
 
 /// Which machines a choice may take.
 #[derive(Debug, Default, Clone)]
@@ -76,10 +76,15 @@ fn region_rank(edge: &Edge, want: &Want<'_>, region: &str) -> u32 {
     base.saturating_add(edge.config.rtt.get(&edge.config.region, region).saturating_add(1))
 }
 
-/// Chooses for `app`. See the module docs.
+/// Chooses for `app` among machines whose TCP service has `want.port`. See the module docs.
 pub(crate) fn choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Choice {
+    choose_for(edge, app, want, Protocol::Tcp)
+}
+
+/// Chooses for `app` among machines whose `proto` service has `want.port`.
+pub(crate) fn choose_for(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) -> Choice {
     for _ in 0..8 {
-        if let Some(choice) = try_choose(edge, app, want) {
+        if let Some(choice) = try_choose(edge, app, want, proto) {
             return choice;
         }
         // Lost a race for the last unit of capacity: look again.
@@ -87,7 +92,7 @@ pub(crate) fn choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Choice {
     Choice::Full
 }
 
-fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
+fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) -> Option<Choice> {
     let loads = &edge.loads;
     let mut found_forced = want.force_instance.is_none();
     let mut at_hard = false;
@@ -108,7 +113,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>) -> Option<Choice> {
         if !want.regions.is_empty() && !want.regions.iter().any(|r| *r == m.entry.region) {
             continue;
         }
-        let Some(service) = m.service_for_port(want.port) else {
+        let Some(service) = m.service_for(want.port, proto) else {
             continue;
         };
         if m.cordoned || m.ip.is_none() {

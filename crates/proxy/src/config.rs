@@ -69,6 +69,18 @@ pub struct EdgeConfig {
     pub default_hard_limit: u32,
     /// A machine a connect failed to is skipped for this long (passive health).
     pub failed_backoff: Duration,
+    /// A UDP flow (one client address on one public UDP port, stuck to one machine) ends after
+    /// this long without a datagram either way; the client's next datagram picks again.
+    pub udp_flow_idle_timeout: Duration,
+    /// UDP flows the edge keeps at once, over all ports; datagrams that would open more are
+    /// dropped (and counted).
+    pub udp_max_flows: usize,
+    /// UDP flows one client IP address may have open at once (over all its ports).
+    pub udp_max_flows_per_client: usize,
+    /// Largest UDP datagram relayed (at most 65 535); longer ones are dropped and counted.
+    pub udp_max_datagram: usize,
+    /// Datagrams a UDP flow holds while its machine is picked or woken; more are dropped.
+    pub udp_flow_queue: usize,
 }
 
 impl EdgeConfig {
@@ -94,6 +106,11 @@ impl EdgeConfig {
             default_soft_limit: 20,
             default_hard_limit: 25,
             failed_backoff: Duration::from_millis(500),
+            udp_flow_idle_timeout: Duration::from_secs(60),
+            udp_max_flows: 16_384,
+            udp_max_flows_per_client: 256,
+            udp_max_datagram: 65_535,
+            udp_flow_queue: 64,
         }
     }
 }

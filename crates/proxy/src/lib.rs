@@ -2,7 +2,7 @@
 //!
 //! An [`Edge`] keeps a routing table ([`RoutingTable`]) built from the service catalog that
 //! agents publish into the control store (`/catalog/…`, followed live by [`catalog`]), listens
-//! for HTTP and HTTPS (and an app's own TCP ports), and for each request:
+//! for HTTP and HTTPS (and an app's own TCP and UDP ports), and for each request:
 //!
 //! 1. finds the app by Host/SNI (`<app>.<base domain>` or a custom domain);
 //! 2. picks a machine: started, not cordoned, service checks passing, least loaded then closest,
@@ -14,12 +14,19 @@
 //! 4. follows `fly-replay` answers, adds Fly's request and response headers, and answers its own
 //!    errors with Fly's proxy error codes (`PR01`, `PC01`, …) in a header and a short page.
 //!
+//! UDP services ([`Edge::serve_udp_services`]) are relayed per client address: each flow is
+//! stuck to one machine chosen by the same balancer (it counts as a connection, and wakes a
+//! stopped machine while holding its first datagrams), through a socket connected to the
+//! machine's private address, until it is idle for a while; datagrams go to the address the
+//! guest knows as `fly-global-services`.
+//!
 //! An autostop loop stops or suspends excess idle machines as Fly's does. Figures for
 //! Prometheus come from [`Edge::metrics_text`].
 //!
 //! The proxy reaches machines only through two small traits the daemon implements:
-//! [`MachineControl`] (start/suspend/stop a machine) and [`Dialer`] (open a TCP connection to a
-//! machine's private address, e.g. from inside the machines' network namespace). It depends on
+//! [`MachineControl`] (start/suspend/stop a machine) and [`Dialer`] (open a TCP connection, or a
+//! connected UDP socket, to a machine's private address, e.g. from inside the machines' network
+//! namespace). It depends on
 //! `aloft-api` (wire types) and `aloft-store` (the catalog); it must not depend on the agent, the
 //! VM, image or network crates, nor on the control plane's HTTP API.
 //!
@@ -42,11 +49,11 @@ mod routes;
 mod scale;
 mod tcp;
 pub mod tls;
+mod udp;
 mod upstream;
 
 pub use config::{EdgeConfig, RegionRtt};
-pub use dial::DialFuture;
-pub use dial::{Dialer, DirectDialer};
+pub use dial::{DialFuture, Dialer, DirectDialer, UdpFuture};
 pub use error::ERROR_HEADER;
 pub use error::ProxyCode;
 pub use routes::{RoutingTable, Snapshot};
@@ -70,6 +77,8 @@ pub struct Edge {
     metrics: metrics::Metrics,
     wakes: scale::Wakes,
     clients: clients::ClientLimits,
+    udp_clients: clients::ClientLimits,
+    udp_flows: udp::FlowTotal,
     tls: OnceLock<Arc<rustls::ServerConfig>>,
     acme_http: OnceLock<AcmeHttp>,
 }
@@ -96,6 +105,8 @@ impl Edge {
             metrics: metrics::Metrics::default(),
             wakes: scale::Wakes::default(),
             clients: clients::ClientLimits::default(),
+            udp_clients: clients::ClientLimits::default(),
+            udp_flows: udp::FlowTotal::default(),
             tls: OnceLock::new(),
             acme_http: OnceLock::new(),
             config,

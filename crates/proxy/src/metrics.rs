@@ -78,10 +78,89 @@ impl Default for AppFigures {
     }
 }
 
+/// Why a UDP datagram was not relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UdpDrop {
+    /// It would have opened a flow over the edge's or its client's flow limit.
+    FlowLimit,
+    /// Its flow already held as many datagrams as it may while its machine was picked or woken.
+    QueueFull,
+    /// Longer than `udp_max_datagram`.
+    Oversize,
+    /// No machine could take its flow (none healthy, all at their hard limit, a failed wake).
+    NoMachine,
+    /// Sending it on failed (to the machine, or back to the client).
+    SendFailed,
+}
+
+impl UdpDrop {
+    const ALL: [Self; 5] = [
+        Self::FlowLimit,
+        Self::QueueFull,
+        Self::Oversize,
+        Self::NoMachine,
+        Self::SendFailed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::FlowLimit => "flow_limit",
+            Self::QueueFull => "queue_full",
+            Self::Oversize => "oversize",
+            Self::NoMachine => "no_machine",
+            Self::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// One app's UDP figures; a port's listener and its flows hold it, so counting takes no lock.
+#[derive(Debug, Default)]
+pub(crate) struct UdpFigures {
+    /// Datagrams from clients relayed to machines.
+    inbound: AtomicU64,
+    /// Datagrams from machines relayed back to clients.
+    outbound: AtomicU64,
+    dropped: [AtomicU64; UdpDrop::ALL.len()],
+    /// Open flows (a gauge).
+    flows: AtomicU64,
+}
+
+impl UdpFigures {
+    pub(crate) fn inbound(&self) {
+        self.inbound.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn outbound(&self) {
+        self.outbound.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self, why: UdpDrop, n: usize) {
+        let i = UdpDrop::ALL.iter().position(|d| *d == why).unwrap_or(0);
+        self.dropped[i].fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Counts an open flow until the returned guard is dropped.
+    pub(crate) fn flow_opened(self: &Arc<Self>) -> FlowCount {
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        FlowCount(self.clone())
+    }
+}
+
+/// One open UDP flow in [`UdpFigures`]'s gauge.
+#[derive(Debug)]
+pub(crate) struct FlowCount(Arc<UdpFigures>);
+
+impl Drop for FlowCount {
+    fn drop(&mut self) {
+        self.0.flows.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counters; cheap to update from any task.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     apps: RwLock<HashMap<String, Arc<AppFigures>>>,
+    udp: RwLock<HashMap<String, Arc<UdpFigures>>>,
     tls_ok: AtomicU64,
     tls_failed: AtomicU64,
     tls_time: Histogram,
@@ -102,6 +181,19 @@ impl Metrics {
             return a.clone();
         }
         self.apps
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(app.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// `app`'s UDP figures.
+    pub(crate) fn udp(&self, app: &str) -> Arc<UdpFigures> {
+        if let Some(a) = self.udp.read().unwrap_or_else(PoisonError::into_inner).get(app) {
+            return a.clone();
+        }
+        self.udp
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(app.to_owned())
@@ -241,7 +333,61 @@ impl Metrics {
             "Client connections closed at once: the client had too many open.",
             &[("", &self.refused)],
         );
+        self.render_udp(&mut out);
         out
+    }
+
+    fn render_udp(&self, out: &mut String) {
+        let udp: Vec<(String, Arc<UdpFigures>)> = {
+            let map = self.udp.read().unwrap_or_else(PoisonError::into_inner);
+            let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        out.push_str(
+            "# HELP aloft_edge_udp_datagrams_count UDP datagrams relayed, by app and direction \
+             (in: client to machine, out: machine to client).\n\
+             # TYPE aloft_edge_udp_datagrams_count counter\n",
+        );
+        for (app, f) in &udp {
+            for (dir, c) in [("in", &f.inbound), ("out", &f.outbound)] {
+                let _ = writeln!(
+                    out,
+                    "aloft_edge_udp_datagrams_count{{app=\"{}\",direction=\"{dir}\"}} {}",
+                    label(app),
+                    c.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str(
+            "# HELP aloft_edge_udp_dropped_count UDP datagrams dropped, by app and reason.\n\
+             # TYPE aloft_edge_udp_dropped_count counter\n",
+        );
+        for (app, f) in &udp {
+            for (why, c) in UdpDrop::ALL.iter().zip(&f.dropped) {
+                let n = c.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "aloft_edge_udp_dropped_count{{app=\"{}\",reason=\"{}\"}} {n}",
+                        label(app),
+                        why.label()
+                    );
+                }
+            }
+        }
+        out.push_str(
+            "# HELP aloft_edge_udp_flows UDP flows open (client address to machine), by app.\n\
+             # TYPE aloft_edge_udp_flows gauge\n",
+        );
+        for (app, f) in &udp {
+            let _ = writeln!(
+                out,
+                "aloft_edge_udp_flows{{app=\"{}\"}} {}",
+                label(app),
+                f.flows.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

@@ -22,15 +22,43 @@ pub struct MachineRoute {
     pub cordoned: bool,
 }
 
+/// A service's transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// `protocol = "tcp"`, or none given.
+    Tcp,
+    /// `protocol = "udp"`.
+    Udp,
+}
+
+impl Protocol {
+    /// The transport `service` asks for; `None` for one the edge does not serve.
+    pub(crate) fn of(service: &MachineService) -> Option<Self> {
+        match service.protocol.as_deref() {
+            None => Some(Self::Tcp),
+            Some(p) if p.eq_ignore_ascii_case("tcp") => Some(Self::Tcp),
+            Some(p) if p.eq_ignore_ascii_case("udp") => Some(Self::Udp),
+            Some(_) => None,
+        }
+    }
+}
+
 impl MachineRoute {
-    /// The machine's service that has public `port`, if any.
+    /// The machine's TCP service that has public `port`, if any (a UDP service on the same port,
+    /// e.g. DNS or QUIC beside TCP, is not it).
     pub fn service_for_port(&self, port: u16) -> Option<&MachineService> {
+        self.service_for(port, Protocol::Tcp)
+    }
+
+    /// The machine's service of transport `proto` that has public `port`, if any.
+    pub(crate) fn service_for(&self, port: u16, proto: Protocol) -> Option<&MachineService> {
         self.entry.services.iter().find(|s| {
-            s.ports.iter().any(|p| match (p.port, p.start_port, p.end_port) {
-                (Some(p), _, _) => p == port,
-                (None, Some(a), Some(b)) => (a..=b).contains(&port),
-                _ => false,
-            })
+            Protocol::of(s) == Some(proto)
+                && s.ports.iter().any(|p| match (p.port, p.start_port, p.end_port) {
+                    (Some(p), _, _) => p == port,
+                    (None, Some(a), Some(b)) => (a..=b).contains(&port),
+                    _ => false,
+                })
         })
     }
 

@@ -66,6 +66,24 @@ pub(crate) async fn wake(
     m: &MachineRoute,
     internal_port: u16,
 ) -> Result<(), (ProxyCode, String)> {
+    wake_with(edge, m, Some(internal_port)).await
+}
+
+/// Wakes `m` for a UDP flow (or joins a wake in progress): resolves once its host took the
+/// start. Nothing tells whether a UDP port is bound without sending the app a datagram, so no
+/// port is polled and the machine is not marked woken: the caller waits for the catalog to say
+/// `started`, and resends what the machine refused while its app was still coming up.
+pub(crate) async fn wake_udp(edge: &Arc<Edge>, m: &MachineRoute) -> Result<(), (ProxyCode, String)> {
+    wake_with(edge, m, None).await
+}
+
+/// With `probe`, the wake ends once a TCP connect to that internal port succeeds (and the machine
+/// counts as started from then on); without, once the host accepted the start.
+async fn wake_with(
+    edge: &Arc<Edge>,
+    m: &MachineRoute,
+    probe: Option<u16>,
+) -> Result<(), (ProxyCode, String)> {
     let id = m.entry.id.clone();
     let mut rx = {
         let mut map = edge.wakes.lock();
@@ -89,11 +107,14 @@ pub(crate) async fn wake(
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let result = match ip {
-                        Some(ip) => do_wake(&edge2, &app, &id, SocketAddr::new(ip, internal_port)).await,
+                        Some(ip) => {
+                            let probe = probe.map(|port| SocketAddr::new(ip, port));
+                            do_wake(&edge2, &app, &id, probe).await
+                        }
                         None => Err((ProxyCode::PM07, "the machine has no private address".to_owned())),
                     };
                     edge2.metrics.wake(result.is_ok(), started.elapsed());
-                    if result.is_ok() {
+                    if result.is_ok() && probe.is_some() {
                         let load = edge2.loads.machine(&id);
                         // Until the catalog publishes anything newer about it (`started`,
                         // within ~250 ms): then the catalog rules again, so a machine
@@ -125,7 +146,7 @@ async fn do_wake(
     edge: &Edge,
     app: &str,
     id: &MachineId,
-    addr: SocketAddr,
+    probe: Option<SocketAddr>,
 ) -> Result<(), (ProxyCode, String)> {
     let deadline = Instant::now() + edge.config.wake_timeout;
     // The host refuses a start while the machine is still stopping or suspending (or already
@@ -148,13 +169,22 @@ async fn do_wake(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let why = if start_again.is_some() {
-                format!("its host kept refusing to start it: {last_refusal}")
-            } else {
-                format!("it started but nothing accepted connections on {addr} in time")
+            let why = match (start_again, probe) {
+                (Some(_), _) => format!("its host kept refusing to start it: {last_refusal}"),
+                (None, Some(addr)) => {
+                    format!("it started but nothing accepted connections on {addr} in time")
+                }
+                (None, None) => "it did not start in time".to_owned(),
             };
             return Err((ProxyCode::PM03, why));
         }
+        let Some(addr) = probe else {
+            if start_again.is_none() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            continue;
+        };
         // Short attempts, each with a fresh SYN: a SYN sent while the machine was still paused
         // may be lost, and the kernel would retransmit it only after a second.
         let attempt = tokio::time::timeout(left.min(attempt_timeout), edge.dialer.dial(addr)).await;

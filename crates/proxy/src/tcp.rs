@@ -17,21 +17,21 @@ use tokio::task::JoinHandle;
 use crate::Edge;
 use crate::http::{ConnInfo, Route};
 use crate::proxy_proto;
-use crate::routes::Snapshot;
+use crate::routes::{Protocol, Snapshot};
 
 /// Ranges wider than this are not listened on (a typo like 1-65535 must not bind everything).
-const MAX_RANGE: u16 = 256;
+pub(crate) const MAX_RANGE: u16 = 256;
 
-/// The public TCP ports the routing table asks for: port → app (the first app by name wins a
-/// port two apps claim).
-fn desired_ports(snap: &Snapshot, skip: &[u16]) -> BTreeMap<u16, String> {
+/// The public ports of `proto` services the routing table asks for: port → app (the first app
+/// by name wins a port two apps claim).
+pub(crate) fn desired_ports(snap: &Snapshot, skip: &[u16], proto: Protocol) -> BTreeMap<u16, String> {
     let mut apps: Vec<_> = snap.apps().collect();
     apps.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = BTreeMap::new();
     for app in apps {
         for m in &app.machines {
             for s in &m.entry.services {
-                if s.protocol.as_deref().is_some_and(|p| p != "tcp") {
+                if Protocol::of(s) != Some(proto) {
                     continue;
                 }
                 for p in &s.ports {
@@ -47,7 +47,8 @@ fn desired_ports(snap: &Snapshot, skip: &[u16]) -> BTreeMap<u16, String> {
     out
 }
 
-fn port_list(p: &MachinePort) -> Vec<u16> {
+/// The ports `p` names: one, or a range no wider than [`MAX_RANGE`].
+pub(crate) fn port_list(p: &MachinePort) -> Vec<u16> {
     match (p.port, p.start_port, p.end_port) {
         (Some(port), _, _) => vec![port],
         (None, Some(a), Some(b)) if a <= b && b - a < MAX_RANGE => (a..=b).collect(),
@@ -67,7 +68,7 @@ impl Edge {
             let changed = self.routes.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let want = desired_ports(&self.routes.snapshot(), &skip);
+            let want = desired_ports(&self.routes.snapshot(), &skip, Protocol::Tcp);
             listening.retain(|port, (app, task)| {
                 let keep = want.get(port) == Some(app);
                 if !keep {
