@@ -136,7 +136,12 @@ pub(crate) fn stop_signal(cfg: &RunConfig) -> i32 {
         .unwrap_or(libc::SIGINT)
 }
 
-/// `/etc/hosts`: localhost, the machine's own address → hostname, then the extra lines.
+/// `/etc/hosts`: localhost, the machine's own address → hostname and `fly-global-services`,
+/// then the extra lines.
+///
+/// `fly-global-services` is where apps written for Fly bind their UDP services: the edge sends a
+/// UDP service's datagrams to the machine's private address (and takes answers only from
+/// there), so the name resolves to that address.
 pub(crate) fn hosts_file(cfg: &RunConfig) -> String {
     let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     let own = if cfg.runtime.private_ip.is_empty() {
@@ -147,8 +152,11 @@ pub(crate) fn hosts_file(cfg: &RunConfig) -> String {
     } else {
         Some(cfg.runtime.private_ip.clone())
     };
-    if let Some(ip) = own.filter(|_| !cfg.hostname.is_empty()) {
-        s.push_str(&format!("{ip}\t{}\n", cfg.hostname));
+    if let Some(ip) = own {
+        if !cfg.hostname.is_empty() {
+            s.push_str(&format!("{ip}\t{}\n", cfg.hostname));
+        }
+        s.push_str(&format!("{ip}\tfly-global-services\n"));
     }
     for h in &cfg.etc_hosts {
         s.push_str(&format!("{}\t{}\n", h.ip, h.names.join(" ")));
@@ -302,6 +310,29 @@ mod tests {
         assert_eq!(stop_signal(&cfg), libc::SIGQUIT);
         cfg.stop_signal = Some("TERM".into());
         assert_eq!(stop_signal(&cfg), libc::SIGTERM);
+    }
+
+    #[test]
+    fn fly_global_services_is_the_machines_private_address() {
+        let mut cfg = RunConfig::default();
+        assert!(
+            !hosts_file(&cfg).contains("fly-global-services"),
+            "no address, no line"
+        );
+        cfg.network = Some(NetConfig {
+            addresses: vec!["fdaa::2/64".parse().unwrap()],
+            gateways: vec![],
+            mtu: None,
+        });
+        // Without a hostname too.
+        assert!(hosts_file(&cfg).contains("fdaa::2\tfly-global-services\n"));
+        // The private address the edge sends to wins over the first interface address.
+        cfg.runtime.private_ip = "fdaa:0:1::7".into();
+        cfg.hostname = "m1".into();
+        let hosts = hosts_file(&cfg);
+        assert!(hosts.contains("fdaa:0:1::7\tfly-global-services\n"), "{hosts}");
+        assert!(!hosts.contains("fdaa::2\tfly-global-services"), "{hosts}");
+        assert_eq!(hosts.matches("fly-global-services").count(), 1);
     }
 
     #[test]
