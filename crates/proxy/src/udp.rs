@@ -520,3 +520,114 @@ fn try_recv(socket: &UdpSocket) -> io::Result<Bytes> {
         Ok(Bytes::copy_from_slice(&buf[..n]))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use aloft_api::{CatalogEntry, MachineId, MachinePort, MachineService, MachineState};
+
+    use crate::RoutingTable;
+    use crate::routes::{MachineRoute, Protocol};
+    use crate::tcp::desired_ports;
+
+    fn service(
+        protocol: Option<&str>,
+        internal: u16,
+        port: Option<u16>,
+        range: Option<(u16, u16)>,
+    ) -> MachineService {
+        MachineService {
+            protocol: protocol.map(str::to_owned),
+            internal_port: Some(internal),
+            ports: vec![MachinePort {
+                port,
+                start_port: range.map(|r| r.0),
+                end_port: range.map(|r| r.1),
+                ..MachinePort::default()
+            }],
+            ..MachineService::default()
+        }
+    }
+
+    fn entry(app: &str, n: u8, services: Vec<MachineService>) -> CatalogEntry {
+        CatalogEntry {
+            id: MachineId::from_random([0x0d, 0x0e, 0, 0, 0, 0, n]),
+            app: app.to_owned(),
+            host: "h".to_owned(),
+            region: "r".to_owned(),
+            state: MachineState::Started,
+            version: "v1".to_owned(),
+            private_ip: format!("fdaa::{n}"),
+            services,
+            checks: Vec::new(),
+            suspendable: false,
+            process_group: String::new(),
+            primary_region: String::new(),
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_port_served_over_tcp_and_udp_has_a_service_for_each() {
+        // DNS: TCP and UDP on 53, to different internal ports; something the edge does not
+        // serve on 99.
+        let e = entry(
+            "dns",
+            1,
+            vec![
+                service(None, 5353, Some(53), None),
+                service(Some("udp"), 5354, Some(53), None),
+                service(Some("UDP"), 6000, None, Some((6000, 6010))),
+                service(Some("sctp"), 99, Some(99), None),
+            ],
+        );
+        let m = MachineRoute {
+            entry: e.clone(),
+            ip: None,
+            cordoned: false,
+        };
+        assert_eq!(m.service_for_port(53).unwrap().internal_port, Some(5353));
+        assert_eq!(
+            m.service_for(53, Protocol::Udp).unwrap().internal_port,
+            Some(5354)
+        );
+        assert_eq!(
+            m.service_for(6005, Protocol::Udp).unwrap().internal_port,
+            Some(6000)
+        );
+        assert!(m.service_for_port(6005).is_none(), "a UDP range is no TCP port");
+        assert!(m.service_for_port(99).is_none() && m.service_for(99, Protocol::Udp).is_none());
+        assert_eq!(Protocol::of(&e.services[0]), Some(Protocol::Tcp));
+        assert_eq!(Protocol::of(&e.services[3]), None);
+    }
+
+    #[test]
+    fn udp_ports_follow_udp_services_only() {
+        let table = RoutingTable::default();
+        table.upsert(entry(
+            "b-app",
+            1,
+            vec![
+                service(None, 1, Some(5000), None),
+                service(Some("udp"), 2, Some(5000), None),
+                service(Some("udp"), 3, None, Some((6000, 6001))),
+                // A typo must not bind every port.
+                service(Some("udp"), 4, None, Some((1, 65535))),
+                service(Some("udp"), 5, Some(7000), None),
+            ],
+        ));
+        table.upsert(entry("a-app", 2, vec![service(Some("udp"), 6, Some(7000), None)]));
+        let snap = table.snapshot();
+        let udp = desired_ports(&snap, &[], Protocol::Udp);
+        let ports: Vec<u16> = udp.keys().copied().collect();
+        assert_eq!(ports, vec![5000, 6000, 6001, 7000]);
+        assert_eq!(
+            udp[&7000], "a-app",
+            "a port two apps claim goes to the first by name"
+        );
+        assert_eq!(udp[&5000], "b-app");
+        let tcp = desired_ports(&snap, &[], Protocol::Tcp);
+        assert_eq!(tcp.keys().copied().collect::<Vec<_>>(), vec![5000]);
+    }
+}

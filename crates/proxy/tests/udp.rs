@@ -16,7 +16,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use aloft_api::{
-        CatalogEntry, MachineId, MachinePort, MachineService, MachineServiceConcurrency, MachineState,
+        Autostop, CatalogEntry, MachineId, MachinePort, MachineService, MachineServiceConcurrency,
+        MachineState,
     };
     use aloft_proxy::{
         ControlError, ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl, RoutingTable,
@@ -207,8 +208,14 @@ mod tests {
         }
     }
 
+    /// Where the machine's UDP service listens.
     fn addr_of(e: &CatalogEntry) -> SocketAddr {
-        let port = e.services.first().and_then(|s| s.internal_port).unwrap();
+        let port = e
+            .services
+            .iter()
+            .find(|s| s.protocol.as_deref() == Some("udp"))
+            .and_then(|s| s.internal_port)
+            .unwrap();
         SocketAddr::new(e.private_ip.parse().unwrap(), port)
     }
 
@@ -462,6 +469,57 @@ mod tests {
         );
         // The first client still gets through.
         ask(&c1, h.public(), "again").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_port_served_over_tcp_too_relays_to_the_udp_service() {
+        let h = Harness::new(config()).await;
+        let mut m = h.entry("both", MachineState::Started);
+        // A TCP service on the same public port, listed first, to another internal port (held
+        // here, so nothing answers UDP there either).
+        let (_held, tcp_internal) = reserve();
+        m.services.insert(
+            0,
+            MachineService {
+                internal_port: Some(tcp_internal),
+                ports: vec![MachinePort {
+                    port: Some(h.port),
+                    ..MachinePort::default()
+                }],
+                ..MachineService::default()
+            },
+        );
+        h.add(&m).await;
+        let c = client().await;
+        let got = ask_once(&c, h.public(), b"udp", Duration::from_secs(2)).await;
+        assert_eq!(got.as_deref(), Some(format!("{}:udp", m.id).as_str()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn autostop_leaves_a_machine_with_a_live_flow_alone() {
+        let mut config = config();
+        config.udp_flow_idle_timeout = Duration::from_millis(400);
+        let h = Harness::new(config).await;
+        let mut m = h.entry("stopme", MachineState::Started);
+        m.services[0].autostop = Some(Autostop::Stop);
+        h.add(&m).await;
+        let c = client().await;
+        ask(&c, h.public(), "busy").await;
+        assert_eq!(aloft_proxy::autostop_pass(&h.edge).await, Vec::<MachineId>::new());
+        assert!(h.control.calls().is_empty());
+        // Once the flow is idle and gone, the machine is idle too.
+        until("the flow ends", || {
+            h.metric("aloft_edge_udp_flows{app=\"stopme\"}") == 0
+        })
+        .await;
+        assert_eq!(aloft_proxy::autostop_pass(&h.edge).await, vec![m.id.clone()]);
+        // And the next datagram wakes it again.
+        let (who, _) = ask(&c, h.public(), "back").await;
+        assert_eq!(who, m.id.to_string());
+        assert_eq!(
+            h.control.calls(),
+            vec![format!("stop {}", m.id), format!("start {}", m.id)]
+        );
     }
 
     // -----------------------------------------------------------------------------------------
