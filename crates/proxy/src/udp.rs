@@ -217,19 +217,24 @@ impl Edge {
         let max = self.config.udp_max_datagram.clamp(1, MAX_DATAGRAM);
         let mut buf = vec![0u8; max + 1];
         let mut next_id = 0u64;
+        let mut last_error = None;
         loop {
             let (n, client) = match port.socket.recv_from(&mut buf).await {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => {
-                    eprintln!(
-                        "edge: udp port {} of app {}: receive failed: {e}",
-                        port.port, port.app
-                    );
+                    // Once per kind of error in a row, not every 50 ms.
+                    if last_error.replace(e.kind()) != Some(e.kind()) {
+                        eprintln!(
+                            "edge: udp port {} of app {}: receive failed: {e}",
+                            port.port, port.app
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            last_error = None;
             if n > max {
                 port.figures.dropped(UdpDrop::Oversize, 1);
                 continue;
