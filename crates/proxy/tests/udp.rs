@@ -121,6 +121,8 @@ mod tests {
         /// After a start, the machine's app binds its socket this much later (it says started
         /// at once, as an agent does when the VM runs).
         bind_late_ms: AtomicU64,
+        /// A start takes this long (the machine boots).
+        start_delay_ms: AtomicU64,
     }
 
     /// Records calls; `start` publishes the machine started and binds its echo socket (at once
@@ -172,6 +174,10 @@ mod tests {
             let id = id.clone();
             Box::pin(async move {
                 let late = me.0.bind_late_ms.load(Ordering::SeqCst);
+                let delay = me.0.start_delay_ms.load(Ordering::SeqCst);
+                if state == MachineState::Started && delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 let closed = if state == MachineState::Started {
                     None
                 } else {
@@ -580,6 +586,35 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flow_holds_a_bounded_number_of_datagrams_while_its_machine_wakes() {
+        let mut config = config();
+        config.udp_flow_queue = 2;
+        let h = Harness::new(config).await;
+        h.control.0.start_delay_ms.store(300, Ordering::SeqCst);
+        let m = h.entry("hold", MachineState::Stopped);
+        h.add(&m).await;
+        let c = client().await;
+        for i in 0..6 {
+            c.send_to(format!("{i}").as_bytes(), h.public()).await.unwrap();
+        }
+        let mut answers = Vec::new();
+        while let Some(a) = answer(&c, Duration::from_secs(2)).await {
+            answers.push(a);
+        }
+        let dropped = h.metric("aloft_edge_udp_dropped_count{app=\"hold\",reason=\"queue_full\"}");
+        // The first datagram opens the flow; its queue holds 2 more while the machine boots
+        // (3 when the flow took the first out before the next arrived).
+        assert!((2..=3).contains(&answers.len()), "{answers:?}");
+        assert_eq!(usize::try_from(dropped).unwrap(), 6 - answers.len());
+        assert_eq!(
+            answers[0],
+            format!("{}:0", m.id),
+            "the first datagram is delivered first"
+        );
+        assert_eq!(h.control.got(&m.id), answers.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refusing_machine_is_skipped() {
         let mut config = config();
         config.failed_backoff = Duration::from_secs(60);
@@ -627,11 +662,11 @@ mod tests {
         h.edge.routes().remove("gone", &m.id);
         let addr = h.public();
         until("the port is closed", || std::net::UdpSocket::bind(addr).is_ok()).await;
-        assert_eq!(
-            h.metric("aloft_edge_udp_flows{app=\"gone\"}"),
-            0,
-            "the port's flows end with it"
-        );
+        // The port's flows end with it (aborted as the port closes, gone a moment later).
+        until("the port's flows end", || {
+            h.metric("aloft_edge_udp_flows{app=\"gone\"}") == 0
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
