@@ -313,6 +313,8 @@ impl Edge {
             Err(e) => {
                 let mut r = error::response(ProxyCode::PR03, Some(&e.to_string()), &rid);
                 *r.status_mut() = StatusCode::BAD_REQUEST;
+                self.metrics
+                    .response(Some(&app.name), r.status(), started.elapsed());
                 return r;
             }
         };

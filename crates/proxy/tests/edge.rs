@@ -1661,6 +1661,11 @@ mod tests {
         assert_eq!(r.code(), Some("PR02"));
         let r = h.send(forced("not an id")).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+        let text = h.edge.metrics_text();
+        assert!(
+            text.contains("fly_edge_http_responses_count{app=\"a\",status=\"400\"} 1\n"),
+            "a bad routing hint is counted: {text}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
