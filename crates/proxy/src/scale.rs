@@ -154,8 +154,7 @@ async fn do_wake(
     let mut start_again = Some(Instant::now());
     let mut last_refusal = String::new();
     // Poll until the workload accepts: the catalog may lag; the connection is the truth.
-    let mut pause = Duration::from_millis(2);
-    let mut attempt_timeout = Duration::from_millis(25);
+    let mut probes = Probes::default();
     loop {
         if start_again.is_some_and(|at| Instant::now() >= at) {
             match edge.control.start(app, id).await {
@@ -185,17 +184,59 @@ async fn do_wake(
             tokio::time::sleep(Duration::from_millis(100).min(left)).await;
             continue;
         };
-        // Short attempts, each with a fresh SYN: a SYN sent while the machine was still paused
-        // may be lost, and the kernel would retransmit it only after a second.
-        let attempt = tokio::time::timeout(left.min(attempt_timeout), edge.dialer.dial(addr)).await;
-        if let Ok(Ok(stream)) = attempt {
+        if let Some(stream) = probes.next(edge, addr, left).await {
             // The request that woke the machine goes over this very connection.
             edge.client.offer(addr, stream);
             return Ok(());
         }
-        attempt_timeout = (attempt_timeout * 2).min(Duration::from_millis(100));
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Connect attempts to a machine that is waking, overlapping: a new one every few milliseconds
+/// while the earlier ones stay in flight. A SYN sent while the machine was still paused is lost
+/// (the kernel would resend it only after a second), so attempts must be fresh; but a SYN the
+/// resumed guest received may take a while to be answered (~80 ms under TCG, with a cold
+/// translation cache), so attempts must not be given up early either. The first to connect wins;
+/// the others are dropped with the set.
+#[derive(Default)]
+struct Probes {
+    inflight: tokio::task::JoinSet<std::io::Result<tokio::net::TcpStream>>,
+    /// The pause before the next attempt (grows from 2 to 20 ms).
+    pause: Duration,
+}
+
+impl Probes {
+    /// At most this many attempts in flight.
+    const MAX_INFLIGHT: usize = 32;
+    /// An attempt is given up after this long.
+    const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// Starts an attempt, then waits up to the pause (at most `left`) for any attempt to
+    /// connect.
+    async fn next(&mut self, edge: &Edge, addr: SocketAddr, left: Duration) -> Option<tokio::net::TcpStream> {
+        if self.inflight.len() < Self::MAX_INFLIGHT {
+            let dial = edge.dialer.dial(addr);
+            self.inflight.spawn(async move {
+                match tokio::time::timeout(Self::ATTEMPT_TIMEOUT, dial).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            });
+        }
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(2), Duration::from_millis(20));
+        let until = tokio::time::Instant::now() + self.pause.min(left);
+        loop {
+            tokio::select! {
+                joined = self.inflight.join_next(), if !self.inflight.is_empty() => {
+                    // Refused (the guest is up, its app not listening yet) or timed out: the
+                    // next attempt is due soon anyway.
+                    if let Some(Ok(Ok(stream))) = joined {
+                        return Some(stream);
+                    }
+                }
+                () = tokio::time::sleep_until(until) => return None,
+            }
+        }
     }
 }
 

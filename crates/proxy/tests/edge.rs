@@ -24,7 +24,8 @@ mod tests {
         HttpResponseOptions, MachineId, MachinePort, MachineService, MachineServiceConcurrency, MachineState,
     };
     use aloft_proxy::{
-        ControlError, ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl, RoutingTable,
+        ControlError, ControlFuture, DialFuture, Dialer, DirectDialer, Edge, EdgeConfig, MachineControl,
+        RoutingTable, UdpFuture,
     };
     use bytes::Bytes;
     use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -339,8 +340,12 @@ mod tests {
 
     impl Harness {
         async fn new(config: EdgeConfig) -> Self {
+            Self::with_dialer(config, Arc::new(DirectDialer)).await
+        }
+
+        async fn with_dialer(config: EdgeConfig, dialer: Arc<dyn Dialer>) -> Self {
             let control = FakeControl::default();
-            let edge = Edge::new(config, Arc::new(control.clone()), Arc::new(DirectDialer));
+            let edge = Edge::new(config, Arc::new(control.clone()), dialer);
             let _ = control.0.table.set(edge.routes().clone());
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -777,6 +782,52 @@ mod tests {
         assert_eq!(h.control.calls(), [format!("start {}", sleeping.id)]);
         gate.release(1);
         assert_eq!(first.await.unwrap().machine(), "running");
+    }
+
+    /// Dials like [`DirectDialer`], but every TCP connect completes only `delay` after it was
+    /// asked for: a resumed guest under TCG answers its first SYNs that late.
+    #[derive(Debug)]
+    struct SlowDialer {
+        delay: Duration,
+        dials: AtomicUsize,
+    }
+
+    impl Dialer for SlowDialer {
+        fn dial(&self, addr: SocketAddr) -> DialFuture {
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                DirectDialer.dial(addr).await
+            })
+        }
+        fn udp(&self, addr: SocketAddr) -> UdpFuture {
+            DirectDialer.udp(addr)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_woken_machine_slow_to_answer_its_first_syn_is_reached_without_waiting_for_later_ones() {
+        let dialer = Arc::new(SlowDialer {
+            delay: Duration::from_millis(150),
+            dials: AtomicUsize::new(0),
+        });
+        let h = Harness::with_dialer(config(), dialer.clone()).await;
+        let mut m = entry("a");
+        m.state = MachineState::Stopped;
+        h.add(&m, echo("m1"));
+        let started = Instant::now();
+        let r = h.get("a.localhost", "/").await;
+        let took = started.elapsed();
+        assert_eq!(r.machine(), "m1", "{r:?}");
+        // The first attempt connects after 150 ms and carries the request: an edge that gave up
+        // attempts after 25–100 ms never connected at all (PM03 after wake_timeout).
+        assert!(took < Duration::from_millis(1500), "the wake took {took:?}");
+        assert!(
+            dialer.dials.load(Ordering::SeqCst) <= 40,
+            "attempts are bounded: {}",
+            dialer.dials.load(Ordering::SeqCst)
+        );
     }
 
     // -----------------------------------------------------------------------------------------
