@@ -275,7 +275,13 @@ impl Vm {
             let _ = fs::remove_file(paths.console());
         }
         let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
-        initramfs::compose(&spec.initrd, &spec.run_config, &paths.initrd())?;
+        // A restored guest runs from its snapshot's memory: the initramfs it booted from was
+        // unpacked long ago and QEMU only needs the file to be there. Composing it again (the
+        // base plus the run config, written and synced) would cost every resume time that grows
+        // with the config (a machine's `files` are in it).
+        if boot == Boot::Cold || !paths.initrd().is_file() {
+            initramfs::compose(&spec.initrd, &spec.run_config, &paths.initrd())?;
+        }
         // Jailed: open the disks here and hand QEMU descriptors (see `DiskFds`).
         let mut inherit = Vec::new();
         let mut disk_fds = Vec::new();
