@@ -720,7 +720,7 @@ impl Edge {
         });
         let (parts, _) = resp.into_parts();
         let mut out = Response::from_parts(parts, empty());
-        add_response_headers(out.headers_mut(), rid, service);
+        add_response_headers(out.headers_mut(), rid, service, Version::HTTP_11);
         out
     }
 }
@@ -1114,7 +1114,8 @@ fn add_request_headers(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, vers
 
 /// The response headers the edge adds (unless the service's port says `pristine`) and the
 /// service's `response.headers` edits.
-fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineService) {
+/// `version`: the protocol the machine answered in (the `Via` token names it).
+fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineService, version: Version) {
     let pristine = service
         .ports
         .iter()
@@ -1122,8 +1123,12 @@ fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineSer
         .unwrap_or(false);
     if !pristine {
         h.insert(header::SERVER, HeaderValue::from_static("aloft"));
-        let via =
-            append_to_list(h, &header::VIA, "1.1 aloft").unwrap_or(HeaderValue::from_static("1.1 aloft"));
+        let token = if version == Version::HTTP_2 {
+            "2 aloft"
+        } else {
+            "1.1 aloft"
+        };
+        let via = append_to_list(h, &header::VIA, token).unwrap_or(HeaderValue::from_static(token));
         h.insert(header::VIA, via);
         h.insert(names::FLY_REQUEST_ID, rid.header.clone());
     }
@@ -1166,7 +1171,7 @@ fn finish_response(
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    add_response_headers(&mut parts.headers, rid, service);
+    add_response_headers(&mut parts.headers, rid, service, parts.version);
     let body = Guarded {
         inner: body,
         guard: Some(guard),

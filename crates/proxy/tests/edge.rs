@@ -1356,6 +1356,10 @@ mod tests {
         let authority = seen["uri"].as_str().unwrap().contains("a.localhost")
             || r.seen("host").as_deref() == Some("a.localhost");
         assert!(authority, "the h2 backend lost the host: {seen}");
+        // The answer came over h2c: the response's Via says so (the request's says 1.1, the
+        // client's protocol).
+        assert_eq!(r.header("via"), Some("2 aloft"));
+        assert_eq!(r.seen("via").as_deref(), Some("1.1 aloft"));
     }
 
     // -----------------------------------------------------------------------------------------
