@@ -671,40 +671,59 @@ impl Edge {
         rid: &RequestId,
     ) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let (machine, guard) = match self.pick(app, route, &[], conn.service_port, None).await {
-            Ok(p) => p,
-            Err((code, detail)) => return error::response(code, detail.as_deref(), rid),
+        let (parts, body) = req.into_parts();
+        // An upgrade request normally has no body: then a connect that fails (nothing was
+        // sent) is retried on another machine, as for other requests.
+        let retryable = body.is_end_stream();
+        let mut body = Some(body);
+        let mut tried: Vec<MachineId> = Vec::new();
+        let mut last: Option<(ProxyCode, String)> = None;
+        let mut attempts = 0;
+        let (mut resp, machine, guard) = loop {
+            let picked = self.pick(app, route, &tried, conn.service_port, None).await;
+            let (machine, guard) = match (picked, last.take()) {
+                (Ok(p), _) => p,
+                (Err((ProxyCode::PR01, _)), Some((code, detail))) => {
+                    return error::response(code, Some(&detail), rid);
+                }
+                (Err((code, detail)), _) => return error::response(code, detail.as_deref(), rid),
+            };
+            let Some(service) = machine.service_for_port(conn.service_port) else {
+                return error::response(ProxyCode::PR01, None, rid);
+            };
+            let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
+                return error::response(ProxyCode::PR01, None, rid);
+            };
+            let addr = SocketAddr::new(ip, port);
+            let upstream_body = match body.take() {
+                Some(b) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+                None => empty(),
+            };
+            let upstream = build_upstream(&parts, addr, false, upstream_body);
+            attempts += 1;
+            match self.client.send_upgrade(addr, upstream).await {
+                Ok(r) => break (r, machine, guard),
+                Err(SendError::Connect { refused, detail }) => {
+                    self.mark_failed(&machine.entry.id);
+                    let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
+                    let detail = format!("machine {}: {detail}", machine.entry.id);
+                    if !retryable || attempts >= self.config.connect_attempts.max(1) {
+                        return error::response(code, Some(&detail), rid);
+                    }
+                    last = Some((code, detail));
+                    tried.push(machine.entry.id.clone());
+                }
+                Err(SendError::Handshake(d) | SendError::Request(d)) => {
+                    return error::response(
+                        ProxyCode::PU02,
+                        Some(&format!("machine {}: {d}", machine.entry.id)),
+                        rid,
+                    );
+                }
+            }
         };
         let Some(service) = machine.service_for_port(conn.service_port) else {
             return error::response(ProxyCode::PR01, None, rid);
-        };
-        let (Some(ip), Some(port)) = (machine.ip, service.internal_port) else {
-            return error::response(ProxyCode::PR01, None, rid);
-        };
-        let addr = SocketAddr::new(ip, port);
-        let (parts, body) = req.into_parts();
-        let upstream = build_upstream(
-            &parts,
-            addr,
-            false,
-            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        );
-        let mut resp = match self.client.send_upgrade(addr, upstream).await {
-            Ok(r) => r,
-            Err(e) => {
-                let (code, detail) = match e {
-                    SendError::Connect { refused, detail } => {
-                        self.mark_failed(&machine.entry.id);
-                        (if refused { ProxyCode::PC01 } else { ProxyCode::PC05 }, detail)
-                    }
-                    SendError::Handshake(d) | SendError::Request(d) => (ProxyCode::PU02, d),
-                };
-                return error::response(
-                    code,
-                    Some(&format!("machine {}: {detail}", machine.entry.id)),
-                    rid,
-                );
-            }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return finish_response(resp, guard, service, rid);

@@ -1293,6 +1293,34 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgrade_is_retried_on_another_machine_when_a_connect_fails() {
+        let h = Harness::new(config()).await;
+        // Published as started, but nothing listens at its address.
+        let refusing = entry("a");
+        h.edge.routes().upsert(refusing.clone());
+        h.add(&entry("a"), upgrade_echo());
+        // Least loaded then round-robin: of two upgrades at least one picks the refusing
+        // machine first.
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(h.addr).await.unwrap();
+            s.write_all(
+                b"GET /ws HTTP/1.1\r\nHost: a.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let head = read_head(&mut s).await.to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 101"), "{head}");
+            s.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, b"ping");
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // 9. HTTP/2.
 
