@@ -1269,27 +1269,39 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_upgraded_connection_carries_bytes_both_ways() {
-        let h = Harness::new(config()).await;
-        h.add(&entry("a"), upgrade_echo());
-        let mut s = TcpStream::connect(h.addr).await.unwrap();
+    /// Asks the edge at `addr` to upgrade `a.localhost/ws` to a WebSocket; the connection and
+    /// the answer's head (lower case).
+    async fn upgrade(addr: SocketAddr) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(
             b"GET /ws HTTP/1.1\r\nHost: a.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
         .await
         .unwrap();
         let head = read_head(&mut s).await.to_ascii_lowercase();
+        (s, head)
+    }
+
+    /// Sends `msg` over an upgraded connection to an echo and checks it comes back.
+    async fn echoed(s: &mut TcpStream, msg: &[u8]) {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_carries_bytes_both_ways() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), upgrade_echo());
+        let (mut s, head) = upgrade(h.addr).await;
         assert!(head.starts_with("http/1.1 101"), "{head}");
         assert!(head.contains("upgrade: websocket"), "{head}");
         for msg in [&b"ping"[..], b"second message"] {
-            s.write_all(msg).await.unwrap();
-            let mut got = vec![0u8; msg.len()];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(got, msg);
+            echoed(&mut s, msg).await;
         }
     }
 
@@ -1303,21 +1315,9 @@ mod tests {
         // Least loaded then round-robin: of two upgrades at least one picks the refusing
         // machine first.
         for _ in 0..2 {
-            let mut s = TcpStream::connect(h.addr).await.unwrap();
-            s.write_all(
-                b"GET /ws HTTP/1.1\r\nHost: a.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            )
-            .await
-            .unwrap();
-            let head = read_head(&mut s).await.to_ascii_lowercase();
+            let (mut s, head) = upgrade(h.addr).await;
             assert!(head.starts_with("http/1.1 101"), "{head}");
-            s.write_all(b"ping").await.unwrap();
-            let mut got = [0u8; 4];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(&got, b"ping");
+            echoed(&mut s, b"ping").await;
         }
     }
 
