@@ -130,7 +130,7 @@ mod tests {
             collect_stdout(&logs, Duration::from_secs(1)),
             "etc-files\netc-files\n\
              127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
-             fdaa::5\tetc-files\n10.1.2.3\tdb db.internal\n\
+             fdaa::5\tetc-files\nfdaa::5\tfly-global-services\n10.1.2.3\tdb db.internal\n\
              nameserver fdaa::3\nsearch internal\n\
              755 0\npasswd kept\n"
         );
