@@ -406,6 +406,12 @@ impl Edge {
         let mut hops = 0u32;
         let mut replay_started = Instant::now();
         let mut replay_from: Option<(Arc<MachineRoute>, crate::replay::Replay)> = None;
+        // Replay cache: a cached target skips the machine that would replay (replay_cache.rs).
+        let (mut cache, hit) =
+            self.replay_cache_lookup(&app, conn.service_port, route, &mut parts, body.replayable());
+        if let Some((next, from)) = hit {
+            (app, hops, replay_from) = (next, 1, Some(from));
+        }
         loop {
             let deadline = replay_from
                 .as_ref()
@@ -417,6 +423,10 @@ impl Edge {
             let (resp, machine, guard) = match attempt {
                 Forwarded::Answer(answer) => *answer,
                 Forwarded::Fail(code, detail) => {
+                    if let Some(first) = cache.unreachable(self, route, &mut parts) {
+                        (app, hops, replay_from) = (first, 0, None);
+                        continue;
+                    }
                     // A replay whose target can't be reached falls back to the replaying machine
                     // when it asked to.
                     if let Some((src, replay)) = replay_from.take()
@@ -453,13 +463,15 @@ impl Edge {
                 }
             };
             match self.replay_of(resp, hops).await {
-                Ok(ReplayCheck::Pass(resp)) => {
+                Ok(ReplayCheck::Pass(mut resp)) => {
                     let Some(service) = machine.service_for_port(conn.service_port) else {
                         return error::response(ProxyCode::PR01, None, rid);
                     };
+                    cache.finished(self, &machine, resp.headers_mut());
                     return finish_response(resp, guard, service, rid);
                 }
                 Ok(ReplayCheck::Replay(replay)) => {
+                    cache.replayed(self, &machine, &replay, hops == 0);
                     hops += 1;
                     if !body.replayable() {
                         return error::response(ProxyCode::PA01, None, rid);
@@ -774,7 +786,7 @@ impl Edge {
     }
 
     /// Points `route` at a replay's target and marks the request as replayed.
-    fn apply_replay(
+    pub(crate) fn apply_replay(
         &self,
         replay: &crate::replay::Replay,
         from: &Arc<MachineRoute>,

@@ -11,7 +11,8 @@
 //!    until it accepts; at the hard limit requests wait in a bounded queue, then get a 503;
 //! 3. forwards it over pooled keep-alive connections (HTTP/1.1, or h2c with `h2_backend`),
 //!    retrying on another machine when the connect fails before anything was sent;
-//! 4. follows `fly-replay` answers, adds Fly's request and response headers, and answers its own
+//! 4. follows `fly-replay` answers (remembering them for a while when the app asks, see
+//!    `replay_cache`), adds Fly's request and response headers, and answers its own
 //!    errors with Fly's proxy error codes (`PR01`, `PC01`, …) in a header and a short page.
 //!
 //! UDP services ([`Edge::serve_udp_services`]) are relayed per client address: each flow is
@@ -45,6 +46,7 @@ mod load;
 mod metrics;
 mod proxy_proto;
 mod replay;
+mod replay_cache;
 mod routes;
 mod scale;
 mod tcp;
@@ -79,6 +81,7 @@ pub struct Edge {
     clients: clients::ClientLimits,
     udp_clients: clients::ClientLimits,
     udp_flows: udp::FlowTotal,
+    replay_cache: replay_cache::ReplayCache,
     tls: OnceLock<Arc<rustls::ServerConfig>>,
     acme_http: OnceLock<AcmeHttp>,
 }
@@ -107,6 +110,7 @@ impl Edge {
             clients: clients::ClientLimits::default(),
             udp_clients: clients::ClientLimits::default(),
             udp_flows: udp::FlowTotal::default(),
+            replay_cache: replay_cache::ReplayCache::default(),
             tls: OnceLock::new(),
             acme_http: OnceLock::new(),
             config,

@@ -172,6 +172,9 @@ pub(crate) struct Replay {
     pub(crate) fallback: Option<Fallback>,
     /// Request changes (JSON form only); `None` when there are none.
     pub(crate) transform: Option<Transform>,
+    /// What to cache of this replay (`fly-replay-cache*` headers, or the JSON form's `cache`);
+    /// `None` when nothing, or when it is not usable (see [`crate::replay_cache::Directive`]).
+    pub(crate) cache: Option<crate::replay_cache::Directive>,
 }
 
 impl Replay {
@@ -200,7 +203,9 @@ impl Replay {
             any = true;
         }
         if any {
-            parse_header(&joined).map(Some)
+            let mut r = parse_header(&joined)?;
+            r.cache = crate::replay_cache::Directive::from_headers(headers);
+            Ok(Some(r))
         } else {
             Ok(None)
         }
@@ -503,8 +508,9 @@ pub(crate) fn is_replay_json(content_type: &str) -> bool {
 /// absent): `region` a string (comma list) or an array of strings, `elsewhere` a boolean (or
 /// `"true"`/`"false"`), `timeout` a duration string, the others strings; plus `transform`:
 /// `{"path": "/new?q", "delete_headers": ["x-a"], "set_headers": [{"name": "x-b", "value": "1"}]}`
-/// (`set_headers` may also be an object `{"x-b": "1"}`). `cache` (`prefix`, `ttl`,
-/// `invalidate`) is accepted and ignored: aloft does not cache replays yet.
+/// (`set_headers` may also be an object `{"x-b": "1"}`); and `cache` (`prefix`, `ttl`,
+/// `allow_bypass`, `invalidate`: [`crate::replay_cache::Directive::from_json`]; one that is not
+/// usable caches nothing rather than failing the replay).
 pub(crate) fn parse_json(body: &[u8]) -> Result<Replay, ReplayError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ReplayError::Json(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -545,6 +551,7 @@ pub(crate) fn parse_json(body: &[u8]) -> Result<Replay, ReplayError> {
             "timeout" => b.text_field("timeout", json_str("timeout", value)?)?,
             "fallback" => b.text_field("fallback", json_str("fallback", value)?)?,
             "transform" => b.replay.transform = parse_transform(value)?,
+            "cache" => b.replay.cache = crate::replay_cache::Directive::from_json(value),
             _ => {}
         }
     }
@@ -1149,6 +1156,15 @@ mod tests {
                         ("x-tenant".to_owned(), "acme".to_owned()),
                         ("x-b".to_owned(), String::new())
                     ],
+                }),
+                cache: Some(crate::replay_cache::Directive::Store {
+                    host: None,
+                    pattern: crate::replay_cache::Pattern {
+                        path: "/some/path/".to_owned(),
+                        prefix: true,
+                    },
+                    ttl: Duration::from_secs(30),
+                    allow_bypass: false,
                 }),
             }
         );

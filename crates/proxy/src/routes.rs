@@ -117,6 +117,9 @@ pub struct AppRoutes {
     pub org: Option<String>,
     /// Its machines.
     pub machines: Vec<Arc<MachineRoute>>,
+    /// The table generation at which the app last entered the table (it had left it before,
+    /// or never was in it): what it remembers about the app from before is stale.
+    pub(crate) since: u64,
 }
 
 impl AppRoutes {
@@ -300,8 +303,10 @@ impl RoutingTable {
             domains: s.domains.clone(),
             generation: s.generation,
         };
+        let old = self.snapshot();
         for name in s.entries.keys() {
-            if let Some(a) = build_app(&s, name) {
+            let since = old.app(name).map_or(s.generation, |a| a.since);
+            if let Some(a) = build_app(&s, name, since) {
                 snap.apps.insert(name.clone(), Arc::new(a));
             }
         }
@@ -314,7 +319,8 @@ impl RoutingTable {
         let mut snap = (*self.snapshot()).clone();
         snap.generation = s.generation;
         if let Some(app) = app {
-            match build_app(s, app) {
+            let since = snap.apps.get(app).map_or(s.generation, |a| a.since);
+            match build_app(s, app, since) {
                 Some(a) => snap.apps.insert(app.to_owned(), Arc::new(a)),
                 None => snap.apps.remove(app),
             };
@@ -325,7 +331,7 @@ impl RoutingTable {
     }
 }
 
-fn build_app(s: &Sources, app: &str) -> Option<AppRoutes> {
+fn build_app(s: &Sources, app: &str, since: u64) -> Option<AppRoutes> {
     let entries = s.entries.get(app)?;
     let mut machines: Vec<Arc<MachineRoute>> = entries
         .values()
@@ -342,5 +348,6 @@ fn build_app(s: &Sources, app: &str) -> Option<AppRoutes> {
         name: app.to_owned(),
         org: s.orgs.get(app).cloned(),
         machines,
+        since,
     })
 }
