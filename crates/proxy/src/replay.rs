@@ -189,6 +189,7 @@ impl Replay {
 
     /// The replay a response's headers ask for: `None` without a `fly-replay` header. Several
     /// `fly-replay` headers are read as one, joined with `;` (a field given twice is an error).
+    /// Its [`Replay::cache`] comes from the `fly-replay-cache*` headers.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, ReplayError> {
         let mut joined = String::new();
         let mut any = false;

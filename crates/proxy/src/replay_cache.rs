@@ -652,9 +652,6 @@ impl Edge {
         if !replayable || route.force_instance.is_some() || !route.regions.is_empty() {
             return (ctx, None);
         }
-        let snap = self.routes.snapshot();
-        self.replay_cache
-            .prune(snap.generation, |a| snap.app(a).is_some());
         let host = parts
             .uri
             .host()
@@ -690,7 +687,7 @@ impl Edge {
             Lookup::Hit(hit) => hit,
         };
         // The source machine is gone: its decision may be stale too.
-        let Some(source) = snap_machine(&snap, &app.name, &hit.source) else {
+        let Some(source) = snap_machine(&self.routes.snapshot(), &app.name, &hit.source) else {
             self.replay_cache.remove(&app.name, &hit.key);
             return (ctx, None);
         };
@@ -750,6 +747,11 @@ impl CacheCtx {
             if self.status.is_none() {
                 self.status = Some("miss");
             }
+            // Entries only grow here: the place to forget apps that left the table (an app that
+            // comes back is told apart by its `since`).
+            let snap = edge.routes.snapshot();
+            edge.replay_cache
+                .prune(snap.generation, |a| snap.app(a).is_some());
             edge.replay_cache.store(
                 &self.app,
                 keys,
