@@ -409,6 +409,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_json_form_caches_too() {
+        let h = Harness::new().await;
+        let b = h.add(entry("b"), echo("B"));
+        let answer = json!({
+            "app": "b",
+            "instance": b.id(),
+            "cache": {"prefix": "/j/*", "ttl": 30}
+        })
+        .to_string();
+        let a = h.add(
+            entry("a"),
+            Arc::new(move |_req| {
+                let r = Response::builder()
+                    .header("x-machine", "A")
+                    .header("content-type", "application/vnd.fly.replay+json")
+                    .body(body(answer.clone()))
+                    .unwrap();
+                Box::pin(async move { r })
+            }),
+        );
+        let r = h.get("/j/1", &[]).await;
+        assert_eq!((r.machine(), r.cache_status()), ("B", Some("miss")), "{r:?}");
+        let r = h.get("/j/2", &[]).await;
+        assert_eq!((r.machine(), r.cache_status()), ("B", Some("hit")), "{r:?}");
+        assert_eq!(a.seen(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ttl_under_ten_seconds_caches_nothing() {
         let h = Harness::new().await;
         let b = h.add(entry("b"), echo("B"));
