@@ -471,7 +471,7 @@ impl Edge {
                     return finish_response(resp, guard, service, rid);
                 }
                 Ok(ReplayCheck::Replay(replay)) => {
-                    cache.replayed(self, &machine, &replay, hops == 0);
+                    cache.replayed(self, &machine, &replay, hops == 0, &parts);
                     hops += 1;
                     if !body.replayable() {
                         return error::response(ProxyCode::PA01, None, rid);

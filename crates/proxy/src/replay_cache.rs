@@ -39,13 +39,14 @@ use crate::replay::Replay;
 use crate::routes::{AppRoutes, MachineRoute, Snapshot};
 
 /// Response header: path pattern to cache the replay for, or `invalidate`.
-pub(crate) const FLY_REPLAY_CACHE: &str = "fly-replay-cache";
+pub(crate) const FLY_REPLAY_CACHE: HeaderName = HeaderName::from_static("fly-replay-cache");
 /// Response header: how long the entry lives, in seconds (at least [`MIN_TTL_SECS`]).
-pub(crate) const FLY_REPLAY_CACHE_TTL_SECS: &str = "fly-replay-cache-ttl-secs";
+pub(crate) const FLY_REPLAY_CACHE_TTL_SECS: HeaderName = HeaderName::from_static("fly-replay-cache-ttl-secs");
 /// Response header: `yes` lets clients bypass the entry.
-pub(crate) const FLY_REPLAY_CACHE_ALLOW_BYPASS: &str = "fly-replay-cache-allow-bypass";
+pub(crate) const FLY_REPLAY_CACHE_ALLOW_BYPASS: HeaderName =
+    HeaderName::from_static("fly-replay-cache-allow-bypass");
 /// Request header: `skip` bypasses an entry that allows it.
-pub(crate) const FLY_REPLAY_CACHE_CONTROL: &str = "fly-replay-cache-control";
+pub(crate) const FLY_REPLAY_CACHE_CONTROL: HeaderName = HeaderName::from_static("fly-replay-cache-control");
 /// Response header the edge adds: `miss`, `hit` or `bypass`.
 pub(crate) const FLY_REPLAY_CACHE_STATUS: HeaderName = HeaderName::from_static("fly-replay-cache-status");
 
@@ -102,7 +103,7 @@ impl Directive {
     /// is not usable (bad pattern, TTL missing or under [`MIN_TTL_SECS`]): then nothing is
     /// cached.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         let value = text(FLY_REPLAY_CACHE)?;
         if value.eq_ignore_ascii_case("invalidate") {
             return Some(Self::Invalidate);
@@ -462,6 +463,12 @@ impl ReplayCache {
 
     /// Looks `keys` up in `app`'s entries; `skip` is the client's bypass request. Entries made
     /// before the app last entered the routing table ([`RequestKeys::since`]) are dropped.
+    /// Whether anything is cached for `app` (one short lock, no allocation): most apps never
+    /// replay, and their requests skip the rest.
+    pub(crate) fn holds(&self, app: &str) -> bool {
+        self.lock().by_app.contains_key(app)
+    }
+
     pub(crate) fn lookup(&self, app: &str, keys: &RequestKeys, skip: bool, now: Instant) -> Lookup {
         let mut apps = self.lock();
         let Some(cache) = apps.by_app.get_mut(app) else {
@@ -611,6 +618,9 @@ impl ReplayCache {
 #[derive(Debug, Default)]
 pub(crate) struct CacheCtx {
     app: String,
+    /// Keys not computed yet (nothing was cached for the app and it has no session rules):
+    /// the app and public port to compute them from if an answer asks to be cached.
+    deferred: Option<(Arc<AppRoutes>, u16)>,
     keys: Option<RequestKeys>,
     status: Option<&'static str>,
     /// The entry used, while its target has not answered yet, with what to restore to ask the
@@ -644,28 +654,28 @@ impl Edge {
         parts: &mut http::request::Parts,
         replayable: bool,
     ) -> (CacheCtx, Option<Applied>) {
-        let mut ctx = CacheCtx {
-            app: app.name.clone(),
-            ..CacheCtx::default()
-        };
         // A client's forced routing, or a body that cannot be sent twice, keeps the normal way.
         if !replayable || route.force_instance.is_some() || !route.regions.is_empty() {
-            return (ctx, None);
+            return (CacheCtx::default(), None);
         }
-        let host = parts
-            .uri
-            .host()
-            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
         let rules = app
             .machines
             .iter()
             .find_map(|m| m.service_for_port(port))
             .map(session_rules)
             .unwrap_or_default();
-        let Some(keys) = host
-            .and_then(|h| RequestKeys::new(h, parts.uri.path(), &parts.headers, &rules))
-            .map(|k| k.since(app.since))
-        else {
+        if rules.is_empty() && !self.replay_cache.holds(&app.name) {
+            let ctx = CacheCtx {
+                deferred: Some((app.clone(), port)),
+                ..CacheCtx::default()
+            };
+            return (ctx, None);
+        }
+        let mut ctx = CacheCtx {
+            app: app.name.clone(),
+            ..CacheCtx::default()
+        };
+        let Some(keys) = request_keys(app, parts, &rules) else {
             return (ctx, None);
         };
         if keys.has_session() {
@@ -716,6 +726,19 @@ impl Edge {
     }
 }
 
+/// The cache keys of a request to `app` (its host, path and session values).
+fn request_keys(
+    app: &AppRoutes,
+    parts: &http::request::Parts,
+    rules: &[aloft_api::ReplayCache],
+) -> Option<RequestKeys> {
+    let host = parts
+        .uri
+        .host()
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))?;
+    RequestKeys::new(host, parts.uri.path(), &parts.headers, rules).map(|k| k.since(app.since))
+}
+
 fn snap_machine(snap: &Snapshot, app: &str, id: &MachineId) -> Option<Arc<MachineRoute>> {
     snap.app(app)?.machine(id.as_str()).cloned()
 }
@@ -740,7 +763,29 @@ impl CacheCtx {
 
     /// A machine answered with a replay; `first` when it is the request's first answer (the
     /// one a cache entry stands for).
-    pub(crate) fn replayed(&mut self, edge: &Edge, machine: &MachineRoute, replay: &Replay, first: bool) {
+    /// `parts`: the request as the client sent it (keys are computed from it when the lookup
+    /// deferred them).
+    pub(crate) fn replayed(
+        &mut self,
+        edge: &Edge,
+        machine: &MachineRoute,
+        replay: &Replay,
+        first: bool,
+        parts: &http::request::Parts,
+    ) {
+        // Replays are rare: their keys are worth computing here.
+        if let Some((app, port)) = self.deferred.take()
+            && first
+        {
+            let rules = app
+                .machines
+                .iter()
+                .find_map(|m| m.service_for_port(port))
+                .map(session_rules)
+                .unwrap_or_default();
+            self.app.clone_from(&app.name);
+            self.keys = request_keys(&app, parts, &rules);
+        }
         self.answered(edge, replay.cache.as_ref());
         let Some(keys) = &self.keys else { return };
         if first && self.used.is_none() {
@@ -776,12 +821,17 @@ impl CacheCtx {
         {
             edge.replay_cache.invalidate(&self.app, keys, &machine.entry.id);
         }
-        for name in [
-            FLY_REPLAY_CACHE,
-            FLY_REPLAY_CACHE_TTL_SECS,
-            FLY_REPLAY_CACHE_ALLOW_BYPASS,
-        ] {
-            headers.remove(name);
+        if headers.contains_key(FLY_REPLAY_CACHE)
+            || headers.contains_key(FLY_REPLAY_CACHE_TTL_SECS)
+            || headers.contains_key(FLY_REPLAY_CACHE_ALLOW_BYPASS)
+        {
+            for name in [
+                FLY_REPLAY_CACHE,
+                FLY_REPLAY_CACHE_TTL_SECS,
+                FLY_REPLAY_CACHE_ALLOW_BYPASS,
+            ] {
+                headers.remove(name);
+            }
         }
         if let Some(s) = self.status {
             headers.insert(FLY_REPLAY_CACHE_STATUS, HeaderValue::from_static(s));
