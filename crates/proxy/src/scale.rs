@@ -155,10 +155,15 @@ async fn do_wake(
     let mut last_refusal = String::new();
     // Poll until the workload accepts: the catalog may lag; the connection is the truth.
     let mut probes = Probes::default();
+    let began = Instant::now();
+    let mut started_after = Duration::ZERO;
     loop {
         if start_again.is_some_and(|at| Instant::now() >= at) {
             match edge.control.start(app, id).await {
-                Ok(()) => start_again = None,
+                Ok(()) => {
+                    start_again = None;
+                    started_after = began.elapsed();
+                }
                 Err(ControlError::Failed(e)) => return Err((ProxyCode::PM07, e)),
                 Err(ControlError::Refused(e)) => {
                     last_refusal = e;
@@ -187,6 +192,11 @@ async fn do_wake(
         if let Some(stream) = probes.next(edge, addr, left).await {
             // The request that woke the machine goes over this very connection.
             edge.client.offer(addr, stream);
+            eprintln!(
+                "edge: woke {app}/{id}: accepting after {} ms (its host took the start in {} ms)",
+                began.elapsed().as_millis(),
+                started_after.as_millis()
+            );
             return Ok(());
         }
     }

@@ -837,6 +837,10 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
         };
         for i in 0..runs {
             let wake = suspend_and_wake(&mut conn, &id, edge_addr).with_context(|| format!("wake {i}"))?;
+            // The edge's own account: when the host took the start, when the machine accepted.
+            if let Some(line) = daemon.log_tail().lines().rev().find(|l| l.contains("edge: woke")) {
+                eprintln!("bench proxy: run {i}: aloftd: {}", line.trim());
+            }
             let resume = crate::bench_boot::machine_resume_ms(
                 &guest,
                 accel,
