@@ -1120,10 +1120,11 @@ fn add_request_headers(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, vers
         Err(_) => None,
     }
     .unwrap_or_else(|| v.client_ip.clone());
-    let via_token = if version == Version::HTTP_2 {
-        "2 aloft"
-    } else {
-        "1.1 aloft"
+    // The protocol the client spoke to the edge (RFC 9110 §7.6.3).
+    let via_token = match version {
+        Version::HTTP_2 => "2 aloft",
+        Version::HTTP_10 => "1.0 aloft",
+        _ => "1.1 aloft",
     };
     let via = append_to_list(h, &header::VIA, via_token).unwrap_or(HeaderValue::from_static(via_token));
     h.insert(names::FLY_CLIENT_IP, v.client_ip.clone());

@@ -1321,6 +1321,25 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http10_request_is_named_so_in_via() {
+        let h = Harness::new(config()).await;
+        h.add(&entry("a"), echo("m1"));
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"GET /old HTTP/1.0\r\nHost: a.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&all);
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let seen: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(seen["headers"]["via"][0], "1.0 aloft", "{text}");
+    }
+
     // -----------------------------------------------------------------------------------------
     // 9. HTTP/2.
 
