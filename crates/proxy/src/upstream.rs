@@ -350,13 +350,70 @@ impl Drop for UpstreamBody {
 
 /// h2c connections to machines (`h2_backend`), one multiplexed connection per machine address.
 /// The request's URI carries the client's hostname as `:authority`; the machine's address is
-/// given apart.
+/// given apart. A connection no request started on for the idle timeout is let go (closed
+/// once its last stream ends) by a watcher task of its own.
 #[derive(Debug, Default)]
-struct H2Conns(Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>);
+struct H2Conns {
+    conns: Mutex<HashMap<SocketAddr, H2Conn>>,
+    idle_timeout: Duration,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct H2Conn {
+    id: u64,
+    sender: http2::SendRequest<Body>,
+    last_used: Instant,
+}
 
 impl H2Conns {
-    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, http2::SendRequest<Body>>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, H2Conn>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The open connection to `addr`, marked used now.
+    fn get(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        let mut conns = self.lock();
+        let c = conns.get_mut(&addr).filter(|c| !c.sender.is_closed())?;
+        c.last_used = Instant::now();
+        Some(c.sender.clone())
+    }
+
+    /// Keeps `sender` as the connection to `addr`, watched for idleness.
+    fn insert(self: &Arc<Self>, addr: SocketAddr, sender: http2::SendRequest<Body>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = self.lock();
+            // Forget connections their machines closed (machines come and go).
+            conns.retain(|_, c| !c.sender.is_closed());
+            conns.insert(
+                addr,
+                H2Conn {
+                    id,
+                    sender,
+                    last_used: Instant::now(),
+                },
+            );
+        }
+        let weak = Arc::downgrade(self);
+        let period = self.idle_timeout.max(Duration::from_millis(100)) / 2;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(this) = weak.upgrade() else { return };
+                let mut conns = this.lock();
+                match conns.get(&addr) {
+                    Some(c) if c.id == id => {
+                        if c.sender.is_closed() || c.last_used.elapsed() >= this.idle_timeout {
+                            conns.remove(&addr);
+                            return;
+                        }
+                    }
+                    // Replaced by a newer connection, or gone.
+                    _ => return,
+                }
+            }
+        });
     }
 }
 
@@ -369,7 +426,7 @@ impl H2Conns {
 pub(crate) struct Upstreams {
     connector: Connector,
     h1: Arc<IdlePool>,
-    h2: H2Conns,
+    h2: Arc<H2Conns>,
 }
 
 impl Upstreams {
@@ -384,7 +441,10 @@ impl Upstreams {
                 idle_timeout: config.pool_idle_timeout,
                 ..IdlePool::default()
             }),
-            h2: H2Conns::default(),
+            h2: Arc::new(H2Conns {
+                idle_timeout: config.pool_idle_timeout,
+                ..H2Conns::default()
+            }),
         }
     }
 
@@ -456,7 +516,7 @@ impl Upstreams {
     }
 
     async fn send_h2(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        let open = self.h2.lock().get(&addr).filter(|s| !s.is_closed()).cloned();
+        let open = self.h2.get(addr);
         let mut sender = match open {
             Some(s) => s,
             None => {
@@ -467,10 +527,7 @@ impl Upstreams {
                     .await
                     .map_err(|e| SendError::Handshake(source_chain(&e)))?;
                 tokio::spawn(conn);
-                let mut conns = self.h2.lock();
-                // Forget connections their machines closed (machines come and go).
-                conns.retain(|_, s| !s.is_closed());
-                conns.insert(addr, sender.clone());
+                self.h2.insert(addr, sender.clone());
                 sender
             }
         };

@@ -2108,8 +2108,9 @@ mod tests {
                         let handler = handler.clone();
                         async move { Ok::<_, Infallible>(handler(req).await) }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
+                    // HTTP/1.1, or h2c with prior knowledge.
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     tokio::pin!(conn);
                     match close_after {
                         // Idle for `d` after an answer: close, as servers with a short
@@ -2161,6 +2162,32 @@ mod tests {
         })
         .await;
         let r = h.get("a.localhost", "/again").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_h2c_connection_to_a_machine_is_closed_and_a_new_one_made_when_needed() {
+        let h = Harness::new(config()).await;
+        let mut m = entry("a");
+        m.services[0].ports[0].http_options = Some(HttpOptions {
+            h2_backend: Some(true),
+            ..HttpOptions::default()
+        });
+        let (accepted, ended, _backend) = counting_backend(&m, "m1", None);
+        h.edge.routes().upsert(m);
+        for _ in 0..3 {
+            let r = h.get("a.localhost", "/").await;
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(r.json()["version"], "HTTP/2.0");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one multiplexed connection");
+        // pool_idle_timeout is 500 ms in these tests.
+        until("the edge lets the idle h2c connection go", || {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let r = h.get("a.localhost", "/").await;
         assert_eq!(r.status, StatusCode::OK, "{r:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
