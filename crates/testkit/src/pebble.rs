@@ -105,6 +105,65 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Fixture
     move |source| FixtureError::Io { what, path, source }
 }
 
+fn spawn_pebble(
+    binary: &Path,
+    config_path: &Path,
+    dns_addr: SocketAddr,
+    options: &PebbleOptions,
+    log: &Path,
+) -> Result<Child, FixtureError> {
+    let out = File::create(log).map_err(io("create Pebble's log", log))?;
+    let err = out.try_clone().map_err(io("open Pebble's log", log))?;
+    Command::new(binary)
+        .arg("-config")
+        .arg(config_path)
+        .arg("-dnsserver")
+        .arg(dns_addr.to_string())
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_VA_ALWAYS_VALID", "0")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .env("PEBBLE_WFE_NONCEREJECT", options.nonce_reject_percent.to_string())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(io("start pebble", binary))
+}
+
+fn wait_until_listening(child: &mut Child, log: &Path, ports: &[u16]) -> Result<(), FixtureError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &port in ports {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(pebble_err(format!(
+                    "pebble exited with {status} before listening on {port}:\n{}",
+                    read_log(log)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(pebble_err(format!(
+                    "pebble did not listen on {port} within 20 s:\n{}",
+                    read_log(log)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+fn read_log(path: &Path) -> String {
+    let mut log = String::new();
+    let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut log));
+    log
+}
+
+fn stop_dns(stop: &AtomicBool, thread: JoinHandle<()>) {
+    stop.store(true, Ordering::Relaxed);
+    let _ = thread.join();
+}
+
 fn pebble_err(what: impl std::fmt::Display) -> FixtureError {
     FixtureError::Pebble(what.to_string())
 }
@@ -141,38 +200,48 @@ impl Pebble {
         let answer = options.dns_answer;
         let dns_thread = std::thread::spawn(move || serve_dns(&dns, answer, &stop));
 
-        let (api_port, management_port) = (free_port()?, free_port()?);
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{api_port}"),
-            "managementListenAddress": format!("127.0.0.1:{management_port}"),
-            "certificate": dir.path().join("api-cert.pem"),
-            "privateKey": dir.path().join("api-key.pem"),
-            "httpPort": options.http_port,
-            "tlsPort": options.tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        let config_path = dir.path().join("pebble-config.json");
-        std::fs::write(&config_path, config.to_string())
-            .map_err(io("write Pebble's config", &config_path))?;
-        let log = dir.path().join("pebble.log");
-        let out = File::create(&log).map_err(io("create Pebble's log", &log))?;
-        let err = out.try_clone().map_err(io("open Pebble's log", &log))?;
-        let child = Command::new(&binary)
-            .arg("-config")
-            .arg(&config_path)
-            .arg("-dnsserver")
-            .arg(dns_addr.to_string())
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_VA_ALWAYS_VALID", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .env("PEBBLE_WFE_NONCEREJECT", options.nonce_reject_percent.to_string())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(io("start pebble", &binary))?;
-        let mut pebble = Self {
+        // Its ports are picked free, then bound by Pebble a moment later: another process may
+        // take one in between. Pebble then exits ("address already in use"): try new ports.
+        let mut tries = 0;
+        let (child, log, api_port, management_port) = loop {
+            let (api_port, management_port) = (free_port()?, free_port()?);
+            let config = serde_json::json!({"pebble": {
+                "listenAddress": format!("127.0.0.1:{api_port}"),
+                "managementListenAddress": format!("127.0.0.1:{management_port}"),
+                "certificate": dir.path().join("api-cert.pem"),
+                "privateKey": dir.path().join("api-key.pem"),
+                "httpPort": options.http_port,
+                "tlsPort": options.tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }});
+            let config_path = dir.path().join("pebble-config.json");
+            let log = dir.path().join(format!("pebble-{tries}.log"));
+            let spawned = std::fs::write(&config_path, config.to_string())
+                .map_err(io("write Pebble's config", &config_path))
+                .and_then(|()| spawn_pebble(&binary, &config_path, dns_addr, options, &log));
+            let mut child = match spawned {
+                Ok(c) => c,
+                Err(e) => {
+                    stop_dns(&dns_stop, dns_thread);
+                    return Err(e);
+                }
+            };
+            match wait_until_listening(&mut child, &log, &[api_port, management_port]) {
+                Ok(()) => break (child, log, api_port, management_port),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if tries < 4 && read_log(&log).contains("address already in use") {
+                        tries += 1;
+                        continue;
+                    }
+                    stop_dns(&dns_stop, dns_thread);
+                    return Err(e);
+                }
+            }
+        };
+        Ok(Some(Self {
             child,
             log,
             _dir: dir,
@@ -181,32 +250,7 @@ impl Pebble {
             directory_url: format!("https://127.0.0.1:{api_port}/dir"),
             management_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, management_port)),
             api_root_pem,
-        };
-        pebble.wait_until_listening(&[api_port, management_port])?;
-        Ok(Some(pebble))
-    }
-
-    fn wait_until_listening(&mut self, ports: &[u16]) -> Result<(), FixtureError> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for &port in ports {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    return Err(pebble_err(format!(
-                        "pebble exited with {status} before listening on {port}:\n{}",
-                        self.log()
-                    )));
-                }
-                if Instant::now() > deadline {
-                    return Err(pebble_err(format!(
-                        "pebble did not listen on {port} within 20 s:\n{}",
-                        self.log()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        }))
     }
 
     /// Pebble's ACME directory (`https://127.0.0.1:PORT/dir`).
@@ -221,9 +265,7 @@ impl Pebble {
 
     /// What Pebble logged so far.
     pub fn log(&self) -> String {
-        let mut log = String::new();
-        let _ = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut log));
-        log
+        read_log(&self.log)
     }
 
     /// The root Pebble issues certificates under (PEM), from its management API. Pebble makes a
