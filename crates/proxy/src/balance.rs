@@ -120,7 +120,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) ->
             continue;
         }
         let load = loads.machine(&m.entry.id);
-        let started = m.is_started() || loads.recently_woken(&load, m.entry.updated_at);
+        let started = m.is_started() || loads.recently_woken(&load, &m.entry);
         if !started {
             if m.is_wakeable() && service.autostart != Some(false) {
                 wakeable.push((region_rank(edge, want, &m.entry.region), m.clone()));

@@ -143,11 +143,14 @@ impl Loads {
         m.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Woken by the edge lately, and the catalog still shows the entry (`updated_at`) the wake
-    /// started from.
-    pub(crate) fn recently_woken(&self, m: &MachineLoad, entry: i64) -> bool {
+    /// Woken by the edge lately, and the catalog still shows the entry the wake started from, or
+    /// one that says the machine is `starting` (the agent's start, still in progress when the
+    /// edge already connected): anything else newer (suspending, stopped, …) means it went down
+    /// again, and the catalog rules.
+    pub(crate) fn recently_woken(&self, m: &MachineLoad, entry: &aloft_api::CatalogEntry) -> bool {
         m.woken_until_ms.load(Ordering::Relaxed) > self.now_ms()
-            && m.woken_from.load(Ordering::Relaxed) == entry
+            && (m.woken_from.load(Ordering::Relaxed) == entry.updated_at
+                || entry.state == aloft_api::MachineState::Starting)
     }
 
     pub(crate) fn clear_woken(&self, m: &MachineLoad) {

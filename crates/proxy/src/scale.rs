@@ -91,10 +91,7 @@ async fn wake_with(
             Some(rx) => rx.clone(),
             // A wake that just finished (between this request's choice and now) marked the
             // machine woken before leaving the map: don't start it a second time.
-            None if edge
-                .loads
-                .recently_woken(&edge.loads.machine(&id), m.entry.updated_at) =>
-            {
+            None if edge.loads.recently_woken(&edge.loads.machine(&id), &m.entry) => {
                 return Ok(());
             }
             None => {

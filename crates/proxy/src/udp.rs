@@ -360,8 +360,7 @@ impl Edge {
                     };
                     if let Some(socket) = dialed {
                         let load = self.loads.machine(&machine.entry.id);
-                        let woken =
-                            woke.is_some() || self.loads.recently_woken(&load, machine.entry.updated_at);
+                        let woken = woke.is_some() || self.loads.recently_woken(&load, &machine.entry);
                         return Some(Conn {
                             machine,
                             _guard: guard,
@@ -407,7 +406,7 @@ impl Edge {
         let started = now.is_started()
             || self
                 .loads
-                .recently_woken(&self.loads.machine(&now.entry.id), now.entry.updated_at);
+                .recently_woken(&self.loads.machine(&now.entry.id), &now.entry);
         !now.cordoned && started && now.ip == m.ip && now.service_for(port, Protocol::Udp).is_some()
     }
 

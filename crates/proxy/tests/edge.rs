@@ -225,6 +225,9 @@ mod tests {
         fail_suspend: AtomicBool,
         fail_start: AtomicBool,
         start_delay_ms: AtomicU64,
+        /// `start` publishes the machine `starting` (a newer entry) while its server already
+        /// runs, as an agent whose start operation is still finishing does.
+        publish_starting: AtomicBool,
     }
 
     /// Records calls; `start` binds the machine's server and publishes it started, `stop` and
@@ -291,9 +294,13 @@ mod tests {
                     // The machine boots for a while.
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                 }
-                let entry = me
+                let mut entry = me
                     .set_state(&id, state)
                     .ok_or_else(|| ControlError::Refused(format!("no machine {id}")))?;
+                if op == "start" && me.0.publish_starting.load(Ordering::SeqCst) {
+                    entry.state = MachineState::Starting;
+                    entry.updated_at += 1;
+                }
                 me.0.table.get().unwrap().upsert(entry);
                 Ok(())
             })
@@ -895,6 +902,25 @@ mod tests {
         // Started now: no further start.
         assert_eq!(h.get("a.localhost", "/").await.machine(), "m1");
         assert_eq!(h.control.calls().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_woken_machine_the_catalog_still_calls_starting_is_not_started_twice() {
+        let h = Harness::new(config()).await;
+        h.control.0.publish_starting.store(true, Ordering::SeqCst);
+        let mut m = entry("a");
+        m.state = MachineState::Suspended;
+        h.add(&m, echo("m1"));
+        for _ in 0..3 {
+            let r = h.get("a.localhost", "/").await;
+            assert_eq!(r.machine(), "m1", "{r:?}");
+        }
+        assert_eq!(
+            h.control.calls(),
+            [format!("start {}", m.id)],
+            "the edge connected to the machine: `starting` in the catalog is the agent finishing \
+             its start, not a reason to start it again"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
