@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aloft_api::{MachineId, MachineService, ReplayCacheType};
+use aloft_api::{MachineId, ReplayCacheType};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
@@ -283,11 +283,13 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         })
 }
 
-/// The session rules of a service (on every one of its ports).
-pub(crate) fn session_rules(service: &MachineService) -> Vec<aloft_api::ReplayCache> {
-    service
-        .ports
+/// The session rules of `app`'s service on public `port` (on every one of its ports).
+pub(crate) fn session_rules(app: &AppRoutes, port: u16) -> Vec<aloft_api::ReplayCache> {
+    app.machines
         .iter()
+        .find_map(|m| m.service_for_port(port))
+        .into_iter()
+        .flat_map(|service| &service.ports)
         .filter_map(|p| p.http_options.as_ref())
         .flat_map(|o| o.replay_cache.iter().cloned())
         .collect()
@@ -658,12 +660,7 @@ impl Edge {
         if !replayable || route.force_instance.is_some() || !route.regions.is_empty() {
             return (CacheCtx::default(), None);
         }
-        let rules = app
-            .machines
-            .iter()
-            .find_map(|m| m.service_for_port(port))
-            .map(session_rules)
-            .unwrap_or_default();
+        let rules = session_rules(app, port);
         if rules.is_empty() && !self.replay_cache.holds(&app.name) {
             let ctx = CacheCtx {
                 deferred: Some((app.clone(), port)),
@@ -777,12 +774,7 @@ impl CacheCtx {
         if let Some((app, port)) = self.deferred.take()
             && first
         {
-            let rules = app
-                .machines
-                .iter()
-                .find_map(|m| m.service_for_port(port))
-                .map(session_rules)
-                .unwrap_or_default();
+            let rules = session_rules(&app, port);
             self.app.clone_from(&app.name);
             self.keys = request_keys(&app, parts, &rules);
         }
