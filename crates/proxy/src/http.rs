@@ -326,16 +326,18 @@ impl Edge {
             prefer_regions: region_names(&hints.prefer_regions),
             exclude: Vec::new(),
         };
+        // Only the edge says a request was replayed: a client can't forge it.
+        if has_fly_header(req.headers()) {
+            for forged in [
+                crate::replay::FLY_REPLAY_SRC,
+                crate::replay::FLY_REPLAY_FAILED,
+                crate::replay::FLY_PREFERRED_INSTANCE_UNAVAILABLE,
+            ] {
+                req.headers_mut().remove(forged);
+            }
+        }
         let version = req.version();
         add_request_headers(req.headers_mut(), conn, &rid, version);
-        // Only the edge says a request was replayed: a client can't forge it.
-        for forged in [
-            crate::replay::FLY_REPLAY_SRC,
-            crate::replay::FLY_REPLAY_FAILED,
-            crate::replay::FLY_PREFERRED_INSTANCE_UNAVAILABLE,
-        ] {
-            req.headers_mut().remove(forged);
-        }
         let resp = if is_upgrade(&req) {
             self.forward_upgrade(req, &app, &route, conn, &rid).await
         } else {
@@ -618,10 +620,16 @@ impl Edge {
         let app_load = self.loads.app(&app.name);
         let queue_deadline = deadline.unwrap_or_else(|| Instant::now() + self.config.queue_timeout);
         let mut queued = false;
+        // Whether to listen for freed capacity: only once the app was found full, and then
+        // before looking again, so that a unit freed in between is not missed (registering
+        // with the app's `Notify` takes its lock: not worth it for requests that never wait).
+        let mut listening = false;
         let result = loop {
             let freed = app_load.freed.notified();
             tokio::pin!(freed);
-            freed.as_mut().enable();
+            if listening {
+                freed.as_mut().enable();
+            }
             // Always the newest view of the app: machines may have started since.
             let current = self
                 .routes
@@ -653,6 +661,7 @@ impl Edge {
                 }
                 Choice::NotFound => break Err((ProxyCode::PR02, route.force_instance.clone())),
                 Choice::NoneHealthy => break Err((ProxyCode::PR01, None)),
+                Choice::Full if !listening => listening = true,
                 Choice::Full => {
                     if !queued {
                         if app_load.queued.fetch_add(1, Ordering::AcqRel) >= self.config.queue_limit {
@@ -1000,44 +1009,54 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 }
 
 /// Removes hop-by-hop headers (and those the Connection header names), keeping the upgrade pair
-/// when `keep_upgrade`. Most messages have none but `Connection: keep-alive`: one pass over the
-/// names finds that out without hashing anything.
+/// when `keep_upgrade`. Most messages have none, or only `Connection: keep-alive`: one pass over
+/// the names finds out which are there without hashing anything, and only those are removed.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if !h.keys().any(is_hop_by_hop) {
-        return;
+    let mut present: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    for n in h.keys() {
+        if !is_hop_by_hop(n) {
+            continue;
+        }
+        if n == header::CONNECTION {
+            connection = true;
+        }
+        if !(keep_upgrade && (n == header::CONNECTION || n == header::UPGRADE)) {
+            present.push(n.clone());
+        }
     }
-    // Other headers the Connection header names (`keep-alive`, `close` and `upgrade` are
-    // handled below).
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !(t.is_empty()
-                || t.eq_ignore_ascii_case("keep-alive")
-                || t.eq_ignore_ascii_case("close")
-                || t.eq_ignore_ascii_case("upgrade"))
-        })
-        .map(str::to_ascii_lowercase)
-        .collect();
-    for n in named {
-        h.remove(n.as_str());
+    if connection {
+        // Other headers the Connection header names (`keep-alive`, `close` and `upgrade` are
+        // handled with the rest).
+        for v in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            for t in v.split(',').map(str::trim) {
+                if t.is_empty()
+                    || t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("close")
+                    || t.eq_ignore_ascii_case("upgrade")
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    present.push(n);
+                }
+            }
+        }
     }
-    for n in [
-        names::KEEP_ALIVE,
-        names::PROXY_CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
+    for n in present {
         h.remove(n);
     }
-    if !keep_upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
+}
+
+/// Whether `h` has a header whose name starts with `fly-` (a routing hint, a replay, or one
+/// only the edge may set): one pass over the names, no hashing, so that messages without any,
+/// nearly all of them, skip the lookups.
+pub(crate) fn has_fly_header(h: &HeaderMap) -> bool {
+    h.keys().any(|n| n.as_str().starts_with("fly-"))
 }
 
 /// The request to send to the machine at `addr` (a copy: `parts` stay for a retry or a replay).

@@ -191,6 +191,9 @@ impl Replay {
     /// `fly-replay` headers are read as one, joined with `;` (a field given twice is an error).
     /// Its [`Replay::cache`] comes from the `fly-replay-cache*` headers.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, ReplayError> {
+        if !crate::http::has_fly_header(headers) {
+            return Ok(None);
+        }
         let mut joined = String::new();
         let mut any = false;
         for value in headers.get_all(FLY_REPLAY) {
@@ -787,6 +790,9 @@ impl RoutingHints {
     /// valid is an error naming it.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Result<Self, ReplayError> {
         let mut hints = Self::default();
+        if !crate::http::has_fly_header(headers) {
+            return Ok(hints);
+        }
         for value in headers.get_all(FLY_PREFER_REGION) {
             let text = hint_text(FLY_PREFER_REGION, value)?;
             let before = hints.prefer_regions.len();
