@@ -9,7 +9,9 @@ use aloft_api::{ApiError, App, Lease, Machine, MachineEvent};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{Expect, KeyValue, LeaseId, Op, RangeOptions, Revision, Store, StoreError, Txn, keys};
+use crate::{
+    Expect, KeyValue, LeaseGrant, LeaseId, Op, OpResult, RangeOptions, Revision, Store, StoreError, Txn, keys,
+};
 
 /// A record and the revision that last changed it (pass it back as [`Expect::Revision`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +102,51 @@ pub struct SecretsSnapshot {
     pub revision: Option<Revision>,
     /// The secrets, by name.
     pub secrets: std::collections::BTreeMap<String, SecretRecord>,
+}
+
+/// A claim on issuing one hostname's certificate, at `/cert-claims/{hostname}` on a store lease:
+/// while it lives, other edges leave the hostname alone ([`ControlStore::claim_cert`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertClaim {
+    /// The edge issuing it.
+    pub owner: String,
+    /// When the claim ends unless released before, unix milliseconds (the store's clock).
+    pub expires_at_ms: i64,
+}
+
+/// A claim this edge holds: pass it to [`ControlStore::release_cert_claim`] when done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCertClaim {
+    /// The hostname.
+    pub hostname: String,
+    /// The store lease the claim hangs on.
+    pub lease: LeaseId,
+    /// The claim as written.
+    pub claim: CertClaim,
+}
+
+/// What [`ControlStore::claim_cert`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertClaimOutcome {
+    /// The claim is this edge's: issue, write the result, release it.
+    Claimed(HeldCertClaim),
+    /// Not claimed: another edge holds the claim (`holder`), or the record is no longer at the
+    /// revision given (`None`: read it again).
+    NotClaimed {
+        /// The other edge's claim.
+        holder: Option<CertClaim>,
+    },
+}
+
+/// What `ControlStore::put_on_new_lease` did.
+enum LeasedPut {
+    /// Written on this lease.
+    Written(LeaseGrant),
+    /// An expectation failed: the key as it is now, at the store's revision.
+    Refused {
+        current: Option<KeyValue>,
+        revision: Revision,
+    },
 }
 
 /// A new machine lease. The caller supplies the nonce (random) and owner.
@@ -275,8 +322,8 @@ impl ControlStore {
         Ok(self.store.put_if(&key, encode(&key, app)?, expect, None)?)
     }
 
-    /// Deletes an app with every machine record, event, lease and secret of it; `false` if there
-    /// was no such app.
+    /// Deletes an app with every machine record, event, lease and secret of it, and its custom
+    /// domains' certificate records with their issuance claims; `false` if there was no such app.
     pub fn delete_app(&self, name: &str) -> Result<bool, ControlError> {
         let key = keys::app(name)?;
         let mut txn = Txn::new()
@@ -289,14 +336,18 @@ impl ControlStore {
             .then(Op::delete(keys::secrets_version(name)?));
         // Its custom domains (`/certs/{hostname}`, keyed by hostname, not by app): left behind,
         // they would keep routing to an app that is gone and block another app from adding them.
-        for cert in self.app_certs(name)? {
-            txn = txn.then(Op::delete(cert));
+        // Claims on issuing them go too: a claim outliving its record would hold up the
+        // hostname's next owner until it expired.
+        for hostname in self.app_certs(name)? {
+            txn = txn
+                .then(Op::delete(keys::cert(&hostname)?))
+                .then(Op::delete(keys::cert_claim(&hostname)?));
         }
         let resp = self.store.txn(txn)?;
         Ok(resp.succeeded)
     }
 
-    /// The keys of the certificate records (custom domains) of app `name`.
+    /// The hostnames of the certificate records (custom domains) of app `name`.
     fn app_certs(&self, name: &str) -> Result<Vec<String>, ControlError> {
         #[derive(Deserialize)]
         struct Owner {
@@ -304,8 +355,10 @@ impl ControlStore {
         }
         let mut out = Vec::new();
         for kv in self.store.range(keys::CERTS, &RangeOptions::default())?.kvs {
-            if decode::<Owner>(&kv)?.value.app == name {
-                out.push(kv.key);
+            if decode::<Owner>(&kv)?.value.app == name
+                && let Some(hostname) = kv.key.strip_prefix(keys::CERTS)
+            {
+                out.push(hostname.to_owned());
             }
         }
         Ok(out)
@@ -452,51 +505,79 @@ impl ControlStore {
         req: &MachineLeaseRequest,
     ) -> Result<Lease, ControlError> {
         let key = keys::machine_lease(app, id)?;
-        let grant = self.store.grant_lease(req.ttl)?;
-        let lease = Lease {
+        let lease = |grant: &LeaseGrant| Lease {
             nonce: req.nonce.clone(),
             expires_at: unix_secs(grant.expires_at_ms),
             owner: req.owner.clone(),
             description: req.description.clone(),
             version: req.version.clone(),
         };
-        let put = self.store.txn(
-            Txn::new()
-                .expect(&key, Expect::Absent)
-                .then(Op::Put {
-                    key: key.clone(),
-                    value: encode(&key, &lease)?,
-                    lease: Some(grant.id),
-                })
-                .or_else(Op::get(key.clone())),
-        );
-        let resp = match put {
-            Ok(resp) => resp,
-            Err(e) => {
-                let _ = self.store.revoke_lease(grant.id);
-                return Err(e.into());
-            }
-        };
-        if resp.succeeded {
-            return Ok(lease);
-        }
-        self.store.revoke_lease(grant.id)?;
-        match resp.results.first() {
-            Some(crate::OpResult::Get(Some(kv))) => {
-                let held: Versioned<Lease> = decode(kv)?;
+        match self.put_on_new_lease(&key, req.ttl, &[(key.as_str(), Expect::Absent)], |g| {
+            encode(&key, &lease(g))
+        })? {
+            LeasedPut::Written(grant) => Ok(lease(&grant)),
+            LeasedPut::Refused {
+                current: Some(kv), ..
+            } => {
+                let held: Versioned<Lease> = decode(&kv)?;
                 Err(ControlError::LeaseHeld {
                     owner: held.value.owner,
                     expires_at: held.value.expires_at,
                 })
             }
             // Released between the two steps: the caller may simply retry.
-            _ => Err(StoreError::Conflict {
+            LeasedPut::Refused {
+                current: None,
+                revision,
+            } => Err(StoreError::Conflict {
                 key,
                 expected: Expect::Absent,
-                found: resp.revision,
+                found: revision,
             }
             .into()),
         }
+    }
+
+    /// Writes `key` on a fresh store lease of `ttl` (its value made from the grant) if every
+    /// expectation of `expects` holds, in one transaction. The lease is revoked again when the
+    /// write does not happen: nothing is left behind either way.
+    fn put_on_new_lease(
+        &self,
+        key: &str,
+        ttl: Duration,
+        expects: &[(&str, Expect)],
+        value: impl FnOnce(&LeaseGrant) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<LeasedPut, StoreError> {
+        let grant = self.store.grant_lease(ttl)?;
+        let attempt = value(&grant).and_then(|value| {
+            let txn = expects
+                .iter()
+                .fold(Txn::new(), |txn, (k, e)| txn.expect(k, *e))
+                .then(Op::Put {
+                    key: key.to_owned(),
+                    value,
+                    lease: Some(grant.id),
+                })
+                .or_else(Op::get(key));
+            self.store.txn(txn)
+        });
+        let resp = match attempt {
+            Ok(resp) if resp.succeeded => return Ok(LeasedPut::Written(grant)),
+            Ok(resp) => resp,
+            Err(e) => {
+                let _ = self.store.revoke_lease(grant.id);
+                return Err(e);
+            }
+        };
+        self.store.revoke_lease(grant.id)?;
+        let current = match resp.results.into_iter().next() {
+            Some(OpResult::Get(kv)) => kv,
+            _ => None,
+        };
+        Ok(LeasedPut::Refused {
+            current,
+            revision: resp.revision,
+        })
     }
 
     fn held_lease(
@@ -554,6 +635,116 @@ impl ControlStore {
         let (_, _, store_lease) = self.held_lease(app, id, nonce)?;
         self.store.revoke_lease(store_lease)?;
         Ok(())
+    }
+
+    /// Claims issuing `hostname`'s certificate for the edge named `owner`, for `ttl`, if its
+    /// record (`/certs/{hostname}`) is still at `record`, the revision the edge read, and no other
+    /// edge holds a claim. The claim (`/cert-claims/{hostname}`, [`CertClaim`]) hangs on a store
+    /// lease: an edge that dies while issuing blocks the hostname for `ttl` at most. A claim of
+    /// the same `owner` (left by an earlier run of that edge) is taken over, so edge names must
+    /// be unique. Release it with [`Self::release_cert_claim`] once the result is written.
+    pub fn claim_cert(
+        &self,
+        hostname: &str,
+        owner: &str,
+        ttl: Duration,
+        record: Revision,
+    ) -> Result<CertClaimOutcome, ControlError> {
+        let key = keys::cert_claim(hostname)?;
+        let record_key = keys::cert(hostname)?;
+        let claim = |grant: &LeaseGrant| CertClaim {
+            owner: owner.to_owned(),
+            expires_at_ms: grant.expires_at_ms,
+        };
+        let mut expect = Expect::Absent;
+        let mut earlier = None;
+        loop {
+            let put = self.put_on_new_lease(
+                &key,
+                ttl,
+                &[
+                    (record_key.as_str(), Expect::Revision(record)),
+                    (key.as_str(), expect),
+                ],
+                |g| encode(&key, &claim(g)),
+            )?;
+            let kv = match put {
+                LeasedPut::Written(grant) => {
+                    // Our earlier run's claim now hangs on the new lease: ending the old one
+                    // deletes nothing.
+                    if let Some(old) = earlier {
+                        let _ = self.store.revoke_lease(old);
+                    }
+                    return Ok(CertClaimOutcome::Claimed(HeldCertClaim {
+                        hostname: hostname.to_owned(),
+                        lease: grant.id,
+                        claim: claim(&grant),
+                    }));
+                }
+                LeasedPut::Refused {
+                    current: Some(kv), ..
+                } => kv,
+                // No claim, so the record is what changed.
+                LeasedPut::Refused { current: None, .. } => {
+                    return Ok(CertClaimOutcome::NotClaimed { holder: None });
+                }
+            };
+            let held: Versioned<CertClaim> = decode(&kv)?;
+            if held.value.owner != owner {
+                return Ok(CertClaimOutcome::NotClaimed {
+                    holder: Some(held.value),
+                });
+            }
+            if expect == Expect::Revision(held.revision) {
+                // Our own claim was not what failed the write: the record changed.
+                return Ok(CertClaimOutcome::NotClaimed { holder: None });
+            }
+            expect = Expect::Revision(held.revision);
+            earlier = kv.lease;
+        }
+    }
+
+    /// The claim on issuing `hostname`'s certificate, if an edge holds one.
+    pub fn cert_claim(&self, hostname: &str) -> Result<Option<CertClaim>, ControlError> {
+        Ok(self
+            .get::<CertClaim>(&keys::cert_claim(hostname)?)?
+            .map(|v| v.value))
+    }
+
+    /// Ends a claim taken with [`Self::claim_cert`] (its key goes with its lease). A claim that
+    /// expired meanwhile, or was taken over, is left alone.
+    pub fn release_cert_claim(&self, held: &HeldCertClaim) -> Result<(), ControlError> {
+        self.store.revoke_lease(held.lease)?;
+        Ok(())
+    }
+
+    /// Deletes `hostname`'s certificate record if `expect` holds ([`StoreError::Conflict`]
+    /// otherwise), with any claim on issuing it; returns whether the record existed.
+    pub fn delete_cert(&self, hostname: &str, expect: Expect) -> Result<bool, ControlError> {
+        let key = keys::cert(hostname)?;
+        let resp = self.store.txn(
+            Txn::new()
+                .expect(&key, expect)
+                .then(Op::delete(key.clone()))
+                .then(Op::delete(keys::cert_claim(hostname)?))
+                .or_else(Op::get(key.clone())),
+        )?;
+        if resp.succeeded {
+            return Ok(matches!(
+                resp.results.first(),
+                Some(OpResult::Delete { deleted }) if *deleted > 0
+            ));
+        }
+        let found = match resp.results.first() {
+            Some(OpResult::Get(Some(kv))) => kv.mod_revision,
+            _ => Revision::ZERO,
+        };
+        Err(StoreError::Conflict {
+            key,
+            expected: expect,
+            found,
+        }
+        .into())
     }
 
     /// The private network number of organization `slug` (its 6PN prefix), allocated on first

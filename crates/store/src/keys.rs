@@ -15,6 +15,7 @@
 //! | `/releases/…` | reserved for its future owner |
 //! | `/catalog/{app}/{machine_id}` | `aloft_api::CatalogEntry`, published by the machine's agent |
 //! | `/certs/{hostname}` | a TLS certificate of the edge (owned by `aloft-proxy`'s certificate store) |
+//! | `/cert-claims/{hostname}` | [`crate::CertClaim`]: the edge issuing that certificate now, on a store lease |
 
 use crate::StoreError;
 
@@ -38,6 +39,8 @@ pub const RELEASES: &str = "/releases/";
 pub const CATALOG: &str = "/catalog/";
 /// The edge's TLS certificates, by hostname.
 pub const CERTS: &str = "/certs/";
+/// Claims on issuing the edge's certificates, by hostname (one edge issues a hostname at a time).
+pub const CERT_CLAIMS: &str = "/cert-claims/";
 /// App secrets (sealed) and each app's secrets version.
 pub const SECRETS: &str = "/secrets/";
 
@@ -120,6 +123,16 @@ pub fn catalog_entry(app: &str, id: &str) -> Result<String, StoreError> {
     Ok(format!("{CATALOG}{}/{}", segment(app)?, segment(id)?))
 }
 
+/// `/certs/{hostname}`: the hostname's certificate record (give it lowercase).
+pub fn cert(hostname: &str) -> Result<String, StoreError> {
+    Ok(format!("{CERTS}{}", segment(hostname)?))
+}
+
+/// `/cert-claims/{hostname}`: the claim on issuing the hostname's certificate (give it lowercase).
+pub fn cert_claim(hostname: &str) -> Result<String, StoreError> {
+    Ok(format!("{CERT_CLAIMS}{}", segment(hostname)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +150,13 @@ mod tests {
         assert!(token("a\nb").is_err());
         assert_eq!(secret("web", "DB").unwrap(), "/secrets/web/DB");
         assert_eq!(secrets_version("web").unwrap(), "/secrets/web");
+        assert_eq!(cert("www.example.com").unwrap(), "/certs/www.example.com");
+        assert_eq!(
+            cert_claim("www.example.com").unwrap(),
+            "/cert-claims/www.example.com"
+        );
+        // A claim is outside the prefix the edge watches for records.
+        assert!(!cert_claim("a.example").unwrap().starts_with(CERTS));
         assert!(
             !secret("webby", "DB")
                 .unwrap()

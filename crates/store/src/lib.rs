@@ -6,7 +6,7 @@
 //! [`SqliteStore`] implements it on one SQLite file for the embedded single-host aloftd; an etcd
 //! implementation for clusters fits the same trait. On top, [`ControlStore`] keeps the typed
 //! records of the control plane (apps, machines as the control plane sees them, machine events,
-//! machine leases, tokens) under the layout of [`keys`]; later users (releases, secrets) take
+//! machine leases, tokens, claims on issuing the edge's certificates) under the layout of [`keys`]; later users (releases, secrets) take
 //! their own prefixes of the same key space.
 //!
 //! ```
@@ -46,8 +46,8 @@ mod watch;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use control::{
-    ControlError, ControlStore, MachineLeaseRequest, MachineRecord, SecretRecord, SecretsSnapshot,
-    SecretsVersion, TokenRecord, Versioned,
+    CertClaim, CertClaimOutcome, ControlError, ControlStore, HeldCertClaim, MachineLeaseRequest,
+    MachineRecord, SecretRecord, SecretsSnapshot, SecretsVersion, TokenRecord, Versioned,
 };
 pub use error::{StoreError, WatchError};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};

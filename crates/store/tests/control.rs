@@ -7,8 +7,8 @@ mod tests {
 
     use aloft_api::{App, Machine, MachineEvent, MachineId, MachineState};
     use aloft_store::{
-        ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord, ManualClock, SqliteOptions,
-        SqliteStore, StoreError, TokenRecord,
+        CertClaimOutcome, ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord,
+        ManualClock, Revision, SqliteOptions, SqliteStore, StoreError, TokenRecord,
     };
 
     fn control(dir: &tempfile::TempDir) -> (ControlStore, Arc<ManualClock>) {
@@ -93,7 +93,22 @@ mod tests {
         };
         cert("www.example.com", "web");
         cert("shop.example.com", "webby");
+        // An edge is issuing both: the deleted app's claim goes with its record.
+        for host in ["www.example.com", "shop.example.com"] {
+            let rev = c
+                .store()
+                .get(&format!("/certs/{host}"))
+                .unwrap()
+                .unwrap()
+                .mod_revision;
+            let got = c
+                .claim_cert(host, "edge-a", Duration::from_secs(600), rev)
+                .unwrap();
+            assert!(matches!(got, CertClaimOutcome::Claimed(_)));
+        }
         assert!(c.delete_app("web").unwrap());
+        assert!(c.cert_claim("www.example.com").unwrap().is_none());
+        assert!(c.cert_claim("shop.example.com").unwrap().is_some());
         let certs: Vec<String> = c
             .store()
             .range("/certs/", &aloft_store::RangeOptions::default())
@@ -251,6 +266,83 @@ mod tests {
         let not_found = c.release_lease("web", M1, &b.nonce).unwrap_err();
         assert_eq!(not_found.to_api().status(), 404);
         // Nothing leaks: every store lease granted along the way has ended.
+        c.store().expire_leases().unwrap();
+    }
+
+    fn put_cert(c: &ControlStore, host: &str) -> Revision {
+        c.store()
+            .put(
+                &format!("/certs/{host}"),
+                serde_json::to_vec(&serde_json::json!({"hostname": host, "app": "web", "status": "pending"}))
+                    .unwrap(),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn one_edge_at_a_time_claims_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, clock) = control(&dir);
+        let ttl = Duration::from_secs(600);
+        let host = "www.example.com";
+        let rev = put_cert(&c, host);
+        let CertClaimOutcome::Claimed(a) = c.claim_cert(host, "edge-a", ttl, rev).unwrap() else {
+            panic!("the first claim is taken")
+        };
+        assert_eq!(a.claim.owner, "edge-a");
+        assert_eq!(a.claim.expires_at_ms, 1_700_000_600_000);
+        assert_eq!(c.cert_claim(host).unwrap(), Some(a.claim.clone()));
+        // Another edge sees who holds it.
+        assert_eq!(
+            c.claim_cert(host, "edge-b", ttl, rev).unwrap(),
+            CertClaimOutcome::NotClaimed {
+                holder: Some(a.claim.clone())
+            }
+        );
+        // Released after the result is written: the record moved on, so an edge that read the
+        // old revision does not claim (and issue) again.
+        let written = put_cert(&c, host);
+        c.release_cert_claim(&a).unwrap();
+        assert!(c.cert_claim(host).unwrap().is_none());
+        assert_eq!(
+            c.claim_cert(host, "edge-b", ttl, rev).unwrap(),
+            CertClaimOutcome::NotClaimed { holder: None }
+        );
+        // An edge that dies holding a claim blocks the hostname until the claim expires.
+        let CertClaimOutcome::Claimed(_) = c.claim_cert(host, "edge-a", ttl, written).unwrap() else {
+            panic!("claimed again")
+        };
+        clock.advance(Duration::from_secs(599));
+        assert!(matches!(
+            c.claim_cert(host, "edge-b", ttl, written).unwrap(),
+            CertClaimOutcome::NotClaimed { holder: Some(_) }
+        ));
+        clock.advance(Duration::from_secs(1));
+        let CertClaimOutcome::Claimed(b) = c.claim_cert(host, "edge-b", ttl, written).unwrap() else {
+            panic!("the expired claim is taken over")
+        };
+        assert_eq!(b.claim.owner, "edge-b");
+        // The same edge restarted takes over its own claim at once (a fresh lease).
+        let CertClaimOutcome::Claimed(again) = c.claim_cert(host, "edge-b", ttl, written).unwrap() else {
+            panic!("an edge's own claim is its own")
+        };
+        assert_ne!(again.lease, b.lease);
+        c.release_cert_claim(&b).unwrap();
+        assert_eq!(
+            c.cert_claim(host).unwrap().map(|cl| cl.owner).as_deref(),
+            Some("edge-b"),
+            "ending the old lease leaves the claim that moved to the new one"
+        );
+        // Removing the certificate removes its claim; a stale revision is a conflict.
+        assert!(matches!(
+            c.delete_cert(host, Expect::Revision(rev)),
+            Err(ControlError::Store(StoreError::Conflict { .. }))
+        ));
+        assert!(c.delete_cert(host, Expect::Revision(written)).unwrap());
+        assert!(c.cert_claim(host).unwrap().is_none());
+        assert!(!c.delete_cert(host, Expect::Any).unwrap());
+        // Nothing leaks.
+        c.release_cert_claim(&again).unwrap();
         c.store().expire_leases().unwrap();
     }
 
