@@ -300,17 +300,14 @@ pub(crate) async fn destroy(
     blocking(move || {
         visible_app(state.control(), &caller, &path.app)?;
         let (_, rev) = read_own(&state, &path.app, &path.hostname)?;
-        match state
-            .control()
-            .store()
-            .delete_if(&cert_key(&path.hostname)?, Expect::Revision(rev))
-        {
+        // With any edge's claim on issuing it: the hostname is free for its next owner at once.
+        match state.control().delete_cert(&path.hostname, Expect::Revision(rev)) {
             Ok(_) => Ok(()),
-            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(
+            Err(ControlError::Store(StoreError::Conflict { .. })) => Err(ApiError::conflict(
                 "the certificate changed while it was being removed (the edge just issued it?); retry",
             )
             .into()),
-            Err(e) => Err(store_error(e)),
+            Err(e) => Err(e.into()),
         }
     })
     .await?;
@@ -531,7 +528,18 @@ mod tests {
         let (_, body) = t.call("GET", "/v1/apps/api/certificates", None).await;
         assert_eq!(body["total_count"], 0);
 
-        // Another app cannot remove it; its own can.
+        // Another app cannot remove it; its own can, with an edge's claim on issuing it.
+        let control = t.state.control();
+        let rev = read(&t.state, "www.example.com").unwrap().unwrap().1;
+        let claimed = control
+            .claim_cert(
+                "www.example.com",
+                "host-1",
+                std::time::Duration::from_secs(600),
+                rev,
+            )
+            .unwrap();
+        assert!(matches!(claimed, aloft_store::CertClaimOutcome::Claimed(_)));
         let (s, _) = t
             .call("DELETE", "/v1/apps/api/certificates/www.example.com", None)
             .await;
@@ -541,6 +549,7 @@ mod tests {
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT);
         assert!(t.record("www.example.com").is_none());
+        assert!(control.cert_claim("www.example.com").unwrap().is_none());
         let (s, _) = t
             .call("GET", "/v1/apps/web/certificates/www.example.com", None)
             .await;
