@@ -159,9 +159,10 @@ pub struct EdgeCaResponse {
 ///
 /// Written by the control plane (created `pending`, re-queued by `check`) and by the edge's
 /// certificate manager (`ready` with `chain_pem` and `key_pem`, or `failed`). Never answered by
-/// the API: [`CertificateRecord::view`] is its public form. The key is stored in plaintext for now
-/// (`docs/adr/0014-edge-certificates.md`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// the API: [`CertificateRecord::view`] is its public form. The edge seals the key with its key
+/// file (`docs/adr/0014-edge-certificates.md`); records written before that hold a plaintext PEM.
+/// `Debug` leaves the key out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateRecord {
     /// The hostname (lowercase).
     pub hostname: String,
@@ -188,9 +189,27 @@ pub struct CertificateRecord {
     /// The certificate chain, leaf first, PEM.
     #[serde(default)]
     pub chain_pem: Option<String>,
-    /// The leaf's private key, PKCS#8 PEM.
+    /// The leaf's private key: sealed by the edge (`aloft-secretbox:v1:…`), or a PKCS#8 PEM in
+    /// records written before keys were sealed.
     #[serde(default)]
     pub key_pem: Option<String>,
+}
+
+impl std::fmt::Debug for CertificateRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateRecord")
+            .field("hostname", &self.hostname)
+            .field("app", &self.app)
+            .field("status", &self.status)
+            .field("source", &self.source)
+            .field("issuer", &self.issuer)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("error", &self.error)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("updated_at_ms", &self.updated_at_ms)
+            .field("chain_pem", &self.chain_pem)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertificateRecord {
@@ -331,6 +350,7 @@ mod tests {
         });
         let json = serde_json::to_string(&v).unwrap();
         assert!(!json.contains("SECRET"), "{json}");
+        assert!(!format!("{r:?}").contains("SECRET"));
         assert!(v.configured);
         assert_eq!(v.expires_at.as_deref(), Some("1970-01-02T00:00:00Z"));
         assert_eq!(
