@@ -140,7 +140,7 @@ impl AgentSettings {
 }
 
 /// The name placement records use for host number `n`.
-fn host_name(n: u32) -> String {
+pub(crate) fn host_name(n: u32) -> String {
     format!("host-{n}")
 }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use aloft_api::{ApiError, HostStop, MachineHost, MachineId};
 use aloft_control::HostHandle;
-use aloft_proxy::tls::{CertManager, Challenges, Issuer, LocalCa, LocalIssuer, SniResolver, server_config};
+use aloft_proxy::tls::{
+    CertManager, CertManagerConfig, Challenges, Issuer, LocalCa, LocalIssuer, SniResolver, server_config,
+};
 use aloft_proxy::{
     ControlError, ControlFuture, DialFuture, Dialer, Edge, EdgeConfig, MachineControl, UdpFuture,
 };
@@ -24,8 +26,13 @@ use tokio::task::JoinHandle;
 /// What the edge role needs from aloftd's flags.
 #[derive(Debug, Clone)]
 pub(crate) struct EdgeSettings {
+    /// This edge's name among the edges sharing the store (its host's name): certificate
+    /// issuance claims carry it.
+    pub(crate) name: String,
     pub(crate) region: String,
     pub(crate) data_dir: PathBuf,
+    /// The key file custom domains' private keys are sealed with (`--edge-cert-key`).
+    pub(crate) cert_key: PathBuf,
     pub(crate) http: SocketAddr,
     pub(crate) https: SocketAddr,
     pub(crate) metrics: Option<SocketAddr>,
@@ -92,7 +99,20 @@ pub(crate) async fn start(
         )?),
         None => Arc::new(LocalIssuer::new(Arc::clone(&ca))),
     };
-    let manager = CertManager::new(Arc::clone(&store), issuer);
+    // Custom domains' private keys are sealed in the store with the edges' key file.
+    let key_file = settings.cert_key.clone();
+    let seal_key = tokio::task::spawn_blocking(move || open_cert_key(&key_file))
+        .await
+        .context("open the edge's certificate key")??;
+    let manager = CertManager::new(
+        Arc::clone(&store),
+        issuer,
+        CertManagerConfig::new(
+            settings.name.clone(),
+            Arc::new(seal_key),
+            settings.cert_key.clone(),
+        ),
+    );
     let resolver = Arc::new(
         SniResolver::new(&settings.base_domain, ca)
             .with_manager(Arc::clone(&manager))
@@ -158,6 +178,25 @@ pub(crate) async fn start(
         settings.base_domain
     );
     Ok(EdgeRole { tasks, stop })
+}
+
+/// The key custom domains' private keys are sealed with, created (with its directory, 0700) on
+/// first use.
+fn open_cert_key(path: &std::path::Path) -> anyhow::Result<aloft_secretbox::Key> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {} for the edge's certificate key", dir.display()))?;
+    }
+    aloft_secretbox::Key::load_or_create(path).with_context(|| {
+        format!(
+            "open the edge's certificate key {}; point --edge-cert-key at the key file the other edges use",
+            path.display()
+        )
+    })
 }
 
 /// Starts and idles machines through the agent that owns them (found by the placement record).

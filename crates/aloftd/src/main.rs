@@ -139,6 +139,11 @@ struct Args {
     /// Run no edge proxy on this host.
     #[arg(long)]
     no_edge: bool,
+    /// The key file the edge seals custom domains' private keys with in the control store
+    /// (32 bytes, mode 0600, created on first use). Edges sharing one store need the same file.
+    /// Default: `<data dir>/edge/cert-seal.key`.
+    #[arg(long, env = "ALOFT_EDGE_CERT_KEY", value_name = "FILE")]
+    edge_cert_key: Option<PathBuf>,
     // ACME for custom domains (acme_issuer.rs).
     /// Get custom domains' certificates from this ACME CA (e.g.
     /// https://acme-v02.api.letsencrypt.org/directory); without it they come from the local CA.
@@ -165,8 +170,13 @@ impl Args {
             })?),
         };
         Ok(edge_role::EdgeSettings {
+            name: agent_role::host_name(self.host_number),
             region: self.region.clone(),
             data_dir: self.data_dir.clone(),
+            cert_key: self
+                .edge_cert_key
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("edge").join("cert-seal.key")),
             http: self.edge_http,
             https: self.edge_https,
             metrics,
@@ -455,5 +465,20 @@ mod tests {
         if std::env::var_os("ALOFT_DATA_DIR").is_none() {
             assert_eq!(args.data_dir, Path::new("/var/lib/aloft"));
         }
+    }
+
+    #[test]
+    fn the_edge_cert_key_defaults_under_the_data_dir() {
+        let args = Args::try_parse_from(["aloftd", "--data-dir", "/d", "--host-number", "2"]).unwrap();
+        let edge = args.edge_settings().unwrap();
+        if std::env::var_os("ALOFT_EDGE_CERT_KEY").is_none() {
+            assert_eq!(edge.cert_key, Path::new("/d/edge/cert-seal.key"));
+        }
+        assert_eq!(edge.name, "host-2");
+        let args = Args::try_parse_from(["aloftd", "--edge-cert-key", "/shared/edge.key"]).unwrap();
+        assert_eq!(
+            args.edge_settings().unwrap().cert_key,
+            Path::new("/shared/edge.key")
+        );
     }
 }

@@ -15,7 +15,7 @@ mod tests {
     use std::time::Duration;
 
     use aloft_control::{ApiConfig, ApiState, EdgeSettings, create_token, router};
-    use aloft_proxy::tls::{CertManager, LocalCa, LocalIssuer};
+    use aloft_proxy::tls::{CertManager, CertManagerConfig, LocalCa, LocalIssuer};
     use aloft_store::{SqliteStore, Store};
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
@@ -54,7 +54,13 @@ mod tests {
                 ca_root: Some(ca_dir.join("ca.pem")),
             });
             let token = create_token(state.control(), "personal", "admin").unwrap().token;
-            let manager = CertManager::new(store, Arc::new(LocalIssuer::new(ca.clone())));
+            let key_file = dir.path().join("edge").join("cert-seal.key");
+            let seal_key = Arc::new(aloft_secretbox::Key::load_or_create(&key_file).unwrap());
+            let manager = CertManager::new(
+                store,
+                Arc::new(LocalIssuer::new(ca.clone())),
+                CertManagerConfig::new("host-1", seal_key, key_file),
+            );
             Self {
                 _dir: dir,
                 router: router(state),

@@ -74,8 +74,8 @@ pub enum CaError {
     Key(#[from] KeyError),
 }
 
-/// A leaf certificate the CA signed.
-#[derive(Debug, Clone)]
+/// A leaf certificate the CA signed. Its `Debug` leaves the key out.
+#[derive(Clone)]
 pub struct IssuedCert {
     /// The chain, PEM: the leaf (the root is not included: clients have it).
     pub chain_pem: String,
@@ -83,6 +83,15 @@ pub struct IssuedCert {
     pub key_pem: String,
     /// The leaf's `notAfter` (Unix seconds).
     pub not_after_unix: i64,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("chain_pem", &self.chain_pem)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish_non_exhaustive()
+    }
 }
 
 struct CachedLeaf {

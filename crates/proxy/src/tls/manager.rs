@@ -8,25 +8,52 @@
 //! record's revision (a record changed or deleted meanwhile is left alone): `ready` with the
 //! chain, key and expiry, or `failed` with the reason. A failed record stays failed until someone
 //! re-queues it (`aloft certs check`); a failed renewal keeps the old certificate served.
+//!
+//! Several edges may share one store. Before issuing, an edge claims the hostname
+//! (`ControlStore::claim_cert`: `/cert-claims/{hostname}` on a store lease of
+//! [`CLAIM_TTL`], taken only while the record is at the revision the edge read), so one edge runs
+//! the issuer for it; the others skip it and look again every [`CLAIM_RETRY_INTERVAL`]
+//! (a claim of an edge that died expires). The claim is released once the result is written.
+//!
+//! Private keys are sealed in the records (`seal.rs`: `aloft-secretbox` under the edges' key,
+//! bound to the hostname). A record written before that, with a plaintext PEM key, is served and
+//! sealed in place (compare-and-swap) by the next pass. A record whose key does not open with
+//! this edge's key is not served; it is logged and marked `failed` with a message saying which key
+//! file to use or how to re-issue it, and every other hostname keeps being served.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aloft_api::{CertificateRecord, CertificateSource, CertificateStatus};
-use aloft_store::{EventKind, Expect, KeyValue, RangeOptions, Revision, Store, StoreError, keys};
+use aloft_secretbox::Key;
+use aloft_store::{
+    CertClaimOutcome, ControlError, ControlStore, EventKind, Expect, KeyValue, RangeOptions, Revision, Store,
+    StoreError, keys,
+};
 use rustls::sign::CertifiedKey;
 
 use super::ca::{LocalCa, RENEW_BEFORE_SECS};
 use super::pem::served_cert;
+use super::seal::{is_sealed_key, open_key_pem, seal_key_pem};
 
-/// A freshly issued certificate: the chain (leaf first) and its key, PEM.
-#[derive(Debug, Clone)]
+/// A freshly issued certificate: the chain (leaf first) and its key, PEM. Its `Debug` leaves the
+/// key out.
+#[derive(Clone)]
 pub struct Issued {
     /// The chain, leaf first, PEM.
     pub chain_pem: String,
     /// The leaf's private key, PEM.
     pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("chain_pem", &self.chain_pem)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an issuer could not issue a certificate. The message is stored in the record's `error` and
@@ -102,6 +129,9 @@ pub enum CertError {
     /// The store failed.
     #[error("certificate store: {0}")]
     Store(#[from] StoreError),
+    /// Claiming a hostname for issuing failed (the store failed).
+    #[error("certificate issuance claim: {0}")]
+    Claim(#[from] ControlError),
     /// The manager's background work stopped (the runtime is shutting down).
     #[error("certificate manager task failed: {0}")]
     Task(String),
@@ -113,6 +143,10 @@ struct Entry {
     revision: Revision,
     served: Option<Arc<CertifiedKey>>,
     not_after_unix: Option<i64>,
+    /// The record's key is a plaintext PEM (written before keys were sealed): seal it.
+    plaintext_key: bool,
+    /// Why the record's key cannot be used by this edge (it does not open with its key).
+    unreadable: Option<String>,
 }
 
 /// What one [`CertManager::process_due`] pass did.
@@ -122,12 +156,56 @@ pub struct ProcessReport {
     pub issued: usize,
     /// Attempts that failed (stored `failed`, or renewal errors kept in `error`).
     pub failed: usize,
+    /// Due hostnames skipped because another edge holds their issuance claim.
+    pub claimed_elsewhere: usize,
+    /// Records whose plaintext private key was sealed in place.
+    pub sealed: usize,
+    /// Records marked `failed` because their key does not open with this edge's key.
+    pub unreadable: usize,
+}
+
+/// How long an issuance claim lasts unless released: an edge that dies while issuing holds its
+/// hostname up this long at most.
+pub const CLAIM_TTL: Duration = Duration::from_secs(600);
+
+/// How soon [`CertManager::run`] looks again after skipping hostnames other edges claimed (or
+/// after a failed pass).
+pub const CLAIM_RETRY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Who runs a [`CertManager`] and how it keeps private keys in the store.
+#[derive(Debug, Clone)]
+pub struct CertManagerConfig {
+    /// This edge's name, unique among the edges sharing the store: issuance claims carry it, and
+    /// a claim of the same name (an earlier run of this edge) is taken over.
+    pub edge_name: String,
+    /// The key leaves' private keys are sealed with in their records: every edge sharing the
+    /// store needs the same one.
+    pub seal_key: Arc<Key>,
+    /// Where [`Self::seal_key`] lives, for messages.
+    pub seal_key_file: PathBuf,
+    /// How long an issuance claim lasts ([`CLAIM_TTL`] by default).
+    pub claim_ttl: Duration,
+}
+
+impl CertManagerConfig {
+    /// Edge `edge_name` sealing with `seal_key` (read from `seal_key_file`), claims of
+    /// [`CLAIM_TTL`].
+    pub fn new(edge_name: impl Into<String>, seal_key: Arc<Key>, seal_key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            edge_name: edge_name.into(),
+            seal_key,
+            seal_key_file: seal_key_file.into(),
+            claim_ttl: CLAIM_TTL,
+        }
+    }
 }
 
 /// The certificate manager (see the module doc). Share it as `Arc<CertManager>`.
 pub struct CertManager {
     store: Arc<dyn Store>,
+    control: ControlStore,
     issuer: Arc<dyn Issuer>,
+    config: CertManagerConfig,
     entries: RwLock<HashMap<String, Entry>>,
     wake: tokio::sync::Notify,
 }
@@ -135,6 +213,7 @@ pub struct CertManager {
 impl std::fmt::Debug for CertManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertManager")
+            .field("edge", &self.config.edge_name)
             .field("issuer", &self.issuer)
             .field("hostnames", &self.read().len())
             .finish_non_exhaustive()
@@ -149,23 +228,21 @@ fn now_ms() -> i64 {
 
 /// The store key of `hostname`'s record.
 pub fn cert_key(hostname: &str) -> Result<String, StoreError> {
-    Ok(format!(
-        "{}{}",
-        keys::CERTS,
-        keys::segment(&hostname.to_ascii_lowercase())?
-    ))
+    keys::cert(&hostname.to_ascii_lowercase())
 }
 
 /// How often [`CertManager::run`] looks for certificates to renew even when nothing changed.
 const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl CertManager {
-    /// A manager over `store` that issues with `issuer`. It knows nothing until [`Self::load`]
-    /// (or [`Self::run`], which loads first).
-    pub fn new(store: Arc<dyn Store>, issuer: Arc<dyn Issuer>) -> Arc<Self> {
+    /// A manager over `store` that issues with `issuer`, as the edge `config` describes. It
+    /// knows nothing until [`Self::load`] (or [`Self::run`], which loads first).
+    pub fn new(store: Arc<dyn Store>, issuer: Arc<dyn Issuer>, config: CertManagerConfig) -> Arc<Self> {
         Arc::new(Self {
+            control: ControlStore::new(Arc::clone(&store)),
             store,
             issuer,
+            config,
             entries: RwLock::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         })
@@ -200,6 +277,15 @@ impl CertManager {
             .map(|e| e.record.status)
     }
 
+    /// Why `hostname`'s certificate cannot be served by this edge although it has one: its
+    /// private key does not open with this edge's key (the message says what to do).
+    pub fn key_problem(&self, hostname: &str) -> Option<String> {
+        self.read()
+            .get(&hostname.to_ascii_lowercase())?
+            .unreadable
+            .clone()
+    }
+
     /// How many hostnames have records.
     pub fn len(&self) -> usize {
         self.read().len()
@@ -218,7 +304,7 @@ impl CertManager {
         let revision = loop {
             let range = self.store.range(keys::CERTS, &options)?;
             for kv in &range.kvs {
-                if let Some(e) = entry_of(kv) {
+                if let Some(e) = self.entry_of(kv) {
                     fresh.insert(e.record.hostname.clone(), e);
                 }
             }
@@ -241,7 +327,7 @@ impl CertManager {
                 self.write().remove(hostname);
                 false
             }
-            EventKind::Put => match entry_of(kv) {
+            EventKind::Put => match self.entry_of(kv) {
                 Some(e) => {
                     let due = e.record.status == CertificateStatus::Pending;
                     self.write().insert(hostname.to_owned(), e);
@@ -261,7 +347,11 @@ impl CertManager {
             .iter()
             .filter(|(_, e)| match e.record.status {
                 CertificateStatus::Pending => true,
-                CertificateStatus::Ready => e.not_after_unix.is_none_or(|t| t - now_unix < RENEW_BEFORE_SECS),
+                // A key this edge cannot open is reported (`tidy`), not renewed over.
+                CertificateStatus::Ready => {
+                    e.unreadable.is_none()
+                        && e.not_after_unix.is_none_or(|t| t - now_unix < RENEW_BEFORE_SECS)
+                }
                 CertificateStatus::Failed => false,
             })
             .map(|(h, e)| (h.clone(), e.revision, e.record.clone()))
@@ -269,63 +359,154 @@ impl CertManager {
     }
 
     /// Issues every due certificate (blocking: store calls and the issuer) and writes the results
-    /// back. Run it on the blocking pool; [`Self::run`] does.
+    /// back; first seals plaintext keys and marks records whose key does not open. Run it on the
+    /// blocking pool; [`Self::run`] does.
     pub fn process_due(&self) -> Result<ProcessReport, CertError> {
         let mut report = ProcessReport::default();
+        self.tidy(&mut report)?;
         let now_unix = now_ms() / 1000;
-        for (hostname, revision, mut record) in self.due(now_unix) {
-            let renewing = record.status == CertificateStatus::Ready;
-            let result = self.issuer.issue(&hostname).and_then(|i| {
-                let served = served_cert(&i.chain_pem, &i.key_pem)
-                    .map_err(|e| IssueError::new(format!("the issuer's certificate is unusable: {e}")))?;
-                Ok((i, served))
-            });
-            record.updated_at_ms = now_ms();
-            match result {
-                Ok((issued, served)) => {
-                    report.issued += 1;
-                    record.status = CertificateStatus::Ready;
-                    record.source = Some(self.issuer.source());
-                    record.issuer = Some(self.issuer.name());
-                    record.expires_at_ms = Some(served.not_after_unix.saturating_mul(1000));
-                    record.error = None;
-                    record.chain_pem = Some(issued.chain_pem);
-                    record.key_pem = Some(issued.key_pem);
+        for (hostname, revision, record) in self.due(now_unix) {
+            let claimed = self.control.claim_cert(
+                &hostname,
+                &self.config.edge_name,
+                self.config.claim_ttl,
+                revision,
+            )?;
+            let held = match claimed {
+                CertClaimOutcome::Claimed(held) => held,
+                // Another edge is issuing it: its result arrives through the watch, or its claim
+                // expires and a later pass takes over.
+                CertClaimOutcome::NotClaimed { holder: Some(_) } => {
+                    report.claimed_elsewhere += 1;
+                    continue;
                 }
-                Err(e) => {
-                    report.failed += 1;
-                    record.error = Some(e.reason);
-                    if !renewing {
-                        record.status = CertificateStatus::Failed;
-                    }
-                }
-            }
-            let value = serde_json::to_vec(&record).map_err(|e| CertError::Task(e.to_string()))?;
-            let key = cert_key(&hostname)?;
-            match self.store.put_if(&key, value, Expect::Revision(revision), None) {
-                Ok(rev) => {
-                    // Apply at once: the watch will deliver the same record again (harmless).
-                    let kv = KeyValue {
-                        key,
-                        value: serde_json::to_vec(&record).map_err(|e| CertError::Task(e.to_string()))?,
-                        create_revision: Revision::ZERO,
-                        mod_revision: rev,
-                        version: 0,
-                        lease: None,
-                    };
-                    self.apply(EventKind::Put, &kv);
-                }
-                // Changed (re-queued, deleted, or written by another edge) meanwhile: leave it.
-                Err(StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+                // The record changed since it was read (another edge wrote it): the watch brings it.
+                CertClaimOutcome::NotClaimed { holder: None } => continue,
+            };
+            let written = self.issue_one(&hostname, revision, record, &mut report);
+            let released = self.control.release_cert_claim(&held);
+            written?;
+            released?;
         }
         Ok(report)
     }
 
+    /// Runs the issuer for `hostname` (claimed) and writes the result over `revision`.
+    fn issue_one(
+        &self,
+        hostname: &str,
+        revision: Revision,
+        mut record: CertificateRecord,
+        report: &mut ProcessReport,
+    ) -> Result<(), CertError> {
+        let renewing = record.status == CertificateStatus::Ready;
+        let result = self.issuer.issue(hostname).and_then(|i| {
+            let served = served_cert(&i.chain_pem, &i.key_pem)
+                .map_err(|e| IssueError::new(format!("the issuer's certificate is unusable: {e}")))?;
+            let sealed = seal_key_pem(&self.config.seal_key, hostname, &i.key_pem).map_err(|e| {
+                IssueError::new(format!("the certificate's private key could not be sealed: {e}"))
+            })?;
+            Ok((i.chain_pem, sealed, served))
+        });
+        record.updated_at_ms = now_ms();
+        match result {
+            Ok((chain_pem, sealed_key, served)) => {
+                report.issued += 1;
+                record.status = CertificateStatus::Ready;
+                record.source = Some(self.issuer.source());
+                record.issuer = Some(self.issuer.name());
+                record.expires_at_ms = Some(served.not_after_unix.saturating_mul(1000));
+                record.error = None;
+                record.chain_pem = Some(chain_pem);
+                record.key_pem = Some(sealed_key);
+            }
+            Err(e) => {
+                report.failed += 1;
+                record.error = Some(e.reason);
+                if !renewing {
+                    record.status = CertificateStatus::Failed;
+                }
+            }
+        }
+        self.write_back(hostname, revision, &record)?;
+        Ok(())
+    }
+
+    /// Seals plaintext keys in place and marks `ready` records whose key does not open as
+    /// `failed`, so `aloft certs check` re-issues them (a record already failed or re-queued is
+    /// left alone: edges with different keys must not fight over it).
+    fn tidy(&self, report: &mut ProcessReport) -> Result<(), CertError> {
+        let work: Vec<(String, Revision, CertificateRecord, bool)> = self
+            .read()
+            .iter()
+            .filter(|(_, e)| {
+                e.plaintext_key || (e.unreadable.is_some() && e.record.status == CertificateStatus::Ready)
+            })
+            .map(|(h, e)| (h.clone(), e.revision, e.record.clone(), e.plaintext_key))
+            .collect();
+        for (hostname, revision, mut record, plaintext) in work {
+            if plaintext {
+                let Some(pem) = record.key_pem.as_deref() else {
+                    continue;
+                };
+                let sealed = seal_key_pem(&self.config.seal_key, &hostname, pem).map_err(|e| {
+                    CertError::Task(format!("seal the private key of {hostname}'s certificate: {e}"))
+                })?;
+                record.key_pem = Some(sealed);
+                if self.write_back(&hostname, revision, &record)? {
+                    report.sealed += 1;
+                }
+            } else {
+                let Some(problem) = self.key_problem(&hostname) else {
+                    continue;
+                };
+                record.status = CertificateStatus::Failed;
+                record.error = Some(problem);
+                record.updated_at_ms = now_ms();
+                if self.write_back(&hostname, revision, &record)? {
+                    report.unreadable += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `record` over `revision` and applies it at once; `false` (and nothing written) if
+    /// the record changed or went meanwhile (re-queued, deleted, written by another edge).
+    fn write_back(
+        &self,
+        hostname: &str,
+        revision: Revision,
+        record: &CertificateRecord,
+    ) -> Result<bool, CertError> {
+        let value = serde_json::to_vec(record).map_err(|e| CertError::Task(e.to_string()))?;
+        let key = cert_key(hostname)?;
+        match self
+            .store
+            .put_if(&key, value.clone(), Expect::Revision(revision), None)
+        {
+            Ok(rev) => {
+                // Apply at once: the watch will deliver the same record again (harmless).
+                let kv = KeyValue {
+                    key,
+                    value,
+                    create_revision: Revision::ZERO,
+                    mod_revision: rev,
+                    version: 0,
+                    lease: None,
+                };
+                self.apply(EventKind::Put, &kv);
+                Ok(true)
+            }
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Follows the store until the runtime shuts down: loads every record, watches `/certs/`,
     /// and issues and renews certificates as they become due (at once for new pending records,
-    /// hourly for renewals). Spawn it: `tokio::spawn(manager.clone().run())`.
+    /// hourly for renewals, every [`CLAIM_RETRY_INTERVAL`] while other edges hold claims or a
+    /// pass failed). Spawn it: `tokio::spawn(manager.clone().run())`.
     pub async fn run(self: Arc<Self>) -> Result<(), CertError> {
         let worker = tokio::spawn(self.clone().work());
         let result = self.follow().await;
@@ -373,9 +554,16 @@ impl CertManager {
     async fn work(self: Arc<Self>) {
         loop {
             let me = self.clone();
-            // Errors (a store hiccup) are retried on the next wake or tick.
-            let _ = blocking(move || me.process_due()).await;
-            let _ = tokio::time::timeout(RENEW_CHECK_INTERVAL, self.wake.notified()).await;
+            let next = match blocking(move || me.process_due()).await {
+                Ok(r) if r.claimed_elsewhere > 0 => CLAIM_RETRY_INTERVAL,
+                Ok(_) => RENEW_CHECK_INTERVAL,
+                // A store hiccup: retried soon.
+                Err(e) => {
+                    eprintln!("edge: certificates: {e}; trying again shortly");
+                    CLAIM_RETRY_INTERVAL
+                }
+            };
+            let _ = tokio::time::timeout(next, self.wake.notified()).await;
         }
     }
 }
@@ -388,19 +576,67 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CertError::Task(e.to_string()))?
 }
 
-/// The entry of a stored record; `None` for a record that does not parse (ignored, as if absent).
-fn entry_of(kv: &KeyValue) -> Option<Entry> {
-    let record: CertificateRecord = serde_json::from_slice(&kv.value).ok()?;
-    let served = match (&record.chain_pem, &record.key_pem) {
-        (Some(c), Some(k)) => served_cert(c, k).ok(),
-        _ => None,
-    };
-    Some(Entry {
-        revision: kv.mod_revision,
-        not_after_unix: served.as_ref().map(|s| s.not_after_unix),
-        served: served.map(|s| s.key),
-        record,
-    })
+impl CertManager {
+    /// The entry of a stored record; `None` for a record that does not parse (ignored, as if
+    /// absent). A sealed key is opened with this edge's key; one that does not open is noted
+    /// (`unreadable`, logged while the record is `ready`), and the record is not served.
+    fn entry_of(&self, kv: &KeyValue) -> Option<Entry> {
+        let hostname = kv.key.strip_prefix(keys::CERTS)?;
+        let record: CertificateRecord = serde_json::from_slice(&kv.value).ok()?;
+        let mut plaintext_key = false;
+        let mut unreadable = None;
+        let key_pem = match record.key_pem.as_deref() {
+            Some(stored) if is_sealed_key(stored) => {
+                match open_key_pem(&self.config.seal_key, hostname, stored) {
+                    Ok(pem) => Some(pem),
+                    Err(e) => {
+                        let problem = self.unreadable_message(hostname, &record.app, &e);
+                        // Once: the next pass records it in the record (`failed`).
+                        if record.status == CertificateStatus::Ready {
+                            eprintln!("edge: {problem}");
+                        }
+                        unreadable = Some(problem);
+                        None
+                    }
+                }
+            }
+            Some(plain) => {
+                plaintext_key = true;
+                Some(plain.to_owned())
+            }
+            None => None,
+        };
+        let served = match (&record.chain_pem, &key_pem) {
+            (Some(c), Some(k)) => served_cert(c, k).ok(),
+            _ => None,
+        };
+        Some(Entry {
+            revision: kv.mod_revision,
+            not_after_unix: served.as_ref().map(|s| s.not_after_unix),
+            served: served.map(|s| s.key),
+            record,
+            plaintext_key,
+            unreadable,
+        })
+    }
+
+    /// What to tell the user about a key that does not open here.
+    fn unreadable_message(&self, hostname: &str, app: &str, e: &aloft_secretbox::SecretboxError) -> String {
+        format!(
+            "edge {}: the private key of {hostname}'s certificate does not open with this edge's key file {} ({e}); \
+             it was sealed with another edge key. Give every edge sharing the control store the same key file \
+             (aloftd --edge-cert-key), or re-issue the certificate with `aloft certs check {hostname} -a {app}`",
+            self.config.edge_name,
+            self.config.seal_key_file.display(),
+        )
+    }
+}
+
+/// A config with a fresh random key, for tests.
+#[cfg(test)]
+pub(crate) fn test_config(edge: &str) -> CertManagerConfig {
+    let key = Key::generate().expect("a random key");
+    CertManagerConfig::new(edge, Arc::new(key), "/test/edge/cert-seal.key")
 }
 
 #[cfg(test)]
@@ -409,6 +645,7 @@ mod tests {
 
     use aloft_store::SqliteStore;
 
+    use super::super::seal::{is_sealed_key, open_key_pem, seal_key_pem};
     use super::*;
 
     #[derive(Debug)]
@@ -450,20 +687,324 @@ mod tests {
     fn pending_becomes_ready_with_the_local_issuer() {
         let (_dir, store, ca) = setup();
         put_pending(store.as_ref(), "www.example.com", "web");
-        let m = CertManager::new(store.clone(), Arc::new(LocalIssuer::new(ca.clone())));
+        let m = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca.clone())),
+            test_config("edge-1"),
+        );
         m.load().unwrap();
         assert_eq!(m.app_for("WWW.example.com").as_deref(), Some("web"));
         assert!(m.cert_for("www.example.com").is_none());
-        assert_eq!(m.process_due().unwrap(), ProcessReport { issued: 1, failed: 0 });
+        assert_eq!(
+            m.process_due().unwrap(),
+            ProcessReport {
+                issued: 1,
+                ..ProcessReport::default()
+            }
+        );
         let r = stored(store.as_ref(), "www.example.com");
         assert_eq!(r.status, CertificateStatus::Ready);
         assert_eq!(r.source, Some(CertificateSource::Local));
         assert_eq!(r.issuer.as_deref(), Some(ca.name()));
         assert!(r.expires_at_ms.unwrap() > now_ms() + 80 * 86_400_000);
-        assert!(r.key_pem.unwrap().contains("PRIVATE KEY"));
         assert!(m.cert_for("www.example.com").is_some());
         // Nothing is due any more.
         assert_eq!(m.process_due().unwrap(), ProcessReport::default());
+    }
+
+    #[derive(Debug)]
+    struct Counting {
+        inner: LocalIssuer,
+        calls: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl Counting {
+        fn new(ca: Arc<LocalCa>, delay: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                inner: LocalIssuer::new(ca),
+                calls: AtomicUsize::new(0),
+                delay,
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Issuer for Counting {
+        fn source(&self) -> CertificateSource {
+            self.inner.source()
+        }
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn issue(&self, hostname: &str) -> Result<Issued, IssueError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            self.inner.issue(hostname)
+        }
+    }
+
+    fn with_key(edge: &str, key: &Arc<Key>) -> CertManagerConfig {
+        CertManagerConfig::new(edge, key.clone(), format!("/test/{edge}/cert-seal.key"))
+    }
+
+    #[test]
+    fn private_keys_are_sealed_in_the_store_and_served() {
+        let (_dir, store, ca) = setup();
+        put_pending(store.as_ref(), "www.example.com", "web");
+        let key = Arc::new(Key::generate().unwrap());
+        let m = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca.clone())),
+            with_key("edge-1", &key),
+        );
+        m.load().unwrap();
+        assert_eq!(m.process_due().unwrap().issued, 1);
+        // The record holds no PEM private key, only the sealed one.
+        let raw = store.get(&cert_key("www.example.com").unwrap()).unwrap().unwrap();
+        let text = String::from_utf8(raw.value).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+        let stored_key = stored(store.as_ref(), "www.example.com").key_pem.unwrap();
+        assert!(is_sealed_key(&stored_key), "{stored_key}");
+        let pem = open_key_pem(&key, "www.example.com", &stored_key).unwrap();
+        assert!(pem.contains("PRIVATE KEY"));
+        // Served here, and by another edge with the same key that reads the store afresh; the
+        // served key matches the leaf.
+        let served = m.cert_for("www.example.com").unwrap();
+        served.keys_match().unwrap();
+        let other = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca)),
+            with_key("edge-2", &key),
+        );
+        other.load().unwrap();
+        let again = other.cert_for("www.example.com").unwrap();
+        again.keys_match().unwrap();
+        assert_eq!(again.cert, served.cert);
+        assert!(other.key_problem("www.example.com").is_none());
+        assert_eq!(other.process_due().unwrap(), ProcessReport::default());
+    }
+
+    #[test]
+    fn a_record_from_before_sealing_still_serves_and_is_sealed() {
+        let (_dir, store, ca) = setup();
+        // What an older edge wrote: a ready record with the key in plaintext.
+        let leaf = ca.issue(&["old.example.com"]).unwrap();
+        let mut r = CertificateRecord::pending("old.example.com", "web", now_ms());
+        r.status = CertificateStatus::Ready;
+        r.source = Some(CertificateSource::Local);
+        r.expires_at_ms = Some(leaf.not_after_unix * 1000);
+        r.chain_pem = Some(leaf.chain_pem.clone());
+        r.key_pem = Some(leaf.key_pem.clone());
+        store
+            .put(
+                &cert_key("old.example.com").unwrap(),
+                serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
+        let key = Arc::new(Key::generate().unwrap());
+        let issuer = Counting::new(ca, Duration::ZERO);
+        let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &key));
+        m.load().unwrap();
+        let served = m.cert_for("old.example.com").unwrap();
+        // The next pass seals it in place, without issuing anew.
+        assert_eq!(
+            m.process_due().unwrap(),
+            ProcessReport {
+                sealed: 1,
+                ..ProcessReport::default()
+            }
+        );
+        assert_eq!(issuer.calls(), 0);
+        let now = stored(store.as_ref(), "old.example.com");
+        let sealed = now.key_pem.clone().unwrap();
+        assert!(is_sealed_key(&sealed));
+        assert_eq!(
+            open_key_pem(&key, "old.example.com", &sealed).unwrap(),
+            leaf.key_pem
+        );
+        assert_eq!(now.chain_pem, r.chain_pem);
+        assert_eq!(now.status, CertificateStatus::Ready);
+        assert_eq!(m.cert_for("old.example.com").unwrap().cert, served.cert);
+        assert_eq!(m.process_due().unwrap(), ProcessReport::default());
+    }
+
+    #[test]
+    fn a_key_sealed_under_another_key_is_reported_and_the_rest_serves() {
+        let (_dir, store, ca) = setup();
+        put_pending(store.as_ref(), "shop.example.com", "shop");
+        // www was issued by an edge with another key file.
+        let theirs = Key::generate().unwrap();
+        let leaf = ca.issue(&["www.example.com"]).unwrap();
+        let mut r = CertificateRecord::pending("www.example.com", "web", now_ms());
+        r.status = CertificateStatus::Ready;
+        r.expires_at_ms = Some(leaf.not_after_unix * 1000);
+        r.chain_pem = Some(leaf.chain_pem);
+        r.key_pem = Some(seal_key_pem(&theirs, "www.example.com", &leaf.key_pem).unwrap());
+        store
+            .put(
+                &cert_key("www.example.com").unwrap(),
+                serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
+        let ours = Arc::new(Key::generate().unwrap());
+        let issuer = Counting::new(ca, Duration::ZERO);
+        let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &ours));
+        m.load().unwrap();
+
+        assert!(m.cert_for("www.example.com").is_none());
+        assert_eq!(m.app_for("www.example.com").as_deref(), Some("web"));
+        let problem = m.key_problem("www.example.com").unwrap();
+        for part in [
+            "www.example.com",
+            "/test/edge-1/cert-seal.key",
+            "--edge-cert-key",
+            "aloft certs check www.example.com -a web",
+        ] {
+            assert!(problem.contains(part), "{part:?} missing from: {problem}");
+        }
+        // Recorded in the record (failed, so `aloft certs check` re-issues it), not renewed over;
+        // the other hostname is issued and served all the same.
+        assert_eq!(
+            m.process_due().unwrap(),
+            ProcessReport {
+                issued: 1,
+                unreadable: 1,
+                ..ProcessReport::default()
+            }
+        );
+        assert_eq!(issuer.calls(), 1);
+        let r = stored(store.as_ref(), "www.example.com");
+        assert_eq!(r.status, CertificateStatus::Failed);
+        assert_eq!(r.error.as_deref(), Some(problem.as_str()));
+        assert!(
+            m.cert_for("shop.example.com").is_some(),
+            "the others keep serving"
+        );
+        assert_eq!(m.process_due().unwrap(), ProcessReport::default());
+        // `aloft certs check`: pending again; this edge issues it with its own key.
+        let mut r = stored(store.as_ref(), "www.example.com");
+        r.status = CertificateStatus::Pending;
+        r.error = None;
+        store
+            .put(
+                &cert_key("www.example.com").unwrap(),
+                serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
+        m.load().unwrap();
+        assert_eq!(m.process_due().unwrap().issued, 1);
+        assert!(m.cert_for("www.example.com").is_some());
+        assert!(m.key_problem("www.example.com").is_none());
+    }
+
+    #[test]
+    fn two_edges_issue_a_pending_hostname_once() {
+        let (_dir, store, ca) = setup();
+        let key = Arc::new(Key::generate().unwrap());
+        let issuer = Counting::new(ca, Duration::from_millis(300));
+        let a = CertManager::new(store.clone(), issuer.clone(), with_key("edge-a", &key));
+        let b = CertManager::new(store.clone(), issuer.clone(), with_key("edge-b", &key));
+
+        // At the same time: one claims it, the other skips it.
+        put_pending(store.as_ref(), "www.example.com", "web");
+        a.load().unwrap();
+        b.load().unwrap();
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| a.process_due().unwrap());
+            let tb = s.spawn(|| b.process_due().unwrap());
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        assert_eq!(issuer.calls(), 1, "{ra:?} {rb:?}");
+        assert_eq!(ra.issued + rb.issued, 1);
+        assert_eq!(
+            stored(store.as_ref(), "www.example.com").status,
+            CertificateStatus::Ready
+        );
+        let control = ControlStore::new(store.clone());
+        assert!(
+            control.cert_claim("www.example.com").unwrap().is_none(),
+            "released once written"
+        );
+
+        // One after the other: the second edge read the record before the first wrote it.
+        put_pending(store.as_ref(), "shop.example.com", "shop");
+        a.load().unwrap();
+        b.load().unwrap();
+        assert_eq!(a.process_due().unwrap().issued, 1);
+        assert_eq!(b.process_due().unwrap(), ProcessReport::default());
+        assert_eq!(issuer.calls(), 2);
+        b.load().unwrap();
+        assert!(b.cert_for("shop.example.com").is_some());
+        assert!(b.cert_for("www.example.com").is_some());
+    }
+
+    #[test]
+    fn a_claim_left_by_a_crashed_edge_is_taken_over_once_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(aloft_store::ManualClock::new(now_ms()));
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open_with(
+                dir.path().join("control.db"),
+                aloft_store::SqliteOptions {
+                    clock: clock.clone(),
+                    reaper_interval: None,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let ca = Arc::new(LocalCa::open(&dir.path().join("ca")).unwrap());
+        let control = ControlStore::new(store.clone());
+        let key = Arc::new(Key::generate().unwrap());
+        let issuer = Counting::new(ca, Duration::ZERO);
+        let b = CertManager::new(store.clone(), issuer.clone(), with_key("edge-b", &key));
+
+        // Edge a claimed www and died while issuing.
+        put_pending(store.as_ref(), "www.example.com", "web");
+        let rev = store
+            .get(&cert_key("www.example.com").unwrap())
+            .unwrap()
+            .unwrap()
+            .mod_revision;
+        let claimed = control
+            .claim_cert("www.example.com", "edge-a", CLAIM_TTL, rev)
+            .unwrap();
+        assert!(matches!(claimed, CertClaimOutcome::Claimed(_)));
+        b.load().unwrap();
+        assert_eq!(
+            b.process_due().unwrap(),
+            ProcessReport {
+                claimed_elsewhere: 1,
+                ..ProcessReport::default()
+            }
+        );
+        assert_eq!(issuer.calls(), 0);
+        clock.advance(CLAIM_TTL - Duration::from_secs(1));
+        assert_eq!(b.process_due().unwrap().claimed_elsewhere, 1);
+        // Expired: edge b takes over.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(b.process_due().unwrap().issued, 1);
+        assert_eq!(issuer.calls(), 1);
+        assert!(b.cert_for("www.example.com").is_some());
+        assert!(control.cert_claim("www.example.com").unwrap().is_none());
+
+        // Edge a restarted under its name takes over its own claim at once.
+        put_pending(store.as_ref(), "shop.example.com", "shop");
+        let rev = store
+            .get(&cert_key("shop.example.com").unwrap())
+            .unwrap()
+            .unwrap()
+            .mod_revision;
+        control
+            .claim_cert("shop.example.com", "edge-a", CLAIM_TTL, rev)
+            .unwrap();
+        let a = CertManager::new(store.clone(), issuer.clone(), with_key("edge-a", &key));
+        a.load().unwrap();
+        assert_eq!(a.process_due().unwrap().issued, 1);
+        assert!(control.cert_claim("shop.example.com").unwrap().is_none());
     }
 
     #[test]
@@ -471,7 +1012,7 @@ mod tests {
         let (_dir, store, _ca) = setup();
         put_pending(store.as_ref(), "www.example.com", "web");
         let issuer = Arc::new(Failing(AtomicUsize::new(0)));
-        let m = CertManager::new(store.clone(), issuer.clone());
+        let m = CertManager::new(store.clone(), issuer.clone(), test_config("edge-1"));
         m.load().unwrap();
         assert_eq!(m.process_due().unwrap().failed, 1);
         let r = stored(store.as_ref(), "www.example.com");
@@ -485,7 +1026,11 @@ mod tests {
     fn a_record_changed_meanwhile_is_not_overwritten() {
         let (_dir, store, ca) = setup();
         put_pending(store.as_ref(), "www.example.com", "web");
-        let m = CertManager::new(store.clone(), Arc::new(LocalIssuer::new(ca)));
+        let m = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca)),
+            test_config("edge-1"),
+        );
         m.load().unwrap();
         // Someone deletes it after the manager read it.
         store.delete(&cert_key("www.example.com").unwrap()).unwrap();
@@ -501,7 +1046,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_running_manager_follows_the_store() {
         let (_dir, store, ca) = setup();
-        let m = CertManager::new(store.clone(), Arc::new(LocalIssuer::new(ca)));
+        let m = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca)),
+            test_config("edge-1"),
+        );
         let task = tokio::spawn(m.clone().run());
         put_pending(store.as_ref(), "api.example.com", "api");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

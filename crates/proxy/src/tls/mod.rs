@@ -6,15 +6,22 @@
 //! ```no_run
 //! # async fn edge(store: std::sync::Arc<dyn aloft_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use aloft_proxy::tls::{CertManager, Challenges, LocalCa, LocalIssuer, SniResolver, server_config};
+//! use aloft_proxy::tls::{
+//!     CertManager, CertManagerConfig, Challenges, LocalCa, LocalIssuer, SniResolver, server_config,
+//! };
 //!
 //! // 1. The local CA: made on first use under <data dir>/edge/ca/, loaded on later starts.
 //! let ca = Arc::new(LocalCa::open(std::path::Path::new("/var/lib/aloft/edge/ca"))?);
 //! // 2. Custom domains' certificates, from the control store's /certs/ records. The issuer is
 //! //    the local CA unless an ACME issuer (aloft-acme) is configured; that one shares
 //! //    `challenges` with the resolver.
+//! //    Their private keys are sealed in the store with the edges' key (the same file on every
+//! //    edge sharing the store); issuance claims carry this edge's name.
 //! let challenges = Challenges::new();
-//! let manager = CertManager::new(store, Arc::new(LocalIssuer::new(ca.clone())));
+//! let key_file = std::path::Path::new("/var/lib/aloft/edge/cert-seal.key");
+//! let seal_key = Arc::new(aloft_secretbox::Key::load_or_create(key_file)?);
+//! let config = CertManagerConfig::new("host-1", seal_key, key_file);
+//! let manager = CertManager::new(store, Arc::new(LocalIssuer::new(ca.clone())), config);
 //! tokio::spawn(manager.clone().run());
 //! // 3. The resolver and the rustls config for the HTTPS listener and `tls` handlers.
 //! let resolver = Arc::new(
@@ -33,7 +40,10 @@
 //!   renewed with 30 left; [`LocalCa::root_pem`] is what `aloft certs root` prints.
 //! - [`CertManager`] (`manager.rs`): follows `/certs/{hostname}`, hands `pending` records (and
 //!   those near expiry) to an [`Issuer`] and writes back `ready` or `failed`; answers
-//!   [`CertManager::cert_for`] and [`CertManager::app_for`].
+//!   [`CertManager::cert_for`] and [`CertManager::app_for`]. Several edges may share a store:
+//!   a per-hostname claim (`/cert-claims/{hostname}`) lets one of them issue.
+//! - Private keys at rest (`seal.rs`): sealed in the records with `aloft-secretbox` under the
+//!   edges' key, bound to the hostname ([`seal_key_pem`], [`open_key_pem`]).
 //! - ACME: aloftd's `acme_issuer.rs` implements [`Issuer`] with `aloft-acme`, answering its
 //!   challenges through the same [`Challenges`] as the resolver (this crate does not link the
 //!   ACME client).
@@ -48,10 +58,15 @@ mod der;
 mod manager;
 mod pem;
 mod resolver;
+mod seal;
 
 pub use ca::{CaError, IssuedCert, LEAF_LIFETIME_SECS, LocalCa, RENEW_BEFORE_SECS};
-pub use manager::{CertError, CertManager, IssueError, Issued, Issuer, LocalIssuer, ProcessReport, cert_key};
+pub use manager::{
+    CLAIM_RETRY_INTERVAL, CLAIM_TTL, CertError, CertManager, CertManagerConfig, IssueError, Issued, Issuer,
+    LocalIssuer, ProcessReport, cert_key,
+};
 pub use pem::{KeyError, ServedCert, served_cert};
 pub use resolver::{
     ACME_TLS_ALPN, Challenges, HTTP_CHALLENGE_PREFIX, NameFilter, SniResolver, is_acme_tls, server_config,
 };
+pub use seal::{is_sealed_key, open_key_pem, seal_key_pem};

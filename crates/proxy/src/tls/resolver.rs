@@ -256,7 +256,11 @@ mod tests {
                 .put(&cert_key(h).unwrap(), serde_json::to_vec(&r).unwrap())
                 .unwrap();
         }
-        let manager = CertManager::new(store.clone(), Arc::new(LocalIssuer::new(ca.clone())));
+        let manager = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca.clone())),
+            super::super::manager::test_config("edge-1"),
+        );
         manager.load().unwrap();
         // Issue only www: mark slow as failed so process_due leaves it.
         let mut slow = CertificateRecord::pending("slow.example.com", "web", 0);
