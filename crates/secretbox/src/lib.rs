@@ -1,5 +1,6 @@
-//! Sealing app secrets at rest: ChaCha20-Poly1305 (from `ring`) under a 32-byte key kept in a
-//! file of its own, apart from the database that holds the ciphertexts.
+//! Sealing secrets at rest (app secrets; the edge's certificate keys): ChaCha20-Poly1305 (from
+//! `ring`) under a 32-byte key kept in a file of its own, apart from the database that holds the
+//! ciphertexts.
 //!
 //! - [`Key::load_or_create`] reads the key file, or creates it (32 random bytes, mode 0600,
 //!   created atomically: two processes racing end up with the same key). A key file that group or
@@ -10,7 +11,8 @@
 //! - [`Key::open`] decrypts; a wrong key, other associated data or a changed byte fail.
 //!
 //! Nothing here logs or formats a plaintext: [`Key`]'s `Debug` prints no key bytes.
-//! Design notes: `docs/adr/0012-secrets.md`.
+//! Design notes: `docs/adr/0012-secrets.md` (certificate keys:
+//! `docs/adr/0014-edge-certificates.md`).
 
 #![warn(missing_docs)]
 
