@@ -4,7 +4,8 @@
 //! `httpPort` is the edge's HTTP port, its `tlsPort` the edge's HTTPS port, its DNS answers
 //! 127.0.0.1). A hostname added through the API becomes `ready` (source `acme`) and the edge then
 //! serves a chain that verifies against Pebble's issuing root alone, with HTTP-01 and with
-//! TLS-ALPN-01; the account key is stored owner-only and reused after a restart; a validation
+//! TLS-ALPN-01; the account key is stored owner-only and reused after a restart, and the leaves'
+//! private keys are sealed in the control store (`<data dir>/edge/cert-seal.key`); a validation
 //! that cannot reach the edge leaves the record `failed` with the CA's reason. Each test kills
 //! only the processes it started. Without the `pebble` binary the tests skip, unless `CI` is set.
 
@@ -362,9 +363,25 @@ mod tests {
             1,
             "{log}"
         );
-        // The first certificate is still served after the restart.
+        // The first certificate is still served after the restart: its private key, sealed in
+        // the store, opens with the edge's key file.
         let chain = tokio::task::block_in_place(|| setup.handshake("shop.aloft.test")).unwrap();
         assert!(setup.verifies_for(&chain, "shop.aloft.test"));
+        let seal_key = setup.data().join("edge").join("cert-seal.key");
+        assert_eq!(mode(&seal_key), 0o600);
+        // The store holds no plaintext private key.
+        tokio::task::block_in_place(|| {
+            setup.daemon.take();
+            let store = aloft_store::SqliteStore::open(setup.data().join("control.db")).unwrap();
+            for host in ["shop.aloft.test", "www.shop.aloft.test"] {
+                let kv = aloft_store::Store::get(&store, &format!("/certs/{host}"))
+                    .unwrap()
+                    .unwrap();
+                let text = String::from_utf8(kv.value).unwrap();
+                assert!(!text.contains("PRIVATE KEY"), "{text}");
+                assert!(text.contains("aloft-secretbox:v1:"), "{text}");
+            }
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
