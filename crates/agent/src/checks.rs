@@ -2,17 +2,9 @@
 //! `services[].checks`), run by the agent against a started machine, their statuses reported in
 //! `Machine.checks` ([`aloft_api::CheckStatus`]).
 //!
-//! - **Names**: a top-level check is named by its key; a service check
-//!   `servicecheck-NN-TYPE-PORT` as Fly names them (`servicecheck-00-tcp-8080`), `NN` counting
-//!   the service checks of the machine in config order from 00.
-//! - **Defaults** (Fly's documented `tcp_checks` defaults): `interval` 15 s, `timeout` 2 s,
-//!   `grace_period` 1 s; `type` tcp; http checks `method` GET and `path` `/`; a service check's
-//!   `port` is the service's `internal_port`. Intervals below 100 ms are raised to 100 ms.
-//! - **Semantics** (the reference's §5.5): tcp passes when a connection is accepted within the
-//!   timeout; http sends one HTTP/1.1 request (`Connection: close`, the check's headers) and
-//!   passes on a 2xx status line within the timeout; redirects are not followed (a 3xx is
-//!   critical). `https` checks are reported critical ("not supported yet"). Checks only report:
-//!   they never restart or stop a machine.
+//! - **Definition**: names, defaults and semantics are [`aloft_api::checks`]'s (shared with the
+//!   edge proxy, which runs the service checks again from the edge and routes by its own
+//!   result). Checks only report: they never restart or stop a machine.
 //! - **Lifecycle**: checks start when a machine becomes `started` (boot, resume, restart, a
 //!   reattach on agent open), first run once `grace_period` has passed (until then the status is
 //!   `warning`, "waiting for the grace period"), and stop — their statuses forgotten — as soon as
@@ -33,182 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aloft_api::{CheckState, CheckStatus, MachineConfig, MachineHttpHeader, MachineId, rfc3339};
+use aloft_api::checks::{
+    CheckSpec, MAX_STATUS_LINE, Probe, http_request, http_state, parse_status_line, specs,
+};
+use aloft_api::{CheckState, CheckStatus, MachineConfig, MachineId, rfc3339};
 
 use crate::driver::NetInfo;
 use crate::ids::now_ms;
-
-/// Time between checks when the config gives none.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
-/// Longest a check may take when the config gives no timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Wait after the machine started before the first check, when the config gives none.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(1);
-/// Shortest interval honoured.
-const MIN_INTERVAL: Duration = Duration::from_millis(100);
-/// Bytes read looking for the status line.
-const MAX_STATUS_LINE: usize = 8 * 1024;
-
-/// What a check does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Probe {
-    /// Connect.
-    Tcp,
-    /// One HTTP/1.1 request.
-    Http {
-        method: String,
-        path: String,
-        headers: Vec<(String, String)>,
-    },
-    /// The config cannot be checked: why (reported as the check's critical output).
-    Invalid(String),
-}
-
-/// One check, resolved from the config with its defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CheckSpec {
-    pub(crate) name: String,
-    pub(crate) probe: Probe,
-    pub(crate) port: u16,
-    pub(crate) interval: Duration,
-    pub(crate) timeout: Duration,
-    pub(crate) grace: Duration,
-}
-
-/// The fields both kinds of check share.
-struct Fields<'a> {
-    kind: Option<&'a str>,
-    port: Option<u16>,
-    interval: Option<&'a aloft_api::Duration>,
-    timeout: Option<&'a aloft_api::Duration>,
-    grace: Option<&'a aloft_api::Duration>,
-    method: Option<&'a str>,
-    path: Option<&'a str>,
-    protocol: Option<&'a str>,
-    headers: &'a [MachineHttpHeader],
-}
-
-fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-fn http_probe(f: &Fields<'_>) -> Probe {
-    if f.protocol.is_some_and(|p| p.eq_ignore_ascii_case("https")) {
-        return Probe::Invalid("https checks are not supported yet: use protocol http".into());
-    }
-    if let Some(p) = f.protocol
-        && !p.eq_ignore_ascii_case("http")
-    {
-        return Probe::Invalid(format!("unknown protocol {p:?}: use http"));
-    }
-    let method = f.method.unwrap_or("GET").to_ascii_uppercase();
-    if !is_token(&method) {
-        return Probe::Invalid(format!("invalid method {method:?}: use GET or HEAD"));
-    }
-    let path = f.path.unwrap_or("/");
-    let path = if path.starts_with('/') {
-        path.to_owned()
-    } else {
-        format!("/{path}")
-    };
-    if path
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Probe::Invalid(format!("invalid path {path:?}: no spaces or control characters"));
-    }
-    let mut headers = Vec::new();
-    for h in f.headers {
-        let name = h.name.clone().unwrap_or_default();
-        if !is_token(&name) {
-            return Probe::Invalid(format!("invalid header name {name:?}"));
-        }
-        for v in &h.values {
-            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Probe::Invalid(format!("invalid value of header {name}: no line breaks"));
-            }
-            headers.push((name.clone(), v.clone()));
-        }
-    }
-    Probe::Http {
-        method,
-        path,
-        headers,
-    }
-}
-
-fn spec(name: String, f: &Fields<'_>, default_port: Option<u16>) -> CheckSpec {
-    let kind = f.kind.unwrap_or("tcp");
-    let probe = match kind {
-        "tcp" => Probe::Tcp,
-        "http" => http_probe(f),
-        other => Probe::Invalid(format!("unsupported check type {other:?}: use tcp or http")),
-    };
-    let port = f.port.or(default_port);
-    let probe = match (port, probe) {
-        (None, Probe::Tcp | Probe::Http { .. }) => {
-            Probe::Invalid("the check has no port: set its port (or the service's internal_port)".into())
-        }
-        (_, p) => p,
-    };
-    CheckSpec {
-        name,
-        probe,
-        port: port.unwrap_or(0),
-        interval: f.interval.map_or(DEFAULT_INTERVAL, |d| d.0).max(MIN_INTERVAL),
-        timeout: f
-            .timeout
-            .map_or(DEFAULT_TIMEOUT, |d| d.0)
-            .max(Duration::from_millis(1)),
-        grace: f.grace.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
-    }
-}
-
-/// The checks of a config: top-level ones (by name), then service checks in order.
-pub(crate) fn specs(config: &MachineConfig) -> Vec<CheckSpec> {
-    let mut out: Vec<CheckSpec> = config
-        .checks
-        .iter()
-        .map(|(name, c)| {
-            let f = Fields {
-                kind: c.r#type.as_deref(),
-                port: c.port,
-                interval: c.interval.as_ref(),
-                timeout: c.timeout.as_ref(),
-                grace: c.grace_period.as_ref(),
-                method: c.method.as_deref(),
-                path: c.path.as_deref(),
-                protocol: c.protocol.as_deref(),
-                headers: &c.headers,
-            };
-            spec(name.clone(), &f, None)
-        })
-        .collect();
-    let mut n = 0;
-    for service in &config.services {
-        for c in &service.checks {
-            let f = Fields {
-                kind: c.r#type.as_deref(),
-                port: c.port,
-                interval: c.interval.as_ref(),
-                timeout: c.timeout.as_ref(),
-                grace: c.grace_period.as_ref(),
-                method: c.method.as_deref(),
-                path: c.path.as_deref(),
-                protocol: c.protocol.as_deref(),
-                headers: &c.headers,
-            };
-            let port = c.port.or(service.internal_port);
-            let kind = c.r#type.as_deref().unwrap_or("tcp");
-            let name = format!("servicecheck-{n:02}-{kind}-{}", port.unwrap_or(0));
-            out.push(spec(name, &f, service.internal_port));
-            n += 1;
-        }
-    }
-    out
-}
 
 /// The address the host reaches the machine on (see the module docs).
 pub(crate) fn target(net: Option<&NetInfo>) -> Option<IpAddr> {
@@ -252,10 +75,7 @@ pub(crate) fn run(spec: &CheckSpec, ip: IpAddr) -> (CheckState, String) {
         } => {
             let what = format!("{method} http://{addr}{path}");
             match http(addr, method, path, headers, spec.timeout) {
-                Ok((code, line)) if (200..300).contains(&code) => {
-                    (CheckState::Passing, format!("{what}: {line}"))
-                }
-                Ok((_, line)) => (CheckState::Critical, format!("{what}: {line}")),
+                Ok((code, line)) => (http_state(code), format!("{what}: {line}")),
                 Err(e) => (CheckState::Critical, format!("{what}: {e}")),
             }
         }
@@ -281,17 +101,7 @@ fn http(
     };
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("connect: {}", io_message(&e, timeout)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\n");
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        req.push_str(&format!("Host: {addr}\r\n"));
-    }
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("user-agent")) {
-        req.push_str("User-Agent: aloft-health-check\r\n");
-    }
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("Connection: close\r\n\r\n");
+    let req = http_request(method, path, headers, &addr.to_string());
     s.set_write_timeout(Some(left()?))
         .and_then(|()| s.write_all(req.as_bytes()))
         .map_err(|e| format!("send: {}", io_message(&e, timeout)))?;
@@ -312,14 +122,7 @@ fn http(
             Err(e) => return Err(format!("receive: {}", io_message(&e, timeout))),
         }
     };
-    let mut parts = line.splitn(2, ' ');
-    let version = parts.next().unwrap_or_default();
-    let rest = parts.next().unwrap_or_default().trim().to_owned();
-    let code = rest.get(..3).and_then(|c| c.parse::<u16>().ok());
-    match code {
-        Some(code) if version.starts_with("HTTP/") => Ok((code, rest)),
-        _ => Err(format!("not an HTTP response: {line:?}")),
-    }
+    parse_status_line(&line)
 }
 
 /// A stop flag threads sleep on.
@@ -518,6 +321,7 @@ mod tests {
     use std::net::{Ipv4Addr, TcpListener};
     use std::sync::mpsc;
 
+    use aloft_api::checks::MIN_INTERVAL;
     use aloft_api::{MachineCheck, MachineService, MachineServiceCheck, WaitState};
 
     use super::*;
@@ -645,95 +449,6 @@ mod tests {
         assert!(out.contains("timed out after 200ms"), "{out}");
         assert!(t0.elapsed() < Duration::from_secs(2));
         drop(silent);
-    }
-
-    #[test]
-    fn specs_resolve_names_defaults_and_ports() {
-        let mut config = MachineConfig::default();
-        config.checks.insert(
-            "alive".into(),
-            MachineCheck {
-                r#type: Some("http".into()),
-                port: Some(9000),
-                path: Some("ready".into()),
-                interval: Some(d(5)),
-                ..MachineCheck::default()
-            },
-        );
-        config.checks.insert(
-            "secure".into(),
-            MachineCheck {
-                r#type: Some("http".into()),
-                port: Some(443),
-                protocol: Some("https".into()),
-                ..MachineCheck::default()
-            },
-        );
-        config.checks.insert("portless".into(), MachineCheck::default());
-        config.services = vec![
-            MachineService {
-                internal_port: Some(8080),
-                checks: vec![
-                    MachineServiceCheck::default(),
-                    MachineServiceCheck {
-                        r#type: Some("http".into()),
-                        timeout: Some(d(3000)),
-                        grace_period: Some(d(0)),
-                        ..MachineServiceCheck::default()
-                    },
-                ],
-                ..MachineService::default()
-            },
-            MachineService {
-                internal_port: Some(5432),
-                checks: vec![MachineServiceCheck {
-                    r#type: Some("udp".into()),
-                    port: Some(5433),
-                    ..MachineServiceCheck::default()
-                }],
-                ..MachineService::default()
-            },
-        ];
-        let s = specs(&config);
-        let names: Vec<&str> = s.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "alive",
-                "portless",
-                "secure",
-                "servicecheck-00-tcp-8080",
-                "servicecheck-01-http-8080",
-                "servicecheck-02-udp-5433"
-            ]
-        );
-        assert_eq!(
-            s[0].probe,
-            Probe::Http {
-                method: "GET".into(),
-                path: "/ready".into(),
-                headers: Vec::new()
-            }
-        );
-        assert_eq!(
-            (s[0].port, s[0].interval, s[0].timeout),
-            (9000, MIN_INTERVAL, DEFAULT_TIMEOUT)
-        );
-        assert!(matches!(&s[1].probe, Probe::Invalid(w) if w.contains("no port")));
-        assert!(matches!(&s[2].probe, Probe::Invalid(w) if w.contains("https")));
-        assert_eq!(s[3].probe, Probe::Tcp);
-        assert_eq!(
-            (s[3].port, s[3].interval, s[3].grace),
-            (8080, DEFAULT_INTERVAL, DEFAULT_GRACE_PERIOD)
-        );
-        assert_eq!(
-            (s[4].timeout, s[4].grace),
-            (Duration::from_secs(3), Duration::ZERO)
-        );
-        assert!(matches!(&s[5].probe, Probe::Invalid(w) if w.contains("udp")));
-        let (state, out) = run(&s[5], LOCAL);
-        assert_eq!(state, CheckState::Critical);
-        assert!(out.contains("unsupported check type"), "{out}");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!   platform lines, captured from its VM by one thread per boot into bounded, rotated JSON-lines
 //!   files under `<db dir>/logs/<machine id>/` (removed with the machine).
 //! - Health checks: the config's tcp and http checks run against each started machine, their
-//!   statuses in [`MachineRecord::checks`] and `Machine.checks` (see `checks.rs` for names,
-//!   defaults and semantics).
+//!   statuses in [`MachineRecord::checks`] and `Machine.checks` (names, defaults and semantics
+//!   are `aloft_api::checks`'s, shared with the edge proxy; `checks.rs` runs them).
 //! - Service catalog ([`Agent::catalog`], [`Agent::publish_catalog`]): one
 //!   `aloft_api::CatalogEntry` per machine (state, version, address, services, check statuses,
 //!   whether it can suspend), and a publisher thread that hands a [`CatalogSink`] only what
@@ -59,10 +59,10 @@ mod vmdriver;
 pub use agent::{
     Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
 };
+pub use aloft_api::checks::{DEFAULT_GRACE_PERIOD, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 pub use catalog::{
     CatalogChange, CatalogOptions, CatalogPublisher, CatalogSink, CatalogStats, SUSPEND_MAX_MEMORY_MB,
 };
-pub use checks::{DEFAULT_GRACE_PERIOD, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 pub use driver::{
     BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
     LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,

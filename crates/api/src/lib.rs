@@ -4,10 +4,12 @@
 //! `Machine` object with its events and versions, machine states and the transitions lifecycle
 //! verbs may take ([`Verb::transition`], the source of the API's 412s), request and response
 //! bodies of the machine, lease and app endpoints, query parameters, the `Authorization` header
-//! forms ([`parse_authorization`]), Fly's error body ([`ApiError`]), and [`MachineHost`], the
-//! interface through which the control plane reaches a host's agent. Field names, optionality
-//! and enum spellings follow Fly's OpenAPI spec; unknown fields are ignored on input, as Fly's own
-//! API does, and the quirks of Fly's clients (fly-go, flyctl) are accepted.
+//! forms ([`parse_authorization`]), Fly's error body ([`ApiError`]), [`MachineHost`], the
+//! interface through which the control plane reaches a host's agent, and the health checks a
+//! config defines, resolved with their defaults and names ([`checks`]: the agent and the edge
+//! proxy both run them). Field names, optionality and enum spellings follow Fly's OpenAPI spec;
+//! unknown fields are ignored on input, as Fly's own API does, and the quirks of Fly's clients
+//! (fly-go, flyctl) are accepted.
 //!
 //! This crate must stay free of I/O and of every other aloft crate, so that clients never pull in
 //! the server. No threads, no async.
@@ -18,6 +20,7 @@ mod app;
 mod auth;
 mod catalog;
 mod certs;
+pub mod checks;
 mod duration;
 mod error;
 mod guest;
