@@ -5,23 +5,24 @@
 //! closes it on `stop`/`suspend`, publishing the new state into the routing table as an agent
 //! would.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
     use std::collections::HashMap;
     use std::convert::Infallible;
-    use std::future::Future;
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::net::{IpAddr, SocketAddr};
     use std::pin::Pin;
-    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
     use std::task::{Context, Poll};
     use std::time::{Duration, Instant};
 
     use aloft_api::{
         Autostop, CatalogEntry, CheckState, CheckStatus, HeaderValue as RuleValue, HttpOptions,
-        HttpResponseOptions, MachineId, MachinePort, MachineService, MachineServiceConcurrency, MachineState,
+        HttpResponseOptions, MachineId, MachinePort, MachineServiceConcurrency, MachineState,
     };
     use aloft_proxy::{
         ControlError, ControlFuture, DialFuture, Dialer, DirectDialer, Edge, EdgeConfig, MachineControl,
@@ -29,7 +30,6 @@ mod tests {
     };
     use bytes::Bytes;
     use http::{HeaderMap, Request, Response, StatusCode, Version};
-    use http_body_util::combinators::BoxBody;
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Frame, Incoming};
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -39,81 +39,27 @@ mod tests {
     use tokio::sync::{Semaphore, mpsc};
     use tokio::task::JoinHandle;
 
+    use crate::common::{
+        Backend, BackendBody, Handler, Ids, Loopback, body, http_entry, serve_backend, until_every,
+    };
+
     // -----------------------------------------------------------------------------------------
     // Addresses and ids.
 
-    /// The internal port every fake machine of this process listens on: an ephemeral port held
-    /// on 127.0.0.1 for the whole process, so no other process picks it for 127.0.x.y.
-    fn internal_port() -> u16 {
-        static PORT: OnceLock<(std::net::TcpListener, u16)> = OnceLock::new();
-        PORT.get_or_init(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let p = l.local_addr().unwrap().port();
-            (l, p)
-        })
-        .1
-    }
+    /// This file's machines: 127.0.1–199.y.
+    static IPS: Loopback = Loopback::new(1, 199);
+    static IDS: Ids = Ids::new([0xab, 0xcd]);
 
-    /// A loopback address of its own for a new machine.
     fn next_ip() -> IpAddr {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let [_, _, hi, lo] = (n / 250 + 1).to_be_bytes();
-        assert_eq!(hi, 0, "too many machines");
-        let [_, _, _, host] = (n % 250 + 2).to_be_bytes();
-        IpAddr::V4(Ipv4Addr::new(127, 0, lo, host))
+        IPS.next()
     }
 
     fn next_id() -> MachineId {
-        static N: AtomicU32 = AtomicU32::new(1);
-        let [a, b, c, d] = N.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        MachineId::from_random([0xab, 0xcd, 0, a, b, c, d])
+        IDS.next()
     }
 
     // -----------------------------------------------------------------------------------------
     // Fake machines.
-
-    type BackendBody = BoxBody<Bytes, Infallible>;
-    type BoxFut = Pin<Box<dyn Future<Output = Response<BackendBody>> + Send>>;
-    type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFut + Send + Sync>;
-
-    fn body(b: impl Into<Bytes>) -> BackendBody {
-        Full::new(b.into()).boxed()
-    }
-
-    /// A running fake machine server; dropping it closes the listener.
-    #[derive(Debug)]
-    struct Backend {
-        accept: JoinHandle<()>,
-    }
-
-    impl Drop for Backend {
-        fn drop(&mut self) {
-            self.accept.abort();
-        }
-    }
-
-    /// Serves `handler` (HTTP/1.1 with upgrades, and h2c prior knowledge) on `addr`.
-    fn serve_backend(addr: SocketAddr, handler: Handler) -> Backend {
-        let std = std::net::TcpListener::bind(addr).unwrap();
-        std.set_nonblocking(true).unwrap();
-        let listener = TcpListener::from_std(std).unwrap();
-        let accept = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(handler(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Backend { accept }
-    }
 
     /// What an echo machine saw, as JSON.
     async fn echo_of(name: &str, req: Request<Incoming>) -> Response<BackendBody> {
@@ -387,29 +333,7 @@ mod tests {
 
     /// A started machine of `app` with one `http` service on public port 80.
     fn entry(app: &str) -> CatalogEntry {
-        CatalogEntry {
-            id: next_id(),
-            app: app.to_owned(),
-            host: "host1".to_owned(),
-            region: "test".to_owned(),
-            state: MachineState::Started,
-            version: "v1".to_owned(),
-            private_ip: next_ip().to_string(),
-            services: vec![MachineService {
-                internal_port: Some(internal_port()),
-                ports: vec![MachinePort {
-                    port: Some(80),
-                    handlers: vec!["http".to_owned()],
-                    ..MachinePort::default()
-                }],
-                ..MachineService::default()
-            }],
-            checks: Vec::new(),
-            suspendable: false,
-            process_group: String::new(),
-            primary_region: String::new(),
-            updated_at: 0,
-        }
+        http_entry(app, next_id(), next_ip())
     }
 
     fn with_limits(mut e: CatalogEntry, soft: u32, hard: u32) -> CatalogEntry {
@@ -470,11 +394,7 @@ mod tests {
 
     /// Polls `cond` until it holds (5 s at most).
     async fn until(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        until_every(Duration::from_millis(2), what, cond).await;
     }
 
     /// Reads a raw HTTP/1.1 response head.

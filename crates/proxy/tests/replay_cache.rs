@@ -4,112 +4,42 @@
 //! `edge.routes()`. Each fake machine counts the requests it saw, so a test tells whether the
 //! replaying machine was asked again.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
     use std::collections::HashMap;
-    use std::convert::Infallible;
-    use std::future::Future;
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-    use std::pin::Pin;
-    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use aloft_api::{
-        CatalogEntry, HttpOptions, MachineId, MachinePort, MachineService, MachineState, ReplayCache,
-        ReplayCacheType,
-    };
+    use aloft_api::{CatalogEntry, HttpOptions, MachineId, ReplayCache, ReplayCacheType};
     use aloft_proxy::{ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl};
     use bytes::Bytes;
     use http::{HeaderMap, Request, Response, StatusCode};
-    use http_body_util::combinators::BoxBody;
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use serde_json::{Value, json};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
 
+    use crate::common::{
+        Backend, BackendBody, Handler, Ids, Loopback, body, http_entry, internal_port, serve_counting,
+    };
+
     // -----------------------------------------------------------------------------------------
     // Addresses and ids.
 
-    /// The internal port every fake machine of this process listens on: an ephemeral port held
-    /// on 127.0.0.1 for the whole process, so no other process picks it for 127.0.x.y.
-    fn internal_port() -> u16 {
-        static PORT: OnceLock<(std::net::TcpListener, u16)> = OnceLock::new();
-        PORT.get_or_init(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let p = l.local_addr().unwrap().port();
-            (l, p)
-        })
-        .1
-    }
-
-    /// A loopback address of its own for a new machine, in 127.0.220–229.y.
-    fn next_ip() -> IpAddr {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let third = 220 + n / 250;
-        assert!(third <= 229, "too many machines");
-        let [_, _, _, third] = third.to_be_bytes();
-        let [_, _, _, host] = (n % 250 + 2).to_be_bytes();
-        IpAddr::V4(Ipv4Addr::new(127, 0, third, host))
-    }
-
-    fn next_id() -> MachineId {
-        static N: AtomicU32 = AtomicU32::new(1);
-        let [a, b, c, d] = N.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        MachineId::from_random([0xca, 0xce, 0, a, b, c, d])
-    }
+    /// This file's machines: 127.0.220–229.y.
+    static IPS: Loopback = Loopback::new(220, 229);
+    static IDS: Ids = Ids::new([0xca, 0xce]);
 
     // -----------------------------------------------------------------------------------------
     // Fake machines.
-
-    type BackendBody = BoxBody<Bytes, Infallible>;
-    type BoxFut = Pin<Box<dyn Future<Output = Response<BackendBody>> + Send>>;
-    type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFut + Send + Sync>;
-
-    fn body(b: impl Into<Bytes>) -> BackendBody {
-        Full::new(b.into()).boxed()
-    }
-
-    /// A running fake machine server; dropping it closes the listener.
-    #[derive(Debug)]
-    struct Backend {
-        accept: JoinHandle<()>,
-    }
-
-    impl Drop for Backend {
-        fn drop(&mut self) {
-            self.accept.abort();
-        }
-    }
-
-    /// Serves `handler` on `addr`, counting requests in `seen`.
-    fn serve_backend(addr: SocketAddr, handler: Handler, seen: Arc<AtomicUsize>) -> Backend {
-        let std = std::net::TcpListener::bind(addr).unwrap();
-        std.set_nonblocking(true).unwrap();
-        let listener = TcpListener::from_std(std).unwrap();
-        let accept = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let handler = handler.clone();
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        seen.fetch_add(1, Ordering::SeqCst);
-                        let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(handler(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Backend { accept }
-    }
 
     /// What an echo machine saw, as JSON; `close` asks for the connection to be closed (so the
     /// edge keeps none to it in its pool).
@@ -251,7 +181,7 @@ mod tests {
         /// Starts a machine of `app` serving `handler` and publishes it.
         fn add(&self, entry: CatalogEntry, handler: Handler) -> Machine {
             let seen = Arc::new(AtomicUsize::new(0));
-            let backend = serve_backend(addr_of(&entry), handler, seen.clone());
+            let backend = serve_counting(addr_of(&entry), handler, seen.clone());
             self.edge.routes().upsert(entry.clone());
             Machine {
                 entry,
@@ -275,29 +205,7 @@ mod tests {
 
     /// A started machine of `app` with one `http` service on public port 80.
     fn entry(app: &str) -> CatalogEntry {
-        CatalogEntry {
-            id: next_id(),
-            app: app.to_owned(),
-            host: "host1".to_owned(),
-            region: "test".to_owned(),
-            state: MachineState::Started,
-            version: "v1".to_owned(),
-            private_ip: next_ip().to_string(),
-            services: vec![MachineService {
-                internal_port: Some(internal_port()),
-                ports: vec![MachinePort {
-                    port: Some(80),
-                    handlers: vec!["http".to_owned()],
-                    ..MachinePort::default()
-                }],
-                ..MachineService::default()
-            }],
-            checks: Vec::new(),
-            suspendable: false,
-            process_group: String::new(),
-            primary_region: String::new(),
-            updated_at: 0,
-        }
+        http_entry(app, IDS.next(), IPS.next())
     }
 
     /// `entry` with session-based replay caching rules on its port.

@@ -5,6 +5,8 @@
 //! fake [`MachineControl`] that binds a machine's echo socket on `start` (optionally late, as an
 //! app still booting) and publishes it started, as an agent would.
 
+mod common;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
@@ -25,6 +27,8 @@ mod tests {
     use tokio::net::UdpSocket;
     use tokio::task::JoinHandle;
 
+    use crate::common::{Ids, Loopback, metric, until_every};
+
     // -----------------------------------------------------------------------------------------
     // Addresses and ids.
 
@@ -42,14 +46,10 @@ mod tests {
         (s, p)
     }
 
-    /// A loopback address of its own for a new machine: 127.0.200.2 onwards.
+    /// A loopback address of its own for a new machine: 127.0.200–209.y.
     fn next_ip() -> IpAddr {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let [_, _, _, hi] = (200 + n / 250).to_be_bytes();
-        let [_, _, _, lo] = (n % 250 + 2).to_be_bytes();
-        assert!(hi < 210, "too many machines");
-        IpAddr::V4(Ipv4Addr::new(127, 0, hi, lo))
+        static IPS: Loopback = Loopback::new(200, 209);
+        IPS.next()
     }
 
     /// A loopback address of its own for a new edge: 127.0.210.2 onwards.
@@ -60,9 +60,8 @@ mod tests {
     }
 
     fn next_id() -> MachineId {
-        static N: AtomicU32 = AtomicU32::new(1);
-        let [a, b, c, d] = N.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        MachineId::from_random([0xfe, 0xed, 0, a, b, c, d])
+        static IDS: Ids = Ids::new([0xfe, 0xed]);
+        IDS.next()
     }
 
     // -----------------------------------------------------------------------------------------
@@ -336,20 +335,9 @@ mod tests {
         }
     }
 
-    /// A metric's value (0 when it is not there).
-    fn metric(text: &str, name_and_labels: &str) -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-            .map_or(0, |v| v.trim().parse().unwrap())
-    }
-
     /// Polls `cond` until it holds (5 s at most).
     async fn until(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_every(Duration::from_millis(5), what, cond).await;
     }
 
     // -----------------------------------------------------------------------------------------
