@@ -155,6 +155,8 @@ pub(crate) async fn start(
         tokio::spawn(Arc::clone(&edge).serve_http(http)),
         tokio::spawn(Arc::clone(&edge).serve_https(https, tls)),
         tokio::spawn(aloft_proxy::autostop_loop(Arc::clone(&edge))),
+        // Service checks from the edge, through the dialer (inside the machines' namespace).
+        tokio::spawn(Arc::clone(&edge).run_checks()),
         tokio::spawn(Arc::clone(&edge).serve_tcp_services(settings.http.ip())),
         tokio::spawn(Arc::clone(&edge).serve_udp_services(settings.http.ip())),
         tokio::spawn(async move {

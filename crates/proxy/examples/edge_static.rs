@@ -92,6 +92,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(async {
         let edge = Edge::new(EdgeConfig::new("local"), Arc::new(Static), Arc::new(DirectDialer));
         edge.routes().upsert(entry(args.backend)?);
+        // As aloftd runs it; the bench route has no checks, so it only waits.
+        tokio::spawn(edge.clone().run_checks());
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         println!("listening {}", listener.local_addr()?);
         // On a worker like every connection, not on this thread.

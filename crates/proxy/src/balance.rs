@@ -1,7 +1,8 @@
 //! Choosing a machine for a request or connection (platform reference §5.1): started, not
-//! cordoned, checks not failing; least loaded, then closest; at or over the soft limit only when
-//! every other candidate is too (then a stopped machine is woken instead, when there is one);
-//! never at the hard limit.
+//! cordoned, service checks not critical (the edge's results, the catalog's until it has one;
+//! undecided ones rank a machine after decided ones); least loaded, then closest; at or over the
+//! soft limit only when every other candidate is too (then a stopped machine is woken instead,
+//! when there is one); never at the hard limit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use aloft_api::{MachineId, MachineService};
 
 use crate::Edge;
 use crate::load::{LoadGuard, MachineLoad};
-use crate::routes::{AppRoutes, MachineRoute, Protocol};
+use crate::routes::{AppRoutes, ChecksVerdict, MachineRoute, Protocol};
 
 /// Which machines a choice may take.
 #[derive(Debug, Default, Clone)]
@@ -127,8 +128,9 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) ->
             }
             continue;
         }
-        let checks = m.service_checks_passing();
-        if checks == Some(false) {
+        // The edge's own check results where it has them, the catalog's until then.
+        let checks = edge.health.verdict(m);
+        if checks == ChecksVerdict::Critical {
             continue;
         }
         let (soft, hard) = limits(edge, service);
@@ -155,7 +157,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) ->
                     region_rank(edge, want, &m.entry.region).saturating_add(1)
                 },
                 // Undecided checks (grace period) after decided ones.
-                checks.is_none() && m.entry.checks.iter().any(|c| c.name.starts_with("servicecheck-")),
+                checks == ChecksVerdict::Undecided,
                 inflight,
             ),
             route: m.clone(),

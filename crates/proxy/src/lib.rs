@@ -5,10 +5,11 @@
 //! for HTTP and HTTPS (and an app's own TCP and UDP ports), and for each request:
 //!
 //! 1. finds the app by Host/SNI (`<app>.<base domain>` or a custom domain);
-//! 2. picks a machine: started, not cordoned, service checks passing, least loaded then closest,
-//!    honouring `concurrency` soft and hard limits; when every running machine is at or over its
-//!    soft limit it wakes a stopped or suspended one ([`MachineControl`]) and holds the request
-//!    until it accepts; at the hard limit requests wait in a bounded queue, then get a 503;
+//! 2. picks a machine: started, not cordoned, service checks not critical (undecided ones rank
+//!    it last; see below), least loaded then closest, honouring `concurrency` soft and hard
+//!    limits; when every running machine is at or over its soft limit it wakes a stopped or
+//!    suspended one ([`MachineControl`]) and holds the request until it accepts; at the hard
+//!    limit requests wait in a bounded queue, then get a 503;
 //! 3. forwards it over pooled keep-alive connections (HTTP/1.1, or h2c with `h2_backend`),
 //!    retrying on another machine when the connect fails before anything was sent;
 //! 4. follows `fly-replay` answers (remembering them for a while when the app asks, see
@@ -20,6 +21,13 @@
 //! stopped machine while holding its first datagrams), through a socket connected to the
 //! machine's private address, until it is idle for a while; datagrams go to the address the
 //! guest knows as `fly-global-services`.
+//!
+//! Service health checks run from the edge ([`Edge::run_checks`], one task for all): each started
+//! machine's service checks, as `aloft_api::checks` resolves them from its catalog entry (the
+//! agent's definition), through the [`Dialer`], after the grace period and then every interval.
+//! The edge's result for a check governs routing once it has one; until then the status the
+//! agent published stands in. A critical check keeps the machine out of the pool for new requests
+//! (open connections stay); checks of a machine that stops, leaves or changes version start over.
 //!
 //! An autostop loop stops or suspends excess idle machines as Fly's does. Figures for
 //! Prometheus come from [`Edge::metrics_text`].
@@ -41,6 +49,7 @@ mod clients;
 mod config;
 mod dial;
 mod error;
+mod health;
 mod http;
 mod load;
 mod metrics;
@@ -77,6 +86,7 @@ pub struct Edge {
     dialer: Arc<dyn Dialer>,
     client: upstream::Upstreams,
     metrics: metrics::Metrics,
+    health: health::Health,
     wakes: scale::Wakes,
     clients: clients::ClientLimits,
     udp_clients: clients::ClientLimits,
@@ -106,6 +116,7 @@ impl Edge {
             client,
             dialer,
             metrics: metrics::Metrics::default(),
+            health: health::Health::default(),
             wakes: scale::Wakes::default(),
             clients: clients::ClientLimits::default(),
             udp_clients: clients::ClientLimits::default(),
@@ -140,8 +151,19 @@ impl Edge {
         self.loads.mark_failed(&load, self.config.failed_backoff);
     }
 
+    /// Runs the service checks of the routing table's started machines from the edge, through
+    /// its [`Dialer`], and routes by their results (see the crate docs). One task for every
+    /// check; it ends when the edge is dropped (it holds no reference to it), or when aborted.
+    /// Without it, routing follows the check statuses the catalog carries.
+    pub async fn run_checks(self: Arc<Self>) {
+        let prober = self.health.prober(self.routes.clone(), self.dialer.clone());
+        drop(self);
+        prober.run().await;
+    }
+
     /// Prometheus text exposition of the edge's figures.
     pub fn metrics_text(&self) -> String {
-        self.metrics.render(&self.routes.snapshot(), &self.loads)
+        self.metrics
+            .render(&self.routes.snapshot(), &self.loads, &self.health)
     }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::health::Health;
 use crate::load::Loads;
-use crate::routes::Snapshot;
+use crate::routes::{ChecksVerdict, Snapshot};
 
 /// Upper bounds of the response-time histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -240,7 +241,7 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub(crate) fn render(&self, snap: &Snapshot, loads: &Loads) -> String {
+    pub(crate) fn render(&self, snap: &Snapshot, loads: &Loads, health: &Health) -> String {
         let mut out = String::new();
         out.push_str("# HELP fly_edge_http_responses_count Responses by app and status.\n");
         out.push_str("# TYPE fly_edge_http_responses_count counter\n");
@@ -333,6 +334,7 @@ impl Metrics {
             "Client connections closed at once: the client had too many open.",
             &[("", &self.refused)],
         );
+        render_health(&mut out, snap, health);
         self.render_udp(&mut out);
         out
     }
@@ -389,6 +391,46 @@ impl Metrics {
             );
         }
     }
+}
+
+/// The edge's own service checks: runs by result, machines checked, runs in flight, and started
+/// machines held out of the pool by a critical check (the edge's verdict, or the catalog's
+/// until the edge has one).
+fn render_health(out: &mut String, snap: &Snapshot, health: &Health) {
+    let f = health.figures();
+    let _ = writeln!(
+        out,
+        "# HELP aloft_edge_health_checks_count Service checks the edge ran, by result.\n\
+         # TYPE aloft_edge_health_checks_count counter\n\
+         aloft_edge_health_checks_count{{result=\"passing\"}} {}\n\
+         aloft_edge_health_checks_count{{result=\"critical\"}} {}",
+        f.runs_passing, f.runs_critical
+    );
+    let _ = writeln!(
+        out,
+        "# HELP aloft_edge_health_checked_machines Machines whose service checks the edge runs.\n\
+         # TYPE aloft_edge_health_checked_machines gauge\n\
+         aloft_edge_health_checked_machines {}\n\
+         # HELP aloft_edge_health_checks_inflight Service check runs in flight.\n\
+         # TYPE aloft_edge_health_checks_inflight gauge\n\
+         aloft_edge_health_checks_inflight {}",
+        f.machines, f.inflight
+    );
+    let mut unhealthy = 0u64;
+    for app in snap.apps() {
+        for m in app.machines.iter().filter(|m| m.is_started()) {
+            if health.verdict(m) == ChecksVerdict::Critical {
+                unhealthy += 1;
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP aloft_edge_unhealthy_machines Started machines that get nothing: a service check \
+         is critical.\n\
+         # TYPE aloft_edge_unhealthy_machines gauge\n\
+         aloft_edge_unhealthy_machines {unhealthy}"
+    );
 }
 
 /// A label value with `\`, `"` and newlines escaped.

@@ -8,8 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use aloft_api::checks::is_service_check;
 use aloft_api::{CatalogEntry, CheckState, MachineId, MachineService, MachineState};
 use tokio::sync::Notify;
+
+use crate::health::Verdicts;
 
 /// One machine as the edge routes to it.
 #[derive(Debug, Clone)]
@@ -86,26 +89,69 @@ impl MachineRoute {
         )
     }
 
-    /// Its service checks' verdict: `Some(false)` when one is critical, `Some(true)` when all
-    /// pass, `None` while any is still undecided (grace period) or when it has none.
+    /// Its service checks' verdict as its agent reports them (the catalog's statuses only):
+    /// `Some(false)` when one is critical, `Some(true)` when all pass, `None` while any is still
+    /// undecided (grace period) or when it has none. Routing uses [`Self::checks_verdict`], where
+    /// the edge's own results take precedence.
     pub fn service_checks_passing(&self) -> Option<bool> {
+        match self.checks_verdict(None) {
+            ChecksVerdict::Critical => Some(false),
+            ChecksVerdict::Passing => Some(true),
+            ChecksVerdict::Undecided | ChecksVerdict::NoChecks => None,
+        }
+    }
+
+    /// Its service checks' verdict for routing: each check's state is the edge's own result
+    /// (`edge`, when it is about this run of the machine and has one for the check), else the
+    /// catalog's status for it (the agent's), else undecided. Critical when any is critical,
+    /// undecided when any is, passing when all pass.
+    pub(crate) fn checks_verdict(&self, edge: Option<&Verdicts>) -> ChecksVerdict {
+        let edge = edge.filter(|v| v.about(&self.entry.version, self.ip));
         let mut any = false;
-        let mut all_pass = true;
-        for c in self
-            .entry
-            .checks
-            .iter()
-            .filter(|c| c.name.starts_with("servicecheck-"))
-        {
+        let mut undecided = false;
+        let mut tally = |state: CheckState| {
             any = true;
-            match c.status {
-                CheckState::Critical => return Some(false),
-                CheckState::Warning => all_pass = false,
+            match state {
+                CheckState::Critical => return true,
+                CheckState::Warning => undecided = true,
                 CheckState::Passing => {}
             }
+            false
+        };
+        for c in self.entry.checks.iter().filter(|c| is_service_check(&c.name)) {
+            let state = edge.and_then(|v| v.state_of(&c.name)).unwrap_or(c.status);
+            if tally(state) {
+                return ChecksVerdict::Critical;
+            }
         }
-        (any && all_pass).then_some(true)
+        // Checks the catalog does not carry (yet): the edge's verdict alone.
+        for (name, state) in edge.iter().flat_map(|v| v.iter()) {
+            if self.entry.checks.iter().any(|c| c.name == name) {
+                continue;
+            }
+            if tally(state.unwrap_or(CheckState::Warning)) {
+                return ChecksVerdict::Critical;
+            }
+        }
+        match (any, undecided) {
+            (false, _) => ChecksVerdict::NoChecks,
+            (true, true) => ChecksVerdict::Undecided,
+            (true, false) => ChecksVerdict::Passing,
+        }
     }
+}
+
+/// What a machine's service checks say, for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChecksVerdict {
+    /// It has none.
+    NoChecks,
+    /// All pass.
+    Passing,
+    /// None is critical, some are not decided yet (grace period): ranked after decided ones.
+    Undecided,
+    /// One is critical: it gets nothing.
+    Critical,
 }
 
 /// An app's machines, in a stable order (by id).

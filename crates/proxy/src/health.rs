@@ -1,0 +1,583 @@
+//! Service health checks run by the edge itself (Fly's proxy runs them too): the edge's view of a
+//! machine, from where the users' requests come, rather than its host's.
+//!
+//! - **What**: every machine of the routing table that is started, has a private address and
+//!   whose services define checks has its service checks run, as [`aloft_api::checks`] resolves
+//!   them from the catalog entry's `services` (the same names, defaults and semantics as the
+//!   agent's): tcp passes when a connection opens within the timeout; http sends one HTTP/1.1
+//!   request (`Connection: close`, the check's method, path and headers) and passes on a 2xx
+//!   status line within the timeout (a 3xx or anything else is critical). Connections go through
+//!   the edge's [`Dialer`], so they leave from where the machines' network lives.
+//! - **When**: first once the check's grace period has passed since the edge saw the machine
+//!   started, then every interval after a run ends. A machine that stops, leaves the table, or
+//!   changes version or address (a restart into an update) or services has its checks forgotten
+//!   (and a run in flight aborted); seen started again, its checks start over with a new grace
+//!   period.
+//! - **Verdicts** ([`Verdicts`], per machine, keyed by id outside the routing snapshots like the
+//!   load counters): the balancer reads them for every new request or connection
+//!   ([`crate::routes::MachineRoute::checks_verdict`]): the edge's result governs a check once the
+//!   edge has one; until then (the edge just started, the grace period) the catalog's status (the
+//!   agent's) stands in. A critical check takes the machine out of the pool; an undecided one
+//!   ranks it after decided ones. Open connections are never touched.
+//! - **Bounds**: one task drives every check (a timer, the table's change notifications and the
+//!   probes in flight); at most one run per check in flight and at most [`MAX_INFLIGHT`] in all;
+//!   state only for the machines being checked. The task ends when the edge is dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use aloft_api::checks::{
+    CheckSpec, MAX_STATUS_LINE, Probe, has_service_checks, http_request, http_state, parse_status_line,
+    service_specs,
+};
+use aloft_api::{CheckState, MachineId, MachineService};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::dial::Dialer;
+use crate::routes::{ChecksVerdict, MachineRoute, RoutingTable, Snapshot};
+
+/// Most check runs in flight at once; further due runs wait for one to end.
+pub(crate) const MAX_INFLIGHT: usize = 256;
+
+const UNDECIDED: u8 = 0;
+const PASSING: u8 = 1;
+const CRITICAL: u8 = 2;
+
+/// The edge's verdicts on one started machine's service checks.
+#[derive(Debug)]
+pub(crate) struct Verdicts {
+    /// The version the machine ran when the edge began checking it.
+    version: String,
+    /// The address the edge checks.
+    ip: IpAddr,
+    /// The checks' names, in config order.
+    names: Vec<String>,
+    /// Each check's verdict (`UNDECIDED`, `PASSING`, `CRITICAL`).
+    states: Vec<AtomicU8>,
+}
+
+impl Verdicts {
+    fn new(version: String, ip: IpAddr, specs: &[Arc<CheckSpec>]) -> Self {
+        Self {
+            version,
+            ip,
+            names: specs.iter().map(|s| s.name.clone()).collect(),
+            states: specs.iter().map(|_| AtomicU8::new(UNDECIDED)).collect(),
+        }
+    }
+
+    /// Whether these are about the machine as `version` at `ip` (not an earlier run of it).
+    pub(crate) fn about(&self, version: &str, ip: Option<IpAddr>) -> bool {
+        self.version == version && ip == Some(self.ip)
+    }
+
+    /// Each check's name and the edge's verdict (`None`: undecided).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, Option<CheckState>)> {
+        self.names.iter().zip(&self.states).map(|(n, s)| {
+            let state = match s.load(Ordering::Acquire) {
+                PASSING => Some(CheckState::Passing),
+                CRITICAL => Some(CheckState::Critical),
+                _ => None,
+            };
+            (n.as_str(), state)
+        })
+    }
+
+    /// The edge's verdict on check `name` (`None`: undecided, or no such check).
+    pub(crate) fn state_of(&self, name: &str) -> Option<CheckState> {
+        self.iter().find(|(n, _)| *n == name).and_then(|(_, s)| s)
+    }
+
+    /// Records check `idx`'s verdict; the previous one.
+    fn set(&self, idx: usize, state: CheckState) -> u8 {
+        let v = if state == CheckState::Passing {
+            PASSING
+        } else {
+            CRITICAL
+        };
+        self.states
+            .get(idx)
+            .map_or(UNDECIDED, |s| s.swap(v, Ordering::AcqRel))
+    }
+}
+
+/// What the prober shares with the routing and the metrics.
+#[derive(Debug, Default)]
+struct Shared {
+    verdicts: RwLock<HashMap<MachineId, Arc<Verdicts>>>,
+    runs_passing: AtomicU64,
+    runs_critical: AtomicU64,
+    /// Machines being checked now.
+    machines: AtomicUsize,
+    /// Check runs in flight now.
+    inflight: AtomicUsize,
+}
+
+/// The edge's health-check state. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Health {
+    shared: Arc<Shared>,
+    /// Dropped with the edge: the prober sees its receiver close and ends.
+    alive: watch::Sender<()>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            shared: Arc::default(),
+            alive: watch::Sender::new(()),
+        }
+    }
+}
+
+/// Figures for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HealthFigures {
+    pub(crate) runs_passing: u64,
+    pub(crate) runs_critical: u64,
+    pub(crate) machines: usize,
+    pub(crate) inflight: usize,
+}
+
+impl Health {
+    /// The edge's verdicts on machine `id`, if it checks it.
+    pub(crate) fn verdicts(&self, id: &MachineId) -> Option<Arc<Verdicts>> {
+        self.shared
+            .verdicts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Machine `m`'s service checks' verdict for routing: the edge's results where it has them,
+    /// the catalog's statuses until then ([`MachineRoute::checks_verdict`]). Costs no lock for
+    /// a machine without service checks.
+    pub(crate) fn verdict(&self, m: &MachineRoute) -> ChecksVerdict {
+        let verdicts = if has_service_checks(&m.entry.services) {
+            self.verdicts(&m.entry.id)
+        } else {
+            None
+        };
+        m.checks_verdict(verdicts.as_deref())
+    }
+
+    pub(crate) fn figures(&self) -> HealthFigures {
+        let s = &self.shared;
+        HealthFigures {
+            runs_passing: s.runs_passing.load(Ordering::Relaxed),
+            runs_critical: s.runs_critical.load(Ordering::Relaxed),
+            machines: s.machines.load(Ordering::Relaxed),
+            inflight: s.inflight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The prober for this edge's table, dialing through `dialer`.
+    pub(crate) fn prober(&self, table: Arc<RoutingTable>, dialer: Arc<dyn Dialer>) -> Prober {
+        Prober {
+            table,
+            dialer,
+            shared: self.shared.clone(),
+            alive: self.alive.subscribe(),
+            tracked: HashMap::new(),
+            inflight: JoinSet::new(),
+            next_instance: 0,
+        }
+    }
+}
+
+/// One machine being checked.
+#[derive(Debug)]
+struct Tracked {
+    app: String,
+    version: String,
+    ip: IpAddr,
+    services: Vec<MachineService>,
+    /// Tells this run of the machine's checks from earlier ones (results of those are dropped).
+    instance: u64,
+    specs: Vec<Arc<CheckSpec>>,
+    verdicts: Arc<Verdicts>,
+    /// When each check runs next; `None` while a run is in flight.
+    due: Vec<Option<Instant>>,
+    /// Each check's run in flight.
+    running: Vec<Option<AbortHandle>>,
+}
+
+impl Tracked {
+    fn abort(&self) {
+        for h in self.running.iter().flatten() {
+            h.abort();
+        }
+    }
+}
+
+/// A run's result.
+#[derive(Debug)]
+struct Outcome {
+    id: MachineId,
+    instance: u64,
+    idx: usize,
+    state: CheckState,
+    output: String,
+}
+
+/// The task that runs every check. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Prober {
+    table: Arc<RoutingTable>,
+    dialer: Arc<dyn Dialer>,
+    shared: Arc<Shared>,
+    alive: watch::Receiver<()>,
+    tracked: HashMap<MachineId, Tracked>,
+    inflight: JoinSet<Outcome>,
+    next_instance: u64,
+}
+
+impl Prober {
+    /// Runs until the edge is dropped.
+    pub(crate) async fn run(mut self) {
+        let table = self.table.clone();
+        loop {
+            let changed = table.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.sync(&table.snapshot());
+            loop {
+                let next = if self.inflight.len() < MAX_INFLIGHT {
+                    self.tracked
+                        .values()
+                        .flat_map(|t| t.due.iter().flatten())
+                        .min()
+                        .copied()
+                } else {
+                    None
+                };
+                tokio::select! {
+                    biased;
+                    closed = self.alive.changed() => {
+                        if closed.is_err() {
+                            self.stop();
+                            return;
+                        }
+                    }
+                    () = &mut changed => break,
+                    Some(joined) = self.inflight.join_next(), if !self.inflight.is_empty() => {
+                        if let Ok(outcome) = joined {
+                            self.record(&outcome);
+                        }
+                        self.count_inflight();
+                    }
+                    () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                        self.launch_due();
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_inflight(&self) {
+        self.shared.inflight.store(self.inflight.len(), Ordering::Relaxed);
+    }
+
+    fn verdicts_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<MachineId, Arc<Verdicts>>> {
+        self.shared
+            .verdicts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Aborts every run and forgets every verdict (the edge is gone).
+    fn stop(&mut self) {
+        for t in self.tracked.values() {
+            t.abort();
+        }
+        self.tracked.clear();
+        self.inflight.abort_all();
+        self.verdicts_mut().clear();
+        self.shared.machines.store(0, Ordering::Relaxed);
+        self.count_inflight();
+    }
+
+    /// Starts checking machines that started (or changed), forgets those that stopped or left.
+    fn sync(&mut self, snap: &Snapshot) {
+        let now = Instant::now();
+        let mut seen: HashSet<&MachineId> = HashSet::new();
+        for app in snap.apps() {
+            for m in &app.machines {
+                let Some(ip) = m.ip else { continue };
+                if !m.is_started() || !has_service_checks(&m.entry.services) {
+                    continue;
+                }
+                seen.insert(&m.entry.id);
+                if let Some(t) = self.tracked.get(&m.entry.id)
+                    && t.version == m.entry.version
+                    && t.ip == ip
+                    && t.services == m.entry.services
+                {
+                    continue;
+                }
+                if let Some(old) = self.tracked.remove(&m.entry.id) {
+                    old.abort();
+                }
+                let specs: Vec<Arc<CheckSpec>> = service_specs(&m.entry.services)
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
+                let verdicts = Arc::new(Verdicts::new(m.entry.version.clone(), ip, &specs));
+                self.verdicts_mut().insert(m.entry.id.clone(), verdicts.clone());
+                self.next_instance += 1;
+                self.tracked.insert(
+                    m.entry.id.clone(),
+                    Tracked {
+                        app: app.name.clone(),
+                        version: m.entry.version.clone(),
+                        ip,
+                        services: m.entry.services.clone(),
+                        instance: self.next_instance,
+                        due: specs.iter().map(|s| Some(now + s.grace)).collect(),
+                        running: specs.iter().map(|_| None).collect(),
+                        specs,
+                        verdicts,
+                    },
+                );
+            }
+        }
+        let gone: Vec<MachineId> = self
+            .tracked
+            .keys()
+            .filter(|id| !seen.contains(id))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            let mut verdicts = self.verdicts_mut();
+            for id in &gone {
+                verdicts.remove(id);
+            }
+        }
+        for id in &gone {
+            if let Some(t) = self.tracked.remove(id) {
+                t.abort();
+            }
+        }
+        self.shared.machines.store(self.tracked.len(), Ordering::Relaxed);
+    }
+
+    /// Starts the runs that are due (as many as [`MAX_INFLIGHT`] allows).
+    fn launch_due(&mut self) {
+        let now = Instant::now();
+        for (id, t) in &mut self.tracked {
+            for idx in 0..t.specs.len() {
+                if self.inflight.len() >= MAX_INFLIGHT {
+                    break;
+                }
+                if t.due[idx].is_none_or(|d| d > now) {
+                    continue;
+                }
+                t.due[idx] = None;
+                let spec = t.specs[idx].clone();
+                let addr = SocketAddr::new(t.ip, spec.port);
+                let dialer = self.dialer.clone();
+                let (id, instance) = (id.clone(), t.instance);
+                t.running[idx] = Some(self.inflight.spawn(async move {
+                    let (state, output) = run(&*dialer, &spec, addr).await;
+                    Outcome {
+                        id,
+                        instance,
+                        idx,
+                        state,
+                        output,
+                    }
+                }));
+            }
+        }
+        self.count_inflight();
+    }
+
+    /// Records a run's verdict and schedules the check's next run.
+    fn record(&mut self, o: &Outcome) {
+        let Some(t) = self.tracked.get_mut(&o.id) else {
+            return;
+        };
+        if t.instance != o.instance {
+            return;
+        }
+        let Some(spec) = t.specs.get(o.idx) else {
+            return;
+        };
+        t.due[o.idx] = Some(Instant::now() + spec.interval);
+        t.running[o.idx] = None;
+        let counter = if o.state == CheckState::Passing {
+            &self.shared.runs_passing
+        } else {
+            &self.shared.runs_critical
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let before = t.verdicts.set(o.idx, o.state);
+        let after = if o.state == CheckState::Passing {
+            PASSING
+        } else {
+            CRITICAL
+        };
+        if before != after && (before != UNDECIDED || after == CRITICAL) {
+            eprintln!(
+                "edge: check {} of {}/{}: {} ({})",
+                spec.name,
+                t.app,
+                o.id,
+                if after == PASSING { "passing" } else { "critical" },
+                o.output
+            );
+        }
+    }
+}
+
+/// Runs `spec` against `addr` through `dialer`: its verdict and output.
+pub(crate) async fn run(dialer: &dyn Dialer, spec: &CheckSpec, addr: SocketAddr) -> (CheckState, String) {
+    match &spec.probe {
+        Probe::Invalid(why) => (CheckState::Critical, why.clone()),
+        Probe::Tcp => match tokio::time::timeout(spec.timeout, dialer.dial(addr)).await {
+            Ok(Ok(_)) => (CheckState::Passing, format!("connected to {addr}")),
+            Ok(Err(e)) => (CheckState::Critical, format!("connect to {addr}: {e}")),
+            Err(_) => (
+                CheckState::Critical,
+                format!("connect to {addr}: timed out after {:?}", spec.timeout),
+            ),
+        },
+        Probe::Http {
+            method,
+            path,
+            headers,
+        } => {
+            let what = format!("{method} http://{addr}{path}");
+            let req = http_request(method, path, headers, &addr.to_string());
+            match tokio::time::timeout(spec.timeout, http(dialer, addr, &req)).await {
+                Ok(Ok((code, line))) => (http_state(code), format!("{what}: {line}")),
+                Ok(Err(e)) => (CheckState::Critical, format!("{what}: {e}")),
+                Err(_) => (
+                    CheckState::Critical,
+                    format!("{what}: timed out after {:?}", spec.timeout),
+                ),
+            }
+        }
+    }
+}
+
+/// Sends `req`, reads the status line: (status code, the line after the version).
+async fn http(dialer: &dyn Dialer, addr: SocketAddr, req: &str) -> Result<(u16, String), String> {
+    let mut s = dialer.dial(addr).await.map_err(|e| format!("connect: {e}"))?;
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            return parse_status_line(&String::from_utf8_lossy(&buf[..end]));
+        }
+        if buf.len() > MAX_STATUS_LINE {
+            return Err("no status line in the first 8 KiB of the response".into());
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) => return Err("the connection closed before a response".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("receive: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::DirectDialer;
+
+    fn spec(probe: Probe, port: u16) -> CheckSpec {
+        CheckSpec {
+            name: "servicecheck-00-http-0".into(),
+            probe,
+            port,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+            grace: Duration::ZERO,
+        }
+    }
+
+    fn get() -> Probe {
+        Probe::Http {
+            method: "GET".into(),
+            path: "/up".into(),
+            headers: vec![("X-Probe".into(), "edge".into())],
+        }
+    }
+
+    /// Answers one connection with `response` after reading the request head; hands the head
+    /// back.
+    async fn serve_once(response: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                c.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            c.write_all(response.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (port, task)
+    }
+
+    fn local(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[tokio::test]
+    async fn http_checks_pass_on_2xx_only() {
+        let (port, head) = serve_once("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let (state, out) = run(&DirectDialer, &spec(get(), port), local(port)).await;
+        assert_eq!(state, CheckState::Passing, "{out}");
+        let head = head.await.unwrap();
+        assert!(head.starts_with("GET /up HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("X-Probe: edge\r\n"), "{head}");
+        assert!(head.contains("Connection: close\r\n"), "{head}");
+        for (response, expect) in [
+            ("HTTP/1.1 500 Oops\r\n\r\n", "500 Oops"),
+            ("HTTP/1.1 302 Found\r\nLocation: /\r\n\r\n", "302 Found"),
+            ("SSH-2.0-x\r\n", "not an HTTP response"),
+        ] {
+            let (port, _head) = serve_once(response).await;
+            let (state, out) = run(&DirectDialer, &spec(get(), port), local(port)).await;
+            assert_eq!(state, CheckState::Critical, "{out}");
+            assert!(out.contains(expect), "{out}");
+        }
+        // Accepts, never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let (state, out) = run(&DirectDialer, &spec(get(), port), local(port)).await;
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("timed out after 300ms"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_pass_on_connect_and_invalid_ones_fail() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (state, out) = run(&DirectDialer, &spec(Probe::Tcp, port), local(port)).await;
+        assert_eq!(state, CheckState::Passing, "{out}");
+        drop(l);
+        let (state, out) = run(&DirectDialer, &spec(Probe::Tcp, port), local(port)).await;
+        assert_eq!(state, CheckState::Critical, "{out}");
+        let (state, out) = run(&DirectDialer, &spec(Probe::Invalid("no".into()), 0), local(port)).await;
+        assert_eq!((state, out.as_str()), (CheckState::Critical, "no"));
+    }
+}
