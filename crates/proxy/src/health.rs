@@ -19,11 +19,14 @@
 //!   edge has one; until then (the edge just started, the grace period) the catalog's status (the
 //!   agent's) stands in. A critical check takes the machine out of the pool; an undecided one
 //!   ranks it after decided ones. Open connections are never touched.
-//! - **Bounds**: one task drives every check (a timer, the table's change notifications and the
-//!   probes in flight); at most one run per check in flight and at most [`MAX_INFLIGHT`] in all;
-//!   state only for the machines being checked. The task ends when the edge is dropped.
+//! - **Bounds**: one task drives every check (a timer queue, the table's change notifications
+//!   and the probes in flight); at most one run per check in flight and at most [`MAX_INFLIGHT`]
+//!   in all; state only for the machines being checked (and a timer per check, plus ones left
+//!   by forgotten checks until they come due). A table change costs a look at the apps whose view
+//!   changed only. The task ends when the edge is dropped.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -39,7 +42,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::dial::Dialer;
-use crate::routes::{ChecksVerdict, MachineRoute, RoutingTable, Snapshot};
+use crate::routes::{AppRoutes, ChecksVerdict, MachineRoute, RoutingTable, Snapshot};
 
 /// Most check runs in flight at once; further due runs wait for one to end.
 pub(crate) const MAX_INFLIGHT: usize = 256;
@@ -187,6 +190,8 @@ impl Health {
             tracked: HashMap::new(),
             inflight: JoinSet::new(),
             next_instance: 0,
+            timers: BinaryHeap::new(),
+            last: None,
         }
     }
 }
@@ -236,6 +241,11 @@ pub(crate) struct Prober {
     tracked: HashMap<MachineId, Tracked>,
     inflight: JoinSet<Outcome>,
     next_instance: u64,
+    /// Runs to start, earliest first: (when, instance, check, machine). An entry whose machine
+    /// is no longer that instance, or whose check is not due then any more, is skipped.
+    timers: BinaryHeap<Reverse<(Instant, u64, usize, MachineId)>>,
+    /// The table as last synced: apps whose view is the same `Arc` did not change.
+    last: Option<Arc<Snapshot>>,
 }
 
 impl Prober {
@@ -246,14 +256,10 @@ impl Prober {
             let changed = table.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            self.sync(&table.snapshot());
+            self.sync(table.snapshot());
             loop {
                 let next = if self.inflight.len() < MAX_INFLIGHT {
-                    self.tracked
-                        .values()
-                        .flat_map(|t| t.due.iter().flatten())
-                        .min()
-                        .copied()
+                    self.timers.peek().map(|Reverse(t)| t.0)
                 } else {
                     None
                 };
@@ -297,6 +303,8 @@ impl Prober {
             t.abort();
         }
         self.tracked.clear();
+        self.timers.clear();
+        self.last = None;
         self.inflight.abort_all();
         self.verdicts_mut().clear();
         self.shared.machines.store(0, Ordering::Relaxed);
@@ -304,10 +312,21 @@ impl Prober {
     }
 
     /// Starts checking machines that started (or changed), forgets those that stopped or left.
-    fn sync(&mut self, snap: &Snapshot) {
+    /// Only apps whose view changed since the last sync are looked at.
+    fn sync(&mut self, snap: Arc<Snapshot>) {
         let now = Instant::now();
+        let last = self.last.take();
         let mut seen: HashSet<&MachineId> = HashSet::new();
+        let mut unchanged: HashSet<&str> = HashSet::new();
         for app in snap.apps() {
+            let same = last
+                .as_ref()
+                .and_then(|l| l.app(&app.name))
+                .is_some_and(|before: &Arc<AppRoutes>| Arc::ptr_eq(before, app));
+            if same {
+                unchanged.insert(&app.name);
+                continue;
+            }
             for m in &app.machines {
                 let Some(ip) = m.ip else { continue };
                 if !m.is_started() || !has_service_checks(&m.entry.services) {
@@ -331,6 +350,14 @@ impl Prober {
                 let verdicts = Arc::new(Verdicts::new(m.entry.version.clone(), ip, &specs));
                 self.verdicts_mut().insert(m.entry.id.clone(), verdicts.clone());
                 self.next_instance += 1;
+                for (idx, spec) in specs.iter().enumerate() {
+                    self.timers.push(Reverse((
+                        now + spec.grace,
+                        self.next_instance,
+                        idx,
+                        m.entry.id.clone(),
+                    )));
+                }
                 self.tracked.insert(
                     m.entry.id.clone(),
                     Tracked {
@@ -349,9 +376,9 @@ impl Prober {
         }
         let gone: Vec<MachineId> = self
             .tracked
-            .keys()
-            .filter(|id| !seen.contains(id))
-            .cloned()
+            .iter()
+            .filter(|(id, t)| !seen.contains(id) && !unchanged.contains(t.app.as_str()))
+            .map(|(id, _)| id.clone())
             .collect();
         if !gone.is_empty() {
             let mut verdicts = self.verdicts_mut();
@@ -365,35 +392,41 @@ impl Prober {
             }
         }
         self.shared.machines.store(self.tracked.len(), Ordering::Relaxed);
+        drop((seen, unchanged));
+        self.last = Some(snap);
     }
 
     /// Starts the runs that are due (as many as [`MAX_INFLIGHT`] allows).
     fn launch_due(&mut self) {
         let now = Instant::now();
-        for (id, t) in &mut self.tracked {
-            for idx in 0..t.specs.len() {
-                if self.inflight.len() >= MAX_INFLIGHT {
-                    break;
-                }
-                if t.due[idx].is_none_or(|d| d > now) {
-                    continue;
-                }
-                t.due[idx] = None;
-                let spec = t.specs[idx].clone();
-                let addr = SocketAddr::new(t.ip, spec.port);
-                let dialer = self.dialer.clone();
-                let (id, instance) = (id.clone(), t.instance);
-                t.running[idx] = Some(self.inflight.spawn(async move {
-                    let (state, output) = run(&*dialer, &spec, addr).await;
-                    Outcome {
-                        id,
-                        instance,
-                        idx,
-                        state,
-                        output,
-                    }
-                }));
+        while self.inflight.len() < MAX_INFLIGHT {
+            let Some(Reverse((at, instance, idx, id))) = self.timers.peek().cloned() else {
+                break;
+            };
+            if at > now {
+                break;
             }
+            self.timers.pop();
+            let Some(t) = self.tracked.get_mut(&id) else {
+                continue;
+            };
+            if t.instance != instance || t.due.get(idx).copied().flatten() != Some(at) {
+                continue;
+            }
+            t.due[idx] = None;
+            let spec = t.specs[idx].clone();
+            let addr = SocketAddr::new(t.ip, spec.port);
+            let dialer = self.dialer.clone();
+            t.running[idx] = Some(self.inflight.spawn(async move {
+                let (state, output) = run(&*dialer, &spec, addr).await;
+                Outcome {
+                    id,
+                    instance,
+                    idx,
+                    state,
+                    output,
+                }
+            }));
         }
         self.count_inflight();
     }
@@ -409,8 +442,10 @@ impl Prober {
         let Some(spec) = t.specs.get(o.idx) else {
             return;
         };
-        t.due[o.idx] = Some(Instant::now() + spec.interval);
+        let at = Instant::now() + spec.interval;
+        t.due[o.idx] = Some(at);
         t.running[o.idx] = None;
+        self.timers.push(Reverse((at, o.instance, o.idx, o.id.clone())));
         let counter = if o.state == CheckState::Passing {
             &self.shared.runs_passing
         } else {
