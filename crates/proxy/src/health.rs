@@ -271,7 +271,6 @@ impl Prober {
                             return;
                         }
                     }
-                    () = &mut changed => break,
                     Some(joined) = self.inflight.join_next(), if !self.inflight.is_empty() => {
                         if let Ok(outcome) = joined {
                             self.record(&outcome);
@@ -281,6 +280,8 @@ impl Prober {
                     () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                         self.launch_due();
                     }
+                    // Last: a table that changes all the time must not hold up the checks.
+                    () = &mut changed => break,
                 }
             }
         }
@@ -574,6 +575,74 @@ mod tests {
 
     fn local(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn the_edges_verdict_governs_and_the_catalogs_stands_in() {
+        use aloft_api::{CatalogEntry, CheckStatus};
+        let status = |name: &str, status| CheckStatus {
+            name: name.into(),
+            status,
+            output: String::new(),
+            updated_at: String::new(),
+        };
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        let route = |checks: Vec<CheckStatus>| MachineRoute {
+            entry: CatalogEntry {
+                id: MachineId::from_random([1, 2, 3, 4, 5, 6, 7]),
+                app: "a".into(),
+                host: "h".into(),
+                region: "r".into(),
+                state: aloft_api::MachineState::Started,
+                version: "v1".into(),
+                private_ip: ip.to_string(),
+                services: Vec::new(),
+                checks,
+                suspendable: false,
+                process_group: String::new(),
+                primary_region: String::new(),
+                updated_at: 0,
+            },
+            ip: Some(ip),
+            cordoned: false,
+        };
+        let specs: Vec<Arc<CheckSpec>> = ["servicecheck-00-tcp-80", "servicecheck-01-http-80"]
+            .into_iter()
+            .map(|n| {
+                let mut s = spec(Probe::Tcp, 80);
+                s.name = n.into();
+                Arc::new(s)
+            })
+            .collect();
+        let edge = Verdicts::new("v1".into(), ip, &specs);
+        let m = route(vec![
+            status("servicecheck-00-tcp-80", CheckState::Passing),
+            status("servicecheck-01-http-80", CheckState::Warning),
+            status("top-level", CheckState::Critical),
+        ]);
+        // Nothing from the edge yet: the catalog's (top-level checks don't count).
+        assert_eq!(m.checks_verdict(Some(&edge)), ChecksVerdict::Undecided);
+        edge.set(1, CheckState::Passing);
+        assert_eq!(m.checks_verdict(Some(&edge)), ChecksVerdict::Passing);
+        edge.set(0, CheckState::Critical);
+        assert_eq!(m.checks_verdict(Some(&edge)), ChecksVerdict::Critical);
+        assert_eq!(m.checks_verdict(None), ChecksVerdict::Undecided);
+        assert_eq!(m.service_checks_passing(), None);
+        // Verdicts about another version or address are not applied.
+        let mut v2 = route(m.entry.checks.clone());
+        v2.entry.version = "v2".into();
+        assert_eq!(v2.checks_verdict(Some(&edge)), ChecksVerdict::Undecided);
+        let mut moved = route(m.entry.checks.clone());
+        moved.ip = "10.0.0.3".parse().ok();
+        assert_eq!(moved.checks_verdict(Some(&edge)), ChecksVerdict::Undecided);
+        // The catalog carries none (yet): the edge's alone; undecided until it has them all.
+        let bare = route(Vec::new());
+        assert_eq!(bare.checks_verdict(None), ChecksVerdict::NoChecks);
+        assert_eq!(bare.checks_verdict(Some(&edge)), ChecksVerdict::Critical);
+        edge.set(0, CheckState::Passing);
+        assert_eq!(bare.checks_verdict(Some(&edge)), ChecksVerdict::Passing);
+        let fresh = Verdicts::new("v1".into(), ip, &specs);
+        assert_eq!(bare.checks_verdict(Some(&fresh)), ChecksVerdict::Undecided);
     }
 
     #[tokio::test]
