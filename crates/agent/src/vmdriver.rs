@@ -289,10 +289,15 @@ impl VmDriver {
         self.lock_vms().remove(id);
     }
 
+    /// The machine's spec as written, jailed as the driver is configured now (a machine whose
+    /// spec was written by a driver that did not jail is jailed from its next start on).
     fn read_spec(&self, id: &MachineId, op: DriverOp) -> Result<VmSpec, DriverError> {
         let path = self.spec_path(id);
         let bytes = fs::read(&path).map_err(|e| io_failed(op, "read", &path, &e))?;
-        serde_json::from_slice(&bytes).map_err(|e| DriverError::failed(op, &e, false))
+        let mut spec: VmSpec =
+            serde_json::from_slice(&bytes).map_err(|e| DriverError::failed(op, &e, false))?;
+        spec.jail.clone_from(&self.config.jail);
+        Ok(spec)
     }
 
     /// Kills QEMU processes that run from this machine's run dir but that no state.json names

@@ -44,6 +44,8 @@ pub(crate) struct AgentSettings {
     pub(crate) network: NetworkKind,
     pub(crate) host_number: u32,
     pub(crate) machines_netns: Option<PathBuf>,
+    /// How machines' QEMU is jailed (`None`: `--no-jail`).
+    pub(crate) jail: Option<aloft_vm::JailSpec>,
 }
 
 /// A running agent and its handle for the control plane.
@@ -76,6 +78,9 @@ impl AgentSettings {
                         );
                     }
                 }
+                if let Some(jail) = &self.jail {
+                    check_jail(jail)?;
+                }
                 let mut cfg = VmDriverConfig::new(
                     self.data_dir.join("machines"),
                     self.data_dir.join("image"),
@@ -96,6 +101,7 @@ impl AgentSettings {
                 };
                 cfg.default_registry.clone_from(&self.registry);
                 cfg.network = self.network()?;
+                cfg.jail.clone_from(&self.jail);
                 let driver = VmDriver::new(cfg).context("start the VM driver")?;
                 Ok(Arc::new(driver))
             }
@@ -109,6 +115,11 @@ impl AgentSettings {
                 let plan = Plan::new(&PlanConfig::new(self.host_number))
                     .with_context(|| format!("the address plan for host number {}", self.host_number))?;
                 let mut host = HostNet::new(plan);
+                if let Some(jail) = &self.jail {
+                    host = host
+                        .with_tap_owner(&jail.user)
+                        .context("give machines' taps to the jail user")?;
+                }
                 if let Some(ns) = &self.machines_netns {
                     host = host.with_namespace(Namespace::Path(ns.clone()));
                 }
@@ -140,6 +151,25 @@ impl AgentSettings {
 }
 
 /// The name placement records use for host number `n`.
+/// Whether machines can be jailed as `jail` says: aloftd runs as root (QEMU drops privileges
+/// and gets a cgroup), the user exists and the cgroup parent is a relative path. Checked at
+/// start-up so that a host that cannot jail says so before any machine is asked for.
+fn check_jail(jail: &aloft_vm::JailSpec) -> anyhow::Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!(
+            "machines are jailed (QEMU drops to user {} and gets a cgroup of its own), which needs root: \
+             run aloftd as root, or pass --no-jail to run them unjailed (development only)",
+            jail.user
+        );
+    }
+    jail.check().with_context(|| {
+        format!(
+            "jail machines as user {} under cgroup {}",
+            jail.user, jail.cgroup_parent
+        )
+    })
+}
+
 pub(crate) fn host_name(n: u32) -> String {
     format!("host-{n}")
 }
@@ -172,6 +202,7 @@ mod tests {
             network: NetworkKind::None,
             host_number: 1,
             machines_netns: None,
+            jail: None,
         };
         let e = format!("{:#}", s.open().err().unwrap());
         assert!(e.contains("vmlinux") && e.contains("--guest-dir"), "{e}");

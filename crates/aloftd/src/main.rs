@@ -1,5 +1,5 @@
-//! `aloftd`, the aloft daemon: one binary whose roles (the control API and this host's agent now;
-//! the edge later) run together on a host.
+//! `aloftd`, the aloft daemon: one binary whose roles (the control API, this host's agent and its
+//! edge proxy) run together on a host.
 //!
 //! With no flags it is the embedded single-host setup: state in SQLite under `/var/lib/aloft`,
 //! the Fly-compatible API on `127.0.0.1:4280`, region `local`. The first start mints an admin
@@ -10,8 +10,10 @@
 //!
 //! The agent role opens this host's machines (`<data dir>/agent.db`, recovering operations a
 //! previous aloftd left in flight and reattaching running VMs) on the driver `--driver` picks:
-//! QEMU microVMs, or `fake` (in memory, for tests and benchmarks of the API). SIGTERM leaves
-//! machines running; the next start takes them over again.
+//! QEMU microVMs, or `fake` (in memory, for tests and benchmarks of the API). Machines' QEMU
+//! processes are jailed (`--jail-user`, default `aloft-vm`: an unprivileged user, seccomp, a
+//! cgroup per machine with its memory and CPU limits), which needs root; `--no-jail` is for
+//! development only. SIGTERM leaves machines running; the next start takes them over again.
 //!
 //! This crate only wires roles together: the API lives in `aloft-control`, state in
 //! `aloft-store`, machines in `aloft-agent`. Anything with logic of its own belongs in one of those crates, not here.
@@ -103,6 +105,24 @@ struct Args {
     /// This host's number in the cluster's address plan (from 1).
     #[arg(long, default_value_t = 1, value_name = "N")]
     host_number: u32,
+    /// The unprivileged user machines' QEMU processes drop to once they have opened their files
+    /// (they also run under seccomp, `-sandbox on`, each in a cgroup of its own with the
+    /// machine's memory and CPU limits). Jailing needs root; `scripts/setup.sh` creates the user.
+    #[arg(
+        long,
+        env = "ALOFT_JAIL_USER",
+        default_value = "aloft-vm",
+        value_name = "USER"
+    )]
+    jail_user: String,
+    /// The cgroup (relative to each hierarchy's root, e.g. `/sys/fs/cgroup`) under which each
+    /// machine's cgroup is made.
+    #[arg(long, default_value = "aloft", value_name = "PATH")]
+    cgroup_parent: String,
+    /// Run machines' QEMU unjailed: as aloftd's own user, without seccomp or cgroup limits. For
+    /// development without root only: a guest that escapes QEMU then has aloftd's privileges.
+    #[arg(long, env = "ALOFT_NO_JAIL")]
+    no_jail: bool,
     /// Put machines' taps, routes and nftables rules in this network namespace
     /// (`/run/netns/NAME`) instead of aloftd's own: several hosts on one machine, or tests.
     #[arg(long, value_name = "PATH")]
@@ -207,6 +227,10 @@ impl Args {
             network: self.network,
             host_number: self.host_number,
             machines_netns: self.machines_netns.clone(),
+            jail: (!self.no_jail).then(|| aloft_vm::JailSpec {
+                user: self.jail_user.clone(),
+                cgroup_parent: self.cgroup_parent.clone(),
+            }),
         }
     }
 }

@@ -14,7 +14,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
     use std::net::{Ipv6Addr, SocketAddr, TcpStream};
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -131,15 +131,72 @@ mod tests {
             }
         }
 
-        /// Nothing left on the host for `id`: no QEMU process, no machine directory.
+        /// Where the agent keeps machine `id` (its run dir, spec, QEMU's files).
+        fn machine_dir(&self, id: &str) -> PathBuf {
+            self.machines_dir().join(id)
+        }
+
+        /// The agent's machine directories (`<data dir>/machines` is the agent's, and its
+        /// driver keeps machines in `machines/` under it, beside `disks/` and `image/`).
+        fn machines_dir(&self) -> PathBuf {
+            self.dir.path().join("data/machines/machines")
+        }
+
+        /// `id`'s QEMU runs jailed, as aloftd does by default: as the unprivileged `aloft-vm`,
+        /// in a cgroup of its own under `aloft/` with a memory limit.
+        fn assert_jailed(&self, id: &str) {
+            let procs = aloft_vm::processes_mentioning(&self.machine_dir(id));
+            assert_eq!(procs.len(), 1, "one QEMU for {id}: {procs:?}");
+            let status = std::fs::read_to_string(format!("/proc/{}/status", procs[0])).unwrap();
+            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+            let jail_uid = passwd
+                .lines()
+                .find(|l| l.starts_with("aloft-vm:"))
+                .and_then(|l| l.split(':').nth(2))
+                .expect("scripts/setup.sh creates user aloft-vm");
+            assert!(
+                uid.split_whitespace().skip(1).all(|u| u == jail_uid),
+                "QEMU is not running as aloft-vm ({jail_uid}): {uid}"
+            );
+            let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", procs[0])).unwrap();
+            let mine = format!("/aloft/{id}");
+            let memory = cgroups
+                .lines()
+                .find(|l| l.ends_with(&mine) && (l.contains(":memory:") || l.starts_with("0::")))
+                .unwrap_or_else(|| panic!("QEMU is not in a memory cgroup {mine}: {cgroups}"));
+            let path = memory.rsplit(':').next().unwrap();
+            let limit = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+                .iter()
+                .find_map(|root| {
+                    std::fs::read_to_string(format!("{root}{path}/memory.limit_in_bytes"))
+                        .or_else(|_| std::fs::read_to_string(format!("{root}{path}/memory.max")))
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("no memory limit file for cgroup {path}"));
+            let limit: u64 = limit.trim().parse().unwrap_or(u64::MAX);
+            assert!(limit < 4 << 30, "cgroup {path} has no memory limit: {limit}");
+        }
+
+        /// Nothing left on the host for `id`: no QEMU process, no machine directory, no cgroup.
         fn assert_gone(&self, id: &str) {
-            let machine_dir = self.dir.path().join("data/machines").join(id);
+            let machine_dir = self.machine_dir(id);
+            let cgroups = [
+                format!("/sys/fs/cgroup/memory/aloft/{id}"),
+                format!("/sys/fs/cgroup/cpu/aloft/{id}"),
+                format!("/sys/fs/cgroup/aloft/{id}"),
+            ];
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let procs = aloft_vm::processes_mentioning(&machine_dir);
-                if procs.is_empty() && !machine_dir.exists() {
+                let left: Vec<&String> = cgroups.iter().filter(|c| Path::new(c).exists()).collect();
+                if procs.is_empty() && !machine_dir.exists() && left.is_empty() {
                     return;
                 }
+                assert!(
+                    left.is_empty() || Instant::now() < deadline,
+                    "machine {id} left cgroups {left:?}"
+                );
                 assert!(
                     Instant::now() < deadline,
                     "machine {id} left QEMU {procs:?} or its directory {}",
@@ -322,6 +379,7 @@ mod tests {
             let ip = m["private_ip"].as_str().unwrap().to_owned();
             assert!(ip.starts_with("fdaa:"), "{m}");
             assert!(env.page(&ip).contains(&format!("hello from {id}")));
+            env.assert_jailed(&id);
             // The agent's http check reaches it too (from the namespace the machine's tap is in).
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -387,9 +445,7 @@ mod tests {
             sigkill(&mut d);
             let mut d = env.start(3);
             api.wait(&id2, "stopped").await;
-            assert!(
-                aloft_vm::processes_mentioning(&env.dir.path().join("data/machines").join(&id2)).is_empty()
-            );
+            assert!(aloft_vm::processes_mentioning(&env.machine_dir(&id2)).is_empty());
 
             // SIGKILL during destroy.
             api.ok(Method::DELETE, &format!("{path}?force=true"), None).await;
@@ -477,7 +533,7 @@ mod tests {
             }
             // Nothing orphaned: every machine directory (and its QEMU) and writable disk belongs
             // to a live machine.
-            for entry in std::fs::read_dir(env.dir.path().join("data/machines")).unwrap() {
+            for entry in std::fs::read_dir(env.machines_dir()).unwrap() {
                 let name = entry.unwrap().file_name().to_string_lossy().into_owned();
                 if name.parse::<aloft_api::MachineId>().is_ok() && !ids.contains(&name) {
                     env.assert_gone(&name);

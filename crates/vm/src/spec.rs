@@ -149,22 +149,7 @@ impl VmSpec {
             ));
         }
         if let Some(jail) = &self.jail {
-            if !user_exists(&jail.user) {
-                return Err(VmError::JailUserMissing {
-                    user: jail.user.clone(),
-                });
-            }
-            if jail.cgroup_parent.is_empty()
-                || jail
-                    .cgroup_parent
-                    .split('/')
-                    .any(|c| c.is_empty() || c == "." || c == "..")
-            {
-                return invalid(format!(
-                    "cgroup parent {:?}: a relative path such as \"aloft\"",
-                    jail.cgroup_parent
-                ));
-            }
+            jail.check()?;
         }
         Ok(())
     }
@@ -247,6 +232,32 @@ pub struct JailSpec {
     pub user: String,
     /// Cgroup (relative to each hierarchy's root) under which `<parent>/<name>` is made (`aloft`).
     pub cgroup_parent: String,
+}
+
+impl JailSpec {
+    /// Whether a VM can be jailed so: the user exists and the cgroup parent is a relative path.
+    /// (Jailing also needs root, which only starting a VM finds out.)
+    pub fn check(&self) -> Result<(), VmError> {
+        if !user_exists(&self.user) {
+            return Err(VmError::JailUserMissing {
+                user: self.user.clone(),
+            });
+        }
+        if self.cgroup_parent.is_empty()
+            || self
+                .cgroup_parent
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(VmError::InvalidSpec {
+                reason: format!(
+                    "cgroup parent {:?}: a relative path such as \"aloft\"",
+                    self.cgroup_parent
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Which accelerator to use.
