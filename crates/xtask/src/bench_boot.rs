@@ -43,6 +43,7 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
     let mut start = Vec::new();
     let mut port = Vec::new();
     let mut resume = Vec::new();
+    let mut resume_answer = Vec::new();
     let mut rss = Vec::new();
     let mut anon = Vec::new();
     let mut qemu_up = Vec::new();
@@ -56,6 +57,7 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
         start.push(m.start_ms);
         port.push(m.port_ms);
         resume.push(m.resume_ms);
+        resume_answer.push(m.resume_answer_ms);
         rss.push(m.idle_rss_mib);
         anon.push(m.idle_anon_mib);
         qemu_up.push(m.qemu_up_ms);
@@ -131,6 +133,11 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
             "  machine_start_ms",
             &start,
             "root mounted, network up, workload exec'd, host told",
+        ),
+        (
+            "  resume_answer_ms",
+            &resume_answer,
+            "suspended → the guest's first HTTP answer byte (resume_ms + its first request)",
         ),
     ] {
         let med = median(samples).unwrap_or(f64::NAN);
@@ -214,6 +221,9 @@ struct MachineRun {
     start_ms: f64,
     port_ms: f64,
     resume_ms: f64,
+    /// Suspended → the first byte of the guest's answer to an HTTP request sent once its port
+    /// accepts: a resumed guest's first answer runs code its emulator must translate afresh.
+    resume_answer_ms: f64,
     idle_rss_mib: f64,
     idle_anon_mib: f64,
     /// init's `aloft.trace=1` lines, when tracing.
@@ -325,19 +335,32 @@ pub(crate) fn machine_start_ms(
     Ok(start_ms)
 }
 
+/// A resume's times, for other benchmarks' baselines.
+pub(crate) struct ResumeTimes {
+    /// Suspended → the guest's port accepts again (`resume_ms`).
+    pub(crate) port_ms: f64,
+    /// Suspended → the first byte of the guest's first HTTP answer.
+    pub(crate) answer_ms: f64,
+}
+
 /// `resume_ms` alone, for other benchmarks' baselines: one full [`machine_run`] (the
 /// benchmark machine, with `memory_mib` of memory, in a network namespace of its own, booted,
-/// idled, suspended, resumed) and its suspended → port answers again in ms. A snapshot's restore
-/// time grows with the memory, so a baseline must use the compared machine's size.
-pub(crate) fn machine_resume_ms(
+/// idled, suspended, resumed) and its suspended → port answers again, and → first HTTP answer,
+/// in ms. A snapshot's restore time grows with the memory, so a baseline must use the compared
+/// machine's size.
+pub(crate) fn machine_resume(
     guest: &GuestArtifacts,
     accel: Accel,
     rootfs: &Path,
     fstype: &str,
     dir: &Path,
     memory_mib: u32,
-) -> anyhow::Result<f64> {
-    Ok(machine_run(guest, accel, rootfs, fstype, dir, memory_mib, false)?.resume_ms)
+) -> anyhow::Result<ResumeTimes> {
+    let m = machine_run(guest, accel, rootfs, fstype, dir, memory_mib, false)?;
+    Ok(ResumeTimes {
+        port_ms: m.resume_ms,
+        answer_ms: m.resume_answer_ms,
+    })
 }
 
 fn machine_run(
@@ -377,14 +400,17 @@ fn machine_run(
         let resumed = Vm::resume(spec.clone(), &snapshot)?;
         let port_again = wait_port(&ns, Duration::from_secs(30));
         let resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        let answer = port_again.and_then(|()| first_answer(&ns));
+        let resume_answer_ms = t1.elapsed().as_secs_f64() * 1000.0;
         let _ = resumed.kill();
-        port_again?;
+        answer?;
         Ok(MachineRun {
             qemu_up_ms,
             hello_ms,
             start_ms,
             port_ms,
             resume_ms,
+            resume_answer_ms,
             idle_rss_mib,
             idle_anon_mib,
             trace: std::fs::read_to_string(vm.console_log())
@@ -426,6 +452,23 @@ fn wait_port(ns: &NetNs, timeout: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Sends `GET /` to the guest's port and waits for the first byte of its answer (any status:
+/// busybox httpd answers 404 for a missing page just as fast).
+fn first_answer(ns: &NetNs) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut s = ns
+        .connect_tcp(PORT, Duration::from_secs(5))
+        .context("connect to the resumed guest")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut byte = [0u8; 1];
+    let n = s.read(&mut byte).context("the resumed guest's answer")?;
+    if n == 0 {
+        bail!("the resumed guest closed the connection without answering");
+    }
+    Ok(())
 }
 
 /// A resident-set field of `/proc/PID/status` (`VmRSS`, `RssAnon`) in MiB.

@@ -20,7 +20,9 @@
 //!   API, waits until it is `suspended` (and 3 s more), and times a `GET /` through the edge
 //!   (`Host: wake.localhost`, connection already open) to the first response byte.
 //! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
-//!   (`bench_boot::machine_resume_ms`: snapshot restored → guest port accepts).
+//!   (`bench_boot::machine_resume`: snapshot restored → guest port accepts). Details: the
+//!   same resume until the guest's first HTTP answer byte (`resume_answer_ms`), and per run
+//!   `wake_ms` minus it (`wake_beyond_ms`): what aloftd and its edge add to the guest's own time.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -255,6 +257,32 @@ fn report(
             med(&samples),
             lo(&samples)
         );
+    }
+    if let Some(vm) = vm {
+        let beyond: Vec<f64> = vm
+            .wake
+            .iter()
+            .zip(&vm.resume_answer)
+            .map(|(w, a)| w - a)
+            .collect();
+        for (name, samples, what) in [
+            (
+                "  resume_answer_ms",
+                &vm.resume_answer,
+                "bench boot's resume → the guest's first HTTP answer byte (what a wake also waits for)",
+            ),
+            (
+                "  wake_beyond_ms",
+                &beyond,
+                "wake_ms − resume_answer_ms, per run: what aloftd and its edge add to the guest's own",
+            ),
+        ] {
+            println!(
+                "{name:<16} {:>10.1} {:>10.1}  ms    {what}",
+                med(samples),
+                lo(samples)
+            );
+        }
     }
     for (name, v) in [
         ("direct", &wrk.direct),
@@ -703,6 +731,8 @@ fn duration_ms(v: &str) -> anyhow::Result<f64> {
 struct VmSeries {
     wake: Vec<f64>,
     resume: Vec<f64>,
+    /// Bench boot's resume until the guest's first HTTP answer byte.
+    resume_answer: Vec<f64>,
 }
 
 /// Memory of the woken machine and of bench boot's resumed one, its baseline: the API's smallest
@@ -834,6 +864,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
         let mut s = VmSeries {
             wake: Vec::new(),
             resume: Vec::new(),
+            resume_answer: Vec::new(),
         };
         for i in 0..runs {
             let wake = suspend_and_wake(&mut conn, &id, edge_addr).with_context(|| format!("wake {i}"))?;
@@ -841,7 +872,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
             if let Some(line) = daemon.log_tail().lines().rev().find(|l| l.contains("edge: woke")) {
                 eprintln!("bench proxy: run {i}: aloftd: {}", line.trim());
             }
-            let resume = crate::bench_boot::machine_resume_ms(
+            let resume = crate::bench_boot::machine_resume(
                 &guest,
                 accel,
                 &rootfs,
@@ -851,11 +882,14 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
             )
             .context("bench boot's resume")?;
             eprintln!(
-                "bench proxy: run {i}: wake {wake:.0} ms, resume {resume:.0} ms (load {})",
+                "bench proxy: run {i}: wake {wake:.0} ms, resume {:.0} ms (its first answer at {:.0}) (load {})",
+                resume.port_ms,
+                resume.answer_ms,
                 loadavg()
             );
             s.wake.push(wake);
-            s.resume.push(resume);
+            s.resume.push(resume.port_ms);
+            s.resume_answer.push(resume.answer_ms);
         }
         Ok(s)
     })();
