@@ -834,11 +834,13 @@ mod tests {
     fn a_jailed_machine_lives_and_leaves_nothing_behind() {
         let registry = registry();
         let dir = tempdir();
+        // Dropped last: the machine's cgroups and their parent go once its QEMU is gone.
+        let cgroups = aloft_testkit::CgroupParent::new();
         let _cleanup = Cleanup(dir.path(), None);
         let mut cfg = driver_config(dir.path(), &registry.host(), Arc::new(NoNetwork));
         cfg.jail = Some(aloft_vm::JailSpec {
             user: "aloft-vm".into(),
-            cgroup_parent: "aloft-agent-test".into(),
+            cgroup_parent: cgroups.name().into(),
         });
         let agent = open_agent_on(dir.path(), Arc::new(VmDriver::new(cfg).unwrap()), None);
         let rec = create(&agent);

@@ -18,7 +18,7 @@ mod tests {
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use aloft_testkit::{NetNs, Registry};
+    use aloft_testkit::{CgroupParent, NetNs, Registry};
     use reqwest::{Method, StatusCode};
     use rustix::process::{Pid, Signal, kill_process};
     use serde_json::{Value, json};
@@ -28,6 +28,8 @@ mod tests {
         registry: Registry,
         ns: NetNs,
         port: u16,
+        /// Machines are jailed under a cgroup parent of this test's own, removed at the end.
+        cgroups: CgroupParent,
     }
 
     struct Daemon {
@@ -70,6 +72,7 @@ mod tests {
                 registry,
                 ns: NetNs::new().unwrap(),
                 port,
+                cgroups: CgroupParent::new(),
             }
         }
 
@@ -91,6 +94,8 @@ mod tests {
                 .arg(self.registry.host())
                 .arg("--machines-netns")
                 .arg(self.ns.path())
+                .arg("--cgroup-parent")
+                .arg(self.cgroups.name())
                 .arg("--data-dir")
                 .arg(self.dir.path().join("data"))
                 .args(extra)
@@ -143,7 +148,7 @@ mod tests {
         }
 
         /// `id`'s QEMU runs jailed, as aloftd does by default: as the unprivileged `aloft-vm`,
-        /// in a cgroup of its own under `aloft/` with a memory limit.
+        /// in a cgroup of its own under the test's parent with a memory limit.
         fn assert_jailed(&self, id: &str) {
             let procs = aloft_vm::processes_mentioning(&self.machine_dir(id));
             assert_eq!(procs.len(), 1, "one QEMU for {id}: {procs:?}");
@@ -160,7 +165,7 @@ mod tests {
                 "QEMU is not running as aloft-vm ({jail_uid}): {uid}"
             );
             let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", procs[0])).unwrap();
-            let mine = format!("/aloft/{id}");
+            let mine = format!("/{}/{id}", self.cgroups.name());
             let memory = cgroups
                 .lines()
                 .find(|l| l.ends_with(&mine) && (l.contains(":memory:") || l.starts_with("0::")))
@@ -181,10 +186,11 @@ mod tests {
         /// Nothing left on the host for `id`: no QEMU process, no machine directory, no cgroup.
         fn assert_gone(&self, id: &str) {
             let machine_dir = self.machine_dir(id);
+            let parent = self.cgroups.name();
             let cgroups = [
-                format!("/sys/fs/cgroup/memory/aloft/{id}"),
-                format!("/sys/fs/cgroup/cpu/aloft/{id}"),
-                format!("/sys/fs/cgroup/aloft/{id}"),
+                format!("/sys/fs/cgroup/memory/{parent}/{id}"),
+                format!("/sys/fs/cgroup/cpu/{parent}/{id}"),
+                format!("/sys/fs/cgroup/{parent}/{id}"),
             ];
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {

@@ -168,11 +168,14 @@ mod tests {
         );
         // A worker without services: one machine, no health checks to wait for.
         std::fs::write(dir.path().join("app/aloft.toml"), "app = 'web'\n").unwrap();
+        // Dropped after `_vms` killed the machines: their cgroups go with it.
+        let cgroups = aloft_testkit::CgroupParent::new();
         let _vms = Vms(dir.path());
         let guest = aloft_testkit::guest_artifacts().unwrap();
         let port = crate::common::free_port();
         let mut daemon = Command::new(crate::common::aloftd_bin())
             .args(["--driver", "vm", "--network", "none", "--no-access-log"])
+            .args(["--cgroup-parent", cgroups.name()])
             .arg("--guest-dir")
             .arg(guest.kernel.parent().unwrap())
             .arg("--registry")

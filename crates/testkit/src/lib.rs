@@ -2,10 +2,11 @@
 //! root filesystems built from Debian's `busybox-static`, and throwaway network namespaces with a
 //! tap device, so guests are reached without touching the host's own network, a real OCI
 //! registry (Debian's `docker-registry`) on loopback, and a real ACME CA (Debian's `pebble`) with
-//! a DNS responder on loopback.
+//! a DNS responder on loopback; and cgroup parents of their own for jailed machines.
 //!
 //! Only tests, examples and `xtask` depend on this crate; no production crate may.
 
+mod cgroup;
 mod netns;
 mod pebble;
 mod registry;
@@ -13,6 +14,7 @@ mod rootfs;
 
 use std::path::{Path, PathBuf};
 
+pub use cgroup::CgroupParent;
 pub use netns::NetNs;
 pub use pebble::{Pebble, PebbleOptions, free_port};
 pub use registry::Registry;

@@ -161,6 +161,9 @@ pub(crate) struct Daemon {
     addr: SocketAddr,
     token: String,
     dir: tempfile::TempDir,
+    /// The cgroup parent its machines are jailed under (VM driver only): removed, with what
+    /// its machines left, once the daemon and its machines are gone.
+    cgroups: Option<aloft_testkit::CgroupParent>,
 }
 
 impl Daemon {
@@ -172,8 +175,16 @@ impl Daemon {
             .tempdir()?;
         let log = std::fs::File::create(dir.path().join("aloftd.log"))?;
         let config_home = dir.path().join("config");
+        let vms = flags.windows(2).any(|w| w == ["--driver", "vm"]);
+        let cgroups = vms.then(aloft_testkit::CgroupParent::new);
         let child = Command::new(bin)
             .args(flags)
+            .args(
+                cgroups
+                    .as_ref()
+                    .map(|c| vec!["--cgroup-parent", c.name()])
+                    .unwrap_or_default(),
+            )
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--listen", "127.0.0.1:0", "--no-access-log"])
@@ -204,6 +215,7 @@ impl Daemon {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             token: String::new(),
             dir,
+            cgroups,
         };
         let config = config_home.join("aloft").join("config.toml");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -273,7 +285,16 @@ impl Daemon {
         self.terminate();
     }
 
+    /// Stops aloftd, then kills what machines it left running (aloftd leaves machines running
+    /// when it stops; benchmarks destroy theirs first, so this only catches a failed run's).
     fn terminate(&mut self) {
+        self.stop_aloftd();
+        if self.cgroups.is_some() {
+            kill_leftover_vms(&self.data_dir());
+        }
+    }
+
+    fn stop_aloftd(&mut self) {
         if self.child.try_wait().ok().flatten().is_some() {
             return;
         }
