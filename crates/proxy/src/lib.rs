@@ -49,6 +49,7 @@ mod clients;
 mod config;
 mod dial;
 mod error;
+mod h1;
 mod health;
 mod http;
 mod load;

@@ -1,21 +1,24 @@
 //! Connections to machines: dialing (with the wake probe's hand-over), pooled keep-alive HTTP/1.1
 //! connections, h2c connections for `h2_backend` services, and one-off connections for upgrades.
 //!
-//! An HTTP/1.1 connection to a machine has no task of its own. The request that uses it drives
-//! it: while waiting for the answer, then from inside the answer's body, which the client
-//! connection's task polls as it writes the answer out. When the body is done the connection
-//! goes back to an idle pool keyed by the machine's address. A pooled client that runs every
-//! connection as a task of its own (hyper-util's) costs each request two task hand-offs (the
-//! request over a channel, the answer over a oneshot) and their wake-ups; measured on the edge,
-//! that was about a third of its CPU per request (`docs/perf.md`).
+//! Plain HTTP/1.1 requests go over the edge's own lean client (`h1.rs`: the head serialized into
+//! one buffer and written with the body's first frame, the answer head parsed with `httparse`,
+//! the body framed as RFC 9112 says); h2c and upgrades stay on hyper's client. An HTTP/1.1
+//! connection to a machine has no task of its own. The request that uses it drives it: while
+//! waiting for the answer, then from inside the answer's body, which the client connection's
+//! task polls as it writes the answer out. When the body is done the connection goes back to an
+//! idle pool keyed by the machine's address. A pooled client that runs every connection as a
+//! task of its own (hyper-util's) costs each request two task hand-offs (the request over a
+//! channel, the answer over a oneshot) and their wake-ups; measured on the edge, that was about
+//! a third of its CPU per request, and hyper's connection-level client, driven the same way,
+//! still about 16k instructions per request against ~8k for `h1.rs` (`docs/perf.md`).
 
 use std::collections::HashMap;
-use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +30,7 @@ use tokio::net::TcpStream;
 
 use crate::EdgeConfig;
 use crate::dial::Dialer;
+use crate::h1::{Framing, H1Conn, H1Error, H1Fail};
 use crate::http::Body;
 
 /// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
@@ -128,60 +132,6 @@ impl Connector {
 // ---------------------------------------------------------------------------------------------
 // HTTP/1.1: connections driven by their requests, and their idle pool.
 
-/// An HTTP/1.1 connection to a machine, driven by whoever holds it.
-struct H1Conn {
-    addr: SocketAddr,
-    sender: http1::SendRequest<Body>,
-    conn: http1::Connection<TokioIo<TcpStream>, Body>,
-    /// The connection future finished: the connection is closed (or closing).
-    finished: bool,
-}
-
-/// Why a request on an [`H1Conn`] failed.
-enum H1Fail {
-    /// The connection was closed before the request was written: it can go elsewhere.
-    NotSent(Box<Request<Body>>),
-    /// It failed after (maybe part of) it was written.
-    Sent(hyper::Error),
-}
-
-impl H1Conn {
-    /// Lets the connection make progress (write the request, read the answer, notice a close).
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.finished && Pin::new(&mut self.conn).poll(cx).is_ready() {
-            self.finished = true;
-        }
-    }
-
-    /// Whether it can carry another request after being polled once without waiting.
-    fn reusable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        self.drive(&mut cx);
-        !self.finished && !self.sender.is_closed()
-    }
-
-    async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, H1Fail> {
-        let ready = poll_fn(|cx| {
-            self.drive(cx);
-            self.sender.poll_ready(cx)
-        })
-        .await;
-        if ready.is_err() {
-            return Err(H1Fail::NotSent(Box::new(req)));
-        }
-        let mut answer = std::pin::pin!(self.sender.try_send_request(req));
-        let result = poll_fn(|cx| {
-            self.drive(cx);
-            answer.as_mut().poll(cx)
-        })
-        .await;
-        result.map_err(|mut e| match e.take_message() {
-            Some(req) => H1Fail::NotSent(Box::new(req)),
-            None => H1Fail::Sent(e.into_error()),
-        })
-    }
-}
-
 /// Idle connections by machine address, each with the moment it went idle, newest last.
 type IdleMap = HashMap<SocketAddr, Vec<(Instant, Box<H1Conn>)>>;
 
@@ -278,70 +228,108 @@ impl IdlePool {
 }
 
 /// A machine's answer body. For HTTP/1.1 it carries the connection the answer comes over and
-/// drives it; once the body is read to its end the connection goes back to the idle pool.
-pub(crate) struct UpstreamBody {
-    inner: Incoming,
-    conn: Option<(Box<H1Conn>, Arc<IdlePool>)>,
-    ended: bool,
+/// reads from it (writing what is left of the request body meanwhile); once the body is read to
+/// its end the connection goes back to the idle pool.
+pub(crate) struct UpstreamBody(Inner);
+
+enum Inner {
+    /// Driven elsewhere (h2c, upgrades).
+    Hyper(Incoming),
+    H1 {
+        /// `None` once the body ended or failed.
+        conn: Option<Box<H1Conn>>,
+        pool: Arc<IdlePool>,
+        framing: Framing,
+    },
+}
+
+/// Why reading a machine's answer body failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    H1(#[from] H1Error),
 }
 
 impl UpstreamBody {
     /// A body whose connection is driven elsewhere (h2c, upgrades).
     fn detached(inner: Incoming) -> Self {
-        Self {
-            inner,
-            conn: None,
-            ended: false,
-        }
+        Self(Inner::Hyper(inner))
     }
 
+    /// The body of an HTTP/1.1 answer framed by `framing` over `conn`.
+    fn h1(conn: Box<H1Conn>, pool: Arc<IdlePool>, framing: Framing) -> Self {
+        let mut body = Self(Inner::H1 {
+            conn: Some(conn),
+            pool,
+            framing,
+        });
+        // An answer without a body frees its connection now, not when hyper drops the body.
+        if body.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    /// Puts the connection back in the pool when the answer left it fit for another request,
+    /// else closes it.
     fn release(&mut self) {
-        if let Some((conn, pool)) = self.conn.take() {
-            pool.put(conn);
+        if let Inner::H1 { conn, pool, framing } = &mut self.0
+            && let Some(c) = conn.take()
+            && c.done_with(framing)
+        {
+            pool.put(c);
         }
     }
 }
 
 impl HttpBody for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = &mut *self;
-        if let Some((conn, _)) = &mut this.conn {
-            conn.drive(cx);
-        }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                this.ended = true;
-                this.release();
+        match &mut this.0 {
+            Inner::Hyper(inner) => Pin::new(inner).poll_frame(cx).map_err(UpstreamError::from),
+            Inner::H1 { conn, framing, .. } => {
+                let Some(c) = conn else {
+                    return Poll::Ready(None);
+                };
+                let polled = c.poll_body(cx, framing);
+                match &polled {
+                    Poll::Ready(None) => this.release(),
+                    Poll::Ready(Some(Err(_))) => *conn = None,
+                    Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+                }
+                polled.map_err(UpstreamError::from)
             }
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Hyper(inner) => inner.is_end_stream(),
+            Inner::H1 { framing, .. } => framing.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Inner::Hyper(inner) => inner.size_hint(),
+            Inner::H1 { framing, .. } => framing.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // An answer read to its end (or one without a body, never polled) leaves its connection
-        // reusable; one dropped half-way must close it, which dropping does.
-        if self.ended || self.inner.is_end_stream() {
-            self.release();
-        }
+        // An answer read to its end leaves its connection reusable; one dropped half-way must
+        // close it, which dropping the connection does.
+        self.release();
     }
 }
 
@@ -474,14 +462,14 @@ impl Upstreams {
         // Idle connections first; one the machine closed meanwhile gives the request back.
         while let Some(mut conn) = self.h1.take(addr) {
             match conn.send(req).await {
-                Ok(resp) => return Ok(self.h1_answer(resp, conn)),
+                Ok((parts, framing)) => return Ok(self.h1_answer(parts, framing, conn)),
                 Err(H1Fail::NotSent(r)) => req = *r,
                 Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
         match conn.send(req).await {
-            Ok(resp) => Ok(self.h1_answer(resp, conn)),
+            Ok((parts, framing)) => Ok(self.h1_answer(parts, framing, conn)),
             Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
                 refused: false,
                 detail: format!("{addr} closed a new connection before the request was sent"),
@@ -490,29 +478,19 @@ impl Upstreams {
         }
     }
 
-    fn h1_answer(&self, resp: Response<Incoming>, conn: Box<H1Conn>) -> Response<UpstreamBody> {
-        let pool = Arc::clone(&self.h1);
-        resp.map(|inner| UpstreamBody {
-            inner,
-            conn: Some((conn, pool)),
-            ended: false,
-        })
+    fn h1_answer(
+        &self,
+        parts: http::response::Parts,
+        framing: Framing,
+        conn: Box<H1Conn>,
+    ) -> Response<UpstreamBody> {
+        Response::from_parts(parts, UpstreamBody::h1(conn, Arc::clone(&self.h1), framing))
     }
 
-    /// A new connection (boxed: hyper's connection state with its buffers is large, and it
-    /// moves between the pool and the answers that carry it).
+    /// A new connection (boxed: it moves between the pool and the answers that carry it).
     async fn open_h1(&self, addr: SocketAddr) -> Result<Box<H1Conn>, SendError> {
         let stream = self.connector.connect(addr).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Handshake(source_chain(&e)))?;
-        Ok(Box::new(H1Conn {
-            addr,
-            sender,
-            conn,
-            finished: false,
-        }))
+        Ok(Box::new(H1Conn::new(addr, stream)))
     }
 
     async fn send_h2(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {

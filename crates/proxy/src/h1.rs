@@ -1,0 +1,1270 @@
+//! A lean HTTP/1.1 client connection to a machine, over the `TcpStream` itself (plain requests
+//! only: upgrades and h2c stay on hyper, see `upstream.rs`).
+//!
+//! The request head is serialized into one buffer the connection keeps, and written with the
+//! first frame of the body in one (vectored) write when that frame is ready at once, as a kept
+//! body always is. The answer head is parsed with `httparse` straight from the connection's read
+//! buffer into `http::response::Parts` (header values are slices of that buffer, not copies).
+//! The body is framed as RFC 9112 §6.3 says and read by whoever holds the answer's body; the
+//! connection can carry another request when the answer was read to its end, both sides wanted
+//! to keep it open, and nothing is left over. hyper's client did the same through a dispatch
+//! channel, a oneshot and a general state machine: about 16k instructions per request on the
+//! edge's benchmark, three times what this takes (`docs/perf.md`).
+//!
+//! Request body framing: none when the body is known to be empty (`content-length: 0` added
+//! for POST, PUT and PATCH that lack one); the request's own valid `Content-Length`; else the
+//! body's exact length; else `transfer-encoding: chunked` (for any method: a body the client
+//! sent is forwarded, where hyper dropped an unknown-length one on GET). Request trailers are
+//! not forwarded (the edge strips the `Trailer` header, as hyper's client needed it).
+//!
+//! An answer can arrive while the request body is still being sent (a machine answering early):
+//! the body keeps being sent from the answer's body while the answer is read, both polled with
+//! the same waker, so neither side waits on the other. When the machine stops reading, the
+//! write waits (or fails) while the answer is still read to its end; the connection is then not
+//! reused. A write that fails with nothing of the request written gives the request back
+//! (`H1Fail::NotSent`): the connection was closed by the machine.
+//!
+//! Answer body framing: none for HEAD, 1xx, 204 and 304; chunked when `Transfer-Encoding` ends
+//! in `chunked` (sizes in hex, extensions skipped, trailers passed on as a trailers frame, as
+//! hyper's client did); read to close for another `Transfer-Encoding` (an error in HTTP/1.0,
+//! as in hyper), else the `Content-Length` (invalid or differing values are an error), else
+//! read to close. Malformed framing is an error and the connection is closed.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version, request, response};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::net::TcpStream;
+
+use crate::http::{Body, BoxError};
+
+/// The largest answer head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most header lines an answer head (or its trailers) may have, as hyper's default.
+const MAX_HEADERS: usize = 100;
+/// The largest trailer section accepted.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Chunk-extension bytes accepted over one body (hyper's bound too).
+const MAX_CHUNK_EXT: usize = 16 * 1024;
+/// The first read's room; it doubles while reads fill it, up to `READ_MAX`.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+
+/// Why a request or its answer failed on an HTTP/1.1 connection to a machine.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    #[error("writing the request to the machine failed: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the machine's answer failed: {0}")]
+    Read(#[source] io::Error),
+    #[error("the machine closed the connection before its answer was complete")]
+    Closed,
+    #[error("the machine's answer is malformed ({0}); check the app's HTTP server")]
+    Malformed(&'static str),
+    #[error("the machine's answer head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the machine answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnexpectedUpgrade,
+    #[error("the request body is {0} than its Content-Length")]
+    BodyLength(&'static str),
+    #[error("the client's request body failed: {0}")]
+    Body(#[source] BoxError),
+}
+
+/// Why a request on an [`H1Conn`] failed.
+pub(crate) enum H1Fail {
+    /// The connection was closed before any of the request was written: it can go elsewhere.
+    NotSent(Box<Request<Body>>),
+    /// It failed after (maybe part of) it was written.
+    Sent(H1Error),
+}
+
+/// How a request body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReqFraming {
+    /// No body.
+    None,
+    /// Exactly this many bytes (left to write).
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// A request body being written.
+struct Sending {
+    body: Body,
+    framing: ReqFraming,
+}
+
+/// Why writing the request body stopped.
+enum SendFail {
+    Io(io::Error),
+    Other(H1Error),
+}
+
+/// How an answer's body is framed, and how much of it is left.
+#[derive(Debug)]
+pub(crate) enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes left.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Until the machine closes the connection.
+    Close,
+    /// Read to its end.
+    Done,
+}
+
+impl Framing {
+    /// As hyper's `Incoming` reports it (hyper's server frames the answer to the client by it).
+    pub(crate) fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty | Self::Done | Self::Length(0) => true,
+            // Done once its trailers were passed on (hyper's server polls no further).
+            Self::Chunked(dec) => dec.is_done(),
+            Self::Length(_) | Self::Close => false,
+        }
+    }
+
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty | Self::Done => SizeHint::with_exact(0),
+            Self::Length(n) => SizeHint::with_exact(*n),
+            Self::Chunked(_) | Self::Close => SizeHint::default(),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to a machine, driven by whoever holds it.
+pub(crate) struct H1Conn {
+    pub(crate) addr: SocketAddr,
+    io: TcpStream,
+    /// Bytes read and not consumed yet.
+    rbuf: BytesMut,
+    /// Room to make for the next read.
+    read_size: usize,
+    /// What to write next: `wbuf[wpos..]` (a head, a chunk's size line), then `wdata`, then
+    /// `wtail` (a chunk's CRLF, the last chunk).
+    wbuf: Vec<u8>,
+    wpos: usize,
+    wdata: Bytes,
+    wtail: &'static [u8],
+    /// The request body still to write.
+    sending: Option<Sending>,
+    /// Some of the current request was written.
+    wrote: bool,
+    /// A write failed after some of the request was written; the answer is still read.
+    write_failed: Option<io::Error>,
+    /// Both sides want the connection kept open after this exchange.
+    keep_alive: bool,
+    /// Scratch room for parsing answer heads.
+    spans: Vec<[usize; 4]>,
+}
+
+impl H1Conn {
+    pub(crate) fn new(addr: SocketAddr, io: TcpStream) -> Self {
+        Self {
+            addr,
+            io,
+            rbuf: BytesMut::new(),
+            read_size: READ_MIN,
+            wbuf: Vec::new(),
+            wpos: 0,
+            wdata: Bytes::new(),
+            wtail: &[],
+            sending: None,
+            wrote: false,
+            write_failed: None,
+            keep_alive: true,
+            spans: Vec::new(),
+        }
+    }
+
+    /// Whether the exchange left the connection fit for another request: the answer was read
+    /// to its end (the caller knows), the request was written whole, both sides keep it open,
+    /// and nothing unasked-for was read.
+    fn finished_cleanly(&self) -> bool {
+        self.keep_alive
+            && self.sending.is_none()
+            && self.out_is_empty()
+            && self.write_failed.is_none()
+            && self.rbuf.is_empty()
+    }
+
+    /// Whether it can carry another request: finished cleanly, and not closed by the machine as
+    /// far as the socket knows now (a read that would block; no syscall when the reactor saw
+    /// nothing since the last one).
+    pub(crate) fn reusable(&mut self) -> bool {
+        if !self.finished_cleanly() {
+            return false;
+        }
+        self.reserve_read();
+        matches!(self.io.try_read_buf(&mut self.rbuf), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends `req` and reads its answer's head. The body is read with [`H1Conn::poll_body`].
+    pub(crate) async fn send(&mut self, req: Request<Body>) -> Result<(response::Parts, Framing), H1Fail> {
+        let (parts, body) = req.into_parts();
+        let (framing, close) = encode_head(
+            &mut self.wbuf,
+            &parts,
+            body.is_end_stream(),
+            body.size_hint().exact(),
+        );
+        self.wpos = 0;
+        self.wrote = false;
+        self.write_failed = None;
+        self.keep_alive = !close;
+        let mut unsent = None;
+        match framing {
+            ReqFraming::None => unsent = Some(body),
+            framing => self.sending = Some(Sending { body, framing }),
+        }
+        let head_request = parts.method == Method::HEAD;
+        let answer = poll_fn(|cx| self.poll_head(cx, head_request)).await;
+        match answer {
+            Ok(a) => Ok(a),
+            Err(e) if !self.wrote && !matches!(e, H1Error::Body(_) | H1Error::BodyLength(_)) => {
+                // Nothing of it went out: the machine had closed the connection.
+                let rest = self.sending.take().map(|s| s.body).or(unsent);
+                let prefix = std::mem::take(&mut self.wdata);
+                self.keep_alive = false;
+                let body = Prefixed { prefix, rest }.boxed_unsync();
+                Err(H1Fail::NotSent(Box::new(Request::from_parts(parts, body))))
+            }
+            Err(e) => {
+                self.keep_alive = false;
+                Err(H1Fail::Sent(e))
+            }
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<(response::Parts, Framing), H1Error>> {
+        loop {
+            self.progress_send(cx)?;
+            match ready!(self.poll_read(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(self
+                        .write_failed
+                        .take()
+                        .map_or(H1Error::Closed, H1Error::Write)));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(H1Error::Read(e))),
+            }
+            while let Some((parts, seen)) = parse_head(&mut self.rbuf, &mut self.spans)? {
+                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Poll::Ready(Err(H1Error::UnexpectedUpgrade));
+                }
+                if parts.status.is_informational() {
+                    continue;
+                }
+                let framing = answer_framing(head_request, &parts, &seen)?;
+                self.keep_alive &=
+                    answer_keeps_alive(parts.version, &seen) && !matches!(framing, Framing::Close);
+                return Poll::Ready(Ok((parts, framing)));
+            }
+        }
+    }
+
+    /// Reads the next frame of the answer's body, framed by `framing` (which it updates), while
+    /// writing what is left of the request body.
+    pub(crate) fn poll_body(
+        &mut self,
+        cx: &mut Context<'_>,
+        framing: &mut Framing,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        loop {
+            if let Err(e) = self.progress_send(cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            match framing {
+                Framing::Empty | Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    *framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !self.rbuf.is_empty() {
+                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(self.rbuf.len());
+                        *left -= n as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(self.rbuf.split_to(n).freeze()))));
+                    }
+                }
+                Framing::Chunked(dec) => match dec.decode(&mut self.rbuf) {
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                    Ok(Some(Decoded::Data(d))) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Some(Decoded::Trailers(t))) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Ok(None) if dec.is_done() => {
+                        *framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                },
+                Framing::Close => {
+                    if !self.rbuf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(self.rbuf.split().freeze()))));
+                    }
+                }
+            }
+            match ready!(self.poll_read(cx)) {
+                Ok(0) if matches!(framing, Framing::Close) => {
+                    self.keep_alive = false;
+                    *framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return Poll::Ready(Some(Err(H1Error::Closed))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(H1Error::Read(e)))),
+            }
+        }
+    }
+
+    /// Whether the answer (framed by `framing`, read to its end) leaves the connection fit for
+    /// another request.
+    pub(crate) fn done_with(&self, framing: &Framing) -> bool {
+        framing.is_end_stream() && self.finished_cleanly()
+    }
+
+    fn reserve_read(&mut self) {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_MIN / 4 {
+            self.rbuf.reserve(self.read_size);
+        }
+    }
+
+    /// Reads more of the answer into `rbuf`; `Ok(0)`: the machine closed the connection.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.reserve_read();
+        loop {
+            let room = self.rbuf.capacity() - self.rbuf.len();
+            match self.io.try_read_buf(&mut self.rbuf) {
+                Ok(n) => {
+                    if n == room && self.read_size < READ_MAX {
+                        self.read_size *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_read_ready(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn out_is_empty(&self) -> bool {
+        self.wpos >= self.wbuf.len() && self.wdata.is_empty() && self.wtail.is_empty()
+    }
+
+    /// Writes what is queued.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let head = &self.wbuf[self.wpos.min(self.wbuf.len())..];
+            if head.is_empty() && self.wdata.is_empty() && self.wtail.is_empty() {
+                self.wbuf.clear();
+                self.wpos = 0;
+                return Poll::Ready(Ok(()));
+            }
+            let res = if self.wdata.is_empty() && self.wtail.is_empty() {
+                self.io.try_write(head)
+            } else {
+                let parts = [
+                    IoSlice::new(head),
+                    IoSlice::new(&self.wdata),
+                    IoSlice::new(self.wtail),
+                ];
+                self.io.try_write_vectored(&parts)
+            };
+            match res {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(mut n) => {
+                    self.wrote = true;
+                    let from_head = n.min(head.len());
+                    self.wpos += from_head;
+                    n -= from_head;
+                    let from_data = n.min(self.wdata.len());
+                    self.wdata.advance(from_data);
+                    n -= from_data;
+                    self.wtail = &self.wtail[n.min(self.wtail.len())..];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_write_ready(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes the request head and body as far as they can go now.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendFail>> {
+        loop {
+            if self.wdata.is_empty()
+                && self.wtail.is_empty()
+                && let Some(s) = &mut self.sending
+            {
+                match Pin::new(&mut s.body).poll_frame(cx) {
+                    Poll::Pending => {
+                        if self.out_is_empty() {
+                            return Poll::Pending;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        self.wtail = end_of_body(s.framing).map_err(SendFail::Other)?;
+                        self.sending = None;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(SendFail::Other(H1Error::Body(e)))),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are not forwarded (see the module doc).
+                        let Ok(data) = frame.into_data() else { continue };
+                        let last = s.body.is_end_stream();
+                        if !data.is_empty() {
+                            if self.wpos >= self.wbuf.len() {
+                                self.wbuf.clear();
+                                self.wpos = 0;
+                            }
+                            match &mut s.framing {
+                                ReqFraming::Length(left) => {
+                                    *left = left
+                                        .checked_sub(data.len() as u64)
+                                        .ok_or(SendFail::Other(H1Error::BodyLength("longer")))?;
+                                }
+                                _ => {
+                                    write_hex(&mut self.wbuf, data.len() as u64);
+                                    self.wbuf.extend_from_slice(b"\r\n");
+                                    self.wtail = b"\r\n";
+                                }
+                            }
+                            self.wdata = data;
+                        }
+                        if last {
+                            let end = end_of_body(s.framing).map_err(SendFail::Other)?;
+                            if !end.is_empty() {
+                                self.wtail = if self.wtail.is_empty() {
+                                    end
+                                } else {
+                                    b"\r\n0\r\n\r\n"
+                                };
+                            }
+                            self.sending = None;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if self.out_is_empty() {
+                if self.sending.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            ready!(self.poll_flush(cx)).map_err(SendFail::Io)?;
+        }
+    }
+
+    /// Moves the request along; a write that fails after some of it went out stops the writing
+    /// (the machine may have answered and closed) and leaves the answer to be read.
+    fn progress_send(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
+        if self.sending.is_none() && self.out_is_empty() {
+            return Ok(());
+        }
+        match self.poll_send(cx) {
+            Poll::Ready(Ok(())) | Poll::Pending => Ok(()),
+            Poll::Ready(Err(SendFail::Other(e))) => Err(e),
+            Poll::Ready(Err(SendFail::Io(e))) if !self.wrote => Err(H1Error::Write(e)),
+            Poll::Ready(Err(SendFail::Io(e))) => {
+                self.sending = None;
+                self.wpos = self.wbuf.len();
+                self.wdata = Bytes::new();
+                self.wtail = &[];
+                self.write_failed = Some(e);
+                self.keep_alive = false;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What ends a request body framed so: nothing, or chunked's last chunk.
+fn end_of_body(framing: ReqFraming) -> Result<&'static [u8], H1Error> {
+    match framing {
+        ReqFraming::Chunked => Ok(b"0\r\n\r\n"),
+        ReqFraming::Length(0) | ReqFraming::None => Ok(&[]),
+        ReqFraming::Length(_) => Err(H1Error::BodyLength("shorter")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request head.
+
+/// Writes `parts` as a request head into `buf` (cleared first) and says how the body goes
+/// (`ended` when the body is known to be empty, `exact` its length when known) and whether the
+/// request asks to close the connection. One pass over the headers: the framing ones are
+/// noted on the way, and the `Content-Length` written (once) after the others.
+fn encode_head(
+    buf: &mut Vec<u8>,
+    parts: &request::Parts,
+    ended: bool,
+    exact: Option<u64>,
+) -> (ReqFraming, bool) {
+    buf.clear();
+    buf.extend_from_slice(parts.method.as_str().as_bytes());
+    buf.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    buf.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
+    });
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut seen = FramingHeaders::default();
+    for (name, value) in &parts.headers {
+        if seen.note(name, value.as_bytes()) == Some(Noted::ContentLength) {
+            continue;
+        }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    let given_len = seen.len.ok().flatten();
+    let (framing, write_len) = if seen.te {
+        // The request's own Transfer-Encoding (written above) frames it; chunked goes last.
+        if !seen.chunked {
+            buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        (ReqFraming::Chunked, None)
+    } else if let Some(n) = given_len {
+        let framing = if ended && n == 0 {
+            ReqFraming::None
+        } else {
+            ReqFraming::Length(n)
+        };
+        (framing, Some(n))
+    } else if ended {
+        let zero = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+        (ReqFraming::None, zero.then_some(0))
+    } else if let Some(n) = exact {
+        (ReqFraming::Length(n), Some(n))
+    } else {
+        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        (ReqFraming::Chunked, None)
+    };
+    if let Some(n) = write_len {
+        buf.extend_from_slice(b"content-length: ");
+        write_dec(buf, n);
+        buf.extend_from_slice(b"\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+    (framing, seen.close)
+}
+
+/// Which framing header [`FramingHeaders::note`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Noted {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+}
+
+/// What a message's framing headers say, noted while going over its headers once (comparing
+/// standard names is cheap; looking each one up in a `HeaderMap` is not).
+#[derive(Debug)]
+struct FramingHeaders {
+    /// `Content-Length`: `Ok(None)` when there is none, `Err` when a value is not a number or
+    /// values differ.
+    len: Result<Option<u64>, ()>,
+    /// There is a `Transfer-Encoding`…
+    te: bool,
+    /// …and its last coding is `chunked`.
+    chunked: bool,
+    /// `Connection` lists `close`.
+    close: bool,
+    /// `Connection` lists `keep-alive`.
+    keep_alive: bool,
+}
+
+impl Default for FramingHeaders {
+    fn default() -> Self {
+        Self {
+            len: Ok(None),
+            te: false,
+            chunked: false,
+            close: false,
+            keep_alive: false,
+        }
+    }
+}
+
+impl FramingHeaders {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Option<Noted> {
+        if name == header::CONTENT_LENGTH {
+            for part in value.split(|&b| b == b',') {
+                self.len = match (self.len, parse_decimal(part.trim_ascii())) {
+                    (Ok(None), Some(n)) => Ok(Some(n)),
+                    (Ok(Some(l)), Some(n)) if l == n => Ok(Some(n)),
+                    _ => Err(()),
+                };
+            }
+            Some(Noted::ContentLength)
+        } else if name == header::TRANSFER_ENCODING {
+            self.te = true;
+            self.chunked = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            Some(Noted::TransferEncoding)
+        } else if name == header::CONNECTION {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+            Some(Noted::Connection)
+        } else {
+            None
+        }
+    }
+}
+
+fn write_dec(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+fn write_hex(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The answer head.
+
+/// Parses an answer head from the front of `buf`, taking it out; `None`: not complete yet.
+/// `spans` is scratch room, kept by the connection so that parsing allocates nothing.
+fn parse_head(
+    buf: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
+) -> Result<Option<(response::Parts, FramingHeaders)>, H1Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Where each name and value lies in `buf`, to slice them out of the frozen head.
+    spans.clear();
+    let (len, code, version, reason) = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut headers,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(H1Error::HeadTooLarge),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Malformed("more than 100 header lines"));
+            }
+            Err(_) => return Err(H1Error::Malformed("invalid head")),
+        };
+        if len > MAX_HEAD {
+            return Err(H1Error::HeadTooLarge);
+        }
+        let base = buf.as_ptr() as usize;
+        let offset = |p: *const u8| p as usize - base;
+        spans.extend(resp.headers.iter().map(|h| {
+            let n = offset(h.name.as_ptr());
+            let v = offset(h.value.as_ptr());
+            [n, n + h.name.len(), v, v + h.value.len()]
+        }));
+        let reason = resp.reason.map(|r| {
+            let at = offset(r.as_ptr());
+            (at, at + r.len())
+        });
+        (len, resp.code.unwrap_or(0), resp.version.unwrap_or(1), reason)
+    };
+    let head = buf.split_to(len).freeze();
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut seen = FramingHeaders::default();
+    for &[ns, ne, vs, ve] in spans.iter() {
+        let name =
+            HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("invalid header name"))?;
+        seen.note(&name, &head[vs..ve]);
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| H1Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = if version == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    parts.headers = headers;
+    if let Some((s, e)) = reason {
+        let reason = &head[s..e];
+        if Some(reason) != status.canonical_reason().map(str::as_bytes)
+            && let Ok(r) = hyper::ext::ReasonPhrase::try_from(head.slice(s..e))
+        {
+            // Passed on as hyper's client did: its server writes it in place of the canonical one.
+            parts.extensions.insert(r);
+        }
+    }
+    Ok(Some((parts, seen)))
+}
+
+/// How the answer to a request (a HEAD request when `head_request`) is framed, RFC 9112 §6.3.
+fn answer_framing(
+    head_request: bool,
+    parts: &response::Parts,
+    seen: &FramingHeaders,
+) -> Result<Framing, H1Error> {
+    let s = parts.status.as_u16();
+    if head_request || (100..200).contains(&s) || s == 204 || s == 304 {
+        return Ok(Framing::Empty);
+    }
+    if seen.te {
+        if parts.version == Version::HTTP_10 {
+            return Err(H1Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
+        }
+        return Ok(if seen.chunked {
+            Framing::Chunked(ChunkedDecoder::default())
+        } else {
+            Framing::Close
+        });
+    }
+    match seen.len {
+        Ok(Some(n)) => Ok(Framing::Length(n)),
+        Ok(None) => Ok(Framing::Close),
+        Err(()) => Err(H1Error::Malformed("invalid or differing Content-Length")),
+    }
+}
+
+/// Whether the answer lets the connection stay open (HTTP/1.1 unless `close`, HTTP/1.0 only
+/// with `keep-alive`).
+fn answer_keeps_alive(version: Version, seen: &FramingHeaders) -> bool {
+    match version {
+        Version::HTTP_11 => !seen.close,
+        Version::HTTP_10 => seen.keep_alive,
+        _ => false,
+    }
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10))
+            .and_then(|n| n.checked_add(u64::from(b - b'0')))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked answers.
+
+/// What the chunked decoder found.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// The chunk size's hex digits.
+    Size {
+        size: u64,
+        digits: u32,
+    },
+    /// Whitespace after the size.
+    SizeWs {
+        size: u64,
+    },
+    /// A chunk extension, skipped.
+    Ext {
+        size: u64,
+    },
+    /// The LF ending the size line.
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        left: u64,
+    },
+    DataCr,
+    DataLf,
+    /// The trailer section, up to its empty line.
+    Trailers,
+    Done,
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1), strictly: anything malformed is an error.
+#[derive(Debug)]
+pub(crate) struct ChunkedDecoder {
+    state: ChunkState,
+    ext_len: usize,
+    trailers: Vec<u8>,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self {
+            state: ChunkState::Size { size: 0, digits: 0 },
+            ext_len: 0,
+            trailers: Vec::new(),
+        }
+    }
+}
+
+impl ChunkedDecoder {
+    pub(crate) fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Decodes from the front of `buf`, taking what it used: chunk data as it comes, then the
+    /// trailers if there are any. `Ok(None)`: `buf` is used up (or the body is done).
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, H1Error> {
+        use ChunkState as S;
+        let bad = H1Error::Malformed;
+        loop {
+            if let S::Data { left } = self.state {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let left = left - n as u64;
+                self.state = if left == 0 { S::DataCr } else { S::Data { left } };
+                return Ok(Some(Decoded::Data(buf.split_to(n).freeze())));
+            }
+            if self.state == S::Done {
+                return Ok(None);
+            }
+            let Some(&b) = buf.first() else { return Ok(None) };
+            buf.advance(1);
+            self.state = match (self.state, b) {
+                (S::Size { size, digits }, _) if b.is_ascii_hexdigit() => {
+                    if size >> 60 != 0 {
+                        return Err(bad("chunk size too large"));
+                    }
+                    let v = (b as char).to_digit(16).unwrap_or(0);
+                    S::Size {
+                        size: size << 4 | u64::from(v),
+                        digits: digits + 1,
+                    }
+                }
+                (S::Size { digits: 0, .. }, _) => return Err(bad("invalid chunk size")),
+                (S::Size { size, .. } | S::SizeWs { size }, b' ' | b'\t') => S::SizeWs { size },
+                (S::Size { size, .. } | S::SizeWs { size } | S::Ext { size }, b';') => {
+                    self.count_ext()?;
+                    S::Ext { size }
+                }
+                (S::Size { size, .. } | S::SizeWs { size } | S::Ext { size }, b'\r') => S::SizeLf { size },
+                (S::Size { .. } | S::SizeWs { .. }, _) => return Err(bad("invalid chunk size")),
+                (S::Ext { size }, _) => {
+                    if b != b'\t' && (b < 0x20 || b == 0x7f) {
+                        return Err(bad("invalid chunk extension"));
+                    }
+                    self.count_ext()?;
+                    S::Ext { size }
+                }
+                (S::SizeLf { size: 0 }, b'\n') => S::Trailers,
+                (S::SizeLf { size }, b'\n') => S::Data { left: size },
+                (S::SizeLf { .. }, _) => return Err(bad("chunk size line not ended by CRLF")),
+                (S::DataCr, b'\r') => S::DataLf,
+                (S::DataLf, b'\n') => S::Size { size: 0, digits: 0 },
+                (S::DataCr | S::DataLf, _) => return Err(bad("chunk data not followed by CRLF")),
+                (S::Trailers, _) => {
+                    if b == b'\n' && !self.trailers.ends_with(b"\r") {
+                        return Err(bad("trailer line not ended by CRLF"));
+                    }
+                    self.trailers.push(b);
+                    if self.trailers.len() > MAX_TRAILERS {
+                        return Err(bad("trailers too large"));
+                    }
+                    if self.trailers == b"\r\n" {
+                        self.state = S::Done;
+                        return Ok(None);
+                    }
+                    if self.trailers.ends_with(b"\r\n\r\n") {
+                        self.state = S::Done;
+                        return parse_trailers(&self.trailers).map(|t| Some(Decoded::Trailers(t)));
+                    }
+                    S::Trailers
+                }
+                (S::Data { .. } | S::Done, _) => self.state,
+            };
+        }
+    }
+
+    fn count_ext(&mut self) -> Result<(), H1Error> {
+        self.ext_len += 1;
+        if self.ext_len > MAX_CHUNK_EXT {
+            return Err(H1Error::Malformed("chunk extensions too large"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, H1Error> {
+    let bad = || H1Error::Malformed("invalid trailers");
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Ok(httparse::Status::Complete((_, parsed))) = httparse::parse_headers(raw, &mut headers) else {
+        return Err(bad());
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad())?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A request body given back unsent: the frame already taken from it, then the rest.
+struct Prefixed {
+    prefix: Bytes,
+    rest: Option<Body>,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut self.prefix)))));
+        }
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), HttpBody::size_hint);
+        let n = self.prefix.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(n));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8], splits: &[usize]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), H1Error> {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        let mut from = 0;
+        for &to in splits.iter().chain(std::iter::once(&input.len())) {
+            buf.extend_from_slice(&input[from..to]);
+            from = to;
+            while let Some(d) = dec.decode(&mut buf)? {
+                match d {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::Trailers(t) => trailers = Some(t),
+                }
+            }
+        }
+        assert!(buf.is_empty() || dec.is_done(), "left over: {buf:?}");
+        Ok((data, trailers, dec.is_done()))
+    }
+
+    const WITH_TRAILERS: &[u8] =
+        b"5;name=value;other\r\nhello\r\n1a \t ; x=\"q\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-sum: 42\r\nx-b: 1\r\n\r\n";
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_split() {
+        for input in [
+            WITH_TRAILERS,
+            b"3\r\nabc\r\n0\r\n\r\n".as_slice(),
+            b"A\r\n0123456789\r\n0000\r\n\r\n".as_slice(),
+        ] {
+            let whole = decode_all(input, &[]).unwrap();
+            assert!(whole.2, "not done: {input:?}");
+            for i in 0..=input.len() {
+                for j in i..=input.len() {
+                    let split = decode_all(input, &[i, j]).unwrap();
+                    assert_eq!(split.0, whole.0, "split at {i}, {j}");
+                    assert_eq!(split.1, whole.1, "split at {i}, {j}");
+                    assert!(split.2);
+                }
+            }
+        }
+        let (data, trailers, _) = decode_all(WITH_TRAILERS, &[]).unwrap();
+        assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz");
+        let trailers = trailers.unwrap();
+        assert_eq!(trailers["x-sum"], "42");
+        assert_eq!(trailers["x-b"], "1");
+        assert_eq!(decode_all(b"3\r\nabc\r\n0\r\n\r\n", &[]).unwrap().1, None);
+    }
+
+    #[test]
+    fn the_decoder_stops_at_the_end_of_the_body() {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n"[..]);
+        assert_eq!(
+            dec.decode(&mut buf).unwrap(),
+            Some(Decoded::Data(Bytes::from_static(b"a")))
+        );
+        assert_eq!(dec.decode(&mut buf).unwrap(), None);
+        assert!(dec.is_done());
+        assert_eq!(&buf[..], b"HTTP/1.1 200 OK\r\n");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            b"\r\n".as_slice(),
+            b"g\r\n",
+            b";ext\r\n",
+            b"-1\r\n",
+            b"3\nabc\r\n",
+            b"3\r\nabcX\r\n",
+            b"3\r\nabc\rX",
+            b"3 4\r\nabc\r\n",
+            b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nx: 1\n\r\n",
+            b"3;a\x01b\r\n",
+            // 17 hex digits: more than 64 bits.
+            b"10000000000000000\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(
+                matches!(decode_all(bad, &[]), Err(H1Error::Malformed(_))),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The largest size that fits is a size (its data just never comes).
+        assert!(decode_all(b"ffffffffffffffff\r\n", &[]).is_ok());
+        let long_ext = [b"1;".as_slice(), &[b'a'; MAX_CHUNK_EXT], b"\r\na\r\n"].concat();
+        assert!(decode_all(&long_ext, &[]).is_err());
+    }
+
+    fn head_and_seen(raw: &str) -> Result<Option<(response::Parts, FramingHeaders)>, H1Error> {
+        parse_head(&mut BytesMut::from(raw.as_bytes()), &mut Vec::new())
+    }
+
+    fn head(raw: &str) -> Result<Option<response::Parts>, H1Error> {
+        head_and_seen(raw).map(|h| h.map(|(parts, _)| parts))
+    }
+
+    fn framing_of(raw: &str, head_request: bool) -> Result<Framing, H1Error> {
+        let (parts, seen) = head_and_seen(raw)?.unwrap();
+        answer_framing(head_request, &parts, &seen)
+    }
+
+    #[test]
+    fn answer_heads_are_parsed_into_parts() {
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 201 Made\r\nA: 1\r\nset-cookie: x\r\nSet-Cookie: y\r\n\r\nbody"[..]);
+        let (parts, _) = parse_head(&mut buf, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!(&buf[..], b"body");
+        assert_eq!(parts.status, 201);
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers["a"], "1");
+        assert_eq!(parts.headers.get_all("set-cookie").iter().count(), 2);
+        let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Made");
+        let ok = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(ok.version, Version::HTTP_10);
+        assert!(ok.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+        assert!(head("HTTP/1.1 200 OK\r\nA: 1\r\n").unwrap().is_none());
+        assert!(matches!(
+            head("HTTP/1.1 2000 OK\r\n\r\n"),
+            Err(H1Error::Malformed(_))
+        ));
+        assert!(matches!(head("SSH-2.0-x\r\n\r\n"), Err(H1Error::Malformed(_))));
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(head(&huge), Err(H1Error::HeadTooLarge)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
+        assert!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err());
+    }
+
+    #[test]
+    fn answer_framing_follows_rfc_9112() {
+        let f = |raw: &str| framing_of(raw, false);
+        assert!(matches!(
+            framing_of("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true),
+            Ok(Framing::Empty)
+        ));
+        for s in ["204 No Content", "304 Not Modified"] {
+            assert!(matches!(
+                f(&format!("HTTP/1.1 {s}\r\ncontent-length: 5\r\n\r\n")),
+                Ok(Framing::Empty)
+            ));
+        }
+        assert!(matches!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Ok(Framing::Length(5))
+        ));
+        assert!(matches!(
+            f("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"),
+            Ok(Framing::Length(5))
+        ));
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n").is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n").is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n").is_err());
+        assert!(matches!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\ncontent-length: 5\r\n\r\n"),
+            Ok(Framing::Chunked(_))
+        ));
+        assert!(matches!(
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n"),
+            Ok(Framing::Close)
+        ));
+        assert!(f("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+        assert!(matches!(f("HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::Close)));
+        // What hyper's Incoming reported, which hyper's server frames the answer by.
+        assert_eq!(Framing::Length(5).size_hint().exact(), Some(5));
+        assert!(Framing::Length(0).is_end_stream() && Framing::Empty.is_end_stream());
+        assert_eq!(Framing::Empty.size_hint().exact(), Some(0));
+        assert_eq!(Framing::Close.size_hint().exact(), None);
+        assert!(!Framing::Chunked(ChunkedDecoder::default()).is_end_stream());
+    }
+
+    #[test]
+    fn keep_alive_needs_both_sides() {
+        let keeps = |raw: &str| {
+            let (parts, seen) = head_and_seen(raw).unwrap().unwrap();
+            answer_keeps_alive(parts.version, &seen)
+        };
+        assert!(keeps("HTTP/1.1 200 OK\r\n\r\n"));
+        assert!(!keeps("HTTP/1.1 200 OK\r\nconnection: foo, Close\r\n\r\n"));
+        assert!(!keeps("HTTP/1.0 200 OK\r\n\r\n"));
+        assert!(keeps("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, ReqFraming) {
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        let mut buf = b"garbage".to_vec();
+        let (framing, _) = encode_head(&mut buf, &parts, ended, exact);
+        (String::from_utf8(buf).unwrap(), framing)
+    }
+
+    #[test]
+    fn request_heads_are_serialized_with_their_framing() {
+        let get = || {
+            Request::get("/p?q=1")
+                .header("host", "a.example")
+                .header("x-two", "1")
+        };
+        let (h, f) = encoded(get(), true, Some(0));
+        assert_eq!(h, "GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-two: 1\r\n\r\n");
+        assert_eq!(f, ReqFraming::None);
+        let (h, f) = encoded(Request::post("/").header("host", "h"), true, Some(0));
+        assert_eq!(h, "POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(f, ReqFraming::None);
+        let (h, f) = encoded(Request::delete("/").header("host", "h"), true, Some(0));
+        assert_eq!(h, "DELETE / HTTP/1.1\r\nhost: h\r\n\r\n");
+        assert_eq!(f, ReqFraming::None);
+        let (h, f) = encoded(Request::put("/x").header("content-length", "12"), false, None);
+        assert_eq!(h, "PUT /x HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
+        assert_eq!(f, ReqFraming::Length(12));
+        let (h, f) = encoded(Request::put("/x"), false, Some(1234567890));
+        assert_eq!(h, "PUT /x HTTP/1.1\r\ncontent-length: 1234567890\r\n\r\n");
+        assert_eq!(f, ReqFraming::Length(1234567890));
+        let (h, f) = encoded(Request::post("/x").header("content-length", "x"), false, None);
+        assert_eq!(h, "POST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(f, ReqFraming::Chunked);
+        let (h, f) = encoded(
+            Request::post("/x")
+                .header("transfer-encoding", "gzip")
+                .header("content-length", "3"),
+            false,
+            Some(3),
+        );
+        assert_eq!(
+            h,
+            "POST /x HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(f, ReqFraming::Chunked);
+        let (h, _) = encoded(Request::options("*"), true, None);
+        assert_eq!(h, "OPTIONS * HTTP/1.1\r\n\r\n");
+        // A Content-Length goes after the other headers, once.
+        let (h, f) = encoded(
+            Request::post("/")
+                .header("content-length", "2, 2")
+                .header("a", "b")
+                .header("content-length", "2"),
+            false,
+            Some(2),
+        );
+        assert_eq!(h, "POST / HTTP/1.1\r\na: b\r\ncontent-length: 2\r\n\r\n");
+        assert_eq!(f, ReqFraming::Length(2));
+        // A request that says close is noted.
+        let (parts, ()) = Request::get("/")
+            .header("connection", "Close")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(encode_head(&mut Vec::new(), &parts, true, None).1);
+        let (parts, ()) = Request::get("/")
+            .header("connection", "keep-alive")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(!encode_head(&mut Vec::new(), &parts, true, None).1);
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_and_hex() {
+        for n in [0u64, 9, 10, 255, 4096, u64::MAX] {
+            let (mut d, mut x) = (Vec::new(), Vec::new());
+            write_dec(&mut d, n);
+            write_hex(&mut x, n);
+            assert_eq!(String::from_utf8(d).unwrap(), n.to_string());
+            assert_eq!(String::from_utf8(x).unwrap(), format!("{n:x}"));
+        }
+    }
+}
