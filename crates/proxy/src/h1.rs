@@ -9,7 +9,7 @@
 //! connection can carry another request when the answer was read to its end, both sides wanted
 //! to keep it open, and nothing is left over. hyper's client did the same through a dispatch
 //! channel, a oneshot and a general state machine: about 16k instructions per request on the
-//! edge's benchmark, three times what this takes (`docs/perf.md`).
+//! edge's benchmark, twice what this takes (`docs/perf.md`).
 //!
 //! Request body framing: none when the body is known to be empty (`content-length: 0` added
 //! for POST, PUT and PATCH that lack one); the request's own valid `Content-Length`; else the
