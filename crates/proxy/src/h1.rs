@@ -755,6 +755,12 @@ fn answer_framing(
         if parts.version == Version::HTTP_10 {
             return Err(H1Error::Malformed("Transfer-Encoding in an HTTP/1.0 answer"));
         }
+        // RFC 9112 §6.3 lets Transfer-Encoding override it, and calls the pair a sign of
+        // response splitting; forwarding it would also hand the client a Content-Length that
+        // does not frame what follows. Refused, as nginx refuses it from an upstream.
+        if seen.len != Ok(None) {
+            return Err(H1Error::Malformed("both Transfer-Encoding and Content-Length"));
+        }
         return Ok(if seen.chunked {
             Framing::Chunked(ChunkedDecoder::default())
         } else {
@@ -1156,9 +1162,11 @@ mod tests {
         assert!(f("HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n").is_err());
         assert!(f("HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n").is_err());
         assert!(matches!(
-            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\ncontent-length: 5\r\n\r\n"),
+            f("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n"),
             Ok(Framing::Chunked(_))
         ));
+        assert!(f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n").is_err());
+        assert!(f("HTTP/1.1 200 OK\r\ncontent-length: x\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(matches!(
             f("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n"),
             Ok(Framing::Close)
