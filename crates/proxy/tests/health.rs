@@ -17,10 +17,8 @@ mod tests {
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
-    use aloft_api::{CatalogEntry, CheckState, CheckStatus, MachineId, MachineServiceCheck, MachineState};
-    use aloft_proxy::{
-        ControlFuture, DialFuture, Dialer, DirectDialer, Edge, EdgeConfig, MachineControl, UdpFuture,
-    };
+    use aloft_api::{CatalogEntry, CheckState, CheckStatus, MachineServiceCheck, MachineState};
+    use aloft_proxy::{DialFuture, Dialer, DirectDialer, Edge, EdgeConfig, UdpFuture};
     use bytes::Bytes;
     use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
@@ -30,7 +28,8 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use crate::common::{
-        Backend, Handler, Ids, Loopback, body, http_entry, internal_port, metric, serve_backend, until_every,
+        Backend, Handler, Ids, Loopback, NoControl, body, http_entry, internal_port, metric, serve_backend,
+        until_every,
     };
 
     /// This file's machines: 127.0.230–239.y.
@@ -47,22 +46,6 @@ mod tests {
             (l, p)
         })
         .1
-    }
-
-    /// Machines are always started here.
-    #[derive(Debug)]
-    struct NoControl;
-
-    impl MachineControl for NoControl {
-        fn start(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn stop(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn suspend(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
     }
 
     /// Dials directly, counting connections per address; an address in `redirect` is dialed at

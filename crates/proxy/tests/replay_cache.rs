@@ -16,8 +16,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use aloft_api::{CatalogEntry, HttpOptions, MachineId, ReplayCache, ReplayCacheType};
-    use aloft_proxy::{ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl};
+    use aloft_api::{CatalogEntry, HttpOptions, ReplayCache, ReplayCacheType};
+    use aloft_proxy::{DirectDialer, Edge, EdgeConfig};
     use bytes::Bytes;
     use http::{HeaderMap, Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
@@ -28,7 +28,8 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use crate::common::{
-        Backend, BackendBody, Handler, Ids, Loopback, body, http_entry, internal_port, serve_counting,
+        Backend, BackendBody, Handler, Ids, Loopback, NoControl, body, http_entry, internal_port,
+        serve_counting,
     };
 
     // -----------------------------------------------------------------------------------------
@@ -112,22 +113,6 @@ mod tests {
 
     // -----------------------------------------------------------------------------------------
     // The edge under test.
-
-    /// Machines are always started here: nothing to start or stop.
-    #[derive(Debug)]
-    struct NoControl;
-
-    impl MachineControl for NoControl {
-        fn start(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn stop(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn suspend(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     fn config() -> EdgeConfig {
         let mut c = EdgeConfig::new("test");

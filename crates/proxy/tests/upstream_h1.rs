@@ -18,8 +18,8 @@ mod tests {
     use std::task::{Context, Poll};
     use std::time::Duration;
 
-    use aloft_api::{CatalogEntry, MachineId};
-    use aloft_proxy::{ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl};
+    use aloft_api::CatalogEntry;
+    use aloft_proxy::{DirectDialer, Edge, EdgeConfig};
     use bytes::Bytes;
     use http::{HeaderMap, Request, StatusCode};
     use http_body_util::{BodyExt, Full};
@@ -29,26 +29,11 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
 
-    use crate::common::{Ids, Loopback, http_entry};
+    use crate::common::{Ids, Loopback, NoControl, http_entry};
 
     /// This file's machines: 127.0.210–219.y.
     static IPS: Loopback = Loopback::new(210, 219);
     static IDS: Ids = Ids::new([0x11, 0x01]);
-
-    #[derive(Debug)]
-    struct NoControl;
-
-    impl MachineControl for NoControl {
-        fn start(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn stop(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn suspend(&self, _app: &str, _id: &MachineId) -> ControlFuture {
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     fn addr_of(e: &CatalogEntry) -> SocketAddr {
         let port = e.services.first().and_then(|s| s.internal_port).unwrap();

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aloft_api::{CatalogEntry, MachineId, MachinePort, MachineService, MachineState};
+use aloft_proxy::{ControlFuture, MachineControl};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
@@ -23,6 +24,25 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+// ---------------------------------------------------------------------------------------------
+// The edge's control.
+
+/// A control for tests whose machines are always started: every call succeeds, nothing happens.
+#[derive(Debug)]
+pub(crate) struct NoControl;
+
+impl MachineControl for NoControl {
+    fn start(&self, _app: &str, _id: &MachineId) -> ControlFuture {
+        Box::pin(async { Ok(()) })
+    }
+    fn stop(&self, _app: &str, _id: &MachineId) -> ControlFuture {
+        Box::pin(async { Ok(()) })
+    }
+    fn suspend(&self, _app: &str, _id: &MachineId) -> ControlFuture {
+        Box::pin(async { Ok(()) })
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Addresses and ids.
