@@ -238,7 +238,7 @@ impl H1Conn {
                 let rest = self.sending.take().map(|s| s.body).or(unsent);
                 let prefix = std::mem::take(&mut self.wdata);
                 self.keep_alive = false;
-                let body = Prefixed { prefix, rest }.boxed_unsync();
+                let body = crate::http::Prefixed { prefix, rest }.boxed_unsync();
                 Err(H1Fail::NotSent(Box::new(Request::from_parts(parts, body))))
             }
             Err(e) => {
@@ -955,50 +955,6 @@ fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, H1Error> {
         map.append(name, value);
     }
     Ok(map)
-}
-
-// ---------------------------------------------------------------------------------------------
-
-/// A request body given back unsent: the frame already taken from it, then the rest.
-struct Prefixed {
-    prefix: Bytes,
-    rest: Option<Body>,
-}
-
-impl HttpBody for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.prefix.is_empty() {
-            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut self.prefix)))));
-        }
-        match &mut self.rest {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let rest = self
-            .rest
-            .as_ref()
-            .map_or(SizeHint::with_exact(0), HttpBody::size_hint);
-        let n = self.prefix.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(n));
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(n));
-        }
-        hint
-    }
 }
 
 #[cfg(test)]

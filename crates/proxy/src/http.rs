@@ -918,9 +918,9 @@ async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Proxy
                 let Ok(data) = frame.into_data() else { continue };
                 kept.extend_from_slice(&data);
                 if kept.len() as u64 > REPLAYABLE_BODY {
-                    let rest = Resumed {
-                        prefix: Some(kept.freeze()),
-                        rest: body,
+                    let rest = Prefixed {
+                        prefix: kept.freeze(),
+                        rest: Some(body),
                     };
                     return Ok(ReqBody::Stream(Some(rest.boxed_unsync())));
                 }
@@ -929,13 +929,19 @@ async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Proxy
     }
 }
 
-/// A request body of which the edge already read `prefix`.
-struct Resumed {
-    prefix: Option<Bytes>,
-    rest: Incoming,
+/// A request body of which the edge already took `prefix` (read it while deciding whether to
+/// keep the body, or took it out to send and then gave the request back unsent): `prefix`,
+/// then what is left of the body.
+pub(crate) struct Prefixed<B> {
+    pub(crate) prefix: Bytes,
+    pub(crate) rest: Option<B>,
 }
 
-impl HttpBody for Resumed {
+impl<B> HttpBody for Prefixed<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -943,16 +949,31 @@ impl HttpBody for Resumed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(p) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(p))));
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut self.prefix)))));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(Into::into),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.rest.is_end_stream()
+        self.prefix.is_empty() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), HttpBody::size_hint);
+        let n = self.prefix.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(n));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint
     }
 }
 
