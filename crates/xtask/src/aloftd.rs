@@ -132,7 +132,7 @@ pub(crate) fn destroy_all(conn: &mut Conn, app: &str) -> anyhow::Result<()> {
 
 /// The last resort after aloftd stopped: QEMU processes whose command line names this daemon's
 /// data directory were started by it for this benchmark; kill them by pid.
-pub(crate) fn kill_leftover_vms(data_dir: &Path) {
+fn kill_leftover_vms(data_dir: &Path) {
     let needle = data_dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
@@ -280,7 +280,8 @@ impl Daemon {
         String::from_utf8_lossy(&log[from..]).into_owned()
     }
 
-    /// SIGTERM, then up to 15 s to exit, then SIGKILL: only this child, by its pid.
+    /// SIGTERM, then up to 15 s to exit, then SIGKILL: only this child, by its pid; then (VM
+    /// driver) the QEMU processes of its machines a failed run left running.
     pub(crate) fn stop(mut self) {
         self.terminate();
     }

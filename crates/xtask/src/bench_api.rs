@@ -25,8 +25,8 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::aloftd::{
-    Conn, Daemon, Idle, build_aloftd, create_app, destroy, destroy_all, kill_leftover_vms, loadavg, ms,
-    round1, unix_ms, wait_state,
+    Conn, Daemon, Idle, build_aloftd, create_app, destroy, destroy_all, loadavg, ms, round1, unix_ms,
+    wait_state,
 };
 use crate::stats::{median, min};
 
@@ -614,9 +614,8 @@ fn vm_series(bin: &Path, runs: usize) -> anyhow::Result<VmResults> {
     if result.is_err() || cleaned.is_err() {
         eprintln!("bench api: VM aloftd's log:\n{}", daemon.log_tail());
     }
-    let data_dir = daemon.data_dir();
+    // Stopping it also kills what machines a failed run left (`Daemon::stop`).
     daemon.stop();
-    kill_leftover_vms(&data_dir);
     cleaned?;
     result
 }

@@ -27,8 +27,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::aloftd::{
-    Conn, Daemon, build_aloftd, create_app, destroy_all, kill_leftover_vms, loadavg, ms, read_response,
-    round1,
+    Conn, Daemon, build_aloftd, create_app, destroy_all, loadavg, ms, read_response, round1,
 };
 use crate::stats::{median, min};
 
@@ -121,9 +120,8 @@ pub(crate) fn run(args: &DeployBench) -> anyhow::Result<()> {
     if result.is_err() || cleaned.is_err() {
         eprintln!("bench deploy: aloftd's log:\n{}", daemon.log_tail());
     }
-    let data_dir = daemon.data_dir();
+    // Stopping it also kills what machines a failed run left (`Daemon::stop`).
     daemon.stop();
-    kill_leftover_vms(&data_dir);
     drop(ns);
     cleaned?;
     let r = result?;

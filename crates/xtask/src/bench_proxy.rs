@@ -34,9 +34,7 @@ use aloft_image::RootfsFormat;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::aloftd::{
-    Conn, Daemon, build_aloftd, create_app, destroy_all, kill_leftover_vms, loadavg, ms, round1, wait_state,
-};
+use crate::aloftd::{Conn, Daemon, build_aloftd, create_app, destroy_all, loadavg, ms, round1, wait_state};
 use crate::stats::{median, min};
 
 /// The Host every wrk request carries (the edge routes `bench.localhost` to app `bench`).
@@ -898,9 +896,8 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
     if result.is_err() || cleaned.is_err() {
         eprintln!("bench proxy: aloftd's log:\n{}", daemon.log_tail());
     }
-    let data_dir = daemon.data_dir();
+    // Stopping it also kills what machines a failed run left (`Daemon::stop`).
     daemon.stop();
-    kill_leftover_vms(&data_dir);
     drop(ns);
     cleaned?;
     result
