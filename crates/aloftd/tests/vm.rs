@@ -14,7 +14,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
     use std::net::{Ipv6Addr, SocketAddr, TcpStream};
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -186,16 +186,11 @@ mod tests {
         /// Nothing left on the host for `id`: no QEMU process, no machine directory, no cgroup.
         fn assert_gone(&self, id: &str) {
             let machine_dir = self.machine_dir(id);
-            let parent = self.cgroups.name();
-            let cgroups = [
-                format!("/sys/fs/cgroup/memory/{parent}/{id}"),
-                format!("/sys/fs/cgroup/cpu/{parent}/{id}"),
-                format!("/sys/fs/cgroup/{parent}/{id}"),
-            ];
+            let cgroups = self.cgroups.machine_dirs(id);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let procs = aloft_vm::processes_mentioning(&machine_dir);
-                let left: Vec<&String> = cgroups.iter().filter(|c| Path::new(c).exists()).collect();
+                let left: Vec<&PathBuf> = cgroups.iter().filter(|c| c.exists()).collect();
                 if procs.is_empty() && !machine_dir.exists() && left.is_empty() {
                     return;
                 }

@@ -30,12 +30,22 @@ impl CgroupParent {
         &self.name
     }
 
-    fn dirs(&self) -> Vec<PathBuf> {
+    /// Where machine `name`'s cgroup is (or would be) under this parent, in every hierarchy a
+    /// jailed machine joins (cgroup v2's root, v1's `cpu` and `memory`): a test can check that
+    /// none is left.
+    pub fn machine_dirs(&self, name: &str) -> Vec<PathBuf> {
+        self.hierarchy_dirs().into_iter().map(|d| d.join(name)).collect()
+    }
+
+    fn hierarchy_dirs(&self) -> Vec<PathBuf> {
         ["/sys/fs/cgroup", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory"]
             .iter()
             .map(|root| PathBuf::from(root).join(&self.name))
-            .filter(|d| d.is_dir())
             .collect()
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.hierarchy_dirs().into_iter().filter(|d| d.is_dir()).collect()
     }
 }
 
