@@ -5,6 +5,7 @@
 //! Wiring only: routing, balancing and TLS live in `aloft-proxy`.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,7 @@ use aloft_proxy::tls::{
 };
 use aloft_proxy::{
     ControlError, ControlFuture, DialFuture, Dialer, Edge, EdgeConfig, MachineControl, UdpFuture,
+    WorkerThreads,
 };
 use aloft_store::{ControlStore, Store};
 use anyhow::Context as _;
@@ -35,6 +37,8 @@ pub(crate) struct EdgeSettings {
     pub(crate) cert_key: PathBuf,
     pub(crate) http: SocketAddr,
     pub(crate) https: SocketAddr,
+    /// The edge's worker threads (`--edge-threads`); `None`: one per CPU.
+    pub(crate) threads: Option<NonZeroUsize>,
     pub(crate) metrics: Option<SocketAddr>,
     pub(crate) base_domain: String,
     pub(crate) autostop_interval: Duration,
@@ -44,12 +48,14 @@ pub(crate) struct EdgeSettings {
     pub(crate) acme: Option<crate::acme_issuer::AcmeSettings>,
 }
 
-/// The running edge; dropping it stops its listeners and loops (open connections end with the
-/// runtime).
+/// The running edge; dropping it stops its listeners and loops, then its worker threads (open
+/// connections end with them).
 #[derive(Debug)]
 pub(crate) struct EdgeRole {
     tasks: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// Dropped after the tasks are aborted (fields drop after `Drop::drop`).
+    _threads: WorkerThreads,
 }
 
 impl Drop for EdgeRole {
@@ -137,34 +143,40 @@ pub(crate) async fn start(
     .context("read the service catalog")?
     .context("start following the service catalog")?;
 
-    let http = TcpListener::bind(settings.http).await.with_context(|| {
+    // Traffic runs on the edge's own threads, one per core, each accepting on its own listener
+    // of each port (aloft_proxy::Workers); the once-per-edge loops stay on aloftd's runtime.
+    let threads =
+        WorkerThreads::start(settings.threads, "aloftd-edge").context("start the edge's threads")?;
+    let workers = threads.workers().clone();
+    let http = workers.bind_tcp(settings.http).with_context(|| {
         format!(
             "edge: listen for HTTP on {}; pick another address with --edge-http",
             settings.http
         )
     })?;
-    let https = TcpListener::bind(settings.https).await.with_context(|| {
+    let https = workers.bind_tcp(settings.https).with_context(|| {
         format!(
             "edge: listen for HTTPS on {}; pick another address with --edge-https",
             settings.https
         )
     })?;
-    let http_addr = http.local_addr().context("read the edge's HTTP address")?;
-    let https_addr = https.local_addr().context("read the edge's HTTPS address")?;
-    let mut tasks = vec![
-        tokio::spawn(Arc::clone(&edge).serve_http(http)),
-        tokio::spawn(Arc::clone(&edge).serve_https(https, tls)),
+    let http_addr = local_addr(&http).context("read the edge's HTTP address")?;
+    let https_addr = local_addr(&https).context("read the edge's HTTPS address")?;
+    let mut tasks = workers.spawn_each(http, |l| Arc::clone(&edge).serve_http(l));
+    tasks.extend(workers.spawn_each(https, |l| Arc::clone(&edge).serve_https(l, Arc::clone(&tls))));
+    tasks.extend([
         tokio::spawn(aloft_proxy::autostop_loop(Arc::clone(&edge))),
         // Service checks from the edge, through the dialer (inside the machines' namespace).
         tokio::spawn(Arc::clone(&edge).run_checks()),
-        tokio::spawn(Arc::clone(&edge).serve_tcp_services(settings.http.ip())),
-        tokio::spawn(Arc::clone(&edge).serve_udp_services(settings.http.ip())),
+        tokio::spawn(Arc::clone(&edge).serve_tcp_services(settings.http.ip(), workers.clone())),
+        // A UDP port is one socket, on one worker (a client's flow is tied to the socket).
+        workers.spawn(0, Arc::clone(&edge).serve_udp_services(settings.http.ip())),
         tokio::spawn(async move {
             if let Err(e) = manager.run().await {
                 eprintln!("aloftd: edge: the certificate manager stopped: {e}");
             }
         }),
-    ];
+    ]);
     if let Some(addr) = settings.metrics {
         let listener = TcpListener::bind(addr).await.with_context(|| {
             format!("edge: listen for metrics on {addr}; pick another address with --edge-metrics")
@@ -179,7 +191,20 @@ pub(crate) async fn start(
         "aloftd: edge on http://{http_addr} and https://{https_addr} for *.{}",
         settings.base_domain
     );
-    Ok(EdgeRole { tasks, stop })
+    eprintln!("aloftd: edge on {} threads", workers.len());
+    Ok(EdgeRole {
+        tasks,
+        stop,
+        _threads: threads,
+    })
+}
+
+/// The address a group of listeners sharing one port listens on.
+fn local_addr(listeners: &[TcpListener]) -> std::io::Result<SocketAddr> {
+    listeners
+        .first()
+        .ok_or_else(|| std::io::Error::other("the edge has no worker threads"))?
+        .local_addr()
 }
 
 /// The key custom domains' private keys are sealed with, created (with its directory, 0700) on

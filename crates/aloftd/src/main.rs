@@ -144,6 +144,10 @@ struct Args {
         value_name = "ADDR:PORT"
     )]
     edge_https: SocketAddr,
+    /// How many threads the edge proxy serves traffic on, each a single-threaded runtime with
+    /// its own listener of every public port; default: one per CPU.
+    #[arg(long, env = "ALOFT_EDGE_THREADS", value_name = "N")]
+    edge_threads: Option<std::num::NonZeroUsize>,
     /// Where the edge serves Prometheus metrics (`/metrics`); `off` for nowhere.
     #[arg(long, default_value = "127.0.0.1:9091", value_name = "ADDR:PORT|off")]
     edge_metrics: String,
@@ -199,6 +203,7 @@ impl Args {
                 .unwrap_or_else(|| self.data_dir.join("edge").join("cert-seal.key")),
             http: self.edge_http,
             https: self.edge_https,
+            threads: self.edge_threads,
             metrics,
             base_domain: self.base_domain.trim_matches('.').to_ascii_lowercase(),
             autostop_interval: Duration::from_secs(self.edge_autostop_interval.max(1)),

@@ -6,15 +6,18 @@
 //! ```
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:8081`), `--backend PORT` (the backend's port on
-//! 127.0.0.1, default 8080), `--threads N` (tokio worker threads; default the number of CPUs).
+//! 127.0.0.1, default 8080), `--threads N` (the edge's worker threads; default the number of CPUs).
 //! Prints `listening ADDR` on stdout once it accepts, then serves until killed. Nothing is ever
 //! started or stopped: the machine is always `started` and the control refuses every call.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use aloft_api::{CatalogEntry, MachineId};
-use aloft_proxy::{ControlError, ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl};
+use aloft_proxy::{
+    ControlError, ControlFuture, DirectDialer, Edge, EdgeConfig, MachineControl, WorkerThreads,
+};
 
 /// A control with no machines to start or stop.
 #[derive(Debug)]
@@ -85,19 +88,25 @@ fn entry(backend: u16) -> Result<CatalogEntry, serde_json::Error> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
+    // As aloftd runs it: traffic on the edge's worker threads, one listener each; the
+    // once-per-edge loops on a runtime of their own.
+    let threads = WorkerThreads::start(NonZeroUsize::new(args.threads), "edge")?;
+    let workers = threads.workers();
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let edge = Edge::new(EdgeConfig::new("local"), Arc::new(Static), Arc::new(DirectDialer));
         edge.routes().upsert(entry(args.backend)?);
-        // As aloftd runs it; the bench route has no checks, so it only waits.
+        // The bench route has no checks, so this only waits.
         tokio::spawn(edge.clone().run_checks());
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        println!("listening {}", listener.local_addr()?);
-        // On a worker like every connection, not on this thread.
-        tokio::spawn(edge.clone().serve_http(listener)).await?;
+        let listeners = workers.bind_tcp(args.listen)?;
+        if let Some(l) = listeners.first() {
+            println!("listening {}", l.local_addr()?);
+        }
+        for served in workers.spawn_each(listeners, |l| edge.clone().serve_http(l)) {
+            served.await?;
+        }
         Ok(())
     })
 }

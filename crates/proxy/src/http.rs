@@ -142,6 +142,7 @@ impl Edge {
                 drop(stream);
                 continue;
             };
+            self.metrics.accepted_connection();
             let _ = stream.set_nodelay(true);
             let served = serve(Arc::clone(&self), stream, peer);
             tokio::spawn(async move {

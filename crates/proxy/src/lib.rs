@@ -39,7 +39,11 @@
 //! `aloft-api` (wire types) and `aloft-store` (the catalog); it must not depend on the agent, the
 //! VM, image or network crates, nor on the control plane's HTTP API.
 //!
-//! Threading: tokio. Shared state is behind short std locks never held across an `.await`; the
+//! Threading: tokio, thread-per-core ([`WorkerThreads`]): each worker thread runs a
+//! single-threaded runtime and accepts on its own listener of the shared public port, so a
+//! client connection and the machine connections its requests use stay on one thread; loops
+//! that run once per edge run on one worker. The edge also runs on any runtime it is given
+//! ([`Workers::current`]). Shared state is behind short std locks never held across an `.await`; the
 //! routing table is an immutable snapshot swapped on every change, so a request never waits for
 //! a catalog update and a catalog update never waits for requests.
 
@@ -63,6 +67,7 @@ mod tcp;
 pub mod tls;
 mod udp;
 mod upstream;
+mod workers;
 
 pub use config::{EdgeConfig, RegionRtt};
 pub use dial::{DialFuture, Dialer, DirectDialer, UdpFuture};
@@ -70,6 +75,7 @@ pub use error::ERROR_HEADER;
 pub use error::ProxyCode;
 pub use routes::{RoutingTable, Snapshot};
 pub use scale::{ControlError, ControlFuture, MachineControl, autostop_loop, autostop_pass};
+pub use workers::{WorkerThreads, Workers};
 
 use std::sync::{Arc, OnceLock};
 

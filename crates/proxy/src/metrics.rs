@@ -157,9 +157,24 @@ impl Drop for FlowCount {
     }
 }
 
+/// Worker threads counted apart in `aloft_edge_accepted_connections_count`; later ones are
+/// counted with the last.
+const WORKER_FIGURES: usize = 1024;
+
+/// Client connections accepted, by the worker that accepted them (`workers.rs`).
+#[derive(Debug)]
+struct Accepted(Box<[AtomicU64]>);
+
+impl Default for Accepted {
+    fn default() -> Self {
+        Self((0..WORKER_FIGURES).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
 /// Counters; cheap to update from any task.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
+    accepted: Accepted,
     apps: RwLock<HashMap<String, Arc<AppFigures>>>,
     udp: RwLock<HashMap<String, Arc<UdpFigures>>>,
     tls_ok: AtomicU64,
@@ -234,6 +249,12 @@ impl Metrics {
             &self.autostops_failed
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client connection accepted (and admitted) on this thread's worker.
+    pub(crate) fn accepted_connection(&self) {
+        let i = crate::workers::current().min(WORKER_FIGURES - 1);
+        self.accepted.0[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn refused_connection(&self) {
@@ -334,6 +355,19 @@ impl Metrics {
             "Client connections closed at once: the client had too many open.",
             &[("", &self.refused)],
         );
+        out.push_str(
+            "# HELP aloft_edge_accepted_connections_count Client connections accepted, by the edge \
+             worker thread that serves them.\n# TYPE aloft_edge_accepted_connections_count counter\n",
+        );
+        for (worker, c) in self.accepted.0.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "aloft_edge_accepted_connections_count{{worker=\"{worker}\"}} {n}"
+                );
+            }
+        }
         render_health(&mut out, snap, health);
         self.render_udp(&mut out);
         out

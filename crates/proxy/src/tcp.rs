@@ -14,10 +14,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::Edge;
 use crate::http::{ConnInfo, Route};
 use crate::proxy_proto;
 use crate::routes::{Protocol, Snapshot};
+use crate::{Edge, Workers};
 
 /// Ranges wider than this are not listened on (a typo like 1-65535 must not bind everything).
 pub(crate) const MAX_RANGE: u16 = 256;
@@ -58,10 +58,11 @@ pub(crate) fn port_list(p: &MachinePort) -> Vec<u16> {
 
 impl Edge {
     /// Listens on apps' own public TCP ports on `ip`, following the routing table: ports appear
-    /// and disappear with the services that ask for them (open connections stay). Runs until
-    /// the task is dropped.
-    pub async fn serve_tcp_services(self: Arc<Self>, ip: IpAddr) {
-        let mut listening: HashMap<u16, (String, JoinHandle<()>)> = HashMap::new();
+    /// and disappear with the services that ask for them (open connections stay). Each port is
+    /// accepted on by every one of `workers`, as the HTTP listeners are. Runs until the task is
+    /// dropped.
+    pub async fn serve_tcp_services(self: Arc<Self>, ip: IpAddr, workers: Workers) {
+        let mut listening: HashMap<u16, (String, Vec<JoinHandle<()>>)> = HashMap::new();
         let mut failed: HashSet<(u16, String)> = HashSet::new();
         let skip = [self.config.http_port, self.config.https_port];
         loop {
@@ -69,22 +70,34 @@ impl Edge {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let want = desired_ports(&self.routes.snapshot(), &skip, Protocol::Tcp);
-            listening.retain(|port, (app, task)| {
-                let keep = want.get(port) == Some(app);
-                if !keep {
-                    task.abort();
+            let gone: Vec<u16> = listening
+                .iter()
+                .filter(|(port, (app, _))| want.get(port) != Some(app))
+                .map(|(port, _)| *port)
+                .collect();
+            for port in gone {
+                if let Some((_, tasks)) = listening.remove(&port) {
+                    // The listeners are closed once their tasks are gone: only then may another
+                    // app's take the port.
+                    for task in &tasks {
+                        task.abort();
+                    }
+                    for task in tasks {
+                        let _ = task.await;
+                    }
                 }
-                keep
-            });
+            }
+            failed.retain(|(port, app)| want.get(port) == Some(app));
             for (port, app) in &want {
                 if listening.contains_key(port) {
                     continue;
                 }
-                match TcpListener::bind(SocketAddr::new(ip, *port)).await {
-                    Ok(l) => {
+                match workers.bind_tcp(SocketAddr::new(ip, *port)) {
+                    Ok(listeners) => {
                         failed.remove(&(*port, app.clone()));
-                        let task = tokio::spawn(Arc::clone(&self).accept_tcp(l, app.clone(), *port));
-                        listening.insert(*port, (app.clone(), task));
+                        let tasks = workers
+                            .spawn_each(listeners, |l| Arc::clone(&self).accept_tcp(l, app.clone(), *port));
+                        listening.insert(*port, (app.clone(), tasks));
                     }
                     Err(e) => {
                         if failed.insert((*port, app.clone())) {

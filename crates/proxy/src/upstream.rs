@@ -460,7 +460,9 @@ impl H2Conns {
 #[derive(Debug)]
 pub(crate) struct Upstreams {
     connector: Connector,
-    h1: Arc<IdlePool>,
+    /// One idle pool per edge worker (`workers.rs`), so a connection is only ever used on the
+    /// thread whose reactor it is registered with; threads that are not workers share the first.
+    h1: Box<[Arc<IdlePool>]>,
     h2: Arc<H2Conns>,
 }
 
@@ -472,10 +474,14 @@ impl Upstreams {
                 timeout: config.connect_timeout,
                 fresh: FreshConns::default(),
             },
-            h1: Arc::new(IdlePool {
-                idle_timeout: config.pool_idle_timeout,
-                ..IdlePool::default()
-            }),
+            h1: (0..std::thread::available_parallelism().map_or(1, usize::from))
+                .map(|_| {
+                    Arc::new(IdlePool {
+                        idle_timeout: config.pool_idle_timeout,
+                        ..IdlePool::default()
+                    })
+                })
+                .collect(),
             h2: Arc::new(H2Conns {
                 idle_timeout: config.pool_idle_timeout,
                 ..H2Conns::default()
@@ -507,16 +513,17 @@ impl Upstreams {
         }
         let mut req = req;
         // Idle connections first; one the machine closed meanwhile gives the request back.
-        while let Some(mut conn) = self.h1.take(addr) {
+        let pool = self.h1_pool();
+        while let Some(mut conn) = pool.take(addr) {
             match conn.send(req).await {
-                Ok((parts, framing)) => return Ok(self.h1_answer(parts, framing, conn)),
+                Ok((parts, framing)) => return Ok(Self::h1_answer(pool, parts, framing, conn)),
                 Err(H1Fail::NotSent(r)) => req = *r,
                 Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
         match conn.send(req).await {
-            Ok((parts, framing)) => Ok(self.h1_answer(parts, framing, conn)),
+            Ok((parts, framing)) => Ok(Self::h1_answer(pool, parts, framing, conn)),
             Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
                 refused: false,
                 detail: format!("{addr} closed a new connection before the request was sent"),
@@ -525,13 +532,18 @@ impl Upstreams {
         }
     }
 
+    /// This worker's idle pool.
+    fn h1_pool(&self) -> &Arc<IdlePool> {
+        &self.h1[crate::workers::current() % self.h1.len()]
+    }
+
     fn h1_answer(
-        &self,
+        pool: &Arc<IdlePool>,
         parts: http::response::Parts,
         framing: Framing,
         conn: Box<H1Conn>,
     ) -> Response<UpstreamBody> {
-        Response::from_parts(parts, UpstreamBody::h1(conn, Arc::clone(&self.h1), framing))
+        Response::from_parts(parts, UpstreamBody::h1(conn, Arc::clone(pool), framing))
     }
 
     /// A new connection (boxed: it moves between the pool and the answers that carry it).

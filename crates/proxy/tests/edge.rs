@@ -14,6 +14,7 @@ mod tests {
     use std::collections::HashMap;
     use std::convert::Infallible;
     use std::net::{IpAddr, SocketAddr};
+    use std::num::NonZeroUsize;
     use std::pin::Pin;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
@@ -26,7 +27,7 @@ mod tests {
     };
     use aloft_proxy::{
         ControlError, ControlFuture, DialFuture, Dialer, DirectDialer, Edge, EdgeConfig, MachineControl,
-        RoutingTable, UdpFuture,
+        RoutingTable, UdpFuture, WorkerThreads,
     };
     use bytes::Bytes;
     use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -40,7 +41,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use crate::common::{
-        Backend, BackendBody, Handler, Ids, Loopback, body, http_entry, serve_backend, until_every,
+        Backend, BackendBody, Handler, Ids, Loopback, body, http_entry, metric, serve_backend, until_every,
     };
 
     // -----------------------------------------------------------------------------------------
@@ -2110,6 +2111,67 @@ mod tests {
         let r = h.get("a.localhost", "/again").await;
         assert_eq!(r.status, StatusCode::OK, "{r:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edge_on_two_worker_threads_serves_on_both_and_stops_with_them() {
+        let control = FakeControl::default();
+        let edge = Edge::new(config(), Arc::new(control.clone()), Arc::new(DirectDialer));
+        let _ = control.0.table.set(edge.routes().clone());
+        let m = entry("a");
+        control.add(&m, echo("m1"));
+        let threads = WorkerThreads::start(NonZeroUsize::new(2), "edge-test").unwrap();
+        let workers = threads.workers();
+        let listeners = workers.bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let _served = workers.spawn_each(listeners, |l| edge.clone().serve_http(l));
+
+        // 32 keep-alive clients, five requests each: the kernel spreads the connections over
+        // both workers' listeners, and every request is answered by the machine, whichever
+        // worker's idle pool the machine connection came from.
+        let clients: Vec<_> = (0..32)
+            .map(|c| {
+                tokio::spawn(async move {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    for i in 0..5 {
+                        let req = Request::get(format!("/c{c}/r{i}"))
+                            .header("host", "a.localhost")
+                            .body(Full::<Bytes>::default())
+                            .unwrap();
+                        let resp = sender.send_request(req).await.unwrap();
+                        assert_eq!(resp.status(), StatusCode::OK, "client {c} request {i}");
+                        let body = resp.into_body().collect().await.unwrap().to_bytes();
+                        assert!(
+                            !body.is_empty(),
+                            "client {c} request {i} has the machine's answer"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        let text = edge.metrics_text();
+        let on0 = metric(&text, "aloft_edge_accepted_connections_count{worker=\"0\"}");
+        let on1 = metric(&text, "aloft_edge_accepted_connections_count{worker=\"1\"}");
+        assert_eq!(on0 + on1, 32, "{text}");
+        assert!(on0 > 0 && on1 > 0, "both workers accepted: {on0} and {on1}");
+        assert_eq!(
+            metric(&text, "fly_edge_http_responses_count{app=\"a\",status=\"200\"}"),
+            160
+        );
+
+        // Stopping the workers closes their listeners.
+        drop(threads);
+        let refused = TcpStream::connect(addr)
+            .await
+            .expect_err("nothing listens any more");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,8 @@
 //!   ways: directly, through nginx as a reverse proxy, and through aloft's edge. The backend is
 //!   an nginx process with 1 worker answering `200 ok\n`; the reverse proxy is nginx with
 //!   `worker_processes auto`, upstream keep-alive (`keepalive 64`, HTTP/1.1, `Connection ""`);
-//!   aloft is `crates/proxy/examples/edge_static.rs` (release build, tokio with one worker per
-//!   CPU, one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
+//!   aloft is `crates/proxy/examples/edge_static.rs` (release build, the edge's worker threads as
+//!   aloftd runs them: one per CPU, each with its own `SO_REUSEPORT` listener; one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
 //!   `--rounds` rounds (default 3) of direct, nginx, aloft in turn; medians are reported, so
 //!   drift on a shared machine hits all three alike. Each round then runs the three again with
 //!   one connection (`-t1 -c1`, at most 5 s): `added_p50_us` comes from those, what the proxy
