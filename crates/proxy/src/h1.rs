@@ -438,7 +438,7 @@ impl H1Conn {
                                         .ok_or(SendFail::Other(H1Error::BodyLength("longer")))?;
                                 }
                                 _ => {
-                                    write_hex(&mut self.wbuf, data.len() as u64);
+                                    write_hex(&mut self.wbuf, data.len() as u64, 1);
                                     self.wbuf.extend_from_slice(b"\r\n");
                                     self.wtail = b"\r\n";
                                 }
@@ -648,8 +648,9 @@ fn write_dec(buf: &mut Vec<u8>, mut n: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
-fn write_hex(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 16];
+/// `n` in lower-case hex, zero-padded to `width` digits (never cut; at least one digit).
+pub(crate) fn write_hex(buf: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 16];
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -658,6 +659,9 @@ fn write_hex(buf: &mut Vec<u8>, mut n: u64) {
         if n == 0 {
             break;
         }
+    }
+    for _ in digits.len() - i..width {
+        buf.push(b'0');
     }
     buf.extend_from_slice(&digits[i..]);
 }
@@ -1226,9 +1230,12 @@ mod tests {
         for n in [0u64, 9, 10, 255, 4096, u64::MAX] {
             let (mut d, mut x) = (Vec::new(), Vec::new());
             write_dec(&mut d, n);
-            write_hex(&mut x, n);
+            write_hex(&mut x, n, 1);
             assert_eq!(String::from_utf8(d).unwrap(), n.to_string());
             assert_eq!(String::from_utf8(x).unwrap(), format!("{n:x}"));
+            let mut padded = Vec::new();
+            write_hex(&mut padded, n, 12);
+            assert_eq!(String::from_utf8(padded).unwrap(), format!("{n:012x}"));
         }
     }
 }

@@ -523,7 +523,24 @@ mod tests {
             assert_eq!(seen(forged), None, "a client's {forged} reached the app");
         }
         let rid = seen("fly-request-id").unwrap();
-        assert!(rid.ends_with("-test"), "{rid}");
+        // Milliseconds since the epoch (12 hex digits) and a sequence number (8), then the region.
+        let (id, region) = rid.split_once('-').unwrap();
+        assert_eq!(region, "test", "{rid}");
+        assert_eq!(id.len(), 20, "{rid}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{rid}"
+        );
+        let ms = u64::from_str_radix(&id[..12], 16).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(
+            now.abs_diff(u128::from(ms)) < 60_000,
+            "{rid} is not now ({now} ms)"
+        );
         // The response names the proxy and the same request id.
         assert_eq!(r.header("server"), Some("aloft"));
         assert_eq!(r.header("via"), Some("1.1 aloft"));
