@@ -721,6 +721,15 @@ fn parse_head(
         let name =
             HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("invalid header name"))?;
         seen.note(&name, &head[vs..ve]);
+        // What only this connection is told (`Connection: keep-alive` or `close`, `Keep-Alive`)
+        // is noted above and not kept: the edge would strip it from the answer anyway
+        // (`strip_hop_by_hop`), and removing it from the map costs more than not adding it. A
+        // Connection header naming other headers stays, for the strip to remove those too.
+        if name == crate::http::names::KEEP_ALIVE
+            || (name == header::CONNECTION && only_persistence(&head[vs..ve]))
+        {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| H1Error::Malformed("invalid header value"))?;
         headers.append(name, value);
@@ -743,6 +752,15 @@ fn parse_head(
         }
     }
     Ok(Some((parts, seen)))
+}
+
+/// Whether a Connection header's value names nothing but the connection's persistence
+/// (`keep-alive`, `close`, or nothing).
+fn only_persistence(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// How the answer to a request (a HEAD request when `head_request`) is framed, RFC 9112 §6.3.
@@ -1095,6 +1113,32 @@ mod tests {
         assert!(matches!(head(&huge), Err(H1Error::HeadTooLarge)));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
         assert!(head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).is_err());
+    }
+
+    #[test]
+    fn what_only_the_machine_connection_is_told_is_noted_not_kept() {
+        let (parts, seen) = head_and_seen(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nA: 1\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parts.headers.len(), 1, "{:?}", parts.headers);
+        assert_eq!(parts.headers["a"], "1");
+        assert!(answer_keeps_alive(parts.version, &seen));
+        let (parts, seen) = head_and_seen("HTTP/1.1 200 OK\r\nconnection: Close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(parts.headers.is_empty());
+        assert!(
+            !answer_keeps_alive(parts.version, &seen),
+            "close is still honoured"
+        );
+        // A Connection header that names other headers stays, for the edge to strip them.
+        let parts = head("HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nx-secret: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts.headers["connection"], "close, x-secret");
+        assert_eq!(parts.headers["x-secret"], "1");
     }
 
     #[test]

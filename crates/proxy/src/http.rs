@@ -1006,10 +1006,10 @@ const PROXY_REQUEST_HEADERS: [&str; 9] = [
 ];
 
 /// Header names the edge sets or removes on every request, parsed once.
-mod names {
+pub(crate) mod names {
     use http::header::HeaderName;
 
-    pub(super) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     pub(super) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     pub(super) const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
     pub(super) const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
