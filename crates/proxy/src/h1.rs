@@ -21,8 +21,12 @@
 //! the body keeps being sent from the answer's body while the answer is read, both polled with
 //! the same waker, so neither side waits on the other. When the machine stops reading, the
 //! write waits (or fails) while the answer is still read to its end; the connection is then not
-//! reused. A write that fails with nothing of the request written gives the request back
+//! reused. A write that fails with nothing of the request written gives the body back
 //! (`H1Fail::NotSent`): the connection was closed by the machine.
+//!
+//! The head is serialized from the caller's request head, borrowed: the edge keeps the client's
+//! request for a retry or a replay anyway, and a copy per attempt (a `HeaderMap` clone and its
+//! drop) cost more than the rest of serializing it.
 //!
 //! Answer body framing: none for HEAD, 1xx, 204 and 304; chunked when `Transfer-Encoding` ends
 //! in `chunked` (sizes in hex, extensions skipped, trailers passed on as a trailers frame, as
@@ -39,7 +43,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Version, request, response};
+use http::{Method, StatusCode, Version, request, response};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -81,8 +85,9 @@ pub(crate) enum H1Error {
 
 /// Why a request on an [`H1Conn`] failed.
 pub(crate) enum H1Fail {
-    /// The connection was closed before any of the request was written: it can go elsewhere.
-    NotSent(Box<Request<Body>>),
+    /// The connection was closed before any of the request was written: its body (with what
+    /// was already read of it) can go elsewhere.
+    NotSent(Body),
     /// It failed after (maybe part of) it was written.
     Sent(H1Error),
 }
@@ -211,12 +216,18 @@ impl H1Conn {
         matches!(self.io.try_read_buf(&mut self.rbuf), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends `req` and reads its answer's head. The body is read with [`H1Conn::poll_body`].
-    pub(crate) async fn send(&mut self, req: Request<Body>) -> Result<(response::Parts, Framing), H1Fail> {
-        let (parts, body) = req.into_parts();
+    /// Sends the request `head` (with `host` as its Host header when it has none) and `body`,
+    /// and reads its answer's head. The body is read with [`H1Conn::poll_body`].
+    pub(crate) async fn send(
+        &mut self,
+        head: &request::Parts,
+        host: Option<&HeaderValue>,
+        body: Body,
+    ) -> Result<(response::Parts, Framing), H1Fail> {
         let (framing, close) = encode_head(
             &mut self.wbuf,
-            &parts,
+            head,
+            host,
             body.is_end_stream(),
             body.size_hint().exact(),
         );
@@ -229,7 +240,7 @@ impl H1Conn {
             ReqFraming::None => unsent = Some(body),
             framing => self.sending = Some(Sending { body, framing }),
         }
-        let head_request = parts.method == Method::HEAD;
+        let head_request = head.method == Method::HEAD;
         let answer = poll_fn(|cx| self.poll_head(cx, head_request)).await;
         match answer {
             Ok(a) => Ok(a),
@@ -238,8 +249,9 @@ impl H1Conn {
                 let rest = self.sending.take().map(|s| s.body).or(unsent);
                 let prefix = std::mem::take(&mut self.wdata);
                 self.keep_alive = false;
-                let body = crate::http::Prefixed { prefix, rest }.boxed_unsync();
-                Err(H1Fail::NotSent(Box::new(Request::from_parts(parts, body))))
+                Err(H1Fail::NotSent(
+                    crate::http::Prefixed { prefix, rest }.boxed_unsync(),
+                ))
             }
             Err(e) => {
                 self.keep_alive = false;
@@ -512,6 +524,7 @@ fn end_of_body(framing: ReqFraming) -> Result<&'static [u8], H1Error> {
 fn encode_head(
     buf: &mut Vec<u8>,
     parts: &request::Parts,
+    host: Option<&HeaderValue>,
     ended: bool,
     exact: Option<u64>,
 ) -> (ReqFraming, bool) {
@@ -525,6 +538,11 @@ fn encode_head(
         target.as_bytes()
     });
     buf.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = host {
+        buf.extend_from_slice(b"host: ");
+        buf.extend_from_slice(host.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
     let mut seen = FramingHeaders::default();
     for (name, value) in &parts.headers {
         if seen.note(name, value.as_bytes()) == Some(Noted::ContentLength) {
@@ -982,6 +1000,7 @@ fn parse_trailers(raw: &[u8]) -> Result<HeaderMap, H1Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn decode_all(input: &[u8], splits: &[usize]) -> Result<(Vec<u8>, Option<HeaderMap>, bool), H1Error> {
         let mut dec = ChunkedDecoder::default();
@@ -1200,7 +1219,7 @@ mod tests {
     fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, ReqFraming) {
         let (parts, ()) = req.body(()).unwrap().into_parts();
         let mut buf = b"garbage".to_vec();
-        let (framing, _) = encode_head(&mut buf, &parts, ended, exact);
+        let (framing, _) = encode_head(&mut buf, &parts, None, ended, exact);
         (String::from_utf8(buf).unwrap(), framing)
     }
 
@@ -1260,13 +1279,27 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        assert!(encode_head(&mut Vec::new(), &parts, true, None).1);
+        assert!(encode_head(&mut Vec::new(), &parts, None, true, None).1);
         let (parts, ()) = Request::get("/")
             .header("connection", "keep-alive")
             .body(())
             .unwrap()
             .into_parts();
-        assert!(!encode_head(&mut Vec::new(), &parts, true, None).1);
+        assert!(!encode_head(&mut Vec::new(), &parts, None, true, None).1);
+        // A head without a Host header gets the one given, first.
+        let (parts, ()) = Request::get("/").header("a", "b").body(()).unwrap().into_parts();
+        let mut buf = Vec::new();
+        encode_head(
+            &mut buf,
+            &parts,
+            Some(&HeaderValue::from_static("10.0.0.1:80")),
+            true,
+            None,
+        );
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\na: b\r\n\r\n"
+        );
     }
 
     #[test]

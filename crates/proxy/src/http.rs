@@ -556,8 +556,13 @@ impl Edge {
                 .iter()
                 .any(|p| p.http_options.as_ref().and_then(|o| o.h2_backend) == Some(true));
             let addr = SocketAddr::new(ip, port);
-            let upstream = build_upstream(parts, addr, h2, body.take());
-            match self.client.send(h2, addr, upstream).await {
+            let sent = if h2 {
+                let upstream = build_upstream(parts, addr, true, body.take());
+                self.client.send_h2(addr, upstream).await
+            } else {
+                self.client.send_h1(addr, parts, body.take()).await
+            };
+            match sent {
                 Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard))),
                 Err(SendError::Connect { refused, detail }) => {
                     self.mark_failed(&machine.entry.id);
@@ -1087,41 +1092,30 @@ pub(crate) fn has_fly_header(h: &HeaderMap) -> bool {
 /// The request to send to the machine at `addr` (a copy: `parts` stay for a retry or a replay).
 fn build_upstream(parts: &http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
     let mut headers = parts.headers.clone();
-    // h2 clients send the authority in the URI, not a Host header: the app still wants one.
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::try_from(a.as_str())
-    {
-        headers.insert(header::HOST, v);
-    }
     let pq = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let machine = || match addr {
-        SocketAddr::V4(a) => a.to_string(),
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-    };
     let uri = if h2 {
         // h2c carries the client's hostname as `:authority` (and no Host header, RFC 9113
         // §8.3.1); the connection to the machine is chosen apart.
         let authority = headers
             .remove(header::HOST)
+            .or_else(|| upstream_host(parts, addr))
             .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-            .or_else(|| Authority::try_from(machine()).ok());
+            .or_else(|| Authority::try_from(machine_authority(addr)).ok());
         let mut up = http::uri::Parts::default();
         up.scheme = Some(http::uri::Scheme::HTTP);
         up.authority = authority;
         up.path_and_query = Some(pq);
         Uri::from_parts(up).unwrap_or_default()
     } else {
-        // HTTP/1.1 in origin form; the Host header names the app (the machine's address when
-        // the client sent none at all, as HTTP/1.0 clients may).
+        // HTTP/1.1 in origin form; the Host header names the app.
         if !headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::try_from(machine())
+            && let Some(h) = upstream_host(parts, addr)
         {
-            headers.insert(header::HOST, v);
+            headers.insert(header::HOST, h);
         }
         Uri::from(pq)
     };
@@ -1131,6 +1125,26 @@ fn build_upstream(parts: &http::request::Parts, addr: SocketAddr, h2: bool, body
     *req.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
     *req.headers_mut() = headers;
     req
+}
+
+/// The Host a request without one goes to a machine with: the authority of its URI (h2
+/// clients send the app's name there, not in a Host header; the app still wants one), else the
+/// machine's address (HTTP/1.0 clients may send neither).
+pub(crate) fn upstream_host(parts: &http::request::Parts, addr: SocketAddr) -> Option<HeaderValue> {
+    if let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::try_from(a.as_str())
+    {
+        return Some(v);
+    }
+    HeaderValue::try_from(machine_authority(addr)).ok()
+}
+
+/// A machine's address as a URI authority (`ip:port`, `[ip6]:port`).
+fn machine_authority(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    }
 }
 
 /// `name`'s lines joined with `, ` and then `last`, or `None` when it has no (non-empty) line: a

@@ -499,30 +499,32 @@ impl Upstreams {
         self.connector.connect(addr).await
     }
 
-    /// Sends `req` to the machine at `addr` over h2c or HTTP/1.1. An HTTP/1.1 request's URI is
-    /// in origin form (`/path?query`) with the Host header set.
-    pub(crate) async fn send(
+    /// Sends the request `head` and `body` to the machine at `addr` over HTTP/1.1, in origin
+    /// form (`/path?query`), with a Host header (see [`crate::http::upstream_host`]). The head
+    /// is only borrowed (`h1.rs`).
+    pub(crate) async fn send_h1(
         &self,
-        h2: bool,
         addr: SocketAddr,
-        req: Request<Body>,
+        head: &http::request::Parts,
+        body: Body,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        if h2 {
-            let resp = self.send_h2(addr, req).await?;
-            return Ok(resp.map(UpstreamBody::detached));
-        }
-        let mut req = req;
-        // Idle connections first; one the machine closed meanwhile gives the request back.
+        let host = if head.headers.contains_key(http::header::HOST) {
+            None
+        } else {
+            crate::http::upstream_host(head, addr)
+        };
+        let mut body = body;
+        // Idle connections first; one the machine closed meanwhile gives the body back.
         let pool = self.h1_pool();
         while let Some(mut conn) = pool.take(addr) {
-            match conn.send(req).await {
+            match conn.send(head, host.as_ref(), body).await {
                 Ok((parts, framing)) => return Ok(Self::h1_answer(pool, parts, framing, conn)),
-                Err(H1Fail::NotSent(r)) => req = *r,
+                Err(H1Fail::NotSent(b)) => body = b,
                 Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
-        match conn.send(req).await {
+        match conn.send(head, host.as_ref(), body).await {
             Ok((parts, framing)) => Ok(Self::h1_answer(pool, parts, framing, conn)),
             Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
                 refused: false,
@@ -530,6 +532,15 @@ impl Upstreams {
             }),
             Err(H1Fail::Sent(e)) => Err(SendError::Request(source_chain(&e))),
         }
+    }
+
+    /// Sends `req` (built by `build_upstream` for h2c) to the machine at `addr` over h2c.
+    pub(crate) async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        Ok(self.h2_request(addr, req).await?.map(UpstreamBody::detached))
     }
 
     /// This worker's idle pool.
@@ -552,7 +563,11 @@ impl Upstreams {
         Ok(Box::new(H1Conn::new(addr, stream)))
     }
 
-    async fn send_h2(&self, addr: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    async fn h2_request(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
         let open = self.h2.get(addr);
         let mut sender = match open {
             Some(s) => s,
