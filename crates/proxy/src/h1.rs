@@ -216,18 +216,21 @@ impl H1Conn {
         matches!(self.io.try_read_buf(&mut self.rbuf), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends the request `head` (with `host` as its Host header when it has none) and `body`,
-    /// and reads its answer's head. The body is read with [`H1Conn::poll_body`].
+    /// Sends the request `head` (with `host` as its Host header when it has none, and the
+    /// headers `extra` after its own) and `body`, and reads its answer's head. The body is read
+    /// with [`H1Conn::poll_body`].
     pub(crate) async fn send(
         &mut self,
         head: &request::Parts,
         host: Option<&HeaderValue>,
+        extra: &[(HeaderName, HeaderValue)],
         body: Body,
     ) -> Result<(response::Parts, Framing), H1Fail> {
         let (framing, close) = encode_head(
             &mut self.wbuf,
             head,
             host,
+            extra,
             body.is_end_stream(),
             body.size_hint().exact(),
         );
@@ -525,6 +528,7 @@ fn encode_head(
     buf: &mut Vec<u8>,
     parts: &request::Parts,
     host: Option<&HeaderValue>,
+    extra: &[(HeaderName, HeaderValue)],
     ended: bool,
     exact: Option<u64>,
 ) -> (ReqFraming, bool) {
@@ -548,6 +552,13 @@ fn encode_head(
         if seen.note(name, value.as_bytes()) == Some(Noted::ContentLength) {
             continue;
         }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    // Headers the caller adds (the edge's own, which frame nothing).
+    for (name, value) in extra {
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
@@ -1219,7 +1230,7 @@ mod tests {
     fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, ReqFraming) {
         let (parts, ()) = req.body(()).unwrap().into_parts();
         let mut buf = b"garbage".to_vec();
-        let (framing, _) = encode_head(&mut buf, &parts, None, ended, exact);
+        let (framing, _) = encode_head(&mut buf, &parts, None, &[], ended, exact);
         (String::from_utf8(buf).unwrap(), framing)
     }
 
@@ -1279,26 +1290,32 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        assert!(encode_head(&mut Vec::new(), &parts, None, true, None).1);
+        assert!(encode_head(&mut Vec::new(), &parts, None, &[], true, None).1);
         let (parts, ()) = Request::get("/")
             .header("connection", "keep-alive")
             .body(())
             .unwrap()
             .into_parts();
-        assert!(!encode_head(&mut Vec::new(), &parts, None, true, None).1);
+        assert!(!encode_head(&mut Vec::new(), &parts, None, &[], true, None).1);
         // A head without a Host header gets the one given, first.
         let (parts, ()) = Request::get("/").header("a", "b").body(()).unwrap().into_parts();
         let mut buf = Vec::new();
+        let extra = [(
+            HeaderName::from_static("via"),
+            HeaderValue::from_static("1.1 aloft"),
+        )];
         encode_head(
             &mut buf,
             &parts,
             Some(&HeaderValue::from_static("10.0.0.1:80")),
+            &extra,
             true,
             None,
         );
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            "GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\na: b\r\n\r\n"
+            "GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\na: b\r\nvia: 1.1 aloft\r\n\r\n",
+            "the Host given first, the extra headers after the request's own"
         );
     }
 

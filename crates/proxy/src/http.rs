@@ -341,11 +341,11 @@ impl Edge {
             }
         }
         let version = req.version();
-        add_request_headers(req.headers_mut(), conn, &rid, version);
+        let own = EdgeHeaders::take(req.headers_mut(), conn, &rid, version);
         let resp = if is_upgrade(&req) {
-            self.forward_upgrade(req, &app, &route, conn, &rid).await
+            self.forward_upgrade(req, &app, &route, conn, &rid, &own).await
         } else {
-            self.forward(req, app, &mut route, conn, &rid).await
+            self.forward(req, app, &mut route, conn, &rid, &own).await
         };
         self.metrics
             .response(Some(&route.app), resp.status(), started.elapsed());
@@ -402,6 +402,7 @@ impl Edge {
         route: &mut Route,
         conn: &ConnInfo,
         rid: &RequestId,
+        own: &EdgeHeaders,
     ) -> Response<Body> {
         let (mut parts, incoming) = req.into_parts();
         let mut body = match kept_body(&parts.headers, incoming).await {
@@ -424,7 +425,17 @@ impl Edge {
                 .and_then(|(_, r)| r.timeout)
                 .map(|t| Instant::now() + t);
             let attempt = self
-                .attempt(&app, route, &mut parts, &mut body, conn, deadline)
+                .attempt(
+                    &app,
+                    route,
+                    Outgoing {
+                        parts: &parts,
+                        body: &mut body,
+                        own,
+                    },
+                    conn,
+                    deadline,
+                )
                 .await;
             let (resp, machine, guard) = match attempt {
                 Forwarded::Answer(answer) => *answer,
@@ -504,11 +515,11 @@ impl Edge {
         self: &Arc<Self>,
         app: &Arc<AppRoutes>,
         route: &mut Route,
-        parts: &mut http::request::Parts,
-        body: &mut ReqBody,
+        out: Outgoing<'_>,
         conn: &ConnInfo,
         deadline: Option<Instant>,
     ) -> Forwarded {
+        let Outgoing { parts, body, own } = out;
         let mut last: Option<(ProxyCode, String)> = None;
         let mut tried: Vec<MachineId> = route.exclude.clone();
         // When no machine can take the request right now but one is on its way back (a
@@ -557,10 +568,10 @@ impl Edge {
                 .any(|p| p.http_options.as_ref().and_then(|o| o.h2_backend) == Some(true));
             let addr = SocketAddr::new(ip, port);
             let sent = if h2 {
-                let upstream = build_upstream(parts, addr, true, body.take());
+                let upstream = build_upstream(parts, own, addr, true, body.take());
                 self.client.send_h2(addr, upstream).await
             } else {
-                self.client.send_h1(addr, parts, body.take()).await
+                self.client.send_h1(addr, parts, own.pairs(), body.take()).await
             };
             match sent {
                 Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard))),
@@ -699,6 +710,7 @@ impl Edge {
         route: &Route,
         conn: &ConnInfo,
         rid: &RequestId,
+        own: &EdgeHeaders,
     ) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
@@ -729,7 +741,7 @@ impl Edge {
                 Some(b) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
                 None => empty(),
             };
-            let upstream = build_upstream(&parts, addr, false, upstream_body);
+            let upstream = build_upstream(&parts, own, addr, false, upstream_body);
             attempts += 1;
             match self.client.send_upgrade(addr, upstream).await {
                 Ok(r) => break (r, machine, guard),
@@ -838,12 +850,6 @@ impl Edge {
             },
         };
         if let Some(t) = &replay.transform {
-            // The app may rewrite the request but not the proxy's own headers: keep them aside
-            // and put them back afterwards.
-            let own: Vec<(&str, Vec<HeaderValue>)> = PROXY_REQUEST_HEADERS
-                .iter()
-                .map(|n| (*n, parts.headers.get_all(*n).iter().cloned().collect()))
-                .collect();
             if let Some(path) = &t.path
                 && let Ok(pq) = http::uri::PathAndQuery::try_from(path.as_str())
             {
@@ -864,12 +870,9 @@ impl Edge {
                     parts.headers.insert(n, v);
                 }
             }
-            for (name, values) in own {
-                parts.headers.remove(name);
-                for v in values {
-                    parts.headers.append(name, v);
-                }
-            }
+            // The app may rewrite the request but not the edge's own headers, which are kept
+            // apart (`EdgeHeaders`): what it set under their names goes.
+            EdgeHeaders::remove_from(&mut parts.headers);
         }
         // After the transform, so the app cannot forge where the request comes from.
         let src = crate::replay::replay_src(
@@ -996,7 +999,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-/// The request headers the proxy sets (see `add_request_headers`); a replay's transform cannot
+/// The request headers the proxy sets (see [`EdgeHeaders`]); a replay's transform cannot
 /// change them.
 const PROXY_REQUEST_HEADERS: [&str; 9] = [
     "fly-client-ip",
@@ -1090,8 +1093,15 @@ pub(crate) fn has_fly_header(h: &HeaderMap) -> bool {
 }
 
 /// The request to send to the machine at `addr` (a copy: `parts` stay for a retry or a replay).
-fn build_upstream(parts: &http::request::Parts, addr: SocketAddr, h2: bool, body: Body) -> Request<Body> {
+fn build_upstream(
+    parts: &http::request::Parts,
+    own: &EdgeHeaders,
+    addr: SocketAddr,
+    h2: bool,
+    body: Body,
+) -> Request<Body> {
     let mut headers = parts.headers.clone();
+    own.apply(&mut headers);
     let pq = parts
         .uri
         .path_and_query()
@@ -1169,39 +1179,89 @@ fn append_to_list(h: &HeaderMap, name: &HeaderName, last: &str) -> Option<Header
     HeaderValue::try_from(joined).ok()
 }
 
-fn add_request_headers(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, version: Version) {
-    // The nine below at once, not by doubling the map two or three times.
-    h.reserve(9);
-    let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
-    strip_hop_by_hop(h, keep_upgrade);
-    let v = &conn.values;
-    let xff = match conn.values.client_ip.to_str() {
-        Ok(ip) => append_to_list(h, &names::X_FORWARDED_FOR, ip),
-        Err(_) => None,
+/// A request as it goes to a machine: the client's head (with what replays changed), its body,
+/// and the edge's own headers.
+struct Outgoing<'a> {
+    parts: &'a http::request::Parts,
+    body: &'a mut ReqBody,
+    own: &'a EdgeHeaders,
+}
+
+/// The request headers the edge sets ([`PROXY_REQUEST_HEADERS`], in that order), computed
+/// once per request from the client's headers and connection, and kept apart from the request's
+/// own headers: an HTTP/1.1 request to a machine gets them written straight into its head after
+/// the client's headers (`h1.rs`), h2c and upgrades get them put into their copy of the headers
+/// ([`EdgeHeaders::apply`]). Inserting them into the request's map instead (growing it, hashing
+/// nine names) was a tenth of the edge's instructions per request.
+pub(crate) struct EdgeHeaders([(HeaderName, HeaderValue); 9]);
+
+impl EdgeHeaders {
+    /// The edge's headers for the request whose headers are `h` (which lose their hop-by-hop
+    /// headers and the client's own copies of the edge's; X-Forwarded-For and Via are read
+    /// first, as the edge's values extend them).
+    fn take(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, version: Version) -> Self {
+        let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
+        strip_hop_by_hop(h, keep_upgrade);
+        let v = &conn.values;
+        let xff = match conn.values.client_ip.to_str() {
+            Ok(ip) => append_to_list(h, &names::X_FORWARDED_FOR, ip),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| v.client_ip.clone());
+        // The protocol the client spoke to the edge (RFC 9110 §7.6.3).
+        let via_token = match version {
+            Version::HTTP_2 => "2 aloft",
+            Version::HTTP_10 => "1.0 aloft",
+            _ => "1.1 aloft",
+        };
+        let via = append_to_list(h, &header::VIA, via_token).unwrap_or(HeaderValue::from_static(via_token));
+        Self::remove_from(h);
+        Self([
+            (names::FLY_CLIENT_IP, v.client_ip.clone()),
+            (names::FLY_FORWARDED_PORT, v.port.clone()),
+            (names::FLY_REGION, v.region.clone()),
+            (names::X_FORWARDED_FOR, xff),
+            (
+                names::X_FORWARDED_PROTO,
+                HeaderValue::from_static(if conn.https { "https" } else { "http" }),
+            ),
+            (names::X_FORWARDED_PORT, v.port.clone()),
+            (
+                names::X_FORWARDED_SSL,
+                HeaderValue::from_static(if conn.https { "on" } else { "off" }),
+            ),
+            (header::VIA, via),
+            (names::FLY_REQUEST_ID, rid.header.clone()),
+        ])
     }
-    .unwrap_or_else(|| v.client_ip.clone());
-    // The protocol the client spoke to the edge (RFC 9110 §7.6.3).
-    let via_token = match version {
-        Version::HTTP_2 => "2 aloft",
-        Version::HTTP_10 => "1.0 aloft",
-        _ => "1.1 aloft",
-    };
-    let via = append_to_list(h, &header::VIA, via_token).unwrap_or(HeaderValue::from_static(via_token));
-    h.insert(names::FLY_CLIENT_IP, v.client_ip.clone());
-    h.insert(names::FLY_FORWARDED_PORT, v.port.clone());
-    h.insert(names::FLY_REGION, v.region.clone());
-    h.insert(names::X_FORWARDED_FOR, xff);
-    h.insert(
-        names::X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.https { "https" } else { "http" }),
-    );
-    h.insert(names::X_FORWARDED_PORT, v.port.clone());
-    h.insert(
-        names::X_FORWARDED_SSL,
-        HeaderValue::from_static(if conn.https { "on" } else { "off" }),
-    );
-    h.insert(header::VIA, via);
-    h.insert(names::FLY_REQUEST_ID, rid.header.clone());
+
+    /// Removes from `h` every header the edge sets: one pass over the names when there is none
+    /// (nearly always), the lookups only when there is.
+    fn remove_from(h: &mut HeaderMap) {
+        let edge_set = |n: &HeaderName| {
+            // All nine start with f, v or x: most names are passed over on their first byte.
+            matches!(n.as_str().as_bytes().first(), Some(b'f' | b'v' | b'x'))
+                && PROXY_REQUEST_HEADERS.contains(&n.as_str())
+        };
+        if h.keys().any(edge_set) {
+            for name in PROXY_REQUEST_HEADERS {
+                h.remove(name);
+            }
+        }
+    }
+
+    /// The headers, name and value.
+    pub(crate) fn pairs(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.0
+    }
+
+    /// Puts them into `h` (a copy of the request's headers, for hyper's client).
+    fn apply(&self, h: &mut HeaderMap) {
+        h.reserve(self.0.len());
+        for (name, value) in &self.0 {
+            h.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 /// The response headers the edge adds (unless the service's port says `pristine`) and the

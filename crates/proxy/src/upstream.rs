@@ -499,13 +499,14 @@ impl Upstreams {
         self.connector.connect(addr).await
     }
 
-    /// Sends the request `head` and `body` to the machine at `addr` over HTTP/1.1, in origin
-    /// form (`/path?query`), with a Host header (see [`crate::http::upstream_host`]). The head
-    /// is only borrowed (`h1.rs`).
+    /// Sends the request `head`, with the edge's headers `own` after its own, and `body` to the
+    /// machine at `addr` over HTTP/1.1, in origin form (`/path?query`), with a Host header (see
+    /// [`crate::http::upstream_host`]). The head is only borrowed (`h1.rs`).
     pub(crate) async fn send_h1(
         &self,
         addr: SocketAddr,
         head: &http::request::Parts,
+        own: &[(http::HeaderName, http::HeaderValue)],
         body: Body,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let host = if head.headers.contains_key(http::header::HOST) {
@@ -517,14 +518,14 @@ impl Upstreams {
         // Idle connections first; one the machine closed meanwhile gives the body back.
         let pool = self.h1_pool();
         while let Some(mut conn) = pool.take(addr) {
-            match conn.send(head, host.as_ref(), body).await {
+            match conn.send(head, host.as_ref(), own, body).await {
                 Ok((parts, framing)) => return Ok(Self::h1_answer(pool, parts, framing, conn)),
                 Err(H1Fail::NotSent(b)) => body = b,
                 Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
-        match conn.send(head, host.as_ref(), body).await {
+        match conn.send(head, host.as_ref(), own, body).await {
             Ok((parts, framing)) => Ok(Self::h1_answer(pool, parts, framing, conn)),
             Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
                 refused: false,
