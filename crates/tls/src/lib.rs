@@ -7,9 +7,14 @@
 //! working and every certificate is refused with the reason, so HTTPS fails at the handshake saying
 //! why instead of at start-up.
 //!
+//! [`check`] holds the TLS of `https` health checks, shared by the agent's runner and the edge's
+//! prober: the same policy, plus `tls_skip_verify` and the server name.
+//!
 //! Depends on rustls only; no other aloft crate, no HTTP client.
 
 use std::sync::Arc;
+
+pub mod check;
 
 /// rustls with the ring provider and the platform's trust store (see the crate doc).
 pub fn client_config() -> Result<rustls::ClientConfig, rustls::Error> {
