@@ -1,6 +1,6 @@
-//! Health checks: the `tcp` and `http` checks of a machine's config (top-level `checks` and
-//! `services[].checks`), run by the agent against a started machine, their statuses reported in
-//! `Machine.checks` ([`aloft_api::CheckStatus`]).
+//! Health checks: the `tcp`, `http` and `https` checks of a machine's config (top-level
+//! `checks` and `services[].checks`), run by the agent against a started machine, their
+//! statuses reported in `Machine.checks` ([`aloft_api::CheckStatus`]).
 //!
 //! - **Definition**: names, defaults and semantics are [`aloft_api::checks`]'s (shared with the
 //!   edge proxy, which runs the service checks again from the edge and routes by its own
@@ -13,6 +13,10 @@
 //!   IPv4 address of its `net_config`, else its first address, else its `private_ip`. A machine
 //!   without a network (`NoNetwork`) has none: its checks are critical and say so. A machine
 //!   whose network lives in another network namespace is checked from the agent's namespace.
+//! - **https**: rustls (ring) as [`aloft_tls::check`] sets it up for both sides: certificates
+//!   checked against the host's trust store for `tls_server_name` (sent as SNI) or else the
+//!   machine's address, unless `tls_skip_verify`; a failed handshake is critical and its output
+//!   says what to change. Connect, handshake, request and status line share the one timeout.
 //!
 //! Threading: one thread per check while its machine is started, sleeping on a condvar between
 //! runs so that a stop ends it at once (a probe in flight finishes within its timeout).
@@ -26,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aloft_api::checks::{
-    CheckSpec, MAX_STATUS_LINE, Probe, http_request, http_state, parse_status_line, specs,
+    CheckSpec, MAX_STATUS_LINE, Probe, Tls, http_request, http_state, parse_status_line, specs,
 };
 use aloft_api::{CheckState, CheckStatus, MachineConfig, MachineId, rfc3339};
 
@@ -72,9 +76,11 @@ pub(crate) fn run(spec: &CheckSpec, ip: IpAddr) -> (CheckState, String) {
             method,
             path,
             headers,
+            tls,
         } => {
-            let what = format!("{method} http://{addr}{path}");
-            match http(addr, method, path, headers, spec.timeout) {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let what = format!("{method} {scheme}://{addr}{path}");
+            match http(addr, method, path, headers, tls.as_ref(), spec.timeout) {
                 Ok((code, line)) => (http_state(code), format!("{what}: {line}")),
                 Err(e) => (CheckState::Critical, format!("{what}: {e}")),
             }
@@ -82,12 +88,32 @@ pub(crate) fn run(spec: &CheckSpec, ip: IpAddr) -> (CheckState, String) {
     }
 }
 
-/// Sends the request, reads the status line: (status code, the line after the version).
+/// A connection an http check speaks over: plain TCP or TLS on it.
+trait Conn: Read + Write {
+    /// The TCP stream underneath (for its timeouts).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Conn for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Sends the request, reads the status line: (status code, the line after the version). Over
+/// TLS when `tls` is given, the handshake counted in the timeout.
 fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(String, String)],
+    tls: Option<&Tls>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
     let deadline = Instant::now() + timeout;
@@ -99,11 +125,17 @@ fn http(
             Ok(d)
         }
     };
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
+    let tcp = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("connect: {}", io_message(&e, timeout)))?;
+    let mut s: Box<dyn Conn> = match tls {
+        None => Box::new(tcp),
+        Some(tls) => Box::new(handshake(tcp, addr, tls, timeout, &left)?),
+    };
     let req = http_request(method, path, headers, &addr.to_string());
-    s.set_write_timeout(Some(left()?))
+    s.tcp()
+        .set_write_timeout(Some(left()?))
         .and_then(|()| s.write_all(req.as_bytes()))
+        .and_then(|()| s.flush())
         .map_err(|e| format!("send: {}", io_message(&e, timeout)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -114,7 +146,8 @@ fn http(
         if buf.len() > MAX_STATUS_LINE {
             return Err("no status line in the first 8 KiB of the response".into());
         }
-        s.set_read_timeout(Some(left()?))
+        s.tcp()
+            .set_read_timeout(Some(left()?))
             .map_err(|e| format!("receive: {e}"))?;
         match s.read(&mut chunk) {
             Ok(0) => return Err("the connection closed before a response".into()),
@@ -123,6 +156,35 @@ fn http(
         }
     };
     parse_status_line(&line)
+}
+
+/// The TLS handshake of an https check on `tcp`, within what `left` allows.
+fn handshake(
+    mut tcp: TcpStream,
+    addr: SocketAddr,
+    tls: &Tls,
+    timeout: Duration,
+    left: &dyn Fn() -> Result<Duration, String>,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    let config = aloft_tls::check::config(tls.skip_verify).map_err(|e| format!("TLS setup: {e}"))?;
+    let name = aloft_tls::check::server_name(tls.server_name.as_deref(), addr.ip())?;
+    let mut conn =
+        rustls::ClientConnection::new(config, name.clone()).map_err(|e| format!("TLS setup: {e}"))?;
+    while conn.is_handshaking() {
+        let d = left().map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        tcp.set_read_timeout(Some(d))
+            .and_then(|()| tcp.set_write_timeout(Some(d)))
+            .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        if let Err(e) = conn.complete_io(&mut tcp) {
+            return Err(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("TLS handshake with {addr}: timed out after {timeout:?}")
+                }
+                _ => aloft_tls::check::handshake_failure(addr, &name, &e),
+            });
+        }
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
 /// A stop flag threads sleep on.
@@ -350,6 +412,7 @@ mod tests {
                 method: method.into(),
                 path: path.into(),
                 headers: vec![("X-Probe".into(), "yes".into())],
+                tls: None,
             },
             ..tcp_spec(port)
         }
@@ -447,6 +510,141 @@ mod tests {
         let (state, out) = run(&spec, LOCAL);
         assert_eq!(state, CheckState::Critical);
         assert!(out.contains("timed out after 200ms"), "{out}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        drop(silent);
+    }
+
+    /// What a test https server saw of its one connection.
+    #[derive(Debug)]
+    struct Seen {
+        /// The SNI the client sent.
+        sni: Option<String>,
+        /// The request head (empty when the handshake failed).
+        head: String,
+    }
+
+    /// An https server with a self-signed certificate for `app.example.com` only, answering one
+    /// connection with `response`.
+    fn serve_tls_once(response: &'static str) -> (u16, mpsc::Receiver<Seen>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app.example.com".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap();
+        let listener = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if !matches!(s.read(&mut b), Ok(1)) {
+                    break;
+                }
+                head.push(b[0]);
+            }
+            if head.ends_with(b"\r\n\r\n") {
+                s.write_all(response.as_bytes()).unwrap();
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+            let sni = s.conn.server_name().map(str::to_owned);
+            let head = String::from_utf8(head).unwrap_or_default();
+            tx.send(Seen { sni, head }).unwrap();
+        });
+        (port, rx)
+    }
+
+    fn https_spec(port: u16, skip_verify: bool, server_name: Option<&str>) -> CheckSpec {
+        CheckSpec {
+            probe: Probe::Http {
+                method: "GET".into(),
+                path: "/up".into(),
+                headers: Vec::new(),
+                tls: Some(Tls {
+                    skip_verify,
+                    server_name: server_name.map(Into::into),
+                }),
+            },
+            ..tcp_spec(port)
+        }
+    }
+
+    #[test]
+    fn https_passes_when_verification_is_skipped_and_sends_the_server_name() {
+        let (port, seen) = serve_tls_once("HTTP/1.1 204 No Content\r\n\r\n");
+        let (state, out) = run(&https_spec(port, true, None), LOCAL);
+        assert_eq!(state, CheckState::Passing, "{out}");
+        assert_eq!(out, format!("GET https://127.0.0.1:{port}/up: 204 No Content"));
+        let seen = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen.sni, None, "an address is not sent as SNI");
+        assert!(seen.head.starts_with("GET /up HTTP/1.1\r\n"), "{seen:?}");
+
+        let (port, seen) = serve_tls_once("HTTP/1.1 200 OK\r\n\r\n");
+        let (state, out) = run(&https_spec(port, true, Some("app.example.com")), LOCAL);
+        assert_eq!(state, CheckState::Passing, "{out}");
+        let seen = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen.sni.as_deref(), Some("app.example.com"));
+    }
+
+    #[test]
+    fn https_is_critical_on_an_untrusted_certificate_a_500_or_a_plain_http_server() {
+        // Verified: a self-signed certificate is refused, saying what to do.
+        for name in [None, Some("app.example.com")] {
+            let (port, _seen) = serve_tls_once("HTTP/1.1 200 OK\r\n\r\n");
+            let (state, out) = run(&https_spec(port, false, name), LOCAL);
+            assert_eq!(state, CheckState::Critical, "{out}");
+            assert!(
+                out.contains(&format!(
+                    "TLS handshake with 127.0.0.1:{port} failed: certificate"
+                )),
+                "{out}"
+            );
+            assert!(out.contains("tls_skip_verify"), "{out}");
+        }
+        let (port, _seen) = serve_tls_once("HTTP/1.1 500 Internal Server Error\r\n\r\n");
+        let (state, out) = run(&https_spec(port, true, None), LOCAL);
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(out.ends_with(": 500 Internal Server Error"), "{out}");
+        // A plain http server answers the ClientHello with a 400: not TLS, said so at once.
+        let plain = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = plain.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = plain.accept().unwrap();
+            let mut b = [0u8; 512];
+            let _ = c.read(&mut b).unwrap();
+            c.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        });
+        let (state, out) = run(&https_spec(port, true, None), LOCAL);
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(out.contains("protocol = \"http\""), "{out}");
+        // One that waits for more: the timeout ends it.
+        let silent = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let mut spec = https_spec(port, true, None);
+        spec.timeout = Duration::from_millis(200);
+        let t0 = Instant::now();
+        let (state, out) = run(&spec, LOCAL);
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(
+            out.contains("TLS handshake with") && out.contains("timed out after 200ms"),
+            "{out}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(2));
         drop(silent);
     }

@@ -12,9 +12,9 @@
 //! - Logs ([`Agent::log_tail`], [`Agent::follow_logs`]): each machine's stdout, stderr and
 //!   platform lines, captured from its VM by one thread per boot into bounded, rotated JSON-lines
 //!   files under `<db dir>/logs/<machine id>/` (removed with the machine).
-//! - Health checks: the config's tcp and http checks run against each started machine, their
-//!   statuses in [`MachineRecord::checks`] and `Machine.checks` (names, defaults and semantics
-//!   are `aloft_api::checks`'s, shared with the edge proxy; `checks.rs` runs them).
+//! - Health checks: the config's tcp, http and https checks run against each started machine,
+//!   their statuses in [`MachineRecord::checks`] and `Machine.checks` (names, defaults and
+//!   semantics are `aloft_api::checks`'s, shared with the edge proxy; `checks.rs` runs them).
 //! - Service catalog ([`Agent::catalog`], [`Agent::publish_catalog`]): one
 //!   `aloft_api::CatalogEntry` per machine (state, version, address, services, check statuses,
 //!   whether it can suspend), and a publisher thread that hands a [`CatalogSink`] only what

@@ -12,8 +12,17 @@
 //! - **Semantics** (the reference's §5.5): tcp passes when a connection is accepted within the
 //!   timeout; http sends one HTTP/1.1 request ([`http_request`]: `Connection: close`, the check's
 //!   headers) and passes on a 2xx status line ([`parse_status_line`], [`http_state`]) within the
-//!   timeout; redirects are not followed (a 3xx is critical). `https` checks, unknown types and
-//!   checks without a port resolve to [`Probe::Invalid`]: critical, with the reason as output.
+//!   timeout; redirects are not followed (a 3xx is critical). Unknown types and checks without a
+//!   port resolve to [`Probe::Invalid`]: critical, with the reason as output.
+//! - **https** (`protocol = "https"`, any case): the same request over TLS ([`Tls`]), the TLS
+//!   handshake counted in the timeout. The certificate is verified (against the trust store of
+//!   the side that checks) for `tls_server_name`, which is also sent as SNI; without one, for the
+//!   machine's address (and no SNI is sent: an IP address is not a server name). A failed
+//!   handshake is critical. `tls_skip_verify = true` accepts any certificate. A
+//!   `tls_server_name` that is not a DNS name makes the check [`Probe::Invalid`]; an empty one
+//!   counts as unset. The `Host` header stays the machine's address unless the check's headers
+//!   give one, as for http. How a side speaks TLS is its own (the agent's and the edge's share
+//!   `aloft-tls`); this crate only resolves the settings.
 
 use std::time::Duration;
 
@@ -50,9 +59,32 @@ pub enum Probe {
         path: String,
         /// Headers, one pair per value.
         headers: Vec<(String, String)>,
+        /// Over TLS (`protocol = "https"`): how; `None` for plain http.
+        tls: Option<Tls>,
     },
     /// The config cannot be checked: why (reported as the check's critical output).
     Invalid(String),
+}
+
+/// The TLS settings of an https check (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tls {
+    /// Accept any certificate (`tls_skip_verify = true`).
+    pub skip_verify: bool,
+    /// The name sent as SNI and the certificate must be valid for (`tls_server_name`, a valid
+    /// DNS name); `None`: no SNI, the certificate must be valid for the machine's address.
+    pub server_name: Option<String>,
+}
+
+impl Probe {
+    /// The URL scheme an http probe speaks (`http` or `https`); `None` for other probes.
+    pub fn scheme(&self) -> Option<&'static str> {
+        match self {
+            Probe::Http { tls: Some(_), .. } => Some("https"),
+            Probe::Http { tls: None, .. } => Some("http"),
+            Probe::Tcp | Probe::Invalid(_) => None,
+        }
+    }
 }
 
 /// One check, resolved from the config with its defaults.
@@ -82,6 +114,8 @@ struct Fields<'a> {
     method: Option<&'a str>,
     path: Option<&'a str>,
     protocol: Option<&'a str>,
+    tls_skip_verify: Option<bool>,
+    tls_server_name: Option<&'a str>,
     headers: &'a [MachineHttpHeader],
 }
 
@@ -91,15 +125,63 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// Whether `name` is a DNS name a TLS client may send as SNI: labels of letters, digits, `_`
+/// and inner `-`, at most 63 bytes each and 253 in all, an optional trailing dot, the last label
+/// not all digits (that would read as an IPv4 address). The rules rustls applies, so a name
+/// accepted here is one both sides can send.
+pub fn is_server_name(name: &str) -> bool {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let labels_ok = trimmed.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    labels_ok
+        && trimmed
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn tls_settings(f: &Fields<'_>) -> Result<Tls, String> {
+    let server_name = match f.tls_server_name.map(str::trim) {
+        None | Some("") => None,
+        Some(n) if n.parse::<std::net::IpAddr>().is_ok() => {
+            return Err(format!(
+                "tls_server_name {n:?} is an IP address, not a server name: leave it unset to \
+                 verify the certificate for the machine's address"
+            ));
+        }
+        Some(n) if !is_server_name(n) => {
+            return Err(format!(
+                "tls_server_name {n:?} is not a DNS name: give the name the certificate is for \
+                 (like app.example.com)"
+            ));
+        }
+        Some(n) => Some(n.to_owned()),
+    };
+    Ok(Tls {
+        skip_verify: f.tls_skip_verify.unwrap_or(false),
+        server_name,
+    })
+}
+
 fn http_probe(f: &Fields<'_>) -> Probe {
-    if f.protocol.is_some_and(|p| p.eq_ignore_ascii_case("https")) {
-        return Probe::Invalid("https checks are not supported yet: use protocol http".into());
-    }
-    if let Some(p) = f.protocol
-        && !p.eq_ignore_ascii_case("http")
-    {
-        return Probe::Invalid(format!("unknown protocol {p:?}: use http"));
-    }
+    let tls = match f.protocol {
+        None => None,
+        Some(p) if p.eq_ignore_ascii_case("http") => None,
+        Some(p) if p.eq_ignore_ascii_case("https") => match tls_settings(f) {
+            Ok(tls) => Some(tls),
+            Err(why) => return Probe::Invalid(why),
+        },
+        Some(p) => return Probe::Invalid(format!("unknown protocol {p:?}: use http or https")),
+    };
     let method = f.method.unwrap_or("GET").to_ascii_uppercase();
     if !is_token(&method) {
         return Probe::Invalid(format!("invalid method {method:?}: use GET or HEAD"));
@@ -133,6 +215,7 @@ fn http_probe(f: &Fields<'_>) -> Probe {
         method,
         path,
         headers,
+        tls,
     }
 }
 
@@ -179,6 +262,8 @@ pub fn specs(config: &MachineConfig) -> Vec<CheckSpec> {
                 method: c.method.as_deref(),
                 path: c.path.as_deref(),
                 protocol: c.protocol.as_deref(),
+                tls_skip_verify: c.tls_skip_verify,
+                tls_server_name: c.tls_server_name.as_deref(),
                 headers: &c.headers,
             };
             spec(name.clone(), &f, None)
@@ -203,6 +288,8 @@ pub fn service_specs(services: &[MachineService]) -> Vec<CheckSpec> {
                 method: c.method.as_deref(),
                 path: c.path.as_deref(),
                 protocol: c.protocol.as_deref(),
+                tls_skip_verify: c.tls_skip_verify,
+                tls_server_name: c.tls_server_name.as_deref(),
                 headers: &c.headers,
             };
             let port = c.port.or(service.internal_port);
@@ -339,7 +426,8 @@ mod tests {
             Probe::Http {
                 method: "GET".into(),
                 path: "/ready".into(),
-                headers: Vec::new()
+                headers: Vec::new(),
+                tls: None,
             }
         );
         assert_eq!(
@@ -347,7 +435,17 @@ mod tests {
             (9000, MIN_INTERVAL, DEFAULT_TIMEOUT)
         );
         assert!(matches!(&s[1].probe, Probe::Invalid(w) if w.contains("no port")));
-        assert!(matches!(&s[2].probe, Probe::Invalid(w) if w.contains("https")));
+        assert_eq!(
+            s[2].probe,
+            Probe::Http {
+                method: "GET".into(),
+                path: "/".into(),
+                headers: Vec::new(),
+                tls: Some(Tls::default()),
+            }
+        );
+        assert_eq!(s[2].probe.scheme(), Some("https"));
+        assert_eq!(s[0].probe.scheme(), Some("http"));
         assert_eq!(s[3].probe, Probe::Tcp);
         assert_eq!(
             (s[3].port, s[3].interval, s[3].grace),
@@ -364,6 +462,108 @@ mod tests {
         assert!(!has_service_checks(&[MachineService::default()]));
         assert!(s[3..].iter().all(|c| is_service_check(&c.name)));
         assert!(!is_service_check(&s[0].name));
+    }
+
+    fn https_check(protocol: &str, skip: Option<bool>, name: Option<&str>) -> Probe {
+        let services = [MachineService {
+            internal_port: Some(8443),
+            checks: vec![MachineServiceCheck {
+                r#type: Some("http".into()),
+                protocol: Some(protocol.into()),
+                tls_skip_verify: skip,
+                tls_server_name: name.map(Into::into),
+                ..MachineServiceCheck::default()
+            }],
+            ..MachineService::default()
+        }];
+        service_specs(&services).remove(0).probe
+    }
+
+    fn tls_of(p: &Probe) -> Option<&Tls> {
+        match p {
+            Probe::Http { tls, .. } => tls.as_ref(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn https_checks_carry_their_tls_settings() {
+        // Any case; verification on unless skipped; the server name as given.
+        let p = https_check("HTTPS", Some(true), Some("app.example.com"));
+        assert_eq!(
+            tls_of(&p),
+            Some(&Tls {
+                skip_verify: true,
+                server_name: Some("app.example.com".into())
+            })
+        );
+        let p = https_check("https", None, None);
+        assert_eq!(tls_of(&p), Some(&Tls::default()));
+        // An empty name is no name.
+        let p = https_check("https", Some(false), Some(""));
+        assert_eq!(tls_of(&p), Some(&Tls::default()));
+        // Plain http ignores the TLS keys.
+        let p = https_check("http", Some(true), Some("app.example.com"));
+        assert!(matches!(p, Probe::Http { tls: None, .. }), "{p:?}");
+        // Service checks of https are named as http ones (the type is http).
+        let services = [MachineService {
+            internal_port: Some(8443),
+            checks: vec![MachineServiceCheck {
+                r#type: Some("http".into()),
+                protocol: Some("https".into()),
+                ..MachineServiceCheck::default()
+            }],
+            ..MachineService::default()
+        }];
+        assert_eq!(service_specs(&services)[0].name, "servicecheck-00-http-8443");
+        let p = https_check("spdy", None, None);
+        assert!(
+            matches!(&p, Probe::Invalid(w) if w.contains("use http or https")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn an_https_checks_server_name_must_be_a_dns_name() {
+        for bad in [
+            "10.0.0.1",
+            "fdaa::2",
+            "not a name",
+            "-lead.example.com",
+            "trail-.example.com",
+            "a..b",
+            "example.123",
+            "under/slash",
+            "ünïcode.example",
+        ] {
+            assert!(!is_server_name(bad), "{bad}");
+            let p = https_check("https", None, Some(bad));
+            assert!(
+                matches!(&p, Probe::Invalid(w) if w.contains("tls_server_name") && w.contains(bad)),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = https_check("https", None, Some("10.0.0.1"));
+        assert!(
+            matches!(&p, Probe::Invalid(w) if w.contains("IP address")),
+            "{p:?}"
+        );
+        let long = format!("{}.com", "a".repeat(64));
+        assert!(!is_server_name(&long));
+        let too_long = vec!["a".repeat(60); 5].join(".");
+        assert!(!is_server_name(&too_long));
+        for good in [
+            "localhost",
+            "app.example.com",
+            "app.example.com.",
+            "my_app.internal",
+            "x-1.fly.dev",
+            "1.example.com",
+        ] {
+            assert!(is_server_name(good), "{good}");
+            let p = https_check("https", None, Some(good));
+            assert_eq!(tls_of(&p).and_then(|t| t.server_name.as_deref()), Some(good));
+        }
     }
 
     #[test]

@@ -484,10 +484,15 @@ pub(crate) async fn run(dialer: &dyn Dialer, spec: &CheckSpec, addr: SocketAddr)
                 format!("connect to {addr}: timed out after {:?}", spec.timeout),
             ),
         },
+        Probe::Http { tls: Some(_), .. } => (
+            CheckState::Critical,
+            "https checks are not run by the edge yet".to_owned(),
+        ),
         Probe::Http {
             method,
             path,
             headers,
+            tls: None,
         } => {
             let what = format!("{method} http://{addr}{path}");
             let req = http_request(method, path, headers, &addr.to_string());
@@ -551,6 +556,7 @@ mod tests {
             method: "GET".into(),
             path: "/up".into(),
             headers: vec![("X-Probe".into(), "edge".into())],
+            tls: None,
         }
     }
 
