@@ -6,8 +6,12 @@
 //!   them from the catalog entry's `services` (the same names, defaults and semantics as the
 //!   agent's): tcp passes when a connection opens within the timeout; http sends one HTTP/1.1
 //!   request (`Connection: close`, the check's method, path and headers) and passes on a 2xx
-//!   status line within the timeout (a 3xx or anything else is critical). Connections go through
-//!   the edge's [`Dialer`], so they leave from where the machines' network lives.
+//!   status line within the timeout (a 3xx or anything else is critical); https the same over
+//!   TLS (tokio-rustls, set up by [`aloft_tls::check`] as the agent's: the edge host's trust
+//!   store for `tls_server_name`, sent as SNI, or else the machine's address, unless
+//!   `tls_skip_verify`; a failed handshake is critical, its output saying what to change).
+//!   Connections go through the edge's [`Dialer`], so they leave from where the machines'
+//!   network lives.
 //! - **When**: first once the check's grace period has passed since the edge saw the machine
 //!   started, then every interval after a run ends. A machine that stops, leaves the table, or
 //!   changes version or address (a restart into an update) or services has its checks forgotten
@@ -32,11 +36,11 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use aloft_api::checks::{
-    CheckSpec, MAX_STATUS_LINE, Probe, has_service_checks, http_request, http_state, parse_status_line,
+    CheckSpec, MAX_STATUS_LINE, Probe, Tls, has_service_checks, http_request, http_state, parse_status_line,
     service_specs,
 };
 use aloft_api::{CheckState, MachineId, MachineService};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -484,19 +488,16 @@ pub(crate) async fn run(dialer: &dyn Dialer, spec: &CheckSpec, addr: SocketAddr)
                 format!("connect to {addr}: timed out after {:?}", spec.timeout),
             ),
         },
-        Probe::Http { tls: Some(_), .. } => (
-            CheckState::Critical,
-            "https checks are not run by the edge yet".to_owned(),
-        ),
         Probe::Http {
             method,
             path,
             headers,
-            tls: None,
+            tls,
         } => {
-            let what = format!("{method} http://{addr}{path}");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let what = format!("{method} {scheme}://{addr}{path}");
             let req = http_request(method, path, headers, &addr.to_string());
-            match tokio::time::timeout(spec.timeout, http(dialer, addr, &req)).await {
+            match tokio::time::timeout(spec.timeout, http(dialer, addr, &req, tls.as_ref())).await {
                 Ok(Ok((code, line))) => (http_state(code), format!("{what}: {line}")),
                 Ok(Err(e)) => (CheckState::Critical, format!("{what}: {e}")),
                 Err(_) => (
@@ -508,12 +509,33 @@ pub(crate) async fn run(dialer: &dyn Dialer, spec: &CheckSpec, addr: SocketAddr)
     }
 }
 
-/// Sends `req`, reads the status line: (status code, the line after the version).
-async fn http(dialer: &dyn Dialer, addr: SocketAddr, req: &str) -> Result<(u16, String), String> {
-    let mut s = dialer.dial(addr).await.map_err(|e| format!("connect: {e}"))?;
+/// Sends `req` (over TLS when `tls` is given), reads the status line: (status code, the line
+/// after the version).
+async fn http(
+    dialer: &dyn Dialer,
+    addr: SocketAddr,
+    req: &str,
+    tls: Option<&Tls>,
+) -> Result<(u16, String), String> {
+    let tcp = dialer.dial(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let Some(tls) = tls else {
+        return exchange(tcp, req).await;
+    };
+    let config = aloft_tls::check::config(tls.skip_verify).map_err(|e| format!("TLS setup: {e}"))?;
+    let name = aloft_tls::check::server_name(tls.server_name.as_deref(), addr.ip())?;
+    let s = tokio_rustls::TlsConnector::from(config)
+        .connect(name.clone(), tcp)
+        .await
+        .map_err(|e| aloft_tls::check::handshake_failure(addr, &name, &e))?;
+    exchange(s, req).await
+}
+
+/// Sends `req` on `s`, reads the status line.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: &str) -> Result<(u16, String), String> {
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("send: {e}"))?;
+    s.flush().await.map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
@@ -676,6 +698,121 @@ mod tests {
         let (state, out) = run(&DirectDialer, &spec(get(), port), local(port)).await;
         assert_eq!(state, CheckState::Critical);
         assert!(out.contains("timed out after 300ms"), "{out}");
+    }
+
+    /// An https server with a self-signed certificate for `app.example.com` only, answering one
+    /// connection with `response`; hands back the SNI it saw and the request head (empty when
+    /// the handshake failed).
+    async fn serve_tls_once(
+        response: &'static str,
+    ) -> (u16, tokio::task::JoinHandle<(Option<String>, String)>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app.example.com".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                )
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (c, _) = l.accept().await.unwrap();
+            let Ok(mut c) = acceptor.accept(c).await else {
+                return (None, String::new());
+            };
+            let sni = c.get_ref().1.server_name().map(str::to_owned);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                c.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            c.write_all(response.as_bytes()).await.unwrap();
+            c.shutdown().await.unwrap();
+            (sni, String::from_utf8(head).unwrap())
+        });
+        (port, task)
+    }
+
+    fn https(skip_verify: bool, server_name: Option<&str>) -> Probe {
+        Probe::Http {
+            method: "GET".into(),
+            path: "/up".into(),
+            headers: Vec::new(),
+            tls: Some(Tls {
+                skip_verify,
+                server_name: server_name.map(Into::into),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn https_checks_pass_when_verification_is_skipped_and_send_the_server_name() {
+        let (port, seen) = serve_tls_once("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let (state, out) = run(&DirectDialer, &spec(https(true, None), port), local(port)).await;
+        assert_eq!(state, CheckState::Passing, "{out}");
+        assert_eq!(out, format!("GET https://127.0.0.1:{port}/up: 204 No Content"));
+        let (sni, head) = seen.await.unwrap();
+        assert_eq!(sni, None, "an address is not sent as SNI");
+        assert!(head.starts_with("GET /up HTTP/1.1\r\n"), "{head}");
+
+        let (port, seen) = serve_tls_once("HTTP/1.1 200 OK\r\n\r\n").await;
+        let probe = https(true, Some("app.example.com"));
+        let (state, out) = run(&DirectDialer, &spec(probe, port), local(port)).await;
+        assert_eq!(state, CheckState::Passing, "{out}");
+        assert_eq!(seen.await.unwrap().0.as_deref(), Some("app.example.com"));
+    }
+
+    #[tokio::test]
+    async fn https_checks_are_critical_on_an_untrusted_certificate_a_500_or_a_plain_http_server() {
+        for name in [None, Some("app.example.com")] {
+            let (port, _seen) = serve_tls_once("HTTP/1.1 200 OK\r\n\r\n").await;
+            let (state, out) = run(&DirectDialer, &spec(https(false, name), port), local(port)).await;
+            assert_eq!(state, CheckState::Critical, "{out}");
+            assert!(
+                out.contains(&format!(
+                    "TLS handshake with 127.0.0.1:{port} failed: certificate"
+                )),
+                "{out}"
+            );
+            assert!(out.contains("tls_skip_verify"), "{out}");
+        }
+        let (port, _seen) = serve_tls_once("HTTP/1.1 500 Oops\r\n\r\n").await;
+        let (state, out) = run(&DirectDialer, &spec(https(true, None), port), local(port)).await;
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(out.ends_with(": 500 Oops"), "{out}");
+        // A plain http server answers the ClientHello with a 400: not TLS, said so at once.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = plain.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut c, _) = plain.accept().await.unwrap();
+            let mut b = [0u8; 512];
+            let _ = c.read(&mut b).await.unwrap();
+            c.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let (state, out) = run(&DirectDialer, &spec(https(true, None), port), local(port)).await;
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(out.contains("protocol = \"http\""), "{out}");
+        // One that waits for more: the timeout ends it.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let t0 = std::time::Instant::now();
+        let (state, out) = run(&DirectDialer, &spec(https(true, None), port), local(port)).await;
+        assert_eq!(state, CheckState::Critical);
+        assert!(out.contains("timed out after 300ms"), "{out}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        drop(silent);
     }
 
     #[tokio::test]
