@@ -149,22 +149,32 @@ pub fn is_server_name(name: &str) -> bool {
             .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// Why `name` cannot be an https check's `tls_server_name` (an IP address, or not a DNS name:
+/// [`is_server_name`]); `None` when it can. Empty (after trimming) counts as unset: fine.
+pub fn server_name_problem(name: &str) -> Option<String> {
+    let n = name.trim();
+    if n.is_empty() || is_server_name(n) {
+        None
+    } else if n.parse::<std::net::IpAddr>().is_ok() {
+        Some(format!(
+            "tls_server_name {n:?} is an IP address, not a server name: leave it unset to verify \
+             the certificate for the machine's address"
+        ))
+    } else {
+        Some(format!(
+            "tls_server_name {n:?} is not a DNS name: give the name the certificate is for (like \
+             app.example.com)"
+        ))
+    }
+}
+
 fn tls_settings(f: &Fields<'_>) -> Result<Tls, String> {
     let server_name = match f.tls_server_name.map(str::trim) {
         None | Some("") => None,
-        Some(n) if n.parse::<std::net::IpAddr>().is_ok() => {
-            return Err(format!(
-                "tls_server_name {n:?} is an IP address, not a server name: leave it unset to \
-                 verify the certificate for the machine's address"
-            ));
-        }
-        Some(n) if !is_server_name(n) => {
-            return Err(format!(
-                "tls_server_name {n:?} is not a DNS name: give the name the certificate is for \
-                 (like app.example.com)"
-            ));
-        }
-        Some(n) => Some(n.to_owned()),
+        Some(n) => match server_name_problem(n) {
+            Some(why) => return Err(why),
+            None => Some(n.to_owned()),
+        },
     };
     Ok(Tls {
         skip_verify: f.tls_skip_verify.unwrap_or(false),
@@ -537,6 +547,7 @@ mod tests {
             "ünïcode.example",
         ] {
             assert!(!is_server_name(bad), "{bad}");
+            assert!(server_name_problem(bad).is_some(), "{bad}");
             let p = https_check("https", None, Some(bad));
             assert!(
                 matches!(&p, Probe::Invalid(w) if w.contains("tls_server_name") && w.contains(bad)),
@@ -561,6 +572,7 @@ mod tests {
             "1.example.com",
         ] {
             assert!(is_server_name(good), "{good}");
+            assert_eq!(server_name_problem(good), None, "{good}");
             let p = https_check("https", None, Some(good));
             assert_eq!(tls_of(&p).and_then(|t| t.server_name.as_deref()), Some(good));
         }

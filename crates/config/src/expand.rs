@@ -545,4 +545,116 @@ mod tests {
         assert_eq!(guest.cpus, Some(8));
         assert_eq!(guest.gpu_kind.as_deref(), Some("a10"));
     }
+
+    #[test]
+    fn https_checks_reach_the_machine_config_from_every_place_a_check_is_written() {
+        let text = r#"
+            app = "demo"
+            [http_service]
+            internal_port = 8443
+            [[http_service.checks]]
+            protocol = "https"
+            tls_skip_verify = true
+            tls_server_name = "web.example.com"
+            [[services]]
+            internal_port = 9443
+            [[services.ports]]
+            port = 9443
+            [[services.http_checks]]
+            protocol = "HTTPS"
+            tls_server_name = "svc.example.com"
+            [checks.alive]
+            type = "http"
+            port = 7443
+            protocol = "https"
+            tls_skip_verify = false
+            tls_server_name = "top.example.com"
+        "#;
+        let loaded = crate::parse(text, Path::new("t.toml")).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let g = groups(text);
+        let mc = &g["app"];
+        let web = &mc.services[0].checks[0];
+        assert_eq!(
+            (
+                web.protocol.as_deref(),
+                web.tls_skip_verify,
+                web.tls_server_name.as_deref()
+            ),
+            (Some("https"), Some(true), Some("web.example.com"))
+        );
+        let svc = &mc.services[1].checks[0];
+        assert_eq!(
+            (
+                svc.protocol.as_deref(),
+                svc.tls_skip_verify,
+                svc.tls_server_name.as_deref()
+            ),
+            (Some("HTTPS"), None, Some("svc.example.com"))
+        );
+        let top = &mc.checks["alive"];
+        assert_eq!(
+            (
+                top.protocol.as_deref(),
+                top.tls_skip_verify,
+                top.tls_server_name.as_deref()
+            ),
+            (Some("https"), Some(false), Some("top.example.com"))
+        );
+        // And they resolve into https probes on both sides that run checks.
+        let tls: Vec<Option<aloft_api::checks::Tls>> = aloft_api::checks::specs(mc)
+            .into_iter()
+            .map(|c| match c.probe {
+                aloft_api::checks::Probe::Http { tls, .. } => tls,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let t = |skip_verify, name: &str| {
+            Some(aloft_api::checks::Tls {
+                skip_verify,
+                server_name: Some(name.to_owned()),
+            })
+        };
+        assert_eq!(
+            tls,
+            [
+                t(false, "top.example.com"),
+                t(true, "web.example.com"),
+                t(false, "svc.example.com")
+            ]
+        );
+    }
+
+    #[test]
+    fn https_settings_that_keep_a_check_critical_are_warned_about() {
+        let text = r#"
+            app = "demo"
+            [[services]]
+            internal_port = 9443
+            [[services.ports]]
+            port = 9443
+            [[services.http_checks]]
+            protocol = "h2"
+            [[services.tcp_checks]]
+            protocol = "tcp"
+            [checks.alive]
+            type = "http"
+            port = 7443
+            protocol = "https"
+            tls_server_name = "10.0.0.1"
+        "#;
+        let loaded = crate::parse(text, Path::new("t.toml")).unwrap();
+        let warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings.iter().any(|w| w.contains("checks.alive.tls_server_name")
+                && w.contains("is an IP address")
+                && w.contains("critical")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings.iter().any(|w| w.contains("unknown protocol \"h2\"")),
+            "{warnings:?}"
+        );
+    }
 }

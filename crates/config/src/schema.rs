@@ -1284,10 +1284,19 @@ const CHECK_KEYS: &[&str] = &[
     "headers",
 ];
 
-/// Reads a check's keys. `extra` names keys valid only in this position (`processes`, `kind`).
-fn decode_check_fields(ctx: &mut Ctx<'_>, node: &Node, path: &str, top_level: bool) -> Option<CheckFields> {
+/// Reads a check's keys. `top_level` allows keys valid only there (`processes`, `kind`);
+/// `default_type` is the check's type when it gives none. A `protocol` or `tls_server_name` that
+/// would make an http check always critical is warned about (`aloft_api::checks` resolves them).
+fn decode_check_fields(
+    ctx: &mut Ctx<'_>,
+    node: &Node,
+    path: &str,
+    top_level: bool,
+    default_type: Option<&str>,
+) -> Option<CheckFields> {
     let entries = ctx.table(node, path)?;
     let mut c = CheckFields::default();
+    let mut protocol_at = None;
     for (key, value) in entries {
         let p = join(path, &key.name);
         match key.name.as_str() {
@@ -1311,9 +1320,25 @@ fn decode_check_fields(ctx: &mut Ctx<'_>, node: &Node, path: &str, top_level: bo
             "grace_period" => c.grace_period = ctx.duration(value, &p, IntUnit::Millis),
             "method" => c.method = ctx.string(value, &p),
             "path" => c.path = ctx.string(value, &p),
-            "protocol" => c.protocol = ctx.string(value, &p),
+            "protocol" => {
+                c.protocol = ctx.string(value, &p);
+                protocol_at = Some((value.span.clone(), p));
+            }
             "tls_skip_verify" => c.tls_skip_verify = ctx.bool(value, &p),
-            "tls_server_name" => c.tls_server_name = ctx.string(value, &p),
+            "tls_server_name" => {
+                c.tls_server_name = ctx.string(value, &p);
+                if let Some(why) = c
+                    .tls_server_name
+                    .as_deref()
+                    .and_then(aloft_api::checks::server_name_problem)
+                {
+                    ctx.warn(
+                        &value.span,
+                        &p,
+                        format!("{why}; until then the check is critical"),
+                    );
+                }
+            }
             "headers" => c.headers = decode_check_headers(ctx, value, &p),
             "restart_limit" => ctx.legacy(key, &p, "restart_limit only worked on Fly's old Nomad platform"),
             "processes" if top_level => {
@@ -1336,6 +1361,17 @@ fn decode_check_fields(ctx: &mut Ctx<'_>, node: &Node, path: &str, top_level: bo
             }
             _ => ctx.unknown(key, &p, CHECK_KEYS),
         }
+    }
+    if let (Some((span, p)), Some(proto)) = (protocol_at, c.protocol.as_deref())
+        && c.r#type.as_deref().or(default_type) == Some("http")
+        && !proto.eq_ignore_ascii_case("http")
+        && !proto.eq_ignore_ascii_case("https")
+    {
+        ctx.warn(
+            &span,
+            &p,
+            format!("unknown protocol {proto:?}, so the check is always critical; use \"http\" or \"https\""),
+        );
     }
     Some(c)
 }
@@ -1392,7 +1428,7 @@ fn decode_service_check(
     path: &str,
     default_type: &str,
 ) -> Option<MachineServiceCheck> {
-    let c = decode_check_fields(ctx, node, path, false)?;
+    let c = decode_check_fields(ctx, node, path, false, Some(default_type))?;
     Some(MachineServiceCheck {
         r#type: Some(c.r#type.unwrap_or_else(|| default_type.to_owned())),
         port: c.port,
@@ -1512,9 +1548,9 @@ fn strip_name_and_decode(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<C
                         .collect(),
                 ),
             };
-            decode_check_fields(ctx, &stripped, path, true)
+            decode_check_fields(ctx, &stripped, path, true, None)
         }
-        _ => decode_check_fields(ctx, node, path, true),
+        _ => decode_check_fields(ctx, node, path, true, None),
     }
 }
 
