@@ -88,26 +88,95 @@ pub(crate) fn run(spec: &CheckSpec, ip: IpAddr) -> (CheckState, String) {
     }
 }
 
-/// A connection an http check speaks over: plain TCP or TLS on it.
-trait Conn: Read + Write {
-    /// The TCP stream underneath (for its timeouts).
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl Conn for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
+/// What is left until `deadline`; a `TimedOut` error once it has passed.
+fn left(deadline: Instant) -> std::io::Result<Duration> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    if d.is_zero() {
+        Err(std::io::ErrorKind::TimedOut.into())
+    } else {
+        Ok(d)
     }
 }
 
-impl Conn for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        &self.sock
+/// A connection an http check speaks over: plain TCP, or TLS on it. Every socket read and write
+/// is bounded by what is left until the check's deadline, so a peer that dribbles bytes cannot
+/// stretch a run past its timeout.
+enum Conn {
+    Plain(TcpStream),
+    Tls {
+        tls: Box<rustls::ClientConnection>,
+        tcp: TcpStream,
+    },
+}
+
+/// Writes out the TLS records rustls has queued.
+fn write_records(
+    tls: &mut rustls::ClientConnection,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> std::io::Result<()> {
+    while tls.wants_write() {
+        tcp.set_write_timeout(Some(left(deadline)?))?;
+        tls.write_tls(tcp)?;
+    }
+    Ok(())
+}
+
+/// Reads what the socket has (one read) and processes the TLS records in it: `false` at the end
+/// of the stream. A TLS error is sent to the peer (its alert) and returned inside the I/O error.
+fn read_records(
+    tls: &mut rustls::ClientConnection,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> std::io::Result<bool> {
+    tcp.set_read_timeout(Some(left(deadline)?))?;
+    if tls.read_tls(tcp)? == 0 {
+        return Ok(false);
+    }
+    if let Err(e) = tls.process_new_packets() {
+        let _alert_sent = write_records(tls, tcp, deadline);
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    }
+    Ok(true)
+}
+
+impl Conn {
+    fn send(&mut self, data: &[u8], deadline: Instant) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(tcp) => {
+                tcp.set_write_timeout(Some(left(deadline)?))?;
+                tcp.write_all(data)
+            }
+            Conn::Tls { tls, tcp } => {
+                tls.writer().write_all(data)?;
+                write_records(tls, tcp, deadline)
+            }
+        }
+    }
+
+    /// Some bytes of the response; 0 at its end.
+    fn recv(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(tcp) => {
+                tcp.set_read_timeout(Some(left(deadline)?))?;
+                tcp.read(buf)
+            }
+            Conn::Tls { tls, tcp } => loop {
+                match tls.reader().read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if !read_records(tls, tcp, deadline)? {
+                            return Ok(0);
+                        }
+                    }
+                    other => return other,
+                }
+            },
+        }
     }
 }
 
 /// Sends the request, reads the status line: (status code, the line after the version). Over
-/// TLS when `tls` is given, the handshake counted in the timeout.
+/// TLS when `tls` is given; connect, handshake and exchange share the timeout.
 fn http(
     addr: SocketAddr,
     method: &str,
@@ -117,25 +186,14 @@ fn http(
     timeout: Duration,
 ) -> Result<(u16, String), String> {
     let deadline = Instant::now() + timeout;
-    let left = || {
-        let d = deadline.saturating_duration_since(Instant::now());
-        if d.is_zero() {
-            Err(format!("timed out after {timeout:?}"))
-        } else {
-            Ok(d)
-        }
-    };
     let tcp = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("connect: {}", io_message(&e, timeout)))?;
-    let mut s: Box<dyn Conn> = match tls {
-        None => Box::new(tcp),
-        Some(tls) => Box::new(handshake(tcp, addr, tls, timeout, &left)?),
+    let mut conn = match tls {
+        None => Conn::Plain(tcp),
+        Some(tls) => handshake(tcp, addr, tls, timeout, deadline)?,
     };
     let req = http_request(method, path, headers, &addr.to_string());
-    s.tcp()
-        .set_write_timeout(Some(left()?))
-        .and_then(|()| s.write_all(req.as_bytes()))
-        .and_then(|()| s.flush())
+    conn.send(req.as_bytes(), deadline)
         .map_err(|e| format!("send: {}", io_message(&e, timeout)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -146,10 +204,7 @@ fn http(
         if buf.len() > MAX_STATUS_LINE {
             return Err("no status line in the first 8 KiB of the response".into());
         }
-        s.tcp()
-            .set_read_timeout(Some(left()?))
-            .map_err(|e| format!("receive: {e}"))?;
-        match s.read(&mut chunk) {
+        match conn.recv(&mut chunk, deadline) {
             Ok(0) => return Err("the connection closed before a response".into()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("receive: {}", io_message(&e, timeout))),
@@ -158,33 +213,37 @@ fn http(
     parse_status_line(&line)
 }
 
-/// The TLS handshake of an https check on `tcp`, within what `left` allows.
+/// The TLS handshake of an https check on `tcp`, by `deadline`.
 fn handshake(
     mut tcp: TcpStream,
     addr: SocketAddr,
-    tls: &Tls,
+    settings: &Tls,
     timeout: Duration,
-    left: &dyn Fn() -> Result<Duration, String>,
-) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
-    let config = aloft_tls::check::config(tls.skip_verify).map_err(|e| format!("TLS setup: {e}"))?;
-    let name = aloft_tls::check::server_name(tls.server_name.as_deref(), addr.ip())?;
-    let mut conn =
+    deadline: Instant,
+) -> Result<Conn, String> {
+    let config = aloft_tls::check::config(settings.skip_verify).map_err(|e| format!("TLS setup: {e}"))?;
+    let name = aloft_tls::check::server_name(settings.server_name.as_deref(), addr.ip())?;
+    let mut tls =
         rustls::ClientConnection::new(config, name.clone()).map_err(|e| format!("TLS setup: {e}"))?;
-    while conn.is_handshaking() {
-        let d = left().map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-        tcp.set_read_timeout(Some(d))
-            .and_then(|()| tcp.set_write_timeout(Some(d)))
-            .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-        if let Err(e) = conn.complete_io(&mut tcp) {
-            return Err(match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    format!("TLS handshake with {addr}: timed out after {timeout:?}")
-                }
-                _ => aloft_tls::check::handshake_failure(addr, &name, &e),
-            });
+    let mut run = || -> std::io::Result<()> {
+        while tls.is_handshaking() {
+            write_records(&mut tls, &mut tcp, deadline)?;
+            if tls.is_handshaking() && !read_records(&mut tls, &mut tcp, deadline)? {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
         }
-    }
-    Ok(rustls::StreamOwned::new(conn, tcp))
+        write_records(&mut tls, &mut tcp, deadline)
+    };
+    run().map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("TLS handshake with {addr}: timed out after {timeout:?}")
+        }
+        _ => aloft_tls::check::handshake_failure(addr, &name, &e),
+    })?;
+    Ok(Conn::Tls {
+        tls: Box::new(tls),
+        tcp,
+    })
 }
 
 /// A stop flag threads sleep on.
@@ -647,6 +706,31 @@ mod tests {
         );
         assert!(t0.elapsed() < Duration::from_secs(2));
         drop(silent);
+    }
+
+    #[test]
+    fn https_is_cut_off_at_the_timeout_by_a_server_that_dribbles_its_handshake() {
+        // The start of a large handshake record, then a byte every 20 ms: every read gets
+        // something, but the run must still end at its timeout.
+        let l = TcpListener::bind((LOCAL, 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let _ = c.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]);
+            for _ in 0..250 {
+                std::thread::sleep(Duration::from_millis(20));
+                if c.write_all(&[0]).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut spec = https_spec(port, true, None);
+        spec.timeout = Duration::from_millis(300);
+        let t0 = Instant::now();
+        let (state, out) = run(&spec, LOCAL);
+        assert_eq!(state, CheckState::Critical, "{out}");
+        assert!(out.contains("timed out after 300ms"), "{out}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     }
 
     #[test]
