@@ -123,6 +123,8 @@ fn tls_reason(name: &ServerName<'_>, e: &Error) -> String {
                 _ => "",
             }
         ),
+        // The host's trust store could not be loaded (see the crate docs).
+        Error::General(why) => format!("{why}; or {SKIP}"),
         other => other.to_string(),
     }
 }
@@ -284,6 +286,17 @@ mod tests {
             &wrap(Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)),
         );
         assert!(out.contains("protocol = \"http\""), "{out}");
+        let out = handshake_failure(
+            addr,
+            &ip,
+            &wrap(Error::General(
+                "cannot verify TLS certificates: no CA bundle".into(),
+            )),
+        );
+        assert!(
+            out.ends_with("no CA bundle; or set tls_skip_verify = true to accept it"),
+            "{out}"
+        );
         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
         assert!(handshake_failure(addr, &ip, &eof).contains("closed the connection"));
         assert!(server_name(Some("not a name"), addr.ip()).is_err());
