@@ -76,17 +76,6 @@ pub struct Tls {
     pub server_name: Option<String>,
 }
 
-impl Probe {
-    /// The URL scheme an http probe speaks (`http` or `https`); `None` for other probes.
-    pub fn scheme(&self) -> Option<&'static str> {
-        match self {
-            Probe::Http { tls: Some(_), .. } => Some("https"),
-            Probe::Http { tls: None, .. } => Some("http"),
-            Probe::Tcp | Probe::Invalid(_) => None,
-        }
-    }
-}
-
 /// One check, resolved from the config with its defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckSpec {
@@ -454,8 +443,6 @@ mod tests {
                 tls: Some(Tls::default()),
             }
         );
-        assert_eq!(s[2].probe.scheme(), Some("https"));
-        assert_eq!(s[0].probe.scheme(), Some("http"));
         assert_eq!(s[3].probe, Probe::Tcp);
         assert_eq!(
             (s[3].port, s[3].interval, s[3].grace),
