@@ -585,28 +585,14 @@ mod tests {
     /// An https server with a self-signed certificate for `app.example.com` only, answering one
     /// connection with `response`.
     fn serve_tls_once(response: &'static str) -> (u16, mpsc::Receiver<Seen>) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["app.example.com".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-                )
-                .unwrap();
+        let config = aloft_testkit::tls::self_signed_server(&["app.example.com"]).unwrap();
         let listener = TcpListener::bind((LOCAL, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let (tcp, _) = listener.accept().unwrap();
             tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            let conn = rustls::ServerConnection::new(config).unwrap();
             let mut s = rustls::StreamOwned::new(conn, tcp);
             let mut head = Vec::new();
             let mut b = [0u8; 1];

@@ -706,22 +706,8 @@ mod tests {
     async fn serve_tls_once(
         response: &'static str,
     ) -> (u16, tokio::task::JoinHandle<(Option<String>, String)>) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["app.example.com".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-                )
-                .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let config = aloft_testkit::tls::self_signed_server(&["app.example.com"]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let task = tokio::spawn(async move {

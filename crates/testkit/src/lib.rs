@@ -2,7 +2,8 @@
 //! root filesystems built from Debian's `busybox-static`, and throwaway network namespaces with a
 //! tap device, so guests are reached without touching the host's own network, a real OCI
 //! registry (Debian's `docker-registry`) on loopback, and a real ACME CA (Debian's `pebble`) with
-//! a DNS responder on loopback; and cgroup parents of their own for jailed machines.
+//! a DNS responder on loopback; cgroup parents of their own for jailed machines; and TLS servers
+//! with self-signed certificates.
 //!
 //! Only tests, examples and `xtask` depend on this crate; no production crate may.
 
@@ -11,6 +12,7 @@ mod netns;
 mod pebble;
 mod registry;
 mod rootfs;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +40,8 @@ pub enum FixtureError {
     Command { command: String, stderr: String },
     #[error("pebble (the test ACME CA): {0}")]
     Pebble(String),
+    #[error("a test TLS certificate: {0}")]
+    Tls(String),
     #[error("push a base image into the test registry")]
     Bootstrap(#[source] aloft_image::bootstrap::BootstrapError),
 }

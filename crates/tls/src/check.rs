@@ -178,22 +178,7 @@ mod tests {
 
     /// A server with a self-signed certificate for `names`.
     fn server(names: &[&str]) -> rustls::ServerConnection {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-            )
-            .unwrap();
-        rustls::ServerConnection::new(Arc::new(config)).unwrap()
+        rustls::ServerConnection::new(aloft_testkit::tls::self_signed_server(names).unwrap()).unwrap()
     }
 
     /// Runs a handshake in memory: the client's error, if any, and the SNI the server saw.
