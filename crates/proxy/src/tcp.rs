@@ -47,6 +47,16 @@ pub(crate) fn desired_ports(snap: &Snapshot, skip: &[u16], proto: Protocol) -> B
     out
 }
 
+/// The ports listened on (port → app and what serves it) that `want` no longer gives to the
+/// same app.
+pub(crate) fn ports_gone<T>(listening: &HashMap<u16, (String, T)>, want: &BTreeMap<u16, String>) -> Vec<u16> {
+    listening
+        .iter()
+        .filter(|(port, (app, _))| want.get(port) != Some(app))
+        .map(|(port, _)| *port)
+        .collect()
+}
+
 /// The ports `p` names: one, or a range no wider than [`MAX_RANGE`].
 pub(crate) fn port_list(p: &MachinePort) -> Vec<u16> {
     match (p.port, p.start_port, p.end_port) {
@@ -70,12 +80,7 @@ impl Edge {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let want = desired_ports(&self.routes.snapshot(), &skip, Protocol::Tcp);
-            let gone: Vec<u16> = listening
-                .iter()
-                .filter(|(port, (app, _))| want.get(port) != Some(app))
-                .map(|(port, _)| *port)
-                .collect();
-            for port in gone {
+            for port in ports_gone(&listening, &want) {
                 if let Some((_, tasks)) = listening.remove(&port) {
                     // The listeners are closed once their tasks are gone: only then may another
                     // app's take the port.

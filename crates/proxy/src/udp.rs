@@ -38,7 +38,7 @@ use crate::load::LoadGuard;
 use crate::metrics::{FlowCount, UdpDrop, UdpFigures};
 use crate::routes::{MachineRoute, Protocol};
 use crate::scale;
-use crate::tcp::desired_ports;
+use crate::tcp::{desired_ports, ports_gone};
 
 /// The largest UDP payload there is (IPv4's is 65 507, IPv6's without jumbograms 65 527).
 const MAX_DATAGRAM: usize = 65_535;
@@ -168,12 +168,7 @@ impl Edge {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let want = desired_ports(&self.routes.snapshot(), &[], Protocol::Udp);
-            let gone: Vec<u16> = listening
-                .iter()
-                .filter(|(port, (app, _))| want.get(port) != Some(app))
-                .map(|(port, _)| *port)
-                .collect();
-            for port in gone {
+            for port in ports_gone(&listening, &want) {
                 if let Some((_, task)) = listening.remove(&port) {
                     task.abort();
                     // The socket is closed once the task is gone: only then may another app
