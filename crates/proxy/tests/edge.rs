@@ -2191,6 +2191,101 @@ mod tests {
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 
+    /// Connects to `port` on loopback, writes `msg`, and reads until the far end closes.
+    async fn exchange(port: u16, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(msg).await?;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .map_err(|_| std::io::Error::other("no end within 5 s"))??;
+        Ok(got)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_apps_own_tcp_ports_are_served_raw_and_with_proxy_proto_on_every_worker() {
+        let h = Harness::new(config()).await;
+        let threads = WorkerThreads::start(NonZeroUsize::new(2), "edge-test").unwrap();
+        let _tcp = tokio::spawn(
+            h.edge
+                .clone()
+                .serve_tcp_services(IpAddr::from([127, 0, 0, 1]), threads.workers().clone()),
+        );
+        let raw = aloft_testkit::free_port().unwrap();
+        let pp = aloft_testkit::free_port().unwrap();
+        let mut m = entry("a");
+        m.services[0].ports = vec![
+            MachinePort {
+                port: Some(raw),
+                ..MachinePort::default()
+            },
+            MachinePort {
+                port: Some(pp),
+                handlers: vec!["proxy_proto".to_owned()],
+                ..MachinePort::default()
+            },
+        ];
+        // The machine echoes what it got up to the first "\n" after the PROXY header, then closes.
+        let listener = TcpListener::bind(addr_of(&m)).await.unwrap();
+        let _machine = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut b = [0u8; 1];
+                    while got.iter().filter(|&&c| c == b'\n').count() < 1
+                        || (got.starts_with(b"PROXY ") && got.iter().filter(|&&c| c == b'\n').count() < 2)
+                    {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            break;
+                        }
+                        got.push(b[0]);
+                    }
+                    let _ = s.write_all(&got).await;
+                });
+            }
+        });
+        h.edge.routes().upsert(m.clone());
+        let start = Instant::now();
+        while exchange(raw, b"ready?\n").await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "port {raw} never opened"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // Raw TCP, many connections: the kernel spreads them over both workers' listeners.
+        for i in 0..16 {
+            let msg = format!("hello {i}\n");
+            assert_eq!(exchange(raw, msg.as_bytes()).await.unwrap(), msg.as_bytes());
+        }
+        let text = h.edge.metrics_text();
+        assert!(
+            metric(&text, "aloft_edge_accepted_connections_count{worker=\"1\"}") > 0,
+            "the second worker accepted none of 17 connections: {text}"
+        );
+        // proxy_proto: the machine hears who the client is first (v1 by default).
+        let got = String::from_utf8(exchange(pp, b"hi\n").await.unwrap()).unwrap();
+        let (header, rest) = got.split_once("\r\n").unwrap();
+        assert!(header.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "), "{got:?}");
+        assert!(header.ends_with(&format!(" {pp}")), "{got:?}");
+        assert_eq!(rest, "hi\n");
+
+        // The machine leaves: its ports close on every worker.
+        h.edge.routes().remove("a", &m.id);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", raw)).await.is_ok() {
+            assert!(start.elapsed() < Duration::from_secs(5), "port {raw} stayed open");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..16 {
+            assert!(
+                TcpStream::connect(("127.0.0.1", raw)).await.is_err(),
+                "a worker still listens on {raw}"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_h2c_connection_to_a_machine_is_closed_and_a_new_one_made_when_needed() {
         let h = Harness::new(config()).await;
