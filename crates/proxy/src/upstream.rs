@@ -461,7 +461,9 @@ impl H2Conns {
 pub(crate) struct Upstreams {
     connector: Connector,
     /// One idle pool per edge worker (`workers.rs`), so a connection is only ever used on the
-    /// thread whose reactor it is registered with; threads that are not workers share the first.
+    /// thread whose reactor it is registered with; threads that are not workers share the first,
+    /// and workers beyond the number of CPUs (`--edge-threads` above it) share pools round the
+    /// table (correct either way: a pool is behind a lock; only locality is lost).
     h1: Box<[Arc<IdlePool>]>,
     h2: Arc<H2Conns>,
 }
