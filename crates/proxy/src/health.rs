@@ -582,6 +582,21 @@ mod tests {
         }
     }
 
+    /// Reads a request head from `c`, answers `response`; the head.
+    async fn answer<S>(c: &mut S, response: &str) -> String
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        c.write_all(response.as_bytes()).await.unwrap();
+        String::from_utf8(head).unwrap()
+    }
+
     /// Answers one connection with `response` after reading the request head; hands the head
     /// back.
     async fn serve_once(response: &'static str) -> (u16, tokio::task::JoinHandle<String>) {
@@ -589,14 +604,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             let (mut c, _) = l.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                c.read_exact(&mut b).await.unwrap();
-                head.push(b[0]);
-            }
-            c.write_all(response.as_bytes()).await.unwrap();
-            String::from_utf8(head).unwrap()
+            answer(&mut c, response).await
         });
         (port, task)
     }
@@ -716,15 +724,9 @@ mod tests {
                 return (None, String::new());
             };
             let sni = c.get_ref().1.server_name().map(str::to_owned);
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                c.read_exact(&mut b).await.unwrap();
-                head.push(b[0]);
-            }
-            c.write_all(response.as_bytes()).await.unwrap();
+            let head = answer(&mut c, response).await;
             c.shutdown().await.unwrap();
-            (sni, String::from_utf8(head).unwrap())
+            (sni, head)
         });
         (port, task)
     }

@@ -189,7 +189,7 @@ impl Workers {
 
 /// A listening TCP socket on `addr` that other sockets of this user may share
 /// (`SO_REUSEPORT`), non-blocking.
-pub(crate) fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -203,7 +203,7 @@ pub(crate) fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener>
 /// Checks that nothing listens on `addr` yet by binding it without `SO_REUSEPORT` (a bind that
 /// conflicts with any listener, sharing or not); returns the address with the port the kernel
 /// picked when `addr`'s was 0. Nothing stays bound.
-pub(crate) fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
+fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
