@@ -114,7 +114,8 @@ pub struct CertClaim {
     pub expires_at_ms: i64,
 }
 
-/// A claim this edge holds: pass it to [`ControlStore::release_cert_claim`] when done.
+/// A claim this edge holds: keep it alive with [`ControlStore::renew_cert_claim`] while issuing,
+/// pass it to [`ControlStore::release_cert_claim`] when done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldCertClaim {
     /// The hostname.
@@ -123,6 +124,9 @@ pub struct HeldCertClaim {
     pub lease: LeaseId,
     /// The claim as written.
     pub claim: CertClaim,
+    /// The claim key's `mod_revision` as this edge last wrote it: while the key is still at it,
+    /// the claim is this edge's (a write can compare it to act only while holding the claim).
+    pub revision: Revision,
 }
 
 /// What [`ControlStore::claim_cert`] got.
@@ -140,8 +144,8 @@ pub enum CertClaimOutcome {
 
 /// What `ControlStore::put_on_new_lease` did.
 enum LeasedPut {
-    /// Written on this lease.
-    Written(LeaseGrant),
+    /// Written on this lease, at this revision.
+    Written(LeaseGrant, Revision),
     /// An expectation failed: the key as it is now, at the store's revision.
     Refused {
         current: Option<KeyValue>,
@@ -204,6 +208,18 @@ pub enum ControlError {
         /// The machine.
         id: String,
     },
+    /// An edge's claim on issuing a certificate is no longer its own.
+    #[error(
+        "the claim on issuing {hostname}'s certificate was lost ({}); this edge stops issuing it and \
+         leaves the result to the claim's holder, or to a later pass once the store answers again",
+        match holder { Some(h) => format!("edge {h} holds it now"), None => "it expired or was removed".to_owned() }
+    )]
+    CertClaimLost {
+        /// The hostname.
+        hostname: String,
+        /// The edge holding the claim now, if any.
+        holder: Option<String>,
+    },
 }
 
 impl ControlError {
@@ -212,7 +228,9 @@ impl ControlError {
     pub fn to_api(&self) -> ApiError {
         match self {
             Self::AppExists { name } => ApiError::name_taken(name),
-            Self::MachineExists { .. } | Self::TokenExists { .. } => ApiError::conflict(self.to_string()),
+            Self::MachineExists { .. } | Self::TokenExists { .. } | Self::CertClaimLost { .. } => {
+                ApiError::conflict(self.to_string())
+            }
             Self::LeaseHeld { owner, expires_at } => ApiError::lease_held(owner, *expires_at),
             Self::LeaseNotFound { id } => ApiError::not_found(format!("lease on machine {id}")),
             Self::Store(StoreError::Conflict { .. }) => {
@@ -515,7 +533,7 @@ impl ControlStore {
         match self.put_on_new_lease(&key, req.ttl, &[(key.as_str(), Expect::Absent)], |g| {
             encode(&key, &lease(g))
         })? {
-            LeasedPut::Written(grant) => Ok(lease(&grant)),
+            LeasedPut::Written(grant, _) => Ok(lease(&grant)),
             LeasedPut::Refused {
                 current: Some(kv), ..
             } => {
@@ -562,7 +580,7 @@ impl ControlStore {
             self.store.txn(txn)
         });
         let resp = match attempt {
-            Ok(resp) if resp.succeeded => return Ok(LeasedPut::Written(grant)),
+            Ok(resp) if resp.succeeded => return Ok(LeasedPut::Written(grant, resp.revision)),
             Ok(resp) => resp,
             Err(e) => {
                 let _ = self.store.revoke_lease(grant.id);
@@ -669,7 +687,7 @@ impl ControlStore {
                 |g| encode(&key, &claim(g)),
             )?;
             let kv = match put {
-                LeasedPut::Written(grant) => {
+                LeasedPut::Written(grant, revision) => {
                     // Our earlier run's claim now hangs on the new lease: ending the old one
                     // deletes nothing.
                     if let Some(old) = earlier {
@@ -679,6 +697,7 @@ impl ControlStore {
                         hostname: hostname.to_owned(),
                         lease: grant.id,
                         claim: claim(&grant),
+                        revision,
                     }));
                 }
                 LeasedPut::Refused {
@@ -709,6 +728,61 @@ impl ControlStore {
         Ok(self
             .get::<CertClaim>(&keys::cert_claim(hostname)?)?
             .map(|v| v.value))
+    }
+
+    /// Keeps a claim taken with [`Self::claim_cert`] alive: its store lease is kept alive (its
+    /// TTL again from now) and the claim rewritten on it with the new `expires_at_ms`, only while
+    /// the claim key is still at `held.revision` (`held` is updated). Call it at a fraction of the
+    /// TTL while issuing. [`ControlError::CertClaimLost`] once the claim is no longer this edge's
+    /// (its lease ended, it was removed with its record, or another edge claimed the hostname
+    /// after it expired); other errors are the store's and leave the claim as it was.
+    pub fn renew_cert_claim(&self, held: &mut HeldCertClaim) -> Result<(), ControlError> {
+        let lost = |holder: Option<CertClaim>| ControlError::CertClaimLost {
+            hostname: held.hostname.clone(),
+            holder: holder.map(|c| c.owner),
+        };
+        let grant = match self.store.keep_alive(held.lease) {
+            Ok(grant) => grant,
+            Err(StoreError::LeaseNotFound { .. }) => {
+                let holder = self.cert_claim(&held.hostname)?;
+                return Err(lost(holder));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = keys::cert_claim(&held.hostname)?;
+        let claim = CertClaim {
+            owner: held.claim.owner.clone(),
+            expires_at_ms: grant.expires_at_ms,
+        };
+        let rewritten = self.store.txn(
+            Txn::new()
+                .expect(&key, Expect::Revision(held.revision))
+                .then(Op::Put {
+                    key: key.clone(),
+                    value: encode(&key, &claim)?,
+                    lease: Some(held.lease),
+                })
+                .or_else(Op::get(key.clone())),
+        );
+        let resp = match rewritten {
+            Ok(resp) => resp,
+            // The lease ran out between the two calls.
+            Err(StoreError::LeaseNotFound { .. }) => {
+                let holder = self.cert_claim(&held.hostname)?;
+                return Err(lost(holder));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !resp.succeeded {
+            let holder = match resp.results.into_iter().next() {
+                Some(OpResult::Get(Some(kv))) => Some(decode::<CertClaim>(&kv)?.value),
+                _ => None,
+            };
+            return Err(lost(holder));
+        }
+        held.claim = claim;
+        held.revision = resp.revision;
+        Ok(())
     }
 
     /// Ends a claim taken with [`Self::claim_cert`] (its key goes with its lease). A claim that

@@ -347,6 +347,74 @@ mod tests {
     }
 
     #[test]
+    fn a_renewed_claim_outlives_its_ttl_and_a_lost_one_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, clock) = control(&dir);
+        let ttl = Duration::from_secs(600);
+        let host = "www.example.com";
+        let rev = put_cert(&c, host);
+        let CertClaimOutcome::Claimed(mut a) = c.claim_cert(host, "edge-a", ttl, rev).unwrap() else {
+            panic!("claimed")
+        };
+        let first = a.revision;
+        // Renewed at a fraction of the TTL, it holds well past the first TTL.
+        for _ in 0..4 {
+            clock.advance(Duration::from_secs(300));
+            c.renew_cert_claim(&mut a).unwrap();
+            assert_eq!(c.cert_claim(host).unwrap(), Some(a.claim.clone()));
+            assert!(matches!(
+                c.claim_cert(host, "edge-b", ttl, rev).unwrap(),
+                CertClaimOutcome::NotClaimed { holder: Some(ref h) } if h.owner == "edge-a"
+            ));
+        }
+        assert_eq!(a.claim.expires_at_ms, 1_700_000_000_000 + 1_800_000);
+        assert!(a.revision > first, "the claim is rewritten with its new expiry");
+
+        // Removed (with its record, or by hand): the next renewal says it is lost.
+        c.store().delete(&format!("/cert-claims/{host}")).unwrap();
+        let err = c.renew_cert_claim(&mut a).unwrap_err();
+        assert!(
+            matches!(&err, ControlError::CertClaimLost { hostname, holder: None } if hostname == host),
+            "{err}"
+        );
+        assert!(err.to_string().contains("stops issuing"), "{err}");
+        c.release_cert_claim(&a).unwrap();
+
+        // Expired and taken by another edge: lost to it, and the other edge's claim stays.
+        let CertClaimOutcome::Claimed(mut a) = c.claim_cert(host, "edge-a", ttl, rev).unwrap() else {
+            panic!("claimed again")
+        };
+        clock.advance(ttl);
+        let CertClaimOutcome::Claimed(b) = c.claim_cert(host, "edge-b", ttl, rev).unwrap() else {
+            panic!("the expired claim is taken over")
+        };
+        let err = c.renew_cert_claim(&mut a).unwrap_err();
+        assert!(
+            matches!(&err, ControlError::CertClaimLost { holder: Some(h), .. } if h == "edge-b"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("edge edge-b holds it now"), "{err}");
+        assert_eq!(c.cert_claim(host).unwrap(), Some(b.claim.clone()));
+
+        // A claim whose key was re-put by someone else on a live lease is not ours either.
+        let mut b2 = b.clone();
+        c.store()
+            .put_if(
+                &format!("/cert-claims/{host}"),
+                serde_json::to_vec(&serde_json::json!({"owner": "edge-c", "expires_at_ms": 0})).unwrap(),
+                Expect::Any,
+                Some(b.lease),
+            )
+            .unwrap();
+        assert!(matches!(
+            c.renew_cert_claim(&mut b2),
+            Err(ControlError::CertClaimLost { holder: Some(ref h), .. }) if h == "edge-c"
+        ));
+        c.release_cert_claim(&b).unwrap();
+        assert!(c.cert_claim(host).unwrap().is_none());
+    }
+
+    #[test]
     fn tokens_store_only_hashes() {
         let dir = tempfile::tempdir().unwrap();
         let (c, _) = control(&dir);
