@@ -13,7 +13,15 @@
 //! (`ControlStore::claim_cert`: `/cert-claims/{hostname}` on a store lease of
 //! [`CLAIM_TTL`], taken only while the record is at the revision the edge read), so one edge runs
 //! the issuer for it; the others skip it and look again every [`CLAIM_RETRY_INTERVAL`]
-//! (a claim of an edge that died expires). The claim is released once the result is written.
+//! (a claim of an edge that died expires). While the issuer runs, a thread beside it renews the
+//! claim every [`CLAIM_RENEWALS_PER_TTL`]th of its TTL (`ControlStore::renew_cert_claim`: the
+//! lease kept alive, the claim rewritten while still this edge's), so an issuance may take longer
+//! than the TTL. Once a renewal finds the claim gone (removed, or taken by another edge after it
+//! expired), or the store fails to answer until the claim may have expired, the issuer is told
+//! ([`ClaimWatch`], through [`Issuer::issue_claimed`]) and nothing is written for that issuance
+//! ([`ProcessReport::claim_lost`]). The result is written in one transaction that compares both
+//! the record's revision and the claim's, so an edge never writes while another holds the claim.
+//! The claim is released once the result is written.
 //!
 //! Private keys are sealed in the records (`seal.rs`: `aloft-secretbox` under the edges' key,
 //! bound to the hostname). A record written before that, with a plaintext PEM key, is served and
@@ -23,14 +31,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aloft_api::{CertificateRecord, CertificateSource, CertificateStatus};
 use aloft_secretbox::Key;
 use aloft_store::{
-    CertClaimOutcome, ControlError, ControlStore, EventKind, Expect, KeyValue, RangeOptions, Revision, Store,
-    StoreError, keys,
+    CertClaimOutcome, ControlError, ControlStore, EventKind, Expect, HeldCertClaim, KeyValue, Op,
+    RangeOptions, Revision, Store, StoreError, Txn, keys,
 };
 use rustls::sign::CertifiedKey;
 
@@ -87,6 +95,58 @@ pub trait Issuer: Send + Sync + std::fmt::Debug {
     fn name(&self) -> String;
     /// Issues a certificate for `hostname`.
     fn issue(&self, hostname: &str) -> Result<Issued, IssueError>;
+
+    /// Issues a certificate for `hostname` while this edge holds its issuance claim: `claim`
+    /// tells once the claim is lost, and then the result will not be written. An issuer with
+    /// several steps (an ACME order: authorizations, challenges, finalize, download) checks
+    /// [`ClaimWatch::lost`] between them, or races its future against
+    /// [`ClaimWatch::until_lost`], and stops. The manager calls this one; the default runs
+    /// [`Self::issue`] to its end.
+    fn issue_claimed(&self, hostname: &str, claim: &ClaimWatch) -> Result<Issued, IssueError> {
+        let _ = claim;
+        self.issue(hostname)
+    }
+}
+
+/// Whether the edge still holds the issuance claim an [`Issuer`] runs under
+/// ([`Issuer::issue_claimed`]). The manager renews the claim while the issuer runs and sets this
+/// once a renewal finds the claim gone (expired, removed, taken by another edge) or the store
+/// stayed unreachable until the claim could have expired.
+#[derive(Debug, Clone)]
+pub struct ClaimWatch {
+    rx: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl ClaimWatch {
+    fn new() -> (tokio::sync::watch::Sender<Option<String>>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (tx, Self { rx })
+    }
+
+    /// A claim that is never lost: for running an issuer outside the manager (tests, tools).
+    pub fn held() -> Self {
+        Self::new().1
+    }
+
+    /// Why the claim was lost, once it was: stop issuing, the result would not be written.
+    pub fn lost(&self) -> Option<String> {
+        self.rx.borrow().clone()
+    }
+
+    /// Resolves once the claim is lost, with why; never while it is held (race the issuing
+    /// future against it).
+    pub async fn until_lost(&self) -> String {
+        let mut rx = self.rx.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                // The manager is done with this claim: nothing more will come.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// The local CA as an [`Issuer`] (source `local`): the default when no ACME is configured.
@@ -158,15 +218,24 @@ pub struct ProcessReport {
     pub failed: usize,
     /// Due hostnames skipped because another edge holds their issuance claim.
     pub claimed_elsewhere: usize,
+    /// Issuances stopped, their result not written, because this edge lost the claim meanwhile
+    /// (taken by another edge after it expired, removed, or the store unreachable for too long).
+    pub claim_lost: usize,
     /// Records whose plaintext private key was sealed in place.
     pub sealed: usize,
     /// Records marked `failed` because their key does not open with this edge's key.
     pub unreadable: usize,
 }
 
-/// How long an issuance claim lasts unless released: an edge that dies while issuing holds its
-/// hostname up this long at most.
+/// How long an issuance claim lasts unless released or renewed: an edge that dies while issuing
+/// holds its hostname up this long at most. An edge renews its claim every
+/// [`CLAIM_RENEWALS_PER_TTL`]th of it while it issues.
 pub const CLAIM_TTL: Duration = Duration::from_secs(600);
+
+/// How many times per claim TTL an issuing edge renews its claim (every 200 s for
+/// [`CLAIM_TTL`]): a renewal that fails on a store error is tried again at the next one, as long
+/// as the claim cannot have expired before it.
+pub const CLAIM_RENEWALS_PER_TTL: u32 = 3;
 
 /// How soon [`CertManager::run`] looks again after skipping hostnames other edges claimed (or
 /// after a failed pass).
@@ -366,6 +435,7 @@ impl CertManager {
         self.tidy(&mut report)?;
         let now_unix = now_ms() / 1000;
         for (hostname, revision, record) in self.due(now_unix) {
+            let asked = Instant::now();
             let claimed = self.control.claim_cert(
                 &hostname,
                 &self.config.edge_name,
@@ -383,7 +453,7 @@ impl CertManager {
                 // The record changed since it was read (another edge wrote it): the watch brings it.
                 CertClaimOutcome::NotClaimed { holder: None } => continue,
             };
-            let written = self.issue_one(&hostname, revision, record, &mut report);
+            let (held, written) = self.issue_one(&hostname, revision, record, held, asked, &mut report);
             let released = self.control.release_cert_claim(&held);
             written?;
             released?;
@@ -391,16 +461,102 @@ impl CertManager {
         Ok(report)
     }
 
-    /// Runs the issuer for `hostname` (claimed) and writes the result over `revision`.
+    /// Runs the issuer for `hostname` under the claim `held` (taken at `claimed_at` or later),
+    /// renewing it meanwhile, and writes the result over `revision` if the claim is still this
+    /// edge's. Returns the claim as last renewed, for releasing it.
     fn issue_one(
         &self,
         hostname: &str,
         revision: Revision,
+        record: CertificateRecord,
+        held: HeldCertClaim,
+        claimed_at: Instant,
+        report: &mut ProcessReport,
+    ) -> (HeldCertClaim, Result<(), CertError>) {
+        let (lost_tx, claim) = ClaimWatch::new();
+        let stop = Stop::default();
+        let fallback = held.clone();
+        let (result, kept) = std::thread::scope(|s| {
+            let keeper = s.spawn(|| self.keep_claim(held, claimed_at, &lost_tx, &stop));
+            let result = {
+                // Stops the keeper however the issuer ends (a panic too: the scope joins it).
+                let _stop = StopOnDrop(&stop);
+                self.issuer.issue_claimed(hostname, &claim)
+            };
+            (result, keeper.join().ok())
+        });
+        let Some(held) = kept else {
+            return (
+                fallback,
+                Err(CertError::Task(format!(
+                    "the task renewing the issuance claim of {hostname} failed; nothing was written"
+                ))),
+            );
+        };
+        if let Some(why) = claim.lost() {
+            // Another edge may be issuing it now: its result (or a later pass) settles the record.
+            eprintln!("edge {}: {why}", self.config.edge_name);
+            report.claim_lost += 1;
+            return (held, Ok(()));
+        }
+        let written = self.write_result(hostname, revision, record, result, &held, report);
+        (held, written)
+    }
+
+    /// Renews `held` every [`CLAIM_RENEWALS_PER_TTL`]th of the TTL until `stop`; tells `lost`
+    /// once the claim is no longer this edge's, or once the store failed to answer until the
+    /// claim may have expired (it was last known good until `claimed_at` + TTL, or a renewal's
+    /// start + TTL). Returns the claim as last renewed.
+    fn keep_claim(
+        &self,
+        mut held: HeldCertClaim,
+        claimed_at: Instant,
+        lost: &tokio::sync::watch::Sender<Option<String>>,
+        stop: &Stop,
+    ) -> HeldCertClaim {
+        let ttl = self.config.claim_ttl;
+        let every = ttl / CLAIM_RENEWALS_PER_TTL;
+        let mut good_until = claimed_at + ttl;
+        while !stop.wait(every) {
+            let asked = Instant::now();
+            match self.control.renew_cert_claim(&mut held) {
+                Ok(()) => good_until = asked + ttl,
+                Err(e @ ControlError::CertClaimLost { .. }) => {
+                    lost.send_replace(Some(e.to_string()));
+                    break;
+                }
+                Err(e) if Instant::now() + every >= good_until => {
+                    lost.send_replace(Some(format!(
+                        "the claim on issuing {}'s certificate could not be renewed before it expires ({e}); \
+                         this edge stops issuing it, and a later pass claims it again once the store answers",
+                        held.hostname
+                    )));
+                    break;
+                }
+                Err(e) => eprintln!(
+                    "edge {}: renewing the claim on issuing {}'s certificate: {e}; trying again in {}s",
+                    self.config.edge_name,
+                    held.hostname,
+                    every.as_secs_f64()
+                ),
+            }
+        }
+        held
+    }
+
+    /// Writes the issuer's `result` for `hostname` into `record` over `revision`, only while
+    /// `held` is still this edge's claim.
+    fn write_result(
+        &self,
+        hostname: &str,
+        revision: Revision,
         mut record: CertificateRecord,
+        result: Result<Issued, IssueError>,
+        held: &HeldCertClaim,
         report: &mut ProcessReport,
     ) -> Result<(), CertError> {
         let renewing = record.status == CertificateStatus::Ready;
-        let result = self.issuer.issue(hostname).and_then(|i| {
+        let result = result.and_then(|i| {
             let served = served_cert(&i.chain_pem, &i.key_pem)
                 .map_err(|e| IssueError::new(format!("the issuer's certificate is unusable: {e}")))?;
             let sealed = seal_key_pem(&self.config.seal_key, hostname, &i.key_pem).map_err(|e| {
@@ -409,9 +565,9 @@ impl CertManager {
             Ok((i.chain_pem, sealed, served))
         });
         record.updated_at_ms = now_ms();
+        let issued = result.is_ok();
         match result {
             Ok((chain_pem, sealed_key, served)) => {
-                report.issued += 1;
                 record.status = CertificateStatus::Ready;
                 record.source = Some(self.issuer.source());
                 record.issuer = Some(self.issuer.name());
@@ -421,14 +577,20 @@ impl CertManager {
                 record.key_pem = Some(sealed_key);
             }
             Err(e) => {
-                report.failed += 1;
                 record.error = Some(e.reason);
                 if !renewing {
                     record.status = CertificateStatus::Failed;
                 }
             }
         }
-        self.write_back(hostname, revision, &record)?;
+        // Not written: the record changed meanwhile, or the claim went at the last moment.
+        if self.write_back(hostname, revision, &record, Some(held))? {
+            if issued {
+                report.issued += 1;
+            } else {
+                report.failed += 1;
+            }
+        }
         Ok(())
     }
 
@@ -453,7 +615,7 @@ impl CertManager {
                     CertError::Task(format!("seal the private key of {hostname}'s certificate: {e}"))
                 })?;
                 record.key_pem = Some(sealed);
-                if self.write_back(&hostname, revision, &record)? {
+                if self.write_back(&hostname, revision, &record, None)? {
                     report.sealed += 1;
                 }
             } else {
@@ -463,7 +625,7 @@ impl CertManager {
                 record.status = CertificateStatus::Failed;
                 record.error = Some(problem);
                 record.updated_at_ms = now_ms();
-                if self.write_back(&hostname, revision, &record)? {
+                if self.write_back(&hostname, revision, &record, None)? {
                     report.unreadable += 1;
                 }
             }
@@ -472,20 +634,34 @@ impl CertManager {
     }
 
     /// Writes `record` over `revision` and applies it at once; `false` (and nothing written) if
-    /// the record changed or went meanwhile (re-queued, deleted, written by another edge).
+    /// the record changed or went meanwhile (re-queued, deleted, written by another edge), or,
+    /// with `claim`, if that issuance claim is no longer at the revision this edge last wrote it
+    /// (lost): both are compared in the transaction that writes.
     fn write_back(
         &self,
         hostname: &str,
         revision: Revision,
         record: &CertificateRecord,
+        claim: Option<&HeldCertClaim>,
     ) -> Result<bool, CertError> {
         let value = serde_json::to_vec(record).map_err(|e| CertError::Task(e.to_string()))?;
         let key = cert_key(hostname)?;
-        match self
-            .store
-            .put_if(&key, value.clone(), Expect::Revision(revision), None)
-        {
-            Ok(rev) => {
+        let mut txn = Txn::new().expect(&key, Expect::Revision(revision));
+        if let Some(held) = claim {
+            txn = txn.expect(
+                &keys::cert_claim(&held.hostname)?,
+                Expect::Revision(held.revision),
+            );
+        }
+        let txn = txn.then(Op::Put {
+            key: key.clone(),
+            value: value.clone(),
+            lease: None,
+        });
+        match self.store.txn(txn) {
+            Ok(resp) if !resp.succeeded => Ok(false),
+            Ok(resp) => {
+                let rev = resp.revision;
                 // Apply at once: the watch will deliver the same record again (harmless).
                 let kv = KeyValue {
                     key,
@@ -498,7 +674,6 @@ impl CertManager {
                 self.apply(EventKind::Put, &kv);
                 Ok(true)
             }
-            Err(StoreError::Conflict { .. }) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -555,7 +730,7 @@ impl CertManager {
         loop {
             let me = self.clone();
             let next = match blocking(move || me.process_due()).await {
-                Ok(r) if r.claimed_elsewhere > 0 => CLAIM_RETRY_INTERVAL,
+                Ok(r) if r.claimed_elsewhere > 0 || r.claim_lost > 0 => CLAIM_RETRY_INTERVAL,
                 Ok(_) => RENEW_CHECK_INTERVAL,
                 // A store hiccup: retried soon.
                 Err(e) => {
@@ -565,6 +740,39 @@ impl CertManager {
             };
             let _ = tokio::time::timeout(next, self.wake.notified()).await;
         }
+    }
+}
+
+/// Tells the claim keeper to stop ([`CertManager::keep_claim`]).
+#[derive(Debug, Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    /// Waits up to `timeout`; whether it was told to stop.
+    fn wait(&self, timeout: Duration) -> bool {
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        let (stopped, _) = self
+            .wake
+            .wait_timeout_while(stopped, timeout, |s| !*s)
+            .unwrap_or_else(PoisonError::into_inner);
+        *stopped
+    }
+
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+}
+
+/// Stops the keeper when dropped.
+struct StopOnDrop<'a>(&'a Stop);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -1005,6 +1213,192 @@ mod tests {
         a.load().unwrap();
         assert_eq!(a.process_due().unwrap().issued, 1);
         assert!(control.cert_claim("shop.example.com").unwrap().is_none());
+    }
+
+    /// An issuer that runs `script` (with the claim it runs under) before issuing, and stops
+    /// with an error once the claim is lost, as a careful ACME client would at its next step.
+    struct Scripted {
+        inner: LocalIssuer,
+        script: Box<dyn Fn(&ClaimWatch) + Send + Sync>,
+    }
+
+    impl std::fmt::Debug for Scripted {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Scripted")
+        }
+    }
+
+    impl Issuer for Scripted {
+        fn source(&self) -> CertificateSource {
+            self.inner.source()
+        }
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn issue(&self, hostname: &str) -> Result<Issued, IssueError> {
+            self.issue_claimed(hostname, &ClaimWatch::held())
+        }
+        fn issue_claimed(&self, hostname: &str, claim: &ClaimWatch) -> Result<Issued, IssueError> {
+            (self.script)(claim);
+            if let Some(why) = claim.lost() {
+                return Err(IssueError::new(format!("stopped: {why}")));
+            }
+            self.inner.issue(hostname)
+        }
+    }
+
+    fn record_revision(store: &dyn Store, hostname: &str) -> Revision {
+        store
+            .get(&cert_key(hostname).unwrap())
+            .unwrap()
+            .unwrap()
+            .mod_revision
+    }
+
+    #[test]
+    fn an_issuer_slower_than_the_claim_ttl_keeps_the_claim_and_writes_its_result() {
+        let (_dir, store, ca) = setup();
+        put_pending(store.as_ref(), "www.example.com", "web");
+        let rev = record_revision(store.as_ref(), "www.example.com");
+        let ttl = Duration::from_millis(900);
+        let control = ControlStore::new(store.clone());
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let tries = attempts.clone();
+        let issuer = Arc::new(Scripted {
+            inner: LocalIssuer::new(ca),
+            // Four TTLs, while edge b tries to claim the hostname all along.
+            script: Box::new(move |claim| {
+                let start = Instant::now();
+                while start.elapsed() < ttl * 4 {
+                    let outcome = control.claim_cert("www.example.com", "edge-b", ttl, rev).unwrap();
+                    assert!(
+                        matches!(&outcome, CertClaimOutcome::NotClaimed { holder: Some(h) } if h.owner == "edge-a"),
+                        "after {:?}: {outcome:?}",
+                        start.elapsed()
+                    );
+                    assert_eq!(claim.lost(), None);
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(ttl / 10);
+                }
+            }),
+        });
+        let mut config = test_config("edge-a");
+        config.claim_ttl = ttl;
+        let a = CertManager::new(store.clone(), issuer, config);
+        a.load().unwrap();
+        assert_eq!(
+            a.process_due().unwrap(),
+            ProcessReport {
+                issued: 1,
+                ..ProcessReport::default()
+            }
+        );
+        assert!(attempts.load(Ordering::SeqCst) >= 20);
+        assert_eq!(
+            stored(store.as_ref(), "www.example.com").status,
+            CertificateStatus::Ready
+        );
+        let control = ControlStore::new(store.clone());
+        assert!(
+            control.cert_claim("www.example.com").unwrap().is_none(),
+            "released"
+        );
+    }
+
+    #[test]
+    fn an_issuer_that_loses_its_claim_stops_and_leaves_the_record_to_the_new_holder() {
+        let (_dir, store, ca) = setup();
+        put_pending(store.as_ref(), "www.example.com", "web");
+        let rev = record_revision(store.as_ref(), "www.example.com");
+        let ttl = Duration::from_millis(600);
+        let control = ControlStore::new(store.clone());
+        let taken = store.clone();
+        let seen = Arc::new(Mutex::new(None));
+        let saw = seen.clone();
+        let issuer = Arc::new(Scripted {
+            inner: LocalIssuer::new(ca.clone()),
+            script: Box::new(move |claim| {
+                // Mid-way the claim goes (as if it had expired) and edge b claims the hostname.
+                taken.delete("/cert-claims/www.example.com").unwrap();
+                let outcome = control
+                    .claim_cert("www.example.com", "edge-b", CLAIM_TTL, rev)
+                    .unwrap();
+                assert!(matches!(outcome, CertClaimOutcome::Claimed(_)), "{outcome:?}");
+                // The next renewal finds it gone: the issuer is told before its next step.
+                let deadline = Instant::now() + ttl * 10;
+                while claim.lost().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                *saw.lock().unwrap() = claim.lost();
+            }),
+        });
+        let mut config = test_config("edge-a");
+        config.claim_ttl = ttl;
+        let a = CertManager::new(store.clone(), issuer, config);
+        a.load().unwrap();
+        assert_eq!(
+            a.process_due().unwrap(),
+            ProcessReport {
+                claim_lost: 1,
+                ..ProcessReport::default()
+            }
+        );
+        let why = seen.lock().unwrap().clone().expect("the issuer was told");
+        assert!(why.contains("edge edge-b holds it now"), "{why}");
+        // Edge a wrote nothing, neither a certificate nor its failure, and left b's claim alone.
+        let r = stored(store.as_ref(), "www.example.com");
+        assert_eq!(r.status, CertificateStatus::Pending);
+        assert_eq!(r.error, None);
+        let control = ControlStore::new(store.clone());
+        assert_eq!(
+            control
+                .cert_claim("www.example.com")
+                .unwrap()
+                .map(|c| c.owner)
+                .as_deref(),
+            Some("edge-b")
+        );
+        // Edge b (its claim its own) writes its result.
+        let b = CertManager::new(
+            store.clone(),
+            Arc::new(LocalIssuer::new(ca)),
+            test_config("edge-b"),
+        );
+        b.load().unwrap();
+        assert_eq!(b.process_due().unwrap().issued, 1);
+        assert_eq!(
+            stored(store.as_ref(), "www.example.com").status,
+            CertificateStatus::Ready
+        );
+    }
+
+    #[test]
+    fn a_result_is_not_written_once_the_claim_changed_even_unnoticed() {
+        // The write itself compares the claim: an issuer finishing between a lost claim and the
+        // renewal that would notice writes nothing.
+        let (_dir, store, ca) = setup();
+        put_pending(store.as_ref(), "www.example.com", "web");
+        let rev = record_revision(store.as_ref(), "www.example.com");
+        let control = ControlStore::new(store.clone());
+        let taken = store.clone();
+        let issuer = Arc::new(Scripted {
+            inner: LocalIssuer::new(ca),
+            script: Box::new(move |_| {
+                taken.delete("/cert-claims/www.example.com").unwrap();
+                let outcome = control
+                    .claim_cert("www.example.com", "edge-b", CLAIM_TTL, rev)
+                    .unwrap();
+                assert!(matches!(outcome, CertClaimOutcome::Claimed(_)), "{outcome:?}");
+            }),
+        });
+        // The default TTL: no renewal happens while it runs.
+        let a = CertManager::new(store.clone(), issuer, test_config("edge-a"));
+        a.load().unwrap();
+        assert_eq!(a.process_due().unwrap(), ProcessReport::default());
+        assert_eq!(
+            stored(store.as_ref(), "www.example.com").status,
+            CertificateStatus::Pending
+        );
     }
 
     #[test]

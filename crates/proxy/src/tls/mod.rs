@@ -62,8 +62,8 @@ mod seal;
 
 pub use ca::{CaError, IssuedCert, LEAF_LIFETIME_SECS, LocalCa, RENEW_BEFORE_SECS};
 pub use manager::{
-    CLAIM_RETRY_INTERVAL, CLAIM_TTL, CertError, CertManager, CertManagerConfig, IssueError, Issued, Issuer,
-    LocalIssuer, ProcessReport, cert_key,
+    CLAIM_RENEWALS_PER_TTL, CLAIM_RETRY_INTERVAL, CLAIM_TTL, CertError, CertManager, CertManagerConfig,
+    ClaimWatch, IssueError, Issued, Issuer, LocalIssuer, ProcessReport, cert_key,
 };
 pub use pem::{KeyError, ServedCert, served_cert};
 pub use resolver::{
