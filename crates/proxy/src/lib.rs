@@ -170,7 +170,6 @@ impl Edge {
 
     /// Prometheus text exposition of the edge's figures.
     pub fn metrics_text(&self) -> String {
-        self.metrics
-            .render(&self.routes.snapshot(), &self.loads, &self.health)
+        self.metrics.render(self)
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::health::Health;
-use crate::load::Loads;
 use crate::routes::{ChecksVerdict, Snapshot};
 
 /// Upper bounds of the response-time histogram, in seconds.
@@ -262,7 +261,8 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub(crate) fn render(&self, snap: &Snapshot, loads: &Loads, health: &Health) -> String {
+    pub(crate) fn render(&self, edge: &crate::Edge) -> String {
+        let (snap, loads, health) = (&edge.routes.snapshot(), &edge.loads, &edge.health);
         let mut out = String::new();
         out.push_str("# HELP fly_edge_http_responses_count Responses by app and status.\n");
         out.push_str("# TYPE fly_edge_http_responses_count counter\n");
@@ -370,6 +370,7 @@ impl Metrics {
         }
         render_health(&mut out, snap, health);
         self.render_udp(&mut out);
+        edge.replay_cache.render(&mut out);
         out
     }
 

@@ -22,11 +22,24 @@
 //! are not cached, and an app's entries go when the app leaves the routing table. Hostile
 //! clients (random cookie values) thus only churn their own app's entries.
 //!
+//! The whole edge holds at most [`MAX_ENTRIES`]. Storing past it evicts from the app holding
+//! the most entries (the storing app on a tie, else the first by name), its oldest stored: so an
+//! app at or under its fair share (the cap over the number of apps caching) never loses an entry
+//! to another app's growth, and a noisy app, once the largest, only evicts its own entries.
+//!
+//! Figures (`aloft_edge_replay_cache_*` in the edge's metrics, [`ReplayCache::render`]): the
+//! entries held (one gauge for the edge: the bound is edge-wide, and an app label would add a
+//! series per app for a cache most apps never use), the answers given each
+//! `fly-replay-cache-status` (hit, miss, bypass), the entries stored, and the entries evicted by
+//! the app's or the edge's cap; none carries an app label, so their number of series is fixed.
+//!
 //! The first part of this file ([`ReplayCache`], [`Directive`], [`RequestKeys`]) is pure: it
 //! takes the time as an argument and does no I/O. The second part is the glue `Edge::forward`
 //! calls ([`CacheCtx`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,6 +69,13 @@ pub(crate) const MIN_TTL_SECS: u64 = 10;
 pub(crate) const MAX_ENTRIES_PER_APP: usize = 10_000;
 /// A path, pattern, or cookie/header value longer than this is not cached.
 pub(crate) const MAX_KEY_BYTES: usize = 1024;
+/// At most this many entries on the edge, every app together; storing one more evicts from the
+/// app holding the most (module docs). Five apps' worth of [`MAX_ENTRIES_PER_APP`]: an entry is a
+/// few hundred bytes with typical hostnames, paths and cookies (about 15 MiB at the cap), and at
+/// most about 3 KiB with every key part at [`MAX_KEY_BYTES`] (its key is kept twice: the map and
+/// the store order), so a hostile fill stays near 150 MiB instead of growing with the number of
+/// apps.
+pub(crate) const MAX_ENTRIES: usize = 50_000;
 
 // ---------------------------------------------------------------------------------------------
 // What an answer asks for.
@@ -321,7 +341,9 @@ struct AppCache {
 }
 
 impl AppCache {
-    fn insert(&mut self, key: Key, mut entry: Entry, cap: usize) {
+    /// Stores `entry` under `key` (replacing one there), then evicts the oldest stored while
+    /// more than `cap`; returns how many it evicted.
+    fn insert(&mut self, key: Key, mut entry: Entry, cap: usize) -> usize {
         self.remove(&key);
         entry.seq = self.next_seq;
         self.next_seq += 1;
@@ -332,12 +354,22 @@ impl AppCache {
         }
         self.order.insert(entry.seq, key.clone());
         self.entries.insert(key, entry);
+        let mut evicted = 0;
         while self.entries.len() > cap {
-            let Some((_, oldest)) = self.order.pop_first() else {
+            if !self.evict_oldest() {
                 break;
-            };
-            self.remove(&oldest);
+            }
+            evicted += 1;
         }
+        evicted
+    }
+
+    /// Drops the oldest stored entry; `false` when there was none.
+    fn evict_oldest(&mut self) -> bool {
+        let Some(oldest) = self.order.first_key_value().map(|(_, k)| k.clone()) else {
+            return false;
+        };
+        self.remove(&oldest).is_some()
     }
 
     fn remove(&mut self, key: &Key) -> Option<Entry> {
@@ -433,27 +465,65 @@ pub(crate) enum Lookup {
 pub(crate) struct ReplayCache {
     apps: Mutex<Apps>,
     cap: usize,
+    edge_cap: usize,
+    figures: Figures,
 }
 
 #[derive(Debug, Default)]
 struct Apps {
     by_app: HashMap<String, AppCache>,
+    /// Entries of every app together (expired ones included until read or evicted).
+    total: usize,
     /// The routing table generation apps were last pruned at.
     generation: u64,
 }
 
+impl Apps {
+    /// The app to evict from when the edge is over its cap: the one holding the most entries;
+    /// on a tie `storing` if it is one of them, else the first by name.
+    fn largest(&self, storing: &str) -> Option<String> {
+        self.by_app
+            .iter()
+            .max_by(|(a, ca), (b, cb)| {
+                ca.entries
+                    .len()
+                    .cmp(&cb.entries.len())
+                    .then_with(|| (a.as_str() == storing).cmp(&(b.as_str() == storing)))
+                    .then_with(|| b.cmp(a))
+            })
+            .map(|(name, _)| name.clone())
+    }
+}
+
+/// The cache's counters (see the module docs).
+#[derive(Debug, Default)]
+struct Figures {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bypasses: AtomicU64,
+    stores: AtomicU64,
+    evicted_app_cap: AtomicU64,
+    evicted_edge_cap: AtomicU64,
+}
+
+fn count(c: &AtomicU64, n: usize) {
+    c.fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
 impl Default for ReplayCache {
     fn default() -> Self {
-        Self::new(MAX_ENTRIES_PER_APP)
+        Self::new(MAX_ENTRIES_PER_APP, MAX_ENTRIES)
     }
 }
 
 impl ReplayCache {
-    /// A cache holding at most `cap` entries per app.
-    pub(crate) fn new(cap: usize) -> Self {
+    /// A cache holding at most `cap` entries per app and `edge_cap` in all.
+    pub(crate) fn new(cap: usize, edge_cap: usize) -> Self {
         Self {
             apps: Mutex::default(),
             cap: cap.max(1),
+            edge_cap: edge_cap.max(1),
+            figures: Figures::default(),
         }
     }
 
@@ -473,14 +543,19 @@ impl ReplayCache {
 
     pub(crate) fn lookup(&self, app: &str, keys: &RequestKeys, skip: bool, now: Instant) -> Lookup {
         let mut apps = self.lock();
-        let Some(cache) = apps.by_app.get_mut(app) else {
+        let Apps { by_app, total, .. } = &mut *apps;
+        let Some(cache) = by_app.get_mut(app) else {
             return Lookup::Miss;
         };
         if cache.since != keys.since {
-            apps.by_app.remove(app);
+            *total -= cache.entries.len();
+            by_app.remove(app);
             return Lookup::Miss;
         }
-        let Some(key) = cache.find(keys, now) else {
+        let before = cache.entries.len();
+        let found = cache.find(keys, now);
+        *total -= before - cache.entries.len();
+        let Some(key) = found else {
             return Lookup::Miss;
         };
         let Some(e) = cache.entries.get(&key) else {
@@ -541,13 +616,18 @@ impl ReplayCache {
             ..replay.clone()
         });
         let mut apps = self.lock();
-        let cache = apps.by_app.entry(app.to_owned()).or_default();
+        let Apps { by_app, total, .. } = &mut *apps;
+        let cache = by_app.entry(app.to_owned()).or_default();
         if cache.since != keys.since {
+            *total -= cache.entries.len();
             *cache = AppCache {
                 since: keys.since,
                 ..AppCache::default()
             };
         }
+        let before = cache.entries.len();
+        let mut evicted = 0;
+        let mut written = 0;
         for (key, ttl, allow_bypass) in stored {
             let Some(expires) = now.checked_add(ttl) else {
                 continue;
@@ -559,14 +639,41 @@ impl ReplayCache {
                 allow_bypass,
                 seq: 0,
             };
-            cache.insert(key, entry, self.cap);
+            evicted += cache.insert(key, entry, self.cap);
+            written += 1;
+        }
+        *total = *total - before + cache.entries.len();
+        count(&self.figures.stores, written);
+        count(&self.figures.evicted_app_cap, evicted);
+        self.within_edge_cap(&mut apps, app);
+    }
+
+    /// Evicts while the edge holds more than its cap: from the app holding the most, its oldest
+    /// stored (module docs).
+    fn within_edge_cap(&self, apps: &mut Apps, storing: &str) {
+        while apps.total > self.edge_cap {
+            let Some(victim) = apps.largest(storing) else {
+                break;
+            };
+            let Some(cache) = apps.by_app.get_mut(&victim) else {
+                break;
+            };
+            if !cache.evict_oldest() {
+                break;
+            }
+            apps.total -= 1;
+            count(&self.figures.evicted_edge_cap, 1);
+            if cache.entries.is_empty() {
+                apps.by_app.remove(&victim);
+            }
         }
     }
 
     /// Drops the entries of `app` created by `source` that cover `keys`' host and path.
     pub(crate) fn invalidate(&self, app: &str, keys: &RequestKeys, source: &MachineId) {
         let mut apps = self.lock();
-        let Some(cache) = apps.by_app.get_mut(app) else {
+        let Apps { by_app, total, .. } = &mut *apps;
+        let Some(cache) = by_app.get_mut(app) else {
             return;
         };
         let doomed: Vec<Key> = cache
@@ -584,14 +691,20 @@ impl ReplayCache {
             .map(|(k, _)| k.clone())
             .collect();
         for k in doomed {
-            cache.remove(&k);
+            if cache.remove(&k).is_some() {
+                *total -= 1;
+            }
         }
     }
 
     /// Drops one entry (its target could not be reached).
     pub(crate) fn remove(&self, app: &str, key: &Key) {
-        if let Some(cache) = self.lock().by_app.get_mut(app) {
-            cache.remove(key);
+        let mut apps = self.lock();
+        let Apps { by_app, total, .. } = &mut *apps;
+        if let Some(cache) = by_app.get_mut(app)
+            && cache.remove(key).is_some()
+        {
+            *total -= 1;
         }
     }
 
@@ -603,7 +716,59 @@ impl ReplayCache {
             return;
         }
         apps.generation = generation;
-        apps.by_app.retain(|name, _| live(name));
+        let Apps { by_app, total, .. } = &mut *apps;
+        by_app.retain(|name, cache| {
+            let keep = live(name);
+            if !keep {
+                *total -= cache.entries.len();
+            }
+            keep
+        });
+    }
+
+    /// Counts an answer given `fly-replay-cache-status: status`.
+    pub(crate) fn answered(&self, status: &str) {
+        let c = match status {
+            "hit" => &self.figures.hits,
+            "bypass" => &self.figures.bypasses,
+            _ => &self.figures.misses,
+        };
+        count(c, 1);
+    }
+
+    /// The cache's figures in Prometheus's text format (`aloft_edge_replay_cache_*`).
+    pub(crate) fn render(&self, out: &mut String) {
+        let entries = self.lock().total;
+        let f = &self.figures;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP aloft_edge_replay_cache_entries Replay cache entries held, every app together \
+             (expired ones until read or evicted).\n\
+             # TYPE aloft_edge_replay_cache_entries gauge\n\
+             aloft_edge_replay_cache_entries {entries}\n\
+             # HELP aloft_edge_replay_cache_requests_count Requests answered with a fly-replay-cache-status, \
+             by status.\n\
+             # TYPE aloft_edge_replay_cache_requests_count counter\n\
+             aloft_edge_replay_cache_requests_count{{status=\"hit\"}} {}\n\
+             aloft_edge_replay_cache_requests_count{{status=\"miss\"}} {}\n\
+             aloft_edge_replay_cache_requests_count{{status=\"bypass\"}} {}\n\
+             # HELP aloft_edge_replay_cache_stores_count Replay cache entries stored (a key stored \
+             again counts again).\n\
+             # TYPE aloft_edge_replay_cache_stores_count counter\n\
+             aloft_edge_replay_cache_stores_count {}\n\
+             # HELP aloft_edge_replay_cache_evictions_count Replay cache entries evicted to stay \
+             within a cap, by cap (app: an app's own; edge: every app together).\n\
+             # TYPE aloft_edge_replay_cache_evictions_count counter\n\
+             aloft_edge_replay_cache_evictions_count{{cap=\"app\"}} {}\n\
+             aloft_edge_replay_cache_evictions_count{{cap=\"edge\"}} {}\n",
+            n(&f.hits),
+            n(&f.misses),
+            n(&f.bypasses),
+            n(&f.stores),
+            n(&f.evicted_app_cap),
+            n(&f.evicted_edge_cap),
+        );
     }
 
     /// How many entries `app` holds (expired ones included until read or evicted).
@@ -835,6 +1000,7 @@ impl CacheCtx {
         }
         if let Some(s) = self.status {
             headers.insert(FLY_REPLAY_CACHE_STATUS, HeaderValue::from_static(s));
+            edge.replay_cache.answered(s);
         }
     }
 
@@ -1193,7 +1359,7 @@ mod tests {
 
     #[test]
     fn bounded_per_app_oldest_evicted() {
-        let c = ReplayCache::new(3);
+        let c = ReplayCache::new(3, MAX_ENTRIES);
         let now = Instant::now();
         let k = keys("a.example.com", "/x");
         for i in 0..5 {
@@ -1257,8 +1423,82 @@ mod tests {
     }
 
     #[test]
+    fn the_edge_cap_holds_across_apps_and_evicts_from_the_largest() {
+        let c = ReplayCache::new(100, 20);
+        let now = Instant::now();
+        let k = keys("a.example.com", "/x");
+        let put = |app: &str, i: usize| {
+            c.store(
+                app,
+                &k,
+                Some(&store_dir(&format!("/p{i}/*"), 30, false)),
+                &replay(A),
+                &id(A),
+                now,
+            );
+            assert!(c.lock().total <= 20, "over the edge cap");
+        };
+        let held = |app: &str, i: usize| {
+            matches!(
+                c.lookup(app, &keys("a.example.com", &format!("/p{i}/x")), false, now),
+                Lookup::Hit(_)
+            )
+        };
+        // Four quiet apps hold three entries each.
+        for app in ["a", "b", "c", "d"] {
+            for i in 0..3 {
+                put(app, i);
+            }
+        }
+        // A noisy app stores 500 (under its own cap of 100 each time): once it is the largest it
+        // evicts only its own oldest, and the quiet apps keep every entry.
+        for i in 0..500 {
+            put("noisy", i);
+        }
+        assert_eq!(c.lock().total, 20);
+        for app in ["a", "b", "c", "d"] {
+            assert_eq!(c.len(app), 3, "{app}");
+            assert!((0..3).all(|i| held(app, i)), "{app}");
+        }
+        assert_eq!(c.len("noisy"), 8);
+        assert!((492..500).all(|i| held("noisy", i)), "its newest stay");
+        assert!(!held("noisy", 491));
+
+        // Ten more apps store one entry each: the largest gives first (noisy down to the others'
+        // three), then, level, one each in name order.
+        for n in 0..10 {
+            put(&format!("m{n}"), 0);
+        }
+        assert_eq!(c.lock().total, 20);
+        for app in ["a", "b", "c", "d", "noisy"] {
+            assert_eq!(c.len(app), 2, "{app}");
+        }
+        for n in 0..10 {
+            assert_eq!(c.len(&format!("m{n}")), 1);
+        }
+        assert!(!held("a", 0) && held("a", 1) && held("a", 2), "a's oldest went");
+
+        let f = &c.figures;
+        assert_eq!(f.stores.load(Ordering::Relaxed), 12 + 500 + 10);
+        assert_eq!(f.evicted_edge_cap.load(Ordering::Relaxed), 12 + 500 + 10 - 20);
+        assert_eq!(f.evicted_app_cap.load(Ordering::Relaxed), 0);
+        // The count follows removals of every kind.
+        c.remove(
+            "m0",
+            &hit_of(c.lookup("m0", &keys("a.example.com", "/p0/x"), false, now)).key,
+        );
+        c.prune(1, |a| a != "m1");
+        let apps = c.lock();
+        assert_eq!(apps.total, 18);
+        assert_eq!(
+            apps.total,
+            apps.by_app.values().map(|a| a.entries.len()).sum::<usize>()
+        );
+    }
+
+    #[test]
     fn hostile_session_values_stay_bounded() {
-        let c = ReplayCache::new(100);
+        let c = ReplayCache::new(100, MAX_ENTRIES);
         let now = Instant::now();
         let rules = [cookie_rule("/", "sid", 60, false)];
         for i in 0..1000 {

@@ -28,8 +28,8 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use crate::common::{
-        Backend, BackendBody, Handler, Ids, Loopback, NoControl, body, http_entry, internal_port,
-        serve_counting,
+        Backend, BackendBody, Handler, Ids, Loopback, NoControl, body, has_metric, http_entry, internal_port,
+        metric, serve_counting,
     };
 
     // -----------------------------------------------------------------------------------------
@@ -299,6 +299,48 @@ mod tests {
         assert_eq!(r.machine(), "A");
         assert_eq!(r.cache_status(), None);
         assert_eq!(a.seen(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cache_figures_move_as_it_is_used() {
+        let h = Harness::new().await;
+        let b = h.add(entry("b"), echo("B"));
+        let a = h.add(
+            entry("a"),
+            path_replayer(b.id(), "30", &[("fly-replay-cache-allow-bypass", "yes")]),
+        );
+        let figures = || {
+            let text = h.edge.metrics_text();
+            [
+                "aloft_edge_replay_cache_entries",
+                "aloft_edge_replay_cache_requests_count{status=\"hit\"}",
+                "aloft_edge_replay_cache_requests_count{status=\"miss\"}",
+                "aloft_edge_replay_cache_requests_count{status=\"bypass\"}",
+                "aloft_edge_replay_cache_stores_count",
+                "aloft_edge_replay_cache_evictions_count{cap=\"app\"}",
+                "aloft_edge_replay_cache_evictions_count{cap=\"edge\"}",
+            ]
+            .map(|name| {
+                assert!(has_metric(&text, name), "{name} missing from:\n{text}");
+                metric(&text, name)
+            })
+        };
+        // entries, hit, miss, bypass, stores, evicted (app cap), evicted (edge cap)
+        assert_eq!(figures(), [0, 0, 0, 0, 0, 0, 0]);
+        // Not cached for this path: no status, no figure moves.
+        assert_eq!(h.get("/other", &[]).await.cache_status(), None);
+        assert_eq!(figures(), [0, 0, 0, 0, 0, 0, 0]);
+
+        assert_eq!(h.get("/p/one", &[]).await.cache_status(), Some("miss"));
+        assert_eq!(figures(), [1, 0, 1, 0, 1, 0, 0]);
+        assert_eq!(h.get("/p/two", &[]).await.cache_status(), Some("hit"));
+        assert_eq!(h.get("/p/three", &[]).await.cache_status(), Some("hit"));
+        assert_eq!(figures(), [1, 2, 1, 0, 1, 0, 0]);
+        // A bypass asks the app, whose replay stores the entry again (one entry still).
+        let r = h.get("/p/four", &[("fly-replay-cache-control", "skip")]).await;
+        assert_eq!(r.cache_status(), Some("bypass"));
+        assert_eq!(figures(), [1, 2, 1, 1, 2, 0, 0]);
+        assert_eq!(a.seen(), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
