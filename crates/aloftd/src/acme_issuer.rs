@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use aloft_acme::{Account, AcmeClient, Challenge, ChallengeKind, ChallengeSolver, SolverError};
 use aloft_api::CertificateSource;
-use aloft_proxy::tls::{Challenges, IssueError, Issued, Issuer};
+use aloft_proxy::tls::{Challenges, ClaimWatch, IssueError, Issued, Issuer};
 use anyhow::Context as _;
 
 /// The challenge type the edge answers (`--acme-challenge`).
@@ -208,16 +208,32 @@ impl Issuer for AcmeIssuer {
     }
 
     fn issue(&self, hostname: &str) -> Result<Issued, IssueError> {
+        self.handle.block_on(self.order(hostname))
+    }
+
+    /// Stops the order at its next step (its next await: a request to the CA, a poll's wait)
+    /// once the edge lost its claim on issuing `hostname`.
+    fn issue_claimed(&self, hostname: &str, claim: &ClaimWatch) -> Result<Issued, IssueError> {
         self.handle.block_on(async {
-            let account = self.account().await?;
-            let issued = account
-                .issue(&[hostname], self.kind, &self.solver)
-                .await
-                .map_err(|e| IssueError::new(e.to_string()))?;
-            Ok(Issued {
-                chain_pem: issued.chain_pem,
-                key_pem: issued.key_pem,
-            })
+            tokio::select! {
+                issued = self.order(hostname) => issued,
+                why = claim.until_lost() => Err(IssueError::new(format!("the ACME order was stopped: {why}"))),
+            }
+        })
+    }
+}
+
+impl AcmeIssuer {
+    /// One ACME order for `hostname`, to its certificate.
+    async fn order(&self, hostname: &str) -> Result<Issued, IssueError> {
+        let account = self.account().await?;
+        let issued = account
+            .issue(&[hostname], self.kind, &self.solver)
+            .await
+            .map_err(|e| IssueError::new(e.to_string()))?;
+        Ok(Issued {
+            chain_pem: issued.chain_pem,
+            key_pem: issued.key_pem,
         })
     }
 }
@@ -261,6 +277,38 @@ mod tests {
             !dir.path().join("edge").exists(),
             "no account key without an account"
         );
+    }
+
+    #[test]
+    fn an_order_stops_once_the_claim_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // A CA that accepts connections and never answers: the order would wait on it.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let issuer = AcmeIssuer::new(
+            &settings(&format!("https://{addr}/dir")),
+            dir.path(),
+            Challenges::new(),
+            runtime.handle().clone(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let claim = ClaimWatch::lost_already("edge edge-b holds it now");
+            let _ = tx.send(issuer.issue_claimed("shop.example.test", &claim));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the order stopped")
+            .unwrap_err();
+        assert!(err.reason.contains("stopped"), "{err}");
+        assert!(err.reason.contains("edge edge-b holds it now"), "{err}");
+        drop(silent);
     }
 
     #[test]

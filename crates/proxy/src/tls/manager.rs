@@ -128,6 +128,13 @@ impl ClaimWatch {
         Self::new().1
     }
 
+    /// A claim already lost, for `why`: for testing how an issuer stops.
+    pub fn lost_already(why: impl Into<String>) -> Self {
+        let (tx, watch) = Self::new();
+        tx.send_replace(Some(why.into()));
+        watch
+    }
+
     /// Why the claim was lost, once it was: stop issuing, the result would not be written.
     pub fn lost(&self) -> Option<String> {
         self.rx.borrow().clone()
