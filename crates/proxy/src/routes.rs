@@ -2,10 +2,16 @@
 //! custom domains. Readers take an immutable [`Snapshot`] (one `Arc` clone under a short lock);
 //! every change builds the changed app's view anew and swaps the snapshot, so requests in flight
 //! keep the view they started with and open connections are never dropped by an update.
+//!
+//! The edge's worker threads each read their own copy of the snapshot (see
+//! [`RoutingTable::snapshot`]): a request then touches no lock and no reference count that
+//! another core writes too, which on a busy edge costs more than the request's own work.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use aloft_api::checks::is_service_check;
@@ -247,20 +253,92 @@ struct Sources {
 }
 
 /// The live routing table. See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RoutingTable {
+    /// Tells this table's copies in [`LOCAL`] from other tables' (tests make many).
+    id: u64,
     sources: Mutex<Sources>,
     current: RwLock<Arc<Snapshot>>,
+    /// The generation of `current`, stored after it: a worker compares its copy with it.
+    published: AtomicU64,
     changed: Notify,
+}
+
+impl Default for RoutingTable {
+    fn default() -> Self {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            sources: Mutex::default(),
+            current: RwLock::default(),
+            published: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+}
+
+/// A worker thread's copy of one table's snapshot.
+struct LocalCopy {
+    table: u64,
+    snap: Arc<Snapshot>,
+    /// The shared views each app of `snap` was copied from: an app whose shared view is still
+    /// the same object is not copied again.
+    from: HashMap<String, Arc<AppRoutes>>,
+}
+
+/// Tables a worker keeps copies of at most (an edge has one; tests make more).
+const LOCAL_COPIES: usize = 4;
+
+thread_local! {
+    /// This worker thread's snapshot copies, by table.
+    static LOCAL: RefCell<Vec<LocalCopy>> = const { RefCell::new(Vec::new()) };
 }
 
 impl RoutingTable {
     /// The table now.
+    ///
+    /// On an edge worker thread this is the worker's own copy, made again (only its changed
+    /// apps) when the table has changed since: its `Arc`s are counted by this thread alone, and
+    /// finding it reads one atomic that only a change writes. Elsewhere (the edge's loops,
+    /// tests) it is the shared snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
+        if !crate::workers::is_worker() {
+            return self.shared();
+        }
+        let generation = self.published.load(Ordering::Acquire);
+        LOCAL.with_borrow_mut(|copies| {
+            let at = copies.iter().position(|c| c.table == self.id);
+            if let Some(i) = at
+                && copies[i].snap.generation == generation
+            {
+                return copies[i].snap.clone();
+            }
+            let shared = self.shared();
+            let old = at.map(|i| copies.swap_remove(i));
+            let copy = local_copy(self.id, &shared, old);
+            let snap = copy.snap.clone();
+            if copies.len() >= LOCAL_COPIES {
+                copies.remove(0);
+            }
+            copies.push(copy);
+            snap
+        })
+    }
+
+    /// The snapshot every thread shares.
+    fn shared(&self) -> Arc<Snapshot> {
         self.current
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Makes `snap` the table's snapshot.
+    fn install(&self, snap: Snapshot) {
+        let generation = snap.generation;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
+        self.published.store(generation, Ordering::Release);
+        self.changed.notify_waiters();
     }
 
     /// Resolves when the table changes after this future was made (or `enable`d, for a
@@ -349,20 +427,19 @@ impl RoutingTable {
             domains: s.domains.clone(),
             generation: s.generation,
         };
-        let old = self.snapshot();
+        let old = self.shared();
         for name in s.entries.keys() {
             let since = old.app(name).map_or(s.generation, |a| a.since);
             if let Some(a) = build_app(&s, name, since) {
                 snap.apps.insert(name.clone(), Arc::new(a));
             }
         }
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
-        self.changed.notify_waiters();
+        self.install(snap);
     }
 
     fn publish(&self, s: &mut Sources, app: Option<&str>) {
         s.generation += 1;
-        let mut snap = (*self.snapshot()).clone();
+        let mut snap = (*self.shared()).clone();
         snap.generation = s.generation;
         if let Some(app) = app {
             let since = snap.apps.get(app).map_or(s.generation, |a| a.since);
@@ -372,8 +449,47 @@ impl RoutingTable {
             };
         }
         snap.domains = s.domains.clone();
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
-        self.changed.notify_waiters();
+        self.install(snap);
+    }
+}
+
+/// A worker's copy of `shared`: apps whose shared view is the one `old` was copied from keep
+/// their copy; the others are copied anew, machines and all.
+fn local_copy(table: u64, shared: &Snapshot, old: Option<LocalCopy>) -> LocalCopy {
+    let (old_snap, mut old_from) = match old {
+        Some(c) => (Some(c.snap), c.from),
+        None => (None, HashMap::new()),
+    };
+    let mut apps = HashMap::with_capacity(shared.apps.len());
+    let mut from = HashMap::with_capacity(shared.apps.len());
+    for (name, app) in &shared.apps {
+        let kept = old_from
+            .remove(name)
+            .filter(|before| Arc::ptr_eq(before, app))
+            .and_then(|_| old_snap.as_ref()?.apps.get(name).cloned());
+        let copy = kept.unwrap_or_else(|| {
+            Arc::new(AppRoutes {
+                name: app.name.clone(),
+                org: app.org.clone(),
+                machines: app
+                    .machines
+                    .iter()
+                    .map(|m| Arc::new(MachineRoute::clone(m)))
+                    .collect(),
+                since: app.since,
+            })
+        });
+        apps.insert(name.clone(), copy);
+        from.insert(name.clone(), app.clone());
+    }
+    LocalCopy {
+        table,
+        snap: Arc::new(Snapshot {
+            apps,
+            domains: shared.domains.clone(),
+            generation: shared.generation,
+        }),
+        from,
     }
 }
 
@@ -396,4 +512,85 @@ fn build_app(s: &Sources, app: &str, since: u64) -> Option<AppRoutes> {
         machines,
         since,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use aloft_api::MachineState;
+
+    use super::*;
+    use crate::workers::WorkerThreads;
+
+    fn entry(app: &str, n: u8) -> CatalogEntry {
+        CatalogEntry {
+            id: MachineId::from_random([0x0a, 0x0b, 0, 0, 0, 0, n]),
+            app: app.to_owned(),
+            host: "h".to_owned(),
+            region: "r".to_owned(),
+            state: MachineState::Started,
+            version: "v1".to_owned(),
+            private_ip: format!("fdaa::{n}"),
+            services: Vec::new(),
+            checks: Vec::new(),
+            suspendable: false,
+            process_group: String::new(),
+            primary_region: String::new(),
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn workers_read_their_own_copy_which_follows_every_change() {
+        let threads = WorkerThreads::start(NonZeroUsize::new(2), "test-routes").expect("start workers");
+        let workers = threads.workers().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let table = Arc::new(RoutingTable::default());
+        table.upsert(entry("a", 1));
+        table.upsert(entry("b", 2));
+        let on = |worker: usize| {
+            let table = table.clone();
+            rt.block_on(workers.spawn(worker, async move { (table.snapshot(), table.snapshot()) }))
+                .expect("worker task")
+        };
+
+        let shared = table.snapshot();
+        let (w0, again) = on(0);
+        assert!(Arc::ptr_eq(&w0, &again), "an unchanged table is not copied again");
+        assert!(!Arc::ptr_eq(&w0, &shared), "a worker reads its own copy");
+        let (a, shared_a) = (w0.app("a").expect("a"), shared.app("a").expect("a"));
+        assert!(!Arc::ptr_eq(a, shared_a));
+        assert!(!Arc::ptr_eq(&a.machines[0], &shared_a.machines[0]));
+        assert_eq!(a.machines[0].entry.id, shared_a.machines[0].entry.id);
+        assert_eq!(w0.generation, shared.generation);
+        let (w1, _) = on(1);
+        assert!(!Arc::ptr_eq(&w0, &w1), "each worker has its own");
+        assert!(!Arc::ptr_eq(w0.app("a").expect("a"), w1.app("a").expect("a")));
+
+        // A change shows at once; only the changed app is copied again.
+        table.upsert(entry("a", 3));
+        let (w0_next, _) = on(0);
+        assert_eq!(w0_next.app("a").expect("a").machines.len(), 2);
+        assert!(Arc::ptr_eq(w0_next.app("b").expect("b"), w0.app("b").expect("b")));
+        assert!(w0_next.generation > w0.generation);
+        table.set_domain("example.com", Some("b"));
+        let (w0_domain, _) = on(0);
+        assert_eq!(
+            w0_domain
+                .app_for_host("example.com", "localhost")
+                .map(|a| a.name.as_str()),
+            Some("b")
+        );
+        table.remove("a", &entry("a", 1).id);
+        table.remove("a", &entry("a", 3).id);
+        let (w0_gone, _) = on(0);
+        assert!(
+            w0_gone.app("a").is_none(),
+            "an app that left is gone from the copy too"
+        );
+    }
 }

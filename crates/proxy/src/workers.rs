@@ -38,6 +38,11 @@ pub(crate) fn current() -> usize {
     WORKER.with(Cell::get).unwrap_or(0)
 }
 
+/// Whether this thread is one of the edge's workers.
+pub(crate) fn is_worker() -> bool {
+    WORKER.with(Cell::get).is_some()
+}
+
 /// How long a worker's runtime waits, on shutdown, for its blocking tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
