@@ -525,25 +525,31 @@ impl Edge {
         // When no machine can take the request right now but one is on its way back (a
         // deploy restarting it, or one whose connect just failed: the catalog may not show
         // yet that it went down, or it started but does not listen yet), the request waits
-        // up to here instead of failing, as long as it can be sent again. An app that never
-        // listens thus fails after the queue timeout, not at once: a deploy's restarts cost
-        // no request.
-        let give_up = deadline.unwrap_or_else(|| Instant::now() + self.config.queue_timeout);
+        // instead of failing, as long as it can be sent again, up to the queue timeout from
+        // the first such answer (most requests never read the clock for it). An app that
+        // never listens thus fails after the queue timeout, not at once: a deploy's restarts
+        // cost no request.
+        let mut waiting_since: Option<Instant> = None;
         let mut attempts = 0usize;
         while attempts < self.config.connect_attempts.max(1) {
             let picked = self.pick(app, route, &tried, conn.service_port, deadline).await;
             let (machine, guard) = match picked {
                 Ok(p) => p,
-                Err((ProxyCode::PR01, _))
+                Err((ProxyCode::PR01, detail))
                     if body.replayable()
-                        && Instant::now() < give_up
                         && (last.is_some() || self.coming_back(&app.name, conn.service_port)) =>
                 {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    let give_up = deadline.unwrap_or(since + self.config.queue_timeout);
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return match last {
+                            Some((c, d)) => Forwarded::Fail(c, Some(d)),
+                            None => Forwarded::Fail(ProxyCode::PR01, detail),
+                        };
+                    }
                     let changed = self.routes.changed();
-                    let pause = give_up
-                        .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(100));
-                    let _ = tokio::time::timeout(pause, changed).await;
+                    let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), changed).await;
                     tried.clone_from(&route.exclude);
                     attempts = 0;
                     continue;
@@ -638,16 +644,18 @@ impl Edge {
         deadline: Option<Instant>,
     ) -> Result<(Arc<MachineRoute>, LoadGuard), (ProxyCode, Option<String>)> {
         let app_load = self.loads.app(&app.name);
-        let queue_deadline = deadline.unwrap_or_else(|| Instant::now() + self.config.queue_timeout);
+        // When it started to wait: its queue timeout runs from there.
+        let mut queue_since: Option<Instant> = None;
+        // Whether this request counts in the app's `queued` and listens for freed capacity:
+        // from the first time it finds the app full, and then before it looks again, so that a
+        // unit freed in between is not missed (a freed unit rings only while `queued` is not 0,
+        // see `LoadGuard`; registering with the app's `Notify` takes its lock: not worth it
+        // for requests that never wait).
         let mut queued = false;
-        // Whether to listen for freed capacity: only once the app was found full, and then
-        // before looking again, so that a unit freed in between is not missed (registering
-        // with the app's `Notify` takes its lock: not worth it for requests that never wait).
-        let mut listening = false;
         let result = loop {
             let freed = app_load.freed.notified();
             tokio::pin!(freed);
-            if listening {
+            if queued {
                 freed.as_mut().enable();
             }
             // Always the newest view of the app: machines may have started since.
@@ -681,15 +689,17 @@ impl Edge {
                 }
                 Choice::NotFound => break Err((ProxyCode::PR02, route.force_instance.clone())),
                 Choice::NoneHealthy => break Err((ProxyCode::PR01, None)),
-                Choice::Full if !listening => listening = true,
-                Choice::Full => {
-                    if !queued {
-                        if app_load.queued.fetch_add(1, Ordering::AcqRel) >= self.config.queue_limit {
-                            app_load.queued.fetch_sub(1, Ordering::AcqRel);
-                            break Err((ProxyCode::PL01, Some("the request queue is full".to_owned())));
-                        }
-                        queued = true;
+                Choice::Full if !queued => {
+                    if app_load.queued.fetch_add(1, Ordering::SeqCst) >= self.config.queue_limit {
+                        app_load.queued.fetch_sub(1, Ordering::SeqCst);
+                        break Err((ProxyCode::PL01, Some("the request queue is full".to_owned())));
                     }
+                    queued = true;
+                    queue_since = Some(Instant::now());
+                }
+                Choice::Full => {
+                    let since = *queue_since.get_or_insert_with(Instant::now);
+                    let queue_deadline = deadline.unwrap_or(since + self.config.queue_timeout);
                     let left = queue_deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() || tokio::time::timeout(left, freed).await.is_err() {
                         break Err((ProxyCode::PL01, Some("no capacity freed up in time".to_owned())));
@@ -698,7 +708,7 @@ impl Edge {
             }
         };
         if queued {
-            app_load.queued.fetch_sub(1, Ordering::AcqRel);
+            app_load.queued.fetch_sub(1, Ordering::SeqCst);
         }
         result
     }

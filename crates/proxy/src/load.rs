@@ -112,7 +112,10 @@ impl Loads {
     ) -> Option<LoadGuard> {
         machine
             .inflight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            // SeqCst: a request that finds the machine full has counted itself in its app's
+            // `queued` before this read, and [`LoadGuard`]'s drop reads `queued` after freeing
+            // its unit: one of the two sees the other (see the drop).
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < hard).then_some(n + 1)
             })
             .ok()?;
@@ -180,12 +183,16 @@ pub(crate) struct LoadGuard {
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        self.machine.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.machine.inflight.fetch_sub(1, Ordering::SeqCst);
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.machine.last_active_ms.store(now, Ordering::Relaxed);
-        // Always: a request that found the app full may be about to count itself in `queued`
-        // (its `Notified` is already armed); skipping the ring while `queued` is 0 would leave
-        // it waiting until its deadline. Ringing a Notify nobody waits on costs next to nothing.
-        self.app.freed.notify_waiters();
+        // Rung only when someone waits: ringing takes the Notify's lock, which every request
+        // on every worker would otherwise take. No waiter is missed: a request that finds the
+        // app full counts itself in `queued` and arms its `Notified` *before* it looks at the
+        // machines' counts again (`Edge::pick`), all SeqCst, as is the decrement above. Either
+        // its look sees this unit freed, or this read sees it queued.
+        if self.app.queued.load(Ordering::SeqCst) > 0 {
+            self.app.freed.notify_waiters();
+        }
     }
 }
