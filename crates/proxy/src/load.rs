@@ -2,6 +2,7 @@
 //! of requests waiting for capacity. Counters outlive routing snapshots (they are keyed by
 //! machine id), so a catalog update never resets a machine's load.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -9,6 +10,8 @@ use std::time::Instant;
 
 use aloft_api::MachineId;
 use tokio::sync::Notify;
+
+use crate::workers::OwnerId;
 
 /// One machine's load.
 #[derive(Debug)]
@@ -41,19 +44,38 @@ pub(crate) struct AppLoad {
 /// Every machine's and app's load.
 #[derive(Debug)]
 pub(crate) struct Loads {
+    id: OwnerId,
     epoch: Instant,
     machines: Mutex<HashMap<MachineId, Arc<MachineLoad>>>,
     apps: Mutex<HashMap<String, Arc<AppLoad>>>,
+    /// Bumped when [`Loads::retain`] drops machines: workers then forget their handles.
+    dropped: AtomicU64,
 }
 
 impl Default for Loads {
     fn default() -> Self {
         Self {
+            id: OwnerId::default(),
             epoch: Instant::now(),
             machines: Mutex::default(),
             apps: Mutex::default(),
+            dropped: AtomicU64::new(0),
         }
     }
+}
+
+/// A worker thread's handles on one [`Loads`]' counters: finding a machine's or app's counters
+/// then takes no lock that every request on every worker takes too. The counters themselves
+/// stay shared: limits hold edge-wide.
+struct LocalLoads {
+    owner: OwnerId,
+    dropped: u64,
+    machines: HashMap<MachineId, Arc<MachineLoad>>,
+    apps: HashMap<String, Arc<AppLoad>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<LocalLoads>> = const { RefCell::new(None) };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,7 +88,39 @@ impl Loads {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The handles this worker thread keeps (made anew for another `Loads`, or once machines
+    /// were dropped).
+    fn with_local<R>(&self, f: impl FnOnce(&mut LocalLoads) -> R) -> R {
+        let dropped = self.dropped.load(Ordering::Acquire);
+        LOCAL.with_borrow_mut(|local| {
+            let local = match local {
+                Some(l) if l.owner == self.id && l.dropped == dropped => l,
+                _ => local.insert(LocalLoads {
+                    owner: self.id,
+                    dropped,
+                    machines: HashMap::new(),
+                    apps: HashMap::new(),
+                }),
+            };
+            f(local)
+        })
+    }
+
     pub(crate) fn machine(&self, id: &MachineId) -> Arc<MachineLoad> {
+        if !crate::workers::is_worker() {
+            return self.shared_machine(id);
+        }
+        self.with_local(|l| {
+            if let Some(m) = l.machines.get(id) {
+                return m.clone();
+            }
+            let m = self.shared_machine(id);
+            l.machines.insert(id.clone(), m.clone());
+            m
+        })
+    }
+
+    fn shared_machine(&self, id: &MachineId) -> Arc<MachineLoad> {
         if let Some(m) = lock(&self.machines).get(id) {
             return m.clone();
         }
@@ -92,6 +146,20 @@ impl Loads {
     }
 
     pub(crate) fn app(&self, app: &str) -> Arc<AppLoad> {
+        if !crate::workers::is_worker() {
+            return self.shared_app(app);
+        }
+        self.with_local(|l| {
+            if let Some(a) = l.apps.get(app) {
+                return a.clone();
+            }
+            let a = self.shared_app(app);
+            l.apps.insert(app.to_owned(), a.clone());
+            a
+        })
+    }
+
+    fn shared_app(&self, app: &str) -> Arc<AppLoad> {
         if let Some(a) = lock(&self.apps).get(app) {
             return a.clone();
         }
@@ -100,7 +168,12 @@ impl Loads {
 
     /// Drops counters of machines no longer in the catalog that serve nothing.
     pub(crate) fn retain(&self, keep: impl Fn(&MachineId) -> bool) {
-        lock(&self.machines).retain(|id, m| keep(id) || m.inflight.load(Ordering::Relaxed) > 0);
+        let mut machines = lock(&self.machines);
+        let before = machines.len();
+        machines.retain(|id, m| keep(id) || m.inflight.load(Ordering::Relaxed) > 0);
+        if machines.len() != before {
+            self.dropped.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Counts one unit on `machine` only if that keeps it under `hard`.
@@ -194,5 +267,61 @@ impl Drop for LoadGuard {
         if self.app.queued.load(Ordering::SeqCst) > 0 {
             self.app.freed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+    use crate::workers::WorkerThreads;
+
+    #[test]
+    fn workers_count_on_the_shared_counters_and_forget_dropped_machines() {
+        let threads = WorkerThreads::start(NonZeroUsize::new(1), "test-loads").expect("start workers");
+        let workers = threads.workers().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let loads = Arc::new(Loads::default());
+        let id = MachineId::from_random([0x0c, 0, 0, 0, 0, 0, 1]);
+        let on_worker = |loads: &Arc<Loads>| {
+            let (loads, id) = (loads.clone(), id.clone());
+            rt.block_on(workers.spawn(0, async move {
+                let m = loads.machine(&id);
+                let again = loads.machine(&id);
+                assert!(Arc::ptr_eq(&m, &again));
+                (m, loads.app("a"))
+            }))
+            .expect("worker task")
+        };
+
+        let (m, app) = on_worker(&loads);
+        assert!(
+            Arc::ptr_eq(&m, &loads.machine(&id)),
+            "the worker's handle is the shared counter"
+        );
+        assert!(Arc::ptr_eq(&app, &loads.app("a")));
+        let guard = loads.try_acquire(m.clone(), app, 1).expect("a unit");
+        assert_eq!(loads.machine(&id).inflight(), 1);
+        drop(guard);
+
+        // Dropped, then seen again: the worker counts on the new counter, not its old handle.
+        loads.retain(|_| false);
+        let fresh = loads.machine(&id);
+        assert!(!Arc::ptr_eq(&fresh, &m));
+        let (m2, _) = on_worker(&loads);
+        assert!(
+            Arc::ptr_eq(&m2, &fresh),
+            "the worker kept a dropped machine's counter"
+        );
+
+        // Another Loads on the same worker has counters of its own.
+        let other = Arc::new(Loads::default());
+        let (m3, _) = on_worker(&other);
+        assert!(!Arc::ptr_eq(&m3, &fresh));
+        assert!(Arc::ptr_eq(&m3, &other.machine(&id)));
     }
 }

@@ -1,6 +1,7 @@
 //! The edge's figures in Prometheus's text format, named after Fly's (`fly_edge_*`, `fly_app_*`)
 //! where Fly has one, `aloft_edge_*` otherwise.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use http::StatusCode;
 
 use crate::health::Health;
 use crate::routes::{ChecksVerdict, Snapshot};
+use crate::workers::OwnerId;
 
 /// Upper bounds of the response-time histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -173,6 +175,8 @@ impl Default for Accepted {
 /// Counters; cheap to update from any task.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
+    /// Tells this one's handles in [`LOCAL_APPS`] from another's.
+    id: OwnerId,
     accepted: Accepted,
     apps: RwLock<HashMap<String, Arc<AppFigures>>>,
     udp: RwLock<HashMap<String, Arc<UdpFigures>>>,
@@ -189,6 +193,16 @@ pub(crate) struct Metrics {
 
 /// The app label for requests that matched no app.
 const NO_APP: &str = "";
+
+thread_local! {
+    /// A worker thread's handles on one [`Metrics`]' app figures (apps are never dropped from
+    /// them): a response is counted without the read lock every request on every worker would
+    /// take, and without touching the figures' reference count.
+    static LOCAL_APPS: RefCell<Option<(OwnerId, AppHandles)>> = const { RefCell::new(None) };
+}
+
+/// Handles on app figures, by app.
+type AppHandles = HashMap<String, Arc<AppFigures>>;
 
 impl Metrics {
     fn app(&self, app: &str) -> Arc<AppFigures> {
@@ -217,10 +231,27 @@ impl Metrics {
     }
 
     pub(crate) fn response(&self, app: Option<&str>, status: StatusCode, took: Duration) {
-        let a = self.app(app.unwrap_or(NO_APP));
-        let i = usize::from(status.as_u16()).saturating_sub(100).min(499);
-        a.statuses[i].fetch_add(1, Ordering::Relaxed);
-        a.time.observe(took);
+        let count = |a: &AppFigures| {
+            let i = usize::from(status.as_u16()).saturating_sub(100).min(499);
+            a.statuses[i].fetch_add(1, Ordering::Relaxed);
+            a.time.observe(took);
+        };
+        let app = app.unwrap_or(NO_APP);
+        if !crate::workers::is_worker() {
+            return count(&self.app(app));
+        }
+        LOCAL_APPS.with_borrow_mut(|local| {
+            let apps = match local {
+                Some((owner, apps)) if *owner == self.id => apps,
+                _ => &mut local.insert((self.id, HashMap::new())).1,
+            };
+            if let Some(a) = apps.get(app) {
+                return count(a);
+            }
+            let a = self.app(app);
+            count(&a);
+            apps.insert(app.to_owned(), a);
+        });
     }
 
     pub(crate) fn tls_handshake(&self, ok: bool, took: Duration) {
@@ -471,4 +502,42 @@ fn render_health(out: &mut String, snap: &Snapshot, health: &Health) {
 /// A label value with `\`, `"` and newlines escaped.
 fn label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+    use crate::workers::WorkerThreads;
+
+    #[test]
+    fn responses_counted_on_workers_land_in_their_own_metrics() {
+        let threads = WorkerThreads::start(NonZeroUsize::new(2), "test-metrics").expect("start workers");
+        let workers = threads.workers().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (one, two) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));
+        let count = |m: &Arc<Metrics>, worker: usize, app: &'static str, n: usize| {
+            let m = m.clone();
+            rt.block_on(workers.spawn(worker, async move {
+                for _ in 0..n {
+                    m.response(Some(app), StatusCode::OK, Duration::from_millis(1));
+                }
+            }))
+            .expect("worker task");
+        };
+        count(&one, 0, "a", 3);
+        count(&one, 1, "a", 2);
+        count(&two, 0, "a", 5);
+        count(&one, 0, "b", 1);
+        one.response(Some("a"), StatusCode::OK, Duration::from_millis(1));
+        let ok = |m: &Metrics, app: &str| m.app(app).statuses[100].load(Ordering::Relaxed);
+        assert_eq!(ok(&one, "a"), 6);
+        assert_eq!(ok(&two, "a"), 5);
+        assert_eq!(ok(&one, "b"), 1);
+        assert_eq!(ok(&two, "b"), 0);
+    }
 }

@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -464,6 +464,9 @@ pub(crate) enum Lookup {
 #[derive(Debug)]
 pub(crate) struct ReplayCache {
     apps: Mutex<Apps>,
+    /// How many apps hold entries, as of the last unlock: while none does (most edges, most
+    /// of the time), [`ReplayCache::holds`] answers without the lock every request would take.
+    held: AtomicUsize,
     cap: usize,
     edge_cap: usize,
     figures: Figures,
@@ -495,6 +498,32 @@ impl Apps {
     }
 }
 
+/// The apps, locked; unlocking publishes how many hold entries ([`ReplayCache::held`]).
+struct AppsGuard<'a> {
+    apps: MutexGuard<'a, Apps>,
+    held: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for AppsGuard<'_> {
+    type Target = Apps;
+
+    fn deref(&self) -> &Apps {
+        &self.apps
+    }
+}
+
+impl std::ops::DerefMut for AppsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Apps {
+        &mut self.apps
+    }
+}
+
+impl Drop for AppsGuard<'_> {
+    fn drop(&mut self) {
+        self.held.store(self.apps.by_app.len(), Ordering::Release);
+    }
+}
+
 /// The cache's counters (see the module docs).
 #[derive(Debug, Default)]
 struct Figures {
@@ -521,16 +550,21 @@ impl ReplayCache {
     pub(crate) fn new(cap: usize, edge_cap: usize) -> Self {
         Self {
             apps: Mutex::default(),
+            held: AtomicUsize::new(0),
             cap: cap.max(1),
             edge_cap: edge_cap.max(1),
             figures: Figures::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Apps> {
-        self.apps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> AppsGuard<'_> {
+        AppsGuard {
+            apps: self
+                .apps
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            held: &self.held,
+        }
     }
 
     /// Looks `keys` up in `app`'s entries; `skip` is the client's bypass request. Entries made
@@ -538,7 +572,7 @@ impl ReplayCache {
     /// Whether anything is cached for `app` (one short lock, no allocation): most apps never
     /// replay, and their requests skip the rest.
     pub(crate) fn holds(&self, app: &str) -> bool {
-        self.lock().by_app.contains_key(app)
+        self.held.load(Ordering::Acquire) > 0 && self.lock().by_app.contains_key(app)
     }
 
     pub(crate) fn lookup(&self, app: &str, keys: &RequestKeys, skip: bool, now: Instant) -> Lookup {

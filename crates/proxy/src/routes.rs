@@ -19,6 +19,7 @@ use aloft_api::{CatalogEntry, CheckState, MachineId, MachineService, MachineStat
 use tokio::sync::Notify;
 
 use crate::health::Verdicts;
+use crate::workers::OwnerId;
 
 /// One machine as the edge routes to it.
 #[derive(Debug, Clone)]
@@ -255,8 +256,8 @@ struct Sources {
 /// The live routing table. See the module docs.
 #[derive(Debug)]
 pub struct RoutingTable {
-    /// Tells this table's copies in [`LOCAL`] from other tables' (tests make many).
-    id: u64,
+    /// Tells this table's copies in [`LOCAL`] from other tables'.
+    id: OwnerId,
     sources: Mutex<Sources>,
     current: RwLock<Arc<Snapshot>>,
     /// The generation of `current`, stored after it: a worker compares its copy with it.
@@ -266,9 +267,8 @@ pub struct RoutingTable {
 
 impl Default for RoutingTable {
     fn default() -> Self {
-        static IDS: AtomicU64 = AtomicU64::new(0);
         Self {
-            id: IDS.fetch_add(1, Ordering::Relaxed),
+            id: OwnerId::default(),
             sources: Mutex::default(),
             current: RwLock::default(),
             published: AtomicU64::new(0),
@@ -279,7 +279,7 @@ impl Default for RoutingTable {
 
 /// A worker thread's copy of one table's snapshot.
 struct LocalCopy {
-    table: u64,
+    table: OwnerId,
     snap: Arc<Snapshot>,
     /// The shared views each app of `snap` was copied from: an app whose shared view is still
     /// the same object is not copied again.
@@ -455,7 +455,7 @@ impl RoutingTable {
 
 /// A worker's copy of `shared`: apps whose shared view is the one `old` was copied from keep
 /// their copy; the others are copied anew, machines and all.
-fn local_copy(table: u64, shared: &Snapshot, old: Option<LocalCopy>) -> LocalCopy {
+fn local_copy(table: OwnerId, shared: &Snapshot, old: Option<LocalCopy>) -> LocalCopy {
     let (old_snap, mut old_from) = match old {
         Some(c) => (Some(c.snap), c.from),
         None => (None, HashMap::new()),

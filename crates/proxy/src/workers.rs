@@ -43,6 +43,19 @@ pub(crate) fn is_worker() -> bool {
     WORKER.with(Cell::get).is_some()
 }
 
+/// Tells one shared structure from another of its kind, for the copies or handles worker
+/// threads keep of it in thread-locals (an edge has one of each; tests make many, and a new
+/// one may reuse a dropped one's address, never its id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OwnerId(u64);
+
+impl Default for OwnerId {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// How long a worker's runtime waits, on shutdown, for its blocking tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
