@@ -5,7 +5,6 @@
 //! when there is one); never at the hard limit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aloft_api::{MachineId, MachineService};
 
@@ -67,7 +66,10 @@ struct Candidate {
     rank: (bool, u32, bool, u32),
 }
 
-static TIE: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// Turns among equally good machines; per thread, so edge workers share no counter.
+    static TIE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 fn region_rank(edge: &Edge, want: &Want<'_>, region: &str) -> u32 {
     if let Some(i) = want.prefer_regions.iter().position(|r| r == region) {
@@ -175,7 +177,7 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) ->
     let best_rank = routable.iter().map(|c| c.rank).min();
     let best = best_rank.map(|r| {
         let ties: Vec<&Candidate> = routable.iter().filter(|c| c.rank == r).collect();
-        let pick = TIE.fetch_add(1, Ordering::Relaxed) % ties.len();
+        let pick = TIE.replace(TIE.get().wrapping_add(1)) % ties.len();
         ties[pick]
     });
     let under_soft = best.is_some_and(|c| c.load.inflight() < c.soft);
