@@ -240,6 +240,10 @@ impl Args {
     }
 }
 
+/// mimalloc, not glibc's malloc: see the workspace's `Cargo.toml` and docs/perf.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {

@@ -86,6 +86,10 @@ fn entry(backend: u16) -> Result<CatalogEntry, serde_json::Error> {
     }))
 }
 
+/// mimalloc, not glibc's malloc: see the workspace's `Cargo.toml` and docs/perf.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     // As aloftd runs it: traffic on the edge's worker threads, one listener each; the
