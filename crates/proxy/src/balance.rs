@@ -175,10 +175,10 @@ fn try_choose(edge: &Edge, app: &AppRoutes, want: &Want<'_>, proto: Protocol) ->
         routable = backoff;
     }
     let best_rank = routable.iter().map(|c| c.rank).min();
-    let best = best_rank.map(|r| {
-        let ties: Vec<&Candidate> = routable.iter().filter(|c| c.rank == r).collect();
-        let pick = TIE.replace(TIE.get().wrapping_add(1)) % ties.len();
-        ties[pick]
+    let best = best_rank.and_then(|r| {
+        let ties = routable.iter().filter(|c| c.rank == r);
+        let pick = TIE.replace(TIE.get().wrapping_add(1)) % ties.clone().count().max(1);
+        ties.clone().nth(pick)
     });
     let under_soft = best.is_some_and(|c| c.load.inflight() < c.soft);
     if !under_soft && let Some((_, m)) = wakeable.iter().min_by_key(|(rank, _)| *rank) {

@@ -29,6 +29,7 @@
 //!   by forgotten checks until they come due). A table change costs a look at the apps whose view
 //!   changed only. The task ends when the edge is dropped.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +48,7 @@ use tokio::time::Instant;
 
 use crate::dial::Dialer;
 use crate::routes::{AppRoutes, ChecksVerdict, MachineRoute, RoutingTable, Snapshot};
+use crate::workers::OwnerId;
 
 /// Most check runs in flight at once; further due runs wait for one to end.
 pub(crate) const MAX_INFLIGHT: usize = 256;
@@ -113,10 +115,52 @@ impl Verdicts {
     }
 }
 
+/// A worker thread's handles on one edge's verdicts, as of `changes` (see [`Health::verdict`]).
+struct LocalVerdicts {
+    owner: OwnerId,
+    changes: u64,
+    by_machine: HashMap<MachineId, Option<Arc<Verdicts>>>,
+}
+
+thread_local! {
+    static LOCAL_VERDICTS: RefCell<Option<LocalVerdicts>> = const { RefCell::new(None) };
+}
+
+/// The verdicts, locked for a change; unlocking counts the change (after it, so a worker that
+/// sees the new count finds the change in the map).
+struct VerdictsMut<'a> {
+    map: std::sync::RwLockWriteGuard<'a, HashMap<MachineId, Arc<Verdicts>>>,
+    changes: &'a AtomicU64,
+}
+
+impl std::ops::Deref for VerdictsMut<'_> {
+    type Target = HashMap<MachineId, Arc<Verdicts>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for VerdictsMut<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Drop for VerdictsMut<'_> {
+    fn drop(&mut self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// What the prober shares with the routing and the metrics.
 #[derive(Debug, Default)]
 struct Shared {
+    /// Tells this edge's verdicts in [`LOCAL_VERDICTS`] from another's.
+    id: OwnerId,
     verdicts: RwLock<HashMap<MachineId, Arc<Verdicts>>>,
+    /// Bumped after every change to `verdicts` (machines checked or forgotten, not results).
+    changes: AtomicU64,
     runs_passing: AtomicU64,
     runs_critical: AtomicU64,
     /// Machines being checked now.
@@ -164,14 +208,32 @@ impl Health {
 
     /// Machine `m`'s service checks' verdict for routing: the edge's results where it has them,
     /// the catalog's statuses until then ([`MachineRoute::checks_verdict`]). Costs no lock for
-    /// a machine without service checks.
+    /// a machine without service checks, nor on an edge worker that already looked it up since
+    /// the set of checked machines last changed (the worker keeps handles on the verdicts, whose
+    /// results are atomics).
     pub(crate) fn verdict(&self, m: &MachineRoute) -> ChecksVerdict {
-        let verdicts = if has_service_checks(&m.entry.services) {
-            self.verdicts(&m.entry.id)
-        } else {
-            None
-        };
-        m.checks_verdict(verdicts.as_deref())
+        if !has_service_checks(&m.entry.services) {
+            return m.checks_verdict(None);
+        }
+        if !crate::workers::is_worker() {
+            return m.checks_verdict(self.verdicts(&m.entry.id).as_deref());
+        }
+        let changes = self.shared.changes.load(Ordering::Acquire);
+        LOCAL_VERDICTS.with_borrow_mut(|local| {
+            let local = match local {
+                Some(l) if l.owner == self.shared.id && l.changes == changes => l,
+                _ => local.insert(LocalVerdicts {
+                    owner: self.shared.id,
+                    changes,
+                    by_machine: HashMap::new(),
+                }),
+            };
+            let v = local
+                .by_machine
+                .entry(m.entry.id.clone())
+                .or_insert_with(|| self.verdicts(&m.entry.id));
+            m.checks_verdict(v.as_deref())
+        })
     }
 
     pub(crate) fn figures(&self) -> HealthFigures {
@@ -295,11 +357,15 @@ impl Prober {
         self.shared.inflight.store(self.inflight.len(), Ordering::Relaxed);
     }
 
-    fn verdicts_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<MachineId, Arc<Verdicts>>> {
-        self.shared
-            .verdicts
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn verdicts_mut(&self) -> VerdictsMut<'_> {
+        VerdictsMut {
+            map: self
+                .shared
+                .verdicts
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            changes: &self.shared.changes,
+        }
     }
 
     /// Aborts every run and forgets every verdict (the edge is gone).
@@ -679,6 +745,65 @@ mod tests {
         assert_eq!(bare.checks_verdict(Some(&edge)), ChecksVerdict::Passing);
         let fresh = Verdicts::new("v1".into(), ip, &specs);
         assert_eq!(bare.checks_verdict(Some(&fresh)), ChecksVerdict::Undecided);
+    }
+
+    #[test]
+    fn workers_follow_machines_checked_and_forgotten_and_their_results() {
+        use std::num::NonZeroUsize;
+
+        use aloft_api::CatalogEntry;
+
+        use crate::workers::WorkerThreads;
+
+        let threads = WorkerThreads::start(NonZeroUsize::new(1), "test-health").unwrap();
+        let workers = threads.workers().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        let m = Arc::new(MachineRoute {
+            entry: CatalogEntry {
+                id: MachineId::from_random([1, 2, 3, 4, 5, 6, 9]),
+                app: "a".into(),
+                host: "h".into(),
+                region: "r".into(),
+                state: aloft_api::MachineState::Started,
+                version: "v1".into(),
+                private_ip: ip.to_string(),
+                services: vec![MachineService {
+                    checks: vec![aloft_api::MachineServiceCheck::default()],
+                    ..MachineService::default()
+                }],
+                checks: Vec::new(),
+                suspendable: false,
+                process_group: String::new(),
+                primary_region: String::new(),
+                updated_at: 0,
+            },
+            ip: Some(ip),
+            cordoned: false,
+        });
+        let health = Arc::new(Health::default());
+        let prober = health.prober(Arc::new(RoutingTable::default()), Arc::new(DirectDialer));
+        let on_worker = || {
+            let (health, m) = (health.clone(), m.clone());
+            rt.block_on(workers.spawn(0, async move { health.verdict(&m) }))
+                .unwrap()
+        };
+        // Not checked by the edge (yet): the catalog has no status either.
+        assert_eq!(on_worker(), ChecksVerdict::NoChecks);
+        let specs = vec![Arc::new(spec(Probe::Tcp, 80))];
+        let verdicts = Arc::new(Verdicts::new("v1".into(), ip, &specs));
+        prober.verdicts_mut().insert(m.entry.id.clone(), verdicts.clone());
+        assert_eq!(on_worker(), ChecksVerdict::Undecided, "a newly checked machine");
+        verdicts.set(0, CheckState::Critical);
+        assert_eq!(on_worker(), ChecksVerdict::Critical, "a result");
+        verdicts.set(0, CheckState::Passing);
+        assert_eq!(on_worker(), ChecksVerdict::Passing);
+        prober.verdicts_mut().remove(&m.entry.id);
+        assert_eq!(on_worker(), ChecksVerdict::NoChecks, "a forgotten machine");
+        assert_eq!(health.verdict(&m), ChecksVerdict::NoChecks);
     }
 
     #[tokio::test]
