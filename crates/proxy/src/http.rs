@@ -663,20 +663,20 @@ impl Edge {
         port: u16,
         deadline: Option<Instant>,
     ) -> Result<(Arc<MachineRoute>, LoadGuard), (ProxyCode, Option<String>)> {
-        let app_load = self.loads.app(&app.name);
         // When it started to wait: its queue timeout runs from there.
         let mut queue_since: Option<Instant> = None;
-        // Whether this request counts in the app's `queued` and listens for freed capacity:
-        // from the first time it finds the app full, and then before it looks again, so that a
-        // unit freed in between is not missed (a freed unit rings only while `queued` is not 0,
-        // see `LoadGuard`; registering with the app's `Notify` takes its lock: not worth it
-        // for requests that never wait).
-        let mut queued = false;
+        // The app's waiting room once this request counts in its `queued` and listens for freed
+        // capacity: from the first time it finds the app full, and then before it looks again,
+        // so that a unit freed in between is not missed (a freed unit rings only while `queued`
+        // is not 0, see `LoadGuard`). Requests that never wait don't look the room up, nor
+        // register with its `Notify` (its lock).
+        let mut queued: Option<Arc<crate::load::AppLoad>> = None;
         let result = loop {
-            let freed = app_load.freed.notified();
+            let room = queued.clone();
+            let freed = room.as_ref().map(|r| r.freed.notified());
             tokio::pin!(freed);
-            if queued {
-                freed.as_mut().enable();
+            if let Some(f) = freed.as_mut().as_pin_mut() {
+                f.enable();
             }
             // Always the newest view of the app: machines may have started since.
             let current = self
@@ -709,26 +709,29 @@ impl Edge {
                 }
                 Choice::NotFound => break Err((ProxyCode::PR02, route.force_instance.clone())),
                 Choice::NoneHealthy => break Err((ProxyCode::PR01, None)),
-                Choice::Full if !queued => {
-                    if app_load.queued.fetch_add(1, Ordering::SeqCst) >= self.config.queue_limit {
-                        app_load.queued.fetch_sub(1, Ordering::SeqCst);
-                        break Err((ProxyCode::PL01, Some("the request queue is full".to_owned())));
+                Choice::Full => match freed.as_mut().as_pin_mut() {
+                    None => {
+                        let room = self.loads.app(&app.name);
+                        if room.queued.fetch_add(1, Ordering::SeqCst) >= self.config.queue_limit {
+                            room.queued.fetch_sub(1, Ordering::SeqCst);
+                            break Err((ProxyCode::PL01, Some("the request queue is full".to_owned())));
+                        }
+                        queued = Some(room);
+                        queue_since = Some(Instant::now());
                     }
-                    queued = true;
-                    queue_since = Some(Instant::now());
-                }
-                Choice::Full => {
-                    let since = *queue_since.get_or_insert_with(Instant::now);
-                    let queue_deadline = deadline.unwrap_or(since + self.config.queue_timeout);
-                    let left = queue_deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || tokio::time::timeout(left, freed).await.is_err() {
-                        break Err((ProxyCode::PL01, Some("no capacity freed up in time".to_owned())));
+                    Some(freed) => {
+                        let since = *queue_since.get_or_insert_with(Instant::now);
+                        let queue_deadline = deadline.unwrap_or(since + self.config.queue_timeout);
+                        let left = queue_deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() || tokio::time::timeout(left, freed).await.is_err() {
+                            break Err((ProxyCode::PL01, Some("no capacity freed up in time".to_owned())));
+                        }
                     }
-                }
+                },
             }
         };
-        if queued {
-            app_load.queued.fetch_sub(1, Ordering::SeqCst);
+        if let Some(room) = queued {
+            room.queued.fetch_sub(1, Ordering::SeqCst);
         }
         result
     }
