@@ -116,7 +116,9 @@ fn seal(
     old: Option<&SecretRecord>,
     now: &str,
 ) -> Result<SecretRecord, HttpError> {
-    let Sealed { nonce, ciphertext } = key
+    let Sealed {
+        nonce, ciphertext, ..
+    } = key
         .seal(value.as_bytes(), &associated_data(app, name))
         .map_err(|e| HttpError::internal(format!("seal secret {name} of app {app}: {e}")))?;
     Ok(SecretRecord {
@@ -208,6 +210,7 @@ pub(crate) fn for_machine(
         let sealed = Sealed {
             nonce: r.nonce,
             ciphertext: r.ciphertext,
+            key_id: None,
         };
         let plain = key
             .open(&sealed, &associated_data(app, &name))

@@ -37,6 +37,7 @@ pub fn open_key_pem(key: &Key, hostname: &str, stored: &str) -> Result<String, S
     let sealed = Sealed {
         nonce: nonce.to_owned(),
         ciphertext: ciphertext.to_owned(),
+        key_id: None,
     };
     let plain = key.open(&sealed, &associated_data(hostname))?;
     String::from_utf8(plain).map_err(|_| SecretboxError::Malformed("a sealed certificate key is not text"))
