@@ -168,6 +168,16 @@ struct Args {
     /// Default: `<data dir>/edge/cert-seal.key`.
     #[arg(long, env = "ALOFT_EDGE_CERT_KEY", value_name = "FILE")]
     edge_cert_key: Option<PathBuf>,
+    /// A previous app secrets key file, during a rotation (repeatable; in the environment, files
+    /// separated by `:`). It only opens: secrets it sealed are sealed again with
+    /// `<data dir>/secrets.key` when aloftd starts, after which it can be dropped.
+    #[arg(
+        long,
+        env = "ALOFT_SECRETS_KEY_PREVIOUS",
+        value_name = "FILE",
+        value_delimiter = ':'
+    )]
+    secrets_key_previous: Vec<PathBuf>,
     // ACME for custom domains (acme_issuer.rs).
     /// Get custom domains' certificates from this ACME CA (e.g.
     /// https://acme-v02.api.letsencrypt.org/directory); without it they come from the local CA.
@@ -380,12 +390,16 @@ async fn compact_periodically(store: Arc<dyn Store>) {
 }
 
 /// Resolves on the first SIGTERM or SIGINT, with the signal's name.
-async fn stop_signal() -> anyhow::Result<&'static str> {
+/// Listens for SIGTERM and SIGINT from now on (registered at once, not when first awaited, so a
+/// signal that comes right after "listening" stops aloftd gracefully); resolves with its name.
+fn stop_signal() -> anyhow::Result<impl Future<Output = &'static str>> {
     let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
 
@@ -394,7 +408,7 @@ async fn serve(
     store: Arc<dyn Store>,
     hosts: Vec<aloft_control::HostHandle>,
 ) -> anyhow::Result<()> {
-    let stop = stop_signal();
+    let stop = stop_signal()?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!(
             "listen on {}; is another aloftd running? Pick another address with --listen",
@@ -408,10 +422,21 @@ async fn serve(
     tokio::task::spawn_blocking(move || bootstrap(&control, &url))
         .await
         .context("first-start setup did not finish")??;
-    // App secrets are sealed with a key kept in its own file, apart from control.db.
-    let key_path = args.data_dir.join("secrets.key");
-    let secrets_key = aloft_secretbox::Key::load_or_create(&key_path)
-        .with_context(|| format!("open the secrets key {}", key_path.display()))?;
+    // App secrets are sealed with a key kept in its own file, apart from control.db; previous
+    // key files open what they sealed, which is sealed again with the current key now.
+    let secrets_keys = Arc::new(secrets_keyring(
+        &args.data_dir.join("secrets.key"),
+        &args.secrets_key_previous,
+    )?);
+    let control = ControlStore::new(Arc::clone(&store));
+    let keys = Arc::clone(&secrets_keys);
+    let resealed = tokio::task::spawn_blocking(move || {
+        aloft_control::reseal_secrets(&control, &keys)
+            .context("re-seal app secrets with the current secrets key")
+    })
+    .await
+    .context("re-sealing app secrets did not finish")??;
+    log_resealed(&secrets_keys, &resealed);
     let edge = if args.no_edge {
         None
     } else {
@@ -425,7 +450,7 @@ async fn serve(
         },
         hosts,
     )
-    .with_secrets_key(Arc::new(secrets_key))
+    .with_secrets_keys(secrets_keys)
     .with_edge(aloft_control::EdgeSettings {
         base_domain: args.base_domain.trim_matches('.').to_ascii_lowercase(),
         addresses: Vec::new(),
@@ -450,7 +475,7 @@ async fn serve(
     );
     tokio::select! {
         signal = stop => {
-            eprintln!("aloftd: {}: stopping; finishing requests in flight", signal?);
+            eprintln!("aloftd: {signal}: stopping; finishing requests in flight");
         }
         ended = &mut server => {
             ended.context("the API server task failed")?.context("serve the API")?;
@@ -474,6 +499,56 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The app secrets keys: the current one in `current` (created on first use) and the
+/// `previous` ones (`--secrets-key-previous`), which must exist.
+fn secrets_keyring(current: &Path, previous: &[PathBuf]) -> anyhow::Result<aloft_secretbox::Keyring> {
+    let key = aloft_secretbox::Key::load_or_create(current)
+        .with_context(|| format!("open the secrets key {}", current.display()))?;
+    let mut ring = aloft_secretbox::Keyring::new(key).with_hint(
+        "give aloftd the key file with that id with --secrets-key-previous FILE (ALOFT_SECRETS_KEY_PREVIOUS)",
+    );
+    for p in previous {
+        let key = aloft_secretbox::Key::load(p).with_context(|| {
+            format!(
+                "open the previous secrets key {} (--secrets-key-previous)",
+                p.display()
+            )
+        })?;
+        ring = ring.with_previous(key);
+    }
+    Ok(ring)
+}
+
+/// Tells what [`aloft_control::reseal_secrets`] did: counts, app and secret names, key ids;
+/// never a value.
+fn log_resealed(keys: &aloft_secretbox::Keyring, report: &aloft_control::ResealReport) {
+    if !keys.previous().is_empty() {
+        eprintln!("aloftd: secrets keys: {}", keys.describe());
+    }
+    if report.resealed > 0 {
+        eprintln!(
+            "aloftd: secrets: re-sealed {} secret(s) of {} app(s) with the current secrets key {}",
+            report.resealed,
+            report.apps,
+            keys.current().id()
+        );
+    }
+    for problem in &report.unreadable {
+        eprintln!("aloftd: secrets: cannot open {problem}");
+    }
+    for app in &report.busy {
+        eprintln!(
+            "aloftd: secrets: app {app}'s secrets kept changing while being re-sealed; the next start tries again"
+        );
+    }
+    if !keys.previous().is_empty() && report.unreadable.is_empty() && report.busy.is_empty() {
+        eprintln!(
+            "aloftd: secrets: every secret is sealed with the current key {}; the previous key files can be dropped",
+            keys.current().id()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -512,6 +587,22 @@ mod tests {
         assert_eq!(
             args.edge_settings().unwrap().cert_key,
             Path::new("/shared/edge.key")
+        );
+    }
+
+    #[test]
+    fn previous_key_files_are_repeatable() {
+        let args = Args::try_parse_from([
+            "aloftd",
+            "--secrets-key-previous",
+            "/old/a.key",
+            "--secrets-key-previous",
+            "/old/b.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.secrets_key_previous,
+            [Path::new("/old/a.key"), Path::new("/old/b.key")]
         );
     }
 }

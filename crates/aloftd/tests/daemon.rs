@@ -326,6 +326,100 @@ mod tests {
         assert!(!stdout.contains("aloft_"), "a restart printed a token:\n{stdout}");
     }
 
+    /// Stops `daemon` with SIGTERM; what it wrote to stderr.
+    fn stop(daemon: Daemon) -> String {
+        daemon.terminate();
+        let mut daemon = daemon;
+        let (status, _) = daemon
+            .wait_exit(Duration::from_secs(5))
+            .expect("aloftd ignored SIGTERM");
+        assert!(status.success(), "{status}:\n{}", daemon.stderr());
+        daemon.finish().1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_secrets_key_reseals_secrets_at_start_and_then_the_old_key_can_go() {
+        const VALUE: &str = "rotate-me-5a9c";
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let (api_url, token) = read_config(&env.config_path());
+        let api = Client::new(&api_url, Some(&token));
+        let (s, body) = api
+            .call(
+                reqwest::Method::POST,
+                "/v1/apps?wait=true",
+                Some(json!({"name": "web", "org_slug": "personal"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        let (s, body) = api
+            .call(
+                reqwest::Method::POST,
+                "/v1/apps/web/secrets",
+                Some(json!({"values": {"DB": VALUE, "API": "a"}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        stop(daemon);
+
+        // Rotate: the old key moves aside, aloftd makes a new one and is given the old as
+        // previous. It re-seals both secrets when it starts and says so (counts, no values).
+        let key = env.data.join("secrets.key");
+        let old = env.data.join("secrets.key.old");
+        std::fs::rename(&key, &old).unwrap();
+        let old_arg = old.to_str().unwrap();
+        let mut daemon = env.start_with(port, &["--secrets-key-previous", old_arg]);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        assert!(
+            stderr.contains("re-sealed 2 secret(s) of 1 app(s) with the current secrets key"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("the previous key files can be dropped"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(VALUE), "{stderr}");
+        // A second start with both keys finds nothing left to re-seal.
+        let mut daemon = env.start_with(port, &["--secrets-key-previous", old_arg]);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        assert!(!stderr.contains("re-sealed"), "{stderr}");
+        assert!(stderr.contains("can be dropped"), "{stderr}");
+
+        // The new key alone: nothing it cannot open.
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        assert!(!stderr.contains("cannot open"), "{stderr}");
+
+        // A key that sealed none of them: aloftd still starts, and names each secret, the key
+        // id it needs and the flag that gives it.
+        let rotated = env.data.join("secrets.key.rotated");
+        std::fs::rename(&key, &rotated).unwrap();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        for part in [
+            "cannot open web/DB",
+            "cannot open web/API",
+            "--secrets-key-previous",
+        ] {
+            assert!(stderr.contains(part), "{part:?} missing:\n{stderr}");
+        }
+        assert!(!stderr.contains(VALUE), "{stderr}");
+        // A previous key file that does not exist is refused (never created).
+        let mut daemon = env.start_with(port, &["--secrets-key-previous", "/nonexistent/old.key"]);
+        let (status, _) = daemon
+            .wait_exit(Duration::from_secs(20))
+            .expect("aloftd started with a missing previous key");
+        assert!(!status.success());
+        let (_, stderr) = daemon.finish();
+        assert!(stderr.contains("--secrets-key-previous"), "{stderr}");
+    }
+
     /// Starts `POST /v1/apps` with `body` but sends only its first 10 bytes: the handler is left
     /// waiting for the rest.
     fn half_sent_create(port: u16, token: &str, body: &[u8]) -> TcpStream {

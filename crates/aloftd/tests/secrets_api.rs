@@ -227,6 +227,121 @@ mod tests {
         api.assert_no_plaintext_on_disk();
     }
 
+    /// The `key_id` stored in app `app`'s secret `name`.
+    fn stored_key_id(api: &Api, app: &str, name: &str) -> Option<String> {
+        api.control.secrets(app).unwrap().secrets[name].key_id.clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn secrets_survive_a_key_rotation_and_are_resealed_with_the_new_key() {
+        use std::sync::Arc;
+
+        use aloft_secretbox::{Key, Keyring};
+
+        let mut api = Api::new();
+        let dir = api.dir.path().to_owned();
+        let (a, b) = (dir.join("secrets.key"), dir.join("b.key"));
+        let a_id = Key::load(&a).unwrap().id().to_string();
+        let b_id = Key::load_or_create(&b).unwrap().id().to_string();
+        let hint = "give aloftd the key file with that id with --secrets-key-previous FILE";
+        api.ok("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        api.ok(
+            "POST",
+            "/v1/apps/web/secrets",
+            Some(json!({"values": {"MY_SECRET": VALUE, "OTHER": "o"}})),
+        )
+        .await;
+        assert_eq!(
+            stored_key_id(&api, "web", "MY_SECRET").as_deref(),
+            Some(a_id.as_str())
+        );
+        // A record from before key ids: sealed with A, no `key_id`.
+        let base = api.control.secrets("web").unwrap();
+        let mut old = base.secrets["OTHER"].clone();
+        old.key_id = None;
+        assert!(api.control.reseal_secrets("web", &base, vec![old]).unwrap());
+        let version = api.control.secrets("web").unwrap().version;
+
+        // Rotated: B current, A previous. Machines still get the values, and the sweep seals
+        // both with B without changing the secrets version.
+        let rotated = Arc::new(
+            Keyring::new(Key::load(&b).unwrap())
+                .with_previous(Key::load(&a).unwrap())
+                .with_hint(hint),
+        );
+        api.h.use_secrets_keys(Arc::clone(&rotated));
+        let config = json!({
+            "image": "busybox:latest",
+            "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+        });
+        let m = api
+            .ok("POST", "/v1/apps/web/machines", Some(json!({"config": config})))
+            .await;
+        let id = m["id"].as_str().unwrap().to_owned();
+        api.wait("web", &id, "started").await;
+        assert_eq!(api.env(&id)["MY_SECRET"], VALUE);
+        assert_eq!(api.env(&id)["OTHER"], "o");
+        let report = aloft_control::reseal_secrets(&api.control, &rotated).unwrap();
+        assert_eq!(report.resealed, 2, "{report:?}");
+        assert_eq!(report.apps, 1);
+        assert!(
+            report.unreadable.is_empty() && report.busy.is_empty(),
+            "{report:?}"
+        );
+        assert!(!format!("{report:?}").contains(VALUE));
+        for name in ["MY_SECRET", "OTHER"] {
+            assert_eq!(stored_key_id(&api, "web", name).as_deref(), Some(b_id.as_str()));
+        }
+        assert_eq!(api.control.secrets("web").unwrap().version, version);
+        // A second run finds nothing to do.
+        assert_eq!(
+            aloft_control::reseal_secrets(&api.control, &rotated).unwrap(),
+            aloft_control::ResealReport::default()
+        );
+
+        // A dropped: B alone opens everything.
+        api.h
+            .use_secrets_keys(Arc::new(Keyring::new(Key::load(&b).unwrap()).with_hint(hint)));
+        let m = api
+            .ok("POST", "/v1/apps/web/machines", Some(json!({"config": config})))
+            .await;
+        let id = m["id"].as_str().unwrap().to_owned();
+        api.wait("web", &id, "started").await;
+        assert_eq!(api.env(&id)["MY_SECRET"], VALUE);
+
+        // A secret still sealed with a key the server does not have: machines are refused, and
+        // the sweep names the key id it needs and the flag, never the value.
+        let c = dir.join("c.key");
+        let c_keys = Keyring::new(Key::load_or_create(&c).unwrap());
+        let base = api.control.secrets("web").unwrap();
+        let ad = b"aloft-app-secret\0web\0MY_SECRET";
+        let sealed = c_keys.seal(VALUE.as_bytes(), ad).unwrap();
+        let mut lost = base.secrets["MY_SECRET"].clone();
+        lost.nonce = sealed.nonce;
+        lost.ciphertext = sealed.ciphertext;
+        lost.key_id = sealed.key_id;
+        assert!(api.control.reseal_secrets("web", &base, vec![lost]).unwrap());
+        let (s, _) = api
+            .call("POST", "/v1/apps/web/machines", Some(json!({"config": config})))
+            .await;
+        assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+        let b_only = Keyring::new(Key::load(&b).unwrap()).with_hint(hint);
+        let report = aloft_control::reseal_secrets(&api.control, &b_only).unwrap();
+        assert_eq!(report.resealed, 0);
+        assert_eq!(report.unreadable.len(), 1, "{report:?}");
+        let problem = &report.unreadable[0];
+        let c_id = c_keys.current().id().to_string();
+        for part in [
+            "web/MY_SECRET",
+            c_id.as_str(),
+            b_id.as_str(),
+            "--secrets-key-previous",
+        ] {
+            assert!(problem.contains(part), "{part:?} missing from {problem}");
+        }
+        assert!(!problem.contains(VALUE));
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn machines_boot_with_secrets_that_never_leak() {
         let api = Api::new();

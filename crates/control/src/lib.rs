@@ -47,6 +47,7 @@ pub use error::HttpError;
 pub use extract::JsonBody;
 pub use hosts::HostHandle;
 pub use releases::resume as resume_releases;
+pub use secrets::{ResealError, ResealReport, reseal_secrets};
 
 /// Settings of the API server.
 #[derive(Debug, Clone)]
@@ -78,9 +79,9 @@ struct Inner {
     control: ControlStore,
     hosts: hosts::Hosts,
     config: ApiConfig,
-    /// Seals app secrets at rest (`<data dir>/secrets.key`); without it the secrets endpoints
-    /// answer 503.
-    secrets_key: Option<Arc<aloft_secretbox::Key>>,
+    /// Seals app secrets at rest (`<data dir>/secrets.key`, and previous keys while rotating);
+    /// without it the secrets endpoints answer 503.
+    secrets_keys: Option<Arc<aloft_secretbox::Keyring>>,
     /// The edge's base domain, addresses and CA root, for the certificate endpoints.
     edge: EdgeSettings,
 }
@@ -100,18 +101,20 @@ impl ApiState {
                 control: ControlStore::new(store),
                 hosts: hosts::Hosts::new(hosts),
                 config,
-                secrets_key: None,
+                secrets_keys: None,
                 edge: EdgeSettings::default(),
             }),
         }
     }
 
-    /// This state with `key` sealing app secrets (`<data dir>/secrets.key`, kept apart from the
-    /// store). Call it before the state is shared (cloned); a shared state is returned unchanged.
+    /// This state with `keys` sealing app secrets (the current key, `<data dir>/secrets.key`,
+    /// kept apart from the store; previous keys open what they sealed until [`reseal_secrets`]
+    /// sealed it again). Call it before the state is shared (cloned); a shared state is returned
+    /// unchanged.
     #[must_use]
-    pub fn with_secrets_key(mut self, key: Arc<aloft_secretbox::Key>) -> Self {
+    pub fn with_secrets_keys(mut self, keys: Arc<aloft_secretbox::Keyring>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.secrets_key = Some(key);
+            inner.secrets_keys = Some(keys);
         }
         self
     }
@@ -132,9 +135,9 @@ impl ApiState {
         &self.inner.edge
     }
 
-    /// The key that seals app secrets, if the server has one.
-    pub(crate) fn secrets_key(&self) -> Option<&aloft_secretbox::Key> {
-        self.inner.secrets_key.as_deref()
+    /// The keys that seal and open app secrets, if the server has them.
+    pub(crate) fn secrets_keys(&self) -> Option<&aloft_secretbox::Keyring> {
+        self.inner.secrets_keys.as_deref()
     }
 
     pub(crate) fn hosts(&self) -> &hosts::Hosts {

@@ -9,7 +9,12 @@
 //! Machines get the app's secrets when they are created or updated ([`for_machine`]): decrypted
 //! here, handed to the host with the request, which keeps its own sealed copy for later boots.
 //! A secret change reaches running machines only when they are updated (`aloft secrets deploy`,
-//! or a release). See `docs/adr/0012-secrets.md`.
+//! or a release).
+//!
+//! Keys rotate: the server holds a [`Keyring`] (current key seals, previous keys open), every
+//! record names the key that sealed it (`key_id`), and [`reseal_secrets`] (aloftd runs it when it
+//! starts) seals again with the current key whatever a previous key (or no recorded key) sealed,
+//! so the previous key file can be dropped after one run. See `docs/adr/0012-secrets.md`.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +23,8 @@ use aloft_api::{
     SecretEnv, SecretsQuery, SetAppSecretRequest, SetAppSecretResponse, validate_secret_name,
     validate_secret_value,
 };
-use aloft_secretbox::{Key, Sealed};
-use aloft_store::{SecretRecord, SecretsSnapshot};
+use aloft_secretbox::{Keyring, Sealed, SecretboxError};
+use aloft_store::{ControlError, ControlStore, SecretRecord, SecretsSnapshot};
 use axum::Json;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
@@ -71,8 +76,8 @@ fn associated_data(app: &str, name: &str) -> Vec<u8> {
     format!("aloft-app-secret\0{app}\0{name}").into_bytes()
 }
 
-fn key(state: &ApiState) -> Result<&Key, HttpError> {
-    state.secrets_key().ok_or_else(|| {
+fn key(state: &ApiState) -> Result<&Keyring, HttpError> {
+    state.secrets_keys().ok_or_else(|| {
         ApiError::new(
             503,
             "this server has no secrets key: start aloftd with a data directory (it keeps the key in <data dir>/secrets.key)",
@@ -109,7 +114,7 @@ fn require_version(app: &str, have: u64, min: Option<u64>, field: &str) -> Resul
 
 /// Seals `value` as the record of secret `name` (keeping `created_at` of the record it replaces).
 fn seal(
-    key: &Key,
+    key: &Keyring,
     app: &str,
     name: &str,
     value: &str,
@@ -117,7 +122,9 @@ fn seal(
     now: &str,
 ) -> Result<SecretRecord, HttpError> {
     let Sealed {
-        nonce, ciphertext, ..
+        nonce,
+        ciphertext,
+        key_id,
     } = key
         .seal(value.as_bytes(), &associated_data(app, name))
         .map_err(|e| HttpError::internal(format!("seal secret {name} of app {app}: {e}")))?;
@@ -125,6 +132,7 @@ fn seal(
         name: name.to_owned(),
         nonce,
         ciphertext,
+        key_id,
         digest: aloft_secretbox::digest(value.as_bytes()),
         created_at: old.map_or_else(|| now.to_owned(), |o| o.created_at.clone()),
         updated_at: now.to_owned(),
@@ -201,25 +209,120 @@ pub(crate) fn for_machine(
     if skip || snapshot.secrets.is_empty() {
         return Ok(env);
     }
-    let key = state.secrets_key().ok_or_else(|| {
+    let key = state.secrets_keys().ok_or_else(|| {
         HttpError::internal(format!(
             "app {app} has secrets but this server has no secrets key to open them"
         ))
     })?;
     for (name, r) in snapshot.secrets {
-        let sealed = Sealed {
-            nonce: r.nonce,
-            ciphertext: r.ciphertext,
-            key_id: None,
-        };
         let plain = key
-            .open(&sealed, &associated_data(app, &name))
+            .open(&sealed_of(&r), &associated_data(app, &name))
             .map_err(|e| HttpError::internal(format!("open secret {name} of app {app}: {e}")))?;
         let value = String::from_utf8(plain)
             .map_err(|_| HttpError::internal(format!("secret {name} of app {app} is not UTF-8")))?;
         env.values.insert(name, value);
     }
     Ok(env)
+}
+
+/// A record's sealed value.
+fn sealed_of(r: &SecretRecord) -> Sealed {
+    Sealed {
+        nonce: r.nonce.clone(),
+        ciphertext: r.ciphertext.clone(),
+        key_id: r.key_id.clone(),
+    }
+}
+
+/// What [`reseal_secrets`] did. Counts and names only: never a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    /// Secrets sealed again with the current key (they were sealed with a previous key, or
+    /// before key ids were recorded).
+    pub resealed: usize,
+    /// Apps at least one of whose secrets was sealed again.
+    pub apps: usize,
+    /// Secrets that open with no configured key, each as `app/NAME: why` (the reason names the
+    /// key id they need): left as they are.
+    pub unreadable: Vec<String>,
+    /// Apps whose secrets kept changing while they were sealed again: left for the next run.
+    pub busy: Vec<String>,
+}
+
+/// Why [`reseal_secrets`] stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResealError {
+    /// Reading or writing the control store failed.
+    #[error("re-seal app secrets: {0}")]
+    Store(#[from] ControlError),
+    /// Sealing with the current key failed.
+    #[error("re-seal secret {name} of app {app}")]
+    Seal {
+        /// The app.
+        app: String,
+        /// The secret.
+        name: String,
+        /// Why.
+        #[source]
+        source: SecretboxError,
+    },
+}
+
+/// Seals again with `keys`' current key every app secret sealed with a previous key or before
+/// key ids were recorded (blocking: run it on the blocking pool). Each app's re-sealed records
+/// are written in one transaction over the snapshot they were read from, without bumping its
+/// secrets version (the values are the same); an app whose secrets change meanwhile is read
+/// again. A secret no configured key opens is reported and left alone. After a run with nothing
+/// unreadable or busy, the previous keys open nothing any more and can be dropped.
+pub fn reseal_secrets(control: &ControlStore, keys: &Keyring) -> Result<ResealReport, ResealError> {
+    let mut report = ResealReport::default();
+    for app in control.list_apps()? {
+        let app = app.value.name;
+        let mut done = false;
+        for _ in 0..ATTEMPTS {
+            let base = control.secrets(&app)?;
+            let mut records = Vec::new();
+            let mut unreadable = Vec::new();
+            for (name, r) in &base.secrets {
+                let sealed = sealed_of(r);
+                if !keys.needs_reseal(&sealed) {
+                    continue;
+                }
+                let ad = associated_data(&app, name);
+                let plain = match keys.open(&sealed, &ad) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        unreadable.push(format!("{app}/{name}: {e}"));
+                        continue;
+                    }
+                };
+                let again = keys.seal(&plain, &ad).map_err(|source| ResealError::Seal {
+                    app: app.clone(),
+                    name: name.clone(),
+                    source,
+                })?;
+                records.push(SecretRecord {
+                    nonce: again.nonce,
+                    ciphertext: again.ciphertext,
+                    key_id: again.key_id,
+                    ..r.clone()
+                });
+            }
+            let count = records.len();
+            if count == 0 || control.reseal_secrets(&app, &base, records)? {
+                report.resealed += count;
+                report.apps += usize::from(count > 0);
+                report.unreadable.extend(unreadable);
+                done = true;
+                break;
+            }
+        }
+        if !done {
+            report.busy.push(app);
+        }
+    }
+    Ok(report)
 }
 
 /// `GET /v1/apps/{app}/secrets[?min_version=]` → `{secrets: [{name, digest, created_at,

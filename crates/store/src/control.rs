@@ -59,7 +59,7 @@ pub struct TokenRecord {
 }
 
 /// One app secret as stored: sealed by the control plane (AEAD, its key kept outside the store),
-/// never in plaintext. `nonce` and `ciphertext` are base64.
+/// never in plaintext. `nonce` and `ciphertext` are base64; `key_id` names the key that sealed it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretRecord {
     /// The secret's name.
@@ -68,6 +68,10 @@ pub struct SecretRecord {
     pub nonce: String,
     /// The sealed value with its tag, base64.
     pub ciphertext: String,
+    /// The id of the secrets key that sealed it (hex); `None` for records sealed before key ids
+    /// were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
     /// Hex SHA-256 of the value (what the API shows).
     pub digest: String,
     /// RFC 3339.
@@ -81,6 +85,7 @@ impl std::fmt::Debug for SecretRecord {
         f.debug_struct("SecretRecord")
             .field("name", &self.name)
             .field("digest", &self.digest)
+            .field("key_id", &self.key_id)
             .field("updated_at", &self.updated_at)
             .finish_non_exhaustive()
     }
@@ -434,6 +439,30 @@ impl ControlStore {
             };
         }
         Ok(self.store.txn(txn)?.succeeded.then_some(version))
+    }
+
+    /// Writes `records` (the same secrets with the same values, sealed again with another key)
+    /// over the app's secrets read as `base`, without bumping the secrets version (no value
+    /// changed, so machines are not out of date). `false` (nothing written) if the secrets or the
+    /// app changed since `base` was read: every change bumps the version record, which the
+    /// transaction compares. Read again and retry.
+    pub fn reseal_secrets(
+        &self,
+        app: &str,
+        base: &SecretsSnapshot,
+        records: Vec<SecretRecord>,
+    ) -> Result<bool, ControlError> {
+        let version_key = keys::secrets_version(app)?;
+        let mut txn = Txn::new().expect(&keys::app(app)?, Expect::Present).expect(
+            &version_key,
+            base.revision.map_or(Expect::Absent, Expect::Revision),
+        );
+        for r in records {
+            let key = keys::secret(app, &r.name)?;
+            let value = encode(&key, &r)?;
+            txn = txn.then(Op::put(key, value));
+        }
+        Ok(self.store.txn(txn)?.succeeded)
     }
 
     /// Records a new machine; [`ControlError::MachineExists`] if the id is taken.

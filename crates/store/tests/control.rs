@@ -8,7 +8,7 @@ mod tests {
     use aloft_api::{App, Machine, MachineEvent, MachineId, MachineState};
     use aloft_store::{
         CertClaimOutcome, ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord,
-        ManualClock, Revision, SqliteOptions, SqliteStore, StoreError, TokenRecord,
+        ManualClock, Revision, SecretRecord, SqliteOptions, SqliteStore, StoreError, TokenRecord,
     };
 
     fn control(dir: &tempfile::TempDir) -> (ControlStore, Arc<ManualClock>) {
@@ -451,5 +451,63 @@ mod tests {
         assert_eq!(err.to_api().status(), 500);
         let m: Result<Machine, _> = serde_json::from_str("{}");
         assert!(m.is_err());
+    }
+
+    fn secret(name: &str, ciphertext: &str, key_id: Option<&str>) -> SecretRecord {
+        SecretRecord {
+            name: name.into(),
+            nonce: "AAAAAAAAAAAAAAAA".into(),
+            ciphertext: ciphertext.into(),
+            key_id: key_id.map(str::to_owned),
+            digest: "d".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn resealing_secrets_keeps_the_version_and_loses_to_any_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        c.create_app(&app("web")).unwrap();
+        let base = c.secrets("web").unwrap();
+        let v = c
+            .apply_secrets("web", &base, vec![("DB".into(), Some(secret("DB", "old", None)))])
+            .unwrap();
+        assert_eq!(v, Some(1));
+
+        // Sealed again: the records change, the version does not.
+        let read = c.secrets("web").unwrap();
+        assert!(
+            c.reseal_secrets("web", &read, vec![secret("DB", "new", Some("b1"))])
+                .unwrap()
+        );
+        let after = c.secrets("web").unwrap();
+        assert_eq!(after.version, 1);
+        assert_eq!(after.revision, read.revision);
+        assert_eq!(after.secrets["DB"].ciphertext, "new");
+        assert_eq!(after.secrets["DB"].key_id.as_deref(), Some("b1"));
+
+        // A change after the read wins: the re-seal writes nothing.
+        let stale = c.secrets("web").unwrap();
+        c.apply_secrets(
+            "web",
+            &stale,
+            vec![("DB".into(), Some(secret("DB", "set", Some("b1"))))],
+        )
+        .unwrap();
+        assert!(
+            !c.reseal_secrets("web", &stale, vec![secret("DB", "resealed", Some("b1"))])
+                .unwrap()
+        );
+        assert_eq!(c.secrets("web").unwrap().secrets["DB"].ciphertext, "set");
+        // Nor over a deleted app.
+        let gone = c.secrets("web").unwrap();
+        c.delete_app("web").unwrap();
+        assert!(
+            !c.reseal_secrets("web", &gone, vec![secret("DB", "x", None)])
+                .unwrap()
+        );
+        assert!(c.secrets("web").unwrap().secrets.is_empty());
     }
 }

@@ -47,6 +47,22 @@ impl Harness {
         tune(&mut config);
         let agent = Arc::new(Agent::open(config, Arc::new(fake.clone())).unwrap());
         let key = aloft_secretbox::Key::load_or_create(&dir.path().join("secrets.key")).unwrap();
+        let router = Self::router(store, &agent, Arc::new(aloft_secretbox::Keyring::new(key)));
+        Self {
+            dir,
+            router,
+            token,
+            control,
+            fake,
+            agent,
+        }
+    }
+
+    fn router(
+        store: Arc<dyn Store>,
+        agent: &Arc<Agent>,
+        keys: Arc<aloft_secretbox::Keyring>,
+    ) -> axum::Router {
         let state = ApiState::with_hosts(
             store,
             ApiConfig {
@@ -59,15 +75,14 @@ impl Harness {
                 agent: agent.clone(),
             }],
         )
-        .with_secrets_key(Arc::new(key));
-        Self {
-            dir,
-            router: router(state),
-            token,
-            control,
-            fake,
-            agent,
-        }
+        .with_secrets_keys(keys);
+        router(state)
+    }
+
+    /// Serves from now on with `keys` sealing and opening app secrets, over the same store and
+    /// host: what restarting aloftd with other secrets key files gives.
+    pub(crate) fn use_secrets_keys(&mut self, keys: Arc<aloft_secretbox::Keyring>) {
+        self.router = Self::router(Arc::clone(self.control.store()), &self.agent, keys);
     }
 
     /// One request with `token` and `headers`; the status and the whole body.
