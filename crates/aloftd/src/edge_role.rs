@@ -35,6 +35,9 @@ pub(crate) struct EdgeSettings {
     pub(crate) data_dir: PathBuf,
     /// The key file custom domains' private keys are sealed with (`--edge-cert-key`).
     pub(crate) cert_key: PathBuf,
+    /// Previous key files (`--edge-cert-key-previous`): they open what they sealed before a
+    /// rotation; the certificate manager seals it again with `cert_key`.
+    pub(crate) cert_key_previous: Vec<PathBuf>,
     pub(crate) http: SocketAddr,
     pub(crate) https: SocketAddr,
     /// The edge's worker threads (`--edge-threads`); `None`: one per CPU.
@@ -105,17 +108,25 @@ pub(crate) async fn start(
         )?),
         None => Arc::new(LocalIssuer::new(Arc::clone(&ca))),
     };
-    // Custom domains' private keys are sealed in the store with the edges' key file.
+    // Custom domains' private keys are sealed in the store with the edges' key file (previous
+    // key files only open, during a rotation).
     let key_file = settings.cert_key.clone();
-    let seal_key = tokio::task::spawn_blocking(move || open_cert_key(&key_file))
+    let previous = settings.cert_key_previous.clone();
+    let seal_keys = tokio::task::spawn_blocking(move || open_cert_keys(&key_file, &previous))
         .await
         .context("open the edge's certificate key")??;
+    if !seal_keys.previous().is_empty() {
+        eprintln!(
+            "aloftd: edge certificate keys: {}; keys sealed with a previous one are sealed again with the current one",
+            seal_keys.describe()
+        );
+    }
     let manager = CertManager::new(
         Arc::clone(&store),
         issuer,
         CertManagerConfig::new(
             settings.name.clone(),
-            Arc::new(seal_key),
+            Arc::new(seal_keys),
             settings.cert_key.clone(),
         ),
     );
@@ -205,6 +216,25 @@ fn local_addr(listeners: &[TcpListener]) -> std::io::Result<SocketAddr> {
         .first()
         .ok_or_else(|| std::io::Error::other("the edge has no worker threads"))?
         .local_addr()
+}
+
+/// The keys custom domains' private keys are sealed with: the current one in `path`, created
+/// (with its directory, 0700) on first use, and the `previous` ones, which must exist.
+fn open_cert_keys(path: &std::path::Path, previous: &[PathBuf]) -> anyhow::Result<aloft_secretbox::Keyring> {
+    let mut ring = aloft_secretbox::Keyring::new(open_cert_key(path)?).with_hint(
+        "give this edge the key file with that id with --edge-cert-key-previous FILE \
+         (ALOFT_EDGE_CERT_KEY_PREVIOUS), or re-issue the certificate with `aloft certs check`",
+    );
+    for p in previous {
+        let key = aloft_secretbox::Key::load(p).with_context(|| {
+            format!(
+                "open the edge's previous certificate key {} (--edge-cert-key-previous)",
+                p.display()
+            )
+        })?;
+        ring = ring.with_previous(key);
+    }
+    Ok(ring)
 }
 
 /// The key custom domains' private keys are sealed with, created (with its directory, 0700) on

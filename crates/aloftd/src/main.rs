@@ -168,6 +168,16 @@ struct Args {
     /// Default: `<data dir>/edge/cert-seal.key`.
     #[arg(long, env = "ALOFT_EDGE_CERT_KEY", value_name = "FILE")]
     edge_cert_key: Option<PathBuf>,
+    /// A previous edge certificate key file, during a rotation (repeatable; in the environment,
+    /// files separated by `:`). It only opens: custom domains' private keys it sealed are sealed
+    /// again with --edge-cert-key when the edge loads them, after which it can be dropped.
+    #[arg(
+        long,
+        env = "ALOFT_EDGE_CERT_KEY_PREVIOUS",
+        value_name = "FILE",
+        value_delimiter = ':'
+    )]
+    edge_cert_key_previous: Vec<PathBuf>,
     /// A previous app secrets key file, during a rotation (repeatable; in the environment, files
     /// separated by `:`). It only opens: secrets it sealed are sealed again with
     /// `<data dir>/secrets.key` when aloftd starts, after which it can be dropped.
@@ -211,6 +221,7 @@ impl Args {
                 .edge_cert_key
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("edge").join("cert-seal.key")),
+            cert_key_previous: self.edge_cert_key_previous.clone(),
             http: self.edge_http,
             https: self.edge_https,
             threads: self.edge_threads,
@@ -594,15 +605,18 @@ mod tests {
     fn previous_key_files_are_repeatable() {
         let args = Args::try_parse_from([
             "aloftd",
-            "--secrets-key-previous",
+            "--edge-cert-key-previous",
             "/old/a.key",
-            "--secrets-key-previous",
+            "--edge-cert-key-previous",
             "/old/b.key",
+            "--secrets-key-previous",
+            "/old/s.key",
         ])
         .unwrap();
         assert_eq!(
-            args.secrets_key_previous,
+            args.edge_settings().unwrap().cert_key_previous,
             [Path::new("/old/a.key"), Path::new("/old/b.key")]
         );
+        assert_eq!(args.secrets_key_previous, [Path::new("/old/s.key")]);
     }
 }

@@ -379,7 +379,7 @@ mod tests {
                     .unwrap();
                 let text = String::from_utf8(kv.value).unwrap();
                 assert!(!text.contains("PRIVATE KEY"), "{text}");
-                assert!(text.contains("aloft-secretbox:v1:"), "{text}");
+                assert!(text.contains("aloft-secretbox:v2:"), "{text}");
             }
         });
     }

@@ -55,7 +55,9 @@ mod tests {
             });
             let token = create_token(state.control(), "personal", "admin").unwrap().token;
             let key_file = dir.path().join("edge").join("cert-seal.key");
-            let seal_key = Arc::new(aloft_secretbox::Key::load_or_create(&key_file).unwrap());
+            let seal_key = Arc::new(aloft_secretbox::Keyring::new(
+                aloft_secretbox::Key::load_or_create(&key_file).unwrap(),
+            ));
             let manager = CertManager::new(
                 store,
                 Arc::new(LocalIssuer::new(ca.clone())),

@@ -189,8 +189,8 @@ pub struct CertificateRecord {
     /// The certificate chain, leaf first, PEM.
     #[serde(default)]
     pub chain_pem: Option<String>,
-    /// The leaf's private key: sealed by the edge (`aloft-secretbox:v1:…`), or a PKCS#8 PEM in
-    /// records written before keys were sealed.
+    /// The leaf's private key: sealed by the edge (`aloft-secretbox:v2:{key id}:…`; `v1:…`
+    /// before key ids were recorded), or a PKCS#8 PEM in records written before keys were sealed.
     #[serde(default)]
     pub key_pem: Option<String>,
 }

@@ -23,11 +23,15 @@
 //! the record's revision and the claim's, so an edge never writes while another holds the claim.
 //! The claim is released once the result is written.
 //!
-//! Private keys are sealed in the records (`seal.rs`: `aloft-secretbox` under the edges' key,
-//! bound to the hostname). A record written before that, with a plaintext PEM key, is served and
-//! sealed in place (compare-and-swap) by the next pass. A record whose key does not open with
-//! this edge's key is not served; it is logged and marked `failed` with a message saying which key
-//! file to use or how to re-issue it, and every other hostname keeps being served.
+//! Private keys are sealed in the records (`seal.rs`: `aloft-secretbox` under the edges' current
+//! key, bound to the hostname, recording the key's id). A record written before that, with a
+//! plaintext PEM key, is served and sealed in place (compare-and-swap) by the next pass; so is one
+//! sealed with a previous key of the edge's [`Keyring`] (a key rotation) or before key ids were
+//! recorded: after one pass every key this edge can open is sealed with its current key, and the
+//! previous key file can be dropped. A record whose key does not open with any of this edge's
+//! keys is not served; it is logged and marked `failed` with a message naming the key id it needs,
+//! which key files to configure, or how to re-issue it, and every other hostname keeps being
+//! served. None of this runs on the request path: [`CertManager::cert_for`] only reads the map.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aloft_api::{CertificateRecord, CertificateSource, CertificateStatus};
-use aloft_secretbox::Key;
+use aloft_secretbox::Keyring;
 use aloft_store::{
     CertClaimOutcome, ControlError, ControlStore, EventKind, Expect, HeldCertClaim, KeyValue, Op,
     RangeOptions, Revision, Store, StoreError, Txn, keys,
@@ -44,7 +48,7 @@ use rustls::sign::CertifiedKey;
 
 use super::ca::{LocalCa, RENEW_BEFORE_SECS};
 use super::pem::served_cert;
-use super::seal::{is_sealed_key, open_key_pem, seal_key_pem};
+use super::seal::{is_sealed_key, needs_reseal, open_key_pem, seal_key_pem};
 
 /// A freshly issued certificate: the chain (leaf first) and its key, PEM. Its `Debug` leaves the
 /// key out.
@@ -212,6 +216,9 @@ struct Entry {
     not_after_unix: Option<i64>,
     /// The record's key is a plaintext PEM (written before keys were sealed): seal it.
     plaintext_key: bool,
+    /// The record's key opened, but not with the current key's id (a previous key, or sealed
+    /// before ids were recorded): seal it again with the current key.
+    stale_seal: bool,
     /// Why the record's key cannot be used by this edge (it does not open with its key).
     unreadable: Option<String>,
 }
@@ -230,6 +237,9 @@ pub struct ProcessReport {
     pub claim_lost: usize,
     /// Records whose plaintext private key was sealed in place.
     pub sealed: usize,
+    /// Records whose private key, sealed with a previous key (or before key ids were recorded),
+    /// was sealed again with the current key.
+    pub resealed: usize,
     /// Records marked `failed` because their key does not open with this edge's key.
     pub unreadable: usize,
 }
@@ -254,22 +264,27 @@ pub struct CertManagerConfig {
     /// This edge's name, unique among the edges sharing the store: issuance claims carry it, and
     /// a claim of the same name (an earlier run of this edge) is taken over.
     pub edge_name: String,
-    /// The key leaves' private keys are sealed with in their records: every edge sharing the
+    /// The keys leaves' private keys are sealed with in their records: the current one seals
+    /// (every edge sharing the store needs it), previous ones only open (during a rotation).
     /// store needs the same one.
-    pub seal_key: Arc<Key>,
-    /// Where [`Self::seal_key`] lives, for messages.
+    pub seal_keys: Arc<Keyring>,
+    /// Where the current key of [`Self::seal_keys`] lives, for messages.
     pub seal_key_file: PathBuf,
     /// How long an issuance claim lasts ([`CLAIM_TTL`] by default).
     pub claim_ttl: Duration,
 }
 
 impl CertManagerConfig {
-    /// Edge `edge_name` sealing with `seal_key` (read from `seal_key_file`), claims of
-    /// [`CLAIM_TTL`].
-    pub fn new(edge_name: impl Into<String>, seal_key: Arc<Key>, seal_key_file: impl Into<PathBuf>) -> Self {
+    /// Edge `edge_name` sealing with `seal_keys` (the current one read from `seal_key_file`),
+    /// claims of [`CLAIM_TTL`].
+    pub fn new(
+        edge_name: impl Into<String>,
+        seal_keys: Arc<Keyring>,
+        seal_key_file: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             edge_name: edge_name.into(),
-            seal_key,
+            seal_keys,
             seal_key_file: seal_key_file.into(),
             claim_ttl: CLAIM_TTL,
         }
@@ -566,7 +581,7 @@ impl CertManager {
         let result = result.and_then(|i| {
             let served = served_cert(&i.chain_pem, &i.key_pem)
                 .map_err(|e| IssueError::new(format!("the issuer's certificate is unusable: {e}")))?;
-            let sealed = seal_key_pem(&self.config.seal_key, hostname, &i.key_pem).map_err(|e| {
+            let sealed = seal_key_pem(&self.config.seal_keys, hostname, &i.key_pem).map_err(|e| {
                 IssueError::new(format!("the certificate's private key could not be sealed: {e}"))
             })?;
             Ok((i.chain_pem, sealed, served))
@@ -601,29 +616,55 @@ impl CertManager {
         Ok(())
     }
 
-    /// Seals plaintext keys in place and marks `ready` records whose key does not open as
+    /// Seals plaintext keys in place, seals keys sealed with a previous key (or without a key
+    /// id) again with the current key, and marks `ready` records whose key does not open as
     /// `failed`, so `aloft certs check` re-issues them (a record already failed or re-queued is
     /// left alone: edges with different keys must not fight over it).
     fn tidy(&self, report: &mut ProcessReport) -> Result<(), CertError> {
-        let work: Vec<(String, Revision, CertificateRecord, bool)> = self
+        let work: Vec<(String, Revision, CertificateRecord, bool, bool)> = self
             .read()
             .iter()
             .filter(|(_, e)| {
-                e.plaintext_key || (e.unreadable.is_some() && e.record.status == CertificateStatus::Ready)
+                e.plaintext_key
+                    || e.stale_seal
+                    || (e.unreadable.is_some() && e.record.status == CertificateStatus::Ready)
             })
-            .map(|(h, e)| (h.clone(), e.revision, e.record.clone(), e.plaintext_key))
+            .map(|(h, e)| {
+                (
+                    h.clone(),
+                    e.revision,
+                    e.record.clone(),
+                    e.plaintext_key,
+                    e.stale_seal,
+                )
+            })
             .collect();
-        for (hostname, revision, mut record, plaintext) in work {
+        let seal = |hostname: &str, pem: &str| {
+            seal_key_pem(&self.config.seal_keys, hostname, pem).map_err(|e| {
+                CertError::Task(format!("seal the private key of {hostname}'s certificate: {e}"))
+            })
+        };
+        for (hostname, revision, mut record, plaintext, stale) in work {
             if plaintext {
                 let Some(pem) = record.key_pem.as_deref() else {
                     continue;
                 };
-                let sealed = seal_key_pem(&self.config.seal_key, &hostname, pem).map_err(|e| {
-                    CertError::Task(format!("seal the private key of {hostname}'s certificate: {e}"))
-                })?;
-                record.key_pem = Some(sealed);
+                record.key_pem = Some(seal(&hostname, pem)?);
                 if self.write_back(&hostname, revision, &record, None)? {
                     report.sealed += 1;
+                }
+            } else if stale {
+                // Opened when loaded; opened again here so no plaintext key stays in the map.
+                let Some(Ok(pem)) = record
+                    .key_pem
+                    .as_deref()
+                    .map(|stored| open_key_pem(&self.config.seal_keys, &hostname, stored))
+                else {
+                    continue;
+                };
+                record.key_pem = Some(seal(&hostname, &pem)?);
+                if self.write_back(&hostname, revision, &record, None)? {
+                    report.resealed += 1;
                 }
             } else {
                 let Some(problem) = self.key_problem(&hostname) else {
@@ -737,8 +778,14 @@ impl CertManager {
         loop {
             let me = self.clone();
             let next = match blocking(move || me.process_due()).await {
-                Ok(r) if r.claimed_elsewhere > 0 || r.claim_lost > 0 => CLAIM_RETRY_INTERVAL,
-                Ok(_) => RENEW_CHECK_INTERVAL,
+                Ok(r) => {
+                    self.log_sealed(&r);
+                    if r.claimed_elsewhere > 0 || r.claim_lost > 0 {
+                        CLAIM_RETRY_INTERVAL
+                    } else {
+                        RENEW_CHECK_INTERVAL
+                    }
+                }
                 // A store hiccup: retried soon.
                 Err(e) => {
                     eprintln!("edge: certificates: {e}; trying again shortly");
@@ -799,11 +846,15 @@ impl CertManager {
         let hostname = kv.key.strip_prefix(keys::CERTS)?;
         let record: CertificateRecord = serde_json::from_slice(&kv.value).ok()?;
         let mut plaintext_key = false;
+        let mut stale_seal = false;
         let mut unreadable = None;
         let key_pem = match record.key_pem.as_deref() {
             Some(stored) if is_sealed_key(stored) => {
-                match open_key_pem(&self.config.seal_key, hostname, stored) {
-                    Ok(pem) => Some(pem),
+                match open_key_pem(&self.config.seal_keys, hostname, stored) {
+                    Ok(pem) => {
+                        stale_seal = needs_reseal(&self.config.seal_keys, stored);
+                        Some(pem)
+                    }
                     Err(e) => {
                         let problem = self.unreadable_message(hostname, &record.app, &e);
                         // Once: the next pass records it in the record (`failed`).
@@ -831,8 +882,23 @@ impl CertManager {
             served: served.map(|s| s.key),
             record,
             plaintext_key,
+            stale_seal,
             unreadable,
         })
+    }
+
+    /// Logs how many private keys a pass sealed or sealed again (counts only, never a key).
+    fn log_sealed(&self, report: &ProcessReport) {
+        if report.sealed > 0 || report.resealed > 0 {
+            eprintln!(
+                "edge {}: certificate private keys sealed with the current edge key {}: {} re-sealed \
+                 (sealed with a previous key or without a key id), {} plaintext sealed",
+                self.config.edge_name,
+                self.config.seal_keys.current().id(),
+                report.resealed,
+                report.sealed,
+            );
+        }
     }
 
     /// What to tell the user about a key that does not open here.
@@ -840,7 +906,8 @@ impl CertManager {
         format!(
             "edge {}: the private key of {hostname}'s certificate does not open with this edge's key file {} ({e}); \
              it was sealed with another edge key. Give every edge sharing the control store the same key file \
-             (aloftd --edge-cert-key), or re-issue the certificate with `aloft certs check {hostname} -a {app}`",
+             (aloftd --edge-cert-key; while rotating, the old one with --edge-cert-key-previous), \
+             or re-issue the certificate with `aloft certs check {hostname} -a {app}`",
             self.config.edge_name,
             self.config.seal_key_file.display(),
         )
@@ -850,8 +917,8 @@ impl CertManager {
 /// A config with a fresh random key, for tests.
 #[cfg(test)]
 pub(crate) fn test_config(edge: &str) -> CertManagerConfig {
-    let key = Key::generate().expect("a random key");
-    CertManagerConfig::new(edge, Arc::new(key), "/test/edge/cert-seal.key")
+    let key = aloft_secretbox::Key::generate().expect("a random key");
+    CertManagerConfig::new(edge, Arc::new(Keyring::new(key)), "/test/edge/cert-seal.key")
 }
 
 #[cfg(test)]
@@ -859,6 +926,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use aloft_store::SqliteStore;
+
+    use aloft_secretbox::Key;
 
     use super::super::seal::{is_sealed_key, open_key_pem, seal_key_pem};
     use super::*;
@@ -961,7 +1030,7 @@ mod tests {
         }
     }
 
-    fn with_key(edge: &str, key: &Arc<Key>) -> CertManagerConfig {
+    fn with_key(edge: &str, key: &Arc<Keyring>) -> CertManagerConfig {
         CertManagerConfig::new(edge, key.clone(), format!("/test/{edge}/cert-seal.key"))
     }
 
@@ -969,7 +1038,7 @@ mod tests {
     fn private_keys_are_sealed_in_the_store_and_served() {
         let (_dir, store, ca) = setup();
         put_pending(store.as_ref(), "www.example.com", "web");
-        let key = Arc::new(Key::generate().unwrap());
+        let key = Arc::new(Keyring::new(Key::generate().unwrap()));
         let m = CertManager::new(
             store.clone(),
             Arc::new(LocalIssuer::new(ca.clone())),
@@ -1019,7 +1088,7 @@ mod tests {
                 serde_json::to_vec(&r).unwrap(),
             )
             .unwrap();
-        let key = Arc::new(Key::generate().unwrap());
+        let key = Arc::new(Keyring::new(Key::generate().unwrap()));
         let issuer = Counting::new(ca, Duration::ZERO);
         let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &key));
         m.load().unwrap();
@@ -1046,12 +1115,118 @@ mod tests {
         assert_eq!(m.process_due().unwrap(), ProcessReport::default());
     }
 
+    /// A `ready` record of `hostname` with a fresh leaf whose key is stored as `key_pem(pem)`;
+    /// the leaf's key PEM.
+    fn put_ready(
+        store: &dyn Store,
+        ca: &LocalCa,
+        hostname: &str,
+        key_pem: impl FnOnce(&str) -> String,
+    ) -> String {
+        let leaf = ca.issue(&[hostname]).unwrap();
+        let mut r = CertificateRecord::pending(hostname, "web", now_ms());
+        r.status = CertificateStatus::Ready;
+        r.source = Some(CertificateSource::Local);
+        r.expires_at_ms = Some(leaf.not_after_unix * 1000);
+        r.chain_pem = Some(leaf.chain_pem.clone());
+        r.key_pem = Some(key_pem(&leaf.key_pem));
+        store
+            .put(&cert_key(hostname).unwrap(), serde_json::to_vec(&r).unwrap())
+            .unwrap();
+        leaf.key_pem
+    }
+
+    #[test]
+    fn a_rotated_edge_key_serves_old_records_reseals_them_and_then_the_old_key_can_go() {
+        let (_dir, store, ca) = setup();
+        let key_a = || Key::from_bytes(&[0xa; 32]).unwrap();
+        let key_b = || Key::from_bytes(&[0xb; 32]).unwrap();
+        let a_id = key_a().id().to_string();
+        let b_id = key_b().id().to_string();
+        let before = Keyring::new(key_a());
+        let pem = put_ready(store.as_ref(), &ca, "www.example.com", |p| {
+            seal_key_pem(&before, "www.example.com", p).unwrap()
+        });
+        let issuer = Counting::new(ca, Duration::ZERO);
+
+        // Rotated: B current, A previous. Served at once; the next pass seals it with B.
+        let rotated = Arc::new(Keyring::new(key_b()).with_previous(key_a()));
+        let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &rotated));
+        m.load().unwrap();
+        let served = m.cert_for("www.example.com").unwrap();
+        assert_eq!(
+            m.process_due().unwrap(),
+            ProcessReport {
+                resealed: 1,
+                ..ProcessReport::default()
+            }
+        );
+        assert_eq!(issuer.calls(), 0, "re-sealed, not re-issued");
+        let now = stored(store.as_ref(), "www.example.com").key_pem.unwrap();
+        assert!(now.starts_with(&format!("aloft-secretbox:v2:{b_id}:")), "{now}");
+        assert_eq!(m.cert_for("www.example.com").unwrap().cert, served.cert);
+        assert_eq!(m.process_due().unwrap(), ProcessReport::default());
+
+        // A dropped: B alone serves it.
+        let b_only = Arc::new(Keyring::new(key_b()));
+        let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &b_only));
+        m.load().unwrap();
+        assert_eq!(m.cert_for("www.example.com").unwrap().cert, served.cert);
+        assert!(m.key_problem("www.example.com").is_none());
+        assert_eq!(open_key_pem(&b_only, "www.example.com", &now).unwrap(), pem);
+
+        // A record still sealed with A, on an edge with B alone: not served, and the message
+        // names the key id it needs and the flag that configures it.
+        let (_dir2, store2, ca2) = setup();
+        put_ready(store2.as_ref(), &ca2, "shop.example.com", |p| {
+            seal_key_pem(&before, "shop.example.com", p).unwrap()
+        });
+        let m = CertManager::new(store2, issuer, with_key("edge-1", &b_only));
+        m.load().unwrap();
+        assert!(m.cert_for("shop.example.com").is_none());
+        let problem = m.key_problem("shop.example.com").unwrap();
+        for part in [a_id.as_str(), b_id.as_str(), "--edge-cert-key-previous"] {
+            assert!(problem.contains(part), "{part:?} missing from: {problem}");
+        }
+    }
+
+    #[test]
+    fn a_key_sealed_before_key_ids_serves_and_is_sealed_again_with_the_id() {
+        let (_dir, store, ca) = setup();
+        let key = Arc::new(Keyring::new(Key::from_bytes(&[0xc; 32]).unwrap()));
+        // What an edge wrote before key ids: `v1`, no id.
+        put_ready(store.as_ref(), &ca, "old.example.com", |p| {
+            let s = key
+                .current()
+                .seal(p.as_bytes(), b"aloft-edge-cert\0old.example.com")
+                .unwrap();
+            format!("aloft-secretbox:v1:{}:{}", s.nonce, s.ciphertext)
+        });
+        let issuer = Counting::new(ca, Duration::ZERO);
+        let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &key));
+        m.load().unwrap();
+        assert!(m.cert_for("old.example.com").is_some());
+        assert_eq!(
+            m.process_due().unwrap(),
+            ProcessReport {
+                resealed: 1,
+                ..ProcessReport::default()
+            }
+        );
+        let now = stored(store.as_ref(), "old.example.com").key_pem.unwrap();
+        assert!(
+            now.starts_with(&format!("aloft-secretbox:v2:{}:", key.current().id())),
+            "{now}"
+        );
+        assert_eq!(issuer.calls(), 0);
+    }
+
     #[test]
     fn a_key_sealed_under_another_key_is_reported_and_the_rest_serves() {
         let (_dir, store, ca) = setup();
         put_pending(store.as_ref(), "shop.example.com", "shop");
         // www was issued by an edge with another key file.
-        let theirs = Key::generate().unwrap();
+        let theirs = Keyring::new(Key::generate().unwrap());
         let leaf = ca.issue(&["www.example.com"]).unwrap();
         let mut r = CertificateRecord::pending("www.example.com", "web", now_ms());
         r.status = CertificateStatus::Ready;
@@ -1064,7 +1239,7 @@ mod tests {
                 serde_json::to_vec(&r).unwrap(),
             )
             .unwrap();
-        let ours = Arc::new(Key::generate().unwrap());
+        let ours = Arc::new(Keyring::new(Key::generate().unwrap()));
         let issuer = Counting::new(ca, Duration::ZERO);
         let m = CertManager::new(store.clone(), issuer.clone(), with_key("edge-1", &ours));
         m.load().unwrap();
@@ -1118,7 +1293,7 @@ mod tests {
     #[test]
     fn two_edges_issue_a_pending_hostname_once() {
         let (_dir, store, ca) = setup();
-        let key = Arc::new(Key::generate().unwrap());
+        let key = Arc::new(Keyring::new(Key::generate().unwrap()));
         let issuer = Counting::new(ca, Duration::from_millis(300));
         let a = CertManager::new(store.clone(), issuer.clone(), with_key("edge-a", &key));
         let b = CertManager::new(store.clone(), issuer.clone(), with_key("edge-b", &key));
@@ -1173,7 +1348,7 @@ mod tests {
         );
         let ca = Arc::new(LocalCa::open(&dir.path().join("ca")).unwrap());
         let control = ControlStore::new(store.clone());
-        let key = Arc::new(Key::generate().unwrap());
+        let key = Arc::new(Keyring::new(Key::generate().unwrap()));
         let issuer = Counting::new(ca, Duration::ZERO);
         let b = CertManager::new(store.clone(), issuer.clone(), with_key("edge-b", &key));
 

@@ -16,11 +16,14 @@
 //! //    the local CA unless an ACME issuer (aloft-acme) is configured; that one shares
 //! //    `challenges` with the resolver.
 //! //    Their private keys are sealed in the store with the edges' key (the same file on every
-//! //    edge sharing the store); issuance claims carry this edge's name.
+//! //    edge sharing the store; previous keys, while rotating, only open); issuance claims
+//! //    carry this edge's name.
 //! let challenges = Challenges::new();
 //! let key_file = std::path::Path::new("/var/lib/aloft/edge/cert-seal.key");
-//! let seal_key = Arc::new(aloft_secretbox::Key::load_or_create(key_file)?);
-//! let config = CertManagerConfig::new("host-1", seal_key, key_file);
+//! let seal_keys = Arc::new(aloft_secretbox::Keyring::new(
+//!     aloft_secretbox::Key::load_or_create(key_file)?,
+//! ));
+//! let config = CertManagerConfig::new("host-1", seal_keys, key_file);
 //! let manager = CertManager::new(store, Arc::new(LocalIssuer::new(ca.clone())), config);
 //! tokio::spawn(manager.clone().run());
 //! // 3. The resolver and the rustls config for the HTTPS listener and `tls` handlers.
@@ -43,7 +46,9 @@
 //!   [`CertManager::cert_for`] and [`CertManager::app_for`]. Several edges may share a store:
 //!   a per-hostname claim (`/cert-claims/{hostname}`) lets one of them issue.
 //! - Private keys at rest (`seal.rs`): sealed in the records with `aloft-secretbox` under the
-//!   edges' key, bound to the hostname ([`seal_key_pem`], [`open_key_pem`]).
+//!   edges' current key, bound to the hostname, recording the key's id ([`seal_key_pem`],
+//!   [`open_key_pem`]); the manager seals again with the current key what a previous key sealed
+//!   ([`needs_reseal`]), so a key can be rotated.
 //! - ACME: aloftd's `acme_issuer.rs` implements [`Issuer`] with `aloft-acme`, answering its
 //!   challenges through the same [`Challenges`] as the resolver (this crate does not link the
 //!   ACME client).
@@ -69,4 +74,4 @@ pub use pem::{KeyError, ServedCert, served_cert};
 pub use resolver::{
     ACME_TLS_ALPN, Challenges, HTTP_CHALLENGE_PREFIX, NameFilter, SniResolver, is_acme_tls, server_config,
 };
-pub use seal::{is_sealed_key, open_key_pem, seal_key_pem};
+pub use seal::{is_sealed_key, needs_reseal, open_key_pem, seal_key_pem};
