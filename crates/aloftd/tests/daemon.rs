@@ -73,12 +73,16 @@ mod tests {
 
         /// … with more flags.
         fn start_with(&self, port: u16, flags: &[&str]) -> Daemon {
+            self.spawn(port, &[flags, &["--no-edge"]].concat())
+        }
+
+        /// … with `flags` only (the edge runs unless they say `--no-edge`).
+        fn spawn(&self, port: u16, flags: &[&str]) -> Daemon {
             let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
                 .args(flags)
                 .args(["--driver", "fake"])
                 .arg("--data-dir")
                 .arg(&self.data)
-                .arg("--no-edge")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .env("XDG_CONFIG_HOME", &self.config_home)
@@ -418,6 +422,151 @@ mod tests {
         assert!(!status.success());
         let (_, stderr) = daemon.finish();
         assert!(stderr.contains("--secrets-key-previous"), "{stderr}");
+    }
+
+    /// Waits (at most 20 s) until `daemon`'s stderr contains `needle`.
+    fn wait_log(daemon: &Daemon, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !daemon.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                daemon.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The stored `key_pem` of `hostname`'s certificate (aloftd stopped).
+    fn stored_key_pem(data: &Path, hostname: &str) -> String {
+        let store = aloft_store::SqliteStore::open(data.join("control.db")).unwrap();
+        let kv = aloft_store::Store::get(&store, &format!("/certs/{hostname}"))
+            .unwrap()
+            .unwrap();
+        let record: Value = serde_json::from_slice(&kv.value).unwrap();
+        record["key_pem"].as_str().unwrap().to_owned()
+    }
+
+    /// A TLS handshake with the edge on `port` for `name`, trusting only the edge's local CA.
+    fn handshake(data: &Path, port: u16, name: &str) -> Result<(), std::io::Error> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let root = std::fs::read(data.join("edge").join("ca").join("ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(&root).unwrap()).unwrap();
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(name.to_owned()).unwrap())
+                .unwrap();
+        let mut sock = TcpStream::connect(("127.0.0.1", port))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_edge_key_reseals_certificate_keys_and_then_the_old_key_can_go() {
+        const HOST: &str = "www.rotate.test";
+        let env = Env::new();
+        let (port, http, https) = (free_port(), free_port(), free_port());
+        let edge = |extra: &[&str]| -> Vec<String> {
+            let mut flags: Vec<String> = [
+                "--network",
+                "none",
+                "--no-access-log",
+                "--edge-metrics",
+                "off",
+                "--edge-http",
+                &format!("127.0.0.1:{http}"),
+                "--edge-https",
+                &format!("127.0.0.1:{https}"),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            flags.extend(extra.iter().map(|s| (*s).to_owned()));
+            flags
+        };
+        let start = |extra: &[&str]| {
+            let flags = edge(extra);
+            let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let mut d = env.spawn(port, &refs);
+            d.wait_ready(port);
+            d
+        };
+
+        // A custom domain, issued by the local CA, its key sealed with key A.
+        let daemon = start(&[]);
+        let (api_url, token) = read_config(&env.config_path());
+        let api = Client::new(&api_url, Some(&token));
+        let body = json!({"name": "web", "org_slug": "personal"});
+        let (s, body) = api.call(reqwest::Method::POST, "/v1/apps", Some(body)).await;
+        assert!(s.is_success(), "{body}");
+        let (s, body) = api
+            .call(
+                reqwest::Method::POST,
+                "/v1/apps/web/certificates",
+                Some(json!({"hostname": HOST})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, c) = api.get(&format!("/v1/apps/web/certificates/{HOST}")).await;
+            if c["status"] == "ready" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not ready: {c}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop(daemon);
+        let old = env.data.join("edge").join("cert-seal.key");
+        let a_id = aloft_secretbox::Key::load(&old).unwrap().id().to_string();
+        assert!(
+            stored_key_pem(&env.data, HOST).starts_with(&format!("aloft-secretbox:v2:{a_id}:")),
+            "{}",
+            stored_key_pem(&env.data, HOST)
+        );
+
+        // Rotated: B current, A previous. Served, and re-sealed with B on the first pass.
+        let new = env.data.join("edge").join("cert-seal.new");
+        let b_id = aloft_secretbox::Key::load_or_create(&new)
+            .unwrap()
+            .id()
+            .to_string();
+        let (old_arg, new_arg) = (old.to_str().unwrap(), new.to_str().unwrap());
+        let daemon = start(&["--edge-cert-key", new_arg, "--edge-cert-key-previous", old_arg]);
+        wait_log(&daemon, "1 re-sealed");
+        tokio::task::block_in_place(|| handshake(&env.data, https, HOST)).unwrap();
+        let stderr = stop(daemon);
+        assert!(stderr.contains(&format!("current {b_id}")), "{stderr}");
+        assert!(
+            stored_key_pem(&env.data, HOST).starts_with(&format!("aloft-secretbox:v2:{b_id}:")),
+            "{}",
+            stored_key_pem(&env.data, HOST)
+        );
+
+        // B alone serves it.
+        let daemon = start(&["--edge-cert-key", new_arg]);
+        tokio::task::block_in_place(|| handshake(&env.data, https, HOST)).unwrap();
+        let stderr = stop(daemon);
+        assert!(!stderr.contains("does not open"), "{stderr}");
+
+        // A alone (the new key lost): not served; the log names B's id and the flag.
+        let daemon = start(&[]);
+        wait_log(&daemon, "does not open");
+        assert!(tokio::task::block_in_place(|| handshake(&env.data, https, HOST)).is_err());
+        let stderr = stop(daemon);
+        for part in [b_id.as_str(), "--edge-cert-key-previous"] {
+            assert!(stderr.contains(part), "{part:?} missing:\n{stderr}");
+        }
     }
 
     /// Starts `POST /v1/apps` with `body` but sends only its first 10 bytes: the handler is left
