@@ -751,8 +751,6 @@ mod tests {
     fn workers_follow_machines_checked_and_forgotten_and_their_results() {
         use std::num::NonZeroUsize;
 
-        use aloft_api::CatalogEntry;
-
         use crate::workers::WorkerThreads;
 
         let threads = WorkerThreads::start(NonZeroUsize::new(1), "test-health").unwrap();
@@ -761,26 +759,17 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        let entry = crate::routes::test_entry(
+            "a",
+            9,
+            vec![MachineService {
+                checks: vec![aloft_api::MachineServiceCheck::default()],
+                ..MachineService::default()
+            }],
+        );
+        let ip: IpAddr = entry.private_ip.parse().unwrap();
         let m = Arc::new(MachineRoute {
-            entry: CatalogEntry {
-                id: MachineId::from_random([1, 2, 3, 4, 5, 6, 9]),
-                app: "a".into(),
-                host: "h".into(),
-                region: "r".into(),
-                state: aloft_api::MachineState::Started,
-                version: "v1".into(),
-                private_ip: ip.to_string(),
-                services: vec![MachineService {
-                    checks: vec![aloft_api::MachineServiceCheck::default()],
-                    ..MachineService::default()
-                }],
-                checks: Vec::new(),
-                suspendable: false,
-                process_group: String::new(),
-                primary_region: String::new(),
-                updated_at: 0,
-            },
+            entry,
             ip: Some(ip),
             cordoned: false,
         });

@@ -514,31 +514,35 @@ fn build_app(s: &Sources, app: &str, since: u64) -> Option<AppRoutes> {
     })
 }
 
+/// For the crate's tests: machine `n` of `app`, started, at `fdaa::n`, with `services`.
+#[cfg(test)]
+pub(crate) fn test_entry(app: &str, n: u8, services: Vec<MachineService>) -> CatalogEntry {
+    CatalogEntry {
+        id: MachineId::from_random([0x0a, 0x0b, 0, 0, 0, 0, n]),
+        app: app.to_owned(),
+        host: "h".to_owned(),
+        region: "r".to_owned(),
+        state: MachineState::Started,
+        version: "v1".to_owned(),
+        private_ip: format!("fdaa::{n}"),
+        services,
+        checks: Vec::new(),
+        suspendable: false,
+        process_group: String::new(),
+        primary_region: String::new(),
+        updated_at: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::num::NonZeroUsize;
-
-    use aloft_api::MachineState;
 
     use super::*;
     use crate::workers::WorkerThreads;
 
     fn entry(app: &str, n: u8) -> CatalogEntry {
-        CatalogEntry {
-            id: MachineId::from_random([0x0a, 0x0b, 0, 0, 0, 0, n]),
-            app: app.to_owned(),
-            host: "h".to_owned(),
-            region: "r".to_owned(),
-            state: MachineState::Started,
-            version: "v1".to_owned(),
-            private_ip: format!("fdaa::{n}"),
-            services: Vec::new(),
-            checks: Vec::new(),
-            suspendable: false,
-            process_group: String::new(),
-            primary_region: String::new(),
-            updated_at: 0,
-        }
+        test_entry(app, n, Vec::new())
     }
 
     #[test]

@@ -524,7 +524,7 @@ fn try_recv(socket: &UdpSocket) -> io::Result<Bytes> {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
-    use aloft_api::{CatalogEntry, MachineId, MachinePort, MachineService, MachineState};
+    use aloft_api::{CatalogEntry, MachinePort, MachineService};
 
     use crate::RoutingTable;
     use crate::routes::{MachineRoute, Protocol};
@@ -550,21 +550,7 @@ mod tests {
     }
 
     fn entry(app: &str, n: u8, services: Vec<MachineService>) -> CatalogEntry {
-        CatalogEntry {
-            id: MachineId::from_random([0x0d, 0x0e, 0, 0, 0, 0, n]),
-            app: app.to_owned(),
-            host: "h".to_owned(),
-            region: "r".to_owned(),
-            state: MachineState::Started,
-            version: "v1".to_owned(),
-            private_ip: format!("fdaa::{n}"),
-            services,
-            checks: Vec::new(),
-            suspendable: false,
-            process_group: String::new(),
-            primary_region: String::new(),
-            updated_at: 0,
-        }
+        crate::routes::test_entry(app, n, services)
     }
 
     #[test]
