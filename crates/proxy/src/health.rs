@@ -749,16 +749,9 @@ mod tests {
 
     #[test]
     fn workers_follow_machines_checked_and_forgotten_and_their_results() {
-        use std::num::NonZeroUsize;
+        use crate::workers::TestWorkers;
 
-        use crate::workers::WorkerThreads;
-
-        let threads = WorkerThreads::start(NonZeroUsize::new(1), "test-health").unwrap();
-        let workers = threads.workers().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let workers = TestWorkers::start(1, "test-health");
         let entry = crate::routes::test_entry(
             "a",
             9,
@@ -777,8 +770,7 @@ mod tests {
         let prober = health.prober(Arc::new(RoutingTable::default()), Arc::new(DirectDialer));
         let on_worker = || {
             let (health, m) = (health.clone(), m.clone());
-            rt.block_on(workers.spawn(0, async move { health.verdict(&m) }))
-                .unwrap()
+            workers.run(0, async move { health.verdict(&m) })
         };
         // Not checked by the edge (yet): the catalog has no status either.
         assert_eq!(on_worker(), ChecksVerdict::NoChecks);

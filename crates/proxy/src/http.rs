@@ -1415,24 +1415,17 @@ fn is_idempotent(m: &http::Method) -> bool {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::workers::WorkerThreads;
+    use crate::workers::TestWorkers;
 
     #[test]
     fn request_ids_made_on_different_workers_never_collide() {
-        let threads = WorkerThreads::start(NonZeroUsize::new(2), "test-ids").expect("start workers");
-        let workers = threads.workers().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let workers = TestWorkers::start(2, "test-ids");
         let ids = |worker: usize| {
-            rt.block_on(workers.spawn(worker, async {
+            workers.run(worker, async {
                 (0..1000).map(|_| request_seq()).collect::<Vec<_>>()
-            }))
-            .expect("worker task")
+            })
         };
         let mut all: HashSet<u64> = ids(0).into_iter().collect();
         all.extend(ids(1));

@@ -272,30 +272,23 @@ impl Drop for LoadGuard {
 
 #[cfg(test)]
 mod tests {
-    use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::workers::WorkerThreads;
+    use crate::workers::TestWorkers;
 
     #[test]
     fn workers_count_on_the_shared_counters_and_forget_dropped_machines() {
-        let threads = WorkerThreads::start(NonZeroUsize::new(1), "test-loads").expect("start workers");
-        let workers = threads.workers().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let workers = TestWorkers::start(1, "test-loads");
         let loads = Arc::new(Loads::default());
         let id = MachineId::from_random([0x0c, 0, 0, 0, 0, 0, 1]);
         let on_worker = |loads: &Arc<Loads>| {
             let (loads, id) = (loads.clone(), id.clone());
-            rt.block_on(workers.spawn(0, async move {
+            workers.run(0, async move {
                 let m = loads.machine(&id);
                 let again = loads.machine(&id);
                 assert!(Arc::ptr_eq(&m, &again));
                 (m, loads.app("a"))
-            }))
-            .expect("worker task")
+            })
         };
 
         let (m, app) = on_worker(&loads);

@@ -506,28 +506,21 @@ fn label(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::workers::WorkerThreads;
+    use crate::workers::TestWorkers;
 
     #[test]
     fn responses_counted_on_workers_land_in_their_own_metrics() {
-        let threads = WorkerThreads::start(NonZeroUsize::new(2), "test-metrics").expect("start workers");
-        let workers = threads.workers().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let workers = TestWorkers::start(2, "test-metrics");
         let (one, two) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));
         let count = |m: &Arc<Metrics>, worker: usize, app: &'static str, n: usize| {
             let m = m.clone();
-            rt.block_on(workers.spawn(worker, async move {
+            workers.run(worker, async move {
                 for _ in 0..n {
                     m.response(Some(app), StatusCode::OK, Duration::from_millis(1));
                 }
-            }))
-            .expect("worker task");
+            });
         };
         count(&one, 0, "a", 3);
         count(&one, 1, "a", 2);

@@ -536,10 +536,9 @@ pub(crate) fn test_entry(app: &str, n: u8, services: Vec<MachineService>) -> Cat
 
 #[cfg(test)]
 mod tests {
-    use std::num::NonZeroUsize;
 
     use super::*;
-    use crate::workers::WorkerThreads;
+    use crate::workers::TestWorkers;
 
     fn entry(app: &str, n: u8) -> CatalogEntry {
         test_entry(app, n, Vec::new())
@@ -547,19 +546,13 @@ mod tests {
 
     #[test]
     fn workers_read_their_own_copy_which_follows_every_change() {
-        let threads = WorkerThreads::start(NonZeroUsize::new(2), "test-routes").expect("start workers");
-        let workers = threads.workers().clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let workers = TestWorkers::start(2, "test-routes");
         let table = Arc::new(RoutingTable::default());
         table.upsert(entry("a", 1));
         table.upsert(entry("b", 2));
         let on = |worker: usize| {
             let table = table.clone();
-            rt.block_on(workers.spawn(worker, async move { (table.snapshot(), table.snapshot()) }))
-                .expect("worker task")
+            workers.run(worker, async move { (table.snapshot(), table.snapshot()) })
         };
 
         let shared = table.snapshot();

@@ -233,6 +233,43 @@ fn probe_free(addr: SocketAddr) -> io::Result<SocketAddr> {
     Ok(local)
 }
 
+/// For the crate's tests: edge workers and a runtime to wait on them from the test's thread.
+#[cfg(test)]
+pub(crate) struct TestWorkers {
+    _threads: WorkerThreads,
+    workers: Workers,
+    rt: tokio::runtime::Runtime,
+}
+
+#[cfg(test)]
+impl TestWorkers {
+    /// `count` workers named `name-N`.
+    pub(crate) fn start(count: usize, name: &str) -> Self {
+        let threads = WorkerThreads::start(NonZeroUsize::new(count), name).expect("start workers");
+        let workers = threads.workers().clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Self {
+            _threads: threads,
+            workers,
+            rt,
+        }
+    }
+
+    /// Runs `task` on worker `index` and waits for its output.
+    pub(crate) fn run<F>(&self, index: usize, task: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.rt
+            .block_on(self.workers.spawn(index, task))
+            .expect("worker task")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
