@@ -12,12 +12,14 @@ use aloft_api::{
     EventSource, Machine, MachineConfig, MachineEvent, MachineEventRequest, MachineId, MachineState,
     MachineVersion, ProcessStat, SecretEnv, Signal, StateError, Verb, WaitState,
 };
+use aloft_secretbox::{Key, Keyring};
 
 use crate::checks::Checks;
 use crate::db::Db;
 use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus};
 use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
+use crate::keys::{self, SecretsReseal};
 use crate::logs::{self, AfterExit, LogFollow, LogLimits, LogStore};
 use crate::model::{
     MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, SealedSecrets, Step,
@@ -85,6 +87,13 @@ pub struct AgentConfig {
     pub schedule_tick: Duration,
     /// The length of an hour for `config.schedule` (an hour; tests shorten it).
     pub schedule_hour: Duration,
+    /// The keys the app secrets kept per machine version are sealed with: the current key seals,
+    /// previous keys only open what they sealed before a rotation, and [`Agent::open`] seals
+    /// that again with the current key. The ring's hint ([`Keyring::with_hint`]) ends the error
+    /// of a value whose key is missing: say there where the operator adds a previous key.
+    /// `None`: the key in [`AgentConfig::secrets_key_path`] alone (created on first use). A
+    /// caller that gives a ring makes its current key that file's.
+    pub secrets_keys: Option<Arc<Keyring>>,
 }
 
 /// `MemTotal` of `/proc/meminfo`, MiB (`u32::MAX` when unreadable: no limit).
@@ -119,6 +128,16 @@ impl AgentConfig {
             log_files_kept: 2,
             schedule_tick: Duration::from_secs(30),
             schedule_hour: Duration::from_secs(3600),
+            secrets_keys: None,
+        }
+    }
+
+    /// The agent's secrets key file: `agent-secrets.key` beside the database (mode 0600,
+    /// created on first use).
+    pub fn secrets_key_path(&self) -> PathBuf {
+        match self.db_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.join("agent-secrets.key"),
+            _ => PathBuf::from("agent-secrets.key"),
         }
     }
 }
@@ -247,6 +266,8 @@ const HISTORY: usize = 200;
 #[derive(Debug)]
 pub struct Agent {
     inner: Arc<Inner>,
+    /// What re-sealing the kept secrets did when it opened.
+    resealed: SecretsReseal,
     /// `<db>.lock`, held with `flock` while this agent lives: one agent per database.
     _lock: std::fs::File,
 }
@@ -283,8 +304,9 @@ pub(crate) struct Inner {
     checks: Checks,
     driver: Arc<dyn Driver>,
     config: AgentConfig,
-    /// Seals the app secrets kept per machine version (`<db dir>/agent-secrets.key`).
-    secrets_key: aloft_secretbox::Key,
+    /// Seals the app secrets kept per machine version (current: `<db dir>/agent-secrets.key`)
+    /// and opens them (previous keys too).
+    secrets_keys: Arc<Keyring>,
     halted: Arc<AtomicBool>,
     closing: AtomicBool,
     live: Mutex<Live>,
@@ -366,11 +388,12 @@ impl Agent {
         }
         let lock = lock_db(&config.db_path)?;
         let db = Db::open(&config.db_path, halted.clone())?;
-        let key_path = match config.db_path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.join("agent-secrets.key"),
-            _ => PathBuf::from("agent-secrets.key"),
+        let secrets_keys = match &config.secrets_keys {
+            Some(keys) => Arc::clone(keys),
+            None => Arc::new(Keyring::new(Key::load_or_create(&config.secrets_key_path())?)),
         };
-        let secrets_key = aloft_secretbox::Key::load_or_create(&key_path)?;
+        // Before anything runs: values a previous key sealed are sealed again with the current.
+        let resealed = keys::reseal(&db, &secrets_keys)?;
         let log_root = match config.db_path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.join("logs"),
             _ => PathBuf::from("logs"),
@@ -385,19 +408,29 @@ impl Agent {
             checks: Checks::default(),
             driver,
             config,
-            secrets_key,
+            secrets_keys,
             halted,
             closing: AtomicBool::new(false),
             live: Mutex::new(Live::default()),
             changed: Condvar::new(),
         });
-        let agent = Agent { inner, _lock: lock };
+        let agent = Agent {
+            inner,
+            resealed,
+            _lock: lock,
+        };
         agent.inner.recover()?;
         {
             let mut live = agent.inner.lock();
             agent.inner.spawn(&mut live, |me| me.schedule_loop());
         }
         Ok(agent)
+    }
+
+    /// What [`Agent::open`] did to the secrets it keeps sealed with a key other than the current
+    /// one (see [`AgentConfig::secrets_keys`]): counts, and the values no configured key opens.
+    pub fn secrets_resealed(&self) -> &SecretsReseal {
+        &self.resealed
     }
 
     /// Accepts a create: the machine is recorded (state `creating`) before anything is made.
@@ -1002,12 +1035,6 @@ impl Inner {
         }
     }
 
-    /// The associated data of a version's sealed secrets: they open only for that machine and
-    /// version.
-    fn secrets_ad(id: &MachineId, version: &str) -> Vec<u8> {
-        format!("aloft-agent-secrets\0{id}\0{version}").into_bytes()
-    }
-
     /// `secrets` sealed for `version` of machine `id` (`None` when there are none).
     fn seal_secrets(
         &self,
@@ -1022,7 +1049,7 @@ impl Inner {
             what: format!("secrets of machine {id}"),
             source,
         })?;
-        let sealed = self.secrets_key.seal(&json, &Self::secrets_ad(id, version))?;
+        let sealed = self.secrets_keys.seal(&json, &keys::secrets_ad(id, version))?;
         Ok(Some(SealedSecrets {
             version: secrets.version,
             sealed,
@@ -1037,8 +1064,8 @@ impl Inner {
         sealed: &SealedSecrets,
     ) -> Result<std::collections::BTreeMap<String, String>, AgentError> {
         let json = self
-            .secrets_key
-            .open(&sealed.sealed, &Self::secrets_ad(id, version))?;
+            .secrets_keys
+            .open(&sealed.sealed, &keys::secrets_ad(id, version))?;
         serde_json::from_slice(&json).map_err(|source| AgentError::Corrupt {
             what: format!("secrets of machine {id}"),
             source,

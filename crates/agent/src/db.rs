@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::AgentError;
-use crate::model::{MachineRecord, OpRecord, Phase, SealedSecrets, StepRecord};
+use crate::model::{MachineRecord, OpParams, OpRecord, Phase, SealedSecrets, StepRecord};
 
 const MIGRATIONS: &[&str] = &[
     r"
@@ -330,6 +330,17 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Replaces the parameters of operation `id` (re-sealing the secrets they carry).
+    pub(crate) fn set_op_params(&self, id: &str, params: &OpParams) -> Result<(), AgentError> {
+        self.tx
+            .execute(
+                "UPDATE operations SET params = ?2 WHERE id = ?1",
+                params![id, to_json(params)],
+            )
+            .map_err(AgentError::db("update operation parameters"))?;
+        Ok(())
+    }
+
     pub(crate) fn replace_version(&self, id: &MachineId, version: &str, at: i64) -> Result<(), AgentError> {
         self.tx
             .execute(
@@ -617,6 +628,60 @@ impl Db {
             .map_err(AgentError::db("read secrets"))?;
         row.map(|(v, s)| Ok((v, from_json(|| format!("secrets of machine {id}"), &s)?)))
             .transpose()
+    }
+
+    /// The secrets kept for machines' versions that record a key id other than `key_id`, or
+    /// none: (machine, version, secrets).
+    pub(crate) fn machine_secrets_not_sealed_by(
+        &self,
+        key_id: &str,
+    ) -> Result<Vec<(MachineId, String, SealedSecrets)>, AgentError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT machine_id, version, sealed FROM machine_secrets \
+                 WHERE coalesce(json_extract(sealed, '$.sealed.key_id'), '') <> ?1 ORDER BY machine_id",
+            )
+            .map_err(AgentError::db("list sealed secrets"))?;
+        let rows = stmt
+            .query_map([key_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(AgentError::db("list sealed secrets"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AgentError::db("list sealed secrets"))?;
+        rows.into_iter()
+            .map(|(id, version, sealed)| {
+                let sealed = from_json(|| format!("secrets of machine {id}"), &sealed)?;
+                let id = id.parse::<MachineId>().map_err(|e| AgentError::Corrupt {
+                    what: format!("machine id {id:?} of sealed secrets"),
+                    source: serde::de::Error::custom(e),
+                })?;
+                Ok((id, version, sealed))
+            })
+            .collect()
+    }
+
+    /// Operations whose parameters carry secrets that record a key id other than `key_id`, or
+    /// none.
+    pub(crate) fn ops_with_secrets_not_sealed_by(&self, key_id: &str) -> Result<Vec<OpRecord>, AgentError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {OP_COLS} FROM operations WHERE json_extract(params, '$.secrets') IS NOT NULL \
+                 AND coalesce(json_extract(params, '$.secrets.sealed.key_id'), '') <> ?1 ORDER BY created_at, id"
+            ))
+            .map_err(AgentError::db("list operations with secrets"))?;
+        let rows = stmt
+            .query_map([key_id], raw_op)
+            .map_err(AgentError::db("list operations with secrets"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(AgentError::db("list operations with secrets"))?;
+        rows.into_iter().map(parse_op).collect()
     }
 
     pub(crate) fn op(&self, id: &str) -> Result<Option<OpRecord>, AgentError> {

@@ -23,7 +23,9 @@
 //!   [`Agent::update_with_secrets`]), are kept sealed (ChaCha20-Poly1305, key in
 //!   `<db dir>/agent-secrets.key`) per machine version, and are injected as environment variables at
 //!   every boot of that version, over `config.env`. They never appear in the config, events,
-//!   versions or logs.
+//!   versions or logs. The key can be rotated: [`AgentConfig::secrets_keys`] adds previous keys
+//!   (they only open), and [`Agent::open`] seals what they sealed again with the current key
+//!   before it recovers anything ([`Agent::secrets_resealed`] says what it did; `keys.rs`).
 //! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -51,6 +53,7 @@ mod fake;
 mod host;
 mod hostnet;
 mod ids;
+mod keys;
 mod logs;
 mod model;
 mod plan;
@@ -70,6 +73,7 @@ pub use driver::{
 pub use error::AgentError;
 pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
 pub use hostnet::HostNetwork;
+pub use keys::SecretsReseal;
 pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};
 pub use model::{
     MachineRecord, OpKind, OpParams, OpRecord, OpStatus, Phase, Resources, Scratch, SealedSecrets, Step,

@@ -1437,3 +1437,180 @@ fn scheduled_machines_start_again_when_their_period_is_up() {
     assert!(matches!(e, AgentError::InvalidConfig { .. }), "{e}");
     assert!(e.to_string().contains("hourly, daily, weekly or monthly"), "{e}");
 }
+
+// --- Rotating the agent's secrets key ---
+
+/// App secrets as the control plane hands them to a create or update.
+fn secret_env(version: u64, db: &str) -> aloft_api::SecretEnv {
+    aloft_api::SecretEnv {
+        version,
+        values: [("DB".to_owned(), db.to_owned())].into(),
+    }
+}
+
+/// `DB` as the last boot of machine `id` got it.
+fn booted_db(fake: &FakeDriver, id: &MachineId) -> Option<String> {
+    fake.world().specs[id].run_config.env.get("DB").cloned()
+}
+
+/// The key ids the sealed secrets carried by `id`'s operations record.
+fn op_key_ids(agent: &Agent, id: &MachineId) -> Vec<Option<String>> {
+    agent
+        .operations(id)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(op, _)| op.params.secrets.map(|s| s.sealed.key_id))
+        .collect()
+}
+
+impl Harness {
+    /// Opens the agent with `keys` as its secrets keys.
+    fn open_keys(&self, keys: aloft_secretbox::Keyring) -> Agent {
+        let config = AgentConfig {
+            secrets_keys: Some(std::sync::Arc::new(keys)),
+            ..self.config(None)
+        };
+        Agent::open(config, std::sync::Arc::new(self.fake.clone())).unwrap()
+    }
+
+    fn key_path(&self) -> std::path::PathBuf {
+        self.config(None).secrets_key_path()
+    }
+
+    /// Moves the current key file aside to `name` (a rotation's first step): the next open
+    /// creates a new one.
+    fn move_key_aside(&self, name: &str) -> std::path::PathBuf {
+        let old = self.dir.path().join(name);
+        std::fs::rename(self.key_path(), &old).unwrap();
+        old
+    }
+
+    /// The ring a rotation gives: the (new) key file as current, `previous` as previous keys.
+    fn ring(&self, previous: &[&std::path::Path]) -> aloft_secretbox::Keyring {
+        let mut ring =
+            aloft_secretbox::Keyring::new(aloft_secretbox::Key::load_or_create(&self.key_path()).unwrap())
+                .with_hint("give it with --agent-secrets-key-previous FILE");
+        for p in previous {
+            ring = ring.with_previous(aloft_secretbox::Key::load(p).unwrap());
+        }
+        ring
+    }
+}
+
+#[test]
+fn a_rotated_agent_key_opens_and_reseals_what_the_previous_one_sealed() {
+    let h = Harness::new();
+    let agent = h.open();
+    let a_id = aloft_secretbox::Key::load(&h.key_path())
+        .unwrap()
+        .id()
+        .to_string();
+    let handle = agent
+        .create_with_secrets(create_req(config("busybox"), false), &secret_env(1, "one"))
+        .unwrap();
+    handle.wait(T).unwrap();
+    let id = handle.machine;
+    assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("one"));
+    drop(agent);
+    // An update with new secrets, cut off before it writes the spec: its copy of the secrets
+    // (sealed with A) waits in the unfinished operation.
+    let switch = Killswitch::new();
+    {
+        let agent = h.open_with(&switch);
+        h.fake.crash_at(DriverOp::WriteSpec, CrashPhase::Before, &switch);
+        let req = UpdateMachine {
+            config: config("busybox"),
+            ..UpdateMachine::default()
+        };
+        let handle = agent
+            .update_with_secrets(&id, &req, &secret_env(2, "two"))
+            .unwrap();
+        assert!(matches!(handle.wait(T), Err(AgentError::Halted)));
+        h.fake.clear_faults();
+    }
+
+    // Rotated: B current, A previous. The open re-seals the version's secrets and the
+    // unfinished update's copy, and forgets the finished create's copy.
+    let old = h.move_key_aside("agent-secrets.key.old");
+    let agent = h.open_keys(h.ring(&[&old]));
+    let b_id = aloft_secretbox::Key::load(&h.key_path())
+        .unwrap()
+        .id()
+        .to_string();
+    assert_ne!(a_id, b_id);
+    let report = agent.secrets_resealed().clone();
+    assert_eq!(report.resealed, 2, "{report:?}");
+    assert_eq!(report.machines, 1, "{report:?}");
+    assert_eq!(report.forgotten, 1, "{report:?}");
+    assert!(report.unreadable.is_empty(), "{report:?}");
+    // The update resumes and boots with its secrets.
+    assert_eq!(settle(&agent, &id), MachineState::Started);
+    assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("two"));
+    assert!(
+        op_key_ids(&agent, &id)
+            .iter()
+            .all(|k| k.as_deref() == Some(b_id.as_str())),
+        "{:?}",
+        op_key_ids(&agent, &id)
+    );
+    drop(agent);
+
+    // B alone: nothing left to re-seal, and a boot opens the version's secrets.
+    let agent = h.open();
+    assert_eq!(agent.secrets_resealed(), &crate::SecretsReseal::default());
+    agent
+        .restart(&id, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("two"));
+    assert_eq!(h.fake.world().boots[&id], 3);
+}
+
+#[test]
+fn a_missing_agent_key_is_named_with_its_id_and_where_to_give_it() {
+    let h = Harness::new();
+    let agent = h.open();
+    let a_id = aloft_secretbox::Key::load(&h.key_path())
+        .unwrap()
+        .id()
+        .to_string();
+    let handle = agent
+        .create_with_secrets(create_req(config("busybox"), false), &secret_env(1, "one"))
+        .unwrap();
+    handle.wait(T).unwrap();
+    let id = handle.machine;
+    drop(agent);
+
+    // A new key, and A not given: the agent opens all the same and reports the value,
+    // naming A's id and the hint; a boot of that version fails with the same message.
+    let old = h.move_key_aside("lost.key");
+    let agent = h.open_keys(h.ring(&[]));
+    let report = agent.secrets_resealed().clone();
+    assert_eq!(report.resealed, 0, "{report:?}");
+    assert_eq!(report.unreadable.len(), 1, "{report:?}");
+    let why = &report.unreadable[0];
+    for part in [id.as_str(), a_id.as_str(), "--agent-secrets-key-previous"] {
+        assert!(why.contains(part), "{part:?} missing: {why}");
+    }
+    assert!(!why.contains("one"), "{why}");
+    assert_eq!(settle(&agent, &id), MachineState::Started);
+    let e = agent
+        .restart(&id, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&a_id) && e.contains("--agent-secrets-key-previous"),
+        "{e}"
+    );
+    drop(agent);
+
+    // Given A again: re-sealed, and the machine boots with its secrets.
+    let agent = h.open_keys(h.ring(&[&old]));
+    assert_eq!(agent.secrets_resealed().resealed, 1);
+    assert!(agent.secrets_resealed().unreadable.is_empty());
+    agent.start(&id).unwrap().wait(T).unwrap();
+    assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("one"));
+}
