@@ -1,17 +1,23 @@
 //! The agent role: this host's machines. Opens the agent (recovering whatever a previous aloftd
 //! left in flight) on the driver the flags choose, and hands it to the control plane as a host.
+//! Its secrets keys: `<data dir>/agent-secrets.key` and the previous key files of
+//! `--agent-secrets-key-previous` (what they sealed the agent seals again when it opens).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use aloft_agent::{
-    Agent, AgentConfig, Driver, FakeDriver, HostNetwork, Network, NoNetwork, VmDriver, VmDriverConfig,
+    Agent, AgentConfig, Driver, FakeDriver, HostNetwork, Network, NoNetwork, SecretsReseal, VmDriver,
+    VmDriverConfig,
 };
 use aloft_control::HostHandle;
 use aloft_image::registry::RegistryConfig;
 use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
+use aloft_secretbox::{Key, Keyring};
 use anyhow::{Context as _, bail};
 use clap::ValueEnum;
+
+use crate::keys;
 
 /// What runs machines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,6 +50,10 @@ pub(crate) struct AgentSettings {
     pub(crate) network: NetworkKind,
     pub(crate) host_number: u32,
     pub(crate) machines_netns: Option<PathBuf>,
+    /// Previous agent secrets key files (`--agent-secrets-key-previous`): they open the
+    /// secrets the agent keeps that they sealed, which the agent seals again with
+    /// `<data dir>/agent-secrets.key` when it opens.
+    pub(crate) secrets_key_previous: Vec<PathBuf>,
     /// How machines' QEMU is jailed (`None`: `--no-jail`).
     pub(crate) jail: Option<aloft_vm::JailSpec>,
 }
@@ -134,12 +144,27 @@ impl AgentSettings {
         }
     }
 
-    /// Opens the agent: recovers operations in flight, reattaches running machines.
+    /// The agent's secrets keys: `<data dir>/agent-secrets.key` (created on first use) seals,
+    /// the previous key files open.
+    fn secrets_keys(&self, config: &AgentConfig) -> anyhow::Result<Keyring> {
+        let path = config.secrets_key_path();
+        let current = Key::load_or_create(&path)
+            .with_context(|| format!("open the agent secrets key {}", path.display()))?;
+        keys::AGENT_SECRETS.keyring(current, &self.secrets_key_previous)
+    }
+
+    /// Opens the agent: re-seals the secrets it keeps that a previous key sealed, recovers
+    /// operations in flight, reattaches running machines.
     pub(crate) fn open(&self) -> anyhow::Result<AgentRole> {
         let driver = self.driver()?;
         let db = self.data_dir.join("agent.db");
-        let agent = Agent::open(AgentConfig::new(&db), driver)
+        let mut config = AgentConfig::new(&db);
+        let secrets_keys = Arc::new(self.secrets_keys(&config)?);
+        keys::AGENT_SECRETS.log_keys(&secrets_keys);
+        config.secrets_keys = Some(Arc::clone(&secrets_keys));
+        let agent = Agent::open(config, driver)
             .with_context(|| format!("open the agent's database {}", db.display()))?;
+        log_resealed(&secrets_keys, agent.secrets_resealed());
         let agent = Arc::new(agent);
         let handle = HostHandle {
             name: host_name(self.host_number),
@@ -150,7 +175,27 @@ impl AgentSettings {
     }
 }
 
-/// The name placement records use for host number `n`.
+/// Tells what the agent's re-sealing did: counts, machine ids, key ids; never a value.
+fn log_resealed(keys: &Keyring, report: &SecretsReseal) {
+    if report.forgotten > 0 {
+        eprintln!(
+            "aloftd: agent secrets: forgot {} copy(ies) of secrets in finished operations that another key sealed (nothing reads them again)",
+            report.forgotten
+        );
+    }
+    keys::AGENT_SECRETS.log_reseal(
+        keys,
+        (report.resealed > 0).then(|| {
+            format!(
+                "{} sealed value(s) of {} machine(s)",
+                report.resealed, report.machines
+            )
+        }),
+        &report.unreadable,
+        &[],
+    );
+}
+
 /// Whether machines can be jailed as `jail` says: aloftd runs as root (QEMU drops privileges
 /// and gets a cgroup), the user exists and the cgroup parent is a relative path. Checked at
 /// start-up so that a host that cannot jail says so before any machine is asked for.
@@ -170,6 +215,7 @@ fn check_jail(jail: &aloft_vm::JailSpec) -> anyhow::Result<()> {
     })
 }
 
+/// The name placement records use for host number `n`.
 pub(crate) fn host_name(n: u32) -> String {
     format!("host-{n}")
 }
@@ -202,10 +248,113 @@ mod tests {
             network: NetworkKind::None,
             host_number: 1,
             machines_netns: None,
+            secrets_key_previous: Vec::new(),
             jail: None,
         };
         let e = format!("{:#}", s.open().err().unwrap());
         assert!(e.contains("vmlinux") && e.contains("--guest-dir"), "{e}");
+    }
+
+    fn fake_settings(dir: &std::path::Path, previous: &[PathBuf]) -> AgentSettings {
+        AgentSettings {
+            data_dir: dir.to_owned(),
+            region: "local".into(),
+            driver: DriverKind::Fake,
+            guest_dir: None,
+            registry: None,
+            insecure_registries: Vec::new(),
+            network: NetworkKind::None,
+            host_number: 1,
+            machines_netns: None,
+            secrets_key_previous: previous.to_vec(),
+            jail: None,
+        }
+    }
+
+    /// A machine created with secret `DB`, through the agent role.
+    fn machine_with_secret(role: &AgentRole) -> aloft_api::MachineId {
+        let req = aloft_agent::CreateMachine {
+            app: "web".into(),
+            region: "local".into(),
+            org: 1,
+            config: aloft_api::MachineConfig {
+                image: Some("busybox".into()),
+                ..aloft_api::MachineConfig::default()
+            },
+            ..aloft_agent::CreateMachine::default()
+        };
+        let secrets = aloft_api::SecretEnv {
+            version: 1,
+            values: [("DB".to_owned(), "hunter2".to_owned())].into(),
+        };
+        let handle = role.agent.create_with_secrets(req, &secrets).unwrap();
+        handle.wait(std::time::Duration::from_secs(10)).unwrap();
+        handle.machine
+    }
+
+    /// Boots machine `id` once more (once whatever the agent resumed on opening settled).
+    fn boot(role: &AgentRole, id: &aloft_api::MachineId) -> Result<(), String> {
+        let t = std::time::Duration::from_secs(10);
+        let settled = role
+            .agent
+            .wait(id, &[aloft_api::WaitState::Settled], None, None, t)
+            .unwrap();
+        let op = if settled.state == aloft_api::MachineState::Started {
+            role.agent.restart(id, aloft_agent::StopOptions::default())
+        } else {
+            role.agent.start(id)
+        };
+        op.unwrap().wait(t).map(drop).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_agent_secrets_key_rotates_with_the_previous_key_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("agent-secrets.key");
+        let role = fake_settings(dir.path(), &[]).open().unwrap();
+        let id = machine_with_secret(&role);
+        drop(role);
+        let old = dir.path().join("agent-secrets.key.old");
+        std::fs::rename(&key, &old).unwrap();
+        let a_id = crate::keys::key_id_line(&old).unwrap();
+        let a_id = a_id.split_once("  ").unwrap().0;
+
+        // The old key not given: the agent opens, reports the value, and a boot of the machine
+        // fails naming A's id, the flag and the command that prints key files' ids.
+        let role = fake_settings(dir.path(), &[]).open().unwrap();
+        let report = role.agent.secrets_resealed().clone();
+        assert_eq!(report.unreadable.len(), 1, "{report:?}");
+        let e = boot(&role, &id).unwrap_err();
+        for part in [a_id, "--agent-secrets-key-previous", "aloftd key-id"] {
+            assert!(
+                report.unreadable[0].contains(part),
+                "{part:?} missing: {report:?}"
+            );
+            assert!(e.contains(part), "{part:?} missing: {e}");
+        }
+        drop(role);
+
+        // Given as previous key: re-sealed with the new key, and the machine boots again.
+        let role = fake_settings(dir.path(), std::slice::from_ref(&old))
+            .open()
+            .unwrap();
+        let report = role.agent.secrets_resealed().clone();
+        assert_eq!((report.resealed, report.machines), (1, 1), "{report:?}");
+        assert!(report.unreadable.is_empty(), "{report:?}");
+        boot(&role, &id).unwrap();
+        drop(role);
+
+        // The new key alone opens everything; a previous key file that does not exist is refused.
+        let role = fake_settings(dir.path(), &[]).open().unwrap();
+        assert_eq!(role.agent.secrets_resealed(), &SecretsReseal::default());
+        boot(&role, &id).unwrap();
+        drop(role);
+        let missing = dir.path().join("missing.key");
+        let e = format!(
+            "{:#}",
+            fake_settings(dir.path(), &[missing]).open().err().unwrap()
+        );
+        assert!(e.contains("--agent-secrets-key-previous"), "{e}");
     }
 
     #[test]

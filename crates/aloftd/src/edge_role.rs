@@ -221,20 +221,7 @@ fn local_addr(listeners: &[TcpListener]) -> std::io::Result<SocketAddr> {
 /// The keys custom domains' private keys are sealed with: the current one in `path`, created
 /// (with its directory, 0700) on first use, and the `previous` ones, which must exist.
 fn open_cert_keys(path: &std::path::Path, previous: &[PathBuf]) -> anyhow::Result<aloft_secretbox::Keyring> {
-    let mut ring = aloft_secretbox::Keyring::new(open_cert_key(path)?).with_hint(
-        "give this edge the key file with that id with --edge-cert-key-previous FILE \
-         (ALOFT_EDGE_CERT_KEY_PREVIOUS), or re-issue the certificate with `aloft certs check`",
-    );
-    for p in previous {
-        let key = aloft_secretbox::Key::load(p).with_context(|| {
-            format!(
-                "open the edge's previous certificate key {} (--edge-cert-key-previous)",
-                p.display()
-            )
-        })?;
-        ring = ring.with_previous(key);
-    }
-    Ok(ring)
+    crate::keys::EDGE_CERT.keyring(open_cert_key(path)?, previous)
 }
 
 /// The key custom domains' private keys are sealed with, created (with its directory, 0700) on

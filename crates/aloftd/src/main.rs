@@ -15,6 +15,11 @@
 //! cgroup per machine with its memory and CPU limits), which needs root; `--no-jail` is for
 //! development only. SIGTERM leaves machines running; the next start takes them over again.
 //!
+//! Sealing keys (docs/keys.md): app secrets (`<data dir>/secrets.key`), the agent's copy of
+//! machines' secrets (`<data dir>/agent-secrets.key`) and custom domains' private keys
+//! (`--edge-cert-key`), each rotated with a previous-key flag (`keys.rs`); `aloftd key-id FILE…`
+//! prints key files' ids, which errors about a missing key name.
+//!
 //! This crate only wires roles together: the API lives in `aloft-control`, state in
 //! `aloft-store`, machines in `aloft-agent`. Anything with logic of its own belongs in one of those crates, not here.
 //! Threading: a multi-threaded tokio runtime; blocking store calls use its blocking pool.
@@ -24,6 +29,7 @@ mod agent_role;
 mod catalog_role;
 mod cli_config;
 mod edge_role;
+mod keys;
 mod registry_role;
 
 use std::net::SocketAddr;
@@ -35,7 +41,7 @@ use std::time::Duration;
 use aloft_control::{ApiConfig, ApiState, NewToken};
 use aloft_store::{ControlStore, SqliteStore, Store};
 use anyhow::{Context as _, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -46,6 +52,9 @@ const BOOTSTRAP_ORG: &str = "personal";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    /// Without a command, aloftd runs (with the flags below).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where aloftd keeps its state (the control store `control.db`, …).
     #[arg(
         long,
@@ -188,6 +197,17 @@ struct Args {
         value_delimiter = ':'
     )]
     secrets_key_previous: Vec<PathBuf>,
+    /// A previous agent secrets key file, during a rotation (repeatable; in the environment,
+    /// files separated by `:`). It only opens: the secrets the agent keeps for machines' boots
+    /// that it sealed are sealed again with `<data dir>/agent-secrets.key` when aloftd starts,
+    /// after which it can be dropped.
+    #[arg(
+        long,
+        env = "ALOFT_AGENT_SECRETS_KEY_PREVIOUS",
+        value_name = "FILE",
+        value_delimiter = ':'
+    )]
+    agent_secrets_key_previous: Vec<PathBuf>,
     // ACME for custom domains (acme_issuer.rs).
     /// Get custom domains' certificates from this ACME CA (e.g.
     /// https://acme-v02.api.letsencrypt.org/directory); without it they come from the local CA.
@@ -203,6 +223,21 @@ struct Args {
     /// `tls-alpn-01` (it must reach --edge-https on port 443).
     #[arg(long, value_enum, default_value = "http-01", value_name = "TYPE")]
     acme_challenge: acme_issuer::AcmeChallenge,
+}
+
+/// aloftd's commands (without one, it runs).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print each key file's id (`ID  FILE`).
+    ///
+    /// The id is what sealed values record and what errors about a key that is not configured
+    /// name (docs/keys.md): it tells which file to give with a `--*-key-previous` flag.
+    KeyId {
+        /// Key files: `secrets.key`, `agent-secrets.key`, `edge/cert-seal.key` or copies of
+        /// previous ones (32 bytes, mode 0600).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 impl Args {
@@ -253,6 +288,7 @@ impl Args {
             network: self.network,
             host_number: self.host_number,
             machines_netns: self.machines_netns.clone(),
+            secrets_key_previous: self.agent_secrets_key_previous.clone(),
             jail: (!self.no_jail).then(|| aloft_vm::JailSpec {
                 user: self.jail_user.clone(),
                 cgroup_parent: self.cgroup_parent.clone(),
@@ -267,6 +303,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::KeyId { files }) = &args.command {
+        return keys::print_key_ids(files);
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -435,10 +474,10 @@ async fn serve(
         .context("first-start setup did not finish")??;
     // App secrets are sealed with a key kept in its own file, apart from control.db; previous
     // key files open what they sealed, which is sealed again with the current key now.
-    let secrets_keys = Arc::new(secrets_keyring(
-        &args.data_dir.join("secrets.key"),
-        &args.secrets_key_previous,
-    )?);
+    let secrets_key = args.data_dir.join("secrets.key");
+    let current = aloft_secretbox::Key::load_or_create(&secrets_key)
+        .with_context(|| format!("open the secrets key {}", secrets_key.display()))?;
+    let secrets_keys = Arc::new(keys::SECRETS.keyring(current, &args.secrets_key_previous)?);
     let control = ControlStore::new(Arc::clone(&store));
     let keys = Arc::clone(&secrets_keys);
     let resealed = tokio::task::spawn_blocking(move || {
@@ -512,54 +551,23 @@ async fn serve(
     Ok(())
 }
 
-/// The app secrets keys: the current one in `current` (created on first use) and the
-/// `previous` ones (`--secrets-key-previous`), which must exist.
-fn secrets_keyring(current: &Path, previous: &[PathBuf]) -> anyhow::Result<aloft_secretbox::Keyring> {
-    let key = aloft_secretbox::Key::load_or_create(current)
-        .with_context(|| format!("open the secrets key {}", current.display()))?;
-    let mut ring = aloft_secretbox::Keyring::new(key).with_hint(
-        "give aloftd the key file with that id with --secrets-key-previous FILE (ALOFT_SECRETS_KEY_PREVIOUS)",
-    );
-    for p in previous {
-        let key = aloft_secretbox::Key::load(p).with_context(|| {
-            format!(
-                "open the previous secrets key {} (--secrets-key-previous)",
-                p.display()
-            )
-        })?;
-        ring = ring.with_previous(key);
-    }
-    Ok(ring)
-}
-
 /// Tells what [`aloft_control::reseal_secrets`] did: counts, app and secret names, key ids;
 /// never a value.
 fn log_resealed(keys: &aloft_secretbox::Keyring, report: &aloft_control::ResealReport) {
-    if !keys.previous().is_empty() {
-        eprintln!("aloftd: secrets keys: {}", keys.describe());
-    }
-    if report.resealed > 0 {
-        eprintln!(
-            "aloftd: secrets: re-sealed {} secret(s) of {} app(s) with the current secrets key {}",
-            report.resealed,
-            report.apps,
-            keys.current().id()
-        );
-    }
-    for problem in &report.unreadable {
-        eprintln!("aloftd: secrets: cannot open {problem}");
-    }
-    for app in &report.busy {
-        eprintln!(
-            "aloftd: secrets: app {app}'s secrets kept changing while being re-sealed; the next start tries again"
-        );
-    }
-    if !keys.previous().is_empty() && report.unreadable.is_empty() && report.busy.is_empty() {
-        eprintln!(
-            "aloftd: secrets: every secret is sealed with the current key {}; the previous key files can be dropped",
-            keys.current().id()
-        );
-    }
+    keys::SECRETS.log_keys(keys);
+    let busy: Vec<String> = report
+        .busy
+        .iter()
+        .map(|app| {
+            format!("app {app}'s secrets kept changing while being re-sealed; the next start tries again")
+        })
+        .collect();
+    keys::SECRETS.log_reseal(
+        keys,
+        (report.resealed > 0).then(|| format!("{} secret(s) of {} app(s)", report.resealed, report.apps)),
+        &report.unreadable,
+        &busy,
+    );
 }
 
 #[cfg(test)]
@@ -611,6 +619,8 @@ mod tests {
             "/old/b.key",
             "--secrets-key-previous",
             "/old/s.key",
+            "--agent-secrets-key-previous",
+            "/old/agent.key",
         ])
         .unwrap();
         assert_eq!(
@@ -618,5 +628,20 @@ mod tests {
             [Path::new("/old/a.key"), Path::new("/old/b.key")]
         );
         assert_eq!(args.secrets_key_previous, [Path::new("/old/s.key")]);
+        assert_eq!(
+            args.agent_settings().secrets_key_previous,
+            [Path::new("/old/agent.key")]
+        );
+    }
+
+    #[test]
+    fn key_id_is_a_command_that_needs_files() {
+        let args = Args::try_parse_from(["aloftd", "key-id", "/a.key", "/b.key"]).unwrap();
+        assert!(
+            matches!(&args.command, Some(Command::KeyId { files }) if files == &[Path::new("/a.key"), Path::new("/b.key")]),
+            "{args:?}"
+        );
+        assert!(Args::try_parse_from(["aloftd", "key-id"]).is_err());
+        assert!(Args::try_parse_from(["aloftd"]).unwrap().command.is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! The real `aloftd` binary on a free port with a temporary data directory and CLI config
 //! directory: the first start writes the CLI's config, apps are created, listed and deleted over
 //! HTTP with that token, SIGTERM stops it with exit code 0 within a second, and a restart keeps
-//! both the token and the apps.
+//! both the token and the apps. Key rotations (app secrets, the agent's secrets, edge
+//! certificate keys) with previous keys, and `aloftd key-id`.
 
 #[cfg(test)]
 mod tests {
@@ -78,8 +79,14 @@ mod tests {
 
         /// … with `flags` only (the edge runs unless they say `--no-edge`).
         fn spawn(&self, port: u16, flags: &[&str]) -> Daemon {
+            self.spawn_env(port, flags, &[])
+        }
+
+        /// … and `vars` in its environment.
+        fn spawn_env(&self, port: u16, flags: &[&str], vars: &[(&str, &Path)]) -> Daemon {
             let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
                 .args(flags)
+                .envs(vars.iter().copied())
                 .args(["--driver", "fake"])
                 .arg("--data-dir")
                 .arg(&self.data)
@@ -422,6 +429,120 @@ mod tests {
         assert!(!status.success());
         let (_, stderr) = daemon.finish();
         assert!(stderr.contains("--secrets-key-previous"), "{stderr}");
+    }
+
+    /// `aloftd key-id FILE…`: its exit status, stdout and stderr.
+    fn key_id(files: &[&Path]) -> (ExitStatus, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_aloftd"))
+            .arg("key-id")
+            .args(files)
+            .env_remove("ALOFT_DATA_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    #[test]
+    fn key_id_prints_each_key_files_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+        let a_id = aloft_secretbox::Key::load_or_create(&a).unwrap().id();
+        let b_id = aloft_secretbox::Key::load_or_create(&b).unwrap().id();
+        let (status, stdout, _) = key_id(&[&a, &b]);
+        assert!(status.success());
+        assert_eq!(
+            stdout,
+            format!("{a_id}  {}\n{b_id}  {}\n", a.display(), b.display())
+        );
+        // A file that is no key file: said on stderr, the others still printed, exit code 1.
+        let missing = dir.path().join("missing.key");
+        let (status, stdout, stderr) = key_id(&[&missing, &a]);
+        assert!(!status.success());
+        assert_eq!(stdout, format!("{a_id}  {}\n", a.display()));
+        assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rotated_agent_secrets_key_reseals_machines_secrets_and_key_id_names_the_missing_key() {
+        const VALUE: &str = "agent-rotate-77d1";
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let (api_url, token) = read_config(&env.config_path());
+        let api = Client::new(&api_url, Some(&token));
+        let body = json!({"name": "web", "org_slug": "personal"});
+        let (s, body) = api
+            .call(reqwest::Method::POST, "/v1/apps?wait=true", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        let body = json!({"values": {"DB": VALUE}});
+        let (s, body) = api
+            .call(reqwest::Method::POST, "/v1/apps/web/secrets", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let body = json!({"config": {"image": "busybox"}});
+        let (s, body) = api
+            .call(reqwest::Method::POST, "/v1/apps/web/machines", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let machine = body["id"].as_str().unwrap().to_owned();
+        stop(daemon);
+
+        // The agent's key moved aside and not given: aloftd starts, and names the machine, the
+        // key id it needs (the one `aloftd key-id` prints for the old file) and the flag.
+        let key = env.data.join("agent-secrets.key");
+        let old = env.data.join("agent-secrets.key.old");
+        std::fs::rename(&key, &old).unwrap();
+        let (status, line, _) = key_id(&[&old]);
+        assert!(status.success());
+        let old_id = line.split_whitespace().next().unwrap().to_owned();
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        let cannot = stderr
+            .lines()
+            .find(|l| l.starts_with("aloftd: agent secrets: cannot open"))
+            .unwrap_or_else(|| panic!("no cannot-open line:\n{stderr}"));
+        for part in [
+            machine.as_str(),
+            &format!("sealed with key {old_id}"),
+            "--agent-secrets-key-previous",
+            "aloftd key-id",
+        ] {
+            assert!(cannot.contains(part), "{part:?} missing: {cannot}");
+        }
+
+        // Given as previous key (through the environment, as a service file would): re-sealed.
+        let mut daemon = env.spawn_env(
+            port,
+            &["--no-edge"],
+            &[("ALOFT_AGENT_SECRETS_KEY_PREVIOUS", &old)],
+        );
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        let new_id = aloft_secretbox::Key::load(&key).unwrap().id().to_string();
+        for part in [
+            format!("agent secrets keys: current {new_id}"),
+            format!("previous {old_id} ({})", old.display()),
+            format!(
+                "re-sealed 1 sealed value(s) of 1 machine(s) with the current agent secrets key {new_id}"
+            ),
+            "the previous key files can be dropped".to_owned(),
+        ] {
+            assert!(stderr.contains(&part), "{part:?} missing:\n{stderr}");
+        }
+        assert!(!stderr.contains(VALUE), "{stderr}");
+
+        // The new key alone opens everything.
+        let mut daemon = env.start(port);
+        daemon.wait_ready(port);
+        let stderr = stop(daemon);
+        assert!(!stderr.contains("agent secrets: cannot open"), "{stderr}");
     }
 
     /// Waits (at most 20 s) until `daemon`'s stderr contains `needle`.
