@@ -91,8 +91,8 @@ pub struct AgentConfig {
     /// previous keys only open what they sealed before a rotation, and [`Agent::open`] seals
     /// that again with the current key. The ring's hint ([`Keyring::with_hint`]) ends the error
     /// of a value whose key is missing: say there where the operator adds a previous key.
-    /// `None`: the key in [`AgentConfig::secrets_key_path`] alone (created on first use). A
-    /// caller that gives a ring makes its current key that file's.
+    /// `None`: the key in [`AgentConfig::secrets_key_path`] alone (created on first use); a
+    /// caller that gives a ring should make that file its current key (aloftd does).
     pub secrets_keys: Option<Arc<Keyring>>,
 }
 
