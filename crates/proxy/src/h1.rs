@@ -46,7 +46,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version, request, response};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::http::{Body, BoxError};
@@ -54,13 +54,13 @@ use crate::http::{Body, BoxError};
 /// The largest answer head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header lines an answer head (or its trailers) may have, as hyper's default.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// The largest trailer section accepted.
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Chunk-extension bytes accepted over one body (hyper's bound too).
 const MAX_CHUNK_EXT: usize = 16 * 1024;
 /// The first read's room; it doubles while reads fill it, up to `READ_MAX`.
-const READ_MIN: usize = 8 * 1024;
+pub(crate) const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 256 * 1024;
 
 /// Why a request or its answer failed on an HTTP/1.1 connection to a machine.
@@ -93,25 +93,29 @@ pub(crate) enum H1Fail {
     Sent(H1Error),
 }
 
-/// How a request body goes out.
+/// How a body goes out (a request's to a machine, or an answer's to a client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReqFraming {
+pub(crate) enum BodyFraming {
     /// No body.
     None,
     /// Exactly this many bytes (left to write).
     Length(u64),
     /// `transfer-encoding: chunked`.
     Chunked,
+    /// Until the connection closes (an answer to an HTTP/1.0 client, of unknown length).
+    Close,
 }
 
-/// A request body being written.
-struct Sending {
-    body: Body,
-    framing: ReqFraming,
+/// A body being written.
+pub(crate) struct Sending {
+    pub(crate) body: Body,
+    pub(crate) framing: BodyFraming,
+    /// Trailers are written (chunked only; else they are dropped).
+    pub(crate) trailers: bool,
 }
 
-/// Why writing the request body stopped.
-enum SendFail {
+/// Why writing a body stopped.
+pub(crate) enum SendFail {
     Io(io::Error),
     Other(H1Error),
 }
@@ -131,11 +135,11 @@ pub(crate) enum Framing {
 }
 
 impl Framing {
-    /// As hyper's `Incoming` reports it (hyper's server frames the answer to the client by it).
+    /// As hyper's `Incoming` reports it (the servers frame the answer to the client by it).
     pub(crate) fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty | Self::Done | Self::Length(0) => true,
-            // Done once its trailers were passed on (hyper's server polls no further).
+            // Done once its trailers were passed on (the servers poll no further).
             Self::Chunked(dec) => dec.is_done(),
             Self::Length(_) | Self::Close => false,
         }
@@ -158,16 +162,10 @@ pub(crate) struct H1Conn {
     rbuf: BytesMut,
     /// Room to make for the next read.
     read_size: usize,
-    /// What to write next: `wbuf[wpos..]` (a head, a chunk's size line), then `wdata`, then
-    /// `wtail` (a chunk's CRLF, the last chunk).
-    wbuf: Vec<u8>,
-    wpos: usize,
-    wdata: Bytes,
-    wtail: &'static [u8],
+    /// What to write next.
+    out: Out,
     /// The request body still to write.
     sending: Option<Sending>,
-    /// Some of the current request was written.
-    wrote: bool,
     /// A write failed after some of the request was written; the answer is still read.
     write_failed: Option<io::Error>,
     /// Both sides want the connection kept open after this exchange.
@@ -183,12 +181,8 @@ impl H1Conn {
             io,
             rbuf: BytesMut::new(),
             read_size: READ_MIN,
-            wbuf: Vec::new(),
-            wpos: 0,
-            wdata: Bytes::new(),
-            wtail: &[],
+            out: Out::default(),
             sending: None,
-            wrote: false,
             write_failed: None,
             keep_alive: true,
             spans: Vec::new(),
@@ -201,7 +195,7 @@ impl H1Conn {
     fn finished_cleanly(&self) -> bool {
         self.keep_alive
             && self.sending.is_none()
-            && self.out_is_empty()
+            && self.out.is_empty()
             && self.write_failed.is_none()
             && self.rbuf.is_empty()
     }
@@ -227,31 +221,36 @@ impl H1Conn {
         extra: &[(HeaderName, HeaderValue)],
         body: Body,
     ) -> Result<(response::Parts, Framing), H1Fail> {
+        self.out.reset();
         let (framing, close) = encode_head(
-            &mut self.wbuf,
+            &mut self.out.buf,
             head,
             host,
             extra,
             body.is_end_stream(),
             body.size_hint().exact(),
         );
-        self.wpos = 0;
-        self.wrote = false;
         self.write_failed = None;
         self.keep_alive = !close;
         let mut unsent = None;
         match framing {
-            ReqFraming::None => unsent = Some(body),
-            framing => self.sending = Some(Sending { body, framing }),
+            BodyFraming::None => unsent = Some(body),
+            framing => {
+                self.sending = Some(Sending {
+                    body,
+                    framing,
+                    trailers: false,
+                });
+            }
         }
         let head_request = head.method == Method::HEAD;
         let answer = poll_fn(|cx| self.poll_head(cx, head_request)).await;
         match answer {
             Ok(a) => Ok(a),
-            Err(e) if !self.wrote && !matches!(e, H1Error::Body(_) | H1Error::BodyLength(_)) => {
+            Err(e) if !self.out.wrote && !matches!(e, H1Error::Body(_) | H1Error::BodyLength(_)) => {
                 // Nothing of it went out: the machine had closed the connection.
                 let rest = self.sending.take().map(|s| s.body).or(unsent);
-                let prefix = std::mem::take(&mut self.wdata);
+                let prefix = self.out.take_data();
                 self.keep_alive = false;
                 Err(H1Fail::NotSent(
                     crate::http::Prefixed { prefix, rest }.boxed_unsync(),
@@ -356,9 +355,7 @@ impl H1Conn {
     }
 
     fn reserve_read(&mut self) {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_MIN / 4 {
-            self.rbuf.reserve(self.read_size);
-        }
+        reserve_read(&mut self.rbuf, self.read_size);
     }
 
     /// Reads more of the answer into `rbuf`; `Ok(0)`: the machine closed the connection.
@@ -368,138 +365,22 @@ impl H1Conn {
     /// next read (or [`H1Conn::reusable`]'s check) waits for the reactor instead of costing a
     /// `recvfrom` that would block: one syscall less per request.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.reserve_read();
-        let room = self.rbuf.capacity() - self.rbuf.len();
-        let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
-        let n = ready!(read.poll(cx))?;
-        if n == room && self.read_size < READ_MAX {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn out_is_empty(&self) -> bool {
-        self.wpos >= self.wbuf.len() && self.wdata.is_empty() && self.wtail.is_empty()
-    }
-
-    /// Writes what is queued.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let head = &self.wbuf[self.wpos.min(self.wbuf.len())..];
-            if head.is_empty() && self.wdata.is_empty() && self.wtail.is_empty() {
-                self.wbuf.clear();
-                self.wpos = 0;
-                return Poll::Ready(Ok(()));
-            }
-            let res = if self.wdata.is_empty() && self.wtail.is_empty() {
-                self.io.try_write(head)
-            } else {
-                let parts = [
-                    IoSlice::new(head),
-                    IoSlice::new(&self.wdata),
-                    IoSlice::new(self.wtail),
-                ];
-                self.io.try_write_vectored(&parts)
-            };
-            match res {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(mut n) => {
-                    self.wrote = true;
-                    let from_head = n.min(head.len());
-                    self.wpos += from_head;
-                    n -= from_head;
-                    let from_data = n.min(self.wdata.len());
-                    self.wdata.advance(from_data);
-                    n -= from_data;
-                    self.wtail = &self.wtail[n.min(self.wtail.len())..];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.io.poll_write_ready(cx))?,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    /// Writes the request head and body as far as they can go now.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendFail>> {
-        loop {
-            if self.wdata.is_empty()
-                && self.wtail.is_empty()
-                && let Some(s) = &mut self.sending
-            {
-                match Pin::new(&mut s.body).poll_frame(cx) {
-                    Poll::Pending => {
-                        if self.out_is_empty() {
-                            return Poll::Pending;
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        self.wtail = end_of_body(s.framing).map_err(SendFail::Other)?;
-                        self.sending = None;
-                    }
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(SendFail::Other(H1Error::Body(e)))),
-                    Poll::Ready(Some(Ok(frame))) => {
-                        // Trailers are not forwarded (see the module doc).
-                        let Ok(data) = frame.into_data() else { continue };
-                        let last = s.body.is_end_stream();
-                        if !data.is_empty() {
-                            if self.wpos >= self.wbuf.len() {
-                                self.wbuf.clear();
-                                self.wpos = 0;
-                            }
-                            match &mut s.framing {
-                                ReqFraming::Length(left) => {
-                                    *left = left
-                                        .checked_sub(data.len() as u64)
-                                        .ok_or(SendFail::Other(H1Error::BodyLength("longer")))?;
-                                }
-                                _ => {
-                                    write_hex(&mut self.wbuf, data.len() as u64, 1);
-                                    self.wbuf.extend_from_slice(b"\r\n");
-                                    self.wtail = b"\r\n";
-                                }
-                            }
-                            self.wdata = data;
-                        }
-                        if last {
-                            let end = end_of_body(s.framing).map_err(SendFail::Other)?;
-                            if !end.is_empty() {
-                                self.wtail = if self.wtail.is_empty() {
-                                    end
-                                } else {
-                                    b"\r\n0\r\n\r\n"
-                                };
-                            }
-                            self.sending = None;
-                        }
-                        continue;
-                    }
-                }
-            }
-            if self.out_is_empty() {
-                if self.sending.is_none() {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            ready!(self.poll_flush(cx)).map_err(SendFail::Io)?;
-        }
+        poll_read_buf(cx, &mut self.io, &mut self.rbuf, &mut self.read_size)
     }
 
     /// Moves the request along; a write that fails after some of it went out stops the writing
     /// (the machine may have answered and closed) and leaves the answer to be read.
     fn progress_send(&mut self, cx: &mut Context<'_>) -> Result<(), H1Error> {
-        if self.sending.is_none() && self.out_is_empty() {
+        if self.sending.is_none() && self.out.is_empty() {
             return Ok(());
         }
-        match self.poll_send(cx) {
+        match self.out.poll_send(cx, &mut self.io, &mut self.sending) {
             Poll::Ready(Ok(())) | Poll::Pending => Ok(()),
             Poll::Ready(Err(SendFail::Other(e))) => Err(e),
-            Poll::Ready(Err(SendFail::Io(e))) if !self.wrote => Err(H1Error::Write(e)),
+            Poll::Ready(Err(SendFail::Io(e))) if !self.out.wrote => Err(H1Error::Write(e)),
             Poll::Ready(Err(SendFail::Io(e))) => {
                 self.sending = None;
-                self.wpos = self.wbuf.len();
-                self.wdata = Bytes::new();
-                self.wtail = &[];
+                self.out.abandon();
                 self.write_failed = Some(e);
                 self.keep_alive = false;
                 Ok(())
@@ -508,12 +389,229 @@ impl H1Conn {
     }
 }
 
-/// What ends a request body framed so: nothing, or chunked's last chunk.
-fn end_of_body(framing: ReqFraming) -> Result<&'static [u8], H1Error> {
+/// Makes room in `buf` for a read of `read_size` when little is left.
+fn reserve_read(buf: &mut BytesMut, read_size: usize) {
+    if buf.capacity() - buf.len() < READ_MIN / 4 {
+        buf.reserve(read_size);
+    }
+}
+
+/// Reads from `io` into `buf` (made room for first); `Ok(0)`: the peer closed its side.
+/// `read_size` (start at [`READ_MIN`]) doubles while reads fill the room they had, up to
+/// `READ_MAX`.
+///
+/// Through tokio's `AsyncRead` rather than `try_read_buf`: a read that fills less than the
+/// room it had drained the socket, and tokio then forgets the socket's readiness, so the next
+/// read waits for the reactor instead of costing a `recvfrom` that would block.
+pub(crate) fn poll_read_buf<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    io: &mut R,
+    buf: &mut BytesMut,
+    read_size: &mut usize,
+) -> Poll<io::Result<usize>> {
+    reserve_read(buf, *read_size);
+    let room = buf.capacity() - buf.len();
+    let read = std::pin::pin!(io.read_buf(buf));
+    let n = ready!(read.poll(cx))?;
+    if n == room && *read_size < READ_MAX {
+        *read_size *= 2;
+    }
+    Poll::Ready(Ok(n))
+}
+
+/// What ends a body framed so: nothing, or chunked's last chunk.
+fn end_of_body(framing: BodyFraming) -> Result<&'static [u8], H1Error> {
     match framing {
-        ReqFraming::Chunked => Ok(b"0\r\n\r\n"),
-        ReqFraming::Length(0) | ReqFraming::None => Ok(&[]),
-        ReqFraming::Length(_) => Err(H1Error::BodyLength("shorter")),
+        BodyFraming::Chunked => Ok(b"0\r\n\r\n"),
+        BodyFraming::Length(0) | BodyFraming::None | BodyFraming::Close => Ok(&[]),
+        BodyFraming::Length(_) => Err(H1Error::BodyLength("shorter")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing.
+
+/// Bytes queued for a connection: `buf[pos..]` (a head, a chunk's size line), then `data` (a
+/// body frame's bytes, not copied), then `tail` (a chunk's CRLF, the last chunk), written
+/// together in one vectored write when the socket takes them.
+#[derive(Debug, Default)]
+pub(crate) struct Out {
+    pub(crate) buf: Vec<u8>,
+    pos: usize,
+    data: Bytes,
+    tail: &'static [u8],
+    /// Something was written since [`Out::reset`].
+    pub(crate) wrote: bool,
+}
+
+impl Out {
+    /// Forgets what was queued, for a new message.
+    pub(crate) fn reset(&mut self) {
+        self.buf.clear();
+        self.pos = 0;
+        self.data = Bytes::new();
+        self.tail = &[];
+        self.wrote = false;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len() && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    /// Drops what is queued and not written (the write failed).
+    pub(crate) fn abandon(&mut self) {
+        self.pos = self.buf.len();
+        self.data = Bytes::new();
+        self.tail = &[];
+    }
+
+    /// The body frame's bytes not written yet.
+    fn take_data(&mut self) -> Bytes {
+        std::mem::take(&mut self.data)
+    }
+
+    /// Room to queue more after what `buf` holds (written bytes dropped).
+    fn compact(&mut self) {
+        if self.pos >= self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+    }
+
+    /// Writes what is queued, then flushes `io` (a TLS stream's records).
+    pub(crate) fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let head = &self.buf[self.pos.min(self.buf.len())..];
+            if head.is_empty() && self.data.is_empty() && self.tail.is_empty() {
+                self.buf.clear();
+                self.pos = 0;
+                return Pin::new(io).poll_flush(cx);
+            }
+            let n = if self.data.is_empty() && self.tail.is_empty() {
+                ready!(Pin::new(&mut *io).poll_write(cx, head))?
+            } else {
+                let parts = [
+                    IoSlice::new(head),
+                    IoSlice::new(&self.data),
+                    IoSlice::new(self.tail),
+                ];
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &parts))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wrote = true;
+            let mut n = n;
+            let from_head = n.min(head.len());
+            self.pos += from_head;
+            n -= from_head;
+            let from_data = n.min(self.data.len());
+            self.data.advance(from_data);
+            n -= from_data;
+            self.tail = &self.tail[n.min(self.tail.len())..];
+        }
+    }
+
+    /// Writes what is queued and the body `sending` holds (taken when it ended), as far as they
+    /// can go now; `Ready(Ok(()))` once all of it was written.
+    pub(crate) fn poll_send<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+        sending: &mut Option<Sending>,
+    ) -> Poll<Result<(), SendFail>> {
+        loop {
+            if self.data.is_empty()
+                && self.tail.is_empty()
+                && let Some(s) = sending
+            {
+                match Pin::new(&mut s.body).poll_frame(cx) {
+                    Poll::Pending => {
+                        if self.is_empty() {
+                            return Poll::Pending;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        self.tail = end_of_body(s.framing).map_err(SendFail::Other)?;
+                        *sending = None;
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(SendFail::Other(H1Error::Body(e)))),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let data = match frame.into_data() {
+                            Ok(data) => data,
+                            Err(frame) => {
+                                // Trailers: written when the body is chunked and they are
+                                // wanted (see the module doc), else dropped.
+                                if let (Ok(trailers), BodyFraming::Chunked, true) =
+                                    (frame.into_trailers(), s.framing, s.trailers)
+                                {
+                                    self.compact();
+                                    self.buf.extend_from_slice(b"0\r\n");
+                                    encode_fields(&mut self.buf, &trailers);
+                                    self.buf.extend_from_slice(b"\r\n");
+                                    *sending = None;
+                                }
+                                continue;
+                            }
+                        };
+                        let last = s.body.is_end_stream();
+                        if !data.is_empty() {
+                            self.compact();
+                            match &mut s.framing {
+                                BodyFraming::Length(left) => {
+                                    *left = left
+                                        .checked_sub(data.len() as u64)
+                                        .ok_or(SendFail::Other(H1Error::BodyLength("longer")))?;
+                                }
+                                BodyFraming::Chunked => {
+                                    write_hex(&mut self.buf, data.len() as u64, 1);
+                                    self.buf.extend_from_slice(b"\r\n");
+                                    self.tail = b"\r\n";
+                                }
+                                BodyFraming::Close => {}
+                                // Nothing is written of a body framed so.
+                                BodyFraming::None => {
+                                    *sending = None;
+                                    continue;
+                                }
+                            }
+                            self.data = data;
+                        }
+                        // A body that ends short of its length fails once what it gave was
+                        // written (the next poll finds its end).
+                        if last && let Ok(end) = end_of_body(s.framing) {
+                            if !end.is_empty() {
+                                self.tail = if self.tail.is_empty() {
+                                    end
+                                } else {
+                                    b"\r\n0\r\n\r\n"
+                                };
+                            }
+                            *sending = None;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if self.is_empty() && sending.is_none() {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_flush(cx, io)).map_err(SendFail::Io)?;
+        }
+    }
+}
+
+/// Writes header fields (`name: value` lines).
+pub(crate) fn encode_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
     }
 }
 
@@ -531,7 +629,7 @@ fn encode_head(
     extra: &[(HeaderName, HeaderValue)],
     ended: bool,
     exact: Option<u64>,
-) -> (ReqFraming, bool) {
+) -> (BodyFraming, bool) {
     buf.clear();
     buf.extend_from_slice(parts.method.as_str().as_bytes());
     buf.push(b' ');
@@ -570,22 +668,22 @@ fn encode_head(
         if !seen.chunked {
             buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
-        (ReqFraming::Chunked, None)
+        (BodyFraming::Chunked, None)
     } else if let Some(n) = given_len {
         let framing = if ended && n == 0 {
-            ReqFraming::None
+            BodyFraming::None
         } else {
-            ReqFraming::Length(n)
+            BodyFraming::Length(n)
         };
         (framing, Some(n))
     } else if ended {
         let zero = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
-        (ReqFraming::None, zero.then_some(0))
+        (BodyFraming::None, zero.then_some(0))
     } else if let Some(n) = exact {
-        (ReqFraming::Length(n), Some(n))
+        (BodyFraming::Length(n), Some(n))
     } else {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        (ReqFraming::Chunked, None)
+        (BodyFraming::Chunked, None)
     };
     if let Some(n) = write_len {
         buf.extend_from_slice(b"content-length: ");
@@ -598,7 +696,7 @@ fn encode_head(
 
 /// Which framing header [`FramingHeaders::note`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Noted {
+pub(crate) enum Noted {
     ContentLength,
     TransferEncoding,
     Connection,
@@ -607,18 +705,24 @@ enum Noted {
 /// What a message's framing headers say, noted while going over its headers once (comparing
 /// standard names is cheap; looking each one up in a `HeaderMap` is not).
 #[derive(Debug)]
-struct FramingHeaders {
+pub(crate) struct FramingHeaders {
     /// `Content-Length`: `Ok(None)` when there is none, `Err` when a value is not a number or
     /// values differ.
-    len: Result<Option<u64>, ()>,
+    pub(crate) len: Result<Option<u64>, ()>,
     /// There is a `Transfer-Encoding`…
-    te: bool,
+    pub(crate) te: bool,
     /// …and its last coding is `chunked`.
-    chunked: bool,
+    pub(crate) chunked: bool,
     /// `Connection` lists `close`.
-    close: bool,
+    pub(crate) close: bool,
     /// `Connection` lists `keep-alive`.
-    keep_alive: bool,
+    pub(crate) keep_alive: bool,
+    /// `Connection` lists `upgrade`, and there is an `Upgrade` header.
+    pub(crate) upgrade: (bool, bool),
+    /// `Expect: 100-continue` (a request's).
+    pub(crate) expect_continue: bool,
+    /// `TE` lists `trailers` (a request's: its client takes trailers).
+    pub(crate) te_trailers: bool,
 }
 
 impl Default for FramingHeaders {
@@ -629,12 +733,15 @@ impl Default for FramingHeaders {
             chunked: false,
             close: false,
             keep_alive: false,
+            upgrade: (false, false),
+            expect_continue: false,
+            te_trailers: false,
         }
     }
 }
 
 impl FramingHeaders {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) -> Option<Noted> {
+    pub(crate) fn note(&mut self, name: &HeaderName, value: &[u8]) -> Option<Noted> {
         if name == header::CONTENT_LENGTH {
             for part in value.split(|&b| b == b',') {
                 self.len = match (self.len, parse_decimal(part.trim_ascii())) {
@@ -655,15 +762,25 @@ impl FramingHeaders {
             for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 self.close |= t.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                self.upgrade.0 |= t.eq_ignore_ascii_case(b"upgrade");
             }
             Some(Noted::Connection)
         } else {
+            if name == header::UPGRADE {
+                self.upgrade.1 = true;
+            } else if name == header::EXPECT {
+                self.expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            } else if name == header::TE {
+                self.te_trailers |= value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            }
             None
         }
     }
 }
 
-fn write_dec(buf: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn write_dec(buf: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -744,25 +861,7 @@ fn parse_head(
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    let mut seen = FramingHeaders::default();
-    for &[ns, ne, vs, ve] in spans.iter() {
-        let name =
-            HeaderName::from_bytes(&head[ns..ne]).map_err(|_| H1Error::Malformed("invalid header name"))?;
-        seen.note(&name, &head[vs..ve]);
-        // What only this connection is told (`Connection: keep-alive` or `close`, `Keep-Alive`)
-        // is noted above and not kept: the edge would strip it from the answer anyway
-        // (`strip_hop_by_hop`), and removing it from the map costs more than not adding it. A
-        // Connection header naming other headers stays, for the strip to remove those too.
-        if name == crate::http::names::KEEP_ALIVE
-            || (name == header::CONNECTION && only_persistence(&head[vs..ve]))
-        {
-            continue;
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| H1Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let (headers, seen) = fields_of(&head, spans).map_err(H1Error::Malformed)?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = if version == 0 {
@@ -781,6 +880,33 @@ fn parse_head(
         }
     }
     Ok(Some((parts, seen)))
+}
+
+/// The header fields of a head parsed into `head` at `spans` (name start and end, value start
+/// and end), and what its framing headers say. Values are slices of `head`, not copies.
+///
+/// What only this connection is told (`Connection: keep-alive` or `close`, `Keep-Alive`) is
+/// noted and not kept: the edge strips it anyway (`strip_hop_by_hop`), and removing it from
+/// the map costs more than not adding it. A Connection header naming other headers (or
+/// `upgrade`) stays, for the strip to remove those too.
+pub(crate) fn fields_of(
+    head: &Bytes,
+    spans: &[[usize; 4]],
+) -> Result<(HeaderMap, FramingHeaders), &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut seen = FramingHeaders::default();
+    for &[ns, ne, vs, ve] in spans {
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
+        seen.note(&name, &head[vs..ve]);
+        if name == crate::http::names::KEEP_ALIVE
+            || (name == header::CONNECTION && only_persistence(&head[vs..ve]))
+        {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok((headers, seen))
 }
 
 /// Whether a Connection header's value names nothing but the connection's persistence
@@ -835,7 +961,7 @@ fn answer_keeps_alive(version: Version, seen: &FramingHeaders) -> bool {
     }
 }
 
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
+pub(crate) fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
@@ -1207,7 +1333,7 @@ mod tests {
         ));
         assert!(f("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
         assert!(matches!(f("HTTP/1.1 200 OK\r\n\r\n"), Ok(Framing::Close)));
-        // What hyper's Incoming reported, which hyper's server frames the answer by.
+        // What hyper's Incoming reported, which the servers frame the answer by.
         assert_eq!(Framing::Length(5).size_hint().exact(), Some(5));
         assert!(Framing::Length(0).is_end_stream() && Framing::Empty.is_end_stream());
         assert_eq!(Framing::Empty.size_hint().exact(), Some(0));
@@ -1227,7 +1353,7 @@ mod tests {
         assert!(keeps("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"));
     }
 
-    fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, ReqFraming) {
+    fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, BodyFraming) {
         let (parts, ()) = req.body(()).unwrap().into_parts();
         let mut buf = b"garbage".to_vec();
         let (framing, _) = encode_head(&mut buf, &parts, None, &[], ended, exact);
@@ -1243,22 +1369,22 @@ mod tests {
         };
         let (h, f) = encoded(get(), true, Some(0));
         assert_eq!(h, "GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-two: 1\r\n\r\n");
-        assert_eq!(f, ReqFraming::None);
+        assert_eq!(f, BodyFraming::None);
         let (h, f) = encoded(Request::post("/").header("host", "h"), true, Some(0));
         assert_eq!(h, "POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n");
-        assert_eq!(f, ReqFraming::None);
+        assert_eq!(f, BodyFraming::None);
         let (h, f) = encoded(Request::delete("/").header("host", "h"), true, Some(0));
         assert_eq!(h, "DELETE / HTTP/1.1\r\nhost: h\r\n\r\n");
-        assert_eq!(f, ReqFraming::None);
+        assert_eq!(f, BodyFraming::None);
         let (h, f) = encoded(Request::put("/x").header("content-length", "12"), false, None);
         assert_eq!(h, "PUT /x HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
-        assert_eq!(f, ReqFraming::Length(12));
+        assert_eq!(f, BodyFraming::Length(12));
         let (h, f) = encoded(Request::put("/x"), false, Some(1234567890));
         assert_eq!(h, "PUT /x HTTP/1.1\r\ncontent-length: 1234567890\r\n\r\n");
-        assert_eq!(f, ReqFraming::Length(1234567890));
+        assert_eq!(f, BodyFraming::Length(1234567890));
         let (h, f) = encoded(Request::post("/x").header("content-length", "x"), false, None);
         assert_eq!(h, "POST /x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
-        assert_eq!(f, ReqFraming::Chunked);
+        assert_eq!(f, BodyFraming::Chunked);
         let (h, f) = encoded(
             Request::post("/x")
                 .header("transfer-encoding", "gzip")
@@ -1270,7 +1396,7 @@ mod tests {
             h,
             "POST /x HTTP/1.1\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        assert_eq!(f, ReqFraming::Chunked);
+        assert_eq!(f, BodyFraming::Chunked);
         let (h, _) = encoded(Request::options("*"), true, None);
         assert_eq!(h, "OPTIONS * HTTP/1.1\r\n\r\n");
         // A Content-Length goes after the other headers, once.
@@ -1283,7 +1409,7 @@ mod tests {
             Some(2),
         );
         assert_eq!(h, "POST / HTTP/1.1\r\na: b\r\ncontent-length: 2\r\n\r\n");
-        assert_eq!(f, ReqFraming::Length(2));
+        assert_eq!(f, BodyFraming::Length(2));
         // A request that says close is noted.
         let (parts, ()) = Request::get("/")
             .header("connection", "Close")

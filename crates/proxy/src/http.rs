@@ -19,10 +19,12 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::balance::{self, Choice, Want};
 use crate::error::{self, ProxyCode};
+use crate::h1_server;
 use crate::load::LoadGuard;
 use crate::routes::{AppRoutes, MachineRoute};
 use crate::upstream::{SendError, UpstreamBody};
@@ -113,7 +115,7 @@ impl Edge {
             if https {
                 edge.serve_tls_conn(stream, info).await;
             } else {
-                edge.serve_conn(TokioIo::new(stream), info).await;
+                edge.serve_conn(stream, info, false).await;
             }
         })
         .await;
@@ -169,17 +171,40 @@ impl Edge {
             return;
         }
         info.sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
-        self.serve_conn(TokioIo::new(tls_stream), info).await;
+        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve_conn(tls_stream, info, h2).await;
     }
 
-    /// Serves HTTP/1.1 or HTTP/2 (detected from the preface) on one client connection.
-    pub(crate) async fn serve_conn<I>(self: Arc<Self>, io: I, info: ConnInfo)
+    /// Serves one client connection: HTTP/2 when `h2` (negotiated by ALPN) or when the client
+    /// opens with HTTP/2's preface, else HTTP/1.x with the edge's own server (`h1_server`).
+    pub(crate) async fn serve_conn<I>(self: Arc<Self>, io: I, info: ConnInfo, h2: bool)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let svc = (self, info);
+        if h2 {
+            return Self::serve_h2(io, svc).await;
+        }
+        let limits = h1_server::Limits {
+            head_timeout: svc.0.config.header_read_timeout,
+            max_head: svc.0.config.max_header_bytes.max(8192),
+        };
+        match h1_server::serve(io, limits, &svc).await {
+            h1_server::Ended::Done => {}
+            h1_server::Ended::H2(io) => Self::serve_h2(io, svc).await,
+        }
+    }
+
+    /// Serves HTTP/2 on a client connection with hyper.
+    async fn serve_h2<I>(io: I, svc: (Arc<Self>, ConnInfo))
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeout = svc.0.config.header_read_timeout;
+        let max_header_list = u32::try_from(svc.0.config.max_header_bytes).unwrap_or(u32::MAX);
         // The edge and the connection's facts, in one allocation of the connection's own: a
         // request clones this, not the edge's `Arc`, whose count every worker would write.
-        let ctx = Arc::new((self.clone(), info));
+        let ctx = Arc::new(svc);
         let asked = Arc::new(AtomicBool::new(false));
         let asked2 = asked.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -187,30 +212,73 @@ impl Edge {
             let ctx = ctx.clone();
             async move {
                 let (edge, info) = &*ctx;
-                Ok::<_, Infallible>(edge.handle(req, info).await)
+                Ok::<_, Infallible>(edge.handle(req.map(RequestBody::H2), info).await)
             }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout)
-            .max_buf_size(self.config.max_header_bytes.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
-        let conn = builder.serve_connection_with_upgrades(io, svc);
+            .max_header_list_size(max_header_list)
+            .serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
-        // hyper's header_read_timeout starts only once HTTP/1 was recognised: a client that sends
-        // nothing, or part of the HTTP/2 preface, would hold the connection forever. It must
-        // have sent a whole first request within header_read_timeout.
+        // A client that sends nothing, or never a request, would hold the connection forever:
+        // it must have sent a first request within the head timeout.
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = tokio::time::sleep(self.config.header_read_timeout) => {}
+            () = tokio::time::sleep(timeout) => {}
         }
         if asked.load(Ordering::Acquire) {
             let _ = conn.await;
+        }
+    }
+}
+
+impl h1_server::Service for (Arc<Edge>, ConnInfo) {
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Body>> + Send + '_ {
+        self.0.handle(req, &self.1)
+    }
+}
+
+/// A client's request body: read by the edge's HTTP/1 server, or hyper's HTTP/2 one.
+#[derive(Debug)]
+pub(crate) enum RequestBody {
+    Empty,
+    /// Read whole with the head; taken once.
+    Full(Option<Bytes>),
+    H1(h1_server::Streamed),
+    H2(Incoming),
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty | Self::Full(None) => true,
+            Self::Full(Some(_)) => false,
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty | Self::Full(None) => SizeHint::with_exact(0),
+            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
         }
     }
 }
@@ -307,7 +375,7 @@ enum Forwarded {
 }
 
 impl Edge {
-    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let rid = RequestId::new(&self.config.region);
         if let Some(resp) = self.acme_http_challenge(&req) {
@@ -372,7 +440,7 @@ impl Edge {
         resp
     }
 
-    fn acme_http_challenge(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+    fn acme_http_challenge(&self, req: &Request<RequestBody>) -> Option<Response<Body>> {
         let token = req.uri().path().strip_prefix("/.well-known/acme-challenge/")?;
         let answer = (self.acme_http.get()?.0)(token)?;
         let mut resp = Response::new(full(answer));
@@ -386,7 +454,7 @@ impl Edge {
     fn force_https(
         &self,
         app: &AppRoutes,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         host: &str,
         conn: &ConnInfo,
     ) -> Option<Response<Body>> {
@@ -417,7 +485,7 @@ impl Edge {
     /// Forwards a (non-upgrade) request, following replays.
     async fn forward(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         first_app: Arc<AppRoutes>,
         route: &mut Route,
         conn: &ConnInfo,
@@ -738,14 +806,13 @@ impl Edge {
 
     async fn forward_upgrade(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<RequestBody>,
         app: &Arc<AppRoutes>,
         route: &Route,
         conn: &ConnInfo,
         rid: &RequestId,
         own: &EdgeHeaders,
     ) -> Response<Body> {
-        let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, body) = req.into_parts();
         // An upgrade request normally has no body: then a connect that fails (nothing was
         // sent) is retried on another machine, as for other requests.
@@ -771,7 +838,7 @@ impl Edge {
             };
             let addr = SocketAddr::new(ip, port);
             let upstream_body = match body.take() {
-                Some(b) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+                Some(b) => b.boxed_unsync(),
                 None => empty(),
             };
             let upstream = build_upstream(&parts, own, addr, false, upstream_body);
@@ -803,17 +870,14 @@ impl Edge {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             return finish_response(resp, guard, service, rid);
         }
-        let backend_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            let _guard = guard;
-            if let (Ok(client), Ok(backend)) = (client_upgrade.await, backend_upgrade.await) {
-                let mut client = TokioIo::new(client);
-                let mut backend = TokioIo::new(backend);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
-            }
+        // The edge's HTTP/1 server joins the client to the machine once it wrote the answer.
+        let tunnel = h1_server::TunnelSlot::new(h1_server::Tunnel {
+            other: hyper::upgrade::on(&mut resp),
+            hold: Box::new(guard),
         });
         let (parts, _) = resp.into_parts();
         let mut out = Response::from_parts(parts, empty());
+        out.extensions_mut().insert(tunnel);
         add_response_headers(out.headers_mut(), rid, service, Version::HTTP_11);
         out
     }
@@ -935,7 +999,7 @@ fn region_names(sels: &[crate::replay::RegionSel]) -> Vec<String> {
 }
 
 /// Reads the body whole when it is small enough to keep for a retry or replay (or absent).
-async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, ProxyCode> {
+async fn kept_body(headers: &HeaderMap, body: RequestBody) -> Result<ReqBody, ProxyCode> {
     let hint = body.size_hint();
     if body.is_end_stream() {
         return Ok(ReqBody::Kept(Bytes::new()));
@@ -946,9 +1010,7 @@ async fn kept_body(headers: &HeaderMap, body: Incoming) -> Result<ReqBody, Proxy
         .and_then(|v| v.parse::<u64>().ok());
     let big = declared.or(hint.exact()).is_some_and(|n| n > REPLAYABLE_BODY);
     if big {
-        return Ok(ReqBody::Stream(Some(
-            body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        )));
+        return Ok(ReqBody::Stream(Some(body.boxed_unsync())));
     }
     // Small, or of unknown length (chunked, or HTTP/2 without content-length, which is common):
     // read up to the limit, and stream on from there when it is longer.
@@ -1022,7 +1084,7 @@ where
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<RequestBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req

@@ -54,6 +54,7 @@ mod config;
 mod dial;
 mod error;
 mod h1;
+mod h1_server;
 mod health;
 mod http;
 mod load;

@@ -160,14 +160,15 @@ impl Edge {
             let sni = tls_stream.get_ref().1.server_name().map(str::to_owned);
             if handlers.contains(&"http") {
                 let info = ConnInfo::new(&self.config, peer, port, true, sni);
-                self.serve_conn(TokioIo::new(tls_stream), info).await;
+                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                self.serve_conn(tls_stream, info, h2).await;
             } else {
                 self.pipe(tls_stream, peer, local, app_routes, port, &port_cfg)
                     .await;
             }
         } else if handlers.contains(&"http") {
             let info = ConnInfo::new(&self.config, peer, port, false, None);
-            self.serve_conn(TokioIo::new(stream), info).await;
+            self.serve_conn(stream, info, false).await;
         } else {
             self.pipe(stream, peer, local, app_routes, port, &port_cfg).await;
         }

@@ -1522,13 +1522,11 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "the freed slot never came back");
         }
+        let metrics = h.edge.metrics_text();
         assert!(
-            h.edge
-                .metrics_text()
-                .contains("aloft_edge_refused_connections_count{} 1")
-                || h.edge
-                    .metrics_text()
-                    .contains("aloft_edge_refused_connections_count{} 2")
+            metrics.contains("aloft_edge_refused_connections_count{} 1")
+                || metrics.contains("aloft_edge_refused_connections_count{} 2"),
+            "{metrics}"
         );
     }
 
