@@ -348,14 +348,19 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.out.buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         let mut answer = pin!(service.call(Request::from_parts(parts, body)));
+        // The answer first, the client only while it is awaited: most requests then watch the
+        // client once (each look registers with the reactor).
         let resp = poll_fn(|cx| {
             if !self.out.is_empty() && matches!(self.out.poll_flush(cx, &mut self.io), Poll::Ready(Err(_))) {
                 return Poll::Ready(None);
             }
+            if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
             if self.poll_client(cx, &mut pump).is_err() {
                 return Poll::Ready(None);
             }
-            answer.as_mut().poll(cx).map(Some)
+            Poll::Pending
         })
         .await;
         let Some(resp) = resp else {
@@ -383,12 +388,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             trailers: te_trailers,
         });
         let written = poll_fn(|cx| {
+            if let Poll::Ready(sent) = self.out.poll_send(cx, &mut self.io, &mut sending) {
+                return Poll::Ready(sent.is_ok());
+            }
             if self.poll_client(cx, &mut pump).is_err() {
                 return Poll::Ready(false);
             }
-            self.out
-                .poll_send(cx, &mut self.io, &mut sending)
-                .map(|r| r.is_ok())
+            Poll::Pending
         })
         .await;
         if !written {
