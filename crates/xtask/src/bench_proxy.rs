@@ -122,6 +122,7 @@ fn report(
     let rps = |v: &[WrkResult]| v.iter().map(|r| r.rps).collect::<Vec<_>>();
     let p50 = |v: &[WrkResult]| v.iter().map(|r| r.p50_ms).collect::<Vec<_>>();
     let p99 = |v: &[WrkResult]| v.iter().map(|r| r.p99_ms).collect::<Vec<_>>();
+    let cpu = |v: &[WrkResult]| v.iter().filter_map(|r| r.cpu_us).collect::<Vec<_>>();
     // Per round, so the drift of the machine between rounds cancels out.
     let added = |proxy: &[WrkResult], direct: &[WrkResult]| {
         proxy
@@ -249,6 +250,28 @@ fn report(
             "us",
             "aloft's p50 − direct's p50 at the loaded run (queueing: restates the rps gap)",
         ),
+        (
+            "  nginx_cpu_us",
+            cpu(&wrk.nginx),
+            "us",
+            "nginx's workers' CPU time per request at the loaded run",
+        ),
+        (
+            "  aloft_cpu_us",
+            cpu(&wrk.aloft),
+            "us",
+            "the edge's CPU time per request at the loaded run (what S15 compares, less noisy)",
+        ),
+        (
+            "  cpu_ratio",
+            wrk.aloft
+                .iter()
+                .zip(&wrk.nginx)
+                .filter_map(|(a, n)| Some(a.cpu_us? / n.cpu_us?))
+                .collect(),
+            "x",
+            "aloft_cpu_us / nginx_cpu_us per round (below 1: the edge spends less per request)",
+        ),
     ] {
         println!(
             "{name:<16} {:>10.1} {:>10.1}  {unit:<5} {what}",
@@ -292,7 +315,16 @@ fn report(
     ] {
         let per_round: Vec<String> = v
             .iter()
-            .map(|r| format!("{:.0} req/s p50 {:.3} p99 {:.3} ms", r.rps, r.p50_ms, r.p99_ms))
+            .map(|r| {
+                let cpu = r
+                    .cpu_us
+                    .map(|c| format!(" cpu {c:.1} us/req"))
+                    .unwrap_or_default();
+                format!(
+                    "{:.0} req/s p50 {:.3} p99 {:.3} ms{cpu}",
+                    r.rps, r.p50_ms, r.p99_ms
+                )
+            })
             .collect();
         println!("  {name:<9} rounds: {}", per_round.join(" | "));
     }
@@ -317,6 +349,10 @@ struct WrkResult {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Requests answered in the run.
+    requests: u64,
+    /// The proxy's CPU time (user + system) per request, µs: loaded runs through a proxy.
+    cpu_us: Option<f64>,
 }
 
 /// Per target, the loaded runs (`--connections`) and the one-connection runs.
@@ -367,6 +403,9 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
     let backend = Nginx::start(work, "backend", &backend_conf(backend_port))?;
     let proxy = Nginx::start(work, "proxy", &proxy_conf(nginx_port, backend_port))?;
     let edge = Edge::start(edge_bin, aloft_port, backend_port, work)?;
+    // Whose CPU time a loaded run through each proxy counts: nginx's workers, the edge.
+    let proxy_workers = children_of(proxy.child.id());
+    let edge_pid = [edge.child.id()];
     for (what, port) in [
         ("backend", backend_port),
         ("nginx", nginx_port),
@@ -401,9 +440,23 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
                     } else {
                         args.duration_s
                     };
-                    let r = wrk(port, connections, secs).with_context(|| format!("wrk against {name}"))?;
+                    let pids: &[u32] = match name {
+                        "nginx" if connections > 1 => &proxy_workers,
+                        "aloft" if connections > 1 => &edge_pid,
+                        _ => &[],
+                    };
+                    let cpu_before = cpu_seconds(pids);
+                    let mut r =
+                        wrk(port, connections, secs).with_context(|| format!("wrk against {name}"))?;
+                    if !pids.is_empty() && r.requests > 0 {
+                        r.cpu_us = Some((cpu_seconds(pids) - cpu_before) * 1e6 / r.requests as f64);
+                    }
+                    let cpu = r
+                        .cpu_us
+                        .map(|c| format!("  cpu {c:.1} us/req"))
+                        .unwrap_or_default();
                     eprintln!(
-                        "bench proxy: round {round}: {name:<6} -c{connections:<3} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  (load {})",
+                        "bench proxy: round {round}: {name:<6} -c{connections:<3} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms{cpu}  (load {})",
                         r.rps,
                         r.p50_ms,
                         r.p99_ms,
@@ -546,6 +599,24 @@ impl Nginx {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The CPU time (user and system, all threads) the processes `pids` used so far, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // /proc/PID/stat counts in USER_HZ ticks, 100 a second on Linux (10 ms: a 5 s run at one
+    // core's worth is 500 ticks, ±0.2 %).
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// `utime + stime` from a `/proc/PID/stat` line (fields 14 and 15, counted after the command
+/// name, which may hold spaces and parentheses).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Pids whose parent is `pid`.
@@ -697,10 +768,18 @@ fn parse_wrk(text: &str) -> anyhow::Result<WrkResult> {
             .with_context(|| format!("no {p} line"))?;
         duration_ms(v.trim())
     };
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .context("no `N requests in` line")?
+        .0
+        .parse::<u64>()?;
     Ok(WrkResult {
         rps,
         p50_ms: pct("50%")?,
         p99_ms: pct("99%")?,
+        requests,
+        cpu_us: None,
     })
 }
 
@@ -990,6 +1069,14 @@ Transfer/sec:      1.24MB
         assert_eq!(r.rps, 7290.03);
         assert!((r.p50_ms - 0.812).abs() < 1e-9, "{}", r.p50_ms);
         assert_eq!(r.p99_ms, 1020.0);
+        assert_eq!(r.requests, 36640);
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_name_with_spaces_and_parens() {
+        let stat = "4242 (nginx: worker (x)) S 4241 4241 4241 0 -1 4194624 310 0 0 0 1234 567 0 0 20 0 1 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(1234 + 567));
+        assert_eq!(stat_cpu_ticks("4242 (short) S 1"), None);
     }
 
     #[test]
