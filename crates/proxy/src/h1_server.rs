@@ -366,6 +366,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let Some(resp) = resp else {
             return After::Close { linger: false };
         };
+        // A `100 Continue` the socket did not take whole yet goes out first: cut, it would
+        // garble the answer.
+        if !self.out.is_empty() && poll_fn(|cx| self.out.poll_flush(cx, &mut self.io)).await.is_err() {
+            return After::Close { linger: false };
+        }
         let (rparts, rbody) = resp.into_parts();
         let mut tunnel = None;
         if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -1202,6 +1207,50 @@ mod tests {
         client.write_all(b"abc").await.unwrap();
         let answer = read_until(&mut client, "body=abc").await;
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_100_continue_the_socket_took_in_part_is_finished_before_the_answer() {
+        // A pipe that holds 8 bytes each way: the interim answer can't go out whole at once,
+        // and the service answers without waiting for the body.
+        let (client, server) = tokio::io::duplex(8);
+        tokio::spawn(async move {
+            let _ = serve(server, LIMITS, &Echo::default()).await;
+        });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            wr.write_all(
+                b"POST /ignore HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            wr
+        });
+        let mut writer = Some(writer);
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 64];
+            loop {
+                // Slowly: the pipe stays full.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                if all.ends_with(b"ignored")
+                    && let Some(w) = writer.take()
+                {
+                    let _ = w.await.unwrap().write_all(b"hello").await;
+                }
+            }
+        })
+        .await;
+        let all = String::from_utf8_lossy(&all);
+        assert!(
+            all.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            "{all}"
+        );
+        assert!(all.ends_with("ignored"), "{all}");
     }
 
     #[tokio::test]
