@@ -1497,11 +1497,11 @@ impl Harness {
     }
 }
 
-#[test]
-fn a_rotated_agent_key_opens_and_reseals_what_the_previous_one_sealed() {
-    let h = Harness::new();
+/// An agent on `h` with one machine created with secret `one` (sealed with the agent's key): the
+/// agent, the machine, and the key's id.
+fn machine_with_a_secret(h: &Harness) -> (Agent, MachineId, String) {
     let agent = h.open();
-    let a_id = aloft_secretbox::Key::load(&h.key_path())
+    let key_id = aloft_secretbox::Key::load(&h.key_path())
         .unwrap()
         .id()
         .to_string();
@@ -1509,7 +1509,13 @@ fn a_rotated_agent_key_opens_and_reseals_what_the_previous_one_sealed() {
         .create_with_secrets(create_req(config("busybox"), false), &secret_env(1, "one"))
         .unwrap();
     handle.wait(T).unwrap();
-    let id = handle.machine;
+    (agent, handle.machine, key_id)
+}
+
+#[test]
+fn a_rotated_agent_key_opens_and_reseals_what_the_previous_one_sealed() {
+    let h = Harness::new();
+    let (agent, id, a_id) = machine_with_a_secret(&h);
     assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("one"));
     drop(agent);
     // An update with new secrets, cut off before it writes the spec: its copy of the secrets
@@ -1570,16 +1576,7 @@ fn a_rotated_agent_key_opens_and_reseals_what_the_previous_one_sealed() {
 #[test]
 fn a_missing_agent_key_is_named_with_its_id_and_where_to_give_it() {
     let h = Harness::new();
-    let agent = h.open();
-    let a_id = aloft_secretbox::Key::load(&h.key_path())
-        .unwrap()
-        .id()
-        .to_string();
-    let handle = agent
-        .create_with_secrets(create_req(config("busybox"), false), &secret_env(1, "one"))
-        .unwrap();
-    handle.wait(T).unwrap();
-    let id = handle.machine;
+    let (agent, id, a_id) = machine_with_a_secret(&h);
     drop(agent);
 
     // A new key, and A not given: the agent opens all the same and reports the value,
