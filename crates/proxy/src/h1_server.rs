@@ -1157,6 +1157,63 @@ mod tests {
         String::from_utf8_lossy(&got).into_owned()
     }
 
+    /// The heads parsed from `pieces` fed one after another (each parse taking what it used).
+    fn heads(pieces: &[&[u8]]) -> Result<Vec<String>, StatusCode> {
+        let (mut buf, mut spans, mut out) = (BytesMut::new(), Vec::new(), Vec::new());
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            while let Some(h) = parse_request(&mut buf, &mut spans, 8192)? {
+                out.push(format!(
+                    "{} {} {:?} {:?} {:?} keep-alive={}",
+                    h.parts.method, h.parts.uri, h.parts.version, h.parts.headers, h.body, h.keep_alive
+                ));
+            }
+        }
+        assert!(buf.is_empty(), "left over: {buf:?}");
+        Ok(out)
+    }
+
+    #[test]
+    fn heads_parse_the_same_whatever_the_split() {
+        let raw: &[u8] = b"GET /a?x=1 HTTP/1.1\r\nHost: a.localhost\r\nX-Many: 1\r\nX-Many: 2\r\n\r\n\
+            \r\nHEAD http://b.localhost/b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+            OPTIONS * HTTP/1.1\r\nHost: c\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        let whole = heads(&[raw]).unwrap();
+        assert_eq!(whole.len(), 3, "{whole:?}");
+        assert!(whole[0].starts_with("GET /a?x=1 HTTP/1.1"), "{}", whole[0]);
+        assert!(whole[1].contains("keep-alive=true"), "{}", whole[1]);
+        assert!(whole[2].ends_with("None keep-alive=false"), "{}", whole[2]);
+        for i in 0..=raw.len() {
+            assert_eq!(heads(&[&raw[..i], &raw[i..]]).unwrap(), whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_the_parser() {
+        // A fixed pseudo-random sequence (xorshift): bytes biased towards what heads are made of.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let alphabet =
+            b"GET / HTTP/1.1\r\n:Host: x\tContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\x00\xff";
+        for _ in 0..2000 {
+            let mut input = Vec::new();
+            for _ in 0..(x % 200) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                input.push(alphabet[usize::try_from(x % alphabet.len() as u64).unwrap()]);
+            }
+            let mut buf = BytesMut::from(&input[..]);
+            let mut spans = Vec::new();
+            // Each call either takes a head, waits for more, or refuses: never loops or panics.
+            for _ in 0..10 {
+                match parse_request(&mut buf, &mut spans, 8192) {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order() {
         let all = exchange(
