@@ -32,6 +32,10 @@
 //! An autostop loop stops or suspends excess idle machines as Fly's does. Figures for
 //! Prometheus come from [`Edge::metrics_text`].
 //!
+//! HTTP/1.x, both to clients (`h1_server`) and to machines (`h1`), is the edge's own code over
+//! `httparse` and the `http` types; hyper serves HTTP/2 to clients and speaks h2c and upgrades
+//! to machines (ADR 0015).
+//!
 //! The proxy reaches machines only through two small traits the daemon implements:
 //! [`MachineControl`] (start/suspend/stop a machine) and [`Dialer`] (open a TCP connection, or a
 //! connected UDP socket, to a machine's private address, e.g. from inside the machines' network
