@@ -134,8 +134,9 @@ where
     };
     let mut first = true;
     loop {
-        let deadline = Instant::now() + limits.head_timeout;
-        let next = poll_fn(|cx| conn.poll_head(cx, first, deadline)).await;
+        // Set when the head is first waited for: a head already read costs no clock read.
+        let mut deadline = None;
+        let next = poll_fn(|cx| conn.poll_head(cx, first, &mut deadline)).await;
         first = false;
         let head = match next {
             Next::Request(head) => head,
@@ -228,7 +229,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         h1::poll_read_buf(cx, &mut self.io, &mut self.rbuf, &mut self.read_size)
     }
 
-    fn poll_head(&mut self, cx: &mut Context<'_>, first: bool, deadline: Instant) -> Poll<Next> {
+    fn poll_head(&mut self, cx: &mut Context<'_>, first: bool, deadline: &mut Option<Instant>) -> Poll<Next> {
         loop {
             let sniffing = first && PREFACE.starts_with(&self.rbuf[..self.rbuf.len().min(PREFACE.len())]);
             if sniffing && self.rbuf.len() >= PREFACE.len() {
@@ -246,6 +247,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => {}
             }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.limits.head_timeout);
             if self.timer.deadline() > deadline {
                 self.timer.as_mut().reset(deadline);
             }
