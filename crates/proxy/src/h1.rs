@@ -134,7 +134,46 @@ pub(crate) enum Framing {
     Done,
 }
 
+/// What [`Framing::next`] found of a body in a read buffer.
+#[derive(Debug)]
+pub(crate) enum BodyStep {
+    Frame(Frame<Bytes>),
+    /// The body ended.
+    End,
+    /// The buffer holds no more of it: read more.
+    More,
+}
+
 impl Framing {
+    /// Takes the body's next frame out of the front of `buf` (the bytes read from the
+    /// connection), framed as `self` says, which it updates (`Done` once the body ended).
+    /// Malformed chunked framing is an error.
+    pub(crate) fn next(&mut self, buf: &mut BytesMut) -> Result<BodyStep, H1Error> {
+        Ok(match self {
+            Self::Empty | Self::Done => BodyStep::End,
+            Self::Length(0) => {
+                *self = Self::Done;
+                BodyStep::End
+            }
+            Self::Length(left) if !buf.is_empty() => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
+                *left -= n as u64;
+                BodyStep::Frame(Frame::data(buf.split_to(n).freeze()))
+            }
+            Self::Chunked(dec) => match dec.decode(buf)? {
+                Some(Decoded::Data(d)) => BodyStep::Frame(Frame::data(d)),
+                Some(Decoded::Trailers(t)) => BodyStep::Frame(Frame::trailers(t)),
+                None if dec.is_done() => {
+                    *self = Self::Done;
+                    BodyStep::End
+                }
+                None => BodyStep::More,
+            },
+            Self::Close if !buf.is_empty() => BodyStep::Frame(Frame::data(buf.split().freeze())),
+            Self::Length(_) | Self::Close => BodyStep::More,
+        })
+    }
+
     /// As hyper's `Incoming` reports it (the servers frame the answer to the client by it).
     pub(crate) fn is_end_stream(&self) -> bool {
         match self {
@@ -306,34 +345,11 @@ impl H1Conn {
             if let Err(e) = self.progress_send(cx) {
                 return Poll::Ready(Some(Err(e)));
             }
-            match framing {
-                Framing::Empty | Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    *framing = Framing::Done;
-                    return Poll::Ready(None);
-                }
-                Framing::Length(left) => {
-                    if !self.rbuf.is_empty() {
-                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(self.rbuf.len());
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(self.rbuf.split_to(n).freeze()))));
-                    }
-                }
-                Framing::Chunked(dec) => match dec.decode(&mut self.rbuf) {
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                    Ok(Some(Decoded::Data(d))) => return Poll::Ready(Some(Ok(Frame::data(d)))),
-                    Ok(Some(Decoded::Trailers(t))) => return Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                    Ok(None) if dec.is_done() => {
-                        *framing = Framing::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(None) => {}
-                },
-                Framing::Close => {
-                    if !self.rbuf.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(self.rbuf.split().freeze()))));
-                    }
-                }
+            match framing.next(&mut self.rbuf) {
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok(BodyStep::Frame(f)) => return Poll::Ready(Some(Ok(f))),
+                Ok(BodyStep::End) => return Poll::Ready(None),
+                Ok(BodyStep::More) => {}
             }
             match ready!(self.poll_read(cx)) {
                 Ok(0) if matches!(framing, Framing::Close) => {
@@ -487,8 +503,7 @@ impl Out {
         loop {
             let head = &self.buf[self.pos.min(self.buf.len())..];
             if head.is_empty() && self.data.is_empty() && self.tail.is_empty() {
-                self.buf.clear();
-                self.pos = 0;
+                self.compact();
                 return Pin::new(io).poll_flush(cx);
             }
             let n = if self.data.is_empty() && self.tail.is_empty() {

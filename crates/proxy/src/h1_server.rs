@@ -61,7 +61,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::h1::{self, BodyFraming, ChunkedDecoder, Decoded, FramingHeaders, Out, Sending};
+use crate::h1::{self, BodyFraming, BodyStep, ChunkedDecoder, Framing, FramingHeaders, Out, Sending};
+use http_body_util::Full;
+
 use crate::http::{Body, BoxError, RequestBody};
 
 /// HTTP/2's connection preface (RFC 9113 §3.4).
@@ -206,19 +208,12 @@ enum After {
 #[derive(Debug)]
 struct Head {
     parts: request::Parts,
-    body: ReqFraming,
+    /// How its body is framed: `Empty`, `Length` or `Chunked`.
+    body: Framing,
     keep_alive: bool,
     expect_continue: bool,
     upgrade: bool,
     te_trailers: bool,
-}
-
-/// How a request body is framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReqFraming {
-    None,
-    Length(u64),
-    Chunked,
 }
 
 /// The client went away (or broke the protocol): the connection closes.
@@ -325,26 +320,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let head_request = parts.method == Method::HEAD;
         self.out.reset();
         let mut pump: Option<Pump> = None;
-        // A body that came whole with the head.
-        let whole = match framing {
-            ReqFraming::Length(n) => usize::try_from(n).ok().filter(|&n| n <= self.rbuf.len()),
+        // A body that came whole with the head is handed over as it is; others stream.
+        let len = match framing {
+            Framing::Length(n) => Some(n),
             _ => None,
         };
-        let body = match framing {
-            ReqFraming::None => RequestBody::Empty,
-            ReqFraming::Length(_) if let Some(n) = whole => {
-                RequestBody::Full(Some(self.rbuf.split_to(n).freeze()))
-            }
-            ReqFraming::Length(n) => {
-                let (feeder, streamed) = streamed(Some(n));
-                pump = Some(Pump::new(PumpFraming::Length(n), feeder));
-                RequestBody::H1(streamed)
-            }
-            ReqFraming::Chunked => {
-                let (feeder, streamed) = streamed(None);
-                pump = Some(Pump::new(PumpFraming::Chunked(ChunkedDecoder::default()), feeder));
-                RequestBody::H1(streamed)
-            }
+        let whole = len.and_then(|n| usize::try_from(n).ok().filter(|&n| n <= self.rbuf.len()));
+        let body = if let Some(n) = whole {
+            RequestBody::Full(Full::new(self.rbuf.split_to(n).freeze()))
+        } else if framing.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            let (feeder, streamed) = streamed(len);
+            pump = Some(Pump::new(framing, feeder));
+            RequestBody::H1(streamed)
         };
         if expect_continue && pump.is_some() && version == Version::HTTP_11 {
             self.out.buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -480,48 +469,26 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 Feed::Idle => return Ok(()),
                 Feed::Drain(_) => {}
             }
-            let frame = match &mut p.framing {
-                PumpFraming::Length(left) => {
-                    if self.rbuf.is_empty() {
-                        None
-                    } else {
-                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(self.rbuf.len());
-                        *left -= n as u64;
-                        p.done = *left == 0;
-                        Some(Frame::data(self.rbuf.split_to(n).freeze()))
+            match p.framing.next(&mut self.rbuf) {
+                Ok(BodyStep::Frame(frame)) => p.deliver(frame)?,
+                Ok(BodyStep::End) => {}
+                Ok(BodyStep::More) => match self.poll_read(cx) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(Ok(0) | Err(_)) => {
+                        p.fail("the client closed the connection before its request body was complete");
+                        return Err(Gone);
                     }
-                }
-                PumpFraming::Chunked(dec) => {
-                    let decoded = dec.decode(&mut self.rbuf);
-                    p.done = dec.is_done();
-                    match decoded {
-                        Ok(Some(Decoded::Data(d))) => Some(Frame::data(d)),
-                        Ok(Some(Decoded::Trailers(t))) => Some(Frame::trailers(t)),
-                        Ok(None) => None,
-                        Err(_) => {
-                            p.fail("the request's chunked body is malformed");
-                            return Err(Gone);
-                        }
-                    }
-                }
-            };
-            if let Some(frame) = frame {
-                p.deliver(frame)?;
-            }
-            if p.done {
-                p.finish();
-                return Ok(());
-            }
-            if !self.rbuf.is_empty() {
-                continue;
-            }
-            match self.poll_read(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Ok(0) | Err(_)) => {
-                    p.fail("the client closed the connection before its request body was complete");
+                    Poll::Ready(Ok(_)) => {}
+                },
+                Err(_) => {
+                    p.fail("the request's chunked body is malformed");
                     return Err(Gone);
                 }
-                Poll::Ready(Ok(_)) => {}
+            }
+            if p.framing.is_end_stream() {
+                p.done = true;
+                p.finish();
+                return Ok(());
             }
         }
     }
@@ -620,14 +587,14 @@ fn names_another_version(buf: &[u8]) -> bool {
 }
 
 /// How a request's body is framed (RFC 9112 §6.3); `None`: it can't be, or must not be.
-fn request_framing(version: Version, seen: &FramingHeaders) -> Option<ReqFraming> {
+fn request_framing(version: Version, seen: &FramingHeaders) -> Option<Framing> {
     if seen.te {
         let ok = version == Version::HTTP_11 && seen.len == Ok(None) && seen.chunked;
-        return ok.then_some(ReqFraming::Chunked);
+        return ok.then(|| Framing::Chunked(ChunkedDecoder::default()));
     }
     match seen.len {
-        Ok(None | Some(0)) => Some(ReqFraming::None),
-        Ok(Some(n)) => Some(ReqFraming::Length(n)),
+        Ok(None | Some(0)) => Some(Framing::Empty),
+        Ok(Some(n)) => Some(Framing::Length(n)),
         Err(()) => None,
     }
 }
@@ -753,13 +720,6 @@ fn write_date(buf: &mut Vec<u8>) {
 // ---------------------------------------------------------------------------------------------
 // Streamed request bodies.
 
-/// How the pump finds the body's end.
-enum PumpFraming {
-    /// This many bytes left.
-    Length(u64),
-    Chunked(ChunkedDecoder),
-}
-
 /// Where the pump puts what it reads.
 enum Feed {
     /// Into the request's body.
@@ -772,14 +732,15 @@ enum Feed {
 
 /// Reads a request body from the connection as the service takes it.
 struct Pump {
-    framing: PumpFraming,
+    /// How the body is framed, and how much of it is left.
+    framing: Framing,
     feed: Feed,
     /// The body was read to its end.
     done: bool,
 }
 
 impl Pump {
-    fn new(framing: PumpFraming, feeder: Feeder) -> Self {
+    fn new(framing: Framing, feeder: Feeder) -> Self {
         Self {
             framing,
             feed: Feed::To(feeder),
@@ -1184,7 +1145,7 @@ mod tests {
         assert_eq!(whole.len(), 3, "{whole:?}");
         assert!(whole[0].starts_with("GET /a?x=1 HTTP/1.1"), "{}", whole[0]);
         assert!(whole[1].contains("keep-alive=true"), "{}", whole[1]);
-        assert!(whole[2].ends_with("None keep-alive=false"), "{}", whole[2]);
+        assert!(whole[2].ends_with("Empty keep-alive=false"), "{}", whole[2]);
         for i in 0..=raw.len() {
             assert_eq!(heads(&[&raw[..i], &raw[i..]]).unwrap(), whole, "split at {i}");
         }

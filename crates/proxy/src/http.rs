@@ -255,8 +255,8 @@ impl h1_server::Service for (Arc<Edge>, ConnInfo) {
 #[derive(Debug)]
 pub(crate) enum RequestBody {
     Empty,
-    /// Read whole with the head; taken once.
-    Full(Option<Bytes>),
+    /// Read whole with the head.
+    Full(Full<Bytes>),
     H1(h1_server::Streamed),
     H2(Incoming),
 }
@@ -271,7 +271,7 @@ impl HttpBody for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             Self::H1(b) => Pin::new(b).poll_frame(cx),
             Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
@@ -279,8 +279,8 @@ impl HttpBody for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Empty | Self::Full(None) => true,
-            Self::Full(Some(_)) => false,
+            Self::Empty => true,
+            Self::Full(b) => b.is_end_stream(),
             Self::H1(b) => b.is_end_stream(),
             Self::H2(b) => b.is_end_stream(),
         }
@@ -288,8 +288,8 @@ impl HttpBody for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Empty | Self::Full(None) => SizeHint::with_exact(0),
-            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Full(b) => b.size_hint(),
             Self::H1(b) => b.size_hint(),
             Self::H2(b) => b.size_hint(),
         }
