@@ -400,7 +400,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             return After::Tunnel(tunnel);
         }
         if let Some(p) = &mut pump
-            && !p.done
+            && !p.done()
         {
             // The service left (some of) the body unread: drained, within bounds, to keep the
             // connection.
@@ -409,7 +409,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 LINGER,
                 poll_fn(|cx| match self.poll_pump(cx, p) {
                     Err(Gone) => Poll::Ready(false),
-                    Ok(()) if p.done => Poll::Ready(true),
+                    Ok(()) if p.done() => Poll::Ready(true),
                     Ok(()) => Poll::Pending,
                 }),
             )
@@ -431,11 +431,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// client closing the connection. `Err`: it did, or broke the body's framing.
     fn poll_client(&mut self, cx: &mut Context<'_>, pump: &mut Option<Pump>) -> Result<(), Gone> {
         if let Some(p) = pump
-            && !p.done
+            && !p.done()
             && !matches!(p.feed, Feed::Idle)
         {
             self.poll_pump(cx, p)?;
-            if !p.done && !matches!(p.feed, Feed::Idle) {
+            if !p.done() && !matches!(p.feed, Feed::Idle) {
                 return Ok(());
             }
         }
@@ -454,7 +454,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Reads the request body into its slot while the slot has room (or drops it, draining).
     fn poll_pump(&mut self, cx: &mut Context<'_>, p: &mut Pump) -> Result<(), Gone> {
         loop {
-            if p.done {
+            if p.done() {
                 return Ok(());
             }
             match &p.feed {
@@ -485,8 +485,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     return Err(Gone);
                 }
             }
-            if p.framing.is_end_stream() {
-                p.done = true;
+            if p.done() {
                 p.finish();
                 return Ok(());
             }
@@ -735,8 +734,6 @@ struct Pump {
     /// How the body is framed, and how much of it is left.
     framing: Framing,
     feed: Feed,
-    /// The body was read to its end.
-    done: bool,
 }
 
 impl Pump {
@@ -744,8 +741,12 @@ impl Pump {
         Self {
             framing,
             feed: Feed::To(feeder),
-            done: false,
         }
+    }
+
+    /// The body was read to its end.
+    fn done(&self) -> bool {
+        self.framing.is_end_stream()
     }
 
     fn deliver(&mut self, frame: Frame<Bytes>) -> Result<(), Gone> {
