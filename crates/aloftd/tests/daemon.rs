@@ -67,6 +67,12 @@ mod tests {
             self.config_home.join("aloft").join("config.toml")
         }
 
+        /// A client of aloftd's API with the admin token its first start wrote.
+        fn api(&self) -> Client {
+            let (api_url, token) = read_config(&self.config_path());
+            Client::new(&api_url, Some(&token))
+        }
+
         /// Starts aloftd on `port`, pointed only at this test's directories.
         fn start(&self, port: u16) -> Daemon {
             self.start_with(port, &[])
@@ -355,8 +361,7 @@ mod tests {
         let port = free_port();
         let mut daemon = env.start(port);
         daemon.wait_ready(port);
-        let (api_url, token) = read_config(&env.config_path());
-        let api = Client::new(&api_url, Some(&token));
+        let api = env.api();
         let (s, body) = api
             .call(
                 reqwest::Method::POST,
@@ -473,8 +478,7 @@ mod tests {
         let port = free_port();
         let mut daemon = env.start(port);
         daemon.wait_ready(port);
-        let (api_url, token) = read_config(&env.config_path());
-        let api = Client::new(&api_url, Some(&token));
+        let api = env.api();
         let body = json!({"name": "web", "org_slug": "personal"});
         let (s, body) = api
             .call(reqwest::Method::POST, "/v1/apps?wait=true", Some(body))
@@ -625,8 +629,7 @@ mod tests {
 
         // A custom domain, issued by the local CA, its key sealed with key A.
         let daemon = start(&[]);
-        let (api_url, token) = read_config(&env.config_path());
-        let api = Client::new(&api_url, Some(&token));
+        let api = env.api();
         let body = json!({"name": "web", "org_slug": "personal"});
         let (s, body) = api.call(reqwest::Method::POST, "/v1/apps", Some(body)).await;
         assert!(s.is_success(), "{body}");
