@@ -8,10 +8,17 @@
 //!   works as root in containers and VMs where overlay mounts and user namespaces may not, leaves
 //!   nothing mounted, and never touches the host's `/var/lib/containers`. vfs copies layers, so
 //!   large images build slower; `$ALOFT_BUILDAH_DRIVER=overlay` picks overlay where it works.
-//! - **Registries**: a `registries.conf` of aloft's own (`<data dir>/buildah/registries.conf`,
-//!   through `$CONTAINERS_REGISTRIES_CONF`) makes the platform registry the one unqualified names
-//!   (`FROM busybox`) resolve to, as everywhere in aloft, and marks it plain HTTP when it is on
-//!   loopback or `--insecure-registry` says so; other registries keep TLS.
+//! - **Registries**: a `registries.conf` of aloft's own makes the platform registry the one
+//!   unqualified names (`FROM busybox`) resolve to, as everywhere in aloft, and marks it plain
+//!   HTTP when it is on loopback or `--insecure-registry` says so; other registries keep TLS.
+//!   buildah runs with `HOME=<data dir>/buildah/home` and finds it as that home's per-user
+//!   `.config/containers/registries.conf`: only then does it skip the host's
+//!   `/etc/containers/registries.conf.d`, whose short-name aliases (Debian's `shortnames.conf`
+//!   maps `busybox` to Docker Hub) would otherwise win over the search registry
+//!   (`$CONTAINERS_REGISTRIES_CONF` and `--registries-conf-dir` leave that directory read).
+//!   Credentials for other registries: `$REGISTRY_AUTH_FILE`, else the user's
+//!   `~/.docker/config.json` when there is one, else buildah's default for root
+//!   (`$XDG_RUNTIME_DIR/containers/auth.json`).
 //! - **Tags**: `<registry>/<app>:deployment-<ULID>` (flyctl's `deployment-<ULID>`).
 //!
 //! buildah is `$ALOFT_BUILDAH` or `buildah` on `PATH` (`scripts/setup.sh` installs Debian's).
@@ -57,7 +64,9 @@ pub(crate) struct Buildah {
     pub(crate) runroot: PathBuf,
     /// `--storage-driver`.
     pub(crate) driver: String,
-    /// The registries.conf written for it.
+    /// The `HOME` it runs with.
+    pub(crate) home: PathBuf,
+    /// The registries.conf written for it (per-user, under `home`).
     pub(crate) registries_conf: PathBuf,
     /// The platform registry (`HOST:PORT`).
     pub(crate) registry: String,
@@ -75,7 +84,8 @@ impl Buildah {
             root: dir.join("storage"),
             runroot: dir.join("run"),
             driver: env("ALOFT_BUILDAH_DRIVER").unwrap_or_else(|| "vfs".to_owned()),
-            registries_conf: dir.join("registries.conf"),
+            registries_conf: dir.join("home/.config/containers/registries.conf"),
+            home: dir.join("home"),
             registry: registry.to_owned(),
             insecure,
         }
@@ -142,9 +152,10 @@ impl Buildah {
     /// Builds `spec` and pushes it, streaming buildah's output to stderr. A failing step is an
     /// error naming the step with its output.
     pub(crate) fn build_and_push(&self, spec: &BuildSpec) -> anyhow::Result<()> {
-        for dir in [&self.root, &self.runroot] {
+        let conf_dir = self.registries_conf.parent().unwrap_or(&self.home);
+        for dir in [&self.root, &self.runroot, conf_dir] {
             std::fs::create_dir_all(dir)
-                .with_context(|| format!("create buildah's storage directory {}", dir.display()))?;
+                .with_context(|| format!("create buildah's directory {}", dir.display()))?;
         }
         std::fs::write(&self.registries_conf, self.registries_conf_text())
             .with_context(|| format!("write {}", self.registries_conf.display()))?;
@@ -167,10 +178,16 @@ impl Buildah {
     /// Runs buildah with `args`, each output line on stderr as it comes; a failure is a
     /// [`UserError`] with the failing step and its output.
     fn run(&self, what: &str, args: &[OsString]) -> anyhow::Result<()> {
-        let mut child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        command
             .args(args)
-            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
-            .env("BUILDAH_ISOLATION", "chroot")
+            .env("HOME", &self.home)
+            .env_remove("CONTAINERS_REGISTRIES_CONF")
+            .env("BUILDAH_ISOLATION", "chroot");
+        if let Some(auth) = docker_auth_file() {
+            command.env("REGISTRY_AUTH_FILE", auth);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -293,6 +310,16 @@ impl StepLog {
         }
         message
     }
+}
+
+/// The user's `~/.docker/config.json` when there is one and `$REGISTRY_AUTH_FILE` is not set:
+/// buildah runs with a `HOME` of aloft's and would not find it there.
+fn docker_auth_file() -> Option<PathBuf> {
+    if std::env::var_os("REGISTRY_AUTH_FILE").is_some_and(|v| !v.is_empty()) {
+        return None;
+    }
+    let file = PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json");
+    file.is_file().then_some(file)
 }
 
 /// `deployment-<ULID>`: flyctl's tag for a deploy's image.

@@ -83,7 +83,9 @@ mod tests {
 
     #[test]
     fn build_only_builds_with_buildah_and_pushes_the_tag() {
-        let (dir, registry) = setup("FROM REGISTRY/busybox:latest\nRUN echo hi > /hi\n");
+        // A short name: it resolves to the platform registry, not to the host's short-name
+        // aliases (Debian's containers-common maps `busybox` to Docker Hub).
+        let (dir, registry) = setup("FROM busybox\nRUN echo hi > /hi\n");
         let out = aloft(
             dir.path(),
             &registry,
