@@ -141,6 +141,7 @@ pub(crate) mod tests {
         assert!(list[0].get("config").is_none(), "{list}");
         let (_, app) = api.call("GET", "/v1/apps/web", None).await;
         assert_eq!(app["machine_count"], 1);
+        assert_eq!(app["status"], "deployed", "{app}");
 
         // Stop (no body, as curl sends it), then start again.
         let (s, ok) = api.call("POST", &format!("{m}/stop"), None).await;
@@ -214,6 +215,7 @@ pub(crate) mod tests {
         assert_eq!(list[0]["state"], "destroyed");
         let (_, app) = api.call("GET", "/v1/apps/web", None).await;
         assert_eq!(app["machine_count"], 0);
+        assert_eq!(app["status"], "pending", "no machines left: {app}");
         assert!(api.fake.world().residue().is_empty(), "nothing left on the host");
     }
 

@@ -19,12 +19,23 @@ use crate::{ApiState, HttpError};
 
 /// The network of an app created without one.
 const DEFAULT_NETWORK: &str = "default";
-/// The status of an app that has never been deployed.
+/// The status of an app without machines (never deployed, or all its machines destroyed).
 const STATUS_PENDING: &str = "pending";
+/// The status of an app with machines, whatever their states: an app scaled to zero by the
+/// edge is still deployed (flyctl counts `deployed` and `suspended` as deployed; aloft has no
+/// app-wide suspension, so it never answers `suspended`).
+const STATUS_DEPLOYED: &str = "deployed";
 
-/// The app as the API shows it: the stored record with its live machine count.
+/// The app as the API shows it: the stored record with its live machine count and the status
+/// that follows from it.
 fn with_counts(state: &ApiState, mut app: App) -> Result<App, HttpError> {
     app.machine_count = crate::machines::live_count(state, state.control(), &app.name)?;
+    app.status = if app.machine_count > 0 {
+        STATUS_DEPLOYED
+    } else {
+        STATUS_PENDING
+    }
+    .to_owned();
     Ok(app)
 }
 
