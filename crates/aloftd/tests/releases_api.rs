@@ -199,6 +199,95 @@ mod tests {
         assert_eq!(versions, vec![7, 6, 5, 4, 3, 2, 1]);
     }
 
+    /// Stops machine `id` through the API and waits until it is stopped.
+    async fn stop(api: &Api, id: &str) {
+        let (s, ok) = api
+            .call("POST", &format!("/v1/apps/web/machines/{id}/stop"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{ok}");
+        let (s, w) = api
+            .call(
+                "GET",
+                &format!("/v1/apps/web/machines/{id}/wait?state=stopped&timeout=10"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{w}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn machines_at_rest_are_updated_and_stay_stopped() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        api.deploy(json!({"image": "web:1", "groups": [group("web:1", true)]}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let first = api.machines().await;
+        assert_eq!(first.len(), 2);
+        // The edge stopped one when it idled.
+        let idle = first[0]["id"].as_str().unwrap().to_owned();
+        stop(&api, &idle).await;
+
+        for (v, strategy) in [(2, "rolling"), (3, "immediate"), (4, "canary")] {
+            let image = format!("web:{v}");
+            api.deploy(json!({"groups": [group(&image, true)], "image": image, "strategy": strategy}))
+                .await;
+            let done = api.finished(v).await;
+            assert_eq!(done["status"], "complete", "{strategy}: {done}");
+            let ms = api.machines().await;
+            assert_eq!(ms.len(), 2, "{strategy}");
+            for m in &ms {
+                assert_eq!(m["config"]["image"], image.as_str(), "{strategy}: {m}");
+                assert_eq!(release_of(m), v.to_string());
+                let want = if m["id"] == idle.as_str() {
+                    "stopped"
+                } else {
+                    "started"
+                };
+                assert_eq!(m["state"], want, "{strategy}: a machine keeps its state: {m}");
+            }
+            let events = api.events(v).await;
+            assert!(
+                events.iter().any(|e| {
+                    e["machine"] == idle.as_str()
+                        && e["message"].as_str().unwrap().contains("stays stopped")
+                }),
+                "{events:?}"
+            );
+        }
+
+        // An app scaled to zero: the release updates its machines and boots none.
+        let other = first[1]["id"].as_str().unwrap().to_owned();
+        stop(&api, &other).await;
+        api.deploy(json!({"groups": [group("web:5", true)], "image": "web:5"}))
+            .await;
+        assert_eq!(api.finished(5).await["status"], "complete");
+        for m in api.machines().await {
+            assert_eq!(
+                (m["state"].as_str(), release_of(&m)),
+                (Some("stopped"), "5"),
+                "{m}"
+            );
+        }
+        // Started later (by the edge, or here by hand), a machine boots the new release.
+        let (s, _) = api
+            .call("POST", &format!("/v1/apps/web/machines/{idle}/start"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, w) = api
+            .call(
+                "GET",
+                &format!("/v1/apps/web/machines/{idle}/wait?state=started&timeout=10"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{w}");
+        let (_, m) = api
+            .call("GET", &format!("/v1/apps/web/machines/{idle}"), None)
+            .await;
+        assert_eq!(m["config"]["image"], "web:5");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_failing_health_check_rolls_back_and_rollback_redeploys() {
         let api = Api::new();

@@ -12,7 +12,10 @@
 //!    ones destroyed) — creating machines up to the wanted count and destroying the excess; each
 //!    machine must be `started` with every check passing within `wait_timeout`, and — for a group
 //!    with services — listen on each `internal_port` (not on loopback) within the checks' grace
-//!    period, else the step fails at once saying what the app listens on instead;
+//!    period, else the step fails at once saying what the app listens on instead. Machines that
+//!    are not started ("cold": stopped by the edge when idle, suspended, never launched) are
+//!    updated last, all at once, and stay stopped (flyctl's deploy does the same): the edge
+//!    starts them on demand, with the new config;
 //! 3. when a step fails, puts every machine it changed back (old config, new machines destroyed)
 //!    and ends `rolled_back`, with the reason.
 //!
@@ -128,6 +131,10 @@ struct Change {
     /// Put back during a rollback.
     #[serde(default)]
     undone: bool,
+    /// An update of a machine that was not started ("cold"): made with `skip_launch`, so it
+    /// stays stopped, and judged by its config alone, as is its rollback.
+    #[serde(default)]
+    cold: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1015,25 +1022,7 @@ impl Runner {
             }
         }
         if let Some(want) = expect {
-            let m = agent.get(id).map_err(|e| e.message().to_owned())?;
-            let runs = m.config.as_ref();
-            let same = runs.and_then(|c| c.metadata.get(MD_RELEASE_VERSION))
-                == want.metadata.get(MD_RELEASE_VERSION)
-                && runs.and_then(|c| c.image.as_deref()) == want.image.as_deref();
-            if !same {
-                // The host's operation failed and the machine stayed on its config: say why.
-                let why = agent
-                    .log_tail(id, 20)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .rev()
-                    .find(|l| l.meta.event.provider == "runner" && l.message.contains("failed"))
-                    .map_or_else(|| "the host could not apply it".to_owned(), |l| l.message);
-                return Err(format!(
-                    "machine {id} did not take the new config ({}): {why}",
-                    want.image.as_deref().unwrap_or("-")
-                ));
-            }
+            self.runs_config(agent, &agent.get(id).map_err(|e| e.message().to_owned())?, want)?;
         }
         if let Some(config) = listen {
             self.listening(agent, id, config, deadline)?;
@@ -1175,6 +1164,51 @@ impl Runner {
         ))
     }
 
+    /// The machine `m` runs `want` (its release version and image): a change the host could not
+    /// make leaves the machine on its old config, which is not success.
+    fn runs_config(&self, agent: &dyn MachineHost, m: &Machine, want: &MachineConfig) -> StepResult<()> {
+        let runs = m.config.as_ref();
+        let same = runs.and_then(|c| c.metadata.get(MD_RELEASE_VERSION))
+            == want.metadata.get(MD_RELEASE_VERSION)
+            && runs.and_then(|c| c.image.as_deref()) == want.image.as_deref();
+        if same {
+            return Ok(());
+        }
+        // The host's operation failed and the machine stayed on its config: say why.
+        let why = agent
+            .log_tail(&m.id, 20)
+            .unwrap_or_default()
+            .into_iter()
+            .rev()
+            .find(|l| l.meta.event.provider == "runner" && l.message.contains("failed"))
+            .map_or_else(|| "the host could not apply it".to_owned(), |l| l.message);
+        Err(format!(
+            "machine {} did not take the new config ({}): {why}",
+            m.id,
+            want.image.as_deref().unwrap_or("-")
+        ))
+    }
+
+    /// Waits until a cold machine's update is over: it rests as it was (stopped) on `want`.
+    /// One the edge woke meanwhile is judged as a started one ([`Runner::healthy`]).
+    fn cold_updated(
+        &self,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+        wait: Duration,
+        want: Option<&MachineConfig>,
+    ) -> StepResult<()> {
+        match self.settle(agent, id, wait)? {
+            None => Err(format!("machine {id} is gone")),
+            Some(m) if m.state == MachineState::Started => self.healthy_on(agent, id, wait, want, want),
+            Some(m) if is_cold(&m) => want.map_or(Ok(()), |want| self.runs_config(agent, &m, want)),
+            Some(m) => Err(format!(
+                "machine {id} is {} after its update (see aloft logs -i {id})",
+                m.state
+            )),
+        }
+    }
+
     /// Waits until the machine rests in a state (`started`, `stopped`, … or gone): an operation
     /// in flight — one a killed aloftd's agent resumes, or a user's — finishes first. Returns the
     /// machine as it is then; `None` when the host does not know it.
@@ -1264,7 +1298,16 @@ impl Runner {
             .partition(|(_, m)| release_version_of(m) == Some(rec.release.version));
         for (host, m) in &current {
             let agent = self.host(host)?;
-            self.healthy(agent.as_ref(), &m.id, wait, Some(&g.config))?;
+            if rec
+                .job
+                .changes
+                .iter()
+                .any(|c| c.machine == m.id.as_str() && c.cold)
+            {
+                self.cold_updated(agent.as_ref(), &m.id, wait, Some(&g.config))?;
+            } else {
+                self.healthy(agent.as_ref(), &m.id, wait, Some(&g.config))?;
+            }
         }
         let have = current.len();
         if rec.release.strategy == DeployStrategy::Bluegreen {
@@ -1277,9 +1320,13 @@ impl Runner {
             (upd, it.collect())
         };
         let to_create = keep.saturating_sub(to_update.len());
-        let mut work: Vec<Work> = to_update
+        // Machines that are not started (stopped by the edge when idle, suspended, never
+        // launched) are "cold": updated after the started ones, all at once, and left as they
+        // were, not booted (flyctl's deploy does the same); the edge starts them on demand.
+        let (cold, warm): (Vec<_>, Vec<_>) = to_update.into_iter().partition(|(_, m)| is_cold(m));
+        let mut work: Vec<Work> = warm
             .into_iter()
-            .map(|(h, m)| Work::Update(h, Box::new(m)))
+            .map(|(h, m)| Work::Update(h, Box::new(m), false))
             .collect();
         for _ in 0..to_create {
             work.push(Work::Create);
@@ -1293,6 +1340,13 @@ impl Runner {
             let n = if first { 1 } else { batch.min(work.len()) };
             first = false;
             let chunk: Vec<Work> = work.drain(..n).collect();
+            self.apply_batch(rec, g, chunk, wait)?;
+        }
+        if !cold.is_empty() {
+            let chunk = cold
+                .into_iter()
+                .map(|(h, m)| Work::Update(h, Box::new(m), true))
+                .collect();
             self.apply_batch(rec, g, chunk, wait)?;
         }
         for (host, m) in to_destroy {
@@ -1313,17 +1367,27 @@ impl Runner {
         let launched = self.launch_batch(rec, g, chunk, wait, &mut started);
         let mut failure = launched.err();
         for (idx, agent, id, nonce) in started {
-            let ok = if failure.is_none() {
-                self.healthy(agent.as_ref(), &id, wait, Some(&g.config))
-            } else {
+            let cold = rec.job.changes.get(idx).is_some_and(|c| c.cold);
+            let ok = if failure.is_some() {
                 Ok(())
+            } else if cold {
+                self.cold_updated(agent.as_ref(), &id, wait, Some(&g.config))
+            } else {
+                self.healthy(agent.as_ref(), &id, wait, Some(&g.config))
             };
             if let Some(n) = nonce {
                 self.unlease(id.as_str(), &n);
             }
             match ok {
                 Ok(()) if failure.is_none() => {
-                    self.done(rec, idx, format!("machine {id} is started and healthy"))?
+                    let message = if cold {
+                        format!(
+                            "machine {id} is updated and stays stopped, as it was (not started, so not checked)"
+                        )
+                    } else {
+                        format!("machine {id} is started and healthy")
+                    };
+                    self.done(rec, idx, message)?
                 }
                 Ok(()) => {}
                 Err(e) => failure = Some(e),
@@ -1345,8 +1409,14 @@ impl Runner {
     ) -> StepResult<()> {
         for w in chunk {
             match w {
-                Work::Update(host, m) => {
+                Work::Update(host, m, cold) => {
                     let nonce = self.lease(rec, m.id.as_str(), wait)?;
+                    // Cold only if it still is: the edge may have woken it since it was listed.
+                    let cold = cold
+                        && self
+                            .host(&host)
+                            .and_then(|a| a.get(&m.id).map_err(|e| e.message().to_owned()))
+                            .is_ok_and(|now| is_cold(&now));
                     let begun = self.begin(
                         rec,
                         Change {
@@ -1357,6 +1427,7 @@ impl Runner {
                             previous: m.config.clone(),
                             healthy: false,
                             undone: false,
+                            cold,
                         },
                     );
                     let updated = begun.and_then(|idx| {
@@ -1366,7 +1437,7 @@ impl Runner {
                                 &m.id,
                                 HostUpdate {
                                     config: g.config.clone(),
-                                    skip_launch: false,
+                                    skip_launch: cold,
                                     current_version: None,
                                     secrets: self.secrets()?,
                                 },
@@ -1429,6 +1500,7 @@ impl Runner {
                 previous: None,
                 healthy: false,
                 undone: false,
+                cold: false,
             },
         )?;
         self.create_machine(
@@ -1459,6 +1531,7 @@ impl Runner {
                 previous: m.config.clone(),
                 healthy: false,
                 undone: false,
+                cold: false,
             },
         )?;
         let agent = self.host(host)?;
@@ -1570,6 +1643,8 @@ impl Runner {
                 trouble.push(e);
                 continue;
             }
+            // A cold machine goes back without being booted, unless the edge woke it since.
+            let cold = c.cold && agent.get(&id).is_ok_and(|m| is_cold(&m));
             let result: StepResult<String> = match c.kind {
                 ChangeKind::Update => match c.previous.clone() {
                     Some(prev) => self
@@ -1580,14 +1655,20 @@ impl Runner {
                                     &id,
                                     HostUpdate {
                                         config: prev,
-                                        skip_launch: false,
+                                        skip_launch: cold,
                                         current_version: None,
                                         secrets,
                                     },
                                 )
                                 .map_err(|e| e.message().to_owned())
                         })
-                        .and_then(|_| self.healthy(agent.as_ref(), &id, wait, None))
+                        .and_then(|_| {
+                            if cold {
+                                self.cold_updated(agent.as_ref(), &id, wait, None)
+                            } else {
+                                self.healthy(agent.as_ref(), &id, wait, None)
+                            }
+                        })
                         .map(|()| format!("machine {id} is back on its previous config")),
                     None => Ok(format!("machine {id} had no previous config to go back to")),
                 },
@@ -1669,13 +1750,22 @@ fn reachable(socket: &aloft_api::ListenSocket, port: u16, proto: &str) -> bool {
             .is_ok_and(|a| a.port() == port && !a.ip().is_loopback())
 }
 
+/// A machine that is not started and rests so: a release updates it without booting it.
+fn is_cold(m: &Machine) -> bool {
+    matches!(
+        m.state,
+        MachineState::Stopped | MachineState::Suspended | MachineState::Created
+    )
+}
+
 fn new_machine_id() -> StepResult<MachineId> {
     crate::machines::new_machine_id().map_err(|e| e.to_string())
 }
 
 /// A machine to change in a batch.
 enum Work {
-    Update(String, Box<Machine>),
+    /// An update of an existing machine on a host; `true` when it was not started (cold).
+    Update(String, Box<Machine>, bool),
     Create,
 }
 
