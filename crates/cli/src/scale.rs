@@ -71,6 +71,9 @@ pub(crate) struct CountArgs {
     /// The region (must be the one aloftd places machines in; releases carry none yet).
     #[arg(short = 'r', long, value_name = "REGION")]
     region: Option<String>,
+    /// Accepted as flyctl's (which asks before scaling); aloft does not ask.
+    #[arg(short = 'y', long)]
+    yes: bool,
     #[command(flatten)]
     release: ScaleRelease,
 }

@@ -556,7 +556,7 @@ mod tests {
         );
 
         // Scaling is a release too.
-        ok(&env.aloft(&["scale", "count", "3"]));
+        ok(&env.aloft(&["scale", "count", "3", "--yes"]));
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
         assert_eq!(machines.as_array().unwrap().len(), 3);
 
