@@ -197,6 +197,12 @@ mod tests {
             .map(|r| r["version"].as_u64().unwrap())
             .collect();
         assert_eq!(versions, vec![7, 6, 5, 4, 3, 2, 1]);
+        let (_, newest) = api.call("GET", "/v1/apps/web/releases?limit=2", None).await;
+        let newest: Vec<&Value> = newest.as_array().unwrap().iter().map(|r| &r["version"]).collect();
+        assert_eq!(newest, [7, 6]);
+        let (s, bad) = api.call("GET", "/v1/apps/web/releases?limit=0", None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(bad["error"].as_str().unwrap().contains("limit"), "{bad}");
     }
 
     /// Stops machine `id` through the API and waits until it is stopped.
@@ -249,8 +255,7 @@ mod tests {
             let events = api.events(v).await;
             assert!(
                 events.iter().any(|e| {
-                    e["machine"] == idle.as_str()
-                        && e["message"].as_str().unwrap().contains("stays stopped")
+                    e["machine"] == idle.as_str() && e["message"].as_str().unwrap().contains("stays stopped")
                 }),
                 "{events:?}"
             );

@@ -95,7 +95,16 @@ pub(crate) async fn run(ctx: &Context, cmd: AppsCommand) -> anyhow::Result<()> {
             if args.json {
                 print_json(&list.apps)?;
             } else {
-                print!("{}", table(&list.apps));
+                // Each app's newest release: when it was last deployed ("-" if never).
+                let mut deployed = Vec::with_capacity(list.apps.len());
+                for app in &list.apps {
+                    let latest = client
+                        .release_latest(&app.name)
+                        .await
+                        .map_err(|e| api_error(e, &settings, Subject::App(&app.name)))?;
+                    deployed.push(latest.map(|r| r.created_at).unwrap_or_default());
+                }
+                print!("{}", table(&list.apps, &deployed));
             }
         }
         AppsCommand::Destroy(args) => {
@@ -125,16 +134,18 @@ pub(crate) async fn run(ctx: &Context, cmd: AppsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// flyctl's table: NAME, OWNER, STATUS, LATEST DEPLOY ("-" when unknown).
-fn table(apps: &[App]) -> String {
+/// flyctl's table: NAME, OWNER, STATUS, LATEST DEPLOY (`deployed[i]`, when app `i`'s newest
+/// release was made); "-" when unknown.
+fn table(apps: &[App], deployed: &[String]) -> String {
     let rows: Vec<Vec<String>> = apps
         .iter()
-        .map(|a| {
+        .enumerate()
+        .map(|(i, a)| {
             vec![
                 a.name.clone(),
                 a.organization.slug.clone(),
                 a.status.clone(),
-                String::new(),
+                deployed.get(i).cloned().unwrap_or_default(),
             ]
         })
         .collect();
@@ -157,11 +168,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            table(&[app("web", "pending"), app("a-longer-name", "")]),
-            "NAME            OWNER      STATUS    LATEST DEPLOY\n\
-             web             personal   pending   -\n\
-             a-longer-name   personal   -         -\n"
+            table(
+                &[app("web", "deployed"), app("a-longer-name", "")],
+                &["2026-12-03T12:46:05Z".into()]
+            ),
+            "NAME            OWNER      STATUS     LATEST DEPLOY\n\
+             web             personal   deployed   2026-12-03T12:46:05Z\n\
+             a-longer-name   personal   -          -\n"
         );
-        assert_eq!(table(&[]), "NAME   OWNER   STATUS   LATEST DEPLOY\n");
+        assert_eq!(table(&[], &[]), "NAME   OWNER   STATUS   LATEST DEPLOY\n");
     }
 }

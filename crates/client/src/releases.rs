@@ -26,6 +26,13 @@ impl Client {
         self.json(Method::GET, &releases_path(app), None).await
     }
 
+    /// `GET /v1/apps/{app}/releases?limit=1`: the app's newest release, if it has one.
+    pub async fn release_latest(&self, app: &str) -> Result<Option<Release>, ClientError> {
+        let path = format!("{}?limit=1", releases_path(app));
+        let list: Vec<Release> = self.json(Method::GET, &path, None).await?;
+        Ok(list.into_iter().next())
+    }
+
     /// `GET /v1/apps/{app}/releases/{version}`.
     pub async fn release_get(&self, app: &str, version: u64) -> Result<Release, ClientError> {
         let path = format!("{}/{version}", releases_path(app));

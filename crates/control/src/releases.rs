@@ -402,15 +402,25 @@ fn start_release(
     }
 }
 
-/// `GET /v1/apps/{app}/releases` → releases, newest first.
+/// `GET /v1/apps/{app}/releases[?limit=N]` → releases, newest first (the newest `N`).
 pub(crate) async fn index(
     State(state): State<ApiState>,
     caller: Caller,
     AppName(app): AppName,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Release>>, HttpError> {
+    let mut limit = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "limit" {
+            let n = v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be a positive number of releases, not {v:?}"))
+            })?;
+            limit = Some(n);
+        }
+    }
     let out = blocking(move || {
         visible_app(state.control(), &caller, &app)?;
-        Ok(list(state.control().store().as_ref(), &app, None)?
+        Ok(list(state.control().store().as_ref(), &app, limit)?
             .into_iter()
             .map(|r| r.release)
             .collect())
