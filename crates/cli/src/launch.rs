@@ -166,7 +166,28 @@ pub(crate) async fn run(ctx: &Context, args: LaunchArgs) -> anyhow::Result<()> {
     if build.image.is_none() {
         build.dockerfile = Some(dir.join(&dockerfile_name));
     }
-    crate::deploy::deploy(ctx, &path, Some(&app), &build, &args.release).await
+    crate::deploy::deploy(ctx, &path, Some(&app), &build, &args.release)
+        .await
+        .map_err(|e| deploy_failed_after_launch(e, &app))
+}
+
+/// A deploy that failed once the app was created and aloft.toml written: launching again would
+/// find both, so the way on is `aloft deploy`, which the error's hint now says.
+fn deploy_failed_after_launch(e: anyhow::Error, app: &str) -> anyhow::Error {
+    let next =
+        format!("app {app} and aloft.toml are in place: `aloft deploy` tries again (not `aloft launch`)");
+    if e.is::<crate::errors::SilentExit>() {
+        // The failure is on the screen already.
+        eprintln!("hint: {next}");
+        return e;
+    }
+    let (message, hint, code) = crate::errors::describe(&e);
+    UserError {
+        message,
+        hint: Some(hint.map_or_else(|| next.clone(), |h| format!("{h}\n{next}"))),
+        code,
+    }
+    .into()
 }
 
 /// A valid app name from a directory name: lowercase letters, digits and hyphens, at most 63.

@@ -718,5 +718,32 @@ mod tests {
             err.contains("aloft.toml") || err.contains("taken") || err.contains("exists"),
             "{err}"
         );
+
+        // A launch whose deploy fails (the app listens on 8080, not 3000) leaves the app and its
+        // config in place, and says to go on with `aloft deploy`, not to launch again.
+        let other = work.join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("Dockerfile"), "FROM busybox\nEXPOSE 3000\n").unwrap();
+        let failed = env
+            .command(&[
+                "launch",
+                "--name",
+                "other",
+                "--image",
+                "busybox:latest",
+                "--wait-timeout",
+                "2s",
+            ])
+            .current_dir(&other)
+            .output()
+            .unwrap();
+        assert!(!failed.status.success());
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(err.contains("8080"), "says where the app listens: {err}");
+        assert!(
+            err.contains("`aloft deploy` tries again (not `aloft launch`)"),
+            "{err}"
+        );
+        assert!(other.join("aloft.toml").is_file());
     }
 }
