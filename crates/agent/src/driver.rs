@@ -267,6 +267,15 @@ pub enum DriverError {
         /// Init's message.
         message: String,
     },
+    /// Init refused what was asked of a running machine (an exec'd command it could not start,
+    /// e.g. "executable not found: /app/x"): the caller's to fix, not the platform's.
+    #[error("{op}: {message}")]
+    Refused {
+        /// What was being done.
+        op: DriverOp,
+        /// Init's message.
+        message: String,
+    },
     /// The operation needs a running VM and there is none.
     #[error("{op}: the machine is not running")]
     NotRunning {
@@ -278,16 +287,9 @@ pub enum DriverError {
 impl DriverError {
     /// A failure with the full chain of `e` as its message.
     pub fn failed(op: DriverOp, e: &(dyn std::error::Error + 'static), retryable: bool) -> Self {
-        let mut message = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
         Self::Failed {
             op,
-            message,
+            message: aloft_api::error_chain(e),
             retryable,
         }
     }

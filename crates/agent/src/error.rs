@@ -188,6 +188,10 @@ impl AgentError {
                 source: DriverError::NotRunning { .. },
                 ..
             } => ApiError::precondition_failed(self.to_string()),
+            Self::Driver {
+                machine,
+                source: source @ DriverError::Refused { .. },
+            } => ApiError::bad_request(format!("machine {machine}: {source}")),
             Self::Halted | Self::Locked { .. } => ApiError::new(503, self.to_string()),
             Self::OperationFailed { .. }
             | Self::Driver { .. }

@@ -21,8 +21,14 @@ const CREATE_HOLD: Duration = Duration::from_secs(50);
 const CREATE_FAILURE_REPORT: Duration = Duration::from_secs(10);
 
 #[expect(clippy::needless_pass_by_value, reason = "used as `map_err(api)`")]
+/// The API error for `e`. A 500 hides the details from the client ("the server's log has the
+/// details"), so they go to the log here.
 fn api(e: AgentError) -> ApiError {
-    e.to_api()
+    let api = e.to_api();
+    if api.status() >= 500 {
+        eprintln!("aloft-agent: {}", aloft_api::error_chain(&e));
+    }
+    api
 }
 
 impl MachineHost for Agent {

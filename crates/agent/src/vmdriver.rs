@@ -126,6 +126,10 @@ fn vm_failed(op: DriverOp, e: &VmError) -> DriverError {
             message: message.clone(),
         },
         VmError::NotRunning { .. } => DriverError::NotRunning { op },
+        VmError::ExecFailed { message } => DriverError::Refused {
+            op,
+            message: message.clone(),
+        },
         VmError::Timeout { .. } | VmError::Qmp { .. } | VmError::Channel { .. } => {
             DriverError::failed(op, e, true)
         }

@@ -178,6 +178,13 @@ mod tests {
         let rec = create(&agent);
         assert_eq!(rec.state, MachineState::Started);
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        // A command that does not exist is the caller's error, said as init says it.
+        let missing = agent
+            .exec(&rec.id, &["/app/x".into()], Duration::from_secs(30))
+            .unwrap_err();
+        let api = missing.to_api();
+        assert_eq!(api.status(), 400, "{missing:?}");
+        assert!(api.message().contains("/app/x"), "{}", api.message());
         let m = agent.machine(&rec.id).unwrap();
         assert_eq!(m.image_ref.as_ref().unwrap().repository, "busybox");
         assert!(m.image_ref.unwrap().digest.starts_with("sha256:"));

@@ -4,6 +4,19 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// `error` and its sources on one line, joined by `: ` (what a server logs behind a 500, what a
+/// client shows). Crates that don't depend on this one (`image`, `init`) keep a copy.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// The error body of the Fly-compatible API: `{"error": "...", "status": "unknown"}`.
 ///
 /// On input `message` is accepted for `error` (fly-go reads both); the deprecated `details`
@@ -173,6 +186,30 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn an_error_chain_is_the_error_then_its_causes() {
+        let io = std::io::Error::other("disk full");
+        let outer = std::io::Error::other(Wrapped(io));
+        assert_eq!(error_chain(&outer), "writing: disk full");
+        assert_eq!(error_chain(&std::io::Error::other("alone")), "alone");
+    }
+
+    /// "writing", caused by an inner error.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("writing")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
 
     #[test]
     fn constructors_pick_fly_status_codes() {

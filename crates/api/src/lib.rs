@@ -53,7 +53,7 @@ pub use certs::{
     Certificate, CertificateRecord, CertificateSource, CertificateStatus, CreateCertificateRequest,
     DnsRequirements, EdgeCaResponse, ListCertificatesResponse, is_under_domain, validate_cert_hostname,
 };
-pub use error::{ApiError, ErrorResponse, ErrorStatus};
+pub use error::{ApiError, ErrorResponse, ErrorStatus, error_chain};
 pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};
 pub use machine::{
     CheckState, CheckStatus, ContainerStatus, EventSource, ExitEvent, HostStatus, ImageRef, Machine,

@@ -1,6 +1,5 @@
 //! [`HttpError`]: an [`ApiError`] as an HTTP response, and running store calls off the reactor.
 
-use std::error::Error as StdError;
 use std::fmt;
 
 use aloft_api::ApiError;
@@ -53,22 +52,10 @@ impl From<ApiError> for HttpError {
     }
 }
 
-/// `error` and its sources, joined by `: `.
-pub(crate) fn chain(error: &dyn StdError) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 impl From<ControlError> for HttpError {
     fn from(e: ControlError) -> Self {
         let api = e.to_api();
-        let detail = (api.status() >= 500).then(|| chain(&e));
+        let detail = (api.status() >= 500).then(|| aloft_api::error_chain(&e));
         Self { api, detail }
     }
 }

@@ -65,18 +65,6 @@ impl From<ConnectError> for SendError {
     }
 }
 
-/// An error and its causes on one line.
-pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 // ---------------------------------------------------------------------------------------------
 // Dialing.
 
@@ -523,7 +511,7 @@ impl Upstreams {
             match conn.send(head, host.as_ref(), own, body).await {
                 Ok((parts, framing)) => return Ok(Self::h1_answer(pool, parts, framing, conn)),
                 Err(H1Fail::NotSent(b)) => body = b,
-                Err(H1Fail::Sent(e)) => return Err(SendError::Request(source_chain(&e))),
+                Err(H1Fail::Sent(e)) => return Err(SendError::Request(aloft_api::error_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
@@ -533,7 +521,7 @@ impl Upstreams {
                 refused: false,
                 detail: format!("{addr} closed a new connection before the request was sent"),
             }),
-            Err(H1Fail::Sent(e)) => Err(SendError::Request(source_chain(&e))),
+            Err(H1Fail::Sent(e)) => Err(SendError::Request(aloft_api::error_chain(&e))),
         }
     }
 
@@ -580,7 +568,7 @@ impl Upstreams {
                     .timer(TokioTimer::new())
                     .handshake(TokioIo::new(stream))
                     .await
-                    .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+                    .map_err(|e| SendError::Handshake(aloft_api::error_chain(&e)))?;
                 tokio::spawn(conn);
                 self.h2.insert(addr, sender.clone());
                 sender
@@ -589,11 +577,11 @@ impl Upstreams {
         sender
             .ready()
             .await
-            .map_err(|e| SendError::Request(source_chain(&e)))?;
+            .map_err(|e| SendError::Request(aloft_api::error_chain(&e)))?;
         sender
             .send_request(req)
             .await
-            .map_err(|e| SendError::Request(source_chain(&e)))
+            .map_err(|e| SendError::Request(aloft_api::error_chain(&e)))
     }
 
     /// Sends an upgrade request (WebSocket and the like) over a connection of its own, which a
@@ -607,13 +595,13 @@ impl Upstreams {
         let (mut sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| SendError::Handshake(source_chain(&e)))?;
+            .map_err(|e| SendError::Handshake(aloft_api::error_chain(&e)))?;
         tokio::spawn(conn.with_upgrades());
         sender
             .send_request(req)
             .await
             .map(|r| r.map(UpstreamBody::detached))
-            .map_err(|e| SendError::Request(source_chain(&e)))
+            .map_err(|e| SendError::Request(aloft_api::error_chain(&e)))
     }
 }
 
