@@ -999,12 +999,20 @@ const HANDLERS: &[&str] = &["http", "tls", "pg_tls", "proxy_proto", "edge_http"]
 fn decode_machine_port(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<MachinePort> {
     let entries = ctx.table(node, path)?;
     let mut port = MachinePort::default();
+    // A port key that is there but invalid has its own error: no "needs a port" besides.
+    let mut bad_port = false;
     for (key, value) in entries {
         let p = join(path, &key.name);
         match key.name.as_str() {
-            "port" => port.port = decode_port(ctx, value, &p),
-            "start_port" => port.start_port = decode_port(ctx, value, &p),
-            "end_port" => port.end_port = decode_port(ctx, value, &p),
+            "port" | "start_port" | "end_port" => {
+                let decoded = decode_port(ctx, value, &p);
+                bad_port |= decoded.is_none();
+                match key.name.as_str() {
+                    "port" => port.port = decoded,
+                    "start_port" => port.start_port = decoded,
+                    _ => port.end_port = decoded,
+                }
+            }
             "handlers" => {
                 port.handlers = ctx.strings(value, &p).unwrap_or_default();
                 for h in &port.handlers {
@@ -1051,6 +1059,7 @@ fn decode_machine_port(ctx: &mut Ctx<'_>, node: &Node, path: &str) -> Option<Mac
     }
     match (port.port, port.start_port, port.end_port) {
         (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+        _ if bad_port => {}
         (None, None, None) => ctx.error(
             &node.span,
             path,
