@@ -86,7 +86,9 @@ mod tests {
             self.fake.world().specs[&id].run_config.env.clone()
         }
 
-        /// No file under the test's directory (databases, WAL, logs, key files) holds the value.
+        /// No file under the test's directory (databases, WAL, logs, key files) holds the value,
+        /// nor its SHA-256 (the digest the API shows: next to the ciphertext it would let the
+        /// database alone check guesses).
         fn assert_no_plaintext_on_disk(&self) {
             fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
                 for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -101,11 +103,17 @@ mod tests {
             let mut files = Vec::new();
             walk(self.dir.path(), &mut files);
             assert!(files.len() > 3, "{files:?}");
+            let digest = aloft_secretbox::digest(VALUE.as_bytes());
             for f in files {
                 let bytes = std::fs::read(&f).unwrap();
                 assert!(
                     !bytes.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
                     "{} holds the secret in plaintext",
+                    f.display()
+                );
+                assert!(
+                    !bytes.windows(digest.len()).any(|w| w == digest.as_bytes()),
+                    "{} holds the secret's digest",
                     f.display()
                 );
             }
@@ -298,6 +306,29 @@ mod tests {
             aloft_control::reseal_secrets(&api.control, &rotated).unwrap(),
             aloft_control::ResealReport::default()
         );
+
+        // A record as stored before digests left the store: the sweep rewrites it without its
+        // digest, and the API still shows the value's.
+        let store = api.control.store().clone();
+        let kv = store
+            .range("/secrets/web/MY_SECRET", &aloft_store::RangeOptions::default())
+            .unwrap()
+            .kvs
+            .remove(0);
+        let mut record: Value = serde_json::from_slice(&kv.value).unwrap();
+        let digest = aloft_secretbox::digest(VALUE.as_bytes());
+        record["digest"] = json!(digest);
+        store.put(&kv.key, serde_json::to_vec(&record).unwrap()).unwrap();
+        let report = aloft_control::reseal_secrets(&api.control, &rotated).unwrap();
+        assert_eq!(report.resealed, 1, "{report:?}");
+        let kv = store
+            .range("/secrets/web/MY_SECRET", &aloft_store::RangeOptions::default())
+            .unwrap()
+            .kvs
+            .remove(0);
+        assert!(!String::from_utf8_lossy(&kv.value).contains(&digest));
+        let shown = api.ok("GET", "/v1/apps/web/secrets/MY_SECRET", None).await;
+        assert_eq!(shown["digest"], digest.as_str());
 
         // A dropped: B alone opens everything.
         api.h

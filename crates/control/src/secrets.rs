@@ -2,9 +2,10 @@
 //!
 //! Each value is sealed with the server's secrets key ([`aloft_secretbox`], ChaCha20-Poly1305,
 //! a random nonce per value, the app and secret name as associated data) and stored under
-//! `/secrets/{app}/{name}` with its digest (hex SHA-256) and times; `/secrets/{app}` holds the
-//! app's secrets version, bumped by every change in the same transaction. Responses carry names,
-//! digests, times and versions, never values.
+//! `/secrets/{app}/{name}` with its times; `/secrets/{app}` holds the app's secrets version,
+//! bumped by every change in the same transaction. Responses carry names, digests (hex SHA-256
+//! of the value, computed from the opened value when asked: the store holds no hash a guess
+//! could be checked against), times and versions, never values.
 //!
 //! Machines get the app's secrets when they are created or updated ([`for_machine`]): decrypted
 //! here, handed to the host with the request, which keeps its own sealed copy for later boots.
@@ -86,10 +87,16 @@ fn key(state: &ApiState) -> Result<&Keyring, HttpError> {
     })
 }
 
-fn shown(r: &SecretRecord) -> AppSecret {
+/// The secret as the API shows it. Its digest is the hex SHA-256 of the value, opened here;
+/// empty when no key in the ring opens it (aloftd's start says which keys are missing).
+fn shown(keys: &Keyring, app: &str, r: &SecretRecord) -> AppSecret {
+    let digest = keys
+        .open(&sealed_of(r), &associated_data(app, &r.name))
+        .map(|plain| aloft_secretbox::digest(&plain))
+        .unwrap_or_default();
     AppSecret {
         name: r.name.clone(),
-        digest: r.digest.clone(),
+        digest,
         created_at: r.created_at.clone(),
         updated_at: r.updated_at.clone(),
     }
@@ -133,7 +140,7 @@ fn seal(
         nonce,
         ciphertext,
         key_id,
-        digest: aloft_secretbox::digest(value.as_bytes()),
+        legacy_digest: None,
         created_at: old.map_or_else(|| now.to_owned(), |o| o.created_at.clone()),
         updated_at: now.to_owned(),
     })
@@ -286,7 +293,8 @@ pub fn reseal_secrets(control: &ControlStore, keys: &Keyring) -> Result<ResealRe
             let mut unreadable = Vec::new();
             for (name, r) in &base.secrets {
                 let sealed = sealed_of(r);
-                if !keys.needs_reseal(&sealed) {
+                // Also a record still carrying the digest older records were stored with.
+                if !keys.needs_reseal(&sealed) && r.legacy_digest.is_none() {
                     continue;
                 }
                 let ad = associated_data(&app, name);
@@ -306,6 +314,7 @@ pub fn reseal_secrets(control: &ControlStore, keys: &Keyring) -> Result<ResealRe
                     nonce: again.nonce,
                     ciphertext: again.ciphertext,
                     key_id: again.key_id,
+                    legacy_digest: None,
                     ..r.clone()
                 });
             }
@@ -338,8 +347,9 @@ pub(crate) async fn list(
         visible_app(state.control(), &caller, &app)?;
         let snapshot = state.control().secrets(&app)?;
         require_version(&app, snapshot.version, q.min_version, "min_version")?;
+        let keys = key(&state)?;
         Ok(AppSecrets {
-            secrets: snapshot.secrets.values().map(shown).collect(),
+            secrets: snapshot.secrets.values().map(|r| shown(keys, &app, r)).collect(),
         })
     })
     .await?;
@@ -367,16 +377,17 @@ pub(crate) async fn update(
             validate_secret_value(name, v)?;
         }
     }
-    let (after, version) = blocking(move || {
+    blocking(move || {
         visible_app(state.control(), &caller, &app)?;
-        change(&state, &app, &req.values, false)
+        let (after, version) = change(&state, &app, &req.values, false)?;
+        let keys = key(&state)?;
+        Ok(Json(AppSecretsUpdateResp {
+            secrets: after.values().map(|r| shown(keys, &app, r)).collect(),
+            version,
+            version_deprecated: version,
+        }))
     })
-    .await?;
-    Ok(Json(AppSecretsUpdateResp {
-        secrets: after.values().map(shown).collect(),
-        version,
-        version_deprecated: version,
-    }))
+    .await
 }
 
 /// `GET /v1/apps/{app}/secrets/{name}` → `{name, digest, created_at, updated_at}`.
@@ -391,10 +402,11 @@ pub(crate) async fn show(
         visible_app(state.control(), &caller, &path.app)?;
         let snapshot = state.control().secrets(&path.app)?;
         require_version(&path.app, snapshot.version, q.min_version, "min_version")?;
+        let keys = key(&state)?;
         snapshot
             .secrets
             .get(&path.name)
-            .map(shown)
+            .map(|r| shown(keys, &path.app, r))
             .ok_or_else(|| ApiError::not_found(format_args!("secret {}", path.name)).into())
     })
     .await?;
@@ -417,11 +429,12 @@ pub(crate) async fn create(
         let r = after
             .get(&path.name)
             .ok_or_else(|| HttpError::internal("a secret just set is missing"))?;
+        let shown = shown(key(&state)?, &path.app, r);
         Ok(SetAppSecretResponse {
-            name: r.name.clone(),
-            digest: r.digest.clone(),
-            created_at: r.created_at.clone(),
-            updated_at: r.updated_at.clone(),
+            name: shown.name,
+            digest: shown.digest,
+            created_at: shown.created_at,
+            updated_at: shown.updated_at,
             version,
             version_deprecated: version,
         })

@@ -72,8 +72,12 @@ pub struct SecretRecord {
     /// were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
-    /// Hex SHA-256 of the value (what the API shows).
-    pub digest: String,
+    /// The hex SHA-256 of the value that records written before 2026-12-03 carried. Next to the
+    /// ciphertext it let anyone holding the store alone guess a weak value, so it is read, never
+    /// written: any write of the record (aloftd re-seals such records when it starts) drops it.
+    /// The API's digest is computed from the opened value instead.
+    #[serde(default, rename = "digest", skip_serializing)]
+    pub legacy_digest: Option<String>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -84,7 +88,6 @@ impl std::fmt::Debug for SecretRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecretRecord")
             .field("name", &self.name)
-            .field("digest", &self.digest)
             .field("key_id", &self.key_id)
             .field("updated_at", &self.updated_at)
             .finish_non_exhaustive()

@@ -459,7 +459,7 @@ mod tests {
             nonce: "AAAAAAAAAAAAAAAA".into(),
             ciphertext: ciphertext.into(),
             key_id: key_id.map(str::to_owned),
-            digest: "d".into(),
+            legacy_digest: None,
             created_at: "2026-01-01T00:00:00Z".into(),
             updated_at: "2026-01-01T00:00:00Z".into(),
         }
