@@ -106,6 +106,9 @@ impl Edge {
     pub async fn serve_https(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
         let port = self.config.https_port;
         let _ = self.tls.set(tls);
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.https_bound.set(addr.port());
+        }
         self.accept_loop(listener, port, true).await;
     }
 
@@ -483,11 +486,21 @@ impl Edge {
             return None;
         }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // A client that named a port (`Host: app.localhost:8080`) reaches the edge's listeners
+        // directly: it goes to the HTTPS listener's own port. One that named none came in on the
+        // public HTTP port (bound, or forwarded to the edge): it goes to the public HTTPS port.
+        let named_port = host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
+        let port = match self.https_bound.get() {
+            Some(bound) if named_port => *bound,
+            _ => self.config.https_port,
+        };
         let host = crate::routes::normalize_host(host)?;
-        let location = if self.config.https_port == 443 {
+        let location = if port == 443 {
             format!("https://{host}{path}")
         } else {
-            format!("https://{host}:{}{path}", self.config.https_port)
+            format!("https://{host}:{port}{path}")
         };
         let mut resp = Response::new(empty());
         *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;

@@ -105,6 +105,9 @@ pub struct Edge {
     udp_flows: udp::FlowTotal,
     replay_cache: replay_cache::ReplayCache,
     tls: OnceLock<Arc<rustls::ServerConfig>>,
+    /// The port the HTTPS listener really binds (`force_https` sends clients that name ports
+    /// there).
+    https_bound: OnceLock<u16>,
     acme_http: OnceLock<AcmeHttp>,
 }
 
@@ -135,6 +138,7 @@ impl Edge {
             udp_flows: udp::FlowTotal::default(),
             replay_cache: replay_cache::ReplayCache::default(),
             tls: OnceLock::new(),
+            https_bound: OnceLock::new(),
             acme_http: OnceLock::new(),
             config,
         })

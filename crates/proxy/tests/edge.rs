@@ -1935,6 +1935,14 @@ mod tests {
         });
         h.add(&m, echo("a1"));
         let (addr, root) = https_edge(&h, dir.path()).await;
+        // force_https: a client that named a port reaches the listeners directly and goes to the
+        // HTTPS listener's own port; one that named none goes to the public 443.
+        let r = h.get("a.localhost:8080", "/p?q").await;
+        assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY, "{r:?}");
+        let direct = format!("https://a.localhost:{}/p?q", addr.port());
+        assert_eq!(r.header("location"), Some(direct.as_str()));
+        let r = h.get("a.localhost", "/p").await;
+        assert_eq!(r.header("location"), Some("https://a.localhost/p"));
         for h2 in [false, true] {
             let r = https_get(addr, &root, h2, "a.localhost", "/secure").await;
             assert_eq!(
