@@ -294,6 +294,70 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn process_groups_deploy_side_by_side_and_fail_together() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // `web` is judged only after its check's 1 s grace; `worker` has nothing to wait for.
+        let web = |image: &str, port: u16| {
+            let mut g = group(image, false);
+            g["group"] = json!("web");
+            g["config"]["checks"] = json!({"alive": {"type": "tcp", "port": port, "interval": "100ms", "timeout": "1s", "grace_period": "1s"}});
+            g
+        };
+        let worker = |image: &str| {
+            let mut g = group(image, false);
+            g["group"] = json!("worker");
+            g
+        };
+        api.deploy(json!({"image": "web:1", "groups": [web("web:1", port), worker("web:1")]}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let events = api.events(1).await;
+        let at = |text: &str| {
+            events
+                .iter()
+                .position(|e| e["message"].as_str().unwrap().contains(text))
+                .unwrap_or_else(|| panic!("no event {text:?}: {events:?}"))
+        };
+        let ms = api.machines().await;
+        let of = |group: &str| {
+            ms.iter()
+                .find(|m| m["config"]["metadata"]["fly_process_group"] == group)
+                .unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let (web_id, worker_id) = (of("web"), of("worker"));
+        assert!(
+            at(&format!("machine {worker_id} is started and healthy"))
+                < at(&format!("machine {web_id} is started and healthy")),
+            "worker's machine is done while web's waits out its grace: {events:?}"
+        );
+
+        // web's check fails: the release stops and puts back both groups, worker's too.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        api.deploy(json!({"image": "web:2", "groups": [web("web:2", closed), worker("web:2")], "wait_timeout": "3s"}))
+            .await;
+        let r = api.finished(2).await;
+        assert_eq!(r["status"], "rolled_back", "{r}");
+        let why = r["error"].as_str().unwrap();
+        assert!(why.starts_with("group web: "), "{why}");
+        assert!(!why.contains("stopped"), "{why}");
+        for m in api.machines().await {
+            assert_eq!(release_of(&m), "1", "{m}");
+            assert_eq!(m["config"]["image"], "web:1");
+        }
+        drop(listener);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_failing_health_check_rolls_back_and_rollback_redeploys() {
         let api = Api::new();
         api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;

@@ -6,10 +6,11 @@
 //! nothing. The job:
 //! 1. runs the release command, if any, in an ephemeral machine with the new image and config; a
 //!    failure ends the release (`failed`) before any machine changes;
-//! 2. per process group, replaces the group's machines by the strategy — `immediate` (all at
-//!    once), `rolling` (`max_unavailable` at a time), `canary` (one, then rolling), `bluegreen`
-//!    (new machines created cordoned beside the old, uncordoned once all are healthy, then the old
-//!    ones destroyed) — creating machines up to the wanted count and destroying the excess; each
+//! 2. for every process group at once (side by side, as flyctl deploys them; the first group
+//!    whose step fails stops the others at their next step), replaces the group's machines by
+//!    the strategy — `immediate` (all at once), `rolling` (`max_unavailable` at a time),
+//!    `canary` (one, then rolling), `bluegreen` (new machines created cordoned beside the old,
+//!    uncordoned once all are healthy, then the old ones destroyed) — creating machines up to the wanted count and destroying the excess; each
 //!    machine must be `started` with every check passing within `wait_timeout`, and — for a group
 //!    with services — listen on each `internal_port` (not on loopback) within the checks' grace
 //!    period, else the step fails at once saying what the app listens on instead. Machines that
@@ -30,7 +31,8 @@
 //! Keys: `/releases/{app}/{version:010}` (the record), `/release-events/{app}/{version:010}/{seq:010}`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aloft_api::{
@@ -753,14 +755,43 @@ impl Runner {
         }
         rec.release.status = ReleaseStatus::Running;
         self.event(&mut rec, "info", None, "replacing machines".into())?;
+        // Process groups deploy side by side (as flyctl's do); the first failure stops the
+        // others at their next step, then everything the release changed is put back.
         let groups = rec.release.groups.clone();
-        for g in &groups {
-            if let Err(why) = self.deploy_group(&mut rec, g) {
-                let reason = format!("group {}: {why}", g.group);
-                rec.job.rolling_back = Some(reason.clone());
-                self.event(&mut rec, "error", None, format!("{reason}; rolling back"))?;
-                return self.roll_back(&mut rec, &reason);
-            }
+        let shared = Mutex::new(rec);
+        let stop = AtomicBool::new(false);
+        let this = &*self;
+        let failures: Vec<String> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    let (shared, stop) = (&shared, &stop);
+                    scope.spawn(move || {
+                        let r = this.deploy_group(shared, stop, g);
+                        if r.is_err() {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        r.map_err(|why| (g.group.clone(), why))
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .filter_map(|j| match j.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err((_, why))) if why == STOPPED => None,
+                    Ok(Err((group, why))) => Some(format!("group {group}: {why}")),
+                    Err(_) => Some("a group's deploy panicked".to_owned()),
+                })
+                .collect()
+        });
+        let mut rec = shared
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !failures.is_empty() {
+            let reason = failures.join("; ");
+            rec.job.rolling_back = Some(reason.clone());
+            self.event(&mut rec, "error", None, format!("{reason}; rolling back"))?;
+            return self.roll_back(&mut rec, &reason);
         }
         self.finish(&mut rec, ReleaseStatus::Complete, None)
     }
@@ -1264,8 +1295,8 @@ impl Runner {
             .map_err(|e| e.to_string())
     }
 
-    fn deploy_group(&self, rec: &mut ReleaseRecord, g: &ReleaseGroup) -> StepResult<()> {
-        let wait = Duration::from_millis(rec.wait_timeout_ms);
+    fn deploy_group(&self, rec: &Shared, stop: &AtomicBool, g: &ReleaseGroup) -> StepResult<()> {
+        let wait = Duration::from_millis(locked(rec).wait_timeout_ms);
         let mut existing = self.machines_of(&g.group)?;
         // A machine in the middle of an operation (say, an update a killed aloftd began and its
         // agent resumed) is looked at once that is over: its config may be the release's by then.
@@ -1283,8 +1314,9 @@ impl Runner {
             }
         }
         let existing = settled;
-        let want = match rec.job.wanted.get(&g.group) {
-            Some(n) => *n,
+        let wanted = locked(rec).job.wanted.get(&g.group).copied();
+        let want = match wanted {
+            Some(n) => n,
             None => {
                 let n = match g.count {
                     Some(n) => n as usize,
@@ -1297,31 +1329,36 @@ impl Runner {
                     }
                     None => existing.len(),
                 };
-                rec.job.wanted.insert(g.group.clone(), n);
-                save(self.store(), rec).map_err(|e| e.to_string())?;
+                let mut r = locked(rec);
+                r.job.wanted.insert(g.group.clone(), n);
+                save(self.store(), &r).map_err(|e| e.to_string())?;
                 n
             }
         };
         // Machines this release already handled (resumed job): only check them again.
+        let (version, strategy, max_unavailable) = {
+            let r = locked(rec);
+            (r.release.version, r.release.strategy, r.max_unavailable)
+        };
         let (current, stale): (Vec<_>, Vec<_>) = existing
             .into_iter()
-            .partition(|(_, m)| release_version_of(m) == Some(rec.release.version));
+            .partition(|(_, m)| release_version_of(m) == Some(version));
         for (host, m) in &current {
             let agent = self.host(host)?;
-            if rec
+            let cold = locked(rec)
                 .job
                 .changes
                 .iter()
-                .any(|c| c.machine == m.id.as_str() && c.cold)
-            {
+                .any(|c| c.machine == m.id.as_str() && c.cold);
+            if cold {
                 self.cold_updated(agent.as_ref(), &m.id, wait, Some(&g.config))?;
             } else {
                 self.healthy(agent.as_ref(), &m.id, wait, Some(&g.config))?;
             }
         }
         let have = current.len();
-        if rec.release.strategy == DeployStrategy::Bluegreen {
-            return self.bluegreen(rec, g, stale, &current, want.saturating_sub(have), wait);
+        if strategy == DeployStrategy::Bluegreen {
+            return self.bluegreen(rec, stop, g, stale, &current, want.saturating_sub(have), wait);
         }
         let keep = want.saturating_sub(have);
         let (to_update, to_destroy): (Vec<_>, Vec<_>) = {
@@ -1341,18 +1378,20 @@ impl Runner {
         for _ in 0..to_create {
             work.push(Work::Create);
         }
-        let batch = match rec.release.strategy {
+        let batch = match strategy {
             DeployStrategy::Immediate => work.len().max(1),
-            _ => rec.max_unavailable as usize,
+            _ => max_unavailable as usize,
         };
-        let mut first = rec.release.strategy == DeployStrategy::Canary;
+        let mut first = strategy == DeployStrategy::Canary;
         while !work.is_empty() {
+            stopped(stop)?;
             let n = if first { 1 } else { batch.min(work.len()) };
             first = false;
             let chunk: Vec<Work> = work.drain(..n).collect();
             self.apply_batch(rec, g, chunk, wait)?;
         }
         if !cold.is_empty() {
+            stopped(stop)?;
             let chunk = cold
                 .into_iter()
                 .map(|(h, m)| Work::Update(h, Box::new(m), true))
@@ -1360,6 +1399,7 @@ impl Runner {
             self.apply_batch(rec, g, chunk, wait)?;
         }
         for (host, m) in to_destroy {
+            stopped(stop)?;
             self.destroy_machine(rec, &g.group, &host, &m, wait)?;
         }
         Ok(())
@@ -1368,7 +1408,7 @@ impl Runner {
     /// Changes a batch of machines at once and waits until all are healthy.
     fn apply_batch(
         &self,
-        rec: &mut ReleaseRecord,
+        rec: &Shared,
         g: &ReleaseGroup,
         chunk: Vec<Work>,
         wait: Duration,
@@ -1377,7 +1417,7 @@ impl Runner {
         let launched = self.launch_batch(rec, g, chunk, wait, &mut started);
         let mut failure = launched.err();
         for (idx, agent, id, nonce) in started {
-            let cold = rec.job.changes.get(idx).is_some_and(|c| c.cold);
+            let cold = locked(rec).job.changes.get(idx).is_some_and(|c| c.cold);
             let ok = if failure.is_some() {
                 Ok(())
             } else if cold {
@@ -1397,7 +1437,7 @@ impl Runner {
                     } else {
                         format!("machine {id} is started and healthy")
                     };
-                    self.done(rec, idx, message)?
+                    self.done(&mut locked(rec), idx, message)?
                 }
                 Ok(()) => {}
                 Err(e) => failure = Some(e),
@@ -1411,7 +1451,7 @@ impl Runner {
     #[allow(clippy::type_complexity, reason = "one private list")]
     fn launch_batch(
         &self,
-        rec: &mut ReleaseRecord,
+        rec: &Shared,
         g: &ReleaseGroup,
         chunk: Vec<Work>,
         wait: Duration,
@@ -1420,7 +1460,7 @@ impl Runner {
         for w in chunk {
             match w {
                 Work::Update(host, m, cold) => {
-                    let nonce = self.lease(rec, m.id.as_str(), wait)?;
+                    let nonce = self.lease(&locked(rec), m.id.as_str(), wait)?;
                     // Cold only if it still is: the edge may have woken it since it was listed.
                     let cold = cold
                         && self
@@ -1428,7 +1468,7 @@ impl Runner {
                             .and_then(|a| a.get(&m.id).map_err(|e| e.message().to_owned()))
                             .is_ok_and(|now| is_cold(&now));
                     let begun = self.begin(
-                        rec,
+                        &mut locked(rec),
                         Change {
                             machine: m.id.to_string(),
                             host: host.clone(),
@@ -1463,7 +1503,7 @@ impl Runner {
                         }
                     };
                     let _ = self.event(
-                        rec,
+                        &mut locked(rec),
                         "info",
                         Some(m.id.as_str()),
                         format!("updating machine {}", m.id),
@@ -1472,10 +1512,15 @@ impl Runner {
                 }
                 Work::Create => {
                     let (idx, host, id) = self.create_recorded(rec, g, ChangeKind::Create)?;
-                    let _ = self.event(rec, "info", Some(id.as_str()), format!("created machine {id}"));
+                    let _ = self.event(
+                        &mut locked(rec),
+                        "info",
+                        Some(id.as_str()),
+                        format!("created machine {id}"),
+                    );
                     // Held until the machine is healthy, like the machines the job updates: the
                     // edge's autostop must not idle a machine the release is still judging.
-                    let nonce = self.lease(rec, id.as_str(), wait).ok();
+                    let nonce = self.lease(&locked(rec), id.as_str(), wait).ok();
                     started.push((idx, host.agent.clone(), id, nonce));
                 }
             }
@@ -1489,7 +1534,7 @@ impl Runner {
     /// machine kept out of the pool.
     fn create_recorded(
         &self,
-        rec: &mut ReleaseRecord,
+        rec: &Shared,
         g: &ReleaseGroup,
         kind: ChangeKind,
     ) -> StepResult<(usize, HostHandle, MachineId)> {
@@ -1501,7 +1546,7 @@ impl Runner {
             .clone();
         let id = new_machine_id()?;
         let idx = self.begin(
-            rec,
+            &mut locked(rec),
             Change {
                 machine: id.to_string(),
                 host: host.name.clone(),
@@ -1524,15 +1569,15 @@ impl Runner {
 
     fn destroy_machine(
         &self,
-        rec: &mut ReleaseRecord,
+        rec: &Shared,
         group: &str,
         host: &str,
         m: &Machine,
         wait: Duration,
     ) -> StepResult<()> {
-        let nonce = self.lease(rec, m.id.as_str(), wait)?;
+        let nonce = self.lease(&locked(rec), m.id.as_str(), wait)?;
         let idx = self.begin(
-            rec,
+            &mut locked(rec),
             Change {
                 machine: m.id.to_string(),
                 host: host.to_owned(),
@@ -1560,15 +1605,17 @@ impl Runner {
         self.unlease(m.id.as_str(), &nonce);
         r.map_err(|e| format!("destroy machine {}: {}", m.id, e.message()))?;
         self.done(
-            rec,
+            &mut locked(rec),
             idx,
             format!("destroyed machine {} (the group has fewer now)", m.id),
         )
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one private step of deploy_group")]
     fn bluegreen(
         &self,
-        rec: &mut ReleaseRecord,
+        rec: &Shared,
+        stop: &AtomicBool,
         g: &ReleaseGroup,
         old: Vec<(String, Machine)>,
         resumed: &[(String, Machine)],
@@ -1578,9 +1625,10 @@ impl Runner {
         // Green: new machines beside the old ones, out of the proxy's pool until all are healthy.
         let mut green = Vec::new();
         for _ in 0..want {
+            stopped(stop)?;
             let (idx, host, id) = self.create_recorded(rec, g, ChangeKind::CreateCordoned)?;
             let _ = self.event(
-                rec,
+                &mut locked(rec),
                 "info",
                 Some(id.as_str()),
                 format!("created green machine {id} (cordoned)"),
@@ -1589,7 +1637,7 @@ impl Runner {
         }
         for (idx, host, id) in &green {
             self.healthy(host.agent.as_ref(), id, wait, Some(&g.config))?;
-            self.done(rec, *idx, format!("green machine {id} is healthy"))?;
+            self.done(&mut locked(rec), *idx, format!("green machine {id} is healthy"))?;
         }
         // Swap: green into the pool (with those an earlier run of the job made), blue out.
         for id in green
@@ -1599,8 +1647,9 @@ impl Runner {
         {
             self.set_cordoned(id.as_str(), false)?;
         }
+        stopped(stop)?;
         let _ = self.event(
-            rec,
+            &mut locked(rec),
             "info",
             None,
             "green machines are in the pool; destroying the blue ones".into(),
@@ -1758,6 +1807,26 @@ fn reachable(socket: &aloft_api::ListenSocket, port: u16, proto: &str) -> bool {
             .address
             .parse::<std::net::SocketAddr>()
             .is_ok_and(|a| a.port() == port && !a.ip().is_loopback())
+}
+
+/// The release record the jobs of its process groups share.
+type Shared = Mutex<ReleaseRecord>;
+
+/// The shared record, for a short change or read (never held across a wait).
+fn locked(rec: &Shared) -> MutexGuard<'_, ReleaseRecord> {
+    rec.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a group's job ends with when another group's step failed first: not a failure of its
+/// own (the release's error names the one that was).
+const STOPPED: &str = "stopped: another process group failed";
+
+fn stopped(stop: &AtomicBool) -> StepResult<()> {
+    if stop.load(Ordering::Relaxed) {
+        Err(STOPPED.to_owned())
+    } else {
+        Ok(())
+    }
 }
 
 /// A machine that is not started and rests so: a release updates it without booting it.
