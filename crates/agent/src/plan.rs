@@ -252,6 +252,23 @@ pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
     if !config.mounts.is_empty() {
         return invalid("volumes (config.mounts) are not supported by this agent yet: remove config.mounts");
     }
+    for (i, service) in config.services.iter().enumerate() {
+        if !matches!(service.internal_port, Some(p) if p > 0) {
+            return Err(AgentError::InvalidConfig {
+                reason: format!(
+                    "services[{i}].internal_port is required: the port the app listens on, 1 to 65535"
+                ),
+            });
+        }
+        if let Some(p) = service.protocol.as_deref()
+            && !p.eq_ignore_ascii_case("tcp")
+            && !p.eq_ignore_ascii_case("udp")
+        {
+            return Err(AgentError::InvalidConfig {
+                reason: format!("services[{i}].protocol {p:?} is not served: use tcp or udp"),
+            });
+        }
+    }
     if let Some(s) = &config.schedule
         && schedule_period(s, Duration::from_secs(3600)).is_none()
     {
@@ -596,5 +613,27 @@ mod tests {
             ..aloft_api::File::default()
         }];
         assert!(validate(&c).unwrap_err().to_string().contains("absolute"));
+        c.files.clear();
+
+        // A service the edge could not reach: no port to dial, or a transport it does not serve.
+        let service = |port: Option<u16>, protocol: Option<&str>| aloft_api::MachineService {
+            internal_port: port,
+            protocol: protocol.map(str::to_owned),
+            ..aloft_api::MachineService::default()
+        };
+        for (bad, says) in [
+            (
+                service(None, Some("tcp")),
+                "services[0].internal_port is required",
+            ),
+            (service(Some(0), None), "services[0].internal_port is required"),
+            (service(Some(80), Some("sctp")), "\"sctp\" is not served"),
+        ] {
+            c.services = vec![bad];
+            let e = validate(&c).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        c.services = vec![service(Some(8080), None), service(Some(53), Some("UDP"))];
+        validate(&c).unwrap();
     }
 }
