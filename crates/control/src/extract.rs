@@ -75,8 +75,15 @@ where
 
 /// Decodes a JSON body, naming the field at fault when it does not fit `T`.
 pub(crate) fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(ApiError::bad_request("request body is empty: send a JSON object"));
+    };
+    // Every body of this API is an object; serde would read an array as a struct's fields in
+    // order and complain about the first one instead.
+    if *first == b'[' {
+        return Err(ApiError::bad_request(
+            "invalid request body: an array where a JSON object {…} belongs",
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -359,6 +359,7 @@ mod tests {
             (r#"{"name": "ok", "network": 1}"#, "\"network\""),
             ("{\"name\": ", "invalid request body"),
             ("[]", "invalid request body"),
+            (" [1, 2]", "an array where a JSON object {…} belongs"),
             ("", "request body is empty"),
             (r#"{"org_slug": "personal"}"#, "name is required"),
             (r#"{"name": "Web_App"}"#, "invalid app name"),
