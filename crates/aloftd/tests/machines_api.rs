@@ -84,19 +84,6 @@ pub(crate) mod tests {
             self.wait(app, &id, "started").await;
             id
         }
-
-        async fn wait(&self, app: &str, id: &str, state: &str) -> Value {
-            let (s, w) = self
-                .call(
-                    "GET",
-                    &format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=10"),
-                    None,
-                )
-                .await;
-            assert_eq!(s, StatusCode::OK, "waiting for {state}: {w}");
-            assert_eq!(w["ok"], true);
-            w
-        }
     }
 
     pub(crate) fn busybox() -> Value {

@@ -211,14 +211,7 @@ mod tests {
             .call("POST", &format!("/v1/apps/web/machines/{id}/stop"), None)
             .await;
         assert_eq!(s, StatusCode::OK, "{ok}");
-        let (s, w) = api
-            .call(
-                "GET",
-                &format!("/v1/apps/web/machines/{id}/wait?state=stopped&timeout=10"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{w}");
+        api.wait("web", id, "stopped").await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -279,14 +272,7 @@ mod tests {
             .call("POST", &format!("/v1/apps/web/machines/{idle}/start"), None)
             .await;
         assert_eq!(s, StatusCode::OK);
-        let (s, w) = api
-            .call(
-                "GET",
-                &format!("/v1/apps/web/machines/{idle}/wait?state=started&timeout=10"),
-                None,
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{w}");
+        api.wait("web", &idle, "started").await;
         let (_, m) = api
             .call("GET", &format!("/v1/apps/web/machines/{idle}"), None)
             .await;

@@ -105,15 +105,8 @@ pub(crate) fn load_path(path: &Path) -> anyhow::Result<Loaded> {
 }
 
 pub(crate) fn invalid(error: &dyn std::error::Error) -> anyhow::Error {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
     UserError {
-        message: format!("invalid app config:\n{message}"),
+        message: format!("invalid app config:\n{}", aloft_api::error_chain(error)),
         hint: Some("fix the lines above; docs/config.md lists every key and tolerance".to_owned()),
         code: 1,
     }

@@ -118,6 +118,20 @@ impl Harness {
         let (status, bytes) = self.request(method, uri, &self.token, &[], body).await;
         (status, json(&bytes))
     }
+
+    /// Waits (up to 10 s) until machine `id` of `app` is in `state`; the wait's answer.
+    pub(crate) async fn wait(&self, app: &str, id: &str, state: &str) -> Value {
+        let (s, w) = self
+            .call(
+                "GET",
+                &format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=10"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "waiting for {state}: {w}");
+        assert_eq!(w["ok"], true);
+        w
+    }
 }
 
 /// A body as JSON: `Null` when empty, a string when it is not JSON.
