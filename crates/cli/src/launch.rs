@@ -5,7 +5,12 @@
 //! certificate yet): `[http_service]` on the port of the Dockerfile's first `EXPOSE` (8080 without
 //! one, `--port` wins), machines stopped when idle and started on demand, none kept running,
 //! `[[vm]] size = "shared-cpu-1x"`. The app is created before the file is written, so a taken
-//! name leaves nothing behind; an existing aloft.toml or fly.toml is only replaced with `--yes`.
+//! name leaves nothing behind.
+//!
+//! Where an aloft.toml or fly.toml is already there (an app moving from Fly), launch uses it as
+//! it is, as flyctl offers to: it creates the app the file names (or `--name`, which must agree
+//! with it) and deploys that config; `--port` and `--region` are not applied to it. `--yes`
+//! replaces the file with a new one instead.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,7 +45,8 @@ pub(crate) struct LaunchArgs {
     /// Write the config and create the app, deploy nothing.
     #[arg(long)]
     no_deploy: bool,
-    /// Replace an existing aloft.toml/fly.toml.
+    /// Replace an existing aloft.toml/fly.toml with a new one (without it, launch uses that
+    /// config).
     #[arg(short = 'y', long)]
     yes: bool,
     #[command(flatten)]
@@ -67,15 +73,10 @@ pub(crate) async fn run(ctx: &Context, args: LaunchArgs) -> anyhow::Result<()> {
         .copied()
         .filter(|n| dir.join(n).is_file())
         .collect();
-    if !existing.is_empty() && !args.yes {
-        return Err(UserError {
-            message: format!("{} already exists in {}", existing.join(" and "), dir.display()),
-            hint: Some(
-                "aloft deploy deploys it; aloft launch --yes replaces it with a new aloft.toml".to_owned(),
-            ),
-            code: 1,
-        }
-        .into());
+    if let Some(name) = existing.first()
+        && !args.yes
+    {
+        return launch_existing(ctx, &args, &dir.join(name)).await;
     }
     let dockerfile_name = args
         .build
@@ -132,24 +133,7 @@ pub(crate) async fn run(ctx: &Context, args: LaunchArgs) -> anyhow::Result<()> {
     aloft_config::parse(&text, &dir.join("aloft.toml"))
         .map_err(|e| anyhow::anyhow!("the generated aloft.toml does not parse (a bug): {e}"))?;
 
-    let request = CreateAppRequest {
-        name: app.clone(),
-        org_slug: args.org.clone(),
-        ..CreateAppRequest::default()
-    };
-    client.app_create(&request).await.map_err(|e| match &e {
-        aloft_client::ClientError::Api {
-            status: 409 | 422,
-            message,
-        } => UserError {
-            message: format!("the app name {app} is taken ({message})"),
-            hint: Some("choose another with --name APP".to_owned()),
-            code: 1,
-        }
-        .into(),
-        _ => api_error(e, &settings, Subject::None),
-    })?;
-    eprintln!("Created app {app} in organization {}", args.org);
+    create_app(&client, &settings, &app, &args.org).await?;
     let path = dir.join("aloft.toml");
     std::fs::write(&path, &text).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
     eprintln!(
@@ -171,11 +155,91 @@ pub(crate) async fn run(ctx: &Context, args: LaunchArgs) -> anyhow::Result<()> {
         .map_err(|e| deploy_failed_after_launch(e, &app))
 }
 
+/// Creates app `app` in `org`; a taken name is said as such.
+async fn create_app(
+    client: &aloft_client::Client,
+    settings: &crate::context::ApiSettings,
+    app: &str,
+    org: &str,
+) -> anyhow::Result<()> {
+    let request = CreateAppRequest {
+        name: app.to_owned(),
+        org_slug: org.to_owned(),
+        ..CreateAppRequest::default()
+    };
+    client.app_create(&request).await.map_err(|e| match &e {
+        aloft_client::ClientError::Api {
+            status: 409 | 422,
+            message,
+        } => UserError {
+            message: format!("the app name {app} is taken ({message})"),
+            hint: Some("choose another with --name APP".to_owned()),
+            code: 1,
+        }
+        .into(),
+        _ => api_error(e, settings, Subject::None),
+    })?;
+    eprintln!("Created app {app} in organization {org}");
+    Ok(())
+}
+
+/// `aloft launch` next to an existing aloft.toml or fly.toml at `path`: the app it names (or
+/// `--name`) is created and that config deployed, the file left as it is.
+async fn launch_existing(ctx: &Context, args: &LaunchArgs, path: &Path) -> anyhow::Result<()> {
+    let loaded = crate::config::load_path(path)?;
+    crate::config::print_warnings(&loaded);
+    let named = loaded
+        .config
+        .app
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty());
+    let app = match (args.name.as_deref().map(str::trim), named) {
+        (Some(flag), Some(file)) if flag != file => {
+            return Err(UserError {
+                message: format!("{} is for app {file}, not {flag}", path.display()),
+                hint: Some(format!(
+                    "drop --name to launch {file}, or change app in {} first",
+                    path.display()
+                )),
+                code: 1,
+            }
+            .into());
+        }
+        (Some(name), _) | (None, Some(name)) => name.to_owned(),
+        (None, None) => {
+            return Err(UserError {
+                message: format!("{} names no app", path.display()),
+                hint: Some("add app = \"NAME\" to it, or pass --name APP".to_owned()),
+                code: 1,
+            }
+            .into());
+        }
+    };
+    eprintln!(
+        "Using the existing {} (aloft launch --yes writes a new one instead)",
+        path.display()
+    );
+    if args.port.is_some() || args.region.is_some() {
+        eprintln!("note: --port and --region are not applied to an existing config");
+    }
+    let (client, settings) = ctx.api_client()?;
+    create_app(&client, &settings, &app, &args.org).await?;
+    if args.no_deploy {
+        println!("App {app} is ready: aloft deploy deploys it");
+        return Ok(());
+    }
+    crate::deploy::deploy(ctx, path, Some(&app), &args.build, &args.release)
+        .await
+        .map_err(|e| deploy_failed_after_launch(e, &app))
+}
+
 /// A deploy that failed once the app was created and aloft.toml written: launching again would
 /// find both, so the way on is `aloft deploy`, which the error's hint now says.
 fn deploy_failed_after_launch(e: anyhow::Error, app: &str) -> anyhow::Error {
-    let next =
-        format!("app {app} and aloft.toml are in place: `aloft deploy` tries again (not `aloft launch`)");
+    let next = format!(
+        "app {app} exists and its config is in place: `aloft deploy` tries again (not `aloft launch`)"
+    );
     if e.is::<crate::errors::SilentExit>() {
         // The failure is on the screen already.
         eprintln!("hint: {next}");

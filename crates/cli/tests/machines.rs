@@ -746,4 +746,31 @@ mod tests {
         );
         assert!(other.join("aloft.toml").is_file());
     }
+
+    #[test]
+    fn launch_next_to_a_fly_toml_uses_it_as_it_is() {
+        let env = Env::start();
+        let work = env.path("work");
+        // An app moving from Fly: its fly.toml, an image, a service on the fake workload's port.
+        let fly_toml = "app = \"moved\"\nprimary_region = \"ams\"\n\n[build]\n  image = \"busybox:latest\"\n\n\
+                        [http_service]\n  internal_port = 8080\n  auto_stop_machines = \"stop\"\n";
+        std::fs::write(work.join("fly.toml"), fly_toml).unwrap();
+        // --name must agree with the file.
+        let other = env.aloft(&["launch", "--name", "elsewhere"]);
+        assert!(!other.status.success());
+        let err = String::from_utf8_lossy(&other.stderr);
+        assert!(err.contains("is for app moved, not elsewhere"), "{err}");
+
+        ok(&env.aloft(&["launch"]));
+        let releases = env.json(&["releases", "--json", "-a", "moved"]);
+        assert_eq!(releases[0]["status"], "complete", "{releases}");
+        assert_eq!(
+            std::fs::read_to_string(work.join("fly.toml")).unwrap(),
+            fly_toml,
+            "the file is left as it is"
+        );
+        assert!(!work.join("aloft.toml").exists());
+        let machines = env.json(&["machine", "list", "-a", "moved", "--json"]);
+        assert_eq!(machines.as_array().unwrap().len(), 2, "{machines}");
+    }
 }
