@@ -356,7 +356,10 @@ impl Metrics {
                 ("result=\"failed\"", &self.tls_failed),
             ],
         );
-        out.push_str("# TYPE fly_edge_tls_handshake_time_seconds histogram\n");
+        out.push_str(
+            "# HELP fly_edge_tls_handshake_time_seconds Time a TLS handshake took.\n\
+             # TYPE fly_edge_tls_handshake_time_seconds histogram\n",
+        );
         self.tls_time
             .render(&mut out, "fly_edge_tls_handshake_time_seconds", "");
         counter(
@@ -368,7 +371,11 @@ impl Metrics {
                 ("result=\"failed\"", &self.wakes_failed),
             ],
         );
-        out.push_str("# TYPE aloft_edge_autostart_time_seconds histogram\n");
+        out.push_str(
+            "# HELP aloft_edge_autostart_time_seconds Time from a wake's start call until the \
+             machine accepted.\n\
+             # TYPE aloft_edge_autostart_time_seconds histogram\n",
+        );
         self.wake_time
             .render(&mut out, "aloft_edge_autostart_time_seconds", "");
         counter(

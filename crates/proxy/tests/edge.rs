@@ -1654,6 +1654,18 @@ mod tests {
             )
         };
         assert!(text.contains(&gauge(0)), "{text}");
+        // Every family has its HELP and TYPE, HELP first, as scrapers expect.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let family = rest.split(' ').next().unwrap();
+                let help = format!("# HELP {family} ");
+                assert!(
+                    i > 0 && lines[i - 1].starts_with(&help),
+                    "{family} has no HELP line before its TYPE"
+                );
+            }
+        }
         let h1 = h.clone();
         let pending = tokio::spawn(async move { h1.get("a.localhost", "/").await });
         until("the request is served", || gate.arrived() == 4).await;
