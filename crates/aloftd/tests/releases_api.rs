@@ -280,6 +280,40 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn machines_made_by_hand_are_not_the_releases() {
+        let api = Api::new();
+        api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;
+        // `aloft machine run` in the app: no fly_platform_version, group "app" by default.
+        let (s, by_hand) = api
+            .call(
+                "POST",
+                "/v1/apps/web/machines",
+                Some(json!({"config": {"image": "tool:1", "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"}}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{by_hand}");
+        let by_hand = by_hand["id"].as_str().unwrap().to_owned();
+        api.wait("web", &by_hand, "started").await;
+
+        // A first deploy of a group with services makes its own two machines beside it, and
+        // a release of count 1 destroys one of those, never the hand-made one.
+        api.deploy(json!({"image": "web:1", "groups": [group("web:1", true)]}))
+            .await;
+        assert_eq!(api.finished(1).await["status"], "complete");
+        let mut g = group("web:2", true);
+        g["count"] = json!(1);
+        api.deploy(json!({"image": "web:2", "groups": [g]})).await;
+        assert_eq!(api.finished(2).await["status"], "complete");
+        let ms = api.machines().await;
+        assert_eq!(ms.len(), 2, "{ms:?}");
+        let hand = ms.iter().find(|m| m["id"] == by_hand.as_str()).unwrap();
+        assert_eq!(hand["config"]["image"], "tool:1", "untouched: {hand}");
+        assert_eq!(release_of(hand), "");
+        let other = ms.iter().find(|m| m["id"] != by_hand.as_str()).unwrap();
+        assert_eq!(other["config"]["image"], "web:2");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn process_groups_deploy_side_by_side_and_fail_together() {
         let api = Api::new();
         api.call("POST", "/v1/apps", Some(json!({"name": "web"}))).await;

@@ -20,6 +20,9 @@
 //! 3. when a step fails, puts every machine it changed back (old config, new machines destroyed)
 //!    and ends `rolled_back`, with the reason.
 //!
+//! Only machines with `fly_platform_version` in their metadata (those releases made) are the
+//! release's: machines made by hand in the same app are left alone, as flyctl's deploy does.
+//!
 //! Durability: before it changes a machine the job records what it is about to do (the machine's
 //! old config) in the release record; an aloftd that restarts resumes every unfinished release
 //! ([`resume`]): machines already at the release are only checked again, the rest are done, and a
@@ -293,6 +296,15 @@ fn group_of(m: &Machine) -> String {
         .filter(|g| !g.is_empty())
         .cloned()
         .unwrap_or_else(|| DEFAULT_GROUP.to_owned())
+}
+
+/// Whether releases manage `m`: its config carries `fly_platform_version` (every machine a
+/// release creates does).
+fn managed(m: &Machine) -> bool {
+    m.config
+        .as_ref()
+        .and_then(|c| c.metadata.get(MD_PLATFORM))
+        .is_some_and(|v| !v.trim().is_empty())
 }
 
 fn release_version_of(m: &Machine) -> Option<u64> {
@@ -826,7 +838,9 @@ impl Runner {
             .map_err(|e| e.message().to_owned())
     }
 
-    /// The app's live machines of `group`, with their hosts.
+    /// The app's live machines of `group` that releases manage, with their hosts. A machine
+    /// without `fly_platform_version` (made by hand: `aloft machine run`, the Machines API) is
+    /// not the release's to update or destroy, as flyctl's deploy leaves such machines alone.
     fn machines_of(&self, group: &str) -> StepResult<Vec<(String, Machine)>> {
         let placed: HashMap<String, MachineRecord> = self
             .state
@@ -842,6 +856,7 @@ impl Runner {
                 if placed.get(m.id.as_str()).is_some_and(|p| p.host == h.name)
                     && !m.state.is_terminal()
                     && !matches!(m.state, MachineState::Destroying)
+                    && managed(&m)
                     && group_of(&m) == group
                 {
                     out.push((h.name.clone(), m));
