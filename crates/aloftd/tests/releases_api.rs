@@ -530,16 +530,71 @@ mod tests {
         assert_eq!(after.len(), before.len());
         assert_eq!(after[0]["instance_id"], before[0]["instance_id"], "untouched");
 
-        // With a release command that succeeds, the release goes through.
+        // A release command that says why it fails: its machine goes, and its logs with it, so
+        // its last lines are kept in the release.
         api.deploy(json!({
             "groups": [group("web:3", false)], "image": "web:3",
+            "release_command": {"init": {"exec": ["/bin/sh", "-c", "migrate"]}},
+        }))
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let command = loop {
+            let running = api.fake.world().vms.into_iter().find(|(id, vm)| {
+                matches!(vm, aloft_agent::FakeVm::Running { .. })
+                    && !after.iter().any(|m| m["id"] == id.as_str())
+            });
+            if let Some((id, _)) = running
+                && api.fake.emit_log(
+                    &id,
+                    aloft_agent::OutputStream::Stderr,
+                    b"column x already exists\n",
+                )
+            {
+                break id;
+            }
+            assert!(Instant::now() < deadline, "the release command never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Written to the machine's log before it ends.
+        while !api
+            .agent
+            .log_tail(&command, 10)
+            .unwrap()
+            .iter()
+            .any(|l| l.message.contains("column x"))
+        {
+            assert!(Instant::now() < deadline, "the output never reached the log");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        api.fake.exit_workload(
+            &command,
+            ExitInfo {
+                exit_code: Some(3),
+                ..ExitInfo::default()
+            },
+        );
+        let r = api.finished(3).await;
+        assert_eq!(r["status"], "failed", "{r}");
+        let why = r["error"].as_str().unwrap();
+        assert!(why.contains("code 3: column x already exists"), "{why}");
+        let events = api.events(3).await;
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"] == "release command: column x already exists"),
+            "{events:?}"
+        );
+
+        // With a release command that succeeds, the release goes through.
+        api.deploy(json!({
+            "groups": [group("web:4", false)], "image": "web:4",
             "release_command": {"init": {"exec": ["/bin/true"]}},
         }))
         .await;
         // The fake workload runs until stopped: end the release command's run with code 0.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (_, r) = api.call("GET", "/v1/apps/web/releases/3", None).await;
+            let (_, r) = api.call("GET", "/v1/apps/web/releases/4", None).await;
             if r["status"] != "pending" && r["status"] != "release_command" {
                 break;
             }
@@ -559,8 +614,8 @@ mod tests {
             assert!(Instant::now() < deadline, "the release command never ended");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(api.finished(3).await["status"], "complete");
-        assert_eq!(api.machines().await[0]["config"]["image"], "web:3");
+        assert_eq!(api.finished(4).await["status"], "complete");
+        assert_eq!(api.machines().await[0]["config"]["image"], "web:4");
     }
 
     #[tokio::test(flavor = "multi_thread")]

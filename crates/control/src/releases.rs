@@ -5,7 +5,9 @@
 //! job's events (`GET …/releases/{N}/events?follow=true`), so a laptop that goes away changes
 //! nothing. The job:
 //! 1. runs the release command, if any, in an ephemeral machine with the new image and config; a
-//!    failure ends the release (`failed`) before any machine changes;
+//!    failure ends the release (`failed`) before any machine changes, with the command's last
+//!    output lines among its events (the job, not the machine, destroys the machine, once it
+//!    has read them);
 //! 2. for every process group at once (side by side, as flyctl deploys them; the first group
 //!    whose step fails stops the others at their next step), replaces the group's machines by
 //!    the strategy — `immediate` (all at once), `rolling` (`max_unavailable` at a time),
@@ -74,6 +76,8 @@ const DEFAULT_GROUP: &str = "app";
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// Longest a release command may run.
 const RELEASE_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+/// How many of a failed release command's last output lines the release keeps as events.
+const RELEASE_COMMAND_LINES: usize = 20;
 /// How often the job looks at a machine's checks.
 const CHECK_POLL: Duration = Duration::from_millis(50);
 /// How long a started machine of a group with services has to listen on every `internal_port`
@@ -101,6 +105,10 @@ struct Job {
     /// The release command ran and succeeded.
     #[serde(default)]
     release_command_done: bool,
+    /// The machine the release command runs in, recorded before it is made: it does not destroy
+    /// itself (its output is read first), so a job resumed after aloftd died destroys it.
+    #[serde(default)]
+    release_command_machine: Option<String>,
     /// Machines the job changed or is changing, in order.
     #[serde(default)]
     changes: Vec<Change>,
@@ -375,7 +383,9 @@ fn start_release(
                 policy: Some(RestartPolicy::No),
                 ..Default::default()
             });
-            c.auto_destroy = Some(true);
+            // The job destroys it once it has read the exit and the output (a machine that
+            // destroys itself takes its logs along).
+            c.auto_destroy = Some(false);
             c.services.clear();
             c
         });
@@ -874,6 +884,35 @@ impl Runner {
             .map_err(|e| e.message().to_owned())?
             .clone();
         let id = new_machine_id()?;
+        if let Some(left) = rec.job.release_command_machine.replace(id.to_string()) {
+            self.destroy_anywhere(&left);
+        }
+        save(self.store(), rec).map_err(|e| e.to_string())?;
+        let result = self.run_release_command(rec, &host, &id, config);
+        let _ = host.agent.destroy(&id, true);
+        rec.job.release_command_machine = None;
+        save(self.store(), rec).map_err(|e| e.to_string())?;
+        result
+    }
+
+    /// Destroys machine `id` of the app on whichever host has it (a leftover: errors are moot).
+    fn destroy_anywhere(&self, id: &str) {
+        if let Ok(id) = id.parse::<MachineId>() {
+            for h in self.state.hosts().all() {
+                let _ = h.agent.destroy(&id, true);
+            }
+        }
+    }
+
+    /// Runs the release command in machine `id` until it exits; its exit code 0 is success.
+    fn run_release_command(
+        &self,
+        rec: &mut ReleaseRecord,
+        host: &HostHandle,
+        id: &MachineId,
+        config: MachineConfig,
+    ) -> StepResult<()> {
+        let id = id.clone();
         self.create_machine(&host.name, &id, config, false)?;
         let agent = host.agent.clone();
         let _ = self.event(
@@ -886,7 +925,7 @@ impl Runner {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let _ = agent.destroy(&id, true);
+                self.command_output(rec, agent.as_ref(), &id);
                 return Err(format!(
                     "it did not finish within {}s",
                     RELEASE_COMMAND_TIMEOUT.as_secs()
@@ -914,14 +953,41 @@ impl Runner {
             .and_then(|e| e.request.as_ref())
             .and_then(|r| r.exit_event.as_ref())
             .map(|x| x.exit_code);
-        let _ = agent.destroy(&id, true);
+        // The machine goes, and its logs with it: a failure's output goes into the release.
+        let last = if exit == Some(0) {
+            None
+        } else {
+            self.command_output(rec, agent.as_ref(), &id)
+        };
+        let said = last.map_or_else(String::new, |l| format!(": {l}"));
         match exit {
             Some(0) => Ok(()),
-            Some(code) => Err(format!("it exited with code {code} (see aloft logs -i {id})")),
-            None => Err(format!(
-                "machine {id} ended without an exit status (see aloft logs -i {id})"
-            )),
+            Some(code) => Err(format!("it exited with code {code}{said}")),
+            None => Err(format!("machine {id} ended without an exit status{said}")),
         }
+    }
+
+    /// The release command's output (its last [`RELEASE_COMMAND_LINES`] lines) as the release's
+    /// events, before its machine is destroyed; the last line, to quote in the error.
+    fn command_output(
+        &self,
+        rec: &mut ReleaseRecord,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+    ) -> Option<String> {
+        let lines: Vec<_> = agent
+            .log_tail(id, RELEASE_COMMAND_LINES * 4)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.meta.event.provider == "app")
+            .collect();
+        let shown = &lines[lines.len().saturating_sub(RELEASE_COMMAND_LINES)..];
+        for line in shown {
+            // stdout lines are `info`, stderr lines `error`, as in the machine's log.
+            let message = format!("release command: {}", line.message);
+            let _ = self.event(rec, &line.level, Some(id.as_str()), message);
+        }
+        shown.last().map(|l| l.message.clone())
     }
 
     /// Creates machine `id` of the app on `host` (placement first, as the API does).
