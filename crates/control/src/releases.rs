@@ -12,8 +12,8 @@
 //!    whose step fails stops the others at their next step), replaces the group's machines by
 //!    the strategy — `immediate` (all at once), `rolling` (`max_unavailable` at a time),
 //!    `canary` (one, then rolling), `bluegreen` (new machines created cordoned beside the old,
-//!    uncordoned once all are healthy, then the old ones destroyed) — creating machines up to the wanted count and destroying the excess; each
-//!    machine must be `started` with every check passing within `wait_timeout`, and — for a group
+//!    uncordoned once all are healthy, then the old ones destroyed) — creating machines up to
+//!    the wanted count and destroying the excess; each machine must be `started` with every check passing within `wait_timeout`, and — for a group
 //!    with services — listen on each `internal_port` (not on loopback) within the checks' grace
 //!    period, else the step fails at once saying what the app listens on instead. Machines that
 //!    are not started ("cold": stopped by the edge when idle, suspended, never launched) are
@@ -912,8 +912,7 @@ impl Runner {
         id: &MachineId,
         config: MachineConfig,
     ) -> StepResult<()> {
-        let id = id.clone();
-        self.create_machine(&host.name, &id, config, false)?;
+        self.create_machine(&host.name, id, config, false)?;
         let agent = host.agent.clone();
         let _ = self.event(
             rec,
@@ -925,14 +924,14 @@ impl Runner {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                self.command_output(rec, agent.as_ref(), &id);
+                self.command_output(rec, agent.as_ref(), id);
                 return Err(format!(
                     "it did not finish within {}s",
                     RELEASE_COMMAND_TIMEOUT.as_secs()
                 ));
             }
             let w = agent.wait(
-                &id,
+                id,
                 &HostWait {
                     states: vec![WaitState::Stopped, WaitState::Destroyed, WaitState::Failed],
                     version: None,
@@ -946,7 +945,7 @@ impl Runner {
                 Err(e) => return Err(e.message().to_owned()),
             }
         }
-        let events = agent.events(&id, 50).map_err(|e| e.message().to_owned())?;
+        let events = agent.events(id, 50).map_err(|e| e.message().to_owned())?;
         let exit = events
             .iter()
             .find(|e| e.kind == "exit")
@@ -957,7 +956,7 @@ impl Runner {
         let last = if exit == Some(0) {
             None
         } else {
-            self.command_output(rec, agent.as_ref(), &id)
+            self.command_output(rec, agent.as_ref(), id)
         };
         let said = last.map_or_else(String::new, |l| format!(": {l}"));
         match exit {
@@ -1311,6 +1310,23 @@ impl Runner {
         ))
     }
 
+    /// The verdict on a machine the job changed: a cold one by [`Runner::cold_updated`], any
+    /// other as started and healthy ([`Runner::healthy`]).
+    fn judge(
+        &self,
+        agent: &dyn MachineHost,
+        id: &MachineId,
+        wait: Duration,
+        cold: bool,
+        want: Option<&MachineConfig>,
+    ) -> StepResult<()> {
+        if cold {
+            self.cold_updated(agent, id, wait, want)
+        } else {
+            self.healthy(agent, id, wait, want)
+        }
+    }
+
     /// Waits until a cold machine's update is over: it rests as it was (stopped) on `want`.
     /// One the edge woke meanwhile is judged as a started one ([`Runner::healthy`]).
     fn cold_updated(
@@ -1322,7 +1338,7 @@ impl Runner {
     ) -> StepResult<()> {
         match self.settle(agent, id, wait)? {
             None => Err(format!("machine {id} is gone")),
-            Some(m) if m.state == MachineState::Started => self.healthy_on(agent, id, wait, want, want),
+            Some(m) if m.state == MachineState::Started => self.healthy(agent, id, wait, want),
             Some(m) if is_cold(&m) => want.map_or(Ok(()), |want| self.runs_config(agent, &m, want)),
             Some(m) => Err(format!(
                 "machine {id} is {} after its update (see aloft logs -i {id})",
@@ -1431,11 +1447,7 @@ impl Runner {
                 .changes
                 .iter()
                 .any(|c| c.machine == m.id.as_str() && c.cold);
-            if cold {
-                self.cold_updated(agent.as_ref(), &m.id, wait, Some(&g.config))?;
-            } else {
-                self.healthy(agent.as_ref(), &m.id, wait, Some(&g.config))?;
-            }
+            self.judge(agent.as_ref(), &m.id, wait, cold, Some(&g.config))?;
         }
         let have = current.len();
         if strategy == DeployStrategy::Bluegreen {
@@ -1501,10 +1513,8 @@ impl Runner {
             let cold = locked(rec).job.changes.get(idx).is_some_and(|c| c.cold);
             let ok = if failure.is_some() {
                 Ok(())
-            } else if cold {
-                self.cold_updated(agent.as_ref(), &id, wait, Some(&g.config))
             } else {
-                self.healthy(agent.as_ref(), &id, wait, Some(&g.config))
+                self.judge(agent.as_ref(), &id, wait, cold, Some(&g.config))
             };
             if let Some(n) = nonce {
                 self.unlease(id.as_str(), &n);
@@ -1802,13 +1812,7 @@ impl Runner {
                                 )
                                 .map_err(|e| e.message().to_owned())
                         })
-                        .and_then(|_| {
-                            if cold {
-                                self.cold_updated(agent.as_ref(), &id, wait, None)
-                            } else {
-                                self.healthy(agent.as_ref(), &id, wait, None)
-                            }
-                        })
+                        .and_then(|_| self.judge(agent.as_ref(), &id, wait, cold, None))
                         .map(|()| format!("machine {id} is back on its previous config")),
                     None => Ok(format!("machine {id} had no previous config to go back to")),
                 },
