@@ -142,17 +142,29 @@ pub(crate) async fn run(ctx: &Context, args: LaunchArgs) -> anyhow::Result<()> {
         plan.port,
         plan.region
     );
-    if args.no_deploy {
-        println!("App {app} is ready: aloft deploy deploys it");
-        return Ok(());
-    }
     let mut build = args.build.clone();
     if build.image.is_none() {
         build.dockerfile = Some(dir.join(&dockerfile_name));
     }
-    crate::deploy::deploy(ctx, &path, Some(&app), &build, &args.release)
+    deploy_launched(ctx, &args, &path, &app, &build).await
+}
+
+/// The last step of a launch, the app created and its config in place at `path`: the deploy,
+/// unless `--no-deploy`.
+async fn deploy_launched(
+    ctx: &Context,
+    args: &LaunchArgs,
+    path: &Path,
+    app: &str,
+    build: &BuildArgs,
+) -> anyhow::Result<()> {
+    if args.no_deploy {
+        println!("App {app} is ready: aloft deploy deploys it");
+        return Ok(());
+    }
+    crate::deploy::deploy(ctx, path, Some(app), build, &args.release)
         .await
-        .map_err(|e| deploy_failed_after_launch(e, &app))
+        .map_err(|e| deploy_failed_after_launch(e, app))
 }
 
 /// Creates app `app` in `org`; a taken name is said as such.
@@ -225,13 +237,7 @@ async fn launch_existing(ctx: &Context, args: &LaunchArgs, path: &Path) -> anyho
     }
     let (client, settings) = ctx.api_client()?;
     create_app(&client, &settings, &app, &args.org).await?;
-    if args.no_deploy {
-        println!("App {app} is ready: aloft deploy deploys it");
-        return Ok(());
-    }
-    crate::deploy::deploy(ctx, path, Some(&app), &args.build, &args.release)
-        .await
-        .map_err(|e| deploy_failed_after_launch(e, &app))
+    deploy_launched(ctx, args, path, &app, &args.build).await
 }
 
 /// A deploy that failed once the app was created and aloft.toml written: launching again would
