@@ -101,6 +101,12 @@ mod tests {
         json!({"group": "app", "config": config})
     }
 
+    /// `g` with one tcp check on `port` (interval 100 ms) whose grace period is `grace`.
+    fn tcp_checked(mut g: Value, port: u16, grace: &str) -> Value {
+        g["config"]["checks"] = json!({"alive": {"type": "tcp", "port": port, "interval": "100ms", "timeout": "1s", "grace_period": grace}});
+        g
+    }
+
     fn release_of(m: &Value) -> &str {
         m["config"]["metadata"]["fly_release_version"]
             .as_str()
@@ -323,8 +329,7 @@ mod tests {
         let web = |image: &str, port: u16| {
             let mut g = group(image, false);
             g["group"] = json!("web");
-            g["config"]["checks"] = json!({"alive": {"type": "tcp", "port": port, "interval": "100ms", "timeout": "1s", "grace_period": "1s"}});
-            g
+            tcp_checked(g, port, "1s")
         };
         let worker = |image: &str| {
             let mut g = group(image, false);
@@ -384,11 +389,7 @@ mod tests {
         // A healthy first release: its check connects to a port that listens.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let good_port = listener.local_addr().unwrap().port();
-        let checked = |image: &str, port: u16| {
-            let mut g = group(image, false);
-            g["config"]["checks"] = json!({"alive": {"type": "tcp", "port": port, "interval": "100ms", "timeout": "1s", "grace_period": "100ms"}});
-            g
-        };
+        let checked = |image: &str, port: u16| tcp_checked(group(image, false), port, "100ms");
         api.deploy(json!({"groups": [checked("web:1", good_port)], "image": "web:1"}))
             .await;
         assert_eq!(api.finished(1).await["status"], "complete");
