@@ -4,7 +4,9 @@
 //! The request head is serialized into one buffer the connection keeps, and written with the
 //! first frame of the body in one (vectored) write when that frame is ready at once, as a kept
 //! body always is. The answer head is parsed with `httparse` straight from the connection's read
-//! buffer into `http::response::Parts` (header values are slices of that buffer, not copies).
+//! buffer. Its fields stay there, as runs of lines passed on as they are ([`PlainFields`]), when
+//! the edge has nothing to read in them, as for nearly every answer; else they go into
+//! `http::response::Parts` (values are slices of that buffer, not copies).
 //! The body is framed as RFC 9112 §6.3 says and read by whoever holds the answer's body; the
 //! connection can carry another request when the answer was read to its end, both sides wanted
 //! to keep it open, and nothing is left over. hyper's client did the same through a dispatch
@@ -259,7 +261,7 @@ impl H1Conn {
         host: Option<&HeaderValue>,
         extra: &[(HeaderName, HeaderValue)],
         body: Body,
-    ) -> Result<(response::Parts, Framing), H1Fail> {
+    ) -> Result<AnswerHead, H1Fail> {
         self.out.reset();
         let (framing, close) = encode_head(
             &mut self.out.buf,
@@ -302,11 +304,7 @@ impl H1Conn {
         }
     }
 
-    fn poll_head(
-        &mut self,
-        cx: &mut Context<'_>,
-        head_request: bool,
-    ) -> Poll<Result<(response::Parts, Framing), H1Error>> {
+    fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<AnswerHead, H1Error>> {
         loop {
             self.progress_send(cx)?;
             match ready!(self.poll_read(cx)) {
@@ -319,7 +317,7 @@ impl H1Conn {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(H1Error::Read(e))),
             }
-            while let Some((parts, seen)) = parse_head(&mut self.rbuf, &mut self.spans)? {
+            while let Some(ParsedHead { parts, plain, seen }) = parse_head(&mut self.rbuf, &mut self.spans)? {
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Poll::Ready(Err(H1Error::UnexpectedUpgrade));
                 }
@@ -329,7 +327,7 @@ impl H1Conn {
                 let framing = answer_framing(head_request, &parts, &seen)?;
                 self.keep_alive &=
                     answer_keeps_alive(parts.version, &seen) && !matches!(framing, Framing::Close);
-                return Poll::Ready(Ok((parts, framing)));
+                return Poll::Ready(Ok((parts, plain, framing)));
             }
         }
     }
@@ -758,27 +756,13 @@ impl Default for FramingHeaders {
 impl FramingHeaders {
     pub(crate) fn note(&mut self, name: &HeaderName, value: &[u8]) -> Option<Noted> {
         if name == header::CONTENT_LENGTH {
-            for part in value.split(|&b| b == b',') {
-                self.len = match (self.len, parse_decimal(part.trim_ascii())) {
-                    (Ok(None), Some(n)) => Ok(Some(n)),
-                    (Ok(Some(l)), Some(n)) if l == n => Ok(Some(n)),
-                    _ => Err(()),
-                };
-            }
+            self.note_length(value);
             Some(Noted::ContentLength)
         } else if name == header::TRANSFER_ENCODING {
-            self.te = true;
-            self.chunked = value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            self.note_transfer_encoding(value);
             Some(Noted::TransferEncoding)
         } else if name == header::CONNECTION {
-            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                self.close |= t.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-                self.upgrade.0 |= t.eq_ignore_ascii_case(b"upgrade");
-            }
+            self.note_connection(value);
             Some(Noted::Connection)
         } else {
             if name == header::UPGRADE {
@@ -791,6 +775,40 @@ impl FramingHeaders {
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
             }
             None
+        }
+    }
+    fn note_length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',') {
+            self.len = match (self.len, parse_decimal(part.trim_ascii())) {
+                (Ok(None), Some(n)) => Ok(Some(n)),
+                (Ok(Some(l)), Some(n)) if l == n => Ok(Some(n)),
+                _ => Err(()),
+            };
+        }
+    }
+
+    fn note_transfer_encoding(&mut self, value: &[u8]) {
+        self.te = true;
+        self.chunked = value
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
+
+    fn note_connection(&mut self, value: &[u8]) {
+        // Nearly always one of these alone.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+            return;
+        }
+        if value.eq_ignore_ascii_case(b"close") {
+            self.close = true;
+            return;
+        }
+        for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            self.close |= t.eq_ignore_ascii_case(b"close");
+            self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            self.upgrade.0 |= t.eq_ignore_ascii_case(b"upgrade");
         }
     }
 }
@@ -832,10 +850,7 @@ pub(crate) fn write_hex(buf: &mut Vec<u8>, mut n: u64, width: usize) {
 
 /// Parses an answer head from the front of `buf`, taking it out; `None`: not complete yet.
 /// `spans` is scratch room, kept by the connection so that parsing allocates nothing.
-fn parse_head(
-    buf: &mut BytesMut,
-    spans: &mut Vec<[usize; 4]>,
-) -> Result<Option<(response::Parts, FramingHeaders)>, H1Error> {
+fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Option<ParsedHead>, H1Error> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -876,7 +891,13 @@ fn parse_head(
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("invalid status code"))?;
-    let (headers, seen) = fields_of(&head, spans).map_err(H1Error::Malformed)?;
+    let (headers, plain, seen) = match plain_fields(&head, spans) {
+        Some((plain, seen)) => (HeaderMap::new(), Some(plain), seen),
+        None => {
+            let (headers, seen) = fields_of(&head, spans).map_err(H1Error::Malformed)?;
+            (headers, None, seen)
+        }
+    };
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = if version == 0 {
@@ -894,8 +915,20 @@ fn parse_head(
             parts.extensions.insert(r);
         }
     }
-    Ok(Some((parts, seen)))
+    Ok(Some(ParsedHead { parts, plain, seen }))
 }
+
+/// An answer head: its parts (whose headers hold none of `plain`'s fields), and what its
+/// framing fields say.
+struct ParsedHead {
+    parts: response::Parts,
+    plain: Option<PlainFields>,
+    seen: FramingHeaders,
+}
+
+/// An answer's head as [`H1Conn::send`] gives it: its parts (whose headers hold none of
+/// `plain`'s fields), and how its body is framed.
+pub(crate) type AnswerHead = (response::Parts, Option<PlainFields>, Framing);
 
 /// The header fields of a head parsed into `head` at `spans` (name start and end, value start
 /// and end), and what its framing headers say. Values are slices of `head`, not copies.
@@ -924,9 +957,197 @@ pub(crate) fn fields_of(
     Ok((headers, seen))
 }
 
+/// The most runs of lines [`PlainFields`] keeps; a head cut into more is made a `HeaderMap`.
+const MAX_RUNS: usize = 6;
+
+/// An answer's header fields as the machine wrote them, when the edge only passes them on: none
+/// is one it reads, merges or removes by what another says (a `fly-*` field, `Via`, a replay's
+/// content type, a `Connection` naming other fields), and every line ends in CRLF. Writing
+/// them to an HTTP/1 client is then a copy of a few runs of lines, where a `HeaderMap` cost a
+/// name check, a hash and an insertion per field, and the same again to add the edge's own
+/// (together about a quarter of the edge's instructions per request, `docs/perf.md`).
+/// [`PlainFields::append_to`] makes the map when one is needed (an HTTP/2 client, a service's
+/// `response.headers` edits).
+///
+/// Not in the runs: the framing and connection fields (the edge frames the answer itself;
+/// `length` keeps what `Content-Length` said), the other hop-by-hop ones, and `Server`, kept
+/// apart: the edge's replaces it, unless the service says `pristine` (`keep_server`).
+pub(crate) struct PlainFields {
+    head: Bytes,
+    /// Byte ranges of `head` holding whole lines to pass on, in order.
+    runs: [(u16, u16); MAX_RUNS],
+    n_runs: u8,
+    /// The machine's `Server` line.
+    server: Option<(u16, u16)>,
+    /// The machine's `Server` line is passed on too.
+    pub(crate) keep_server: bool,
+    /// A `Date` is among the lines.
+    pub(crate) date: bool,
+    /// What `Content-Length` said.
+    pub(crate) length: Option<u64>,
+}
+
+impl PlainFields {
+    /// The lines passed on: the runs, then the machine's `Server` when it is kept.
+    fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        let server = self.server.filter(|_| self.keep_server);
+        self.runs[..usize::from(self.n_runs)]
+            .iter()
+            .copied()
+            .chain(server)
+            .map(|(s, e)| &self.head[usize::from(s)..usize::from(e)])
+    }
+
+    /// Writes the fields, each as a `name: value` line.
+    pub(crate) fn write(&self, buf: &mut Vec<u8>) {
+        for run in self.lines() {
+            buf.extend_from_slice(run);
+        }
+    }
+
+    /// Adds the fields to `map`.
+    pub(crate) fn append_to(self, map: &mut HeaderMap) {
+        for run in self.lines() {
+            for line in run.split_inclusive(|&b| b == b'\n') {
+                let Some(colon) = line.iter().position(|&b| b == b':') else {
+                    continue;
+                };
+                let value = line[colon + 1..].trim_ascii();
+                // Checked by httparse already: neither can fail.
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(&line[..colon]),
+                    HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
+                ) else {
+                    continue;
+                };
+                map.append(name, value);
+            }
+        }
+    }
+
+    fn push_run(&mut self, start: usize, end: usize) -> Option<()> {
+        let slot = self.runs.get_mut(usize::from(self.n_runs))?;
+        *slot = (u16::try_from(start).ok()?, u16::try_from(end).ok()?);
+        self.n_runs += 1;
+        Some(())
+    }
+}
+
+/// What an answer's header field is to the edge.
+enum Field {
+    /// Passed on as it is.
+    Plain,
+    Date,
+    Server,
+    /// The framing fields (a `Connection` naming nothing but persistence): noted, and not
+    /// passed on.
+    Length,
+    TransferEncoding,
+    Connection,
+    /// Another hop-by-hop field, not passed on.
+    Hop,
+    /// One the edge reads or changes: the head goes into a `HeaderMap`.
+    Special,
+}
+
+fn classify(name: &[u8], value: &[u8]) -> Field {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is(b"te") => Field::Hop,
+        3 if is(b"via") => Field::Special,
+        4 if is(b"date") => Field::Date,
+        6 if is(b"server") => Field::Server,
+        7 if is(b"trailer") || is(b"upgrade") => Field::Hop,
+        10 if is(b"keep-alive") => Field::Hop,
+        10 if is(b"connection") => {
+            if only_persistence(value) {
+                Field::Connection
+            } else {
+                Field::Special
+            }
+        }
+        12 if is(b"content-type") => {
+            let replay = crate::replay::REPLAY_JSON_CONTENT_TYPE.as_bytes();
+            // The prefix first: the whole check takes UTF-8 and splits.
+            if value
+                .get(..replay.len())
+                .is_some_and(|v| v.eq_ignore_ascii_case(replay))
+                && std::str::from_utf8(value).is_ok_and(crate::replay::is_replay_json)
+            {
+                Field::Special
+            } else {
+                Field::Plain
+            }
+        }
+        14 if is(b"content-length") => Field::Length,
+        16 if is(b"proxy-connection") => Field::Hop,
+        17 if is(b"transfer-encoding") => Field::TransferEncoding,
+        _ if name.len() >= 4 && name[..4].eq_ignore_ascii_case(b"fly-") => Field::Special,
+        _ => Field::Plain,
+    }
+}
+
+/// The fields of an answer head parsed into `head` at `spans` (as [`fields_of`] takes them) in
+/// their wire form, and what its framing fields say; `None` when the edge must see them in a
+/// `HeaderMap` (see [`PlainFields`]).
+fn plain_fields(head: &Bytes, spans: &[[usize; 4]]) -> Option<(PlainFields, FramingHeaders)> {
+    let end = head
+        .len()
+        .checked_sub(2)
+        .filter(|_| head.ends_with(b"\r\n\r\n"))?;
+    let mut seen = FramingHeaders::default();
+    let mut plain = PlainFields {
+        head: head.clone(),
+        runs: [(0, 0); MAX_RUNS],
+        n_runs: 0,
+        server: None,
+        keep_server: false,
+        date: false,
+        length: None,
+    };
+    // Where the run being gathered began.
+    let mut run: Option<usize> = None;
+    for (i, &[ns, ne, vs, ve]) in spans.iter().enumerate() {
+        let line_end = spans.get(i + 1).map_or(end, |next| next[0]);
+        if !head[..line_end].ends_with(b"\r\n") {
+            return None;
+        }
+        let value = &head[vs..ve];
+        match classify(&head[ns..ne], value) {
+            Field::Plain => {
+                run.get_or_insert(ns);
+                continue;
+            }
+            Field::Date => {
+                plain.date = true;
+                run.get_or_insert(ns);
+                continue;
+            }
+            Field::Special => return None,
+            Field::Server => plain.server = Some((u16::try_from(ns).ok()?, u16::try_from(line_end).ok()?)),
+            Field::Hop => {}
+            Field::Length => seen.note_length(value),
+            Field::TransferEncoding => seen.note_transfer_encoding(value),
+            Field::Connection => seen.note_connection(value),
+        }
+        // A line left out ends the run before it.
+        if let Some(start) = run.take() {
+            plain.push_run(start, ns)?;
+        }
+    }
+    if let Some(start) = run {
+        plain.push_run(start, end)?;
+    }
+    plain.length = seen.len.ok().flatten();
+    Some((plain, seen))
+}
+
 /// Whether a Connection header's value names nothing but the connection's persistence
 /// (`keep-alive`, `close`, or nothing).
 fn only_persistence(value: &[u8]) -> bool {
+    if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+        return true; // nearly always
+    }
     value.split(|&b| b == b',').all(|t| {
         let t = t.trim_ascii();
         t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
@@ -1246,8 +1467,25 @@ mod tests {
         assert!(decode_all(&long_ext, &[]).is_err());
     }
 
+    /// A parsed head with all its fields in its map (plain ones appended), and what its framing
+    /// fields say.
+    fn parsed(buf: &mut BytesMut) -> Result<Option<(response::Parts, FramingHeaders)>, H1Error> {
+        Ok(parse_head(buf, &mut Vec::new())?.map(
+            |ParsedHead {
+                 mut parts,
+                 plain,
+                 seen,
+             }| {
+                if let Some(plain) = plain {
+                    plain.append_to(&mut parts.headers);
+                }
+                (parts, seen)
+            },
+        ))
+    }
+
     fn head_and_seen(raw: &str) -> Result<Option<(response::Parts, FramingHeaders)>, H1Error> {
-        parse_head(&mut BytesMut::from(raw.as_bytes()), &mut Vec::new())
+        parsed(&mut BytesMut::from(raw.as_bytes()))
     }
 
     fn head(raw: &str) -> Result<Option<response::Parts>, H1Error> {
@@ -1263,7 +1501,7 @@ mod tests {
     fn answer_heads_are_parsed_into_parts() {
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 201 Made\r\nA: 1\r\nset-cookie: x\r\nSet-Cookie: y\r\n\r\nbody"[..]);
-        let (parts, _) = parse_head(&mut buf, &mut Vec::new()).unwrap().unwrap();
+        let (parts, _) = parsed(&mut buf).unwrap().unwrap();
         assert_eq!(&buf[..], b"body");
         assert_eq!(parts.status, 201);
         assert_eq!(parts.version, Version::HTTP_11);
@@ -1354,6 +1592,82 @@ mod tests {
         assert_eq!(Framing::Empty.size_hint().exact(), Some(0));
         assert_eq!(Framing::Close.size_hint().exact(), None);
         assert!(!Framing::Chunked(ChunkedDecoder::default()).is_end_stream());
+    }
+
+    fn plain(raw: &str) -> Option<PlainFields> {
+        let ParsedHead { parts, plain, .. } =
+            parse_head(&mut BytesMut::from(raw.as_bytes()), &mut Vec::new())
+                .unwrap()
+                .unwrap();
+        if plain.is_some() {
+            assert!(parts.headers.is_empty(), "{:?}", parts.headers);
+        }
+        plain
+    }
+
+    fn written(plain: &PlainFields) -> String {
+        let mut buf = Vec::new();
+        plain.write(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn plain_answer_fields_are_kept_as_written_less_what_the_edge_frames() {
+        let p = plain(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 03 Dec 2026 15:00:00 GMT\r\n\
+             Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nX-A: 1\r\nTransfer-Encoding: identity\r\nset-cookie: b=2\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            written(&p),
+            "Date: Thu, 03 Dec 2026 15:00:00 GMT\r\nContent-Type: text/plain\r\nX-A: 1\r\nset-cookie: b=2\r\n"
+        );
+        assert!(p.date);
+        assert_eq!(p.length, Some(3));
+        let mut kept = p;
+        kept.keep_server = true;
+        assert!(written(&kept).ends_with("set-cookie: b=2\r\nServer: nginx\r\n"));
+        let mut map = HeaderMap::new();
+        kept.append_to(&mut map);
+        assert_eq!(map.len(), 5, "{map:?}");
+        assert_eq!(map["x-a"], "1");
+        assert_eq!(map["server"], "nginx");
+        assert_eq!(map["content-type"], "text/plain");
+        // No fields at all.
+        let none = plain("HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+        assert_eq!(written(&none), "");
+        assert!(!none.date && none.length.is_none());
+    }
+
+    #[test]
+    fn fields_the_edge_reads_or_merges_make_a_map() {
+        for special in [
+            "fly-replay: region=ams",
+            "Fly-Replay-Cache: x",
+            "via: 1.0 cache",
+            "content-type: application/vnd.fly.replay+json; charset=utf-8",
+            "connection: close, x-secret",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nx-a: 1\r\n{special}\r\n\r\n");
+            assert!(plain(&raw).is_none(), "{special} stayed plain");
+            let (parts, _) = head_and_seen(&raw).unwrap().unwrap();
+            assert_eq!(parts.headers["x-a"], "1");
+        }
+        // Lines ending in a bare LF are not passed on as they are.
+        assert!(plain("HTTP/1.1 200 OK\nx-a: 1\n\n").is_none());
+        assert!(plain("HTTP/1.1 200 OK\r\nx-a: 1\nx-b: 2\r\n\r\n").is_none());
+        // Nor a head cut into more runs than kept.
+        let cut: String = (0..=MAX_RUNS)
+            .map(|i| format!("x-{i}: v\r\nte: trailers\r\n"))
+            .collect();
+        assert!(plain(&format!("HTTP/1.1 200 OK\r\n{cut}\r\n")).is_none());
+        let fits: String = (0..MAX_RUNS)
+            .map(|i| format!("x-{i}: v\r\nte: trailers\r\n"))
+            .collect();
+        assert!(plain(&format!("HTTP/1.1 200 OK\r\n{fits}\r\n")).is_some());
+        // Only the replay type is the replay's.
+        assert!(plain("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n").is_some());
     }
 
     #[test]

@@ -61,10 +61,12 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::h1::{self, BodyFraming, BodyStep, ChunkedDecoder, Framing, FramingHeaders, Out, Sending};
+use crate::h1::{
+    self, BodyFraming, BodyStep, ChunkedDecoder, Framing, FramingHeaders, Out, PlainFields, Sending,
+};
 use http_body_util::Full;
 
-use crate::http::{Body, BoxError, RequestBody};
+use crate::http::{Body, BoxError, RequestBody, Stamp};
 
 /// HTTP/2's connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -75,7 +77,48 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// What answers requests.
 pub(crate) trait Service {
-    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Body>> + Send + '_;
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Answer> + Send + '_;
+}
+
+/// A service's answer: a response, and maybe header fields a machine wrote, passed on in their
+/// wire form, with the edge's stamp (written in that order, before the response's own
+/// headers, which hold none of them).
+pub(crate) struct Answer {
+    pub(crate) resp: Response<Body>,
+    pub(crate) plain: Option<PlainFields>,
+    pub(crate) stamp: Option<Stamp>,
+}
+
+impl From<Response<Body>> for Answer {
+    fn from(resp: Response<Body>) -> Self {
+        Self {
+            resp,
+            plain: None,
+            stamp: None,
+        }
+    }
+}
+
+impl Answer {
+    pub(crate) fn status(&self) -> StatusCode {
+        self.resp.status()
+    }
+
+    /// The answer as one response, its plain fields among its headers (for hyper's server).
+    pub(crate) fn into_response(self) -> Response<Body> {
+        let Self {
+            mut resp,
+            plain,
+            stamp,
+        } = self;
+        if let Some(plain) = plain {
+            plain.append_to(resp.headers_mut());
+        }
+        if let Some(stamp) = stamp {
+            stamp.insert_into(resp.headers_mut());
+        }
+        resp
+    }
 }
 
 /// The server's limits.
@@ -354,7 +397,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             Poll::Pending
         })
         .await;
-        let Some(resp) = resp else {
+        let Some(Answer { resp, plain, stamp }) = resp else {
             return After::Close { linger: false };
         };
         // A `100 Continue` the socket did not take whole yet goes out first: cut, it would
@@ -377,7 +420,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             version,
             head_request,
         };
-        let framing = encode_answer(&mut self.out.buf, &rparts, &rbody, asked, &mut keep_alive);
+        let framing = encode_answer(
+            &mut self.out.buf,
+            &rparts,
+            (plain.as_ref(), stamp.as_ref()),
+            &rbody,
+            asked,
+            &mut keep_alive,
+        );
         let mut sending = (framing != BodyFraming::None).then(|| Sending {
             body: rbody,
             framing,
@@ -620,11 +670,14 @@ fn status_line(buf: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
     buf.extend_from_slice(b"\r\n");
 }
 
-/// Writes the answer's head into `buf` and says how its body goes; `keep_alive` (whether the
-/// connection is kept after it) is cleared when the answer can't allow it.
+/// Writes the answer's head (`plain`'s fields and the stamp first) into `buf` and says how its
+/// body goes;
+/// `keep_alive` (whether the connection is kept after it) is cleared when the answer can't
+/// allow it.
 fn encode_answer(
     buf: &mut Vec<u8>,
     parts: &http::response::Parts,
+    (plain, stamp): (Option<&PlainFields>, Option<&Stamp>),
     body: &Body,
     asked: Asked,
     keep_alive: &mut bool,
@@ -637,6 +690,14 @@ fn encode_answer(
     let bodiless = asked.head_request || informational || code == 204 || code == 304;
     let mut seen = FramingHeaders::default();
     let mut date = false;
+    if let Some(plain) = plain {
+        plain.write(buf);
+        seen.len = Ok(plain.length);
+        date = plain.date;
+    }
+    if let Some(stamp) = stamp {
+        stamp.write(buf);
+    }
     for (name, value) in &parts.headers {
         // A 101's Connection and Upgrade say what the connection becomes: written as they are.
         // Framing and persistence headers are noted, and written below as the edge frames it.
@@ -1028,7 +1089,13 @@ mod tests {
     }
 
     impl Service for Echo {
-        async fn call(&self, req: Request<RequestBody>) -> Response<Body> {
+        async fn call(&self, req: Request<RequestBody>) -> Answer {
+            self.answer(req).await.into()
+        }
+    }
+
+    impl Echo {
+        async fn answer(&self, req: Request<RequestBody>) -> Response<Body> {
             let (parts, body) = req.into_parts();
             let text = |t: String| Response::new(crate::http::full(t));
             match parts.uri.path() {

@@ -24,7 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::balance::{self, Choice, Want};
 use crate::error::{self, ProxyCode};
-use crate::h1_server;
+use crate::h1::PlainFields;
+use crate::h1_server::{self, Answer};
 use crate::load::LoadGuard;
 use crate::routes::{AppRoutes, MachineRoute};
 use crate::upstream::{SendError, UpstreamBody};
@@ -228,7 +229,7 @@ impl Edge {
             let ctx = ctx.clone();
             async move {
                 let (edge, info) = &*ctx;
-                Ok::<_, Infallible>(edge.handle(req.map(RequestBody::H2), info).await)
+                Ok::<_, Infallible>(edge.handle(req.map(RequestBody::H2), info).await.into_response())
             }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -249,7 +250,7 @@ impl Edge {
 }
 
 impl h1_server::Service for (Arc<Edge>, ConnInfo) {
-    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<Body>> + Send + '_ {
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Answer> + Send + '_ {
         self.0.handle(req, &self.1)
     }
 }
@@ -382,20 +383,29 @@ pub(crate) struct Route {
     pub(crate) exclude: Vec<MachineId>,
 }
 
+/// A machine's answer (its plain fields apart, see `h1.rs`), from which machine, and the
+/// machine's unit of load, held until the answer is done with.
+struct MachineAnswer {
+    resp: Response<UpstreamBody>,
+    plain: Option<PlainFields>,
+    machine: Arc<MachineRoute>,
+    guard: LoadGuard,
+}
+
 /// What one attempt to forward produced.
 enum Forwarded {
     /// The machine answered.
-    Answer(Box<(Response<UpstreamBody>, Arc<MachineRoute>, LoadGuard)>),
+    Answer(Box<MachineAnswer>),
     /// The edge answers itself.
     Fail(ProxyCode, Option<String>),
 }
 
 impl Edge {
-    async fn handle(self: &Arc<Self>, mut req: Request<RequestBody>, conn: &ConnInfo) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<RequestBody>, conn: &ConnInfo) -> Answer {
         let started = Instant::now();
         let rid = RequestId::new(&self.config.region);
         if let Some(resp) = self.acme_http_challenge(&req) {
-            return resp;
+            return resp.into();
         }
         let host = req
             .uri()
@@ -407,14 +417,14 @@ impl Edge {
         let Some(app) = snap.app_for_host(host, &self.config.base_domain).cloned() else {
             self.metrics
                 .response(None, StatusCode::NOT_FOUND, started.elapsed());
-            return error::response(ProxyCode::PR04, Some(&format!("unknown host {host:?}")), &rid);
+            return error::response(ProxyCode::PR04, Some(&format!("unknown host {host:?}")), &rid).into();
         };
         if !conn.https
             && let Some(resp) = self.force_https(&app, &req, host, conn)
         {
             self.metrics
                 .response(Some(&app.name), resp.status(), started.elapsed());
-            return resp;
+            return resp.into();
         }
         let hints = match crate::replay::RoutingHints::from_headers(req.headers()) {
             Ok(h) => h,
@@ -423,7 +433,7 @@ impl Edge {
                 *r.status_mut() = StatusCode::BAD_REQUEST;
                 self.metrics
                     .response(Some(&app.name), r.status(), started.elapsed());
-                return r;
+                return r.into();
             }
         };
         let mut route = Route {
@@ -448,7 +458,9 @@ impl Edge {
         let own = EdgeHeaders::take(req.headers_mut(), conn, &rid, version);
         let resp = if is_upgrade(&req) {
             // Boxed, as the other rare paths below (h2c, waking a machine): see `serve_client`.
-            Box::pin(self.forward_upgrade(req, &app, &route, conn, &rid, &own)).await
+            Box::pin(self.forward_upgrade(req, &app, &route, conn, &rid, &own))
+                .await
+                .into()
         } else {
             self.forward(req, app, &mut route, conn, &rid, &own).await
         };
@@ -518,11 +530,11 @@ impl Edge {
         conn: &ConnInfo,
         rid: &RequestId,
         own: &EdgeHeaders,
-    ) -> Response<Body> {
+    ) -> Answer {
         let (mut parts, incoming) = req.into_parts();
         let mut body = match kept_body(&parts.headers, incoming).await {
             Ok(b) => b,
-            Err(resp_code) => return error::response(resp_code, None, rid),
+            Err(resp_code) => return error::response(resp_code, None, rid).into(),
         };
         let mut app = first_app;
         let mut hops = 0u32;
@@ -552,7 +564,12 @@ impl Edge {
                     deadline,
                 )
                 .await;
-            let (resp, machine, guard) = match attempt {
+            let MachineAnswer {
+                resp,
+                plain,
+                machine,
+                guard,
+            } = match attempt {
                 Forwarded::Answer(answer) => *answer,
                 Forwarded::Fail(code, detail) => {
                     if let Some(first) = cache.unreachable(self, route, &mut parts) {
@@ -591,35 +608,35 @@ impl Edge {
                         hops = crate::replay::MAX_REPLAY_HOPS; // no further replays
                         continue;
                     }
-                    return error::response(code, detail.as_deref(), rid);
+                    return error::response(code, detail.as_deref(), rid).into();
                 }
             };
             match self.replay_of(resp, hops).await {
                 Ok(ReplayCheck::Pass(mut resp)) => {
                     let Some(service) = machine.service_for_port(conn.service_port) else {
-                        return error::response(ProxyCode::PR01, None, rid);
+                        return error::response(ProxyCode::PR01, None, rid).into();
                     };
                     cache.finished(self, &machine, resp.headers_mut());
-                    return finish_response(resp, guard, service, rid);
+                    return finish_response(resp, plain, guard, service, rid);
                 }
                 Ok(ReplayCheck::Replay(replay)) => {
                     cache.replayed(self, &machine, &replay, hops == 0, &parts);
                     hops += 1;
                     if !body.replayable() {
-                        return error::response(ProxyCode::PA01, None, rid);
+                        return error::response(ProxyCode::PA01, None, rid).into();
                     }
                     if hops > crate::replay::MAX_REPLAY_HOPS {
-                        return error::response(ProxyCode::PA02, None, rid);
+                        return error::response(ProxyCode::PA02, None, rid).into();
                     }
                     drop(guard);
                     match self.apply_replay(&replay, &machine, &app, route, &mut parts) {
                         Ok(next) => app = next,
-                        Err(code) => return error::response(code, None, rid),
+                        Err(code) => return error::response(code, None, rid).into(),
                     }
                     replay_from = Some((machine, replay));
                     replay_started = Instant::now();
                 }
-                Err(code) => return error::response(code, None, rid),
+                Err(code) => return error::response(code, None, rid).into(),
             }
         }
     }
@@ -690,12 +707,21 @@ impl Edge {
             let addr = SocketAddr::new(ip, port);
             let sent = if h2 {
                 let upstream = build_upstream(parts, own, addr, true, body.take());
-                Box::pin(self.client.send_h2(addr, upstream)).await
+                Box::pin(self.client.send_h2(addr, upstream))
+                    .await
+                    .map(|resp| (resp, None))
             } else {
                 self.client.send_h1(addr, parts, own.pairs(), body.take()).await
             };
             match sent {
-                Ok(resp) => return Forwarded::Answer(Box::new((resp, machine, guard))),
+                Ok((resp, plain)) => {
+                    return Forwarded::Answer(Box::new(MachineAnswer {
+                        resp,
+                        plain,
+                        machine,
+                        guard,
+                    }));
+                }
                 Err(SendError::Connect { refused, detail }) => {
                     self.mark_failed(&machine.entry.id);
                     let code = if refused { ProxyCode::PC01 } else { ProxyCode::PC05 };
@@ -895,7 +921,7 @@ impl Edge {
             return error::response(ProxyCode::PR01, None, rid);
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return finish_response(resp, guard, service, rid);
+            return finish_response(resp, None, guard, service, rid).into_response();
         }
         // The edge's HTTP/1 server joins the client to the machine once it wrote the answer.
         let tunnel = h1_server::TunnelSlot::new(h1_server::Tunnel {
@@ -1390,26 +1416,10 @@ impl EdgeHeaders {
 /// service's `response.headers` edits.
 /// `version`: the protocol the machine answered in (the `Via` token names it).
 fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineService, version: Version) {
-    let pristine = service
-        .ports
-        .iter()
-        .find_map(|p| p.http_options.as_ref()?.response.as_ref()?.pristine)
-        .unwrap_or(false);
-    if !pristine {
-        h.insert(header::SERVER, HeaderValue::from_static("aloft"));
-        let token = if version == Version::HTTP_2 {
-            "2 aloft"
-        } else {
-            "1.1 aloft"
-        };
-        let via = append_to_list(h, &header::VIA, token).unwrap_or(HeaderValue::from_static(token));
-        h.insert(header::VIA, via);
-        h.insert(names::FLY_REQUEST_ID, rid.header.clone());
+    if let Some(stamp) = Stamp::new(service, rid, version) {
+        stamp.insert_into(h);
     }
-    for p in &service.ports {
-        let Some(rules) = p.http_options.as_ref().and_then(|o| o.response.as_ref()) else {
-            continue;
-        };
+    for rules in response_rules(service) {
         for (name, rule) in &rules.headers {
             let Ok(name) = HeaderName::try_from(name.as_str()) else {
                 continue;
@@ -1437,20 +1447,91 @@ fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineSer
     }
 }
 
+/// The fields the edge adds to a machine's answer, unless the service's port says `pristine`:
+/// `Server`, `Via` (its token last) and `Fly-Request-Id`.
+pub(crate) struct Stamp {
+    via: &'static str,
+    request_id: HeaderValue,
+}
+
+impl Stamp {
+    /// The stamp for an answer in `version`; `None` when `pristine`.
+    fn new(service: &MachineService, rid: &RequestId, version: Version) -> Option<Self> {
+        let pristine = response_rules(service).find_map(|r| r.pristine).unwrap_or(false);
+        (!pristine).then(|| Self {
+            via: if version == Version::HTTP_2 {
+                "2 aloft"
+            } else {
+                "1.1 aloft"
+            },
+            request_id: rid.header.clone(),
+        })
+    }
+
+    /// Writes the fields as lines, for an answer holding no `Server`, `Via` or
+    /// `Fly-Request-Id` of its own.
+    pub(crate) fn write(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"server: aloft\r\nvia: ");
+        buf.extend_from_slice(self.via.as_bytes());
+        buf.extend_from_slice(b"\r\nfly-request-id: ");
+        buf.extend_from_slice(self.request_id.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Puts the fields into `h`, in place of those there, the machine's `Via` kept before the
+    /// edge's token.
+    pub(crate) fn insert_into(self, h: &mut HeaderMap) {
+        h.insert(header::SERVER, HeaderValue::from_static("aloft"));
+        let via = append_to_list(h, &header::VIA, self.via).unwrap_or(HeaderValue::from_static(self.via));
+        h.insert(header::VIA, via);
+        h.insert(names::FLY_REQUEST_ID, self.request_id);
+    }
+}
+
+/// The `response` options of the service's ports.
+fn response_rules(service: &MachineService) -> impl Iterator<Item = &aloft_api::HttpResponseOptions> {
+    service
+        .ports
+        .iter()
+        .filter_map(|p| p.http_options.as_ref()?.response.as_ref())
+}
+
+/// A machine's answer as the client gets it. Fields passed on in their wire form stay so,
+/// stamped, unless the service edits the answer's headers.
 fn finish_response(
     resp: Response<UpstreamBody>,
+    plain: Option<PlainFields>,
     guard: LoadGuard,
     service: &MachineService,
     rid: &RequestId,
-) -> Response<Body> {
+) -> Answer {
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, false);
-    add_response_headers(&mut parts.headers, rid, service, parts.version);
     let body = Guarded {
         inner: body,
         guard: Some(guard),
-    };
-    Response::from_parts(parts, body.boxed_unsync())
+    }
+    .boxed_unsync();
+    let edits = response_rules(service).any(|r| !r.headers.is_empty());
+    match plain {
+        Some(mut plain) if !edits => {
+            // The map holds only what the edge added (the replay cache's status).
+            let stamp = Stamp::new(service, rid, parts.version);
+            plain.keep_server = stamp.is_none();
+            Answer {
+                resp: Response::from_parts(parts, body),
+                plain: Some(plain),
+                stamp,
+            }
+        }
+        plain => {
+            if let Some(plain) = plain {
+                plain.append_to(&mut parts.headers);
+            }
+            strip_hop_by_hop(&mut parts.headers, false);
+            add_response_headers(&mut parts.headers, rid, service, parts.version);
+            Response::from_parts(parts, body).into()
+        }
+    }
 }
 
 /// A machine's answer body, holding the machine's unit of load until the last byte went out

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::EdgeConfig;
 use crate::dial::Dialer;
-use crate::h1::{Framing, H1Conn, H1Error, H1Fail};
+use crate::h1::{AnswerHead, Framing, H1Conn, H1Error, H1Fail, PlainFields};
 use crate::http::Body;
 
 /// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
@@ -491,14 +491,15 @@ impl Upstreams {
 
     /// Sends the request `head`, with the edge's headers `own` after its own, and `body` to the
     /// machine at `addr` over HTTP/1.1, in origin form (`/path?query`), with a Host header (see
-    /// [`crate::http::upstream_host`]). The head is only borrowed (`h1.rs`).
+    /// [`crate::http::upstream_host`]). The head is only borrowed (`h1.rs`). The answer's header
+    /// fields may come apart from its `HeaderMap`, in their wire form ([`PlainFields`]).
     pub(crate) async fn send_h1(
         &self,
         addr: SocketAddr,
         head: &http::request::Parts,
         own: &[(http::HeaderName, http::HeaderValue)],
         body: Body,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> Result<(Response<UpstreamBody>, Option<PlainFields>), SendError> {
         let host = if head.headers.contains_key(http::header::HOST) {
             None
         } else {
@@ -509,14 +510,14 @@ impl Upstreams {
         let pool = self.h1_pool();
         while let Some(mut conn) = pool.take(addr) {
             match conn.send(head, host.as_ref(), own, body).await {
-                Ok((parts, framing)) => return Ok(Self::h1_answer(pool, parts, framing, conn)),
+                Ok(head) => return Ok(Self::h1_answer(pool, head, conn)),
                 Err(H1Fail::NotSent(b)) => body = b,
                 Err(H1Fail::Sent(e)) => return Err(SendError::Request(aloft_api::error_chain(&e))),
             }
         }
         let mut conn = self.open_h1(addr).await?;
         match conn.send(head, host.as_ref(), own, body).await {
-            Ok((parts, framing)) => Ok(Self::h1_answer(pool, parts, framing, conn)),
+            Ok(head) => Ok(Self::h1_answer(pool, head, conn)),
             Err(H1Fail::NotSent(_)) => Err(SendError::Connect {
                 refused: false,
                 detail: format!("{addr} closed a new connection before the request was sent"),
@@ -541,11 +542,11 @@ impl Upstreams {
 
     fn h1_answer(
         pool: &Arc<IdlePool>,
-        parts: http::response::Parts,
-        framing: Framing,
+        (parts, plain, framing): AnswerHead,
         conn: Box<H1Conn>,
-    ) -> Response<UpstreamBody> {
-        Response::from_parts(parts, UpstreamBody::h1(conn, Arc::clone(pool), framing))
+    ) -> (Response<UpstreamBody>, Option<PlainFields>) {
+        let body = UpstreamBody::h1(conn, Arc::clone(pool), framing);
+        (Response::from_parts(parts, body), plain)
     }
 
     /// A new connection (boxed: it moves between the pool and the answers that carry it).

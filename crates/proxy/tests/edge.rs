@@ -594,12 +594,64 @@ mod tests {
             }),
             ..HttpOptions::default()
         });
-        h.add(&p, answer("p1", 200, &[], "hi"));
+        h.add(&p, answer("p1", 200, &[("server", "gunicorn")], "hi"));
         let r = h.get("p.localhost", "/").await;
         assert_eq!(r.machine(), "p1");
-        for name in ["server", "via", "fly-request-id"] {
+        for name in ["via", "fly-request-id"] {
             assert_eq!(r.header(name), None, "pristine response has {name}");
         }
+        assert_eq!(
+            r.header("server"),
+            Some("gunicorn"),
+            "pristine keeps the machine's"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_machines_fields_pass_on_with_the_edges_own() {
+        let h = Harness::new(config()).await;
+        let fields = [
+            ("server", "gunicorn"),
+            ("x-kept", "1"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("cache-control", "max-age=60"),
+        ];
+        h.add(&entry("b"), answer("b1", 200, &fields, "hello"));
+        h.add(&entry("v"), answer("v1", 200, &[("via", "1.0 cache")], "hi"));
+        // Over HTTP/1.1 and HTTP/2 alike.
+        let h1 = h.get("b.localhost", "/").await;
+        let h2 = send_h2(
+            h.addr,
+            Request::get("http://b.localhost/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+        for r in [h1, h2] {
+            assert_eq!(r.status, StatusCode::OK, "{r:?}");
+            assert_eq!(r.machine(), "b1");
+            assert_eq!(r.header("x-kept"), Some("1"));
+            assert_eq!(r.header("cache-control"), Some("max-age=60"));
+            let cookies: Vec<_> = r
+                .headers
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(cookies, ["a=1", "b=2"]);
+            // The edge's own replace the machine's.
+            assert_eq!(r.headers.get_all("server").iter().count(), 1);
+            assert_eq!(r.header("server"), Some("aloft"));
+            assert_eq!(r.header("via"), Some("1.1 aloft"));
+            assert!(r.header("fly-request-id").is_some());
+            assert!(r.header("date").is_some());
+            assert_eq!(r.header("content-length"), Some("5"));
+            assert_eq!(&r.body[..], b"hello");
+        }
+        // A machine's Via is kept, the edge's token after it.
+        let r = h.get("v.localhost", "/").await;
+        assert_eq!(r.header("via"), Some("1.0 cache, 1.1 aloft"));
     }
 
     // -----------------------------------------------------------------------------------------
