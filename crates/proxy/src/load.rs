@@ -3,7 +3,6 @@
 //! machine id), so a catalog update never resets a machine's load.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -11,6 +10,7 @@ use std::time::Instant;
 use aloft_api::MachineId;
 use tokio::sync::Notify;
 
+use crate::FastMap;
 use crate::workers::OwnerId;
 
 /// One machine's load.
@@ -46,8 +46,8 @@ pub(crate) struct AppLoad {
 pub(crate) struct Loads {
     id: OwnerId,
     epoch: Instant,
-    machines: Mutex<HashMap<MachineId, Arc<MachineLoad>>>,
-    apps: Mutex<HashMap<String, Arc<AppLoad>>>,
+    machines: Mutex<FastMap<MachineId, Arc<MachineLoad>>>,
+    apps: Mutex<FastMap<String, Arc<AppLoad>>>,
     /// Bumped when [`Loads::retain`] drops machines: workers then forget their handles.
     dropped: AtomicU64,
 }
@@ -70,8 +70,8 @@ impl Default for Loads {
 struct LocalLoads {
     owner: OwnerId,
     dropped: u64,
-    machines: HashMap<MachineId, Arc<MachineLoad>>,
-    apps: HashMap<String, Arc<AppLoad>>,
+    machines: FastMap<MachineId, Arc<MachineLoad>>,
+    apps: FastMap<String, Arc<AppLoad>>,
 }
 
 thread_local! {
@@ -98,8 +98,8 @@ impl Loads {
                 _ => local.insert(LocalLoads {
                     owner: self.id,
                     dropped,
-                    machines: HashMap::new(),
-                    apps: HashMap::new(),
+                    machines: FastMap::default(),
+                    apps: FastMap::default(),
                 }),
             };
             f(local)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::FastMap;
 use crate::health::Health;
 use crate::routes::{ChecksVerdict, Snapshot};
 use crate::workers::OwnerId;
@@ -178,7 +179,7 @@ pub(crate) struct Metrics {
     /// Tells this one's handles in [`LOCAL_APPS`] from another's.
     id: OwnerId,
     accepted: Accepted,
-    apps: RwLock<HashMap<String, Arc<AppFigures>>>,
+    apps: RwLock<FastMap<String, Arc<AppFigures>>>,
     udp: RwLock<HashMap<String, Arc<UdpFigures>>>,
     tls_ok: AtomicU64,
     tls_failed: AtomicU64,
@@ -202,7 +203,7 @@ thread_local! {
 }
 
 /// Handles on app figures, by app.
-type AppHandles = HashMap<String, Arc<AppFigures>>;
+type AppHandles = FastMap<String, Arc<AppFigures>>;
 
 impl Metrics {
     fn app(&self, app: &str) -> Arc<AppFigures> {
@@ -243,7 +244,7 @@ impl Metrics {
         LOCAL_APPS.with_borrow_mut(|local| {
             let apps = match local {
                 Some((owner, apps)) if *owner == self.id => apps,
-                _ => &mut local.insert((self.id, HashMap::new())).1,
+                _ => &mut local.insert((self.id, FastMap::default())).1,
             };
             if let Some(a) = apps.get(app) {
                 return count(a);

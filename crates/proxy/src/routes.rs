@@ -18,6 +18,7 @@ use aloft_api::checks::is_service_check;
 use aloft_api::{CatalogEntry, CheckState, MachineId, MachineService, MachineState};
 use tokio::sync::Notify;
 
+use crate::FastMap;
 use crate::health::Verdicts;
 use crate::workers::OwnerId;
 
@@ -185,8 +186,8 @@ impl AppRoutes {
 /// The routing table at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    apps: HashMap<String, Arc<AppRoutes>>,
-    domains: HashMap<String, String>,
+    apps: FastMap<String, Arc<AppRoutes>>,
+    domains: FastMap<String, String>,
     /// Bumped on every change.
     pub generation: u64,
 }
@@ -218,26 +219,29 @@ impl Snapshot {
 }
 
 /// Lower-cased host without port or trailing dot; `None` when it is empty or not a hostname.
+/// One pass over the bytes: this runs for every request.
 pub(crate) fn normalize_host(host: &str) -> Option<Cow<'_, str>> {
-    let host = host.trim();
-    let without_port = if host.starts_with('[') {
-        return None; // an IPv6 literal names no app
-    } else {
-        match host.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
+    let host = host.trim_ascii();
+    let (mut colon, mut colons, mut upper) = (host.len(), 0, false);
+    for (i, b) in host.bytes().enumerate() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {}
+            b'A'..=b'Z' => upper = true,
+            b':' => (colon, colons) = (i, colons + 1),
+            // Anything else, an IPv6 literal's `[` among them, names no app.
+            _ => return None,
         }
-    };
-    let h = without_port.strip_suffix('.').unwrap_or(without_port);
-    let valid = !h.is_empty()
-        && h.len() <= 253
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-    if !valid {
+    }
+    let (h, port) = host.split_at(colon);
+    if colons > 1 || !port.bytes().skip(1).all(|b| b.is_ascii_digit()) {
         return None;
     }
-    // Hosts are almost always lower case already: no copy then (this runs for every request).
-    Some(if h.bytes().any(|b| b.is_ascii_uppercase()) {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.is_empty() || h.len() > 253 {
+        return None;
+    }
+    // Hosts are almost always lower case already: no copy then.
+    Some(if upper {
         Cow::Owned(h.to_ascii_lowercase())
     } else {
         Cow::Borrowed(h)
@@ -249,7 +253,7 @@ struct Sources {
     entries: HashMap<String, HashMap<MachineId, CatalogEntry>>,
     cordoned: HashSet<(String, MachineId)>,
     orgs: HashMap<String, String>,
-    domains: HashMap<String, String>,
+    domains: FastMap<String, String>,
     generation: u64,
 }
 
@@ -423,7 +427,7 @@ impl RoutingTable {
         }
         s.generation += 1;
         let mut snap = Snapshot {
-            apps: HashMap::new(),
+            apps: FastMap::default(),
             domains: s.domains.clone(),
             generation: s.generation,
         };
@@ -460,7 +464,7 @@ fn local_copy(table: OwnerId, shared: &Snapshot, old: Option<LocalCopy>) -> Loca
         Some(c) => (Some(c.snap), c.from),
         None => (None, HashMap::new()),
     };
-    let mut apps = HashMap::with_capacity(shared.apps.len());
+    let mut apps = FastMap::with_capacity_and_hasher(shared.apps.len(), Default::default());
     let mut from = HashMap::with_capacity(shared.apps.len());
     for (name, app) in &shared.apps {
         let kept = old_from
@@ -542,6 +546,34 @@ mod tests {
 
     fn entry(app: &str, n: u8) -> CatalogEntry {
         test_entry(app, n, Vec::new())
+    }
+
+    #[test]
+    fn hosts_are_normalized_or_refused() {
+        for (host, want) in [
+            ("a.localhost", Some("a.localhost")),
+            ("A.LocalHost", Some("a.localhost")),
+            (" a.localhost:8080 ", Some("a.localhost")),
+            ("a.localhost.", Some("a.localhost")),
+            ("a.localhost.:80", Some("a.localhost")),
+            ("a.localhost:", Some("a.localhost")),
+            ("my_app.example.com", Some("my_app.example.com")),
+            ("", None),
+            (":80", None),
+            (".", None),
+            ("a.localhost:8o", None),
+            ("a:b:80", None),
+            ("[::1]:80", None),
+            ("a b.localhost", None),
+            ("a/b", None),
+            ("ä.localhost", None),
+        ] {
+            assert_eq!(normalize_host(host).as_deref(), want, "{host:?}");
+        }
+        let long = "a".repeat(254);
+        assert_eq!(normalize_host(&long), None);
+        assert!(normalize_host(&long[1..]).is_some());
+        assert!(matches!(normalize_host("a.localhost:80"), Some(Cow::Borrowed(_))));
     }
 
     #[test]
