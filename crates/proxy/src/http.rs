@@ -328,11 +328,34 @@ fn request_seq() -> u64 {
     (n << 12) | (crate::workers::current() as u64 % OTHERS)
 }
 
-impl RequestId {
-    fn new(region: &str) -> Self {
+thread_local! {
+    /// The wall clock (milliseconds since the epoch) at a moment of the monotonic one, read
+    /// again after a second: a request's id then takes its time from the request's start,
+    /// which the edge reads anyway, with no second clock read.
+    static WALL: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Milliseconds since the epoch at `at` (a moment just past).
+fn epoch_ms(at: Instant) -> u64 {
+    WALL.with(|wall| {
+        if let Some((base, ms)) = wall.get()
+            && let Some(since) = at.checked_duration_since(base)
+            && since < Duration::from_secs(1)
+        {
+            return ms + u64::try_from(since.as_millis()).unwrap_or(0);
+        }
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        wall.set(Some((at, ms)));
+        ms
+    })
+}
+
+impl RequestId {
+    /// The id of a request that started at `started`.
+    fn new(region: &str, started: Instant) -> Self {
+        let ms = epoch_ms(started);
         let seq = request_seq();
         // Written by hand: `format!` was a few percent of a request's instructions.
         let mut text = Vec::with_capacity(21 + region.len());
@@ -403,7 +426,7 @@ enum Forwarded {
 impl Edge {
     async fn handle(self: &Arc<Self>, mut req: Request<RequestBody>, conn: &ConnInfo) -> Answer {
         let started = Instant::now();
-        let rid = RequestId::new(&self.config.region);
+        let rid = RequestId::new(&self.config.region, started);
         if let Some(resp) = self.acme_http_challenge(&req) {
             return resp.into();
         }
@@ -538,18 +561,18 @@ impl Edge {
         };
         let mut app = first_app;
         let mut hops = 0u32;
-        let mut replay_started = Instant::now();
-        let mut replay_from: Option<(Arc<MachineRoute>, crate::replay::Replay)> = None;
+        // The machine whose replay (or cached one) sent the request on, and since when.
+        let mut replay_from: Option<(Arc<MachineRoute>, crate::replay::Replay, Instant)> = None;
         // Replay cache: a cached target skips the machine that would replay (replay_cache.rs).
         let (mut cache, hit) =
             self.replay_cache_lookup(&app, conn.service_port, route, &mut parts, body.replayable());
-        if let Some((next, from)) = hit {
-            (app, hops, replay_from) = (next, 1, Some(from));
+        if let Some((next, (from, replay))) = hit {
+            (app, hops, replay_from) = (next, 1, Some((from, replay, Instant::now())));
         }
         loop {
             let deadline = replay_from
                 .as_ref()
-                .and_then(|(_, r)| r.timeout)
+                .and_then(|(_, r, _)| r.timeout)
                 .map(|t| Instant::now() + t);
             let attempt = self
                 .attempt(
@@ -578,7 +601,7 @@ impl Edge {
                     }
                     // A replay whose target can't be reached falls back to the replaying machine
                     // when it asked to.
-                    if let Some((src, replay)) = replay_from.take()
+                    if let Some((src, replay, since)) = replay_from.take()
                         && replay.fallback.is_some()
                     {
                         let failed = crate::replay::replay_failed(&crate::replay::ReplayFailure {
@@ -591,7 +614,7 @@ impl Edge {
                                 ProxyCode::PR01 | ProxyCode::PR02 => crate::replay::FailReason::NoCandidate,
                                 _ => crate::replay::FailReason::RetriesExhausted,
                             },
-                            elapsed: replay_started.elapsed(),
+                            elapsed: since.elapsed(),
                         });
                         if let Ok(v) = HeaderValue::try_from(failed) {
                             parts.headers.insert(crate::replay::FLY_REPLAY_FAILED, v);
@@ -611,33 +634,38 @@ impl Edge {
                     return error::response(code, detail.as_deref(), rid).into();
                 }
             };
-            match self.replay_of(resp, hops).await {
-                Ok(ReplayCheck::Pass(mut resp)) => {
+            // The answer is looked at in place: nearly every one passes, and moving it into a
+            // check and back out cost two copies of it.
+            let replay = match replay_check(&resp) {
+                Err(code) => return error::response(code, None, rid).into(),
+                Ok(ReplayCheck::Replay(replay)) => *replay,
+                Ok(ReplayCheck::InBody) => match Box::pin(replay_in_body(resp)).await {
+                    Ok(replay) => replay,
+                    Err(code) => return error::response(code, None, rid).into(),
+                },
+                Ok(ReplayCheck::Pass) => {
                     let Some(service) = machine.service_for_port(conn.service_port) else {
                         return error::response(ProxyCode::PR01, None, rid).into();
                     };
+                    let mut resp = resp;
                     cache.finished(self, &machine, resp.headers_mut());
                     return finish_response(resp, plain, guard, service, rid);
                 }
-                Ok(ReplayCheck::Replay(replay)) => {
-                    cache.replayed(self, &machine, &replay, hops == 0, &parts);
-                    hops += 1;
-                    if !body.replayable() {
-                        return error::response(ProxyCode::PA01, None, rid).into();
-                    }
-                    if hops > crate::replay::MAX_REPLAY_HOPS {
-                        return error::response(ProxyCode::PA02, None, rid).into();
-                    }
-                    drop(guard);
-                    match self.apply_replay(&replay, &machine, &app, route, &mut parts) {
-                        Ok(next) => app = next,
-                        Err(code) => return error::response(code, None, rid).into(),
-                    }
-                    replay_from = Some((machine, replay));
-                    replay_started = Instant::now();
-                }
+            };
+            cache.replayed(self, &machine, &replay, hops == 0, &parts);
+            hops += 1;
+            if !body.replayable() {
+                return error::response(ProxyCode::PA01, None, rid).into();
+            }
+            if hops > crate::replay::MAX_REPLAY_HOPS {
+                return error::response(ProxyCode::PA02, None, rid).into();
+            }
+            drop(guard);
+            match self.apply_replay(&replay, &machine, &app, route, &mut parts) {
+                Ok(next) => app = next,
                 Err(code) => return error::response(code, None, rid).into(),
             }
+            replay_from = Some((machine, replay, Instant::now()));
         }
     }
 
@@ -936,35 +964,44 @@ impl Edge {
     }
 }
 
-/// A response's replay request, if any.
+/// Whether a machine's answer asks for a replay.
 enum ReplayCheck {
-    Pass(Response<UpstreamBody>),
-    Replay(crate::replay::Replay),
+    Pass,
+    /// In its `fly-replay` header (boxed: rare, and the check's value stays small).
+    Replay(Box<crate::replay::Replay>),
+    /// In its body (the JSON form).
+    InBody,
+}
+
+/// What a machine's answer says about replaying (its fields in wire form never do: see
+/// `PlainFields`). A malformed replay is PA03.
+fn replay_check(resp: &Response<UpstreamBody>) -> Result<ReplayCheck, ProxyCode> {
+    if let Some(r) = crate::replay::Replay::from_headers(resp.headers()).map_err(|_| ProxyCode::PA03)? {
+        return Ok(ReplayCheck::Replay(Box::new(r)));
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::replay::is_replay_json);
+    Ok(if is_json {
+        ReplayCheck::InBody
+    } else {
+        ReplayCheck::Pass
+    })
+}
+
+/// The replay in an answer's body (the JSON form, bounded).
+async fn replay_in_body(resp: Response<UpstreamBody>) -> Result<crate::replay::Replay, ProxyCode> {
+    let limited = Limited::new(
+        resp.into_body(),
+        usize::try_from(REPLAYABLE_BODY).unwrap_or(usize::MAX),
+    );
+    let bytes = limited.collect().await.map_err(|_| ProxyCode::PA03)?.to_bytes();
+    crate::replay::parse_json(&bytes).map_err(|_| ProxyCode::PA03)
 }
 
 impl Edge {
-    async fn replay_of(&self, resp: Response<UpstreamBody>, _hops: u32) -> Result<ReplayCheck, ProxyCode> {
-        if let Some(r) = crate::replay::Replay::from_headers(resp.headers()).map_err(|_| ProxyCode::PA03)? {
-            return Ok(ReplayCheck::Replay(r));
-        }
-        let is_json = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(crate::replay::is_replay_json);
-        if !is_json {
-            return Ok(ReplayCheck::Pass(resp));
-        }
-        let limited = Limited::new(
-            resp.into_body(),
-            usize::try_from(REPLAYABLE_BODY).unwrap_or(usize::MAX),
-        );
-        let bytes = limited.collect().await.map_err(|_| ProxyCode::PA03)?.to_bytes();
-        crate::replay::parse_json(&bytes)
-            .map(ReplayCheck::Replay)
-            .map_err(|_| ProxyCode::PA03)
-    }
-
     /// Points `route` at a replay's target and marks the request as replayed.
     pub(crate) fn apply_replay(
         &self,
@@ -1635,7 +1672,29 @@ mod tests {
         all.extend(ids(1));
         all.extend((0..1000).map(|_| request_seq()));
         assert_eq!(all.len(), 3000);
-        let id = RequestId::new("ams");
+        let id = RequestId::new("ams", Instant::now());
         assert!(id.ends_with("-ams") && id.len() == 24, "{}", &*id);
+    }
+
+    #[test]
+    fn request_ids_tell_the_wall_clock_time_from_one_read_a_second() {
+        let wall = || {
+            let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            u64::try_from(d.as_millis()).unwrap()
+        };
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        let first = Instant::now();
+        let ms = epoch_ms(first);
+        assert!(ms.abs_diff(wall()) < 50, "{ms} is not now");
+        std::thread::sleep(Duration::from_millis(30));
+        let later = epoch_ms(Instant::now());
+        assert!((30..500).contains(&(later - ms)), "{later} - {ms}");
+        // A moment before the base is read from the wall clock again (as is one a second on).
+        let earlier = epoch_ms(before);
+        assert!(earlier.abs_diff(wall()) < 50);
+        let id = RequestId::new("ams", Instant::now());
+        let id_ms = u64::from_str_radix(&id[..12], 16).unwrap();
+        assert!(id_ms.abs_diff(wall()) < 50, "{}", &*id);
     }
 }

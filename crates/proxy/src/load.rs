@@ -209,7 +209,22 @@ impl Loads {
     }
 
     pub(crate) fn recently_failed(&self, m: &MachineLoad) -> bool {
-        m.failed_until_ms.load(Ordering::Relaxed) > self.now_ms()
+        Self::until(&m.failed_until_ms, || self.now_ms())
+    }
+
+    /// Whether the moment `until` holds (0: none) is still ahead; one past is set back to 0, so
+    /// that the machines that never failed, nearly all, cost no clock read.
+    fn until(until: &AtomicU64, now: impl FnOnce() -> u64) -> bool {
+        let at = until.load(Ordering::Relaxed);
+        if at == 0 {
+            return false;
+        }
+        if at > now() {
+            return true;
+        }
+        // Unless set anew meanwhile.
+        let _ = until.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
     pub(crate) fn mark_woken(&self, m: &MachineLoad, for_ms: u64, from_entry: i64) {
@@ -224,7 +239,7 @@ impl Loads {
     /// edge already connected): anything else newer (suspending, stopped, …) means it went down
     /// again, and the catalog rules.
     pub(crate) fn recently_woken(&self, m: &MachineLoad, entry: &aloft_api::CatalogEntry) -> bool {
-        m.woken_until_ms.load(Ordering::Relaxed) > self.now_ms()
+        Self::until(&m.woken_until_ms, || self.now_ms())
             && (m.woken_from.load(Ordering::Relaxed) == entry.updated_at
                 || entry.state == aloft_api::MachineState::Starting)
     }
@@ -275,6 +290,21 @@ mod tests {
 
     use super::*;
     use crate::workers::TestWorkers;
+
+    #[test]
+    fn a_backoff_holds_until_its_time_and_is_then_forgotten() {
+        let loads = Loads::default();
+        let m = loads.machine(&MachineId::from_random([0x0c, 0, 0, 0, 0, 0, 2]));
+        assert!(!loads.recently_failed(&m));
+        loads.mark_failed(&m, std::time::Duration::from_secs(60));
+        assert!(loads.recently_failed(&m));
+        assert!(loads.recently_failed(&m), "still within it");
+        // Past: reset, so that the next look reads no clock.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        m.failed_until_ms.store(1, Ordering::Relaxed);
+        assert!(!loads.recently_failed(&m));
+        assert_eq!(m.failed_until_ms.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn workers_count_on_the_shared_counters_and_forget_dropped_machines() {
