@@ -259,7 +259,7 @@ impl H1Conn {
         &mut self,
         head: &request::Parts,
         host: Option<&HeaderValue>,
-        extra: &[(HeaderName, HeaderValue)],
+        extra: &(dyn ExtraFields + Sync),
         body: Body,
     ) -> Result<AnswerHead, H1Fail> {
         self.out.reset();
@@ -639,7 +639,7 @@ fn encode_head(
     buf: &mut Vec<u8>,
     parts: &request::Parts,
     host: Option<&HeaderValue>,
-    extra: &[(HeaderName, HeaderValue)],
+    extra: &(dyn ExtraFields + Sync),
     ended: bool,
     exact: Option<u64>,
 ) -> (BodyFraming, bool) {
@@ -663,18 +663,10 @@ fn encode_head(
         if seen.note(name, value.as_bytes()) == Some(Noted::ContentLength) {
             continue;
         }
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_field(buf, name.as_str().as_bytes(), value.as_bytes());
     }
     // Headers the caller adds (the edge's own, which frame nothing).
-    for (name, value) in extra {
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
+    extra.write_to(buf);
     let given_len = seen.len.ok().flatten();
     let (framing, write_len) = if seen.te {
         // The request's own Transfer-Encoding (written above) frames it; chunked goes last.
@@ -705,6 +697,28 @@ fn encode_head(
     }
     buf.extend_from_slice(b"\r\n");
     (framing, seen.close)
+}
+
+/// Header fields a request gets after its own (they frame nothing).
+pub(crate) trait ExtraFields {
+    /// Writes them, each as a `name: value` line.
+    fn write_to(&self, buf: &mut Vec<u8>);
+}
+
+impl<const N: usize> ExtraFields for [(HeaderName, HeaderValue); N] {
+    fn write_to(&self, buf: &mut Vec<u8>) {
+        for (name, value) in self {
+            write_field(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+}
+
+/// Writes a `name: value` line.
+pub(crate) fn write_field(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    buf.extend_from_slice(name);
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// Which framing header [`FramingHeaders::note`] saw.
@@ -1682,10 +1696,12 @@ mod tests {
         assert!(keeps("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"));
     }
 
+    const NO_EXTRA: &[(HeaderName, HeaderValue); 0] = &[];
+
     fn encoded(req: http::request::Builder, ended: bool, exact: Option<u64>) -> (String, BodyFraming) {
         let (parts, ()) = req.body(()).unwrap().into_parts();
         let mut buf = b"garbage".to_vec();
-        let (framing, _) = encode_head(&mut buf, &parts, None, &[], ended, exact);
+        let (framing, _) = encode_head(&mut buf, &parts, None, NO_EXTRA, ended, exact);
         (String::from_utf8(buf).unwrap(), framing)
     }
 
@@ -1745,13 +1761,13 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        assert!(encode_head(&mut Vec::new(), &parts, None, &[], true, None).1);
+        assert!(encode_head(&mut Vec::new(), &parts, None, NO_EXTRA, true, None).1);
         let (parts, ()) = Request::get("/")
             .header("connection", "keep-alive")
             .body(())
             .unwrap()
             .into_parts();
-        assert!(!encode_head(&mut Vec::new(), &parts, None, &[], true, None).1);
+        assert!(!encode_head(&mut Vec::new(), &parts, None, NO_EXTRA, true, None).1);
         // A head without a Host header gets the one given, first.
         let (parts, ()) = Request::get("/").header("a", "b").body(()).unwrap().into_parts();
         let mut buf = Vec::new();

@@ -552,7 +552,7 @@ impl Edge {
         route: &mut Route,
         conn: &ConnInfo,
         rid: &RequestId,
-        own: &EdgeHeaders,
+        own: &EdgeHeaders<'_>,
     ) -> Answer {
         let (mut parts, incoming) = req.into_parts();
         let mut body = match kept_body(&parts.headers, incoming).await {
@@ -739,7 +739,7 @@ impl Edge {
                     .await
                     .map(|resp| (resp, None))
             } else {
-                self.client.send_h1(addr, parts, own.pairs(), body.take()).await
+                self.client.send_h1(addr, parts, own, body.take()).await
             };
             match sent {
                 Ok((resp, plain)) => {
@@ -892,7 +892,7 @@ impl Edge {
         route: &Route,
         conn: &ConnInfo,
         rid: &RequestId,
-        own: &EdgeHeaders,
+        own: &EdgeHeaders<'_>,
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         // An upgrade request normally has no body: then a connect that fails (nothing was
@@ -1227,21 +1227,22 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 }
 
 /// Removes hop-by-hop headers (and those the Connection header names), keeping the upgrade pair
-/// when `keep_upgrade`. Most messages have none, or only `Connection: keep-alive`: one pass over
-/// the names finds out which are there without hashing anything, and only those are removed.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+/// of an upgrade request when `upgrades` (one with an `Upgrade` header, in HTTP/1.1). Most
+/// messages have none, or only `Connection: keep-alive`: one pass over the names finds out
+/// which are there without hashing anything, and only those are removed.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrades: bool) {
     let mut present: Vec<HeaderName> = Vec::new();
-    let mut connection = false;
+    let (mut connection, mut upgrade) = (false, false);
     for n in h.keys() {
         if !is_hop_by_hop(n) {
             continue;
         }
-        if n == header::CONNECTION {
-            connection = true;
-        }
-        if !(keep_upgrade && (n == header::CONNECTION || n == header::UPGRADE)) {
-            present.push(n.clone());
-        }
+        connection |= n == header::CONNECTION;
+        upgrade |= n == header::UPGRADE;
+        present.push(n.clone());
+    }
+    if upgrades && upgrade {
+        present.retain(|n| n != header::CONNECTION && n != header::UPGRADE);
     }
     if connection {
         // Other headers the Connection header names (`keep-alive`, `close` and `upgrade` are
@@ -1280,7 +1281,7 @@ pub(crate) fn has_fly_header(h: &HeaderMap) -> bool {
 /// The request to send to the machine at `addr` (a copy: `parts` stay for a retry or a replay).
 fn build_upstream(
     parts: &http::request::Parts,
-    own: &EdgeHeaders,
+    own: &EdgeHeaders<'_>,
     addr: SocketAddr,
     h2: bool,
     body: Body,
@@ -1369,7 +1370,7 @@ fn append_to_list(h: &HeaderMap, name: &HeaderName, last: &str) -> Option<Header
 struct Outgoing<'a> {
     parts: &'a http::request::Parts,
     body: &'a mut ReqBody,
-    own: &'a EdgeHeaders,
+    own: &'a EdgeHeaders<'a>,
 }
 
 /// The request headers the edge sets ([`PROXY_REQUEST_HEADERS`], in that order), computed
@@ -1378,74 +1379,103 @@ struct Outgoing<'a> {
 /// the client's headers (`h1.rs`), h2c and upgrades get them put into their copy of the headers
 /// ([`EdgeHeaders::apply`]). Inserting them into the request's map instead (growing it, hashing
 /// nine names) was a tenth of the edge's instructions per request.
-pub(crate) struct EdgeHeaders([(HeaderName, HeaderValue); 9]);
+pub(crate) struct EdgeHeaders<'a> {
+    conn: &'a ConnInfo,
+    rid: &'a RequestId,
+    /// X-Forwarded-For and Via as the client sent them, the edge's value last; `None` when it
+    /// sent none.
+    xff: Option<HeaderValue>,
+    via: Option<HeaderValue>,
+    /// The edge's Via token: the protocol the client spoke to it (RFC 9110 §7.6.3).
+    via_token: &'static str,
+}
 
-impl EdgeHeaders {
+impl<'a> EdgeHeaders<'a> {
     /// The edge's headers for the request whose headers are `h` (which lose their hop-by-hop
     /// headers and the client's own copies of the edge's; X-Forwarded-For and Via are read
     /// first, as the edge's values extend them).
-    fn take(h: &mut HeaderMap, conn: &ConnInfo, rid: &RequestId, version: Version) -> Self {
-        let keep_upgrade = version == Version::HTTP_11 && h.contains_key(header::UPGRADE);
-        strip_hop_by_hop(h, keep_upgrade);
-        let v = &conn.values;
-        let xff = match conn.values.client_ip.to_str() {
-            Ok(ip) => append_to_list(h, &names::X_FORWARDED_FOR, ip),
-            Err(_) => None,
-        }
-        .unwrap_or_else(|| v.client_ip.clone());
-        // The protocol the client spoke to the edge (RFC 9110 §7.6.3).
+    fn take(h: &mut HeaderMap, conn: &'a ConnInfo, rid: &'a RequestId, version: Version) -> Self {
+        strip_hop_by_hop(h, version == Version::HTTP_11);
         let via_token = match version {
             Version::HTTP_2 => "2 aloft",
             Version::HTTP_10 => "1.0 aloft",
             _ => "1.1 aloft",
         };
-        let via = append_to_list(h, &header::VIA, via_token).unwrap_or(HeaderValue::from_static(via_token));
-        Self::remove_from(h);
-        Self([
-            (names::FLY_CLIENT_IP, v.client_ip.clone()),
-            (names::FLY_FORWARDED_PORT, v.port.clone()),
-            (names::FLY_REGION, v.region.clone()),
-            (names::X_FORWARDED_FOR, xff),
-            (
-                names::X_FORWARDED_PROTO,
-                HeaderValue::from_static(if conn.https { "https" } else { "http" }),
-            ),
-            (names::X_FORWARDED_PORT, v.port.clone()),
-            (
-                names::X_FORWARDED_SSL,
-                HeaderValue::from_static(if conn.https { "on" } else { "off" }),
-            ),
-            (header::VIA, via),
-            (names::FLY_REQUEST_ID, rid.header.clone()),
-        ])
+        let mut own = Self {
+            conn,
+            rid,
+            xff: None,
+            via: None,
+            via_token,
+        };
+        if Self::any_in(h) {
+            own.xff = conn
+                .values
+                .client_ip
+                .to_str()
+                .ok()
+                .and_then(|ip| append_to_list(h, &names::X_FORWARDED_FOR, ip));
+            own.via = append_to_list(h, &header::VIA, via_token);
+            for name in PROXY_REQUEST_HEADERS {
+                h.remove(name);
+            }
+        }
+        own
     }
 
-    /// Removes from `h` every header the edge sets: one pass over the names when there is none
-    /// (nearly always), the lookups only when there is.
-    fn remove_from(h: &mut HeaderMap) {
-        let edge_set = |n: &HeaderName| {
-            // All nine start with f, v or x: most names are passed over on their first byte.
-            matches!(n.as_str().as_bytes().first(), Some(b'f' | b'v' | b'x'))
-                && PROXY_REQUEST_HEADERS.contains(&n.as_str())
+    /// Calls `f` with each header, name and value, in [`PROXY_REQUEST_HEADERS`]' order.
+    fn each(&self, mut f: impl FnMut(HeaderName, &HeaderValue)) {
+        let v = &self.conn.values;
+        let (proto, ssl) = if self.conn.https {
+            ("https", "on")
+        } else {
+            ("http", "off")
         };
-        if h.keys().any(edge_set) {
+        f(names::FLY_CLIENT_IP, &v.client_ip);
+        f(names::FLY_FORWARDED_PORT, &v.port);
+        f(names::FLY_REGION, &v.region);
+        f(names::X_FORWARDED_FOR, self.xff.as_ref().unwrap_or(&v.client_ip));
+        f(names::X_FORWARDED_PROTO, &HeaderValue::from_static(proto));
+        f(names::X_FORWARDED_PORT, &v.port);
+        f(names::X_FORWARDED_SSL, &HeaderValue::from_static(ssl));
+        match &self.via {
+            Some(via) => f(header::VIA, via),
+            None => f(header::VIA, &HeaderValue::from_static(self.via_token)),
+        }
+        f(names::FLY_REQUEST_ID, &self.rid.header);
+    }
+
+    /// Removes from `h` every header the edge sets.
+    fn remove_from(h: &mut HeaderMap) {
+        if Self::any_in(h) {
             for name in PROXY_REQUEST_HEADERS {
                 h.remove(name);
             }
         }
     }
 
-    /// The headers, name and value.
-    pub(crate) fn pairs(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.0
+    /// Whether `h` has any header the edge sets: one pass over the names, no hashing, so that
+    /// the lookups happen only when it has (nearly never).
+    fn any_in(h: &HeaderMap) -> bool {
+        h.keys().any(|n| {
+            // All nine start with f, v or x: most names are passed over on their first byte.
+            matches!(n.as_str().as_bytes().first(), Some(b'f' | b'v' | b'x'))
+                && PROXY_REQUEST_HEADERS.contains(&n.as_str())
+        })
     }
 
     /// Puts them into `h` (a copy of the request's headers, for hyper's client).
     fn apply(&self, h: &mut HeaderMap) {
-        h.reserve(self.0.len());
-        for (name, value) in &self.0 {
-            h.insert(name.clone(), value.clone());
-        }
+        h.reserve(PROXY_REQUEST_HEADERS.len());
+        self.each(|name, value| {
+            h.insert(name, value.clone());
+        });
+    }
+}
+
+impl crate::h1::ExtraFields for EdgeHeaders<'_> {
+    fn write_to(&self, buf: &mut Vec<u8>) {
+        self.each(|name, value| crate::h1::write_field(buf, name.as_str().as_bytes(), value.as_bytes()));
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::EdgeConfig;
 use crate::dial::Dialer;
-use crate::h1::{AnswerHead, Framing, H1Conn, H1Error, H1Fail, PlainFields};
+use crate::h1::{AnswerHead, ExtraFields, Framing, H1Conn, H1Error, H1Fail, PlainFields};
 use crate::http::Body;
 
 /// Why a connect failed, kept so the proxy can name it (PC01 refused vs PC05 timed out).
@@ -497,7 +497,7 @@ impl Upstreams {
         &self,
         addr: SocketAddr,
         head: &http::request::Parts,
-        own: &[(http::HeaderName, http::HeaderValue)],
+        own: &(dyn ExtraFields + Sync),
         body: Body,
     ) -> Result<(Response<UpstreamBody>, Option<PlainFields>), SendError> {
         let host = if head.headers.contains_key(http::header::HOST) {
