@@ -70,6 +70,10 @@ struct ConnValues {
     client_ip: HeaderValue,
     port: HeaderValue,
     region: HeaderValue,
+    /// The edge's request headers these make, as lines (see [`EdgeHeaders`]'s `write_to`):
+    /// `Fly-Client-IP`, `Fly-Forwarded-Port` and `Fly-Region`; `X-Forwarded-For` with the
+    /// client's address alone; `X-Forwarded-Proto`, `-Port` and `-SSL`.
+    lines: Arc<[Vec<u8>; 3]>,
 }
 
 impl ConnInfo {
@@ -81,14 +85,39 @@ impl ConnInfo {
         sni: Option<String>,
     ) -> Self {
         let value = |s: String| HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let client_ip = value(peer.ip().to_canonical().to_string());
+        let port = HeaderValue::from(service_port);
+        let region = value(config.region.clone());
+        let lines = |fields: &[(HeaderName, &HeaderValue)]| {
+            let mut buf = Vec::new();
+            for (name, value) in fields {
+                crate::h1::write_field(&mut buf, name.as_str().as_bytes(), value.as_bytes());
+            }
+            buf
+        };
+        let (proto, ssl) = forwarded_proto_ssl(https);
+        let lines = [
+            lines(&[
+                (names::FLY_CLIENT_IP, &client_ip),
+                (names::FLY_FORWARDED_PORT, &port),
+                (names::FLY_REGION, &region),
+            ]),
+            lines(&[(names::X_FORWARDED_FOR, &client_ip)]),
+            lines(&[
+                (names::X_FORWARDED_PROTO, &HeaderValue::from_static(proto)),
+                (names::X_FORWARDED_PORT, &port),
+                (names::X_FORWARDED_SSL, &HeaderValue::from_static(ssl)),
+            ]),
+        ];
         Self {
             service_port,
             https,
             sni,
             values: ConnValues {
-                client_ip: value(peer.ip().to_canonical().to_string()),
-                port: HeaderValue::from(service_port),
-                region: value(config.region.clone()),
+                client_ip,
+                port,
+                region,
+                lines: Arc::new(lines),
             },
         }
     }
@@ -1426,11 +1455,7 @@ impl<'a> EdgeHeaders<'a> {
     /// Calls `f` with each header, name and value, in [`PROXY_REQUEST_HEADERS`]' order.
     fn each(&self, mut f: impl FnMut(HeaderName, &HeaderValue)) {
         let v = &self.conn.values;
-        let (proto, ssl) = if self.conn.https {
-            ("https", "on")
-        } else {
-            ("http", "off")
-        };
+        let (proto, ssl) = forwarded_proto_ssl(self.conn.https);
         f(names::FLY_CLIENT_IP, &v.client_ip);
         f(names::FLY_FORWARDED_PORT, &v.port);
         f(names::FLY_REGION, &v.region);
@@ -1474,9 +1499,27 @@ impl<'a> EdgeHeaders<'a> {
 }
 
 impl crate::h1::ExtraFields for EdgeHeaders<'_> {
+    /// As [`EdgeHeaders::each`] gives them, mostly from the connection's lines made once.
     fn write_to(&self, buf: &mut Vec<u8>) {
-        self.each(|name, value| crate::h1::write_field(buf, name.as_str().as_bytes(), value.as_bytes()));
+        let [fly, own_xff, forwarded] = &*self.conn.values.lines;
+        buf.extend_from_slice(fly);
+        match &self.xff {
+            Some(xff) => crate::h1::write_field(buf, b"x-forwarded-for", xff.as_bytes()),
+            None => buf.extend_from_slice(own_xff),
+        }
+        buf.extend_from_slice(forwarded);
+        let via = self
+            .via
+            .as_ref()
+            .map_or(self.via_token.as_bytes(), HeaderValue::as_bytes);
+        crate::h1::write_field(buf, b"via", via);
+        crate::h1::write_field(buf, b"fly-request-id", self.rid.header.as_bytes());
     }
+}
+
+/// `X-Forwarded-Proto` and `X-Forwarded-SSL` for a connection (over TLS or not).
+fn forwarded_proto_ssl(https: bool) -> (&'static str, &'static str) {
+    if https { ("https", "on") } else { ("http", "off") }
 }
 
 /// The response headers the edge adds (unless the service's port says `pristine`) and the
@@ -1704,6 +1747,43 @@ mod tests {
         assert_eq!(all.len(), 3000);
         let id = RequestId::new("ams", Instant::now());
         assert!(id.ends_with("-ams") && id.len() == 24, "{}", &*id);
+    }
+
+    #[test]
+    fn the_edges_request_headers_are_written_as_they_are_put_in_a_map() {
+        let config = EdgeConfig::new("ams");
+        let peer: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let rid = RequestId::new("ams", Instant::now());
+        for https in [false, true] {
+            let conn = ConnInfo::new(&config, peer, 443, https, None);
+            for client in [&[][..], &[("x-forwarded-for", "9.9.9.9"), ("via", "1.0 cdn")][..]] {
+                let mut h = HeaderMap::new();
+                for (n, v) in client {
+                    h.insert(*n, HeaderValue::from_static(v));
+                }
+                let own = EdgeHeaders::take(&mut h, &conn, &rid, Version::HTTP_11);
+                let mut written = Vec::new();
+                crate::h1::ExtraFields::write_to(&own, &mut written);
+                let mut each = Vec::new();
+                own.each(|n, v| crate::h1::write_field(&mut each, n.as_str().as_bytes(), v.as_bytes()));
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    String::from_utf8(each).unwrap()
+                );
+                let mut map = HeaderMap::new();
+                own.apply(&mut map);
+                assert_eq!(map.len(), PROXY_REQUEST_HEADERS.len());
+                assert_eq!(map["x-forwarded-proto"], if https { "https" } else { "http" });
+                let (xff, via) = if client.is_empty() {
+                    ("10.1.2.3", "1.1 aloft")
+                } else {
+                    ("9.9.9.9, 10.1.2.3", "1.0 cdn, 1.1 aloft")
+                };
+                assert_eq!(map["x-forwarded-for"], xff);
+                assert_eq!(map["via"], via);
+                assert_eq!(map["fly-client-ip"], "10.1.2.3");
+            }
+        }
     }
 
     #[test]
