@@ -335,10 +335,17 @@ impl HttpBody for RequestBody {
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A request's id (`Fly-Request-Id`): milliseconds since the epoch and a sequence number in
-/// hex, then the edge's region. Reads as a `str`.
+/// hex, then the edge's region (cut at 63 bytes, a DNS label's most, as aloftd's `--region`
+/// allows). Reads as a `str`. Kept inline: making it costs no allocation, and the hot paths
+/// write its bytes; a `HeaderValue` of it is made only where a map needs one ([`Self::value`]).
+#[derive(Clone, Copy)]
 pub(crate) struct RequestId {
-    header: HeaderValue,
+    text: [u8; REQUEST_ID_MAX],
+    len: u8,
 }
+
+/// The longest request id: 12 + 8 hex digits, `-`, and a region name of up to 63 bytes.
+const REQUEST_ID_MAX: usize = 21 + 63;
 
 thread_local! {
     /// An edge worker's own request count (see [`request_seq`]).
@@ -387,14 +394,32 @@ impl RequestId {
         let ms = epoch_ms(started);
         let seq = request_seq();
         // Written by hand: `format!` was a few percent of a request's instructions.
-        let mut text = Vec::with_capacity(21 + region.len());
-        crate::h1::write_hex(&mut text, ms, 12);
-        crate::h1::write_hex(&mut text, seq & 0xffff_ffff, 8);
-        text.push(b'-');
-        text.extend_from_slice(region.as_bytes());
-        let header = HeaderValue::from_maybe_shared(Bytes::from(text))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
-        Self { header }
+        let mut text = [0u8; REQUEST_ID_MAX];
+        let hex = |out: &mut [u8], mut n: u64| {
+            for digit in out.iter_mut().rev() {
+                *digit = b"0123456789abcdef"[(n & 15) as usize];
+                n >>= 4;
+            }
+        };
+        hex(&mut text[..12], ms);
+        hex(&mut text[12..20], seq & 0xffff_ffff);
+        text[20] = b'-';
+        let region = &region.as_bytes()[..region.len().min(REQUEST_ID_MAX - 21)];
+        let len = 21 + region.len();
+        text[21..len].copy_from_slice(region);
+        Self {
+            text,
+            len: u8::try_from(len).unwrap_or(u8::MAX),
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
+    }
+
+    /// The id as a header value (made anew: it allocates).
+    pub(crate) fn value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
 
@@ -402,7 +427,7 @@ impl std::ops::Deref for RequestId {
     type Target = str;
     fn deref(&self) -> &str {
         // Made of hex digits, '-' and the region's name (checked at start): always visible ASCII.
-        self.header.to_str().unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
@@ -415,6 +440,8 @@ enum ReqBody {
 impl ReqBody {
     fn take(&mut self) -> Body {
         match self {
+            // An empty body (nearly every request's) is a type of its own, no allocation.
+            Self::Kept(b) if b.is_empty() => empty(),
             Self::Kept(b) => full(b.clone()),
             Self::Stream(s) => s.take().unwrap_or_else(empty),
         }
@@ -1467,7 +1494,7 @@ impl<'a> EdgeHeaders<'a> {
             Some(via) => f(header::VIA, via),
             None => f(header::VIA, &HeaderValue::from_static(self.via_token)),
         }
-        f(names::FLY_REQUEST_ID, &self.rid.header);
+        f(names::FLY_REQUEST_ID, &self.rid.value());
     }
 
     /// Removes from `h` every header the edge sets.
@@ -1513,7 +1540,7 @@ impl crate::h1::ExtraFields for EdgeHeaders<'_> {
             .as_ref()
             .map_or(self.via_token.as_bytes(), HeaderValue::as_bytes);
         crate::h1::write_field(buf, b"via", via);
-        crate::h1::write_field(buf, b"fly-request-id", self.rid.header.as_bytes());
+        crate::h1::write_field(buf, b"fly-request-id", self.rid.as_bytes());
     }
 }
 
@@ -1561,7 +1588,7 @@ fn add_response_headers(h: &mut HeaderMap, rid: &RequestId, service: &MachineSer
 /// `Server`, `Via` (its token last) and `Fly-Request-Id`.
 pub(crate) struct Stamp {
     via: &'static str,
-    request_id: HeaderValue,
+    request_id: RequestId,
 }
 
 impl Stamp {
@@ -1574,7 +1601,7 @@ impl Stamp {
             } else {
                 "1.1 aloft"
             },
-            request_id: rid.header.clone(),
+            request_id: *rid,
         })
     }
 
@@ -1594,7 +1621,7 @@ impl Stamp {
         h.insert(header::SERVER, HeaderValue::from_static("aloft"));
         let via = append_to_list(h, &header::VIA, self.via).unwrap_or(HeaderValue::from_static(self.via));
         h.insert(header::VIA, via);
-        h.insert(names::FLY_REQUEST_ID, self.request_id);
+        h.insert(names::FLY_REQUEST_ID, self.request_id.value());
     }
 }
 
@@ -1747,6 +1774,9 @@ mod tests {
         assert_eq!(all.len(), 3000);
         let id = RequestId::new("ams", Instant::now());
         assert!(id.ends_with("-ams") && id.len() == 24, "{}", &*id);
+        assert_eq!(id.value(), &*id);
+        let long = RequestId::new(&"r".repeat(100), Instant::now());
+        assert_eq!(long.len(), 21 + 63, "a region name is cut at 63 bytes");
     }
 
     #[test]
