@@ -1825,16 +1825,17 @@ mod tests {
         let before = Instant::now();
         std::thread::sleep(Duration::from_millis(5));
         let first = Instant::now();
+        // Bounds wide enough for a loaded host: a wrong clock is off by far more.
         let ms = epoch_ms(first);
-        assert!(ms.abs_diff(wall()) < 50, "{ms} is not now");
+        assert!(ms.abs_diff(wall()) < 1000, "{ms} is not now");
         std::thread::sleep(Duration::from_millis(30));
         let later = epoch_ms(Instant::now());
-        assert!((30..500).contains(&(later - ms)), "{later} - {ms}");
+        assert!((30..5000).contains(&(later - ms)), "{later} - {ms}");
         // A moment before the base is read from the wall clock again (as is one a second on).
         let earlier = epoch_ms(before);
-        assert!(earlier.abs_diff(wall()) < 50);
+        assert!(earlier.abs_diff(wall()) < 1000);
         let id = RequestId::new("ams", Instant::now());
         let id_ms = u64::from_str_radix(&id[..12], 16).unwrap();
-        assert!(id_ms.abs_diff(wall()) < 50, "{}", &*id);
+        assert!(id_ms.abs_diff(wall()) < 1000, "{}", &*id);
     }
 }
