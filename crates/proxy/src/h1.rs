@@ -985,7 +985,7 @@ const MAX_RUNS: usize = 6;
 ///
 /// Not in the runs: the framing and connection fields (the edge frames the answer itself;
 /// `length` keeps what `Content-Length` said), the other hop-by-hop ones, and `Server`, kept
-/// apart: the edge's replaces it, unless the service says `pristine` (`keep_server`).
+/// apart: the edge's replaces it, unless the service says `pristine` (the edge adds none).
 pub(crate) struct PlainFields {
     head: Bytes,
     /// Byte ranges of `head` holding whole lines to pass on, in order.
@@ -993,8 +993,6 @@ pub(crate) struct PlainFields {
     n_runs: u8,
     /// The machine's `Server` line.
     server: Option<(u16, u16)>,
-    /// The machine's `Server` line is passed on too.
-    pub(crate) keep_server: bool,
     /// A `Date` is among the lines.
     pub(crate) date: bool,
     /// What `Content-Length` said.
@@ -1002,9 +1000,9 @@ pub(crate) struct PlainFields {
 }
 
 impl PlainFields {
-    /// The lines passed on: the runs, then the machine's `Server` when it is kept.
-    fn lines(&self) -> impl Iterator<Item = &[u8]> {
-        let server = self.server.filter(|_| self.keep_server);
+    /// The lines passed on: the runs, then the machine's `Server` when `with_server`.
+    fn lines(&self, with_server: bool) -> impl Iterator<Item = &[u8]> {
+        let server = self.server.filter(|_| with_server);
         self.runs[..usize::from(self.n_runs)]
             .iter()
             .copied()
@@ -1012,16 +1010,16 @@ impl PlainFields {
             .map(|(s, e)| &self.head[usize::from(s)..usize::from(e)])
     }
 
-    /// Writes the fields, each as a `name: value` line.
-    pub(crate) fn write(&self, buf: &mut Vec<u8>) {
-        for run in self.lines() {
+    /// Writes the fields, each as a `name: value` line (`Server` only `with_server`).
+    pub(crate) fn write(&self, buf: &mut Vec<u8>, with_server: bool) {
+        for run in self.lines(with_server) {
             buf.extend_from_slice(run);
         }
     }
 
-    /// Adds the fields to `map`.
-    pub(crate) fn append_to(self, map: &mut HeaderMap) {
-        for run in self.lines() {
+    /// Adds the fields to `map` (`Server` only `with_server`).
+    pub(crate) fn append_to(self, map: &mut HeaderMap, with_server: bool) {
+        for run in self.lines(with_server) {
             for line in run.split_inclusive(|&b| b == b'\n') {
                 let Some(colon) = line.iter().position(|&b| b == b':') else {
                     continue;
@@ -1115,7 +1113,6 @@ fn plain_fields(head: &Bytes, spans: &[[usize; 4]]) -> Option<(PlainFields, Fram
         runs: [(0, 0); MAX_RUNS],
         n_runs: 0,
         server: None,
-        keep_server: false,
         date: false,
         length: None,
     };
@@ -1491,7 +1488,7 @@ mod tests {
                  seen,
              }| {
                 if let Some(plain) = plain {
-                    plain.append_to(&mut parts.headers);
+                    plain.append_to(&mut parts.headers, true);
                 }
                 (parts, seen)
             },
@@ -1619,9 +1616,9 @@ mod tests {
         plain
     }
 
-    fn written(plain: &PlainFields) -> String {
+    fn written(plain: &PlainFields, with_server: bool) -> String {
         let mut buf = Vec::new();
-        plain.write(&mut buf);
+        plain.write(&mut buf, with_server);
         String::from_utf8(buf).unwrap()
     }
 
@@ -1634,23 +1631,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            written(&p),
+            written(&p, false),
             "Date: Thu, 03 Dec 2026 15:00:00 GMT\r\nContent-Type: text/plain\r\nX-A: 1\r\nset-cookie: b=2\r\n"
         );
         assert!(p.date);
         assert_eq!(p.length, Some(3));
-        let mut kept = p;
-        kept.keep_server = true;
-        assert!(written(&kept).ends_with("set-cookie: b=2\r\nServer: nginx\r\n"));
+        assert!(written(&p, true).ends_with("set-cookie: b=2\r\nServer: nginx\r\n"));
         let mut map = HeaderMap::new();
-        kept.append_to(&mut map);
+        p.append_to(&mut map, true);
         assert_eq!(map.len(), 5, "{map:?}");
         assert_eq!(map["x-a"], "1");
         assert_eq!(map["server"], "nginx");
         assert_eq!(map["content-type"], "text/plain");
         // No fields at all.
         let none = plain("HTTP/1.1 204 No Content\r\n\r\n").unwrap();
-        assert_eq!(written(&none), "");
+        assert_eq!(written(&none, true), "");
         assert!(!none.date && none.length.is_none());
     }
 

@@ -112,7 +112,8 @@ impl Answer {
             stamp,
         } = self;
         if let Some(plain) = plain {
-            plain.append_to(resp.headers_mut());
+            // The machine's Server, unless the edge's replaces it.
+            plain.append_to(resp.headers_mut(), stamp.is_none());
         }
         if let Some(stamp) = stamp {
             stamp.insert_into(resp.headers_mut());
@@ -671,9 +672,8 @@ fn status_line(buf: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>) {
 }
 
 /// Writes the answer's head (`plain`'s fields and the stamp first) into `buf` and says how its
-/// body goes;
-/// `keep_alive` (whether the connection is kept after it) is cleared when the answer can't
-/// allow it.
+/// body goes; `keep_alive` (whether the connection is kept after it) is cleared when the answer
+/// can't allow it.
 fn encode_answer(
     buf: &mut Vec<u8>,
     parts: &http::response::Parts,
@@ -691,7 +691,8 @@ fn encode_answer(
     let mut seen = FramingHeaders::default();
     let mut date = false;
     if let Some(plain) = plain {
-        plain.write(buf);
+        // The machine's Server, unless the edge's replaces it.
+        plain.write(buf, stamp.is_none());
         seen.len = Ok(plain.length);
         date = plain.date;
     }

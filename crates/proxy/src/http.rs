@@ -1650,10 +1650,9 @@ fn finish_response(
     .boxed_unsync();
     let edits = response_rules(service).any(|r| !r.headers.is_empty());
     match plain {
-        Some(mut plain) if !edits => {
+        Some(plain) if !edits => {
             // The map holds only what the edge added (the replay cache's status).
             let stamp = Stamp::new(service, rid, parts.version);
-            plain.keep_server = stamp.is_none();
             Answer {
                 resp: Response::from_parts(parts, body),
                 plain: Some(plain),
@@ -1662,7 +1661,8 @@ fn finish_response(
         }
         plain => {
             if let Some(plain) = plain {
-                plain.append_to(&mut parts.headers);
+                // All of them: `add_response_headers` replaces the Server unless pristine.
+                plain.append_to(&mut parts.headers, true);
             }
             strip_hop_by_hop(&mut parts.headers, false);
             add_response_headers(&mut parts.headers, rid, service, parts.version);

@@ -605,6 +605,27 @@ mod tests {
             Some("gunicorn"),
             "pristine keeps the machine's"
         );
+
+        // Pristine with edits: the machine's Server stays too.
+        let mut q = entry("q");
+        let mut edits = std::collections::BTreeMap::new();
+        edits.insert("x-added".to_owned(), RuleValue::One("yes".to_owned()));
+        q.services[0].ports[0].http_options = Some(HttpOptions {
+            response: Some(HttpResponseOptions {
+                headers: edits,
+                pristine: Some(true),
+            }),
+            ..HttpOptions::default()
+        });
+        h.add(&q, answer("q1", 200, &[("server", "gunicorn")], "hi"));
+        let r = h.get("q.localhost", "/").await;
+        assert_eq!(r.header("x-added"), Some("yes"));
+        assert_eq!(r.header("via"), None);
+        assert_eq!(
+            r.header("server"),
+            Some("gunicorn"),
+            "pristine with edits keeps the machine's"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
