@@ -621,10 +621,7 @@ impl Out {
 /// Writes header fields (`name: value` lines).
 pub(crate) fn encode_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_field(buf, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 

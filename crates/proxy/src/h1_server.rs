@@ -706,10 +706,7 @@ fn encode_answer(
             continue;
         }
         date |= name == header::DATE;
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        h1::write_field(buf, name.as_str().as_bytes(), value.as_bytes());
     }
     if seen.close {
         *keep_alive = false;

@@ -1472,9 +1472,7 @@ impl<'a> EdgeHeaders<'a> {
                 .ok()
                 .and_then(|ip| append_to_list(h, &names::X_FORWARDED_FOR, ip));
             own.via = append_to_list(h, &header::VIA, via_token);
-            for name in PROXY_REQUEST_HEADERS {
-                h.remove(name);
-            }
+            Self::remove_all(h);
         }
         own
     }
@@ -1500,9 +1498,14 @@ impl<'a> EdgeHeaders<'a> {
     /// Removes from `h` every header the edge sets.
     fn remove_from(h: &mut HeaderMap) {
         if Self::any_in(h) {
-            for name in PROXY_REQUEST_HEADERS {
-                h.remove(name);
-            }
+            Self::remove_all(h);
+        }
+    }
+
+    /// Removes them by name (the lookups [`Self::any_in`] saves when there is none).
+    fn remove_all(h: &mut HeaderMap) {
+        for name in PROXY_REQUEST_HEADERS {
+            h.remove(name);
         }
     }
 
@@ -1608,11 +1611,9 @@ impl Stamp {
     /// Writes the fields as lines, for an answer holding no `Server`, `Via` or
     /// `Fly-Request-Id` of its own.
     pub(crate) fn write(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(b"server: aloft\r\nvia: ");
-        buf.extend_from_slice(self.via.as_bytes());
-        buf.extend_from_slice(b"\r\nfly-request-id: ");
-        buf.extend_from_slice(self.request_id.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        crate::h1::write_field(buf, b"server", b"aloft");
+        crate::h1::write_field(buf, b"via", self.via.as_bytes());
+        crate::h1::write_field(buf, b"fly-request-id", self.request_id.as_bytes());
     }
 
     /// Puts the fields into `h`, in place of those there, the machine's `Via` kept before the
