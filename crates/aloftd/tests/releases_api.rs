@@ -527,8 +527,17 @@ mod tests {
         assert_eq!(r["status"], "failed", "{r}");
         assert!(r["error"].as_str().unwrap().contains("release command"), "{r}");
         assert!(r["error"].as_str().unwrap().contains("code 1"), "{r}");
-        let after = api.machines().await;
-        assert_eq!(after.len(), before.len());
+        // The command's machine is destroyed by the job; the list learns it from the catalog,
+        // which may lag the release's end by a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let after = api.machines().await;
+            if after.len() == before.len() || Instant::now() > deadline {
+                break after;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(after.len(), before.len(), "{after:?}");
         assert_eq!(after[0]["instance_id"], before[0]["instance_id"], "untouched");
 
         // A release command that says why it fails: its machine goes, and its logs with it, so
