@@ -9,14 +9,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aloft_api::{
-    EventSource, Machine, MachineConfig, MachineEvent, MachineEventRequest, MachineId, MachineState,
-    MachineVersion, ProcessStat, SecretEnv, Signal, StateError, Verb, WaitState,
+    EventSource, HostVolumeStatus, MAX_VOLUME_SIZE_GB, Machine, MachineConfig, MachineEvent,
+    MachineEventRequest, MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, StateError,
+    Verb, VolumeId, WaitState,
 };
 use aloft_secretbox::{Key, Keyring};
 
 use crate::checks::Checks;
 use crate::db::Db;
-use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus};
+use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus, VolumeAttachment};
 use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
 use crate::keys::{self, SecretsReseal};
@@ -311,6 +312,10 @@ pub(crate) struct Inner {
     closing: AtomicBool,
     live: Mutex<Live>,
     changed: Condvar,
+    /// One lock per volume: what changes a volume's disk or filesystem (create, extend, the
+    /// growth before a boot, destroy) holds it, so a filesystem is never resized twice at once
+    /// nor removed while it is resized. Taken before `live`, never while holding it.
+    volume_locks: Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>,
 }
 
 /// Why a step did not complete.
@@ -341,6 +346,33 @@ enum Effect {
     SnapshotGone,
     DiskGone,
     NetGone,
+}
+
+/// Refuses a volume size out of Fly's range (422).
+fn check_volume_size(id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
+    if (1..=MAX_VOLUME_SIZE_GB).contains(&size_gb) {
+        Ok(())
+    } else {
+        Err(AgentError::VolumeRequest {
+            volume: id.clone(),
+            reason: format!("size {size_gb} GB is out of range: a volume holds 1 to {MAX_VOLUME_SIZE_GB} GB"),
+        })
+    }
+}
+
+fn volume_failed(id: &VolumeId, source: DriverError) -> AgentError {
+    AgentError::Volume {
+        volume: id.clone(),
+        source,
+    }
+}
+
+/// Whether `config` mounts volume `id`.
+fn mounts(config: &MachineConfig, id: &VolumeId) -> bool {
+    config
+        .mounts
+        .iter()
+        .any(|m| m.volume.as_deref().map(str::trim) == Some(id.as_str()))
 }
 
 /// Takes `<db>.lock` (`flock`, released by the kernel when the process dies).
@@ -413,6 +445,7 @@ impl Agent {
             closing: AtomicBool::new(false),
             live: Mutex::new(Live::default()),
             changed: Condvar::new(),
+            volume_locks: Mutex::new(HashMap::new()),
         });
         let agent = Agent {
             inner,
@@ -531,6 +564,8 @@ impl Agent {
                         current: rec.version.clone(),
                     });
                 }
+                // Under the live lock, as a create's check: no two machines take one volume.
+                self.inner.check_mount_on_host(&rec.id, &req.config)?;
                 let (signal, timeout) = self.inner.stop_params(&rec.config, StopOptions::default());
                 p.signal = signal;
                 p.timeout_ms = Some(timeout);
@@ -753,6 +788,72 @@ impl Agent {
             }
             self.inner.wait_change(seen, deadline);
         }
+    }
+
+    /// Makes volume `id`'s disk on this host: `size_gb` GiB of empty ext4. Idempotent: a disk
+    /// already there is kept as it is, whatever its size (a retried create).
+    pub fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
+        check_volume_size(id, size_gb)?;
+        self.inner.with_volume(id, || {
+            self.inner
+                .driver
+                .create_volume(id, size_gb)
+                .map_err(|source| volume_failed(id, source))
+        })
+    }
+
+    /// Volume `id` as this host sees it: its disk's size, the machine (not destroyed) whose
+    /// config mounts it, its filesystem's figures. [`AgentError::VolumeNotFound`] without a disk.
+    pub fn volume(&self, id: &VolumeId) -> Result<HostVolumeStatus, AgentError> {
+        let disk = self
+            .inner
+            .driver
+            .volume_disk(id)
+            .map_err(|source| volume_failed(id, source))?
+            .ok_or_else(|| AgentError::VolumeNotFound { volume: id.clone() })?;
+        let attached = self.inner.volume_users(id)?.into_iter().next();
+        Ok(HostVolumeStatus {
+            size_gb: u32::try_from(disk.size_bytes / crate::volumes::GIB).unwrap_or(u32::MAX),
+            attached_machine_id: attached.map(|m| m.id),
+            usage: disk.usage,
+        })
+    }
+
+    /// Grows volume `id` to `size_gb` GiB; `true` when the machine mounting it must restart to
+    /// see the new size (Fly's `needs_restart`).
+    ///
+    /// The disk grows at once. Its filesystem grows at once too when no machine could have the
+    /// disk open: every machine mounting it is created, stopped or failed, with no operation in
+    /// flight and no VM left. Otherwise growing it is left to that machine's next cold boot
+    /// (the step that writes its launch spec, which runs with no VM and no snapshot), and the
+    /// answer is `true`. That includes a **suspended** machine: its snapshot holds the mounted
+    /// filesystem's state in guest memory, and resizing a filesystem the guest has mounted,
+    /// from the host, would corrupt it; it resumes with the old size and grows when it next
+    /// boots cold (a stop and start, or a resume that falls back to a cold boot).
+    pub fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, AgentError> {
+        check_volume_size(id, size_gb)?;
+        self.inner
+            .with_volume(id, || self.inner.extend_volume(id, size_gb))
+    }
+
+    /// Deletes volume `id`'s disk and its data. [`AgentError::VolumeInUse`] (412) while a
+    /// machine that is not destroyed mounts it; `Ok` when there is no disk.
+    pub fn destroy_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
+        self.inner.with_volume(id, || {
+            // Under the live lock: no create or update can take the volume between the check
+            // and the removal.
+            let _live = self.inner.lock();
+            if let Some(m) = self.inner.volume_users(id)?.into_iter().next() {
+                return Err(AgentError::VolumeInUse {
+                    volume: id.clone(),
+                    machine: m.id,
+                });
+            }
+            self.inner
+                .driver
+                .remove_volume(id)
+                .map_err(|source| volume_failed(id, source))
+        })
     }
 
     /// Graceful shutdown: no new operations; those in flight get until `deadline` to finish (the
@@ -1092,6 +1193,139 @@ impl Inner {
         Ok(())
     }
 
+    /// Runs `f` holding the lock of volume `id` (see [`Inner::volume_locks`]).
+    fn with_volume<T>(&self, id: &VolumeId, f: impl FnOnce() -> T) -> T {
+        let lock = self
+            .volume_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let _held = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
+    }
+
+    /// [`Agent::extend_volume`], holding the volume's lock.
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, AgentError> {
+        let d = &*self.driver;
+        let disk = d
+            .volume_disk(id)
+            .map_err(|source| volume_failed(id, source))?
+            .ok_or_else(|| AgentError::VolumeNotFound { volume: id.clone() })?;
+        let asked = u64::from(size_gb) * crate::volumes::GIB;
+        if asked < disk.size_bytes {
+            return Err(AgentError::VolumeRequest {
+                volume: id.clone(),
+                reason: format!(
+                    "its disk is {} GB and volumes never shrink: ask for more than that",
+                    disk.size_bytes / crate::volumes::GIB
+                ),
+            });
+        }
+        if asked == disk.size_bytes && !disk.grow_pending {
+            // A retry of an extend that is done.
+            return Ok(false);
+        }
+        d.extend_volume(id, size_gb)
+            .map_err(|source| volume_failed(id, source))?;
+        // Read holding the volume's lock: a boot submitted from now on grows the filesystem
+        // itself before it starts (under the same lock), and one already in flight counts as a
+        // machine that may have the disk open.
+        let offline = self.volume_users(id)?.iter().all(|m| {
+            m.op_id.is_none()
+                && matches!(
+                    m.state,
+                    MachineState::Created | MachineState::Stopped | MachineState::Failed
+                )
+                && matches!(d.vm_status(&m.id), Ok(VmStatus::Absent | VmStatus::Exited(_)))
+        });
+        if !offline {
+            return Ok(true);
+        }
+        d.grow_volume_fs(id).map_err(|source| volume_failed(id, source))?;
+        Ok(false)
+    }
+
+    /// The machines, not destroyed, that mount volume `id`: in their config, or in the config an
+    /// update in flight is installing. One at most, unless the database was edited by hand.
+    fn volume_users(&self, id: &VolumeId) -> Result<Vec<MachineRecord>, AgentError> {
+        let mut users = Vec::new();
+        for rec in self.db.machines()? {
+            if rec.state.is_terminal() {
+                continue;
+            }
+            let pending = match &rec.op_id {
+                Some(op) => self
+                    .db
+                    .op(op)?
+                    .and_then(|o| o.params.new_config)
+                    .is_some_and(|c| mounts(&c, id)),
+                None => false,
+            };
+            if pending || mounts(&rec.config, id) {
+                users.push(rec);
+            }
+        }
+        Ok(users)
+    }
+
+    /// Checks what `config`'s mount needs of this host, for machine `machine` (being created or
+    /// updated): the volume's disk is here and no other machine mounts it. Called under the
+    /// live lock, up to the write that records the config, so two machines never take one
+    /// volume.
+    fn check_mount_on_host(&self, machine: &MachineId, config: &MachineConfig) -> Result<(), AgentError> {
+        let Some(m) = plan::volume_mount(config)? else {
+            return Ok(());
+        };
+        let disk = self
+            .driver
+            .volume_disk(&m.volume)
+            .map_err(|source| volume_failed(&m.volume, source))?;
+        if disk.is_none() {
+            return Err(AgentError::Mount {
+                reason: format!(
+                    "volume {} is not on this host: a machine mounts a volume of its own host; create the volume there, or place the machine on the volume's host",
+                    m.volume
+                ),
+            });
+        }
+        if let Some(other) = self
+            .volume_users(&m.volume)?
+            .into_iter()
+            .find(|r| r.id != *machine)
+        {
+            return Err(AgentError::Mount {
+                reason: format!(
+                    "volume {} is mounted by machine {}: a volume is mounted by one machine at a time; destroy that machine (or update it without the mount) first, or use another volume",
+                    m.volume, other.id
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Before machine `id` boots: grows volume `volume`'s filesystem if an extend left that for
+    /// this moment. A failure does not stop the boot (the volume keeps its old size, and its data
+    /// is all there); it is said in the machine's log, and the next boot tries again.
+    fn grow_before_boot(&self, id: &MachineId, region: &str, volume: &VolumeId) {
+        match self.with_volume(volume, || self.driver.grow_volume_fs(volume)) {
+            Ok(false) => {}
+            Ok(true) => self.platform_line(
+                id,
+                region,
+                format!("volume {volume}: filesystem grown to fill its extended disk"),
+            ),
+            Err(e) => self.platform_line(
+                id,
+                region,
+                format!(
+                    "volume {volume}: could not grow its filesystem to its extended disk ({e}); it keeps its old size until a later boot manages"
+                ),
+            ),
+        }
+    }
+
     fn create(self: &Arc<Self>, req: CreateMachine, secrets: &SecretEnv) -> Result<OpHandle, AgentError> {
         plan::validate(&req.config)?;
         plan::check_secret_refs(&req.config, &secrets.values)?;
@@ -1104,6 +1338,8 @@ impl Inner {
         if self.db.machine(&id)?.is_some() {
             return Err(AgentError::AlreadyExists { machine: id });
         }
+        // Under the live lock until the machine is recorded: no two machines take one volume.
+        self.check_mount_on_host(&id, &req.config)?;
         let version = ulid();
         let sealed = self.seal_secrets(&id, &version, secrets)?;
         let params = OpParams {
@@ -1696,6 +1932,12 @@ impl Inner {
             Step::AttachNetwork => d.attach_network(id, rec.org).map(Effect::Net),
             Step::WriteSpec => {
                 let spec = self.launch_spec(op, rec)?;
+                // Every plan writes the spec with no VM of the machine running and no snapshot
+                // of it left, before it boots: the one safe moment to grow a volume's
+                // filesystem that an extend had to leave for the next boot.
+                for v in &spec.volumes {
+                    self.grow_before_boot(id, &rec.region, &v.volume);
+                }
                 d.write_spec(id, &spec).map(|()| Effect::SpecWritten)
             }
             Step::StartVm | Step::ResumeVm => {
@@ -1800,11 +2042,28 @@ impl Inner {
         let run_config =
             plan::run_config(who, config, &secrets, image, base, &net).map_err(|e| bad(e.to_string()))?;
         let (vcpus, memory_mib) = plan::guest_size(config).map_err(|e| bad(e.to_string()))?;
+        // In the order of the run config's mounts (at most one).
+        let volumes = match plan::volume_mount(config).map_err(|e| bad(e.to_string()))? {
+            Some(m) => {
+                let disk = self.driver.volume_disk(&m.volume)?.ok_or_else(|| {
+                    bad(format!(
+                        "volume {} has no disk on this host: its machine cannot boot without it",
+                        m.volume
+                    ))
+                })?;
+                vec![VolumeAttachment {
+                    volume: m.volume,
+                    disk: disk.path,
+                }]
+            }
+            None => Vec::new(),
+        };
         Ok(LaunchSpec {
             vcpus,
             memory_mib,
             base: base.clone(),
             disk,
+            volumes,
             net,
             kernel_args: plan::kernel_args(config),
             run_config,

@@ -1,5 +1,5 @@
-//! The seam between the lifecycle state machine and the world: [`Driver`] (images, disks, network,
-//! VMs) and [`Network`] (a machine's tap and addresses), with the plain data they exchange.
+//! The seam between the lifecycle state machine and the world: [`Driver`] (images, disks, volumes,
+//! network, VMs) and [`Network`] (a machine's tap and addresses), with the plain data they exchange.
 //!
 //! Every method is keyed by machine id, blocks the calling thread, and is **idempotent**: the agent
 //! may call it again after a crash with the same arguments (a step whose outcome was not recorded
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use aloft_api::{MachineId, ProcessStat, Signal};
+use aloft_api::{MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
 use aloft_guest_proto::{DnsConfig, EtcHost, ImageConfig, NetConfig, RunConfig};
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +62,33 @@ pub struct NetInfo {
     pub etc_hosts: Vec<EtcHost>,
 }
 
+/// The disk index (in the VM's disk list) of a machine's first volume: after the read-only base
+/// (0) and the writable disk (1). The guest finds it by that index's virtio-blk serial
+/// ([`aloft_vm::disk_serial`]).
+pub const FIRST_VOLUME_DISK: usize = 2;
+
+/// A volume attached to a boot ([`LaunchSpec::volumes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeAttachment {
+    /// The volume.
+    pub volume: VolumeId,
+    /// Its disk on the host ([`VolumeDisk::path`]).
+    pub disk: PathBuf,
+}
+
+/// A volume's disk on this host ([`Driver::volume_disk`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// The disk file (what a boot attaches).
+    pub path: PathBuf,
+    /// Its size, bytes.
+    pub size_bytes: u64,
+    /// The filesystem's figures from its superblock (`None` when they could not be read).
+    pub usage: Option<VolumeUsage>,
+    /// The disk grew and its filesystem has not yet ([`Driver::grow_volume_fs`] does it).
+    pub grow_pending: bool,
+}
+
 /// Everything needed to boot one version of a machine; written by [`Driver::write_spec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {
@@ -73,6 +100,10 @@ pub struct LaunchSpec {
     pub base: BaseInfo,
     /// The writable disk (`/dev/vdb`).
     pub disk: PathBuf,
+    /// Volumes, attached read-write after the writable disk (disk [`FIRST_VOLUME_DISK`] on);
+    /// the run config's `mounts` say where init mounts each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeAttachment>,
     /// The network.
     pub net: NetInfo,
     /// Extra guest kernel arguments (`guest.kernel_args`, `init.kernel_args`).
@@ -202,6 +233,11 @@ pub enum DriverOp {
     Logs,
     RemoveMachineDir,
     Residue,
+    CreateVolume,
+    ExtendVolume,
+    GrowVolumeFs,
+    RemoveVolume,
+    VolumeDisk,
 }
 
 impl DriverOp {
@@ -230,6 +266,11 @@ impl DriverOp {
             Self::Logs => "logs",
             Self::RemoveMachineDir => "remove_machine_dir",
             Self::Residue => "residue",
+            Self::CreateVolume => "create_volume",
+            Self::ExtendVolume => "extend_volume",
+            Self::GrowVolumeFs => "grow_volume_fs",
+            Self::RemoveVolume => "remove_volume",
+            Self::VolumeDisk => "volume_disk",
         }
     }
 }
@@ -359,6 +400,21 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// Every machine id that has anything on this host (VM, disk, network, directory): what
     /// recovery compares with its records to find orphans.
     fn residue(&self) -> Result<Vec<MachineId>, DriverError>;
+
+    /// Makes a volume's disk: an empty ext4 filesystem of `size_gb` GiB, never seen half-made.
+    /// A disk of that id already there is kept as it is, whatever its size (a retried create).
+    fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError>;
+    /// A volume's disk; `None` when this host has none of that id.
+    fn volume_disk(&self, id: &VolumeId) -> Result<Option<VolumeDisk>, DriverError>;
+    /// Grows a volume's disk to `size_gb` GiB and records that its filesystem must grow too
+    /// ([`VolumeDisk::grow_pending`]); the filesystem is left alone, so this is safe while a VM
+    /// has the disk open. The same size again only keeps the record. Never shrinks.
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError>;
+    /// Grows a volume's filesystem to its disk when an extend left that pending; `true` when it
+    /// did. Only while no VM has the disk open: the filesystem is checked and resized offline.
+    fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError>;
+    /// Deletes a volume's disk and its data; succeeds if there is none.
+    fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError>;
 }
 
 /// A failed network operation (returned by [`Network`] implementations).

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aloft_api::{ApiError, MachineId, MachineState, StateError};
+use aloft_api::{ApiError, MachineId, MachineState, StateError, VolumeId};
 
 use crate::driver::DriverError;
 
@@ -78,6 +78,47 @@ pub enum AgentError {
     InvalidConfig {
         /// What to change.
         reason: String,
+    },
+    /// The config's `mounts` cannot be honoured (422): more than one, a bad volume id or path, a
+    /// volume this host does not have or another machine mounts. The reason says what to change.
+    #[error("{reason}")]
+    Mount {
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// No disk of this volume on this host (404).
+    #[error("volume {volume} not found on this host")]
+    VolumeNotFound {
+        /// The volume asked for.
+        volume: VolumeId,
+    },
+    /// The volume is mounted by a machine that is not destroyed (412).
+    #[error(
+        "volume {volume} is mounted by machine {machine}: destroy that machine, or update it without the mount, first"
+    )]
+    VolumeInUse {
+        /// The volume.
+        volume: VolumeId,
+        /// The machine whose config mounts it.
+        machine: MachineId,
+    },
+    /// A volume request that cannot be carried out as asked (422): a size out of range, smaller
+    /// than the disk.
+    #[error("volume {volume}: {reason}")]
+    VolumeRequest {
+        /// The volume.
+        volume: VolumeId,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A volume's disk could not be made, grown, read or removed (500).
+    #[error("volume {volume}")]
+    Volume {
+        /// The volume.
+        volume: VolumeId,
+        /// What failed.
+        #[source]
+        source: DriverError,
     },
     /// The machine is bigger than this host (422 `insufficient_capacity`).
     #[error(
@@ -183,6 +224,9 @@ impl AgentError {
             Self::UnknownEvent { .. } | Self::InvalidConfig { .. } => ApiError::bad_request(self.to_string()),
             Self::WaitTimeout { .. } => ApiError::request_timeout(self.to_string()),
             Self::InsufficientCapacity { .. } => ApiError::insufficient_capacity(self.to_string()),
+            Self::Mount { .. } | Self::VolumeRequest { .. } => ApiError::unprocessable(self.to_string()),
+            Self::VolumeNotFound { volume } => ApiError::not_found(format_args!("volume {volume}")),
+            Self::VolumeInUse { .. } => ApiError::precondition_failed(self.to_string()),
             Self::OperationFailed { user_error: true, .. } => ApiError::unprocessable(self.to_string()),
             Self::Driver {
                 source: DriverError::NotRunning { .. },
@@ -198,6 +242,7 @@ impl AgentError {
             | Self::Database { .. }
             | Self::Corrupt { .. }
             | Self::Secrets { .. }
+            | Self::Volume { .. }
             | Self::Io { .. } => ApiError::internal(),
         }
     }
@@ -233,5 +278,20 @@ mod tests {
             404
         );
         assert_eq!(AgentError::Halted.to_api().status(), 503);
+        let vol: VolumeId = "vol_0123456789abcdef".parse().unwrap();
+        let in_use = AgentError::VolumeInUse {
+            volume: vol.clone(),
+            machine: id.clone(),
+        }
+        .to_api();
+        assert_eq!(in_use.status(), 412);
+        assert!(in_use.message().contains(id.as_str()), "{}", in_use.message());
+        let missing = AgentError::VolumeNotFound { volume: vol }.to_api();
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.message(), "volume vol_0123456789abcdef not found");
+        let mount = AgentError::Mount {
+            reason: "only one volume per machine".into(),
+        };
+        assert_eq!(mount.to_api().status(), 422);
     }
 }

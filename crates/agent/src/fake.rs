@@ -9,13 +9,13 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal};
+use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
 use aloft_guest_proto::ImageConfig;
 
 use crate::agent::Killswitch;
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
-    LogReceiver, NetInfo, OutputStream, VmStatus,
+    LogReceiver, NetInfo, OutputStream, VmStatus, VolumeDisk,
 };
 use crate::ids::now_ms;
 
@@ -31,6 +31,15 @@ pub enum FakeVm {
     Exited(ExitInfo),
     /// It suspended into its snapshot.
     Suspended,
+}
+
+/// A fake volume's disk: its size and its filesystem's (smaller while a growth is pending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeVolume {
+    /// The disk's size, GiB.
+    pub size_gb: u32,
+    /// The filesystem's size, GiB.
+    pub fs_gb: u32,
 }
 
 /// When a crash fault trips its switch.
@@ -80,6 +89,8 @@ pub struct World {
     pub calls: Vec<(DriverOp, String)>,
     /// Boots per machine.
     pub boots: BTreeMap<MachineId, u64>,
+    /// Volumes' disks.
+    pub volumes: BTreeMap<VolumeId, FakeVolume>,
     faults: Vec<Fault>,
     missing_images: BTreeSet<String>,
     exit_on_start: Option<ExitInfo>,
@@ -702,5 +713,79 @@ impl Driver for FakeDriver {
 
     fn residue(&self) -> Result<Vec<MachineId>, DriverError> {
         self.act(DriverOp::Residue, "", |w| Ok(w.residue().into_iter().collect()))
+    }
+
+    fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+        self.act(DriverOp::CreateVolume, id.as_str(), |w| {
+            w.volumes.entry(id.clone()).or_insert(FakeVolume {
+                size_gb,
+                fs_gb: size_gb,
+            });
+            Ok(())
+        })
+    }
+
+    fn volume_disk(&self, id: &VolumeId) -> Result<Option<VolumeDisk>, DriverError> {
+        // Not recorded in `calls`: the agent reads it for every config that mounts a volume.
+        let w = self.lock();
+        Ok(w.volumes.get(id).map(|v| {
+            // As a fresh filesystem: 4 KiB blocks, 8 MiB of them taken by its metadata.
+            let blocks = u64::from(v.fs_gb) << 18;
+            let free = blocks.saturating_sub(2048);
+            VolumeDisk {
+                path: PathBuf::from(format!("/fake/volumes/{id}.ext4")),
+                size_bytes: u64::from(v.size_gb) << 30,
+                usage: Some(VolumeUsage {
+                    block_size: 4096,
+                    blocks,
+                    blocks_free: free,
+                    blocks_avail: free,
+                }),
+                grow_pending: v.fs_gb < v.size_gb,
+            }
+        }))
+    }
+
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+        self.act(DriverOp::ExtendVolume, id.as_str(), |w| {
+            let v = w.volumes.get_mut(id).ok_or_else(|| DriverError::Failed {
+                op: DriverOp::ExtendVolume,
+                message: format!("no volume {id}"),
+                retryable: false,
+            })?;
+            v.size_gb = v.size_gb.max(size_gb);
+            Ok(())
+        })
+    }
+
+    fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError> {
+        self.act(DriverOp::GrowVolumeFs, id.as_str(), |w| {
+            // A VM with the disk open must never see its filesystem resized under it.
+            let using = w.specs.iter().find(|(m, spec)| {
+                spec.volumes.iter().any(|v| v.volume == *id)
+                    && matches!(w.vms.get(*m), Some(FakeVm::Running { .. } | FakeVm::Suspended))
+            });
+            if let Some((m, _)) = using {
+                return Err(DriverError::Failed {
+                    op: DriverOp::GrowVolumeFs,
+                    message: format!("machine {m} has volume {id} open: resizing it now would corrupt it"),
+                    retryable: false,
+                });
+            }
+            Ok(match w.volumes.get_mut(id) {
+                Some(v) if v.fs_gb < v.size_gb => {
+                    v.fs_gb = v.size_gb;
+                    true
+                }
+                _ => false,
+            })
+        })
+    }
+
+    fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError> {
+        self.act(DriverOp::RemoveVolume, id.as_str(), |w| {
+            w.volumes.remove(id);
+            Ok(())
+        })
     }
 }

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use aloft_api::{
-    ApiError, ExecResponse, HostCreate, HostStop, HostUpdate, HostWait, LogEntry, LogFollower, Machine,
-    MachineEvent, MachineHost, MachineId, MachineState, MachineVersion, ProcessStat, Signal,
-    UpdateMetadataRequest, WaitResponse,
+    ApiError, ExecResponse, HostCreate, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait,
+    LogEntry, LogFollower, Machine, MachineEvent, MachineHost, MachineId, MachineState, MachineVersion,
+    ProcessStat, Signal, UpdateMetadataRequest, VolumeId, WaitResponse,
 };
 
 use crate::agent::{Agent, CreateMachine, StopOptions, UpdateMachine};
@@ -190,5 +190,21 @@ impl MachineHost for Agent {
 
     fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<Box<dyn LogFollower>, ApiError> {
         Ok(Box::new(self.follow_logs(id, after_seq).map_err(api)?))
+    }
+
+    fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError> {
+        self.create_volume(&req.id, req.size_gb).map_err(api)
+    }
+
+    fn volume(&self, id: &VolumeId) -> Result<HostVolumeStatus, ApiError> {
+        self.volume(id).map_err(api)
+    }
+
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, ApiError> {
+        self.extend_volume(id, size_gb).map_err(api)
+    }
+
+    fn destroy_volume(&self, id: &VolumeId) -> Result<(), ApiError> {
+        self.destroy_volume(id).map_err(api)
     }
 }

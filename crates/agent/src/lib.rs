@@ -26,7 +26,14 @@
 //!   versions or logs. The key can be rotated: [`AgentConfig::secrets_keys`] adds previous keys
 //!   (they only open), and [`Agent::open`] seals what they sealed again with the current key
 //!   before it recovers anything ([`Agent::secrets_resealed`] says what it did; `keys.rs`).
-//! - [`Driver`]: the world the steps act on (images, disks, network, VMs), with [`VmDriver`]
+//! - Volumes ([`Agent::create_volume`], [`Agent::volume`], [`Agent::extend_volume`],
+//!   [`Agent::destroy_volume`]): each volume's disk is an ext4 filesystem in a sparse file on this
+//!   host (`volumes.rs`; the file is the record). A machine's `config.mounts` (one at most)
+//!   names a volume of this host that no other machine (not destroyed) mounts, checked when the
+//!   config is accepted; each boot attaches the disk read-write and init mounts it at the
+//!   mount's path. An extend grows the filesystem at once when no VM can have it open, else
+//!   before the machine's next cold boot (`needs_restart`); a mounted volume cannot be destroyed.
+//! - [`Driver`]: the world the steps act on (images, disks, volumes, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
 //!   crash points).
@@ -58,6 +65,7 @@ mod logs;
 mod model;
 mod plan;
 mod vmdriver;
+mod volumes;
 
 pub use agent::{
     Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
@@ -67,11 +75,12 @@ pub use catalog::{
     CatalogChange, CatalogOptions, CatalogPublisher, CatalogSink, CatalogStats, SUSPEND_MAX_MEMORY_MB,
 };
 pub use driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
-    LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,
+    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, FIRST_VOLUME_DISK, ImageInfo, LaunchSpec,
+    LogChunk, LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,
+    VolumeAttachment, VolumeDisk,
 };
 pub use error::AgentError;
-pub use fake::{CrashPhase, FakeDriver, FakeVm, World};
+pub use fake::{CrashPhase, FakeDriver, FakeVm, FakeVolume, World};
 pub use hostnet::HostNetwork;
 pub use keys::SecretsReseal;
 pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};
@@ -81,6 +90,7 @@ pub use model::{
 };
 pub use plan::{DEFAULT_MAX_RETRIES, RestartBackoff};
 pub use vmdriver::{VmDriver, VmDriverConfig};
+pub use volumes::VolumeError;
 
 #[cfg(test)]
 mod tests;

@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aloft_api::{GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy, RootfsPersist};
-use aloft_guest_proto::{FileSpec, RootConfig, RunConfig, RuntimeEnv};
+use aloft_api::{
+    GuestPreset, MachineConfig, MachineGuest, MachineState, RestartPolicy, RootfsPersist, VOLUME_FSTYPE,
+    VolumeId,
+};
+use aloft_guest_proto::{FileSpec, MountSpec, RootConfig, RunConfig, RuntimeEnv};
 
-use crate::driver::{BaseInfo, ExitInfo, ImageInfo, NetInfo};
+use crate::driver::{BaseInfo, ExitInfo, FIRST_VOLUME_DISK, ImageInfo, NetInfo};
 use crate::error::AgentError;
 use crate::model::{OpKind, Step, Undo};
 
@@ -249,9 +252,7 @@ pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
             "multi-container machines (config.containers) are not supported yet: use config.image",
         );
     }
-    if !config.mounts.is_empty() {
-        return invalid("volumes (config.mounts) are not supported by this agent yet: remove config.mounts");
-    }
+    volume_mount(config)?;
     for (i, service) in config.services.iter().enumerate() {
         if !matches!(service.internal_port, Some(p) if p > 0) {
             return Err(AgentError::InvalidConfig {
@@ -277,6 +278,106 @@ pub(crate) fn validate(config: &MachineConfig) -> Result<(), AgentError> {
         });
     }
     Ok(())
+}
+
+/// A machine's volume mount (`config.mounts[0]`), checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolumeMount {
+    /// The volume.
+    pub(crate) volume: VolumeId,
+    /// Where the guest sees it: absolute, normalized, no trailing slash.
+    pub(crate) path: String,
+}
+
+/// Where a volume may not be mounted, nor under: the kernel's filesystems, which init moves into
+/// the new root (a volume over them would hide the machine's devices or its view of itself).
+const RESERVED_MOUNT_PATHS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// The volume `config` mounts, checked as far as it can be without looking at the host: at most
+/// one mount (as on Fly), naming a volume id, at a usable path. Errors are [`AgentError::Mount`]
+/// (422). Whether the volume is on this host and free is the agent's to check.
+pub(crate) fn volume_mount(config: &MachineConfig) -> Result<Option<VolumeMount>, AgentError> {
+    let refuse = |reason: String| Err(AgentError::Mount { reason });
+    let m = match config.mounts.as_slice() {
+        [] => return Ok(None),
+        [m] => m,
+        more => {
+            return refuse(format!(
+                "config.mounts has {} entries: only one volume per machine (a machine mounts at most one volume); keep one mount",
+                more.len()
+            ));
+        }
+    };
+    let volume = match m.volume.as_deref().map(str::trim) {
+        None | Some("") => {
+            return refuse(
+                "mounts[0].volume is required: the id (vol_…) of a volume on the machine's host".to_owned(),
+            );
+        }
+        Some(v) => match v.parse::<VolumeId>() {
+            Ok(id) => id,
+            Err(e) => return refuse(format!("mounts[0].volume: {e}")),
+        },
+    };
+    match m.path.as_deref().map(str::trim) {
+        None | Some("") => refuse(
+            "mounts[0].path is required: where the volume appears in the guest, such as /data".to_owned(),
+        ),
+        Some(_) => match mount_path(m.path.as_deref().unwrap_or_default()) {
+            Ok(path) => Ok(Some(VolumeMount { volume, path })),
+            Err(reason) => refuse(format!("mounts[0].path: {reason}")),
+        },
+    }
+}
+
+/// A volume's mount point checked and normalized (one trailing slash is dropped): absolute, no
+/// empty, `.` or `..` components, not `/`, not at or under [`RESERVED_MOUNT_PATHS`]. The error
+/// says what to write instead.
+pub(crate) fn mount_path(path: &str) -> Result<String, String> {
+    if path.is_empty() {
+        return Err("is required: where the volume appears in the guest, such as /data".to_owned());
+    }
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{path:?} is not an absolute path: write it from /, such as /data"
+        ));
+    }
+    if path.contains('\0') {
+        return Err(format!("{path:?} contains a NUL byte"));
+    }
+    if path.len() > 1024 {
+        return Err("is longer than 1024 bytes".to_owned());
+    }
+    let trimmed = match path.strip_suffix('/') {
+        Some(t) if !t.is_empty() => t,
+        _ => path,
+    };
+    if trimmed == "/" {
+        return Err(
+            "/ is the machine's root filesystem and cannot be a volume: mount it at a directory such as /data"
+                .to_owned(),
+        );
+    }
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "{path:?} is not a normalized path (no //, . or .. components): write it as a plain absolute path such as /data"
+        ));
+    }
+    if let Some(r) = RESERVED_MOUNT_PATHS.iter().find(|r| {
+        trimmed == **r
+            || trimmed
+                .strip_prefix(**r)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }) {
+        return Err(format!(
+            "{path:?} is in {r}, which the guest kernel provides: mount the volume elsewhere, such as /data"
+        ));
+    }
+    Ok(trimmed.to_owned())
 }
 
 /// How long after its last start a machine with `config.schedule` is started again, given the
@@ -465,6 +566,16 @@ pub(crate) fn run_config(
             fstype: base.fstype.clone(),
             writable_device: Some("/dev/vdb".into()),
         },
+        // The launch spec attaches the volume as disk `FIRST_VOLUME_DISK`.
+        mounts: volume_mount(config)?
+            .map(|m| MountSpec {
+                volume: m.volume.to_string(),
+                serial: aloft_vm::disk_serial(FIRST_VOLUME_DISK),
+                path: m.path,
+                fstype: VOLUME_FSTYPE.to_owned(),
+            })
+            .into_iter()
+            .collect(),
         network: net.net_config.clone(),
         dns: net.dns.clone(),
         etc_hosts: net.etc_hosts.clone(),
@@ -590,6 +701,40 @@ mod tests {
             let (_, target) = plan(kind, from, false);
             assert_eq!(verb.transition(from).unwrap().to, target, "{kind:?} from {from}");
         }
+    }
+
+    #[test]
+    fn mount_paths_are_absolute_normalized_and_not_the_kernels() {
+        for (ok, normalized) in [
+            ("/data", "/data"),
+            ("/data/", "/data"),
+            ("/var/lib/postgresql", "/var/lib/postgresql"),
+            ("/run/x", "/run/x"),
+            ("/devices", "/devices"),
+            ("/a b/c.d", "/a b/c.d"),
+        ] {
+            assert_eq!(mount_path(ok).as_deref(), Ok(normalized), "{ok:?}");
+        }
+        for (bad, says) in [
+            ("", "is required"),
+            ("data", "not an absolute path"),
+            ("./data", "not an absolute path"),
+            ("/", "root filesystem"),
+            ("//", "root filesystem"),
+            ("/a//b", "not a normalized path"),
+            ("/a/./b", "not a normalized path"),
+            ("/a/..", "not a normalized path"),
+            ("/../data", "not a normalized path"),
+            ("/data//", "not a normalized path"),
+            ("/proc", "in /proc"),
+            ("/sys/fs/x", "in /sys"),
+            ("/dev/", "in /dev"),
+            ("/a\0b", "NUL"),
+        ] {
+            let e = mount_path(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert!(mount_path(&format!("/{}", "a".repeat(2000))).is_err());
     }
 
     #[test]

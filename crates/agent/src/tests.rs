@@ -1611,3 +1611,350 @@ fn a_missing_agent_key_is_named_with_its_id_and_where_to_give_it() {
     agent.start(&id).unwrap().wait(T).unwrap();
     assert_eq!(booted_db(&h.fake, &id).as_deref(), Some("one"));
 }
+
+fn vol(s: &str) -> aloft_api::VolumeId {
+    s.parse().unwrap()
+}
+
+fn mounting(volume: &str, path: &str) -> MachineConfig {
+    MachineConfig {
+        mounts: vec![aloft_api::MachineMount {
+            volume: Some(volume.into()),
+            path: Some(path.into()),
+            name: Some("data".into()),
+            size_gb: Some(1),
+            ..aloft_api::MachineMount::default()
+        }],
+        ..config("busybox")
+    }
+}
+
+fn create_mounting(agent: &Agent, volume: &str, skip_launch: bool) -> MachineId {
+    let h = agent
+        .create(create_req(mounting(volume, "/data"), skip_launch))
+        .unwrap();
+    h.wait(T).unwrap();
+    h.machine
+}
+
+#[test]
+fn volumes_are_made_once_and_reported() {
+    let h = Harness::new();
+    let agent = h.open();
+    let id = vol("vol_0123456789abcdef");
+    assert_eq!(agent.volume(&id).unwrap_err().to_api().status(), 404);
+    agent.create_volume(&id, 3).unwrap();
+    // A retried create keeps the disk as it is.
+    agent.create_volume(&id, 7).unwrap();
+    assert_eq!(h.fake.world().volumes[&id].size_gb, 3);
+    let st = agent.volume(&id).unwrap();
+    assert_eq!(st.size_gb, 3);
+    assert_eq!(st.attached_machine_id, None);
+    let usage = st.usage.unwrap();
+    assert_eq!(usage.blocks * usage.block_size, 3 << 30);
+    for bad in [0, 501] {
+        let e = agent.create_volume(&vol("vol_other"), bad).unwrap_err();
+        assert_eq!(e.to_api().status(), 422, "{e}");
+    }
+    assert!(!h.fake.world().volumes.contains_key(&vol("vol_other")));
+    // Destroying a volume with no disk is fine (a retried destroy).
+    agent.destroy_volume(&vol("vol_other")).unwrap();
+    agent.destroy_volume(&id).unwrap();
+    assert!(h.fake.world().volumes.is_empty());
+    assert_eq!(agent.volume(&id).unwrap_err().to_api().status(), 404);
+}
+
+#[test]
+fn a_mount_is_checked_before_anything_is_recorded() {
+    let h = Harness::new();
+    let agent = h.open();
+    agent.create_volume(&vol("vol_a"), 1).unwrap();
+    let two = MachineConfig {
+        mounts: [mounting("vol_a", "/a").mounts, mounting("vol_b", "/b").mounts].concat(),
+        ..config("busybox")
+    };
+    let cases = [
+        (two, "only one volume per machine"),
+        (
+            mounting("vol_nothere", "/data"),
+            "volume vol_nothere is not on this host",
+        ),
+        (mounting("not-a-volume", "/data"), "mounts[0].volume"),
+        (mounting("", "/data"), "mounts[0].volume is required"),
+        (mounting("vol_a", "data"), "not an absolute path"),
+        (mounting("vol_a", "/"), "root filesystem"),
+        (mounting("vol_a", "/a/../b"), "not a normalized path"),
+        (mounting("vol_a", "/proc/x"), "in /proc"),
+        (mounting("vol_a", ""), "mounts[0].path is required"),
+        (mounting("vol_a", " /data"), "not an absolute path"),
+    ];
+    for (c, says) in cases {
+        let e = agent.create(create_req(c, false)).unwrap_err();
+        let api = e.to_api();
+        assert_eq!(api.status(), 422, "{e}");
+        assert!(
+            api.message().contains(says),
+            "{} does not say {says:?}",
+            api.message()
+        );
+    }
+    assert!(agent.list().unwrap().is_empty(), "nothing recorded");
+    assert!(h.fake.world().specs.is_empty());
+}
+
+#[test]
+fn a_volume_is_mounted_by_one_machine_at_a_time() {
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_0123456789abcdef");
+    agent.create_volume(&v, 1).unwrap();
+    let a = create_mounting(&agent, v.as_str(), false);
+    // The boot attaches the disk, and init is told to mount it by its disk's serial.
+    let spec = h.fake.world().specs[&a].clone();
+    assert_eq!(spec.volumes.len(), 1);
+    assert_eq!(spec.volumes[0].volume, v);
+    assert_eq!(
+        spec.volumes[0].disk,
+        std::path::PathBuf::from(format!("/fake/volumes/{v}.ext4"))
+    );
+    let m = &spec.run_config.mounts;
+    assert_eq!(m.len(), 1);
+    assert_eq!(
+        (m[0].volume.as_str(), m[0].path.as_str(), m[0].fstype.as_str()),
+        (v.as_str(), "/data", "ext4")
+    );
+    assert_eq!(m[0].serial, aloft_vm::disk_serial(crate::FIRST_VOLUME_DISK));
+    assert_eq!(agent.volume(&v).unwrap().attached_machine_id, Some(a.clone()));
+
+    // Another machine may not take it, created or updated to it; stopped does not free it.
+    agent.stop(&a, StopOptions::default()).unwrap().wait(T).unwrap();
+    let e = agent
+        .create(create_req(mounting(v.as_str(), "/data"), false))
+        .unwrap_err();
+    let api = e.to_api();
+    assert_eq!(api.status(), 422, "{e}");
+    assert!(api.message().contains(a.as_str()), "{}", api.message());
+    let b = create(&agent, false);
+    let e = agent
+        .update(
+            &b,
+            &UpdateMachine {
+                config: mounting(v.as_str(), "/data"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.to_api().status(), 422, "{e}");
+    assert!(e.to_string().contains(a.as_str()), "{e}");
+    assert!(agent.get(&b).unwrap().config.mounts.is_empty());
+
+    // The machine that has it keeps it through an update, at another path.
+    agent
+        .update(
+            &a,
+            &UpdateMachine {
+                config: mounting(v.as_str(), "/var/lib/data/"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    agent.start(&a).unwrap().wait(T).unwrap();
+    assert_eq!(
+        h.fake.world().specs[&a].run_config.mounts[0].path,
+        "/var/lib/data"
+    );
+
+    // Once it is destroyed, the volume is free for another machine.
+    agent.destroy(&a, true).unwrap().wait(T).unwrap();
+    assert_eq!(agent.volume(&v).unwrap().attached_machine_id, None);
+    agent
+        .update(
+            &b,
+            &UpdateMachine {
+                config: mounting(v.as_str(), "/data"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(agent.volume(&v).unwrap().attached_machine_id, Some(b.clone()));
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn an_update_in_flight_holds_the_volume_it_installs() {
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1).unwrap();
+    let a = create(&agent, false);
+    h.fake.block(DriverOp::PullImage);
+    let op = agent
+        .update(
+            &a,
+            &UpdateMachine {
+                config: mounting("vol_a", "/data"),
+                ..UpdateMachine::default()
+            },
+        )
+        .unwrap();
+    assert!(h.fake.wait_for_call(DriverOp::PullImage, "busybox", 2, T));
+    // The update has not installed its config yet, and the volume is taken all the same.
+    assert!(agent.get(&a).unwrap().config.mounts.is_empty());
+    let e = agent
+        .create(create_req(mounting("vol_a", "/data"), false))
+        .unwrap_err();
+    assert!(e.to_string().contains(a.as_str()), "{e}");
+    let e = agent.destroy_volume(&v).unwrap_err();
+    assert_eq!(e.to_api().status(), 412, "{e}");
+    h.fake.unblock(DriverOp::PullImage);
+    op.wait(T).unwrap();
+    assert_eq!(agent.volume(&v).unwrap().attached_machine_id, Some(a));
+}
+
+#[test]
+fn a_mounted_volume_is_not_destroyed() {
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1).unwrap();
+    let a = create_mounting(&agent, "vol_a", true);
+    let e = agent.destroy_volume(&v).unwrap_err();
+    let api = e.to_api();
+    assert_eq!(api.status(), 412, "{e}");
+    assert!(api.message().contains(a.as_str()), "{}", api.message());
+    assert!(h.fake.world().volumes.contains_key(&v), "the disk stays");
+    agent.destroy(&a, false).unwrap().wait(T).unwrap();
+    agent.destroy_volume(&v).unwrap();
+    assert!(h.fake.world().volumes.is_empty());
+}
+
+/// Index of the first call of `op` for `what` after position `from` in the fake's calls.
+fn call_after(fake: &FakeDriver, from: usize, op: DriverOp, what: &str) -> Option<usize> {
+    fake.world()
+        .calls
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, (o, w))| *o == op && w == what)
+        .map(|(i, _)| i)
+}
+
+#[test]
+fn an_extend_grows_the_filesystem_when_no_vm_has_it_and_before_the_next_boot_otherwise() {
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    let fs_gb = || h.fake.world().volumes[&v].fs_gb;
+    agent.create_volume(&v, 1).unwrap();
+    // Not mounted: grown at once.
+    assert!(!agent.extend_volume(&v, 2).unwrap());
+    assert_eq!(fs_gb(), 2);
+    // Volumes never shrink, and only exist where they were made.
+    assert_eq!(agent.extend_volume(&v, 1).unwrap_err().to_api().status(), 422);
+    assert_eq!(
+        agent
+            .extend_volume(&vol("vol_b"), 2)
+            .unwrap_err()
+            .to_api()
+            .status(),
+        404
+    );
+    // A retried extend that is done changes nothing.
+    assert!(!agent.extend_volume(&v, 2).unwrap());
+
+    // Mounted by a stopped machine: grown at once, no restart needed.
+    let a = create_mounting(&agent, "vol_a", true);
+    assert!(!agent.extend_volume(&v, 3).unwrap());
+    assert_eq!(fs_gb(), 3);
+    assert_eq!(agent.volume(&v).unwrap().size_gb, 3);
+
+    // Started: the disk grows now, its filesystem before the next boot.
+    agent.start(&a).unwrap().wait(T).unwrap();
+    assert!(agent.extend_volume(&v, 4).unwrap());
+    assert_eq!(h.fake.world().volumes[&v].size_gb, 4);
+    assert_eq!(fs_gb(), 3, "not under a running VM");
+    let status = agent.volume(&v).unwrap();
+    assert_eq!(status.size_gb, 4);
+    assert_eq!(
+        status.usage.unwrap().blocks,
+        3 << 18,
+        "the filesystem still has 3 GB"
+    );
+    let from = h.fake.world().calls.len();
+    agent
+        .restart(&a, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(fs_gb(), 4);
+    let grown = call_after(&h.fake, from, DriverOp::GrowVolumeFs, "vol_a").unwrap();
+    let stopped = call_after(&h.fake, from, DriverOp::StopVm, a.as_str()).unwrap();
+    let booted = call_after(&h.fake, from, DriverOp::StartVm, a.as_str()).unwrap();
+    assert!(
+        stopped < grown && grown < booted,
+        "grown between the stop and the boot"
+    );
+    let log = agent.log_tail(&a, 50).unwrap();
+    assert!(
+        log.iter().any(|l| l.message.contains("vol_a: filesystem grown")),
+        "{log:#?}"
+    );
+
+    // Suspended: its snapshot has the filesystem mounted; a resume keeps the old size, and the
+    // next cold boot grows it.
+    agent.suspend(&a).unwrap().wait(T).unwrap();
+    assert!(agent.extend_volume(&v, 5).unwrap());
+    agent.start(&a).unwrap().wait(T).unwrap();
+    assert_eq!(fs_gb(), 4, "a resumed snapshot keeps the size it had");
+    agent.stop(&a, StopOptions::default()).unwrap().wait(T).unwrap();
+    assert_eq!(fs_gb(), 4, "a stop alone does not grow it");
+    agent.start(&a).unwrap().wait(T).unwrap();
+    assert_eq!(fs_gb(), 5);
+
+    // A machine being started counts as one that has the disk.
+    agent.stop(&a, StopOptions::default()).unwrap().wait(T).unwrap();
+    h.fake.block(DriverOp::AttachNetwork);
+    let op = agent.start(&a).unwrap();
+    assert!(h.fake.wait_for_call(DriverOp::AttachNetwork, a.as_str(), 1, T));
+    assert!(agent.extend_volume(&v, 6).unwrap());
+    assert_eq!(fs_gb(), 5);
+    h.fake.unblock(DriverOp::AttachNetwork);
+    op.wait(T).unwrap();
+    assert_eq!(fs_gb(), 6, "the boot in flight grew it before it started the VM");
+    assert_consistent(&agent, &h.fake);
+}
+
+#[test]
+fn a_failed_growth_does_not_stop_the_boot() {
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1).unwrap();
+    let a = create_mounting(&agent, "vol_a", false);
+    assert!(agent.extend_volume(&v, 2).unwrap());
+    h.fake.fail_always(DriverOp::GrowVolumeFs);
+    agent
+        .restart(&a, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(state(&agent, &a), MachineState::Started);
+    assert_eq!(h.fake.world().volumes[&v].fs_gb, 1);
+    let log = agent.log_tail(&a, 50).unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.message.contains("could not grow its filesystem")),
+        "{log:#?}"
+    );
+    h.fake.clear_faults();
+    agent
+        .restart(&a, StopOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(h.fake.world().volumes[&v].fs_gb, 2, "the next boot tries again");
+}

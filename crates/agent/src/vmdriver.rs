@@ -1,6 +1,6 @@
 //! [`VmDriver`]: the real [`Driver`]: images through `aloft-image` (pull into the blob cache, one
-//! read-only base per digest, per-machine writable disks), VMs through `aloft-vm`, networking
-//! through a [`Network`].
+//! read-only base per digest, per-machine writable disks), volumes as sparse ext4 files
+//! (`volumes.rs`), VMs through `aloft-vm`, networking through a [`Network`].
 //!
 //! Layout under [`VmDriverConfig::data_dir`]:
 //!
@@ -10,6 +10,12 @@
 //! | `machines/<id>/run/` | the VM's run directory (`aloft-vm`'s `state.json`, sockets, console) |
 //! | `machines/<id>/snapshot` | the memory snapshot of a suspended machine |
 //! | `disks/<id>.img` | the writable disk |
+//! | `volumes/<vol id>.ext4` | a volume's disk: ext4 filling a sparse file of the volume's size |
+//! | `volumes/<vol id>.grow` | present while the volume's filesystem has yet to grow to its disk |
+//!
+//! A boot's disks, in order: the read-only base (`/dev/vda`), the writable disk (`/dev/vdb`), then
+//! the machine's volume read-write; the guest finds the volume by its virtio-blk serial
+//! (`aloft_vm::disk_serial`), not by name.
 //!
 //! Image caches (blobs, bases, disk templates) live under [`VmDriverConfig::cache_dir`].
 
@@ -21,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal};
+use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal, VolumeId};
 use aloft_image::unpack::UnpackLimits;
 use aloft_image::{
     Progress, PulledImage, Puller, Reference, RegistryConfig, RegistryError, RootfsFormat, RootfsStore,
@@ -31,14 +37,15 @@ use aloft_vm::{AccelChoice, DiskSpec, JailSpec, NetSpec, QemuStatus, Vm, VmError
 
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
-    LogReceiver, NetInfo, Network, NoNetwork, OutputStream, VmStatus,
+    LogReceiver, NetInfo, Network, NoNetwork, OutputStream, VmStatus, VolumeDisk,
 };
 use crate::ids::now_ms;
+use crate::volumes::{VolumeError, VolumeStore};
 
 /// How the real driver runs.
 #[derive(Debug, Clone)]
 pub struct VmDriverConfig {
-    /// Machines' directories and disks.
+    /// Machines' directories and disks, and volumes' disks.
     pub data_dir: PathBuf,
     /// The image cache (blobs, records, bases, disk templates).
     pub cache_dir: PathBuf,
@@ -96,6 +103,7 @@ pub struct VmDriver {
     puller: Puller,
     rootfs: RootfsStore,
     disks: WritableDisks,
+    volumes: VolumeStore,
     rt: tokio::runtime::Runtime,
     vms: Mutex<HashMap<MachineId, Arc<Vm>>>,
     builds: (Mutex<usize>, Condvar),
@@ -118,6 +126,10 @@ fn io_failed(op: DriverOp, what: &str, path: &Path, e: &std::io::Error) -> Drive
         message: format!("{what} {}: {e}", path.display()),
         retryable: false,
     }
+}
+
+fn volume_failed(op: DriverOp, e: &VolumeError) -> DriverError {
+    DriverError::failed(op, e, false)
 }
 
 fn vm_failed(op: DriverOp, e: &VmError) -> DriverError {
@@ -205,6 +217,8 @@ impl VmDriver {
         .map_err(|e| DriverError::failed(DriverOp::BuildBase, &e, false))?;
         let disks = WritableDisks::open(&config.cache_dir)
             .map_err(|e| DriverError::failed(DriverOp::CreateDisk, &e, false))?;
+        let volumes = VolumeStore::open(&config.data_dir.join("volumes"))
+            .map_err(|e| volume_failed(DriverOp::CreateVolume, &e))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -214,6 +228,7 @@ impl VmDriver {
             puller,
             rootfs,
             disks,
+            volumes,
             rt,
             vms: Mutex::new(HashMap::new()),
             builds: (Mutex::new(0), Condvar::new()),
@@ -426,6 +441,9 @@ impl Driver for VmDriver {
             DiskSpec::raw(&spec.base.path, true),
             DiskSpec::raw(&spec.disk, false),
         ];
+        // Disk `FIRST_VOLUME_DISK` on, as the run config's mounts expect them.
+        vm.disks
+            .extend(spec.volumes.iter().map(|v| DiskSpec::raw(&v.disk, false)));
         vm.net = match (&spec.net.tap, &spec.net.mac) {
             (Some(tap), Some(mac)) => Some(NetSpec {
                 tap: tap.clone(),
@@ -667,5 +685,35 @@ impl Driver for VmDriver {
             }
         }
         Ok(out)
+    }
+
+    fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+        self.volumes
+            .create(id, size_gb)
+            .map_err(|e| volume_failed(DriverOp::CreateVolume, &e))
+    }
+
+    fn volume_disk(&self, id: &VolumeId) -> Result<Option<VolumeDisk>, DriverError> {
+        self.volumes
+            .status(id)
+            .map_err(|e| volume_failed(DriverOp::VolumeDisk, &e))
+    }
+
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+        self.volumes
+            .extend(id, size_gb)
+            .map_err(|e| volume_failed(DriverOp::ExtendVolume, &e))
+    }
+
+    fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError> {
+        self.volumes
+            .grow_fs(id)
+            .map_err(|e| volume_failed(DriverOp::GrowVolumeFs, &e))
+    }
+
+    fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError> {
+        self.volumes
+            .remove(id)
+            .map_err(|e| volume_failed(DriverOp::RemoveVolume, &e))
     }
 }

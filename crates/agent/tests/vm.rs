@@ -1,7 +1,7 @@
 //! Real-VM tests of the agent with [`VmDriver`]: a busybox image pushed to a test registry is
 //! created as a machine, started, stopped, started again and destroyed with nothing left behind;
-//! and an agent killed with SIGKILL while its machine runs is reopened and finds the machine
-//! running and controllable.
+//! an agent killed with SIGKILL while its machine runs is reopened and finds the machine
+//! running and controllable; a volume keeps its data across boots and machines and grows.
 
 #[cfg(test)]
 mod tests {
@@ -17,11 +17,11 @@ mod tests {
     use aloft_agent::{
         Agent, AgentConfig, AgentError, BaseInfo, CrashPhase, CreateMachine, Driver, DriverError, DriverOp,
         ExecResult, ExitInfo, HostNetwork, ImageInfo, Killswitch, LaunchSpec, MachineRecord, NetInfo,
-        Network, NoNetwork, StopOptions, VmDriver, VmDriverConfig, VmStatus,
+        Network, NoNetwork, StopOptions, VmDriver, VmDriverConfig, VmStatus, VolumeDisk,
     };
     use aloft_api::{
         MachineConfig, MachineId, MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal,
-        WaitState,
+        VolumeId, WaitState,
     };
     use aloft_image::RegistryConfig;
     use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
@@ -139,12 +139,12 @@ mod tests {
         }
     }
 
-    /// No QEMU runs from the directory, and no machine directory or disk is left.
+    /// No QEMU runs from the directory, and no machine directory, disk or volume is left.
     fn assert_nothing_left(dir: &Path) {
         let (data, _, _) = data(dir);
         let left = aloft_vm::processes_mentioning(&data);
         assert!(left.is_empty(), "processes left behind: {left:?}");
-        for sub in ["machines", "disks"] {
+        for sub in ["machines", "disks", "volumes"] {
             let entries: Vec<_> = std::fs::read_dir(data.join(sub)).unwrap().flatten().collect();
             assert!(entries.is_empty(), "{sub} left: {entries:?}");
         }
@@ -631,6 +631,21 @@ mod tests {
         fn residue(&self) -> Result<Vec<MachineId>, DriverError> {
             self.inner.residue()
         }
+        fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+            self.around(DriverOp::CreateVolume, || self.inner.create_volume(id, size_gb))
+        }
+        fn volume_disk(&self, id: &VolumeId) -> Result<Option<VolumeDisk>, DriverError> {
+            self.inner.volume_disk(id)
+        }
+        fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), DriverError> {
+            self.around(DriverOp::ExtendVolume, || self.inner.extend_volume(id, size_gb))
+        }
+        fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError> {
+            self.around(DriverOp::GrowVolumeFs, || self.inner.grow_volume_fs(id))
+        }
+        fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError> {
+            self.around(DriverOp::RemoveVolume, || self.inner.remove_volume(id))
+        }
     }
 
     type VerbFn = dyn Fn(&Agent, Option<&MachineId>) -> Result<aloft_agent::OpHandle, AgentError>;
@@ -850,22 +865,181 @@ mod tests {
             cgroup_parent: cgroups.name().into(),
         });
         let agent = open_agent_on(dir.path(), Arc::new(VmDriver::new(cfg).unwrap()), None);
-        let rec = create(&agent);
+        // With a volume: a jailed QEMU gets its disk (root's, mode 0600) as descriptors too.
+        let vol: VolumeId = "vol_jailed".parse().unwrap();
+        agent.create_volume(&vol, 1).unwrap();
+        let mut config = machine_config();
+        config.mounts = vec![aloft_api::MachineMount {
+            volume: Some(vol.to_string()),
+            path: Some("/data".into()),
+            ..aloft_api::MachineMount::default()
+        }];
+        let rec = agent
+            .create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 1,
+                config,
+                ..CreateMachine::default()
+            })
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
         let pid = aloft_vm::processes_mentioning(&data(dir.path()).0)[0];
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
         assert!(!uid.contains("\t0\t"), "qemu runs as root: {uid}");
+        sh(&agent, &rec.id, "echo jailed > /data/f && sync");
         agent.suspend(&rec.id).unwrap().wait(BOOT).unwrap();
         agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        assert_eq!(sh(&agent, &rec.id, "cat /data/f"), "jailed\n");
         agent
             .stop(&rec.id, StopOptions::default())
             .unwrap()
             .wait(BOOT)
             .unwrap();
         agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
+        assert_eq!(sh(&agent, &rec.id, "cat /data/f"), "jailed\n");
         agent.destroy(&rec.id, true).unwrap().wait(BOOT).unwrap();
+        agent.destroy_volume(&vol).unwrap();
         assert_nothing_left(dir.path());
+    }
+
+    /// Runs `script` with `sh -c` in a started machine; its stdout. Fails the test unless it
+    /// exits 0.
+    fn sh(agent: &Agent, id: &MachineId, script: &str) -> String {
+        let argv = ["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()];
+        let out = agent.exec(id, &argv, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            out.exit_code,
+            0,
+            "{script}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The size of the filesystem mounted at /data in the guest, KiB (`df`'s total).
+    fn data_kib(agent: &Agent, id: &MachineId) -> u64 {
+        let out = sh(agent, id, "df -k /data | tail -n 1");
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots real guests; enable feature vm-tests"
+    )]
+    fn a_volume_keeps_its_data_across_boots_and_machines_and_grows() {
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let agent = open_agent(dir.path(), &registry.host());
+        let vol: VolumeId = "vol_0123456789abcdef".parse().unwrap();
+        agent.create_volume(&vol, 1).unwrap();
+        let disk = data(dir.path()).0.join("volumes").join(format!("{vol}.ext4"));
+        assert!(disk.is_file());
+        let mut config = machine_config();
+        config.mounts = vec![aloft_api::MachineMount {
+            volume: Some(vol.to_string()),
+            path: Some("/data".into()),
+            ..aloft_api::MachineMount::default()
+        }];
+        let create_on_volume = |config: &MachineConfig| {
+            agent.create(CreateMachine {
+                app: "agent-test".into(),
+                region: "local".into(),
+                org: 1,
+                config: config.clone(),
+                ..CreateMachine::default()
+            })
+        };
+        let a = create_on_volume(&config).unwrap().wait(BOOT).unwrap().id;
+
+        // Mounted read-write as ext4 at /data, the root disks where they always were.
+        let mounts = sh(&agent, &a, "grep ' /data ' /proc/mounts");
+        assert!(mounts.contains(" /data ext4 rw"), "{mounts}");
+        let serials = sh(
+            &agent,
+            &a,
+            "cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial",
+        );
+        assert_eq!(serials, "aloft-d0\naloft-d1");
+        assert!(mounts.starts_with("/dev/vd"), "{mounts}");
+        sh(&agent, &a, "echo kept > /data/file && sync");
+        let one_gib = data_kib(&agent, &a);
+        assert!(
+            (900 << 10..=1 << 20).contains(&one_gib),
+            "1 GiB volume: {one_gib} KiB"
+        );
+        assert_eq!(agent.volume(&vol).unwrap().attached_machine_id, Some(a.clone()));
+
+        // Across a stop and a cold boot, and a suspend and resume.
+        agent
+            .stop(&a, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        agent.start(&a).unwrap().wait(BOOT).unwrap();
+        assert_eq!(sh(&agent, &a, "cat /data/file"), "kept\n");
+        agent.suspend(&a).unwrap().wait(BOOT).unwrap();
+        agent.start(&a).unwrap().wait(BOOT).unwrap();
+        assert_eq!(
+            sh(&agent, &a, "cat /data/file && echo more >> /data/file && sync"),
+            "kept\n"
+        );
+
+        // Extended while started: the guest sees the new size after a restart.
+        assert!(agent.extend_volume(&vol, 2).unwrap(), "needs a restart");
+        assert_eq!(agent.volume(&vol).unwrap().size_gb, 2);
+        assert_eq!(data_kib(&agent, &a), one_gib, "not under the running guest");
+        agent
+            .restart(&a, StopOptions::default())
+            .unwrap()
+            .wait(BOOT)
+            .unwrap();
+        let two_gib = data_kib(&agent, &a);
+        assert!(two_gib > one_gib * 19 / 10, "{one_gib} KiB then {two_gib} KiB");
+        assert_eq!(sh(&agent, &a, "cat /data/file"), "kept\nmore\n");
+
+        // Mounted, it is not destroyed; the machine goes, the volume stays for the next one.
+        assert_eq!(agent.destroy_volume(&vol).unwrap_err().to_api().status(), 412);
+        agent.destroy(&a, true).unwrap().wait(BOOT).unwrap();
+        let b = create_on_volume(&config).unwrap().wait(BOOT).unwrap().id;
+        assert_eq!(sh(&agent, &b, "cat /data/file"), "kept\nmore\n");
+        assert_eq!(data_kib(&agent, &b), two_gib);
+        let usage = agent.volume(&vol).unwrap().usage.unwrap();
+        assert_eq!(usage.blocks * usage.block_size, 2 << 30);
+        agent.destroy(&b, true).unwrap().wait(BOOT).unwrap();
+
+        // A volume that does not mount fails the boot with a message naming it.
+        use std::os::unix::fs::FileExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .write_all_at(&[0u8; 1024], 1024)
+            .unwrap();
+        let e = create_on_volume(&config).unwrap().wait(BOOT).unwrap_err();
+        let api = e.to_api();
+        assert_eq!(api.status(), 422, "{e}");
+        assert!(
+            api.message().contains(&format!("volume {vol}: mount /dev/vd")),
+            "{}",
+            api.message()
+        );
+
+        for m in agent.list().unwrap() {
+            if m.state != MachineState::Destroyed {
+                agent.destroy(&m.id, true).unwrap().wait(BOOT).unwrap();
+            }
+        }
+        agent.destroy_volume(&vol).unwrap();
+        assert!(!disk.exists());
+        assert_nothing_left(dir.path());
+        drop(agent);
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ApiError, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId, MachineState, MachineVersion,
-    ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, WaitResponse, WaitState,
+    ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, VolumeId, WaitResponse, WaitState,
 };
 
 /// A machine to create on a host.
@@ -181,4 +181,54 @@ pub trait MachineHost: Send + Sync + fmt::Debug {
     fn log_tail(&self, id: &MachineId, lines: usize) -> Result<Vec<LogEntry>, ApiError>;
     /// Lines written from now on (after `after_seq`, when given: a client that resumes).
     fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<Box<dyn LogFollower>, ApiError>;
+
+    /// Makes a volume's disk: an empty ext4 filesystem of `size_gb`. Idempotent: a disk of that
+    /// id already there is kept as it is (a retried create), whatever its size.
+    fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError>;
+    /// A volume's disk as the host sees it: its size and the machine that mounts it; 404 when
+    /// the host has no disk of that id.
+    fn volume(&self, id: &VolumeId) -> Result<HostVolumeStatus, ApiError>;
+    /// Grows a volume's disk and its filesystem to `size_gb`. When a started machine mounts
+    /// it, the filesystem grows before that machine's next boot and the answer is `true`
+    /// (Fly's `needs_restart`).
+    fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, ApiError>;
+    /// Deletes a volume's disk and its data. 412 while a machine that is not destroyed mounts
+    /// it (naming the machine); `Ok` when there is no such disk.
+    fn destroy_volume(&self, id: &VolumeId) -> Result<(), ApiError>;
+}
+
+/// A volume's disk to make on a host ([`MachineHost::create_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostVolume {
+    /// The id, chosen by the control plane.
+    pub id: VolumeId,
+    /// The app it belongs to.
+    pub app: String,
+    /// Size, GB.
+    pub size_gb: u32,
+}
+
+/// A volume's disk as its host sees it ([`MachineHost::volume`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostVolumeStatus {
+    /// The disk's size, GB.
+    pub size_gb: u32,
+    /// The machine (not destroyed) whose config mounts it.
+    pub attached_machine_id: Option<MachineId>,
+    /// The filesystem's figures from its superblock, when the host could read them (they may
+    /// lag a mounted filesystem's by a few seconds).
+    pub usage: Option<VolumeUsage>,
+}
+
+/// An ext4 filesystem's figures ([`HostVolumeStatus::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VolumeUsage {
+    /// Block size, bytes.
+    pub block_size: u64,
+    /// Blocks.
+    pub blocks: u64,
+    /// Free blocks.
+    pub blocks_free: u64,
+    /// Free blocks less those reserved for root.
+    pub blocks_avail: u64,
 }

@@ -42,6 +42,7 @@ mod spec_tests;
 mod state;
 mod time;
 mod ulid;
+mod volume;
 
 pub use app::{
     App, AppOrganizationInfo, CreateAppRequest, CreateDeployTokenRequest, ListAppsQuery, ListAppsResponse,
@@ -78,6 +79,11 @@ pub use signal::{Signal, SignalRequest};
 pub use state::{MachineState, ParseStateError, StateClass, StateError, Transition, Verb};
 pub use time::rfc3339;
 pub use ulid::UlidGenerator;
+pub use volume::{
+    CreateVolumeRequest, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest, ExtendVolumeResponse,
+    MAX_VOLUME_SIZE_GB, UpdateVolumeRequest, VOLUME_FSTYPE, Volume, VolumeId, VolumeState,
+    validate_volume_name,
+};
 
 pub use duration::{Duration, ParseDurationError};
 pub use guest::{
@@ -85,8 +91,8 @@ pub use guest::{
     GuestPreset, memory_range_mb,
 };
 pub use host::{
-    HostCreate, HostStop, HostUpdate, HostWait, LogEntry, LogEvent, LogFollower, LogMeta, LogStream,
-    MachineHost,
+    HostCreate, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry, LogEvent,
+    LogFollower, LogMeta, LogStream, MachineHost, VolumeUsage,
 };
 pub use ids::{MachineId, ParseIdError};
 pub use machine_config::{

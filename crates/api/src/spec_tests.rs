@@ -48,9 +48,14 @@ fn every_spec_property_round_trips() {
     round_trip::<MetadataValueResponse>(&shapes, "MetadataValueResponse");
     round_trip::<TokenResponse>(&shapes, "TokenResponse");
     round_trip::<CreateDeployTokenRequest>(&shapes, "CreateDeployTokenRequest");
+    round_trip::<Volume>(&shapes, "Volume");
+    round_trip::<CreateVolumeRequest>(&shapes, "CreateVolumeRequest");
+    round_trip::<UpdateVolumeRequest>(&shapes, "UpdateVolumeRequest");
+    round_trip::<ExtendVolumeRequest>(&shapes, "ExtendVolumeRequest");
+    round_trip::<ExtendVolumeResponse>(&shapes, "ExtendVolumeResponse");
     assert_eq!(
         shapes.as_object().unwrap().len(),
-        26,
+        31,
         "every fixture entry is checked"
     );
 }

@@ -21,8 +21,8 @@ pub use frame::{
     ProcessInfo, WorkloadExit, WorkloadState,
 };
 pub use run_config::{
-    DnsConfig, EtcHost, ExposedPort, FileSpec, ImageConfig, IpNet, NetConfig, ParseExposedPortError,
-    ParseIpNetError, PortProtocol, RootConfig, RunConfig, RuntimeEnv,
+    DnsConfig, EtcHost, ExposedPort, FileSpec, ImageConfig, IpNet, MountSpec, NetConfig,
+    ParseExposedPortError, ParseIpNetError, PortProtocol, RootConfig, RunConfig, RuntimeEnv,
 };
 
 /// Where the host puts the run config inside the initramfs.

@@ -41,6 +41,9 @@ pub struct RunConfig {
     /// Root filesystem: the read-only base and the writable layer.
     #[serde(default)]
     pub root: RootConfig,
+    /// Volumes to mount in the new root before the workload starts (Fly `mounts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountSpec>,
     /// eth0's addresses and routes; `None` leaves only loopback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetConfig>,
@@ -251,6 +254,25 @@ impl Default for RootConfig {
     }
 }
 
+/// A volume init mounts (read-write) in the new root, after the root switch and before the
+/// workload starts, creating its mount point. A volume that cannot be mounted fails the boot with
+/// a message naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// The volume's id (`vol_…`), for messages.
+    pub volume: String,
+    /// The virtio-blk serial of the volume's disk, as the guest reads it from
+    /// `/sys/block/<dev>/serial`: how init finds the disk whatever name (`vdc`, …) the guest kernel
+    /// gave it.
+    pub serial: String,
+    /// Absolute mount point in the guest.
+    pub path: String,
+    /// The volume's filesystem (`ext4`).
+    #[serde(default = "default_fstype")]
+    pub fstype: String,
+}
+
 /// eth0 configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -374,6 +396,31 @@ mod tests {
         let back: RunConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cfg);
         assert!(serde_json::from_str::<RunConfig>(r#"{"hostname":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn mounts_round_trip_and_are_left_out_when_empty() {
+        let none = serde_json::to_string(&RunConfig::default()).unwrap();
+        assert!(!none.contains("mounts"), "{none}");
+        let cfg: RunConfig = serde_json::from_str(
+            r#"{"hostname":"m","mounts":[{"volume":"vol_1","serial":"aloft-d2","path":"/data"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.mounts,
+            [MountSpec {
+                volume: "vol_1".into(),
+                serial: "aloft-d2".into(),
+                path: "/data".into(),
+                fstype: "ext4".into(),
+            }]
+        );
+        let back: RunConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(
+            serde_json::from_str::<MountSpec>(r#"{"volume":"v","serial":"s","path":"/d","ro":true}"#)
+                .is_err()
+        );
     }
 
     #[test]

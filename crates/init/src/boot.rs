@@ -1,6 +1,6 @@
 //! Boot steps before the workload starts: early mounts, the overlay root and `switch_root`, the
-//! new root's mounts, hostname, `/etc` files, network and user files. Each step returns the
-//! message the user sees when it fails.
+//! new root's mounts, volumes, hostname, `/etc` files, network and user files. Each step returns
+//! the message the user sees when it fails.
 
 use std::fs;
 use std::io;
@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aloft_guest_proto::{FileSpec, NetConfig, RootConfig, RunConfig};
+use aloft_guest_proto::{FileSpec, MountSpec, NetConfig, RootConfig, RunConfig};
 use aloft_netlink::Netlink;
 
 use crate::spec;
@@ -149,6 +149,56 @@ pub(crate) fn mount_runtime_fs() {
     }
 }
 
+/// The device node (`/dev/vdc`) of the block device whose virtio-blk serial is `serial`, looked
+/// up in `sys_block` (`/sys/block`: `<dev>/serial` holds it, NUL-padded to 20 bytes at most).
+pub(crate) fn disk_by_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    let entries = fs::read_dir(sys_block).ok()?;
+    for entry in entries.flatten() {
+        let Ok(found) = fs::read(entry.path().join("serial")) else {
+            continue;
+        };
+        let found = String::from_utf8_lossy(&found);
+        if found.trim_end_matches(['\0', '\n', ' ']) == serial {
+            return entry.file_name().to_str().map(|name| format!("/dev/{name}"));
+        }
+    }
+    None
+}
+
+/// The run config's volumes, each mounted read-write at its path in the new root (the mount point
+/// made if missing). After the root switch and the runtime mounts, before the files are written
+/// (a file may belong on a volume) and before the workload starts.
+pub(crate) fn mount_volumes(mounts: &[MountSpec]) -> Result<(), String> {
+    for m in mounts {
+        let vol = &m.volume;
+        if !m.path.starts_with('/') {
+            return Err(format!(
+                "volume {vol}: mount point {:?} is not an absolute path",
+                m.path
+            ));
+        }
+        // The disk was probed before init ran; its node may take a moment to appear.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let dev = loop {
+            match disk_by_serial(Path::new("/sys/block"), &m.serial) {
+                Some(dev) if Path::new(&dev).exists() => break dev,
+                _ if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "volume {vol}: its disk (virtio-blk serial {}) is not attached to this machine",
+                        m.serial
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        fs::create_dir_all(&m.path)
+            .map_err(|e| format!("volume {vol}: create its mount point {}: {e}", m.path))?;
+        sys::mount(&dev, &m.path, Some(&m.fstype), 0, None)
+            .map_err(|e| format!("volume {vol}: mount {dev} ({}) at {}: {e}", m.fstype, m.path))?;
+    }
+    Ok(())
+}
+
 fn write_file(path: &str, contents: &[u8], mode: u32) -> io::Result<()> {
     if let Some(parent) = Path::new(path).parent() {
         fs::create_dir_all(parent)?;
@@ -217,4 +267,53 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         src = cause.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn disks_are_found_by_their_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = dir.path();
+        for (dev, serial) in [
+            ("vda", &b"aloft-d0"[..]),
+            ("vdb", b"aloft-d1\0\0\0\0\0\0\0\0\0\0\0\0"),
+            ("vdc", b"aloft-d2"),
+            ("vdd", b"aloft-d22"),
+        ] {
+            fs::create_dir_all(block.join(dev)).unwrap();
+            fs::write(block.join(dev).join("serial"), serial).unwrap();
+        }
+        // A device without a serial file (loop devices, …) is skipped.
+        fs::create_dir_all(block.join("loop0")).unwrap();
+        assert_eq!(disk_by_serial(block, "aloft-d2").as_deref(), Some("/dev/vdc"));
+        assert_eq!(disk_by_serial(block, "aloft-d1").as_deref(), Some("/dev/vdb"));
+        assert_eq!(disk_by_serial(block, "aloft-d22").as_deref(), Some("/dev/vdd"));
+        assert_eq!(disk_by_serial(block, "aloft-d3"), None);
+        assert_eq!(disk_by_serial(&block.join("nope"), "aloft-d0"), None);
+    }
+
+    #[test]
+    fn a_volume_that_is_not_attached_is_named_in_the_error() {
+        let m = MountSpec {
+            volume: "vol_x".into(),
+            serial: "aloft-d-not-attached-anywhere".into(),
+            path: "/data".into(),
+            fstype: "ext4".into(),
+        };
+        let e = mount_volumes(&[MountSpec {
+            path: "data".into(),
+            ..m.clone()
+        }])
+        .unwrap_err();
+        assert!(e.contains("vol_x") && e.contains("not an absolute path"), "{e}");
+        let e = mount_volumes(&[m]).unwrap_err();
+        assert!(
+            e.contains("volume vol_x: its disk") && e.contains("not attached"),
+            "{e}"
+        );
+    }
 }

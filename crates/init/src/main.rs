@@ -2,7 +2,8 @@
 //!
 //! Boots the guest from the initramfs: mounts `/proc`, `/sys`, `/dev`, reads the run config
 //! (`/aloft/run.json`), assembles the overlay root (read-only image + writable layer) and switches
-//! into it, sets hostname, `/etc/hosts`, DNS, network and files, then starts the workload as the
+//! into it, mounts the machine's volumes (found by their disks' virtio-blk serials), sets hostname,
+//! `/etc/hosts`, DNS, network and files, then starts the workload as the
 //! image's user, forwards its output and serves exec/ps/signal/stop requests over the virtio-serial
 //! channel, reaps every process, reports the exit and powers off.
 //!
@@ -82,6 +83,8 @@ fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
     boot::switch_root(&cfg.root)?;
     console::trace("root mounted");
     boot::mount_runtime_fs();
+    boot::mount_volumes(&cfg.mounts)?;
+    console::trace("volumes mounted");
     boot::identity(cfg)?;
     console::trace("identity set");
     boot::network(cfg.network.as_ref())?;

@@ -90,6 +90,14 @@ pub(crate) fn accel_args(accel: Accel) -> [&'static str; 4] {
     }
 }
 
+/// The virtio-blk serial of the disk at `index` in [`VmSpec::disks`]: `aloft-d<index>`. The
+/// guest reads it from `/sys/block/<dev>/serial`, so it can find a disk by its place in the spec
+/// whatever name (`vda`, `vdb`, …) its kernel gave it (`aloft-init` finds volumes so). Part of the
+/// device's configuration on the command line, so a resumed snapshot keeps it.
+pub fn disk_serial(index: usize) -> String {
+    format!("aloft-d{index}")
+}
+
 /// Descriptors of one disk opened by the driver (jailed VMs): QEMU gets them as an fd set and
 /// never opens the image by path. A writable disk needs both: after an incoming migration QEMU
 /// reopens its images when the VM is activated, by then as the jail user.
@@ -175,7 +183,7 @@ pub(crate) fn qemu_argv(
                 "-drive",
                 &format!("id=d{i},file={file},format={},if=none{ro}", d.format.as_str()),
                 "-device",
-                &format!("virtio-blk-device,drive=d{i}"),
+                &format!("virtio-blk-device,drive=d{i},serial={}", disk_serial(i)),
             ],
         );
     }
@@ -372,8 +380,14 @@ mod tests {
         );
         assert_eq!(
             pair(&a, "-device")[..2],
-            ["virtio-blk-device,drive=d0", "virtio-blk-device,drive=d1"]
+            [
+                "virtio-blk-device,drive=d0,serial=aloft-d0",
+                "virtio-blk-device,drive=d1,serial=aloft-d1"
+            ]
         );
+        // virtio-blk keeps 20 bytes of a serial: far more disks than a VM can have still fit.
+        assert_eq!(disk_serial(99_999_999_999), "aloft-d99999999999");
+        assert!(disk_serial(99_999_999_999).len() <= 20);
     }
 
     #[test]

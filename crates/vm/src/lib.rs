@@ -34,7 +34,7 @@ mod vm;
 pub mod accel;
 pub mod initramfs;
 
-pub use argv::QEMU;
+pub use argv::{QEMU, disk_serial};
 pub use channel::LogChunk;
 pub use error::VmError;
 pub use proc::processes_mentioning;

@@ -28,7 +28,9 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Guest memory in MiB (at least [`MIN_MEMORY_MIB`]).
     pub memory_mib: u32,
-    /// In order: `/dev/vda`, `/dev/vdb`, …
+    /// In order: `/dev/vda`, `/dev/vdb`, … Each also has the virtio-blk serial
+    /// [`crate::disk_serial`]`(index)` (`aloft-d0`, `aloft-d1`, …), which the guest reads from
+    /// `/sys/block/<dev>/serial`.
     pub disks: Vec<DiskSpec>,
     /// The tap must already exist (created by the caller).
     pub net: Option<NetSpec>,
