@@ -19,6 +19,8 @@ use crate::{ApiState, HttpError};
 
 /// The network of an app created without one.
 const DEFAULT_NETWORK: &str = "default";
+/// How long `apps destroy` waits for a machine being destroyed to let go of its volume.
+const VOLUME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// The status of an app without machines (never deployed, or all its machines destroyed).
 const STATUS_PENDING: &str = "pending";
 /// The status of an app with machines, whatever their states: an app scaled to zero by the
@@ -30,6 +32,7 @@ const STATUS_DEPLOYED: &str = "deployed";
 /// that follows from it.
 fn with_counts(state: &ApiState, mut app: App) -> Result<App, HttpError> {
     app.machine_count = crate::machines::live_count(state, state.control(), &app.name)?;
+    app.volume_count = state.control().list_volumes(&app.name)?.len() as u64;
     app.status = if app.machine_count > 0 {
         STATUS_DEPLOYED
     } else {
@@ -165,6 +168,7 @@ pub(crate) async fn destroy(
         let control = state.control();
         visible_app(control, &caller, &name)?;
         crate::machines::destroy_all(&state, control, &name)?;
+        crate::volumes::destroy_all(&state, &name, VOLUME_WAIT)?;
         if control.delete_app(&name)? {
             Ok(())
         } else {

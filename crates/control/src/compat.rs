@@ -98,6 +98,12 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
     (MethodFilter::POST, "/apps/{app_name}/secrets/{secret_name}"),
     (MethodFilter::DELETE, "/apps/{app_name}/secrets/{secret_name}"),
     (MethodFilter::GET, "/platform/regions"),
+    (MethodFilter::GET, "/apps/{app_name}/volumes"),
+    (MethodFilter::POST, "/apps/{app_name}/volumes"),
+    (MethodFilter::GET, "/apps/{app_name}/volumes/{volume_id}"),
+    (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}"),
+    (MethodFilter::DELETE, "/apps/{app_name}/volumes/{volume_id}"),
+    (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}/extend"),
 ];
 
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
@@ -159,12 +165,6 @@ pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
         MethodFilter::POST,
         "/apps/{app_name}/secretkeys/{secret_name}/verify",
     ),
-    (MethodFilter::GET, "/apps/{app_name}/volumes"),
-    (MethodFilter::POST, "/apps/{app_name}/volumes"),
-    (MethodFilter::GET, "/apps/{app_name}/volumes/{volume_id}"),
-    (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}"),
-    (MethodFilter::DELETE, "/apps/{app_name}/volumes/{volume_id}"),
-    (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}/extend"),
     (
         MethodFilter::GET,
         "/apps/{app_name}/volumes/{volume_id}/snapshots",

@@ -32,6 +32,7 @@ mod machines;
 mod openapi;
 mod releases;
 mod secrets;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -214,7 +215,8 @@ pub fn router(state: ApiState) -> Router {
                 .delete(machines::delete_metadata_key),
         )
         .merge(secrets::routes())
-        .merge(certs::routes());
+        .merge(certs::routes())
+        .merge(volumes::routes());
     compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -215,16 +215,24 @@ pub(crate) async fn create(
     JsonBody(req): JsonBody<CreateMachineRequest>,
 ) -> Result<Json<Machine>, HttpError> {
     req.validate()?;
-    if !req.config.mounts.is_empty() {
-        return Err(ApiError::unprocessable(
-            "config.mounts: aloft has no volumes yet; create the machine without mounts",
-        )
-        .into());
-    }
+    let mut req = req;
     let machine = blocking(move || {
         let control = state.control();
         let app_record = visible_app(control, &caller, &app)?;
-        let host = state.hosts().place(req.region.as_deref())?.clone();
+        // A machine mounting a volume runs on the volume's host.
+        let host = match crate::volumes::resolve_mount(&state, &app, &mut req.config)? {
+            Some(host) => {
+                if let Some(region) = req.region.as_deref().filter(|r| *r != host.region) {
+                    return Err(ApiError::unprocessable(format!(
+                        "the volume in config.mounts is in region {}, not {region}: create the machine in {} or use a volume of {region}",
+                        host.region, host.region
+                    ))
+                    .into());
+                }
+                host
+            }
+            None => state.hosts().place(req.region.as_deref())?.clone(),
+        };
         let org = control.org_network(&app_record.organization.slug)?;
         let secrets = crate::secrets::for_machine(
             &state,
@@ -352,10 +360,14 @@ pub(crate) async fn update(
     let m = on_unleased(state, caller, path, &headers, move |state, t| {
         let current = t.host.get(&t.id)?;
         req.validate(&current.name, &current.region)?;
-        if !req.config.mounts.is_empty() {
-            return Err(ApiError::unprocessable(
-                "config.mounts: aloft has no volumes yet; update the machine without mounts",
-            )
+        let mut req = req;
+        if let Some(host) = crate::volumes::resolve_mount(state, &t.app, &mut req.config)?
+            && host.name != t.placement.value.host
+        {
+            return Err(ApiError::unprocessable(format!(
+                "the volume in config.mounts is on host {}, and the machine runs on {}: a machine can't move to its volume; create a new machine with it",
+                host.name, t.placement.value.host
+            ))
             .into());
         }
         let secrets = crate::secrets::for_machine(

@@ -16,11 +16,12 @@
 use aloft_api::{
     App, AppSecret, AppSecrets, AppSecretsUpdateRequest, AppSecretsUpdateResp, Certificate, CreateAppRequest,
     CreateCertificateRequest, CreateLeaseRequest, CreateMachineRequest, CreateReleaseRequest,
-    DeleteAppSecretResponse, EdgeCaResponse, ErrorResponse, ExecRequest, ExecResponse, LeaseEnvelope,
-    ListAppsResponse, ListCertificatesResponse, LogEntry, Machine, MachineEvent, MachineVersion,
-    MetadataValueResponse, OkResponse, ProcessStat, RegionsResponse, Release, ReleaseEvent, RollbackRequest,
-    SetAppSecretRequest, SetAppSecretResponse, SignalRequest, StartResponse, StopRequest,
-    UpdateMachineRequest, UpdateMetadataRequest, UpsertMetadataKeyRequest, WaitResponse,
+    CreateVolumeRequest, DeleteAppSecretResponse, EdgeCaResponse, ErrorResponse, ExecRequest, ExecResponse,
+    ExtendVolumeRequest, ExtendVolumeResponse, LeaseEnvelope, ListAppsResponse, ListCertificatesResponse,
+    LogEntry, Machine, MachineEvent, MachineVersion, MetadataValueResponse, OkResponse, ProcessStat,
+    RegionsResponse, Release, ReleaseEvent, RollbackRequest, SetAppSecretRequest, SetAppSecretResponse,
+    SignalRequest, StartResponse, StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
+    UpdateVolumeRequest, UpsertMetadataKeyRequest, Volume, WaitResponse,
 };
 use axum::Json;
 use axum::routing::MethodFilter;
@@ -322,6 +323,8 @@ const HOSTNAME: Param = path("hostname", "Certificate Hostname");
 const CERT_TAKEN: Response = error(409, "Another app has this hostname");
 const CERT_UNDER_BASE: Response = error(422, "The hostname is under the edge's base domain");
 const CERT_NOT_FOUND: Response = error(404, "No such app, or the app has no such hostname");
+const VOLUME: Param = path("volume_id", "Volume ID");
+const VOLUME_NOT_FOUND: Response = error(404, "No such app or volume");
 
 fn memory_response() -> Value {
     json!({"type": "object", "properties": {
@@ -1011,6 +1014,95 @@ pub(crate) const OPERATIONS: &[Operation] = &[
     .responses(&[
         ok(200, "The new version", ty::<DeleteAppSecretResponse>()),
         error(404, "No such app or secret"),
+    ]),
+    // Volumes (docs/volumes.md).
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/volumes",
+        "Volumes_list",
+        "Volumes",
+        "List Volumes",
+    )
+    .params(&[
+        APP,
+        query(
+            "summary",
+            ParamType::Boolean,
+            "Accepted; every volume comes whole",
+        ),
+    ])
+    .responses(&[
+        ok(200, "The app's volumes", ty::<Vec<Volume>>()),
+        error(404, "No such app"),
+    ]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/volumes",
+        "Volumes_create",
+        "Volumes",
+        "Create Volume",
+    )
+    .params(&[APP])
+    .request(ty::<CreateVolumeRequest>())
+    .responses(&[
+        ok(
+            200,
+            "The volume, its disk made on a host of the region",
+            ty::<Volume>(),
+        ),
+        BAD,
+        error(404, "No such app"),
+        error(
+            422,
+            "Not possible: encrypted, a snapshot, a size out of range, no host in the region",
+        ),
+    ]),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/volumes/{volume_id}",
+        "Volumes_get_by_id",
+        "Volumes",
+        "Get Volume",
+    )
+    .params(&[APP, VOLUME])
+    .responses(&[ok(200, "The volume", ty::<Volume>()), VOLUME_NOT_FOUND]),
+    op(
+        MethodFilter::PUT,
+        "/apps/{app_name}/volumes/{volume_id}",
+        "Volumes_update",
+        "Volumes",
+        "Update Volume",
+    )
+    .params(&[APP, VOLUME])
+    .request(ty::<UpdateVolumeRequest>())
+    .responses(&[ok(200, "The volume", ty::<Volume>()), BAD, VOLUME_NOT_FOUND]),
+    op(
+        MethodFilter::DELETE,
+        "/apps/{app_name}/volumes/{volume_id}",
+        "Volume_delete",
+        "Volumes",
+        "Destroy Volume",
+    )
+    .params(&[APP, VOLUME])
+    .responses(&[
+        ok(200, "The volume, destroyed with its data", ty::<Volume>()),
+        VOLUME_NOT_FOUND,
+        error(412, "A machine mounts the volume: destroy that machine first"),
+    ]),
+    op(
+        MethodFilter::PUT,
+        "/apps/{app_name}/volumes/{volume_id}/extend",
+        "Volumes_extend",
+        "Volumes",
+        "Extend Volume",
+    )
+    .params(&[APP, VOLUME])
+    .request(ty::<ExtendVolumeRequest>())
+    .responses(&[
+        ok(200, "The volume at its new size", ty::<ExtendVolumeResponse>()),
+        BAD,
+        VOLUME_NOT_FOUND,
+        error(422, "Not larger than the volume, or above the largest size"),
     ]),
     // Certificates of custom domains, issued by the edge (docs/adr/0014-edge-certificates.md).
     op(

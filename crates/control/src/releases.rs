@@ -270,11 +270,7 @@ fn resolve_groups(
         if image.is_empty() {
             image = this_image;
         }
-        if !config.mounts.is_empty() {
-            return Err(ApiError::unprocessable(format!(
-                "group {name:?}: aloft has no volumes yet; deploy without [[mounts]]"
-            )));
-        }
+        check_mounts(name, &config, req.strategy)?;
         config.metadata.insert(MD_GROUP.to_owned(), name.to_owned());
         config.metadata.insert(MD_PLATFORM.to_owned(), "v2".to_owned());
         config
@@ -290,6 +286,43 @@ fn resolve_groups(
         });
     }
     Ok((image, groups))
+}
+
+/// A group's mounts as a release can resolve them: at most one, naming a volume (`source`) or a
+/// volume id, with a path, and never with a strategy that runs two machines of a slot at once
+/// (a volume is mounted by one machine at a time).
+fn check_mounts(group: &str, config: &MachineConfig, strategy: DeployStrategy) -> Result<(), ApiError> {
+    let mount = match config.mounts.as_slice() {
+        [] => return Ok(()),
+        [mount] => mount,
+        _ => {
+            return Err(ApiError::unprocessable(format!(
+                "group {group:?}: a machine mounts at most one volume; keep one [[mounts]] for the group"
+            )));
+        }
+    };
+    if mount.volume.is_none() {
+        let Some(name) = mount.name.as_deref() else {
+            return Err(ApiError::unprocessable(format!(
+                "group {group:?}: the mount names no volume: give [[mounts]] a source"
+            )));
+        };
+        aloft_api::validate_volume_name(name).map_err(|e| {
+            ApiError::unprocessable(format!("group {group:?}: [[mounts]] source: {}", e.message()))
+        })?;
+    }
+    if mount.path.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::unprocessable(format!(
+            "group {group:?}: the mount has no path: give [[mounts]] a destination"
+        )));
+    }
+    if matches!(strategy, DeployStrategy::Canary | DeployStrategy::Bluegreen) {
+        return Err(ApiError::unprocessable(format!(
+            "group {group:?} mounts a volume, and the {} strategy runs a new machine beside the one it replaces, which a volume can't follow: use rolling or immediate",
+            strategy.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// The group a machine belongs to.
@@ -387,6 +420,9 @@ fn start_release(
             // destroys itself takes its logs along).
             c.auto_destroy = Some(false);
             c.services.clear();
+            // Fly's rule: the release command runs with no volume (it would take one from a
+            // machine of the release, which mounts it).
+            c.mounts.clear();
             c
         });
         let rec = ReleaseRecord {
@@ -1573,11 +1609,21 @@ impl Runner {
                     );
                     let updated = begun.and_then(|idx| {
                         let agent = self.host(&host)?;
+                        let mut config = g.config.clone();
+                        let current = m.config.clone().unwrap_or_default();
+                        crate::volumes::volume_for_release(
+                            &self.state,
+                            &self.app,
+                            &mut config,
+                            Some((&current, host.as_str())),
+                            None,
+                        )
+                        .map_err(|e| format!("update machine {}: {}", m.id, e.api().message()))?;
                         agent
                             .update(
                                 &m.id,
                                 HostUpdate {
-                                    config: g.config.clone(),
+                                    config,
                                     skip_launch: cold,
                                     current_version: None,
                                     secrets: self.secrets()?,
@@ -1629,12 +1675,26 @@ impl Runner {
         g: &ReleaseGroup,
         kind: ChangeKind,
     ) -> StepResult<(usize, HostHandle, MachineId)> {
-        let host = self
-            .state
-            .hosts()
-            .place(None)
-            .map_err(|e| e.message().to_owned())?
-            .clone();
+        // A group with a mount gets its volume first (an unattached one of the name, or a new
+        // one), and the machine goes to the volume's host.
+        let mut config = g.config.clone();
+        let volume_host = crate::volumes::volume_for_release(&self.state, &self.app, &mut config, None, None)
+            .map_err(|e| {
+                format!(
+                    "volume for a new machine of group {}: {}",
+                    g.group,
+                    e.api().message()
+                )
+            })?;
+        let host = match volume_host {
+            Some(h) => h,
+            None => self
+                .state
+                .hosts()
+                .place(None)
+                .map_err(|e| e.message().to_owned())?
+                .clone(),
+        };
         let id = new_machine_id()?;
         let idx = self.begin(
             &mut locked(rec),
@@ -1649,12 +1709,7 @@ impl Runner {
                 cold: false,
             },
         )?;
-        self.create_machine(
-            &host.name,
-            &id,
-            g.config.clone(),
-            kind == ChangeKind::CreateCordoned,
-        )?;
+        self.create_machine(&host.name, &id, config, kind == ChangeKind::CreateCordoned)?;
         Ok((idx, host, id))
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::{ApiError, App, Lease, Machine, MachineEvent};
+use aloft_api::{ApiError, App, Lease, Machine, MachineEvent, Volume};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,18 @@ pub struct MachineRecord {
     /// `skip_service_registration`).
     #[serde(default)]
     pub cordoned: bool,
+}
+
+/// A volume as the control plane sees it: the API object plus the host holding its disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The app it belongs to.
+    pub app: String,
+    /// The host (agent) holding its disk; a machine mounting it runs there.
+    pub host: String,
+    /// The volume as created, with the size and settings changed since. The machine it is
+    /// attached to is not kept here: the host answers that (`attached_machine_id` is `None`).
+    pub volume: Volume,
 }
 
 /// An API token. The secret itself is never stored, only its SHA-256.
@@ -196,6 +208,14 @@ pub enum ControlError {
         /// The id.
         id: String,
     },
+    /// A volume with this id exists.
+    #[error("volume {id} already exists in app {app}")]
+    VolumeExists {
+        /// The app.
+        app: String,
+        /// The id.
+        id: String,
+    },
     /// A token with this id exists.
     #[error("token {id} already exists")]
     TokenExists {
@@ -236,9 +256,10 @@ impl ControlError {
     pub fn to_api(&self) -> ApiError {
         match self {
             Self::AppExists { name } => ApiError::name_taken(name),
-            Self::MachineExists { .. } | Self::TokenExists { .. } | Self::CertClaimLost { .. } => {
-                ApiError::conflict(self.to_string())
-            }
+            Self::MachineExists { .. }
+            | Self::VolumeExists { .. }
+            | Self::TokenExists { .. }
+            | Self::CertClaimLost { .. } => ApiError::conflict(self.to_string()),
             Self::LeaseHeld { owner, expires_at } => ApiError::lease_held(owner, *expires_at),
             Self::LeaseNotFound { id } => ApiError::not_found(format!("lease on machine {id}")),
             Self::Store(StoreError::Conflict { .. }) => {
@@ -359,6 +380,7 @@ impl ControlStore {
             .then(Op::DeletePrefix(format!("{}{name}/", keys::EVENTS)))
             .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES)))
             .then(Op::DeletePrefix(keys::secrets(name)?))
+            .then(Op::DeletePrefix(keys::volumes(name)?))
             .then(Op::delete(keys::secrets_version(name)?));
         // Its custom domains (`/certs/{hostname}`, keyed by hostname, not by app): left behind,
         // they would keep routing to an app that is gone and block another app from adding them.
@@ -505,6 +527,38 @@ impl ControlStore {
                 .then(Op::delete(keys::machine_lease(app, id)?)),
         )?;
         Ok(resp.succeeded)
+    }
+
+    /// Records a new volume; [`ControlError::VolumeExists`] if the id is taken.
+    pub fn create_volume(&self, record: &VolumeRecord) -> Result<Revision, ControlError> {
+        let id = record.volume.id.as_str();
+        self.create(&keys::volume(&record.app, id)?, record)?
+            .ok_or_else(|| ControlError::VolumeExists {
+                app: record.app.clone(),
+                id: id.to_owned(),
+            })
+    }
+
+    /// Writes a volume record if `expect` holds ([`StoreError::Conflict`] otherwise).
+    pub fn put_volume(&self, record: &VolumeRecord, expect: Expect) -> Result<Revision, ControlError> {
+        let key = keys::volume(&record.app, record.volume.id.as_str())?;
+        Ok(self.store.put_if(&key, encode(&key, record)?, expect, None)?)
+    }
+
+    /// A volume record.
+    pub fn get_volume(&self, app: &str, id: &str) -> Result<Option<Versioned<VolumeRecord>>, ControlError> {
+        Ok(self.get(&keys::volume(app, id)?)?)
+    }
+
+    /// Every volume record of an app, by id.
+    pub fn list_volumes(&self, app: &str) -> Result<Vec<Versioned<VolumeRecord>>, ControlError> {
+        Ok(self.list(&keys::volumes(app)?, &RangeOptions::default())?)
+    }
+
+    /// Deletes a volume record if `expect` holds ([`StoreError::Conflict`] otherwise); `false`
+    /// if there was none.
+    pub fn delete_volume(&self, app: &str, id: &str, expect: Expect) -> Result<bool, ControlError> {
+        Ok(self.store.delete_if(&keys::volume(app, id)?, expect)?)
     }
 
     /// Appends an event (keyed by its id, a ULID, so keys sort by time).

@@ -16,6 +16,7 @@
 //! | `/catalog/{app}/{machine_id}` | `aloft_api::CatalogEntry`, published by the machine's agent |
 //! | `/certs/{hostname}` | a TLS certificate of the edge (owned by `aloft-proxy`'s certificate store) |
 //! | `/cert-claims/{hostname}` | [`crate::CertClaim`]: the edge issuing that certificate now, on a store lease |
+//! | `/volumes/{app}/{volume_id}` | [`crate::VolumeRecord`]: a volume and the host holding its disk |
 
 use crate::StoreError;
 
@@ -43,6 +44,8 @@ pub const CERTS: &str = "/certs/";
 pub const CERT_CLAIMS: &str = "/cert-claims/";
 /// App secrets (sealed) and each app's secrets version.
 pub const SECRETS: &str = "/secrets/";
+/// Volumes, by app.
+pub const VOLUMES: &str = "/volumes/";
 
 /// Checks one path segment of a key: non-empty, no `/`, no control characters, at most 200 bytes.
 pub fn segment(s: &str) -> Result<&str, StoreError> {
@@ -71,6 +74,16 @@ pub fn app(app: &str) -> Result<String, StoreError> {
 /// `/machines/{app}/`.
 pub fn machines(app: &str) -> Result<String, StoreError> {
     Ok(format!("{MACHINES}{}/", segment(app)?))
+}
+
+/// `/volumes/{app}/`.
+pub fn volumes(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{VOLUMES}{}/", segment(app)?))
+}
+
+/// `/volumes/{app}/{id}`.
+pub fn volume(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{}{}", volumes(app)?, segment(id)?))
 }
 
 /// `/machines/{app}/{id}`.

@@ -9,6 +9,7 @@ mod tests {
     use aloft_store::{
         CertClaimOutcome, ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord,
         ManualClock, Revision, SecretRecord, SqliteOptions, SqliteStore, StoreError, TokenRecord,
+        VolumeRecord,
     };
 
     fn control(dir: &tempfile::TempDir) -> (ControlStore, Arc<ManualClock>) {
@@ -174,6 +175,65 @@ mod tests {
         assert!(c.delete_machine("web", M1).unwrap());
         assert!(c.get_machine("web", M1).unwrap().is_none());
         assert!(r2 > r1);
+    }
+
+    fn volume(app: &str, id: &str) -> VolumeRecord {
+        VolumeRecord {
+            app: app.into(),
+            host: "host-1".into(),
+            volume: serde_json::from_value(serde_json::json!({
+                "id": id, "name": "data", "state": "created", "region": "local", "size_gb": 1
+            }))
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn volume_records_are_compare_and_swap_and_go_with_their_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        c.create_app(&app("web")).unwrap();
+        let rec = volume("web", "vol_aaaaaaaaaaaaaaaa");
+        let r1 = c.create_volume(&rec).unwrap();
+        let err = c.create_volume(&rec).unwrap_err();
+        assert!(matches!(err, ControlError::VolumeExists { .. }), "{err}");
+        assert_eq!(err.to_api().status(), 409);
+        let mut grown = rec.clone();
+        grown.volume.size_gb = 3;
+        c.put_volume(&grown, Expect::Revision(r1)).unwrap();
+        // A writer that read before the change loses.
+        let err = c.put_volume(&rec, Expect::Revision(r1)).unwrap_err();
+        assert!(
+            matches!(err, ControlError::Store(StoreError::Conflict { .. })),
+            "{err}"
+        );
+        assert_eq!(
+            c.get_volume("web", "vol_aaaaaaaaaaaaaaaa")
+                .unwrap()
+                .unwrap()
+                .value
+                .volume
+                .size_gb,
+            3
+        );
+        c.create_volume(&volume("web", "vol_bbbbbbbbbbbbbbbb")).unwrap();
+        c.create_volume(&volume("other", "vol_cccccccccccccccc")).unwrap();
+        let ids: Vec<String> = c
+            .list_volumes("web")
+            .unwrap()
+            .into_iter()
+            .map(|v| v.value.volume.id.to_string())
+            .collect();
+        assert_eq!(ids, ["vol_aaaaaaaaaaaaaaaa", "vol_bbbbbbbbbbbbbbbb"]);
+        assert!(
+            c.delete_volume("web", "vol_bbbbbbbbbbbbbbbb", Expect::Present)
+                .unwrap()
+        );
+        assert!(c.get_volume("web", "vol_bbbbbbbbbbbbbbbb").unwrap().is_none());
+        // Deleting the app takes its volume records, not another app's.
+        assert!(c.delete_app("web").unwrap());
+        assert!(c.list_volumes("web").unwrap().is_empty());
+        assert_eq!(c.list_volumes("other").unwrap().len(), 1);
     }
 
     fn event(id: &str, kind: &str) -> MachineEvent {

@@ -1,0 +1,460 @@
+//! Volumes end to end in process: the real router over the real agent on `FakeDriver`, whose
+//! volume disks are in memory (the real ones, ext4 files, are `aloft-agent`'s volume tests and its
+//! VM test's). Create, list, show,
+//! update, extend and destroy with Fly's shapes and errors; one machine at a time per volume;
+//! `apps destroy` takes the volumes along; releases give each machine of a group with
+//! `[[mounts]]` a volume, reuse unattached ones of the name and keep each machine's own.
+
+mod common;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    use axum::http::StatusCode;
+    use serde_json::{Value, json};
+
+    use crate::common::Harness;
+
+    struct Api(Harness);
+
+    impl std::ops::Deref for Api {
+        type Target = Harness;
+
+        fn deref(&self) -> &Harness {
+            &self.0
+        }
+    }
+
+    impl Api {
+        async fn new(app: &str) -> Self {
+            let h = Harness::new(|c| {
+                c.host_memory_mb = 8192;
+                c.host_cpus = 8;
+            });
+            let (s, v) = h.call("POST", "/v1/apps", Some(json!({"name": app}))).await;
+            assert!(s.is_success(), "{v}");
+            Self(h)
+        }
+
+        async fn ok(&self, method: &str, uri: &str, body: Option<Value>) -> Value {
+            let (s, v) = self.call(method, uri, body).await;
+            assert!(s.is_success(), "{method} {uri}: {s} {v}");
+            v
+        }
+
+        /// The status and Fly's error text of a request that must fail.
+        async fn err(&self, method: &str, uri: &str, body: Option<Value>) -> (u16, String) {
+            let (s, v) = self.call(method, uri, body).await;
+            assert!(!s.is_success(), "{method} {uri} succeeded: {v}");
+            (s.as_u16(), v["error"].as_str().unwrap_or_default().to_owned())
+        }
+
+        async fn volume(&self, app: &str, name: &str, size: Option<u32>) -> Value {
+            let mut body = json!({"name": name});
+            if let Some(s) = size {
+                body["size_gb"] = json!(s);
+            }
+            self.ok("POST", &format!("/v1/apps/{app}/volumes"), Some(body))
+                .await
+        }
+
+        async fn machine(&self, app: &str, mounts: Value) -> (StatusCode, Value) {
+            self.call(
+                "POST",
+                &format!("/v1/apps/{app}/machines"),
+                Some(json!({"config": {"image": "busybox", "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"}, "mounts": mounts}})),
+            )
+            .await
+        }
+
+        async fn wait(&self, app: &str, id: &str, state: &str) {
+            self.ok(
+                "GET",
+                &format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=10"),
+                None,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn volumes_are_created_listed_changed_and_destroyed() {
+        let api = Api::new("db").await;
+        let v = api.volume("db", "pg_data", None).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(id.starts_with("vol_") && id.len() == 20, "{id}");
+        assert_eq!(v["name"], "pg_data");
+        assert_eq!(v["state"], "created");
+        assert_eq!(v["size_gb"], 1, "Fly's default size");
+        assert_eq!(v["region"], "local");
+        assert_eq!(v["zone"], "host-1");
+        assert_eq!(v["encrypted"], false);
+        assert_eq!(v["fstype"], "ext4");
+        assert_eq!(v["host_status"], "ok");
+        assert_eq!(v["snapshot_retention"], 5);
+        assert_eq!(v["auto_backup_enabled"], true);
+        assert!(v.get("attached_machine_id").is_none(), "{v}");
+        // The host read the new filesystem's superblock: 1 GiB of 4 KiB blocks, nearly all free.
+        assert_eq!(v["block_size"], 4096, "{v}");
+        assert_eq!(v["bytes_total"], 1 << 30, "{v}");
+        assert!(v["bytes_used"].as_u64().unwrap() < 64 << 20, "{v}");
+
+        let other = api.volume("db", "pg_data", Some(3)).await;
+        assert_eq!(other["size_gb"], 3);
+        let list = api.ok("GET", "/v1/apps/db/volumes", None).await;
+        let ids: BTreeSet<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, BTreeSet::from([id.as_str(), other["id"].as_str().unwrap()]));
+        assert_eq!(
+            api.ok("GET", &format!("/v1/apps/db/volumes/{id}"), None).await["name"],
+            "pg_data"
+        );
+        assert_eq!(api.ok("GET", "/v1/apps/db", None).await["volume_count"], 2);
+
+        let updated = api
+            .ok(
+                "PUT",
+                &format!("/v1/apps/db/volumes/{id}"),
+                Some(json!({"snapshot_retention": 14, "auto_backup_enabled": false})),
+            )
+            .await;
+        assert_eq!(updated["snapshot_retention"], 14);
+        assert_eq!(updated["auto_backup_enabled"], false);
+
+        let grown = api
+            .ok(
+                "PUT",
+                &format!("/v1/apps/db/volumes/{id}/extend"),
+                Some(json!({"size_gb": 2})),
+            )
+            .await;
+        assert_eq!(grown["needs_restart"], false, "no machine mounts it");
+        assert_eq!(grown["volume"]["size_gb"], 2);
+        assert_eq!(
+            grown["volume"]["bytes_total"],
+            2u64 << 30,
+            "the filesystem grew too"
+        );
+        let (s, e) = api
+            .err(
+                "PUT",
+                &format!("/v1/apps/db/volumes/{id}/extend"),
+                Some(json!({"size_gb": 2})),
+            )
+            .await;
+        assert_eq!((s, e.contains("can only grow")), (422, true), "{e}");
+
+        let gone = api.ok("DELETE", &format!("/v1/apps/db/volumes/{id}"), None).await;
+        assert_eq!(gone["state"], "destroyed");
+        let (s, e) = api.err("GET", &format!("/v1/apps/db/volumes/{id}"), None).await;
+        assert_eq!(s, 404, "{e}");
+        assert!(e.contains(&id), "{e}");
+        let (s, _) = api
+            .err("DELETE", &format!("/v1/apps/db/volumes/{id}"), None)
+            .await;
+        assert_eq!(s, 404);
+        assert_eq!(
+            api.ok("GET", "/v1/apps/db/volumes", None)
+                .await
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Bad input, each named.
+        for (body, status, words) in [
+            (json!({"name": "Bad-Name"}), 400, "invalid volume name"),
+            (json!({"name": "data", "size_gb": 0}), 422, "out of range"),
+            (json!({"name": "data", "size_gb": 501}), 422, "out of range"),
+            (json!({"name": "data", "encrypted": true}), 422, "not encrypted"),
+            (json!({"name": "data", "fstype": "xfs"}), 422, "ext4"),
+            (
+                json!({"name": "data", "region": "mars"}),
+                422,
+                "no host in region",
+            ),
+            (
+                json!({"name": "data", "snapshot_id": "vs_x"}),
+                422,
+                "not supported",
+            ),
+        ] {
+            let (s, e) = api.err("POST", "/v1/apps/db/volumes", Some(body.clone())).await;
+            assert_eq!(s, status, "{body}: {e}");
+            assert!(e.contains(words), "{body}: {e}");
+        }
+        let (s, _) = api.err("GET", "/v1/apps/db/volumes/not-an-id", None).await;
+        assert_eq!(s, 404);
+        let (s, _) = api.err("GET", "/v1/apps/nope/volumes", None).await;
+        assert_eq!(s, 404);
+        let (s, _) = api
+            .err("POST", "/v1/apps/db/volumes", Some(json!({"name": 7})))
+            .await;
+        assert_eq!(s, 400);
+        assert_eq!(
+            api.ok("GET", "/v1/apps/db/volumes", None)
+                .await
+                .as_array()
+                .unwrap()
+                .len(),
+            1,
+            "no refused create left a volume"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_volume_is_mounted_by_one_machine_at_a_time() {
+        let api = Api::new("db").await;
+        let v = api.volume("db", "data", Some(2)).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+
+        let (s, m) = api.machine("db", json!([{"volume": id, "path": "/data"}])).await;
+        assert!(s.is_success(), "{m}");
+        let machine = m["id"].as_str().unwrap().to_owned();
+        // The server filled the mount from the volume's record.
+        let mount = &m["config"]["mounts"][0];
+        assert_eq!(mount["volume"], id.as_str());
+        assert_eq!(mount["name"], "data");
+        assert_eq!(mount["size_gb"], 2);
+        assert_eq!(mount["path"], "/data");
+        api.wait("db", &machine, "started").await;
+        let shown = api.ok("GET", &format!("/v1/apps/db/volumes/{id}"), None).await;
+        assert_eq!(shown["attached_machine_id"], machine.as_str());
+
+        // A second machine can't mount it, nor can the volume go.
+        let (s, e) = api.machine("db", json!([{"volume": id, "path": "/data"}])).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(
+            e["error"].as_str().unwrap().contains(&machine),
+            "names the machine: {e}"
+        );
+        let (s, e) = api
+            .err("DELETE", &format!("/v1/apps/db/volumes/{id}"), None)
+            .await;
+        assert_eq!(s, 412, "{e}");
+        assert!(e.contains(&machine), "{e}");
+
+        // Growing it under a started machine takes a restart to show.
+        let grown = api
+            .ok(
+                "PUT",
+                &format!("/v1/apps/db/volumes/{id}/extend"),
+                Some(json!({"size_gb": 3})),
+            )
+            .await;
+        assert_eq!(grown["needs_restart"], true);
+        assert_eq!(grown["volume"]["size_gb"], 3);
+
+        // Bad mounts, each named.
+        let other = api.volume("db", "data", None).await;
+        let other_id = other["id"].as_str().unwrap();
+        for (mounts, words) in [
+            (
+                json!([{"volume": "vol_doesnotexist00", "path": "/data"}]),
+                "has no volume",
+            ),
+            (json!([{"volume": "nope", "path": "/data"}]), "mounts[0].volume"),
+            (json!([{"path": "/data"}]), "volume is required"),
+            (json!([{"volume": other_id}]), "path is required"),
+            (json!([{"volume": other_id, "path": "/"}]), "path"),
+            (
+                json!([{"volume": other_id, "path": "/a"}, {"volume": id, "path": "/b"}]),
+                "at most one volume",
+            ),
+        ] {
+            let (s, e) = api.machine("db", mounts.clone()).await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{mounts}: {e}");
+            let text = e["error"].as_str().unwrap();
+            assert!(text.contains(words), "{mounts}: {text}");
+        }
+        let (s, e) = api
+            .call(
+                "POST",
+                "/v1/apps/db/machines",
+                Some(json!({"region": "elsewhere", "config": {"image": "busybox", "mounts": [{"volume": other_id, "path": "/data"}]}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("region"), "{e}");
+
+        // Once the machine is destroyed, the volume is free: for another machine, or to go.
+        api.ok(
+            "DELETE",
+            &format!("/v1/apps/db/machines/{machine}?force=true"),
+            None,
+        )
+        .await;
+        api.wait("db", &machine, "destroyed").await;
+        let shown = api.ok("GET", &format!("/v1/apps/db/volumes/{id}"), None).await;
+        assert!(shown.get("attached_machine_id").is_none(), "{shown}");
+        let (s, m2) = api
+            .machine("db", json!([{"volume": id, "path": "/var/lib/data"}]))
+            .await;
+        assert!(s.is_success(), "{m2}");
+        let m2 = m2["id"].as_str().unwrap().to_owned();
+        api.ok("DELETE", &format!("/v1/apps/db/machines/{m2}?force=true"), None)
+            .await;
+        api.wait("db", &m2, "destroyed").await;
+        api.ok("DELETE", &format!("/v1/apps/db/volumes/{id}"), None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn destroying_an_app_destroys_its_volumes() {
+        let api = Api::new("db").await;
+        let v = api.volume("db", "data", None).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        let (s, m) = api.machine("db", json!([{"volume": id, "path": "/data"}])).await;
+        assert!(s.is_success(), "{m}");
+        api.wait("db", m["id"].as_str().unwrap(), "started").await;
+        api.volume("db", "spare", None).await;
+
+        let (s, e) = api.call("DELETE", "/v1/apps/db", None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{e}");
+        assert!(api.control.list_volumes("db").unwrap().is_empty());
+        let host = aloft_api::MachineHost::volume(api.agent.as_ref(), &id.parse().unwrap());
+        assert_eq!(host.unwrap_err().status(), 404, "the disk is gone too");
+        // The name is free again, with no volume left over.
+        api.ok("POST", "/v1/apps", Some(json!({"name": "db"}))).await;
+        assert_eq!(
+            api.ok("GET", "/v1/apps/db/volumes", None)
+                .await
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+
+    /// Waits until release `v` of `app` is final; returns it.
+    async fn finished(api: &Api, app: &str, v: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = api.ok("GET", &format!("/v1/apps/{app}/releases/{v}"), None).await;
+            if ["complete", "rolled_back", "failed"].contains(&r["status"].as_str().unwrap_or_default()) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "release v{v} did not finish: {r}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn mounted_group(image: &str, count: u32) -> Value {
+        json!({"group": "app", "count": count, "config": {
+            "image": image,
+            "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"},
+            "mounts": [{"name": "data", "path": "/data", "size_gb": 2}],
+        }})
+    }
+
+    /// `(machine id, volume id)` of each live machine of the app, sorted.
+    async fn mounts_of(api: &Api, app: &str) -> Vec<(String, String)> {
+        let list = api.ok("GET", &format!("/v1/apps/{app}/machines"), None).await;
+        let mut out: Vec<(String, String)> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let mount = &m["config"]["mounts"][0];
+                assert_eq!(mount["path"], "/data", "{m}");
+                (
+                    m["id"].as_str().unwrap().to_owned(),
+                    mount["volume"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn releases_give_each_machine_a_volume_and_keep_it() {
+        let api = Api::new("web").await;
+        // One unattached volume of the name exists: the release takes it before making any.
+        let spare = api.volume("web", "data", Some(1)).await;
+        let spare = spare["id"].as_str().unwrap().to_owned();
+        // Another name is not taken.
+        api.volume("web", "other", None).await;
+
+        let (s, r) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"image": "web:1", "groups": [mounted_group("web:1", 2)]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        assert_eq!(finished(&api, "web", 1).await["status"], "complete");
+        let first = mounts_of(&api, "web").await;
+        assert_eq!(first.len(), 2);
+        let vols: BTreeSet<&str> = first.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(vols.len(), 2, "one volume per machine: {first:?}");
+        assert!(
+            vols.contains(spare.as_str()),
+            "the unattached volume was used: {first:?}"
+        );
+        let list = api.ok("GET", "/v1/apps/web/volumes", None).await;
+        let data: Vec<&Value> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == "data")
+            .collect();
+        assert_eq!(data.len(), 2, "one new volume made: {list}");
+        for v in &data {
+            let expected = if v["id"] == spare.as_str() { 1 } else { 2 };
+            assert_eq!(v["size_gb"], expected, "a new one has initial_size: {v}");
+            assert!(v["attached_machine_id"].is_string(), "{v}");
+        }
+
+        // The next release updates the machines in place; each keeps its own volume.
+        let (s, r) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"image": "web:2", "groups": [mounted_group("web:2", 2)]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        assert_eq!(finished(&api, "web", 2).await["status"], "complete");
+        assert_eq!(mounts_of(&api, "web").await, first);
+
+        // Scaling to 3 adds a machine with a third volume; the app's volumes stay otherwise.
+        let (s, r) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"image": "web:3", "groups": [mounted_group("web:3", 3)]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        assert_eq!(finished(&api, "web", 3).await["status"], "complete");
+        let third = mounts_of(&api, "web").await;
+        assert_eq!(third.len(), 3);
+        assert_eq!(third.iter().map(|(_, v)| v).collect::<BTreeSet<_>>().len(), 3);
+        for pair in &first {
+            assert!(third.contains(pair), "{pair:?} kept: {third:?}");
+        }
+
+        // Strategies that run two machines of a slot at once are refused with mounts.
+        for strategy in ["canary", "bluegreen"] {
+            let (s, e) = api
+                .call(
+                    "POST",
+                    "/v1/apps/web/releases",
+                    Some(json!({"image": "web:4", "strategy": strategy, "groups": [mounted_group("web:4", 3)]})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+            assert!(e["error"].as_str().unwrap().contains(strategy), "{e}");
+        }
+    }
+}
