@@ -66,10 +66,12 @@ pub(crate) enum Subject<'a> {
     App(&'a str),
     /// A machine of an app.
     Machine { app: &'a str, id: &'a str },
+    /// A volume of an app.
+    Volume { app: &'a str, id: &'a str },
 }
 
-/// A client error as the user should read it, with the exit code (3 unknown app or machine, 4
-/// aloftd not reachable) and a hint for token trouble.
+/// A client error as the user should read it, with the exit code (3 unknown app, machine or
+/// volume, 4 aloftd not reachable) and a hint for token trouble.
 pub(crate) fn api_error(e: ClientError, settings: &ApiSettings, subject: Subject<'_>) -> anyhow::Error {
     let user = |message: String, hint: Option<String>, code: u8| {
         anyhow::Error::new(UserError { message, hint, code })
@@ -85,6 +87,17 @@ pub(crate) fn api_error(e: ClientError, settings: &ApiSettings, subject: Subject
                 user(
                     format!("machine {id} not found in app {app}"),
                     Some(format!("aloft machine list -a {app} shows its machines")),
+                    EXIT_NOT_FOUND,
+                )
+            }
+        }
+        (ClientError::Api { status: 404, message }, Subject::Volume { app, id }) => {
+            if message.trim_start().to_ascii_lowercase().starts_with("app") {
+                app_not_found(app)
+            } else {
+                user(
+                    format!("volume {id} not found in app {app}"),
+                    Some(format!("aloft volumes list -a {app} shows its volumes")),
                     EXIT_NOT_FOUND,
                 )
             }
@@ -280,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn not_found_names_the_machine_or_the_app() {
+    fn not_found_names_the_machine_volume_or_app() {
         let settings = ApiSettings {
             url: "http://x".into(),
             token: "t".into(),
@@ -307,6 +320,20 @@ mod tests {
         );
         assert_eq!(code, EXIT_NOT_FOUND);
         let e = api_error(api("app not found"), &settings, subject);
+        assert_eq!(crate::errors::describe(&e).0, "app web not found");
+        let volume = Subject::Volume {
+            app: "web",
+            id: "vol_0000000000000000",
+        };
+        let e = api_error(api("volume vol_0000000000000000 not found"), &settings, volume);
+        let (message, hint, code) = crate::errors::describe(&e);
+        assert_eq!(message, "volume vol_0000000000000000 not found in app web");
+        assert_eq!(
+            hint.as_deref(),
+            Some("aloft volumes list -a web shows its volumes")
+        );
+        assert_eq!(code, EXIT_NOT_FOUND);
+        let e = api_error(api("app not found"), &settings, volume);
         assert_eq!(crate::errors::describe(&e).0, "app web not found");
         let held = ClientError::Api {
             status: 409,

@@ -2,8 +2,9 @@
 //!
 //! Both read the file with `aloft-config`, print its warnings on stderr and fail with every error
 //! (file, line, column, key and what to do). `validate` also expands the config into machine
-//! configs, so it catches what only a deploy would (mounts before volumes exist, a `[[files]]`
-//! source that can't be read, a VM size with impossible memory).
+//! configs as a deploy does, so it catches what only a deploy would (a `[[files]]` source that
+//! can't be read, a VM size with impossible memory); `[[mounts]]` are described by volume name
+//! and path, as the deploy sends them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,7 +132,7 @@ fn expand(path: &Path, loaded: &Loaded, mounts: MountPolicy) -> anyhow::Result<V
 
 /// Expands the config and summarises each process group.
 fn validate(path: &Path, loaded: &Loaded) -> anyhow::Result<String> {
-    let groups = expand(path, loaded, MountPolicy::Refuse)?;
+    let groups = expand(path, loaded, MountPolicy::Describe)?;
     let mut out = format!("{} is valid", path.display());
     if !loaded.warnings.is_empty() {
         out.push_str(&format!(" ({} warning(s) above)", loaded.warnings.len()));
@@ -156,6 +157,17 @@ fn validate(path: &Path, loaded: &Loaded) -> anyhow::Result<String> {
                 if cpus == 1 { "" } else { "s" },
                 guest.memory_mb.unwrap_or(256)
             ));
+        }
+        for m in &c.mounts {
+            let mut mount = format!(
+                "volume {} at {}",
+                m.name.as_deref().unwrap_or_default(),
+                m.path.as_deref().unwrap_or_default()
+            );
+            if let Some(gb) = m.size_gb {
+                mount.push_str(&format!(" ({gb} GB when created)"));
+            }
+            parts.push(mount);
         }
         out.push_str(&format!("\n  {}: {}", g.group, parts.join(", ")));
     }
@@ -216,22 +228,25 @@ mod tests {
     }
 
     #[test]
-    fn validate_refuses_mounts_with_the_line() {
+    fn validate_describes_mounts() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(
             dir.path(),
             "aloft.toml",
-            "app = 'demo'\n\n[mounts]\nsource = 'data'\ndestination = '/data'\n",
+            "app = 'demo'\n\n[mounts]\nsource = 'data'\ndestination = '/data'\ninitial_size = '10gb'\n",
         );
         let loaded = aloft_config::load(&path).unwrap();
-        let err = validate(&path, &loaded).unwrap_err();
-        let (message, hint, code) = crate::errors::describe(&err);
+        let report = validate(&path, &loaded).unwrap();
         assert!(
-            message.contains("aloft.toml:3:1: mounts: volumes are not supported by aloft yet"),
-            "{message}"
+            report.ends_with(", volume data at /data (10 GB when created)"),
+            "{report}"
         );
-        assert!(hint.is_some());
-        assert_eq!(code, 1);
+        let machines: serde_json::Value =
+            serde_json::from_str(&show(&path, &loaded, false, true).unwrap()).unwrap();
+        assert_eq!(
+            machines["app"]["mounts"],
+            serde_json::json!([{"name": "data", "path": "/data", "size_gb": 10}])
+        );
     }
 
     #[test]

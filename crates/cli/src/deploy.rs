@@ -369,7 +369,10 @@ fn expand(
     let files = DiskFiles::next_to(path);
     let opts = ExpandOptions {
         image: Some(image),
-        mounts: MountPolicy::Refuse,
+        // `[[mounts]]` go to aloftd described by volume name and path: the release gives each
+        // machine an unattached volume of that name in its region, or a new one of
+        // `initial_size`.
+        mounts: MountPolicy::Describe,
         files: &files,
     };
     loaded

@@ -508,7 +508,7 @@ mod tests {
         let groups = c
             .expand(&aloft_config::ExpandOptions {
                 image: Some("r/web:1"),
-                mounts: aloft_config::MountPolicy::Refuse,
+                mounts: aloft_config::MountPolicy::Describe,
                 files: &files,
             })
             .unwrap();

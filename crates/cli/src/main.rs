@@ -1,7 +1,7 @@
 //! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft apps …`,
-//! `aloft machine …`, `aloft logs`, `aloft images …`, `aloft config …`, `aloft completion`),
-//! each subcommand in its own file with the same shape (clap args struct, `run(ctx, args)`), and
-//! errors that say what to do next.
+//! `aloft machine …`, `aloft volumes …`, `aloft logs`, `aloft images …`, `aloft config …`,
+//! `aloft completion`), each subcommand in its own file with the same shape (clap args struct,
+//! `run(ctx, args)`), and errors that say what to do next.
 //!
 //! The CLI talks to the platform through `aloft-client` → `aloft-api` (`cli → client → api`), as
 //! `aloft apps` does. **Temporary deviation:** until `aloftd` serves images through the agent's
@@ -32,6 +32,7 @@ mod scale;
 mod secrets;
 mod spinner;
 mod status;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,9 @@ enum Command {
     /// Custom domains' TLS certificates (add, list, show, check, remove) and the edge CA's root.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Persistent volumes: create, list, show, extend, update, destroy.
+    #[command(subcommand, visible_alias = "vol", alias = "volume")]
+    Volumes(volumes::VolumesCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion(completion::CompletionArgs),
 }
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
             Command::Scale(cmd) => scale::run(&ctx, cmd).await,
             Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
             Command::Certs(cmd) => certs::run(&ctx, cmd).await,
+            Command::Volumes(cmd) => volumes::run(&ctx, cmd).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }
@@ -170,7 +175,16 @@ mod tests {
             panic!("not completion");
         };
         let script = String::from_utf8(completion::script::<Cli>(&args)).unwrap();
-        for word in ["machine", "logs", "apps", "--no-tail", "--vm-memory", "uncordon"] {
+        for word in [
+            "machine",
+            "logs",
+            "apps",
+            "--no-tail",
+            "--vm-memory",
+            "uncordon",
+            "volumes",
+            "--scheduled-snapshots",
+        ] {
             assert!(script.contains(word), "{word}");
         }
     }

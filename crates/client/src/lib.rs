@@ -9,7 +9,9 @@
 //! same paths (`machines_list`, `machine_*`, `lease_*`, `metadata_*`; see `machines.rs`), and
 //! aloft's log endpoint as a stream of [`aloft_api::LogEntry`] ([`Client::logs`]), and releases
 //! (`release_create`, `releases_list`, `release_get`, `release_events` as a stream of
-//! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`). A lease's
+//! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`), secrets, certificates
+//! and volumes (`volumes_list`, `volume_create`, `volume_get`, `volume_update`, `volume_extend`,
+//! `volume_delete`; see `volumes.rs`). A lease's
 //! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
 //!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
@@ -35,6 +37,7 @@ mod machines;
 mod platform;
 mod releases;
 mod secrets;
+mod volumes;
 
 pub use logs::{LogStream, LogsQuery, NdjsonStream};
 pub use machines::{ListMachinesParams, RestartParams, WaitParams};

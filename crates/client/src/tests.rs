@@ -685,3 +685,95 @@ async fn release_endpoints_use_their_paths_and_stream_events() {
     assert_eq!(sent["strategy"], "rolling");
     assert!(requests[4].ends_with(r#"{"version":1}"#), "{}", requests[4]);
 }
+
+const VOLUME: &str = r#"{"id":"vol_4yx0jvqe1x1dj7gr","name":"data","state":"created","region":"local","zone":"host1","size_gb":1,"encrypted":false,"fstype":"ext4","created_at":"2026-01-01T00:00:00Z"}"#;
+
+#[tokio::test]
+async fn volume_endpoints_use_flys_paths_and_bodies() {
+    let extended = VOLUME.replace(r#""size_gb":1"#, r#""size_gb":3"#);
+    let destroyed = VOLUME.replace(r#""state":"created""#, r#""state":"destroyed""#);
+    let (url, server) = serve(vec![
+        json("200 OK", &format!("[{VOLUME}]")),
+        json("200 OK", VOLUME),
+        json("200 OK", VOLUME),
+        json("200 OK", VOLUME),
+        json(
+            "200 OK",
+            &format!(r#"{{"needs_restart":true,"volume":{extended}}}"#),
+        ),
+        json(
+            "412 Precondition Failed",
+            r#"{"error":"volume vol_4yx0jvqe1x1dj7gr is mounted by machine 3d8d413b29d089"}"#,
+        ),
+        json("200 OK", &destroyed),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let id = "vol_4yx0jvqe1x1dj7gr";
+    let list = client.volumes_list("web").await.unwrap();
+    assert_eq!(list[0].id.as_str(), id);
+    assert_eq!(list[0].state, aloft_api::VolumeState::Created);
+    let created = client
+        .volume_create(
+            "web",
+            &aloft_api::CreateVolumeRequest {
+                name: "data".into(),
+                size_gb: Some(1),
+                encrypted: Some(false),
+                region: Some("local".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.name, "data");
+    assert_eq!(client.volume_get("web", id).await.unwrap().size_gb, 1);
+    client
+        .volume_update(
+            "web",
+            id,
+            &aloft_api::UpdateVolumeRequest {
+                snapshot_retention: Some(7),
+                auto_backup_enabled: Some(false),
+            },
+        )
+        .await
+        .unwrap();
+    let ext = client.volume_extend("web", id, 3).await.unwrap();
+    assert!(ext.needs_restart);
+    assert_eq!(ext.volume.size_gb, 3);
+    let e = client.volume_delete("web", id).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Api { status: 412, message } if message.contains("3d8d413b29d089")),
+        "{e:?}"
+    );
+    let gone = client.volume_delete("web", id).await.unwrap();
+    assert_eq!(gone.state, aloft_api::VolumeState::Destroyed);
+
+    let requests = server.await.unwrap();
+    let heads: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        heads,
+        [
+            "GET /v1/apps/web/volumes HTTP/1.1",
+            "POST /v1/apps/web/volumes HTTP/1.1",
+            "GET /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr HTTP/1.1",
+            "PUT /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr HTTP/1.1",
+            "PUT /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr/extend HTTP/1.1",
+            "DELETE /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr HTTP/1.1",
+            "DELETE /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr HTTP/1.1",
+        ]
+    );
+    let body = |i: usize| -> serde_json::Value {
+        serde_json::from_str(requests[i].split_once("\r\n\r\n").unwrap().1).unwrap()
+    };
+    assert_eq!(
+        body(1),
+        serde_json::json!({"name": "data", "region": "local", "size_gb": 1, "encrypted": false})
+    );
+    assert_eq!(
+        body(3),
+        serde_json::json!({"auto_backup_enabled": false, "snapshot_retention": 7})
+    );
+    assert_eq!(body(4), serde_json::json!({"size_gb": 3}));
+}

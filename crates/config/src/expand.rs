@@ -26,11 +26,12 @@ pub const RELEASE_COMMAND_GROUP: &str = "fly_app_release_command";
 /// What to do with `[[mounts]]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MountPolicy {
-    /// Refuse: aloft has no volumes yet, so a config with mounts can't be deployed.
+    /// Refuse: for a caller that can't give machines volumes, a config with mounts is an error.
     #[default]
     Refuse,
-    /// Describe the mounts (volume name and path, no volume id), as flyctl does before the
-    /// deploy assigns volumes. For `config show` and tests.
+    /// Describe the mounts (volume name as `name`, path, `initial_size` as `size_gb`, no volume
+    /// id), as flyctl does before its deploy assigns volumes; aloftd's release job assigns each
+    /// machine its volume.
     Describe,
 }
 
@@ -196,7 +197,7 @@ impl AppConfig {
                 MountPolicy::Refuse => errors.push(Diagnostic {
                     origin: m.origin.clone(),
                     message: format!(
-                        "volumes are not supported by aloft yet, so volume {:?} can't be mounted at {:?}; remove this mount to deploy without it (files written there will not survive a restart)",
+                        "mounts are not accepted here, so volume {:?} can't be mounted at {:?}; remove this mount to go on without it (files written there will not survive a restart)",
                         m.source, m.destination
                     ),
                 }),

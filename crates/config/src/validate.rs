@@ -117,13 +117,15 @@ pub(crate) fn validate(ctx: &mut Ctx<'_>, cfg: &AppConfig) {
     }
 
     if let Some(deploy) = &cfg.deploy
-        && deploy.strategy.as_deref() == Some("canary")
+        && let Some(strategy @ ("canary" | "bluegreen")) = deploy.strategy.as_deref()
         && let Some(m) = cfg.mounts.first()
     {
         let origin = cfg.origins.get("deploy").unwrap_or(&m.origin);
         ctx.error_at(
             origin,
-            "the canary strategy can't be used with mounts (a volume can't be shared with the canary); use rolling or bluegreen",
+            format!(
+                "the {strategy} strategy can't be used with mounts (it runs a new machine beside the one it replaces, and a volume is mounted by one machine at a time); use rolling or immediate"
+            ),
         );
     }
 }

@@ -106,7 +106,7 @@ mod tests {
                     continue;
                 }
             };
-            // Until volumes exist, a file with mounts is refused, naming each mount's line.
+            // Under the refusing policy, a file with mounts is refused, naming each mount's line.
             match (
                 expand(&loaded, MountPolicy::Refuse),
                 loaded.config.mounts.is_empty(),
@@ -114,7 +114,7 @@ mod tests {
                 (Ok(_), true) => {}
                 (Err(e), false) => {
                     for line in e.lines() {
-                        if !line.contains("volumes are not supported by aloft yet") {
+                        if !line.contains("mounts are not accepted here") {
                             failures.push(format!("{name}: unexpected expansion error {line}"));
                         }
                     }
@@ -329,7 +329,7 @@ mod tests {
         let refused = strip_dir(&expand(&loaded, MountPolicy::Refuse).unwrap_err());
         assert_eq!(
             refused,
-            "26-rubys-showcase.toml:11:1: mounts[0]: volumes are not supported by aloft yet, so volume \"smooth_volume\" can't be mounted at \"/data\"; remove this mount to deploy without it (files written there will not survive a restart)"
+            "26-rubys-showcase.toml:11:1: mounts[0]: mounts are not accepted here, so volume \"smooth_volume\" can't be mounted at \"/data\"; remove this mount to go on without it (files written there will not survive a restart)"
         );
         // 11: the legacy singular [mount].
         assert_eq!(

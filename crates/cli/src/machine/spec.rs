@@ -1,13 +1,14 @@
 //! The flags that shape a machine's config (`aloft machine run` and `update`) and how they map
 //! onto a `MachineConfig`, with flyctl's spellings: `-p 80:8080/tcp:http:tls`, `-e K=V`,
 //! `--metadata K=V`, `--restart no|always|on-fail`, `--rm`, `--entrypoint`, `--vm-size`,
-//! `--vm-cpus`, `--vm-memory`, `--vm-cpu-kind`.
+//! `--vm-cpus`, `--vm-memory`, `--vm-cpu-kind`, `-v vol_…:/data`.
 
 use std::collections::BTreeMap;
 
 use aloft_api::{
     CPU_KIND_PERFORMANCE, CPU_KIND_SHARED, DEFAULT_VM_SIZE, GUEST_PRESETS, GuestPreset, MachineConfig,
-    MachineGuest, MachineInit, MachinePort, MachineRestart, MachineService, RestartPolicy,
+    MachineGuest, MachineInit, MachineMount, MachinePort, MachineRestart, MachineService, RestartPolicy,
+    VolumeId,
 };
 use clap::Args;
 
@@ -51,6 +52,10 @@ pub(crate) struct ConfigFlags {
     /// CPU kind: shared or performance.
     #[arg(long = "vm-cpu-kind", visible_alias = "cpu-kind", value_name = "KIND")]
     pub(crate) vm_cpu_kind: Option<String>,
+    /// Mount a volume: VOLUME_ID:/PATH, e.g. vol_4yx0jvqe1x1dj7gr:/data (the id from aloft
+    /// volumes list; the machine runs on the volume's host). One per machine.
+    #[arg(short = 'v', long = "volume", value_name = "ID:PATH")]
+    pub(crate) volumes: Vec<String>,
 }
 
 fn usage(message: String, hint: &str) -> anyhow::Error {
@@ -122,6 +127,40 @@ pub(crate) fn parse_port(spec: &str) -> anyhow::Result<PortSpec> {
         machine,
         protocol,
         handlers,
+    })
+}
+
+/// Parses `--volume VOLUME_ID:/PATH` into a mount of that volume (aloftd fills in its name and
+/// size). Only ids: a volume's name may be shared by several volumes.
+pub(crate) fn parse_volume(spec: &str) -> anyhow::Result<MachineMount> {
+    let hint = "write --volume VOLUME_ID:/PATH, e.g. --volume vol_4yx0jvqe1x1dj7gr:/data \
+                (aloft volumes list shows the ids; aloft volumes create NAME makes one)";
+    let bad = |why: String| usage(format!("invalid --volume {spec:?}: {why}"), hint);
+    let Some((id, path)) = spec.trim().split_once(':') else {
+        return Err(bad("expected VOLUME_ID:/PATH".to_owned()));
+    };
+    let id = id.trim();
+    let id: VolumeId = id.parse().map_err(|_| {
+        if id.is_empty() {
+            bad("no volume id before the ':'".to_owned())
+        } else {
+            bad(format!(
+                "{id:?} is not a volume id (vol_ and lowercase letters and digits); a volume is \
+                 named here by its id, not its name"
+            ))
+        }
+    })?;
+    let path = path.trim();
+    if path.contains(':') {
+        return Err(bad("mount options (ID:PATH:OPTIONS) are not supported".to_owned()));
+    }
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() {
+        return Err(bad(format!("the mount path {path:?} must be absolute and not /")));
+    }
+    Ok(MachineMount {
+        volume: Some(id.to_string()),
+        path: Some(path.to_owned()),
+        ..MachineMount::default()
     })
 }
 
@@ -252,7 +291,7 @@ fn guest(base: Option<MachineGuest>, flags: &ConfigFlags) -> anyhow::Result<Opti
 
 /// Applies the flags to `config`: env and metadata are merged (a flag wins over what is there),
 /// `-p` replaces the services, `--restart`/`--rm` the restart policy, `--entrypoint` and a
-/// non-empty `cmd` the init's entrypoint and command. Returns whether anything was given.
+/// non-empty `cmd` the init's entrypoint and command, `--volume` the mount.
 pub(crate) fn apply(config: &mut MachineConfig, flags: &ConfigFlags, cmd: &[String]) -> anyhow::Result<()> {
     config.env.extend(parse_kvs("--env", &flags.env)?);
     config.metadata.extend(parse_kvs("--metadata", &flags.metadata)?);
@@ -296,6 +335,19 @@ pub(crate) fn apply(config: &mut MachineConfig, flags: &ConfigFlags, cmd: &[Stri
         config.init.get_or_insert_with(MachineInit::default).cmd = cmd.to_vec();
     }
     config.guest = guest(config.guest.take(), flags)?;
+    match flags.volumes.as_slice() {
+        [] => {}
+        [one] => config.mounts = vec![parse_volume(one)?],
+        [..] => {
+            return Err(usage(
+                format!(
+                    "{} volumes given: a machine mounts at most one",
+                    flags.volumes.len()
+                ),
+                "give --volume once",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -500,6 +552,63 @@ mod tests {
             ..ConfigFlags::default()
         };
         assert!(run_config("x", &[], &quotes).is_err());
+    }
+
+    #[test]
+    fn volumes_are_mounted_by_id() {
+        let config = run_config(
+            "busybox",
+            &[],
+            &ConfigFlags {
+                volumes: vec!["vol_4yx0jvqe1x1dj7gr:/data".into()],
+                ..ConfigFlags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&config.mounts).unwrap(),
+            json!([{"volume": "vol_4yx0jvqe1x1dj7gr", "path": "/data"}])
+        );
+        for (bad, why) in [
+            ("data:/data", "\"data\" is not a volume id"),
+            ("vol_4yx0jvqe1x1dj7gr", "expected VOLUME_ID:/PATH"),
+            (":/data", "no volume id"),
+            ("vol_4yx0jvqe1x1dj7gr:data", "must be absolute"),
+            ("vol_4yx0jvqe1x1dj7gr:/", "must be absolute and not /"),
+            ("vol_4yx0jvqe1x1dj7gr:/data:size=3", "mount options"),
+            ("VOL_X:/data", "is not a volume id"),
+        ] {
+            let e = parse_volume(bad).unwrap_err();
+            let (message, hint, code) = crate::errors::describe(&e);
+            assert!(message.starts_with("invalid --volume"), "{bad}: {message}");
+            assert!(message.contains(why), "{bad}: {message}");
+            assert!(hint.unwrap().contains("aloft volumes list"), "{bad}");
+            assert_eq!(code, 2);
+        }
+        let two = ConfigFlags {
+            volumes: vec![
+                "vol_4yx0jvqe1x1dj7gr:/data".into(),
+                "vol_0000000000000000:/more".into(),
+            ],
+            ..ConfigFlags::default()
+        };
+        let e = run_config("busybox", &[], &two).unwrap_err();
+        assert!(e.to_string().contains("at most one"), "{e}");
+        // update: --volume replaces the mount; no flag keeps it.
+        let mut config = config;
+        apply(&mut config, &ConfigFlags::default(), &[]).unwrap();
+        assert_eq!(config.mounts.len(), 1);
+        apply(
+            &mut config,
+            &ConfigFlags {
+                volumes: vec!["vol_0000000000000000:/srv".into()],
+                ..ConfigFlags::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.mounts[0].volume.as_deref(), Some("vol_0000000000000000"));
+        assert_eq!(config.mounts[0].path.as_deref(), Some("/srv"));
     }
 
     #[test]
