@@ -15,6 +15,14 @@ pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Size of `tag` + `chan`.
 const HEADER_AFTER_LEN: usize = 5;
 
+/// Version of the channel protocol init speaks, reported in [`GuestStatus::protocol`]; a host
+/// sends a frame only to an init whose version knows it (an unknown tag makes init drop what it
+/// received).
+///
+/// * 0: hello, exec (pipes), stdin, signal, stop, process list, set time.
+/// * 1: [`ExecRequest::tty`], [`Frame::Resize`], [`Frame::Credit`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// Output stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,6 +39,13 @@ impl DataStream {
             _ => None,
         }
     }
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// A command to run inside the running guest.
@@ -51,6 +66,13 @@ pub struct ExecRequest {
     /// is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size: it is the command's stdin, stdout and stderr (all
+    /// output arrives as [`DataStream::Stdout`]) and its controlling terminal; the command leads
+    /// its own session. Stdin frames are always accepted then, whatever `stdin` says. `TERM`
+    /// defaults to `xterm` when `env` has none. Needs [`PROTOCOL_VERSION`] 1 (an older init ignores
+    /// the field and runs the command on pipes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
 }
 
 /// How an exec'd command ended.
@@ -98,6 +120,9 @@ pub struct GuestStatus {
     /// Workload output bytes dropped because the host was away and the buffer was full.
     #[serde(default)]
     pub dropped_log_bytes: u64,
+    /// The channel protocol init speaks ([`PROTOCOL_VERSION`]; 0 from an init that predates it).
+    #[serde(default)]
+    pub protocol: u32,
 }
 
 /// A listening socket of a process.
@@ -137,15 +162,34 @@ pub enum Frame {
         chan: u32,
         req: ExecRequest,
     },
-    /// Bytes for session `chan`'s stdin; empty closes it.
+    /// Bytes for session `chan`'s stdin; empty closes it (on a terminal: writes the terminal's
+    /// EOF character, `^D`, and the terminal stays open).
     Stdin {
         chan: u32,
         data: Vec<u8>,
     },
-    /// Send `signal` to the workload (`chan = 0`) or to session `chan`'s process.
+    /// Send `signal` to the workload (`chan = 0`) or to session `chan`'s process (on a terminal:
+    /// to its process group).
     Signal {
         chan: u32,
         signal: i32,
+    },
+    /// Session `chan`'s terminal has a new size (the command gets SIGWINCH). Ignored for a session
+    /// without a terminal. Protocol 1.
+    Resize {
+        chan: u32,
+        rows: u16,
+        cols: u16,
+    },
+    /// Flow control of session `chan`'s output: init may send `bytes` more of it (stdout and
+    /// stderr together) in [`Frame::ExecOutput`]. A session is unlimited until its first credit,
+    /// which counts from the session's start: a host that sends [`Frame::Exec`] and then a credit
+    /// of W holds at most W bytes of that session's output it has not yet handed on and credited
+    /// back. Credit for an unknown session is ignored. A [`Frame::Hello`] lifts the limit of the
+    /// sessions running then (their credit came from a host that is gone). Protocol 1.
+    Credit {
+        chan: u32,
+        bytes: u32,
     },
     /// Graceful stop: send `signal` (the run config's stop signal when `None`) to the workload, wait
     /// up to `timeout_ms`, then SIGKILL it; init reports the exit and powers off.
@@ -201,6 +245,8 @@ mod tag {
     pub(super) const STOP: u8 = 5;
     pub(super) const LIST_PROCESSES: u8 = 6;
     pub(super) const SET_TIME: u8 = 7;
+    pub(super) const RESIZE: u8 = 8;
+    pub(super) const CREDIT: u8 = 9;
     pub(super) const STATUS: u8 = 64;
     pub(super) const LOG: u8 = 65;
     pub(super) const EXEC_STARTED: u8 = 66;
@@ -213,6 +259,17 @@ mod tag {
 #[derive(Serialize, Deserialize)]
 struct SignalBody {
     signal: i32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResizeBody {
+    rows: u16,
+    cols: u16,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CreditBody {
+    bytes: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -279,6 +336,18 @@ impl Frame {
             Self::Exec { chan, req } => json(out, tag::EXEC, *chan, req),
             Self::Stdin { chan, data: d } => data(out, tag::STDIN, *chan, 0, d),
             Self::Signal { chan, signal } => json(out, tag::SIGNAL, *chan, &SignalBody { signal: *signal }),
+            Self::Resize { chan, rows, cols } => {
+                json(
+                    out,
+                    tag::RESIZE,
+                    *chan,
+                    &ResizeBody {
+                        rows: *rows,
+                        cols: *cols,
+                    },
+                );
+            }
+            Self::Credit { chan, bytes } => json(out, tag::CREDIT, *chan, &CreditBody { bytes: *bytes }),
             Self::Stop { signal, timeout_ms } => {
                 json(
                     out,
@@ -364,6 +433,18 @@ impl Frame {
             tag::SIGNAL => Self::Signal {
                 chan,
                 signal: parse::<SignalBody>(t, payload)?.signal,
+            },
+            tag::RESIZE => {
+                let b: ResizeBody = parse(t, payload)?;
+                Self::Resize {
+                    chan,
+                    rows: b.rows,
+                    cols: b.cols,
+                }
+            }
+            tag::CREDIT => Self::Credit {
+                chan,
+                bytes: parse::<CreditBody>(t, payload)?.bytes,
             },
             tag::STOP => {
                 let b: StopBody = parse(t, payload)?;
@@ -474,7 +555,25 @@ mod tests {
                     working_dir: Some("/tmp".into()),
                     user: Some("nobody".into()),
                     stdin: true,
+                    tty: None,
                 },
+            },
+            Frame::Exec {
+                chan: 8,
+                req: ExecRequest {
+                    argv: vec!["/bin/sh".into()],
+                    tty: Some(TtySize { rows: 40, cols: 120 }),
+                    ..ExecRequest::default()
+                },
+            },
+            Frame::Resize {
+                chan: 8,
+                rows: 50,
+                cols: 200,
+            },
+            Frame::Credit {
+                chan: 8,
+                bytes: 256 * 1024,
             },
             Frame::Stdin {
                 chan: 7,
@@ -504,6 +603,7 @@ mod tests {
                 },
                 uptime_ms: 1234,
                 dropped_log_bytes: 0,
+                protocol: PROTOCOL_VERSION,
             }),
             Frame::Status(GuestStatus {
                 workload: WorkloadState::Failed {
@@ -511,6 +611,7 @@ mod tests {
                 },
                 uptime_ms: 1,
                 dropped_log_bytes: 5,
+                protocol: 0,
             }),
             Frame::Log {
                 stream: DataStream::Stderr,
@@ -592,6 +693,78 @@ mod tests {
             let mut dec = Decoder::new();
             dec.push(&wire);
             assert!(dec.next_frame().is_err(), "body {body:?} should be rejected");
+        }
+    }
+
+    /// The body an older host sends (no `tty`) and an older init reports (no `protocol`).
+    #[test]
+    fn old_exec_requests_and_statuses_still_decode() {
+        let body = br#"{"argv":["/bin/cat"],"env":[],"working_dir":null,"user":null,"stdin":true}"#;
+        let mut wire = u32::try_from(5 + body.len()).unwrap().to_le_bytes().to_vec();
+        wire.push(tag::EXEC);
+        wire.extend_from_slice(&7u32.to_le_bytes());
+        wire.extend_from_slice(body);
+        let mut dec = Decoder::new();
+        dec.push(&wire);
+        let Some(Frame::Exec { chan: 7, req }) = dec.next_frame().unwrap() else {
+            panic!("not an exec frame");
+        };
+        assert_eq!(req.tty, None);
+        assert!(req.stdin);
+        assert_eq!(req.argv, ["/bin/cat"]);
+
+        let status: GuestStatus =
+            serde_json::from_str(r#"{"workload":{"state":"starting"},"uptime_ms":3}"#).unwrap();
+        assert_eq!(status.protocol, 0);
+    }
+
+    /// `tty` is left out when unset (an older init sees the request it always saw) and is
+    /// `{"rows":…,"cols":…}` when set.
+    #[test]
+    fn tty_field_on_the_wire() {
+        let plain = serde_json::to_value(ExecRequest::default()).unwrap();
+        assert!(plain.get("tty").is_none(), "{plain}");
+        let tty = serde_json::to_value(ExecRequest {
+            tty: Some(TtySize { rows: 40, cols: 120 }),
+            ..ExecRequest::default()
+        })
+        .unwrap();
+        assert_eq!(tty["tty"], serde_json::json!({"rows": 40, "cols": 120}));
+    }
+
+    /// The new frames' tags and bodies are part of the contract with already-built guests.
+    #[test]
+    fn resize_and_credit_wire_format() {
+        let body = |f: &Frame| f.to_bytes()[4..].to_vec();
+        let mut want = vec![8, 3, 0, 0, 0];
+        want.extend_from_slice(br#"{"rows":40,"cols":120}"#);
+        assert_eq!(
+            body(&Frame::Resize {
+                chan: 3,
+                rows: 40,
+                cols: 120
+            }),
+            want
+        );
+        let mut want = vec![9, 3, 0, 0, 0];
+        want.extend_from_slice(br#"{"bytes":65536}"#);
+        assert_eq!(
+            body(&Frame::Credit {
+                chan: 3,
+                bytes: 65536
+            }),
+            want
+        );
+        for bad in [
+            vec![tag::RESIZE, 1, 0, 0, 0],
+            [&[tag::RESIZE, 1, 0, 0, 0][..], br#"{"rows":-1,"cols":2}"#].concat(),
+            [&[tag::CREDIT, 1, 0, 0, 0][..], br#"{"bytes":"x"}"#].concat(),
+        ] {
+            let mut wire = u32::try_from(bad.len()).unwrap().to_le_bytes().to_vec();
+            wire.extend_from_slice(&bad);
+            let mut dec = Decoder::new();
+            dec.push(&wire);
+            assert!(dec.next_frame().is_err(), "body {bad:?} should be rejected");
         }
     }
 

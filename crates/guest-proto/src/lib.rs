@@ -18,7 +18,7 @@ mod run_config;
 
 pub use frame::{
     DataStream, DecodeError, Decoder, ExecExit, ExecRequest, Frame, GuestStatus, ListenSocket, MAX_FRAME_LEN,
-    ProcessInfo, WorkloadExit, WorkloadState,
+    PROTOCOL_VERSION, ProcessInfo, TtySize, WorkloadExit, WorkloadState,
 };
 pub use run_config::{
     DnsConfig, EtcHost, ExposedPort, FileSpec, ImageConfig, IpNet, MountSpec, NetConfig,

@@ -16,6 +16,7 @@ mod boot;
 mod channel;
 mod console;
 mod procs;
+mod session;
 mod spawn;
 mod spec;
 mod supervisor;

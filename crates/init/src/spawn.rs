@@ -78,8 +78,15 @@ pub(crate) fn spawn(launch: &Launch, stdin_pipe: bool) -> Result<Spawned, String
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
-    sys::prepare_child(&mut cmd, &launch.cred, &launch.program, &launch.argv, &launch.env)
-        .map_err(exec_err)?;
+    sys::prepare_child(
+        &mut cmd,
+        &launch.cred,
+        &launch.program,
+        &launch.argv,
+        &launch.env,
+        false,
+    )
+    .map_err(exec_err)?;
     let mut child = cmd.spawn().map_err(exec_err)?;
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let stdin = child.stdin.take().map(nonblocking).transpose()?;
@@ -92,4 +99,33 @@ pub(crate) fn spawn(launch: &Launch, stdin_pipe: bool) -> Result<Spawned, String
         stdout: nonblocking(stdout)?,
         stderr: nonblocking(stderr)?,
     })
+}
+
+/// Forks and execs `launch` on a new pseudo-terminal of `rows` × `cols`: the slave is its stdin,
+/// stdout and stderr and the controlling terminal of its new session; it owns the slave (as after
+/// a login). Returns the pid and the master, non-blocking; init keeps no descriptor of the slave,
+/// so reading the master fails with EIO once every process of the session closed it.
+pub(crate) fn spawn_tty(launch: &Launch, rows: u16, cols: u16) -> Result<(i32, File), String> {
+    let (master, slave) = sys::open_pty(rows, cols).map_err(|e| format!("allocate a terminal: {e}"))?;
+    let _ = std::os::unix::fs::fchown(&slave, Some(launch.cred.uid), None);
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("duplicate the terminal: {e}"));
+    let mut cmd = Command::new(&launch.program);
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
+    let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
+    sys::prepare_child(
+        &mut cmd,
+        &launch.cred,
+        &launch.program,
+        &launch.argv,
+        &launch.env,
+        true,
+    )
+    .map_err(exec_err)?;
+    let child = cmd.spawn().map_err(exec_err)?;
+    // The command holds init's copies of the slave until it is dropped.
+    drop(cmd);
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    Ok((pid, nonblocking(master)?))
 }

@@ -3,17 +3,16 @@
 //! powers the machine off when the workload ends.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use aloft_guest_proto::{
     CONSOLE_ERROR_MARKER, CONSOLE_EXIT_MARKER, DataStream, ExecExit, ExecRequest, Frame, GuestStatus,
-    WorkloadExit, WorkloadState,
+    PROTOCOL_VERSION, WorkloadExit, WorkloadState,
 };
 
 use crate::channel::{CHUNK, Channel};
+use crate::session::{Chunk, Pipes, Session};
 use crate::spawn::{self, Launch, Spawned};
 use crate::sys::{self, Ended};
 use crate::{console, procs, spec};
@@ -22,6 +21,19 @@ use crate::{console, procs, spec};
 const SIGNAL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the channel's connection is re-checked while no host is connected.
 const RECONNECT_POLL_MS: i32 = 50;
+
+/// An exec session's environment: the workload's, then the request's; on a terminal `TERM` is
+/// `xterm` unless the request sets it (the workload's own `TERM` describes no terminal of the user's).
+fn exec_env(workload: &[(String, String)], req: &ExecRequest) -> Vec<(String, String)> {
+    let mut env = workload.to_vec();
+    for (k, v) in &req.env {
+        spec::set_env(&mut env, k, v);
+    }
+    if req.tty.is_some() && !req.env.iter().any(|(k, _)| k == "TERM") {
+        spec::set_env(&mut env, "TERM", "xterm");
+    }
+    env
+}
 
 /// Milliseconds since boot (`/proc/uptime`).
 pub(crate) fn uptime_ms() -> u64 {
@@ -56,87 +68,6 @@ pub(crate) struct Workload {
     pub(crate) launch: Launch,
     pub(crate) user_spec: String,
     pub(crate) stop_signal: i32,
-}
-
-/// Output pipes of a process; `None` once at EOF.
-#[derive(Debug, Default)]
-struct Pipes {
-    stdout: Option<File>,
-    stderr: Option<File>,
-}
-
-impl Pipes {
-    fn closed(&self) -> bool {
-        self.stdout.is_none() && self.stderr.is_none()
-    }
-
-    fn get(&mut self, stream: DataStream) -> &mut Option<File> {
-        match stream {
-            DataStream::Stdout => &mut self.stdout,
-            DataStream::Stderr => &mut self.stderr,
-        }
-    }
-
-    /// Reads one chunk from `stream`: `Some(data)`, or `None` when nothing is waiting. EOF closes it.
-    fn read_chunk(&mut self, stream: DataStream) -> Option<Vec<u8>> {
-        let slot = self.get(stream);
-        let file = slot.as_mut()?;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => {
-                    *slot = None;
-                    return None;
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Some(buf);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                Err(_) => {
-                    *slot = None;
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Session {
-    pid: i32,
-    pipes: Pipes,
-    stdin: Option<File>,
-    stdin_buf: Vec<u8>,
-    close_stdin: bool,
-    exit: Option<ExecExit>,
-}
-
-impl Session {
-    /// Writes buffered stdin without blocking; closes it when asked and drained.
-    fn pump_stdin(&mut self) {
-        if let Some(f) = &mut self.stdin {
-            while !self.stdin_buf.is_empty() {
-                match f.write(&self.stdin_buf) {
-                    Ok(n) => {
-                        self.stdin_buf.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(_) => {
-                        // EPIPE: the process closed its stdin.
-                        self.stdin = None;
-                        self.stdin_buf.clear();
-                        return;
-                    }
-                }
-            }
-        }
-        if self.close_stdin && self.stdin_buf.is_empty() {
-            self.stdin = None;
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +116,7 @@ impl Supervisor {
             workload: self.state.clone(),
             uptime_ms: uptime_ms(),
             dropped_log_bytes: self.ch.dropped_log_bytes,
+            protocol: PROTOCOL_VERSION,
         })
     }
 
@@ -256,26 +188,30 @@ impl Supervisor {
                     add(f.as_raw_fd(), libc::POLLIN, Source::Workload(stream));
                 }
             }
-            for (&chan, s) in &mut self.sessions {
-                for stream in [DataStream::Stdout, DataStream::Stderr] {
-                    if let Some(f) = s.pipes.get(stream) {
-                        add(f.as_raw_fd(), libc::POLLIN, Source::SessionOut(chan, stream));
-                    }
+            for (&chan, s) in &self.sessions {
+                for (fd, stream) in s.output_fds() {
+                    add(fd, libc::POLLIN, Source::SessionOut(chan, stream));
                 }
             }
         }
         for (&chan, s) in &self.sessions {
-            if let (Some(f), false) = (&s.stdin, s.stdin_buf.is_empty()) {
-                add(f.as_raw_fd(), libc::POLLOUT, Source::SessionIn(chan));
+            if let Some(fd) = s.stdin_fd() {
+                add(fd, libc::POLLOUT, Source::SessionIn(chan));
             }
         }
         let mut timeout = -1;
         if self.ch.exists() && !self.ch.connected() {
             timeout = RECONNECT_POLL_MS;
         }
-        if let Some(at) = self.kill_at {
-            let left =
-                i32::try_from(at.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i32::MAX);
+        let may_read = self.ch.accepts_output();
+        let wake = self.sessions.values().filter_map(|s| s.wake_at(may_read));
+        if let Some(at) = self.kill_at.into_iter().chain(wake).min() {
+            // Rounded up: waking a little early would only poll again for the rest.
+            let left = at
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            let left = i32::try_from(left).unwrap_or(i32::MAX);
             timeout = if timeout < 0 { left } else { timeout.min(left) };
         }
         if let Err(e) = sys::poll(&mut fds, timeout) {
@@ -295,7 +231,7 @@ impl Supervisor {
                     }
                 }
                 Source::Workload(stream) => {
-                    if let Some(data) = self.pipes.read_chunk(stream) {
+                    if let Chunk::Data(data) = self.pipes.read_chunk(stream, CHUNK) {
                         self.ch.log(stream, &data);
                     }
                 }
@@ -322,23 +258,32 @@ impl Supervisor {
         let Some(s) = self.sessions.get_mut(&chan) else {
             return;
         };
-        if let Some(data) = s.pipes.read_chunk(stream) {
+        if let Some(data) = s.read(stream) {
             self.ch.send(&Frame::ExecOutput { chan, stream, data });
         }
     }
 
-    /// Sends `ExecExited` for sessions whose process was reaped and whose output hit EOF.
+    /// Sends `ExecExited` for sessions whose process was reaped and whose output is all sent.
     fn finish_sessions(&mut self) {
-        let done: Vec<u32> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.exit.is_some() && s.pipes.closed())
-            .map(|(&c, _)| c)
-            .collect();
-        for chan in done {
-            if let Some(exit) = self.sessions.remove(&chan).and_then(|s| s.exit) {
-                self.ch.send(&Frame::ExecExited { chan, exit });
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let mut last = Vec::new();
+        for (&chan, s) in &mut self.sessions {
+            let exit = s.settle(now, self.ch.accepts_output(), &mut last);
+            for data in last.drain(..) {
+                self.ch.send(&Frame::ExecOutput {
+                    chan,
+                    stream: DataStream::Stdout,
+                    data,
+                });
             }
+            if let Some(exit) = exit {
+                done.push((chan, exit));
+            }
+        }
+        for (chan, exit) in done {
+            self.sessions.remove(&chan);
+            self.ch.send(&Frame::ExecExited { chan, exit });
         }
     }
 
@@ -358,12 +303,8 @@ impl Supervisor {
         while let Some((pid, how)) = sys::reap_one() {
             if pid == self.pid && self.ended.is_none() {
                 self.ended = Some(how);
-            } else if let Some(s) = self
-                .sessions
-                .values_mut()
-                .find(|s| s.pid == pid && s.exit.is_none())
-            {
-                s.exit = Some(match how {
+            } else if let Some(s) = self.sessions.values_mut().find(|s| s.pid == pid && s.running()) {
+                let exit = match how {
                     Ended::Code(c) => ExecExit {
                         exit_code: Some(c),
                         signal: None,
@@ -372,7 +313,8 @@ impl Supervisor {
                         exit_code: None,
                         signal: Some(sig),
                     },
-                });
+                };
+                s.exited(exit, Instant::now());
             }
         }
     }
@@ -393,20 +335,34 @@ impl Supervisor {
     fn on_frame(&mut self, frame: Frame) {
         match frame {
             Frame::Hello => {
+                // A host that (re)connects did not grant the running sessions' credit: were it a
+                // new one (the agent restarted), they would wait for credit forever.
+                for s in self.sessions.values_mut() {
+                    s.lift_credit();
+                }
                 let status = self.status();
                 self.ch.hello(&status);
             }
             Frame::Exec { chan, req } => self.exec(chan, req),
             Frame::Stdin { chan, data } => {
                 if let Some(s) = self.sessions.get_mut(&chan) {
-                    if data.is_empty() {
-                        s.close_stdin = true;
-                    } else if s.stdin.is_some() {
-                        s.stdin_buf.extend_from_slice(&data);
-                    }
-                    s.pump_stdin();
+                    s.input(&data);
                 } else {
                     self.error(chan, format!("no such session: {chan}"));
+                }
+            }
+            Frame::Resize { chan, rows, cols } => match self.sessions.get(&chan) {
+                Some(s) => {
+                    if let Err(e) = s.resize(rows, cols) {
+                        self.error(chan, format!("resize the terminal of session {chan}: {e}"));
+                    }
+                }
+                None => self.error(chan, format!("no such session: {chan}")),
+            },
+            Frame::Credit { chan, bytes } => {
+                // Credit can race the session's end: an unknown session is no error.
+                if let Some(s) = self.sessions.get_mut(&chan) {
+                    s.credit(bytes);
                 }
             }
             Frame::Signal { chan: 0, signal } => {
@@ -419,8 +375,8 @@ impl Supervisor {
                 }
             }
             Frame::Signal { chan, signal } => match self.sessions.get(&chan) {
-                Some(s) if s.exit.is_none() => {
-                    if let Err(e) = sys::kill(s.pid, signal) {
+                Some(s) if s.running() => {
+                    if let Err(e) = s.signal(signal) {
                         self.error(chan, format!("signal {signal} to session {chan}: {e}"));
                     }
                 }
@@ -453,10 +409,7 @@ impl Supervisor {
         };
         let user_spec = req.user.as_deref().unwrap_or(&w.user_spec);
         let workdir = req.working_dir.as_deref().unwrap_or(&w.launch.cred.workdir);
-        let mut env = w.launch.env.clone();
-        for (k, v) in &req.env {
-            spec::set_env(&mut env, k, v);
-        }
+        let mut env = exec_env(&w.launch.env, &req);
         let other_user = req.user.is_some();
         let started = spawn::lookup_user(user_spec)
             .and_then(|user| {
@@ -466,24 +419,11 @@ impl Supervisor {
                 }
                 spawn::prepare(req.argv, env, &user, workdir)
             })
-            .and_then(|launch| spawn::spawn(&launch, req.stdin));
+            .and_then(|launch| Session::start(&launch, req.stdin, req.tty));
         match started {
-            Ok(p) => {
-                self.ch.send(&Frame::ExecStarted { chan, pid: p.pid });
-                self.sessions.insert(
-                    chan,
-                    Session {
-                        pid: p.pid,
-                        pipes: Pipes {
-                            stdout: Some(p.stdout),
-                            stderr: Some(p.stderr),
-                        },
-                        stdin: p.stdin,
-                        stdin_buf: Vec::new(),
-                        close_stdin: false,
-                        exit: None,
-                    },
-                );
+            Ok(s) => {
+                self.ch.send(&Frame::ExecStarted { chan, pid: s.pid });
+                self.sessions.insert(chan, s);
             }
             Err(message) => self.error(chan, message),
         }
@@ -493,7 +433,7 @@ impl Supervisor {
     fn finish(&mut self, ended: Ended) -> ! {
         // Whatever it wrote before exiting is in the pipes: forward it before the exit.
         for stream in [DataStream::Stdout, DataStream::Stderr] {
-            while let Some(data) = self.pipes.read_chunk(stream) {
+            while let Chunk::Data(data) = self.pipes.read_chunk(stream, CHUNK) {
                 self.ch.log(stream, &data);
             }
         }
@@ -592,5 +532,40 @@ impl Supervisor {
             console::diag(&format!("power off: {e}"));
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aloft_guest_proto::TtySize;
+
+    use super::*;
+
+    #[test]
+    fn term_defaults_to_xterm_on_a_terminal_only() {
+        let workload = vec![
+            ("PATH".to_owned(), "/bin".to_owned()),
+            ("TERM".to_owned(), "dumb".to_owned()),
+        ];
+        let get = |env: &[(String, String)], k: &str| spec::get_env(env, k).map(str::to_owned);
+        let tty = Some(TtySize { rows: 24, cols: 80 });
+        let plain = ExecRequest::default();
+        assert_eq!(get(&exec_env(&workload, &plain), "TERM").as_deref(), Some("dumb"));
+        let on_tty = ExecRequest {
+            tty,
+            ..ExecRequest::default()
+        };
+        let env = exec_env(&workload, &on_tty);
+        assert_eq!(get(&env, "TERM").as_deref(), Some("xterm"));
+        assert_eq!(get(&env, "PATH").as_deref(), Some("/bin"));
+        let own = ExecRequest {
+            tty,
+            env: vec![("TERM".into(), "screen-256color".into())],
+            ..ExecRequest::default()
+        };
+        assert_eq!(
+            get(&exec_env(&workload, &own), "TERM").as_deref(),
+            Some("screen-256color")
+        );
     }
 }

@@ -2,13 +2,15 @@
 //! with unsafe code; everything else calls these safe functions.
 #![expect(
     unsafe_code,
-    reason = "PID 1 needs raw syscalls: mount, reboot, signalfd, poll, waitpid, kill"
+    reason = "PID 1 needs raw syscalls: mount, reboot, signalfd, poll, waitpid, kill, terminal ioctls"
 )]
 
 use std::ffi::{CString, OsStr};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -171,9 +173,14 @@ pub(crate) enum Ended {
 
 /// Reaps one exited child without blocking: `Some((pid, how))`, or `None` when none is waiting.
 pub(crate) fn reap_one() -> Option<(i32, Ended)> {
+    reap(-1)
+}
+
+/// Reaps child `pid` (any child for -1) without blocking.
+pub(crate) fn reap(pid: i32) -> Option<(i32, Ended)> {
     let mut status = 0;
     // SAFETY: `status` is a valid out pointer.
-    let pid = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
+    let pid = unsafe { libc::waitpid(pid, &raw mut status, libc::WNOHANG) };
     if pid <= 0 {
         return None;
     }
@@ -225,6 +232,56 @@ pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A new pseudo-terminal of `rows` × `cols`: the master (close-on-exec, blocking) and the slave
+/// (close-on-exec, not a controlling terminal of init). The slave is opened from the master
+/// (`TIOCGPTPEER`), so no `/dev/pts` path is looked up.
+pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(File, OwnedFd)> {
+    let master = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open("/dev/ptmx")?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int through the pointer, which is valid for the call.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &raw const unlock) })?;
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new descriptor.
+    let fd = check(unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_winsize(&master, rows, cols)?;
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size (on a pty master: the foreground process group gets SIGWINCH).
+pub(crate) fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize through the pointer, which is valid for the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &raw const ws) }).map(drop)
+}
+
+/// The terminal's EOF character (`VEOF`; on a pty master, the slave's settings), `None` when
+/// disabled or unreadable.
+pub(crate) fn eof_char(fd: &impl AsRawFd) -> Option<u8> {
+    // SAFETY: termios is plain data.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid out pointer for tcgetattr.
+    if unsafe { libc::tcgetattr(fd.as_raw_fd(), &raw mut t) } < 0 {
+        return None;
+    }
+    Some(t.c_cc[libc::VEOF]).filter(|&c| c != 0)
+}
+
 /// Clock ticks per second (`/proc/PID/stat` times are in these).
 pub(crate) fn clock_ticks() -> u64 {
     // SAFETY: sysconf takes a constant name.
@@ -243,7 +300,11 @@ pub(crate) struct Credentials {
 
 /// Makes `cmd` start a new session, drop to `cred`, chdir to its working directory and execve
 /// `program` with exactly `argv` and `env` in the child (after fork; std reports any failure as the
-/// spawn error). The child starts with an empty signal mask and default signal dispositions.
+/// spawn error). The child starts with an empty signal mask and default signal dispositions. With
+/// `controlling_tty`, its stdin (a terminal) becomes the new session's controlling terminal.
+///
+/// A process that is not root and already has `cred`'s uid and gid keeps its identity (nothing to
+/// drop to; `setgroups` would fail): the unit tests run this way. Init is root.
 ///
 /// execve is called here rather than by std because std uses execvp, which runs a file without a
 /// `#!` line through `/bin/sh` on ENOEXEC; a workload with a bad binary must fail with
@@ -254,6 +315,7 @@ pub(crate) fn prepare_child(
     program: &std::path::Path,
     argv: &[String],
     env: &[(String, String)],
+    controlling_tty: bool,
 ) -> io::Result<()> {
     let dir = cstr(&cred.workdir)?;
     let path = cstr(program)?;
@@ -289,9 +351,14 @@ pub(crate) fn prepare_child(
                 }
             }
             check(libc::setsid())?;
-            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
-            check(libc::setgid(gid))?;
-            check(libc::setuid(uid))?;
+            if controlling_tty {
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            }
+            if libc::geteuid() == 0 || libc::getuid() != uid || libc::getgid() != gid {
+                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
             check(libc::chdir(dir.as_ptr()))?;
             libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
         }

@@ -3,8 +3,9 @@
 //! One reader thread per [`crate::Vm`] owns the connection: it connects (and reconnects while QEMU
 //! lives), says [`Frame::Hello`], decodes frames and dispatches them into [`Shared`]: the guest's
 //! status (waited on with the condvar), workload logs (fanned out to subscribers, with a bounded
-//! backlog for late subscribers), and per-`chan` replies (exec, process list, errors). Everything the
-//! guest sends is untrusted: a decode error drops the connection, never panics.
+//! backlog for late subscribers), per-`chan` replies (exec, process list, errors) and the frames of
+//! streaming exec sessions ([`Inbox`]). Everything the guest sends is untrusted: a decode error drops
+//! the connection, never panics.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -12,7 +13,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aloft_guest_proto::{DataStream, Decoder, Frame, GuestStatus, WorkloadState};
 
@@ -48,6 +49,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: bool,
     writer: Option<UnixStream>,
     waiters: HashMap<u32, mpsc::Sender<Frame>>,
+    sessions: HashMap<u32, Arc<Inbox>>,
     log_subs: Vec<mpsc::Sender<LogChunk>>,
     backlog: VecDeque<LogChunk>,
     backlog_bytes: usize,
@@ -78,16 +80,7 @@ impl Shared {
 
     /// Sends a frame to the guest.
     pub(crate) fn send(&self, frame: &Frame) -> std::io::Result<()> {
-        let bytes = frame.to_bytes();
-        let g = self.lock();
-        let Some(w) = g.writer.as_ref() else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "not connected to the guest",
-            ));
-        };
-        let mut w = w;
-        w.write_all(&bytes)
+        self.send_all(std::slice::from_ref(frame))
     }
 
     /// Routes frames for `chan` to the returned receiver until [`Shared::unregister`].
@@ -99,6 +92,35 @@ impl Shared {
 
     pub(crate) fn unregister(&self, chan: u32) {
         self.lock().waiters.remove(&chan);
+    }
+
+    /// Routes frames for session `chan` into a new [`Inbox`] until [`Shared::close_session`];
+    /// `limit` bounds the output bytes it holds.
+    pub(crate) fn open_session(&self, chan: u32, limit: Option<usize>) -> Arc<Inbox> {
+        let inbox = Arc::new(Inbox::new(limit));
+        self.lock().sessions.insert(chan, inbox.clone());
+        inbox
+    }
+
+    pub(crate) fn close_session(&self, chan: u32) {
+        self.lock().sessions.remove(&chan);
+    }
+
+    /// Sends frames to the guest in one write (the guest reads them together).
+    pub(crate) fn send_all(&self, frames: &[Frame]) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        for f in frames {
+            f.encode(&mut bytes);
+        }
+        let g = self.lock();
+        let Some(w) = g.writer.as_ref() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "not connected to the guest",
+            ));
+        };
+        let mut w = w;
+        w.write_all(&bytes)
     }
 
     /// A receiver of workload output: the backlog first, then live chunks.
@@ -153,11 +175,122 @@ impl Shared {
             | Frame::Error { chan, .. } => {
                 if let Some(tx) = g.waiters.get(&chan) {
                     let _ = tx.send(frame);
+                } else if let Some(inbox) = g.sessions.get(&chan) {
+                    inbox.push(frame);
                 }
             }
             // Host → guest frames coming back are ignored.
             _ => {}
         }
+    }
+}
+
+/// What [`Inbox::pop`] got.
+#[derive(Debug)]
+pub(crate) enum Popped {
+    Frame(Frame),
+    /// Nothing came in time.
+    Empty,
+    /// The guest sent more output than the limit: what was held is dropped, nothing more comes.
+    Overflowed,
+}
+
+/// The frames of one streaming exec session, from the reader thread to its [`crate::ExecSession`].
+/// The output it holds is bounded by the session's flow-control window (init sends no more than
+/// the host credited); a guest that ignores it overflows the inbox instead of growing it.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    cond: Condvar,
+}
+
+#[derive(Debug)]
+struct InboxState {
+    frames: VecDeque<Frame>,
+    output_bytes: usize,
+    limit: Option<usize>,
+    overflowed: bool,
+}
+
+impl Inbox {
+    fn new(limit: Option<usize>) -> Self {
+        Self {
+            state: Mutex::new(InboxState {
+                frames: VecDeque::new(),
+                output_bytes: 0,
+                limit,
+                overflowed: false,
+            }),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, frame: Frame) {
+        let mut g = self.lock();
+        if g.overflowed {
+            return;
+        }
+        if let Frame::ExecOutput { data, .. } = &frame {
+            let held = g.output_bytes + data.len();
+            if g.limit.is_some_and(|l| held > l) {
+                g.overflowed = true;
+                g.frames.clear();
+                g.output_bytes = 0;
+                drop(g);
+                self.cond.notify_all();
+                return;
+            }
+            g.output_bytes = held;
+        }
+        g.frames.push_back(frame);
+        drop(g);
+        self.cond.notify_all();
+    }
+
+    /// Puts a frame back in front (it was taken before its turn).
+    pub(crate) fn unpop(&self, frame: Frame) {
+        let mut g = self.lock();
+        if let Frame::ExecOutput { data, .. } = &frame {
+            g.output_bytes += data.len();
+        }
+        g.frames.push_front(frame);
+    }
+
+    /// The next frame, waiting up to `wait`.
+    pub(crate) fn pop(&self, wait: Duration) -> Popped {
+        let deadline = Instant::now() + wait;
+        let mut g = self.lock();
+        loop {
+            if g.overflowed {
+                return Popped::Overflowed;
+            }
+            if let Some(f) = g.frames.pop_front() {
+                if let Frame::ExecOutput { data, .. } = &f {
+                    g.output_bytes -= data.len();
+                }
+                return Popped::Frame(f);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Popped::Empty;
+            }
+            g = match self.cond.wait_timeout(g, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Output bytes held.
+    #[cfg(test)]
+    pub(crate) fn output_bytes(&self) -> usize {
+        self.lock().output_bytes
     }
 }
 
@@ -265,6 +398,7 @@ mod tests {
             workload: WorkloadState::Running { pid: 42 },
             uptime_ms: 1,
             dropped_log_bytes: 0,
+            protocol: 0,
         }));
         assert_eq!(s.lock().last_pid, Some(42));
 
@@ -281,6 +415,78 @@ mod tests {
         assert!(rx.try_recv().is_err());
         s.unregister(7);
         assert!(s.send(&Frame::Hello).is_err(), "not connected yet");
+    }
+
+    #[test]
+    fn session_frames_go_to_their_inbox_and_output_is_bounded() {
+        let s = Shared::default();
+        let inbox = s.open_session(5, Some(10));
+        let out = |data: &[u8]| Frame::ExecOutput {
+            chan: 5,
+            stream: DataStream::Stdout,
+            data: data.to_vec(),
+        };
+        s.dispatch(Frame::ExecStarted { chan: 5, pid: 9 });
+        s.dispatch(out(b"123456"));
+        s.dispatch(out(b"7890"));
+        s.dispatch(Frame::ExecExited {
+            chan: 6,
+            exit: ExecExit::default(),
+        });
+        assert_eq!(inbox.output_bytes(), 10);
+        assert!(matches!(
+            inbox.pop(Duration::ZERO),
+            Popped::Frame(Frame::ExecStarted { pid: 9, .. })
+        ));
+        assert!(
+            matches!(inbox.pop(Duration::ZERO), Popped::Frame(Frame::ExecOutput { data, .. }) if data == b"123456")
+        );
+        assert_eq!(inbox.output_bytes(), 4);
+        // Popped bytes make room again.
+        s.dispatch(out(b"abcdef"));
+        assert!(
+            matches!(inbox.pop(Duration::ZERO), Popped::Frame(Frame::ExecOutput { data, .. }) if data == b"7890")
+        );
+        let Popped::Frame(f) = inbox.pop(Duration::ZERO) else {
+            panic!("expected a frame");
+        };
+        inbox.unpop(f);
+        assert_eq!(inbox.output_bytes(), 6);
+        assert!(
+            matches!(inbox.pop(Duration::ZERO), Popped::Frame(Frame::ExecOutput { data, .. }) if data == b"abcdef")
+        );
+        let t0 = Instant::now();
+        assert!(matches!(inbox.pop(Duration::from_millis(50)), Popped::Empty));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // Beyond the limit: overflowed for good, nothing held.
+        s.dispatch(out(b"0123456789A"));
+        s.dispatch(out(b"x"));
+        assert!(matches!(inbox.pop(Duration::ZERO), Popped::Overflowed));
+        assert_eq!(inbox.output_bytes(), 0);
+        s.close_session(5);
+        s.dispatch(out(b"y"));
+        assert!(matches!(inbox.pop(Duration::ZERO), Popped::Overflowed));
+    }
+
+    #[test]
+    fn a_waiting_pop_wakes_on_a_frame() {
+        let s = Arc::new(Shared::default());
+        let inbox = s.open_session(3, None);
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            s2.dispatch(Frame::ExecExited {
+                chan: 3,
+                exit: ExecExit::default(),
+            });
+        });
+        let t0 = Instant::now();
+        assert!(matches!(
+            inbox.pop(Duration::from_secs(10)),
+            Popped::Frame(Frame::ExecExited { .. })
+        ));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
     }
 
     #[test]
@@ -315,6 +521,7 @@ mod tests {
             workload: WorkloadState::Starting,
             uptime_ms: 5,
             dropped_log_bytes: 0,
+            protocol: 0,
         });
         c2.write_all(&st.to_bytes()).unwrap();
         let mut g = shared.lock();

@@ -5,7 +5,8 @@
 //!   run config, [`initramfs`]), pick the accelerator ([`accel`]), spawn QEMU in its own session
 //!   (and, when jailed, its own cgroup, as an unprivileged user under `-sandbox`), wait until its
 //!   monitor answers, connect the host↔guest channel.
-//! * **Control**: graceful stop, kill, signals, exec, process list, workload logs and exit status over
+//! * **Control**: graceful stop, kill, signals, exec, interactive exec sessions ([`Vm::exec_session`]:
+//!   stdin, a terminal, flow-controlled output), process list, workload logs and exit status over
 //!   the channel ([`aloft_guest_proto::Frame`]); snapshot/restore over QMP.
 //! * **Survive restarts**: everything needed to reattach is in the run dir (`state.json`, sockets,
 //!   `console.log`); [`Vm::attach`] picks a VM up again, including one that ended meanwhile (its exit
@@ -27,6 +28,7 @@ mod console;
 mod error;
 mod proc;
 mod qmp;
+mod session;
 mod spec;
 mod sys;
 mod vm;
@@ -39,6 +41,7 @@ pub use channel::LogChunk;
 pub use error::VmError;
 pub use proc::processes_mentioning;
 pub use qmp::QmpError;
+pub use session::{ExecEvent, ExecSession};
 pub use spec::{
     Accel, AccelChoice, DiskFormat, DiskSpec, JailSpec, MAX_VCPUS, MIN_MEMORY_MIB, NetSpec, VmSpec,
 };
@@ -51,5 +54,8 @@ mod tests {
         fn check<T: Send + Sync>() {}
         check::<crate::Vm>();
         check::<crate::VmError>();
+        check::<crate::ExecSession>();
+        fn outlives_the_vm<T: 'static>() {}
+        outlives_the_vm::<crate::ExecSession>();
     }
 }

@@ -22,6 +22,7 @@ use crate::channel::{self, LogChunk, RawExit, Shared};
 use crate::console;
 use crate::error::VmError;
 use crate::qmp::{Qmp, QmpError};
+use crate::session::{ExecSession, VmLink};
 use crate::spec::{Accel, RunPaths, VmSpec};
 use crate::{initramfs, proc, sys};
 
@@ -102,7 +103,8 @@ pub struct Vm {
     cgroup: Option<Cgroup>,
     shared: Arc<Shared>,
     next_chan: AtomicU32,
-    finished: Mutex<Option<VmExit>>,
+    /// Shared with exec sessions, which outlive the `&Vm` borrow.
+    finished: Arc<Mutex<Option<VmExit>>>,
 }
 
 impl Drop for Vm {
@@ -458,7 +460,7 @@ impl Vm {
             cgroup: state.cgroup,
             shared,
             next_chan: AtomicU32::new(seed),
-            finished: Mutex::new(state.exit),
+            finished: Arc::new(Mutex::new(state.exit)),
         }
     }
 
@@ -528,13 +530,17 @@ impl Vm {
     }
 
     fn not_running(&self) -> VmError {
-        let exit = self.finished_exit();
-        VmError::NotRunning {
-            reason: match exit {
-                Some(e) => format!("qemu ended: {:?}", e.qemu_status),
-                None => "qemu is gone".into(),
-            },
-            console: self.console_facts().tail,
+        self.link().not_running()
+    }
+
+    /// What an exec session keeps of this VM.
+    fn link(&self) -> VmLink {
+        VmLink {
+            shared: self.shared.clone(),
+            pid: self.pid,
+            start_time: self.start_time,
+            console: self.paths.console(),
+            finished: self.finished.clone(),
         }
     }
 
@@ -719,12 +725,12 @@ impl Vm {
 
     /// Runs a command in the guest and collects its output. On timeout the command is killed
     /// (SIGKILL) and [`VmError::Timeout`] returned. Init's refusal (e.g. missing program) is
-    /// [`VmError::ExecFailed`]. Interactive stdin (`req.stdin = true`) is not supported yet and is
-    /// refused; the command's stdin is `/dev/null`.
+    /// [`VmError::ExecFailed`]. The command's stdin is `/dev/null`: a request with `req.stdin` is
+    /// refused (nothing here could feed it; [`Vm::exec_session`] does).
     pub fn exec(&self, req: ExecRequest, timeout: Duration) -> Result<ExecOutput, VmError> {
         if req.stdin {
             return Err(VmError::ExecFailed {
-                message: "exec with stdin is not supported by the vm driver yet".into(),
+                message: "Vm::exec cannot feed stdin: use Vm::exec_session for a command with input".into(),
             });
         }
         self.ensure_running()?;
@@ -776,6 +782,56 @@ impl Vm {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.not_running()),
             }
+        }
+    }
+
+    /// Starts a command in the guest whose stdin (`req.stdin` must be true, or `req.tty` set) and
+    /// output stream while it runs; returns once init started it. With `req.tty` the command runs on
+    /// a pseudo-terminal of that size (all its output is stdout; `TERM` is `xterm` unless
+    /// `req.env` sets it); an empty `req.argv` is refused by init (the caller picks the shell).
+    ///
+    /// Errors: init's refusal ("executable not found: /x") is [`VmError::ExecFailed`]; a terminal
+    /// on a machine whose init predates them (started before the update) is
+    /// [`VmError::ExecFailed`] too; the VM going away is [`VmError::NotRunning`], as for
+    /// [`Vm::exec`]. The session holds at most 256 KiB of output the caller has not taken with
+    /// [`ExecSession::recv`]; beyond that the command waits (see [`ExecSession`]).
+    pub fn exec_session(&self, req: ExecRequest) -> Result<ExecSession, VmError> {
+        if !req.stdin && req.tty.is_none() {
+            return Err(VmError::ExecFailed {
+                message: "an exec session needs req.stdin or req.tty: Vm::exec runs a command without input"
+                    .into(),
+            });
+        }
+        self.ensure_running()?;
+        let protocol = self.guest_protocol()?;
+        ExecSession::start(self.link(), self.next_chan(), req, protocol)
+    }
+
+    /// The channel protocol of the guest's init, from its status (which follows every hello: a
+    /// host that just attached waits for it briefly).
+    fn guest_protocol(&self) -> Result<u32, VmError> {
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(s) = &g.status {
+                return Ok(s.protocol);
+            }
+            let now = Instant::now();
+            if now >= deadline || g.qemu_exit.is_some() {
+                drop(g);
+                if !self.is_alive() {
+                    return Err(self.not_running());
+                }
+                return Err(VmError::Timeout {
+                    op: "hear from the guest's init",
+                    after: timeout,
+                    hint: String::new(),
+                });
+            }
+            g = self
+                .shared
+                .wait(g, (deadline - now).min(Duration::from_millis(50)));
         }
     }
 

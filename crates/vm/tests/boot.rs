@@ -389,4 +389,207 @@ mod tests {
             let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup").join(h).join("aloft-test"));
         }
     }
+
+    /// Everything an `aloft ssh console` needs from the driver, on one boot: a shell on a
+    /// terminal (resize, output, exit code), stdin on pipes, a slow consumer holding back a chatty
+    /// command, a missing program, a dropped session killing its command, the VM going away.
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn exec_sessions_stream_stdin_terminal_and_signals() {
+        use aloft_guest_proto::{DataStream, ExecExit, TtySize};
+        use aloft_vm::{ExecEvent, ExecSession, VmError};
+
+        /// Receives until `done` holds for the output so far or the session exits; output and exit.
+        fn read_until(s: &ExecSession, done: impl Fn(&str) -> bool) -> (String, Option<ExecExit>) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut out = Vec::new();
+            loop {
+                let text = String::from_utf8_lossy(&out).into_owned();
+                if done(&text) {
+                    return (text, None);
+                }
+                assert!(Instant::now() < deadline, "no match in {text:?}");
+                match s.recv(Duration::from_millis(500)).unwrap() {
+                    Some(ExecEvent::Output { stream, data }) => {
+                        assert_eq!(stream, DataStream::Stdout);
+                        out.extend_from_slice(&data);
+                    }
+                    Some(ExecEvent::Exited(exit)) => {
+                        return (String::from_utf8_lossy(&out).into_owned(), Some(exit));
+                    }
+                    None => {}
+                }
+            }
+        }
+        fn running(vm: &Vm, arg: &str) -> bool {
+            vm.ps()
+                .unwrap()
+                .iter()
+                .any(|p| p.cmdline.iter().any(|a| a == arg))
+        }
+        fn wait_gone(vm: &Vm, arg: &str) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while running(vm, arg) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{arg} still runs: {:?}",
+                    vm.ps().unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        let t = TestVm::new("session", &["/bin/sleep", "1000"]);
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let req = |argv: &[&str], tty: Option<TtySize>| ExecRequest {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            stdin: tty.is_none(),
+            tty,
+            ..ExecRequest::default()
+        };
+
+        // A shell on a terminal, from another thread than the one that started it.
+        let shell = vm
+            .exec_session(req(&["/bin/sh"], Some(TtySize { rows: 24, cols: 80 })))
+            .unwrap();
+        let shell = std::thread::spawn(move || {
+            shell.resize(40, 120).unwrap();
+            shell.stdin(b"stty size; echo T=$TERM\n").unwrap();
+            // Outputs that the terminal's echo of the typed line cannot match.
+            let (text, exit) = read_until(&shell, |t| {
+                t.contains("\n40 120\r\n") && t.contains("T=xterm\r\n")
+            });
+            assert_eq!(exit, None, "{text}");
+            shell.stdin(b"echo hi; exit 3\n").unwrap();
+            let (text, exit) = read_until(&shell, |_| false);
+            assert!(text.contains("\nhi\r\n"), "{text:?}");
+            assert_eq!(exit.unwrap().exit_code, Some(3));
+            assert!(shell.recv(Duration::ZERO).is_err(), "no events after the exit");
+            assert!(shell.stdin(b"x").is_err());
+        });
+        shell.join().unwrap();
+
+        // stdin on pipes: cat echoes it (bigger than a frame's chunk) and exits at EOF.
+        let cat = vm.exec_session(req(&["/bin/cat"], None)).unwrap();
+        let input: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes()[..1].to_vec())
+            .collect();
+        cat.stdin(&input).unwrap();
+        cat.stdin(b"").unwrap();
+        cat.close_stdin().unwrap();
+        cat.resize(10, 10).unwrap();
+        let mut echoed = Vec::new();
+        let exit = loop {
+            match cat.recv(Duration::from_secs(30)).unwrap() {
+                Some(ExecEvent::Output { data, .. }) => echoed.extend_from_slice(&data),
+                Some(ExecEvent::Exited(exit)) => break exit,
+                None => panic!("cat went quiet after {} bytes", echoed.len()),
+            }
+        };
+        assert_eq!(exit.exit_code, Some(0));
+        assert!(
+            echoed == input,
+            "cat echoed {} of {} bytes",
+            echoed.len(),
+            input.len()
+        );
+
+        // A chatty command and a consumer that does not read: the command waits (the host holds
+        // at most the session's window), then everything arrives once it reads.
+        let chatty = vm
+            .exec_session(req(&["head", "-c", "2000000", "/dev/zero"], None))
+            .unwrap();
+        // With flow control head blocks after the window (plus a pipe's buffer) until the consumer
+        // reads. Without, the channel moves these 2 MB well within the pause even under TCG (this
+        // assertion fails with the credit turned off).
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(running(&vm, "2000000"), "head should wait for the consumer");
+        let mut zeros = 0usize;
+        let exit = loop {
+            match chatty.recv(Duration::from_secs(30)).unwrap() {
+                Some(ExecEvent::Output { stream, data }) => {
+                    assert_eq!(stream, DataStream::Stdout);
+                    assert!(data.iter().all(|&b| b == 0));
+                    zeros += data.len();
+                }
+                Some(ExecEvent::Exited(exit)) => break exit,
+                None => panic!("quiet after {zeros} bytes"),
+            }
+        };
+        assert_eq!((zeros, exit.exit_code), (2_000_000, Some(0)));
+
+        // stderr is its own stream on pipes.
+        let err = vm
+            .exec_session(req(&["/bin/sh", "-c", "echo out; echo err >&2"], None))
+            .unwrap();
+        let (mut out, mut errs) = (Vec::new(), Vec::new());
+        while let Some(ev) = err.recv(Duration::from_secs(30)).unwrap() {
+            match ev {
+                ExecEvent::Output {
+                    stream: DataStream::Stdout,
+                    data,
+                } => out.extend_from_slice(&data),
+                ExecEvent::Output { data, .. } => errs.extend_from_slice(&data),
+                ExecEvent::Exited(exit) => {
+                    assert_eq!(exit.exit_code, Some(0));
+                    break;
+                }
+            }
+        }
+        assert_eq!((out.as_slice(), errs.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
+
+        // A missing program is init's refusal, naming it.
+        match vm.exec_session(req(&["/nope/missing"], None)) {
+            Err(VmError::ExecFailed { message }) => assert!(message.contains("/nope/missing"), "{message}"),
+            other => panic!("expected ExecFailed, got {other:?}"),
+        }
+        // Neither stdin nor a terminal: Vm::exec's job.
+        assert!(matches!(
+            vm.exec_session(ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..ExecRequest::default()
+            }),
+            Err(VmError::ExecFailed { .. })
+        ));
+
+        // Dropping a session kills its command; on a terminal its whole process group.
+        let sleeper = vm.exec_session(req(&["/bin/sleep", "999"], None)).unwrap();
+        let group = vm
+            .exec_session(req(
+                &["/bin/sh", "-c", "sleep 998; echo never"],
+                Some(TtySize { rows: 24, cols: 80 }),
+            ))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(running(&vm, "999") && running(&vm, "998")) {
+            assert!(Instant::now() < deadline, "{:?}", vm.ps().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(sleeper);
+        drop(group);
+        wait_gone(&vm, "999");
+        wait_gone(&vm, "998");
+        wait_gone(&vm, "sleep 998; echo never");
+
+        // The VM going away ends a live session with the error exec gives.
+        let orphan = vm.exec_session(req(&["/bin/cat"], None)).unwrap();
+        vm.kill().unwrap();
+        assert!(
+            matches!(
+                orphan.recv(Duration::from_secs(10)),
+                Err(VmError::NotRunning { .. })
+            ),
+            "a session outlives its VM only as an error"
+        );
+        assert!(matches!(
+            vm.exec_session(req(&["/bin/cat"], None)),
+            Err(VmError::NotRunning { .. })
+        ));
+        drop(orphan);
+        t.assert_no_qemu();
+    }
 }
