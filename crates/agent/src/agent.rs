@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aloft_api::{
-    EventSource, HostVolumeStatus, MAX_VOLUME_SIZE_GB, Machine, MachineConfig, MachineEvent,
+    ConsoleRequest, EventSource, HostVolumeStatus, MAX_VOLUME_SIZE_GB, Machine, MachineConfig, MachineEvent,
     MachineEventRequest, MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, StateError,
     Verb, VolumeId, WaitState,
 };
@@ -17,7 +17,9 @@ use aloft_secretbox::{Key, Keyring};
 
 use crate::checks::Checks;
 use crate::db::Db;
-use crate::driver::{Driver, DriverError, ExecResult, ExitInfo, LaunchSpec, VmStatus, VolumeAttachment};
+use crate::driver::{
+    Driver, DriverError, DriverSession, ExecResult, ExitInfo, LaunchSpec, VmStatus, VolumeAttachment,
+};
 use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
 use crate::keys::{self, SecretsReseal};
@@ -27,6 +29,11 @@ use crate::model::{
     StepRecord, exit_request,
 };
 use crate::plan::{self, ExitDecision, Identity, RestartBackoff};
+
+/// The shell a console without a command runs, when the image has it ([`Agent::console`]).
+pub(crate) const BASH: &str = "/bin/bash";
+/// The shell it runs otherwise.
+pub(crate) const SH: &str = "/bin/sh";
 
 /// Stops an agent as if it were killed: once tripped, the agent writes nothing more and its threads
 /// stop at their next step. Tests hand one to [`crate::FakeDriver`] to "crash" at a chosen step;
@@ -657,6 +664,37 @@ impl Agent {
                 machine: id.clone(),
                 source,
             })
+    }
+
+    /// Starts an interactive command in a started machine (`aloft ssh console`), under the same
+    /// rules as [`Agent::exec`] (412 unless started, 409 while an operation runs). An empty argv
+    /// runs a shell: `/bin/bash` when the image has it, else `/bin/sh`, found by asking init
+    /// for bash first and falling back to sh when init answers `executable not found` (no extra
+    /// round trip when bash is there; one refused start when it is not). Either runs without
+    /// `-l`, so the image's environment (`PATH`) stays as the workload has it.
+    pub fn console(
+        &self,
+        id: &MachineId,
+        req: &ConsoleRequest,
+    ) -> Result<Box<dyn DriverSession>, AgentError> {
+        self.inner.direct(id, Verb::Exec)?;
+        let failed = |source| AgentError::Driver {
+            machine: id.clone(),
+            source,
+        };
+        if !req.argv.is_empty() {
+            return self.inner.driver.exec_session(id, req).map_err(failed);
+        }
+        let shell = |program: &str| ConsoleRequest {
+            argv: vec![program.to_owned()],
+            ..req.clone()
+        };
+        match self.inner.driver.exec_session(id, &shell(BASH)) {
+            Err(DriverError::Refused { message, .. }) if message.contains("executable not found") => {
+                self.inner.driver.exec_session(id, &shell(SH)).map_err(failed)
+            }
+            other => other.map_err(failed),
+        }
     }
 
     /// The processes of a started machine.

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use aloft_api::{MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
+use aloft_api::{ConsoleRequest, MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
 use aloft_guest_proto::{DnsConfig, EtcHost, ImageConfig, NetConfig, RunConfig};
 use serde::{Deserialize, Serialize};
 
@@ -162,6 +162,43 @@ pub struct ExecResult {
     pub stderr: Vec<u8>,
 }
 
+/// Something an interactive command did ([`DriverSession::recv`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// It wrote `data` to `stream` (always [`OutputStream::Stdout`] on a terminal).
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// It ended; nothing follows.
+    Exited {
+        /// Exit code when it exited.
+        exit_code: Option<i32>,
+        /// Signal number when a signal ended it.
+        signal: Option<i32>,
+    },
+}
+
+/// An interactive command running in a guest ([`Driver::exec_session`]): stdin open, output
+/// streamed as it comes. Owned by one thread at a time; dropping it before
+/// [`SessionEvent::Exited`] kills the command. Every method may block briefly; only
+/// [`DriverSession::recv`] waits, up to its timeout. Once the VM is gone every call fails.
+pub trait DriverSession: Send {
+    /// Writes `data` to the command's stdin (or terminal).
+    fn stdin(&mut self, data: &[u8]) -> Result<(), DriverError>;
+    /// Closes its stdin (on a terminal: the terminal's EOF character).
+    fn close_stdin(&mut self) -> Result<(), DriverError>;
+    /// Resizes its terminal; ignored without one.
+    fn resize(&mut self, rows: u16, cols: u16) -> Result<(), DriverError>;
+    /// Sends signal number `signal` to the command.
+    fn signal(&mut self, signal: i32) -> Result<(), DriverError>;
+    /// The next event, waiting up to `timeout`; `Ok(None)` when none came in time. After
+    /// [`SessionEvent::Exited`] it fails.
+    fn recv(&mut self, timeout: Duration) -> Result<Option<SessionEvent>, DriverError>;
+}
+
 /// Which output stream of the workload a [`LogChunk`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputStream {
@@ -229,6 +266,7 @@ pub enum DriverOp {
     WaitExit,
     Signal,
     Exec,
+    ExecSession,
     Ps,
     Logs,
     RemoveMachineDir,
@@ -262,6 +300,7 @@ impl DriverOp {
             Self::WaitExit => "wait_exit",
             Self::Signal => "signal",
             Self::Exec => "exec",
+            Self::ExecSession => "exec_session",
             Self::Ps => "ps",
             Self::Logs => "logs",
             Self::RemoveMachineDir => "remove_machine_dir",
@@ -387,6 +426,17 @@ pub trait Driver: Send + Sync + fmt::Debug {
     fn signal(&self, id: &MachineId, signal: Signal) -> Result<(), DriverError>;
     /// Runs a command in the guest.
     fn exec(&self, id: &MachineId, argv: &[String], timeout: Duration) -> Result<ExecResult, DriverError>;
+    /// Starts an interactive command in the guest: `req.argv` (never empty: the agent chose the
+    /// program), with `req.env` over the workload's environment, as `req.user`, stdin open, on
+    /// a pseudo-terminal of `req.tty`'s size when set. Returns once init started it; init's
+    /// refusal (`executable not found: …`) is [`DriverError::Refused`] with init's message. Not
+    /// idempotent (each call starts a command), and not a lifecycle step: only called for a
+    /// caller, never replayed.
+    fn exec_session(
+        &self,
+        id: &MachineId,
+        req: &ConsoleRequest,
+    ) -> Result<Box<dyn DriverSession>, DriverError>;
     /// The guest's processes.
     fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError>;
     /// The workload output of the machine's running VM from its boot on (what the VM still

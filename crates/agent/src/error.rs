@@ -229,9 +229,9 @@ impl AgentError {
             Self::VolumeInUse { .. } => ApiError::precondition_failed(self.to_string()),
             Self::OperationFailed { user_error: true, .. } => ApiError::unprocessable(self.to_string()),
             Self::Driver {
-                source: DriverError::NotRunning { .. },
-                ..
-            } => ApiError::precondition_failed(self.to_string()),
+                machine,
+                source: source @ DriverError::NotRunning { .. },
+            } => ApiError::precondition_failed(format!("machine {machine}: {source}")),
             Self::Driver {
                 machine,
                 source: source @ DriverError::Refused { .. },

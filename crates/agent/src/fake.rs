@@ -2,20 +2,40 @@
 //! server's handler tests). Every call is recorded; failures can be injected at any operation,
 //! once, a number of times or always, and a [`Killswitch`] can be tripped just before or just
 //! after an operation acts, which "kills" the agent at that step boundary.
+//!
+//! Interactive sessions ([`Driver::exec_session`]) run a tiny deterministic **fake shell**, whatever
+//! the argv (unless the program was made missing with [`FakeDriver::missing_program`]: then init's
+//! refusal, `executable not found: <program>`). It reads its stdin line by line and answers each
+//! complete line:
+//!
+//! | line | answer |
+//! |---|---|
+//! | `exit` / `exit N` | exits with code 0 / N (nothing follows) |
+//! | `size` | `<rows> <cols>\n` of its terminal, `no tty\n` without one |
+//! | `env NAME` | `NAME`'s value from the request's env and a newline (empty when unset) |
+//! | `err TEXT` | `TEXT\n` on stderr (on stdout with a terminal, which merges them) |
+//! | anything else | the line itself, echoed on stdout |
+//!
+//! Closing stdin exits it with code 0; any signal ends it with that signal; a resize changes the
+//! size `size` reports. While it runs its VM must: when the VM stops, every call fails as for a
+//! real guest. Each session is recorded in [`World::sessions`] (argv, terminal, stdin, exit,
+//! and whether the session object was dropped: [`FakeSession::closed`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
+use aloft_api::{
+    ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, TtySize, VolumeId, VolumeUsage,
+};
 use aloft_guest_proto::ImageConfig;
 
 use crate::agent::Killswitch;
 use crate::driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
-    LogReceiver, NetInfo, OutputStream, VmStatus, VolumeDisk,
+    BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
+    LogChunk, LogReceiver, NetInfo, OutputStream, SessionEvent, VmStatus, VolumeDisk,
 };
 use crate::ids::now_ms;
 
@@ -40,6 +60,30 @@ pub struct FakeVolume {
     pub size_gb: u32,
     /// The filesystem's size, GiB.
     pub fs_gb: u32,
+}
+
+/// An interactive session the fake ran ([`World::sessions`]), in the order they started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeSession {
+    /// The machine.
+    pub machine: MachineId,
+    /// What was asked to run.
+    pub argv: Vec<String>,
+    /// Its terminal's size now (`None`: pipes).
+    pub tty: Option<TtySize>,
+    /// The extra environment asked for.
+    pub env: Vec<(String, String)>,
+    /// The user asked for.
+    pub user: Option<String>,
+    /// Everything written to its stdin.
+    pub stdin: Vec<u8>,
+    /// Its stdin was closed.
+    pub stdin_closed: bool,
+    /// How it ended, `(exit code, signal)`; `None` while it runs (or when it was killed by
+    /// dropping the session).
+    pub exit: Option<(Option<i32>, Option<i32>)>,
+    /// The session object was dropped (the command killed if it still ran).
+    pub closed: bool,
 }
 
 /// When a crash fault trips its switch.
@@ -91,6 +135,10 @@ pub struct World {
     pub boots: BTreeMap<MachineId, u64>,
     /// Volumes' disks.
     pub volumes: BTreeMap<VolumeId, FakeVolume>,
+    /// Interactive sessions, oldest first.
+    pub sessions: Vec<FakeSession>,
+    /// Programs a session cannot start (`executable not found`).
+    missing_programs: BTreeSet<String>,
     faults: Vec<Fault>,
     missing_images: BTreeSet<String>,
     exit_on_start: Option<ExitInfo>,
@@ -241,6 +289,33 @@ impl FakeDriver {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             w = g;
         }
+    }
+
+    /// Waits until `check` holds for the world (true), or `timeout` passed (false).
+    pub fn wait_until(&self, timeout: Duration, check: impl Fn(&World) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut w = self.lock();
+        loop {
+            if check(&w) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let (g, _) = self
+                .world
+                .1
+                .wait_timeout(w, (deadline - now).min(Duration::from_millis(10)))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w = g;
+        }
+    }
+
+    /// Sessions that run `program` are refused as init refuses a missing one
+    /// (`executable not found: <program>`); e.g. `/bin/bash`, for an image without bash.
+    pub fn missing_program(&self, program: &str) {
+        self.lock().missing_programs.insert(program.to_owned());
     }
 
     /// Removes every injected fault.
@@ -673,6 +748,48 @@ impl Driver for FakeDriver {
         })
     }
 
+    fn exec_session(
+        &self,
+        id: &MachineId,
+        req: &ConsoleRequest,
+    ) -> Result<Box<dyn DriverSession>, DriverError> {
+        let index = self.act(DriverOp::ExecSession, id.as_str(), |w| {
+            if !w.running(id) {
+                return Err(DriverError::NotRunning {
+                    op: DriverOp::ExecSession,
+                });
+            }
+            let program = req.argv.first().map(String::as_str).unwrap_or_default();
+            if program.is_empty() || w.missing_programs.contains(program) {
+                return Err(DriverError::Refused {
+                    op: DriverOp::ExecSession,
+                    message: format!("executable not found: {program}"),
+                });
+            }
+            w.sessions.push(FakeSession {
+                machine: id.clone(),
+                argv: req.argv.clone(),
+                tty: req.tty,
+                env: req.env.clone(),
+                user: req.user.clone(),
+                stdin: Vec::new(),
+                stdin_closed: false,
+                exit: None,
+                closed: false,
+            });
+            Ok(w.sessions.len() - 1)
+        })?;
+        Ok(Box::new(FakeShell {
+            driver: self.clone(),
+            index,
+            machine: id.clone(),
+            line: Vec::new(),
+            queue: VecDeque::new(),
+            ended: false,
+            exit_delivered: false,
+        }))
+    }
+
     fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
         self.act(DriverOp::Ps, id.as_str(), |w| {
             if !w.running(id) {
@@ -787,5 +904,194 @@ impl Driver for FakeDriver {
             w.volumes.remove(id);
             Ok(())
         })
+    }
+}
+
+/// The fake shell of a session (see the module doc).
+struct FakeShell {
+    driver: FakeDriver,
+    /// Its record in `World::sessions`.
+    index: usize,
+    machine: MachineId,
+    /// Stdin since the last newline.
+    line: Vec<u8>,
+    /// Events not yet received.
+    queue: VecDeque<SessionEvent>,
+    /// It exited (its exit is queued or delivered).
+    ended: bool,
+    /// `recv` handed out the exit.
+    exit_delivered: bool,
+}
+
+impl FakeShell {
+    /// The session's record, once its VM is checked: every call fails when it no longer runs.
+    fn record<'a>(&self, w: &'a mut World) -> Result<&'a mut FakeSession, DriverError> {
+        if !w.running(&self.machine) {
+            return Err(DriverError::NotRunning {
+                op: DriverOp::ExecSession,
+            });
+        }
+        w.sessions.get_mut(self.index).ok_or_else(|| DriverError::Failed {
+            op: DriverOp::ExecSession,
+            message: "the fake session's record is gone".into(),
+            retryable: false,
+        })
+    }
+
+    fn exited(&self) -> DriverError {
+        DriverError::Failed {
+            op: DriverOp::ExecSession,
+            message: "the command has exited".into(),
+            retryable: false,
+        }
+    }
+
+    fn end(&mut self, rec: &mut FakeSession, exit_code: Option<i32>, signal: Option<i32>) {
+        self.ended = true;
+        rec.exit = Some((exit_code, signal));
+        self.queue.push_back(SessionEvent::Exited { exit_code, signal });
+    }
+
+    fn out(&mut self, stream: OutputStream, data: Vec<u8>) {
+        self.queue.push_back(SessionEvent::Output { stream, data });
+    }
+
+    /// Answers one complete line (without its newline).
+    fn answer(&mut self, rec: &mut FakeSession, line: &[u8]) {
+        let text = String::from_utf8_lossy(line).into_owned();
+        let (word, rest) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+        match word {
+            "exit" => {
+                let code = rest.trim().parse().unwrap_or(0);
+                self.end(rec, Some(code), None);
+            }
+            "size" => {
+                let answer = rec
+                    .tty
+                    .map_or_else(|| "no tty\n".to_owned(), |t| format!("{} {}\n", t.rows, t.cols));
+                self.out(OutputStream::Stdout, answer.into_bytes());
+            }
+            "env" => {
+                let value = rec
+                    .env
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == rest.trim())
+                    .map_or("", |(_, v)| v.as_str());
+                self.out(OutputStream::Stdout, format!("{value}\n").into_bytes());
+            }
+            "err" => {
+                let stream = if rec.tty.is_some() {
+                    OutputStream::Stdout
+                } else {
+                    OutputStream::Stderr
+                };
+                self.out(stream, format!("{rest}\n").into_bytes());
+            }
+            _ => {
+                let mut echo = line.to_vec();
+                echo.push(b'\n');
+                self.out(OutputStream::Stdout, echo);
+            }
+        }
+    }
+}
+
+impl DriverSession for FakeShell {
+    fn stdin(&mut self, data: &[u8]) -> Result<(), DriverError> {
+        let driver = self.driver.clone();
+        let mut w = driver.lock();
+        let rec = self.record(&mut w)?;
+        if self.ended || rec.stdin_closed {
+            return Err(self.exited());
+        }
+        rec.stdin.extend_from_slice(data);
+        for &b in data {
+            if self.ended {
+                break;
+            }
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.answer(rec, &line);
+            } else {
+                self.line.push(b);
+            }
+        }
+        drop(w);
+        driver.world.1.notify_all();
+        Ok(())
+    }
+
+    fn close_stdin(&mut self) -> Result<(), DriverError> {
+        let driver = self.driver.clone();
+        let mut w = driver.lock();
+        let rec = self.record(&mut w)?;
+        rec.stdin_closed = true;
+        if !self.ended {
+            self.end(rec, Some(0), None);
+        }
+        drop(w);
+        driver.world.1.notify_all();
+        Ok(())
+    }
+
+    fn resize(&mut self, rows: u16, cols: u16) -> Result<(), DriverError> {
+        let driver = self.driver.clone();
+        let mut w = driver.lock();
+        let rec = self.record(&mut w)?;
+        if let Some(t) = &mut rec.tty {
+            *t = TtySize { rows, cols };
+        }
+        Ok(())
+    }
+
+    fn signal(&mut self, signal: i32) -> Result<(), DriverError> {
+        let driver = self.driver.clone();
+        let mut w = driver.lock();
+        let rec = self.record(&mut w)?;
+        if !self.ended {
+            self.end(rec, None, Some(signal));
+        }
+        drop(w);
+        driver.world.1.notify_all();
+        Ok(())
+    }
+
+    fn recv(&mut self, timeout: Duration) -> Result<Option<SessionEvent>, DriverError> {
+        if self.exit_delivered {
+            return Err(self.exited());
+        }
+        let deadline = Instant::now() + timeout;
+        let driver = self.driver.clone();
+        let mut w = driver.lock();
+        loop {
+            self.record(&mut w)?;
+            if let Some(event) = self.queue.pop_front() {
+                self.exit_delivered = matches!(event, SessionEvent::Exited { .. });
+                return Ok(Some(event));
+            }
+            // Nothing else makes output: wait only to notice the VM stopping.
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            w = driver
+                .world
+                .1
+                .wait_timeout(w, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for FakeShell {
+    fn drop(&mut self) {
+        let mut w = self.driver.lock();
+        if let Some(rec) = w.sessions.get_mut(self.index) {
+            rec.closed = true;
+        }
+        drop(w);
+        self.driver.world.1.notify_all();
     }
 }

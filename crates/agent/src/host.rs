@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use aloft_api::{
-    ApiError, ExecResponse, HostCreate, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait,
-    LogEntry, LogFollower, Machine, MachineEvent, MachineHost, MachineId, MachineState, MachineVersion,
-    ProcessStat, Signal, UpdateMetadataRequest, VolumeId, WaitResponse,
+    ApiError, ConsoleEvent, ConsoleExit, ConsoleRequest, ConsoleSession, ExecResponse, HostCreate, HostStop,
+    HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry, LogFollower, Machine, MachineEvent,
+    MachineHost, MachineId, MachineState, MachineVersion, ProcessStat, Signal, TtySize,
+    UpdateMetadataRequest, VolumeId, WaitResponse,
 };
 
 use crate::agent::{Agent, CreateMachine, StopOptions, UpdateMachine};
+use crate::driver::{DriverError, DriverSession, OutputStream, SessionEvent};
 use crate::error::AgentError;
 
 /// How long a create may hold its request while the image is resolved and the disk made; after
@@ -192,6 +194,14 @@ impl MachineHost for Agent {
         Ok(Box::new(self.follow_logs(id, after_seq).map_err(api)?))
     }
 
+    fn console(&self, id: &MachineId, req: ConsoleRequest) -> Result<Box<dyn ConsoleSession>, ApiError> {
+        let session = self.console(id, &req).map_err(api)?;
+        Ok(Box::new(AgentConsole {
+            machine: id.clone(),
+            session,
+        }))
+    }
+
     fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError> {
         self.create_volume(&req.id, req.size_gb).map_err(api)
     }
@@ -206,5 +216,58 @@ impl MachineHost for Agent {
 
     fn destroy_volume(&self, id: &VolumeId) -> Result<(), ApiError> {
         self.destroy_volume(id).map_err(api)
+    }
+}
+
+/// A console session as the control plane sees it: the driver's session, its errors mapped as
+/// [`Agent::exec`]'s are (412 once the machine stopped, 400 for init's refusals, 500 else).
+struct AgentConsole {
+    machine: MachineId,
+    session: Box<dyn DriverSession>,
+}
+
+impl AgentConsole {
+    fn api(&self) -> impl FnOnce(DriverError) -> ApiError + use<> {
+        let machine = self.machine.clone();
+        move |source| api(AgentError::Driver { machine, source })
+    }
+}
+
+impl ConsoleSession for AgentConsole {
+    fn stdin(&mut self, data: &[u8]) -> Result<(), ApiError> {
+        let api = self.api();
+        self.session.stdin(data).map_err(api)
+    }
+
+    fn close_stdin(&mut self) -> Result<(), ApiError> {
+        let api = self.api();
+        self.session.close_stdin().map_err(api)
+    }
+
+    fn resize(&mut self, size: TtySize) -> Result<(), ApiError> {
+        let api = self.api();
+        self.session.resize(size.rows, size.cols).map_err(api)
+    }
+
+    fn signal(&mut self, signal: Signal) -> Result<(), ApiError> {
+        let api = self.api();
+        self.session.signal(signal.number()).map_err(api)
+    }
+
+    fn next(&mut self, timeout: Duration) -> Result<Option<ConsoleEvent>, ApiError> {
+        let api = self.api();
+        Ok(self.session.recv(timeout).map_err(api)?.map(|e| match e {
+            SessionEvent::Output {
+                stream: OutputStream::Stdout,
+                data,
+            } => ConsoleEvent::Stdout(data),
+            SessionEvent::Output {
+                stream: OutputStream::Stderr,
+                data,
+            } => ConsoleEvent::Stderr(data),
+            SessionEvent::Exited { exit_code, signal } => {
+                ConsoleEvent::Exit(ConsoleExit { exit_code, signal })
+            }
+        }))
     }
 }

@@ -33,6 +33,10 @@
 //!   config is accepted; each boot attaches the disk read-write and init mounts it at the
 //!   mount's path. An extend grows the filesystem at once when no VM can have it open, else
 //!   before the machine's next cold boot (`needs_restart`); a mounted volume cannot be destroyed.
+//! - Consoles ([`Agent::console`], `aloft ssh console`): an interactive command in a started
+//!   machine through [`Driver::exec_session`] (a [`DriverSession`]: stdin, terminal size,
+//!   signals, output as it comes), under `exec`'s rules; no command runs `/bin/bash`, else
+//!   `/bin/sh`. Not an operation: nothing is recorded, and dropping the session kills it.
 //! - [`Driver`]: the world the steps act on (images, disks, volumes, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -75,12 +79,12 @@ pub use catalog::{
     CatalogChange, CatalogOptions, CatalogPublisher, CatalogSink, CatalogStats, SUSPEND_MAX_MEMORY_MB,
 };
 pub use driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, FIRST_VOLUME_DISK, ImageInfo, LaunchSpec,
-    LogChunk, LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream, VmStatus,
-    VolumeAttachment, VolumeDisk,
+    BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, FIRST_VOLUME_DISK,
+    ImageInfo, LaunchSpec, LogChunk, LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream,
+    SessionEvent, VmStatus, VolumeAttachment, VolumeDisk,
 };
 pub use error::AgentError;
-pub use fake::{CrashPhase, FakeDriver, FakeVm, FakeVolume, World};
+pub use fake::{CrashPhase, FakeDriver, FakeSession, FakeVm, FakeVolume, World};
 pub use hostnet::HostNetwork;
 pub use keys::SecretsReseal;
 pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};

@@ -1958,3 +1958,188 @@ fn a_failed_growth_does_not_stop_the_boot() {
         .unwrap();
     assert_eq!(h.fake.world().volumes[&v].fs_gb, 2, "the next boot tries again");
 }
+
+/// The next event of a console session, waiting up to [`T`]; panics when none came.
+fn next_event(session: &mut dyn aloft_api::ConsoleSession) -> aloft_api::ConsoleEvent {
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
+        if let Some(e) = session.next(Duration::from_millis(50)).unwrap() {
+            return e;
+        }
+    }
+    panic!("no console event within {T:?}");
+}
+
+#[test]
+fn a_console_streams_both_ways_on_a_started_machine() {
+    use aloft_api::{ConsoleEvent, ConsoleExit, ConsoleRequest, MachineHost, TtySize};
+
+    let h = Harness::new();
+    let agent = h.open();
+    let id = machine_in(&agent, &h.fake, MachineState::Started);
+    // On a terminal: output (stderr included) arrives as stdout; the size follows resizes.
+    let req = ConsoleRequest {
+        argv: vec!["sh".into(), "-i".into()],
+        tty: Some(TtySize { rows: 24, cols: 80 }),
+        env: vec![("TERM".into(), "xterm-256color".into())],
+        user: Some("postgres".into()),
+    };
+    let mut s = MachineHost::console(&agent, &id, req).unwrap();
+    s.stdin(b"hel").unwrap();
+    assert_eq!(s.next(Duration::from_millis(20)).unwrap(), None, "no line yet");
+    s.stdin(b"lo\nsize\n").unwrap();
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"hello\n".to_vec()));
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"24 80\n".to_vec()));
+    s.resize(TtySize { rows: 50, cols: 132 }).unwrap();
+    s.stdin(b"size\nenv TERM\nerr oops\n").unwrap();
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"50 132\n".to_vec()));
+    assert_eq!(
+        next_event(&mut *s),
+        ConsoleEvent::Stdout(b"xterm-256color\n".to_vec())
+    );
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"oops\n".to_vec()));
+    s.stdin(b"exit 3\n").unwrap();
+    let exit = ConsoleExit {
+        exit_code: Some(3),
+        signal: None,
+    };
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Exit(exit));
+    assert!(s.next(Duration::ZERO).is_err(), "nothing after the exit");
+    let rec = h.fake.world().sessions[0].clone();
+    assert_eq!(rec.argv, ["sh", "-i"]);
+    assert_eq!(rec.user.as_deref(), Some("postgres"));
+    assert_eq!(rec.stdin, b"hello\nsize\nsize\nenv TERM\nerr oops\nexit 3\n");
+    assert_eq!(rec.exit, Some((Some(3), None)));
+    assert!(!rec.closed);
+    drop(s);
+    assert!(h.fake.world().sessions[0].closed);
+
+    // On pipes: stderr stays apart, closing stdin ends it, a signal ends it.
+    let pipes = ConsoleRequest {
+        argv: vec!["cat".into()],
+        ..ConsoleRequest::default()
+    };
+    let mut s = MachineHost::console(&agent, &id, pipes.clone()).unwrap();
+    s.stdin(b"size\nerr oops\n").unwrap();
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"no tty\n".to_vec()));
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stderr(b"oops\n".to_vec()));
+    s.close_stdin().unwrap();
+    assert_eq!(
+        next_event(&mut *s),
+        ConsoleEvent::Exit(ConsoleExit {
+            exit_code: Some(0),
+            signal: None
+        })
+    );
+    let mut s = MachineHost::console(&agent, &id, pipes.clone()).unwrap();
+    s.signal(Signal::SIGTERM).unwrap();
+    assert_eq!(
+        next_event(&mut *s),
+        ConsoleEvent::Exit(ConsoleExit {
+            exit_code: None,
+            signal: Some(15)
+        })
+    );
+
+    // Dropping a running session kills its command; the machine keeps running.
+    let s = MachineHost::console(&agent, &id, pipes).unwrap();
+    drop(s);
+    let rec = h.fake.world().sessions.last().unwrap().clone();
+    assert!(rec.closed && rec.exit.is_none(), "{rec:?}");
+    assert_eq!(state(&agent, &id), MachineState::Started);
+}
+
+#[test]
+fn a_console_needs_a_started_machine_and_a_program() {
+    use aloft_api::{ConsoleRequest, MachineHost};
+
+    let h = Harness::new();
+    let agent = h.open();
+    let req = ConsoleRequest {
+        argv: vec!["sh".into()],
+        ..ConsoleRequest::default()
+    };
+    for target in [
+        MachineState::Created,
+        MachineState::Stopped,
+        MachineState::Suspended,
+    ] {
+        let id = machine_in(&agent, &h.fake, target);
+        let e = MachineHost::console(&agent, &id, req.clone()).err().unwrap();
+        assert_eq!(e.status(), 412, "{target}: {e}");
+        assert!(e.message().contains(target.as_str()), "{e}");
+    }
+    let unknown: MachineId = "3d8d413b29d089".parse().unwrap();
+    let e = MachineHost::console(&agent, &unknown, req.clone()).err().unwrap();
+    assert_eq!(e.status(), 404, "{e}");
+    assert!(h.fake.world().sessions.is_empty());
+
+    // Init's refusal is the caller's to fix: 400 with its message.
+    let id = machine_in(&agent, &h.fake, MachineState::Started);
+    h.fake.missing_program("/app/nope");
+    let nope = ConsoleRequest {
+        argv: vec!["/app/nope".into()],
+        ..ConsoleRequest::default()
+    };
+    let e = MachineHost::console(&agent, &id, nope).err().unwrap();
+    assert_eq!(e.status(), 400, "{e}");
+    assert!(e.message().contains("executable not found: /app/nope"), "{e}");
+    // A driver failure is a 500 that hides the details.
+    h.fake.fail_always(DriverOp::ExecSession);
+    let e = MachineHost::console(&agent, &id, req.clone()).err().unwrap();
+    assert_eq!(e.status(), 500, "{e}");
+    h.fake.clear_faults();
+
+    // The machine stopping under a session ends it: every call fails, as 412.
+    let mut s = MachineHost::console(&agent, &id, req).unwrap();
+    agent.stop(&id, StopOptions::default()).unwrap().wait(T).unwrap();
+    let e = s.next(Duration::from_millis(10)).unwrap_err();
+    assert_eq!(e.status(), 412, "{e}");
+    assert_eq!(s.stdin(b"x\n").unwrap_err().status(), 412);
+}
+
+#[test]
+fn a_console_without_a_command_runs_bash_else_sh() {
+    use aloft_api::{ConsoleEvent, ConsoleRequest, MachineHost};
+
+    let h = Harness::new();
+    let agent = h.open();
+    let id = machine_in(&agent, &h.fake, MachineState::Started);
+    let shell = ConsoleRequest {
+        env: vec![("TERM".into(), "vt100".into())],
+        ..ConsoleRequest::default()
+    };
+    let mut s = MachineHost::console(&agent, &id, shell.clone()).unwrap();
+    s.stdin(b"env TERM\n").unwrap();
+    assert_eq!(next_event(&mut *s), ConsoleEvent::Stdout(b"vt100\n".to_vec()));
+    drop(s);
+    assert_eq!(h.fake.world().sessions[0].argv, [crate::agent::BASH]);
+
+    // An image without bash: init refuses it, sh runs instead.
+    h.fake.missing_program(crate::agent::BASH);
+    let s = MachineHost::console(&agent, &id, shell.clone()).unwrap();
+    drop(s);
+    let w = h.fake.world();
+    assert_eq!(w.sessions.len(), 2, "the refused bash never ran");
+    assert_eq!(w.sessions[1].argv, [crate::agent::SH]);
+    let tries = w
+        .calls
+        .iter()
+        .filter(|(op, _)| *op == DriverOp::ExecSession)
+        .count();
+    assert_eq!(tries, 3, "bash, then bash and sh");
+
+    // Without either, init's refusal for sh is the answer.
+    h.fake.missing_program(crate::agent::SH);
+    let e = MachineHost::console(&agent, &id, shell).err().unwrap();
+    assert_eq!(e.status(), 400, "{e}");
+    assert!(e.message().contains("executable not found: /bin/sh"), "{e}");
+    // Other failures of bash are not retried with sh.
+    h.fake.fail_always(DriverOp::ExecSession);
+    let before = h.fake.world().calls.len();
+    let e = MachineHost::console(&agent, &id, ConsoleRequest::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.status(), 500, "{e}");
+    assert_eq!(h.fake.world().calls.len(), before + 1);
+}

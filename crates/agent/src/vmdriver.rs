@@ -27,17 +27,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use aloft_api::{ListenSocket, MachineId, ProcessStat, Signal, VolumeId};
+use aloft_api::{ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, VolumeId};
 use aloft_image::unpack::UnpackLimits;
 use aloft_image::{
     Progress, PulledImage, Puller, Reference, RegistryConfig, RegistryError, RootfsFormat, RootfsStore,
     WritableDisks,
 };
-use aloft_vm::{AccelChoice, DiskSpec, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec};
+use aloft_vm::{
+    AccelChoice, DiskSpec, ExecEvent, ExecSession, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec,
+};
 
 use crate::driver::{
-    BaseInfo, Driver, DriverError, DriverOp, ExecResult, ExitInfo, ImageInfo, LaunchSpec, LogChunk,
-    LogReceiver, NetInfo, Network, NoNetwork, OutputStream, VmStatus, VolumeDisk,
+    BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
+    LogChunk, LogReceiver, NetInfo, Network, NoNetwork, OutputStream, SessionEvent, VmStatus, VolumeDisk,
 };
 use crate::ids::now_ms;
 use crate::volumes::{VolumeError, VolumeStore};
@@ -146,6 +148,64 @@ fn vm_failed(op: DriverOp, e: &VmError) -> DriverError {
             DriverError::failed(op, e, true)
         }
         _ => DriverError::failed(op, e, false),
+    }
+}
+
+fn output_stream(stream: aloft_guest_proto::DataStream) -> OutputStream {
+    match stream {
+        aloft_guest_proto::DataStream::Stdout => OutputStream::Stdout,
+        aloft_guest_proto::DataStream::Stderr => OutputStream::Stderr,
+    }
+}
+
+/// An interactive command in a guest ([`Driver::exec_session`]): `aloft-vm`'s session, whose
+/// drop kills the command.
+#[derive(Debug)]
+struct VmSession(ExecSession);
+
+impl DriverSession for VmSession {
+    fn stdin(&mut self, data: &[u8]) -> Result<(), DriverError> {
+        self.0
+            .stdin(data)
+            .map_err(|e| vm_failed(DriverOp::ExecSession, &e))
+    }
+
+    fn close_stdin(&mut self) -> Result<(), DriverError> {
+        self.0
+            .close_stdin()
+            .map_err(|e| vm_failed(DriverOp::ExecSession, &e))
+    }
+
+    fn resize(&mut self, rows: u16, cols: u16) -> Result<(), DriverError> {
+        self.0
+            .resize(rows, cols)
+            .map_err(|e| vm_failed(DriverOp::ExecSession, &e))
+    }
+
+    fn signal(&mut self, signal: i32) -> Result<(), DriverError> {
+        self.0
+            .signal(signal)
+            .map_err(|e| vm_failed(DriverOp::ExecSession, &e))
+    }
+
+    fn recv(&mut self, timeout: Duration) -> Result<Option<SessionEvent>, DriverError> {
+        Ok(
+            match self
+                .0
+                .recv(timeout)
+                .map_err(|e| vm_failed(DriverOp::ExecSession, &e))?
+            {
+                None => None,
+                Some(ExecEvent::Output { stream, data }) => Some(SessionEvent::Output {
+                    stream: output_stream(stream),
+                    data,
+                }),
+                Some(ExecEvent::Exited(exit)) => Some(SessionEvent::Exited {
+                    exit_code: exit.exit_code,
+                    signal: exit.signal,
+                }),
+            },
+        )
     }
 }
 
@@ -613,6 +673,30 @@ impl Driver for VmDriver {
         })
     }
 
+    fn exec_session(
+        &self,
+        id: &MachineId,
+        req: &ConsoleRequest,
+    ) -> Result<Box<dyn DriverSession>, DriverError> {
+        let vm = self.vm(id).ok_or(DriverError::NotRunning {
+            op: DriverOp::ExecSession,
+        })?;
+        let session = vm
+            .exec_session(aloft_guest_proto::ExecRequest {
+                argv: req.argv.clone(),
+                env: req.env.clone(),
+                user: req.user.clone(),
+                stdin: true,
+                tty: req.tty.map(|t| aloft_guest_proto::TtySize {
+                    rows: t.rows,
+                    cols: t.cols,
+                }),
+                ..aloft_guest_proto::ExecRequest::default()
+            })
+            .map_err(|e| vm_failed(DriverOp::ExecSession, &e))?;
+        Ok(Box::new(VmSession(session)))
+    }
+
     fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
         let vm = self.vm(id).ok_or(DriverError::NotRunning { op: DriverOp::Ps })?;
         Ok(vm
@@ -632,10 +716,7 @@ impl Driver for VmDriver {
         }
         Ok(Some(LogReceiver::new(vm.logs(), |c: aloft_vm::LogChunk| {
             LogChunk {
-                stream: match c.stream {
-                    aloft_guest_proto::DataStream::Stdout => OutputStream::Stdout,
-                    aloft_guest_proto::DataStream::Stderr => OutputStream::Stderr,
-                },
+                stream: output_stream(c.stream),
                 data: c.data,
             }
         })))

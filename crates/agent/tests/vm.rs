@@ -20,8 +20,8 @@ mod tests {
         Network, NoNetwork, StopOptions, VmDriver, VmDriverConfig, VmStatus, VolumeDisk,
     };
     use aloft_api::{
-        MachineConfig, MachineId, MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal,
-        VolumeId, WaitState,
+        ConsoleEvent, ConsoleExit, ConsoleRequest, ConsoleSession, MachineConfig, MachineHost, MachineId,
+        MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal, TtySize, VolumeId, WaitState,
     };
     use aloft_image::RegistryConfig;
     use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
@@ -139,6 +139,75 @@ mod tests {
         }
     }
 
+    /// Everything a console session sends until its exit (stdout, stderr), and the exit.
+    fn console_until_exit(session: &mut dyn ConsoleSession) -> (String, String, ConsoleExit) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            assert!(Instant::now() < deadline, "no exit; so far {out:?} {err:?}");
+            match session.next(Duration::from_millis(200)).unwrap() {
+                Some(ConsoleEvent::Stdout(d)) => out.extend(d),
+                Some(ConsoleEvent::Stderr(d)) => err.extend(d),
+                Some(ConsoleEvent::Exit(e)) => {
+                    return (
+                        String::from_utf8_lossy(&out).into_owned(),
+                        String::from_utf8_lossy(&err).into_owned(),
+                        e,
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// `aloft ssh console` on the busybox machine: a command on pipes, then the default shell
+    /// (busybox has no bash: /bin/sh) on a terminal.
+    fn console_runs_sh(agent: &Agent, id: &MachineId) {
+        let req = ConsoleRequest {
+            argv: vec!["sh".into()],
+            ..ConsoleRequest::default()
+        };
+        let mut s = MachineHost::console(agent, id, req).unwrap();
+        s.stdin(b"echo out; echo err >&2; exit 3\n").unwrap();
+        let (out, err, exit) = console_until_exit(&mut *s);
+        assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"));
+        assert_eq!(exit.exit_code, Some(3));
+        // Input as it comes, then its end.
+        let cat = ConsoleRequest {
+            argv: vec!["cat".into()],
+            ..ConsoleRequest::default()
+        };
+        let mut s = MachineHost::console(agent, id, cat).unwrap();
+        s.stdin(b"typed\n").unwrap();
+        s.stdin(b"more\n").unwrap();
+        s.close_stdin().unwrap();
+        let (out, _, exit) = console_until_exit(&mut *s);
+        assert_eq!(out, "typed\nmore\n");
+        assert_eq!(exit.exit_code, Some(0));
+
+        let shell = ConsoleRequest {
+            tty: Some(TtySize { rows: 33, cols: 101 }),
+            ..ConsoleRequest::default()
+        };
+        let mut s = MachineHost::console(agent, id, shell).unwrap();
+        s.resize(TtySize { rows: 40, cols: 120 }).unwrap();
+        s.stdin(b"stty size; echo $((6*7)); exit 5\n").unwrap();
+        let (out, err, exit) = console_until_exit(&mut *s);
+        assert!(out.contains("40 120"), "{out:?}");
+        assert!(out.contains("42"), "{out:?}");
+        assert_eq!(err, "", "a terminal has no separate stderr");
+        assert_eq!(exit.exit_code, Some(5));
+
+        // Init's refusal is a 400 naming the program.
+        let missing = ConsoleRequest {
+            argv: vec!["/app/x".into()],
+            ..ConsoleRequest::default()
+        };
+        let e = MachineHost::console(agent, id, missing).err().unwrap();
+        assert_eq!(e.status(), 400, "{e}");
+        assert!(e.message().contains("/app/x"), "{e}");
+    }
+
     /// No QEMU runs from the directory, and no machine directory, disk or volume is left.
     fn assert_nothing_left(dir: &Path) {
         let (data, _, _) = data(dir);
@@ -185,6 +254,7 @@ mod tests {
         let api = missing.to_api();
         assert_eq!(api.status(), 400, "{missing:?}");
         assert!(api.message().contains("/app/x"), "{}", api.message());
+        console_runs_sh(&agent, &rec.id);
         let m = agent.machine(&rec.id).unwrap();
         assert_eq!(m.image_ref.as_ref().unwrap().repository, "busybox");
         assert!(m.image_ref.unwrap().digest.starts_with("sha256:"));
@@ -618,6 +688,13 @@ mod tests {
             timeout: Duration,
         ) -> Result<ExecResult, DriverError> {
             self.inner.exec(id, argv, timeout)
+        }
+        fn exec_session(
+            &self,
+            id: &MachineId,
+            req: &aloft_api::ConsoleRequest,
+        ) -> Result<Box<dyn aloft_agent::DriverSession>, DriverError> {
+            self.inner.exec_session(id, req)
         }
         fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
             self.inner.ps(id)

@@ -16,8 +16,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiError, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId, MachineState, MachineVersion,
-    ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, VolumeId, WaitResponse, WaitState,
+    ApiError, ConsoleRequest, ConsoleSession, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId,
+    MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, VolumeId,
+    WaitResponse, WaitState,
 };
 
 /// A machine to create on a host.
@@ -181,6 +182,12 @@ pub trait MachineHost: Send + Sync + fmt::Debug {
     fn log_tail(&self, id: &MachineId, lines: usize) -> Result<Vec<LogEntry>, ApiError>;
     /// Lines written from now on (after `after_seq`, when given: a client that resumes).
     fn follow_logs(&self, id: &MachineId, after_seq: Option<u64>) -> Result<Box<dyn LogFollower>, ApiError>;
+
+    /// Starts an interactive command in a started machine (`aloft ssh console`): its stdin,
+    /// stdout and stderr stream through the session until it exits; dropping the session kills
+    /// it. 412 when the machine is not started; 400 with init's reason when the command can't
+    /// start ("executable not found: …").
+    fn console(&self, id: &MachineId, req: ConsoleRequest) -> Result<Box<dyn ConsoleSession>, ApiError>;
 
     /// Makes a volume's disk: an empty ext4 filesystem of `size_gb`. Idempotent: a disk of that
     /// id already there is kept as it is (a retried create), whatever its size.

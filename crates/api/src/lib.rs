@@ -21,6 +21,7 @@ mod auth;
 mod catalog;
 mod certs;
 pub mod checks;
+mod console;
 mod duration;
 mod error;
 mod guest;
@@ -53,6 +54,10 @@ pub use catalog::CatalogEntry;
 pub use certs::{
     Certificate, CertificateRecord, CertificateSource, CertificateStatus, CreateCertificateRequest,
     DnsRequirements, EdgeCaResponse, ListCertificatesResponse, is_under_domain, validate_cert_hostname,
+};
+pub use console::{
+    CONSOLE_UPGRADE, ConsoleEvent, ConsoleExit, ConsoleFrame, ConsoleFrameError, ConsoleQuery,
+    ConsoleRequest, ConsoleSession, MAX_CONSOLE_PAYLOAD, TtySize,
 };
 pub use error::{ApiError, ErrorResponse, ErrorStatus, error_chain};
 pub use lease::{CreateLeaseRequest, LEASE_NONCE_HEADER, Lease, LeaseEnvelope};

@@ -112,6 +112,10 @@ pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[
     (MethodFilter::POST, "/apps/{app_name}/certificates"),
     (MethodFilter::GET, "/platform/edge-ca"),
     (MethodFilter::GET, "/apps/{app_name}/logs"),
+    (
+        MethodFilter::GET,
+        "/apps/{app_name}/machines/{machine_id}/console",
+    ),
     (MethodFilter::GET, "/apps/{app_name}/releases"),
     (MethodFilter::POST, "/apps/{app_name}/releases"),
     (MethodFilter::POST, "/apps/{app_name}/releases/rollback"),

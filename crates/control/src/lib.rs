@@ -8,6 +8,10 @@
 //! see [`create_token`]). Every error, including unknown routes, malformed JSON and missing
 //! tokens, answers with Fly's `{"error": "...", "status": "..."}` body ([`HttpError`]).
 //!
+//! `GET …/machines/{id}/console` (`console.rs`) is the one route that takes over its connection
+//! (an HTTP/1.1 upgrade to `aloft-console`); it needs a server that serves upgrades, as
+//! `axum::serve` does.
+//!
 //! Threading: handlers run on the caller's tokio runtime; every call into the synchronous
 //! [`aloft_store::Store`] goes through `spawn_blocking`, so SQLite never blocks the reactor.
 //! Design notes: `docs/adr/0009-api-server.md`.
@@ -22,6 +26,7 @@ mod apps;
 mod auth;
 mod certs;
 mod compat;
+mod console;
 mod error;
 mod extract;
 mod hosts;
@@ -85,6 +90,8 @@ struct Inner {
     secrets_keys: Option<Arc<aloft_secretbox::Keyring>>,
     /// The edge's base domain, addresses and CA root, for the certificate endpoints.
     edge: EdgeSettings,
+    /// Console sessions that may run at once; each holds a permit while it lives.
+    consoles: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -104,6 +111,7 @@ impl ApiState {
                 config,
                 secrets_keys: None,
                 edge: EdgeSettings::default(),
+                consoles: Arc::new(tokio::sync::Semaphore::new(console::MAX_CONSOLES)),
             }),
         }
     }
@@ -129,6 +137,22 @@ impl ApiState {
             inner.edge = settings;
         }
         self
+    }
+
+    /// This state with at most `max` console sessions at once (default 64; one more is refused
+    /// with 503). Call it before the state is shared (cloned); a shared state is returned
+    /// unchanged.
+    #[must_use]
+    pub fn with_max_consoles(mut self, max: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.consoles = Arc::new(tokio::sync::Semaphore::new(max));
+        }
+        self
+    }
+
+    /// The permits of running console sessions.
+    pub(crate) fn consoles(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.consoles
     }
 
     /// The edge's settings.
@@ -196,6 +220,7 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{M}/versions"), get(machines::versions))
         .route(&format!("{M}/ps"), get(machines::ps))
         .route(&format!("{M}/exec"), post(machines::exec))
+        .route(&format!("{M}/console"), get(console::console))
         .route(
             &format!("{M}/lease"),
             get(machines::show_lease)

@@ -61,11 +61,11 @@ impl<S: Send + Sync> FromRequestParts<S> for MachinePath {
 }
 
 /// A located machine: its placement record and the host that has it.
-struct Target {
+pub(crate) struct Target {
     app: String,
-    id: MachineId,
+    pub(crate) id: MachineId,
     placement: Versioned<MachineRecord>,
-    host: Arc<dyn MachineHost>,
+    pub(crate) host: Arc<dyn MachineHost>,
 }
 
 impl Target {
@@ -78,7 +78,7 @@ impl Target {
 
 /// Finds the machine: the app must be the caller's (404/403 as for apps), the machine must be
 /// placed in it (404), its host must be known (503).
-fn locate(state: &ApiState, caller: &Caller, path: &MachinePath) -> Result<Target, HttpError> {
+pub(crate) fn locate(state: &ApiState, caller: &Caller, path: &MachinePath) -> Result<Target, HttpError> {
     let control = state.control();
     visible_app(control, caller, &path.app)?;
     let placement = control
@@ -150,7 +150,7 @@ where
     .await
 }
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect()

@@ -941,6 +941,64 @@ pub(crate) const OPERATIONS: &[Operation] = &[
     .extension(),
     op(
         MethodFilter::GET,
+        "/apps/{app_name}/machines/{machine_id}/console",
+        "Machines_console",
+        "Machines",
+        "An interactive command in a machine (aloft ssh console), over the upgraded connection",
+    )
+    .params(&[
+        APP,
+        MACHINE,
+        query(
+            "cmd",
+            ParamType::String,
+            "One argument of the command, repeated in order; none: a shell (/bin/bash, else /bin/sh)",
+        ),
+        query(
+            "tty",
+            ParamType::Boolean,
+            "Run on a pseudo-terminal (stderr then arrives as stdout)",
+        ),
+        query(
+            "rows",
+            ParamType::Integer,
+            "The terminal's rows, 1 to 1000 (default 24)",
+        ),
+        query(
+            "cols",
+            ParamType::Integer,
+            "The terminal's columns, 1 to 1000 (default 80)",
+        ),
+        query("term", ParamType::String, "TERM for the command"),
+        query(
+            "user",
+            ParamType::String,
+            "Run as this user (name, uid, name:group or uid:gid); the workload's by default",
+        ),
+        Param {
+            name: "Upgrade",
+            location: In::Header,
+            required: true,
+            ty: ParamType::Enum(&[aloft_api::CONSOLE_UPGRADE]),
+            description: "aloft-console, with `Connection: upgrade`",
+            extension: false,
+        },
+    ])
+    .responses(&[
+        empty(
+            101,
+            "Switching Protocols: the command runs; console frames (aloft_api::ConsoleFrame: kind u8, \
+             length u32 big-endian, payload) flow both ways until its Exit or Error frame",
+        ),
+        BAD,
+        NOT_FOUND,
+        STATE,
+        error(426, "The request did not ask for the aloft-console upgrade"),
+        error(503, "The server runs as many console sessions as it allows"),
+    ])
+    .extension(),
+    op(
+        MethodFilter::GET,
         "/openapi.json",
         "OpenAPI_show",
         "Meta",

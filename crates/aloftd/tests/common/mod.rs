@@ -63,6 +63,15 @@ impl Harness {
         agent: &Arc<Agent>,
         keys: Arc<aloft_secretbox::Keyring>,
     ) -> axum::Router {
+        Self::router_with(store, agent, keys, |s| s)
+    }
+
+    fn router_with(
+        store: Arc<dyn Store>,
+        agent: &Arc<Agent>,
+        keys: Arc<aloft_secretbox::Keyring>,
+        tune: impl FnOnce(ApiState) -> ApiState,
+    ) -> axum::Router {
         let state = ApiState::with_hosts(
             store,
             ApiConfig {
@@ -76,7 +85,25 @@ impl Harness {
             }],
         )
         .with_secrets_keys(keys);
-        router(state)
+        router(tune(state))
+    }
+
+    /// Serves from now on with the API state changed by `tune` (e.g. a lower console limit),
+    /// over the same store, host and secrets key.
+    pub(crate) fn tune_state(&mut self, tune: impl FnOnce(ApiState) -> ApiState) {
+        let key = aloft_secretbox::Key::load_or_create(&self.dir.path().join("secrets.key")).unwrap();
+        let keys = Arc::new(aloft_secretbox::Keyring::new(key));
+        self.router = Self::router_with(Arc::clone(self.control.store()), &self.agent, keys, tune);
+    }
+
+    /// Serves the router on a real socket (`127.0.0.1`, a free port) until the test ends: what
+    /// upgraded connections (`…/console`) need, which a tower `oneshot` cannot give.
+    pub(crate) async fn serve(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = self.router.clone();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
     }
 
     /// Serves from now on with `keys` sealing and opening app secrets, over the same store and
