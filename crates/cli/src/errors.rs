@@ -1,8 +1,8 @@
 //! Turning errors into what a user reads, and exit codes.
 //!
 //! Exit codes: 1 any failure, 2 bad usage (clap), 3 the image, app, machine or local record does
-//! not exist, 4 the registry or aloftd cannot be reached; `aloft machine exec` exits with its
-//! command's code.
+//! not exist, 4 the registry or aloftd cannot be reached; `aloft machine exec` and `aloft ssh
+//! console` exit with their command's code.
 
 use std::fmt;
 use std::process::ExitCode;
@@ -32,7 +32,7 @@ impl fmt::Display for UserError {
 impl std::error::Error for UserError {}
 
 /// Ends the command with `code` and nothing more said (what it had to say is printed): `aloft
-/// machine exec` passing on its command's exit code.
+/// machine exec` and `aloft ssh console` passing on their command's exit code.
 #[derive(Debug)]
 pub(crate) struct SilentExit(pub(crate) u8);
 

@@ -1,7 +1,7 @@
 //! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft apps …`,
-//! `aloft machine …`, `aloft volumes …`, `aloft logs`, `aloft images …`, `aloft config …`,
-//! `aloft completion`), each subcommand in its own file with the same shape (clap args struct,
-//! `run(ctx, args)`), and errors that say what to do next.
+//! `aloft machine …`, `aloft volumes …`, `aloft ssh console`, `aloft logs`, `aloft images …`,
+//! `aloft config …`, `aloft completion`), each subcommand in its own file with the same shape
+//! (clap args struct, `run(ctx, args)`), and errors that say what to do next.
 //!
 //! The CLI talks to the platform through `aloft-client` → `aloft-api` (`cli → client → api`), as
 //! `aloft apps` does. **Temporary deviation:** until `aloftd` serves images through the agent's
@@ -31,6 +31,7 @@ mod releases;
 mod scale;
 mod secrets;
 mod spinner;
+mod ssh;
 mod status;
 mod volumes;
 
@@ -84,6 +85,9 @@ enum Command {
     /// Custom domains' TLS certificates (add, list, show, check, remove) and the edge CA's root.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Interactive sessions in machines: ssh console (a shell or a command, on a terminal).
+    #[command(subcommand)]
+    Ssh(ssh::SshCommand),
     /// Persistent volumes: create, list, show, extend, update, destroy.
     #[command(subcommand, visible_alias = "vol", alias = "volume")]
     Volumes(volumes::VolumesCommand),
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
             Command::Secrets(cmd) => secrets::run(&ctx, cmd).await,
             Command::Certs(cmd) => certs::run(&ctx, cmd).await,
             Command::Volumes(cmd) => volumes::run(&ctx, cmd).await,
+            Command::Ssh(cmd) => ssh::run(&ctx, cmd).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }
@@ -184,6 +189,8 @@ mod tests {
             "uncordon",
             "volumes",
             "--scheduled-snapshots",
+            "ssh",
+            "--no-pty",
         ] {
             assert!(script.contains(word), "{word}");
         }

@@ -11,7 +11,8 @@
 //! (`release_create`, `releases_list`, `release_get`, `release_events` as a stream of
 //! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`), secrets, certificates
 //! and volumes (`volumes_list`, `volume_create`, `volume_get`, `volume_update`, `volume_extend`,
-//! `volume_delete`; see `volumes.rs`). A lease's
+//! `volume_delete`; see `volumes.rs`), and interactive sessions ([`Client::console`]: an HTTP/1.1
+//! upgrade to console frames; see `console.rs`). A lease's
 //! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
 //!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
@@ -32,6 +33,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 mod certs;
+mod console;
 mod logs;
 mod machines;
 mod platform;
@@ -39,6 +41,7 @@ mod releases;
 mod secrets;
 mod volumes;
 
+pub use console::{ConsoleConnection, ConsoleError, ConsoleReader, ConsoleWriter};
 pub use logs::{LogStream, LogsQuery, NdjsonStream};
 pub use machines::{ListMachinesParams, RestartParams, WaitParams};
 pub use releases::ReleaseEventStream;
@@ -85,6 +88,15 @@ pub enum ClientError {
         /// Why it does not parse.
         #[source]
         source: serde_json::Error,
+    },
+    /// A console request was answered with a success status instead of `101 Switching
+    /// Protocols` (something between the CLI and aloftd does not pass upgrades on).
+    #[error("aloftd at {url} did not switch the connection to a console (HTTP {status})")]
+    Upgrade {
+        /// The API base URL.
+        url: String,
+        /// HTTP status code.
+        status: u16,
     },
     /// The base URL is not an `http://` or `https://` URL.
     #[error("invalid API URL {url:?}: {reason}")]

@@ -149,7 +149,7 @@ fn machines_path(app: &str) -> String {
 }
 
 /// `/v1/apps/{app}/machines/{id}` followed by `rest` (`""`, `"/start"` …).
-fn machine_path(app: &str, id: &str, rest: &str) -> String {
+pub(crate) fn machine_path(app: &str, id: &str, rest: &str) -> String {
     format!("/v1/apps/{}/machines/{}{rest}", encode(app), encode(id))
 }
 

@@ -777,3 +777,112 @@ async fn volume_endpoints_use_flys_paths_and_bodies() {
     );
     assert_eq!(body(4), serde_json::json!({"size_gb": 3}));
 }
+
+/// The console request upgrades; frames then flow both ways on the same connection.
+#[tokio::test]
+async fn console_upgrades_and_exchanges_frames() {
+    use aloft_api::{ConsoleExit, ConsoleFrame, ConsoleRequest, TtySize};
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let request = read_request(&mut conn).await;
+        conn.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: aloft-console\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // The server's side: one stdin frame in, its bytes out, then the exit.
+        let mut buf = Vec::new();
+        let frame = loop {
+            if let Some((f, _)) = ConsoleFrame::decode(&buf).unwrap() {
+                break f;
+            }
+            let mut chunk = [0u8; 256];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "client closed before sending a frame");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let ConsoleFrame::Stdin(data) = frame else {
+            panic!("not stdin: {frame:?}");
+        };
+        let mut out = Vec::new();
+        ConsoleFrame::Stdout(data).encode(&mut out);
+        ConsoleFrame::Exit(ConsoleExit {
+            exit_code: Some(7),
+            signal: None,
+        })
+        .encode(&mut out);
+        conn.write_all(&out).await.unwrap();
+        conn.shutdown().await.unwrap();
+        request
+    });
+    let client = Client::new(&url, "tok").unwrap().with_lease_nonce(Some("n1"));
+    let req = ConsoleRequest {
+        argv: vec!["sh".into(), "-c".into(), "echo a b".into()],
+        tty: Some(TtySize { rows: 30, cols: 90 }),
+        env: vec![("TERM".into(), "xterm".into())],
+        user: Some("root".into()),
+    };
+    let (mut reader, mut writer) = client
+        .console("web", "3d8d413b29d089", &req)
+        .await
+        .unwrap()
+        .split();
+    writer
+        .send(&ConsoleFrame::Stdin(b"hello".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.next().await.unwrap(),
+        Some(ConsoleFrame::Stdout(b"hello".to_vec()))
+    );
+    let Some(ConsoleFrame::Exit(exit)) = reader.next().await.unwrap() else {
+        panic!("no exit");
+    };
+    assert_eq!(exit.status(), 7);
+    assert_eq!(reader.next().await.unwrap(), None);
+
+    let request = server.await.unwrap();
+    let lower = request.to_ascii_lowercase();
+    assert!(
+        request.starts_with(
+            "GET /v1/apps/web/machines/3d8d413b29d089/console?cmd=sh&cmd=-c&cmd=echo%20a%20b&tty=true&rows=30&cols=90&term=xterm&user=root HTTP/1.1\r\n"
+        ),
+        "{request}"
+    );
+    for header in [
+        "\r\nconnection: upgrade\r\n",
+        "\r\nupgrade: aloft-console\r\n",
+        "\r\nauthorization: bearer tok\r\n",
+        "\r\nfly-machine-lease-nonce: n1\r\n",
+    ] {
+        assert!(lower.contains(header), "{header:?} in {request}");
+    }
+}
+
+/// Refusals before the upgrade are API errors with the server's message; a 200 is no console.
+#[tokio::test]
+async fn console_refusals_are_api_errors() {
+    let (url, _server) = serve(vec![
+        json(
+            "412 Precondition Failed",
+            r#"{"error":"machine 3d8d413b29d089 is not started (stopped)"}"#,
+        ),
+        json("404 Not Found", r#"{"error":"machine nope not found"}"#),
+        json("200 OK", "{}"),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let req = aloft_api::ConsoleRequest::default();
+    let e = client.console("web", "3d8d413b29d089", &req).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Api { status: 412, message } if message == "machine 3d8d413b29d089 is not started (stopped)"),
+        "{e:?}"
+    );
+    let e = client.console("web", "nope", &req).await.unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
+    let e = client.console("web", "x", &req).await.unwrap_err();
+    assert!(matches!(e, ClientError::Upgrade { status: 200, .. }), "{e:?}");
+}
