@@ -14,125 +14,21 @@ mod common;
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead as _, BufReader};
-    use std::net::TcpStream;
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Output, Stdio};
+    use std::process::{Output, Stdio};
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     use serde_json::Value;
 
-    use crate::common::{aloftd_bin, free_port};
-
-    /// A temporary home for one aloftd (fake driver) and the CLI.
-    struct Env {
-        dir: tempfile::TempDir,
-        daemon: Option<Child>,
-    }
+    use crate::common::{FakeAloftd as Env, stderr, stdout};
 
     impl Env {
-        /// Starts aloftd with the fake driver on a free port; waits until it listens.
-        fn start() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            for d in ["home", "config", "work"] {
-                std::fs::create_dir(dir.path().join(d)).unwrap();
-            }
-            let port = free_port();
-            let log = dir.path().join("aloftd.log");
-            let child = Command::new(aloftd_bin())
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .arg("--no-edge")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .args(["--driver", "fake", "--network", "none", "--no-access-log"])
-                .env("XDG_CONFIG_HOME", dir.path().join("config"))
-                .env("HOME", dir.path().join("home"))
-                .env_remove("ALOFT_DATA_DIR")
-                .env_remove("ALOFT_LISTEN")
-                .env_remove("ALOFT_REGION")
-                .env_remove("ALOFT_DRIVER")
-                .env_remove("ALOFT_NETWORK")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let mut env = Self {
-                dir,
-                daemon: Some(child),
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains("aloftd: listening on") && TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return env;
-                }
-                if let Some(status) = env.daemon.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("aloftd exited with {status} before listening:\n{text}");
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "aloftd did not listen in time:\n{text}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        /// `aloft ARGS…` with this test's config home, no `ALOFT_*`/`FLY_*` from outside, no
-        /// terminal, run in an empty directory (no aloft.toml).
-        fn command(&self, args: &[&str]) -> Command {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_aloft"));
-            cmd.args(args)
-                .current_dir(self.path("work"))
-                .env("XDG_CONFIG_HOME", self.path("config"))
-                .env("HOME", self.path("home"))
-                .env("ALOFT_DATA_DIR", self.path("cli-data"))
-                .env_remove("ALOFT_API_URL")
-                .env_remove("ALOFT_API_TOKEN")
-                .env_remove("FLY_API_TOKEN")
-                .env_remove("ALOFT_REGISTRY")
-                .stdin(Stdio::null());
-            cmd
-        }
-
-        fn aloft(&self, args: &[&str]) -> Output {
-            self.command(args).output().unwrap()
-        }
-
-        fn json(&self, args: &[&str]) -> Value {
-            let out = ok(&self.aloft(args));
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-        }
-
         /// `aloft machine run … --json` in app `web`: the machine.
         fn run_machine(&self, extra: &[&str]) -> Value {
             let mut args = vec!["machine", "run", "-a", "web", "--yes", "--json"];
             args.extend_from_slice(extra);
             self.json(&args)
         }
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            // Only the daemon this test started.
-            if let Some(mut child) = self.daemon.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    fn stdout(out: &Output) -> String {
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn stderr(out: &Output) -> String {
-        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     fn ok(out: &Output) -> String {

@@ -16,9 +16,7 @@ mod common;
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
-    use std::net::TcpStream;
     use std::os::fd::{AsFd, OwnedFd};
-    use std::path::PathBuf;
     use std::process::{Child, Command, Output, Stdio};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -26,89 +24,9 @@ mod tests {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     use rustix::termios::{LocalModes, Winsize, tcgetattr, tcsetwinsize};
 
-    use crate::common::{aloftd_bin, free_port};
-
-    /// A temporary home for one aloftd (fake driver) and the CLI.
-    struct Env {
-        dir: tempfile::TempDir,
-        daemon: Option<Child>,
-    }
+    use crate::common::{FakeAloftd as Env, stderr, stdout};
 
     impl Env {
-        /// Starts aloftd with the fake driver on a free port; waits until it listens.
-        fn start() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            for d in ["home", "config", "work"] {
-                std::fs::create_dir(dir.path().join(d)).unwrap();
-            }
-            let port = free_port();
-            let log = dir.path().join("aloftd.log");
-            let child = Command::new(aloftd_bin())
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .arg("--no-edge")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .args(["--driver", "fake", "--network", "none", "--no-access-log"])
-                .env("XDG_CONFIG_HOME", dir.path().join("config"))
-                .env("HOME", dir.path().join("home"))
-                .env_remove("ALOFT_DATA_DIR")
-                .env_remove("ALOFT_LISTEN")
-                .env_remove("ALOFT_REGION")
-                .env_remove("ALOFT_DRIVER")
-                .env_remove("ALOFT_NETWORK")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            let mut env = Self {
-                dir,
-                daemon: Some(child),
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains("aloftd: listening on") && TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return env;
-                }
-                if let Some(status) = env.daemon.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("aloftd exited with {status} before listening:\n{text}");
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "aloftd did not listen in time:\n{text}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        /// `aloft ARGS…` with this test's config home, no `ALOFT_*`/`FLY_*` from outside, `TERM`
-        /// set to a value of the test's, in an empty directory (no aloft.toml).
-        fn command(&self, args: &[&str]) -> Command {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_aloft"));
-            cmd.args(args)
-                .current_dir(self.path("work"))
-                .env("XDG_CONFIG_HOME", self.path("config"))
-                .env("HOME", self.path("home"))
-                .env("ALOFT_DATA_DIR", self.path("cli-data"))
-                .env("TERM", "xterm-aloft-test")
-                .env_remove("ALOFT_API_URL")
-                .env_remove("ALOFT_API_TOKEN")
-                .env_remove("FLY_API_TOKEN")
-                .env_remove("ALOFT_REGISTRY")
-                .stdin(Stdio::null());
-            cmd
-        }
-
-        fn aloft(&self, args: &[&str]) -> Output {
-            self.command(args).output().unwrap()
-        }
-
         /// `aloft ARGS…` with `input` on a pipe as stdin.
         fn aloft_with_stdin(&self, args: &[&str], input: &str) -> Output {
             let mut child = self
@@ -140,22 +58,9 @@ mod tests {
         }
     }
 
-    impl Drop for Env {
-        fn drop(&mut self) {
-            // Only the daemon this test started.
-            if let Some(mut child) = self.daemon.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    fn stdout(out: &Output) -> String {
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn stderr(out: &Output) -> String {
-        String::from_utf8_lossy(&out.stderr).into_owned()
+    /// aloftd for these tests: `aloft` runs with a `TERM` of the test's, to see it passed on.
+    fn start() -> Env {
+        Env::start().with_cli_env("TERM", "xterm-aloft-test")
     }
 
     fn code(out: &Output) -> Option<i32> {
@@ -164,7 +69,7 @@ mod tests {
 
     #[test]
     fn console_on_pipes_relays_stdin_and_output_and_exits_with_the_status() {
-        let env = Env::start();
+        let env = start();
         let id = env.machine();
 
         // `echo 'echo hi' | aloft ssh console -C sh`, and the command's status as the CLI's.
@@ -201,7 +106,7 @@ mod tests {
 
     #[test]
     fn refusals_say_what_is_wrong() {
-        let env = Env::start();
+        let env = start();
 
         // An app without machines.
         let out = env.aloft(&["apps", "create", "web"]);
@@ -415,7 +320,7 @@ mod tests {
 
     #[test]
     fn console_on_a_terminal_is_raw_sized_resized_and_restored() {
-        let env = Env::start();
+        let env = start();
         let id = env.machine();
 
         // Terminals on both sides and no -C: a pty by default, the terminal raw.
@@ -455,7 +360,7 @@ mod tests {
 
     #[test]
     fn a_command_on_a_terminal_gets_no_pty_by_default() {
-        let env = Env::start();
+        let env = start();
         let _id = env.machine();
         let mut t = OnTerminal::start(&env, &["ssh", "console", "-a", "web", "-C", "sh"], false);
         // The terminal stays cooked (it echoes what is typed); the shell has no tty.
