@@ -5,10 +5,10 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
 
-use aloft_client::ClientError;
+use aloft_client::{Client, ClientError};
 use clap::Args;
 
-use crate::context::ApiSettings;
+use crate::context::{ApiSettings, Context};
 use crate::errors::{EXIT_NOT_FOUND, EXIT_UNREACHABLE, UserError};
 
 /// `-a/--app`.
@@ -55,6 +55,30 @@ pub(crate) fn resolve_app(flag: Option<&str>, dir: &Path) -> anyhow::Result<Stri
         .map(|a| a.trim().to_owned())
         .filter(|a| !a.is_empty())
         .ok_or_else(|| missing(format!("{} has no app = \"NAME\"", path.display())))
+}
+
+/// A client, its settings and the app a command acts on (`-a`, else the app of aloft.toml).
+pub(crate) struct AppTarget {
+    pub(crate) client: Client,
+    pub(crate) settings: ApiSettings,
+    pub(crate) app: String,
+}
+
+impl AppTarget {
+    pub(crate) fn new(ctx: &Context, app: &AppArg) -> anyhow::Result<Self> {
+        let app = app.resolve()?;
+        let (client, settings) = ctx.api_client()?;
+        Ok(Self {
+            client,
+            settings,
+            app,
+        })
+    }
+
+    /// Maps a client error about the app itself to what the user sees.
+    pub(crate) fn app_err(&self) -> impl Fn(ClientError) -> anyhow::Error + '_ {
+        move |e| api_error(e, &self.settings, Subject::App(&self.app))
+    }
 }
 
 /// What a request was about, for the messages of 404s.

@@ -13,11 +13,11 @@ use std::str::FromStr as _;
 use aloft_api::{
     CreateVolumeRequest, HostStatus, MAX_VOLUME_SIZE_GB, UpdateVolumeRequest, Volume, VolumeId, VolumeState,
 };
-use aloft_client::{Client, ClientError};
+use aloft_client::ClientError;
 use clap::{Args, Subcommand};
 
 use crate::api::{AppArg, Subject, api_error, confirm, print_json};
-use crate::context::{ApiSettings, Context};
+use crate::context::Context;
 use crate::errors::UserError;
 
 /// `aloft volumes …`.
@@ -195,28 +195,10 @@ pub(crate) fn parse_id(text: &str, app: Option<&str>) -> anyhow::Result<VolumeId
 }
 
 /// A client, its settings and the app it acts on.
-struct Target {
-    client: Client,
-    settings: ApiSettings,
-    app: String,
-}
+type Target = crate::api::AppTarget;
 
 impl Target {
-    fn new(ctx: &Context, app: &AppArg) -> anyhow::Result<Self> {
-        let app = app.resolve()?;
-        let (client, settings) = ctx.api_client()?;
-        Ok(Self {
-            client,
-            settings,
-            app,
-        })
-    }
-
-    fn app_err(&self) -> impl Fn(ClientError) -> anyhow::Error + '_ {
-        move |e| api_error(e, &self.settings, Subject::App(&self.app))
-    }
-
-    fn err<'a>(&'a self, id: &'a VolumeId) -> impl Fn(ClientError) -> anyhow::Error + 'a {
+    fn volume_err<'a>(&'a self, id: &'a VolumeId) -> impl Fn(ClientError) -> anyhow::Error + 'a {
         move |e| {
             api_error(
                 e,
@@ -241,7 +223,7 @@ pub(crate) async fn run(ctx: &Context, cmd: VolumesCommand) -> anyhow::Result<()
                 .client
                 .volume_get(&t.app, id.as_str())
                 .await
-                .map_err(t.err(&id))?;
+                .map_err(t.volume_err(&id))?;
             if args.json {
                 return print_json(&volume);
             }
@@ -321,7 +303,7 @@ async fn extend(ctx: &Context, args: ExtendArgs) -> anyhow::Result<()> {
         .client
         .volume_extend(&t.app, id.as_str(), args.size)
         .await
-        .map_err(t.err(&id))?;
+        .map_err(t.volume_err(&id))?;
     if args.json {
         return print_json(&answer);
     }
@@ -357,7 +339,7 @@ async fn update(ctx: &Context, args: UpdateArgs) -> anyhow::Result<()> {
         .client
         .volume_update(&t.app, id.as_str(), &request)
         .await
-        .map_err(t.err(&id))?;
+        .map_err(t.volume_err(&id))?;
     if args.json {
         return print_json(&volume);
     }
@@ -379,7 +361,7 @@ async fn destroy(ctx: &Context, args: DestroyArgs) -> anyhow::Result<()> {
             t.client
                 .volume_get(&t.app, id.as_str())
                 .await
-                .map_err(t.err(id))?,
+                .map_err(t.volume_err(id))?,
         );
     }
     if !args.yes {
@@ -433,7 +415,7 @@ fn describe(v: &Volume) -> String {
 /// A destroy's error; a 412 (a machine mounts it) says how to get past it.
 fn destroy_error(t: &Target, id: &VolumeId, before: &Volume, e: ClientError) -> anyhow::Error {
     let mounted = matches!(&e, ClientError::Api { status: 412, .. });
-    let err = t.err(id)(e);
+    let err = t.volume_err(id)(e);
     if !mounted {
         return err;
     }
@@ -527,7 +509,14 @@ fn details(v: &Volume, app: &str, more: bool) -> String {
             v.attached_machine_id.clone().unwrap_or_else(|| "-".to_owned()),
         ));
         if let (Some(used), Some(total)) = (v.bytes_used, v.bytes_total) {
-            rows.push(("Used", format!("{} of {}", bytes(used), bytes(total))));
+            rows.push((
+                "Used",
+                format!(
+                    "{} of {}",
+                    crate::progress::bytes(used),
+                    crate::progress::bytes(total)
+                ),
+            ));
         }
         if v.host_status == Some(HostStatus::Unreachable) {
             rows.push(("Host", "unreachable".to_owned()));
@@ -538,23 +527,6 @@ fn details(v: &Volume, app: &str, more: bool) -> String {
         out.push_str(&format!("{k:>20}: {v}\n"));
     }
     out
-}
-
-/// Bytes in the largest binary unit that keeps the number at least 1 (`1.5 GiB`).
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    #[allow(clippy::cast_precision_loss, reason = "a figure for people")]
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]
@@ -639,13 +611,5 @@ mod tests {
         assert!(message.starts_with("\"data\" is not a volume id"), "{message}");
         assert!(hint.unwrap().contains("aloft volumes list -a web"));
         assert_eq!(code, 2);
-    }
-
-    #[test]
-    fn bytes_read_like_people_write_them() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(1 << 30), "1.0 GiB");
     }
 }

@@ -14,11 +14,11 @@ use aloft_api::{
     CreateAppRequest, CreateMachineRequest, ExecRequest, Machine, MachineState, Signal, StopRequest,
     StopSignal, UpdateMachineRequest, WaitState,
 };
-use aloft_client::{Client, ClientError, ListMachinesParams, RestartParams, WaitParams};
+use aloft_client::{ClientError, ListMachinesParams, RestartParams, WaitParams};
 use clap::{Args, Subcommand};
 
 use crate::api::{AppArg, Subject, api_error, confirm, print_json};
-use crate::context::{ApiSettings, Context};
+use crate::context::Context;
 use crate::errors::{SilentExit, UserError};
 use crate::spinner::Spinner;
 
@@ -341,23 +341,9 @@ pub(crate) struct WaitArgs {
 }
 
 /// A client, its settings and the app it acts on.
-struct Target {
-    client: Client,
-    settings: ApiSettings,
-    app: String,
-}
+type Target = crate::api::AppTarget;
 
 impl Target {
-    fn new(ctx: &Context, app: &AppArg) -> anyhow::Result<Self> {
-        let app = app.resolve()?;
-        let (client, settings) = ctx.api_client()?;
-        Ok(Self {
-            client,
-            settings,
-            app,
-        })
-    }
-
     fn err(&self, id: &str) -> impl Fn(ClientError) -> anyhow::Error + '_ {
         let id = id.to_owned();
         move |e| {
@@ -370,10 +356,6 @@ impl Target {
                 },
             )
         }
-    }
-
-    fn app_err(&self) -> impl Fn(ClientError) -> anyhow::Error + '_ {
-        move |e| api_error(e, &self.settings, Subject::App(&self.app))
     }
 
     async fn get(&self, id: &str) -> anyhow::Result<Machine> {
