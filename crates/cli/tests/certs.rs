@@ -9,107 +9,24 @@ mod common;
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpStream;
     use std::path::PathBuf;
-    use std::process::{Child, Command, Output, Stdio};
+    use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
     use serde_json::Value;
 
-    use crate::common::{aloftd_bin, free_port};
+    use crate::common::{FakeAloftd as Env, free_port};
 
-    struct Env {
-        dir: tempfile::TempDir,
-        daemon: Option<Child>,
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            // Only the aloftd this test started.
-            if let Some(mut child) = self.daemon.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    impl Env {
-        fn path(&self, name: &str) -> PathBuf {
-            self.dir.path().join(name)
-        }
-
-        /// aloftd with its edge's HTTPS on `https_port`; waits until the API listens.
-        fn start(api_port: u16, https_port: u16) -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            for d in ["home", "config"] {
-                std::fs::create_dir(dir.path().join(d)).unwrap();
-            }
-            let mut env = Self { dir, daemon: None };
-            let log = env.path("aloftd.log");
-            let child = Command::new(aloftd_bin())
-                .arg("--data-dir")
-                .arg(env.path("data"))
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{api_port}"))
-                .arg("--edge-http")
-                .arg(format!("127.0.0.1:{}", free_port()))
-                .arg("--edge-https")
-                .arg(format!("127.0.0.1:{https_port}"))
-                .args(["--edge-metrics", "off", "--no-access-log", "--driver", "fake"])
-                .env("XDG_CONFIG_HOME", env.path("config"))
-                .env("HOME", env.path("home"))
-                .env_remove("ALOFT_DATA_DIR")
-                .env_remove("ALOFT_LISTEN")
-                .env_remove("ALOFT_REGION")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap();
-            env.daemon = Some(child);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains("aloftd: listening on")
-                    && TcpStream::connect(("127.0.0.1", api_port)).is_ok()
-                {
-                    return env;
-                }
-                if let Some(status) = env.daemon.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("aloftd exited with {status} before listening:\n{text}");
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "aloftd did not listen in time:\n{text}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        fn aloft(&self, args: &[&str]) -> Output {
-            Command::new(env!("CARGO_BIN_EXE_aloft"))
-                .args(args)
-                .env("XDG_CONFIG_HOME", self.path("config"))
-                .env("HOME", self.path("home"))
-                .env("ALOFT_DATA_DIR", self.path("cli-data"))
-                .env_remove("ALOFT_API_URL")
-                .env_remove("ALOFT_API_TOKEN")
-                .env_remove("FLY_API_TOKEN")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        }
-
-        fn ok(&self, args: &[&str]) -> String {
-            let out = self.aloft(args);
-            assert!(
-                out.status.success(),
-                "aloft {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
+    /// aloftd with its edge: plain HTTP on a free port, HTTPS on `https_port`.
+    fn start(https_port: u16) -> Env {
+        Env::start_with(&[
+            "--edge-http",
+            &format!("127.0.0.1:{}", free_port()),
+            "--edge-https",
+            &format!("127.0.0.1:{https_port}"),
+            "--edge-metrics",
+            "off",
+        ])
     }
 
     /// `curl https://{host}:{port}/` resolved to loopback, trusting only `cacert` (or the system's
@@ -130,7 +47,7 @@ mod tests {
     #[test]
     fn add_show_list_root_check_remove() {
         let https = free_port();
-        let env = Env::start(free_port(), https);
+        let env = start(https);
         env.ok(&["apps", "create", "web"]);
 
         let out = env.ok(&["certs", "add", "www.example.test", "-a", "web"]);

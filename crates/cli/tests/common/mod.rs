@@ -42,8 +42,8 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// A temporary home for one `aloftd` with the in-memory machine driver (`--driver fake --network
-/// none`: machines start and stop at once, nothing runs, no root needed) on a free port, and for
+/// A temporary home for one `aloftd` with the in-memory machine driver (`--driver fake`: machines
+/// start and stop at once, nothing runs, no root needed) on a free port, and for
 /// the real `aloft` reading the config that aloftd wrote. Nothing outside the temporary directory
 /// is read or written; dropping it kills the daemon it started (and only that one).
 pub(crate) struct FakeAloftd {
@@ -53,8 +53,14 @@ pub(crate) struct FakeAloftd {
 }
 
 impl FakeAloftd {
-    /// Starts aloftd; waits until it listens.
+    /// Starts aloftd without its edge (`--no-edge --network none`); waits until it listens.
     pub(crate) fn start() -> Self {
+        Self::start_with(&["--no-edge", "--network", "none"])
+    }
+
+    /// Starts aloftd on the fake driver with `args` added to its data directory, API address and
+    /// `--driver fake --no-access-log`; waits until it listens.
+    pub(crate) fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for d in ["home", "config", "work"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
@@ -64,10 +70,10 @@ impl FakeAloftd {
         let child = Command::new(aloftd_bin())
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .arg("--no-edge")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .args(["--driver", "fake", "--network", "none", "--no-access-log"])
+            .args(["--driver", "fake", "--no-access-log"])
+            .args(args)
             .env("XDG_CONFIG_HOME", dir.path().join("config"))
             .env("HOME", dir.path().join("home"))
             .env_remove("ALOFT_DATA_DIR")
