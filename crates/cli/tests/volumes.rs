@@ -213,7 +213,7 @@ mod tests {
         let volume = env.json(&["volumes", "create", "pg_data", "-a", "web", "--json"]);
         let vol = str_of(&volume, "id").to_owned();
 
-        // A name is not an id: refused before anything is sent.
+        // Neither an id nor a name: refused before anything is sent.
         let err = env.fails(
             &[
                 "machine",
@@ -222,13 +222,29 @@ mod tests {
                 "web",
                 "--yes",
                 "-v",
-                "pg_data:/data",
+                "Pg-Data:/data",
                 "busybox",
             ],
             2,
         );
-        assert!(err.contains("\"pg_data\" is not a volume id"), "{err}");
+        assert!(err.contains("\"Pg-Data\" is neither a volume id"), "{err}");
         assert!(err.contains("aloft volumes list"), "{err}");
+        // A name with no unattached volume of it: refused, saying how to make one.
+        let err = env.fails(
+            &[
+                "machine",
+                "run",
+                "-a",
+                "web",
+                "--yes",
+                "-v",
+                "other:/data",
+                "busybox",
+            ],
+            1,
+        );
+        assert!(err.contains("no unattached volume named other"), "{err}");
+        assert!(err.contains("aloft volumes create other -a web"), "{err}");
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
         assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
 
@@ -288,8 +304,41 @@ mod tests {
             "created"
         );
 
-        // Once the machine is gone, the volume goes too.
+        // Once the machine is gone, the volume is free: NAME:/PATH finds it, as flyctl does.
         env.ok(&["machine", "destroy", &mid, "-a", "web", "--force"]);
+        let again = env.json(&[
+            "machine",
+            "run",
+            "-a",
+            "web",
+            "--yes",
+            "--json",
+            "-v",
+            "pg_data:/srv",
+            "busybox",
+            "sleep",
+            "inf",
+        ]);
+        assert_eq!(again["config"]["mounts"][0]["volume"], vol.as_str(), "{again}");
+        assert_eq!(again["config"]["mounts"][0]["path"], "/srv", "{again}");
+        // Attached now, so the name finds no volume for a second machine.
+        let err = env.fails(
+            &[
+                "machine",
+                "run",
+                "-a",
+                "web",
+                "--yes",
+                "-v",
+                "pg_data:/srv",
+                "busybox",
+            ],
+            1,
+        );
+        assert!(err.contains("no unattached volume named pg_data"), "{err}");
+
+        // Once its machine is gone, the volume goes too.
+        env.ok(&["machine", "destroy", str_of(&again, "id"), "-a", "web", "--force"]);
         let out = env.ok(&["volumes", "destroy", &vol, "-a", "web", "--yes"]);
         assert_eq!(out, format!("Destroyed volume ID: {vol} name: pg_data\n"));
     }
@@ -348,7 +397,7 @@ mod tests {
         for (spec, why) in [
             ("vol_0000000000000000", "expected VOLUME_ID:/PATH"),
             ("vol_0000000000000000:data", "must be absolute"),
-            ("data:/data", "is not a volume id"),
+            ("Data:/data", "is neither a volume id"),
         ] {
             let err = env.fails(
                 &["machine", "run", "-a", "web", "--yes", "-v", spec, "busybox"],

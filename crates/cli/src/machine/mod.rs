@@ -591,9 +591,48 @@ async fn destroy(ctx: &Context, args: DestroyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--volume NAME:/PATH` as flyctl takes it: NAME becomes the id of an unattached volume of that
+/// name (the oldest) in `region` (any region when `None`: aloftd places the machine in its
+/// own). Entries naming an id, or malformed ones (left to [`spec::parse_volume`] to explain),
+/// are kept as they are.
+async fn volume_names_to_ids(t: &Target, specs: &mut [String], region: Option<&str>) -> anyhow::Result<()> {
+    for spec in specs.iter_mut() {
+        let Some((name, path)) = spec.trim().split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.parse::<aloft_api::VolumeId>().is_ok() || aloft_api::validate_volume_name(name).is_err() {
+            continue;
+        }
+        let volumes = t.client.volumes_list(&t.app).await.map_err(t.app_err())?;
+        let free = volumes.iter().find(|v| {
+            v.name == name
+                && v.attached_machine_id.is_none()
+                && v.state == aloft_api::VolumeState::Created
+                && region.is_none_or(|r| v.region == r)
+        });
+        let Some(v) = free else {
+            let place = region.map(|r| format!(" in region {r}")).unwrap_or_default();
+            return Err(UserError {
+                message: format!("app {} has no unattached volume named {name}{place}", t.app),
+                hint: Some(format!(
+                    "create one with aloft volumes create {name} -a {}, or give a volume id (aloft volumes list)",
+                    t.app
+                )),
+                code: 1,
+            }
+            .into());
+        };
+        *spec = format!("{}:{path}", v.id);
+    }
+    Ok(())
+}
+
 async fn run_machine(ctx: &Context, args: RunArgs) -> anyhow::Result<()> {
+    let mut args = args;
     let t = Target::new(ctx, &args.app)?;
     let timeout = args.wait.timeout()?;
+    volume_names_to_ids(&t, &mut args.config.volumes, args.region.as_deref()).await?;
     let config = spec::run_config(&args.image, &args.cmd, &args.config)?;
     if let Some(name) = &args.name {
         aloft_api::validate_machine_name(name).map_err(|e| UserError {
@@ -946,7 +985,9 @@ async fn update(ctx: &Context, args: UpdateArgs) -> anyhow::Result<()> {
         })?,
         None => Vec::new(),
     };
-    spec::apply(&mut new, &args.config, &cmd)?;
+    let mut flags = args.config.clone();
+    volume_names_to_ids(&t, &mut flags.volumes, Some(&machine.region)).await?;
+    spec::apply(&mut new, &flags, &cmd)?;
     let diff = render::config_diff(&old, &new);
     if diff.is_empty() && !args.skip_start {
         eprintln!("No changes to apply to machine {}", args.id);

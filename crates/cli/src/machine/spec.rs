@@ -52,8 +52,9 @@ pub(crate) struct ConfigFlags {
     /// CPU kind: shared or performance.
     #[arg(long = "vm-cpu-kind", visible_alias = "cpu-kind", value_name = "KIND")]
     pub(crate) vm_cpu_kind: Option<String>,
-    /// Mount a volume: VOLUME_ID:/PATH, e.g. vol_4yx0jvqe1x1dj7gr:/data (the id from aloft
-    /// volumes list; the machine runs on the volume's host). One per machine.
+    /// Mount a volume: VOLUME_ID:/PATH (vol_4yx0jvqe1x1dj7gr:/data), or NAME:/PATH for an
+    /// unattached volume of that name in the machine's region, as flyctl does. The machine runs
+    /// on the volume's host. One per machine.
     #[arg(short = 'v', long = "volume", value_name = "ID:PATH")]
     pub(crate) volumes: Vec<String>,
 }
@@ -131,10 +132,10 @@ pub(crate) fn parse_port(spec: &str) -> anyhow::Result<PortSpec> {
 }
 
 /// Parses `--volume VOLUME_ID:/PATH` into a mount of that volume (aloftd fills in its name and
-/// size). Only ids: a volume's name may be shared by several volumes.
+/// size). A `NAME:/PATH` is turned into an id by [`super::volume_names_to_ids`] first.
 pub(crate) fn parse_volume(spec: &str) -> anyhow::Result<MachineMount> {
-    let hint = "write --volume VOLUME_ID:/PATH, e.g. --volume vol_4yx0jvqe1x1dj7gr:/data \
-                (aloft volumes list shows the ids; aloft volumes create NAME makes one)";
+    let hint = "write --volume VOLUME_ID:/PATH or NAME:/PATH, e.g. --volume data:/data \
+                (aloft volumes list shows them; aloft volumes create NAME makes one)";
     let bad = |why: String| usage(format!("invalid --volume {spec:?}: {why}"), hint);
     let Some((id, path)) = spec.trim().split_once(':') else {
         return Err(bad("expected VOLUME_ID:/PATH".to_owned()));
@@ -143,10 +144,12 @@ pub(crate) fn parse_volume(spec: &str) -> anyhow::Result<MachineMount> {
     let id: VolumeId = id.parse().map_err(|_| {
         if id.is_empty() {
             bad("no volume id before the ':'".to_owned())
+        } else if aloft_api::validate_volume_name(id).is_ok() {
+            bad(format!("{id:?} names a volume, and this command takes its id"))
         } else {
             bad(format!(
-                "{id:?} is not a volume id (vol_ and lowercase letters and digits); a volume is \
-                 named here by its id, not its name"
+                "{id:?} is neither a volume id (vol_ and lowercase letters and digits) nor a \
+                 volume name (lowercase letters, digits and underscores)"
             ))
         }
     })?;
@@ -570,13 +573,13 @@ mod tests {
             json!([{"volume": "vol_4yx0jvqe1x1dj7gr", "path": "/data"}])
         );
         for (bad, why) in [
-            ("data:/data", "\"data\" is not a volume id"),
+            ("data:/data", "\"data\" names a volume"),
             ("vol_4yx0jvqe1x1dj7gr", "expected VOLUME_ID:/PATH"),
             (":/data", "no volume id"),
             ("vol_4yx0jvqe1x1dj7gr:data", "must be absolute"),
             ("vol_4yx0jvqe1x1dj7gr:/", "must be absolute and not /"),
             ("vol_4yx0jvqe1x1dj7gr:/data:size=3", "mount options"),
-            ("VOL_X:/data", "is not a volume id"),
+            ("VOL_X:/data", "is neither a volume id"),
         ] {
             let e = parse_volume(bad).unwrap_err();
             let (message, hint, code) = crate::errors::describe(&e);
