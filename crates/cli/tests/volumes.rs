@@ -337,6 +337,35 @@ mod tests {
         );
         assert!(err.contains("no unattached volume named pg_data"), "{err}");
 
+        // A clone gets no volume of its source's, unless it is given one.
+        let src = str_of(&again, "id").to_owned();
+        let out = env.aloft(&["machine", "clone", &src, "-a", "web", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("--attach-volume"), "{}", stderr(&out));
+        let plain: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(plain["config"].get("mounts").is_none(), "{plain}");
+        env.ok(&["volumes", "create", "pg_data", "-a", "web"]);
+        let cloned = env.json(&[
+            "machine",
+            "clone",
+            &src,
+            "-a",
+            "web",
+            "--json",
+            "--attach-volume",
+            "pg_data:/data",
+        ]);
+        let spare = &cloned["config"]["mounts"][0];
+        assert_eq!(spare["name"], "pg_data", "{cloned}");
+        assert_ne!(
+            spare["volume"],
+            vol.as_str(),
+            "the clone took the unattached one: {cloned}"
+        );
+        for id in [str_of(&plain, "id"), str_of(&cloned, "id")] {
+            env.ok(&["machine", "destroy", id, "-a", "web", "--force"]);
+        }
+
         // Once its machine is gone, the volume goes too.
         env.ok(&["machine", "destroy", str_of(&again, "id"), "-a", "web", "--force"]);
         let out = env.ok(&["volumes", "destroy", &vol, "-a", "web", "--yes"]);

@@ -267,6 +267,11 @@ pub(crate) struct CloneArgs {
     /// The new machine's name [default: generated].
     #[arg(short = 'n', long, value_name = "NAME")]
     name: Option<String>,
+    /// Mount this volume in the clone, VOLUME_ID:/PATH or NAME:/PATH (an unattached volume of
+    /// that name), as flyctl's flag does [default: the clone mounts none: the source's volume
+    /// is the source's].
+    #[arg(long = "attach-volume", value_name = "ID:PATH")]
+    attach_volume: Option<String>,
     #[command(flatten)]
     wait: WaitFlags,
     /// Print the new machine as JSON.
@@ -1065,10 +1070,16 @@ async fn clone(ctx: &Context, args: CloneArgs) -> anyhow::Result<()> {
         }
         .into());
     };
-    if !config.mounts.is_empty() {
-        // A volume belongs to one machine: the clone gets none.
+    let region = Some(args.region.unwrap_or_else(|| source.region.clone())).filter(|r| !r.is_empty());
+    if let Some(spec) = args.attach_volume {
+        let mut specs = [spec];
+        volume_names_to_ids(&t, &mut specs, region.as_deref()).await?;
+        let [spec] = specs;
+        config.mounts = vec![spec::parse_volume(&spec)?];
+    } else if !config.mounts.is_empty() {
+        // A volume belongs to one machine: the clone gets none unless it is given one.
         eprintln!(
-            "warning: machine {} has a volume; the clone is created without it",
+            "warning: machine {} has a volume; the clone is created without one (give it one with --attach-volume ID:/PATH or NAME:/PATH)",
             args.id
         );
         config.mounts.clear();
@@ -1076,7 +1087,7 @@ async fn clone(ctx: &Context, args: CloneArgs) -> anyhow::Result<()> {
     let request = CreateMachineRequest {
         config,
         name: args.name,
-        region: Some(args.region.unwrap_or_else(|| source.region.clone())).filter(|r| !r.is_empty()),
+        region,
         ..CreateMachineRequest::default()
     };
     let machine = t
