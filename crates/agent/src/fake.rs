@@ -272,23 +272,9 @@ impl FakeDriver {
 
     /// Waits until `op` was called for `what` at least `n` times (tests synchronise on it).
     pub fn wait_for_call(&self, op: DriverOp, what: &str, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut w = self.lock();
-        loop {
-            if w.calls.iter().filter(|(o, m)| *o == op && m == what).count() >= n {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            let (g, _) = self
-                .world
-                .1
-                .wait_timeout(w, (deadline - now).min(Duration::from_millis(10)))
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            w = g;
-        }
+        self.wait_until(timeout, |w| {
+            w.calls.iter().filter(|(o, m)| *o == op && m == what).count() >= n
+        })
     }
 
     /// Waits until `check` holds for the world (true), or `timeout` passed (false).

@@ -69,6 +69,23 @@ fn nonblocking(fd: impl Into<OwnedFd>) -> Result<File, String> {
     Ok(File::from(fd))
 }
 
+/// Spawns `cmd` (its stdio set up by the caller) as `launch`: the pre-exec hook takes the
+/// credentials, makes a new session (with its stdin as the controlling terminal when
+/// `controlling_tty`) and execs the program with `launch`'s argv and env.
+fn start(cmd: &mut Command, launch: &Launch, controlling_tty: bool) -> Result<std::process::Child, String> {
+    let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
+    sys::prepare_child(
+        cmd,
+        &launch.cred,
+        &launch.program,
+        &launch.argv,
+        &launch.env,
+        controlling_tty,
+    )
+    .map_err(exec_err)?;
+    cmd.spawn().map_err(exec_err)
+}
+
 /// Forks and execs `launch` in a new session, stdin from `/dev/null` (or a pipe), stdout and
 /// stderr to pipes. An exec failure in the child comes back as the error.
 pub(crate) fn spawn(launch: &Launch, stdin_pipe: bool) -> Result<Spawned, String> {
@@ -77,17 +94,7 @@ pub(crate) fn spawn(launch: &Launch, stdin_pipe: bool) -> Result<Spawned, String
     cmd.stdin(if stdin_pipe { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
-    sys::prepare_child(
-        &mut cmd,
-        &launch.cred,
-        &launch.program,
-        &launch.argv,
-        &launch.env,
-        false,
-    )
-    .map_err(exec_err)?;
-    let mut child = cmd.spawn().map_err(exec_err)?;
+    let mut child = start(&mut cmd, launch, false)?;
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
     let stdin = child.stdin.take().map(nonblocking).transpose()?;
     let stdout = child.stdout.take().ok_or("no stdout pipe")?;
@@ -113,17 +120,7 @@ pub(crate) fn spawn_tty(launch: &Launch, rows: u16, cols: u16) -> Result<(i32, F
     cmd.stdin(Stdio::from(dup(&slave)?))
         .stdout(Stdio::from(dup(&slave)?))
         .stderr(Stdio::from(slave));
-    let exec_err = |e: std::io::Error| format!("exec {}: {e}", launch.argv[0]);
-    sys::prepare_child(
-        &mut cmd,
-        &launch.cred,
-        &launch.program,
-        &launch.argv,
-        &launch.env,
-        true,
-    )
-    .map_err(exec_err)?;
-    let child = cmd.spawn().map_err(exec_err)?;
+    let child = start(&mut cmd, launch, true)?;
     // The command holds init's copies of the slave until it is dropped.
     drop(cmd);
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
