@@ -347,6 +347,21 @@ mod tests {
         }
     }
 
+    /// Release `v` of app `web` (image `web:v`, one mounted group of `count` machines), waited
+    /// for until it is complete.
+    async fn release(api: &Api, v: u64, count: u32) {
+        let image = format!("web:{v}");
+        let (s, r) = api
+            .call(
+                "POST",
+                "/v1/apps/web/releases",
+                Some(json!({"image": image, "groups": [mounted_group(&image, count)]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        assert_eq!(finished(api, "web", v).await["status"], "complete");
+    }
+
     fn mounted_group(image: &str, count: u32) -> Value {
         json!({"group": "app", "count": count, "config": {
             "image": image,
@@ -384,15 +399,7 @@ mod tests {
         // Another name is not taken.
         api.volume("web", "other", None).await;
 
-        let (s, r) = api
-            .call(
-                "POST",
-                "/v1/apps/web/releases",
-                Some(json!({"image": "web:1", "groups": [mounted_group("web:1", 2)]})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        assert_eq!(finished(&api, "web", 1).await["status"], "complete");
+        release(&api, 1, 2).await;
         let first = mounts_of(&api, "web").await;
         assert_eq!(first.len(), 2);
         let vols: BTreeSet<&str> = first.iter().map(|(_, v)| v.as_str()).collect();
@@ -416,27 +423,11 @@ mod tests {
         }
 
         // The next release updates the machines in place; each keeps its own volume.
-        let (s, r) = api
-            .call(
-                "POST",
-                "/v1/apps/web/releases",
-                Some(json!({"image": "web:2", "groups": [mounted_group("web:2", 2)]})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        assert_eq!(finished(&api, "web", 2).await["status"], "complete");
+        release(&api, 2, 2).await;
         assert_eq!(mounts_of(&api, "web").await, first);
 
         // Scaling to 3 adds a machine with a third volume; the app's volumes stay otherwise.
-        let (s, r) = api
-            .call(
-                "POST",
-                "/v1/apps/web/releases",
-                Some(json!({"image": "web:3", "groups": [mounted_group("web:3", 3)]})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{r}");
-        assert_eq!(finished(&api, "web", 3).await["status"], "complete");
+        release(&api, 3, 3).await;
         let third = mounts_of(&api, "web").await;
         assert_eq!(third.len(), 3);
         assert_eq!(third.iter().map(|(_, v)| v).collect::<BTreeSet<_>>().len(), 3);

@@ -17,6 +17,14 @@ mod tests {
     use crate::common::{FakeAloftd as Env, stderr, stdout};
 
     impl Env {
+        /// `aloft machine run -a web -v SPEC busybox`, which must fail with `code`: its stderr.
+        fn run_fails(&self, spec: &str, code: i32) -> String {
+            self.fails(
+                &["machine", "run", "-a", "web", "--yes", "-v", spec, "busybox"],
+                code,
+            )
+        }
+
         /// The app's volumes (`--all`) as JSON objects.
         fn volumes(&self, app: &str) -> Vec<Value> {
             self.json(&["volumes", "list", "-a", app, "--all", "--json"])
@@ -214,35 +222,11 @@ mod tests {
         let vol = str_of(&volume, "id").to_owned();
 
         // Neither an id nor a name: refused before anything is sent.
-        let err = env.fails(
-            &[
-                "machine",
-                "run",
-                "-a",
-                "web",
-                "--yes",
-                "-v",
-                "Pg-Data:/data",
-                "busybox",
-            ],
-            2,
-        );
+        let err = env.run_fails("Pg-Data:/data", 2);
         assert!(err.contains("\"Pg-Data\" is neither a volume id"), "{err}");
         assert!(err.contains("aloft volumes list"), "{err}");
         // A name with no unattached volume of it: refused, saying how to make one.
-        let err = env.fails(
-            &[
-                "machine",
-                "run",
-                "-a",
-                "web",
-                "--yes",
-                "-v",
-                "other:/data",
-                "busybox",
-            ],
-            1,
-        );
+        let err = env.run_fails("other:/data", 1);
         assert!(err.contains("no unattached volume named other"), "{err}");
         assert!(err.contains("aloft volumes create other -a web"), "{err}");
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
@@ -322,19 +306,7 @@ mod tests {
         assert_eq!(again["config"]["mounts"][0]["volume"], vol.as_str(), "{again}");
         assert_eq!(again["config"]["mounts"][0]["path"], "/srv", "{again}");
         // Attached now, so the name finds no volume for a second machine.
-        let err = env.fails(
-            &[
-                "machine",
-                "run",
-                "-a",
-                "web",
-                "--yes",
-                "-v",
-                "pg_data:/srv",
-                "busybox",
-            ],
-            1,
-        );
+        let err = env.run_fails("pg_data:/srv", 1);
         assert!(err.contains("no unattached volume named pg_data"), "{err}");
 
         // A clone gets no volume of its source's, unless it is given one.
@@ -428,10 +400,7 @@ mod tests {
             ("vol_0000000000000000:data", "must be absolute"),
             ("Data:/data", "is neither a volume id"),
         ] {
-            let err = env.fails(
-                &["machine", "run", "-a", "web", "--yes", "-v", spec, "busybox"],
-                2,
-            );
+            let err = env.run_fails(spec, 2);
             assert!(err.contains(why), "{spec}: {err}");
         }
         let err = env.fails(
@@ -451,19 +420,7 @@ mod tests {
         );
         assert!(err.contains("at most one"), "{err}");
         // A well-formed id of no volume: the server refuses, nothing is created.
-        let err = env.fails(
-            &[
-                "machine",
-                "run",
-                "-a",
-                "web",
-                "--yes",
-                "-v",
-                "vol_0000000000000000:/data",
-                "busybox",
-            ],
-            1,
-        );
+        let err = env.run_fails("vol_0000000000000000:/data", 1);
         assert!(err.contains("vol_0000000000000000"), "{err}");
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
         assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
