@@ -5,12 +5,15 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
 
 use aloft_api::{App, CatalogEntry, MachineId};
-use aloft_store::{EventKind, KeyValue, MachineRecord, RangeOptions, Revision, Store, WatchError, keys};
+use aloft_store::{EventKind, Follower, KeyValue, MachineRecord, Store, keys};
 
 use crate::RoutingTable;
+
+/// The prefixes the edge follows; the catalog first, so a load resets the table before the
+/// cordons, organizations and domains are applied to it.
+const PREFIXES: &[&str] = &[keys::CATALOG, keys::MACHINES, keys::APPS, keys::CERTS];
 
 /// Follows `store` into `table` on a thread of its own until `stop` returns true (checked at
 /// least every second). The table is filled before this returns.
@@ -19,80 +22,27 @@ pub fn follow(
     table: Arc<RoutingTable>,
     stop: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
-    let mut from = load_all(&*store, &table);
-    thread::Builder::new()
-        .name("edge-catalog".to_owned())
-        .spawn(move || {
-            while !stop() {
-                let watch = match from {
-                    Some(rev) => store.watch("/", Some(rev)),
-                    None => {
-                        thread::sleep(Duration::from_secs(1));
-                        from = load_all(&*store, &table);
-                        continue;
-                    }
-                };
-                let mut watcher = match watch {
-                    Ok(w) => w,
-                    Err(e) => {
-                        eprintln!("edge: cannot watch the store ({e}); re-reading it");
-                        from = None;
-                        continue;
-                    }
-                };
-                loop {
-                    if stop() {
-                        return;
-                    }
-                    match watcher.recv_timeout(Duration::from_secs(1)) {
-                        Ok(Some(batch)) => {
-                            for ev in &batch.events {
-                                apply(&table, ev.kind, &ev.kv);
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(WatchError::Lagged { .. } | WatchError::Closed { .. }) => {
-                            from = load_all(&*store, &table);
-                            break;
-                        }
-                    }
-                }
-            }
-        })
+    aloft_store::follow(store, PREFIXES, table, "edge-catalog", stop)
 }
 
-/// Reads every prefix the edge follows; the revision to watch from next.
-fn load_all(store: &dyn Store, table: &RoutingTable) -> Option<Revision> {
-    let read = |prefix: &str| store.range(prefix, &RangeOptions::default());
-    let catalog = match read(keys::CATALOG) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edge: cannot read the service catalog: {e}");
-            return None;
-        }
-    };
-    let entries: Vec<CatalogEntry> = catalog
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
-    table.reset(entries);
-    let mut rev = catalog.revision;
-    for prefix in [keys::MACHINES, keys::APPS, keys::CERTS] {
-        match read(prefix) {
-            Ok(r) => {
-                rev = rev.min(r.revision);
-                for kv in &r.kvs {
-                    apply(table, EventKind::Put, kv);
-                }
-            }
-            Err(e) => {
-                eprintln!("edge: cannot read {prefix}: {e}");
-                return None;
-            }
+impl Follower for RoutingTable {
+    fn load(&self, kvs: &[KeyValue]) {
+        let (catalog, rest): (Vec<&KeyValue>, Vec<&KeyValue>) =
+            kvs.iter().partition(|kv| kv.key.starts_with(keys::CATALOG));
+        self.reset(
+            catalog
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<CatalogEntry>(&kv.value).ok())
+                .collect(),
+        );
+        for kv in rest {
+            apply(self, EventKind::Put, kv);
         }
     }
-    Some(rev.next())
+
+    fn apply(&self, kind: EventKind, kv: &KeyValue) {
+        apply(self, kind, kv);
+    }
 }
 
 /// Applies one change of a followed key; others are ignored.

@@ -38,6 +38,7 @@
 mod clock;
 mod control;
 mod error;
+mod follow;
 pub mod keys;
 mod sqlite;
 mod store;
@@ -50,6 +51,7 @@ pub use control::{
     MachineRecord, SecretRecord, SecretsSnapshot, SecretsVersion, TokenRecord, Versioned, VolumeRecord,
 };
 pub use error::{StoreError, WatchError};
+pub use follow::{Follower, follow};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 pub use store::{KEEP_REVISIONS, Store, compact_history, validate_key};
 pub use types::{
