@@ -22,7 +22,7 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
-  docker-registry skopeo umoci debootstrap buildah pebble wrk nginx
+  docker-registry skopeo umoci debootstrap buildah pebble wrk nginx bind9-dnsutils
 )
 step "system packages"
 missing=()
