@@ -28,6 +28,7 @@ mod acme_issuer;
 mod agent_role;
 mod catalog_role;
 mod cli_config;
+mod dns_role;
 mod edge_role;
 mod keys;
 mod registry_role;
@@ -172,6 +173,14 @@ struct Args {
     /// Run no edge proxy on this host.
     #[arg(long)]
     no_edge: bool,
+    /// Run no internal DNS for this host's machines (it runs with `--network host`, on the
+    /// address their `/etc/resolv.conf` names, `fdaa::3`): they then resolve no names at all.
+    #[arg(long, env = "ALOFT_NO_DNS")]
+    no_dns: bool,
+    /// Where the internal DNS sends names outside `.internal` (repeatable; ADDR or ADDR:PORT,
+    /// port 53 by default). Default: the `nameserver`s of `/etc/resolv.conf`.
+    #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = dns_role::parse_upstream)]
+    dns_upstreams: Vec<std::net::SocketAddr>,
     /// The key file the edge seals custom domains' private keys with in the control store
     /// (32 bytes, mode 0600, created on first use). Edges sharing one store need the same file.
     /// Default: `<data dir>/edge/cert-seal.key`.
@@ -277,6 +286,25 @@ impl Args {
         })
     }
 
+    /// The internal DNS's settings, `None` when it does not run: machines have no host network
+    /// (or do not run at all), or `--no-dns`.
+    fn dns_settings(&self) -> anyhow::Result<Option<dns_role::DnsSettings>> {
+        if self.no_dns
+            || self.driver != agent_role::DriverKind::Vm
+            || self.network != agent_role::NetworkKind::Host
+        {
+            return Ok(None);
+        }
+        let plan = aloft_net::Plan::new(&aloft_net::PlanConfig::new(self.host_number))
+            .with_context(|| format!("the address plan for host number {}", self.host_number))?;
+        Ok(Some(dns_role::DnsSettings {
+            region: self.region.clone(),
+            address: plan.dns(),
+            netns: self.machines_netns.clone(),
+            upstreams: self.dns_upstreams.clone(),
+        }))
+    }
+
     fn agent_settings(&self) -> agent_role::AgentSettings {
         agent_role::AgentSettings {
             data_dir: self.data_dir.clone(),
@@ -368,8 +396,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let agent = role.agent.clone();
     // This host's machines, published for the edges (`/catalog/` in the store).
     let catalog = catalog_role::start(&agent, Arc::clone(&store), &role.handle.name);
+    // The resolver machines are given; after the agent, which set up the address it listens on.
+    let dns = match args.dns_settings()? {
+        Some(dns) => Some(dns_role::start(&dns, Arc::clone(&store), runtime.handle())?),
+        None => None,
+    };
     let result = runtime.block_on(serve(args, Arc::clone(&store), vec![role.handle]));
     // Blocking store calls of requests cut off by the shutdown deadline get a moment to end.
+    drop(dns);
     runtime.shutdown_timeout(Duration::from_secs(1));
     // Operations in flight get the shutdown timeout to finish; machines keep running.
     agent_role::shutdown(agent, Duration::from_secs(args.shutdown_timeout));

@@ -721,6 +721,133 @@ mod tests {
         });
     }
 
+    /// A resolver standing in for the host's: answers every `A` question with 192.0.2.7 and
+    /// counts the questions it got.
+    fn fake_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&asked);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                // Header (12 bytes) and one question: its name, then type and class.
+                let Some(end) = buf[12..n].iter().position(|&b| b == 0).map(|p| 12 + p + 5) else {
+                    continue;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut answer = buf[..end].to_vec();
+                answer[2] = 0x81; // QR, RD
+                answer[3] = 0x80; // RA, NOERROR
+                let is_a = buf[end - 4..end - 2] == [0, 1];
+                answer[6..8].copy_from_slice(&[0, u8::from(is_a)]);
+                answer[8..12].fill(0);
+                if is_a {
+                    // The question's name, A, IN, TTL 60, 4 bytes: 192.0.2.7.
+                    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+                }
+                let _ = socket.send_to(&answer, from);
+            }
+        });
+        (addr, asked)
+    }
+
+    /// The host's internal DNS, asked from inside real machines (busybox's `nslookup` and
+    /// `wget`, the guests' own resolver code): `.internal` names give the app's started
+    /// machines (every one, one by id, the TXT lists), a stopped machine drops out, a name of
+    /// no app does not exist, and public names are relayed to the host's resolver.
+    #[test]
+    fn machines_resolve_internal_names_and_public_ones_through_the_hosts_dns() {
+        run(async |env| {
+            let (upstream, asked) = fake_upstream();
+            let upstream = upstream.to_string();
+            let d = env.start_with(1, &["--no-edge", "--dns-upstream", &upstream]);
+            let api = env.client();
+            api.ok(Method::POST, "/apps", Some(json!({"name": "web"}))).await;
+            let a = api.create(httpd("alpha")).await;
+            let b = api.create(httpd("bravo")).await;
+            api.wait(&a, "started").await;
+            api.wait(&b, "started").await;
+            let ip_a = api.machine(&a).await["private_ip"].as_str().unwrap().to_owned();
+            let ip_b = api.machine(&b).await["private_ip"].as_str().unwrap().to_owned();
+            let exec = async |id: &str, script: &str| -> (i64, String) {
+                let r = api
+                    .ok(
+                        Method::POST,
+                        &format!("/apps/web/machines/{id}/exec"),
+                        Some(json!({"command": ["/bin/sh", "-c", script], "timeout": 30})),
+                    )
+                    .await;
+                let out = format!(
+                    "{}{}",
+                    r["stdout"].as_str().unwrap_or_default(),
+                    r["stderr"].as_str().unwrap_or_default()
+                );
+                (r["exit_code"].as_i64().unwrap_or(-1), out)
+            };
+            let resolves = async |id: &str, q: &str, want: &[&str], not: &[&str]| {
+                // The catalog reaches the resolver within a moment; ask until it has.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let (code, out) = exec(id, &format!("nslookup {q}")).await;
+                    if code == 0
+                        && want.iter().all(|w| out.contains(w))
+                        && not.iter().all(|n| !out.contains(n))
+                    {
+                        return out;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "nslookup {q} in {id}: exit {code}, want {want:?}, not {not:?}:\n{out}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            };
+            let (_, conf) = exec(&a, "cat /etc/resolv.conf").await;
+            assert!(conf.contains("nameserver fdaa::3"), "{conf}");
+
+            resolves(&a, "-type=aaaa web.internal", &[&ip_a, &ip_b], &[]).await;
+            resolves(&b, &format!("-type=aaaa {a}.vm.web.internal"), &[&ip_a], &[&ip_b]).await;
+            let vms = resolves(&a, "-type=txt vms.web.internal", &[&a, &b], &[]).await;
+            assert!(vms.contains(&format!("{a} local")), "{vms}");
+            // A machine reaches another by name, through the guest's own resolver.
+            let (code, page) = exec(
+                &a,
+                &format!("wget -q -O - http://{b}.vm.web.internal:8080/index.html"),
+            )
+            .await;
+            assert_eq!(code, 0, "{page}");
+            assert!(page.contains(&format!("bravo from {b}")), "{page}");
+            // No app of that name: the name does not exist (and is not asked upstream).
+            let before = asked.load(std::sync::atomic::Ordering::Relaxed);
+            let (code, out) = exec(&a, "nslookup -type=aaaa nothing.internal").await;
+            assert_ne!(code, 0, "{out}");
+            assert!(out.contains("NXDOMAIN"), "{out}");
+            assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), before);
+            // Public names go to the host's resolver.
+            resolves(&a, "-type=a public.example", &["192.0.2.7"], &[]).await;
+            assert!(asked.load(std::sync::atomic::Ordering::Relaxed) > before);
+
+            // A stopped machine is no longer an address of the app; `all.vms` still lists it.
+            api.ok(Method::POST, &format!("/apps/web/machines/{b}/stop"), None)
+                .await;
+            api.wait(&b, "stopped").await;
+            resolves(&a, "-type=aaaa web.internal", &[&ip_a], &[&ip_b]).await;
+            resolves(&a, "-type=txt all.vms.web.internal", &[&a, &b], &[]).await;
+
+            for id in [&a, &b] {
+                api.ok(
+                    Method::DELETE,
+                    &format!("/apps/web/machines/{id}?force=true"),
+                    None,
+                )
+                .await;
+                api.wait(id, "destroyed").await;
+            }
+            sigterm(d);
+        });
+    }
+
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
