@@ -86,6 +86,7 @@ pub(crate) fn switch_root(root: &RootConfig) -> Result<(), String> {
     for d in ["upper", "work"] {
         fs::create_dir_all(format!("{RW}/{d}")).map_err(|e| format!("create {RW}/{d}: {e}"))?;
     }
+    crate::console::trace("upper made");
     let _ = fs::create_dir_all(NEWROOT);
     let opts = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
     sys::mount("overlay", NEWROOT, Some("overlay"), 0, Some(&opts))

@@ -84,6 +84,7 @@ fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
     boot::switch_root(&cfg.root)?;
     console::trace("root mounted");
     boot::mount_runtime_fs();
+    console::trace("runtime mounted");
     boot::mount_volumes(&cfg.mounts)?;
     console::trace("volumes mounted");
     boot::identity(cfg)?;
@@ -106,6 +107,7 @@ fn prepare(cfg: &RunConfig) -> Result<Workload, String> {
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| "/".to_owned());
     let launch = spawn::prepare(argv, env, &user, &workdir)?;
+    console::trace("workload resolved");
     Ok(Workload {
         launch,
         user_spec,
