@@ -473,6 +473,46 @@ mod tests {
         assert_eq!(h.dig(&["example.com", "A"]).status, "REFUSED");
     }
 
+    /// Relayed queries in flight are bounded: with the one permitted waiting on a silent
+    /// upstream, the next gets SERVFAIL at once instead of queueing; once the first has timed
+    /// out, relaying works again.
+    #[test]
+    fn relayed_queries_in_flight_are_bounded() {
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = silent.local_addr().unwrap();
+        let h = Harness::start(zone(), move |_| ServerConfig {
+            upstreams: vec![upstream],
+            upstream_timeout: Duration::from_secs(2),
+            max_forwarded: 1,
+            ..ServerConfig::default()
+        });
+        let port = h.addr.port();
+        let first = std::thread::spawn(move || dig(port, &["first.example", "A", "+time=5"]));
+        // The first is with the upstream once the upstream has it.
+        let mut buf = [0; 512];
+        silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        silent.recv(&mut buf).unwrap();
+        let started = Instant::now();
+        let second = h.dig(&["second.example", "A", "+time=5"]);
+        assert_eq!(second.status, "SERVFAIL", "{}", second.output);
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "the second waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(first.join().unwrap().status, "SERVFAIL");
+        // The permit is back: the next query is relayed (the upstream gets it).
+        let third = std::thread::spawn(move || dig(port, &["third.example", "A", "+time=5"]));
+        let len = silent.recv(&mut buf).unwrap();
+        assert!(
+            wire::question(&buf[..len])
+                .unwrap()
+                .name
+                .eq_ignore_case(&Name::from_text("third.example").unwrap())
+        );
+        assert_eq!(third.join().unwrap().status, "SERVFAIL");
+    }
+
     /// Sends `msg` over UDP; the answer, `None` if none came within half a second.
     fn exchange(server: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
