@@ -34,6 +34,8 @@ use crate::plan::{self, ExitDecision, Identity, RestartBackoff};
 pub(crate) const BASH: &str = "/bin/bash";
 /// The shell it runs otherwise.
 pub(crate) const SH: &str = "/bin/sh";
+/// How long [`Agent::connect`] waits for a machine's port to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Stops an agent as if it were killed: once tripped, the agent writes nothing more and its threads
 /// stop at their next step. Tests hand one to [`crate::FakeDriver`] to "crash" at a chosen step;
@@ -695,6 +697,23 @@ impl Agent {
             }
             other => other.map_err(failed),
         }
+    }
+
+    /// Opens a TCP connection from this host to `port` of a started machine (`aloft proxy`),
+    /// on its private address and in its network's namespace, within [`CONNECT_TIMEOUT`];
+    /// returned connected, in blocking mode. The same rules as [`Agent::exec`] (412 unless
+    /// started, 409 while an operation runs); [`DriverError::NoAddress`] when the machine has no
+    /// network, [`DriverError::Unreachable`] when nothing accepted the connection in time.
+    pub fn connect(&self, id: &MachineId, port: u16) -> Result<std::net::TcpStream, AgentError> {
+        let rec = self.inner.direct(id, Verb::Proxy)?;
+        let net = rec.resources.net.unwrap_or_default();
+        self.inner
+            .driver
+            .connect(id, &net, port, CONNECT_TIMEOUT)
+            .map_err(|source| AgentError::Driver {
+                machine: id.clone(),
+                source,
+            })
     }
 
     /// The processes of a started machine.

@@ -7,12 +7,14 @@
 //! removals.
 
 use std::fmt;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use aloft_api::{ConsoleRequest, MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
 use aloft_guest_proto::{DnsConfig, EtcHost, ImageConfig, NetConfig, RunConfig};
+use aloft_net::Namespace;
 use serde::{Deserialize, Serialize};
 
 /// A pulled image, as the agent records it.
@@ -276,6 +278,7 @@ pub enum DriverOp {
     GrowVolumeFs,
     RemoveVolume,
     VolumeDisk,
+    Connect,
 }
 
 impl DriverOp {
@@ -310,6 +313,7 @@ impl DriverOp {
             Self::GrowVolumeFs => "grow_volume_fs",
             Self::RemoveVolume => "remove_volume",
             Self::VolumeDisk => "volume_disk",
+            Self::Connect => "connect",
         }
     }
 }
@@ -361,6 +365,22 @@ pub enum DriverError {
     NotRunning {
         /// What was being done.
         op: DriverOp,
+    },
+    /// The machine has no address the host reaches: it has no network ([`NoNetwork`]).
+    #[error("{op}: the machine has no network address the host can reach")]
+    NoAddress {
+        /// What was being done.
+        op: DriverOp,
+    },
+    /// Nothing accepted a connection on the machine's port ([`Driver::connect`]): refused, no
+    /// route, or no answer in time. The workload's to fix (or the caller's port), not the
+    /// platform's.
+    #[error("nothing accepted a connection on port {port} ({reason})")]
+    Unreachable {
+        /// The machine's port.
+        port: u16,
+        /// Why, as the OS said it (`connection refused`, `no answer within 5s` …).
+        reason: String,
     },
 }
 
@@ -439,6 +459,18 @@ pub trait Driver: Send + Sync + fmt::Debug {
     ) -> Result<Box<dyn DriverSession>, DriverError>;
     /// The guest's processes.
     fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError>;
+    /// Opens a TCP connection from the host to `port` of the machine's running VM, on the
+    /// address and in the network namespace of `net` (the network [`Driver::attach_network`]
+    /// gave it), within `timeout`; returned connected, in blocking mode. No address in `net`
+    /// (no network): [`DriverError::NoAddress`]; refused or not answered in time:
+    /// [`DriverError::Unreachable`]. Not a lifecycle step: only called for a caller.
+    fn connect(
+        &self,
+        id: &MachineId,
+        net: &NetInfo,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream, DriverError>;
     /// The workload output of the machine's running VM from its boot on (what the VM still
     /// buffers of it, then new output as it comes); `None` when no VM runs. Called once per boot
     /// (after [`Driver::start_vm`] or [`Driver::resume_vm`], and when the agent reattaches); a
@@ -465,6 +497,29 @@ pub trait Driver: Send + Sync + fmt::Debug {
     fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError>;
     /// Deletes a volume's disk and its data; succeeds if there is none.
     fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError>;
+}
+
+/// Connects to `addr` within `timeout` from network namespace `ns`: the socket is made (and
+/// connected) on a thread in that namespace, and stays in it. What [`Driver::connect`]
+/// implementations share; a failed connection is [`DriverError::Unreachable`] naming `port`
+/// and why, a namespace that cannot be entered a [`DriverError::Failed`].
+pub(crate) fn dial(ns: &Namespace, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, DriverError> {
+    let connected = ns
+        .run(|| TcpStream::connect_timeout(&addr, timeout))
+        .map_err(|e| DriverError::Failed {
+            op: DriverOp::Connect,
+            message: format!("cannot enter the machines' network namespace: {e}"),
+            retryable: false,
+        })?;
+    connected.map_err(|e| DriverError::Unreachable {
+        port: addr.port(),
+        reason: match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                format!("no answer within {}s", timeout.as_secs_f32())
+            }
+            _ => e.to_string(),
+        },
+    })
 }
 
 /// A failed network operation (returned by [`Network`] implementations).
@@ -510,5 +565,62 @@ impl Network for NoNetwork {
 
     fn attached(&self) -> Result<Vec<MachineId>, NetworkError> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use std::io::{Read as _, Write as _};
+    use std::net::{IpAddr, Ipv4Addr, TcpListener};
+
+    use super::*;
+
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:\t0\t"))
+    }
+
+    #[test]
+    fn dial_names_the_port_nothing_accepted_on() {
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let e = dial(&Namespace::Current, closed, Duration::from_secs(5)).unwrap_err();
+        match &e {
+            DriverError::Unreachable { port, reason } => {
+                assert_eq!(*port, closed.port());
+                assert!(reason.to_lowercase().contains("refused"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().contains(&format!("port {}", closed.port())), "{e}");
+    }
+
+    /// The socket is made in the namespace: it reaches a listener bound on an address only the
+    /// namespace has, and its own address is the namespace's.
+    #[test]
+    fn dial_makes_its_socket_in_the_namespace() {
+        if !is_root() {
+            eprintln!("skipped: needs root to create network namespaces");
+            return;
+        }
+        let ns = aloft_testkit::NetNs::new().unwrap();
+        let inside = Namespace::Path(ns.path());
+        let listener = inside
+            .run(|| TcpListener::bind(SocketAddr::new(IpAddr::V4(ns.host_ip), 0)))
+            .unwrap()
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = dial(&inside, addr, Duration::from_secs(5)).unwrap();
+        let (mut server, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(peer.ip(), IpAddr::V4(ns.host_ip));
+        assert_ne!(peer.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        client.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
     }
 }

@@ -236,6 +236,23 @@ impl AgentError {
                 machine,
                 source: source @ DriverError::Refused { .. },
             } => ApiError::bad_request(format!("machine {machine}: {source}")),
+            Self::Driver {
+                machine,
+                source: DriverError::NoAddress { .. },
+            } => ApiError::unprocessable(format!(
+                "machine {machine} has no network address the host can reach (aloftd runs with \
+                 --network none): aloft proxy needs --network host"
+            )),
+            Self::Driver {
+                machine,
+                source: DriverError::Unreachable { port, reason },
+            } => ApiError::new(
+                502,
+                format!(
+                    "nothing accepted a connection on port {port} of machine {machine} ({reason}): \
+                     is the app listening on [::] or fly-local-6pn?"
+                ),
+            ),
             Self::Halted | Self::Locked { .. } => ApiError::new(503, self.to_string()),
             Self::OperationFailed { .. }
             | Self::Driver { .. }
@@ -289,6 +306,35 @@ mod tests {
         let missing = AgentError::VolumeNotFound { volume: vol }.to_api();
         assert_eq!(missing.status(), 404);
         assert_eq!(missing.message(), "volume vol_0123456789abcdef not found");
+        // A proxied connection's failures (`Agent::connect`) say what to do.
+        let no_net = AgentError::Driver {
+            machine: id.clone(),
+            source: DriverError::NoAddress {
+                op: crate::DriverOp::Connect,
+            },
+        }
+        .to_api();
+        assert_eq!(no_net.status(), 422);
+        assert!(no_net.message().contains(id.as_str()), "{}", no_net.message());
+        assert!(
+            no_net.message().contains("--network host"),
+            "{}",
+            no_net.message()
+        );
+        let refused = AgentError::Driver {
+            machine: id.clone(),
+            source: DriverError::Unreachable {
+                port: 5432,
+                reason: "connection refused".into(),
+            },
+        }
+        .to_api();
+        assert_eq!(refused.status(), 502);
+        assert_eq!(
+            refused.message(),
+            "nothing accepted a connection on port 5432 of machine 3d8d413b29d089 (connection refused): \
+             is the app listening on [::] or fly-local-6pn?"
+        );
         let mount = AgentError::Mount {
             reason: "only one volume per machine".into(),
         };

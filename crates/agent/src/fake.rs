@@ -20,8 +20,16 @@
 //! size `size` reports. While it runs its VM must: when the VM stops, every call fails as for a
 //! real guest. Each session is recorded in [`World::sessions`] (argv, terminal, stdin, exit,
 //! and whether the session object was dropped: [`FakeSession::closed`]).
+//!
+//! **Ports**: a fake machine runs nothing, so [`Driver::connect`] to a port of a running fake
+//! machine connects to that port of the host's loopback, `127.0.0.1:port` (whatever network the
+//! machine was given). A test that listens there plays the machine's workload: this is what
+//! makes `aloft proxy`'s API and CLI testable without VMs. A stopped machine's ports refuse as
+//! a real one's do ([`DriverError::NotRunning`]); nothing listening is
+//! [`DriverError::Unreachable`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -31,11 +39,12 @@ use aloft_api::{
     ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, TtySize, VolumeId, VolumeUsage,
 };
 use aloft_guest_proto::ImageConfig;
+use aloft_net::Namespace;
 
 use crate::agent::Killswitch;
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
-    LogChunk, LogReceiver, NetInfo, OutputStream, SessionEvent, VmStatus, VolumeDisk,
+    LogChunk, LogReceiver, NetInfo, OutputStream, SessionEvent, VmStatus, VolumeDisk, dial,
 };
 use crate::ids::now_ms;
 
@@ -185,6 +194,8 @@ impl World {
 
 /// The in-memory driver. Cheap to clone; clones share the world, so a test keeps one to inspect
 /// and program it while the agent uses another (and a reopened agent finds the same world).
+/// A running fake machine's ports are the host's loopback: [`Driver::connect`] to port `P`
+/// reaches whatever listens on `127.0.0.1:P` (see the module doc).
 #[derive(Debug, Clone, Default)]
 pub struct FakeDriver {
     world: Arc<(Mutex<World>, Condvar)>,
@@ -792,6 +803,32 @@ impl Driver for FakeDriver {
                 listen_sockets: w.listen.clone().unwrap_or_else(default_listen),
             }])
         })
+    }
+
+    /// A fake machine runs nothing, so its ports are the host's loopback: `127.0.0.1:port`,
+    /// whatever `net` says (see the type's doc).
+    fn connect(
+        &self,
+        id: &MachineId,
+        _net: &NetInfo,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream, DriverError> {
+        self.act(DriverOp::Connect, id.as_str(), |w| {
+            if w.running(id) {
+                Ok(())
+            } else {
+                Err(DriverError::NotRunning {
+                    op: DriverOp::Connect,
+                })
+            }
+        })?;
+        // Outside the world's lock: the dial may take up to `timeout`.
+        dial(
+            &Namespace::Current,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            timeout,
+        )
     }
 
     fn logs(&self, id: &MachineId) -> Result<Option<LogReceiver>, DriverError> {

@@ -202,6 +202,10 @@ impl MachineHost for Agent {
         }))
     }
 
+    fn connect(&self, id: &MachineId, port: u16) -> Result<std::net::TcpStream, ApiError> {
+        self.connect(id, port).map_err(api)
+    }
+
     fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError> {
         self.create_volume(&req.id, req.size_gb).map_err(api)
     }

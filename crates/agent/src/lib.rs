@@ -37,6 +37,10 @@
 //!   machine through [`Driver::exec_session`] (a [`DriverSession`]: stdin, terminal size,
 //!   signals, output as it comes), under `exec`'s rules; no command runs `/bin/bash`, else
 //!   `/bin/sh`. Not an operation: nothing is recorded, and dropping the session kills it.
+//! - Connections ([`Agent::connect`], `aloft proxy`): a TCP connection from the host to a port
+//!   of a started machine through [`Driver::connect`] (its private address, in its network's
+//!   namespace; a [`FakeDriver`] machine's ports are the host's loopback), under `exec`'s rules.
+//!   Not an operation either: the caller owns the connection.
 //! - [`Driver`]: the world the steps act on (images, disks, volumes, network, VMs), with [`VmDriver`]
 //!   (`aloft-image` + `aloft-vm`, networking through the [`Network`] trait: [`HostNetwork`] on
 //!   `aloft-net`, or [`NoNetwork`]) and [`FakeDriver`] (in memory, with injectable failures and
@@ -72,7 +76,8 @@ mod vmdriver;
 mod volumes;
 
 pub use agent::{
-    Agent, AgentConfig, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine, WaitOutcome,
+    Agent, AgentConfig, CONNECT_TIMEOUT, CreateMachine, Killswitch, OpHandle, StopOptions, UpdateMachine,
+    WaitOutcome,
 };
 pub use aloft_api::checks::{DEFAULT_GRACE_PERIOD, DEFAULT_INTERVAL, DEFAULT_TIMEOUT};
 pub use catalog::{

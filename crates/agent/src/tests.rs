@@ -349,7 +349,10 @@ fn illegal_verbs_are_refused_naming_the_state() {
     let h = Harness::new();
     let agent = h.open();
     type Call<'a> = &'a dyn Fn(&Agent, &MachineId) -> Result<(), AgentError>;
-    let verbs: [(Verb, Call<'_>); 10] = [
+    // What a started fake machine's port connects to (see `FakeDriver`).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let verbs: [(Verb, Call<'_>); 11] = [
         (Verb::Start, &|a, id| a.start(id).map(drop)),
         (Verb::Stop, &|a, id| a.stop(id, StopOptions::default()).map(drop)),
         (Verb::Suspend, &|a, id| a.suspend(id).map(drop)),
@@ -375,6 +378,7 @@ fn illegal_verbs_are_refused_naming_the_state() {
         (Verb::Signal, &|a, id| a.signal(id, Signal::SIGUSR1)),
         (Verb::Exec, &|a, id| a.exec(id, &["true".into()], T).map(drop)),
         (Verb::Ps, &|a, id| a.ps(id).map(drop)),
+        (Verb::Proxy, &|a, id| a.connect(id, port).map(drop)),
     ];
     let states = [
         MachineState::Created,
@@ -2142,4 +2146,99 @@ fn a_console_without_a_command_runs_bash_else_sh() {
         .unwrap();
     assert_eq!(e.status(), 500, "{e}");
     assert_eq!(h.fake.world().calls.len(), before + 1);
+}
+
+/// A port of the host's loopback that nothing listens on (bound, then closed).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn connect_reaches_a_fake_machines_port_on_the_loopback() {
+    use std::io::{Read as _, Write as _};
+
+    use aloft_api::MachineHost;
+
+    let h = Harness::new();
+    let agent = h.open();
+    let id = machine_in(&agent, &h.fake, MachineState::Started);
+    // The fake machine's ports are the loopback's: the test's listener plays the workload.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = MachineHost::connect(&agent, &id, port).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    server.set_read_timeout(Some(T)).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    server.write_all(b"pong").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+    // The workload's close is the client's end of stream.
+    drop(server);
+    assert_eq!(client.read(&mut buf).unwrap(), 0);
+    assert!(
+        h.fake
+            .world()
+            .calls
+            .contains(&(DriverOp::Connect, id.to_string()))
+    );
+    // Nothing changed for the machine.
+    assert_eq!(state(&agent, &id), MachineState::Started);
+}
+
+#[test]
+fn connect_needs_a_started_machine_and_a_listener() {
+    use aloft_api::MachineHost;
+
+    let h = Harness::new();
+    let agent = h.open();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    for target in [
+        MachineState::Created,
+        MachineState::Stopped,
+        MachineState::Suspended,
+    ] {
+        let id = machine_in(&agent, &h.fake, target);
+        let e = MachineHost::connect(&agent, &id, port).unwrap_err();
+        assert_eq!(e.status(), 412, "{target}: {e}");
+        assert!(e.message().contains(target.as_str()), "{e}");
+        assert!(e.message().contains("proxy"), "{e}");
+    }
+    let unknown: MachineId = "3d8d413b29d089".parse().unwrap();
+    assert_eq!(
+        MachineHost::connect(&agent, &unknown, port).unwrap_err().status(),
+        404
+    );
+    assert!(
+        !h.fake
+            .world()
+            .calls
+            .iter()
+            .any(|(op, _)| *op == DriverOp::Connect),
+        "refused before the driver"
+    );
+
+    // Nothing listening: 502 naming the port, the machine and where to listen.
+    let id = machine_in(&agent, &h.fake, MachineState::Started);
+    let closed = closed_port();
+    let e = MachineHost::connect(&agent, &id, closed).unwrap_err();
+    assert_eq!(e.status(), 502, "{e}");
+    let m = e.message();
+    assert!(
+        m.contains(&format!(
+            "nothing accepted a connection on port {closed} of machine {id}"
+        )),
+        "{m}"
+    );
+    assert!(m.contains("[::] or fly-local-6pn"), "{m}");
+    // A driver failure is a 500 that hides the details.
+    h.fake.fail_always(DriverOp::Connect);
+    assert_eq!(MachineHost::connect(&agent, &id, port).unwrap_err().status(), 500);
+    h.fake.clear_faults();
+    assert!(MachineHost::connect(&agent, &id, port).is_ok());
 }

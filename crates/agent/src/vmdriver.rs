@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -33,6 +34,7 @@ use aloft_image::{
     Progress, PulledImage, Puller, Reference, RegistryConfig, RegistryError, RootfsFormat, RootfsStore,
     WritableDisks,
 };
+use aloft_net::Namespace;
 use aloft_vm::{
     AccelChoice, DiskSpec, ExecEvent, ExecSession, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec,
 };
@@ -40,6 +42,7 @@ use aloft_vm::{
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
     LogChunk, LogReceiver, NetInfo, Network, NoNetwork, OutputStream, SessionEvent, VmStatus, VolumeDisk,
+    dial,
 };
 use crate::ids::now_ms;
 use crate::volumes::{VolumeError, VolumeStore};
@@ -707,6 +710,25 @@ impl Driver for VmDriver {
             .collect())
     }
 
+    /// To the machine's private (6PN) address, from the namespace its tap lives in (aloftd's
+    /// `--machines-netns`, else the host's): the address the edge dials too.
+    fn connect(
+        &self,
+        id: &MachineId,
+        net: &NetInfo,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TcpStream, DriverError> {
+        let ip: IpAddr = net.private_ip.parse().map_err(|_| DriverError::NoAddress {
+            op: DriverOp::Connect,
+        })?;
+        self.vm(id).ok_or(DriverError::NotRunning {
+            op: DriverOp::Connect,
+        })?;
+        let ns = net.netns.clone().map_or(Namespace::Current, Namespace::Path);
+        dial(&ns, SocketAddr::new(ip, port), timeout)
+    }
+
     fn logs(&self, id: &MachineId) -> Result<Option<LogReceiver>, DriverError> {
         let Some(vm) = self.vm(id) else {
             return Ok(None);
@@ -796,5 +818,39 @@ impl Driver for VmDriver {
         self.volumes
             .remove(id)
             .map_err(|e| volume_failed(DriverOp::RemoveVolume, &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
+
+    use super::*;
+
+    fn driver(dir: &Path) -> VmDriver {
+        VmDriver::new(VmDriverConfig::new(
+            dir.join("data"),
+            dir.join("cache"),
+            dir.join("vmlinux"),
+            dir.join("initrd"),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn connect_needs_an_address_then_a_running_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let id: MachineId = "3d8d413b29d089".parse().unwrap();
+        let t = Duration::from_secs(1);
+        // No network (`--network none`): no address, whatever the VM does.
+        let e = d.connect(&id, &NetInfo::default(), 5432, t).unwrap_err();
+        assert!(matches!(e, DriverError::NoAddress { .. }), "{e:?}");
+        let net = NetInfo {
+            private_ip: "127.0.0.1".into(),
+            ..NetInfo::default()
+        };
+        let e = d.connect(&id, &net, 5432, t).unwrap_err();
+        assert!(matches!(e, DriverError::NotRunning { .. }), "{e:?}");
     }
 }

@@ -699,6 +699,15 @@ mod tests {
         fn ps(&self, id: &MachineId) -> Result<Vec<ProcessStat>, DriverError> {
             self.inner.ps(id)
         }
+        fn connect(
+            &self,
+            id: &MachineId,
+            net: &NetInfo,
+            port: u16,
+            timeout: Duration,
+        ) -> Result<std::net::TcpStream, DriverError> {
+            self.inner.connect(id, net, port, timeout)
+        }
         fn logs(&self, id: &MachineId) -> Result<Option<aloft_agent::LogReceiver>, DriverError> {
             self.inner.logs(id)
         }

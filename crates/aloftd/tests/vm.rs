@@ -207,6 +207,35 @@ mod tests {
             }
         }
 
+        /// `GET path` from machine `id`'s `port` through `…/machines/{id}/proxy` (a raw
+        /// HTTP/1.1 upgrade to `aloft-tcp`, then HTTP/1.0 over the tunnel): the answer.
+        fn proxied_get(&self, token: &str, id: &str, port: u16, path: &str) -> String {
+            use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            write!(
+                stream,
+                "GET /v1/apps/web/machines/{id}/proxy?port={port} HTTP/1.1\r\nHost: aloftd\r\n\
+                 Authorization: Bearer {token}\r\nConnection: upgrade\r\nUpgrade: aloft-tcp\r\n\r\n"
+            )
+            .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut status = String::new();
+            reader.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            reader.read_to_string(&mut answer).unwrap();
+            answer
+        }
+
         fn page(&self, ip: &str) -> String {
             let ip: Ipv6Addr = ip.parse().unwrap();
             self.ns
@@ -827,6 +856,11 @@ mod tests {
             // Public names go to the host's resolver.
             resolves(&a, "-type=a public.example", &["192.0.2.7"], &[]).await;
             assert!(asked.load(std::sync::atomic::Ordering::Relaxed) > before);
+
+            // `aloft proxy`'s path: aloftd connects to the machine's port and the upgraded
+            // request carries the bytes (here an HTTP exchange with the guest's httpd).
+            let page = env.proxied_get(&api.token, &b, 8080, "/index.html");
+            assert!(page.contains(&format!("bravo from {b}")), "{page}");
 
             // A stopped machine is no longer an address of the app; `all.vms` still lists it.
             api.ok(Method::POST, &format!("/apps/web/machines/{b}/stop"), None)

@@ -189,6 +189,16 @@ pub trait MachineHost: Send + Sync + fmt::Debug {
     /// start ("executable not found: …").
     fn console(&self, id: &MachineId, req: ConsoleRequest) -> Result<Box<dyn ConsoleSession>, ApiError>;
 
+    /// Opens a TCP connection from the host to `port` of a started machine's private address
+    /// (`aloft proxy`; `crate::tunnel`), made in the machines' network namespace and returned
+    /// connected, in blocking mode. 412 unless the machine is started; 422 when it has no
+    /// address the host reaches (aloftd runs with `--network none`); 502 naming the port when
+    /// the connection is refused or not made within 5 s.
+    ///
+    /// A direct connection: the control plane runs beside its hosts' agents today (ADR 0011);
+    /// a remote agent will relay the stream instead.
+    fn connect(&self, id: &MachineId, port: u16) -> Result<std::net::TcpStream, ApiError>;
+
     /// Makes a volume's disk: an empty ext4 filesystem of `size_gb`. Idempotent: a disk of that
     /// id already there is kept as it is (a retried create), whatever its size.
     fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError>;

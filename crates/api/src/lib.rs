@@ -42,6 +42,7 @@ mod signal;
 mod spec_tests;
 mod state;
 mod time;
+mod tunnel;
 mod ulid;
 mod volume;
 
@@ -83,6 +84,7 @@ pub use secrets::{
 pub use signal::{Signal, SignalRequest};
 pub use state::{MachineState, ParseStateError, StateClass, StateError, Transition, Verb};
 pub use time::rfc3339;
+pub use tunnel::{PROXY_UPGRADE, ProxyQuery};
 pub use ulid::UlidGenerator;
 pub use volume::{
     CreateVolumeRequest, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest, ExtendVolumeResponse,

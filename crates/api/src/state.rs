@@ -186,6 +186,8 @@ pub enum Verb {
     Exec,
     /// `GET …/ps`.
     Ps,
+    /// `GET …/proxy`: a TCP connection to one of the machine's ports (`aloft proxy`).
+    Proxy,
     /// `POST …/cordon`.
     Cordon,
     /// `POST …/uncordon`.
@@ -205,6 +207,7 @@ impl Verb {
             Self::Signal => "signal",
             Self::Exec => "exec",
             Self::Ps => "ps",
+            Self::Proxy => "proxy",
             Self::Cordon => "cordon",
             Self::Uncordon => "uncordon",
         }
@@ -215,7 +218,7 @@ impl Verb {
     ///
     /// `update` ends in `started` only from `started`; a machine that was not started stays
     /// stopped (Fly's rule). The caller applies `skip_launch` (ends `stopped`) itself. Verbs that
-    /// change no state (`signal`, `exec`, `ps`, `cordon`, `uncordon`) end where they began.
+    /// change no state (`signal`, `exec`, `ps`, `proxy`, `cordon`, `uncordon`) end where they began.
     /// Beyond the reference's table, a `failed` machine may be started, updated or destroyed
     /// (it is persistent, and nothing else gets it out). A verb whose result is the current
     /// state (`start` on `started`, `stop` on `stopped`) is refused here; a server that prefers
@@ -252,7 +255,7 @@ impl Verb {
                     go(Some(S::Destroying), S::Destroyed)
                 }
             }
-            (Self::Signal | Self::Exec | Self::Ps, S::Started) => go(None, S::Started),
+            (Self::Signal | Self::Exec | Self::Ps | Self::Proxy, S::Started) => go(None, S::Started),
             (Self::Cordon | Self::Uncordon, s) if !s.is_terminal() => go(None, s),
             _ => deny(),
         }
@@ -399,6 +402,7 @@ mod tests {
             Verb::Signal,
             Verb::Exec,
             Verb::Ps,
+            Verb::Proxy,
         ] {
             for s in [S::Created, S::Stopped, S::Destroyed, S::Replaced] {
                 assert!(!verb.can(s), "{verb} from {s}");
@@ -431,6 +435,7 @@ mod tests {
             Verb::Signal,
             Verb::Exec,
             Verb::Ps,
+            Verb::Proxy,
             Verb::Cordon,
             Verb::Uncordon,
         ];

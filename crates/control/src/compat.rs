@@ -116,6 +116,7 @@ pub(crate) const EXTENSIONS: &[(MethodFilter, &str)] = &[
         MethodFilter::GET,
         "/apps/{app_name}/machines/{machine_id}/console",
     ),
+    (MethodFilter::GET, "/apps/{app_name}/machines/{machine_id}/proxy"),
     (MethodFilter::GET, "/apps/{app_name}/releases"),
     (MethodFilter::POST, "/apps/{app_name}/releases"),
     (MethodFilter::POST, "/apps/{app_name}/releases/rollback"),

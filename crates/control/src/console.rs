@@ -27,19 +27,14 @@
 //! client that does not read stops the command's output (and the guest's) rather than growing
 //! a buffer. Lease rules are `exec`'s: none (a console changes nothing the lease guards).
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use aloft_api::{
     ApiError, CONSOLE_UPGRADE, ConsoleEvent, ConsoleFrame, ConsoleQuery, ConsoleSession, Signal, TtySize,
 };
-use axum::body::Body;
-use axum::extract::{FromRequestParts, RawQuery, State};
-use axum::http::header::{CONNECTION, UPGRADE};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -47,6 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use crate::auth::Caller;
 use crate::error::blocking;
 use crate::machines::{MachinePath, locate, query_pairs};
+use crate::upgrade::{Protocol, Upgradable};
 use crate::{ApiState, HttpError};
 
 /// Console sessions a server runs at once, unless [`ApiState::with_max_consoles`] says otherwise.
@@ -60,43 +56,12 @@ const QUEUE: usize = 32;
 /// (input racing an exit), before the failure is reported instead.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
-/// The connection's upgrade, when hyper offers one (an HTTP/1.1 request with `Upgrade`).
-pub(crate) struct Upgradable(Option<OnUpgrade>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Upgradable {
-    type Rejection = Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.extensions.remove::<OnUpgrade>()))
-    }
-}
-
-/// Whether a comma-separated header `name` lists `token` (case-insensitive).
-fn lists(headers: &HeaderMap, name: &axum::http::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// What a request without the upgrade is told.
-fn how_to_call() -> String {
-    format!(
-        "the console is an upgrade of the HTTP/1.1 connection: send `Connection: upgrade` and \
-         `Upgrade: {CONSOLE_UPGRADE}` (aloft ssh console does)"
-    )
-}
-
-/// 426 with the protocol to upgrade to, as RFC 9110 asks.
-fn upgrade_required() -> Response {
-    let mut response = HttpError::from(ApiError::new(426, how_to_call())).into_response();
-    let headers = response.headers_mut();
-    headers.insert(UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
-    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    response
-}
+/// The console's upgrade.
+const CONSOLE: Protocol = Protocol {
+    token: CONSOLE_UPGRADE,
+    what: "the console",
+    client: "aloft ssh console",
+};
 
 /// `GET …/console?cmd=…&tty=…` with `Upgrade: aloft-console` → `101 Switching Protocols`, then
 /// console frames (see the module doc).
@@ -109,24 +74,9 @@ pub(crate) async fn console(
     Upgradable(upgrade): Upgradable,
 ) -> Result<Response, HttpError> {
     let request = ConsoleQuery::from_query(query_pairs(query.as_deref()))?.request;
-    if !headers.contains_key(UPGRADE) || !lists(&headers, &CONNECTION, "upgrade") {
-        return Ok(upgrade_required());
-    }
-    if !lists(&headers, &UPGRADE, CONSOLE_UPGRADE) {
-        let asked = headers
-            .get(UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        return Err(ApiError::bad_request(format!(
-            "upgrade to {asked:?} is not served here: {}",
-            how_to_call()
-        ))
-        .into());
-    }
-    let Some(upgrade) = upgrade else {
-        return Err(
-            ApiError::bad_request(format!("this connection cannot be upgraded: {}", how_to_call())).into(),
-        );
+    let upgrade = match CONSOLE.accept(&headers, upgrade) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return Ok(*refusal),
     };
     let permit = state.consoles().clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
@@ -146,12 +96,7 @@ pub(crate) async fn console(
             relay(TokioIo::new(upgraded), session, permit).await;
         }
     });
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(UPGRADE, HeaderValue::from_static(CONSOLE_UPGRADE));
-    Ok(response)
+    Ok(CONSOLE.switching())
 }
 
 /// What the client asked of the command.

@@ -8,8 +8,9 @@
 //! see [`create_token`]). Every error, including unknown routes, malformed JSON and missing
 //! tokens, answers with Fly's `{"error": "...", "status": "..."}` body ([`HttpError`]).
 //!
-//! `GET …/machines/{id}/console` (`console.rs`) is the one route that takes over its connection
-//! (an HTTP/1.1 upgrade to `aloft-console`); it needs a server that serves upgrades, as
+//! `GET …/machines/{id}/console` (`console.rs`) and `GET …/machines/{id}/proxy` (`tunnel.rs`)
+//! are the routes that take over their connection (an HTTP/1.1 upgrade to `aloft-console`, to
+//! `aloft-tcp`; `upgrade.rs` has what they share); they need a server that serves upgrades, as
 //! `axum::serve` does.
 //!
 //! Threading: handlers run on the caller's tokio runtime; every call into the synchronous
@@ -37,6 +38,8 @@ mod machines;
 mod openapi;
 mod releases;
 mod secrets;
+mod tunnel;
+mod upgrade;
 mod volumes;
 
 use std::sync::Arc;
@@ -92,6 +95,9 @@ struct Inner {
     edge: EdgeSettings,
     /// Console sessions that may run at once; each holds a permit while it lives.
     consoles: Arc<tokio::sync::Semaphore>,
+    /// Proxied connections (`…/proxy`) that may be open at once; each holds a permit until
+    /// both its sides are closed.
+    proxies: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -112,6 +118,7 @@ impl ApiState {
                 secrets_keys: None,
                 edge: EdgeSettings::default(),
                 consoles: Arc::new(tokio::sync::Semaphore::new(console::MAX_CONSOLES)),
+                proxies: Arc::new(tokio::sync::Semaphore::new(tunnel::MAX_PROXIES)),
             }),
         }
     }
@@ -153,6 +160,22 @@ impl ApiState {
     /// The permits of running console sessions.
     pub(crate) fn consoles(&self) -> &Arc<tokio::sync::Semaphore> {
         &self.inner.consoles
+    }
+
+    /// This state with at most `max` proxied connections (`…/proxy`) at once (default 256; one
+    /// more is refused with 503). Call it before the state is shared (cloned); a shared state is
+    /// returned unchanged.
+    #[must_use]
+    pub fn with_max_proxies(mut self, max: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.proxies = Arc::new(tokio::sync::Semaphore::new(max));
+        }
+        self
+    }
+
+    /// The permits of open proxied connections.
+    pub(crate) fn proxies(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.proxies
     }
 
     /// The edge's settings.
@@ -221,6 +244,7 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{M}/ps"), get(machines::ps))
         .route(&format!("{M}/exec"), post(machines::exec))
         .route(&format!("{M}/console"), get(console::console))
+        .route(&format!("{M}/proxy"), get(tunnel::proxy))
         .route(
             &format!("{M}/lease"),
             get(machines::show_lease)

@@ -999,6 +999,48 @@ pub(crate) const OPERATIONS: &[Operation] = &[
     .extension(),
     op(
         MethodFilter::GET,
+        "/apps/{app_name}/machines/{machine_id}/proxy",
+        "Machines_proxy",
+        "Machines",
+        "A TCP connection to a port of a machine (aloft proxy), over the upgraded connection",
+    )
+    .params(&[
+        APP,
+        MACHINE,
+        Param {
+            name: "port",
+            location: In::Query,
+            required: true,
+            ty: ParamType::Integer,
+            description: "The machine's port to connect to, 1 to 65535",
+            extension: false,
+        },
+        Param {
+            name: "Upgrade",
+            location: In::Header,
+            required: true,
+            ty: ParamType::Enum(&[aloft_api::PROXY_UPGRADE]),
+            description: "aloft-tcp, with `Connection: upgrade`",
+            extension: false,
+        },
+    ])
+    .responses(&[
+        empty(
+            101,
+            "Switching Protocols: connected to the machine's port; the connection carries its TCP \
+             bytes both ways, an end of stream passed on as a half-close",
+        ),
+        BAD,
+        NOT_FOUND,
+        STATE,
+        error(422, "The machine has no network address the host can reach"),
+        error(426, "The request did not ask for the aloft-tcp upgrade"),
+        error(502, "Nothing accepted a connection on the machine's port in time"),
+        error(503, "The server runs as many proxied connections as it allows"),
+    ])
+    .extension(),
+    op(
+        MethodFilter::GET,
         "/openapi.json",
         "OpenAPI_show",
         "Meta",
