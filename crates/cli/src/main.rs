@@ -1,6 +1,6 @@
 //! `aloft`, the command-line interface. flyctl is the model: command groups (`aloft apps …`,
-//! `aloft machine …`, `aloft volumes …`, `aloft ssh console`, `aloft logs`, `aloft images …`,
-//! `aloft config …`, `aloft completion`), each subcommand in its own file with the same shape
+//! `aloft machine …`, `aloft volumes …`, `aloft ssh console`, `aloft proxy`, `aloft logs`,
+//! `aloft images …`, `aloft config …`, `aloft completion`), each subcommand in its own file with the same shape
 //! (clap args struct, `run(ctx, args)`), and errors that say what to do next.
 //!
 //! The CLI talks to the platform through `aloft-client` → `aloft-api` (`cli → client → api`), as
@@ -27,6 +27,7 @@ mod launch;
 mod logs;
 mod machine;
 mod progress;
+mod proxy;
 mod releases;
 mod scale;
 mod secrets;
@@ -88,6 +89,8 @@ enum Command {
     /// Interactive sessions in machines: ssh console (a shell or a command, on a terminal).
     #[command(subcommand)]
     Ssh(ssh::SshCommand),
+    /// Proxy a local port to a port of a machine, through aloftd (no WireGuard).
+    Proxy(proxy::ProxyArgs),
     /// Persistent volumes: create, list, show, extend, update, destroy.
     #[command(subcommand, visible_alias = "vol", alias = "volume")]
     Volumes(volumes::VolumesCommand),
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
             Command::Certs(cmd) => certs::run(&ctx, cmd).await,
             Command::Volumes(cmd) => volumes::run(&ctx, cmd).await,
             Command::Ssh(cmd) => ssh::run(&ctx, cmd).await,
+            Command::Proxy(args) => proxy::run(&ctx, args).await,
             // Handled before the runtime starts.
             Command::Completion(_) => Ok(()),
         }
@@ -191,6 +195,8 @@ mod tests {
             "--scheduled-snapshots",
             "ssh",
             "--no-pty",
+            "proxy",
+            "--bind-addr",
         ] {
             assert!(script.contains(word), "{word}");
         }

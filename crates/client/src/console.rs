@@ -10,14 +10,11 @@
 use std::fmt;
 use std::io;
 
-use aloft_api::{
-    CONSOLE_UPGRADE, ConsoleFrame, ConsoleFrameError, ConsoleQuery, ConsoleRequest, LEASE_NONCE_HEADER,
-};
-use reqwest::StatusCode;
+use aloft_api::{CONSOLE_UPGRADE, ConsoleFrame, ConsoleFrameError, ConsoleQuery, ConsoleRequest};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::machines::machine_path;
-use crate::{Client, ClientError, REQUEST_TIMEOUT, api_error};
+use crate::{Client, ClientError};
 
 /// Bytes asked of the connection per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -166,31 +163,8 @@ impl Client {
             path.push('?');
             path.push_str(&query);
         }
-        // The time limit covers the answer's head; the upgraded connection has none.
-        let mut builder = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .timeout(REQUEST_TIMEOUT)
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("connection", "upgrade")
-            .header("upgrade", CONSOLE_UPGRADE);
-        if let Some(nonce) = &self.nonce {
-            builder = builder.header(LEASE_NONCE_HEADER, nonce.as_ref());
-        }
-        let response = builder.send().await.map_err(|e| self.transport(e))?;
-        let status = response.status();
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            let upgraded = response.upgrade().await.map_err(|e| self.transport(e))?;
-            return Ok(ConsoleConnection::new(upgraded));
-        }
-        if status.is_success() {
-            return Err(ClientError::Upgrade {
-                url: self.base.to_string(),
-                status: status.as_u16(),
-            });
-        }
-        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
-        Err(api_error(status, &bytes))
+        let upgraded = self.upgrade(&path, CONSOLE_UPGRADE).await?;
+        Ok(ConsoleConnection::new(upgraded))
     }
 }
 

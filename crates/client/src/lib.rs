@@ -11,8 +11,9 @@
 //! (`release_create`, `releases_list`, `release_get`, `release_events` as a stream of
 //! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`), secrets, certificates
 //! and volumes (`volumes_list`, `volume_create`, `volume_get`, `volume_update`, `volume_extend`,
-//! `volume_delete`; see `volumes.rs`), and interactive sessions ([`Client::console`]: an HTTP/1.1
-//! upgrade to console frames; see `console.rs`). A lease's
+//! `volume_delete`; see `volumes.rs`), interactive sessions ([`Client::console`]: an HTTP/1.1
+//! upgrade to console frames; see `console.rs`) and TCP connections to a machine's port
+//! ([`Client::proxy`]: an upgrade to the raw stream; see `proxy.rs`). A lease's
 //! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
 //!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
@@ -37,6 +38,7 @@ mod console;
 mod logs;
 mod machines;
 mod platform;
+mod proxy;
 mod releases;
 mod secrets;
 mod volumes;
@@ -44,6 +46,7 @@ mod volumes;
 pub use console::{ConsoleConnection, ConsoleError, ConsoleReader, ConsoleWriter};
 pub use logs::{LogStream, LogsQuery, NdjsonStream};
 pub use machines::{ListMachinesParams, RestartParams, WaitParams};
+pub use proxy::ProxyStream;
 pub use releases::ReleaseEventStream;
 
 /// Longest a single request may take unless it says otherwise (waits, execs and log streams do).
@@ -89,14 +92,20 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
-    /// A console request was answered with a success status instead of `101 Switching
-    /// Protocols` (something between the CLI and aloftd does not pass upgrades on).
-    #[error("aloftd at {url} did not switch the connection to a console (HTTP {status})")]
+    /// An upgrade request (a console, a TCP proxy) was answered with a success status instead
+    /// of `101 Switching Protocols` (something between the CLI and aloftd does not pass upgrades
+    /// on).
+    #[error(
+        "aloftd at {url} answered HTTP {status} instead of switching the connection to {protocol}: \
+         something between here and aloftd does not pass HTTP upgrades on; talk to aloftd directly"
+    )]
     Upgrade {
         /// The API base URL.
         url: String,
         /// HTTP status code.
         status: u16,
+        /// The `Upgrade` token asked for (`aloft-console`, `aloft-tcp`).
+        protocol: &'static str,
     },
     /// The base URL is not an `http://` or `https://` URL.
     #[error("invalid API URL {url:?}: {reason}")]
@@ -314,6 +323,37 @@ impl Client {
             let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
             Err(api_error(status, &bytes))
         }
+    }
+
+    /// `GET path` upgraded to `protocol` (`Connection: upgrade`, `Upgrade: PROTOCOL`): the
+    /// connection once the server answered `101 Switching Protocols`. Any error status is an
+    /// [`ClientError::Api`]; a success status other than 101 is a [`ClientError::Upgrade`].
+    /// The time limit covers the answer's head; the upgraded connection has none.
+    async fn upgrade(&self, path: &str, protocol: &'static str) -> Result<reqwest::Upgraded, ClientError> {
+        let mut builder = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(REQUEST_TIMEOUT)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("connection", "upgrade")
+            .header("upgrade", protocol);
+        if let Some(nonce) = &self.nonce {
+            builder = builder.header(LEASE_NONCE_HEADER, nonce.as_ref());
+        }
+        let response = builder.send().await.map_err(|e| self.transport(e))?;
+        let status = response.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return response.upgrade().await.map_err(|e| self.transport(e));
+        }
+        if status.is_success() {
+            return Err(ClientError::Upgrade {
+                url: self.base.to_string(),
+                status: status.as_u16(),
+                protocol,
+            });
+        }
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        Err(api_error(status, &bytes))
     }
 
     fn transport(&self, source: reqwest::Error) -> ClientError {

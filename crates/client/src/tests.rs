@@ -884,5 +884,127 @@ async fn console_refusals_are_api_errors() {
     let e = client.console("web", "nope", &req).await.unwrap_err();
     assert!(e.is_not_found(), "{e:?}");
     let e = client.console("web", "x", &req).await.unwrap_err();
-    assert!(matches!(e, ClientError::Upgrade { status: 200, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ClientError::Upgrade {
+                status: 200,
+                protocol: "aloft-console",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+/// The proxy request upgrades to `aloft-tcp`; the raw bytes then flow both ways, and each side's
+/// end of stream reaches the other as a half-close: the server reads the client's bytes to
+/// their end and only then answers, on the direction still open.
+#[tokio::test]
+async fn proxy_upgrades_and_carries_raw_bytes_with_half_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let request = read_request(&mut conn).await;
+        conn.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: aloft-tcp\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // Greets first (a server-speaks-first protocol), then reads to the client's end.
+        conn.write_all(b"hello\n").await.unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).await.unwrap();
+        let mut reply = b"got ".to_vec();
+        reply.extend_from_slice(&got);
+        conn.write_all(&reply).await.unwrap();
+        conn.shutdown().await.unwrap();
+        request
+    });
+    let client = Client::new(&url, "tok").unwrap();
+    let mut stream = client.proxy("web", "3d8d413b29d089", 5432).await.unwrap();
+    let mut greeting = [0u8; 6];
+    stream.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"hello\n");
+    // Bytes that are not UTF-8, or HTTP, or frames: passed on as they are.
+    let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    stream.write_all(&payload).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    // A half-close that does not reach the server would leave both sides waiting.
+    tokio::time::timeout(std::time::Duration::from_secs(20), stream.read_to_end(&mut rest))
+        .await
+        .expect("the server saw the end of the client's stream")
+        .unwrap();
+    assert_eq!(&rest[..4], b"got ");
+    assert!(rest[4..] == payload[..], "{} bytes back", rest.len() - 4);
+
+    let request = server.await.unwrap();
+    assert!(
+        request.starts_with("GET /v1/apps/web/machines/3d8d413b29d089/proxy?port=5432 HTTP/1.1\r\n"),
+        "{request}"
+    );
+    let lower = request.to_ascii_lowercase();
+    for header in [
+        "\r\nconnection: upgrade\r\n",
+        "\r\nupgrade: aloft-tcp\r\n",
+        "\r\nauthorization: bearer tok\r\n",
+    ] {
+        assert!(lower.contains(header), "{header:?} in {request}");
+    }
+}
+
+/// Refusals before the upgrade are API errors with the server's status and message; a 200 is
+/// no upgrade, and says which one was asked for.
+#[tokio::test]
+async fn proxy_refusals_are_api_errors() {
+    let (url, server) = serve(vec![
+        json(
+            "502 Bad Gateway",
+            r#"{"error":"machine 3d8d413b29d089 refused a connection to port 5432"}"#,
+        ),
+        json(
+            "412 Precondition Failed",
+            r#"{"error":"machine 3d8d413b29d089 is not started (stopped)"}"#,
+        ),
+        json("404 Not Found", r#"{"error":"machine nope not found"}"#),
+        json(
+            "503 Service Unavailable",
+            r#"{"error":"too many proxied connections"}"#,
+        ),
+        json("200 OK", "{}"),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let e = client.proxy("web", "3d8d413b29d089", 5432).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Api { status: 502, message } if message == "machine 3d8d413b29d089 refused a connection to port 5432"),
+        "{e:?}"
+    );
+    let e = client.proxy("web", "3d8d413b29d089", 1).await.unwrap_err();
+    assert_eq!(e.status(), Some(412), "{e:?}");
+    let e = client.proxy("web", "nope", 1).await.unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
+    let e = client.proxy("web", "x", 65535).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e:?}");
+    let e = client.proxy("web", "x", 80).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Upgrade {
+                status: 200,
+                protocol: "aloft-tcp",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("aloft-tcp"), "{e}");
+    let requests = server.await.unwrap();
+    assert!(
+        requests[3].starts_with("GET /v1/apps/web/machines/x/proxy?port=65535 HTTP/1.1\r\n"),
+        "{}",
+        requests[3]
+    );
 }

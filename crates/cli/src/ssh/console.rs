@@ -156,17 +156,19 @@ fn candidates<'a>(machines: &'a [Machine], region: Option<&str>, group: Option<&
 }
 
 /// Asks which of `machines` (more than one) on the terminal; again on an answer that is not one
-/// of the numbers. Refuses without a terminal.
+/// of the numbers. Refuses without a terminal, with `name_hint` (how to name the machine
+/// instead) as the hint.
 fn choose_with(
     machines: &[&Machine],
     terminal: bool,
+    name_hint: &str,
     input: &mut dyn BufRead,
     output: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     if !terminal {
         return Err(UserError {
             message: "--select needs a terminal to ask on".to_owned(),
-            hint: Some("name the machine with --machine ID".to_owned()),
+            hint: Some(name_hint.to_owned()),
             code: 2,
         }
         .into());
@@ -203,28 +205,39 @@ fn choose_with(
     }
 }
 
-/// The machine to connect to: `--machine`, else one of the app's started machines (chosen with
-/// `--select`, else the first).
-async fn pick_machine(
+/// How a command that needs one started machine picks it when none is named.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pick<'a> {
+    /// Ask on the terminal (`-s/--select`) when there is more than one; else take the first.
+    pub(crate) select: bool,
+    /// Only machines of this region.
+    pub(crate) region: Option<&'a str>,
+    /// Only machines of this process group.
+    pub(crate) group: Option<&'a str>,
+    /// How to name the machine instead, the hint when `--select` has no terminal to ask on.
+    pub(crate) name_hint: &'a str,
+}
+
+/// One of the app's started machines (`pick.region` and `pick.group` narrow them): chosen on
+/// the terminal with `pick.select`, else the first in the API's order (flyctl's rule). An error
+/// that says how to start one when there is none.
+pub(crate) async fn started_machine(
     client: &Client,
     settings: &ApiSettings,
     app: &str,
-    args: &ConsoleArgs,
-) -> anyhow::Result<String> {
-    if let Some(id) = args.machine.as_deref().map(str::trim).filter(|id| !id.is_empty()) {
-        return Ok(id.to_owned());
-    }
+    pick: Pick<'_>,
+) -> anyhow::Result<Machine> {
     let machines = client
         .machines_list(app, &ListMachinesParams::default())
         .await
         .map_err(|e| api_error(e, settings, Subject::App(app)))?;
-    let found = candidates(&machines, args.region.as_deref(), args.process_group.as_deref());
+    let found = candidates(&machines, pick.region, pick.group);
     let Some(first) = found.first() else {
         let mut within = String::new();
-        if let Some(r) = &args.region {
+        if let Some(r) = pick.region {
             within.push_str(&format!(" in region {r}"));
         }
-        if let Some(g) = &args.process_group {
+        if let Some(g) = pick.group {
             within.push_str(&format!(" in process group {g}"));
         }
         return Err(UserError {
@@ -236,13 +249,39 @@ async fn pick_machine(
         }
         .into());
     };
-    if !args.select || found.len() == 1 {
-        return Ok(first.id.to_string());
+    if !pick.select || found.len() == 1 {
+        return Ok((*first).clone());
     }
     let stdin = io::stdin();
     let terminal = stdin.is_terminal();
-    let i = choose_with(&found, terminal, &mut stdin.lock(), &mut io::stderr())?;
-    Ok(found[i].id.to_string())
+    let i = choose_with(
+        &found,
+        terminal,
+        pick.name_hint,
+        &mut stdin.lock(),
+        &mut io::stderr(),
+    )?;
+    Ok(found[i].clone())
+}
+
+/// The machine to connect to: `--machine`, else one of the app's started machines (chosen with
+/// `--select`, else the first).
+async fn pick_machine(
+    client: &Client,
+    settings: &ApiSettings,
+    app: &str,
+    args: &ConsoleArgs,
+) -> anyhow::Result<String> {
+    if let Some(id) = args.machine.as_deref().map(str::trim).filter(|id| !id.is_empty()) {
+        return Ok(id.to_owned());
+    }
+    let pick = Pick {
+        select: args.select,
+        region: args.region.as_deref(),
+        group: args.process_group.as_deref(),
+        name_hint: "name the machine with --machine ID",
+    };
+    Ok(started_machine(client, settings, app, pick).await?.id.to_string())
 }
 
 /// A refused console as the user should read it: a machine that is not started says how to
@@ -602,7 +641,7 @@ mod tests {
         ];
         let found: Vec<&Machine> = ms.iter().collect();
         let mut out = Vec::new();
-        let i = choose_with(&found, true, &mut "x\n3\n2\n".as_bytes(), &mut out).unwrap();
+        let i = choose_with(&found, true, "h", &mut "x\n3\n2\n".as_bytes(), &mut out).unwrap();
         assert_eq!(i, 1);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("Select a machine:\n"), "{text}");
@@ -617,9 +656,10 @@ mod tests {
         assert_eq!(text.matches("Machine [1-2]: ").count(), 3, "{text}");
         assert!(text.contains("\"3\" is not one of the numbers"), "{text}");
         // The end of input, or no terminal at all, chooses nothing.
-        assert!(choose_with(&found, true, &mut "".as_bytes(), &mut Vec::new()).is_err());
-        let e = choose_with(&found, false, &mut "1\n".as_bytes(), &mut Vec::new()).unwrap_err();
-        assert_eq!(crate::errors::describe(&e).2, 2);
+        assert!(choose_with(&found, true, "h", &mut "".as_bytes(), &mut Vec::new()).is_err());
+        let e = choose_with(&found, false, "name it", &mut "1\n".as_bytes(), &mut Vec::new()).unwrap_err();
+        let (_, hint, code) = crate::errors::describe(&e);
+        assert_eq!((hint.as_deref(), code), (Some("name it"), 2));
     }
 
     /// A fake console server on a pipe: echoes each stdin line on stdout, `err X` on stderr,

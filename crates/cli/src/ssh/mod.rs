@@ -5,7 +5,7 @@
 //! console frames; `aloft_api::ConsoleQuery`), and init runs the command in the guest, on a
 //! pseudo-terminal when the session has one. The group keeps flyctl's name and grammar.
 
-mod console;
+pub(crate) mod console;
 mod tty;
 
 use clap::Subcommand;
