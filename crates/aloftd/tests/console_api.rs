@@ -10,131 +10,28 @@ mod common;
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
-    use std::net::SocketAddr;
-    use std::time::Duration;
-
     use aloft_api::{ConsoleExit, ConsoleFrame, TtySize};
     use axum::http::StatusCode;
-    use serde_json::{Value, json};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio::net::TcpStream;
+    use tokio::io::AsyncWriteExt as _;
 
-    use crate::common::{self, Harness};
-
-    const T: Duration = Duration::from_secs(10);
+    use crate::common::Harness;
+    use crate::common::upgrade::{Conn, T};
 
     /// A machine's console path.
     fn console(app: &str, id: &str, query: &str) -> String {
         format!("/v1/apps/{app}/machines/{id}/console?{query}")
     }
 
-    async fn app_with_started_machine(h: &Harness, app: &str) -> String {
-        let (s, _) = h.call("POST", "/v1/apps", Some(json!({"name": app}))).await;
-        assert_eq!(s, StatusCode::CREATED);
-        let (s, m) = h
-            .call(
-                "POST",
-                &format!("/v1/apps/{app}/machines"),
-                Some(json!({"config": {"image": "busybox:latest"}})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{m}");
-        let id = m["id"].as_str().unwrap().to_owned();
-        h.wait(app, &id, "started").await;
-        id
+    /// The console's frames over an upgraded connection.
+    trait Frames {
+        async fn send(&mut self, frame: &ConsoleFrame);
+        async fn stdin(&mut self, text: &str);
+        async fn recv(&mut self) -> Option<ConsoleFrame>;
+        async fn expect_stdout(&mut self, want: &str);
+        async fn expect_last(&mut self) -> ConsoleFrame;
     }
 
-    /// One HTTP/1.1 request's answer: status, headers (lowercase names) and, unless it switched
-    /// protocols, the body as JSON.
-    struct Answer {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Value,
-    }
-
-    impl Answer {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        }
-
-        fn error(&self) -> &str {
-            self.body["error"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no error in {}", self.body))
-        }
-    }
-
-    /// A client connection, after its answer's head.
-    struct Conn {
-        stream: TcpStream,
-        buf: Vec<u8>,
-    }
-
-    impl Conn {
-        /// Sends `GET path` with `token` (when given) and `headers`; reads the answer (and its
-        /// body unless it is a 101).
-        async fn get(addr: SocketAddr, path: &str, token: Option<&str>, headers: &[&str]) -> (Answer, Self) {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-            if let Some(t) = token {
-                req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-            }
-            for h in headers {
-                req.push_str(h);
-                req.push_str("\r\n");
-            }
-            req.push_str("\r\n");
-            stream.write_all(req.as_bytes()).await.unwrap();
-            let mut conn = Self {
-                stream,
-                buf: Vec::new(),
-            };
-            let head = loop {
-                if let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8(conn.buf[..end].to_vec()).unwrap();
-                    conn.buf.drain(..end + 4);
-                    break head;
-                }
-                assert!(conn.fill().await, "the server closed before answering");
-            };
-            let mut lines = head.split("\r\n");
-            let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-            let headers: Vec<(String, String)> = lines
-                .map(|l| {
-                    let (k, v) = l.split_once(':').unwrap();
-                    (k.trim().to_ascii_lowercase(), v.trim().to_owned())
-                })
-                .collect();
-            let mut answer = Answer {
-                status,
-                headers,
-                body: Value::Null,
-            };
-            if status != 101 {
-                let len: usize = answer.header("content-length").unwrap().parse().unwrap();
-                while conn.buf.len() < len {
-                    assert!(conn.fill().await, "the body ended early");
-                }
-                answer.body = common::json(&conn.buf[..len]);
-                conn.buf.drain(..len);
-            }
-            (answer, conn)
-        }
-
-        /// Reads more; false at the end of the stream.
-        async fn fill(&mut self) -> bool {
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(T, self.stream.read(&mut chunk))
-                .await
-                .expect("the server sent nothing for 10 s")
-                .unwrap_or(0);
-            self.buf.extend_from_slice(&chunk[..n]);
-            n > 0
-        }
-
+    impl Frames for Conn {
         async fn send(&mut self, frame: &ConsoleFrame) {
             let mut wire = Vec::new();
             frame.encode(&mut wire);
@@ -191,7 +88,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_console_streams_both_ways_over_the_upgraded_connection() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let path = console(
             "web",
@@ -260,7 +157,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn refusals_are_json_errors_before_the_upgrade() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let token = Some(h.token.as_str());
         let path = console("web", &id, "cmd=sh");
@@ -310,7 +207,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_client_going_away_kills_the_command() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let (a, mut c) = Conn::get(addr, &console("web", &id, "cmd=sh"), Some(&h.token), UPGRADE).await;
         assert_eq!(a.status, 101, "{}", a.body);
@@ -332,7 +229,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_malformed_client_frame_ends_the_session_with_an_error() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let path = console("web", &id, "cmd=sh");
         let cases: [(&[u8], &str); 4] = [
@@ -361,7 +258,7 @@ mod tests {
     async fn consoles_per_server_are_capped() {
         let mut h = Harness::new(|_| {});
         h.tune_state(|s| s.with_max_consoles(1));
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let path = console("web", &id, "cmd=sh");
         let (a, mut first) = Conn::get(addr, &path, Some(&h.token), UPGRADE).await;

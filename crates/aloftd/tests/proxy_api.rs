@@ -11,43 +11,25 @@ mod common;
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests: a failed step fails the test")]
 
-    use std::net::SocketAddr;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use aloft_agent::DriverOp;
     use axum::http::StatusCode;
-    use serde_json::{Value, json};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 
-    use crate::common::{self, Harness};
+    use crate::common::Harness;
+    use crate::common::upgrade::{Conn, T};
 
-    const T: Duration = Duration::from_secs(10);
     const UPGRADE: &[&str] = &["Connection: Upgrade", "Upgrade: aloft-tcp"];
     /// What each side sends in the big transfer.
     const BIG: usize = 1 << 20;
 
     fn proxy(app: &str, id: &str, query: &str) -> String {
         format!("/v1/apps/{app}/machines/{id}/proxy?{query}")
-    }
-
-    async fn app_with_started_machine(h: &Harness, app: &str) -> String {
-        let (s, _) = h.call("POST", "/v1/apps", Some(json!({"name": app}))).await;
-        assert_eq!(s, StatusCode::CREATED);
-        let (s, m) = h
-            .call(
-                "POST",
-                &format!("/v1/apps/{app}/machines"),
-                Some(json!({"config": {"image": "busybox:latest"}})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::OK, "{m}");
-        let id = m["id"].as_str().unwrap().to_owned();
-        h.wait(app, &id, "started").await;
-        id
     }
 
     /// A workload listening on a fake machine's port (`127.0.0.1:port`): it echoes what it
@@ -133,112 +115,6 @@ mod tests {
             .port()
     }
 
-    /// One HTTP/1.1 request's answer: status, headers (lowercase names) and, unless it switched
-    /// protocols, the body as JSON.
-    struct Answer {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Value,
-    }
-
-    impl Answer {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        }
-
-        fn error(&self) -> &str {
-            self.body["error"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no error in {}", self.body))
-        }
-    }
-
-    /// A client connection after its answer's head; `buf` holds what came after the head.
-    struct Conn {
-        stream: TcpStream,
-        buf: Vec<u8>,
-    }
-
-    impl Conn {
-        /// Sends `GET path` with `token` (when given) and `headers`; reads the answer (and its
-        /// body unless it is a 101).
-        async fn get(addr: SocketAddr, path: &str, token: Option<&str>, headers: &[&str]) -> (Answer, Self) {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-            if let Some(t) = token {
-                req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-            }
-            for h in headers {
-                req.push_str(h);
-                req.push_str("\r\n");
-            }
-            req.push_str("\r\n");
-            stream.write_all(req.as_bytes()).await.unwrap();
-            let mut conn = Self {
-                stream,
-                buf: Vec::new(),
-            };
-            let head = loop {
-                if let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8(conn.buf[..end].to_vec()).unwrap();
-                    conn.buf.drain(..end + 4);
-                    break head;
-                }
-                assert!(conn.fill().await, "the server closed before answering");
-            };
-            let mut lines = head.split("\r\n");
-            let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-            let headers = lines
-                .map(|l| {
-                    let (k, v) = l.split_once(':').unwrap();
-                    (k.trim().to_ascii_lowercase(), v.trim().to_owned())
-                })
-                .collect();
-            let mut answer = Answer {
-                status,
-                headers,
-                body: Value::Null,
-            };
-            if status != 101 {
-                let len: usize = answer.header("content-length").unwrap().parse().unwrap();
-                while conn.buf.len() < len {
-                    assert!(conn.fill().await, "the body ended early");
-                }
-                answer.body = common::json(&conn.buf[..len]);
-                conn.buf.drain(..len);
-            }
-            (answer, conn)
-        }
-
-        /// Reads more into `buf`; false at the end of the stream.
-        async fn fill(&mut self) -> bool {
-            let mut chunk = [0u8; 16 * 1024];
-            let n = tokio::time::timeout(T, self.stream.read(&mut chunk))
-                .await
-                .expect("the server sent nothing for 10 s")
-                .unwrap_or(0);
-            self.buf.extend_from_slice(&chunk[..n]);
-            n > 0
-        }
-
-        /// Exactly `n` bytes.
-        async fn read_n(&mut self, n: usize) -> Vec<u8> {
-            while self.buf.len() < n {
-                assert!(self.fill().await, "the stream ended after {:?}", self.buf);
-            }
-            self.buf.drain(..n).collect()
-        }
-
-        /// Everything until the end of the stream.
-        async fn read_to_end(&mut self) -> Vec<u8> {
-            while self.fill().await {}
-            std::mem::take(&mut self.buf)
-        }
-    }
-
     /// `len` bytes of a pattern that a lost, repeated or reordered chunk breaks.
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -249,7 +125,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_proxy_carries_bytes_both_ways_and_passes_half_closes_on() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let mut echo = Echo::start().await;
         let path = proxy("web", &id, &format!("port={}", echo.port));
@@ -309,7 +185,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn the_workload_speaking_first_and_closing_ends_the_stream() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         // A workload that greets, reads one line, answers it and closes (as a server that
         // hangs up on QUIT does), while the client still has its side open.
@@ -344,7 +220,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn refusals_are_json_errors_before_the_upgrade() {
         let h = Harness::new(|_| {});
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let echo = Echo::start().await;
         let token = Some(h.token.as_str());
@@ -425,7 +301,7 @@ mod tests {
     async fn proxies_per_server_are_capped() {
         let mut h = Harness::new(|_| {});
         h.tune_state(|s| s.with_max_proxies(1));
-        let id = app_with_started_machine(&h, "web").await;
+        let id = h.started_machine("web").await;
         let addr = h.serve().await;
         let mut echo = Echo::start().await;
         let path = proxy("web", &id, &format!("port={}", echo.port));

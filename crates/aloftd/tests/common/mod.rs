@@ -14,8 +14,10 @@ use aloft_store::{ControlStore, SqliteStore, Store};
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt as _;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt as _;
+
+pub(crate) mod upgrade;
 
 /// One control plane and one host (`host-1` in region `local`) in a temporary directory.
 pub(crate) struct Harness {
@@ -158,6 +160,23 @@ impl Harness {
         assert_eq!(s, StatusCode::OK, "waiting for {state}: {w}");
         assert_eq!(w["ok"], true);
         w
+    }
+
+    /// Creates app `app` with one busybox machine and waits until it is started; its id.
+    pub(crate) async fn started_machine(&self, app: &str) -> String {
+        let (s, _) = self.call("POST", "/v1/apps", Some(json!({"name": app}))).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (s, m) = self
+            .call(
+                "POST",
+                &format!("/v1/apps/{app}/machines"),
+                Some(json!({"config": {"image": "busybox:latest"}})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{m}");
+        let id = m["id"].as_str().unwrap().to_owned();
+        self.wait(app, &id, "started").await;
+        id
     }
 }
 
