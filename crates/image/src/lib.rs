@@ -33,5 +33,7 @@ pub use pull::{Layer, PulledImage, Puller};
 pub use push::Pusher;
 pub use reference::Reference;
 pub use registry::{Credentials, Limits, RegistryConfig, RegistryError, RetryPolicy};
-pub use rootfs::{Base, RootfsFormat, RootfsStore, WritableDisks};
+pub use rootfs::{
+    Base, CloneMethod, DataExtents, RootfsFormat, RootfsStore, WritableDisks, clone_file, data_extents,
+};
 pub use runconfig::{GuestConfig, RunConfigWarning, guest_image_config};

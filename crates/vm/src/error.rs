@@ -98,6 +98,12 @@ pub enum VmError {
     /// Init refused an exec or process-list request.
     #[error("exec failed: {message}")]
     ExecFailed { message: String },
+    /// The VM was paused ([`crate::Vm::paused`]) and could not be continued: it stays paused.
+    #[error("the vm stays paused: qmp cont failed; stop and start the machine to run it again")]
+    StillPaused {
+        #[source]
+        source: QmpError,
+    },
     /// Writing or restoring a snapshot failed.
     #[error("snapshot failed: {message}")]
     Snapshot { message: String },

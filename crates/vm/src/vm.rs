@@ -172,6 +172,41 @@ fn qmp_err(op: &'static str) -> impl FnOnce(QmpError) -> VmError {
     move |source| VmError::Qmp { op, source }
 }
 
+/// Continues a VM [`Vm::paused`] paused, when finished or dropped.
+struct Continue<'a> {
+    vm: &'a Vm,
+    qmp: Option<Qmp>,
+}
+
+impl Continue<'_> {
+    /// Sends `cont`, on a fresh QMP connection if the first one fails.
+    fn finish(mut self) -> Result<(), VmError> {
+        self.send()
+    }
+
+    fn send(&mut self) -> Result<(), VmError> {
+        let first = match self.qmp.take() {
+            Some(mut q) => q.execute("cont", None).map(drop),
+            None => return Ok(()),
+        };
+        let Err(first) = first else { return Ok(()) };
+        match self.vm.qmp() {
+            Ok(mut q) => q
+                .execute("cont", None)
+                .map(drop)
+                .map_err(|source| VmError::StillPaused { source }),
+            Err(_) => Err(VmError::StillPaused { source: first }),
+        }
+    }
+}
+
+impl Drop for Continue<'_> {
+    fn drop(&mut self) {
+        // Only reached with a connection left when `f` panicked: continue all the same.
+        let _ = self.send();
+    }
+}
+
 impl Vm {
     /// Validates `spec`, composes the machine's initramfs, launches QEMU detached (own session; in
     /// its cgroup and as the jail user when `spec.jail` is set), connects QMP and the channel, and
@@ -928,6 +963,26 @@ impl Vm {
             after: timeout,
             hint: String::new(),
         })
+    }
+
+    /// Runs `f` with the VM paused: its vCPUs stopped (QMP `stop`), so the guest writes nothing
+    /// to its disks, then continued (QMP `cont`) whatever `f` did, panics included. The guest
+    /// sees only a pause (its clocks jump). What a consistent copy of a running VM's disk needs.
+    ///
+    /// `f` does not run when the VM cannot be paused (not running, QMP failing). When it ran and
+    /// the VM cannot be continued (tried twice, on fresh QMP connections), the answer is
+    /// [`VmError::StillPaused`]: `f`'s outcome is dropped and the VM is left paused.
+    pub fn paused<T>(&self, f: impl FnOnce() -> T) -> Result<T, VmError> {
+        self.ensure_running()?;
+        let mut q = self.qmp()?;
+        q.execute("stop", None).map_err(qmp_err("pause the vm"))?;
+        // Continued on drop, so that a panic in `f` does not leave the guest frozen.
+        let guard = Continue {
+            vm: self,
+            qmp: Some(q),
+        };
+        let out = f();
+        guard.finish().map(|()| out)
     }
 
     /// Pauses the VM and writes its memory and device state to `snapshot` (created, mode 0600); QEMU

@@ -141,7 +141,7 @@ mod tests {
         not(feature = "vm-tests"),
         ignore = "boots a real guest; enable feature vm-tests"
     )]
-    fn exec_and_ps_while_running() {
+    fn exec_ps_and_pause_while_running() {
         let t = TestVm::new("exec", &["/bin/sleep", "1000"]);
         let vm = t.start();
         let pid = vm.wait_started(BOOT_TIMEOUT).unwrap();
@@ -161,6 +161,25 @@ mod tests {
             Duration::from_secs(30),
         );
         assert!(missing.is_err(), "{missing:?}");
+
+        // Paused, the guest answers nothing; continued, it answers what was asked meanwhile.
+        std::thread::scope(|s| {
+            let (asked, answered_while_paused) = vm
+                .paused(|| {
+                    let asked = s.spawn(|| vm.exec(sh("echo again"), Duration::from_secs(30)));
+                    std::thread::sleep(Duration::from_millis(500));
+                    let finished = asked.is_finished();
+                    (asked, finished)
+                })
+                .unwrap();
+            assert!(!answered_while_paused, "the guest ran while paused");
+            assert_eq!(asked.join().unwrap().unwrap().stdout, b"again\n");
+        });
+        assert!(
+            vm.ps().unwrap().iter().any(|p| p.pid == pid),
+            "the workload runs on"
+        );
+
         let exit = vm.kill().unwrap();
         assert_eq!(exit.qemu_status, QemuStatus::Killed);
         t.assert_no_qemu();

@@ -50,7 +50,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DiskErro
     move |source| DiskError::Io { what, path, source }
 }
 
-/// How a disk was cloned from its template.
+/// How a file was cloned ([`clone_file`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloneMethod {
     /// The filesystem shared the template's extents (`FICLONE`).
@@ -130,7 +130,7 @@ impl WritableDisks {
             .unwrap_or_default();
         let n = DISK_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = parent.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let cloned = clone_into(&template, &tmp)
+        let cloned = clone_file(&template, &tmp)
             .and_then(|method| fs::rename(&tmp, dest).map(|()| method))
             .map_err(io_err("clone the template to", dest));
         if cloned.is_err() {
@@ -167,8 +167,12 @@ fn make_template(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     })
 }
 
-/// Clones `src` into the new file `dst`: reflink when possible, else a sparse copy.
-fn clone_into(src: &Path, dst: &Path) -> io::Result<CloneMethod> {
+/// Clones `src` into the new file `dst` (created mode 0600; an existing `dst` is an error):
+/// `FICLONE` when the filesystem shares extents (btrfs, xfs: instant, no space taken), else a
+/// sparse copy of `src`'s data extents ([`data_extents`]) with `copy_file_range`, holes left as
+/// holes. Not fsynced: the caller does that if the copy must outlive a crash. `dst` is left
+/// behind on failure, for the caller (who named it) to remove.
+pub fn clone_file(src: &Path, dst: &Path) -> io::Result<CloneMethod> {
     let from = File::open(src)?;
     let to = File::options()
         .write(true)
@@ -182,28 +186,69 @@ fn clone_into(src: &Path, dst: &Path) -> io::Result<CloneMethod> {
     }
     let len = from.metadata()?.len();
     to.set_len(len)?;
-    let mut pos = 0;
-    while pos < len {
-        let data = match rustix::fs::seek(&from, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(Errno::NXIO) => break, // only a hole is left
-            Err(e) => return Err(e.into()),
-        };
-        let hole = rustix::fs::seek(&from, SeekFrom::Hole(data))?.min(len);
-        let (mut off_in, mut off_out) = (data, data);
-        while off_in < hole {
-            let chunk = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+    for extent in data_extents(&from, len) {
+        let extent = extent?;
+        let (mut off_in, mut off_out) = (extent.start, extent.start);
+        while off_in < extent.end {
+            let chunk = usize::try_from(extent.end - off_in)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
             let n = rustix::fs::copy_file_range(&from, Some(&mut off_in), &to, Some(&mut off_out), chunk)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "template shrank while it was copied",
+                    format!("{} shrank while it was copied", src.display()),
                 ));
             }
         }
-        pos = hole;
     }
     Ok(CloneMethod::SparseCopy)
+}
+
+/// The data extents of the first `len` bytes of `file`, in order, as byte ranges: what
+/// `SEEK_DATA` / `SEEK_HOLE` report, so adjacent allocated extents come as one range and holes
+/// are skipped (a filesystem without hole reporting gives one range, the whole file).
+pub fn data_extents(file: &File, len: u64) -> DataExtents<'_> {
+    DataExtents { file, len, pos: 0 }
+}
+
+/// The iterator [`data_extents`] returns.
+#[derive(Debug)]
+pub struct DataExtents<'a> {
+    file: &'a File,
+    len: u64,
+    pos: u64,
+}
+
+impl Iterator for DataExtents<'_> {
+    type Item = io::Result<std::ops::Range<u64>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.len {
+            return None;
+        }
+        let data = match rustix::fs::seek(self.file, SeekFrom::Data(self.pos)) {
+            Ok(d) if d < self.len => d,
+            // Only a hole is left (or data past `len`).
+            Ok(_) | Err(Errno::NXIO) => {
+                self.pos = self.len;
+                return None;
+            }
+            Err(e) => {
+                self.pos = self.len;
+                return Some(Err(e.into()));
+            }
+        };
+        let hole = match rustix::fs::seek(self.file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(self.len),
+            Err(e) => {
+                self.pos = self.len;
+                return Some(Err(e.into()));
+            }
+        };
+        self.pos = hole;
+        Some(Ok(data..hole))
+    }
 }
 
 #[cfg(test)]
@@ -224,10 +269,37 @@ mod tests {
         f.write_all(&[9u8; 4096]).unwrap();
         drop(f);
         let dst = dir.path().join("dst");
-        clone_into(&src, &dst).unwrap();
+        clone_file(&src, &dst).unwrap();
         assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
         let blocks = fs::metadata(&dst).unwrap().blocks() * 512;
         assert!(blocks < 1 << 20, "copy is sparse: {blocks} bytes allocated");
+    }
+
+    #[test]
+    fn data_extents_are_the_data_and_not_the_holes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 8192], 8 << 20).unwrap();
+        f.write_all_at(&[9u8; 4096], (64 << 20) - 4096).unwrap();
+        let f = File::open(&path).unwrap();
+        let len = f.metadata().unwrap().len();
+        let extents: Vec<_> = data_extents(&f, len).map(Result::unwrap).collect();
+        assert_eq!(
+            extents,
+            [(8 << 20)..(8 << 20) + 8192, (64 << 20) - 4096..64 << 20]
+        );
+        // Bounded by `len`; an empty file has none.
+        let mut first = data_extents(&f, (8 << 20) + 4096).map(Result::unwrap);
+        assert_eq!(first.next(), Some((8 << 20)..(8 << 20) + 4096));
+        assert_eq!(first.next(), None);
+        let empty = File::create(dir.path().join("e")).unwrap();
+        assert_eq!(data_extents(&empty, 0).count(), 0);
+        // clone_file refuses to overwrite.
+        let e = clone_file(&path, &path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
     }
 
     #[test]

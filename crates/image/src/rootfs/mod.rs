@@ -43,7 +43,7 @@ use crate::manifest::Compression;
 use crate::pull::{Layer, PulledImage};
 use crate::unpack::{UnpackError, UnpackLimits, Unpacker};
 
-pub use disk::{CloneMethod, DiskError, WritableDisks};
+pub use disk::{CloneMethod, DataExtents, DiskError, WritableDisks, clone_file, data_extents};
 pub use mkfs::RootfsFormat;
 
 static BUILD_COUNTER: AtomicU64 = AtomicU64::new(0);
