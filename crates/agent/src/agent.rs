@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use aloft_api::{
     ConsoleRequest, EventSource, HostVolumeStatus, MAX_VOLUME_SIZE_GB, Machine, MachineConfig, MachineEvent,
-    MachineEventRequest, MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, StateError,
-    Verb, VolumeId, WaitState,
+    MachineEventRequest, MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, SnapshotId,
+    StateError, Verb, VolumeId, VolumeSource, WaitState,
 };
 use aloft_secretbox::{Key, Keyring};
 
 use crate::checks::Checks;
 use crate::db::Db;
 use crate::driver::{
-    Driver, DriverError, DriverSession, ExecResult, ExitInfo, LaunchSpec, VmStatus, VolumeAttachment,
+    Driver, DriverError, DriverSession, ExecResult, ExitInfo, LaunchSpec, SnapshotInfo, VmStatus,
+    VolumeAttachment,
 };
 use crate::error::AgentError;
 use crate::ids::{new_machine_id, now_ms, ulid};
@@ -305,6 +306,10 @@ struct Live {
     touched: HashMap<MachineId, u64>,
     /// The generation of the last change not tied to one machine.
     touched_all: u64,
+    /// Machines whose volume is being copied (a snapshot, a fork), with how many copies: no
+    /// operation of theirs is submitted meanwhile (a submission waits), so their VM neither
+    /// starts nor ends under the copy. See [`Inner::copy_volume`].
+    held: HashMap<MachineId, usize>,
 }
 
 #[derive(Debug)]
@@ -321,9 +326,11 @@ pub(crate) struct Inner {
     closing: AtomicBool,
     live: Mutex<Live>,
     changed: Condvar,
-    /// One lock per volume: what changes a volume's disk or filesystem (create, extend, the
-    /// growth before a boot, destroy) holds it, so a filesystem is never resized twice at once
-    /// nor removed while it is resized. Taken before `live`, never while holding it.
+    /// One lock per volume: what changes a volume's disk or filesystem (create, restore, fork,
+    /// extend, the growth before a boot, destroy) or copies it (snapshot, fork) holds it, so a
+    /// filesystem is never resized twice at once, nor removed or grown while it is resized or
+    /// copied. Taken before `live`, never while holding it; two at once in the order of their
+    /// ids ([`Inner::with_volumes`]).
     volume_locks: Mutex<HashMap<VolumeId, Arc<Mutex<()>>>>,
 }
 
@@ -357,6 +364,46 @@ enum Effect {
     NetGone,
 }
 
+/// How long a snapshot or fork waits for the operations in flight of the machine mounting its
+/// volume (a start, a stop) to end before it gives up ([`AgentError::Busy`], 409).
+const COPY_SETTLE: Duration = Duration::from_secs(60);
+
+/// Machines held for a copy of their volume ([`Inner::hold`]); released on drop.
+struct Hold<'a> {
+    inner: &'a Inner,
+    machines: Vec<MachineId>,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut live = self.inner.lock();
+        for m in &self.machines {
+            if let Some(n) = live.held.get_mut(m) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    live.held.remove(m);
+                }
+            }
+        }
+        drop(live);
+        self.inner.changed.notify_all();
+    }
+}
+
+/// Refuses (422) a volume of `size_gb` GiB made from `source` whose disk is `source_bytes`.
+fn check_holds(id: &VolumeId, size_gb: u32, source_bytes: u64, source: &str) -> Result<(), AgentError> {
+    if u64::from(size_gb) * crate::volumes::GIB >= source_bytes {
+        return Ok(());
+    }
+    Err(AgentError::VolumeRequest {
+        volume: id.clone(),
+        reason: format!(
+            "{source} holds {} GB: ask for at least that (size_gb)",
+            source_bytes.div_ceil(crate::volumes::GIB)
+        ),
+    })
+}
+
 /// Refuses a volume size out of Fly's range (422).
 fn check_volume_size(id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
     if (1..=MAX_VOLUME_SIZE_GB).contains(&size_gb) {
@@ -370,6 +417,12 @@ fn check_volume_size(id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
 }
 
 fn volume_failed(id: &VolumeId, source: DriverError) -> AgentError {
+    match source {
+        DriverError::NoVolume { volume, .. } => return AgentError::VolumeNotFound { volume },
+        DriverError::NoSnapshot { snapshot, .. } => return AgentError::SnapshotNotFound { snapshot },
+        DriverError::SnapshotDamaged { snapshot } => return AgentError::SnapshotDamaged { snapshot },
+        _ => {}
+    }
     AgentError::Volume {
         volume: id.clone(),
         source,
@@ -847,16 +900,122 @@ impl Agent {
         }
     }
 
-    /// Makes volume `id`'s disk on this host: `size_gb` GiB of empty ext4. Idempotent: a disk
-    /// already there is kept as it is, whatever its size (a retried create).
-    pub fn create_volume(&self, id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
+    /// Makes volume `id`'s disk on this host: `size_gb` GiB of empty ext4, or, with a `source`,
+    /// a copy of a snapshot kept here (its digest checked: [`AgentError::SnapshotDamaged`]) or
+    /// of another volume's disk as it is now (its machine's VM paused for the copy, as for
+    /// [`Agent::snapshot_volume`]), grown with its filesystem to `size_gb` when that is more
+    /// (less than the source: [`AgentError::VolumeRequest`], 422). Idempotent: a disk already
+    /// there is kept as it is, whatever its size or source (a retried create).
+    pub fn create_volume(
+        &self,
+        id: &VolumeId,
+        size_gb: u32,
+        source: Option<&VolumeSource>,
+    ) -> Result<(), AgentError> {
         check_volume_size(id, size_gb)?;
-        self.inner.with_volume(id, || {
-            self.inner
-                .driver
-                .create_volume(id, size_gb)
-                .map_err(|source| volume_failed(id, source))
+        let inner = &self.inner;
+        let d = &*inner.driver;
+        match source {
+            None => inner.with_volume(id, || {
+                d.create_volume(id, size_gb).map_err(|e| volume_failed(id, e))
+            }),
+            Some(VolumeSource::Snapshot(snapshot)) => inner.with_volume(id, || {
+                if d.volume_disk(id).map_err(|e| volume_failed(id, e))?.is_some() {
+                    return Ok(());
+                }
+                let info = d
+                    .volume_snapshot(snapshot)
+                    .map_err(|e| volume_failed(id, e))?
+                    .ok_or_else(|| AgentError::SnapshotNotFound {
+                        snapshot: snapshot.clone(),
+                    })?;
+                check_holds(id, size_gb, info.volume_size, &format!("snapshot {snapshot}"))?;
+                d.restore_volume(id, snapshot, size_gb)
+                    .map_err(|e| volume_failed(id, e))
+            }),
+            Some(VolumeSource::Volume(source)) => {
+                if source == id {
+                    return Err(AgentError::VolumeRequest {
+                        volume: id.clone(),
+                        reason: "a volume cannot be forked into itself: give the new volume another id"
+                            .into(),
+                    });
+                }
+                if inner
+                    .with_volume(id, || d.volume_disk(id))
+                    .map_err(|e| volume_failed(id, e))?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                let disk = d
+                    .volume_disk(source)
+                    .map_err(|e| volume_failed(source, e))?
+                    .ok_or_else(|| AgentError::VolumeNotFound {
+                        volume: source.clone(),
+                    })?;
+                check_holds(id, size_gb, disk.size_bytes, &format!("volume {source}"))?;
+                inner.copy_volume(source, Some(id), |pause| {
+                    d.fork_volume(id, source, size_gb, pause)
+                        .map_err(|e| volume_failed(id, e))
+                })
+            }
+        }
+    }
+
+    /// Takes snapshot `snapshot` of volume `id`: a copy of its disk at one instant, kept on this
+    /// host until [`Agent::delete_snapshot`] (it outlives the volume). When a VM of the machine
+    /// mounting the volume runs, it is paused for the copy only (not for the digest), so the
+    /// copy is crash-consistent; while the copy is made, that machine's operations wait (see
+    /// [`Inner::copy_volume`]). Idempotent: a snapshot of that id already there is answered as
+    /// it is. No such volume: [`AgentError::VolumeNotFound`] (404).
+    pub fn snapshot_volume(&self, id: &VolumeId, snapshot: &SnapshotId) -> Result<SnapshotInfo, AgentError> {
+        let d = &*self.inner.driver;
+        let existing = || -> Result<Option<SnapshotInfo>, AgentError> {
+            match d.volume_snapshot(snapshot).map_err(|e| volume_failed(id, e))? {
+                Some(info) if info.volume != *id => Err(AgentError::SnapshotConflict {
+                    snapshot: snapshot.clone(),
+                    volume: info.volume,
+                }),
+                found => Ok(found),
+            }
+        };
+        if let Some(info) = existing()? {
+            return Ok(info);
+        }
+        if d.volume_disk(id).map_err(|e| volume_failed(id, e))?.is_none() {
+            return Err(AgentError::VolumeNotFound { volume: id.clone() });
+        }
+        self.inner.copy_volume(id, None, |pause| {
+            // Taken meanwhile by a retry that overtook this one: answered as it is.
+            if let Some(info) = existing()? {
+                return Ok(info);
+            }
+            d.snapshot_volume(id, snapshot, pause)
+                .map_err(|e| volume_failed(id, e))
         })
+    }
+
+    /// Snapshot `snapshot` as this host keeps it; `None` when it has none of that id.
+    pub fn volume_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<SnapshotInfo>, AgentError> {
+        self.inner
+            .driver
+            .volume_snapshot(snapshot)
+            .map_err(|source| AgentError::Snapshot {
+                snapshot: snapshot.clone(),
+                source,
+            })
+    }
+
+    /// Deletes snapshot `snapshot`'s copy. `Ok` when there is none.
+    pub fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), AgentError> {
+        self.inner
+            .driver
+            .delete_snapshot(snapshot)
+            .map_err(|source| AgentError::Snapshot {
+                snapshot: snapshot.clone(),
+                source,
+            })
     }
 
     /// Volume `id` as this host sees it: its disk's size, the machine (not destroyed) whose
@@ -1263,6 +1422,132 @@ impl Inner {
         f()
     }
 
+    /// Runs `copy` (a copy of volume `id`'s disk: a snapshot, a fork into volume `also`) with
+    /// the disk held still, passing it the machine whose VM must be paused for the copy (one
+    /// that mounts the volume and whose VM runs), if any.
+    ///
+    /// The machines mounting the volume are held first ([`Live::held`]: their submissions
+    /// wait), then their operations in flight are waited for (up to [`COPY_SETTLE`]; then
+    /// [`AgentError::Busy`]), then the volume's lock is taken (and `also`'s: cold boots grow
+    /// volumes under it, so none of a machine mounting it gets past that step meanwhile) and
+    /// the mounting machines read again: one that came since (a create) makes it start over.
+    /// So no VM of the volume starts, resumes, stops or suspends while it is copied, and one
+    /// that runs is paused. The hold ends when `copy` returns, whatever it returns.
+    fn copy_volume<T>(
+        &self,
+        id: &VolumeId,
+        also: Option<&VolumeId>,
+        copy: impl FnOnce(Option<&MachineId>) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let deadline = Instant::now() + COPY_SETTLE;
+        let mut copy = Some(copy);
+        loop {
+            let hold = self.hold(id)?;
+            self.settle(&hold.machines, deadline)?;
+            let attempt = self.with_volumes(id, also, || {
+                let users = self.volume_users(id)?;
+                if users
+                    .iter()
+                    .any(|u| !hold.machines.contains(&u.id) || u.op_id.is_some())
+                {
+                    return Ok(None);
+                }
+                let mut pause = None;
+                for u in &users {
+                    match self.driver.vm_status(&u.id) {
+                        Ok(VmStatus::Running) => pause = Some(u.id.clone()),
+                        Ok(_) => {}
+                        Err(source) => {
+                            return Err(AgentError::Driver {
+                                machine: u.id.clone(),
+                                source,
+                            });
+                        }
+                    }
+                }
+                let f = copy.take().ok_or(AgentError::Halted)?;
+                f(pause.as_ref()).map(Some)
+            })?;
+            drop(hold);
+            if let Some(out) = attempt {
+                return Ok(out);
+            }
+            if Instant::now() >= deadline {
+                let machine = self.volume_users(id)?.into_iter().next();
+                return Err(AgentError::VolumeCopyBusy {
+                    volume: id.clone(),
+                    machine: machine.map(|m| m.id),
+                });
+            }
+        }
+    }
+
+    /// Runs `f` holding the locks of volume `id` and, when given, of volume `also`, taken in
+    /// the order of their ids (so two copies between the same volumes cannot deadlock).
+    fn with_volumes<T>(&self, id: &VolumeId, also: Option<&VolumeId>, f: impl FnOnce() -> T) -> T {
+        match also {
+            Some(other) if other < id => self.with_volume(other, || self.with_volume(id, f)),
+            Some(other) if other > id => self.with_volume(id, || self.with_volume(other, f)),
+            _ => self.with_volume(id, f),
+        }
+    }
+
+    /// Holds the machines mounting volume `id` (see [`Live::held`]) until the hold is dropped.
+    fn hold(&self, id: &VolumeId) -> Result<Hold<'_>, AgentError> {
+        let mut live = self.lock();
+        if self.stopping() {
+            return Err(AgentError::Halted);
+        }
+        let machines: Vec<MachineId> = self.volume_users(id)?.into_iter().map(|r| r.id).collect();
+        for m in &machines {
+            *live.held.entry(m.clone()).or_default() += 1;
+        }
+        Ok(Hold {
+            inner: self,
+            machines,
+        })
+    }
+
+    /// Waits until none of `machines` has an operation in flight; [`AgentError::Busy`] at
+    /// `deadline`.
+    fn settle(&self, machines: &[MachineId], deadline: Instant) -> Result<(), AgentError> {
+        loop {
+            let seen = self.generation();
+            let mut busy = None;
+            for m in machines {
+                if let Some(rec) = self.db.machine(m)?
+                    && let Some(op) = rec.op_id
+                {
+                    busy = Some((rec.id, op));
+                    break;
+                }
+            }
+            let Some((machine, op_id)) = busy else {
+                return Ok(());
+            };
+            if self.halted() {
+                return Err(AgentError::Halted);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.busy(&machine, &op_id));
+            }
+            self.wait_change(seen, deadline);
+        }
+    }
+
+    /// Waits, holding `live`, while machine `id` is held for a copy of its volume (see
+    /// [`Live::held`]); gives up when the agent halts.
+    fn wait_unheld<'a>(&'a self, mut live: MutexGuard<'a, Live>, id: &MachineId) -> MutexGuard<'a, Live> {
+        while live.held.contains_key(id) && !self.halted() {
+            let (g, _) = self
+                .changed
+                .wait_timeout(live, self.config.poll)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            live = g;
+        }
+        live
+    }
+
     /// [`Agent::extend_volume`], holding the volume's lock.
     fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, AgentError> {
         let d = &*self.driver;
@@ -1479,7 +1764,7 @@ impl Inner {
         skip_launch: bool,
         build: impl FnOnce(&MachineRecord, OpParams) -> Result<OpParams, AgentError>,
     ) -> Result<OpHandle, AgentError> {
-        let mut live = self.lock();
+        let mut live = self.wait_unheld(self.lock(), id);
         if self.stopping() {
             return Err(AgentError::Halted);
         }
@@ -1517,7 +1802,7 @@ impl Inner {
         force: bool,
         source: EventSource,
     ) -> Result<OpHandle, AgentError> {
-        let mut live = self.lock();
+        let mut live = self.wait_unheld(self.lock(), id);
         if self.stopping() {
             return Err(AgentError::Halted);
         }

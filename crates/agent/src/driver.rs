@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use aloft_api::{ConsoleRequest, MachineId, ProcessStat, Signal, VolumeId, VolumeUsage};
+use aloft_api::{ConsoleRequest, MachineId, ProcessStat, Signal, SnapshotId, VolumeId, VolumeUsage};
 use aloft_guest_proto::{DnsConfig, EtcHost, ImageConfig, NetConfig, RunConfig};
 use aloft_net::Namespace;
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,30 @@ pub struct VolumeDisk {
     pub usage: Option<VolumeUsage>,
     /// The disk grew and its filesystem has not yet ([`Driver::grow_volume_fs`] does it).
     pub grow_pending: bool,
+}
+
+/// A volume snapshot kept on this host ([`Driver::snapshot_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The volume it was taken of (which may be gone since: snapshots outlive their volume).
+    pub volume: VolumeId,
+    /// Bytes the copy takes on the host's disk.
+    pub size: u64,
+    /// The volume's disk size when it was taken, bytes.
+    pub volume_size: u64,
+    /// `sha256:…` of the copy's data extents ([`aloft_api::HostSnapshot::digest`]).
+    pub digest: String,
+}
+
+impl SnapshotInfo {
+    /// As the Machines API's host interface answers it.
+    pub fn to_api(&self) -> aloft_api::HostSnapshot {
+        aloft_api::HostSnapshot {
+            size: self.size,
+            volume_size: self.volume_size,
+            digest: self.digest.clone(),
+        }
+    }
 }
 
 /// Everything needed to boot one version of a machine; written by [`Driver::write_spec`].
@@ -279,6 +303,13 @@ pub enum DriverOp {
     RemoveVolume,
     VolumeDisk,
     Connect,
+    PauseVm,
+    ContinueVm,
+    SnapshotVolume,
+    VolumeSnapshot,
+    DeleteSnapshot,
+    RestoreVolume,
+    ForkVolume,
 }
 
 impl DriverOp {
@@ -314,6 +345,13 @@ impl DriverOp {
             Self::RemoveVolume => "remove_volume",
             Self::VolumeDisk => "volume_disk",
             Self::Connect => "connect",
+            Self::PauseVm => "pause_vm",
+            Self::ContinueVm => "continue_vm",
+            Self::SnapshotVolume => "snapshot_volume",
+            Self::VolumeSnapshot => "volume_snapshot",
+            Self::DeleteSnapshot => "delete_snapshot",
+            Self::RestoreVolume => "restore_volume",
+            Self::ForkVolume => "fork_volume",
         }
     }
 }
@@ -371,6 +409,28 @@ pub enum DriverError {
     NoAddress {
         /// What was being done.
         op: DriverOp,
+    },
+    /// No snapshot of this id on this host ([`Driver::restore_volume`]).
+    #[error("{op}: snapshot {snapshot} is not on this host")]
+    NoSnapshot {
+        /// What was being done.
+        op: DriverOp,
+        /// The snapshot.
+        snapshot: SnapshotId,
+    },
+    /// No disk of this volume on this host (the source of a snapshot or a fork).
+    #[error("{op}: volume {volume} has no disk on this host")]
+    NoVolume {
+        /// What was being done.
+        op: DriverOp,
+        /// The volume.
+        volume: VolumeId,
+    },
+    /// A snapshot's content no longer matches the digest taken with it: it cannot be restored.
+    #[error("snapshot {snapshot} is damaged: its content no longer matches its digest; restore another")]
+    SnapshotDamaged {
+        /// The snapshot.
+        snapshot: SnapshotId,
     },
     /// Nothing accepted a connection on the machine's port ([`Driver::connect`]): refused, no
     /// route, or no answer in time. The workload's to fix (or the caller's port), not the
@@ -495,8 +555,44 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// Grows a volume's filesystem to its disk when an extend left that pending; `true` when it
     /// did. Only while no VM has the disk open: the filesystem is checked and resized offline.
     fn grow_volume_fs(&self, id: &VolumeId) -> Result<bool, DriverError>;
-    /// Deletes a volume's disk and its data; succeeds if there is none.
+    /// Deletes a volume's disk and its data; succeeds if there is none. Its snapshots stay.
     fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError>;
+
+    /// Takes snapshot `snapshot` of volume `id`: a copy of its disk (as sparse as it is, shared
+    /// extents where the filesystem can), its digest, kept under the snapshot's id; never seen
+    /// half-made. When `pause` names a machine whose VM runs, that VM is paused for the copy
+    /// (only: the digest is computed afterwards) and always continued after it, so the copy is
+    /// crash-consistent; a VM that is not running (any more) is not paused. A snapshot of that
+    /// id already there is answered as it is. No disk: [`DriverError::NoVolume`]. Not a
+    /// lifecycle step: only called for a caller.
+    fn snapshot_volume(
+        &self,
+        id: &VolumeId,
+        snapshot: &SnapshotId,
+        pause: Option<&MachineId>,
+    ) -> Result<SnapshotInfo, DriverError>;
+    /// A snapshot kept on this host; `None` when there is none of that id.
+    fn volume_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<SnapshotInfo>, DriverError>;
+    /// Deletes a snapshot; succeeds if there is none.
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), DriverError>;
+    /// Makes volume `id`'s disk from snapshot `snapshot`: the copy's digest is checked
+    /// ([`DriverError::SnapshotDamaged`] when it no longer matches), and the disk and its
+    /// filesystem are grown to `size_gb` GiB when that is more than the snapshot's volume was;
+    /// never seen half-made. A disk of that id already there is kept as it is (a retried
+    /// create). No such snapshot: [`DriverError::NoSnapshot`]. The caller checked that
+    /// `size_gb` holds the snapshot.
+    fn restore_volume(&self, id: &VolumeId, snapshot: &SnapshotId, size_gb: u32) -> Result<(), DriverError>;
+    /// Makes volume `id`'s disk a copy of volume `source`'s as it is now, grown (with its
+    /// filesystem) to `size_gb` GiB when that is more; `pause` as for
+    /// [`Driver::snapshot_volume`]. A disk of that id already there is kept as it is. No
+    /// source disk: [`DriverError::NoVolume`].
+    fn fork_volume(
+        &self,
+        id: &VolumeId,
+        source: &VolumeId,
+        size_gb: u32,
+        pause: Option<&MachineId>,
+    ) -> Result<(), DriverError>;
 }
 
 /// Connects to `addr` within `timeout` from network namespace `ns`: the socket is made (and

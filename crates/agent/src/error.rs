@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aloft_api::{ApiError, MachineId, MachineState, StateError, VolumeId};
+use aloft_api::{ApiError, MachineId, MachineState, SnapshotId, StateError, VolumeId};
 
 use crate::driver::DriverError;
 
@@ -120,6 +120,47 @@ pub enum AgentError {
         #[source]
         source: DriverError,
     },
+    /// No snapshot of this id on this host (404).
+    #[error("snapshot {snapshot} not found on this host")]
+    SnapshotNotFound {
+        /// The snapshot asked for.
+        snapshot: SnapshotId,
+    },
+    /// A snapshot's content no longer matches the digest taken with it (409): it cannot be
+    /// restored.
+    #[error("snapshot {snapshot} is damaged: its content no longer matches its digest; restore another")]
+    SnapshotDamaged {
+        /// The snapshot.
+        snapshot: SnapshotId,
+    },
+    /// A snapshot of this id was taken of another volume (409).
+    #[error("snapshot {snapshot} is a snapshot of volume {volume}: give this snapshot another id")]
+    SnapshotConflict {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The volume it is of.
+        volume: VolumeId,
+    },
+    /// A snapshot could not be read or deleted (500).
+    #[error("snapshot {snapshot}")]
+    Snapshot {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// What failed.
+        #[source]
+        source: DriverError,
+    },
+    /// A volume could not be held still for a copy: machines kept coming to mount it (409).
+    #[error(
+        "volume {volume} could not be copied: {} kept changing; retry once it settles",
+        machine.as_ref().map_or_else(|| "what mounts it".to_owned(), |m| format!("machine {m}, which mounts it,"))
+    )]
+    VolumeCopyBusy {
+        /// The volume.
+        volume: VolumeId,
+        /// The machine mounting it, if any.
+        machine: Option<MachineId>,
+    },
     /// The machine is bigger than this host (422 `insufficient_capacity`).
     #[error(
         "{what} of {asked} is more than this host has ({host}): ask for a smaller guest (guest.cpus, guest.memory_mb)"
@@ -227,6 +268,10 @@ impl AgentError {
             Self::Mount { .. } | Self::VolumeRequest { .. } => ApiError::unprocessable(self.to_string()),
             Self::VolumeNotFound { volume } => ApiError::not_found(format_args!("volume {volume}")),
             Self::VolumeInUse { .. } => ApiError::precondition_failed(self.to_string()),
+            Self::SnapshotNotFound { snapshot } => ApiError::not_found(format_args!("snapshot {snapshot}")),
+            Self::SnapshotDamaged { .. } | Self::SnapshotConflict { .. } | Self::VolumeCopyBusy { .. } => {
+                ApiError::conflict(self.to_string())
+            }
             Self::OperationFailed { user_error: true, .. } => ApiError::unprocessable(self.to_string()),
             Self::Driver {
                 machine,
@@ -260,6 +305,7 @@ impl AgentError {
             | Self::Corrupt { .. }
             | Self::Secrets { .. }
             | Self::Volume { .. }
+            | Self::Snapshot { .. }
             | Self::Io { .. } => ApiError::internal(),
         }
     }

@@ -36,7 +36,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aloft_api::{
-    ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, TtySize, VolumeId, VolumeUsage,
+    ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, SnapshotId, TtySize, VolumeId, VolumeUsage,
 };
 use aloft_guest_proto::ImageConfig;
 use aloft_net::Namespace;
@@ -44,7 +44,7 @@ use aloft_net::Namespace;
 use crate::agent::Killswitch;
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
-    LogChunk, LogReceiver, NetInfo, OutputStream, SessionEvent, VmStatus, VolumeDisk, dial,
+    LogChunk, LogReceiver, NetInfo, OutputStream, SessionEvent, SnapshotInfo, VmStatus, VolumeDisk, dial,
 };
 use crate::ids::now_ms;
 
@@ -69,6 +69,22 @@ pub struct FakeVolume {
     pub size_gb: u32,
     /// The filesystem's size, GiB.
     pub fs_gb: u32,
+    /// What it holds, as a number: 0 when made empty; tests set it
+    /// ([`FakeDriver::write_volume`]) and see it carried by snapshots, restores and forks.
+    pub data: u64,
+}
+
+/// A fake volume snapshot ([`World::volume_snapshots`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeSnapshot {
+    /// The volume it was taken of.
+    pub volume: VolumeId,
+    /// The volume's disk as it was.
+    pub disk: FakeVolume,
+    /// Its digest as taken.
+    pub digest: String,
+    /// Its content no longer matches the digest ([`FakeDriver::damage_snapshot`]).
+    pub damaged: bool,
 }
 
 /// An interactive session the fake ran ([`World::sessions`]), in the order they started.
@@ -144,6 +160,8 @@ pub struct World {
     pub boots: BTreeMap<MachineId, u64>,
     /// Volumes' disks.
     pub volumes: BTreeMap<VolumeId, FakeVolume>,
+    /// Volume snapshots.
+    pub volume_snapshots: BTreeMap<SnapshotId, FakeSnapshot>,
     /// Interactive sessions, oldest first.
     pub sessions: Vec<FakeSession>,
     /// Programs a session cannot start (`executable not found`).
@@ -367,6 +385,43 @@ impl FakeDriver {
         };
         subs.retain(|tx| tx.send(chunk.clone()).is_ok());
         !subs.is_empty()
+    }
+
+    /// Volume `id`'s content becomes `data` (as if a workload wrote to it); `false` when there
+    /// is no such volume.
+    pub fn write_volume(&self, id: &VolumeId, data: u64) -> bool {
+        let mut w = self.lock();
+        w.volumes.get_mut(id).map(|v| v.data = data).is_some()
+    }
+
+    /// Snapshot `id`'s content changes under it (a bad disk): its digest no longer matches, and
+    /// a restore refuses it. `false` when there is no such snapshot.
+    pub fn damage_snapshot(&self, id: &SnapshotId) -> bool {
+        let mut w = self.lock();
+        w.volume_snapshots.get_mut(id).map(|s| s.damaged = true).is_some()
+    }
+
+    /// A copy of volume `source` into `id` (restore or fork), grown to `size_gb`.
+    fn copy_volume(w: &mut World, id: &VolumeId, disk: FakeVolume, size_gb: u32) {
+        w.volumes.entry(id.clone()).or_insert(FakeVolume {
+            size_gb: disk.size_gb.max(size_gb),
+            fs_gb: disk.size_gb.max(size_gb),
+            data: disk.data,
+        });
+    }
+
+    /// Runs `f` with machine `pause`'s VM paused, if it runs, as the real driver does; the
+    /// pause and the continue are recorded in `calls`.
+    fn with_paused<T>(w: &mut World, pause: Option<&MachineId>, f: impl FnOnce(&mut World) -> T) -> T {
+        let paused = pause.filter(|m| w.running(m));
+        if let Some(m) = paused {
+            w.calls.push((DriverOp::PauseVm, m.to_string()));
+        }
+        let out = f(w);
+        if let Some(m) = paused {
+            w.calls.push((DriverOp::ContinueVm, m.to_string()));
+        }
+        out
     }
 
     /// The workload of a running VM ends with `exit` (as if it crashed or finished).
@@ -860,6 +915,7 @@ impl Driver for FakeDriver {
             w.volumes.entry(id.clone()).or_insert(FakeVolume {
                 size_gb,
                 fs_gb: size_gb,
+                data: 0,
             });
             Ok(())
         })
@@ -927,6 +983,100 @@ impl Driver for FakeDriver {
             w.volumes.remove(id);
             Ok(())
         })
+    }
+
+    fn snapshot_volume(
+        &self,
+        id: &VolumeId,
+        snapshot: &SnapshotId,
+        pause: Option<&MachineId>,
+    ) -> Result<SnapshotInfo, DriverError> {
+        self.act(DriverOp::SnapshotVolume, id.as_str(), |w| {
+            if let Some(s) = w.volume_snapshots.get(snapshot) {
+                return Ok(fake_snapshot_info(s));
+            }
+            let disk = *w.volumes.get(id).ok_or_else(|| DriverError::NoVolume {
+                op: DriverOp::SnapshotVolume,
+                volume: id.clone(),
+            })?;
+            // Only the copy is made while the VM is paused; the digest is computed after.
+            let copy = Self::with_paused(w, pause, |_| disk);
+            let s = FakeSnapshot {
+                volume: id.clone(),
+                digest: fake_digest(&format!("{id}/{}", copy.data)),
+                disk: copy,
+                damaged: false,
+            };
+            let info = fake_snapshot_info(&s);
+            w.volume_snapshots.insert(snapshot.clone(), s);
+            Ok(info)
+        })
+    }
+
+    fn volume_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<SnapshotInfo>, DriverError> {
+        // Not recorded in `calls`: a read.
+        Ok(self.lock().volume_snapshots.get(snapshot).map(fake_snapshot_info))
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), DriverError> {
+        self.act(DriverOp::DeleteSnapshot, snapshot.as_str(), |w| {
+            w.volume_snapshots.remove(snapshot);
+            Ok(())
+        })
+    }
+
+    fn restore_volume(&self, id: &VolumeId, snapshot: &SnapshotId, size_gb: u32) -> Result<(), DriverError> {
+        self.act(DriverOp::RestoreVolume, id.as_str(), |w| {
+            if w.volumes.contains_key(id) {
+                return Ok(());
+            }
+            let s = w
+                .volume_snapshots
+                .get(snapshot)
+                .ok_or_else(|| DriverError::NoSnapshot {
+                    op: DriverOp::RestoreVolume,
+                    snapshot: snapshot.clone(),
+                })?;
+            if s.damaged {
+                return Err(DriverError::SnapshotDamaged {
+                    snapshot: snapshot.clone(),
+                });
+            }
+            let disk = s.disk;
+            Self::copy_volume(w, id, disk, size_gb);
+            Ok(())
+        })
+    }
+
+    fn fork_volume(
+        &self,
+        id: &VolumeId,
+        source: &VolumeId,
+        size_gb: u32,
+        pause: Option<&MachineId>,
+    ) -> Result<(), DriverError> {
+        self.act(DriverOp::ForkVolume, id.as_str(), |w| {
+            if w.volumes.contains_key(id) {
+                return Ok(());
+            }
+            let disk = *w.volumes.get(source).ok_or_else(|| DriverError::NoVolume {
+                op: DriverOp::ForkVolume,
+                volume: source.clone(),
+            })?;
+            let copy = Self::with_paused(w, pause, |_| disk);
+            Self::copy_volume(w, id, copy, size_gb);
+            Ok(())
+        })
+    }
+}
+
+fn fake_snapshot_info(s: &FakeSnapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        volume: s.volume.clone(),
+        // As sparse as a fresh filesystem: its metadata, 8 MiB.
+        size: 8 << 20,
+        volume_size: u64::from(s.disk.size_gb) << 30,
+        digest: s.digest.clone(),
     }
 }
 

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use aloft_api::{
-    ApiError, ConsoleEvent, ConsoleExit, ConsoleRequest, ConsoleSession, ExecResponse, HostCreate, HostStop,
-    HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry, LogFollower, Machine, MachineEvent,
-    MachineHost, MachineId, MachineState, MachineVersion, ProcessStat, Signal, TtySize,
-    UpdateMetadataRequest, VolumeId, WaitResponse,
+    ApiError, ConsoleEvent, ConsoleExit, ConsoleRequest, ConsoleSession, ExecResponse, HostCreate,
+    HostSnapshot, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry, LogFollower,
+    Machine, MachineEvent, MachineHost, MachineId, MachineState, MachineVersion, ProcessStat, Signal,
+    SnapshotId, TtySize, UpdateMetadataRequest, VolumeId, WaitResponse,
 };
 
 use crate::agent::{Agent, CreateMachine, StopOptions, UpdateMachine};
@@ -207,7 +207,8 @@ impl MachineHost for Agent {
     }
 
     fn create_volume(&self, req: &HostVolume) -> Result<(), ApiError> {
-        self.create_volume(&req.id, req.size_gb).map_err(api)
+        self.create_volume(&req.id, req.size_gb, req.source.as_ref())
+            .map_err(api)
     }
 
     fn volume(&self, id: &VolumeId) -> Result<HostVolumeStatus, ApiError> {
@@ -220,6 +221,14 @@ impl MachineHost for Agent {
 
     fn destroy_volume(&self, id: &VolumeId) -> Result<(), ApiError> {
         self.destroy_volume(id).map_err(api)
+    }
+
+    fn snapshot_volume(&self, id: &VolumeId, snapshot: &SnapshotId) -> Result<HostSnapshot, ApiError> {
+        Ok(self.snapshot_volume(id, snapshot).map_err(api)?.to_api())
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), ApiError> {
+        self.delete_snapshot(snapshot).map_err(api)
     }
 }
 

@@ -86,10 +86,10 @@ pub use catalog::{
 pub use driver::{
     BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, FIRST_VOLUME_DISK,
     ImageInfo, LaunchSpec, LogChunk, LogReceiver, NetInfo, Network, NetworkError, NoNetwork, OutputStream,
-    SessionEvent, VmStatus, VolumeAttachment, VolumeDisk,
+    SessionEvent, SnapshotInfo, VmStatus, VolumeAttachment, VolumeDisk,
 };
 pub use error::AgentError;
-pub use fake::{CrashPhase, FakeDriver, FakeSession, FakeVm, FakeVolume, World};
+pub use fake::{CrashPhase, FakeDriver, FakeSession, FakeSnapshot, FakeVm, FakeVolume, World};
 pub use hostnet::HostNetwork;
 pub use keys::SecretsReseal;
 pub use logs::{LogFollow, MAX_LINE_BYTES, RECENT_BYTES};

@@ -1647,9 +1647,9 @@ fn volumes_are_made_once_and_reported() {
     let agent = h.open();
     let id = vol("vol_0123456789abcdef");
     assert_eq!(agent.volume(&id).unwrap_err().to_api().status(), 404);
-    agent.create_volume(&id, 3).unwrap();
+    agent.create_volume(&id, 3, None).unwrap();
     // A retried create keeps the disk as it is.
-    agent.create_volume(&id, 7).unwrap();
+    agent.create_volume(&id, 7, None).unwrap();
     assert_eq!(h.fake.world().volumes[&id].size_gb, 3);
     let st = agent.volume(&id).unwrap();
     assert_eq!(st.size_gb, 3);
@@ -1657,7 +1657,7 @@ fn volumes_are_made_once_and_reported() {
     let usage = st.usage.unwrap();
     assert_eq!(usage.blocks * usage.block_size, 3 << 30);
     for bad in [0, 501] {
-        let e = agent.create_volume(&vol("vol_other"), bad).unwrap_err();
+        let e = agent.create_volume(&vol("vol_other"), bad, None).unwrap_err();
         assert_eq!(e.to_api().status(), 422, "{e}");
     }
     assert!(!h.fake.world().volumes.contains_key(&vol("vol_other")));
@@ -1672,7 +1672,7 @@ fn volumes_are_made_once_and_reported() {
 fn a_mount_is_checked_before_anything_is_recorded() {
     let h = Harness::new();
     let agent = h.open();
-    agent.create_volume(&vol("vol_a"), 1).unwrap();
+    agent.create_volume(&vol("vol_a"), 1, None).unwrap();
     let two = MachineConfig {
         mounts: [mounting("vol_a", "/a").mounts, mounting("vol_b", "/b").mounts].concat(),
         ..config("busybox")
@@ -1711,7 +1711,7 @@ fn a_volume_is_mounted_by_one_machine_at_a_time() {
     let h = Harness::new();
     let agent = h.open();
     let v = vol("vol_0123456789abcdef");
-    agent.create_volume(&v, 1).unwrap();
+    agent.create_volume(&v, 1, None).unwrap();
     let a = create_mounting(&agent, v.as_str(), false);
     // The boot attaches the disk, and init is told to mount it by its disk's serial.
     let spec = h.fake.world().specs[&a].clone();
@@ -1793,7 +1793,7 @@ fn an_update_in_flight_holds_the_volume_it_installs() {
     let h = Harness::new();
     let agent = h.open();
     let v = vol("vol_a");
-    agent.create_volume(&v, 1).unwrap();
+    agent.create_volume(&v, 1, None).unwrap();
     let a = create(&agent, false);
     h.fake.block(DriverOp::PullImage);
     let op = agent
@@ -1824,7 +1824,7 @@ fn a_mounted_volume_is_not_destroyed() {
     let h = Harness::new();
     let agent = h.open();
     let v = vol("vol_a");
-    agent.create_volume(&v, 1).unwrap();
+    agent.create_volume(&v, 1, None).unwrap();
     let a = create_mounting(&agent, "vol_a", true);
     let e = agent.destroy_volume(&v).unwrap_err();
     let api = e.to_api();
@@ -1853,7 +1853,7 @@ fn an_extend_grows_the_filesystem_when_no_vm_has_it_and_before_the_next_boot_oth
     let agent = h.open();
     let v = vol("vol_a");
     let fs_gb = || h.fake.world().volumes[&v].fs_gb;
-    agent.create_volume(&v, 1).unwrap();
+    agent.create_volume(&v, 1, None).unwrap();
     // Not mounted: grown at once.
     assert!(!agent.extend_volume(&v, 2).unwrap());
     assert_eq!(fs_gb(), 2);
@@ -1937,7 +1937,7 @@ fn a_failed_growth_does_not_stop_the_boot() {
     let h = Harness::new();
     let agent = h.open();
     let v = vol("vol_a");
-    agent.create_volume(&v, 1).unwrap();
+    agent.create_volume(&v, 1, None).unwrap();
     let a = create_mounting(&agent, "vol_a", false);
     assert!(agent.extend_volume(&v, 2).unwrap());
     h.fake.fail_always(DriverOp::GrowVolumeFs);
@@ -1961,6 +1961,278 @@ fn a_failed_growth_does_not_stop_the_boot() {
         .wait(T)
         .unwrap();
     assert_eq!(h.fake.world().volumes[&v].fs_gb, 2, "the next boot tries again");
+}
+
+fn snap(s: &str) -> aloft_api::SnapshotId {
+    s.parse().unwrap()
+}
+
+/// The positions in the fake's calls of `ops` (each with its `what`), in order, from `from`;
+/// panics naming the first one missing.
+fn calls_in_order(fake: &FakeDriver, from: usize, ops: &[(DriverOp, &str)]) -> Vec<usize> {
+    let mut at = from;
+    ops.iter()
+        .map(|(op, what)| {
+            let i = call_after(fake, at, *op, what)
+                .unwrap_or_else(|| panic!("no {op} {what} after {at}: {:#?}", fake.world().calls));
+            at = i + 1;
+            i
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_restores_and_forks_carry_a_volume_s_data() {
+    use aloft_api::VolumeSource;
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    let s1 = snap("vs_1");
+    agent.create_volume(&v, 2, None).unwrap();
+    assert!(h.fake.write_volume(&v, 42));
+
+    let info = agent.snapshot_volume(&v, &s1).unwrap();
+    assert_eq!(info.volume, v);
+    assert_eq!(info.volume_size, 2 << 30);
+    assert!(info.digest.starts_with("sha256:"), "{}", info.digest);
+    // A retake is answered as it is, without a second copy, whatever the volume holds now.
+    assert!(h.fake.write_volume(&v, 43));
+    assert_eq!(agent.snapshot_volume(&v, &s1).unwrap(), info);
+    let copies = |op| h.fake.world().calls.iter().filter(|(o, _)| *o == op).count();
+    assert_eq!(copies(DriverOp::SnapshotVolume), 1);
+    assert_eq!(agent.volume_snapshot(&s1).unwrap(), Some(info.clone()));
+    // Through the host interface, as the control plane sees it.
+    let host: &dyn aloft_api::MachineHost = &agent;
+    assert_eq!(host.snapshot_volume(&v, &s1).unwrap(), info.to_api());
+
+    // A restore is the snapshot's data, grown to the size asked.
+    let restored = vol("vol_restored");
+    let from_s1 = VolumeSource::Snapshot(s1.clone());
+    agent.create_volume(&restored, 3, Some(&from_s1)).unwrap();
+    let r = h.fake.world().volumes[&restored];
+    assert_eq!((r.data, r.size_gb, r.fs_gb), (42, 3, 3));
+    assert_eq!(agent.volume(&restored).unwrap().size_gb, 3);
+    // A retried restore keeps the disk as it is.
+    assert!(h.fake.write_volume(&restored, 7));
+    agent.create_volume(&restored, 3, Some(&from_s1)).unwrap();
+    assert_eq!(h.fake.world().volumes[&restored].data, 7);
+
+    // A fork is the source's data as it is now.
+    let fork = vol("vol_fork");
+    agent
+        .create_volume(&fork, 2, Some(&VolumeSource::Volume(v.clone())))
+        .unwrap();
+    let f = h.fake.world().volumes[&fork];
+    assert_eq!((f.data, f.size_gb, f.fs_gb), (43, 2, 2));
+
+    // What cannot be done says why.
+    let status = |e: AgentError| (e.to_api().status(), e.to_api().message().to_owned());
+    let (code, msg) = status(
+        agent
+            .create_volume(&vol("vol_small"), 1, Some(&from_s1))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert!(msg.contains("snapshot vs_1 holds 2 GB"), "{msg}");
+    let (code, msg) = status(
+        agent
+            .create_volume(&vol("vol_small"), 1, Some(&VolumeSource::Volume(v.clone())))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422, "{msg}");
+    assert!(msg.contains("volume vol_a holds 2 GB"), "{msg}");
+    let (code, msg) = status(
+        agent
+            .create_volume(&v, 2, Some(&VolumeSource::Volume(v.clone())))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422, "{msg}");
+    let missing = VolumeSource::Snapshot(snap("vs_missing"));
+    let (code, msg) = status(agent.create_volume(&vol("vol_x"), 2, Some(&missing)).unwrap_err());
+    assert_eq!((code, msg.as_str()), (404, "snapshot vs_missing not found"));
+    let (code, msg) = status(
+        agent
+            .create_volume(&vol("vol_x"), 2, Some(&VolumeSource::Volume(vol("vol_missing"))))
+            .unwrap_err(),
+    );
+    assert_eq!((code, msg.as_str()), (404, "volume vol_missing not found"));
+    let (code, _) = status(
+        agent
+            .snapshot_volume(&vol("vol_missing"), &snap("vs_2"))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 404);
+    let (code, msg) = status(agent.snapshot_volume(&fork, &s1).unwrap_err());
+    assert_eq!(code, 409, "{msg}");
+    assert!(msg.contains("vs_1 is a snapshot of volume vol_a"), "{msg}");
+    for v in ["vol_small", "vol_x"] {
+        assert!(!h.fake.world().volumes.contains_key(&vol(v)), "{v} was not made");
+    }
+
+    // A snapshot outlives its volume, and goes when deleted.
+    agent.destroy_volume(&v).unwrap();
+    assert_eq!(agent.volume_snapshot(&s1).unwrap(), Some(info));
+    let again = vol("vol_again");
+    agent.create_volume(&again, 2, Some(&from_s1)).unwrap();
+    assert_eq!(h.fake.world().volumes[&again].data, 42);
+    host.delete_snapshot(&s1).unwrap();
+    agent.delete_snapshot(&s1).unwrap();
+    assert_eq!(agent.volume_snapshot(&s1).unwrap(), None);
+    assert!(h.fake.world().volume_snapshots.is_empty());
+    let (code, _) = status(
+        agent
+            .create_volume(&vol("vol_late"), 2, Some(&from_s1))
+            .unwrap_err(),
+    );
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn a_started_machine_s_vm_is_paused_around_the_copy_only() {
+    use aloft_api::VolumeSource;
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1, None).unwrap();
+    let m = create_mounting(&agent, "vol_a", false);
+    assert_eq!(state(&agent, &m), MachineState::Started);
+
+    let from = h.fake.world().calls.len();
+    agent.snapshot_volume(&v, &snap("vs_1")).unwrap();
+    calls_in_order(
+        &h.fake,
+        from,
+        &[
+            (DriverOp::SnapshotVolume, "vol_a"),
+            (DriverOp::PauseVm, m.as_str()),
+            (DriverOp::ContinueVm, m.as_str()),
+        ],
+    );
+    assert_eq!(state(&agent, &m), MachineState::Started);
+    assert!(h.fake.world().running(&m), "it runs on");
+
+    let from = h.fake.world().calls.len();
+    agent
+        .create_volume(&vol("vol_b"), 1, Some(&VolumeSource::Volume(v.clone())))
+        .unwrap();
+    calls_in_order(
+        &h.fake,
+        from,
+        &[
+            (DriverOp::ForkVolume, "vol_b"),
+            (DriverOp::PauseVm, m.as_str()),
+            (DriverOp::ContinueVm, m.as_str()),
+        ],
+    );
+
+    // A suspended machine's disk is not written: no pause; nor a stopped one's.
+    agent.suspend(&m).unwrap().wait(T).unwrap();
+    assert_eq!(state(&agent, &m), MachineState::Suspended);
+    let from = h.fake.world().calls.len();
+    agent.snapshot_volume(&v, &snap("vs_2")).unwrap();
+    agent.stop(&m, StopOptions::default()).unwrap().wait(T).unwrap();
+    agent.snapshot_volume(&v, &snap("vs_3")).unwrap();
+    let calls = &h.fake.world().calls[from..];
+    assert!(!calls.iter().any(|(o, _)| *o == DriverOp::PauseVm), "{calls:#?}");
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|(o, _)| *o == DriverOp::SnapshotVolume)
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn a_machine_s_operations_wait_for_a_copy_of_its_volume_and_a_copy_for_its_operations() {
+    let h = Harness::new();
+    let agent = std::sync::Arc::new(h.open());
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1, None).unwrap();
+    let m = create_mounting(&agent, "vol_a", false);
+
+    // A stop asked for while the copy is made waits for it.
+    h.fake.block(DriverOp::SnapshotVolume);
+    let taking = {
+        let agent = agent.clone();
+        let v = v.clone();
+        std::thread::spawn(move || agent.snapshot_volume(&v, &snap("vs_1")))
+    };
+    assert!(h.fake.wait_for_call(DriverOp::SnapshotVolume, "vol_a", 1, T));
+    let stopping = {
+        let agent = agent.clone();
+        let m = m.clone();
+        std::thread::spawn(move || agent.stop(&m, StopOptions::default()).map(|h| h.wait(T)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(state(&agent, &m), MachineState::Started, "the stop waits");
+    h.fake.unblock(DriverOp::SnapshotVolume);
+    taking.join().unwrap().unwrap();
+    stopping.join().unwrap().unwrap().unwrap();
+    assert_eq!(state(&agent, &m), MachineState::Stopped);
+    // Paused and continued for the copy, stopped only after.
+    calls_in_order(
+        &h.fake,
+        0,
+        &[
+            (DriverOp::PauseVm, m.as_str()),
+            (DriverOp::ContinueVm, m.as_str()),
+            (DriverOp::StopVm, m.as_str()),
+        ],
+    );
+
+    // A copy asked for while an operation runs waits for its end (and then finds no VM to
+    // pause).
+    agent.start(&m).unwrap().wait(T).unwrap();
+    h.fake.block(DriverOp::StopVm);
+    let stopping = {
+        let agent = agent.clone();
+        let m = m.clone();
+        std::thread::spawn(move || agent.stop(&m, StopOptions::default()).map(|h| h.wait(T)))
+    };
+    assert!(h.fake.wait_for_call(DriverOp::StopVm, m.as_str(), 2, T));
+    let taking = {
+        let agent = agent.clone();
+        let v = v.clone();
+        std::thread::spawn(move || agent.snapshot_volume(&v, &snap("vs_2")))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !h.fake.world().volume_snapshots.contains_key(&snap("vs_2")),
+        "the copy waits for the stop"
+    );
+    let from = h.fake.world().calls.len();
+    h.fake.unblock(DriverOp::StopVm);
+    stopping.join().unwrap().unwrap().unwrap();
+    taking.join().unwrap().unwrap();
+    let calls = &h.fake.world().calls[from..];
+    assert!(
+        calls.contains(&(DriverOp::SnapshotVolume, "vol_a".into())),
+        "{calls:#?}"
+    );
+    assert!(!calls.iter().any(|(o, _)| *o == DriverOp::PauseVm), "{calls:#?}");
+}
+
+#[test]
+fn a_damaged_snapshot_is_not_restored() {
+    use aloft_api::VolumeSource;
+    let h = Harness::new();
+    let agent = h.open();
+    let v = vol("vol_a");
+    agent.create_volume(&v, 1, None).unwrap();
+    let s = snap("vs_1");
+    agent.snapshot_volume(&v, &s).unwrap();
+    assert!(h.fake.damage_snapshot(&s));
+    let e = agent
+        .create_volume(&vol("vol_b"), 1, Some(&VolumeSource::Snapshot(s)))
+        .unwrap_err();
+    let api = e.to_api();
+    assert_eq!(api.status(), 409, "{e}");
+    assert_eq!(
+        api.message(),
+        "snapshot vs_1 is damaged: its content no longer matches its digest; restore another"
+    );
+    assert!(!h.fake.world().volumes.contains_key(&vol("vol_b")));
 }
 
 /// The next event of a console session, waiting up to [`T`]; panics when none came.

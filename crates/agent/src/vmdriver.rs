@@ -12,6 +12,8 @@
 //! | `disks/<id>.img` | the writable disk |
 //! | `volumes/<vol id>.ext4` | a volume's disk: ext4 filling a sparse file of the volume's size |
 //! | `volumes/<vol id>.grow` | present while the volume's filesystem has yet to grow to its disk |
+//! | `volumes/snapshots/<vs id>.ext4` | a volume snapshot's copy (sparse; kept after its volume goes) |
+//! | `volumes/snapshots/<vs id>.json` | its record: volume, size, digest (written last: it makes the snapshot) |
 //!
 //! A boot's disks, in order: the read-only base (`/dev/vda`), the writable disk (`/dev/vdb`), then
 //! the machine's volume read-write; the guest finds the volume by its virtio-blk serial
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use aloft_api::{ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, VolumeId};
+use aloft_api::{ConsoleRequest, ListenSocket, MachineId, ProcessStat, Signal, SnapshotId, VolumeId};
 use aloft_image::unpack::UnpackLimits;
 use aloft_image::{
     Progress, PulledImage, Puller, Reference, RegistryConfig, RegistryError, RootfsFormat, RootfsStore,
@@ -41,8 +43,8 @@ use aloft_vm::{
 
 use crate::driver::{
     BaseInfo, Driver, DriverError, DriverOp, DriverSession, ExecResult, ExitInfo, ImageInfo, LaunchSpec,
-    LogChunk, LogReceiver, NetInfo, Network, NoNetwork, OutputStream, SessionEvent, VmStatus, VolumeDisk,
-    dial,
+    LogChunk, LogReceiver, NetInfo, Network, NoNetwork, OutputStream, SessionEvent, SnapshotInfo, VmStatus,
+    VolumeDisk, dial,
 };
 use crate::ids::now_ms;
 use crate::volumes::{VolumeError, VolumeStore};
@@ -134,7 +136,20 @@ fn io_failed(op: DriverOp, what: &str, path: &Path, e: &std::io::Error) -> Drive
 }
 
 fn volume_failed(op: DriverOp, e: &VolumeError) -> DriverError {
-    DriverError::failed(op, e, false)
+    match e {
+        VolumeError::NoSnapshot { snapshot } => DriverError::NoSnapshot {
+            op,
+            snapshot: snapshot.clone(),
+        },
+        VolumeError::Damaged { snapshot } => DriverError::SnapshotDamaged {
+            snapshot: snapshot.clone(),
+        },
+        VolumeError::NotFound { volume } => DriverError::NoVolume {
+            op,
+            volume: volume.clone(),
+        },
+        _ => DriverError::failed(op, e, false),
+    }
 }
 
 fn vm_failed(op: DriverOp, e: &VmError) -> DriverError {
@@ -365,6 +380,42 @@ impl VmDriver {
 
     fn running(vm: &Vm) -> bool {
         matches!(vm.wait_exit(Duration::ZERO), Err(VmError::Timeout { .. }))
+    }
+
+    /// Runs `copy` (a copy of volume `volume`'s disk) with machine `pause`'s VM paused, when it
+    /// names one whose VM runs ([`Vm::paused`]); a VM that ended meanwhile writes nothing, and
+    /// the copy runs all the same.
+    fn quiesced(
+        &self,
+        volume: &VolumeId,
+        pause: Option<&MachineId>,
+        copy: &mut dyn FnMut() -> Result<(), VolumeError>,
+    ) -> Result<(), VolumeError> {
+        let Some((machine, vm)) = pause.and_then(|m| Some((m, self.vm(m)?))) else {
+            return copy();
+        };
+        if !Self::running(&vm) {
+            return copy();
+        }
+        match vm.paused(&mut *copy) {
+            Ok(copied) => copied,
+            Err(e @ VmError::StillPaused { .. }) => Err(VolumeError::Pause {
+                volume: volume.clone(),
+                detail: format!(
+                    "machine {machine} was paused for the copy and could not be continued: {}",
+                    aloft_api::error_chain(&e)
+                ),
+            }),
+            // It ended between the look and the pause: nothing writes the disk any more.
+            Err(_) if !Self::running(&vm) => copy(),
+            Err(e) => Err(VolumeError::Pause {
+                volume: volume.clone(),
+                detail: format!(
+                    "could not pause machine {machine} for a consistent copy: {}",
+                    aloft_api::error_chain(&e)
+                ),
+            }),
+        }
     }
 
     fn forget(&self, id: &MachineId) {
@@ -818,6 +869,49 @@ impl Driver for VmDriver {
         self.volumes
             .remove(id)
             .map_err(|e| volume_failed(DriverOp::RemoveVolume, &e))
+    }
+
+    fn snapshot_volume(
+        &self,
+        id: &VolumeId,
+        snapshot: &SnapshotId,
+        pause: Option<&MachineId>,
+    ) -> Result<SnapshotInfo, DriverError> {
+        self.volumes
+            .snapshot(id, snapshot, &mut |copy| self.quiesced(id, pause, copy))
+            .map_err(|e| volume_failed(DriverOp::SnapshotVolume, &e))
+    }
+
+    fn volume_snapshot(&self, snapshot: &SnapshotId) -> Result<Option<SnapshotInfo>, DriverError> {
+        self.volumes
+            .snapshot_info(snapshot)
+            .map_err(|e| volume_failed(DriverOp::VolumeSnapshot, &e))
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), DriverError> {
+        self.volumes
+            .delete_snapshot(snapshot)
+            .map_err(|e| volume_failed(DriverOp::DeleteSnapshot, &e))
+    }
+
+    fn restore_volume(&self, id: &VolumeId, snapshot: &SnapshotId, size_gb: u32) -> Result<(), DriverError> {
+        self.volumes
+            .restore(id, snapshot, size_gb)
+            .map_err(|e| volume_failed(DriverOp::RestoreVolume, &e))
+    }
+
+    fn fork_volume(
+        &self,
+        id: &VolumeId,
+        source: &VolumeId,
+        size_gb: u32,
+        pause: Option<&MachineId>,
+    ) -> Result<(), DriverError> {
+        self.volumes
+            .fork(id, source, size_gb, &mut |copy| {
+                self.quiesced(source, pause, copy)
+            })
+            .map_err(|e| volume_failed(DriverOp::ForkVolume, &e))
     }
 }
 

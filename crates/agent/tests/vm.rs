@@ -21,7 +21,8 @@ mod tests {
     };
     use aloft_api::{
         ConsoleEvent, ConsoleExit, ConsoleRequest, ConsoleSession, MachineConfig, MachineHost, MachineId,
-        MachineInit, MachineState, ProcessStat, Signal, StopConfig, StopSignal, TtySize, VolumeId, WaitState,
+        MachineInit, MachineState, ProcessStat, Signal, SnapshotId, StopConfig, StopSignal, TtySize,
+        VolumeId, WaitState,
     };
     use aloft_image::RegistryConfig;
     use aloft_net::{HostNet, Namespace, Plan, PlanConfig};
@@ -213,8 +214,15 @@ mod tests {
         let (data, _, _) = data(dir);
         let left = aloft_vm::processes_mentioning(&data);
         assert!(left.is_empty(), "processes left behind: {left:?}");
-        for sub in ["machines", "disks", "volumes"] {
-            let entries: Vec<_> = std::fs::read_dir(data.join(sub)).unwrap().flatten().collect();
+        for sub in ["machines", "disks", "volumes", "volumes/snapshots"] {
+            let entries: Vec<_> = match std::fs::read_dir(data.join(sub)) {
+                Ok(dir) => dir.flatten().filter(|e| e.file_name() != "snapshots").collect(),
+                // Made with the first snapshot.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && sub == "volumes/snapshots" => {
+                    continue;
+                }
+                Err(e) => panic!("{sub}: {e}"),
+            };
             assert!(entries.is_empty(), "{sub} left: {entries:?}");
         }
     }
@@ -732,6 +740,40 @@ mod tests {
         fn remove_volume(&self, id: &VolumeId) -> Result<(), DriverError> {
             self.around(DriverOp::RemoveVolume, || self.inner.remove_volume(id))
         }
+        fn snapshot_volume(
+            &self,
+            id: &VolumeId,
+            snapshot: &SnapshotId,
+            pause: Option<&MachineId>,
+        ) -> Result<aloft_agent::SnapshotInfo, DriverError> {
+            self.inner.snapshot_volume(id, snapshot, pause)
+        }
+        fn volume_snapshot(
+            &self,
+            snapshot: &SnapshotId,
+        ) -> Result<Option<aloft_agent::SnapshotInfo>, DriverError> {
+            self.inner.volume_snapshot(snapshot)
+        }
+        fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), DriverError> {
+            self.inner.delete_snapshot(snapshot)
+        }
+        fn restore_volume(
+            &self,
+            id: &VolumeId,
+            snapshot: &SnapshotId,
+            size_gb: u32,
+        ) -> Result<(), DriverError> {
+            self.inner.restore_volume(id, snapshot, size_gb)
+        }
+        fn fork_volume(
+            &self,
+            id: &VolumeId,
+            source: &VolumeId,
+            size_gb: u32,
+            pause: Option<&MachineId>,
+        ) -> Result<(), DriverError> {
+            self.inner.fork_volume(id, source, size_gb, pause)
+        }
     }
 
     type VerbFn = dyn Fn(&Agent, Option<&MachineId>) -> Result<aloft_agent::OpHandle, AgentError>;
@@ -953,7 +995,7 @@ mod tests {
         let agent = open_agent_on(dir.path(), Arc::new(VmDriver::new(cfg).unwrap()), None);
         // With a volume: a jailed QEMU gets its disk (root's, mode 0600) as descriptors too.
         let vol: VolumeId = "vol_jailed".parse().unwrap();
-        agent.create_volume(&vol, 1).unwrap();
+        agent.create_volume(&vol, 1, None).unwrap();
         let mut config = machine_config();
         config.mounts = vec![aloft_api::MachineMount {
             volume: Some(vol.to_string()),
@@ -993,6 +1035,100 @@ mod tests {
         assert_nothing_left(dir.path());
     }
 
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots real guests; enable feature vm-tests"
+    )]
+    fn a_snapshot_of_a_running_machine_s_volume_restores_and_forks() {
+        use aloft_api::VolumeSource;
+        let registry = registry();
+        let dir = tempdir();
+        let _cleanup = Cleanup(dir.path(), None);
+        let agent = open_agent(dir.path(), &registry.host());
+        let mount = |vol: &VolumeId| {
+            let mut config = machine_config();
+            config.mounts = vec![aloft_api::MachineMount {
+                volume: Some(vol.to_string()),
+                path: Some("/data".into()),
+                ..aloft_api::MachineMount::default()
+            }];
+            agent
+                .create(CreateMachine {
+                    app: "agent-test".into(),
+                    region: "local".into(),
+                    org: 1,
+                    config,
+                    ..CreateMachine::default()
+                })
+                .unwrap()
+                .wait(BOOT)
+                .unwrap()
+        };
+        let vol: VolumeId = "vol_snapped".parse().unwrap();
+        agent.create_volume(&vol, 1, None).unwrap();
+        let a = mount(&vol);
+        sh(&agent, &a.id, "echo taken > /data/file && sync");
+        let boot_id = sh(&agent, &a.id, "cat /proc/sys/kernel/random/boot_id");
+
+        // Taken while it runs; it runs on, the same boot, its workload's state in memory intact.
+        let snapshot: SnapshotId = "vs_0123456789abcdef".parse().unwrap();
+        let info = agent.snapshot_volume(&vol, &snapshot).unwrap();
+        assert_eq!(info.volume_size, 1 << 30);
+        assert!(info.size < 64 << 20, "as sparse as the volume: {}", info.size);
+        assert_eq!(agent.get(&a.id).unwrap().state, MachineState::Started);
+        assert_eq!(sh(&agent, &a.id, "cat /proc/sys/kernel/random/boot_id"), boot_id);
+        assert_eq!(exec_cat_up(&agent, &a), "up\n");
+        sh(&agent, &a.id, "echo later > /data/later && sync");
+        assert_eq!(
+            agent.snapshot_volume(&vol, &snapshot).unwrap(),
+            info,
+            "idempotent"
+        );
+
+        // Restored, bigger, into a volume a second machine mounts: the data as it was taken.
+        let restored: VolumeId = "vol_restored".parse().unwrap();
+        agent
+            .create_volume(&restored, 2, Some(&VolumeSource::Snapshot(snapshot.clone())))
+            .unwrap();
+        let b = mount(&restored);
+        assert_eq!(sh(&agent, &b.id, "cat /data/file"), "taken\n");
+        assert_eq!(
+            sh(&agent, &b.id, "test -e /data/later && echo yes || echo no"),
+            "no\n"
+        );
+        let kib = data_kib(&agent, &b.id);
+        assert!(kib > (1 << 20) * 19 / 10, "grown to 2 GiB: {kib} KiB");
+        sh(&agent, &b.id, "echo written > /data/new && sync");
+
+        // A fork of the running machine's volume: as it is now. Checked from the host (grown,
+        // so its journal was replayed on the host, where debugfs reads it).
+        let fork: VolumeId = "vol_fork".parse().unwrap();
+        agent
+            .create_volume(&fork, 2, Some(&VolumeSource::Volume(vol.clone())))
+            .unwrap();
+        assert_eq!(agent.get(&a.id).unwrap().state, MachineState::Started);
+        assert_eq!(sh(&agent, &a.id, "cat /proc/sys/kernel/random/boot_id"), boot_id);
+        let disk = data(dir.path()).0.join("volumes").join(format!("{fork}.ext4"));
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /later"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), "later\n", "{cat:?}");
+
+        // The snapshot outlives its volume.
+        agent.destroy(&a.id, true).unwrap().wait(BOOT).unwrap();
+        agent.destroy_volume(&vol).unwrap();
+        assert!(agent.volume_snapshot(&snapshot).unwrap().is_some());
+        agent.delete_snapshot(&snapshot).unwrap();
+        agent.destroy(&b.id, true).unwrap().wait(BOOT).unwrap();
+        agent.destroy_volume(&restored).unwrap();
+        agent.destroy_volume(&fork).unwrap();
+        assert_nothing_left(dir.path());
+        drop(agent);
+    }
+
     /// Runs `script` with `sh -c` in a started machine; its stdout. Fails the test unless it
     /// exits 0.
     fn sh(agent: &Agent, id: &MachineId, script: &str) -> String {
@@ -1025,7 +1161,7 @@ mod tests {
         let _cleanup = Cleanup(dir.path(), None);
         let agent = open_agent(dir.path(), &registry.host());
         let vol: VolumeId = "vol_0123456789abcdef".parse().unwrap();
-        agent.create_volume(&vol, 1).unwrap();
+        agent.create_volume(&vol, 1, None).unwrap();
         let disk = data(dir.path()).0.join("volumes").join(format!("{vol}.ext4"));
         assert!(disk.is_file());
         let mut config = machine_config();

@@ -473,6 +473,55 @@ async fn compact_periodically(store: Arc<dyn Store>) {
     }
 }
 
+/// How often the volume snapshot schedule runs ([`aloft_control::run_snapshot_schedule`]): each
+/// pass takes the daily snapshots that are due and deletes the expired ones.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(3600);
+/// The first pass runs this long after start (not during the agent's recovery), then every
+/// [`SNAPSHOT_EVERY`].
+const SNAPSHOT_FIRST: Duration = Duration::from_secs(60);
+
+/// Runs the volume snapshot schedule every [`SNAPSHOT_EVERY`] on the blocking pool (it calls the
+/// store and the hosts, which block), and logs what each pass did. A pass that is still running
+/// when the next is due delays it (`MissedTickBehavior::Delay`), so passes never overlap.
+async fn snapshot_periodically(state: ApiState) {
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + SNAPSHOT_FIRST, SNAPSHOT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let state = state.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            aloft_control::run_snapshot_schedule(&state, now_ms)
+        })
+        .await;
+        match done {
+            Ok(report) => log_snapshot_pass(&report),
+            Err(e) => eprintln!("aloftd: warning: the volume snapshot pass did not finish: {e}"),
+        }
+    }
+}
+
+/// One line per snapshot a pass took or deleted, one warning per failure.
+fn log_snapshot_pass(report: &aloft_control::ScheduleReport) {
+    for s in &report.taken {
+        eprintln!(
+            "aloftd: took daily snapshot {} of volume {} (app {})",
+            s.snapshot, s.volume, s.app
+        );
+    }
+    for s in &report.deleted {
+        eprintln!(
+            "aloftd: deleted snapshot {} of volume {} (app {}): past its retention, or left unfinished",
+            s.snapshot, s.volume, s.app
+        );
+    }
+    for failure in &report.failures {
+        eprintln!("aloftd: warning: volume snapshot pass: {failure}; the next pass tries again");
+    }
+}
+
 /// Resolves on the first SIGTERM or SIGINT, with the signal's name.
 /// Listens for SIGTERM and SIGINT from now on (registered at once, not when first awaited, so a
 /// signal that comes right after "listening" stops aloftd gracefully); resolves with its name.
@@ -549,6 +598,7 @@ async fn serve(
     let resumed = state.clone();
     tokio::task::spawn_blocking(move || aloft_control::resume_releases(&resumed));
     let compactor = tokio::spawn(compact_periodically(Arc::clone(state.control().store())));
+    let snapshotter = tokio::spawn(snapshot_periodically(state.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         axum::serve(listener, aloft_control::router(state))
@@ -567,6 +617,7 @@ async fn serve(
         }
     }
     compactor.abort();
+    snapshotter.abort();
     drop(edge);
     let _ = stop_tx.send(());
     let deadline = Duration::from_secs(args.shutdown_timeout);

@@ -4,6 +4,8 @@
 //! update, extend and destroy with Fly's shapes and errors; one machine at a time per volume;
 //! `apps destroy` takes the volumes along; releases give each machine of a group with
 //! `[[mounts]]` a volume, reuse unattached ones of the name and keep each machine's own.
+//! Snapshots: taken, listed (also after their volume is gone), restored into new volumes, forks,
+//! the daily schedule and retention, `apps destroy` deleting them with their hosts' copies.
 
 mod common;
 
@@ -14,10 +16,15 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
 
+    use aloft_api::{SnapshotId, VolumeId};
+    use aloft_control::ApiState;
     use axum::http::StatusCode;
     use serde_json::{Value, json};
 
     use crate::common::Harness;
+
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+    const GIB: u64 = 1 << 30;
 
     struct Api(Harness);
 
@@ -69,6 +76,48 @@ mod tests {
                 Some(json!({"config": {"image": "busybox", "guest": {"cpus": 1, "memory_mb": 256, "cpu_kind": "shared"}, "mounts": mounts}})),
             )
             .await
+        }
+
+        /// The API state the router serves, for calls a test makes directly (the schedule).
+        fn state(&mut self) -> ApiState {
+            let mut out = None;
+            self.0.tune_state(|s| {
+                out = Some(s.clone());
+                s
+            });
+            out.unwrap()
+        }
+
+        async fn snapshot(&self, app: &str, volume: &str) -> Value {
+            self.ok(
+                "POST",
+                &format!("/v1/apps/{app}/volumes/{volume}/snapshots"),
+                None,
+            )
+            .await
+        }
+
+        /// The ids of a volume's snapshots as listed (newest first).
+        async fn snapshots(&self, app: &str, volume: &str) -> Vec<String> {
+            self.ok("GET", &format!("/v1/apps/{app}/volumes/{volume}/snapshots"), None)
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_str().unwrap().to_owned())
+                .collect()
+        }
+
+        /// The fake host's copy of snapshot `id`, if it holds one.
+        fn host_copy(&self, id: &str) -> Option<aloft_agent::FakeSnapshot> {
+            let id: SnapshotId = id.parse().unwrap();
+            self.fake.world().volume_snapshots.get(&id).cloned()
+        }
+
+        /// The fake host's disk of volume `id`.
+        fn disk(&self, id: &str) -> aloft_agent::FakeVolume {
+            let id: VolumeId = id.parse().unwrap();
+            self.fake.world().volumes[&id]
         }
 
         async fn wait(&self, app: &str, id: &str, state: &str) {
@@ -184,8 +233,18 @@ mod tests {
             ),
             (
                 json!({"name": "data", "snapshot_id": "vs_x"}),
+                404,
+                "snapshot vs_x not found",
+            ),
+            (
+                json!({"name": "data", "snapshot_id": "vol_x"}),
+                400,
+                "snapshot_id",
+            ),
+            (
+                json!({"name": "data", "snapshot_id": "vs_x", "source_volume_id": "vol_x"}),
                 422,
-                "not supported",
+                "not both",
             ),
         ] {
             let (s, e) = api.err("POST", "/v1/apps/db/volumes", Some(body.clone())).await;
@@ -332,6 +391,367 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn snapshots_are_taken_listed_and_restored_and_volumes_forked() {
+        let api = Api::new("db").await;
+        let v = api.volume("db", "pg_data", Some(2)).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(api.fake.write_volume(&id.parse().unwrap(), 7));
+
+        // Fly's shape, and nothing else.
+        let first = api.snapshot("db", &id).await;
+        let keys: BTreeSet<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from([
+                "id",
+                "created_at",
+                "digest",
+                "retention_days",
+                "size",
+                "status",
+                "volume_size"
+            ]),
+            "{first}"
+        );
+        let first_id = first["id"].as_str().unwrap().to_owned();
+        assert!(first_id.starts_with("vs_") && first_id.len() == 19, "{first}");
+        assert_eq!(first["status"], "created");
+        assert_eq!(first["retention_days"], 5, "the volume's retention");
+        assert_eq!(first["volume_size"], 2 * GIB);
+        assert_eq!(first["size"], 8u64 << 20, "what the host's copy takes");
+        let copy = api.host_copy(&first_id).expect("the host holds the copy");
+        assert_eq!(first["digest"], copy.digest.as_str());
+        assert_eq!(copy.disk.data, 7);
+        let created = first["created_at"].as_str().unwrap();
+        assert!(created.len() == 20 && created.ends_with('Z'), "{created}");
+
+        // A retention change applies to the snapshots taken after it.
+        api.ok(
+            "PUT",
+            &format!("/v1/apps/db/volumes/{id}"),
+            Some(json!({"snapshot_retention": 14})),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(api.fake.write_volume(&id.parse().unwrap(), 9));
+        let second = api.snapshot("db", &id).await;
+        assert_eq!(second["retention_days"], 14);
+        let second_id = second["id"].as_str().unwrap().to_owned();
+        let list = api
+            .ok("GET", &format!("/v1/apps/db/volumes/{id}/snapshots"), None)
+            .await;
+        assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+        assert_eq!(list[0], second, "newest first");
+        assert_eq!(list[1], first, "kept its retention");
+        // Another volume's list holds none of them.
+        let other = api.volume("db", "other", None).await;
+        let other_id = other["id"].as_str().unwrap().to_owned();
+        assert!(api.snapshots("db", &other_id).await.is_empty());
+
+        // Restore: the snapshot's data, its size by default, on its host.
+        let restored = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"name": "restored", "snapshot_id": first_id})),
+            )
+            .await;
+        let restored_id = restored["id"].as_str().unwrap();
+        assert_ne!(restored_id, id);
+        assert_eq!(restored["name"], "restored");
+        assert_eq!(restored["size_gb"], 2);
+        assert_eq!(restored["zone"], "host-1");
+        assert_eq!(restored["region"], "local");
+        assert_eq!(restored["snapshot_retention"], 5);
+        assert_eq!(api.disk(restored_id).data, 7, "the data as it was then");
+        assert_eq!(api.disk(&id).data, 9, "the source is untouched");
+        // Bigger, with the volume's name by default.
+        let bigger = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"snapshot_id": second_id, "size_gb": 5, "region": "local"})),
+            )
+            .await;
+        assert_eq!(bigger["name"], "pg_data");
+        assert_eq!(bigger["size_gb"], 5);
+        let disk = api.disk(bigger["id"].as_str().unwrap());
+        assert_eq!((disk.data, disk.size_gb, disk.fs_gb), (9, 5, 5));
+
+        // Fork: a copy of the volume as it is now, its name and size by default.
+        assert!(api.fake.write_volume(&id.parse().unwrap(), 11));
+        let fork = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"source_volume_id": id})),
+            )
+            .await;
+        assert_eq!(fork["name"], "pg_data");
+        assert_eq!(fork["size_gb"], 2);
+        assert_eq!(fork["zone"], "host-1");
+        assert_eq!(api.disk(fork["id"].as_str().unwrap()).data, 11);
+        let fork3 = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"source_volume_id": id, "name": "copy", "size_gb": 3})),
+            )
+            .await;
+        assert_eq!((&fork3["name"], &fork3["size_gb"]), (&json!("copy"), &json!(3)));
+
+        // Refusals, each named; none leaves a volume behind.
+        let before = api
+            .ok("GET", "/v1/apps/db/volumes", None)
+            .await
+            .as_array()
+            .unwrap()
+            .len();
+        api.ok("POST", "/v1/apps", Some(json!({"name": "other"}))).await;
+        let foreign = api.volume("other", "theirs", None).await;
+        let foreign_id = foreign["id"].as_str().unwrap().to_owned();
+        let foreign_snapshot = api.snapshot("other", &foreign_id).await;
+        for (body, status, words) in [
+            (json!({"snapshot_id": first_id, "size_gb": 1}), 422, "smaller"),
+            (
+                json!({"snapshot_id": first_id, "region": "mars"}),
+                422,
+                "snapshots restore in their own region",
+            ),
+            (json!({"snapshot_id": foreign_snapshot["id"]}), 404, "snapshot"),
+            (
+                json!({"snapshot_id": "vs_doesnotexist0000"}),
+                404,
+                "snapshot vs_doesnotexist0000",
+            ),
+            (json!({"snapshot_id": "nope"}), 400, "snapshot_id"),
+            (json!({"source_volume_id": id, "size_gb": 1}), 422, "smaller"),
+            (
+                json!({"source_volume_id": id, "region": "mars"}),
+                422,
+                "source's region",
+            ),
+            (json!({"source_volume_id": foreign_id}), 404, "volume"),
+            (
+                json!({"source_volume_id": id, "name": "Bad-Name"}),
+                400,
+                "invalid volume name",
+            ),
+        ] {
+            let (s, e) = api.err("POST", "/v1/apps/db/volumes", Some(body.clone())).await;
+            assert_eq!(s, status, "{body}: {e}");
+            assert!(e.contains(words), "{body}: {e}");
+        }
+        let after = api.ok("GET", "/v1/apps/db/volumes", None).await;
+        assert_eq!(after.as_array().unwrap().len(), before, "{after}");
+        // Another app's snapshots are not listed under its volume id here.
+        let (s, _) = api
+            .err(
+                "GET",
+                &format!("/v1/apps/db/volumes/{foreign_id}/snapshots"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 404);
+        for method in ["GET", "POST"] {
+            let (s, e) = api
+                .err(method, "/v1/apps/db/volumes/vol_doesnotexist00/snapshots", None)
+                .await;
+            assert_eq!(
+                (s, e.contains("vol_doesnotexist00")),
+                (404, true),
+                "{method}: {e}"
+            );
+        }
+
+        // The volume goes; its snapshots stay, listed under its id and restorable.
+        api.ok("DELETE", &format!("/v1/apps/db/volumes/{id}"), None).await;
+        assert_eq!(
+            api.snapshots("db", &id).await,
+            [second_id.clone(), first_id.clone()]
+        );
+        assert!(api.host_copy(&first_id).is_some());
+        let (s, _) = api
+            .err("POST", &format!("/v1/apps/db/volumes/{id}/snapshots"), None)
+            .await;
+        assert_eq!(s, 404, "no snapshot of a volume that is gone");
+        let late = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"snapshot_id": first_id})),
+            )
+            .await;
+        assert_eq!(api.disk(late["id"].as_str().unwrap()).data, 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_schedule_takes_daily_snapshots_and_deletes_expired_ones() {
+        let mut api = Api::new("db").await;
+        let state = api.state();
+        let auto = api.volume("db", "auto", None).await;
+        let auto = auto["id"].as_str().unwrap().to_owned();
+        let manual = api
+            .ok(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"name": "manual", "auto_backup_enabled": false, "snapshot_retention": 1})),
+            )
+            .await;
+        let manual = manual["id"].as_str().unwrap().to_owned();
+        let t0 = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let pass = |now: i64| aloft_control::run_snapshot_schedule(&state, now);
+
+        // Under a day old, with no snapshot: not yet.
+        let report = pass(t0 + DAY_MS - 60_000);
+        assert!(
+            report.taken.is_empty() && report.failures.is_empty(),
+            "{report:?}"
+        );
+        assert!(api.snapshots("db", &auto).await.is_empty());
+
+        // A day old: the first, of the volume with scheduled snapshots only.
+        let day1 = t0 + DAY_MS + 60_000;
+        let report = pass(day1);
+        assert!(report.failures.is_empty(), "{report:?}");
+        assert_eq!(report.taken.len(), 1, "{report:?}");
+        assert_eq!(report.taken[0].volume.as_str(), auto);
+        assert_eq!(report.taken[0].app, "db");
+        let listed = api
+            .ok("GET", &format!("/v1/apps/db/volumes/{auto}/snapshots"), None)
+            .await;
+        assert_eq!(listed[0]["id"], report.taken[0].snapshot.as_str());
+        assert_eq!(
+            listed[0]["created_at"],
+            aloft_api::rfc3339(day1),
+            "taken at the pass's time"
+        );
+        assert_eq!(listed[0]["retention_days"], 5);
+        let first = report.taken[0].snapshot.to_string();
+        assert!(api.host_copy(&first).is_some());
+        assert!(
+            api.snapshots("db", &manual).await.is_empty(),
+            "auto_backup_enabled: false"
+        );
+
+        // Not twice within a day, however often the pass runs.
+        for hours in [1, 12, 23] {
+            let report = pass(day1 + hours * 3_600_000);
+            assert!(report.taken.is_empty() && report.deleted.is_empty(), "{report:?}");
+        }
+        let day2 = day1 + DAY_MS;
+        assert_eq!(pass(day2).taken.len(), 1);
+        assert_eq!(api.snapshots("db", &auto).await.len(), 2);
+
+        // A snapshot of the other volume, taken by hand (now, about t0), expires after its 1 day.
+        let by_hand = api.snapshot("db", &manual).await;
+        let by_hand = by_hand["id"].as_str().unwrap().to_owned();
+        let report = pass(t0 + DAY_MS - 3_600_000);
+        assert_eq!(report, aloft_control::ScheduleReport::default(), "within its day");
+        assert_eq!(api.snapshots("db", &manual).await, [by_hand.as_str()]);
+        let report = pass(t0 + DAY_MS + 3_600_000);
+        assert_eq!(report.deleted.len(), 1, "{report:?}");
+        assert_eq!(report.deleted[0].snapshot.as_str(), by_hand);
+        assert!(api.host_copy(&by_hand).is_none(), "the host's copy is gone");
+        assert!(api.snapshots("db", &manual).await.is_empty());
+
+        // Five days after the first: it goes, copy first; the second stays; a new one is taken.
+        let report = pass(day1 + 5 * DAY_MS);
+        assert!(report.failures.is_empty(), "{report:?}");
+        assert_eq!(report.deleted.len(), 1, "{report:?}");
+        assert_eq!(report.deleted[0].snapshot.as_str(), first);
+        assert_eq!(report.taken.len(), 1, "{report:?}");
+        assert!(api.host_copy(&first).is_none(), "the host's copy is gone");
+        let left = api.snapshots("db", &auto).await;
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(!left.contains(&first));
+        assert!(api.snapshots("db", &manual).await.is_empty());
+        let (s, e) = api
+            .err("POST", "/v1/apps/db/volumes", Some(json!({"snapshot_id": first})))
+            .await;
+        assert_eq!(s, 404, "an expired snapshot can't be restored: {e}");
+
+        // Turning scheduled snapshots off stops them; the existing ones keep their retention.
+        api.ok(
+            "PUT",
+            &format!("/v1/apps/db/volumes/{auto}"),
+            Some(json!({"auto_backup_enabled": false, "snapshot_retention": 30})),
+        )
+        .await;
+        let report = pass(day1 + 8 * DAY_MS);
+        assert!(report.taken.is_empty(), "{report:?}");
+        assert_eq!(
+            report.deleted.len(),
+            1,
+            "the day-2 one, after its 5 days: {report:?}"
+        );
+
+        // A destroyed volume's snapshots still expire.
+        api.ok("DELETE", &format!("/v1/apps/db/volumes/{auto}"), None)
+            .await;
+        assert_eq!(api.snapshots("db", &auto).await.len(), 1);
+        let report = pass(day1 + 20 * DAY_MS);
+        assert_eq!(report.deleted.len(), 1, "{report:?}");
+        assert!(report.failures.is_empty(), "{report:?}");
+        let (s, _) = api
+            .err("GET", &format!("/v1/apps/db/volumes/{auto}/snapshots"), None)
+            .await;
+        assert_eq!(s, 404, "neither the volume nor a snapshot of it");
+        assert!(api.fake.world().volume_snapshots.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn destroying_an_app_destroys_its_snapshots() {
+        let api = Api::new("db").await;
+        let gone = api.volume("db", "gone", None).await;
+        let gone = gone["id"].as_str().unwrap().to_owned();
+        let kept = api.snapshot("db", &gone).await;
+        api.ok("DELETE", &format!("/v1/apps/db/volumes/{gone}"), None)
+            .await;
+        let live = api.volume("db", "live", None).await;
+        let live = live["id"].as_str().unwrap().to_owned();
+        let (s, m) = api
+            .machine("db", json!([{"volume": live, "path": "/data"}]))
+            .await;
+        assert!(s.is_success(), "{m}");
+        api.wait("db", m["id"].as_str().unwrap(), "started").await;
+        let mounted = api.snapshot("db", &live).await;
+        // Another app's snapshot stays.
+        api.ok("POST", "/v1/apps", Some(json!({"name": "other"}))).await;
+        let theirs = api.volume("other", "data", None).await;
+        let theirs = api.snapshot("other", theirs["id"].as_str().unwrap()).await;
+
+        let (s, e) = api.call("DELETE", "/v1/apps/db", None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{e}");
+        assert!(api.control.list_snapshots("db").unwrap().is_empty());
+        for s in [&kept, &mounted] {
+            assert!(api.host_copy(s["id"].as_str().unwrap()).is_none(), "{s}");
+        }
+        assert!(api.host_copy(theirs["id"].as_str().unwrap()).is_some());
+        assert_eq!(api.control.list_snapshots("other").unwrap().len(), 1);
+        // A new app of the name finds none of them.
+        api.ok("POST", "/v1/apps", Some(json!({"name": "db"}))).await;
+        let (s, _) = api
+            .err(
+                "POST",
+                "/v1/apps/db/volumes",
+                Some(json!({"name": "data", "snapshot_id": kept["id"]})),
+            )
+            .await;
+        assert_eq!(s, 404);
+        let (s, _) = api
+            .err("GET", &format!("/v1/apps/db/volumes/{gone}/snapshots"), None)
+            .await;
+        assert_eq!(s, 404);
     }
 
     /// Waits until release `v` of `app` is final; returns it.

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     ApiError, ConsoleRequest, ConsoleSession, ExecResponse, Machine, MachineConfig, MachineEvent, MachineId,
-    MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, UpdateMetadataRequest, VolumeId,
-    WaitResponse, WaitState,
+    MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, SnapshotId, UpdateMetadataRequest,
+    VolumeId, WaitResponse, WaitState,
 };
 
 /// A machine to create on a host.
@@ -210,8 +210,41 @@ pub trait MachineHost: Send + Sync + fmt::Debug {
     /// (Fly's `needs_restart`).
     fn extend_volume(&self, id: &VolumeId, size_gb: u32) -> Result<bool, ApiError>;
     /// Deletes a volume's disk and its data. 412 while a machine that is not destroyed mounts
-    /// it (naming the machine); `Ok` when there is no such disk.
+    /// it (naming the machine); `Ok` when there is no such disk. The volume's snapshots stay
+    /// (they are deleted one by one, [`MachineHost::delete_snapshot`]).
     fn destroy_volume(&self, id: &VolumeId) -> Result<(), ApiError>;
+
+    /// Takes snapshot `snapshot` of volume `id`: a copy of its disk at one instant, kept on this
+    /// host. When a started machine mounts the volume, that machine's VM is paused while the
+    /// disk is copied, so the copy is crash-consistent (what a power cut would have left, which
+    /// ext4's journal recovers) and the guest sees only a pause. Idempotent: a snapshot of that
+    /// id already there is answered as it is. 404 when the host has no such volume.
+    fn snapshot_volume(&self, id: &VolumeId, snapshot: &SnapshotId) -> Result<HostSnapshot, ApiError>;
+    /// Deletes a snapshot's copy. `Ok` when there is none.
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), ApiError>;
+}
+
+/// What a volume's disk starts from ([`HostVolume::source`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    /// A snapshot kept on this host (a restore; 404 when the host has none of that id).
+    Snapshot(SnapshotId),
+    /// Another volume's disk on this host, as it is now (a fork; its machine, if started, is
+    /// paused while it is copied, as for a snapshot).
+    Volume(VolumeId),
+}
+
+/// A snapshot as its host took it ([`MachineHost::snapshot_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSnapshot {
+    /// Bytes the copy takes on the host's disk.
+    pub size: u64,
+    /// The volume's size when it was taken, bytes.
+    pub volume_size: u64,
+    /// `sha256:` and the hex SHA-256 of the copy's data extents, each as its offset (8 bytes,
+    /// big-endian) then its bytes; holes are skipped, so it costs what the data does. A restore
+    /// computes it again and refuses a copy that no longer matches.
+    pub digest: String,
 }
 
 /// A volume's disk to make on a host ([`MachineHost::create_volume`]).
@@ -221,8 +254,10 @@ pub struct HostVolume {
     pub id: VolumeId,
     /// The app it belongs to.
     pub app: String,
-    /// Size, GB.
+    /// Size, GB. With a source, at least the source's size: the filesystem is grown to it.
     pub size_gb: u32,
+    /// What the disk starts from; `None`: an empty filesystem.
+    pub source: Option<VolumeSource>,
 }
 
 /// A volume's disk as its host sees it ([`MachineHost::volume`]).

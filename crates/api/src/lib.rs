@@ -87,9 +87,9 @@ pub use time::rfc3339;
 pub use tunnel::{PROXY_UPGRADE, ProxyQuery};
 pub use ulid::UlidGenerator;
 pub use volume::{
-    CreateVolumeRequest, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest, ExtendVolumeResponse,
-    MAX_VOLUME_SIZE_GB, UpdateVolumeRequest, VOLUME_FSTYPE, Volume, VolumeId, VolumeState,
-    validate_volume_name,
+    CreateVolumeRequest, DEFAULT_SNAPSHOT_RETENTION_DAYS, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest,
+    ExtendVolumeResponse, MAX_VOLUME_SIZE_GB, SNAPSHOT_CREATED, SnapshotId, UpdateVolumeRequest,
+    VOLUME_FSTYPE, Volume, VolumeId, VolumeSnapshot, VolumeState, validate_volume_name,
 };
 
 pub use duration::{Duration, ParseDurationError};
@@ -98,8 +98,8 @@ pub use guest::{
     GuestPreset, memory_range_mb,
 };
 pub use host::{
-    HostCreate, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry, LogEvent,
-    LogFollower, LogMeta, LogStream, MachineHost, VolumeUsage,
+    HostCreate, HostSnapshot, HostStop, HostUpdate, HostVolume, HostVolumeStatus, HostWait, LogEntry,
+    LogEvent, LogFollower, LogMeta, LogStream, MachineHost, VolumeSource, VolumeUsage,
 };
 pub use ids::{MachineId, ParseIdError};
 pub use machine_config::{

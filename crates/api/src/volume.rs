@@ -19,76 +19,98 @@ pub const MAX_VOLUME_SIZE_GB: u32 = 500;
 /// The only filesystem a volume holds.
 pub const VOLUME_FSTYPE: &str = "ext4";
 
-/// A volume id: `vol_` and 16 lowercase letters and digits (`vol_4yx0jvqe1x1dj7gr`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(try_from = "String", into = "String")]
-pub struct VolumeId(String);
+/// An id made of a prefix and 16 random lowercase letters and digits (volumes, snapshots).
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal, $example:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
 
-impl VolumeId {
-    /// The prefix of every volume id.
-    pub const PREFIX: &'static str = "vol_";
-    const ALPHABET: &'static [u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        impl $name {
+            /// The prefix of every id of this kind.
+            pub const PREFIX: &'static str = $prefix;
+            const ALPHABET: &'static [u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
-    /// A new id from 16 random bytes (the caller supplies randomness so this crate stays pure).
-    /// Ids are names, not secrets: the slight bias of reducing a byte modulo 36 does not matter,
-    /// and the store refuses a duplicate.
-    pub fn from_random(bytes: [u8; 16]) -> Self {
-        let mut s = String::with_capacity(Self::PREFIX.len() + bytes.len());
-        s.push_str(Self::PREFIX);
-        for b in bytes {
-            s.push(char::from(Self::ALPHABET[usize::from(b) % Self::ALPHABET.len()]));
+            /// A new id from 16 random bytes (the caller supplies randomness so this crate stays
+            /// pure). Ids are names, not secrets: the slight bias of reducing a byte modulo 36
+            /// does not matter, and the store refuses a duplicate.
+            pub fn from_random(bytes: [u8; 16]) -> Self {
+                let mut s = String::with_capacity(Self::PREFIX.len() + bytes.len());
+                s.push_str(Self::PREFIX);
+                for b in bytes {
+                    s.push(char::from(Self::ALPHABET[usize::from(b) % Self::ALPHABET.len()]));
+                }
+                Self(s)
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-        Self(s)
-    }
 
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+        impl FromStr for $name {
+            type Err = ParseIdError;
 
-impl FromStr for VolumeId {
-    type Err = ParseIdError;
-
-    /// Accepts `vol_` followed by 1 to 32 lowercase letters and digits, so that ids of other
-    /// Fly-compatible systems parse too; aloft makes 16.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let ok = s.strip_prefix(Self::PREFIX).is_some_and(|rest| {
-            (1..=32).contains(&rest.len())
-                && rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        });
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(ParseIdError {
-                kind: "volume",
-                input: s.to_owned(),
-                expected: "vol_ followed by lowercase letters and digits, e.g. vol_4yx0jvqe1x1dj7gr",
-            })
+            /// Accepts the prefix followed by 1 to 32 lowercase letters and digits, so that ids
+            /// of other Fly-compatible systems parse too; aloft makes 16.
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let ok = s.strip_prefix(Self::PREFIX).is_some_and(|rest| {
+                    (1..=32).contains(&rest.len())
+                        && rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                });
+                if ok {
+                    Ok(Self(s.to_owned()))
+                } else {
+                    Err(ParseIdError {
+                        kind: $kind,
+                        input: s.to_owned(),
+                        expected: concat!($prefix, " followed by lowercase letters and digits, e.g. ", $example),
+                    })
+                }
+            }
         }
-    }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ParseIdError;
+
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+    };
 }
 
-impl fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+prefixed_id!(
+    /// A volume id: `vol_` and 16 lowercase letters and digits (`vol_4yx0jvqe1x1dj7gr`).
+    VolumeId,
+    "vol_",
+    "volume",
+    "vol_4yx0jvqe1x1dj7gr"
+);
 
-impl TryFrom<String> for VolumeId {
-    type Error = ParseIdError;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<VolumeId> for String {
-    fn from(id: VolumeId) -> Self {
-        id.0
-    }
-}
+prefixed_id!(
+    /// A volume snapshot's id: `vs_` and 16 lowercase letters and digits
+    /// (`vs_2b6lx0rq8ejzd3ky`).
+    SnapshotId,
+    "vs_",
+    "snapshot",
+    "vs_2b6lx0rq8ejzd3ky"
+);
 
 /// Checks a volume name as Fly does: 1 to 30 lowercase letters, digits and underscores.
 /// `[[mounts]].source` names the volumes a process group mounts, so names repeat within an app.
@@ -162,10 +184,10 @@ pub struct Volume {
     /// Whether the volume's host answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_status: Option<HostStatus>,
-    /// Days snapshots are kept (recorded; aloft takes no snapshots yet).
+    /// Days its snapshots are kept (default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_retention: Option<u32>,
-    /// Scheduled snapshots (recorded; aloft takes no snapshots yet).
+    /// Whether a snapshot is taken daily (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_backup_enabled: Option<bool>,
     /// Filesystem block size, bytes.
@@ -216,10 +238,10 @@ pub struct CreateVolumeRequest {
     /// Place it on a host holding no other volume of this app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique_zone_app_wide: Option<bool>,
-    /// Restore from a snapshot (not supported yet).
+    /// Restore from a snapshot of this app (the new volume is made on the snapshot's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
-    /// Fork another volume (not supported yet).
+    /// Fork a volume of this app: a copy of its disk as it is now (made on its host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_volume_id: Option<String>,
     /// Days to keep snapshots (1–60).
@@ -253,10 +275,18 @@ impl CreateVolumeRequest {
                 "aloft's volumes are not encrypted at rest yet: create it with encrypted: false (flyctl: --no-encryption)",
             ));
         }
-        if self.snapshot_id.is_some() || self.source_volume_id.is_some() {
+        if self.snapshot_id.is_some() && self.source_volume_id.is_some() {
             return Err(ApiError::unprocessable(
-                "restoring or forking a volume (snapshot_id, source_volume_id) is not supported yet",
+                "give snapshot_id (restore a snapshot) or source_volume_id (fork a volume), not both",
             ));
+        }
+        if let Some(id) = &self.snapshot_id {
+            id.parse::<SnapshotId>()
+                .map_err(|e| ApiError::bad_request(format!("snapshot_id: {e}")))?;
+        }
+        if let Some(id) = &self.source_volume_id {
+            id.parse::<VolumeId>()
+                .map_err(|e| ApiError::bad_request(format!("source_volume_id: {e}")))?;
         }
         validate_retention(self.snapshot_retention)
     }
@@ -338,6 +368,34 @@ fn validate_retention(days: Option<u32>) -> Result<(), ApiError> {
     }
 }
 
+/// The status of a snapshot that was taken ([`VolumeSnapshot::status`]).
+pub const SNAPSHOT_CREATED: &str = "created";
+
+/// Days a volume's snapshots are kept unless its `snapshot_retention` says otherwise (Fly's).
+pub const DEFAULT_SNAPSHOT_RETENTION_DAYS: u32 = 5;
+
+/// A snapshot of a volume (`VolumeSnapshot`): its disk as it was at one instant, from which a new
+/// volume can be made (`CreateVolumeRequest::snapshot_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct VolumeSnapshot {
+    /// The id.
+    pub id: SnapshotId,
+    /// Taken, RFC 3339.
+    pub created_at: String,
+    /// `sha256:…` of the copy's data as taken (`aloft_api::HostSnapshot::digest`), what a
+    /// restore checks.
+    pub digest: String,
+    /// Days it is kept from `created_at`.
+    pub retention_days: u32,
+    /// Bytes it holds on its host's disk (a snapshot is as sparse as the volume).
+    pub size: u64,
+    /// `created` once taken.
+    pub status: String,
+    /// The volume's size when it was taken, bytes.
+    pub volume_size: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +456,7 @@ mod tests {
             },
             CreateVolumeRequest {
                 snapshot_id: Some("vs_1".into()),
+                source_volume_id: Some("vol_1".into()),
                 ..ok.clone()
             },
             CreateVolumeRequest {
@@ -407,6 +466,23 @@ mod tests {
         ];
         for c in cases {
             assert_eq!(c.validate().unwrap_err().status(), 422, "{c:?}");
+        }
+        for (snapshot, source) in [(Some("vs_"), None), (Some("vol_1"), None), (None, Some("vs_1"))] {
+            let c = CreateVolumeRequest {
+                snapshot_id: snapshot.map(str::to_owned),
+                source_volume_id: source.map(str::to_owned),
+                ..ok.clone()
+            };
+            assert_eq!(c.validate().unwrap_err().status(), 400, "{c:?}");
+        }
+        for (snapshot, source) in [(Some("vs_1"), None), (None, Some("vol_1"))] {
+            CreateVolumeRequest {
+                snapshot_id: snapshot.map(str::to_owned),
+                source_volume_id: source.map(str::to_owned),
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap();
         }
         CreateVolumeRequest {
             encrypted: Some(false),

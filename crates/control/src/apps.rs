@@ -157,7 +157,8 @@ pub(crate) async fn show(
 }
 
 /// `DELETE /v1/apps/{app_name}` → 202. As on Fly, the app's machines are destroyed (forcibly)
-/// first; then the app, its placement records, events and leases go in one store transaction.
+/// first, then its volumes and its volumes' snapshots (on their hosts, then their records); then
+/// the app, its placement records, events and leases go in one store transaction.
 /// A host that cannot destroy a machine stops the delete, so nothing is left running unowned.
 pub(crate) async fn destroy(
     State(state): State<ApiState>,
@@ -169,6 +170,7 @@ pub(crate) async fn destroy(
         visible_app(control, &caller, &name)?;
         crate::machines::destroy_all(&state, control, &name)?;
         crate::volumes::destroy_all(&state, &name, VOLUME_WAIT)?;
+        crate::snapshots::destroy_all(&state, &name)?;
         if control.delete_app(&name)? {
             Ok(())
         } else {

@@ -104,6 +104,14 @@ pub(crate) const IMPLEMENTED: &[(MethodFilter, &str)] = &[
     (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}"),
     (MethodFilter::DELETE, "/apps/{app_name}/volumes/{volume_id}"),
     (MethodFilter::PUT, "/apps/{app_name}/volumes/{volume_id}/extend"),
+    (
+        MethodFilter::GET,
+        "/apps/{app_name}/volumes/{volume_id}/snapshots",
+    ),
+    (
+        MethodFilter::POST,
+        "/apps/{app_name}/volumes/{volume_id}/snapshots",
+    ),
 ];
 
 /// aloft's own operations (not in Fly's spec) that aloftd serves, paths relative to `/v1`; each
@@ -169,14 +177,6 @@ pub(crate) const NOT_YET: &[(MethodFilter, &str)] = &[
     (
         MethodFilter::POST,
         "/apps/{app_name}/secretkeys/{secret_name}/verify",
-    ),
-    (
-        MethodFilter::GET,
-        "/apps/{app_name}/volumes/{volume_id}/snapshots",
-    ),
-    (
-        MethodFilter::POST,
-        "/apps/{app_name}/volumes/{volume_id}/snapshots",
     ),
     (MethodFilter::GET, "/orgs/{org_slug}/volumes"),
     (MethodFilter::POST, "/platform/placements"),

@@ -38,6 +38,7 @@ mod machines;
 mod openapi;
 mod releases;
 mod secrets;
+mod snapshots;
 mod tunnel;
 mod upgrade;
 mod volumes;
@@ -57,6 +58,9 @@ pub use extract::JsonBody;
 pub use hosts::HostHandle;
 pub use releases::resume as resume_releases;
 pub use secrets::{ResealError, ResealReport, reseal_secrets};
+pub use snapshots::{
+    PENDING_TIMEOUT_MS, SNAPSHOT_INTERVAL_MS, ScheduleReport, ScheduledSnapshot, run_snapshot_schedule,
+};
 
 /// Settings of the API server.
 #[derive(Debug, Clone)]
@@ -265,7 +269,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .merge(secrets::routes())
         .merge(certs::routes())
-        .merge(volumes::routes());
+        .merge(volumes::routes())
+        .merge(snapshots::routes());
     compat::not_yet(served)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -21,7 +21,7 @@ use aloft_api::{
     LogEntry, Machine, MachineEvent, MachineVersion, MetadataValueResponse, OkResponse, ProcessStat,
     RegionsResponse, Release, ReleaseEvent, RollbackRequest, SetAppSecretRequest, SetAppSecretResponse,
     SignalRequest, StartResponse, StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
-    UpdateVolumeRequest, UpsertMetadataKeyRequest, Volume, WaitResponse,
+    UpdateVolumeRequest, UpsertMetadataKeyRequest, Volume, VolumeSnapshot, WaitResponse,
 };
 use axum::Json;
 use axum::routing::MethodFilter;
@@ -1151,10 +1151,10 @@ pub(crate) const OPERATIONS: &[Operation] = &[
             ty::<Volume>(),
         ),
         BAD,
-        error(404, "No such app"),
+        error(404, "No such app, or no such snapshot or source volume in the app"),
         error(
             422,
-            "Not possible: encrypted, a snapshot, a size out of range, no host in the region",
+            "Not possible: encrypted, a size out of range or below the source's, a region other than the source's, no host in the region",
         ),
     ]),
     op(
@@ -1203,6 +1203,39 @@ pub(crate) const OPERATIONS: &[Operation] = &[
         BAD,
         VOLUME_NOT_FOUND,
         error(422, "Not larger than the volume, or above the largest size"),
+    ]),
+    op(
+        MethodFilter::GET,
+        "/apps/{app_name}/volumes/{volume_id}/snapshots",
+        "Volumes_list_snapshots",
+        "Volumes",
+        "List Snapshots",
+    )
+    .params(&[APP, VOLUME])
+    .responses(&[
+        ok(
+            200,
+            "The volume's snapshots, newest first (also after the volume was destroyed, while they are kept)",
+            ty::<Vec<VolumeSnapshot>>(),
+        ),
+        error(404, "No such app, nor a volume or a snapshot of one of that id"),
+    ]),
+    op(
+        MethodFilter::POST,
+        "/apps/{app_name}/volumes/{volume_id}/snapshots",
+        "createVolumeSnapshot",
+        "Volumes",
+        "Create Snapshot",
+    )
+    .params(&[APP, VOLUME])
+    .responses(&[
+        ok(
+            200,
+            "The snapshot, taken now on the volume's host (Fly answers no body; fly-go reads none)",
+            ty::<VolumeSnapshot>(),
+        ),
+        VOLUME_NOT_FOUND,
+        error(409, "The app or volume was destroyed while the snapshot was taken"),
     ]),
     // Certificates of custom domains, issued by the edge (docs/adr/0014-edge-certificates.md).
     op(

@@ -12,15 +12,20 @@
 //! mount's name and size from the record and places the machine on the volume's host. Releases
 //! describe mounts by name (`[[mounts]].source`) and get a volume per machine from
 //! [`volume_for_release`]: the machine's own, an unattached one of that name, or a new one.
+//!
+//! A create with `snapshot_id` restores a snapshot of the app (`snapshots.rs`) and one with
+//! `source_volume_id` forks one of its volumes: either way the new disk is made from the source on
+//! the host that holds it ([`HostVolume::source`]), so the new volume is placed there, in the
+//! source's region.
 
 use std::time::Duration;
 
 use aloft_api::{
-    ApiError, CreateVolumeRequest, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest, ExtendVolumeResponse,
-    HostStatus, HostVolume, HostWait, MachineConfig, UpdateVolumeRequest, VOLUME_FSTYPE, Volume, VolumeId,
-    VolumeState, WaitState,
+    ApiError, CreateVolumeRequest, DEFAULT_SNAPSHOT_RETENTION_DAYS, DEFAULT_VOLUME_SIZE_GB,
+    ExtendVolumeRequest, ExtendVolumeResponse, HostStatus, HostVolume, HostWait, MachineConfig, SnapshotId,
+    UpdateVolumeRequest, VOLUME_FSTYPE, Volume, VolumeId, VolumeSource, VolumeState, WaitState,
 };
-use aloft_store::{ControlError, Expect, StoreError, Versioned, VolumeRecord};
+use aloft_store::{ControlError, Expect, SnapshotState, StoreError, Versioned, VolumeRecord};
 use axum::Json;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, State};
@@ -35,8 +40,8 @@ use crate::hosts::HostHandle;
 use crate::ids::random;
 use crate::{ApiState, HttpError};
 
-/// Snapshot retention recorded when a create gives none (Fly's default), days.
-const DEFAULT_SNAPSHOT_RETENTION: u32 = 5;
+/// Bytes in a GB as volume sizes count them (GiB).
+const GB: u64 = 1 << 30;
 /// Attempts of a record change that lost a race with another change of the same volume.
 const ATTEMPTS: usize = 8;
 
@@ -54,8 +59,8 @@ pub(crate) fn routes() -> Router<ApiState> {
 /// `{app_name}` and `{volume_id}`; a malformed id is a 404 naming it, as for machines.
 #[derive(Debug, Clone)]
 pub(crate) struct VolumePath {
-    app: String,
-    id: VolumeId,
+    pub(crate) app: String,
+    pub(crate) id: VolumeId,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for VolumePath {
@@ -107,22 +112,121 @@ pub(crate) async fn show(
     Ok(Json(v))
 }
 
-/// `POST /v1/apps/{app}/volumes` → the new volume, its disk made on a host of the region.
+/// `POST /v1/apps/{app}/volumes` → the new volume, its disk made on a host of the region; with
+/// `snapshot_id` or `source_volume_id`, made from that source on its host ([`source_of`]).
 pub(crate) async fn create(
     State(state): State<ApiState>,
     caller: Caller,
     AppName(app): AppName,
-    JsonBody(req): JsonBody<CreateVolumeRequest>,
+    JsonBody(mut req): JsonBody<CreateVolumeRequest>,
 ) -> Result<Json<Volume>, HttpError> {
-    req.validate()?;
+    let from_source = req.snapshot_id.is_some() || req.source_volume_id.is_some();
+    if !from_source {
+        req.validate()?;
+    }
     let v = blocking(move || {
         visible_app(state.control(), &caller, &app)?;
-        let host = place(&state, &app, req.region.as_deref(), &req)?;
-        let record = create_on(&state, &app, &host, &req)?;
+        // A source fills the name and size the request left out, so the checks come after it.
+        let source = source_of(&state, &app, &mut req)?;
+        req.validate()?;
+        let (host, source) = match source {
+            Some((host, source)) => (host, Some(source)),
+            None => (place(&state, &app, req.region.as_deref(), &req)?, None),
+        };
+        let record = create_on(&state, &app, &host, &req, source)?;
         Ok(decorate(&state, record))
     })
     .await?;
     Ok(Json(v))
+}
+
+/// What a create with `snapshot_id` (a restore) or `source_volume_id` (a fork) starts from, and
+/// the host holding it, where the new volume must be made; `None` for an empty volume (and when
+/// both are given, which `validate` refuses). Fills the request's defaults from the source: the
+/// name (the snapshot's volume's, the source volume's) and the size (the snapshot's volume's
+/// size rounded up to GB, the source volume's). Answers 404 when the app has no such snapshot or
+/// volume (another app's are not found), 422 for a `region` other than the source's or a size
+/// below the source's.
+fn source_of(
+    state: &ApiState,
+    app: &str,
+    req: &mut CreateVolumeRequest,
+) -> Result<Option<(HostHandle, VolumeSource)>, HttpError> {
+    let (kind, name, region, size_gb, host, source) =
+        match (req.snapshot_id.as_deref(), req.source_volume_id.as_deref()) {
+            (Some(raw), None) => {
+                let id: SnapshotId = raw
+                    .parse()
+                    .map_err(|e| ApiError::bad_request(format!("snapshot_id: {e}")))?;
+                let snapshot = state
+                    .control()
+                    .get_snapshot(app, id.as_str())?
+                    .map(|s| s.value)
+                    .filter(|s| s.state == SnapshotState::Created)
+                    .ok_or_else(|| ApiError::not_found(format_args!("snapshot {id}")))?;
+                let size_gb = u32::try_from(snapshot.volume_size.div_ceil(GB))
+                    .map_err(|_| {
+                        HttpError::internal(format!(
+                            "snapshot {id} records a volume size of {} bytes",
+                            snapshot.volume_size
+                        ))
+                    })?
+                    .max(1);
+                (
+                    format!("snapshot {id}"),
+                    snapshot.volume_name,
+                    snapshot.region,
+                    size_gb,
+                    snapshot.host,
+                    VolumeSource::Snapshot(id),
+                )
+            }
+            (None, Some(raw)) => {
+                let id: VolumeId = raw
+                    .parse()
+                    .map_err(|e| ApiError::bad_request(format!("source_volume_id: {e}")))?;
+                let source = state
+                    .control()
+                    .get_volume(app, id.as_str())?
+                    .ok_or_else(|| ApiError::not_found(format_args!("volume {id}")))?
+                    .value;
+                (
+                    format!("volume {id}"),
+                    source.volume.name,
+                    source.volume.region,
+                    source.volume.size_gb,
+                    source.host,
+                    VolumeSource::Volume(id),
+                )
+            }
+            _ => return Ok(None),
+        };
+    if let Some(asked) = req.region.as_deref()
+        && asked != region
+    {
+        let what = match source {
+            VolumeSource::Snapshot(_) => "snapshots restore in their own region",
+            VolumeSource::Volume(_) => "a fork is made in its source's region",
+        };
+        return Err(ApiError::unprocessable(format!(
+            "{kind} is in region {region}, not {asked}: {what} (leave region out)"
+        ))
+        .into());
+    }
+    match req.size_gb {
+        Some(asked) if asked < size_gb => {
+            return Err(ApiError::unprocessable(format!(
+                "size_gb {asked} is smaller than {kind}'s {size_gb} GB: a volume made from it is at least as large"
+            ))
+            .into());
+        }
+        Some(_) => {}
+        None => req.size_gb = Some(size_gb),
+    }
+    if req.name.is_empty() {
+        req.name = name;
+    }
+    Ok(Some((state.hosts().get(&host)?.clone(), source)))
 }
 
 /// `PUT /v1/apps/{app}/volumes/{id}` → the volume with its snapshot settings changed.
@@ -302,12 +406,14 @@ fn place(
         .unwrap_or(first))
 }
 
-/// Records a volume on `host` and makes its disk there; the record goes if the disk can't be made.
+/// Records a volume on `host` and makes its disk there (from `source`, which `host` holds); the
+/// record goes if the disk can't be made.
 fn create_on(
     state: &ApiState,
     app: &str,
     host: &HostHandle,
     req: &CreateVolumeRequest,
+    source: Option<VolumeSource>,
 ) -> Result<VolumeRecord, HttpError> {
     let bytes = random::<16>().map_err(|e| HttpError::internal(format!("read random bytes: {e}")))?;
     let volume = Volume {
@@ -323,7 +429,7 @@ fn create_on(
         attached_alloc_id: None,
         created_at: aloft_api::rfc3339(crate::ids::now_ms()),
         host_status: None,
-        snapshot_retention: Some(req.snapshot_retention.unwrap_or(DEFAULT_SNAPSHOT_RETENTION)),
+        snapshot_retention: Some(req.snapshot_retention.unwrap_or(DEFAULT_SNAPSHOT_RETENTION_DAYS)),
         auto_backup_enabled: Some(req.auto_backup_enabled.unwrap_or(true)),
         block_size: None,
         blocks: None,
@@ -345,6 +451,7 @@ fn create_on(
         id: record.volume.id.clone(),
         app: app.to_owned(),
         size_gb: record.volume.size_gb,
+        source,
     });
     if let Err(e) = made {
         let _ = state
@@ -520,7 +627,7 @@ pub(crate) fn volume_for_release(
         Some(h) => state.hosts().get(h)?.clone(),
         None => place(state, app, Some(&region), &req)?,
     };
-    let record = create_on(state, app, &host, &req)?;
+    let record = create_on(state, app, &host, &req, None)?;
     config.mounts[0].volume = Some(record.volume.id.to_string());
     resolve_mount(state, app, config)
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_api::{ApiError, App, Lease, Machine, MachineEvent, Volume};
+use aloft_api::{ApiError, App, Lease, Machine, MachineEvent, SnapshotId, Volume, VolumeId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,53 @@ pub struct VolumeRecord {
     /// The volume as created, with the size and settings changed since. The machine it is
     /// attached to is not kept here: the host answers that (`attached_machine_id` is `None`).
     pub volume: Volume,
+}
+
+/// Where a snapshot is in its life ([`SnapshotRecord::state`]). Only `created` snapshots are
+/// listed and restored; the others are the record of an intent that a later pass finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    /// Recorded before its host is asked to take it: the host may or may not hold a copy of
+    /// this id yet. The taker marks it `created` once the host answered; a record left pending
+    /// (the taker crashed) is discarded by a later pass, which deletes the copy if there is one.
+    Pending,
+    /// Taken: the host holds the copy; `size`, `volume_size` and `digest` are the host's.
+    Created,
+    /// Being deleted: the copy is deleted on its host, then the record. A taker that finds its
+    /// pending record changed to this deletes the copy it made.
+    Deleting,
+}
+
+/// A volume snapshot as the control plane sees it, at `/volume-snapshots/{app}/{id}`: the API's
+/// `VolumeSnapshot` fields plus the volume it was taken of and the host holding the copy. It is
+/// kept after its volume is destroyed, until its retention runs out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The id.
+    pub id: SnapshotId,
+    /// The app it belongs to (a restore takes only its own app's snapshots).
+    pub app: String,
+    /// The volume it was taken of (which may be destroyed since).
+    pub volume_id: VolumeId,
+    /// That volume's name (a restore's default name).
+    pub volume_name: String,
+    /// That volume's region: a restore is made there.
+    pub region: String,
+    /// The host holding the copy: a restore is made there.
+    pub host: String,
+    /// When it was taken, unix milliseconds.
+    pub created_at_ms: i64,
+    /// Bytes the copy takes on its host (0 while pending).
+    pub size: u64,
+    /// The volume's size when taken, bytes (0 while pending).
+    pub volume_size: u64,
+    /// The host's digest of the copy (empty while pending).
+    pub digest: String,
+    /// Days it is kept from `created_at_ms`: the volume's `snapshot_retention` when it was taken.
+    pub retention_days: u32,
+    /// Where it is in its life.
+    pub state: SnapshotState,
 }
 
 /// An API token. The secret itself is never stored, only its SHA-256.
@@ -216,6 +263,22 @@ pub enum ControlError {
         /// The id.
         id: String,
     },
+    /// A snapshot with this id exists.
+    #[error("snapshot {id} already exists in app {app}")]
+    SnapshotExists {
+        /// The app.
+        app: String,
+        /// The id.
+        id: String,
+    },
+    /// A snapshot was to be recorded of a volume (or app) that has no record (any more).
+    #[error("volume {id} not found in app {app}")]
+    VolumeNotFound {
+        /// The app.
+        app: String,
+        /// The volume's id.
+        id: String,
+    },
     /// A token with this id exists.
     #[error("token {id} already exists")]
     TokenExists {
@@ -258,10 +321,12 @@ impl ControlError {
             Self::AppExists { name } => ApiError::name_taken(name),
             Self::MachineExists { .. }
             | Self::VolumeExists { .. }
+            | Self::SnapshotExists { .. }
             | Self::TokenExists { .. }
             | Self::CertClaimLost { .. } => ApiError::conflict(self.to_string()),
             Self::LeaseHeld { owner, expires_at } => ApiError::lease_held(owner, *expires_at),
             Self::LeaseNotFound { id } => ApiError::not_found(format!("lease on machine {id}")),
+            Self::VolumeNotFound { id, .. } => ApiError::not_found(format!("volume {id}")),
             Self::Store(StoreError::Conflict { .. }) => {
                 ApiError::conflict("the resource was changed by another request at the same time; retry")
             }
@@ -369,8 +434,10 @@ impl ControlStore {
         Ok(self.store.put_if(&key, encode(&key, app)?, expect, None)?)
     }
 
-    /// Deletes an app with every machine record, event, lease and secret of it, and its custom
-    /// domains' certificate records with their issuance claims; `false` if there was no such app.
+    /// Deletes an app with every machine record, event, lease, secret, volume record and
+    /// snapshot record of it, and its custom domains' certificate records with their issuance
+    /// claims; `false` if there was no such app. (Delete the disks and snapshot copies on their
+    /// hosts first: a record dropped here leaves nothing that names them.)
     pub fn delete_app(&self, name: &str) -> Result<bool, ControlError> {
         let key = keys::app(name)?;
         let mut txn = Txn::new()
@@ -381,6 +448,8 @@ impl ControlStore {
             .then(Op::DeletePrefix(format!("{}{name}/", keys::MACHINE_LEASES)))
             .then(Op::DeletePrefix(keys::secrets(name)?))
             .then(Op::DeletePrefix(keys::volumes(name)?))
+            // Another app of the same name (another organization's) must not find them.
+            .then(Op::DeletePrefix(keys::volume_snapshots(name)?))
             .then(Op::delete(keys::secrets_version(name)?));
         // Its custom domains (`/certs/{hostname}`, keyed by hostname, not by app): left behind,
         // they would keep routing to an app that is gone and block another app from adding them.
@@ -559,6 +628,64 @@ impl ControlStore {
     /// if there was none.
     pub fn delete_volume(&self, app: &str, id: &str, expect: Expect) -> Result<bool, ControlError> {
         Ok(self.store.delete_if(&keys::volume(app, id)?, expect)?)
+    }
+
+    /// Records a new snapshot, in one transaction that requires its app and its volume's record
+    /// to exist: [`ControlError::VolumeNotFound`] if either is gone (so a snapshot taken while
+    /// its app is destroyed leaves no record behind), [`ControlError::SnapshotExists`] if the id
+    /// is taken.
+    pub fn create_snapshot(&self, record: &SnapshotRecord) -> Result<Revision, ControlError> {
+        let key = keys::volume_snapshot(&record.app, record.id.as_str())?;
+        let resp = self.store.txn(
+            Txn::new()
+                .expect(&keys::app(&record.app)?, Expect::Present)
+                .expect(
+                    &keys::volume(&record.app, record.volume_id.as_str())?,
+                    Expect::Present,
+                )
+                .expect(&key, Expect::Absent)
+                .then(Op::put(key.clone(), encode(&key, record)?))
+                .or_else(Op::get(key.clone())),
+        )?;
+        if resp.succeeded {
+            return Ok(resp.revision);
+        }
+        match resp.results.first() {
+            Some(OpResult::Get(Some(_))) => Err(ControlError::SnapshotExists {
+                app: record.app.clone(),
+                id: record.id.to_string(),
+            }),
+            _ => Err(ControlError::VolumeNotFound {
+                app: record.app.clone(),
+                id: record.volume_id.to_string(),
+            }),
+        }
+    }
+
+    /// Writes a snapshot record if `expect` holds ([`StoreError::Conflict`] otherwise).
+    pub fn put_snapshot(&self, record: &SnapshotRecord, expect: Expect) -> Result<Revision, ControlError> {
+        let key = keys::volume_snapshot(&record.app, record.id.as_str())?;
+        Ok(self.store.put_if(&key, encode(&key, record)?, expect, None)?)
+    }
+
+    /// A snapshot record.
+    pub fn get_snapshot(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Option<Versioned<SnapshotRecord>>, ControlError> {
+        Ok(self.get(&keys::volume_snapshot(app, id)?)?)
+    }
+
+    /// Every snapshot record of an app (of all its volumes, destroyed ones included), by id.
+    pub fn list_snapshots(&self, app: &str) -> Result<Vec<Versioned<SnapshotRecord>>, ControlError> {
+        Ok(self.list(&keys::volume_snapshots(app)?, &RangeOptions::default())?)
+    }
+
+    /// Deletes a snapshot record if `expect` holds ([`StoreError::Conflict`] otherwise); `false`
+    /// if there was none.
+    pub fn delete_snapshot(&self, app: &str, id: &str, expect: Expect) -> Result<bool, ControlError> {
+        Ok(self.store.delete_if(&keys::volume_snapshot(app, id)?, expect)?)
     }
 
     /// Appends an event (keyed by its id, a ULID, so keys sort by time).

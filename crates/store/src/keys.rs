@@ -17,6 +17,7 @@
 //! | `/certs/{hostname}` | a TLS certificate of the edge (owned by `aloft-proxy`'s certificate store) |
 //! | `/cert-claims/{hostname}` | [`crate::CertClaim`]: the edge issuing that certificate now, on a store lease |
 //! | `/volumes/{app}/{volume_id}` | [`crate::VolumeRecord`]: a volume and the host holding its disk |
+//! | `/volume-snapshots/{app}/{snapshot_id}` | [`crate::SnapshotRecord`]: a volume snapshot and the host holding its copy (kept after its volume is destroyed) |
 
 use crate::StoreError;
 
@@ -46,6 +47,9 @@ pub const CERT_CLAIMS: &str = "/cert-claims/";
 pub const SECRETS: &str = "/secrets/";
 /// Volumes, by app.
 pub const VOLUMES: &str = "/volumes/";
+/// Volume snapshots, by app (not under [`VOLUMES`]: a snapshot outlives its volume, and an app's
+/// volume listing must not read its snapshots).
+pub const VOLUME_SNAPSHOTS: &str = "/volume-snapshots/";
 
 /// Checks one path segment of a key: non-empty, no `/`, no control characters, at most 200 bytes.
 pub fn segment(s: &str) -> Result<&str, StoreError> {
@@ -84,6 +88,16 @@ pub fn volumes(app: &str) -> Result<String, StoreError> {
 /// `/volumes/{app}/{id}`.
 pub fn volume(app: &str, id: &str) -> Result<String, StoreError> {
     Ok(format!("{}{}", volumes(app)?, segment(id)?))
+}
+
+/// `/volume-snapshots/{app}/`.
+pub fn volume_snapshots(app: &str) -> Result<String, StoreError> {
+    Ok(format!("{VOLUME_SNAPSHOTS}{}/", segment(app)?))
+}
+
+/// `/volume-snapshots/{app}/{id}`.
+pub fn volume_snapshot(app: &str, id: &str) -> Result<String, StoreError> {
+    Ok(format!("{}{}", volume_snapshots(app)?, segment(id)?))
 }
 
 /// `/machines/{app}/{id}`.
@@ -163,6 +177,16 @@ mod tests {
         assert!(token("a\nb").is_err());
         assert_eq!(secret("web", "DB").unwrap(), "/secrets/web/DB");
         assert_eq!(secrets_version("web").unwrap(), "/secrets/web");
+        assert_eq!(
+            volume_snapshot("web", "vs_1").unwrap(),
+            "/volume-snapshots/web/vs_1"
+        );
+        // Outside the app's volumes: listing volumes never reads snapshots.
+        assert!(
+            !volume_snapshot("web", "vs_1")
+                .unwrap()
+                .starts_with(&volumes("web").unwrap())
+        );
         assert_eq!(cert("www.example.com").unwrap(), "/certs/www.example.com");
         assert_eq!(
             cert_claim("www.example.com").unwrap(),

@@ -6,7 +6,7 @@
 //! [`SqliteStore`] implements it on one SQLite file for the embedded single-host aloftd; an etcd
 //! implementation for clusters fits the same trait. On top, [`ControlStore`] keeps the typed
 //! records of the control plane (apps, machines as the control plane sees them, machine events,
-//! machine leases, tokens, edges' claims on issuing certificates, volumes) under the layout of
+//! machine leases, tokens, edges' claims on issuing certificates, volumes, volume snapshots) under the layout of
 //! [`keys`]; later users (releases, secrets) take their own prefixes of the same key space.
 //!
 //! ```
@@ -48,7 +48,8 @@ mod watch;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use control::{
     CertClaim, CertClaimOutcome, ControlError, ControlStore, HeldCertClaim, MachineLeaseRequest,
-    MachineRecord, SecretRecord, SecretsSnapshot, SecretsVersion, TokenRecord, Versioned, VolumeRecord,
+    MachineRecord, SecretRecord, SecretsSnapshot, SecretsVersion, SnapshotRecord, SnapshotState, TokenRecord,
+    Versioned, VolumeRecord,
 };
 pub use error::{StoreError, WatchError};
 pub use follow::{Follower, follow};

@@ -8,8 +8,8 @@ mod tests {
     use aloft_api::{App, Machine, MachineEvent, MachineId, MachineState};
     use aloft_store::{
         CertClaimOutcome, ControlError, ControlStore, Expect, MachineLeaseRequest, MachineRecord,
-        ManualClock, Revision, SecretRecord, SqliteOptions, SqliteStore, StoreError, TokenRecord,
-        VolumeRecord,
+        ManualClock, Revision, SecretRecord, SnapshotRecord, SnapshotState, SqliteOptions, SqliteStore,
+        StoreError, TokenRecord, VolumeRecord,
     };
 
     fn control(dir: &tempfile::TempDir) -> (ControlStore, Arc<ManualClock>) {
@@ -234,6 +234,105 @@ mod tests {
         assert!(c.delete_app("web").unwrap());
         assert!(c.list_volumes("web").unwrap().is_empty());
         assert_eq!(c.list_volumes("other").unwrap().len(), 1);
+    }
+
+    fn snapshot(app: &str, id: &str, volume: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.parse().unwrap(),
+            app: app.into(),
+            volume_id: volume.parse().unwrap(),
+            volume_name: "data".into(),
+            region: "local".into(),
+            host: "host-1".into(),
+            created_at_ms: 1_700_000_000_000,
+            size: 0,
+            volume_size: 0,
+            digest: String::new(),
+            retention_days: 5,
+            state: SnapshotState::Pending,
+        }
+    }
+
+    #[test]
+    fn snapshot_records_need_their_volume_outlive_it_and_go_with_their_app() {
+        const V: &str = "vol_aaaaaaaaaaaaaaaa";
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _) = control(&dir);
+        // Neither the app nor the volume exists: nothing is recorded.
+        let pending = snapshot("web", "vs_aaaaaaaaaaaaaaaa", V);
+        let err = c.create_snapshot(&pending).unwrap_err();
+        assert!(matches!(err, ControlError::VolumeNotFound { .. }), "{err}");
+        assert_eq!(err.to_api().status(), 404);
+        c.create_app(&app("web")).unwrap();
+        let err = c.create_snapshot(&pending).unwrap_err();
+        assert!(matches!(err, ControlError::VolumeNotFound { .. }), "{err}");
+        assert!(c.list_snapshots("web").unwrap().is_empty());
+
+        c.create_volume(&volume("web", V)).unwrap();
+        let r1 = c.create_snapshot(&pending).unwrap();
+        let err = c.create_snapshot(&pending).unwrap_err();
+        assert!(matches!(err, ControlError::SnapshotExists { .. }), "{err}");
+        assert_eq!(err.to_api().status(), 409);
+        // Taken: compare-and-swap from the pending record's revision.
+        let taken = SnapshotRecord {
+            state: SnapshotState::Created,
+            size: 4096,
+            volume_size: 1 << 30,
+            digest: "sha256:00".into(),
+            ..pending.clone()
+        };
+        let r2 = c.put_snapshot(&taken, Expect::Revision(r1)).unwrap();
+        let err = c.put_snapshot(&taken, Expect::Revision(r1)).unwrap_err();
+        assert!(
+            matches!(err, ControlError::Store(StoreError::Conflict { .. })),
+            "{err}"
+        );
+        let got = c.get_snapshot("web", "vs_aaaaaaaaaaaaaaaa").unwrap().unwrap();
+        assert_eq!((got.value, got.revision), (taken.clone(), r2));
+        // The JSON names its state in lowercase.
+        let raw = c
+            .store()
+            .get("/volume-snapshots/web/vs_aaaaaaaaaaaaaaaa")
+            .unwrap()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&raw.value).unwrap();
+        assert_eq!(json["state"], "created");
+        assert_eq!(json["volume_id"], V);
+
+        c.create_snapshot(&snapshot("web", "vs_bbbbbbbbbbbbbbbb", V))
+            .unwrap();
+        // Its volume's record goes; the snapshots stay, and none is listed with the volumes.
+        assert!(c.delete_volume("web", V, Expect::Present).unwrap());
+        assert!(c.list_volumes("web").unwrap().is_empty());
+        let ids: Vec<String> = c
+            .list_snapshots("web")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.value.id.to_string())
+            .collect();
+        assert_eq!(ids, ["vs_aaaaaaaaaaaaaaaa", "vs_bbbbbbbbbbbbbbbb"]);
+        assert!(
+            c.delete_snapshot("web", "vs_bbbbbbbbbbbbbbbb", Expect::Present)
+                .unwrap()
+        );
+        assert!(c.get_snapshot("web", "vs_bbbbbbbbbbbbbbbb").unwrap().is_none());
+        let err = c
+            .delete_snapshot("web", "vs_aaaaaaaaaaaaaaaa", Expect::Revision(r1))
+            .unwrap_err();
+        assert!(
+            matches!(err, ControlError::Store(StoreError::Conflict { .. })),
+            "{err}"
+        );
+
+        // Another app's snapshots are its own; deleting an app takes its snapshot records.
+        c.create_app(&app("webby")).unwrap();
+        c.create_volume(&volume("webby", V)).unwrap();
+        c.create_snapshot(&snapshot("webby", "vs_cccccccccccccccc", V))
+            .unwrap();
+        assert!(c.get_snapshot("web", "vs_cccccccccccccccc").unwrap().is_none());
+        assert!(c.delete_app("web").unwrap());
+        assert!(c.list_snapshots("web").unwrap().is_empty());
+        assert_eq!(c.list_snapshots("webby").unwrap().len(), 1);
     }
 
     fn event(id: &str, kind: &str) -> MachineEvent {
