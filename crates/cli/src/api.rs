@@ -92,6 +92,8 @@ pub(crate) enum Subject<'a> {
     Machine { app: &'a str, id: &'a str },
     /// A volume of an app.
     Volume { app: &'a str, id: &'a str },
+    /// A volume snapshot of an app (restoring it).
+    Snapshot { app: &'a str, id: &'a str },
 }
 
 /// A client error as the user should read it, with the exit code (3 unknown app, machine or
@@ -124,6 +126,23 @@ pub(crate) fn api_error(e: ClientError, settings: &ApiSettings, subject: Subject
                     Some(format!("aloft volumes list -a {app} shows its volumes")),
                     EXIT_NOT_FOUND,
                 )
+            }
+        }
+        (ClientError::Api { status: 404, message }, Subject::Snapshot { app, id }) => {
+            let lower = message.trim_start().to_ascii_lowercase();
+            if lower.starts_with("app") {
+                app_not_found(app)
+            } else if lower.contains("snapshot") {
+                user(
+                    format!("snapshot {id} not found in app {app}"),
+                    Some(format!(
+                        "aloft volumes snapshots list VOLUME_ID -a {app} shows a volume's snapshots \
+                         (aloft volumes list -a {app} shows the volumes)"
+                    )),
+                    EXIT_NOT_FOUND,
+                )
+            } else {
+                user(e.to_string(), None, EXIT_NOT_FOUND)
             }
         }
         (ClientError::Api { status: 401, .. }, _) => {
@@ -359,6 +378,26 @@ mod tests {
         assert_eq!(code, EXIT_NOT_FOUND);
         let e = api_error(api("app not found"), &settings, volume);
         assert_eq!(crate::errors::describe(&e).0, "app web not found");
+        let snapshot = Subject::Snapshot {
+            app: "web",
+            id: "vs_0000000000000000",
+        };
+        let e = api_error(api("snapshot vs_0000000000000000 not found"), &settings, snapshot);
+        let (message, hint, code) = crate::errors::describe(&e);
+        assert_eq!(message, "snapshot vs_0000000000000000 not found in app web");
+        assert!(
+            hint.as_deref()
+                .is_some_and(|h| h.starts_with("aloft volumes snapshots list VOLUME_ID -a web")),
+            "{hint:?}"
+        );
+        assert_eq!(code, EXIT_NOT_FOUND);
+        let e = api_error(api("app not found"), &settings, snapshot);
+        assert_eq!(crate::errors::describe(&e).0, "app web not found");
+        let e = api_error(api("region ams not found"), &settings, snapshot);
+        assert_eq!(
+            crate::errors::describe(&e),
+            ("region ams not found (HTTP 404)".to_owned(), None, EXIT_NOT_FOUND)
+        );
         let held = ClientError::Api {
             status: 409,
             message: "lease currently held by me@example.com".into(),

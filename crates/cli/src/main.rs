@@ -91,7 +91,7 @@ enum Command {
     Ssh(ssh::SshCommand),
     /// Proxy a local port to a port of a machine, through aloftd (no WireGuard).
     Proxy(proxy::ProxyArgs),
-    /// Persistent volumes: create, list, show, extend, update, destroy.
+    /// Persistent volumes: create, list, show, extend, update, fork, snapshots, destroy.
     #[command(subcommand, visible_alias = "vol", alias = "volume")]
     Volumes(volumes::VolumesCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -193,6 +193,9 @@ mod tests {
             "uncordon",
             "volumes",
             "--scheduled-snapshots",
+            "--snapshot-id",
+            "fork",
+            "snapshots",
             "ssh",
             "--no-pty",
             "proxy",

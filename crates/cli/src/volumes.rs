@@ -1,17 +1,21 @@
 //! `aloft volumes` (aliases `volume`, `vol`): an app's persistent disks, with flyctl's grammar
-//! and output. `create NAME` makes volumes (`--count`), `list` shows flyctl's table, `show` one
-//! volume, `extend` grows one, `update` changes its snapshot settings, `destroy` deletes volumes
-//! and their data after asking. A machine mounts a volume through its config: `aloft machine run
-//! --volume vol_…:/data`, or `[[mounts]]` in aloft.toml on deploy.
+//! and output. `create NAME` makes volumes (`--count`; `--snapshot-id` restores a snapshot),
+//! `list` shows flyctl's table, `show` one volume, `extend` grows one, `update` changes its
+//! snapshot settings, `fork` copies one, `snapshots list|create` lists a volume's snapshots and
+//! takes one, `destroy` deletes volumes and their data after asking. A machine mounts a volume
+//! through its config: `aloft machine run --volume vol_…:/data`, or `[[mounts]]` in aloft.toml on
+//! deploy.
 //!
 //! aloft's volumes are not encrypted at rest (aloftd refuses `encrypted: true`), so the CLI
 //! always asks for `encrypted: false`; `--no-encryption` is accepted for flyctl's scripts.
-//! Snapshots are not taken yet: their settings are recorded, there are no snapshot commands.
+//! Snapshots, restores and forks answer once the copy is made (flyctl's snapshot is scheduled
+//! and its command returns at once), so the CLI prints what was made.
 
 use std::str::FromStr as _;
 
 use aloft_api::{
-    CreateVolumeRequest, HostStatus, MAX_VOLUME_SIZE_GB, UpdateVolumeRequest, Volume, VolumeId, VolumeState,
+    CreateVolumeRequest, DEFAULT_VOLUME_SIZE_GB, HostStatus, MAX_VOLUME_SIZE_GB, SnapshotId,
+    UpdateVolumeRequest, Volume, VolumeId, VolumeSnapshot, VolumeState,
 };
 use aloft_client::ClientError;
 use clap::{Args, Subcommand};
@@ -34,9 +38,25 @@ pub(crate) enum VolumesCommand {
     Extend(ExtendArgs),
     /// Change a volume's snapshot settings.
     Update(UpdateArgs),
+    /// Fork a volume: a new volume holding a copy of its data as it is now, on the same host.
+    Fork(ForkArgs),
+    /// A volume's snapshots: list them, take one (restore one with `volumes create
+    /// --snapshot-id`).
+    #[command(subcommand, visible_alias = "snapshot", alias = "snaps")]
+    Snapshots(SnapshotsCommand),
     /// Destroy volumes and their data (asks first unless --yes).
     #[command(visible_aliases = ["delete", "rm"])]
     Destroy(DestroyArgs),
+}
+
+/// `aloft volumes snapshots …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotsCommand {
+    /// List a volume's snapshots, newest first.
+    #[command(visible_alias = "ls")]
+    List(SnapshotsListArgs),
+    /// Take a snapshot of a volume now.
+    Create(SnapshotsCreateArgs),
 }
 
 /// `aloft volumes create`.
@@ -48,19 +68,23 @@ pub(crate) struct CreateArgs {
     name: String,
     #[command(flatten)]
     app: AppArg,
-    /// Size in GB.
-    #[arg(short = 's', long, value_name = "GB", default_value = "1", value_parser = parse_size)]
-    size: u32,
-    /// The region [default: aloftd's].
+    /// Size in GB [default: 1, or the snapshot's size with --snapshot-id].
+    #[arg(short = 's', long, value_name = "GB", value_parser = parse_size)]
+    size: Option<u32>,
+    /// The region [default: aloftd's, or the snapshot's with --snapshot-id].
     #[arg(short = 'r', long, value_name = "REGION")]
     region: Option<String>,
     /// How many volumes to create.
     #[arg(short = 'n', long, value_name = "N", default_value = "1", value_parser = clap::value_parser!(u32).range(1..=100))]
     count: u32,
-    /// Days to keep snapshots, 1 to 60 (recorded; aloft takes no snapshots yet).
+    /// Restore this snapshot (vs_…): the volume starts with its data, in its region
+    /// (`aloft volumes snapshots list VOLUME_ID` shows a volume's snapshots).
+    #[arg(long, value_name = "ID")]
+    snapshot_id: Option<String>,
+    /// Days to keep the volume's snapshots, 1 to 60 [default: 5].
     #[arg(long, value_name = "DAYS", value_parser = parse_retention)]
     snapshot_retention: Option<u32>,
-    /// Take scheduled snapshots: true or false (recorded; aloft takes no snapshots yet).
+    /// Take scheduled snapshots: true or false.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     scheduled_snapshots: Option<bool>,
     /// Place each volume on a host holding no other volume of this name: true or false (aloftd
@@ -139,6 +163,51 @@ pub(crate) struct UpdateArgs {
     json: bool,
 }
 
+/// `aloft volumes fork`.
+#[derive(Debug, Args)]
+pub(crate) struct ForkArgs {
+    /// The id of the volume to copy (vol_…).
+    #[arg(value_name = "ID")]
+    id: String,
+    #[command(flatten)]
+    app: AppArg,
+    /// The new volume's name [default: the source's].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// The region [default: the source's; a fork is made on its source's host].
+    #[arg(short = 'r', long, value_name = "REGION")]
+    region: Option<String>,
+    /// Print the new volume as JSON (the API's object).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `aloft volumes snapshots list`.
+#[derive(Debug, Args)]
+pub(crate) struct SnapshotsListArgs {
+    /// The volume's id (vol_…); a destroyed volume's snapshots are listed until they expire.
+    #[arg(value_name = "VOLUME_ID")]
+    id: String,
+    #[command(flatten)]
+    app: AppArg,
+    /// Print the snapshots as JSON (the API's objects).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `aloft volumes snapshots create`.
+#[derive(Debug, Args)]
+pub(crate) struct SnapshotsCreateArgs {
+    /// The volume's id (vol_…).
+    #[arg(value_name = "VOLUME_ID")]
+    id: String,
+    #[command(flatten)]
+    app: AppArg,
+    /// Print the snapshot as JSON (the API's object).
+    #[arg(long)]
+    json: bool,
+}
+
 /// `aloft volumes destroy`.
 #[derive(Debug, Args)]
 pub(crate) struct DestroyArgs {
@@ -194,6 +263,20 @@ pub(crate) fn parse_id(text: &str, app: Option<&str>) -> anyhow::Result<VolumeId
     })
 }
 
+/// The snapshot id as given, checked: `vs_` and lowercase letters and digits.
+fn parse_snapshot_id(text: &str, app: &str) -> anyhow::Result<SnapshotId> {
+    SnapshotId::from_str(text.trim()).map_err(|e| {
+        UserError {
+            message: format!("{text:?} is not a snapshot id: {}", e.expected),
+            hint: Some(format!(
+                "aloft volumes snapshots list VOLUME_ID -a {app} shows a volume's snapshots"
+            )),
+            code: 2,
+        }
+        .into()
+    })
+}
+
 /// A client, its settings and the app it acts on.
 type Target = crate::api::AppTarget;
 
@@ -232,6 +315,9 @@ pub(crate) async fn run(ctx: &Context, cmd: VolumesCommand) -> anyhow::Result<()
         }
         VolumesCommand::Extend(args) => extend(ctx, args).await,
         VolumesCommand::Update(args) => update(ctx, args).await,
+        VolumesCommand::Fork(args) => fork(ctx, args).await,
+        VolumesCommand::Snapshots(SnapshotsCommand::List(args)) => snapshots_list(ctx, args).await,
+        VolumesCommand::Snapshots(SnapshotsCommand::Create(args)) => snapshots_create(ctx, args).await,
         VolumesCommand::Destroy(args) => destroy(ctx, args).await,
     }
 }
@@ -246,22 +332,42 @@ async fn create(ctx: &Context, args: CreateArgs) -> anyhow::Result<()> {
     // and aloft does not ask before creating one.
     let _ = (args.no_encryption, args.yes);
     let t = Target::new(ctx, &args.app)?;
+    let snapshot = args
+        .snapshot_id
+        .as_deref()
+        .map(|s| parse_snapshot_id(s, &t.app))
+        .transpose()?;
     let request = CreateVolumeRequest {
         name: args.name.clone(),
         region: args.region.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()),
-        size_gb: Some(args.size),
+        // A restore is the snapshot's size unless told otherwise.
+        size_gb: args
+            .size
+            .or_else(|| snapshot.is_none().then_some(DEFAULT_VOLUME_SIZE_GB)),
         encrypted: Some(false),
         require_unique_zone: args.require_unique_zone,
+        snapshot_id: snapshot.as_ref().map(|s| s.as_str().to_owned()),
         snapshot_retention: args.snapshot_retention,
         auto_backup_enabled: args.scheduled_snapshots,
         ..CreateVolumeRequest::default()
+    };
+    let err = |e: ClientError| match &snapshot {
+        Some(id) => api_error(
+            e,
+            &t.settings,
+            Subject::Snapshot {
+                app: &t.app,
+                id: id.as_str(),
+            },
+        ),
+        None => t.app_err()(e),
     };
     for i in 0..args.count {
         let volume = t
             .client
             .volume_create(&t.app, &request)
             .await
-            .map_err(t.app_err())
+            .map_err(err)
             .map_err(|e| {
                 if i == 0 {
                     e
@@ -344,6 +450,82 @@ async fn update(ctx: &Context, args: UpdateArgs) -> anyhow::Result<()> {
         return print_json(&volume);
     }
     print!("{}", details(&volume, &t.app, false));
+    Ok(())
+}
+
+async fn fork(ctx: &Context, args: ForkArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.name {
+        aloft_api::validate_volume_name(name).map_err(|e| UserError {
+            message: e.message().to_owned(),
+            hint: Some("e.g. aloft volumes fork vol_… --name data_copy".to_owned()),
+            code: 2,
+        })?;
+    }
+    let t = Target::new(ctx, &args.app)?;
+    let id = parse_id(&args.id, Some(&t.app))?;
+    // As flyctl does: the source first, for its name (and an unknown id says so plainly).
+    let source = t
+        .client
+        .volume_get(&t.app, id.as_str())
+        .await
+        .map_err(t.volume_err(&id))?;
+    let request = CreateVolumeRequest {
+        name: args.name.unwrap_or(source.name),
+        // A fork is made on its source's host: aloftd refuses another region, saying so.
+        region: args.region.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()),
+        encrypted: Some(false),
+        source_volume_id: Some(id.as_str().to_owned()),
+        ..CreateVolumeRequest::default()
+    };
+    let volume = t
+        .client
+        .volume_create(&t.app, &request)
+        .await
+        .map_err(t.volume_err(&id))?;
+    if args.json {
+        return print_json(&volume);
+    }
+    print!("{}", details(&volume, &t.app, false));
+    Ok(())
+}
+
+async fn snapshots_list(ctx: &Context, args: SnapshotsListArgs) -> anyhow::Result<()> {
+    let t = Target::new(ctx, &args.app)?;
+    let id = parse_id(&args.id, Some(&t.app))?;
+    let mut snapshots = t
+        .client
+        .volume_snapshots(&t.app, id.as_str())
+        .await
+        .map_err(t.volume_err(&id))?;
+    // Newest first (aloftd's order); snapshots taken in the same second keep it.
+    snapshots.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    if args.json {
+        return print_json(&snapshots);
+    }
+    if snapshots.is_empty() {
+        println!("No snapshots available for volume {id}");
+        return Ok(());
+    }
+    print!("{}", snapshot_table(&snapshots));
+    Ok(())
+}
+
+async fn snapshots_create(ctx: &Context, args: SnapshotsCreateArgs) -> anyhow::Result<()> {
+    let t = Target::new(ctx, &args.app)?;
+    let id = parse_id(&args.id, Some(&t.app))?;
+    let snapshot = t
+        .client
+        .create_volume_snapshot(&t.app, id.as_str())
+        .await
+        .map_err(t.volume_err(&id))?;
+    if args.json {
+        return print_json(&snapshot);
+    }
+    println!(
+        "Snapshot {} of volume {id} created ({})",
+        snapshot.id,
+        crate::progress::bytes(snapshot.size)
+    );
     Ok(())
 }
 
@@ -484,6 +666,23 @@ fn table(volumes: &[Volume]) -> String {
     out
 }
 
+/// flyctl's snapshot table: ID STATUS SIZE CREATED AT RETENTION DAYS, sizes as people write them.
+fn snapshot_table(snapshots: &[VolumeSnapshot]) -> String {
+    let rows: Vec<Vec<String>> = snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.status.clone(),
+                crate::progress::bytes(s.size),
+                s.created_at.clone(),
+                s.retention_days.to_string(),
+            ]
+        })
+        .collect();
+    crate::api::table(&["ID", "STATUS", "SIZE", "CREATED AT", "RETENTION DAYS"], &rows)
+}
+
 /// flyctl's volume block (labels right-aligned to 20 columns); `more` adds the machine that
 /// mounts it, the filesystem's use and an unreachable host (`show`).
 fn details(v: &Volume, app: &str, more: bool) -> String {
@@ -591,6 +790,88 @@ mod tests {
         assert!(!details(&volume(), "web", false).contains("Attached VM"));
     }
 
+    fn snapshot(id: &str, created_at: &str, size: u64) -> VolumeSnapshot {
+        VolumeSnapshot {
+            id: id.parse().unwrap(),
+            created_at: created_at.to_owned(),
+            digest: "sha256:00".to_owned(),
+            retention_days: 5,
+            size,
+            status: aloft_api::SNAPSHOT_CREATED.to_owned(),
+            volume_size: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn the_snapshot_table_has_flyctls_columns() {
+        let text = snapshot_table(&[
+            snapshot("vs_2b6lx0rq8ejzd3ky", "2026-01-02T03:04:05Z", 1_572_864),
+            snapshot("vs_0000000000000000", "2026-01-01T03:04:05Z", 0),
+        ]);
+        assert_eq!(
+            text,
+            "ID                    STATUS    SIZE      CREATED AT             RETENTION DAYS\n\
+             vs_2b6lx0rq8ejzd3ky   created   1.5 MiB   2026-01-02T03:04:05Z   5\n\
+             vs_0000000000000000   created   0 B       2026-01-01T03:04:05Z   5\n"
+        );
+    }
+
+    /// The grammar: flyctl's words and aliases, the volume id where flyctl takes it.
+    #[test]
+    fn snapshot_and_fork_commands_parse() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: VolumesCommand,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("volumes").chain(args.iter().copied()))
+                .map(|c| c.cmd)
+        };
+        for words in [["snapshots", "list"], ["snapshot", "ls"], ["snaps", "list"]] {
+            let args = [words[0], words[1], "vol_4yx0jvqe1x1dj7gr", "-a", "web", "--json"];
+            let Ok(VolumesCommand::Snapshots(SnapshotsCommand::List(l))) = parse(&args) else {
+                panic!("{words:?}");
+            };
+            assert_eq!(l.id, "vol_4yx0jvqe1x1dj7gr");
+            assert_eq!(l.app.app.as_deref(), Some("web"));
+            assert!(l.json);
+        }
+        let Ok(VolumesCommand::Snapshots(SnapshotsCommand::Create(c))) =
+            parse(&["snapshots", "create", "vol_4yx0jvqe1x1dj7gr"])
+        else {
+            panic!("snapshots create");
+        };
+        assert!(!c.json);
+        assert!(
+            parse(&["snapshots", "create"]).is_err(),
+            "a volume id is required"
+        );
+        let Ok(VolumesCommand::Create(c)) = parse(&["create", "data", "--snapshot-id", "vs_1"]) else {
+            panic!("create --snapshot-id");
+        };
+        assert_eq!(c.snapshot_id.as_deref(), Some("vs_1"));
+        assert_eq!(
+            c.size, None,
+            "a restore is the snapshot's size unless told otherwise"
+        );
+        let Ok(VolumesCommand::Fork(f)) = parse(&[
+            "fork",
+            "vol_4yx0jvqe1x1dj7gr",
+            "--name",
+            "copy",
+            "-r",
+            "local",
+            "--json",
+        ]) else {
+            panic!("fork");
+        };
+        assert_eq!(
+            (f.id.as_str(), f.name.as_deref(), f.region.as_deref(), f.json),
+            ("vol_4yx0jvqe1x1dj7gr", Some("copy"), Some("local"), true)
+        );
+    }
+
     #[test]
     fn sizes_ids_and_retention_are_checked() {
         assert_eq!(parse_size("10"), Ok(10));
@@ -611,5 +892,24 @@ mod tests {
         assert!(message.starts_with("\"data\" is not a volume id"), "{message}");
         assert!(hint.unwrap().contains("aloft volumes list -a web"));
         assert_eq!(code, 2);
+        assert_eq!(
+            parse_snapshot_id(" vs_2b6lx0rq8ejzd3ky ", "web")
+                .unwrap()
+                .as_str(),
+            "vs_2b6lx0rq8ejzd3ky"
+        );
+        for bad in ["vol_4yx0jvqe1x1dj7gr", "vs_", "VS_1", "snap"] {
+            let e = parse_snapshot_id(bad, "web").unwrap_err();
+            let (message, hint, code) = crate::errors::describe(&e);
+            assert!(
+                message.contains("is not a snapshot id: vs_ followed by"),
+                "{message}"
+            );
+            assert_eq!(
+                hint.as_deref(),
+                Some("aloft volumes snapshots list VOLUME_ID -a web shows a volume's snapshots")
+            );
+            assert_eq!(code, 2);
+        }
     }
 }

@@ -314,6 +314,13 @@ mod tests {
         let out = env.aloft(&["machine", "clone", &src, "-a", "web", "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stderr(&out).contains("--attach-volume"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "aloft volumes fork {vol} -a web, then --attach-volume NEW_ID:/srv"
+            )),
+            "{}",
+            stderr(&out)
+        );
         let plain: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(plain["config"].get("mounts").is_none(), "{plain}");
         env.ok(&["volumes", "create", "pg_data", "-a", "web"]);
@@ -424,6 +431,297 @@ mod tests {
         assert!(err.contains("vol_0000000000000000"), "{err}");
         let machines = env.json(&["machine", "list", "-a", "web", "--json"]);
         assert_eq!(machines.as_array().unwrap().len(), 0, "{machines}");
+    }
+
+    /// The cells of a table's lines (columns are separated by three spaces or more).
+    fn cells(line: &str) -> Vec<&str> {
+        line.split("   ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn snapshots_restores_and_forks() {
+        let env = Env::start();
+        env.ok(&["apps", "create", "web"]);
+        let volume = env.json(&["volumes", "create", "data", "-a", "web", "--size", "2", "--json"]);
+        let vol = str_of(&volume, "id").to_owned();
+
+        // None yet: flyctl's sentence, and an empty array.
+        let out = env.ok(&["volumes", "snapshots", "list", &vol, "-a", "web"]);
+        assert_eq!(out, format!("No snapshots available for volume {vol}\n"));
+        let none = env.json(&["volumes", "snapshots", "ls", &vol, "-a", "web", "--json"]);
+        assert_eq!(none, serde_json::json!([]));
+
+        // create: one now, said in a line with its size on the host (the fake's 8 MiB).
+        let out = env.ok(&["volumes", "snapshots", "create", &vol, "-a", "web"]);
+        let first = out
+            .strip_prefix("Snapshot ")
+            .and_then(|rest| rest.strip_suffix(&format!(" of volume {vol} created (8.0 MiB)\n")))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_owned();
+        assert!(first.starts_with("vs_"), "{out}");
+        // Timestamps have whole seconds: the second is newer than the first.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let second = env.json(&["vol", "snapshot", "create", &vol, "-a", "web", "--json"]);
+        let second_id = str_of(&second, "id").to_owned();
+        assert!(second_id.starts_with("vs_") && second_id != first, "{second}");
+        assert_eq!(second["status"], "created", "{second}");
+        assert_eq!(second["retention_days"], 5, "{second}");
+        assert_eq!(second["size"], 8 << 20, "{second}");
+        assert_eq!(second["volume_size"], 2u64 << 30, "{second}");
+        assert!(str_of(&second, "digest").starts_with("sha256:"), "{second}");
+
+        // list: flyctl's columns, newest first, sizes as people write them.
+        let table = env.ok(&["volumes", "snapshots", "list", &vol, "-a", "web"]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            cells(lines[0]),
+            ["ID", "STATUS", "SIZE", "CREATED AT", "RETENTION DAYS"],
+            "{table}"
+        );
+        assert_eq!(lines.len(), 3, "{table}");
+        for (line, id) in lines[1..].iter().zip([&second_id, &first]) {
+            let row = cells(line);
+            assert_eq!(row[0], id.as_str(), "newest first: {table}");
+            assert_eq!(&row[1..3], ["created", "8.0 MiB"], "{table}");
+            assert!(row[3].ends_with('Z'), "{table}");
+            assert_eq!(row[4], "5", "{table}");
+        }
+        let listed = env.json(&["volumes", "snapshots", "list", &vol, "-a", "web", "--json"]);
+        let ids: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| str_of(s, "id"))
+            .collect();
+        assert_eq!(ids, [second_id.as_str(), first.as_str()], "{listed}");
+        assert_eq!(listed[0], second, "the listing shows what create answered");
+
+        // A later retention applies to the snapshots taken after it.
+        env.ok(&[
+            "volumes",
+            "update",
+            &vol,
+            "-a",
+            "web",
+            "--snapshot-retention",
+            "9",
+        ]);
+        let third = env.json(&["volumes", "snapshots", "create", &vol, "-a", "web", "--json"]);
+        assert_eq!(third["retention_days"], 9, "{third}");
+
+        // Restore: a new volume of the snapshot's size, named as asked; or larger with --size.
+        let restored = env.json(&[
+            "volumes",
+            "create",
+            "restored",
+            "--snapshot-id",
+            &first,
+            "-a",
+            "web",
+            "--json",
+        ]);
+        let restored_id = str_of(&restored, "id").to_owned();
+        assert_ne!(restored_id, vol);
+        assert_eq!(restored["name"], "restored", "{restored}");
+        assert_eq!(restored["size_gb"], 2, "the snapshot's size: {restored}");
+        assert_eq!(restored["state"], "created", "{restored}");
+        assert_eq!(restored["region"], volume["region"], "{restored}");
+        let out = env.ok(&[
+            "volumes",
+            "create",
+            "bigger",
+            "--snapshot-id",
+            &second_id,
+            "-s",
+            "5",
+            "-a",
+            "web",
+        ]);
+        assert!(out.contains("                Name: bigger\n"), "{out}");
+        assert!(out.contains("             Size GB: 5\n"), "{out}");
+        let err = env.fails(
+            &[
+                "volumes",
+                "create",
+                "smaller",
+                "--snapshot-id",
+                &first,
+                "-s",
+                "1",
+                "-a",
+                "web",
+            ],
+            1,
+        );
+        assert!(err.contains("smaller than"), "{err}");
+
+        // Fork: the source's name and size by default, a new id; --name names it.
+        let fork = env.json(&["volumes", "fork", &vol, "-a", "web", "--json"]);
+        let fork_id = str_of(&fork, "id").to_owned();
+        assert_ne!(fork_id, vol);
+        assert_eq!(fork["name"], "data", "{fork}");
+        assert_eq!(fork["size_gb"], 2, "{fork}");
+        assert_eq!(fork["region"], volume["region"], "{fork}");
+        let out = env.ok(&["volumes", "fork", &vol, "--name", "copy", "-a", "web"]);
+        assert!(out.starts_with("                  ID: vol_"), "{out}");
+        assert!(!out.contains(&format!("ID: {vol}\n")), "a new volume: {out}");
+        assert!(out.contains("                Name: copy\n"), "{out}");
+        assert!(out.contains("             Size GB: 2\n"), "{out}");
+        assert!(out.contains("                 App: web\n"), "{out}");
+        let mut names: Vec<String> = env
+            .volumes("web")
+            .iter()
+            .map(|v| str_of(v, "name").to_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["bigger", "copy", "data", "data", "restored"]);
+        // A fork has no snapshots of its own.
+        let out = env.ok(&["volumes", "snapshots", "list", &fork_id, "-a", "web"]);
+        assert!(out.starts_with("No snapshots available"), "{out}");
+
+        // The volume goes, its snapshots stay: listed under its id, and restored.
+        env.ok(&["volumes", "destroy", &vol, "-a", "web", "--yes"]);
+        let kept = env.json(&["volumes", "snapshots", "list", &vol, "-a", "web", "--json"]);
+        assert_eq!(kept.as_array().unwrap().len(), 3, "{kept}");
+        let again = env.json(&[
+            "volumes",
+            "create",
+            "again",
+            "--snapshot-id",
+            &first,
+            "-a",
+            "web",
+            "--json",
+        ]);
+        assert_eq!(again["size_gb"], 2, "{again}");
+        // But no new snapshot of it is taken.
+        let err = env.fails(&["volumes", "snapshots", "create", &vol, "-a", "web"], 3);
+        assert!(
+            err.contains(&format!("volume {vol} not found in app web")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn snapshot_mistakes_are_refused_with_what_to_do() {
+        let env = Env::start();
+        env.ok(&["apps", "create", "web"]);
+        env.ok(&["apps", "create", "other"]);
+        let volume = env.json(&["volumes", "create", "data", "-a", "web", "--json"]);
+        let vol = str_of(&volume, "id").to_owned();
+        let theirs = env.json(&["volumes", "create", "data", "-a", "other", "--json"]);
+        let theirs = str_of(&theirs, "id").to_owned();
+        let their_snapshot = env.json(&["volumes", "snapshots", "create", &theirs, "-a", "other", "--json"]);
+        let their_snapshot = str_of(&their_snapshot, "id").to_owned();
+
+        // Names are not ids, for the volume and for the snapshot; nothing is sent.
+        for args in [
+            ["volumes", "snapshots", "list", "data"],
+            ["volumes", "snapshots", "create", "data"],
+            ["volumes", "fork", "data", "--json"],
+        ] {
+            let mut args = args.to_vec();
+            args.extend(["-a", "web"]);
+            let err = env.fails(&args, 2);
+            assert!(err.contains("\"data\" is not a volume id"), "{args:?}: {err}");
+            assert!(err.contains("aloft volumes list -a web shows the ids"), "{err}");
+        }
+        let err = env.fails(
+            &[
+                "volumes",
+                "create",
+                "data",
+                "--snapshot-id",
+                "latest",
+                "-a",
+                "web",
+            ],
+            2,
+        );
+        assert!(err.contains("\"latest\" is not a snapshot id"), "{err}");
+        assert!(
+            err.contains("hint: aloft volumes snapshots list VOLUME_ID -a web"),
+            "{err}"
+        );
+        let err = env.fails(&["volumes", "fork", &vol, "--name", "My-Copy", "-a", "web"], 2);
+        assert!(err.contains("invalid volume name"), "{err}");
+        let err = env.fails(&["volumes", "snapshots", "create", "-a", "web"], 2);
+        assert!(err.contains("VOLUME_ID"), "{err}");
+
+        // Unknown ones (another app's are unknown here): exit 3, what to run instead.
+        for args in [
+            vec!["volumes", "snapshots", "list", "vol_0000000000000000"],
+            vec!["volumes", "snapshots", "create", "vol_0000000000000000"],
+            vec!["volumes", "fork", "vol_0000000000000000"],
+        ] {
+            let mut args = args.clone();
+            args.extend(["-a", "web"]);
+            let err = env.fails(&args, 3);
+            assert!(
+                err.contains("volume vol_0000000000000000 not found in app web"),
+                "{args:?}: {err}"
+            );
+            assert!(err.contains("aloft volumes list -a web"), "{err}");
+        }
+        let err = env.fails(&["volumes", "snapshots", "list", &theirs, "-a", "web"], 3);
+        assert!(
+            err.contains(&format!("volume {theirs} not found in app web")),
+            "{err}"
+        );
+        for snapshot in ["vs_0000000000000000", their_snapshot.as_str()] {
+            let err = env.fails(
+                &[
+                    "volumes",
+                    "create",
+                    "data",
+                    "--snapshot-id",
+                    snapshot,
+                    "-a",
+                    "web",
+                ],
+                3,
+            );
+            assert!(
+                err.contains(&format!("error: snapshot {snapshot} not found in app web")),
+                "{err}"
+            );
+            assert!(
+                err.contains(
+                    "hint: aloft volumes snapshots list VOLUME_ID -a web shows a volume's snapshots"
+                ),
+                "{err}"
+            );
+        }
+        let err = env.fails(&["volumes", "snapshots", "list", &vol, "-a", "nope"], 3);
+        assert!(err.contains("app nope not found"), "{err}");
+
+        // A fork or a restore stays in its source's region: aloftd says so.
+        let err = env.fails(
+            &["volumes", "fork", &vol, "--region", "elsewhere", "-a", "web"],
+            1,
+        );
+        assert!(err.contains("leave region out"), "{err}");
+        let err = env.fails(
+            &[
+                "volumes",
+                "create",
+                "data",
+                "--snapshot-id",
+                &their_snapshot,
+                "--region",
+                "elsewhere",
+                "-a",
+                "other",
+            ],
+            1,
+        );
+        assert!(err.contains("leave region out"), "{err}");
+        // None of these made a volume.
+        assert_eq!(env.volumes("web").len(), 1);
+        assert_eq!(env.volumes("other").len(), 1);
     }
 
     #[test]

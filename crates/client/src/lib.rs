@@ -11,10 +11,11 @@
 //! (`release_create`, `releases_list`, `release_get`, `release_events` as a stream of
 //! [`aloft_api::ReleaseEvent`], `release_rollback`; see `releases.rs`), secrets, certificates
 //! and volumes (`volumes_list`, `volume_create`, `volume_get`, `volume_update`, `volume_extend`,
-//! `volume_delete`; see `volumes.rs`), interactive sessions ([`Client::console`]: an HTTP/1.1
-//! upgrade to console frames; see `console.rs`) and TCP connections to a machine's port
-//! ([`Client::proxy`]: an upgrade to the raw stream; see `proxy.rs`). A lease's
-//! nonce goes with every request of [`Client::with_lease_nonce`]'s client.
+//! `volume_delete`, and a volume's snapshots: `volume_snapshots`, `create_volume_snapshot`; see
+//! `volumes.rs`), interactive sessions ([`Client::console`]: an HTTP/1.1 upgrade to console
+//! frames; see `console.rs`) and TCP connections to a machine's port ([`Client::proxy`]: an
+//! upgrade to the raw stream; see `proxy.rs`). A lease's nonce goes with every request of
+//! [`Client::with_lease_nonce`]'s client.
 //!
 //! Errors: a Fly error body (`{"error": "..."}`) becomes [`ClientError::Api`] with the HTTP status
 //! and the server's message; a refused or failed connection becomes [`ClientError::Unreachable`],
@@ -23,7 +24,8 @@
 //! Transport: one `reqwest` client (hyper, rustls with the ring provider and the platform's
 //! verifier for `https` URLs), no proxy (aloftd is usually on loopback), a 5 s connect timeout and
 //! a 60 s overall timeout per request, longer for waits and execs (what the server may hold them
-//! plus some) and none worth the name for followed logs.
+//! plus some) and for requests that copy a volume's disk (snapshots, restores, forks: 30 min),
+//! and none worth the name for followed logs.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -778,6 +778,91 @@ async fn volume_endpoints_use_flys_paths_and_bodies() {
     assert_eq!(body(4), serde_json::json!({"size_gb": 3}));
 }
 
+const SNAPSHOT: &str = r#"{"id":"vs_2b6lx0rq8ejzd3ky","created_at":"2026-01-02T00:00:00Z","digest":"sha256:00","retention_days":5,"size":1048576,"status":"created","volume_size":1073741824}"#;
+
+#[tokio::test]
+async fn snapshots_restores_and_forks_use_flys_paths_and_bodies() {
+    let older = SNAPSHOT
+        .replace("vs_2b6lx0rq8ejzd3ky", "vs_0000000000000000")
+        .replace("2026-01-02", "2026-01-01");
+    let (url, server) = serve(vec![
+        json("200 OK", SNAPSHOT),
+        json("200 OK", &format!("[{SNAPSHOT},{older}]")),
+        json("200 OK", VOLUME),
+        json("200 OK", VOLUME),
+        json(
+            "404 Not Found",
+            r#"{"error":"snapshot vs_0000000000000001 not found"}"#,
+        ),
+    ])
+    .await;
+    let client = Client::new(&url, "t").unwrap();
+    let id = "vol_4yx0jvqe1x1dj7gr";
+    let taken = client.create_volume_snapshot("web", id).await.unwrap();
+    assert_eq!(taken.id.as_str(), "vs_2b6lx0rq8ejzd3ky");
+    assert_eq!(taken.size, 1_048_576);
+    assert_eq!(taken.volume_size, 1 << 30);
+    assert_eq!(taken.retention_days, 5);
+    assert_eq!(taken.status, aloft_api::SNAPSHOT_CREATED);
+    let listed = client.volume_snapshots("web", id).await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["vs_2b6lx0rq8ejzd3ky", "vs_0000000000000000"]);
+    let restore = aloft_api::CreateVolumeRequest {
+        name: "data".into(),
+        snapshot_id: Some("vs_2b6lx0rq8ejzd3ky".into()),
+        encrypted: Some(false),
+        ..Default::default()
+    };
+    assert_eq!(client.volume_create("web", &restore).await.unwrap().name, "data");
+    let fork = aloft_api::CreateVolumeRequest {
+        name: "copy".into(),
+        source_volume_id: Some(id.into()),
+        ..Default::default()
+    };
+    client.volume_create("web", &fork).await.unwrap();
+    let e = client
+        .volume_create(
+            "web",
+            &aloft_api::CreateVolumeRequest {
+                snapshot_id: Some("vs_0000000000000001".into()),
+                ..restore.clone()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
+    assert!(
+        e.to_string().contains("snapshot vs_0000000000000001 not found"),
+        "{e}"
+    );
+
+    let requests = server.await.unwrap();
+    let heads: Vec<&str> = requests.iter().map(|r| r.lines().next().unwrap()).collect();
+    assert_eq!(
+        heads,
+        [
+            "POST /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr/snapshots HTTP/1.1",
+            "GET /v1/apps/web/volumes/vol_4yx0jvqe1x1dj7gr/snapshots HTTP/1.1",
+            "POST /v1/apps/web/volumes HTTP/1.1",
+            "POST /v1/apps/web/volumes HTTP/1.1",
+            "POST /v1/apps/web/volumes HTTP/1.1",
+        ]
+    );
+    // Taking a snapshot sends no body.
+    assert_eq!(requests[0].split_once("\r\n\r\n").unwrap().1, "");
+    let body = |i: usize| -> serde_json::Value {
+        serde_json::from_str(requests[i].split_once("\r\n\r\n").unwrap().1).unwrap()
+    };
+    assert_eq!(
+        body(2),
+        serde_json::json!({"name": "data", "encrypted": false, "snapshot_id": "vs_2b6lx0rq8ejzd3ky"})
+    );
+    assert_eq!(
+        body(3),
+        serde_json::json!({"name": "copy", "source_volume_id": "vol_4yx0jvqe1x1dj7gr"})
+    );
+}
+
 /// The console request upgrades; frames then flow both ways on the same connection.
 #[tokio::test]
 async fn console_upgrades_and_exchanges_frames() {

@@ -1078,8 +1078,16 @@ async fn clone(ctx: &Context, args: CloneArgs) -> anyhow::Result<()> {
         config.mounts = vec![spec::parse_volume(&spec)?];
     } else if !config.mounts.is_empty() {
         // A volume belongs to one machine: the clone gets none unless it is given one.
+        let mount = &config.mounts[0];
+        let copy = match (mount.volume.as_deref(), mount.path.as_deref()) {
+            (Some(vol), Some(path)) => format!(
+                "; for a copy of its data: aloft volumes fork {vol} -a {}, then --attach-volume NEW_ID:{path}",
+                t.app
+            ),
+            _ => String::new(),
+        };
         eprintln!(
-            "warning: machine {} has a volume; the clone is created without one (give it one with --attach-volume ID:/PATH or NAME:/PATH)",
+            "warning: machine {} has a volume; the clone is created without one (give it one with --attach-volume ID:/PATH or NAME:/PATH{copy})",
             args.id
         );
         config.mounts.clear();
