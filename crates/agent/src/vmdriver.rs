@@ -383,8 +383,9 @@ impl VmDriver {
     }
 
     /// Runs `copy` (a copy of volume `volume`'s disk) with machine `pause`'s VM paused, when it
-    /// names one whose VM runs ([`Vm::paused`]); a VM that ended meanwhile writes nothing, and
-    /// the copy runs all the same.
+    /// names one whose VM runs ([`Vm::paused`]), after asking its guest to write its page cache
+    /// back ([`Vm::sync_guest`]); a VM that ended meanwhile writes nothing, and the copy runs all
+    /// the same.
     fn quiesced(
         &self,
         volume: &VolumeId,
@@ -396,6 +397,18 @@ impl VmDriver {
         };
         if !Self::running(&vm) {
             return copy();
+        }
+        // Data the guest has not written back yet (its page cache) would be missing from the
+        // copy. Without the sync the copy is still crash-consistent, so a failure only warns.
+        match vm.sync_guest(Duration::from_secs(10)) {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "volume {volume}: machine {machine}'s init is too old to sync its disks: the snapshot may miss recent writes"
+            ),
+            Err(e) => eprintln!(
+                "volume {volume}: could not sync machine {machine}'s disks before the snapshot (it may miss recent writes): {}",
+                aloft_api::error_chain(&e)
+            ),
         }
         match vm.paused(&mut *copy) {
             Ok(copied) => copied,

@@ -1068,7 +1068,8 @@ mod tests {
         let vol: VolumeId = "vol_snapped".parse().unwrap();
         agent.create_volume(&vol, 1, None).unwrap();
         let a = mount(&vol);
-        sh(&agent, &a.id, "echo taken > /data/file && sync");
+        // No `sync`: the snapshot asks the guest to write its page cache back first.
+        sh(&agent, &a.id, "echo taken > /data/file");
         let boot_id = sh(&agent, &a.id, "cat /proc/sys/kernel/random/boot_id");
 
         // Taken while it runs; it runs on, the same boot, its workload's state in memory intact.

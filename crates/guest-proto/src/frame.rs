@@ -21,7 +21,8 @@ const HEADER_AFTER_LEN: usize = 5;
 ///
 /// * 0: hello, exec (pipes), stdin, signal, stop, process list, set time.
 /// * 1: [`ExecRequest::tty`], [`Frame::Resize`], [`Frame::Credit`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// * 2: [`Frame::Sync`] / [`Frame::Synced`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Output stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +206,13 @@ pub enum Frame {
     SetTime {
         unix_nanos: u64,
     },
+    /// Ask init to write the guest's dirty page cache back to its disks (`sync(2)`), e.g. before
+    /// the host snapshots a volume; the answer comes as [`Frame::Synced`] on the same `chan`.
+    /// Needs [`PROTOCOL_VERSION`] 2: an older init fails to decode the tag and drops the channel,
+    /// so a host must never send it to one.
+    Sync {
+        chan: u32,
+    },
 
     // ---- guest → host ----
     Status(GuestStatus),
@@ -230,6 +238,10 @@ pub enum Frame {
         chan: u32,
         processes: Vec<ProcessInfo>,
     },
+    /// The answer to [`Frame::Sync`]: the guest's data has been written back.
+    Synced {
+        chan: u32,
+    },
     /// A request on `chan` failed (exec of a missing program, signal to an unknown session, …).
     Error {
         chan: u32,
@@ -247,6 +259,7 @@ mod tag {
     pub(super) const SET_TIME: u8 = 7;
     pub(super) const RESIZE: u8 = 8;
     pub(super) const CREDIT: u8 = 9;
+    pub(super) const SYNC: u8 = 10;
     pub(super) const STATUS: u8 = 64;
     pub(super) const LOG: u8 = 65;
     pub(super) const EXEC_STARTED: u8 = 66;
@@ -254,6 +267,7 @@ mod tag {
     pub(super) const EXEC_EXITED: u8 = 68;
     pub(super) const PROCESSES: u8 = 69;
     pub(super) const ERROR: u8 = 70;
+    pub(super) const SYNCED: u8 = 71;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -360,6 +374,7 @@ impl Frame {
                 );
             }
             Self::ListProcesses { chan } => data(out, tag::LIST_PROCESSES, *chan, 0, &[]),
+            Self::Sync { chan } => data(out, tag::SYNC, *chan, 0, &[]),
             Self::SetTime { unix_nanos } => {
                 json(
                     out,
@@ -382,6 +397,7 @@ impl Frame {
             }
             Self::ExecExited { chan, exit } => json(out, tag::EXEC_EXITED, *chan, exit),
             Self::Processes { chan, processes } => json(out, tag::PROCESSES, *chan, processes),
+            Self::Synced { chan } => data(out, tag::SYNCED, *chan, 0, &[]),
             Self::Error { chan, message } => {
                 json(
                     out,
@@ -454,6 +470,7 @@ impl Frame {
                 }
             }
             tag::LIST_PROCESSES => Self::ListProcesses { chan },
+            tag::SYNC => Self::Sync { chan },
             tag::SET_TIME => Self::SetTime {
                 unix_nanos: parse::<SetTimeBody>(t, payload)?.unix_nanos,
             },
@@ -482,6 +499,7 @@ impl Frame {
                 chan,
                 message: parse::<MessageBody>(t, payload)?.message,
             },
+            tag::SYNCED => Self::Synced { chan },
             other => return Err(DecodeError::UnknownTag { tag: other }),
         })
     }
@@ -589,6 +607,7 @@ mod tests {
                 timeout_ms: 5000,
             },
             Frame::ListProcesses { chan: 3 },
+            Frame::Sync { chan: 4 },
             Frame::SetTime {
                 unix_nanos: 1_700_000_000_000_000_000,
             },
@@ -647,6 +666,7 @@ mod tests {
                     }],
                 }],
             },
+            Frame::Synced { chan: 4 },
             Frame::Error {
                 chan: 9,
                 message: "no such session".into(),
@@ -766,6 +786,13 @@ mod tests {
             dec.push(&wire);
             assert!(dec.next_frame().is_err(), "body {bad:?} should be rejected");
         }
+    }
+
+    /// Sync and Synced are a bare header (tags 10 and 71), like ListProcesses.
+    #[test]
+    fn sync_and_synced_wire_format() {
+        assert_eq!(Frame::Sync { chan: 5 }.to_bytes(), [5, 0, 0, 0, 10, 5, 0, 0, 0]);
+        assert_eq!(Frame::Synced { chan: 5 }.to_bytes(), [5, 0, 0, 0, 71, 5, 0, 0, 0]);
     }
 
     proptest::proptest! {

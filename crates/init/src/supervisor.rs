@@ -387,6 +387,12 @@ impl Supervisor {
                 let processes = procs::list_processes();
                 self.ch.send(&Frame::Processes { chan, processes });
             }
+            Frame::Sync { chan } => {
+                // Blocks until the page cache is on the disks: the host is about to snapshot one.
+                sys::sync();
+                self.ch.send(&Frame::Synced { chan });
+                self.ch.flush();
+            }
             Frame::SetTime { unix_nanos } => {
                 if let Err(e) = sys::set_realtime(unix_nanos) {
                     console::diag(&format!("set time: {e}"));
@@ -497,6 +503,11 @@ impl Supervisor {
                         }
                         Frame::Exec { chan, .. } | Frame::ListProcesses { chan } => {
                             self.error(chan, "the machine is shutting down".to_owned());
+                        }
+                        // Syncing is still meaningful (and cheap) while shutting down.
+                        Frame::Sync { chan } => {
+                            sys::sync();
+                            self.ch.send(&Frame::Synced { chan });
                         }
                         _ => {}
                     }

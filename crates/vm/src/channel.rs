@@ -172,6 +172,7 @@ impl Shared {
             | Frame::ExecOutput { chan, .. }
             | Frame::ExecExited { chan, .. }
             | Frame::Processes { chan, .. }
+            | Frame::Synced { chan, .. }
             | Frame::Error { chan, .. } => {
                 if let Some(tx) = g.waiters.get(&chan) {
                     let _ = tx.send(frame);

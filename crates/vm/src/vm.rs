@@ -910,6 +910,45 @@ impl Vm {
         res
     }
 
+    /// Asks the guest's init to write its page cache back to the disks ([`Frame::Sync`]), so that a
+    /// copy of a disk taken next (a volume snapshot) holds what the guest has written, and waits up
+    /// to `timeout` for the answer. `Ok(false)`, sending nothing, when the guest's init is too old
+    /// to know the frame (protocol below 2: it would drop the channel).
+    pub fn sync_guest(&self, timeout: Duration) -> Result<bool, VmError> {
+        self.ensure_running()?;
+        if self.guest_protocol()? < 2 {
+            return Ok(false);
+        }
+        let chan = self.next_chan();
+        let rx = self.shared.register(chan);
+        let res = (|| {
+            self.send(&Frame::Sync { chan })?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(VmError::Timeout {
+                        op: "sync the guest's disks",
+                        after: timeout,
+                        hint: String::new(),
+                    });
+                }
+                match rx.recv_timeout((deadline - now).min(Duration::from_millis(100))) {
+                    Ok(Frame::Synced { .. }) => return Ok(true),
+                    Ok(Frame::Error { message, .. }) => return Err(VmError::ExecFailed { message }),
+                    Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if !self.is_alive() {
+                            return Err(self.not_running());
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.not_running()),
+                }
+            }
+        })();
+        self.shared.unregister(chan);
+        res
+    }
+
     /// Graceful stop: asks init ([`Frame::Stop`]: `signal`, or the run config's stop signal, then
     /// SIGKILL after `timeout`), waits `timeout` + [`STOP_GRACE`] for the guest to power off, then
     /// kills QEMU. Returns how it ended.

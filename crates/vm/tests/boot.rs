@@ -153,6 +153,10 @@ mod tests {
         assert_eq!(out.exit.exit_code, Some(4));
         let ps = vm.ps().unwrap();
         assert!(ps.iter().any(|p| p.pid == pid && p.command == "sleep"), "{ps:?}");
+        assert!(
+            vm.sync_guest(Duration::from_secs(10)).unwrap(),
+            "this init speaks protocol 2"
+        );
         let missing = vm.exec(
             ExecRequest {
                 argv: vec!["/nope".into()],
