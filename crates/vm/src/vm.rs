@@ -879,35 +879,15 @@ impl Vm {
     /// The guest's processes (with listening sockets).
     pub fn ps(&self) -> Result<Vec<ProcessInfo>, VmError> {
         self.ensure_running()?;
-        let chan = self.next_chan();
-        let rx = self.shared.register(chan);
-        let res = (|| {
-            self.send(&Frame::ListProcesses { chan })?;
-            let timeout = Duration::from_secs(10);
-            let deadline = Instant::now() + timeout;
-            loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(VmError::Timeout {
-                        op: "list the guest's processes",
-                        after: timeout,
-                        hint: String::new(),
-                    });
-                }
-                match rx.recv_timeout((deadline - now).min(Duration::from_millis(100))) {
-                    Ok(Frame::Processes { processes, .. }) => return Ok(processes),
-                    Ok(Frame::Error { message, .. }) => return Err(VmError::ExecFailed { message }),
-                    Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if !self.is_alive() {
-                            return Err(self.not_running());
-                        }
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return Err(self.not_running()),
-                }
-            }
-        })();
-        self.shared.unregister(chan);
-        res
+        self.request(
+            |chan| Frame::ListProcesses { chan },
+            "list the guest's processes",
+            Duration::from_secs(10),
+            |frame| match frame {
+                Frame::Processes { processes, .. } => Some(processes),
+                _ => None,
+            },
+        )
     }
 
     /// Asks the guest's init to write its page cache back to the disks ([`Frame::Sync`]), so that a
@@ -919,24 +899,49 @@ impl Vm {
         if self.guest_protocol()? < 2 {
             return Ok(false);
         }
+        self.request(
+            |chan| Frame::Sync { chan },
+            "sync the guest's disks",
+            timeout,
+            |frame| matches!(frame, Frame::Synced { .. }).then_some(true),
+        )
+    }
+
+    /// Sends the request `make` builds on a channel of its own and waits up to `timeout` (`op`
+    /// names it in the error) for the frame `answer` accepts; init's [`Frame::Error`] on that
+    /// channel is the request's failure, other frames on it are skipped.
+    fn request<T>(
+        &self,
+        make: impl FnOnce(u32) -> Frame,
+        op: &'static str,
+        timeout: Duration,
+        answer: impl Fn(Frame) -> Option<T>,
+    ) -> Result<T, VmError> {
         let chan = self.next_chan();
         let rx = self.shared.register(chan);
         let res = (|| {
-            self.send(&Frame::Sync { chan })?;
+            self.send(&make(chan))?;
             let deadline = Instant::now() + timeout;
             loop {
                 let now = Instant::now();
                 if now >= deadline {
                     return Err(VmError::Timeout {
-                        op: "sync the guest's disks",
+                        op,
                         after: timeout,
                         hint: String::new(),
                     });
                 }
                 match rx.recv_timeout((deadline - now).min(Duration::from_millis(100))) {
-                    Ok(Frame::Synced { .. }) => return Ok(true),
                     Ok(Frame::Error { message, .. }) => return Err(VmError::ExecFailed { message }),
-                    Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                    Ok(frame) => {
+                        if let Some(found) = answer(frame) {
+                            return Ok(found);
+                        }
+                        if !self.is_alive() {
+                            return Err(self.not_running());
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
                         if !self.is_alive() {
                             return Err(self.not_running());
                         }
