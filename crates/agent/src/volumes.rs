@@ -209,17 +209,31 @@ impl VolumeStore {
         if path.exists() {
             return Ok(());
         }
-        let tmp = self.temp(id);
-        let made = (|| {
+        self.install(id, |tmp| {
             let f = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            f.set_len(size).map_err(io_err("size", &tmp))?;
+                .open(tmp)
+                .map_err(io_err("create", tmp))?;
+            f.set_len(size).map_err(io_err("size", tmp))?;
             drop(f);
-            make(&tmp)?;
+            make(tmp)
+        })
+    }
+
+    /// Makes volume `id`'s disk under a temporary name with `build` (given that name), fsyncs
+    /// it, renames it into place (never over a disk made meanwhile, which wins) and fsyncs the
+    /// directory; the temporary file is removed whatever happened.
+    fn install(
+        &self,
+        id: &VolumeId,
+        build: impl FnOnce(&Path) -> Result<(), VolumeError>,
+    ) -> Result<(), VolumeError> {
+        let path = self.disk(id);
+        let tmp = self.temp(id);
+        let made = (|| {
+            build(&tmp)?;
             File::open(&tmp)
                 .and_then(|f| f.sync_all())
                 .map_err(io_err("fsync", &tmp))?;
@@ -478,35 +492,27 @@ impl VolumeStore {
         size: u64,
         copy: &mut dyn FnMut(&Path) -> Result<(), VolumeError>,
     ) -> Result<(), VolumeError> {
-        let path = self.disk(id);
-        let tmp = self.temp(id);
-        let made = (|| {
-            copy(&tmp)?;
+        self.install(id, |tmp| {
+            copy(tmp)?;
             let file = File::options()
                 .write(true)
-                .open(&tmp)
-                .map_err(io_err("open", &tmp))?;
-            let len = file.metadata().map_err(io_err("inspect", &tmp))?.len();
+                .open(tmp)
+                .map_err(io_err("open", tmp))?;
+            let len = file.metadata().map_err(io_err("inspect", tmp))?.len();
             if size > len {
-                file.set_len(size).map_err(io_err("grow", &tmp))?;
+                file.set_len(size).map_err(io_err("grow", tmp))?;
             }
             drop(file);
             // Also when the source's own growth was pending (its disk extended, its filesystem
             // not yet): the new volume has no record of that, so its filesystem fills it now.
-            let fs_bytes = read_usage(&tmp)
-                .map_err(io_err("read the superblock of", &tmp))?
+            let fs_bytes = read_usage(tmp)
+                .map_err(io_err("read the superblock of", tmp))?
                 .map(|u| u.blocks.saturating_mul(u.block_size));
             if fs_bytes.is_some_and(|b| b < size.max(len)) {
-                resize(&tmp)?;
+                resize(tmp)?;
             }
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("fsync", &tmp))?;
-            rename_new(&tmp, &path)?;
-            self.sync_dir()
-        })();
-        let _ = fs::remove_file(&tmp);
-        made
+            Ok(())
+        })
     }
 }
 
