@@ -36,7 +36,7 @@ mod vm;
 pub mod accel;
 pub mod initramfs;
 
-pub use argv::{QEMU, disk_serial};
+pub use argv::{PAGE_REPORTING_ORDER, QEMU, disk_serial};
 pub use channel::LogChunk;
 pub use error::VmError;
 pub use proc::processes_mentioning;

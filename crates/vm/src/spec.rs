@@ -43,10 +43,17 @@ pub struct VmSpec {
     pub accel: AccelChoice,
     /// Run QEMU as an unprivileged user, sandboxed and in its own cgroup.
     pub jail: Option<JailSpec>,
+    /// Give the guest a virtio balloon that reports its free memory, which QEMU then hands back
+    /// to the host ([`crate::PAGE_REPORTING_ORDER`]): an idle guest keeps only what it uses, not
+    /// everything it ever touched. Part of the device model, so a suspended VM resumes with the
+    /// value it was started with (specs recorded before the field existed read `false`).
+    #[serde(default)]
+    pub free_page_reporting: bool,
 }
 
 impl VmSpec {
-    /// A spec with 1 vCPU, 256 MiB, no disks, no network, auto accelerator, no jail.
+    /// A spec with 1 vCPU, 256 MiB, no disks, no network, auto accelerator, no jail, free page
+    /// reporting on.
     pub fn new(name: impl Into<String>, kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
         Self {
             name: name.into(),
@@ -61,6 +68,7 @@ impl VmSpec {
             run_config: RunConfig::default(),
             accel: AccelChoice::Auto,
             jail: None,
+            free_page_reporting: true,
         }
     }
 

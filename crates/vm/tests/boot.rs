@@ -339,6 +339,76 @@ mod tests {
         t.assert_no_qemu();
     }
 
+    /// QEMU's resident memory in MiB.
+    fn rss_mib(vm: &Vm) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib / 1024.0
+    }
+
+    /// Fills 64 MiB of the guest's memory (a file on its tmpfs), frees it, and returns QEMU's
+    /// RSS with the file, and the lowest RSS seen within `watch` after it was removed.
+    fn fill_and_free(t: &TestVm, watch: Duration) -> (f64, f64) {
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let fill = vm
+            .exec(
+                sh("head -c 67108864 /dev/zero > /dev/shm/fill && sync"),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert_eq!(fill.exit.exit_code, Some(0), "{fill:?}");
+        let full = rss_mib(&vm);
+        let freed = vm.exec(sh("rm /dev/shm/fill"), Duration::from_secs(30)).unwrap();
+        assert_eq!(freed.exit.exit_code, Some(0));
+        let deadline = Instant::now() + watch;
+        let mut lowest = rss_mib(&vm);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            lowest = lowest.min(rss_mib(&vm));
+        }
+        vm.kill().unwrap();
+        t.assert_no_qemu();
+        (full, lowest)
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn memory_the_guest_frees_goes_back_to_the_host() {
+        let t = TestVm::new("reporting", &["/bin/sleep", "1000"]);
+        assert!(t.spec.free_page_reporting, "on by default");
+        // Linux reports freed memory 2 s after it was freed, then QEMU discards it.
+        let (full, lowest) = fill_and_free(&t, Duration::from_secs(8));
+        eprintln!("RSS with 64 MiB filled {full:.1} MiB, after freeing it {lowest:.1} MiB");
+        assert!(
+            full - lowest >= 48.0,
+            "QEMU kept the guest's freed memory: {full:.1} MiB filled, {lowest:.1} MiB after freeing"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn without_free_page_reporting_the_host_keeps_what_the_guest_touched() {
+        // The control for the test above: what makes the difference is the reporting.
+        let mut t = TestVm::new("noreporting", &["/bin/sleep", "1000"]);
+        t.spec.free_page_reporting = false;
+        let (full, lowest) = fill_and_free(&t, Duration::from_secs(5));
+        assert!(
+            full - lowest < 16.0,
+            "RSS fell without reporting: {full:.1} MiB filled, {lowest:.1} MiB after freeing"
+        );
+    }
+
     #[test]
     #[cfg_attr(
         not(feature = "vm-tests"),

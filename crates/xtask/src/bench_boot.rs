@@ -22,7 +22,25 @@ use crate::stats::{median, min};
 const MEMORY_MIB: u32 = 128;
 const PORT: u16 = 8080;
 
-pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Result<()> {
+/// How the benchmark's machines are made, beyond their memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Knobs {
+    /// Boot with `aloft.trace=1` and keep init's step timings.
+    pub(crate) trace: bool,
+    /// [`VmSpec::free_page_reporting`] (on in aloft; off to measure what it saves).
+    pub(crate) page_reporting: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Self {
+            trace: false,
+            page_reporting: true,
+        }
+    }
+}
+
+pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Result<()> {
     let runs = runs.max(1);
     let guest = aloft_testkit::guest_artifacts()?;
     let accel = aloft_vm::accel::probe(&guest.kernel, &guest.initrd);
@@ -34,7 +52,8 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
     };
     let fstype = format.fstype();
     eprintln!(
-        "bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}"
+        "bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}, free page reporting {}",
+        if knobs.page_reporting { "on" } else { "off" }
     );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
 
@@ -52,7 +71,7 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
     for i in 0..runs {
         raw.push(raw_qemu_boot(&guest, accel)?);
         let dir = work.path().join(format!("m{i}"));
-        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, MEMORY_MIB, trace)?;
+        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, MEMORY_MIB, knobs)?;
         last_trace.clone_from(&m.trace);
         start.push(m.start_ms);
         port.push(m.port_ms);
@@ -144,7 +163,7 @@ pub(crate) fn run(runs: usize, trace: bool, format: RootfsFormat) -> anyhow::Res
         let lo = min(samples).unwrap_or(f64::NAN);
         println!("{name:<18} {med:>10.1} {lo:>10.1}  ms    {what}");
     }
-    if trace {
+    if knobs.trace {
         println!("init's boot steps in the last run (ms since the kernel started):");
         print!("{last_trace}");
     }
@@ -245,7 +264,7 @@ fn machine_spec(
     dir: &Path,
     memory_mib: u32,
     ns: Option<&NetNs>,
-    trace: bool,
+    knobs: Knobs,
 ) -> anyhow::Result<VmSpec> {
     std::fs::create_dir_all(dir)?;
     let rw = dir.join("rw.ext4");
@@ -280,7 +299,7 @@ fn machine_spec(
         name: format!("bench-{}", std::process::id()),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
-        cmdline_extra: if trace {
+        cmdline_extra: if knobs.trace {
             vec![TRACE_CMDLINE_FLAG.to_owned()]
         } else {
             Vec::new()
@@ -311,6 +330,7 @@ fn machine_spec(
             Accel::Tcg => AccelChoice::Tcg,
         },
         jail: None,
+        free_page_reporting: knobs.page_reporting,
     })
 }
 
@@ -325,7 +345,16 @@ pub(crate) fn machine_start_ms(
     dir: &Path,
     memory_mib: u32,
 ) -> anyhow::Result<f64> {
-    let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, None, false)?;
+    let spec = machine_spec(
+        guest,
+        accel,
+        rootfs,
+        fstype,
+        dir,
+        memory_mib,
+        None,
+        Knobs::default(),
+    )?;
     let t0 = Instant::now();
     let vm = Vm::start(spec)?;
     let started = vm.wait_started(Duration::from_secs(30));
@@ -356,7 +385,7 @@ pub(crate) fn machine_resume(
     dir: &Path,
     memory_mib: u32,
 ) -> anyhow::Result<ResumeTimes> {
-    let m = machine_run(guest, accel, rootfs, fstype, dir, memory_mib, false)?;
+    let m = machine_run(guest, accel, rootfs, fstype, dir, memory_mib, Knobs::default())?;
     Ok(ResumeTimes {
         port_ms: m.resume_ms,
         answer_ms: m.resume_answer_ms,
@@ -370,10 +399,10 @@ fn machine_run(
     fstype: &str,
     dir: &Path,
     memory_mib: u32,
-    trace: bool,
+    knobs: Knobs,
 ) -> anyhow::Result<MachineRun> {
     let ns = NetNs::new()?;
-    let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, Some(&ns), trace)?;
+    let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, Some(&ns), knobs)?;
 
     let console = spec.run_dir.join("console.log");
     let t0 = Instant::now();

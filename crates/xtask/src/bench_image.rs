@@ -425,6 +425,7 @@ fn boot_and_read(
             Accel::Tcg => AccelChoice::Tcg,
         },
         jail: None,
+        free_page_reporting: true,
     };
     let t0 = Instant::now();
     let vm = Vm::start(spec)?;

@@ -69,6 +69,9 @@ enum Cmd {
         /// `proxy` only: just the wrk part, no VM (no `wake_ms`, `resume_ms`).
         #[arg(long)]
         skip_vm: bool,
+        /// `boot` only: machines without free page reporting (to measure what it saves).
+        #[arg(long)]
+        no_page_reporting: bool,
     },
 }
 
@@ -87,8 +90,16 @@ fn main() -> anyhow::Result<()> {
             connections,
             rounds,
             skip_vm,
+            no_page_reporting,
         } => match name.as_str() {
-            "boot" => bench_boot::run(runs.unwrap_or(5), trace, format.unwrap_or_default()),
+            "boot" => bench_boot::run(
+                runs.unwrap_or(5),
+                bench_boot::Knobs {
+                    trace,
+                    page_reporting: !no_page_reporting,
+                },
+                format.unwrap_or_default(),
+            ),
             "image" => bench_image::run(&bench_image::ImageBench {
                 runs: runs.unwrap_or(5),
                 image,
