@@ -70,6 +70,35 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// No etcd endpoint could be reached (connection refused, no answer in time, …).
+    #[error("etcd at {endpoints}: {detail}; start etcd or fix --etcd (while trying to {op})")]
+    EtcdUnavailable {
+        /// The endpoints tried, comma-separated.
+        endpoints: String,
+        /// What was being done.
+        op: &'static str,
+        /// Why none answered (`connection refused`, `no answer within 5s`, …).
+        detail: String,
+    },
+    /// etcd answered, but with an error, or with something that is not etcd v3's JSON gateway's
+    /// answer (then `detail` names what was wrong with it).
+    #[error("etcd at {endpoint} could not {op}: {detail}")]
+    Etcd {
+        /// The endpoint that answered.
+        endpoint: String,
+        /// What was being done.
+        op: &'static str,
+        /// etcd's error, or what was wrong with its answer, and what to do about it.
+        detail: String,
+    },
+    /// An etcd endpoint that is not a usable URL.
+    #[error("invalid etcd endpoint {endpoint:?}: {reason}; give --etcd http://HOST:PORT[,http://HOST:PORT…]")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// A key that cannot be stored.
     #[error("invalid store key {key:?}: {reason}")]
     InvalidKey {
@@ -136,13 +165,15 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
     /// The watcher fell behind (its buffer filled up) and was cut off; watch again from
-    /// `resume_from` to continue without a gap.
+    /// `resume_from` to continue without a gap. (An etcd-backed watcher is also cut off this way
+    /// when etcd compacts history it had yet to deliver: watching again then fails with
+    /// [`StoreError::Compacted`].)
     #[error("watcher fell behind; watch again from revision {resume_from}")]
     Lagged {
         /// The first revision not delivered.
         resume_from: Revision,
     },
-    /// The store was closed.
+    /// The store was closed (dropped).
     #[error("store closed; reopen it and watch again from revision {resume_from}")]
     Closed {
         /// The first revision not delivered.

@@ -4,7 +4,9 @@
 //! compare-and-swap transactions ([`Txn`]), changes can be watched from a revision
 //! ([`Store::watch`]) and leases expire and take their keys along ([`Store::grant_lease`]).
 //! [`SqliteStore`] implements it on one SQLite file for the embedded single-host aloftd; an etcd
-//! implementation for clusters fits the same trait. On top, [`ControlStore`] keeps the typed
+//! implementation for clusters (`aloft-etcd`, which needs an async runtime and so lives in a crate
+//! of its own) fits the same trait; both pass the same checks (`aloft_store::conformance`, cargo
+//! feature `conformance`). On top, [`ControlStore`] keeps the typed
 //! records of the control plane (apps, machines as the control plane sees them, machine events,
 //! machine leases, tokens, edges' claims on issuing certificates, volumes, volume snapshots) under the layout of
 //! [`keys`]; later users (releases, secrets) take their own prefixes of the same key space.
@@ -36,6 +38,8 @@
 #![warn(missing_docs)]
 
 mod clock;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod control;
 mod error;
 mod follow;
@@ -54,7 +58,7 @@ pub use control::{
 pub use error::{StoreError, WatchError};
 pub use follow::{Follower, follow};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
-pub use store::{KEEP_REVISIONS, Store, compact_history, validate_key};
+pub use store::{KEEP_REVISIONS, Store, compact_history, lease_ttl_ms, prefix_end, validate_key};
 pub use types::{
     CmpOp, Compare, EventKind, Expect, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions,
     Revision, Target, Txn, TxnResponse, WatchBatch, WatchEvent,

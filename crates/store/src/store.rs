@@ -137,6 +137,30 @@ pub fn compact_history(store: &dyn Store, keep: i64) -> Result<Option<Revision>,
     Ok(Some(Revision(to)))
 }
 
+/// The smallest byte string greater than every string starting with `prefix` (`None`: there is
+/// none, every string from `prefix` on is in range): the exclusive end of a prefix range.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Checks a lease TTL (at least 1 ms, at most a year); the TTL in milliseconds.
+pub fn lease_ttl_ms(ttl: Duration) -> Result<i64, StoreError> {
+    const YEAR_MS: i64 = 366 * 24 * 3600 * 1000;
+    match i64::try_from(ttl.as_millis()) {
+        Ok(ms) if (1..=YEAR_MS).contains(&ms) => Ok(ms),
+        _ => Err(StoreError::InvalidTtl {
+            ttl_ms: i128::try_from(ttl.as_millis()).unwrap_or(i128::MAX),
+        }),
+    }
+}
+
 /// Checks a key: starts with `/`, at most 1024 bytes, no NUL or control characters.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
     let reason = if !key.starts_with('/') {

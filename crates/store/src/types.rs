@@ -349,7 +349,9 @@ pub struct WatchEvent {
     /// Put or delete.
     pub kind: EventKind,
     /// The key after a put; for a delete the key with an empty value, `mod_revision` = the
-    /// deleting revision and version 0.
+    /// deleting revision, version 0 and no lease (`create_revision` is the deleted key's with
+    /// [`SqliteStore`](crate::SqliteStore), 0 with etcd, whose delete events carry only the key
+    /// and the revision).
     pub kv: KeyValue,
 }
 

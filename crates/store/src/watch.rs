@@ -41,29 +41,27 @@ impl WatchSender {
         self
     }
 
+    /// Whether the watcher is gone (dropped): a store that holds a connection per watcher (etcd)
+    /// checks this to let the connection go without waiting for the next change.
+    pub fn is_gone(&self) -> bool {
+        self.tx.is_disconnected()
+    }
+
+    /// Cuts the watcher off as if it had fallen behind: once it has received what is buffered it
+    /// gets [`WatchError::Lagged`] with `resume_from` (or its next revision, if later). For
+    /// history the store can no longer deliver (etcd compacted it under a running watch).
+    pub fn cut_off(self, resume_from: Revision) {
+        self.resume_at.store(resume_from.0, Ordering::SeqCst);
+        self.lagged.store(true, Ordering::SeqCst);
+    }
+
     /// Offers one revision's changes; keeps the events under the prefix and sends them if any.
     /// Never blocks: a full buffer cuts the watcher off ([`WatchError::Lagged`]).
     pub fn send(&self, batch: &WatchBatch) -> SendOutcome {
-        if batch.revision < self.from {
-            return SendOutcome::Live;
-        }
-        let events: Vec<_> = batch
-            .events
-            .iter()
-            .filter(|e| e.kv.key.starts_with(&self.prefix))
-            .cloned()
-            .collect();
-        if events.is_empty() {
-            return if self.tx.is_disconnected() {
-                SendOutcome::Gone
-            } else {
-                SendOutcome::Live
-            };
-        }
-        match self.tx.try_send(WatchBatch {
-            revision: batch.revision,
-            events,
-        }) {
+        let Some(selected) = self.select(batch) else {
+            return self.outcome_of_nothing();
+        };
+        match self.tx.try_send(selected) {
             Ok(()) => SendOutcome::Live,
             Err(flume::TrySendError::Full(_)) => {
                 self.resume_at.store(batch.revision.0, Ordering::SeqCst);
@@ -71,6 +69,44 @@ impl WatchSender {
                 SendOutcome::Gone
             }
             Err(flume::TrySendError::Disconnected(_)) => SendOutcome::Gone,
+        }
+    }
+
+    /// Offers one revision of replayed history: like [`send`](Self::send), but waits for room
+    /// instead of cutting the watcher off. History is finite, and does not count against the
+    /// buffer ([`Watcher::new`] takes it whole); a store that streams it in (etcd) uses this.
+    pub async fn send_history(&self, batch: &WatchBatch) -> SendOutcome {
+        let Some(selected) = self.select(batch) else {
+            return self.outcome_of_nothing();
+        };
+        match self.tx.send_async(selected).await {
+            Ok(()) => SendOutcome::Live,
+            Err(_) => SendOutcome::Gone,
+        }
+    }
+
+    /// The part of `batch` this watcher selects, if any.
+    fn select(&self, batch: &WatchBatch) -> Option<WatchBatch> {
+        if batch.revision < self.from {
+            return None;
+        }
+        let events: Vec<_> = batch
+            .events
+            .iter()
+            .filter(|e| e.kv.key.starts_with(&self.prefix))
+            .cloned()
+            .collect();
+        (!events.is_empty()).then_some(WatchBatch {
+            revision: batch.revision,
+            events,
+        })
+    }
+
+    fn outcome_of_nothing(&self) -> SendOutcome {
+        if self.tx.is_disconnected() {
+            SendOutcome::Gone
+        } else {
+            SendOutcome::Live
         }
     }
 }
@@ -133,6 +169,17 @@ impl Watcher {
     /// The first revision not yet received: watch from here to resume.
     pub fn next_revision(&self) -> Revision {
         self.next_revision
+    }
+
+    /// Batches the store has handed over and this watcher has not received yet.
+    pub fn buffered(&self) -> usize {
+        self.history.len() + self.rx.len()
+    }
+
+    /// Whether the store's side has stopped: the watcher was cut off or the store closed. What
+    /// is buffered is still received first, then the error that says why.
+    pub fn is_ended(&self) -> bool {
+        self.rx.is_disconnected()
     }
 
     fn deliver(&mut self, batch: WatchBatch) -> WatchBatch {

@@ -16,7 +16,8 @@ use rusqlite::{
 use crate::watch::{SendOutcome, WatchSender};
 use crate::{
     Clock, EventKind, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions, Revision, Store,
-    StoreError, SystemClock, Txn, TxnResponse, WatchBatch, WatchEvent, Watcher, validate_key,
+    StoreError, SystemClock, Txn, TxnResponse, WatchBatch, WatchEvent, Watcher, lease_ttl_ms, prefix_end,
+    validate_key,
 };
 
 /// How hard commits are pushed to disk.
@@ -257,18 +258,6 @@ fn classify(path: &Path, op: &'static str, timeout: Duration, e: rusqlite::Error
             source: e,
         },
     }
-}
-
-/// The smallest byte string greater than every string starting with `prefix` (`None`: no bound).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 const KV_COLUMNS: &str = "key, value, create_revision, mod_revision, version, lease";
@@ -621,16 +610,6 @@ impl Inner {
     }
 }
 
-fn ttl_ms(ttl: Duration) -> Result<i64, StoreError> {
-    const YEAR_MS: i64 = 366 * 24 * 3600 * 1000;
-    match i64::try_from(ttl.as_millis()) {
-        Ok(ms) if (1..=YEAR_MS).contains(&ms) => Ok(ms),
-        _ => Err(StoreError::InvalidTtl {
-            ttl_ms: i128::try_from(ttl.as_millis()).unwrap_or(i128::MAX),
-        }),
-    }
-}
-
 impl Store for SqliteStore {
     fn revision(&self) -> Result<Revision, StoreError> {
         self.inner.reap_due()?;
@@ -768,7 +747,7 @@ impl Store for SqliteStore {
     }
 
     fn grant_lease(&self, ttl: Duration) -> Result<LeaseGrant, StoreError> {
-        let ttl_ms = ttl_ms(ttl)?;
+        let ttl_ms = lease_ttl_ms(ttl)?;
         let (grant, _) = self.inner.write("grant a lease", |w| {
             let id: i64 =
                 w.tx.query_row("SELECT next_lease_id FROM meta WHERE id = 1", [], |r| r.get(0))?;
