@@ -18,11 +18,12 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 # buildah: `aloft deploy` and `aloft launch` build Dockerfiles with it (vfs storage, chroot isolation).
 # pebble: Let's Encrypt's test CA, which aloft-acme's tests issue certificates from.
+# etcd-server: the control store of `aloftd --etcd` (aloft-etcd's and aloftd's tests start their own).
 # wrk, nginx: `cargo xtask bench proxy` (load generator; baseline reverse proxy and backend).
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
   busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
-  docker-registry skopeo umoci debootstrap buildah pebble wrk nginx bind9-dnsutils
+  docker-registry skopeo umoci debootstrap buildah pebble wrk nginx bind9-dnsutils etcd-server
 )
 step "system packages"
 missing=()
@@ -38,6 +39,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # own on loopback, so a systemd host gets that one stopped and disabled.
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
     $sudo_cmd systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
+  # Likewise etcd's system-wide member on :2379: the tests start a private etcd each (free ports,
+  # a temporary data directory), and an operator points `aloftd --etcd` at a cluster they set up.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+    $sudo_cmd systemctl disable --now etcd.service >/dev/null 2>&1 || true
   fi
   # Likewise nginx's system-wide server on :80: the proxy benchmark runs its own nginx processes
   # (own config, prefix and pid file), so the packaged service is stopped and kept from booting.

@@ -1,7 +1,8 @@
 //! `aloftd`, the aloft daemon: one binary whose roles (the control API, this host's agent and its
 //! edge proxy) run together on a host.
 //!
-//! With no flags it is the embedded single-host setup: state in SQLite under `/var/lib/aloft`,
+//! With no flags it is the embedded single-host setup: state in SQLite under `/var/lib/aloft`
+//! (`--etcd URL,…` keeps the control store in etcd instead: `aloft-etcd`),
 //! the Fly-compatible API on `127.0.0.1:4280`, region `local`. The first start mints an admin
 //! token for organization `personal`, prints it once and writes the `aloft` CLI's config
 //! (`$XDG_CONFIG_HOME/aloft/config.toml`, else `~/.config/aloft/config.toml`, mode 0600) so the
@@ -40,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_control::{ApiConfig, ApiState, NewToken};
+use aloft_etcd::{EtcdOptions, EtcdStore};
 use aloft_store::{ControlStore, SqliteStore, Store};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -56,7 +58,8 @@ struct Args {
     /// Without a command, aloftd runs (with the flags below).
     #[command(subcommand)]
     command: Option<Command>,
-    /// Where aloftd keeps its state (the control store `control.db`, …).
+    /// Where aloftd keeps its state (the control store `control.db` unless --etcd, this host's
+    /// `agent.db`, …).
     #[arg(
         long,
         env = "ALOFT_DATA_DIR",
@@ -64,6 +67,11 @@ struct Args {
         value_name = "DIR"
     )]
     data_dir: PathBuf,
+    /// Keep the control store in etcd (v3.4 or newer) instead of `<data dir>/control.db`: the
+    /// client URLs of its members, comma-separated (the foundation of clusters of aloftd hosts
+    /// sharing one control plane). This host's own state stays in the data directory.
+    #[arg(long, env = "ALOFT_ETCD", value_name = "URL[,URL…]")]
+    etcd: Option<String>,
     /// Address the API listens on (port 0 picks a free one).
     #[arg(
         long,
@@ -373,9 +381,7 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 fn run(args: &Args) -> anyhow::Result<()> {
     check_region(&args.region)?;
     create_data_dir(&args.data_dir)?;
-    let db = args.data_dir.join("control.db");
-    let store = SqliteStore::open(&db).with_context(|| format!("open the control store {}", db.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store = open_control_store(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("aloftd")
@@ -409,11 +415,31 @@ fn run(args: &Args) -> anyhow::Result<()> {
     agent_role::shutdown(agent, Duration::from_secs(args.shutdown_timeout));
     drop(catalog);
     drop(registry);
-    // The last handle: SQLite checkpoints and closes, the store's lock file is released.
+    // The last handle: SQLite checkpoints and closes, the store's lock file is released (etcd:
+    // the store's client thread stops).
     drop(store);
     result?;
     eprintln!("aloftd: stopped");
     Ok(())
+}
+
+/// The control store: on etcd with `--etcd`, else `<data dir>/control.db`. Says which.
+fn open_control_store(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(list) = &args.etcd {
+        let store = EtcdOptions::parse(list)
+            .and_then(EtcdStore::connect)
+            .context("connect to the control store on etcd")?;
+        eprintln!(
+            "aloftd: control store: etcd {} at {}",
+            store.server_version(),
+            store.endpoints().join(", ")
+        );
+        return Ok(Arc::new(store));
+    }
+    let db = args.data_dir.join("control.db");
+    let store = SqliteStore::open(&db).with_context(|| format!("open the control store {}", db.display()))?;
+    eprintln!("aloftd: control store: {} (SQLite)", db.display());
+    Ok(Arc::new(store))
 }
 
 /// On the first start (no token in the store): mints the admin token, writes the CLI's config

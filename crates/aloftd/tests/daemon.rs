@@ -2,7 +2,8 @@
 //! directory: the first start writes the CLI's config, apps are created, listed and deleted over
 //! HTTP with that token, SIGTERM stops it with exit code 0 within a second, and a restart keeps
 //! both the token and the apps. Key rotations (app secrets, the agent's secrets, edge
-//! certificate keys) with previous keys, and `aloftd key-id`.
+//! certificate keys) with previous keys, and `aloftd key-id`. With `--etcd`, the control store
+//! lives in a (test) etcd across restarts, and a wrong URL stops aloftd with a clear message.
 
 #[cfg(test)]
 mod tests {
@@ -91,6 +92,8 @@ mod tests {
         /// … and `vars` in its environment.
         fn spawn_env(&self, port: u16, flags: &[&str], vars: &[(&str, &Path)]) -> Daemon {
             let mut child = Command::new(env!("CARGO_BIN_EXE_aloftd"))
+                // Only what the test gives: not the developer's etcd.
+                .env_remove("ALOFT_ETCD")
                 .args(flags)
                 .envs(vars.iter().copied())
                 .args(["--driver", "fake"])
@@ -762,5 +765,126 @@ mod tests {
             .wait_exit(Duration::from_secs(5))
             .expect("aloftd kept running after its last request");
         assert!(status.success(), "{status}:\n{}", daemon.stderr());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_etcd_the_control_store_lives_in_etcd_across_a_restart() {
+        let etcd = aloft_testkit::Etcd::start()
+            .unwrap_or_else(|e| panic!("{e}: install etcd-server (scripts/setup.sh does)"));
+        let url = etcd.url();
+        let env = Env::new();
+        let port = free_port();
+        let mut daemon = env.start_with(port, &["--etcd", &url]);
+        daemon.wait_ready(port);
+        assert!(
+            daemon.stderr().contains("aloftd: control store: etcd 3."),
+            "{}",
+            daemon.stderr()
+        );
+        let (_, token) = read_config(&env.config_path());
+        assert!(
+            daemon.stdout().contains(&token),
+            "the first start printed no token"
+        );
+        let api = env.api();
+        let body = json!({"name": "on-etcd", "org_slug": "personal"});
+        let (s, body) = api
+            .call(reqwest::Method::POST, "/v1/apps?wait=true", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        let body = json!({"config": {"image": "busybox"}});
+        let (s, machine) = api
+            .call(reqwest::Method::POST, "/v1/apps/on-etcd/machines", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{machine}");
+        let id = machine["id"].as_str().unwrap().to_owned();
+        let (s, waited) = api
+            .get(&format!(
+                "/v1/apps/on-etcd/machines/{id}/wait?state=started&timeout=10"
+            ))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{waited}");
+        let stderr = stop(daemon);
+        assert!(stderr.contains("POST /v1/apps 201"), "{stderr}");
+
+        // The records are in etcd, not in a control.db; this host's agent.db stays local.
+        assert!(!env.data.join("control.db").exists(), "a control.db was created");
+        assert!(env.data.join("agent.db").exists() || env.data.join("agent").exists());
+        let direct = aloft_etcd::EtcdStore::connect(aloft_etcd::EtcdOptions::new([url.clone()])).unwrap();
+        let app = aloft_store::Store::get(&direct, "/apps/on-etcd").unwrap();
+        assert!(app.is_some(), "the app record is not in etcd");
+        let machine_key = format!("/machines/on-etcd/{id}");
+        assert!(aloft_store::Store::get(&direct, &machine_key).unwrap().is_some());
+        drop(direct);
+
+        // The same data directory and etcd (ALOFT_ETCD this time): the token, the app and the
+        // machine are all still there, and nothing new was minted.
+        let config_before = std::fs::read_to_string(env.config_path()).unwrap();
+        let mut daemon = env.spawn_env(port, &["--no-edge"], &[("ALOFT_ETCD", Path::new(&url))]);
+        daemon.wait_ready(port);
+        assert!(
+            !daemon.stdout().contains("aloft_"),
+            "a restart minted a token:\n{}",
+            daemon.stdout()
+        );
+        assert_eq!(std::fs::read_to_string(env.config_path()).unwrap(), config_before);
+        // The first start's admin token, from the CLI config it wrote.
+        let api = env.api();
+        let (s, app) = api.get("/v1/apps/on-etcd").await;
+        assert_eq!(s, StatusCode::OK, "{app}");
+        assert_eq!(app["organization"]["slug"], "personal");
+        let (s, m) = api.get(&format!("/v1/apps/on-etcd/machines/{id}")).await;
+        assert_eq!(s, StatusCode::OK, "{m}");
+        assert_eq!(m["config"]["image"], "busybox", "{m}");
+        // The fake driver's machines do not outlive aloftd: its restart policy starts it again.
+        let (s, waited) = api
+            .get(&format!(
+                "/v1/apps/on-etcd/machines/{id}/wait?state=started&timeout=10"
+            ))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{waited}");
+        let (s, list) = api.get("/v1/apps/on-etcd/machines").await;
+        assert_eq!(s, StatusCode::OK, "{list}");
+        assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+        let (s, _) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/apps/on-etcd/machines/{id}/stop"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let stderr = stop(daemon);
+        assert!(stderr.contains("control store: etcd"), "{stderr}");
+        assert!(!env.data.join("control.db").exists());
+        drop(etcd);
+    }
+
+    #[test]
+    fn a_wrong_etcd_url_stops_aloftd_with_a_clear_message() {
+        let env = Env::new();
+        let url = format!("http://127.0.0.1:{}", free_port());
+        let mut daemon = env.start_with(free_port(), &["--etcd", &url]);
+        let (status, _) = daemon
+            .wait_exit(Duration::from_secs(20))
+            .expect("aloftd kept running without its etcd");
+        assert!(!status.success());
+        let (_, stderr) = daemon.finish();
+        assert!(
+            stderr.contains(&format!(
+                "etcd at {url}: connection refused; start etcd or fix --etcd"
+            )),
+            "{stderr}"
+        );
+        assert!(!env.data.join("control.db").exists());
+        // Not a URL at all.
+        let mut daemon = env.start_with(free_port(), &["--etcd", "localhost:2379"]);
+        let (status, _) = daemon.wait_exit(Duration::from_secs(20)).expect("kept running");
+        assert!(!status.success());
+        let (_, stderr) = daemon.finish();
+        assert!(
+            stderr.contains("invalid etcd endpoint \"localhost:2379\""),
+            "{stderr}"
+        );
     }
 }

@@ -2,12 +2,14 @@
 //! root filesystems built from Debian's `busybox-static`, and throwaway network namespaces with a
 //! tap device, so guests are reached without touching the host's own network, a real OCI
 //! registry (Debian's `docker-registry`) on loopback, and a real ACME CA (Debian's `pebble`) with
-//! a DNS responder on loopback; cgroup parents of their own for jailed machines; and TLS servers
-//! with self-signed certificates.
+//! a DNS responder on loopback; a private etcd (Debian's `etcd-server`) per test for the etcd
+//! store; cgroup parents of their own for jailed machines; and TLS servers with self-signed
+//! certificates.
 //!
 //! Only tests, examples and `xtask` depend on this crate; no production crate may.
 
 mod cgroup;
+mod etcd;
 mod netns;
 mod pebble;
 mod registry;
@@ -17,6 +19,7 @@ pub mod tls;
 use std::path::{Path, PathBuf};
 
 pub use cgroup::CgroupParent;
+pub use etcd::Etcd;
 pub use netns::NetNs;
 pub use pebble::{Pebble, PebbleOptions, free_port};
 pub use registry::Registry;
