@@ -22,7 +22,9 @@ const HEADER_AFTER_LEN: usize = 5;
 /// * 0: hello, exec (pipes), stdin, signal, stop, process list, set time.
 /// * 1: [`ExecRequest::tty`], [`Frame::Resize`], [`Frame::Credit`].
 /// * 2: [`Frame::Sync`] / [`Frame::Synced`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// * 3: boots from a template ([`crate::TEMPLATE_CMDLINE_FLAG`]): [`GuestStatus::awaiting_boot`]
+///   and [`Frame::Boot`].
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Output stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +126,28 @@ pub struct GuestStatus {
     /// The channel protocol init speaks ([`PROTOCOL_VERSION`]; 0 from an init that predates it).
     #[serde(default)]
     pub protocol: u32,
+    /// Init booted as a template ([`crate::TEMPLATE_CMDLINE_FLAG`]) and waits for
+    /// [`Frame::Boot`] before it does anything else: the moment a host snapshots it, and the
+    /// state a VM restored from that snapshot is in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_boot: bool,
+}
+
+/// What a VM restored from a template needs to become one machine ([`Frame::Boot`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootRequest {
+    /// The machine's run config: what a cold boot reads from [`crate::RUN_CONFIG_PATH`].
+    pub config: crate::RunConfig,
+    /// The host's wall clock when sent: the template's clock stopped when it was snapshotted.
+    pub unix_nanos: u64,
+    /// Fresh random bytes from the host (32) that init mixes into the kernel's entropy pool and
+    /// reseeds its generator from: every VM restored from one template starts with the same
+    /// generator state, and must not go on producing the same numbers.
+    pub seed: Vec<u8>,
+    /// The machine's MAC address for `eth0` (`52:54:00:…`); the template's device has the MAC
+    /// of the VM it was made from.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// A listening socket of a process.
@@ -213,6 +237,12 @@ pub enum Frame {
     Sync {
         chan: u32,
     },
+    /// Turn a guest restored from a template into a machine: init, waiting since the template
+    /// was made ([`GuestStatus::awaiting_boot`]), sets the clock, reseeds the kernel's random
+    /// generator, sets `eth0`'s MAC and then boots as from [`crate::RUN_CONFIG_PATH`]. Needs
+    /// [`PROTOCOL_VERSION`] 3; only an init that reported `awaiting_boot` acts on it (any other
+    /// ignores it).
+    Boot(Box<BootRequest>),
 
     // ---- guest → host ----
     Status(GuestStatus),
@@ -260,6 +290,7 @@ mod tag {
     pub(super) const RESIZE: u8 = 8;
     pub(super) const CREDIT: u8 = 9;
     pub(super) const SYNC: u8 = 10;
+    pub(super) const BOOT: u8 = 11;
     pub(super) const STATUS: u8 = 64;
     pub(super) const LOG: u8 = 65;
     pub(super) const EXEC_STARTED: u8 = 66;
@@ -375,6 +406,7 @@ impl Frame {
             }
             Self::ListProcesses { chan } => data(out, tag::LIST_PROCESSES, *chan, 0, &[]),
             Self::Sync { chan } => data(out, tag::SYNC, *chan, 0, &[]),
+            Self::Boot(req) => json(out, tag::BOOT, 0, req),
             Self::SetTime { unix_nanos } => {
                 json(
                     out,
@@ -471,6 +503,7 @@ impl Frame {
             }
             tag::LIST_PROCESSES => Self::ListProcesses { chan },
             tag::SYNC => Self::Sync { chan },
+            tag::BOOT => Self::Boot(Box::new(parse(t, payload)?)),
             tag::SET_TIME => Self::SetTime {
                 unix_nanos: parse::<SetTimeBody>(t, payload)?.unix_nanos,
             },
@@ -623,7 +656,24 @@ mod tests {
                 uptime_ms: 1234,
                 dropped_log_bytes: 0,
                 protocol: PROTOCOL_VERSION,
+                awaiting_boot: false,
             }),
+            Frame::Status(GuestStatus {
+                workload: WorkloadState::Starting,
+                uptime_ms: 700,
+                dropped_log_bytes: 0,
+                protocol: PROTOCOL_VERSION,
+                awaiting_boot: true,
+            }),
+            Frame::Boot(Box::new(BootRequest {
+                config: crate::RunConfig {
+                    hostname: "m1".into(),
+                    ..crate::RunConfig::default()
+                },
+                unix_nanos: 1_700_000_000_000_000_000,
+                seed: vec![7; 32],
+                mac: Some("52:54:00:12:34:56".into()),
+            })),
             Frame::Status(GuestStatus {
                 workload: WorkloadState::Failed {
                     message: "executable not found: /app/x".into(),
@@ -631,6 +681,7 @@ mod tests {
                 uptime_ms: 1,
                 dropped_log_bytes: 5,
                 protocol: 0,
+                awaiting_boot: false,
             }),
             Frame::Log {
                 stream: DataStream::Stderr,

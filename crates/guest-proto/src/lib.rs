@@ -17,8 +17,8 @@ mod frame;
 mod run_config;
 
 pub use frame::{
-    DataStream, DecodeError, Decoder, ExecExit, ExecRequest, Frame, GuestStatus, ListenSocket, MAX_FRAME_LEN,
-    PROTOCOL_VERSION, ProcessInfo, TtySize, WorkloadExit, WorkloadState,
+    BootRequest, DataStream, DecodeError, Decoder, ExecExit, ExecRequest, Frame, GuestStatus, ListenSocket,
+    MAX_FRAME_LEN, PROTOCOL_VERSION, ProcessInfo, TtySize, WorkloadExit, WorkloadState,
 };
 pub use run_config::{
     DnsConfig, EtcHost, ExposedPort, FileSpec, ImageConfig, IpNet, MountSpec, NetConfig,
@@ -45,6 +45,13 @@ pub const CONSOLE_HELLO: &str = "aloft-init: hello";
 /// Kernel command line flag that makes init print [`CONSOLE_HELLO`] and power off at once (the
 /// accelerator probe and the raw boot baseline).
 pub const PROBE_CMDLINE_FLAG: &str = "aloft.probe=1";
+
+/// Kernel command line flag of a template boot: init comes up (console, `/proc`, `/sys`, `/dev`,
+/// the channel) and then, instead of reading [`RUN_CONFIG_PATH`], reports
+/// [`GuestStatus::awaiting_boot`] and waits for [`Frame::Boot`]. The host snapshots it there
+/// and restores that snapshot for each new machine of the same shape, which skips the kernel's
+/// boot.
+pub const TEMPLATE_CMDLINE_FLAG: &str = "aloft.template=1";
 
 /// Kernel command line flag that makes init print each boot step on the console with the
 /// milliseconds since the kernel started (`aloft-init: +812.4ms root mounted`): where a slow start

@@ -1,9 +1,10 @@
 //! The host↔guest channel: the `aloft.0` virtio-serial port, non-blocking.
 //!
 //! While no host is connected the port reports POLLHUP, reads return 0 and writes would block, so
-//! the supervisor re-checks the connection on a short timer instead of polling the fd. Writes go
-//! through an outgoing queue of whole frames (PID 1 never blocks on the host); workload logs are
-//! kept in a bounded buffer until a host says hello, and what does not fit is counted as dropped.
+//! the supervisor (and a template waiting for its boot request) re-checks the connection on a
+//! short timer instead of polling the fd. Writes go through an outgoing queue of whole frames
+//! (PID 1 never blocks on the host); workload logs are kept in a bounded buffer until a host says
+//! hello, and what does not fit is counted as dropped.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -46,6 +47,9 @@ pub(crate) struct Channel {
     connected: bool,
     hello: bool,
     dec: Decoder,
+    /// Frames read from the current connection but not handled yet ([`Channel::put_back`]);
+    /// [`Channel::read_frames`] returns them first.
+    unread: VecDeque<Frame>,
     out: VecDeque<Vec<u8>>,
     /// Bytes of `out[0]` already written.
     out_off: usize,
@@ -76,6 +80,7 @@ impl Channel {
             connected: false,
             hello: false,
             dec: Decoder::new(),
+            unread: VecDeque::new(),
             out: VecDeque::new(),
             out_off: 0,
             out_bytes: 0,
@@ -83,6 +88,30 @@ impl Channel {
             log_bytes: 0,
             dropped_log_bytes: 0,
         }
+    }
+
+    /// A channel without a port that behaves as if a host were connected (for tests: what it
+    /// would send is in [`Channel::take_sent`]).
+    #[cfg(test)]
+    pub(crate) fn connected_without_port() -> Self {
+        let mut ch = Self::with_file(None);
+        ch.connected = true;
+        ch
+    }
+
+    /// The frames queued for the host, taken out of the queue (tests).
+    #[cfg(test)]
+    pub(crate) fn take_sent(&mut self) -> Vec<Frame> {
+        self.out_bytes = 0;
+        self.out_off = 0;
+        self.out
+            .drain(..)
+            .map(|bytes| {
+                let mut d = Decoder::new();
+                d.push(&bytes);
+                d.next_frame().expect("a whole frame").expect("a valid frame")
+            })
+            .collect()
     }
 
     pub(crate) fn exists(&self) -> bool {
@@ -118,6 +147,8 @@ impl Channel {
         self.connected = now;
         self.hello = false;
         self.dec = Decoder::new();
+        // Requests of a host that is gone: like its half-received frame, nobody waits for them.
+        self.unread.clear();
         if self.out_off > 0 {
             // Half-sent to the previous host: the rest would corrupt the next connection's stream.
             if let Some(f) = self.out.pop_front() {
@@ -138,9 +169,24 @@ impl Channel {
         Some((file.as_raw_fd(), events))
     }
 
-    /// Reads what the host sent and returns the whole frames. A malformed stream is discarded.
+    /// Frames read but not handled, to be returned again (in order, before anything newer) by the
+    /// next [`Channel::read_frames`]: what came after the boot request of a template boot, for the
+    /// supervisor. Dropped if the host disconnects first.
+    pub(crate) fn put_back(&mut self, frames: impl IntoIterator<Item = Frame>) {
+        let mut frames: VecDeque<Frame> = frames.into_iter().collect();
+        frames.append(&mut self.unread);
+        self.unread = frames;
+    }
+
+    /// Whether [`Channel::put_back`] left frames that no poll would announce.
+    pub(crate) fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+
+    /// Reads what the host sent and returns the whole frames, after any put back. A malformed
+    /// stream is discarded.
     pub(crate) fn read_frames(&mut self) -> Vec<Frame> {
-        let mut frames = Vec::new();
+        let mut frames: Vec<Frame> = self.unread.drain(..).collect();
         let Some(file) = &mut self.file else { return frames };
         let mut buf = [0u8; 16 * 1024];
         let mut eof = false;
@@ -288,6 +334,24 @@ mod tests {
         assert!(matches!(&frames[2], Frame::Log { data, .. } if data.len() == 10));
         assert_eq!(ch.log_bytes, 0);
         assert!(!ch.accepts_output() || ch.out_bytes < OUT_HIGH_WATER);
+    }
+
+    #[test]
+    fn frames_put_back_come_first_and_go_with_the_host() {
+        let mut ch = Channel::with_file(None);
+        ch.connected = true;
+        ch.put_back([Frame::Sync { chan: 2 }, Frame::Hello]);
+        ch.put_back([Frame::Sync { chan: 1 }]);
+        assert!(ch.has_unread());
+        assert_eq!(
+            ch.read_frames(),
+            [Frame::Sync { chan: 1 }, Frame::Sync { chan: 2 }, Frame::Hello]
+        );
+        assert!(!ch.has_unread());
+        ch.put_back([Frame::Hello]);
+        ch.set_connected(false);
+        assert!(!ch.has_unread());
+        assert!(ch.read_frames().is_empty());
     }
 
     #[test]

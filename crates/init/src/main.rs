@@ -1,11 +1,12 @@
 //! `aloft-init`: PID 1 of every aloft guest.
 //!
 //! Boots the guest from the initramfs: mounts `/proc`, `/sys`, `/dev`, reads the run config
-//! (`/aloft/run.json`), assembles the overlay root (read-only image + writable layer) and switches
-//! into it, mounts the machine's volumes (found by their disks' virtio-blk serials), sets hostname,
-//! `/etc/hosts`, DNS, network and files, then starts the workload as the
-//! image's user, forwards its output and serves exec/ps/signal/stop requests over the virtio-serial
-//! channel, reaps every process, reports the exit and powers off.
+//! (`/aloft/run.json`; a template boot waits for it on the channel instead, see [`template`]),
+//! assembles the overlay root (read-only image + writable layer) and switches into it, mounts the
+//! machine's volumes (found by their disks' virtio-blk serials), sets hostname, `/etc/hosts`, DNS,
+//! network and files, then starts the workload as the image's user, forwards its output and serves
+//! exec/ps/signal/stop requests over the virtio-serial channel, reaps every process, reports the
+//! exit and powers off.
 //!
 //! Static binary, one thread, no async runtime: poll(2) over a signalfd, the channel and pipes.
 //! Depends only on `aloft-guest-proto` (the contract with the host), `aloft-netlink`, `libc` and
@@ -21,9 +22,16 @@ mod spawn;
 mod spec;
 mod supervisor;
 mod sys;
+mod template;
 mod users;
 
-use aloft_guest_proto::{CONSOLE_HELLO, PROBE_CMDLINE_FLAG, RUN_CONFIG_PATH, RunConfig, TRACE_CMDLINE_FLAG};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use aloft_guest_proto::{
+    BootRequest, CONSOLE_HELLO, PROBE_CMDLINE_FLAG, RUN_CONFIG_PATH, RunConfig, TEMPLATE_CMDLINE_FLAG,
+    TRACE_CMDLINE_FLAG,
+};
 
 use crate::channel::Channel;
 use crate::supervisor::{Supervisor, Workload};
@@ -60,9 +68,13 @@ fn main() {
     };
     let ch = Channel::open();
     console::trace("channel opened");
-    let cfg = match read_config() {
-        Ok(cfg) => cfg,
-        Err(message) => Supervisor::new(ch, sigfd).fail(&message),
+    let (ch, sigfd, cfg) = if cmdline.split_whitespace().any(|w| w == TEMPLATE_CMDLINE_FLAG) {
+        await_boot(ch, sigfd)
+    } else {
+        match read_config() {
+            Ok(cfg) => (ch, sigfd, cfg),
+            Err(message) => Supervisor::new(ch, sigfd).fail(&message),
+        }
     };
     let prepared = prepare(&cfg);
     let sup = Supervisor::new(ch, sigfd);
@@ -70,6 +82,32 @@ fn main() {
         Ok(workload) => sup.run(workload),
         Err(message) => sup.fail(&message),
     }
+}
+
+/// A template boot: waits for the host's boot request (indefinitely: the guest is snapshotted
+/// while it waits), applies it, and returns the run config it carries. Any failure is the boot's.
+fn await_boot(mut ch: Channel, sigfd: OwnedFd) -> (Channel, OwnedFd, RunConfig) {
+    let req = match template::wait_for_boot(&mut ch, &sigfd) {
+        Ok(template::Waited::Boot(req)) => req,
+        Ok(template::Waited::Stopped(signo)) => {
+            console::diag(&format!(
+                "signal {signo} while waiting for the boot request: powering off"
+            ));
+            sys::sync();
+            loop {
+                let e = sys::power_off();
+                console::diag(&format!("power off: {e}"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        Err(message) => Supervisor::new(ch, sigfd).fail(&message),
+    };
+    console::trace("boot request received");
+    if let Err(message) = template::become_machine(&req) {
+        Supervisor::new(ch, sigfd).fail(&message);
+    }
+    let BootRequest { config, .. } = *req;
+    (ch, sigfd, config)
 }
 
 fn read_config() -> Result<RunConfig, String> {

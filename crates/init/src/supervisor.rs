@@ -20,7 +20,7 @@ use crate::{console, procs, spec};
 /// Stop timeout when init itself gets SIGTERM/SIGINT/SIGPWR.
 const SIGNAL_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the channel's connection is re-checked while no host is connected.
-const RECONNECT_POLL_MS: i32 = 50;
+pub(crate) const RECONNECT_POLL_MS: i32 = 50;
 
 /// An exec session's environment: the workload's, then the request's; on a terminal `TERM` is
 /// `xterm` unless the request sets it (the workload's own `TERM` describes no terminal of the user's).
@@ -117,6 +117,7 @@ impl Supervisor {
             uptime_ms: uptime_ms(),
             dropped_log_bytes: self.ch.dropped_log_bytes,
             protocol: PROTOCOL_VERSION,
+            awaiting_boot: false,
         })
     }
 
@@ -168,6 +169,12 @@ impl Supervisor {
     /// One poll round.
     fn turn(&mut self) {
         self.ch.refresh();
+        if self.ch.has_unread() {
+            // What came with a template's boot request (main.rs): no poll announces it.
+            for frame in self.ch.read_frames() {
+                self.on_frame(frame);
+            }
+        }
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut srcs: Vec<Source> = Vec::new();
         let mut add = |fd: RawFd, events: i16, src: Source| {
@@ -398,6 +405,9 @@ impl Supervisor {
                     console::diag(&format!("set time: {e}"));
                 }
             }
+            // Only a template that still waits acts on a boot request (template.rs); this one is
+            // booted. Not echoed back: it carries the whole run config and the seed.
+            Frame::Boot(_) => console::diag("boot request for a booted machine: ignored"),
             other => self.error(0, format!("unexpected frame from the host: {other:?}")),
         }
     }

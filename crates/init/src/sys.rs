@@ -2,7 +2,7 @@
 //! with unsafe code; everything else calls these safe functions.
 #![expect(
     unsafe_code,
-    reason = "PID 1 needs raw syscalls: mount, reboot, signalfd, poll, waitpid, kill, terminal ioctls"
+    reason = "PID 1 needs raw syscalls: mount, reboot, signalfd, poll, waitpid, kill, terminal and random ioctls"
 )]
 
 use std::ffi::{CString, OsStr};
@@ -223,6 +223,81 @@ pub(crate) fn set_realtime(unix_nanos: u64) -> io::Result<()> {
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &raw const ts) }).map(drop)
 }
 
+/// `_IOC_WRITE` in its place (`asm-generic/ioctl.h`; these architectures have their own).
+#[cfg(not(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const IOC_WRITE: u32 = 1 << 30;
+#[cfg(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips32r6",
+    target_arch = "mips64",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+))]
+const IOC_WRITE: u32 = 4 << 29;
+
+/// `RNDADDENTROPY` from `linux/random.h`: `_IOW('R', 0x03, int[2])` (libc lacks it).
+const RNDADDENTROPY: u32 = IOC_WRITE | (8 << 16) | ((b'R' as u32) << 8) | 0x03;
+/// `RNDRESEEDCRNG` from `linux/random.h`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: u32 = ((b'R' as u32) << 8) | 0x07;
+
+/// The request number as the C library's `ioctl` takes it (`unsigned long` in glibc, `int` in musl).
+#[allow(
+    clippy::cast_possible_wrap,
+    clippy::cast_possible_truncation,
+    clippy::cast_lossless,
+    reason = "ioctl numbers are 32-bit patterns, whatever type the C library declares"
+)]
+const fn ioctl_request(n: u32) -> libc::Ioctl {
+    n as libc::Ioctl
+}
+
+/// A `struct rand_pool_info` (`linux/random.h`) carrying `seed`, credited with 8 bits of entropy
+/// per byte, as 32-bit words (the struct's alignment): `int entropy_count` (bits), `int buf_size`
+/// (bytes), then the bytes (`__u32 buf[]`), the last word zero-padded. `None` when the counts do
+/// not fit an `int`.
+pub(crate) fn rand_pool_info(seed: &[u8]) -> Option<Vec<u32>> {
+    let bits = i32::try_from(seed.len().checked_mul(8)?).ok()?;
+    let bytes = i32::try_from(seed.len()).ok()?;
+    let mut words = Vec::with_capacity(2 + seed.len().div_ceil(4));
+    words.push(u32::from_ne_bytes(bits.to_ne_bytes()));
+    words.push(u32::from_ne_bytes(bytes.to_ne_bytes()));
+    for chunk in seed.chunks(4) {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        words.push(u32::from_ne_bytes(w));
+    }
+    Some(words)
+}
+
+/// `RNDADDENTROPY` on `random` (`/dev/urandom`): mixes `seed` into the kernel's input pool and
+/// credits 8 bits of entropy per byte. Needs `CAP_SYS_ADMIN`.
+pub(crate) fn add_entropy(random: &File, seed: &[u8]) -> io::Result<()> {
+    let info = rand_pool_info(seed).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `info` is a complete rand_pool_info, 4-byte aligned, whose buf_size (`seed.len()`)
+    // bytes all lie inside the vector; the kernel only reads it during the call.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), ioctl_request(RNDADDENTROPY), info.as_ptr()) }).map(drop)
+}
+
+/// `RNDRESEEDCRNG` on `random`: the kernel's generator rekeys from the input pool now (Linux
+/// 4.17+), so what it returns next depends on what [`add_entropy`] just added. `ENODATA` while the
+/// generator is not yet initialised.
+pub(crate) fn reseed_crng(random: &File) -> io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), ioctl_request(RNDRESEEDCRNG)) }).map(drop)
+}
+
 pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL take plain integers.
     unsafe {
@@ -367,4 +442,40 @@ pub(crate) fn prepare_child(
     // SAFETY: the hook only makes syscalls on data it owns, in a child of a single-threaded parent.
     unsafe { cmd.pre_exec(hook) };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values `linux/random.h` gives on the architectures guests run on.
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn random_ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(RNDADDENTROPY, 0x4008_5203);
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
+    }
+
+    #[test]
+    fn rand_pool_info_layout() {
+        let seed: Vec<u8> = (1..=18).collect();
+        let words = rand_pool_info(&seed).unwrap();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(
+            bytes.len(),
+            8 + 20,
+            "two ints, then 18 bytes padded to whole words"
+        );
+        assert_eq!(bytes[0..4], 144i32.to_ne_bytes(), "entropy_count: 8 bits a byte");
+        assert_eq!(bytes[4..8], 18i32.to_ne_bytes(), "buf_size: bytes");
+        assert_eq!(bytes[8..26], seed[..]);
+        assert_eq!(bytes[26..], [0, 0]);
+
+        let words = rand_pool_info(&[0xab; 32]).unwrap();
+        assert_eq!(words.len(), 2 + 8);
+        assert_eq!(words[0], 256);
+        assert_eq!(words[1], 32);
+        assert!(words[2..].iter().all(|w| *w == 0xabab_abab));
+        assert_eq!(rand_pool_info(&[]).unwrap(), [0, 0]);
+    }
 }

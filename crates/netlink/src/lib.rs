@@ -1,7 +1,7 @@
 //! `aloft-netlink`: a small synchronous rtnetlink client over a raw `AF_NETLINK`/`NETLINK_ROUTE`
 //! socket — look up and list links, create simple links (dummy, bridge) and veth pairs, move a
-//! link into another network namespace, set links up/down, set their MTU, add addresses, default
-//! routes and prefix routes, delete a link.
+//! link into another network namespace, set links up/down, set their MTU and MAC address, add
+//! addresses, default routes and prefix routes, delete a link.
 //!
 //! Used in the guest by `aloft-init` (a static, single-threaded PID 1) and on the host by the
 //! networking code. Blocking calls on the caller's thread; no async runtime, no netlink crates, no
@@ -69,6 +69,18 @@ pub enum NetlinkError {
         /// The MTU asked for.
         mtu: u32,
         /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the hardware (MAC) address failed.
+    #[error("set MAC address {} on {name}", mac_text(address))]
+    SetAddress {
+        /// Interface name.
+        name: String,
+        /// The address asked for.
+        address: [u8; 6],
+        /// The OS error (`EADDRNOTAVAIL` for a multicast or all-zero address, `EBUSY` when the
+        /// device cannot change it while up).
         #[source]
         source: io::Error,
     },
@@ -145,6 +157,12 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
+}
+
+/// `52:54:00:12:34:56`.
+fn mac_text(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
 /// A network interface as listed by [`Netlink::links`].
@@ -369,6 +387,21 @@ impl Netlink {
             })
     }
 
+    /// Sets the hardware (MAC) address of `name`. Best done while the link is down: the IPv6
+    /// link-local address is derived from it when the link comes up, and some devices refuse the
+    /// change while up.
+    pub fn set_link_address(&mut self, name: &str, address: [u8; 6]) -> Result<(), NetlinkError> {
+        let index = self.link_index(name)?;
+        let seq = self.next_seq();
+        self.transact(seq, &msg::set_link_address(seq, index, address))
+            .map(drop)
+            .map_err(|source| NetlinkError::SetAddress {
+                name: name.to_owned(),
+                address,
+                source,
+            })
+    }
+
     /// Adds `addr/prefix_len` to `name`. IPv6 addresses skip duplicate address detection
     /// (`IFA_F_NODAD`) so they are usable at once.
     pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix_len: u8) -> Result<(), NetlinkError> {
@@ -436,6 +469,12 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ENETUNREACH),
         };
         assert_eq!(e.to_string(), "add default route via fdaa::1 on eth0");
+        let e = NetlinkError::SetAddress {
+            name: "eth0".into(),
+            address: [0x52, 0x54, 0x00, 0xab, 0x0c, 0xff],
+            source: io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        };
+        assert_eq!(e.to_string(), "set MAC address 52:54:00:ab:0c:ff on eth0");
     }
 
     #[test]

@@ -24,6 +24,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
@@ -206,6 +207,14 @@ pub fn set_link_mtu(seq: u32, index: i32, mtu: u32) -> Vec<u8> {
     Builder::new(RTM_NEWLINK, 0, seq)
         .bytes(&ifinfomsg(index, 0, 0))
         .attr(IFLA_MTU, &mtu.to_ne_bytes())
+        .finish()
+}
+
+/// `RTM_NEWLINK` on an existing link: set its hardware (MAC) address.
+pub fn set_link_address(seq: u32, index: i32, mac: [u8; 6]) -> Vec<u8> {
+    Builder::new(RTM_NEWLINK, 0, seq)
+        .bytes(&ifinfomsg(index, 0, 0))
+        .attr(IFLA_ADDRESS, &mac)
         .finish()
 }
 
@@ -415,6 +424,38 @@ mod tests {
         let m = set_link_mtu(1, 2, 1420);
         assert_eq!(attrs(&m, 32), vec![(IFLA_MTU, 1420u32.to_ne_bytes().to_vec())]);
         assert_eq!(u32_at(&m, 28), 0, "no flag change");
+    }
+
+    #[test]
+    fn mac_address_attribute() {
+        let m = set_link_address(6, 2, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        assert_eq!(u32_at(&m, 0) as usize, m.len());
+        assert_eq!(
+            m.len(),
+            44,
+            "header, ifinfomsg, 4 + 6 bytes of attribute padded to 12"
+        );
+        assert_eq!(u16_at(&m, 4), RTM_NEWLINK);
+        assert_eq!(
+            u16_at(&m, 6),
+            NLM_F_REQUEST | NLM_F_ACK,
+            "changes a link, creates none"
+        );
+        assert_eq!(u32_at(&m, 8), 6);
+        assert_eq!(u32_at(&m, 20), 2);
+        assert_eq!(u32_at(&m, 24), 0, "no flags");
+        assert_eq!(
+            u32_at(&m, 28),
+            0,
+            "no flag change: up or down, the link stays as it is"
+        );
+        assert_eq!(u16_at(&m, 32), 10, "rta_len: header and the 6 bytes, unpadded");
+        assert_eq!(u16_at(&m, 34), IFLA_ADDRESS);
+        assert_eq!(
+            attrs(&m, 32),
+            vec![(IFLA_ADDRESS, vec![0x52, 0x54, 0x00, 0x12, 0x34, 0x56])]
+        );
+        assert_eq!(&m[42..], &[0, 0], "padding");
     }
 
     #[test]

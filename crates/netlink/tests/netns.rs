@@ -2,7 +2,7 @@
 //! as root; says so and passes otherwise.
 #![expect(
     unsafe_code,
-    reason = "unshare(2) and geteuid(2) to get a private network namespace"
+    reason = "unshare(2) and geteuid(2) to get a private network namespace; SIOCGIFHWADDR to read a MAC back"
 )]
 
 use aloft_netlink::{Netlink, NetlinkError};
@@ -24,6 +24,33 @@ fn in_fresh_netns(f: impl FnOnce() + Send + 'static) -> bool {
     .join()
     .expect("netns thread panicked");
     true
+}
+
+/// `name`'s MAC address as the calling thread's network namespace sees it (`SIOCGIFHWADDR`; the
+/// host's `/sys` shows the host's namespace, not this one).
+fn hardware_address(name: &str) -> [u8; 6] {
+    // SAFETY: a plain socket(2) call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name from and writes the address into `req`, valid for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCGIFHWADDR,
+            &raw mut req,
+        )
+    };
+    assert_eq!(rc, 0, "SIOCGIFHWADDR {name}: {}", std::io::Error::last_os_error());
+    // SAFETY: SIOCGIFHWADDR filled the union's sockaddr member.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    std::array::from_fn(|i| u8::from_ne_bytes(data[i].to_ne_bytes()))
 }
 
 #[cfg(test)]
@@ -160,6 +187,29 @@ mod tests {
             let e = nl.move_to_netns("nosuch", &other_again).unwrap_err();
             assert_eq!(e.to_string(), "look up interface nosuch");
             nl.delete_link("ve0").unwrap();
+        });
+    }
+
+    #[test]
+    fn sets_a_mac_address_while_down() {
+        in_fresh_netns(|| {
+            let mut nl = Netlink::open().unwrap();
+            nl.create_link("brmac7", "bridge").unwrap();
+            let mac = [0x52, 0x54, 0x00, 0x0a, 0xbc, 0xde];
+            nl.set_link_address("brmac7", mac).unwrap();
+            assert_eq!(hardware_address("brmac7"), mac);
+            // A multicast address is refused by the kernel, and the error names it.
+            let e = nl
+                .set_link_address("brmac7", [0x01, 0x00, 0x5e, 0, 0, 1])
+                .unwrap_err();
+            assert_eq!(e.to_string(), "set MAC address 01:00:5e:00:00:01 on brmac7");
+            let NetlinkError::SetAddress { source, .. } = e else {
+                panic!("{e:?}")
+            };
+            assert_eq!(source.raw_os_error(), Some(libc::EADDRNOTAVAIL));
+            let missing = nl.set_link_address("eth9", mac).unwrap_err();
+            assert_eq!(missing.to_string(), "look up interface eth9");
+            nl.delete_link("brmac7").unwrap();
         });
     }
 }

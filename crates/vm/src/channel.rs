@@ -400,6 +400,7 @@ mod tests {
             uptime_ms: 1,
             dropped_log_bytes: 0,
             protocol: 0,
+            awaiting_boot: false,
         }));
         assert_eq!(s.lock().last_pid, Some(42));
 
@@ -523,6 +524,7 @@ mod tests {
             uptime_ms: 5,
             dropped_log_bytes: 0,
             protocol: 0,
+            awaiting_boot: false,
         });
         c2.write_all(&st.to_bytes()).unwrap();
         let mut g = shared.lock();
