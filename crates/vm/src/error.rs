@@ -107,6 +107,9 @@ pub enum VmError {
     /// Writing or restoring a snapshot failed.
     #[error("snapshot failed: {message}")]
     Snapshot { message: String },
+
+    #[error("boot template: {message}")]
+    Template { message: String },
     /// `state.json` could not be written or parsed.
     #[error("vm state in {}", path.display())]
     State {

@@ -31,6 +31,7 @@ mod qmp;
 mod session;
 mod spec;
 mod sys;
+mod template;
 mod vm;
 
 pub mod accel;
@@ -45,6 +46,7 @@ pub use session::{ExecEvent, ExecSession};
 pub use spec::{
     Accel, AccelChoice, DiskFormat, DiskSpec, JailSpec, MAX_VCPUS, MIN_MEMORY_MIB, NetSpec, VmSpec,
 };
+pub use template::{MAX_TEMPLATES, TemplateStart, Templates};
 pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit};
 
 #[cfg(test)]

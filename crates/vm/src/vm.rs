@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aloft_guest_proto::{
-    ExecExit, ExecRequest, Frame, GuestStatus, ProcessInfo, WorkloadExit, WorkloadState,
+    BootRequest, ExecExit, ExecRequest, Frame, GuestStatus, ProcessInfo, WorkloadExit, WorkloadState,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -229,16 +229,76 @@ impl Vm {
                 path: snapshot.to_owned(),
             });
         }
+        let vm = Self::restore(spec, snapshot)?;
+        let _ = vm.shared.send(&Frame::SetTime {
+            unix_nanos: now_unix_nanos(),
+        });
+        Ok(vm)
+    }
+
+    /// A new QEMU for `spec` running the guest of `snapshot` (a suspended machine's or a boot
+    /// template's); killed again if the restore fails.
+    pub(crate) fn restore(spec: VmSpec, snapshot: &Path) -> Result<Vm, VmError> {
         let file = File::open(snapshot).map_err(|e| VmError::io("open snapshot", snapshot, e))?;
         let vm = Self::launch(spec, Boot::Incoming)?;
         if let Err(e) = vm.restore_from(&file) {
             let _ = vm.kill();
             return Err(e);
         }
-        let _ = vm.shared.send(&Frame::SetTime {
-            unix_nanos: now_unix_nanos(),
-        });
         Ok(vm)
+    }
+
+    /// Waits until init reports that it booted as a template and waits for
+    /// [`Frame::Boot`] ([`GuestStatus::awaiting_boot`]). An init that reports anything else (one
+    /// that predates templates reads its config and fails or starts) is a
+    /// [`VmError::Template`] error, as is a QEMU that exits.
+    pub(crate) fn wait_awaiting_boot(&self, timeout: Duration) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let g = self.shared.lock();
+                match g.status.as_ref() {
+                    Some(s) if s.awaiting_boot => return Ok(()),
+                    Some(s) if s.workload != WorkloadState::Starting => {
+                        return Err(VmError::Template {
+                            message: format!(
+                                "init did not wait for its boot request (protocol {}, workload {:?}): rebuild the initramfs (cargo xtask guest)",
+                                s.protocol, s.workload
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+                if g.qemu_exit.is_some() {
+                    return Err(VmError::Template {
+                        message: format!("qemu exited before init was ready: {}", self.console_facts().tail),
+                    });
+                }
+            }
+            if !self.is_alive() {
+                return Err(VmError::Template {
+                    message: format!("qemu exited before init was ready: {}", self.console_facts().tail),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Timeout {
+                    op: "wait for init to await its boot request",
+                    after: timeout,
+                    hint: self.console_facts().tail,
+                });
+            }
+            let g = self.shared.lock();
+            drop(
+                self.shared
+                    .wait(g, (deadline - now).min(Duration::from_millis(50))),
+            );
+        }
+    }
+
+    /// Sends a restored template its machine's boot request.
+    pub(crate) fn send_boot(&self, req: BootRequest) -> Result<(), VmError> {
+        self.send(&Frame::Boot(Box::new(req)))
     }
 
     fn restore_from(&self, file: &File) -> Result<(), VmError> {

@@ -1,0 +1,150 @@
+//! Real-VM tests of boot templates: machines restored from a snapshot of a booted guest get
+//! their own config, clock, randomness and MAC.
+
+mod common;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aloft_guest_proto::NetConfig;
+    use aloft_vm::{NetSpec, Templates};
+
+    use crate::common::{BOOT_TIMEOUT, TestVm, collect_stdout};
+
+    /// Prints the hostname, 16 random bytes, the guest's clock and eth0's MAC (if any), then
+    /// sleeps.
+    const REPORT: &str = "echo host=$(hostname); \
+        echo random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
+        echo clock=$(date +%s); \
+        echo mac=$(cat /sys/class/net/eth0/address 2>/dev/null); \
+        exec sleep 1000";
+
+    fn field(out: &str, name: &str) -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {out:?}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    /// Starts `t` from `templates` and returns the workload's report.
+    fn start(templates: &Templates, t: &TestVm) -> (aloft_vm::TemplateStart, String) {
+        let started = templates.start(t.spec.clone()).unwrap();
+        let logs = started.vm.logs();
+        started.vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let mut out = String::new();
+        let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+        while !out.contains("mac=") && std::time::Instant::now() < deadline {
+            out += &collect_stdout(&logs, Duration::from_millis(500));
+        }
+        (started, out)
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn machines_of_one_shape_start_from_one_template_each_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().join("templates")).unwrap();
+        let first = TestVm::new("first", &["/bin/sh", "-c", REPORT]);
+        let second = TestVm::new("second", &["/bin/sh", "-c", REPORT]);
+
+        let (a, out_a) = start(&templates, &first);
+        assert!(a.made_template, "the first machine of a shape makes its template");
+        assert_eq!(a.cold_reason, None, "{out_a}");
+        let (b, out_b) = start(&templates, &second);
+        assert!(!b.made_template, "the second one restores it");
+        assert_eq!(b.cold_reason, None, "{out_b}");
+
+        // Each has its own config (it came in the boot request, not with the template).
+        assert_eq!(field(&out_a, "host"), "first");
+        assert_eq!(field(&out_b, "host"), "second");
+        // Restored from one snapshot, yet their random generators part ways.
+        assert_ne!(field(&out_a, "random"), field(&out_b, "random"));
+        assert_eq!(field(&out_b, "random").len(), 32);
+        // The clock is the host's, not the template's.
+        let clock: u64 = field(&out_b, "clock").parse().unwrap();
+        assert!(clock.abs_diff(now()) <= 5, "guest clock {clock}, host {}", now());
+
+        // The restored machine is a machine like any other: exec, stop.
+        let out =
+            b.vm.exec(
+                aloft_guest_proto::ExecRequest {
+                    argv: vec!["/bin/cat".into(), "/proc/cmdline".into()],
+                    ..Default::default()
+                },
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains(aloft_guest_proto::TEMPLATE_CMDLINE_FLAG));
+        b.vm.kill().unwrap();
+        a.vm.kill().unwrap();
+        second.assert_no_qemu();
+        first.assert_no_qemu();
+        let left: Vec<_> = std::fs::read_dir(templates.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert_eq!(left.len(), 1, "one template, no build left over: {left:?}");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn a_restored_machine_has_its_own_mac_and_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().join("templates")).unwrap();
+        let mut machines = Vec::new();
+        for (name, mac) in [("neta", "52:54:00:00:00:0a"), ("netb", "52:54:00:00:00:0b")] {
+            let ns = aloft_testkit::NetNs::new().unwrap();
+            let mut t = TestVm::new(
+                name,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    &REPORT.replace("exec sleep 1000", "exec httpd -f -p 8080 -h /var/www"),
+                ],
+            );
+            t.spec.net = Some(NetSpec {
+                tap: ns.tap.clone(),
+                mac: mac.into(),
+                netns: Some(ns.path()),
+            });
+            t.spec.run_config.network = Some(NetConfig {
+                addresses: vec![format!("{}/{}", ns.guest_ip, ns.prefix_len).parse().unwrap()],
+                gateways: vec![ns.host_ip.into()],
+                mtu: None,
+            });
+            let (started, out) = start(&templates, &t);
+            assert_eq!(started.cold_reason, None);
+            assert_eq!(field(&out, "mac"), mac);
+            let body = ns
+                .http_get(
+                    std::net::SocketAddr::from((ns.guest_ip, 8080)),
+                    Duration::from_secs(30),
+                )
+                .unwrap_or_else(|e| panic!("no http answer from {name}: {e}"));
+            assert!(body.contains("hello from the guest"), "{body}");
+            machines.push((t, started, ns));
+        }
+        assert!(machines[0].1.made_template && !machines[1].1.made_template);
+        for (t, started, _ns) in machines {
+            started.vm.kill().unwrap();
+            t.assert_no_qemu();
+        }
+    }
+}
