@@ -38,7 +38,8 @@ use aloft_image::{
 };
 use aloft_net::Namespace;
 use aloft_vm::{
-    AccelChoice, DiskSpec, ExecEvent, ExecSession, JailSpec, NetSpec, QemuStatus, Vm, VmError, VmExit, VmSpec,
+    AccelChoice, DiskSpec, ExecEvent, ExecSession, JailSpec, NetSpec, QemuStatus, Templates, Vm, VmError,
+    VmExit, VmSpec,
 };
 
 use crate::driver::{
@@ -76,6 +77,9 @@ pub struct VmDriverConfig {
     pub network: Arc<dyn Network>,
     /// Base builds at once (each may stage up to 4 GiB in memory, ADR 0004); others wait.
     pub max_concurrent_builds: usize,
+    /// Start machines from boot templates (`<cache_dir>/templates`, [`aloft_vm::Templates`]):
+    /// the first machine of a shape makes one, the next restore it instead of booting a kernel.
+    pub boot_templates: bool,
 }
 
 impl VmDriverConfig {
@@ -99,6 +103,7 @@ impl VmDriverConfig {
             accel: AccelChoice::Auto,
             network: Arc::new(NoNetwork),
             max_concurrent_builds: 2,
+            boot_templates: true,
         }
     }
 }
@@ -114,6 +119,7 @@ pub struct VmDriver {
     rt: tokio::runtime::Runtime,
     vms: Mutex<HashMap<MachineId, Arc<Vm>>>,
     builds: (Mutex<usize>, Condvar),
+    templates: Option<Templates>,
 }
 
 /// One of [`VmDriverConfig::max_concurrent_builds`] build slots, given back on drop.
@@ -301,7 +307,16 @@ impl VmDriver {
             .enable_all()
             .build()
             .map_err(|e| DriverError::failed(DriverOp::PullImage, &e, false))?;
+        let templates = if config.boot_templates {
+            Some(
+                Templates::new(config.cache_dir.join("templates"))
+                    .map_err(|e| vm_failed(DriverOp::StartVm, &e))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
+            templates,
             config,
             puller,
             rootfs,
@@ -611,7 +626,21 @@ impl Driver for VmDriver {
         }
         self.kill_strays(id);
         let spec = self.read_spec(id, DriverOp::StartVm)?;
-        let vm = Vm::start(spec).map_err(|e| vm_failed(DriverOp::StartVm, &e))?;
+        let vm = match &self.templates {
+            Some(templates) => {
+                let started = templates
+                    .start(spec)
+                    .map_err(|e| vm_failed(DriverOp::StartVm, &e))?;
+                if started.made_template {
+                    eprintln!("machine {id}: made a boot template for its shape");
+                }
+                if let Some(reason) = &started.cold_reason {
+                    eprintln!("machine {id}: booted without a template: {reason}");
+                }
+                started.vm
+            }
+            None => Vm::start(spec).map_err(|e| vm_failed(DriverOp::StartVm, &e))?,
+        };
         self.lock_vms().insert(id.clone(), Arc::new(vm));
         Ok(())
     }

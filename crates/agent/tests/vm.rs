@@ -279,6 +279,21 @@ mod tests {
         let started = agent.start(&rec.id).unwrap().wait(BOOT).unwrap();
         assert_eq!(started.state, MachineState::Started);
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
+        // The create made its shape's boot template and this start restored it: a restored
+        // guest's console never shows init's hello (it was said when the template booted).
+        let templates: Vec<_> = std::fs::read_dir(data(dir.path()).1.join("templates"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .collect();
+        assert_eq!(templates.len(), 1, "{templates:?}");
+        let run_dir = data(dir.path())
+            .0
+            .join("machines")
+            .join(rec.id.as_str())
+            .join("run");
+        let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap();
+        assert!(!console.contains(aloft_guest_proto::CONSOLE_HELLO), "{console}");
 
         // Suspend writes a snapshot and QEMU exits; start resumes the same guest (its /tmp too).
         let suspended = agent.suspend(&rec.id).unwrap().wait(BOOT).unwrap();

@@ -56,6 +56,8 @@ pub(crate) struct AgentSettings {
     pub(crate) secrets_key_previous: Vec<PathBuf>,
     /// How machines' QEMU is jailed (`None`: `--no-jail`).
     pub(crate) jail: Option<aloft_vm::JailSpec>,
+    /// Start machines from boot templates (`--no-boot-templates` turns it off).
+    pub(crate) boot_templates: bool,
 }
 
 /// A running agent and its handle for the control plane.
@@ -112,6 +114,7 @@ impl AgentSettings {
                 cfg.default_registry.clone_from(&self.registry);
                 cfg.network = self.network()?;
                 cfg.jail.clone_from(&self.jail);
+                cfg.boot_templates = self.boot_templates;
                 let driver = VmDriver::new(cfg).context("start the VM driver")?;
                 Ok(Arc::new(driver))
             }
@@ -250,6 +253,7 @@ mod tests {
             machines_netns: None,
             secrets_key_previous: Vec::new(),
             jail: None,
+            boot_templates: true,
         };
         let e = format!("{:#}", s.open().err().unwrap());
         assert!(e.contains("vmlinux") && e.contains("--guest-dir"), "{e}");
@@ -268,6 +272,7 @@ mod tests {
             machines_netns: None,
             secrets_key_previous: previous.to_vec(),
             jail: None,
+            boot_templates: true,
         }
     }
 

@@ -141,6 +141,12 @@ struct Args {
     /// development without root only: a guest that escapes QEMU then has aloftd's privileges.
     #[arg(long, env = "ALOFT_NO_JAIL")]
     no_jail: bool,
+    /// Boot every machine's kernel instead of restoring its shape's boot template
+    /// (`<data dir>/image/templates`: a snapshot of a guest booted up to init's wait for its
+    /// config, made by the first machine of each shape). Templates start machines several times
+    /// faster; this is for comparing and for debugging a guest's boot.
+    #[arg(long, env = "ALOFT_NO_BOOT_TEMPLATES")]
+    no_boot_templates: bool,
     /// Put machines' taps, routes and nftables rules in this network namespace
     /// (`/run/netns/NAME`) instead of aloftd's own: several hosts on one machine, or tests.
     #[arg(long, value_name = "PATH")]
@@ -329,6 +335,7 @@ impl Args {
                 user: self.jail_user.clone(),
                 cgroup_parent: self.cgroup_parent.clone(),
             }),
+            boot_templates: !self.no_boot_templates,
         }
     }
 }
