@@ -15,6 +15,7 @@
 //! * `get_p99_ms`, `list_1000_ms`: an aloftd on `--driver fake` whose host holds 1,002 machines;
 //!   `create_rate_per_s`: another one, fresh.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -505,8 +506,8 @@ struct VmResults {
 }
 
 /// Where one API create → started went, from marks aloftd leaves on disk: the machine's
-/// `run/initrd.cpio` is written first thing in `Vm::start` (its mtime, kernel-clock coarse: a few
-/// ms), and the agent logs "machine started" (ms timestamp) when it records the state.
+/// `run/initrd.cpio` is written (cold boot) or linked to the boot template's (restore) first
+/// thing in a start (its inode's change time, kernel-clock coarse: a few ms), and the agent logs "machine started" (ms timestamp) when it records the state.
 struct Split {
     /// Request sent → `Vm::start` began: control plane, agent steps, pull check, disk, spec.
     before_boot_ms: f64,
@@ -572,10 +573,15 @@ fn vm_series(bin: &Path, runs: usize) -> anyhow::Result<VmResults> {
             after_boot: Vec::new(),
         };
         let data_dir = daemon.data_dir();
+        // Both sides start machines from boot templates, as aloftd's agent does: the
+        // baseline's first start makes its template, untimed like the API's first machine.
+        let templates = aloft_vm::Templates::new(work.path().join("templates"))?;
+        bench_boot_start(&guest, accel, &rootfs, &work.path().join("first"), &templates)
+            .context("the baseline's first machine (makes its boot template)")?;
         for i in 0..runs {
             let dir = work.path().join(format!("m{i}"));
             let base = || {
-                bench_boot_start(&guest, accel, &rootfs, &dir)
+                bench_boot_start(&guest, accel, &rootfs, &dir, &templates)
                     .context("the baseline machine (bench boot's path)")
             };
             let (a, baseline) = if i % 2 == 0 {
@@ -625,6 +631,7 @@ fn bench_boot_start(
     accel: aloft_vm::accel::Accel,
     rootfs: &Path,
     dir: &Path,
+    templates: &aloft_vm::Templates,
 ) -> anyhow::Result<f64> {
     crate::bench_boot::machine_start_ms(
         guest,
@@ -633,6 +640,7 @@ fn bench_boot_start(
         RootfsFormat::Erofs.fstype(),
         dir,
         MEMORY_MIB,
+        crate::bench_boot::Via::Template(templates),
     )
 }
 
@@ -669,7 +677,12 @@ fn split(data_dir: &Path, id: &str, sent: SystemTime, answered: SystemTime) -> O
         .join("machines/machines")
         .join(id)
         .join("run/initrd.cpio");
-    let boot_began = std::fs::metadata(initrd).ok()?.modified().ok()?;
+    let changed = std::fs::metadata(initrd).ok()?;
+    let boot_began = SystemTime::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(changed.ctime()).ok()?,
+            u32::try_from(changed.ctime_nsec()).ok()?,
+        );
     let log = std::fs::read_to_string(data_dir.join("logs").join(id).join("log.jsonl")).ok()?;
     let started_ms = log.lines().find_map(|l| {
         let v: Value = serde_json::from_str(l).ok()?;

@@ -14,7 +14,7 @@ use aloft_guest_proto::{
 };
 use aloft_image::RootfsFormat;
 use aloft_testkit::{GuestArtifacts, NetNs};
-use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Vm, VmSpec, accel::Accel};
+use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Templates, Vm, VmSpec, accel::Accel};
 use anyhow::{Context, bail};
 
 use crate::stats::{median, min};
@@ -40,6 +40,16 @@ impl Default for Knobs {
     }
 }
 
+/// How a benchmark machine is started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Via<'a> {
+    /// [`Vm::start`]: the kernel boots (a shape's first machine without templates).
+    Cold,
+    /// [`Templates::start`]: restored from its shape's boot template, made first if missing
+    /// (what aloft's agent does).
+    Template(&'a Templates),
+}
+
 pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Result<()> {
     let runs = runs.max(1);
     let guest = aloft_testkit::guest_artifacts()?;
@@ -57,7 +67,27 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
 
-    // Baseline and machine alternate, so drift in the machine's load hits both alike.
+    let templates = Templates::new(work.path().join("templates"))?;
+    // A shape's first start makes its template: timed once, apart from the runs.
+    let first = machine_run(
+        &guest,
+        accel,
+        &rootfs,
+        fstype,
+        &work.path().join("first"),
+        MEMORY_MIB,
+        knobs,
+        Via::Template(&templates),
+    )?;
+    if !first.made_template || first.cold_reason.is_some() {
+        bail!(
+            "the first start did not make a template: {}",
+            first.cold_reason.unwrap_or_default()
+        );
+    }
+
+    // Baseline, restored machine and cold machine alternate, so drift in the machine's load
+    // hits all alike.
     let mut raw = Vec::new();
     let mut start = Vec::new();
     let mut port = Vec::new();
@@ -65,22 +95,48 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     let mut resume_answer = Vec::new();
     let mut rss = Vec::new();
     let mut anon = Vec::new();
+    let mut cold_start = Vec::new();
+    let mut cold_port = Vec::new();
     let mut qemu_up = Vec::new();
     let mut hello = Vec::new();
     let mut last_trace = String::new();
     for i in 0..runs {
         raw.push(raw_qemu_boot(&guest, accel)?);
         let dir = work.path().join(format!("m{i}"));
-        let m = machine_run(&guest, accel, &rootfs, fstype, &dir, MEMORY_MIB, knobs)?;
-        last_trace.clone_from(&m.trace);
+        let m = machine_run(
+            &guest,
+            accel,
+            &rootfs,
+            fstype,
+            &dir,
+            MEMORY_MIB,
+            knobs,
+            Via::Template(&templates),
+        )?;
+        if let Some(reason) = m.cold_reason {
+            bail!("run {i} booted cold instead of restoring the template: {reason}");
+        }
         start.push(m.start_ms);
         port.push(m.port_ms);
         resume.push(m.resume_ms);
         resume_answer.push(m.resume_answer_ms);
         rss.push(m.idle_rss_mib);
         anon.push(m.idle_anon_mib);
-        qemu_up.push(m.qemu_up_ms);
-        hello.push(m.hello_ms);
+        let c = machine_run(
+            &guest,
+            accel,
+            &rootfs,
+            fstype,
+            &work.path().join(format!("c{i}")),
+            MEMORY_MIB,
+            knobs,
+            Via::Cold,
+        )?;
+        last_trace.clone_from(&c.trace);
+        cold_start.push(c.start_ms);
+        cold_port.push(c.port_ms);
+        qemu_up.push(c.qemu_up_ms);
+        hello.push(c.hello_ms.unwrap_or(f64::NAN));
     }
 
     let rows: [(&str, &[f64], &str, &str); 6] = [
@@ -94,7 +150,7 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
             "machine_start_ms",
             &start,
             "ms",
-            "VmSpec → workload started (target ≤ 1200 under TCG)",
+            "VmSpec → workload started, restored from the shape's boot template (target ≤ 1200 under TCG)",
         ),
         (
             "port_ready_ms",
@@ -136,22 +192,35 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
         );
     }
     let added = median(&start).unwrap_or(f64::NAN) - median(&raw).unwrap_or(f64::NAN);
-    println!("aloft adds {added:.1} ms to a bare boot (target ≤ 150); where a machine's start goes:");
+    let cold_added = median(&cold_start).unwrap_or(f64::NAN) - median(&raw).unwrap_or(f64::NAN);
+    println!(
+        "aloft adds {added:.1} ms to a bare boot (target ≤ 150); a cold boot (no template) adds {cold_added:.1}:"
+    );
     for (name, samples, what) in [
+        (
+            "  first_start_ms",
+            &[first.start_ms][..],
+            "a shape's first start: boot the template, snapshot it, restore it, start (once)",
+        ),
+        (
+            "  cold_start_ms",
+            &cold_start,
+            "VmSpec → workload started, kernel booted (no template)",
+        ),
+        (
+            "  cold_port_ms",
+            &cold_port,
+            "VmSpec → guest TCP port accepts, kernel booted",
+        ),
         (
             "  qemu_up_ms",
             &qemu_up,
-            "Vm::start returned: QEMU launched, monitor answers",
+            "cold: Vm::start returned: QEMU launched, monitor answers",
         ),
         (
             "  init_hello_ms",
             &hello,
-            "init's first console line (compare raw_qemu_boot_ms)",
-        ),
-        (
-            "  machine_start_ms",
-            &start,
-            "root mounted, network up, workload exec'd, host told",
+            "cold: init's first console line (compare raw_qemu_boot_ms)",
         ),
         (
             "  resume_answer_ms",
@@ -164,7 +233,7 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
         println!("{name:<18} {med:>10.1} {lo:>10.1}  ms    {what}");
     }
     if knobs.trace {
-        println!("init's boot steps in the last run (ms since the kernel started):");
+        println!("init's boot steps in the last cold run (ms since the kernel started):");
         print!("{last_trace}");
     }
     println!("{}", serde_json::json!({ "bench": "boot", "metrics": metrics }));
@@ -236,7 +305,12 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
 
 struct MachineRun {
     qemu_up_ms: f64,
-    hello_ms: f64,
+    /// Init's hello line (a cold boot's; a restored guest said it when its template booted).
+    hello_ms: Option<f64>,
+    /// This start made its shape's template.
+    made_template: bool,
+    /// Why a start via a template booted cold.
+    cold_reason: Option<String>,
     start_ms: f64,
     port_ms: f64,
     resume_ms: f64,
@@ -344,6 +418,7 @@ pub(crate) fn machine_start_ms(
     fstype: &str,
     dir: &Path,
     memory_mib: u32,
+    via: Via<'_>,
 ) -> anyhow::Result<f64> {
     let spec = machine_spec(
         guest,
@@ -356,7 +431,7 @@ pub(crate) fn machine_start_ms(
         Knobs::default(),
     )?;
     let t0 = Instant::now();
-    let vm = Vm::start(spec)?;
+    let (vm, _, _) = start(spec, via)?;
     let started = vm.wait_started(Duration::from_secs(30));
     let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let _ = vm.kill();
@@ -385,13 +460,27 @@ pub(crate) fn machine_resume(
     dir: &Path,
     memory_mib: u32,
 ) -> anyhow::Result<ResumeTimes> {
-    let m = machine_run(guest, accel, rootfs, fstype, dir, memory_mib, Knobs::default())?;
+    let templates = Templates::new(dir.join("templates"))?;
+    let m = machine_run(
+        guest,
+        accel,
+        rootfs,
+        fstype,
+        dir,
+        memory_mib,
+        Knobs::default(),
+        Via::Template(&templates),
+    )?;
     Ok(ResumeTimes {
         port_ms: m.resume_ms,
         answer_ms: m.resume_answer_ms,
     })
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the benchmark machine's knobs, spelled out"
+)]
 fn machine_run(
     guest: &GuestArtifacts,
     accel: Accel,
@@ -400,58 +489,83 @@ fn machine_run(
     dir: &Path,
     memory_mib: u32,
     knobs: Knobs,
+    via: Via<'_>,
 ) -> anyhow::Result<MachineRun> {
     let ns = NetNs::new()?;
     let spec = machine_spec(guest, accel, rootfs, fstype, dir, memory_mib, Some(&ns), knobs)?;
 
     let console = spec.run_dir.join("console.log");
     let t0 = Instant::now();
-    let hello = std::thread::spawn(move || wait_console_hello(&console, t0));
-    let vm = Vm::start(spec.clone())?;
+    let hello =
+        matches!(via, Via::Cold).then(|| std::thread::spawn(move || wait_console_hello(&console, t0)));
+    let (vm, made_template, cold_reason) = start(spec.clone(), via)?;
     let qemu_up_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let result = (|| -> anyhow::Result<MachineRun> {
         vm.wait_started(Duration::from_secs(30))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let hello_ms = hello
-            .join()
-            .map_err(|_| anyhow::anyhow!("console watcher panicked"))?
-            .context("init's hello line never reached the console log")?;
+        let hello_ms = match hello {
+            Some(h) => Some(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("console watcher panicked"))?
+                    .context("init's hello line never reached the console log")?,
+            ),
+            None => None,
+        };
         wait_port(&ns, Duration::from_secs(30))?;
         let port_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let trace = std::fs::read_to_string(vm.console_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("aloft-init: +"))
+            .map(|l| format!("  {}\n", &l["aloft-init: ".len()..]))
+            .collect();
+        let mut run = MachineRun {
+            qemu_up_ms,
+            hello_ms,
+            made_template,
+            cold_reason,
+            start_ms,
+            port_ms,
+            resume_ms: f64::NAN,
+            resume_answer_ms: f64::NAN,
+            idle_rss_mib: f64::NAN,
+            idle_anon_mib: f64::NAN,
+            trace,
+        };
+        if matches!(via, Via::Cold) {
+            return Ok(run);
+        }
 
         std::thread::sleep(Duration::from_secs(3));
-        let idle_rss_mib = rss_mib(vm.pid(), "VmRSS")?;
-        let idle_anon_mib = rss_mib(vm.pid(), "RssAnon")?;
+        run.idle_rss_mib = rss_mib(vm.pid(), "VmRSS")?;
+        run.idle_anon_mib = rss_mib(vm.pid(), "RssAnon")?;
 
         let snapshot = dir.join("snapshot.bin");
         vm.suspend(&snapshot)?;
         let t1 = Instant::now();
         let resumed = Vm::resume(spec.clone(), &snapshot)?;
         let port_again = wait_port(&ns, Duration::from_secs(30));
-        let resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        run.resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
         let answer = port_again.and_then(|()| first_answer(&ns));
-        let resume_answer_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        run.resume_answer_ms = t1.elapsed().as_secs_f64() * 1000.0;
         let _ = resumed.kill();
         answer?;
-        Ok(MachineRun {
-            qemu_up_ms,
-            hello_ms,
-            start_ms,
-            port_ms,
-            resume_ms,
-            resume_answer_ms,
-            idle_rss_mib,
-            idle_anon_mib,
-            trace: std::fs::read_to_string(vm.console_log())
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.starts_with("aloft-init: +"))
-                .map(|l| format!("  {}\n", &l["aloft-init: ".len()..]))
-                .collect(),
-        })
+        Ok(run)
     })();
     let _ = vm.kill();
     result
+}
+
+/// Starts `spec` `via` a template or cold: the VM, whether it made its shape's template, and
+/// why it booted cold if it was to be restored.
+fn start(spec: VmSpec, via: Via<'_>) -> anyhow::Result<(Vm, bool, Option<String>)> {
+    Ok(match via {
+        Via::Cold => (Vm::start(spec)?, false, None),
+        Via::Template(t) => {
+            let s = t.start(spec)?;
+            (s.vm, s.made_template, s.cold_reason)
+        }
+    })
 }
 
 /// Milliseconds from `t0` until init's hello line is in the console log (polled every
