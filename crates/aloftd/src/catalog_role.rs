@@ -4,7 +4,7 @@
 //!
 //! On start it reconciles: entries of this host whose machine no longer exists are deleted and
 //! every current machine is written once; from then on only changes are written, each batch in
-//! one store transaction. Store errors are logged and retried by the publisher (with a backoff);
+//! store transactions of at most 64 operations. Store errors are logged and retried by the publisher (with a backoff);
 //! they never stop aloftd. Entries of other hosts are never touched.
 //!
 //! Self-contained (no `crate::` paths): the integration tests include this file.
@@ -18,6 +18,9 @@ use anyhow::Context as _;
 
 /// Keys read per page when listing the catalog.
 const PAGE: usize = 500;
+
+/// Most operations in one catalog transaction (etcd's `--max-txn-ops` is 128 by default).
+const TXN_OPS: usize = 64;
 
 /// Writes catalog changes into the control store.
 #[derive(Debug)]
@@ -74,28 +77,36 @@ impl CatalogSink for StoreSink {
     }
 
     fn apply(&mut self, changes: &[CatalogChange]) -> anyhow::Result<()> {
-        let mut txn = Txn::new();
+        // One operation per key, the last change winning: etcd refuses a transaction that writes
+        // a key twice.
+        let mut ops: Vec<(String, Op)> = Vec::new();
         for change in changes {
             let op = match change {
                 CatalogChange::Upsert(entry) => keys::catalog_entry(&entry.app, entry.id.as_str())
                     .map_err(anyhow::Error::from)
-                    .and_then(|key| Ok(Op::put(key, serde_json::to_vec(entry)?))),
+                    .and_then(|key| Ok((key.clone(), Op::put(key, serde_json::to_vec(entry)?)))),
                 CatalogChange::Remove { app, id } => keys::catalog_entry(app, id.as_str())
-                    .map(Op::delete)
+                    .map(|key| (key.clone(), Op::delete(key)))
                     .map_err(anyhow::Error::from),
             };
             match op {
-                Ok(op) => txn = txn.then(op),
+                Ok((key, op)) => {
+                    ops.retain(|(k, _)| *k != key);
+                    ops.push((key, op));
+                }
                 // Retrying cannot fix it, and it must not hold up the others.
                 Err(e) => eprintln!("aloftd: catalog: skipping a change that cannot be stored: {e:#}"),
             }
         }
-        if txn.success.is_empty() {
-            return Ok(());
+        // Entries are independent, so a large batch (a host's first publication) goes in
+        // transactions of at most TXN_OPS operations: etcd caps a transaction's (128 by default).
+        let mut ops = ops.into_iter().map(|(_, op)| op).peekable();
+        while ops.peek().is_some() {
+            let txn = ops.by_ref().take(TXN_OPS).fold(Txn::new(), Txn::then);
+            self.store
+                .txn(txn)
+                .context("write the service catalog into the control store")?;
         }
-        self.store
-            .txn(txn)
-            .context("write the service catalog into the control store")?;
         Ok(())
     }
 }
@@ -216,6 +227,36 @@ mod tests {
             assert!(Instant::now() < deadline, "{key} never {what}: {got:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_host_s_many_changes_fit_etcd_s_transactions() {
+        // etcd refuses a transaction of more than 128 operations or one that writes a key twice.
+        let etcd = aloft_testkit::Etcd::start().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(aloft_etcd::EtcdStore::connect(aloft_etcd::EtcdOptions::new([etcd.url()])).unwrap());
+        let mut sink = StoreSink::new(Arc::clone(&store));
+        let entry = |n: u8| -> CatalogEntry {
+            let id = MachineId::from_random([n; 7]);
+            serde_json::from_slice(&entry_json("web", &id, "host-1")).unwrap()
+        };
+        let mut changes: Vec<CatalogChange> = (0..=250)
+            .map(|n| CatalogChange::Upsert(Box::new(entry(n))))
+            .collect();
+        // The same machine again in one batch: published, then removed.
+        changes.push(CatalogChange::Remove {
+            app: "web".into(),
+            id: MachineId::from_random([7; 7]),
+        });
+        sink.apply(&changes).unwrap();
+        let listed = store.range(keys::CATALOG, &RangeOptions::default()).unwrap();
+        assert_eq!(listed.kvs.len(), 250, "251 published, one of them removed again");
+        assert!(
+            store
+                .get(&keys::catalog_entry("web", MachineId::from_random([7; 7]).as_str()).unwrap())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
