@@ -253,37 +253,48 @@ impl Vm {
     /// that predates templates reads its config and fails or starts) is a
     /// [`VmError::Template`] error, as is a QEMU that exits.
     pub(crate) fn wait_awaiting_boot(&self, timeout: Duration) -> Result<(), VmError> {
+        self.wait_until(
+            timeout,
+            "wait for init to await its boot request",
+            |g| match g.status.as_ref() {
+                Some(s) if s.awaiting_boot => Some(Ok(())),
+                Some(s) if s.workload != WorkloadState::Starting => Some(Err(VmError::Template {
+                    message: format!(
+                        "init did not wait for its boot request (protocol {}, workload {:?}): rebuild the initramfs (cargo xtask guest)",
+                        s.protocol, s.workload
+                    ),
+                })),
+                _ => None,
+            },
+            || {
+                Err(VmError::Template {
+                    message: format!("qemu exited before init was ready: {}", self.console_facts().tail),
+                })
+            },
+        )
+    }
+
+    /// Waits on the guest's status until `decide` decides, QEMU is gone (then `gone` does), or
+    /// `timeout` passes ([`VmError::Timeout`] naming `op`, with the console's last lines).
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        op: &'static str,
+        mut decide: impl FnMut(&channel::Inner) -> Option<Result<T, VmError>>,
+        gone: impl FnOnce() -> Result<T, VmError>,
+    ) -> Result<T, VmError> {
         let deadline = Instant::now() + timeout;
         loop {
-            {
-                let g = self.shared.lock();
-                match g.status.as_ref() {
-                    Some(s) if s.awaiting_boot => return Ok(()),
-                    Some(s) if s.workload != WorkloadState::Starting => {
-                        return Err(VmError::Template {
-                            message: format!(
-                                "init did not wait for its boot request (protocol {}, workload {:?}): rebuild the initramfs (cargo xtask guest)",
-                                s.protocol, s.workload
-                            ),
-                        });
-                    }
-                    _ => {}
-                }
-                if g.qemu_exit.is_some() {
-                    return Err(VmError::Template {
-                        message: format!("qemu exited before init was ready: {}", self.console_facts().tail),
-                    });
-                }
+            if let Some(decided) = decide(&self.shared.lock()) {
+                return decided;
             }
-            if !self.is_alive() {
-                return Err(VmError::Template {
-                    message: format!("qemu exited before init was ready: {}", self.console_facts().tail),
-                });
+            if self.finished_exit().is_some() || !self.is_alive() || self.shared.lock().qemu_exit.is_some() {
+                return gone();
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(VmError::Timeout {
-                    op: "wait for init to await its boot request",
+                    op,
                     after: timeout,
                     hint: self.console_facts().tail,
                 });
@@ -743,22 +754,18 @@ impl Vm {
     /// else 0. Errors: [`VmError::WorkloadFailed`] with init's message, [`VmError::GuestBootFailed`]
     /// when the kernel died, [`VmError::Timeout`] (the VM keeps running: stop or kill it).
     pub fn wait_started(&self, timeout: Duration) -> Result<i32, VmError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            {
-                let g = self.shared.lock();
-                match g.status.as_ref().map(|s| &s.workload) {
-                    Some(WorkloadState::Running { pid }) => return Ok(*pid),
-                    Some(WorkloadState::Exited { .. }) => return Ok(g.last_pid.unwrap_or(0)),
-                    Some(WorkloadState::Failed { message }) => {
-                        return Err(VmError::WorkloadFailed {
-                            message: message.clone(),
-                        });
-                    }
-                    Some(WorkloadState::Starting) | None => {}
-                }
-            }
-            if self.finished_exit().is_some() || !self.is_alive() || self.shared.lock().qemu_exit.is_some() {
+        self.wait_until(
+            timeout,
+            "wait for the workload to start",
+            |g| match g.status.as_ref().map(|s| &s.workload) {
+                Some(WorkloadState::Running { pid }) => Some(Ok(*pid)),
+                Some(WorkloadState::Exited { .. }) => Some(Ok(g.last_pid.unwrap_or(0))),
+                Some(WorkloadState::Failed { message }) => Some(Err(VmError::WorkloadFailed {
+                    message: message.clone(),
+                })),
+                Some(WorkloadState::Starting) | None => None,
+            },
+            || {
                 let exit = self.finish(QemuStatus::Exited {
                     code: None,
                     signal: None,
@@ -773,22 +780,9 @@ impl Vm {
                 if facts.boot_failure || !facts.hello {
                     return Err(VmError::GuestBootFailed { console: facts.tail });
                 }
-                return Err(self.not_running());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VmError::Timeout {
-                    op: "wait for the workload to start",
-                    after: timeout,
-                    hint: self.console_facts().tail,
-                });
-            }
-            let g = self.shared.lock();
-            drop(
-                self.shared
-                    .wait(g, (deadline - now).min(Duration::from_millis(50))),
-            );
-        }
+                Err(self.not_running())
+            },
+        )
     }
 
     /// The guest's last reported status (workload state, guest uptime), if any yet.
