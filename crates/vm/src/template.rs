@@ -86,8 +86,9 @@ impl Templates {
     /// Starts `spec`'s machine from its shape's template, making the template first when there
     /// is none. Falls back to a cold [`Vm::start`] (and says why in
     /// [`TemplateStart::cold_reason`]) when the run config is too large for a boot request or
-    /// the template cannot be made or restored; a template that fails to restore is deleted
-    /// (it may come from an older QEMU), so the next start makes a new one. Errors only when the
+    /// the template cannot be made or restored; a template whose snapshot does not load or whose
+    /// guest does not answer is deleted (it may come from an older QEMU), so the next start makes
+    /// a new one. Errors only when the
     /// cold start fails too, or the spec itself is invalid.
     pub fn start(&self, spec: VmSpec) -> Result<TemplateStart, VmError> {
         let spec = spec.with_absolute_paths()?;
@@ -110,7 +111,15 @@ impl Templates {
                 cold_reason: None,
             }),
             Err(e) => {
-                let _ = fs::remove_dir_all(&template);
+                // A snapshot this QEMU cannot load (an older QEMU's) or a guest that never asked
+                // for its boot request condemns the template; a machine's own trouble (its tap,
+                // its disks) does not, and its cold boot will say so.
+                if matches!(
+                    e,
+                    VmError::Snapshot { .. } | VmError::Template { .. } | VmError::Timeout { .. }
+                ) {
+                    let _ = fs::remove_dir_all(&template);
+                }
                 cold(spec, format!("restoring the template failed: {e}"), made)
             }
         }

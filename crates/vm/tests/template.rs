@@ -105,6 +105,47 @@ mod tests {
         not(feature = "vm-tests"),
         ignore = "boots a real guest; enable feature vm-tests"
     )]
+    fn a_template_that_no_longer_loads_boots_its_machine_cold_and_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().join("templates")).unwrap();
+        let machines: Vec<TestVm> = ["one", "two", "three"]
+            .iter()
+            .map(|n| TestVm::new(n, &["/bin/sh", "-c", REPORT]))
+            .collect();
+        let (first, _) = start(&templates, &machines[0]);
+        first.vm.kill().unwrap();
+        // What an older QEMU's snapshot looks like to this one: not a snapshot.
+        let template = std::fs::read_dir(templates.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .unwrap();
+        std::fs::write(template.join("snapshot"), b"not a migration stream").unwrap();
+
+        let (second, out) = start(&templates, &machines[1]);
+        let reason = second.cold_reason.clone().expect("booted cold");
+        assert!(reason.contains("restoring the template failed"), "{reason}");
+        assert!(!second.made_template);
+        assert_eq!(field(&out, "host"), "two", "the cold boot is the same machine");
+        assert!(!template.exists(), "the broken template is gone");
+        second.vm.kill().unwrap();
+
+        let (third, out) = start(&templates, &machines[2]);
+        assert!(third.made_template, "the next start makes it again");
+        assert_eq!(third.cold_reason, None);
+        assert_eq!(field(&out, "host"), "three");
+        third.vm.kill().unwrap();
+        for m in &machines {
+            m.assert_no_qemu();
+        }
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
     fn a_restored_machine_has_its_own_mac_and_network() {
         let dir = tempfile::tempdir().unwrap();
         let templates = Templates::new(dir.path().join("templates")).unwrap();
