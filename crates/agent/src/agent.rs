@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aloft_api::{
-    ConsoleRequest, EventSource, HostVolumeStatus, MAX_VOLUME_SIZE_GB, Machine, MachineConfig, MachineEvent,
-    MachineEventRequest, MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, SnapshotId,
-    StateError, Verb, VolumeId, VolumeSource, WaitState,
+    ConsoleRequest, EventSource, HostVolumeStatus, Machine, MachineConfig, MachineEvent, MachineEventRequest,
+    MachineId, MachineState, MachineVersion, ProcessStat, SecretEnv, Signal, SnapshotId, StateError, Verb,
+    VolumeId, VolumeSource, WaitState,
 };
 use aloft_secretbox::{Key, Keyring};
 
@@ -406,13 +406,12 @@ fn check_holds(id: &VolumeId, size_gb: u32, source_bytes: u64, source: &str) -> 
 
 /// Refuses a volume size out of Fly's range (422).
 fn check_volume_size(id: &VolumeId, size_gb: u32) -> Result<(), AgentError> {
-    if (1..=MAX_VOLUME_SIZE_GB).contains(&size_gb) {
-        Ok(())
-    } else {
-        Err(AgentError::VolumeRequest {
+    match aloft_api::volume_size_problem(size_gb) {
+        None => Ok(()),
+        Some(problem) => Err(AgentError::VolumeRequest {
             volume: id.clone(),
-            reason: format!("size {size_gb} GB is out of range: a volume holds 1 to {MAX_VOLUME_SIZE_GB} GB"),
-        })
+            reason: format!("size {problem}"),
+        }),
     }
 }
 

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aloft_api::{MAX_VOLUME_SIZE_GB, SnapshotId, VolumeId, VolumeUsage};
+use aloft_api::{SnapshotId, VolumeId, VolumeUsage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -624,13 +624,12 @@ fn remove_stray_temps(dir: &Path) -> Result<(), VolumeError> {
 
 /// `size_gb` in bytes, checked against Fly's range.
 fn size_bytes(id: &VolumeId, size_gb: u32) -> Result<u64, VolumeError> {
-    if (1..=MAX_VOLUME_SIZE_GB).contains(&size_gb) {
-        Ok(u64::from(size_gb) * GIB)
-    } else {
-        Err(VolumeError::Size {
+    match aloft_api::volume_size_problem(size_gb) {
+        None => Ok(u64::from(size_gb) * GIB),
+        Some(problem) => Err(VolumeError::Size {
             volume: id.clone(),
-            reason: format!("size {size_gb} GB is out of range: a volume holds 1 to {MAX_VOLUME_SIZE_GB} GB"),
-        })
+            reason: format!("size {problem}"),
+        }),
     }
 }
 

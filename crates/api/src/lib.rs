@@ -89,7 +89,7 @@ pub use ulid::UlidGenerator;
 pub use volume::{
     CreateVolumeRequest, DEFAULT_SNAPSHOT_RETENTION_DAYS, DEFAULT_VOLUME_SIZE_GB, ExtendVolumeRequest,
     ExtendVolumeResponse, MAX_VOLUME_SIZE_GB, SNAPSHOT_CREATED, SnapshotId, UpdateVolumeRequest,
-    VOLUME_FSTYPE, Volume, VolumeId, VolumeSnapshot, VolumeState, validate_volume_name,
+    VOLUME_FSTYPE, Volume, VolumeId, VolumeSnapshot, VolumeState, validate_volume_name, volume_size_problem,
 };
 
 pub use duration::{Duration, ParseDurationError};

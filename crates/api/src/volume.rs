@@ -349,13 +349,17 @@ pub struct ExtendVolumeResponse {
     pub volume: Volume,
 }
 
+/// Why `size_gb` is not a volume size (1 to [`MAX_VOLUME_SIZE_GB`]), if it is not: the one
+/// wording the API, the agent and its volume store give.
+pub fn volume_size_problem(size_gb: u32) -> Option<String> {
+    (!(1..=MAX_VOLUME_SIZE_GB).contains(&size_gb))
+        .then(|| format!("{size_gb} GB is out of range: a volume holds 1 to {MAX_VOLUME_SIZE_GB} GB"))
+}
+
 fn validate_size(field: &str, size: u32) -> Result<(), ApiError> {
-    if (1..=MAX_VOLUME_SIZE_GB).contains(&size) {
-        Ok(())
-    } else {
-        Err(ApiError::unprocessable(format!(
-            "{field} {size} is out of range: a volume holds 1 to {MAX_VOLUME_SIZE_GB} GB"
-        )))
+    match volume_size_problem(size) {
+        None => Ok(()),
+        Some(problem) => Err(ApiError::unprocessable(format!("{field} {problem}"))),
     }
 }
 

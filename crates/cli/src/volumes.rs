@@ -228,10 +228,9 @@ fn parse_size(text: &str) -> Result<u32, String> {
         .trim()
         .parse()
         .map_err(|_| format!("not a whole number of GB ({range}, e.g. --size 10)"))?;
-    if (1..=MAX_VOLUME_SIZE_GB).contains(&n) {
-        Ok(n)
-    } else {
-        Err(range)
+    match aloft_api::volume_size_problem(n) {
+        None => Ok(n),
+        Some(problem) => Err(problem),
     }
 }
 
