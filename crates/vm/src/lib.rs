@@ -5,6 +5,9 @@
 //!   run config, [`initramfs`]), pick the accelerator ([`accel`]), spawn QEMU in its own session
 //!   (and, when jailed, its own cgroup, as an unprivileged user under `-sandbox`), wait until its
 //!   monitor answers, connect the host↔guest channel.
+//! * **Start from a boot template** ([`Templates::start`]): restore a snapshot of a guest booted
+//!   up to init's wait for its config, made once per shape, and send it the machine's config
+//!   instead of booting a kernel (ADR 0022); a cold [`Vm::start`] when that is not possible.
 //! * **Control**: graceful stop, kill, signals, exec, interactive exec sessions ([`Vm::exec_session`]:
 //!   stdin, a terminal, flow-controlled output), process list, workload logs and exit status over
 //!   the channel ([`aloft_guest_proto::Frame`]); snapshot/restore over QMP.
