@@ -108,13 +108,30 @@ mod tests {
         }
     }
 
+    /// [`machine_config`] with volume `vol` mounted at `/data`.
+    fn config_mounting(vol: &VolumeId) -> MachineConfig {
+        MachineConfig {
+            mounts: vec![aloft_api::MachineMount {
+                volume: Some(vol.to_string()),
+                path: Some("/data".into()),
+                ..aloft_api::MachineMount::default()
+            }],
+            ..machine_config()
+        }
+    }
+
     fn create(agent: &Agent) -> MachineRecord {
+        create_with(agent, machine_config())
+    }
+
+    /// A machine of `config`, started.
+    fn create_with(agent: &Agent, config: MachineConfig) -> MachineRecord {
         let handle = agent
             .create(CreateMachine {
                 app: "agent-test".into(),
                 region: "local".into(),
                 org: 1,
-                config: machine_config(),
+                config,
                 ..CreateMachine::default()
             })
             .unwrap();
@@ -1011,23 +1028,7 @@ mod tests {
         // With a volume: a jailed QEMU gets its disk (root's, mode 0600) as descriptors too.
         let vol: VolumeId = "vol_jailed".parse().unwrap();
         agent.create_volume(&vol, 1, None).unwrap();
-        let mut config = machine_config();
-        config.mounts = vec![aloft_api::MachineMount {
-            volume: Some(vol.to_string()),
-            path: Some("/data".into()),
-            ..aloft_api::MachineMount::default()
-        }];
-        let rec = agent
-            .create(CreateMachine {
-                app: "agent-test".into(),
-                region: "local".into(),
-                org: 1,
-                config,
-                ..CreateMachine::default()
-            })
-            .unwrap()
-            .wait(BOOT)
-            .unwrap();
+        let rec = create_with(&agent, config_mounting(&vol));
         assert_eq!(exec_cat_up(&agent, &rec), "up\n");
         let pid = aloft_vm::processes_mentioning(&data(dir.path()).0)[0];
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1061,25 +1062,7 @@ mod tests {
         let dir = tempdir();
         let _cleanup = Cleanup(dir.path(), None);
         let agent = open_agent(dir.path(), &registry.host());
-        let mount = |vol: &VolumeId| {
-            let mut config = machine_config();
-            config.mounts = vec![aloft_api::MachineMount {
-                volume: Some(vol.to_string()),
-                path: Some("/data".into()),
-                ..aloft_api::MachineMount::default()
-            }];
-            agent
-                .create(CreateMachine {
-                    app: "agent-test".into(),
-                    region: "local".into(),
-                    org: 1,
-                    config,
-                    ..CreateMachine::default()
-                })
-                .unwrap()
-                .wait(BOOT)
-                .unwrap()
-        };
+        let mount = |vol: &VolumeId| create_with(&agent, config_mounting(vol));
         let vol: VolumeId = "vol_snapped".parse().unwrap();
         agent.create_volume(&vol, 1, None).unwrap();
         let a = mount(&vol);
@@ -1180,12 +1163,7 @@ mod tests {
         agent.create_volume(&vol, 1, None).unwrap();
         let disk = data(dir.path()).0.join("volumes").join(format!("{vol}.ext4"));
         assert!(disk.is_file());
-        let mut config = machine_config();
-        config.mounts = vec![aloft_api::MachineMount {
-            volume: Some(vol.to_string()),
-            path: Some("/data".into()),
-            ..aloft_api::MachineMount::default()
-        }];
+        let config = config_mounting(&vol);
         let create_on_volume = |config: &MachineConfig| {
             agent.create(CreateMachine {
                 app: "agent-test".into(),
