@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use aloft_store::{
-    Clock as _, KeyValue, LeaseGrant, LeaseId, Op, Range, RangeOptions, Revision, Store, StoreError,
-    SystemClock, Txn, TxnResponse, Watcher, lease_ttl_ms, validate_key,
+    Clock as _, KeyValue, LeaseGrant, LeaseId, Range, RangeOptions, Revision, Store, StoreError, SystemClock,
+    Txn, TxnResponse, Watcher, lease_ttl_ms, validate_key, validate_txn_keys,
 };
 use serde_json::{Value, json};
 
@@ -204,21 +204,6 @@ impl Drop for EtcdStore {
     }
 }
 
-/// Every key a transaction names, checked as the store's keys are.
-fn validate_txn(txn: &Txn) -> Result<(), StoreError> {
-    for c in &txn.compare {
-        validate_key(&c.key)?;
-    }
-    for op in txn.success.iter().chain(&txn.failure) {
-        match op {
-            Op::Get(k) | Op::Delete(k) | Op::DeletePrefix(k) | Op::Range(k, _) | Op::Put { key: k, .. } => {
-                validate_key(k)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
@@ -252,7 +237,7 @@ impl Store for EtcdStore {
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         const OP: &str = "run a transaction";
-        validate_txn(&txn)?;
+        validate_txn_keys(&txn)?;
         let mut request = TxnRequest::new(&txn)?;
         let body = std::mem::take(&mut request.body);
         let answer = self.call(OP, move |client| async move {

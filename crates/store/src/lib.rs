@@ -58,7 +58,9 @@ pub use control::{
 pub use error::{StoreError, WatchError};
 pub use follow::{Follower, follow};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
-pub use store::{KEEP_REVISIONS, Store, compact_history, lease_ttl_ms, prefix_end, validate_key};
+pub use store::{
+    KEEP_REVISIONS, Store, compact_history, lease_ttl_ms, prefix_end, validate_key, validate_txn_keys,
+};
 pub use types::{
     CmpOp, Compare, EventKind, Expect, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions,
     Revision, Target, Txn, TxnResponse, WatchBatch, WatchEvent,

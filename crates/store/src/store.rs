@@ -161,6 +161,22 @@ pub fn lease_ttl_ms(ttl: Duration) -> Result<i64, StoreError> {
     }
 }
 
+/// Checks every key a transaction names (its comparisons and both branches) with
+/// [`validate_key`]: what every backend refuses before it runs one.
+pub fn validate_txn_keys(txn: &Txn) -> Result<(), StoreError> {
+    for c in &txn.compare {
+        validate_key(&c.key)?;
+    }
+    for op in txn.success.iter().chain(&txn.failure) {
+        match op {
+            Op::Get(k) | Op::Delete(k) | Op::DeletePrefix(k) | Op::Range(k, _) | Op::Put { key: k, .. } => {
+                validate_key(k)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a key: starts with `/`, at most 1024 bytes, no NUL or control characters.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
     let reason = if !key.starts_with('/') {

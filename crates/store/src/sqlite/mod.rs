@@ -17,7 +17,7 @@ use crate::watch::{SendOutcome, WatchSender};
 use crate::{
     Clock, EventKind, KeyValue, LeaseGrant, LeaseId, Op, OpResult, Range, RangeOptions, Revision, Store,
     StoreError, SystemClock, Txn, TxnResponse, WatchBatch, WatchEvent, Watcher, lease_ttl_ms, prefix_end,
-    validate_key,
+    validate_key, validate_txn_keys,
 };
 
 /// How hard commits are pushed to disk.
@@ -634,20 +634,7 @@ impl Store for SqliteStore {
     }
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        for c in &txn.compare {
-            validate_key(&c.key)?;
-        }
-        for op in txn.success.iter().chain(&txn.failure) {
-            match op {
-                Op::Get(k)
-                | Op::Delete(k)
-                | Op::DeletePrefix(k)
-                | Op::Range(k, _)
-                | Op::Put { key: k, .. } => {
-                    validate_key(k)?;
-                }
-            }
-        }
+        validate_txn_keys(&txn)?;
         self.inner.reap_due()?;
         let ((succeeded, results), revision) = self.inner.write("run a transaction", |w| {
             let mut succeeded = true;
