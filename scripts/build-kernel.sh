@@ -25,6 +25,8 @@ fi
 echo "kernel: building linux-source $src_ver with kernel/microvm.config (hash $hash); ~10 min on 2 cores"
 work="$cache/build-$hash"
 rm -rf "$work" && mkdir -p "$work"
+# a failed build (a patch that does not apply, a config error) leaves no source tree behind
+trap 'rm -rf "$work"' EXIT
 tar -C "$work" -xf "$src_tar"
 cd "$work/linux-source-6.1"
 for p in "${patches[@]}"; do
@@ -44,6 +46,6 @@ strip --strip-debug -o vmlinux.stripped vmlinux
 mkdir -p "$dir"
 cp .config "$dir/config"
 mv vmlinux.stripped "$dir/vmlinux"
-cd / && rm -rf "$work"
+cd /
 cp -f "$dir/vmlinux" "$out"
 echo "kernel: built $dir/vmlinux"
