@@ -61,6 +61,20 @@ pub(crate) enum Boot {
     Incoming,
 }
 
+/// Guest memory backed by a file instead of anonymous memory (boot templates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RamFile {
+    /// The file (QEMU opens it by path, as root, before it drops privileges).
+    pub(crate) path: std::path::PathBuf,
+    /// `true`: the guest writes the file (a template being made); `false`: the guest's writes
+    /// stay private to its QEMU (copy on write) and the file is only read.
+    pub(crate) shared: bool,
+}
+
+/// The id of the machine's RAM backend: QEMU's own name for microvm's RAM, so snapshots taken
+/// with a file-backed RAM and with the default one name the same RAM block.
+pub(crate) const RAM_ID: &str = "microvm.ram";
+
 /// QEMU's option syntax splits on commas; a literal comma is written twice.
 fn esc(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
@@ -89,6 +103,12 @@ pub(crate) fn kernel_cmdline(spec: &VmSpec, accel: Accel, tsc_khz: u64) -> Strin
 /// virtqueue round trip and an `madvise` in QEMU). Our kernel honours the command line's value
 /// (`kernel/patches/0002-…`).
 pub const PAGE_REPORTING_ORDER: u32 = 5;
+
+/// A free page reporting order beyond the largest free block of our kernel (6.1's `MAX_ORDER` is
+/// 11: blocks of up to 2^10 pages): a guest booted with it reports nothing. Boot templates boot so
+/// (see [`crate::template`]; it needs `kernel/patches/0002-…`, which keeps a command-line value
+/// this large instead of replacing it with the driver's).
+pub(crate) const PAGE_REPORTING_OFF: u32 = 11;
 
 /// TCG's translated-code cache in MiB. QEMU's default (1 GiB) would be host memory a machine keeps
 /// for good once touched; a guest kernel's boot and an idle workload fit in far less, and boot time
@@ -130,9 +150,23 @@ pub(crate) fn qemu_argv(
     boot: Boot,
     tsc_khz: u64,
     disk_fds: &[DiskFds],
+    ram: Option<&RamFile>,
 ) -> Vec<String> {
     let paths = RunPaths::new(&spec.run_dir);
-    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), "microvm".into()];
+    let machine = match ram {
+        Some(_) => format!("microvm,memory-backend={RAM_ID}"),
+        None => "microvm".to_owned(),
+    };
+    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), machine];
+    if let Some(r) = ram {
+        a.push("-object".into());
+        a.push(format!(
+            "memory-backend-file,id={RAM_ID},size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            esc(&r.path),
+            if r.shared { "on" } else { "off" }
+        ));
+    }
     a.extend(accel_args(accel).iter().map(|s| (*s).to_owned()));
     let push = |a: &mut Vec<String>, items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(
@@ -328,7 +362,7 @@ mod tests {
 
     #[test]
     fn tcg_minimal() {
-        let a = qemu_argv(&spec(), Accel::Tcg, Boot::Cold, 2_445_404, &[]);
+        let a = qemu_argv(&spec(), Accel::Tcg, Boot::Cold, 2_445_404, &[], None);
         assert_eq!(a[0], "qemu-system-x86_64");
         let j = joined(&a);
         assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel tcg,tb-size=16 -cpu max -m 256 -smp 1"));
@@ -373,7 +407,7 @@ mod tests {
         s.cmdline_extra = vec!["loglevel=3".into()];
         s.vcpus = 2;
         s.memory_mib = 512;
-        let a = qemu_argv(&s, Accel::Kvm, Boot::Cold, 2_445_404, &[]);
+        let a = qemu_argv(&s, Accel::Kvm, Boot::Cold, 2_445_404, &[], None);
         let j = joined(&a);
         assert!(j.starts_with("qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 512 -smp 2"));
         assert_eq!(
@@ -385,8 +419,33 @@ mod tests {
     }
 
     #[test]
+    fn file_backed_ram_names_the_default_ram_block() {
+        let mut s = spec();
+        s.memory_mib = 256;
+        let ram = |shared| RamFile {
+            path: std::path::PathBuf::from("/t/a,b/ram"),
+            shared,
+        };
+        for (shared, mode) in [(true, "on"), (false, "off")] {
+            let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 1, &[], Some(&ram(shared)));
+            assert_eq!(pair(&a, "-M"), ["microvm,memory-backend=microvm.ram"]);
+            assert_eq!(
+                pair(&a, "-object"),
+                [format!(
+                    "memory-backend-file,id=microvm.ram,size=256M,mem-path=/t/a,,b/ram,share={mode}"
+                )]
+            );
+            // `-m` stays: QEMU checks it against the backend's size.
+            assert_eq!(pair(&a, "-m"), ["256"]);
+        }
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 1, &[], None);
+        assert_eq!(pair(&a, "-M"), ["microvm"]);
+        assert!(pair(&a, "-object").is_empty());
+    }
+
+    #[test]
     fn free_page_reporting_is_a_balloon_and_an_order_together() {
-        let on = qemu_argv(&spec(), Accel::Kvm, Boot::Cold, 2_445_404, &[]);
+        let on = qemu_argv(&spec(), Accel::Kvm, Boot::Cold, 2_445_404, &[], None);
         assert!(
             pair(&on, "-device").contains(&"virtio-balloon-device,free-page-reporting=on".to_owned()),
             "{on:?}"
@@ -397,7 +456,7 @@ mod tests {
 
         let mut s = spec();
         s.free_page_reporting = false;
-        let off = qemu_argv(&s, Accel::Kvm, Boot::Incoming, 2_445_404, &[]);
+        let off = qemu_argv(&s, Accel::Kvm, Boot::Incoming, 2_445_404, &[], None);
         assert!(!joined(&off).contains("balloon"), "{off:?}");
         assert!(!joined(&off).contains("page_reporting"), "{off:?}");
     }
@@ -410,7 +469,7 @@ mod tests {
         v.as_object_mut().unwrap().remove("free_page_reporting");
         let old: VmSpec = serde_json::from_value(v).unwrap();
         assert!(!old.free_page_reporting);
-        assert!(!joined(&qemu_argv(&old, Accel::Tcg, Boot::Incoming, 1, &[])).contains("balloon"));
+        assert!(!joined(&qemu_argv(&old, Accel::Tcg, Boot::Incoming, 1, &[], None)).contains("balloon"));
     }
 
     #[test]
@@ -424,7 +483,7 @@ mod tests {
                 format: crate::DiskFormat::Qcow2,
             },
         ];
-        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &[]);
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &[], None);
         assert_eq!(
             pair(&a, "-drive"),
             [
@@ -456,7 +515,7 @@ mod tests {
             user: "aloft-vm".into(),
             cgroup_parent: "aloft".into(),
         });
-        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 2_000_000, &[]);
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 2_000_000, &[], None);
         assert_eq!(
             pair(&a, "-netdev"),
             ["tap,id=n0,ifname=tap-m1,script=no,downscript=no,vhost=off"]
@@ -493,7 +552,7 @@ mod tests {
                 read_write: Some(9),
             },
         ];
-        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &fds);
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Cold, 2_000_000, &fds, None);
         assert_eq!(
             pair(&a, "-add-fd"),
             [

@@ -11,14 +11,28 @@
 //! with the machine's run config, the host's clock, fresh random bytes and the machine's MAC;
 //! init then boots exactly as a cold guest does from there (root, network, workload).
 //!
+//! **Memory.** The template's guest memory is a file (`ram`) that its QEMU wrote through a shared
+//! mapping; the snapshot holds only the devices' state (QEMU's `x-ignore-shared`). A restored VM
+//! maps that file privately: it reads a page from the file (the host's page cache, one copy for
+//! every VM of the shape) the first time it touches it, and a page it writes becomes its own. So a
+//! start copies no guest memory, and a machine holds privately only what it wrote since; an idle
+//! small machine touches ~15 of its template's ~50 MiB. Nothing may ever change the file while a
+//! template exists: QEMU before 8.2 discards a free page reported by a privately mapped guest by
+//! punching a hole in the *file*, i.e. in every VM's memory at once. Templates therefore boot with
+//! free page reporting off ([`PAGE_REPORTING_OFF`]; their restored machines inherit it), and the
+//! template's devices still include the balloon, so a machine restored from one has the devices of
+//! its spec and suspends and resumes as any other.
+//!
 //! The guest never touched the disks before the snapshot (no partition table is read, nothing is
 //! mounted), so the machine's own disks stand in for the template's; their sizes are part of the
 //! shape because the guest read them when it probed the devices.
 //!
-//! Layout under [`Templates::dir`]: `<id>/snapshot`, `<id>/initrd.cpio` (QEMU needs an
-//! `-initrd` to start; the restored guest never reads it), `<id>/shape` (the shape's text; `id` is
-//! its FNV-1a hash, the text is compared on use), `<id>.lock` (held while one is made: concurrent
-//! starts of a new shape make it once), `<id>.build/` (a template being made).
+//! Layout under [`Templates::dir`]: `<id>/snapshot` (device state), `<id>/ram` (guest memory),
+//! `<id>/initrd.cpio` (QEMU needs an `-initrd` to start; the restored guest never reads it),
+//! `<id>/shape` (the shape's text; `id` is its FNV-1a hash, the text is compared on use),
+//! `<id>.lock` (held while one is made: concurrent starts of a new shape make it once),
+//! `<id>.build/` (a template being made). A template deleted while machines run from it stays on
+//! disk until the last of them exits (they hold its `ram` open).
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -27,6 +41,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use aloft_guest_proto::{BootRequest, MAX_FRAME_LEN, RunConfig, TEMPLATE_CMDLINE_FLAG};
 
+use crate::argv::{PAGE_REPORTING_OFF, RamFile};
 use crate::error::VmError;
 use crate::spec::{RunPaths, VmSpec};
 use crate::vm::Vm;
@@ -46,7 +61,7 @@ const SEED_BYTES: usize = 32;
 
 /// Templates kept; making one more deletes the least recently used beyond it. Every new image
 /// (its base's size) or machine size is a new shape, and a template holds the memory its guest
-/// touched while booting (~40 MiB for a small guest).
+/// touched while booting (~50 MiB of disk for a small guest).
 pub const MAX_TEMPLATES: usize = 16;
 
 /// The boot templates of one host, in one directory.
@@ -130,7 +145,7 @@ impl Templates {
     /// tap name, jail) are not in it: they are the restoring QEMU's, not the guest's.
     pub fn shape(spec: &VmSpec) -> Result<String, VmError> {
         let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
-        let mut s = String::from("aloft boot template 1\n");
+        let mut s = String::from("aloft boot template 2\n");
         s += &format!("qemu {}\n", file_identity(&qemu_binary())?);
         s += &format!("accel {accel:?}\n");
         s += &format!("kernel {}\n", file_identity(&spec.kernel)?);
@@ -227,6 +242,7 @@ fn cold(spec: VmSpec, reason: String, made_template: bool) -> Result<TemplateSta
 /// A finished template of `shape` is in `dir`.
 fn is_ready(dir: &Path, shape: &str) -> bool {
     dir.join("snapshot").is_file()
+        && dir.join("ram").is_file()
         && dir.join("initrd.cpio").is_file()
         && fs::read_to_string(dir.join("shape")).is_ok_and(|s| s == shape)
 }
@@ -243,16 +259,28 @@ fn make(spec: &VmSpec, id: &str, shape: &str, dir: &Path, build: &Path) -> Resul
         // The template must hold no machine's secrets: its config arrives after the restore.
         t.run_config = RunConfig::default();
         t.cmdline_extra.push(TEMPLATE_CMDLINE_FLAG.to_owned());
-        let vm = Vm::start(t)?;
+        if t.free_page_reporting {
+            // After the order the spec's own command line sets: the last value wins.
+            t.cmdline_extra.push(format!(
+                "page_reporting.page_reporting_order={PAGE_REPORTING_OFF}"
+            ));
+        }
+        let ram = RamFile {
+            path: build.join("ram"),
+            shared: true,
+        };
+        let vm = Vm::start_with_ram(t, &ram)?;
         if let Err(e) = vm.wait_awaiting_boot(TEMPLATE_BOOT_TIMEOUT) {
             let _ = vm.kill();
             return Err(e);
         }
         let snapshot = build.join("snapshot");
-        vm.suspend(&snapshot)?;
-        File::open(&snapshot)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| VmError::io("sync template snapshot", &snapshot, e))?;
+        vm.suspend_to(&snapshot, true)?;
+        for file in [&snapshot, &ram.path] {
+            File::open(file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VmError::io("sync template", file, e))?;
+        }
         let initrd = RunPaths::new(&build.join("run")).initrd();
         fs::rename(&initrd, build.join("initrd.cpio"))
             .map_err(|e| VmError::io("keep template initramfs", &initrd, e))?;
@@ -287,7 +315,11 @@ fn restore_and_boot(spec: &VmSpec, template: &Path) -> Result<Vm, VmError> {
     }
     // A cold boot's console log must not be read as this run's (the restore appends to it).
     let _ = fs::remove_file(paths.console());
-    let vm = Vm::restore(spec.clone(), &template.join("snapshot"))?;
+    let ram = RamFile {
+        path: template.join("ram"),
+        shared: false,
+    };
+    let vm = Vm::restore(spec.clone(), &template.join("snapshot"), Some(&ram))?;
     let booted = (|| {
         vm.wait_awaiting_boot(RESTORE_TIMEOUT)?;
         vm.send_boot(BootRequest {
@@ -463,6 +495,8 @@ mod tests {
         fs::write(t.join("shape"), b"other").unwrap();
         assert!(!is_ready(t, "s"), "another shape with the same hash");
         fs::write(t.join("shape"), b"s").unwrap();
+        assert!(!is_ready(t, "s"), "no memory file (a template of an older aloft)");
+        fs::write(t.join("ram"), b"x").unwrap();
         assert!(is_ready(t, "s"));
     }
 }

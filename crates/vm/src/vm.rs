@@ -16,7 +16,7 @@ use aloft_guest_proto::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::argv::{Boot, DiskFds, qemu_argv};
+use crate::argv::{Boot, DiskFds, RamFile, qemu_argv};
 use crate::cgroup::{self, Cgroup, Layout};
 use crate::channel::{self, LogChunk, RawExit, Shared};
 use crate::console;
@@ -216,7 +216,12 @@ impl Vm {
     pub fn start(spec: VmSpec) -> Result<Vm, VmError> {
         let spec = spec.with_absolute_paths()?;
         spec.validate()?;
-        Self::launch(spec, Boot::Cold)
+        Self::launch(spec, Boot::Cold, None)
+    }
+
+    /// [`Vm::start`] with its RAM in `ram` (a template being made).
+    pub(crate) fn start_with_ram(spec: VmSpec, ram: &RamFile) -> Result<Vm, VmError> {
+        Self::launch(spec, Boot::Cold, Some(ram))
     }
 
     /// A new QEMU from `snapshot` (written by [`Vm::suspend`] with the same spec), running again;
@@ -229,7 +234,7 @@ impl Vm {
                 path: snapshot.to_owned(),
             });
         }
-        let vm = Self::restore(spec, snapshot)?;
+        let vm = Self::restore(spec, snapshot, None)?;
         let _ = vm.shared.send(&Frame::SetTime {
             unix_nanos: now_unix_nanos(),
         });
@@ -238,10 +243,10 @@ impl Vm {
 
     /// A new QEMU for `spec` running the guest of `snapshot` (a suspended machine's or a boot
     /// template's); killed again if the restore fails.
-    pub(crate) fn restore(spec: VmSpec, snapshot: &Path) -> Result<Vm, VmError> {
+    pub(crate) fn restore(spec: VmSpec, snapshot: &Path, ram: Option<&RamFile>) -> Result<Vm, VmError> {
         let file = File::open(snapshot).map_err(|e| VmError::io("open snapshot", snapshot, e))?;
-        let vm = Self::launch(spec, Boot::Incoming)?;
-        if let Err(e) = vm.restore_from(&file) {
+        let vm = Self::launch(spec, Boot::Incoming, ram)?;
+        if let Err(e) = vm.restore_from(&file, ram.is_some()) {
             let _ = vm.kill();
             return Err(e);
         }
@@ -312,8 +317,9 @@ impl Vm {
         self.send(&Frame::Boot(Box::new(req)))
     }
 
-    fn restore_from(&self, file: &File) -> Result<(), VmError> {
+    fn restore_from(&self, file: &File, ignore_shared: bool) -> Result<(), VmError> {
         let mut q = self.qmp()?;
+        set_ignore_shared(&mut q, ignore_shared)?;
         q.execute_with_fd("getfd", Some(json!({ "fdname": SNAPSHOT_FD_NAME })), file.as_fd())
             .map_err(qmp_err("pass the snapshot to qemu"))?;
         q.execute(
@@ -363,7 +369,7 @@ impl Vm {
     }
 
     #[expect(clippy::needless_pass_by_value, reason = "the spec moves into the Vm's state")]
-    fn launch(spec: VmSpec, boot: Boot) -> Result<Vm, VmError> {
+    fn launch(spec: VmSpec, boot: Boot, ram: Option<&RamFile>) -> Result<Vm, VmError> {
         let paths = RunPaths::new(&spec.run_dir);
         fs::create_dir_all(&paths.dir).map_err(|e| VmError::io("create run dir", &paths.dir, e))?;
         if let Ok(old) = read_state(&paths.dir)
@@ -413,7 +419,7 @@ impl Vm {
                 inherit.extend(rw);
             }
         }
-        let argv = qemu_argv(&spec, accel, boot, crate::argv::host_tsc_khz(), &disk_fds);
+        let argv = qemu_argv(&spec, accel, boot, crate::argv::host_tsc_khz(), &disk_fds, ram);
 
         let mut guard = LaunchGuard {
             child: None,
@@ -1087,10 +1093,17 @@ impl Vm {
     /// then exits. On failure the VM is resumed and the partial file removed. Restart with
     /// [`Vm::resume`].
     pub fn suspend(&self, snapshot: &Path) -> Result<(), VmError> {
+        self.suspend_to(snapshot, false)
+    }
+
+    /// [`Vm::suspend`]; with `ignore_shared`, RAM in a shared file ([`RamFile::shared`]) is left
+    /// out of the snapshot (the file holds it).
+    pub(crate) fn suspend_to(&self, snapshot: &Path, ignore_shared: bool) -> Result<(), VmError> {
         self.ensure_running()?;
         let mut q = self.qmp()?;
         q.execute("stop", None).map_err(qmp_err("pause the vm"))?;
-        let res = self.save_to(&mut q, snapshot);
+        // Set either way: a VM restored from a template has it on from its restore.
+        let res = set_ignore_shared(&mut q, ignore_shared).and_then(|()| self.save_to(&mut q, snapshot));
         if let Err(e) = res {
             let _ = q.execute("cont", None);
             let _ = fs::remove_file(snapshot);
@@ -1190,4 +1203,15 @@ impl Vm {
     pub fn argv(&self) -> &[String] {
         &self.argv
     }
+}
+
+/// Sets the migration capability that leaves shared file-backed RAM out of a snapshot; a restore
+/// of such a snapshot must set it too.
+fn set_ignore_shared(q: &mut Qmp, on: bool) -> Result<(), VmError> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+    )
+    .map(drop)
+    .map_err(qmp_err("leave shared memory out of the snapshot"))
 }

@@ -188,4 +188,91 @@ mod tests {
             t.assert_no_qemu();
         }
     }
+
+    /// A hash of `path`'s bytes.
+    fn file_hash(path: &std::path::Path) -> u64 {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(&std::fs::read(path).unwrap());
+        h.finish()
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn restored_machines_map_the_template_memory_and_never_change_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().join("templates")).unwrap();
+        let first = TestVm::new("first", &["/bin/sh", "-c", REPORT]);
+        let (a, _) = start(&templates, &first);
+        a.vm.kill().unwrap();
+        let template = std::fs::read_dir(templates.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .unwrap();
+        let ram = template.join("ram");
+        let before = file_hash(&ram);
+
+        // Writes and frees 48 MiB: with free page reporting on, the guest would report those
+        // pages within seconds, and QEMU 7.2 would punch them out of the template's file.
+        let churn = "dd if=/dev/zero of=/dev/shm/x bs=1M count=48 2>/dev/null; rm /dev/shm/x; \
+            sleep 4; echo churned; exec sleep 1000";
+        let second = TestVm::new(
+            "second",
+            &[
+                "/bin/sh",
+                "-c",
+                &format!("{}; {churn}", REPORT.replace("; exec sleep 1000", "")),
+            ],
+        );
+        let started = templates.start(second.spec.clone()).unwrap();
+        assert_eq!(started.cold_reason, None);
+        let logs = started.vm.logs();
+        started.vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let mut out = String::new();
+        let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+        while !out.contains("churned") && std::time::Instant::now() < deadline {
+            out += &collect_stdout(&logs, Duration::from_millis(500));
+        }
+        assert!(out.contains("churned"), "{out}");
+        assert_eq!(field(&out, "host"), "second");
+
+        // Its memory is the template's file, privately mapped.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", started.vm.pid())).unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.ends_with(ram.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("the guest memory is not a mapping of {}: {maps}", ram.display()));
+        assert!(
+            line.split_whitespace().nth(1).unwrap().ends_with('p'),
+            "not private: {line}"
+        );
+        // Reporting is off in the guest, as the template booted it.
+        let param = started
+            .vm
+            .exec(
+                aloft_guest_proto::ExecRequest {
+                    argv: vec![
+                        "/bin/cat".into(),
+                        "/sys/module/page_reporting/parameters/page_reporting_order".into(),
+                    ],
+                    ..Default::default()
+                },
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&param.stdout).trim(), "11");
+        started.vm.kill().unwrap();
+        second.assert_no_qemu();
+        first.assert_no_qemu();
+        assert_eq!(
+            file_hash(&ram),
+            before,
+            "a restored machine changed its template's memory"
+        );
+    }
 }
