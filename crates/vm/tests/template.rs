@@ -37,15 +37,30 @@ mod tests {
 
     /// Starts `t` from `templates` and returns the workload's report.
     fn start(templates: &Templates, t: &TestVm) -> (aloft_vm::TemplateStart, String) {
+        start_until(templates, t, "mac=")
+    }
+
+    /// Starts `t` from `templates` and returns its output up to `marker`.
+    fn start_until(templates: &Templates, t: &TestVm, marker: &str) -> (aloft_vm::TemplateStart, String) {
         let started = templates.start(t.spec.clone()).unwrap();
         let logs = started.vm.logs();
         started.vm.wait_started(BOOT_TIMEOUT).unwrap();
         let mut out = String::new();
         let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
-        while !out.contains("mac=") && std::time::Instant::now() < deadline {
+        while !out.contains(marker) && std::time::Instant::now() < deadline {
             out += &collect_stdout(&logs, Duration::from_millis(500));
         }
         (started, out)
+    }
+
+    /// The directory of the one template in `templates`.
+    fn the_template(templates: &Templates) -> std::path::PathBuf {
+        std::fs::read_dir(templates.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .expect("a template")
     }
 
     #[test]
@@ -115,12 +130,7 @@ mod tests {
         let (first, _) = start(&templates, &machines[0]);
         first.vm.kill().unwrap();
         // What an older QEMU's snapshot looks like to this one: not a snapshot.
-        let template = std::fs::read_dir(templates.dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.is_dir())
-            .unwrap();
+        let template = the_template(&templates);
         std::fs::write(template.join("snapshot"), b"not a migration stream").unwrap();
 
         let (second, out) = start(&templates, &machines[1]);
@@ -208,13 +218,7 @@ mod tests {
         let first = TestVm::new("first", &["/bin/sh", "-c", REPORT]);
         let (a, _) = start(&templates, &first);
         a.vm.kill().unwrap();
-        let template = std::fs::read_dir(templates.dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.is_dir())
-            .unwrap();
-        let ram = template.join("ram");
+        let ram = the_template(&templates).join("ram");
         let before = file_hash(&ram);
 
         // Writes and frees 48 MiB: with free page reporting on, the guest would report those
@@ -229,15 +233,8 @@ mod tests {
                 &format!("{}; {churn}", REPORT.replace("; exec sleep 1000", "")),
             ],
         );
-        let started = templates.start(second.spec.clone()).unwrap();
+        let (started, out) = start_until(&templates, &second, "churned");
         assert_eq!(started.cold_reason, None);
-        let logs = started.vm.logs();
-        started.vm.wait_started(BOOT_TIMEOUT).unwrap();
-        let mut out = String::new();
-        let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
-        while !out.contains("churned") && std::time::Instant::now() < deadline {
-            out += &collect_stdout(&logs, Duration::from_millis(500));
-        }
         assert!(out.contains("churned"), "{out}");
         assert_eq!(field(&out, "host"), "second");
 
