@@ -6,13 +6,12 @@
 //! fixture owns exactly one process: it kills and reaps that child on drop (by its handle, never
 //! by name), and removes the data directory.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use crate::{FixtureError, free_port};
+use crate::{FixtureError, free_port, process};
 
 /// Where Debian installs etcd (package `etcd-server`, installed by `scripts/setup.sh`).
 pub(crate) const ETCD_BIN: &str = "/usr/bin/etcd";
@@ -92,25 +91,15 @@ impl Etcd {
     }
 
     fn wait_healthy(&mut self) -> Result<(), FixtureError> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(FixtureError::Command {
-                    command: format!("{ETCD_BIN} --data-dir {}", self.dir.display()),
-                    stderr: format!("exited with {status}: {}", self.log().trim()),
-                });
-            }
-            if healthy(self.client) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(FixtureError::Command {
-                    command: format!("{ETCD_BIN} --data-dir {}", self.dir.display()),
-                    stderr: format!("/health did not answer within {READY_TIMEOUT:?}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let client = self.client;
+        process::wait_ready(
+            &mut self.child,
+            &format!("{ETCD_BIN} --data-dir {}", self.dir.display()),
+            &self.dir.join("etcd.log"),
+            READY_TIMEOUT,
+            "/health did not answer",
+            || healthy(client),
+        )
     }
 
     /// The client URL, `http://127.0.0.1:PORT`: what `aloftd --etcd` and `EtcdOptions` take.
@@ -125,7 +114,7 @@ impl Etcd {
 
     /// etcd's own log (warnings and errors).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+        process::read_log(&self.dir.join("etcd.log"))
     }
 
     /// The process id of the etcd this fixture started.
@@ -146,21 +135,6 @@ impl Drop for Etcd {
 /// Starts etcd as a one-member cluster with its data under `dir`, logging into `dir/etcd.log`.
 fn spawn(dir: &Path, client: SocketAddr, peer: &str) -> Result<Child, FixtureError> {
     let client_url = format!("http://{client}");
-    let log_path = dir.join("etcd.log");
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|source| FixtureError::Io {
-            what: "create the etcd log",
-            path: log_path.clone(),
-            source,
-        })?;
-    let log_err = log.try_clone().map_err(|source| FixtureError::Io {
-        what: "clone the etcd log",
-        path: log_path.clone(),
-        source,
-    })?;
     let mut cmd = Command::new(ETCD_BIN);
     cmd.arg("--name")
         .arg("test")
@@ -180,10 +154,8 @@ fn spawn(dir: &Path, client: SocketAddr, peer: &str) -> Result<Child, FixtureErr
             "stderr",
             "--log-level",
             "warn",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
+        ]);
+    process::log_into(&mut cmd, &dir.join("etcd.log"))?;
     // The caller's environment must not configure this etcd (ETCD_* variables are flags).
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("ETCD_") {
@@ -205,20 +177,7 @@ fn unique() -> u64 {
 
 /// Whether `GET /health` answers 200 with `"health":"true"` (etcd has a leader).
 fn healthy(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = Vec::new();
-    let _ = stream.take(4096).read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
-    answer.starts_with("HTTP/1.") && answer.get(9..12) == Some("200") && answer.contains("\"true\"")
+    process::http_get_200(addr, "/health", Duration::from_secs(2)).is_some_and(|a| a.contains("\"true\""))
 }
 
 #[cfg(test)]

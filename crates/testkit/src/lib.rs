@@ -12,6 +12,7 @@ mod cgroup;
 mod etcd;
 mod netns;
 mod pebble;
+mod process;
 mod registry;
 mod rootfs;
 pub mod tls;

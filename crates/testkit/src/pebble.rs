@@ -8,21 +8,20 @@
 //! [`Pebble::start`] returns `None` (the test skips), unless `CI` is set: there it must be
 //! installed.
 
-use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::FixtureError;
+use crate::{FixtureError, process};
 
 /// How a [`Pebble`] is started.
 #[derive(Debug, Clone)]
@@ -112,51 +111,41 @@ fn spawn_pebble(
     options: &PebbleOptions,
     log: &Path,
 ) -> Result<Child, FixtureError> {
-    let out = File::create(log).map_err(io("create Pebble's log", log))?;
-    let err = out.try_clone().map_err(io("open Pebble's log", log))?;
-    Command::new(binary)
-        .arg("-config")
+    let mut cmd = Command::new(binary);
+    cmd.arg("-config")
         .arg(config_path)
         .arg("-dnsserver")
         .arg(dns_addr.to_string())
         .env("PEBBLE_VA_NOSLEEP", "1")
         .env("PEBBLE_VA_ALWAYS_VALID", "0")
         .env("PEBBLE_AUTHZREUSE", "0")
-        .env("PEBBLE_WFE_NONCEREJECT", options.nonce_reject_percent.to_string())
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(io("start pebble", binary))
+        .env("PEBBLE_WFE_NONCEREJECT", options.nonce_reject_percent.to_string());
+    process::log_into(&mut cmd, log)?;
+    cmd.spawn().map_err(io("start pebble", binary))
 }
 
-fn wait_until_listening(child: &mut Child, log: &Path, ports: &[u16]) -> Result<(), FixtureError> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for &port in ports {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(pebble_err(format!(
-                    "pebble exited with {status} before listening on {port}:\n{}",
-                    read_log(log)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(pebble_err(format!(
-                    "pebble did not listen on {port} within 20 s:\n{}",
-                    read_log(log)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(())
-}
-
-fn read_log(path: &Path) -> String {
-    let mut log = String::new();
-    let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut log));
-    log
+fn wait_until_listening(
+    child: &mut Child,
+    binary: &Path,
+    log: &Path,
+    ports: &[u16],
+) -> Result<(), FixtureError> {
+    process::wait_ready(
+        child,
+        &binary.display().to_string(),
+        log,
+        Duration::from_secs(20),
+        &format!("it did not listen on ports {ports:?}"),
+        || {
+            ports.iter().all(|&port| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+        },
+    )
 }
 
 fn stop_dns(stop: &AtomicBool, thread: JoinHandle<()>) {
@@ -227,12 +216,12 @@ impl Pebble {
                     return Err(e);
                 }
             };
-            match wait_until_listening(&mut child, &log, &[api_port, management_port]) {
+            match wait_until_listening(&mut child, &binary, &log, &[api_port, management_port]) {
                 Ok(()) => break (child, log, api_port, management_port),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    if tries < 4 && read_log(&log).contains("address already in use") {
+                    if tries < 4 && process::read_log(&log).contains("address already in use") {
                         tries += 1;
                         continue;
                     }
@@ -265,7 +254,7 @@ impl Pebble {
 
     /// What Pebble logged so far.
     pub fn log(&self) -> String {
-        read_log(&self.log)
+        process::read_log(&self.log)
     }
 
     /// The root Pebble issues certificates under (PEM), from its management API. Pebble makes a

@@ -4,13 +4,12 @@
 //! The fixture owns exactly one process: it kills and reaps that child on drop (by its handle,
 //! never by name), and removes the storage.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use crate::FixtureError;
+use crate::{FixtureError, process};
 
 /// Where Debian installs the registry (package `docker-registry`, installed by `scripts/setup.sh`).
 pub(crate) const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -110,56 +109,29 @@ impl Registry {
             source,
         })?;
         let log_path = dir.join("registry.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| FixtureError::Io {
-            what: "create registry log",
-            path: log_path.clone(),
+        let mut cmd = Command::new(REGISTRY_BIN);
+        cmd.arg("serve").arg(&config).env_remove("REGISTRY_HTTP_ADDR");
+        process::log_into(&mut cmd, &log_path)?;
+        let child = cmd.spawn().map_err(|source| FixtureError::Io {
+            what: "spawn",
+            path: PathBuf::from(REGISTRY_BIN),
             source,
         })?;
-        let log_err = log.try_clone().map_err(|source| FixtureError::Io {
-            what: "clone registry log",
-            path: log_path.clone(),
-            source,
-        })?;
-        let child = Command::new(REGISTRY_BIN)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .env_remove("REGISTRY_HTTP_ADDR")
-            .spawn()
-            .map_err(|source| FixtureError::Io {
-                what: "spawn",
-                path: PathBuf::from(REGISTRY_BIN),
-                source,
-            })?;
+        // On failure, dropping `registry` kills and reaps it.
         let mut registry = Self {
             child,
             addr,
             dir: dir.to_path_buf(),
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = registry.child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(FixtureError::Command {
-                    command: format!("{REGISTRY_BIN} serve {}", config.display()),
-                    stderr: format!("exited with {status}: {}", log.trim()),
-                });
-            }
-            if v2_answers(addr) {
-                return Ok(registry);
-            }
-            if Instant::now() > deadline {
-                let _ = registry.child.kill();
-                let _ = registry.child.wait();
-                return Err(FixtureError::Command {
-                    command: format!("{REGISTRY_BIN} serve {}", config.display()),
-                    stderr: format!("/v2/ did not answer within {READY_TIMEOUT:?}"),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        process::wait_ready(
+            &mut registry.child,
+            &format!("{REGISTRY_BIN} serve {}", config.display()),
+            &log_path,
+            READY_TIMEOUT,
+            "/v2/ did not answer",
+            || v2_answers(addr),
+        )?;
+        Ok(registry)
     }
 
     /// `127.0.0.1:PORT`: the registry part of image references.
@@ -189,7 +161,7 @@ impl Registry {
 
     /// The registry's own log (stdout and stderr).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
+        process::read_log(&self.dir.join("registry.log"))
     }
 
     /// The process id of the registry this fixture started.
@@ -229,18 +201,7 @@ fn free_port() -> Result<SocketAddr, FixtureError> {
 
 /// Whether `GET /v2/` answers with HTTP 200.
 fn v2_answers(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    if stream
-        .write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    process::http_get_200(addr, "/v2/", Duration::from_secs(1)).is_some()
 }
 
 #[cfg(test)]
