@@ -1,8 +1,9 @@
 //! The few raw system calls the driver needs: detaching QEMU into its own session and cgroup between
-//! fork and exec, passing a file descriptor over the QMP socket, sending signals.
+//! fork and exec, passing a file descriptor over the QMP socket, sending signals, finding a file's
+//! holes and dropping them from the page cache.
 #![expect(
     unsafe_code,
-    reason = "pre_exec hook, sendmsg with SCM_RIGHTS and kill have no safe std API"
+    reason = "pre_exec hook, sendmsg with SCM_RIGHTS, kill, lseek(SEEK_DATA) and posix_fadvise have no safe std API"
 )]
 
 use std::fs::File;
@@ -106,4 +107,78 @@ pub(crate) fn kill(pid: i32, signal: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The holes of `file`'s first `len` bytes, as `(offset, length)` pairs, found with
+/// `SEEK_DATA`/`SEEK_HOLE`. A filesystem without hole support reports none.
+pub(crate) fn holes(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
+        let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek only reads its integer arguments; `file` is open.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `pos`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(u64::try_from(r).ok())
+    };
+    let mut holes = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(len).min(len);
+        if data > pos {
+            holes.push((pos, data - pos));
+        }
+        if data >= len {
+            break;
+        }
+        pos = seek(data, libc::SEEK_HOLE)?.unwrap_or(len);
+    }
+    Ok(holes)
+}
+
+/// Asks the kernel to drop `file`'s cached pages in `offset..offset + len` (those no process
+/// maps; dirty ones are written first).
+pub(crate) fn drop_cache(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+    let offset = libc::off_t::try_from(offset).map_err(|_| invalid())?;
+    let len = libc::off_t::try_from(len).map_err(|_| invalid())?;
+    // SAFETY: posix_fadvise only reads its integer arguments; `file` is open.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use super::*;
+
+    #[test]
+    fn holes_are_the_gaps_between_written_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&[1; 4096]).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[2; 4096]).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.sync_all().unwrap();
+        let f = File::open(&path).unwrap();
+        assert_eq!(
+            holes(&f, 4 << 20).unwrap(),
+            [(4096, (1 << 20) - 4096), ((1 << 20) + 4096, (3 << 20) - 4096)]
+        );
+        // Only the first `len` bytes count.
+        assert_eq!(holes(&f, 8192).unwrap(), [(4096, 4096)]);
+        assert_eq!(holes(&f, 4096).unwrap(), []);
+        drop_cache(&f, 4096, (1 << 20) - 4096).unwrap();
+    }
 }

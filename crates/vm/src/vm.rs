@@ -84,6 +84,9 @@ struct VmState {
     start_time: u64,
     cgroup: Option<Cgroup>,
     exit: Option<VmExit>,
+    /// The boot template's memory file this VM maps privately ([`RamFile`], `shared: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    template_ram: Option<PathBuf>,
 }
 
 /// A running (or finished) VM.
@@ -101,6 +104,8 @@ pub struct Vm {
     pid: i32,
     start_time: u64,
     cgroup: Option<Cgroup>,
+    /// See [`VmState::template_ram`].
+    template_ram: Option<PathBuf>,
     shared: Arc<Shared>,
     next_chan: AtomicU32,
     /// Shared with exec sessions, which outlive the `&Vm` borrow.
@@ -513,6 +518,7 @@ impl Vm {
             start_time,
             cgroup: guard.cgroup.clone(),
             exit: None,
+            template_ram: ram.filter(|r| !r.shared).map(|r| r.path.clone()),
         };
         write_state(&paths, &state)?;
         let vm = Vm::from_state(state, Arc::new(Shared::default()));
@@ -570,6 +576,7 @@ impl Vm {
             pid: state.pid,
             start_time: state.start_time,
             cgroup: state.cgroup,
+            template_ram: state.template_ram,
             shared,
             next_chan: AtomicU32::new(seed),
             finished: Arc::new(Mutex::new(state.exit)),
@@ -712,6 +719,9 @@ impl Vm {
             cg.remove();
         }
         remove_runtime_files(&self.paths);
+        if let Some(ram) = &self.template_ram {
+            drop_cached_holes(ram);
+        }
         let state = VmState {
             spec: self.spec.clone(),
             accel: self.accel,
@@ -720,6 +730,7 @@ impl Vm {
             start_time: self.start_time,
             cgroup: self.cgroup.clone(),
             exit: Some(exit.clone()),
+            template_ram: self.template_ram.clone(),
         };
         let _ = write_state(&self.paths, &state);
         *fin = Some(exit.clone());
@@ -1214,4 +1225,21 @@ fn set_ignore_shared(q: &mut Qmp, on: bool) -> Result<(), VmError> {
     )
     .map(drop)
     .map_err(qmp_err("leave shared memory out of the snapshot"))
+}
+
+/// Drops from the page cache what it holds of `ram`'s holes, pages no VM still maps.
+///
+/// A VM restored from a boot template reads a page of the template's memory file that the
+/// template never wrote (a hole) as zeros, and the kernel caches those zeros like file data: a
+/// VM writing fresh memory (a copy on write from the hole) or suspending (which reads all of its
+/// memory) leaves up to its whole memory size of cached zeros behind. They are free to drop, and
+/// only the template's data is worth keeping cached for the next restore.
+fn drop_cached_holes(ram: &Path) {
+    let Ok(file) = File::open(ram) else { return };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    for (offset, len) in sys::holes(&file, len).unwrap_or_default() {
+        let _ = sys::drop_cache(&file, offset, len);
+    }
 }
