@@ -62,7 +62,7 @@ pub(crate) enum Boot {
 }
 
 /// Guest memory backed by a file instead of anonymous memory (boot templates).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RamFile {
     /// The file (QEMU opens it by path, as root, before it drops privileges).
     pub(crate) path: std::path::PathBuf,

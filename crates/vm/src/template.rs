@@ -275,7 +275,7 @@ fn make(spec: &VmSpec, id: &str, shape: &str, dir: &Path, build: &Path) -> Resul
             return Err(e);
         }
         let snapshot = build.join("snapshot");
-        vm.suspend_to(&snapshot, true)?;
+        vm.suspend(&snapshot)?;
         for file in [&snapshot, &ram.path] {
             File::open(file)
                 .and_then(|f| f.sync_all())

@@ -84,9 +84,9 @@ struct VmState {
     start_time: u64,
     cgroup: Option<Cgroup>,
     exit: Option<VmExit>,
-    /// The boot template's memory file this VM maps privately ([`RamFile`], `shared: false`).
+    /// The file its memory is in (a boot template's), if not anonymous memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    template_ram: Option<PathBuf>,
+    ram: Option<RamFile>,
 }
 
 /// A running (or finished) VM.
@@ -104,8 +104,8 @@ pub struct Vm {
     pid: i32,
     start_time: u64,
     cgroup: Option<Cgroup>,
-    /// See [`VmState::template_ram`].
-    template_ram: Option<PathBuf>,
+    /// See [`VmState::ram`].
+    ram: Option<RamFile>,
     shared: Arc<Shared>,
     next_chan: AtomicU32,
     /// Shared with exec sessions, which outlive the `&Vm` borrow.
@@ -322,9 +322,13 @@ impl Vm {
         self.send(&Frame::Boot(Box::new(req)))
     }
 
+    /// Loads `file` into this new QEMU; with `ignore_shared`, a snapshot that left its memory in
+    /// a file (a template's).
     fn restore_from(&self, file: &File, ignore_shared: bool) -> Result<(), VmError> {
         let mut q = self.qmp()?;
-        set_ignore_shared(&mut q, ignore_shared)?;
+        if ignore_shared {
+            set_ignore_shared(&mut q, true)?;
+        }
         q.execute_with_fd("getfd", Some(json!({ "fdname": SNAPSHOT_FD_NAME })), file.as_fd())
             .map_err(qmp_err("pass the snapshot to qemu"))?;
         q.execute(
@@ -518,7 +522,7 @@ impl Vm {
             start_time,
             cgroup: guard.cgroup.clone(),
             exit: None,
-            template_ram: ram.filter(|r| !r.shared).map(|r| r.path.clone()),
+            ram: ram.cloned(),
         };
         write_state(&paths, &state)?;
         let vm = Vm::from_state(state, Arc::new(Shared::default()));
@@ -576,7 +580,7 @@ impl Vm {
             pid: state.pid,
             start_time: state.start_time,
             cgroup: state.cgroup,
-            template_ram: state.template_ram,
+            ram: state.ram,
             shared,
             next_chan: AtomicU32::new(seed),
             finished: Arc::new(Mutex::new(state.exit)),
@@ -719,8 +723,8 @@ impl Vm {
             cg.remove();
         }
         remove_runtime_files(&self.paths);
-        if let Some(ram) = &self.template_ram {
-            drop_cached_holes(ram);
+        if let Some(ram) = self.ram.as_ref().filter(|r| !r.shared) {
+            drop_cached_holes(&ram.path);
         }
         let state = VmState {
             spec: self.spec.clone(),
@@ -730,7 +734,7 @@ impl Vm {
             start_time: self.start_time,
             cgroup: self.cgroup.clone(),
             exit: Some(exit.clone()),
-            template_ram: self.template_ram.clone(),
+            ram: self.ram.clone(),
         };
         let _ = write_state(&self.paths, &state);
         *fin = Some(exit.clone());
@@ -1103,18 +1107,20 @@ impl Vm {
     /// Pauses the VM and writes its memory and device state to `snapshot` (created, mode 0600); QEMU
     /// then exits. On failure the VM is resumed and the partial file removed. Restart with
     /// [`Vm::resume`].
+    ///
+    /// Memory in a shared file (a boot template being made) is left out of the
+    /// snapshot, the file holds it; a VM restored from a template (its memory a private mapping)
+    /// writes all of it, like any other.
     pub fn suspend(&self, snapshot: &Path) -> Result<(), VmError> {
-        self.suspend_to(snapshot, false)
-    }
-
-    /// [`Vm::suspend`]; with `ignore_shared`, RAM in a shared file ([`RamFile::shared`]) is left
-    /// out of the snapshot (the file holds it).
-    pub(crate) fn suspend_to(&self, snapshot: &Path, ignore_shared: bool) -> Result<(), VmError> {
         self.ensure_running()?;
         let mut q = self.qmp()?;
         q.execute("stop", None).map_err(qmp_err("pause the vm"))?;
-        // Set either way: a VM restored from a template has it on from its restore.
-        let res = set_ignore_shared(&mut q, ignore_shared).and_then(|()| self.save_to(&mut q, snapshot));
+        // Off in a new QEMU, but a restore from a template turned it on.
+        let res = match &self.ram {
+            Some(ram) => set_ignore_shared(&mut q, ram.shared),
+            None => Ok(()),
+        }
+        .and_then(|()| self.save_to(&mut q, snapshot));
         if let Err(e) = res {
             let _ = q.execute("cont", None);
             let _ = fs::remove_file(snapshot);
