@@ -12,8 +12,9 @@ step_start=0
 step() { step_start=$(date +%s); echo "==> $*"; }
 done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 
-# Debian packages (bookworm). qemu-system-x86: the VMM; linux-source-6.1 + build tools: the guest
-# kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
+# Debian packages (bookworm). qemu-system-x86: the firmware (qboot, PVH option ROM) and the version
+# whose source scripts/build-qemu.sh builds aloft's microvm-only QEMU from (ninja-build, meson,
+# pkg-config and the -dev packages: its build); linux-source-6.1 + build tools: the guest kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
 # docker-registry: the embedded OCI registry (and the tests' one); skopeo, umoci: interop tests and
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 # buildah: `aloft deploy` and `aloft launch` build Dockerfiles with it (vfs storage, chroot isolation).
@@ -22,6 +23,7 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 # wrk, nginx: `cargo xtask bench proxy` (load generator; baseline reverse proxy and backend).
 packages=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison libelf-dev bc cpio xz-utils kmod patch
+  ninja-build meson pkg-config libglib2.0-dev libpixman-1-dev libseccomp-dev libfdt-dev zlib1g-dev
   busybox-static e2fsprogs erofs-utils iproute2 procps nftables libsqlite3-dev
   docker-registry skopeo umoci debootstrap buildah pebble wrk nginx bind9-dnsutils etcd-server
 )
@@ -73,6 +75,10 @@ done_step
 
 step "guest kernel"
 scripts/build-kernel.sh "$root/target/guest/vmlinux"
+done_step
+
+step "QEMU (microvm only, from Debian's source)"
+scripts/build-qemu.sh "$root/target/guest/qemu-system-x86_64"
 done_step
 
 step "workspace build"
