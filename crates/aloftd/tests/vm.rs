@@ -1052,7 +1052,9 @@ mod tests {
                         } else {
                             failed.push(page.lines().take(12).collect::<Vec<_>>().join("\n"));
                         }
-                        std::thread::sleep(Duration::from_millis(50));
+                        // Often enough for a dozen requests within a deploy of two machines, which
+                        // takes under a second on aloft's own QEMU.
+                        std::thread::sleep(Duration::from_millis(20));
                     }
                     (ok, failed)
                 })

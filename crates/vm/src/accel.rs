@@ -3,7 +3,8 @@
 //! `/dev/kvm` existing proves little: on the team's dev machines it is a software PVM layer on which
 //! ordinary guests die in the instruction emulator. So the probe boots our kernel and initramfs with
 //! [`aloft_guest_proto::PROBE_CMDLINE_FLAG`] under `-accel kvm` and waits ~5 s for init's
-//! [`aloft_guest_proto::CONSOLE_HELLO`]. The answer is cached per kernel (path + mtime) and host boot
+//! [`aloft_guest_proto::CONSOLE_HELLO`], with the QEMU machines booting that kernel get
+//! ([`crate::default_qemu`]). The answer is cached per kernel (path + mtime) and host boot
 //! (`/proc/sys/kernel/random/boot_id`) in `$ALOFT_CACHE/accel.json` (default
 //! `~/.cache/aloft/accel.json`). `ALOFT_ACCEL=kvm|tcg` overrides everything.
 
@@ -121,7 +122,8 @@ fn probe_uncached(kernel: &Path, initrd: &Path) -> Accel {
 
 /// Boots the probe guest under `accel` and says whether init's hello appeared within `timeout`.
 pub(crate) fn boots_with(kernel: &Path, initrd: &Path, accel: Accel, timeout: Duration) -> bool {
-    let argv = crate::argv::probe_argv(kernel, initrd, accel, crate::argv::host_tsc_khz());
+    let qemu = crate::default_qemu(kernel);
+    let argv = crate::argv::probe_argv(&qemu, kernel, initrd, accel, crate::argv::host_tsc_khz());
     let Ok(mut child) = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())

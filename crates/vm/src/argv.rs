@@ -12,7 +12,8 @@ use std::path::Path;
 
 use crate::spec::{Accel, RunPaths, VmSpec};
 
-/// The QEMU binary.
+/// The QEMU binary's name: Debian's on `PATH`, or aloft's own build of the same name beside the
+/// guest kernel ([`crate::default_qemu`]).
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// Kernel arguments always given.
@@ -157,7 +158,7 @@ pub(crate) fn qemu_argv(
         Some(_) => format!("microvm,memory-backend={RAM_ID}"),
         None => "microvm".to_owned(),
     };
-    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), machine];
+    let mut a: Vec<String> = vec![spec.qemu.to_string_lossy().into_owned(), "-M".into(), machine];
     if let Some(r) = ram {
         a.push("-object".into());
         a.push(format!(
@@ -295,10 +296,16 @@ pub(crate) fn qemu_argv(
     a
 }
 
-/// The argv of the accelerator probe: boot `kernel` + `initrd` with [`aloft_guest_proto::PROBE_CMDLINE_FLAG`],
-/// console on stdout.
-pub(crate) fn probe_argv(kernel: &Path, initrd: &Path, accel: Accel, tsc_khz: u64) -> Vec<String> {
-    let mut a: Vec<String> = vec![QEMU.into(), "-M".into(), "microvm".into()];
+/// The argv of the accelerator probe: `qemu` boots `kernel` + `initrd` with
+/// [`aloft_guest_proto::PROBE_CMDLINE_FLAG`], console on stdout.
+pub(crate) fn probe_argv(
+    qemu: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    accel: Accel,
+    tsc_khz: u64,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![qemu.to_string_lossy().into_owned(), "-M".into(), "microvm".into()];
     a.extend(accel_args(accel).iter().map(|s| (*s).to_owned()));
     let mut cmdline = format!("{BASE_CMDLINE} {}", aloft_guest_proto::PROBE_CMDLINE_FLAG);
     if accel == Accel::Tcg {
@@ -350,6 +357,14 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].clone())
             .collect()
+    }
+
+    #[test]
+    fn the_spec_names_the_qemu_binary() {
+        let mut s = spec();
+        s.qemu = "/opt/aloft/guest/qemu-system-x86_64".into();
+        let a = qemu_argv(&s, Accel::Tcg, Boot::Incoming, 2_000_000, &[], None);
+        assert_eq!(a[0], "/opt/aloft/guest/qemu-system-x86_64");
     }
 
     #[test]
@@ -581,7 +596,14 @@ mod tests {
 
     #[test]
     fn probe_boots_with_the_probe_flag() {
-        let a = probe_argv(Path::new("/k"), Path::new("/i"), Accel::Kvm, 2_000_000);
+        let a = probe_argv(
+            Path::new("/q/qemu"),
+            Path::new("/k"),
+            Path::new("/i"),
+            Accel::Kvm,
+            2_000_000,
+        );
+        assert_eq!(a[0], "/q/qemu");
         let j = joined(&a);
         assert!(j.contains("-accel kvm -cpu host"));
         assert!(j.contains("aloft.probe=1"));

@@ -13,6 +13,9 @@ use crate::qmp::QmpError;
 #[derive(Debug, thiserror::Error)]
 #[expect(missing_docs, reason = "fields are named for what the #[error] message says")]
 pub enum VmError {
+    /// The spec's QEMU binary (a path) does not exist.
+    #[error("QEMU not found: {}: run scripts/setup.sh (it builds aloft's QEMU beside the guest kernel)", path.display())]
+    QemuNotFound { path: PathBuf },
     /// The spec's kernel does not exist.
     #[error("kernel not found: {}: run scripts/setup.sh", path.display())]
     KernelNotFound { path: PathBuf },
@@ -49,7 +52,9 @@ pub enum VmError {
     #[error("build the machine's initramfs")]
     Initramfs(#[from] InitramfsError),
     /// QEMU could not be executed at all.
-    #[error("start {program}: is QEMU installed? (scripts/setup.sh installs qemu-system-x86)")]
+    #[error(
+        "start {program}: is QEMU installed? (scripts/setup.sh builds aloft's and installs Debian's qemu-system-x86)"
+    )]
     Spawn {
         program: String,
         #[source]

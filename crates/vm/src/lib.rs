@@ -48,6 +48,7 @@ pub use qmp::QmpError;
 pub use session::{ExecEvent, ExecSession};
 pub use spec::{
     Accel, AccelChoice, DiskFormat, DiskSpec, JailSpec, MAX_VCPUS, MIN_MEMORY_MIB, NetSpec, VmSpec,
+    default_qemu,
 };
 pub use template::{MAX_TEMPLATES, TemplateStart, Templates};
 pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit};

@@ -18,6 +18,12 @@ pub const MAX_VCPUS: u32 = 64;
 pub struct VmSpec {
     /// Machine id or test name: used in cgroup names and messages (`[A-Za-z0-9_.-]`, ≤ 64 bytes).
     pub name: String,
+    /// The QEMU binary: a path, or a bare name looked up on `PATH`. [`VmSpec::new`] takes
+    /// [`default_qemu`] for the kernel. Recorded with the VM, so a resume or a reattach uses the
+    /// QEMU that made its snapshot (specs recorded before the field existed read
+    /// [`crate::QEMU`], Debian's on `PATH`).
+    #[serde(default = "qemu_on_path")]
+    pub qemu: PathBuf,
     /// Uncompressed `vmlinux` (PVH direct boot).
     pub kernel: PathBuf,
     /// Base initramfs holding `aloft-init` ([`crate::initramfs::write_base`]).
@@ -57,6 +63,7 @@ impl VmSpec {
     pub fn new(name: impl Into<String>, kernel: PathBuf, initrd: PathBuf, run_dir: PathBuf) -> Self {
         Self {
             name: name.into(),
+            qemu: default_qemu(&kernel),
             kernel,
             initrd,
             cmdline_extra: Vec::new(),
@@ -81,6 +88,9 @@ impl VmSpec {
             }
             Ok(())
         };
+        if self.qemu.components().count() > 1 {
+            abs(&mut self.qemu)?;
+        }
         abs(&mut self.kernel)?;
         abs(&mut self.initrd)?;
         abs(&mut self.run_dir)?;
@@ -117,6 +127,11 @@ impl VmSpec {
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return invalid(format!("{} vcpus: use 1 to {MAX_VCPUS}", self.vcpus));
+        }
+        if self.qemu.components().count() > 1 && !self.qemu.is_file() {
+            return Err(VmError::QemuNotFound {
+                path: self.qemu.clone(),
+            });
         }
         if !self.kernel.is_file() {
             return Err(VmError::KernelNotFound {
@@ -163,6 +178,33 @@ impl VmSpec {
         }
         Ok(())
     }
+}
+
+/// The QEMU for machines booting `kernel`: aloft's own build beside it (`scripts/build-qemu.sh`
+/// puts `qemu-system-x86_64`, microvm and our virtio devices only, next to `vmlinux`; ADR 0024) when
+/// there is one, else [`crate::QEMU`] on `PATH` (Debian's, with every device model: it runs the same
+/// machines for ~18 MiB more host memory each).
+pub fn default_qemu(kernel: &Path) -> PathBuf {
+    kernel
+        .parent()
+        .map(|dir| dir.join(crate::QEMU))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(qemu_on_path)
+}
+
+/// [`crate::QEMU`], to be found on `PATH`.
+fn qemu_on_path() -> PathBuf {
+    PathBuf::from(crate::QEMU)
+}
+
+/// `qemu` itself when it is a path, else where `PATH` has it (`None`: nowhere).
+pub(crate) fn resolve_qemu(qemu: &Path) -> Option<PathBuf> {
+    if qemu.components().count() > 1 {
+        return Some(qemu.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(qemu))
+        .find(|c| c.is_file())
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -377,6 +419,54 @@ mod tests {
         assert_eq!(s.initrd, Path::new("/abs/initrd"));
         assert_eq!(s.run_dir, cwd.join("run"));
         assert_eq!(s.disks[0].path, cwd.join("rootfs.ext4"));
+    }
+
+    #[test]
+    fn the_qemu_beside_the_kernel_is_preferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let s = VmSpec::new("t", kernel.clone(), "/i".into(), "/tmp/x".into());
+        assert_eq!(s.qemu, Path::new(crate::QEMU), "no build beside it: PATH's");
+        let own = dir.path().join(crate::QEMU);
+        std::fs::write(&own, b"").unwrap();
+        let s = VmSpec::new("t", kernel, "/i".into(), "/tmp/x".into());
+        assert_eq!(s.qemu, own);
+    }
+
+    #[test]
+    fn a_missing_qemu_path_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let initrd = dir.path().join("initramfs.cpio");
+        std::fs::write(&kernel, b"").unwrap();
+        std::fs::write(&initrd, b"").unwrap();
+        let mut s = VmSpec::new("t", kernel, initrd, dir.path().join("run"));
+        s.qemu = dir.path().join("gone/qemu-system-x86_64");
+        let e = s.validate().unwrap_err();
+        assert!(matches!(e, VmError::QemuNotFound { .. }), "{e}");
+        assert!(e.to_string().contains("gone/qemu-system-x86_64"), "{e}");
+        s.qemu = crate::QEMU.into();
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn a_relative_qemu_path_becomes_absolute_and_a_bare_name_stays() {
+        let mut s = VmSpec::new("t", "/k".into(), "/i".into(), "/tmp/x".into());
+        s.qemu = "bin/qemu".into();
+        let s = s.with_absolute_paths().unwrap();
+        assert_eq!(s.qemu, std::env::current_dir().unwrap().join("bin/qemu"));
+        let s = VmSpec::new("t", "/k".into(), "/i".into(), "/tmp/x".into())
+            .with_absolute_paths()
+            .unwrap();
+        assert_eq!(s.qemu, Path::new(crate::QEMU));
+    }
+
+    #[test]
+    fn specs_recorded_before_the_qemu_field_run_on_path_s_qemu() {
+        let mut v = serde_json::to_value(VmSpec::new("t", "/k".into(), "/i".into(), "/x".into())).unwrap();
+        v.as_object_mut().unwrap().remove("qemu");
+        let s: VmSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(s.qemu, Path::new(crate::QEMU));
     }
 
     #[test]

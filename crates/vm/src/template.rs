@@ -146,7 +146,10 @@ impl Templates {
     pub fn shape(spec: &VmSpec) -> Result<String, VmError> {
         let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
         let mut s = String::from("aloft boot template 2\n");
-        s += &format!("qemu {}\n", file_identity(&qemu_binary())?);
+        let qemu = crate::spec::resolve_qemu(&spec.qemu).ok_or_else(|| VmError::QemuNotFound {
+            path: spec.qemu.clone(),
+        })?;
+        s += &format!("qemu {}\n", file_identity(&qemu)?);
         s += &format!("accel {accel:?}\n");
         s += &format!("kernel {}\n", file_identity(&spec.kernel)?);
         s += &format!("initrd {}\n", file_identity(&spec.initrd)?);
@@ -347,17 +350,6 @@ fn random_bytes(n: usize) -> Result<Vec<u8>, VmError> {
         .and_then(|mut f| f.read_exact(&mut buf))
         .map_err(|e| VmError::io("read random bytes from", "/dev/urandom", e))?;
     Ok(buf)
-}
-
-/// The QEMU binary that runs machines, as found on `PATH`.
-fn qemu_binary() -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(crate::argv::QEMU))
-                .find(|c| c.is_file())
-        })
-        .unwrap_or_else(|| PathBuf::from(crate::argv::QEMU))
 }
 
 /// A file's identity for a shape: path, size and modification time (a rebuilt kernel or an

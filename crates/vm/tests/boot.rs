@@ -446,6 +446,37 @@ mod tests {
         t.assert_no_qemu();
     }
 
+    /// `scripts/setup.sh` builds aloft's microvm-only QEMU beside the guest kernel (ADR 0024), and
+    /// a spec picks it over Debian's on `PATH`.
+    #[test]
+    #[cfg_attr(
+        not(feature = "vm-tests"),
+        ignore = "boots a real guest; enable feature vm-tests"
+    )]
+    fn machines_run_on_aloft_s_own_qemu() {
+        let t = TestVm::new("ownqemu", &["/bin/sleep", "1000"]);
+        let own = t.spec.kernel.with_file_name(aloft_vm::QEMU);
+        assert_eq!(t.spec.qemu, own, "run scripts/setup.sh (scripts/build-qemu.sh)");
+        let vm = t.start();
+        vm.wait_started(BOOT_TIMEOUT).unwrap();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", vm.pid())).unwrap();
+        assert_eq!(exe, own);
+        // No display, sound, USB or TLS libraries: only what microvm and its devices need.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).unwrap();
+        for lib in [
+            "libgnutls",
+            "libspice",
+            "libusb",
+            "libslirp",
+            "libjpeg",
+            "libcapstone",
+        ] {
+            assert!(!maps.contains(lib), "aloft's QEMU maps {lib}");
+        }
+        vm.kill().unwrap();
+        t.assert_no_qemu();
+    }
+
     #[test]
     #[cfg_attr(
         not(feature = "vm-tests"),

@@ -62,7 +62,8 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     };
     let fstype = format.fstype();
     eprintln!(
-        "bench boot: accelerator {accel:?}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}, free page reporting {}",
+        "bench boot: accelerator {accel:?}, QEMU {}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}, free page reporting {}",
+        aloft_vm::default_qemu(&guest.kernel).display(),
         if knobs.page_reporting { "on" } else { "off" }
     );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
@@ -244,14 +245,16 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-/// Plain QEMU, our kernel and base initramfs, `aloft.probe=1`: time to init's hello line.
+/// Plain QEMU (the binary machines run on: [`aloft_vm::default_qemu`]), our kernel and base
+/// initramfs, `aloft.probe=1`: time to init's hello line.
 fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
     let (accel_args, cpu, extra) = match accel {
         Accel::Kvm => ("kvm", "host", ""),
         Accel::Tcg => ("tcg", "max", " tsc_early_khz=2000000 tsc=reliable"),
     };
+    let qemu = aloft_vm::default_qemu(&guest.kernel);
     let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = Command::new(&qemu)
         .args(["-M", "microvm", "-accel", accel_args, "-cpu", cpu, "-smp", "1"])
         .args([
             "-m",
@@ -272,7 +275,7 @@ fn raw_qemu_boot(guest: &GuestArtifacts, accel: Accel) -> anyhow::Result<f64> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .context("spawn qemu-system-x86_64")?;
+        .with_context(|| format!("spawn {}", qemu.display()))?;
     let mut out = child.stdout.take().context("qemu stdout")?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -371,6 +374,7 @@ fn machine_spec(
     };
     Ok(VmSpec {
         name: format!("bench-{}", std::process::id()),
+        qemu: aloft_vm::default_qemu(&guest.kernel),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
         cmdline_extra: if knobs.trace {

@@ -401,6 +401,7 @@ fn boot_and_read(
                   e=$(date +%s%N); echo \"read_ns=$((e-s)) bytes=$n\"";
     let spec = VmSpec {
         name: format!("bench-image-{}", std::process::id()),
+        qemu: aloft_vm::default_qemu(&guest.kernel),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
         cmdline_extra: Vec::new(),
