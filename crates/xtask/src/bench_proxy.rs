@@ -20,9 +20,10 @@
 //!   API, waits until it is `suspended` (and 3 s more), and times a `GET /` through the edge
 //!   (`Host: wake.localhost`, connection already open) to the first response byte.
 //! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
-//!   (`bench_boot::machine_resume`: snapshot restored → guest port accepts). Details: the
-//!   same resume until the guest's first HTTP answer byte (`resume_answer_ms`), and per run
-//!   `wake_ms` minus it (`wake_beyond_ms`): what aloftd and its edge add to the guest's own time.
+//!   (`bench_boot::machine_resume`: snapshot restored → the guest server's first HTTP answer
+//!   byte, on the connection that found its port accepting: what a wake waits for too). Details:
+//!   the same resume until the port accepts (`resume_accept_ms`), and per run `wake_ms` minus
+//!   `resume_ms` (`wake_beyond_ms`): what aloftd and its edge add to the guest's own time.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -280,22 +281,17 @@ fn report(
         );
     }
     if let Some(vm) = vm {
-        let beyond: Vec<f64> = vm
-            .wake
-            .iter()
-            .zip(&vm.resume_answer)
-            .map(|(w, a)| w - a)
-            .collect();
+        let beyond: Vec<f64> = vm.wake.iter().zip(&vm.resume).map(|(w, a)| w - a).collect();
         for (name, samples, what) in [
             (
-                "  resume_answer_ms",
-                &vm.resume_answer,
-                "bench boot's resume → the guest's first HTTP answer byte (what a wake also waits for)",
+                "  resume_accept_ms",
+                &vm.resume_accept,
+                "bench boot's resume → the guest's port accepts (its kernel's SYN-ACK, before any workload code)",
             ),
             (
                 "  wake_beyond_ms",
                 &beyond,
-                "wake_ms − resume_answer_ms, per run: what aloftd and its edge add to the guest's own",
+                "wake_ms − resume_ms, per run: what aloftd and its edge add to the guest's own",
             ),
         ] {
             println!(
@@ -807,9 +803,10 @@ fn duration_ms(v: &str) -> anyhow::Result<f64> {
 
 struct VmSeries {
     wake: Vec<f64>,
-    resume: Vec<f64>,
     /// Bench boot's resume until the guest's first HTTP answer byte.
-    resume_answer: Vec<f64>,
+    resume: Vec<f64>,
+    /// Bench boot's resume until the guest's port accepts.
+    resume_accept: Vec<f64>,
 }
 
 /// Memory of the woken machine and of bench boot's resumed one, its baseline: the API's smallest
@@ -941,7 +938,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
         let mut s = VmSeries {
             wake: Vec::new(),
             resume: Vec::new(),
-            resume_answer: Vec::new(),
+            resume_accept: Vec::new(),
         };
         for i in 0..runs {
             let wake = suspend_and_wake(&mut conn, &id, edge_addr).with_context(|| format!("wake {i}"))?;
@@ -959,14 +956,14 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
             )
             .context("bench boot's resume")?;
             eprintln!(
-                "bench proxy: run {i}: wake {wake:.0} ms, resume {:.0} ms (its first answer at {:.0}) (load {})",
-                resume.port_ms,
+                "bench proxy: run {i}: wake {wake:.0} ms, resume {:.0} ms (its port accepted at {:.0}) (load {})",
                 resume.answer_ms,
+                resume.accept_ms,
                 loadavg()
             );
             s.wake.push(wake);
-            s.resume.push(resume.port_ms);
-            s.resume_answer.push(resume.answer_ms);
+            s.resume.push(resume.answer_ms);
+            s.resume_accept.push(resume.accept_ms);
         }
         Ok(s)
     })();
