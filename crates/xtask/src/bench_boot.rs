@@ -19,13 +19,17 @@ use aloft_guest_proto::{
 };
 use aloft_image::RootfsFormat;
 use aloft_testkit::{GuestArtifacts, NetNs};
-use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, NetSpec, Templates, Vm, VmSpec, accel::Accel};
+use aloft_vm::{AccelChoice, DiskFormat, DiskSpec, JailSpec, NetSpec, Templates, Vm, VmSpec, accel::Accel};
 use anyhow::{Context, bail};
 
 use crate::stats::{median, min};
 
 const MEMORY_MIB: u32 = 128;
 const PORT: u16 = 8080;
+/// `--jail`: the user QEMU drops to (`scripts/setup.sh` creates it, aloftd's default).
+const BENCH_JAIL_USER: &str = "aloft-vm";
+/// `--jail`: the machines' cgroups go below this one (removed at the end).
+const BENCH_CGROUP_PARENT: &str = "aloft-bench";
 
 /// How the benchmark's machines are made, beyond their memory.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +38,9 @@ pub(crate) struct Knobs {
     pub(crate) trace: bool,
     /// [`VmSpec::free_page_reporting`] (on in aloft; off to measure what it saves).
     pub(crate) page_reporting: bool,
+    /// Jail the machines as `aloftd` does (QEMU as `aloft-vm` under `-sandbox`, in a cgroup of
+    /// its own below `aloft-bench`), to measure what the jail costs.
+    pub(crate) jail: bool,
 }
 
 impl Default for Knobs {
@@ -41,6 +48,7 @@ impl Default for Knobs {
         Self {
             trace: false,
             page_reporting: true,
+            jail: false,
         }
     }
 }
@@ -67,9 +75,10 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     };
     let fstype = format.fstype();
     eprintln!(
-        "bench boot: accelerator {accel:?}, QEMU {}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}, free page reporting {}",
+        "bench boot: accelerator {accel:?}, QEMU {}, {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, busybox base as {fstype}, free page reporting {}{}",
         aloft_vm::default_qemu(&guest.kernel).display(),
-        if knobs.page_reporting { "on" } else { "off" }
+        if knobs.page_reporting { "on" } else { "off" },
+        if knobs.jail { ", jailed" } else { "" }
     );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
 
@@ -242,6 +251,12 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
         println!("init's boot steps in the last cold run (ms since the kernel started):");
         print!("{last_trace}");
     }
+    if knobs.jail {
+        // The machines' own cgroups went with them; their shared parent goes now.
+        for h in ["memory", "cpu", ""] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(h).join(BENCH_CGROUP_PARENT));
+        }
+    }
     println!("{}", serde_json::json!({ "bench": "boot", "metrics": metrics }));
     Ok(())
 }
@@ -413,7 +428,10 @@ fn machine_spec(
             Accel::Kvm => AccelChoice::Kvm,
             Accel::Tcg => AccelChoice::Tcg,
         },
-        jail: None,
+        jail: knobs.jail.then(|| JailSpec {
+            user: BENCH_JAIL_USER.into(),
+            cgroup_parent: BENCH_CGROUP_PARENT.into(),
+        }),
         free_page_reporting: knobs.page_reporting,
     })
 }

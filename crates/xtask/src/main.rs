@@ -72,6 +72,9 @@ enum Cmd {
         /// `boot` only: machines without free page reporting (to measure what it saves).
         #[arg(long)]
         no_page_reporting: bool,
+        /// `boot` only: machines jailed as aloftd runs them (to measure what the jail costs).
+        #[arg(long)]
+        jail: bool,
     },
 }
 
@@ -91,12 +94,14 @@ fn main() -> anyhow::Result<()> {
             rounds,
             skip_vm,
             no_page_reporting,
+            jail,
         } => match name.as_str() {
             "boot" => bench_boot::run(
                 runs.unwrap_or(5),
                 bench_boot::Knobs {
                     trace,
                     page_reporting: !no_page_reporting,
+                    jail,
                 },
                 format.unwrap_or_default(),
             ),
