@@ -88,7 +88,7 @@ impl VmSpec {
             }
             Ok(())
         };
-        if self.qemu.components().count() > 1 {
+        if is_path(&self.qemu) {
             abs(&mut self.qemu)?;
         }
         abs(&mut self.kernel)?;
@@ -128,7 +128,7 @@ impl VmSpec {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return invalid(format!("{} vcpus: use 1 to {MAX_VCPUS}", self.vcpus));
         }
-        if self.qemu.components().count() > 1 && !self.qemu.is_file() {
+        if is_path(&self.qemu) && !self.qemu.is_file() {
             return Err(VmError::QemuNotFound {
                 path: self.qemu.clone(),
             });
@@ -197,9 +197,15 @@ fn qemu_on_path() -> PathBuf {
     PathBuf::from(crate::QEMU)
 }
 
+/// Whether `qemu` names a file by path (`bin/qemu`, `/opt/…`) rather than a program to look up on
+/// `PATH` (`qemu-system-x86_64`).
+fn is_path(qemu: &Path) -> bool {
+    qemu.components().count() > 1
+}
+
 /// `qemu` itself when it is a path, else where `PATH` has it (`None`: nowhere).
 pub(crate) fn resolve_qemu(qemu: &Path) -> Option<PathBuf> {
-    if qemu.components().count() > 1 {
+    if is_path(qemu) {
         return Some(qemu.to_path_buf());
     }
     std::env::split_paths(&std::env::var_os("PATH")?)
