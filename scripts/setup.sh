@@ -14,7 +14,8 @@ done_step() { echo "    ($(( $(date +%s) - step_start )) s)"; }
 
 # Debian packages (bookworm). qemu-system-x86: the firmware (qboot, PVH option ROM) and the version
 # whose source scripts/build-qemu.sh builds aloft's microvm-only QEMU from (ninja-build, meson,
-# pkg-config and the -dev packages: its build); linux-source-6.1 + build tools: the guest kernel; busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
+# pkg-config and the -dev packages: its build); linux-source-6.1 + build tools: the guest kernel;
+# busybox-static, e2fsprogs, erofs-utils: test root filesystems; iproute2: taps and netns.
 # docker-registry: the embedded OCI registry (and the tests' one); skopeo, umoci: interop tests and
 # the image benchmark's baseline. debootstrap: `aloft images bootstrap debian` builds debian:bookworm.
 # buildah: `aloft deploy` and `aloft launch` build Dockerfiles with it (vfs storage, chroot isolation).
