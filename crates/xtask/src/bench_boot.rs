@@ -41,6 +41,10 @@ pub(crate) struct Knobs {
     /// Jail the machines as `aloftd` does (QEMU as `aloft-vm` under `-sandbox`, in a cgroup of
     /// its own below `aloft-bench`), to measure what the jail costs.
     pub(crate) jail: bool,
+    /// How long a machine stays suspended before its resume is timed. Zero in bench boot;
+    /// bench proxy suspends as long before each resume as before each wake, so that the two
+    /// compare the same thing (memory freed seconds ago is colder on some hosts).
+    pub(crate) suspended_for: Duration,
 }
 
 impl Default for Knobs {
@@ -49,6 +53,7 @@ impl Default for Knobs {
             trace: false,
             page_reporting: true,
             jail: false,
+            suspended_for: Duration::ZERO,
         }
     }
 }
@@ -477,9 +482,9 @@ pub(crate) struct ResumeTimes {
 
 /// `resume_ms` alone, for other benchmarks' baselines: one full [`machine_run`] (the
 /// benchmark machine, with `memory_mib` of memory, in a network namespace of its own, booted,
-/// idled, suspended, resumed) and its suspended → first HTTP answer byte, and → port accepts,
-/// in ms. A snapshot's restore time grows with the memory, so a baseline must use the compared
-/// machine's size.
+/// idled, suspended for `suspended_for`, resumed) and its suspended → first HTTP answer byte, and
+/// → port accepts, in ms. A snapshot's restore time grows with the memory, so a baseline must use
+/// the compared machine's size.
 pub(crate) fn machine_resume(
     guest: &GuestArtifacts,
     accel: Accel,
@@ -487,6 +492,7 @@ pub(crate) fn machine_resume(
     fstype: &str,
     dir: &Path,
     memory_mib: u32,
+    suspended_for: Duration,
 ) -> anyhow::Result<ResumeTimes> {
     let templates = Templates::new(dir.join("templates"))?;
     let m = machine_run(
@@ -496,7 +502,10 @@ pub(crate) fn machine_resume(
         fstype,
         dir,
         memory_mib,
-        Knobs::default(),
+        Knobs {
+            suspended_for,
+            ..Knobs::default()
+        },
         Via::Template(&templates),
     )?;
     Ok(ResumeTimes {
@@ -570,6 +579,7 @@ fn machine_run(
 
         let snapshot = dir.join("snapshot.bin");
         vm.suspend(&snapshot)?;
+        std::thread::sleep(knobs.suspended_for);
         let t1 = Instant::now();
         let resumed = Vm::resume(spec.clone(), &snapshot)?;
         let port_again = wait_port(&ns, Duration::from_secs(30));

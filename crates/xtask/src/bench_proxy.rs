@@ -21,7 +21,12 @@
 //!   (`Host: wake.localhost`, connection already open) to the first response byte.
 //! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
 //!   (`bench_boot::machine_resume`: snapshot restored → the guest server's first HTTP answer
-//!   byte, on the connection that found its port accepting: what a wake waits for too). Details:
+//!   byte, on the connection that found its port accepting: what a wake waits for too), its
+//!   machine suspended as long before the resume as the woken one is before its wake ([`SETTLE`]):
+//!   on a host whose own hypervisor takes freed memory back (ours: free page reporting in 2 MiB
+//!   blocks) a restore into memory freed seconds ago costs ~120 ms more than one right after the
+//!   suspend, and a wake always comes seconds later. bench boot's own `resume_ms` is the one right
+//!   after the suspend. Details:
 //!   the same resume until the port accepts (`resume_accept_ms`), and per run `wake_ms` minus
 //!   `resume_ms` (`wake_beyond_ms`): what aloftd and its edge add to the guest's own time.
 
@@ -953,6 +958,7 @@ fn vm_series(runs: usize) -> anyhow::Result<VmSeries> {
                 fstype,
                 &work.path().join(format!("m{i}")),
                 WAKE_MEMORY_MIB,
+                SETTLE,
             )
             .context("bench boot's resume")?;
             eprintln!(

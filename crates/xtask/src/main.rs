@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                     trace,
                     page_reporting: !no_page_reporting,
                     jail,
+                    ..bench_boot::Knobs::default()
                 },
                 format.unwrap_or_default(),
             ),
