@@ -710,7 +710,8 @@ impl Driver for VmDriver {
 
     fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError> {
         let path = self.snapshot(id);
-        remove_file(&path).map_err(|e| io_failed(DriverOp::DiscardSnapshot, "remove", &path, &e))
+        aloft_vm::remove_snapshot(&path)
+            .map_err(|e| io_failed(DriverOp::DiscardSnapshot, "remove", &path, &e))
     }
 
     fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError> {

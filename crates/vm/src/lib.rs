@@ -32,6 +32,7 @@ mod error;
 mod proc;
 mod qmp;
 mod session;
+mod snapshot;
 mod spec;
 mod sys;
 mod template;
@@ -51,7 +52,7 @@ pub use spec::{
     default_qemu,
 };
 pub use template::{MAX_TEMPLATES, TemplateStart, Templates};
-pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit};
+pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit, remove_snapshot, snapshot_memory};
 
 #[cfg(test)]
 mod tests {

@@ -244,7 +244,14 @@ impl Vm {
                 path: snapshot.to_owned(),
             });
         }
-        let vm = Self::restore(spec, snapshot, None)?;
+        // Its memory in a file of its own (see `split_snapshot`): mapped copy-on-write, so only
+        // the devices are loaded and the guest faults in what it touches.
+        let memory = snapshot_memory(snapshot);
+        let ram = memory.is_file().then_some(RamFile {
+            path: memory,
+            shared: false,
+        });
+        let vm = Self::restore(spec, snapshot, ram.as_ref(), false)?;
         let _ = vm.shared.send(&Frame::SetTime {
             unix_nanos: now_unix_nanos(),
         });
@@ -252,11 +259,17 @@ impl Vm {
     }
 
     /// A new QEMU for `spec` running the guest of `snapshot` (a suspended machine's or a boot
-    /// template's); killed again if the restore fails.
-    pub(crate) fn restore(spec: VmSpec, snapshot: &Path, ram: Option<&RamFile>) -> Result<Vm, VmError> {
+    /// template's), its memory in `ram` if not anonymous; `ignore_shared` for a snapshot that left
+    /// its memory out because it was shared (a template's). Killed again if the restore fails.
+    pub(crate) fn restore(
+        spec: VmSpec,
+        snapshot: &Path,
+        ram: Option<&RamFile>,
+        ignore_shared: bool,
+    ) -> Result<Vm, VmError> {
         let file = File::open(snapshot).map_err(|e| VmError::io("open snapshot", snapshot, e))?;
         let vm = Self::launch(spec, Boot::Incoming, ram)?;
-        if let Err(e) = vm.restore_from(&file, ram.is_some()) {
+        if let Err(e) = vm.restore_from(&file, ignore_shared) {
             let _ = vm.kill();
             return Err(e);
         }
@@ -327,8 +340,8 @@ impl Vm {
         self.send(&Frame::Boot(Box::new(req)))
     }
 
-    /// Loads `file` into this new QEMU; with `ignore_shared`, a snapshot that left its memory in
-    /// a file (a template's).
+    /// Loads `file` into this new QEMU; with `ignore_shared`, a snapshot that left its shared
+    /// memory out (a template's).
     fn restore_from(&self, file: &File, ignore_shared: bool) -> Result<(), VmError> {
         let mut q = self.qmp()?;
         if ignore_shared {
@@ -1138,6 +1151,11 @@ impl Vm {
             self.wait_gone(Duration::from_secs(5));
         }
         self.finish(QemuStatus::Suspended);
+        // A shared memory file (a template being made) already holds the memory.
+        if !self.ram.as_ref().is_some_and(|r| r.shared) {
+            // Best effort: a stream that stays whole resumes as before, only slower.
+            let _ = split_snapshot(snapshot);
+        }
         Ok(())
     }
 
@@ -1236,6 +1254,65 @@ fn set_ignore_shared(q: &mut Qmp, on: bool) -> Result<(), VmError> {
     )
     .map(drop)
     .map_err(qmp_err("leave shared memory out of the snapshot"))
+}
+
+/// Where the memory of the snapshot at `snapshot` is kept once split out of it: beside it,
+/// `.ram` appended. A resume maps it if it exists.
+pub fn snapshot_memory(snapshot: &Path) -> PathBuf {
+    let mut p = snapshot.as_os_str().to_owned();
+    p.push(".ram");
+    PathBuf::from(p)
+}
+
+/// Removes the snapshot at `snapshot` (written by [`Vm::suspend`]) and its memory file; either
+/// being absent is fine. A QEMU resumed from them keeps its mapping of the memory file.
+pub fn remove_snapshot(snapshot: &Path) -> std::io::Result<()> {
+    for p in [snapshot_memory(snapshot), snapshot.to_owned()] {
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Splits the guest's memory out of the whole stream at `snapshot` into [`snapshot_memory`]
+/// (module `snapshot`, ADR 0025). Both parts are written beside it and renamed into place, the
+/// memory file first: the memory file a resumed QEMU maps copy-on-write is never written in place,
+/// and a whole stream (this failing, or a crash between the renames) still restores with any
+/// memory file beside it, since it carries every page. On failure the stream stays whole.
+fn split_snapshot(snapshot: &Path) -> Result<(), crate::snapshot::SplitError> {
+    let memory = snapshot_memory(snapshot);
+    let tmp = |p: &Path| {
+        let mut t = p.as_os_str().to_owned();
+        t.push(".split");
+        PathBuf::from(t)
+    };
+    let (memory_tmp, state_tmp) = (tmp(&memory), tmp(snapshot));
+    let create = |p: &Path| {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(p)
+    };
+    let res = (|| {
+        let full = std::io::BufReader::with_capacity(1 << 20, File::open(snapshot)?);
+        let mem = create(&memory_tmp)?;
+        let mut state = std::io::BufWriter::new(create(&state_tmp)?);
+        crate::snapshot::split(full, crate::argv::RAM_ID, &mut state, &mem)?;
+        std::io::Write::flush(&mut state)?;
+        drop(state);
+        fs::rename(&memory_tmp, &memory)?;
+        fs::rename(&state_tmp, snapshot)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&memory_tmp);
+        let _ = fs::remove_file(&state_tmp);
+    }
+    res
 }
 
 /// Drops from the page cache what it holds of `ram`'s holes, pages no VM still maps.

@@ -327,6 +327,36 @@ mod tests {
         eprintln!(
             "snapshot {size} bytes in {suspend_time:?}; resume {resume_time:?}, first exec answered at {exec_time:?}"
         );
+        // The memory went to a file of its own, which the resumed QEMU maps (ADR 0025): the
+        // stream left is the devices' state.
+        let memory = aloft_vm::snapshot_memory(&snap);
+        assert!(size < 4 << 20, "the stream still holds the memory: {size} bytes");
+        assert!(
+            std::fs::read_to_string(format!("/proc/{}/maps", vm.pid()))
+                .unwrap()
+                .contains(memory.to_str().unwrap()),
+            "the resumed QEMU does not map {}",
+            memory.display()
+        );
+        // Again, from the resumed machine (its memory that file, copy-on-write): the file is
+        // replaced, never written under the old QEMU, and both writes survive.
+        let out = vm
+            .exec(sh("echo second > /dev/shm/second"), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(out.exit.exit_code, Some(0));
+        vm.suspend(&snap).unwrap();
+        t.assert_no_qemu();
+        drop(vm);
+        let vm = Vm::resume(t.spec.clone(), &snap).unwrap();
+        let out = vm
+            .exec(sh("cat /dev/shm/token /dev/shm/second"), Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [token.as_str(), "second"]
+        );
         // The guest clock was set on resume: guest date is close to the host's.
         let out = vm.exec(sh("date +%s"), Duration::from_secs(30)).unwrap();
         let guest: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
