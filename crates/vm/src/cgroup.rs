@@ -2,7 +2,9 @@
 //!
 //! What to create and write is computed by pure functions ([`plan`]); [`Cgroup::create`] performs it.
 //! QEMU joins the cgroup before it runs any guest code: the driver opens each hierarchy's
-//! `cgroup.procs` before spawning and the child writes "0" (itself) to it between fork and exec.
+//! `cgroup.procs` before spawning; a QEMU that boots writes "0" (itself) to them between fork and
+//! exec, and one that waits for an incoming stream (a resume, a template start) is moved by the
+//! driver while it initialises, before the stream is sent (`Vm::launch`).
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -268,8 +268,15 @@ impl Vm {
         ignore_shared: bool,
     ) -> Result<Vm, VmError> {
         let file = File::open(snapshot).map_err(|e| VmError::io("open snapshot", snapshot, e))?;
+        let t0 = Instant::now();
         let vm = Self::launch(spec, Boot::Incoming, ram)?;
-        if let Err(e) = vm.restore_from(&file, ignore_shared) {
+        eprintln!("TIMING launch {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
+        let r = vm.restore_from(&file, ignore_shared);
+        eprintln!(
+            "TIMING launch+restore {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+        if let Err(e) = r {
             let _ = vm.kill();
             return Err(e);
         }
@@ -454,6 +461,11 @@ impl Vm {
             paths: paths.clone(),
             armed: true,
         };
+        // The cgroups' `cgroup.procs`, opened: QEMU joins them before it runs a guest. One that
+        // boots joins them itself between fork and exec. One that waits for its incoming stream
+        // cannot run the guest before `restore_from`, so the driver moves it while it
+        // initialises: a move waits for an RCU grace period per hierarchy, 5–30 ms here, which
+        // would otherwise be on every resume's and template start's path.
         let mut join = Vec::new();
         if let Some(jail) = &spec.jail {
             let l = cgroup::limits(spec.memory_mib, spec.vcpus, accel);
@@ -472,9 +484,14 @@ impl Vm {
                         path: p.clone(),
                         source,
                     })?;
-                join.push(f);
+                join.push((p.clone(), f));
             }
         }
+        let join_later = if boot == Boot::Incoming {
+            std::mem::take(&mut join)
+        } else {
+            Vec::new()
+        };
         let log = File::create(paths.qemu_log()).map_err(|e| VmError::io("create", paths.qemu_log(), e))?;
         let log2 = log
             .try_clone()
@@ -491,16 +508,32 @@ impl Vm {
             }
             None => None,
         };
-        sys::detach_into(&mut cmd, join, inherit, netns);
+        sys::detach_into(
+            &mut cmd,
+            join.into_iter().map(|(_, f)| f).collect(),
+            inherit,
+            netns,
+        );
+        let ts = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
             program: argv[0].clone(),
             source,
         })?;
         // Closes our copies of the disk and cgroup descriptors.
         drop(cmd);
+        eprintln!("TIMING spawn {:.1} ms", ts.elapsed().as_secs_f64() * 1000.0);
         let pid = i32::try_from(child.id()).unwrap_or(-1);
         guard.child = Some(child);
         let start_time = proc::start_time(pid).unwrap_or(0);
+        let joining = (!join_later.is_empty()).then(|| {
+            std::thread::spawn(move || -> Result<(), VmError> {
+                for (path, mut f) in join_later {
+                    std::io::Write::write_all(&mut f, pid.to_string().as_bytes())
+                        .map_err(|source| VmError::Cgroup { path, source })?;
+                }
+                Ok(())
+            })
+        });
 
         // QEMU is set up when its monitor answers.
         let deadline = Instant::now() + LAUNCH_TIMEOUT;
@@ -530,6 +563,17 @@ impl Vm {
                 });
             }
             std::thread::sleep(POLL);
+        }
+        // A failed move leaves QEMU outside its limits: the guard kills it.
+        match joining.map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(_)) => {
+                return Err(VmError::Launch {
+                    status: "the thread moving qemu into its cgroup panicked".into(),
+                    stderr: String::new(),
+                });
+            }
         }
 
         let state = VmState {

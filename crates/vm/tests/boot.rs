@@ -327,6 +327,20 @@ mod tests {
         eprintln!(
             "snapshot {size} bytes in {suspend_time:?}; resume {resume_time:?}, first exec answered at {exec_time:?}"
         );
+        if t.spec.jail.is_some() {
+            // The driver moved the resumed QEMU into its cgroups while it initialised: every
+            // thread is in the memory and the cpu hierarchy (v1), or in the one (v2).
+            let leaf = format!("/aloft-test/{}", t.spec.name);
+            let want = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                1
+            } else {
+                2
+            };
+            for task in std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap() {
+                let cg = std::fs::read_to_string(task.unwrap().path().join("cgroup")).unwrap();
+                assert_eq!(cg.lines().filter(|l| l.ends_with(&leaf)).count(), want, "{cg}");
+            }
+        }
         // The memory went to a file of its own, which the resumed QEMU maps (ADR 0025): the
         // stream left is the devices' state.
         let memory = aloft_vm::snapshot_memory(&snap);
