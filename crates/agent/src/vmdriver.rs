@@ -710,8 +710,7 @@ impl Driver for VmDriver {
 
     fn discard_snapshot(&self, id: &MachineId) -> Result<(), DriverError> {
         let path = self.snapshot(id);
-        aloft_vm::remove_snapshot(&path)
-            .map_err(|e| io_failed(DriverOp::DiscardSnapshot, "remove", &path, &e))
+        remove_file(&path).map_err(|e| io_failed(DriverOp::DiscardSnapshot, "remove", &path, &e))
     }
 
     fn vm_status(&self, id: &MachineId) -> Result<VmStatus, DriverError> {

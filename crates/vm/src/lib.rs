@@ -32,7 +32,6 @@ mod error;
 mod proc;
 mod qmp;
 mod session;
-mod snapshot;
 mod spec;
 mod sys;
 mod template;
@@ -52,7 +51,7 @@ pub use spec::{
     default_qemu,
 };
 pub use template::{MAX_TEMPLATES, TemplateStart, Templates};
-pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit, remove_snapshot, snapshot_memory};
+pub use vm::{ExecOutput, QemuStatus, STOP_GRACE, Vm, VmExit};
 
 #[cfg(test)]
 mod tests {

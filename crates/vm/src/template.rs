@@ -322,7 +322,7 @@ fn restore_and_boot(spec: &VmSpec, template: &Path) -> Result<Vm, VmError> {
         path: template.join("ram"),
         shared: false,
     };
-    let vm = Vm::restore(spec.clone(), &template.join("snapshot"), Some(&ram), true)?;
+    let vm = Vm::restore(spec.clone(), &template.join("snapshot"), Some(&ram))?;
     let booted = (|| {
         vm.wait_awaiting_boot(RESTORE_TIMEOUT)?;
         vm.send_boot(BootRequest {

@@ -244,14 +244,7 @@ impl Vm {
                 path: snapshot.to_owned(),
             });
         }
-        // Its memory in a file of its own (see `split_snapshot`): mapped copy-on-write, so only
-        // the devices are loaded and the guest faults in what it touches.
-        let memory = snapshot_memory(snapshot);
-        let ram = memory.is_file().then_some(RamFile {
-            path: memory,
-            shared: false,
-        });
-        let vm = Self::restore(spec, snapshot, ram.as_ref(), false)?;
+        let vm = Self::restore(spec, snapshot, None)?;
         let _ = vm.shared.send(&Frame::SetTime {
             unix_nanos: now_unix_nanos(),
         });
@@ -259,24 +252,11 @@ impl Vm {
     }
 
     /// A new QEMU for `spec` running the guest of `snapshot` (a suspended machine's or a boot
-    /// template's), its memory in `ram` if not anonymous; `ignore_shared` for a snapshot that left
-    /// its memory out because it was shared (a template's). Killed again if the restore fails.
-    pub(crate) fn restore(
-        spec: VmSpec,
-        snapshot: &Path,
-        ram: Option<&RamFile>,
-        ignore_shared: bool,
-    ) -> Result<Vm, VmError> {
+    /// template's); killed again if the restore fails.
+    pub(crate) fn restore(spec: VmSpec, snapshot: &Path, ram: Option<&RamFile>) -> Result<Vm, VmError> {
         let file = File::open(snapshot).map_err(|e| VmError::io("open snapshot", snapshot, e))?;
-        let t0 = Instant::now();
         let vm = Self::launch(spec, Boot::Incoming, ram)?;
-        eprintln!("TIMING launch {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
-        let r = vm.restore_from(&file, ignore_shared);
-        eprintln!(
-            "TIMING launch+restore {:.1} ms",
-            t0.elapsed().as_secs_f64() * 1000.0
-        );
-        if let Err(e) = r {
+        if let Err(e) = vm.restore_from(&file, ram.is_some()) {
             let _ = vm.kill();
             return Err(e);
         }
@@ -347,8 +327,8 @@ impl Vm {
         self.send(&Frame::Boot(Box::new(req)))
     }
 
-    /// Loads `file` into this new QEMU; with `ignore_shared`, a snapshot that left its shared
-    /// memory out (a template's).
+    /// Loads `file` into this new QEMU; with `ignore_shared`, a snapshot that left its memory in
+    /// a file (a template's).
     fn restore_from(&self, file: &File, ignore_shared: bool) -> Result<(), VmError> {
         let mut q = self.qmp()?;
         if ignore_shared {
@@ -514,14 +494,12 @@ impl Vm {
             inherit,
             netns,
         );
-        let ts = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
             program: argv[0].clone(),
             source,
         })?;
         // Closes our copies of the disk and cgroup descriptors.
         drop(cmd);
-        eprintln!("TIMING spawn {:.1} ms", ts.elapsed().as_secs_f64() * 1000.0);
         let pid = i32::try_from(child.id()).unwrap_or(-1);
         guard.child = Some(child);
         let start_time = proc::start_time(pid).unwrap_or(0);
@@ -1195,11 +1173,6 @@ impl Vm {
             self.wait_gone(Duration::from_secs(5));
         }
         self.finish(QemuStatus::Suspended);
-        // A shared memory file (a template being made) already holds the memory.
-        if !self.ram.as_ref().is_some_and(|r| r.shared) {
-            // Best effort: a stream that stays whole resumes as before, only slower.
-            let _ = split_snapshot(snapshot);
-        }
         Ok(())
     }
 
@@ -1298,65 +1271,6 @@ fn set_ignore_shared(q: &mut Qmp, on: bool) -> Result<(), VmError> {
     )
     .map(drop)
     .map_err(qmp_err("leave shared memory out of the snapshot"))
-}
-
-/// Where the memory of the snapshot at `snapshot` is kept once split out of it: beside it,
-/// `.ram` appended. A resume maps it if it exists.
-pub fn snapshot_memory(snapshot: &Path) -> PathBuf {
-    let mut p = snapshot.as_os_str().to_owned();
-    p.push(".ram");
-    PathBuf::from(p)
-}
-
-/// Removes the snapshot at `snapshot` (written by [`Vm::suspend`]) and its memory file; either
-/// being absent is fine. A QEMU resumed from them keeps its mapping of the memory file.
-pub fn remove_snapshot(snapshot: &Path) -> std::io::Result<()> {
-    for p in [snapshot_memory(snapshot), snapshot.to_owned()] {
-        match fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Splits the guest's memory out of the whole stream at `snapshot` into [`snapshot_memory`]
-/// (module `snapshot`, ADR 0025). Both parts are written beside it and renamed into place, the
-/// memory file first: the memory file a resumed QEMU maps copy-on-write is never written in place,
-/// and a whole stream (this failing, or a crash between the renames) still restores with any
-/// memory file beside it, since it carries every page. On failure the stream stays whole.
-fn split_snapshot(snapshot: &Path) -> Result<(), crate::snapshot::SplitError> {
-    let memory = snapshot_memory(snapshot);
-    let tmp = |p: &Path| {
-        let mut t = p.as_os_str().to_owned();
-        t.push(".split");
-        PathBuf::from(t)
-    };
-    let (memory_tmp, state_tmp) = (tmp(&memory), tmp(snapshot));
-    let create = |p: &Path| {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(p)
-    };
-    let res = (|| {
-        let full = std::io::BufReader::with_capacity(1 << 20, File::open(snapshot)?);
-        let mem = create(&memory_tmp)?;
-        let mut state = std::io::BufWriter::new(create(&state_tmp)?);
-        crate::snapshot::split(full, crate::argv::RAM_ID, &mut state, &mem)?;
-        std::io::Write::flush(&mut state)?;
-        drop(state);
-        fs::rename(&memory_tmp, &memory)?;
-        fs::rename(&state_tmp, snapshot)?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&memory_tmp);
-        let _ = fs::remove_file(&state_tmp);
-    }
-    res
 }
 
 /// Drops from the page cache what it holds of `ram`'s holes, pages no VM still maps.

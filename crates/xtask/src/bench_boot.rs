@@ -255,7 +255,7 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
         println!("{name:<18} {med:>10.1} {lo:>10.1}  ms    {what}");
     }
     println!(
-        "{:<18} {:>10.1} {:>10.1}  MiB   host RSS of the resumed machine at its first answer (its memory mapped from its snapshot: what it touched)",
+        "{:<18} {:>10.1} {:>10.1}  MiB   host RSS of the resumed machine at its first answer (its whole snapshot loaded)",
         "  resumed_rss_mib",
         median(&resumed_rss).unwrap_or(f64::NAN),
         min(&resumed_rss).unwrap_or(f64::NAN)
