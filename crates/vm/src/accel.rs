@@ -3,10 +3,11 @@
 //! `/dev/kvm` existing proves little: on the team's dev machines it is a software PVM layer on which
 //! ordinary guests die in the instruction emulator. So the probe boots our kernel and initramfs with
 //! [`aloft_guest_proto::PROBE_CMDLINE_FLAG`] under `-accel kvm` and waits ~5 s for init's
-//! [`aloft_guest_proto::CONSOLE_HELLO`], with the QEMU machines booting that kernel get
-//! ([`crate::default_qemu`]). The answer is cached per kernel (path + mtime) and host boot
-//! (`/proc/sys/kernel/random/boot_id`) in `$ALOFT_CACHE/accel.json` (default
-//! `~/.cache/aloft/accel.json`). `ALOFT_ACCEL=kvm|tcg` overrides everything.
+//! [`aloft_guest_proto::CONSOLE_HELLO`], with the QEMU the machine runs on (a spec's
+//! [`crate::VmSpec::qemu`]; [`probe`] takes [`crate::default_qemu`]). The answer is cached per
+//! QEMU and kernel (paths + mtimes) and host boot (`/proc/sys/kernel/random/boot_id`) in
+//! `$ALOFT_CACHE/accel.json` (default `~/.cache/aloft/accel.json`). `ALOFT_ACCEL=kvm|tcg`
+//! overrides everything.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,32 +23,37 @@ use crate::spec::AccelChoice;
 /// How long the probe guest gets to print its hello line.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The accelerator for `kernel` + `initrd` on this host (see the module docs). Never fails: anything
-/// unexpected means TCG.
+/// The accelerator for `kernel` + `initrd` on this host with the QEMU machines booting that kernel
+/// get ([`crate::default_qemu`]); see the module docs. Never fails: anything unexpected means TCG.
 pub fn probe(kernel: &Path, initrd: &Path) -> Accel {
+    probe_with(&crate::default_qemu(kernel), kernel, initrd)
+}
+
+/// [`probe`] with `qemu` (a path, or a name looked up on `PATH`).
+pub fn probe_with(qemu: &Path, kernel: &Path, initrd: &Path) -> Accel {
     if let Some(a) = env_override() {
         return a;
     }
-    let key = cache_key(kernel);
+    let key = cache_key(qemu, kernel);
     let cache = cache_file();
     if let (Some(key), Some(cache)) = (&key, &cache)
         && let Some(a) = read_cache(cache, key)
     {
         return a;
     }
-    let a = probe_uncached(kernel, initrd);
+    let a = probe_uncached(qemu, kernel, initrd);
     if let (Some(key), Some(cache)) = (key, cache) {
         write_cache(&cache, key, a);
     }
     a
 }
 
-/// Resolves a spec's choice.
-pub fn resolve(choice: AccelChoice, kernel: &Path, initrd: &Path) -> Accel {
-    match choice {
+/// Resolves a spec's choice: probing with the spec's own QEMU.
+pub fn resolve(spec: &crate::VmSpec) -> Accel {
+    match spec.accel {
         AccelChoice::Kvm => Accel::Kvm,
         AccelChoice::Tcg => Accel::Tcg,
-        AccelChoice::Auto => probe(kernel, initrd),
+        AccelChoice::Auto => probe_with(&spec.qemu, &spec.kernel, &spec.initrd),
     }
 }
 
@@ -67,12 +73,18 @@ fn cache_file() -> Option<PathBuf> {
     Some(PathBuf::from(home).join(".cache/aloft/accel.json"))
 }
 
-/// `kernel path | mtime ns | boot id`.
-fn cache_key(kernel: &Path) -> Option<String> {
-    let mtime = std::fs::metadata(kernel).ok()?.modified().ok()?;
-    let ns = mtime.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+/// `qemu path | mtime ns | kernel path | mtime ns | boot id`: another QEMU (or the same one
+/// rebuilt) may well boot where this one does not.
+fn cache_key(qemu: &Path, kernel: &Path) -> Option<String> {
+    let stamp = |p: &Path| -> Option<String> {
+        let mtime = std::fs::metadata(p).ok()?.modified().ok()?;
+        let ns = mtime.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+        Some(format!("{}|{ns}", p.display()))
+    };
+    let qemu = stamp(&crate::spec::resolve_qemu(qemu)?)?;
+    let kernel = stamp(kernel)?;
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(format!("{}|{ns}|{}", kernel.display(), boot_id.trim()))
+    Some(format!("{qemu}|{kernel}|{}", boot_id.trim()))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -104,7 +116,7 @@ fn write_cache(path: &Path, key: String, accel: Accel) {
     }
 }
 
-fn probe_uncached(kernel: &Path, initrd: &Path) -> Accel {
+fn probe_uncached(qemu: &Path, kernel: &Path, initrd: &Path) -> Accel {
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -113,17 +125,17 @@ fn probe_uncached(kernel: &Path, initrd: &Path) -> Accel {
     {
         return Accel::Tcg;
     }
-    if boots_with(kernel, initrd, Accel::Kvm, PROBE_TIMEOUT) {
+    if boots_with(qemu, kernel, initrd, Accel::Kvm, PROBE_TIMEOUT) {
         Accel::Kvm
     } else {
         Accel::Tcg
     }
 }
 
-/// Boots the probe guest under `accel` and says whether init's hello appeared within `timeout`.
-pub(crate) fn boots_with(kernel: &Path, initrd: &Path, accel: Accel, timeout: Duration) -> bool {
-    let qemu = crate::default_qemu(kernel);
-    let argv = crate::argv::probe_argv(&qemu, kernel, initrd, accel, crate::argv::host_tsc_khz());
+/// Boots the probe guest on `qemu` under `accel` and says whether init's hello appeared within
+/// `timeout`.
+pub(crate) fn boots_with(qemu: &Path, kernel: &Path, initrd: &Path, accel: Accel, timeout: Duration) -> bool {
+    let argv = crate::argv::probe_argv(qemu, kernel, initrd, accel, crate::argv::host_tsc_khz());
     let Ok(mut child) = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
@@ -169,19 +181,39 @@ mod tests {
     }
 
     #[test]
-    fn cache_key_changes_with_the_kernel() {
+    fn cache_key_changes_with_the_kernel_and_the_qemu() {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("vmlinux");
-        std::fs::write(&k, b"x").unwrap();
-        let a = cache_key(&k).unwrap();
-        assert!(a.contains("vmlinux|"));
-        assert_eq!(cache_key(&dir.path().join("missing")), None);
+        let q1 = dir.path().join("qemu-a");
+        let q2 = dir.path().join("qemu-b");
+        for f in [&k, &q1, &q2] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let a = cache_key(&q1, &k).unwrap();
+        assert!(a.contains("vmlinux|") && a.contains("qemu-a|"), "{a}");
+        assert_ne!(
+            a,
+            cache_key(&q2, &k).unwrap(),
+            "another QEMU is probed on its own"
+        );
+        // Rebuilt in place: a new mtime, a new probe.
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&q1)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_ne!(a, cache_key(&q1, &k).unwrap());
+        assert_eq!(cache_key(&q1, &dir.path().join("missing")), None);
+        assert_eq!(cache_key(&dir.path().join("no-qemu"), &k), None);
     }
 
     #[test]
     fn missing_kernel_probes_as_tcg() {
         // No QEMU boot can succeed without a kernel: whatever /dev/kvm says, the answer is TCG.
         assert!(!boots_with(
+            Path::new("qemu-system-x86_64"),
             Path::new("/nonexistent/vmlinux"),
             Path::new("/nonexistent/initrd"),
             Accel::Kvm,

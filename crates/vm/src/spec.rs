@@ -322,7 +322,7 @@ impl JailSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccelChoice {
-    /// Probe ([`crate::accel::probe`], cached).
+    /// Probe with the spec's QEMU ([`crate::accel::resolve`], cached).
     #[default]
     Auto,
     /// KVM without probing.

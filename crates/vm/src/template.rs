@@ -144,7 +144,7 @@ impl Templates {
     /// init's wait for its boot request. Host-side details (paths of disks and run directory,
     /// tap name, jail) are not in it: they are the restoring QEMU's, not the guest's.
     pub fn shape(spec: &VmSpec) -> Result<String, VmError> {
-        let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
+        let accel = crate::accel::resolve(spec);
         let mut s = String::from("aloft boot template 2\n");
         let qemu = crate::spec::resolve_qemu(&spec.qemu).ok_or_else(|| VmError::QemuNotFound {
             path: spec.qemu.clone(),

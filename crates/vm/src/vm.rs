@@ -402,7 +402,7 @@ impl Vm {
             // Stale exit markers from an earlier run must not be read as this run's.
             let _ = fs::remove_file(paths.console());
         }
-        let accel = crate::accel::resolve(spec.accel, &spec.kernel, &spec.initrd);
+        let accel = crate::accel::resolve(&spec);
         // A restored guest runs from its snapshot's memory: the initramfs it booted from was
         // unpacked long ago and QEMU only needs the file to be there. Composing it again (the
         // base plus the run config, written and synced) would cost every resume time that grows
