@@ -147,8 +147,12 @@ async fn do_wake(
 ) -> Result<(), (ProxyCode, String)> {
     let deadline = Instant::now() + edge.config.wake_timeout;
     // The host refuses a start while the machine is still stopping or suspending (or already
-    // starting): ask again now and then until it takes it, polling the port meanwhile.
+    // starting): ask again until it takes it, polling the port meanwhile. A suspend or stop ends
+    // tens of milliseconds after it began, so the first retries come soon (5 ms, doubling up to
+    // 100 ms): a request that arrives while its machine is being put to sleep waits for that,
+    // not for a fixed retry period on top of it. A refusal is one in-process call to the host.
     let mut start_again = Some(Instant::now());
+    let mut refusal_pause = Duration::from_millis(5);
     let mut last_refusal = String::new();
     // Poll until the workload accepts: the catalog may lag; the connection is the truth.
     let mut probes = Probes::default();
@@ -164,7 +168,8 @@ async fn do_wake(
                 Err(ControlError::Failed(e)) => return Err((ProxyCode::PM07, e)),
                 Err(ControlError::Refused(e)) => {
                     last_refusal = e;
-                    start_again = Some(Instant::now() + Duration::from_millis(100));
+                    start_again = Some(Instant::now() + refusal_pause);
+                    refusal_pause = (refusal_pause * 2).min(Duration::from_millis(100));
                 }
             }
         }
@@ -180,10 +185,10 @@ async fn do_wake(
             return Err((ProxyCode::PM03, why));
         }
         let Some(addr) = probe else {
-            if start_again.is_none() {
+            let Some(at) = start_again else {
                 return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            };
+            tokio::time::sleep(at.saturating_duration_since(Instant::now()).min(left)).await;
             continue;
         };
         if let Some(stream) = probes.next(edge, addr, left).await {

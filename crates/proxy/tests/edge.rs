@@ -16,7 +16,7 @@ mod tests {
     use std::net::{IpAddr, SocketAddr};
     use std::num::NonZeroUsize;
     use std::pin::Pin;
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
     use std::task::{Context, Poll};
     use std::time::{Duration, Instant};
@@ -171,6 +171,8 @@ mod tests {
         calls: Mutex<Vec<String>>,
         fail_suspend: AtomicBool,
         fail_start: AtomicBool,
+        /// Starts refused (the host still suspending the machine) before one is taken.
+        refuse_starts: AtomicU32,
         start_delay_ms: AtomicU64,
         /// `start` publishes the machine `starting` (a newer entry) while its server already
         /// runs, as an agent whose start operation is still finishing does.
@@ -235,6 +237,15 @@ mod tests {
                 }
                 if op == "start" && me.0.fail_start.load(Ordering::SeqCst) {
                     return Err(ControlError::Failed("the host is out of memory".to_owned()));
+                }
+                if op == "start"
+                    && me
+                        .0
+                        .refuse_starts
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    return Err(ControlError::Refused(format!("machine {id} is suspending")));
                 }
                 let delay = me.0.start_delay_ms.load(Ordering::SeqCst);
                 if op == "start" && delay > 0 {
@@ -931,6 +942,23 @@ mod tests {
             [format!("start {}", m.id)],
             "the edge connected to the machine: `starting` in the catalog is the agent finishing \
              its start, not a reason to start it again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_refused_while_the_machine_suspends_is_asked_again_until_taken() {
+        let h = Harness::new(config()).await;
+        h.control.0.refuse_starts.store(4, Ordering::SeqCst);
+        let mut m = entry("a");
+        m.state = MachineState::Suspended;
+        h.add(&m, echo("m1"));
+        let r = h.get("a.localhost", "/").await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(r.machine(), "m1");
+        assert_eq!(
+            h.control.calls(),
+            vec![format!("start {}", m.id); 5],
+            "four refusals, then the start the host took"
         );
     }
 
