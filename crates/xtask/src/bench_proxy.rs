@@ -187,7 +187,7 @@ fn report(
             "resume_ms",
             vm.resume.clone(),
             "ms",
-            "bench boot's resume, same run (target: wake_ms ≤ resume_ms + 30)".into(),
+            "bench boot's resume, same run, suspended as long as the woken machine (target: wake_ms ≤ resume_ms + 30)".into(),
         ));
     }
     println!(
