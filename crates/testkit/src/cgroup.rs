@@ -25,6 +25,14 @@ impl CgroupParent {
         }
     }
 
+    /// Adopts the fixed parent `name` (one a benchmark reuses from run to run): dropping it removes
+    /// what is left under it and itself, as for [`CgroupParent::new`]'s.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
     /// The parent's name.
     pub fn name(&self) -> &str {
         &self.name

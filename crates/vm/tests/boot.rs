@@ -285,12 +285,16 @@ mod tests {
         ignore = "boots a real guest; enable feature vm-tests"
     )]
     fn jailed_suspend_and_resume() {
+        let cgroups = aloft_testkit::CgroupParent::new();
         let mut t = TestVm::new("jailsnap", &["/bin/sleep", "1000"]);
         t.spec.jail = Some(JailSpec {
             user: "nobody".into(),
-            cgroup_parent: "aloft-test".into(),
+            cgroup_parent: cgroups.name().into(),
         });
         suspend_resume(&t);
+        for d in cgroups.machine_dirs(&t.spec.name) {
+            assert!(!d.exists(), "{} left", d.display());
+        }
     }
 
     fn suspend_resume(t: &TestVm) {
@@ -327,10 +331,10 @@ mod tests {
         eprintln!(
             "snapshot {size} bytes in {suspend_time:?}; resume {resume_time:?}, first exec answered at {exec_time:?}"
         );
-        if t.spec.jail.is_some() {
+        if let Some(jail) = &t.spec.jail {
             // The driver moved the resumed QEMU into its cgroups while it initialised: every
             // thread is in the memory and the cpu hierarchy (v1), or in the one (v2).
-            let leaf = format!("/aloft-test/{}", t.spec.name);
+            let leaf = format!("/{}/{}", jail.cgroup_parent, t.spec.name);
             let want = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
                 1
             } else {
@@ -515,10 +519,11 @@ mod tests {
         ignore = "boots a real guest; enable feature vm-tests"
     )]
     fn jailed_vm_runs_unprivileged_in_its_cgroup() {
+        let parent = aloft_testkit::CgroupParent::new();
         let mut t = TestVm::new("jail", &["/bin/sleep", "1000"]);
         t.spec.jail = Some(JailSpec {
             user: "nobody".into(),
-            cgroup_parent: "aloft-test".into(),
+            cgroup_parent: parent.name().into(),
         });
         t.spec.memory_mib = 128;
         let vm = t.start();
@@ -527,7 +532,7 @@ mod tests {
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
         assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
         let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid())).unwrap();
-        let leaf = format!("/aloft-test/{}", t.spec.name);
+        let leaf = format!("/{}/{}", parent.name(), t.spec.name);
         assert!(cgroups.contains(&leaf), "{cgroups}");
         let v1 = std::path::Path::new("/sys/fs/cgroup/memory").join(leaf.trim_start_matches('/'));
         let v2 = std::path::Path::new("/sys/fs/cgroup").join(leaf.trim_start_matches('/'));
@@ -540,10 +545,6 @@ mod tests {
         vm.stop(None, Duration::from_secs(5)).unwrap();
         t.assert_no_qemu();
         assert!(!v1.exists() && !v2.exists(), "cgroup removed");
-        for h in ["memory", "cpu", ""] {
-            // The shared parent stays by design; tests remove theirs (fails while another test uses it).
-            let _ = std::fs::remove_dir(std::path::Path::new("/sys/fs/cgroup").join(h).join("aloft-test"));
-        }
     }
 
     /// Everything an `aloft ssh console` needs from the driver, on one boot: a shell on a

@@ -86,6 +86,10 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
         if knobs.jail { ", jailed" } else { "" }
     );
     let work = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
+    // `--jail`: the machines' cgroups go below this parent, removed when the run ends, failed or not.
+    let _cgroups = knobs
+        .jail
+        .then(|| aloft_testkit::CgroupParent::named(BENCH_CGROUP_PARENT));
 
     let templates = Templates::new(work.path().join("templates"))?;
     // A shape's first start makes its template: timed once, apart from the runs.
@@ -263,12 +267,6 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     if knobs.trace {
         println!("init's boot steps in the last cold run (ms since the kernel started):");
         print!("{last_trace}");
-    }
-    if knobs.jail {
-        // The machines' own cgroups went with them; their shared parent goes now.
-        for h in ["memory", "cpu", ""] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(h).join(BENCH_CGROUP_PARENT));
-        }
     }
     println!("{}", serde_json::json!({ "bench": "boot", "metrics": metrics }));
     Ok(())
