@@ -449,6 +449,7 @@ impl Vm {
         // before the move (~6 MiB of its start-up, measured) stays charged to our cgroup; the
         // guest's memory, loaded after it, is the machine's.
         let mut join = Vec::new();
+        let mut join_later = Vec::new();
         if let Some(jail) = &spec.jail {
             let l = cgroup::limits(spec.memory_mib, spec.vcpus, accel);
             let cg = Cgroup::create(cgroup::plan(
@@ -466,14 +467,13 @@ impl Vm {
                         path: p.clone(),
                         source,
                     })?;
-                join.push((p.clone(), f));
+                if boot == Boot::Incoming {
+                    join_later.push((p.clone(), f));
+                } else {
+                    join.push(f);
+                }
             }
         }
-        let join_later = if boot == Boot::Incoming {
-            std::mem::take(&mut join)
-        } else {
-            Vec::new()
-        };
         let log = File::create(paths.qemu_log()).map_err(|e| VmError::io("create", paths.qemu_log(), e))?;
         let log2 = log
             .try_clone()
@@ -490,12 +490,7 @@ impl Vm {
             }
             None => None,
         };
-        sys::detach_into(
-            &mut cmd,
-            join.into_iter().map(|(_, f)| f).collect(),
-            inherit,
-            netns,
-        );
+        sys::detach_into(&mut cmd, join, inherit, netns);
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
             program: argv[0].clone(),
             source,
