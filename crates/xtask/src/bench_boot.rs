@@ -222,48 +222,54 @@ pub(crate) fn run(runs: usize, knobs: Knobs, format: RootfsFormat) -> anyhow::Re
     println!(
         "aloft adds {added:.1} ms to a bare boot (target ≤ 150); a cold boot (no template) adds {cold_added:.1}:"
     );
-    for (name, samples, what) in [
+    for (name, samples, unit, what) in [
         (
             "  first_start_ms",
             &[first.start_ms][..],
+            "ms",
             "a shape's first start: boot the template, snapshot it, restore it, start (once)",
         ),
         (
             "  cold_start_ms",
             &cold_start,
+            "ms",
             "VmSpec → workload started, kernel booted (no template)",
         ),
         (
             "  cold_port_ms",
             &cold_port,
+            "ms",
             "VmSpec → guest TCP port accepts, kernel booted",
         ),
         (
             "  qemu_up_ms",
             &qemu_up,
+            "ms",
             "cold: Vm::start returned: QEMU launched, monitor answers",
         ),
         (
             "  init_hello_ms",
             &hello,
+            "ms",
             "cold: init's first console line (compare raw_qemu_boot_ms)",
         ),
         (
             "  resume_accept_ms",
             &resume_accept,
+            "ms",
             "suspended → the guest's port accepts (its kernel's SYN-ACK; no workload code yet)",
+        ),
+        (
+            "  resumed_rss_mib",
+            &resumed_rss,
+            "MiB",
+            "host RSS of the resumed machine at its first answer (its whole snapshot loaded)",
         ),
     ] {
         let med = median(samples).unwrap_or(f64::NAN);
         let lo = min(samples).unwrap_or(f64::NAN);
-        println!("{name:<18} {med:>10.1} {lo:>10.1}  ms    {what}");
+        println!("{name:<18} {med:>10.1} {lo:>10.1}  {unit:<5} {what}");
     }
-    println!(
-        "{:<18} {:>10.1} {:>10.1}  MiB   host RSS of the resumed machine at its first answer (its whole snapshot loaded)",
-        "  resumed_rss_mib",
-        median(&resumed_rss).unwrap_or(f64::NAN),
-        min(&resumed_rss).unwrap_or(f64::NAN)
-    );
     if knobs.trace {
         println!("init's boot steps in the last cold run (ms since the kernel started):");
         print!("{last_trace}");
