@@ -45,6 +45,10 @@ pub(crate) struct Knobs {
     /// bench proxy suspends as long before each resume as before each wake, so that the two
     /// compare the same thing (memory freed seconds ago is colder on some hosts).
     pub(crate) suspended_for: Duration,
+    /// Right before the timed resume, hand the host's freshly freed memory back warm
+    /// ([`crate::hostmem::warm`]). Off in bench boot (its resume comes right after the suspend,
+    /// on memory the suspend just freed); bench proxy warms before each wake and each resume alike.
+    pub(crate) warm_host_memory: bool,
 }
 
 impl Default for Knobs {
@@ -54,6 +58,7 @@ impl Default for Knobs {
             page_reporting: true,
             jail: false,
             suspended_for: Duration::ZERO,
+            warm_host_memory: false,
         }
     }
 }
@@ -496,9 +501,9 @@ pub(crate) struct ResumeTimes {
 
 /// `resume_ms` alone, for other benchmarks' baselines: one full [`machine_run`] (the
 /// benchmark machine, with `memory_mib` of memory, in a network namespace of its own, booted,
-/// idled, suspended for `suspended_for`, resumed) and its suspended → first HTTP answer byte, and
-/// → port accepts, in ms. A snapshot's restore time grows with the memory, so a baseline must use
-/// the compared machine's size.
+/// idled, suspended for `suspended_for`, the host's free memory warmed, resumed) and its suspended
+/// → first HTTP answer byte, and → port accepts, in ms. A snapshot's restore time grows with the
+/// memory, so a baseline must use the compared machine's size.
 pub(crate) fn machine_resume(
     guest: &GuestArtifacts,
     accel: Accel,
@@ -518,6 +523,7 @@ pub(crate) fn machine_resume(
         memory_mib,
         Knobs {
             suspended_for,
+            warm_host_memory: true,
             ..Knobs::default()
         },
         Via::Template(&templates),
@@ -595,6 +601,9 @@ fn machine_run(
         let snapshot = dir.join("snapshot.bin");
         vm.suspend(&snapshot)?;
         std::thread::sleep(knobs.suspended_for);
+        if knobs.warm_host_memory {
+            crate::hostmem::warm(crate::hostmem::WARM_MIB).context("warm the host's free memory")?;
+        }
         let t1 = Instant::now();
         let resumed = Vm::resume(spec.clone(), &snapshot)?;
         let port_again = wait_port(&ns, Duration::from_secs(30));

@@ -22,11 +22,14 @@
 //! * `resume_ms`, alternating with it in the same run: the boot benchmark's resume
 //!   (`bench_boot::machine_resume`: snapshot restored → the guest server's first HTTP answer
 //!   byte, on the connection that found its port accepting: what a wake waits for too), its
-//!   machine suspended as long before the resume as the woken one is before its wake ([`SETTLE`]):
-//!   on a host whose own hypervisor takes freed memory back (ours: free page reporting in 2 MiB
-//!   blocks) a restore into memory freed seconds ago costs ~120 ms more than one right after the
-//!   suspend, and a wake always comes seconds later. bench boot's own `resume_ms` is the one right
-//!   after the suspend. Details:
+//!   machine suspended as long before the resume as the woken one is before its wake ([`SETTLE`]).
+//!   Right before each timed wake and each timed resume the bench warms the host's free memory
+//!   ([`crate::hostmem`]): on a host whose own hypervisor takes freed memory back (ours: free
+//!   page reporting in 2 MiB blocks) a restore that lands on such blocks costs ~100 ms more, and
+//!   whether it does is a coin toss per restore, which decided S18 run by run before the warming
+//!   (`wake_beyond_ms` −4 to +74). Both sides are warmed alike, so the comparison is still what
+//!   aloftd and its edge add to a restore; bench boot's own `resume_ms` comes right after its
+//!   suspend, on memory the suspend just freed (warm as well). Details:
 //!   the same resume until the port accepts (`resume_accept_ms`), and per run `wake_ms` minus
 //!   `resume_ms` (`wake_beyond_ms`): what aloftd and its edge add to the guest's own time.
 
@@ -996,6 +999,12 @@ fn suspend_and_wake(conn: &mut Conn, id: &str, edge: SocketAddr) -> anyhow::Resu
     )?;
     wait_state(conn, WAKE_APP, id, "suspended")?;
     std::thread::sleep(SETTLE);
+    let warmed = crate::hostmem::warm(crate::hostmem::WARM_MIB).context("warm the host's free memory")?;
+    eprintln!(
+        "bench proxy: warmed {} MiB of free memory in {:.0} ms",
+        crate::hostmem::WARM_MIB,
+        warmed.as_secs_f64() * 1000.0
+    );
     let woken = get_through_edge(edge);
     let state = conn
         .expect("GET", &format!("/v1/apps/{WAKE_APP}/machines/{id}"), None, 200)

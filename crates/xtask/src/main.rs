@@ -13,6 +13,7 @@ mod bench_boot;
 mod bench_deploy;
 mod bench_image;
 mod bench_proxy;
+mod hostmem;
 mod stats;
 
 use std::path::PathBuf;
