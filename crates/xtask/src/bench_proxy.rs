@@ -5,8 +5,14 @@
 //!   --latency -H 'Host: bench.localhost'` by default, against the same small backend three
 //!   ways: directly, through nginx as a reverse proxy, and through aloft's edge. The backend is
 //!   an nginx process with 1 worker answering `200 ok\n`; the reverse proxy is nginx with
-//!   `worker_processes auto`, upstream keep-alive (`keepalive 64`, HTTP/1.1, `Connection ""`);
-//!   aloft is `crates/proxy/examples/edge_static.rs` (release build, the edge's worker threads as
+//!   `worker_processes auto`, upstream keep-alive (`keepalive 64`, HTTP/1.1, `Connection ""`),
+//!   forwarding the headers aloft's edge adds and no others ([`proxy_conf`]: `Host`,
+//!   `X-Forwarded-For/Proto/Port/SSL`, `Fly-Client-IP`, `Fly-Forwarded-Port`, `Fly-Region`, `Via`
+//!   and `Fly-Request-Id` on the request, `Via` and `Fly-Request-Id` on the answer; Debian's own
+//!   `/etc/nginx/proxy_params` sets four of them), so that both proxies do the same work and the
+//!   backend parses the same request from either. The same nginx without those headers
+//!   (`nginx-bare`: what a bare `proxy_pass` costs) runs too, loaded only, as a detail
+//!   (`nginx_bare_rps`); it was the baseline until 2026-12-05. aloft is `crates/proxy/examples/edge_static.rs` (release build, the edge's worker threads as
 //!   aloftd runs them: one per CPU, each with its own `SO_REUSEPORT` listener; one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
 //!   `--rounds` rounds (default 3) of direct, nginx, aloft in turn; medians are reported, so
 //!   drift on a shared machine hits all three alike. Each round then runs the three again with
@@ -152,7 +158,7 @@ fn report(
             "nginx_rps",
             rps(&wrk.nginx),
             "req/s",
-            "through nginx (reverse proxy, upstream keep-alive)".into(),
+            "through nginx (reverse proxy, upstream keep-alive, the edge's headers)".into(),
         ),
         (
             "aloft_rps",
@@ -260,6 +266,24 @@ fn report(
             "aloft's p50 − direct's p50 at the loaded run (queueing: restates the rps gap)",
         ),
         (
+            "  nginx_bare_rps",
+            rps(&wrk.nginx_bare),
+            "req/s",
+            "through nginx forwarding no headers of its own (a bare proxy_pass)",
+        ),
+        (
+            "  nginx_bare_p99_ms",
+            p99(&wrk.nginx_bare),
+            "ms",
+            "through the bare nginx: 99th percentile",
+        ),
+        (
+            "  nginx_bare_cpu_us",
+            cpu(&wrk.nginx_bare),
+            "us",
+            "the bare nginx's workers' CPU time per request",
+        ),
+        (
             "  nginx_cpu_us",
             cpu(&wrk.nginx),
             "us",
@@ -312,6 +336,7 @@ fn report(
     for (name, v) in [
         ("direct", &wrk.direct),
         ("nginx", &wrk.nginx),
+        ("nginx-bare", &wrk.nginx_bare),
         ("aloft", &wrk.aloft),
         ("direct-c1", &wrk.direct_1),
         ("nginx-c1", &wrk.nginx_1),
@@ -363,6 +388,8 @@ struct WrkResult {
 struct WrkSeries {
     direct: Vec<WrkResult>,
     nginx: Vec<WrkResult>,
+    /// nginx with [`Forwarding::Bare`]: loaded runs only.
+    nginx_bare: Vec<WrkResult>,
     aloft: Vec<WrkResult>,
     direct_1: Vec<WrkResult>,
     nginx_1: Vec<WrkResult>,
@@ -403,23 +430,37 @@ fn build_edge_example() -> anyhow::Result<PathBuf> {
 fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result<WrkSeries> {
     let backend_port = free_port()?;
     let nginx_port = free_port()?;
+    let bare_port = free_port()?;
     let aloft_port = free_port()?;
     let backend = Nginx::start(work, "backend", &backend_conf(backend_port))?;
-    let proxy = Nginx::start(work, "proxy", &proxy_conf(nginx_port, backend_port))?;
+    let proxy = Nginx::start(
+        work,
+        "proxy",
+        &proxy_conf(nginx_port, backend_port, Forwarding::AsTheEdge),
+    )?;
+    let bare = Nginx::start(
+        work,
+        "proxy-bare",
+        &proxy_conf(bare_port, backend_port, Forwarding::Bare),
+    )?;
     let edge = Edge::start(edge_bin, aloft_port, backend_port, work)?;
     // Whose CPU time a loaded run through each proxy counts: nginx's workers, the edge.
     let proxy_workers = children_of(proxy.child.id());
+    let bare_workers = children_of(bare.child.id());
     let edge_pid = [edge.child.id()];
     for (what, port) in [
         ("backend", backend_port),
         ("nginx", nginx_port),
+        ("nginx-bare", bare_port),
         ("aloft", aloft_port),
     ] {
         check_ok(port).with_context(|| format!("GET / through {what} on port {port}"))?;
     }
+    check_forwarded_like_the_edge(edge_bin, &work.join("check"))?;
     let targets = [
         ("direct", backend_port),
         ("nginx", nginx_port),
+        ("nginx-bare", bare_port),
         ("aloft", aloft_port),
     ];
     let result = (|| -> anyhow::Result<WrkSeries> {
@@ -429,6 +470,7 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
         let mut s = WrkSeries {
             direct: Vec::new(),
             nginx: Vec::new(),
+            nginx_bare: Vec::new(),
             aloft: Vec::new(),
             direct_1: Vec::new(),
             nginx_1: Vec::new(),
@@ -439,6 +481,9 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
             // the proxy when nothing queues).
             for connections in [args.connections, 1] {
                 for (name, port) in targets {
+                    if connections == 1 && name == "nginx-bare" {
+                        continue;
+                    }
                     let secs = if connections == 1 {
                         args.duration_s.min(LATENCY_SECS)
                     } else {
@@ -446,6 +491,7 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
                     };
                     let pids: &[u32] = match name {
                         "nginx" if connections > 1 => &proxy_workers,
+                        "nginx-bare" => &bare_workers,
                         "aloft" if connections > 1 => &edge_pid,
                         _ => &[],
                     };
@@ -469,6 +515,7 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
                     let list = match (name, connections == 1) {
                         ("direct", false) => &mut s.direct,
                         ("nginx", false) => &mut s.nginx,
+                        ("nginx-bare", _) => &mut s.nginx_bare,
                         (_, false) => &mut s.aloft,
                         ("direct", true) => &mut s.direct_1,
                         ("nginx", true) => &mut s.nginx_1,
@@ -484,6 +531,7 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
         for (name, log) in [
             ("backend", backend.log_tail()),
             ("nginx", proxy.log_tail()),
+            ("nginx-bare", bare.log_tail()),
             ("aloft", edge.log_tail()),
         ] {
             eprintln!("bench proxy: {name}'s log:\n{log}");
@@ -491,6 +539,7 @@ fn wrk_series(args: &ProxyBench, edge_bin: &Path, work: &Path) -> anyhow::Result
     }
     drop(edge);
     proxy.stop();
+    bare.stop();
     backend.stop();
     result
 }
@@ -508,14 +557,56 @@ fn backend_conf(port: u16) -> String {
     )
 }
 
-/// nginx as a tuned reverse proxy to the backend: a worker per CPU, upstream keep-alive.
-fn proxy_conf(port: u16, backend: u16) -> String {
+/// What the nginx reverse proxy adds to what it forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forwarding {
+    /// The headers aloft's edge adds (what S15 compares with).
+    AsTheEdge,
+    /// None: a bare `proxy_pass` (a detail).
+    Bare,
+}
+
+/// What nginx sets on a request it forwards with [`Forwarding::AsTheEdge`]: the edge's request
+/// headers (`aloft_proxy`'s `http::hop`), the same values where nginx has them. `Host` as
+/// Debian's `/etc/nginx/proxy_params` sets it (the edge forwards the client's); `Via` appended to
+/// the client's own, as the edge does (`$bench_via`, a `map` in the `http` block).
+const FORWARDED_HEADERS: &[(&str, &str)] = &[
+    ("Host", "$host"),
+    ("Fly-Client-IP", "$remote_addr"),
+    ("Fly-Forwarded-Port", "$server_port"),
+    ("Fly-Region", "local"),
+    ("X-Forwarded-For", "$proxy_add_x_forwarded_for"),
+    ("X-Forwarded-Proto", "$scheme"),
+    ("X-Forwarded-Port", "$server_port"),
+    ("X-Forwarded-Ssl", "off"),
+    ("Via", "$bench_via"),
+    ("Fly-Request-Id", "$request_id"),
+];
+
+/// nginx as a tuned reverse proxy to the backend: a worker per CPU, upstream keep-alive; with
+/// `forwarding`, the edge's headers both ways.
+fn proxy_conf(port: u16, backend: u16, forwarding: Forwarding) -> String {
+    let (map, headers) = match forwarding {
+        Forwarding::Bare => (String::new(), String::new()),
+        Forwarding::AsTheEdge => {
+            let mut h: String = FORWARDED_HEADERS
+                .iter()
+                .map(|(name, value)| format!("proxy_set_header {name} \"{value}\"; "))
+                .collect();
+            h.push_str("add_header Via \"1.1 nginx\"; add_header Fly-Request-Id $request_id; ");
+            (
+                "map $http_via $bench_via { \"\" \"1.1 nginx\"; default \"$http_via, 1.1 nginx\"; }\n  "
+                    .to_owned(),
+                h,
+            )
+        }
+    };
     nginx_conf(
         "auto",
         &format!(
-            "upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n  \
+            "{map}upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}\n  \
              server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://backend; \
-             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; {headers}}} }}"
         ),
     )
 }
@@ -718,6 +809,117 @@ fn check_ok(port: u16) -> anyhow::Result<()> {
         bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }
     Ok(())
+}
+
+/// Fails unless nginx with [`Forwarding::AsTheEdge`] and the edge hand a backend the same
+/// header names for the same request and answer with the same added ones: S15 compares two
+/// proxies doing the same work, and this keeps [`FORWARDED_HEADERS`] honest when the edge's
+/// headers change. Each proxy is pointed at a capture backend of its own for one request.
+fn check_forwarded_like_the_edge(edge_bin: &Path, work: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(work)?;
+    let (nginx_sent, nginx_answered) = forwarded_through(|port, backend| {
+        Nginx::start(work, "nginx", &proxy_conf(port, backend, Forwarding::AsTheEdge))
+            .map(|n| StopOnDrop(Some(n)))
+    })
+    .context("a request through nginx to a capture backend")?;
+    let (edge_sent, edge_answered) =
+        forwarded_through(|port, backend| Edge::start(edge_bin, port, backend, work))
+            .context("a request through the edge to a capture backend")?;
+    let sorted = |v: &[String]| {
+        let mut v: Vec<String> = v.iter().map(|n| n.to_ascii_lowercase()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if sorted(&nginx_sent) != sorted(&edge_sent) {
+        bail!(
+            "nginx forwards {:?} but the edge {:?}: make FORWARDED_HEADERS the edge's headers again",
+            sorted(&nginx_sent),
+            sorted(&edge_sent)
+        );
+    }
+    // The backend's own answer has neither; both proxies must add them.
+    for name in ["via", "fly-request-id"] {
+        for (who, answered) in [("nginx", &nginx_answered), ("the edge", &edge_answered)] {
+            if !sorted(answered).iter().any(|n| n == name) {
+                bail!("{who} answered without {name}: {answered:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts a proxy with `start(port, backend port)` in front of a capture backend, sends it one
+/// request and returns the header names the backend got and those of the proxy's answer.
+fn forwarded_through<G>(
+    start: impl FnOnce(u16, u16) -> anyhow::Result<G>,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let backend_port = backend.local_addr()?.port();
+    let port = free_port()?;
+    let proxy = start(port, backend_port)?;
+    // Non-blocking with a deadline, so that a proxy that never connects cannot leave it behind.
+    backend.set_nonblocking(true)?;
+    let captured = std::thread::spawn(move || -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut conn = loop {
+            match backend.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context("the proxy never reached the capture backend"));
+                }
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let names = head_names(&mut conn)?;
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")?;
+        Ok(names)
+    });
+    let mut client = TcpStream::connect(("127.0.0.1", port))?;
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(client, "GET / HTTP/1.1\r\nHost: {BENCH_HOST}\r\n\r\n")?;
+    let answered = head_names(&mut client);
+    let forwarded = captured
+        .join()
+        .map_err(|_| anyhow::anyhow!("the capture backend panicked"))??;
+    drop(proxy);
+    Ok((forwarded, answered?))
+}
+
+/// An [`Nginx`] stopped when dropped.
+struct StopOnDrop(Option<Nginx>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            n.stop();
+        }
+    }
+}
+
+/// Reads an HTTP message's head from `conn` (up to its blank line, at most 16 KiB) and returns its
+/// header names.
+fn head_names(conn: &mut TcpStream) -> anyhow::Result<Vec<String>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            bail!("closed inside the head: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+        if head.len() > 16 << 10 {
+            bail!("a head over 16 KiB");
+        }
+    }
+    Ok(String::from_utf8_lossy(&head)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_owned()))
+        .collect())
 }
 
 /// One wrk run against `127.0.0.1:port`.
@@ -1108,7 +1310,7 @@ Transfer/sec:      1.24MB
 
     #[test]
     fn nginx_configs_stay_in_their_prefix() {
-        let c = proxy_conf(18082, 18080);
+        let c = proxy_conf(18082, 18080, Forwarding::AsTheEdge);
         assert!(c.contains("listen 127.0.0.1:18082;"), "{c}");
         assert!(c.contains("server 127.0.0.1:18080; keepalive 64;"), "{c}");
         assert!(c.contains("daemon off;") && c.contains("pid nginx.pid;"), "{c}");
@@ -1130,5 +1332,30 @@ Transfer/sec:      1.24MB
             }
         }
         assert_eq!(c.matches("_temp_path tmp/").count(), 5, "{c}");
+    }
+
+    #[test]
+    fn the_forwarding_nginx_sets_each_edge_header_and_the_bare_one_none() {
+        let c = proxy_conf(18082, 18080, Forwarding::AsTheEdge);
+        for (name, value) in FORWARDED_HEADERS {
+            assert!(
+                c.contains(&format!("proxy_set_header {name} \"{value}\";")),
+                "{name}: {c}"
+            );
+        }
+        // `Via` appends to the client's, through the map the http block defines.
+        assert!(c.contains("map $http_via $bench_via {"), "{c}");
+        assert!(
+            c.contains("add_header Via \"1.1 nginx\";")
+                && c.contains("add_header Fly-Request-Id $request_id;"),
+            "{c}"
+        );
+        let bare = proxy_conf(18082, 18080, Forwarding::Bare);
+        assert_eq!(
+            bare.matches("proxy_set_header").count(),
+            1,
+            "only Connection: {bare}"
+        );
+        assert!(!bare.contains("add_header") && !bare.contains("map "), "{bare}");
     }
 }
