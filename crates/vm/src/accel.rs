@@ -6,13 +6,14 @@
 //! [`aloft_guest_proto::CONSOLE_HELLO`], with the QEMU the machine runs on (a spec's
 //! [`crate::VmSpec::qemu`]; [`probe`] takes [`crate::default_qemu`]). The answer is cached per
 //! QEMU and kernel (paths + mtimes) and host boot (`/proc/sys/kernel/random/boot_id`) in
-//! `$ALOFT_CACHE/accel.json` (default `~/.cache/aloft/accel.json`). `ALOFT_ACCEL=kvm|tcg`
-//! overrides everything.
+//! `$ALOFT_CACHE/accel.json` (default `~/.cache/aloft/accel.json`), and remembered in the process
+//! by the same key (a launch then costs two `stat`s). `ALOFT_ACCEL=kvm|tcg` overrides everything.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -35,17 +36,57 @@ pub fn probe_with(qemu: &Path, kernel: &Path, initrd: &Path) -> Accel {
         return a;
     }
     let key = cache_key(qemu, kernel);
-    let cache = cache_file();
-    if let (Some(key), Some(cache)) = (&key, &cache)
-        && let Some(a) = read_cache(cache, key)
-    {
+    if let Some(a) = key.as_deref().and_then(remembered) {
         return a;
     }
-    let a = probe_uncached(qemu, kernel, initrd);
-    if let (Some(key), Some(cache)) = (key, cache) {
-        write_cache(&cache, key, a);
+    let cache = cache_file();
+    let a = match (&key, &cache) {
+        (Some(key), Some(cache)) => read_cache(cache, key),
+        _ => None,
+    }
+    .unwrap_or_else(|| {
+        let a = probe_uncached(qemu, kernel, initrd);
+        if let (Some(key), Some(cache)) = (&key, &cache) {
+            write_cache(cache, key.clone(), a);
+        }
+        a
+    });
+    if let Some(key) = key {
+        remember(key, a);
     }
     a
+}
+
+/// Answers this process already has, by [`cache_key`]: every launch resolves its accelerator
+/// (a template start twice), and the key's two `stat`s are all a known QEMU and kernel cost then,
+/// not the cache file's read and parse. Another process's later probe of the same key would find
+/// the same answer, so nothing here goes stale that the file would have refreshed.
+fn memo() -> &'static Mutex<HashMap<String, Accel>> {
+    static MEMO: OnceLock<Mutex<HashMap<String, Accel>>> = OnceLock::new();
+    MEMO.get_or_init(Mutex::default)
+}
+
+fn remembered(key: &str) -> Option<Accel> {
+    memo().lock().ok()?.get(key).copied()
+}
+
+fn remember(key: String, accel: Accel) {
+    if let Ok(mut m) = memo().lock() {
+        m.insert(key, accel);
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), read once: it cannot change under a
+/// running process.
+fn boot_id() -> Option<&'static str> {
+    static BOOT_ID: OnceLock<Option<String>> = OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .as_deref()
 }
 
 /// Resolves a spec's choice: probing with the spec's own QEMU.
@@ -83,8 +124,7 @@ fn cache_key(qemu: &Path, kernel: &Path) -> Option<String> {
     };
     let qemu = stamp(&crate::spec::resolve_qemu(qemu)?)?;
     let kernel = stamp(kernel)?;
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(format!("{qemu}|{kernel}|{}", boot_id.trim()))
+    Some(format!("{qemu}|{kernel}|{}", boot_id()?))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -207,6 +247,33 @@ mod tests {
         assert_ne!(a, cache_key(&q1, &k).unwrap());
         assert_eq!(cache_key(&q1, &dir.path().join("missing")), None);
         assert_eq!(cache_key(&dir.path().join("no-qemu"), &k), None);
+    }
+
+    #[test]
+    fn a_key_this_process_resolved_is_answered_without_the_cache_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        let q = dir.path().join("qemu");
+        for f in [&k, &q] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let key = cache_key(&q, &k).unwrap();
+        assert_eq!(remembered(&key), None);
+        remember(key.clone(), Accel::Kvm);
+        assert_eq!(remembered(&key), Some(Accel::Kvm));
+        // Neither the QEMU nor the kernel can boot (they are not real), nor is `ALOFT_CACHE` read:
+        // the answer can only be the remembered one (or the environment's override).
+        let expected = env_override().unwrap_or(Accel::Kvm);
+        assert_eq!(probe_with(&q, &k, &dir.path().join("initrd")), expected);
+        // A rebuilt QEMU is another key, not remembered.
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&q)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(remembered(&cache_key(&q, &k).unwrap()), None);
     }
 
     #[test]
