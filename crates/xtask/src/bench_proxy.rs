@@ -12,14 +12,16 @@
 //!   `/etc/nginx/proxy_params` sets four of them), so that both proxies do the same work and the
 //!   backend parses the same request from either. The same nginx without those headers
 //!   (`nginx-bare`: what a bare `proxy_pass` costs) runs too, loaded only, as a detail
-//!   (`nginx_bare_rps`); it was the baseline until 2026-12-05. aloft is `crates/proxy/examples/edge_static.rs` (release build, the edge's worker threads as
-//!   aloftd runs them: one per CPU, each with its own `SO_REUSEPORT` listener; one static route). Access logs off everywhere. Each target gets a 2 s warm-up, then
-//!   `--rounds` rounds (default 3) of direct, nginx, aloft in turn; medians are reported, so
-//!   drift on a shared machine hits all three alike. Each round then runs the three again with
-//!   one connection (`-t1 -c1`, at most 5 s): `added_p50_us` comes from those, what the proxy
-//!   adds to a request when nothing queues. At `-c64` every target saturates the 2 cores, and
-//!   the median there is queueing (connections ÷ throughput), not what a request costs. The nginx processes run with their own
-//!   config, prefix and pid file in a temporary directory and only they are stopped.
+//!   (`nginx_bare_rps`); it was the baseline until 2026-12-05. aloft is
+//!   `crates/proxy/examples/edge_static.rs` (release build, the edge's worker threads as aloftd
+//!   runs them: one per CPU, each with its own `SO_REUSEPORT` listener; one static route). Access
+//!   logs off everywhere. Each target gets a 2 s warm-up, then `--rounds` rounds (default 3) of
+//!   direct, nginx, nginx-bare, aloft in turn; medians are reported, so drift on a shared machine
+//!   hits all alike. Each round then runs direct, nginx and aloft again with one connection
+//!   (`-t1 -c1`, at most 5 s): `added_p50_us` comes from those, what the proxy adds to a request
+//!   when nothing queues. At `-c64` every target saturates the 2 cores, and the median there is
+//!   queueing (connections ÷ throughput), not what a request costs. The nginx processes run with
+//!   their own config, prefix and pid file in a temporary directory and only they are stopped.
 //! * `wake_ms`: the real `aloftd` (release) on `--driver vm --network host --machines-netns NS`
 //!   with its edge on free loopback ports (`--edge-http`, `--edge-https`); an app with one busybox
 //!   httpd machine on port 80, `autostart`, `autostop: suspend`. Each run suspends it through the
